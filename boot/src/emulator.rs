@@ -1,0 +1,208 @@
+//! Running a disk image in Bochs or QEMU, bounded by a timeout, with the guest's serial output
+//! streamed to the terminal and saved to a file.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::target_dir;
+
+/// Bochs disk geometry: a flat image must be a whole number of 16-head, 63-sector cylinders.
+const BOCHS_HEADS: u64 = 16;
+const BOCHS_SECTORS_PER_TRACK: u64 = 63;
+const BOCHS_CYLINDER_BYTES: u64 = BOCHS_HEADS * BOCHS_SECTORS_PER_TRACK * 512;
+
+/// OVMF firmware files from Debian's `ovmf` package.
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// The I/O port and size of QEMU's `isa-debug-exit` device; the kernel writes its exit code there.
+const QEMU_DEBUG_EXIT: &str = "isa-debug-exit,iobase=0xf4,iosize=0x04";
+
+/// Which emulator boots the image.
+#[derive(Clone, Copy, Debug)]
+pub enum Emulator {
+    /// Bochs with `corei7_skylake_x`: VT-x with EPT, unrestricted guest, VPID, PML.
+    Bochs,
+    /// QEMU: TCG (no VT-x) unless `kvm`, which passes the host CPU through.
+    Qemu { uefi: bool, kvm: bool },
+}
+
+/// What to boot and for how long.
+pub struct RunOptions {
+    /// The disk image to boot (BIOS image for Bochs).
+    pub image: PathBuf,
+    /// Wall-clock bound for the whole emulator run.
+    pub timeout_secs: u64,
+    /// Where the guest's serial output is saved.
+    pub serial_log: PathBuf,
+}
+
+/// How an emulator run ended.
+pub struct Outcome {
+    /// The emulator's exit status (`None` when it had to be killed).
+    pub status: Option<ExitStatus>,
+    /// True when the run hit the timeout.
+    pub timed_out: bool,
+    /// Everything the guest wrote to its serial port.
+    pub serial: String,
+}
+
+impl Emulator {
+    /// Short name for messages and log file names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Emulator::Bochs => "bochs",
+            Emulator::Qemu { .. } => "qemu",
+        }
+    }
+
+    /// Boots `options.image`, streams serial output until the emulator exits or the timeout
+    /// passes, and returns how it ended. `Err` only when the emulator could not be started.
+    pub fn run(self, options: &RunOptions) -> Result<Outcome, String> {
+        let dir = target_dir().join(self.name());
+        fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        let _ = fs::remove_file(&options.serial_log);
+        fs::write(&options.serial_log, b"").map_err(|e| format!("serial log: {e}"))?;
+        let mut command = match self {
+            Emulator::Bochs => bochs_command(&dir, options)?,
+            Emulator::Qemu { uefi, kvm } => qemu_command(&dir, options, uefi, kvm)?,
+        };
+        let stdout_log = dir.join("emulator-output.log");
+        let stdout = fs::File::create(&stdout_log).map_err(|e| format!("{e}"))?;
+        let stderr = stdout.try_clone().map_err(|e| format!("{e}"))?;
+        eprintln!("xtask: booting {} in {}", options.image.display(), self.name());
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e} (run `make setup`)", self.name()))?;
+        stream_until_exit(child, options)
+    }
+}
+
+/// Writes the Bochs configuration and a padded copy of the image, and returns the command that
+/// runs Bochs headless under Xvfb, bounded by `timeout`.
+fn bochs_command(dir: &Path, options: &RunOptions) -> Result<Command, String> {
+    let disk = dir.join("disk.img");
+    let cylinders = padded_copy(&options.image, &disk)?;
+    // A killed Bochs leaves the lock behind and the next run cannot open the image.
+    let _ = fs::remove_file(dir.join("disk.img.lock"));
+    let config = format!(
+        "megs: 256\n\
+         cpu: model=corei7_skylake_x, count=1, ips=4000000, reset_on_triple_fault=0\n\
+         clock: sync=none, time0=946684800\n\
+         romimage: file=/usr/share/bochs/BIOS-bochs-latest\n\
+         vgaromimage: file=/usr/share/bochs/VGABIOS-lgpl-latest\n\
+         vga: extension=vbe\n\
+         display_library: x\n\
+         ata0-master: type=disk, path=\"{disk}\", mode=flat, cylinders={cylinders}, heads={BOCHS_HEADS}, spt={BOCHS_SECTORS_PER_TRACK}\n\
+         boot: disk\n\
+         com1: enabled=1, mode=file, dev=\"{serial}\"\n\
+         port_e9_hack: enabled=1\n\
+         sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy\n\
+         speaker: enabled=0\n\
+         mouse: enabled=0\n\
+         panic: action=fatal\n\
+         error: action=report\n\
+         log: \"{log}\"\n",
+        disk = disk.display(),
+        serial = options.serial_log.display(),
+        log = dir.join("bochs.log").display(),
+    );
+    let bochsrc = dir.join("bochsrc");
+    fs::write(&bochsrc, config).map_err(|e| format!("write bochsrc: {e}"))?;
+    // Debian's Bochs starts in its debugger; this script tells it to continue.
+    let rc = dir.join("continue.rc");
+    fs::write(&rc, "c\n").map_err(|e| format!("write rc: {e}"))?;
+    let mut command = Command::new("xvfb-run");
+    command
+        .args(["-a", "-s", "-screen 0 1280x1024x24", "timeout", "-k", "5"])
+        .arg(options.timeout_secs.to_string())
+        .args(["bochs", "-q", "-f"])
+        .arg(&bochsrc)
+        .arg("-rc")
+        .arg(&rc)
+        .current_dir(dir);
+    Ok(command)
+}
+
+/// Copies `image` to `disk`, padded with zeros to whole Bochs cylinders; returns the cylinder count.
+fn padded_copy(image: &Path, disk: &Path) -> Result<u64, String> {
+    let mut bytes = fs::read(image).map_err(|e| format!("read {}: {e}", image.display()))?;
+    let cylinders = (bytes.len() as u64).div_ceil(BOCHS_CYLINDER_BYTES);
+    bytes.resize((cylinders * BOCHS_CYLINDER_BYTES) as usize, 0);
+    fs::write(disk, bytes).map_err(|e| format!("write {}: {e}", disk.display()))?;
+    Ok(cylinders)
+}
+
+/// Returns the QEMU command for a BIOS or UEFI boot, with the debug-exit device the kernel uses.
+fn qemu_command(dir: &Path, options: &RunOptions, uefi: bool, kvm: bool) -> Result<Command, String> {
+    let mut command = Command::new("qemu-system-x86_64");
+    command
+        .arg("-drive")
+        .arg(format!("format=raw,file={}", options.image.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", options.serial_log.display()))
+        .args(["-display", "none", "-no-reboot", "-m", "256M", "-device", QEMU_DEBUG_EXIT]);
+    if uefi {
+        let vars = dir.join("OVMF_VARS.fd");
+        fs::copy(OVMF_VARS, &vars).map_err(|e| format!("copy {OVMF_VARS}: {e} (run `make setup`)"))?;
+        command
+            .args(["-machine", "q35", "-drive"])
+            .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
+            .arg("-drive")
+            .arg(format!("if=pflash,format=raw,file={}", vars.display()));
+    }
+    if kvm {
+        command.args(["-enable-kvm", "-cpu", "host"]);
+    }
+    Ok(command)
+}
+
+/// Copies new serial bytes to the terminal until the child exits or the deadline passes.
+fn stream_until_exit(mut child: Child, options: &RunOptions) -> Result<Outcome, String> {
+    // The emulator's own `timeout` fires first; this is the backstop a little later.
+    let deadline = Instant::now() + Duration::from_secs(options.timeout_secs + 15);
+    let mut shown = 0usize;
+    let mut serial = Vec::new();
+    let (status, mut timed_out) = loop {
+        show_new_serial(&options.serial_log, &mut serial, &mut shown);
+        if let Some(status) = child.try_wait().map_err(|e| format!("wait: {e}"))? {
+            break (Some(status), false);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break (None, true);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    show_new_serial(&options.serial_log, &mut serial, &mut shown);
+    // coreutils `timeout` exits 124 when it stopped the command (137 after its KILL).
+    if let Some(code) = status.and_then(|s| s.code()) {
+        timed_out |= code == 124 || code == 137;
+    }
+    Ok(Outcome {
+        status,
+        timed_out,
+        serial: String::from_utf8_lossy(&serial).into_owned(),
+    })
+}
+
+/// Reads the serial log and prints the bytes not shown yet.
+fn show_new_serial(path: &Path, serial: &mut Vec<u8>, shown: &mut usize) {
+    serial.clear();
+    if let Ok(mut file) = fs::File::open(path) {
+        let _ = file.read_to_end(serial);
+    }
+    if serial.len() > *shown {
+        let mut out = std::io::stdout();
+        let _ = out.write_all(&serial[*shown..]);
+        let _ = out.flush();
+        *shown = serial.len();
+    }
+}

@@ -1,0 +1,228 @@
+//! `cargo xtask`: builds the hypervisor kernel, makes BIOS/UEFI disk images with the `bootloader`
+//! crate, and runs them in Bochs (VT-x with EPT, the default) or QEMU.
+//!
+//! Commands:
+//! - `build [--test]`: build the kernel ELF (`--test`: the kernel-test variant) and print its path.
+//! - `image [--test]`: build the kernel and make `bios.img` and `uefi.img`; print their paths.
+//! - `run [--qemu] [--uefi] [--kvm] [--test] [--timeout S]`: boot an image and stream its serial
+//!   output; the exit status says whether the kernel reported success.
+//! - `test [--timeout S]`: run the workspace's host tests and the in-kernel tests under Bochs, then
+//!   print one combined closing line `N passed, N failed`.
+
+mod emulator;
+mod image;
+mod report;
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+use emulator::{Emulator, RunOptions};
+use report::{HostTestCounts, KernelRun};
+
+/// Which kernel variant to build: the demo that `run` boots, or the in-kernel test run.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Variant {
+    /// Boots the hypervisor, runs a demo guest and prints page statistics.
+    Run,
+    /// Runs the kernel-level tests and prints `N passed, N failed`.
+    Test,
+}
+
+impl Variant {
+    /// Short name used in file names under `target/`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Run => "run",
+            Variant::Test => "test",
+        }
+    }
+}
+
+/// Parsed command line of one `cargo xtask` invocation.
+struct Args {
+    command: String,
+    qemu: bool,
+    uefi: bool,
+    kvm: bool,
+    test: bool,
+    timeout_secs: u64,
+}
+
+const USAGE: &str = "usage: cargo xtask <build|image|run|test> [--test] [--qemu] [--uefi] [--kvm] \
+                     [--timeout SECONDS]";
+
+/// Parses `std::env::args`; returns a message naming the offending argument on error.
+fn parse_args() -> Result<Args, String> {
+    let mut argv = std::env::args().skip(1);
+    let command = argv.next().ok_or_else(|| USAGE.to_string())?;
+    let mut args = Args {
+        command,
+        qemu: false,
+        uefi: false,
+        kvm: false,
+        test: false,
+        timeout_secs: 600,
+    };
+    while let Some(flag) = argv.next() {
+        match flag.as_str() {
+            "--qemu" => args.qemu = true,
+            "--uefi" => args.uefi = true,
+            "--kvm" => args.kvm = true,
+            "--test" => args.test = true,
+            "--timeout" => {
+                let value = argv.next().ok_or("--timeout needs a number of seconds")?;
+                args.timeout_secs = value
+                    .parse()
+                    .map_err(|_| format!("--timeout: not a number of seconds: {value}"))?;
+            }
+            other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
+        }
+    }
+    if (args.uefi || args.kvm) && !args.qemu {
+        // Bochs boots the BIOS image only; UEFI and KVM are QEMU options.
+        args.qemu = true;
+    }
+    Ok(args)
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(message) => {
+            eprintln!("xtask: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let variant = if args.test || args.command == "test" {
+        Variant::Test
+    } else {
+        Variant::Run
+    };
+    let result = match args.command.as_str() {
+        "build" => image::build_kernel(variant).map(|elf| println!("{}", elf.display())),
+        "image" => image::make_images(variant).map(|images| {
+            println!("{}", images.bios.display());
+            println!("{}", images.uefi.display());
+        }),
+        "run" => run(&args, variant).map(|_| ()),
+        "test" => test(&args),
+        other => Err(format!("unknown command `{other}`\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("xtask: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Builds the images for `variant`, boots the one `args` selects and returns what the kernel
+/// reported; `Err` when the kernel did not report success (the message says why).
+fn run(args: &Args, variant: Variant) -> Result<KernelRun, String> {
+    let images = image::make_images(variant)?;
+    let emulator = if args.qemu {
+        Emulator::Qemu {
+            uefi: args.uefi,
+            kvm: args.kvm,
+        }
+    } else {
+        Emulator::Bochs
+    };
+    let image = if args.uefi {
+        images.uefi
+    } else {
+        images.bios
+    };
+    let options = RunOptions {
+        image,
+        timeout_secs: args.timeout_secs,
+        serial_log: target_dir().join(format!("serial-{}-{}.log", variant.name(), emulator.name())),
+    };
+    let outcome = emulator.run(&options)?;
+    let kernel_run = KernelRun::parse(&outcome.serial);
+    eprintln!("xtask: serial output saved in {}", options.serial_log.display());
+    if outcome.timed_out {
+        return Err(format!(
+            "{} did not finish within {} s (hung kernel?); serial log: {}",
+            emulator.name(),
+            args.timeout_secs,
+            options.serial_log.display()
+        ));
+    }
+    match &kernel_run.exit {
+        Some(report::KernelExit::Success) => Ok(kernel_run),
+        Some(report::KernelExit::Failure(reason)) => Err(format!("kernel reported failure: {reason}")),
+        None => Err(format!(
+            "{} ended without the kernel's exit line (status {:?}); serial log: {}",
+            emulator.name(),
+            outcome.status,
+            options.serial_log.display()
+        )),
+    }
+}
+
+/// Runs the host tests of the workspace, then the kernel tests under Bochs, and prints the
+/// combined closing line. Fails when any test failed or either run did not complete.
+fn test(args: &Args) -> Result<(), String> {
+    let host = run_host_tests()?;
+    let kernel = run(args, Variant::Test);
+    let (kernel_passed, kernel_failed, kernel_error) = match &kernel {
+        Ok(run) => (run.passed, run.failed, None),
+        Err(message) => {
+            let partial = KernelRun::parse(
+                &std::fs::read_to_string(target_dir().join("serial-test-bochs.log"))
+                    .unwrap_or_default(),
+            );
+            // A run that never reached its closing line counts as one failure at least.
+            (partial.passed, partial.failed.max(1), Some(message.clone()))
+        }
+    };
+    let passed = host.passed + kernel_passed;
+    let failed = host.failed + kernel_failed;
+    println!(
+        "host tests: {} passed, {} failed; kernel tests (Bochs, VT-x + EPT): {} passed, {} failed",
+        host.passed, host.failed, kernel_passed, kernel_failed
+    );
+    println!("{passed} passed, {failed} failed");
+    match kernel_error {
+        Some(message) => Err(message),
+        None if failed > 0 => Err(format!("{failed} test(s) failed")),
+        None => Ok(()),
+    }
+}
+
+/// Runs `cargo test` for the host crates and sums the counts of every test binary.
+fn run_host_tests() -> Result<HostTestCounts, String> {
+    let output = Command::new(cargo())
+        .args(["test", "--workspace", "--exclude", "kernel"])
+        .current_dir(workspace_root())
+        .output()
+        .map_err(|e| format!("cannot run cargo test: {e}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    print!("{stdout}");
+    eprint!("{}", String::from_utf8_lossy(&output.stderr));
+    let counts = HostTestCounts::parse(&stdout);
+    if !output.status.success() && counts.failed == 0 {
+        return Err("host tests did not build or run (see above)".into());
+    }
+    Ok(counts)
+}
+
+/// The cargo binary that started us, so the pinned toolchain is used throughout.
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// The workspace root (the parent of this crate's manifest directory).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("boot/ lies inside the workspace")
+        .to_path_buf()
+}
+
+/// `target/` of the workspace, where images, logs and emulator configs are written.
+pub fn target_dir() -> PathBuf {
+    workspace_root().join("target")
+}
