@@ -73,7 +73,11 @@ impl Emulator {
         let stdout_log = dir.join("emulator-output.log");
         let stdout = fs::File::create(&stdout_log).map_err(|e| format!("{e}"))?;
         let stderr = stdout.try_clone().map_err(|e| format!("{e}"))?;
-        eprintln!("xtask: booting {} in {}", options.image.display(), self.name());
+        eprintln!(
+            "xtask: booting {} in {}",
+            options.image.display(),
+            self.name()
+        );
         let child = command
             .stdin(Stdio::null())
             .stdout(stdout)
@@ -140,17 +144,31 @@ fn padded_copy(image: &Path, disk: &Path) -> Result<u64, String> {
 }
 
 /// Returns the QEMU command for a BIOS or UEFI boot, with the debug-exit device the kernel uses.
-fn qemu_command(dir: &Path, options: &RunOptions, uefi: bool, kvm: bool) -> Result<Command, String> {
+fn qemu_command(
+    dir: &Path,
+    options: &RunOptions,
+    uefi: bool,
+    kvm: bool,
+) -> Result<Command, String> {
     let mut command = Command::new("qemu-system-x86_64");
     command
         .arg("-drive")
         .arg(format!("format=raw,file={}", options.image.display()))
         .arg("-serial")
         .arg(format!("file:{}", options.serial_log.display()))
-        .args(["-display", "none", "-no-reboot", "-m", "256M", "-device", QEMU_DEBUG_EXIT]);
+        .args([
+            "-display",
+            "none",
+            "-no-reboot",
+            "-m",
+            "256M",
+            "-device",
+            QEMU_DEBUG_EXIT,
+        ]);
     if uefi {
         let vars = dir.join("OVMF_VARS.fd");
-        fs::copy(OVMF_VARS, &vars).map_err(|e| format!("copy {OVMF_VARS}: {e} (run `make setup`)"))?;
+        fs::copy(OVMF_VARS, &vars)
+            .map_err(|e| format!("copy {OVMF_VARS}: {e} (run `make setup`)"))?;
         command
             .args(["-machine", "q35", "-drive"])
             .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))

@@ -129,11 +129,7 @@ fn run(args: &Args, variant: Variant) -> Result<KernelRun, String> {
     } else {
         Emulator::Bochs
     };
-    let image = if args.uefi {
-        images.uefi
-    } else {
-        images.bios
-    };
+    let image = if args.uefi { images.uefi } else { images.bios };
     let options = RunOptions {
         image,
         timeout_secs: args.timeout_secs,
@@ -141,7 +137,10 @@ fn run(args: &Args, variant: Variant) -> Result<KernelRun, String> {
     };
     let outcome = emulator.run(&options)?;
     let kernel_run = KernelRun::parse(&outcome.serial);
-    eprintln!("xtask: serial output saved in {}", options.serial_log.display());
+    eprintln!(
+        "xtask: serial output saved in {}",
+        options.serial_log.display()
+    );
     if outcome.timed_out {
         return Err(format!(
             "{} did not finish within {} s (hung kernel?); serial log: {}",
@@ -152,7 +151,9 @@ fn run(args: &Args, variant: Variant) -> Result<KernelRun, String> {
     }
     match &kernel_run.exit {
         Some(report::KernelExit::Success) => Ok(kernel_run),
-        Some(report::KernelExit::Failure(reason)) => Err(format!("kernel reported failure: {reason}")),
+        Some(report::KernelExit::Failure(reason)) => {
+            Err(format!("kernel reported failure: {reason}"))
+        }
         None => Err(format!(
             "{} ended without the kernel's exit line (status {:?}); serial log: {}",
             emulator.name(),

@@ -29,7 +29,10 @@ impl KernelRun {
     pub fn parse(serial: &str) -> KernelRun {
         let mut run = KernelRun::default();
         for line in serial.lines().map(|l| l.trim_end_matches('\r')) {
-            if let Some(result) = line.strip_prefix("test ").and_then(|l| l.split_once(" ... ")) {
+            if let Some(result) = line
+                .strip_prefix("test ")
+                .and_then(|l| l.split_once(" ... "))
+            {
                 if result.1.starts_with("ok") {
                     run.passed += 1;
                 } else if result.1.starts_with("FAILED") {
@@ -93,14 +96,20 @@ mod tests {
         let run = KernelRun::parse(serial);
         assert_eq!(run.passed, 2);
         assert_eq!(run.failed, 1);
-        assert_eq!(run.exit, Some(KernelExit::Failure("1 test(s) failed".into())));
+        assert_eq!(
+            run.exit,
+            Some(KernelExit::Failure("1 test(s) failed".into()))
+        );
     }
 
     #[test]
     fn kernel_run_without_exit_line_has_no_exit() {
         let run = KernelRun::parse("test a ... ok (1 ticks)\n");
         assert_eq!(run.exit, None);
-        assert_eq!(KernelRun::parse("[exit] success\n").exit, Some(KernelExit::Success));
+        assert_eq!(
+            KernelRun::parse("[exit] success\n").exit,
+            Some(KernelExit::Success)
+        );
     }
 
     #[test]
@@ -108,6 +117,12 @@ mod tests {
         let out = "test result: ok. 12 passed; 0 failed; 0 ignored\n\
                    test result: FAILED. 3 passed; 2 failed; 1 ignored\n\
                    test result: ok. 0 passed; 0 failed; 0 ignored\n";
-        assert_eq!(HostTestCounts::parse(out), HostTestCounts { passed: 15, failed: 2 });
+        assert_eq!(
+            HostTestCounts::parse(out),
+            HostTestCounts {
+                passed: 15,
+                failed: 2
+            }
+        );
     }
 }

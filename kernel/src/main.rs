@@ -3,9 +3,9 @@
 
 mod arch;
 
-use bootloader_api::{BootInfo, BootloaderConfig, config::Mapping, entry_point};
+use bootloader_api::{config::Mapping, entry_point, BootInfo, BootloaderConfig};
 
-use arch::power::{ExitCode, exit};
+use arch::power::{exit, ExitCode};
 
 /// Asks the bootloader to map all physical memory, so host frames (EPT tables, guest RAM) can be
 /// reached at `physical_memory_offset + address`.
@@ -20,7 +20,10 @@ entry_point!(kernel_main, config = &BOOTLOADER_CONFIG);
 
 fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     arch::serial::init();
-    println!("hypervisor: booted, physical memory at {:?}", boot_info.physical_memory_offset);
+    println!(
+        "hypervisor: booted, physical memory at {:?}",
+        boot_info.physical_memory_offset
+    );
     exit(ExitCode::Success, "")
 }
 

@@ -1,1 +1,31 @@
+//! `pgm`: the guest-physical memory manager of a bare-metal VT-x hypervisor, after VirtualBox's
+//! PGMPhys. Pure logic: no inline assembly and no global state. The host supplies frames
+//! ([`frames::HostFrameAllocator`]) and access to host-physical memory ([`frames::HostMemory`]);
+//! the manager keeps one descriptor per guest page and builds EPT tables from them.
+//!
+//! Modules: [`addr`] typed addresses, [`page`] descriptors and the page-state machine, [`ram`]
+//! RAM ranges, [`frames`] host frames, [`paging`] format-independent nested tables and the
+//! software walker, [`ept`] the Intel EPT encoding, [`manager`] the per-VM manager.
 #![no_std]
+#![warn(missing_docs)]
+
+extern crate alloc;
+
+pub mod addr;
+pub mod ept;
+pub mod error;
+pub mod frames;
+pub mod manager;
+pub mod page;
+pub mod paging;
+pub mod ram;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
+
+#[cfg(test)]
+mod manager_tests;
+
+pub use addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
+pub use error::PgmError;
+pub use manager::{FaultOutcome, MemoryStats, Pgm};
+pub use paging::{Access, Invalidation};

@@ -3,7 +3,7 @@
 use core::fmt::{self, Write};
 
 use spin::Mutex;
-use uart_16550::{Config, Uart16550, backend::PioBackend};
+use uart_16550::{backend::PioBackend, Config, Uart16550};
 use x86_64::instructions::port::Port;
 
 /// I/O base of COM1.
@@ -87,7 +87,12 @@ impl log::Log for SerialLogger {
 
     fn log(&self, record: &log::Record) {
         if self.enabled(record.metadata()) {
-            write_fmt(format_args!("{:5} {}: {}\n", record.level(), record.target(), record.args()));
+            write_fmt(format_args!(
+                "{:5} {}: {}\n",
+                record.level(),
+                record.target(),
+                record.args()
+            ));
         }
     }
 

@@ -1,0 +1,132 @@
+//! Intel EPT entry encoding (SDM Vol. 3C, 29.3.2) and the EPT pointer. The only module that knows
+//! EPT's bit layout; the tables themselves are format-independent ([`crate::paging`]).
+
+use crate::addr::{HostPhysAddr, HOST_PHYS_BITS};
+use crate::paging::{Entry, EntryFormat, Leaf, MemoryType, Permissions};
+
+/// Bits 0..=2: read, write, execute (for supervisor-mode linear addresses).
+const PERMISSION_BITS: u64 = 0b111;
+/// Bits 3..=5 of a leaf: the EPT memory type.
+const MEMORY_TYPE_SHIFT: u32 = 3;
+/// Bit 6 of a leaf: ignore the guest PAT, so the EPT memory type alone decides caching.
+const IGNORE_PAT: u64 = 1 << 6;
+/// Bit 7 of a PDE/PDPTE: the entry maps a 2 MiB / 1 GiB page.
+const LARGE_PAGE: u64 = 1 << 7;
+/// Bits 12..=51: the physical address.
+const ADDRESS_MASK: u64 = ((1 << HOST_PHYS_BITS) - 1) & !0xFFF;
+
+/// EPT memory-type encodings (also used in the EPT pointer).
+const UNCACHEABLE: u64 = 0;
+const WRITE_BACK: u64 = 6;
+
+/// The Intel EPT format.
+pub struct Ept;
+
+impl EntryFormat for Ept {
+    fn encode_table(table: HostPhysAddr) -> u64 {
+        table.as_u64() | PERMISSION_BITS
+    }
+
+    fn encode_leaf(leaf: &Leaf) -> u64 {
+        let memory_type = match leaf.memory_type {
+            MemoryType::Uncacheable => UNCACHEABLE,
+            MemoryType::WriteBack => WRITE_BACK,
+        };
+        leaf.frame.as_u64()
+            | u64::from(leaf.permissions.bits())
+            | (memory_type << MEMORY_TYPE_SHIFT)
+            | IGNORE_PAT
+    }
+
+    fn decode(raw: u64, level: usize) -> Entry {
+        let permissions = Permissions::from_bits_truncate((raw & PERMISSION_BITS) as u8);
+        if permissions.is_empty() {
+            return Entry::Absent;
+        }
+        let address = HostPhysAddr::new_truncate(raw & ADDRESS_MASK);
+        if level > 0 && raw & LARGE_PAGE == 0 {
+            return Entry::Table(address);
+        }
+        let memory_type = match (raw >> MEMORY_TYPE_SHIFT) & 0b111 {
+            WRITE_BACK => MemoryType::WriteBack,
+            _ => MemoryType::Uncacheable,
+        };
+        Entry::Leaf(Leaf {
+            frame: address,
+            permissions,
+            memory_type,
+        })
+    }
+
+    fn table_permissions(raw: u64) -> Permissions {
+        Permissions::from_bits_truncate((raw & PERMISSION_BITS) as u8)
+    }
+}
+
+/// Bits 3..=5 of the EPT pointer: page-walk length minus one (4 levels).
+const EPTP_WALK_LENGTH_4: u64 = 3 << 3;
+/// Bit 6 of the EPT pointer: the CPU sets accessed/dirty flags in EPT entries.
+const EPTP_ACCESSED_DIRTY: u64 = 1 << 6;
+
+/// The VMCS EPT-pointer value for tables rooted at `root`: write-back paging structures,
+/// 4-level walk, accessed/dirty flags on when `accessed_dirty` (the CPU must support them).
+pub fn ept_pointer(root: HostPhysAddr, accessed_dirty: bool) -> u64 {
+    let ad = if accessed_dirty {
+        EPTP_ACCESSED_DIRTY
+    } else {
+        0
+    };
+    root.as_u64() | WRITE_BACK | EPTP_WALK_LENGTH_4 | ad
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hpa(addr: u64) -> HostPhysAddr {
+        HostPhysAddr::new(addr).unwrap()
+    }
+
+    #[test]
+    fn leaf_encoding_matches_the_sdm() {
+        let leaf = Leaf {
+            frame: hpa(0x1234_5000),
+            permissions: Permissions::READ | Permissions::EXECUTE,
+            memory_type: MemoryType::WriteBack,
+        };
+        // R=1, X=4, WB=6<<3, ignore-PAT=1<<6.
+        assert_eq!(
+            Ept::encode_leaf(&leaf),
+            0x1234_5000 | 0b101 | (6 << 3) | (1 << 6)
+        );
+        assert_eq!(Ept::decode(Ept::encode_leaf(&leaf), 0), Entry::Leaf(leaf));
+        let mmio = Leaf {
+            memory_type: MemoryType::Uncacheable,
+            permissions: Permissions::all(),
+            ..leaf
+        };
+        assert_eq!(Ept::encode_leaf(&mmio) & 0x3F, 0b111);
+    }
+
+    #[test]
+    fn tables_absent_and_large_entries_decode() {
+        assert_eq!(Ept::encode_table(hpa(0x7000)), 0x7007);
+        assert_eq!(Ept::decode(0x7007, 3), Entry::Table(hpa(0x7000)));
+        assert_eq!(
+            Ept::decode(0x7000, 3),
+            Entry::Absent,
+            "no permission bit means not present"
+        );
+        let large = Ept::decode(0x20_0000 | 0b111 | (6 << 3) | LARGE_PAGE, 1);
+        assert!(matches!(large, Entry::Leaf(leaf) if leaf.frame == hpa(0x20_0000)));
+    }
+
+    #[test]
+    fn ept_pointer_fields() {
+        assert_eq!(ept_pointer(hpa(0x5000), false), 0x5000 | 6 | (3 << 3));
+        assert_eq!(
+            ept_pointer(hpa(0x5000), true),
+            0x5000 | 6 | (3 << 3) | (1 << 6)
+        );
+    }
+}

@@ -1,0 +1,38 @@
+//! The errors of the manager's API. Every error leaves the manager's state unchanged.
+
+use core::fmt;
+
+use crate::addr::GuestPhysAddr;
+
+/// Why a request to the memory manager was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PgmError {
+    /// An address or size that must be page-aligned is not.
+    Misaligned,
+    /// A range of zero bytes was given.
+    ZeroSize,
+    /// The range does not fit in the guest-physical address width.
+    BeyondAddressWidth,
+    /// The range overlaps an already registered range.
+    Overlap {
+        /// Base of the existing range that overlaps.
+        existing: GuestPhysAddr,
+    },
+    /// The address lies in no registered range.
+    NotGuestMemory(GuestPhysAddr),
+    /// The host frame allocator has no free frame.
+    OutOfFrames,
+}
+
+impl fmt::Display for PgmError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PgmError::Misaligned => write!(f, "address or size is not page-aligned"),
+            PgmError::ZeroSize => write!(f, "range has zero size"),
+            PgmError::BeyondAddressWidth => write!(f, "range exceeds the guest-physical width"),
+            PgmError::Overlap { existing } => write!(f, "range overlaps the range at {existing}"),
+            PgmError::NotGuestMemory(gpa) => write!(f, "{gpa} is not guest memory"),
+            PgmError::OutOfFrames => write!(f, "no free host frame"),
+        }
+    }
+}

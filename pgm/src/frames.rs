@@ -1,0 +1,273 @@
+//! Host frames in place of VirtualBox's GMM: the traits the kernel implements (frame allocation
+//! and access to host-physical memory) and a bitmap allocator over the boot memory map.
+
+use alloc::vec::Vec;
+
+use crate::addr::{HostPhysAddr, PAGE_SIZE};
+
+/// Source of 4 KiB host frames. The kernel implements it over its boot memory map; tests use
+/// [`BitmapFrameAllocator`] over a simulated map.
+pub trait HostFrameAllocator {
+    /// Takes one free 4 KiB frame; `None` when none is left. The frame's contents are undefined.
+    fn allocate_frame(&mut self) -> Option<HostPhysAddr>;
+
+    /// Gives back a frame that [`allocate_frame`](Self::allocate_frame) returned and that is no
+    /// longer referenced (not by a descriptor, not by an EPT entry).
+    fn free_frame(&mut self, frame: HostPhysAddr);
+}
+
+/// Access to host-physical memory by address. Accesses never cross a 4 KiB frame boundary.
+pub trait HostMemory {
+    /// Copies `buf.len()` bytes starting at `addr` into `buf`.
+    fn read(&self, addr: HostPhysAddr, buf: &mut [u8]);
+
+    /// Copies `data` to host-physical memory starting at `addr`.
+    fn write(&mut self, addr: HostPhysAddr, data: &[u8]);
+
+    /// Reads a little-endian `u64` (an EPT entry) at 8-byte aligned `addr`.
+    fn read_u64(&self, addr: HostPhysAddr) -> u64 {
+        let mut bytes = [0u8; 8];
+        self.read(addr, &mut bytes);
+        u64::from_le_bytes(bytes)
+    }
+
+    /// Writes a little-endian `u64` (an EPT entry) at 8-byte aligned `addr`.
+    fn write_u64(&mut self, addr: HostPhysAddr, value: u64) {
+        self.write(addr, &value.to_le_bytes());
+    }
+
+    /// Fills the 4 KiB frame at `frame` with zeros.
+    fn zero_frame(&mut self, frame: HostPhysAddr) {
+        self.write(frame, &[0u8; PAGE_SIZE as usize]);
+    }
+}
+
+/// Why the bitmap allocator refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameError {
+    /// The address is not the start of a frame this allocator manages.
+    NotManaged(HostPhysAddr),
+    /// The frame is already free (double free).
+    AlreadyFree(HostPhysAddr),
+}
+
+/// A run of usable frames `[first, first + count)` and where its bits start in the bitmap.
+#[derive(Clone, Copy, Debug)]
+struct Region {
+    first_frame: u64,
+    frame_count: u64,
+    first_bit: u64,
+}
+
+/// Allocation counters of a [`BitmapFrameAllocator`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrameCounts {
+    /// Frames managed in all.
+    pub total: u64,
+    /// Frames currently free.
+    pub free: u64,
+    /// Successful allocations since creation.
+    pub allocations: u64,
+    /// Frees since creation.
+    pub frees: u64,
+}
+
+impl FrameCounts {
+    /// Frames currently handed out.
+    pub fn used(&self) -> u64 {
+        self.total - self.free
+    }
+}
+
+/// A next-fit bitmap allocator of 4 KiB frames over a list of usable physical regions.
+///
+/// One bit per frame (set = allocated): 32 KiB of bitmap per GiB of RAM.
+pub struct BitmapFrameAllocator {
+    regions: Vec<Region>,
+    bitmap: Vec<u64>,
+    /// Bit index where the next search starts.
+    cursor: u64,
+    counts: FrameCounts,
+}
+
+impl BitmapFrameAllocator {
+    /// Builds an allocator over `usable`, a list of `[start, end)` host-physical byte ranges.
+    /// Partial frames at either end of a range are left out, as are empty ranges; ranges are
+    /// taken as given and must not overlap. Every frame starts free.
+    pub fn new(usable: impl IntoIterator<Item = (HostPhysAddr, HostPhysAddr)>) -> Self {
+        let mut regions = Vec::new();
+        let mut bits = 0u64;
+        for (start, end) in usable {
+            let first_frame = start.as_u64().div_ceil(PAGE_SIZE);
+            let end_frame = end.as_u64() / PAGE_SIZE;
+            if end_frame <= first_frame {
+                continue;
+            }
+            let frame_count = end_frame - first_frame;
+            regions.push(Region {
+                first_frame,
+                frame_count,
+                first_bit: bits,
+            });
+            bits += frame_count;
+        }
+        BitmapFrameAllocator {
+            regions,
+            bitmap: alloc::vec![0; bits.div_ceil(64) as usize],
+            cursor: 0,
+            counts: FrameCounts {
+                total: bits,
+                free: bits,
+                ..FrameCounts::default()
+            },
+        }
+    }
+
+    /// The allocator's counters.
+    pub fn counts(&self) -> FrameCounts {
+        self.counts
+    }
+
+    /// Takes a free frame, searching from where the last search stopped.
+    pub fn allocate(&mut self) -> Option<HostPhysAddr> {
+        if self.counts.free == 0 {
+            return None;
+        }
+        let total = self.counts.total;
+        let mut bit = self.cursor;
+        for _ in 0..self.bitmap.len() + 1 {
+            let word = (bit / 64) as usize;
+            let free_bits = !self.bitmap[word] & (!0u64 << (bit % 64));
+            if free_bits != 0 {
+                let found = word as u64 * 64 + u64::from(free_bits.trailing_zeros());
+                if found < total {
+                    self.bitmap[word] |= 1 << (found % 64);
+                    self.cursor = found;
+                    self.counts.free -= 1;
+                    self.counts.allocations += 1;
+                    return self.frame_of_bit(found);
+                }
+            }
+            bit = if (word + 1) * 64 >= total as usize {
+                0
+            } else {
+                (word as u64 + 1) * 64
+            };
+        }
+        None
+    }
+
+    /// Frees `frame`; refuses addresses it does not manage and frames already free.
+    pub fn free(&mut self, frame: HostPhysAddr) -> Result<(), FrameError> {
+        let bit = self
+            .bit_of_frame(frame)
+            .ok_or(FrameError::NotManaged(frame))?;
+        let (word, mask) = ((bit / 64) as usize, 1u64 << (bit % 64));
+        if self.bitmap[word] & mask == 0 {
+            return Err(FrameError::AlreadyFree(frame));
+        }
+        self.bitmap[word] &= !mask;
+        self.counts.free += 1;
+        self.counts.frees += 1;
+        Ok(())
+    }
+
+    /// True when `frame` is managed here and currently allocated.
+    pub fn is_allocated(&self, frame: HostPhysAddr) -> bool {
+        self.bit_of_frame(frame)
+            .is_some_and(|bit| self.bitmap[(bit / 64) as usize] & (1 << (bit % 64)) != 0)
+    }
+
+    fn frame_of_bit(&self, bit: u64) -> Option<HostPhysAddr> {
+        let region = self
+            .regions
+            .iter()
+            .find(|r| bit >= r.first_bit && bit < r.first_bit + r.frame_count)?;
+        HostPhysAddr::new((region.first_frame + bit - region.first_bit) * PAGE_SIZE)
+    }
+
+    fn bit_of_frame(&self, frame: HostPhysAddr) -> Option<u64> {
+        if !frame.is_page_aligned() {
+            return None;
+        }
+        let number = frame.page_number();
+        self.regions
+            .iter()
+            .find(|r| number >= r.first_frame && number < r.first_frame + r.frame_count)
+            .map(|r| r.first_bit + number - r.first_frame)
+    }
+}
+
+impl HostFrameAllocator for BitmapFrameAllocator {
+    fn allocate_frame(&mut self) -> Option<HostPhysAddr> {
+        self.allocate()
+    }
+
+    fn free_frame(&mut self, frame: HostPhysAddr) {
+        // The manager frees only frames it allocated; a refusal here would be a manager bug and
+        // is visible in `counts()`, which tests compare against the manager's own accounting.
+        let _ = self.free(frame);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hpa(addr: u64) -> HostPhysAddr {
+        HostPhysAddr::new(addr).unwrap()
+    }
+
+    #[test]
+    fn partial_frames_are_left_out_and_all_frames_are_found() {
+        // 0x1800..0x5000 holds whole frames 0x2000, 0x3000, 0x4000; 0x9000..0x9800 holds none.
+        let mut frames = BitmapFrameAllocator::new([
+            (hpa(0x1800), hpa(0x5000)),
+            (hpa(0x9000), hpa(0x9800)),
+            (hpa(0x100000), hpa(0x102000)),
+        ]);
+        assert_eq!(frames.counts().total, 5);
+        let mut got: Vec<u64> = (0..5)
+            .map(|_| frames.allocate().unwrap().as_u64())
+            .collect();
+        got.sort();
+        assert_eq!(got, [0x2000, 0x3000, 0x4000, 0x100000, 0x101000]);
+        assert_eq!(frames.allocate(), None);
+        assert_eq!(frames.counts().free, 0);
+    }
+
+    #[test]
+    fn free_makes_a_frame_allocatable_again_and_refuses_bad_frees() {
+        let mut frames = BitmapFrameAllocator::new([(hpa(0x10000), hpa(0x12000))]);
+        let a = frames.allocate().unwrap();
+        let b = frames.allocate().unwrap();
+        assert_eq!(frames.allocate(), None);
+        assert_eq!(frames.free(a), Ok(()));
+        assert_eq!(frames.free(a), Err(FrameError::AlreadyFree(a)));
+        assert_eq!(
+            frames.free(hpa(0x20000)),
+            Err(FrameError::NotManaged(hpa(0x20000)))
+        );
+        assert_eq!(
+            frames.free(hpa(0x10800)),
+            Err(FrameError::NotManaged(hpa(0x10800)))
+        );
+        assert!(frames.is_allocated(b) && !frames.is_allocated(a));
+        assert_eq!(frames.allocate(), Some(a));
+        let counts = frames.counts();
+        assert_eq!((counts.allocations, counts.frees, counts.used()), (3, 1, 2));
+    }
+
+    #[test]
+    fn allocation_wraps_around_past_word_boundaries() {
+        // 130 frames: the bitmap has a partial last word.
+        let mut frames = BitmapFrameAllocator::new([(hpa(0), hpa(130 * PAGE_SIZE))]);
+        let all: Vec<_> = (0..130).map(|_| frames.allocate().unwrap()).collect();
+        assert_eq!(frames.allocate(), None);
+        frames.free(all[3]).unwrap();
+        frames.free(all[129]).unwrap();
+        let mut again = [frames.allocate().unwrap(), frames.allocate().unwrap()];
+        again.sort();
+        assert_eq!(again, [all[3], all[129]]);
+    }
+}

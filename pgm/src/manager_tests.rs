@@ -1,0 +1,376 @@
+//! Manager tests on the simulated host. Guest accesses go through the software EPT walker as the
+//! CPU's would: a violation is handed to `resolve_fault` and the access retried.
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
+use crate::error::PgmError;
+use crate::frames::HostMemory;
+use crate::manager::{FaultOutcome, Pgm};
+use crate::page::PageState;
+use crate::paging::{Access, Entry, Invalidation, MemoryType, Permissions};
+use crate::sim::{SimFrames, SimMemory};
+
+type SimPgm = Pgm<SimFrames, SimMemory>;
+
+const MIB: u64 = 1 << 20;
+
+fn gpa(addr: u64) -> GuestPhysAddr {
+    GuestPhysAddr::new(addr).unwrap()
+}
+
+fn pgm_with_frames(frames: u64) -> SimPgm {
+    Pgm::new(SimFrames::new(frames), SimMemory::default()).unwrap()
+}
+
+/// A VM with RAM at [0, 640 KiB) and [1 MiB, 16 MiB).
+fn pc_like() -> SimPgm {
+    let mut pgm = pgm_with_frames(4096);
+    pgm.register_ram(gpa(0), 640 * 1024, "low").unwrap();
+    pgm.register_ram(gpa(MIB), 15 * MIB, "high").unwrap();
+    pgm
+}
+
+fn frames_used(pgm: &SimPgm) -> u64 {
+    pgm.frames().inner.counts().used()
+}
+
+/// How a simulated guest access ended.
+#[derive(Debug, PartialEq, Eq)]
+enum GuestAccess {
+    /// Completed after this many EPT violations.
+    Done { faults: u32 },
+    /// Stopped by a fault the manager did not resolve.
+    Stopped(FaultOutcome),
+}
+
+/// Performs a guest write of `data` (within one page) the way the CPU would: translate, fault,
+/// resolve, retry.
+fn guest_write(pgm: &mut SimPgm, at: GuestPhysAddr, data: &[u8]) -> GuestAccess {
+    let mut faults = 0;
+    loop {
+        match pgm.translate(at, Access::Write) {
+            Ok(hpa) => {
+                write_host(pgm, hpa, data);
+                return GuestAccess::Done { faults };
+            }
+            Err(violation) => {
+                faults += 1;
+                assert!(faults < 3, "fault loop at {at}: {violation:?}");
+                match pgm.resolve_fault(at, Access::Write) {
+                    FaultOutcome::Resolved { invalidation } => {
+                        assert_eq!(invalidation, Invalidation::None)
+                    }
+                    other => return GuestAccess::Stopped(other),
+                }
+            }
+        }
+    }
+}
+
+/// Reads what the guest would read at `at` (no fault expected).
+fn guest_read(pgm: &SimPgm, at: GuestPhysAddr, len: usize) -> Vec<u8> {
+    let hpa = pgm
+        .translate(at, Access::Read)
+        .expect("RAM is always readable");
+    let mut buf = vec![0; len];
+    pgm.memory().read(hpa, &mut buf);
+    buf
+}
+
+fn write_host(pgm: &mut SimPgm, hpa: HostPhysAddr, data: &[u8]) {
+    pgm.memory_mut().write(hpa, data);
+}
+
+#[test]
+fn registration_rejects_bad_ranges_and_changes_nothing() {
+    let mut pgm = pc_like();
+    let before = (pgm.stats(), frames_used(&pgm), pgm.ranges().len());
+    let cases = [
+        (gpa(0x10_0000 * 32), 0, PgmError::ZeroSize),
+        (gpa(0x2000_0800), PAGE_SIZE, PgmError::Misaligned),
+        (gpa(0x2000_0000), 100, PgmError::Misaligned),
+        (
+            gpa((1 << 48) - PAGE_SIZE),
+            2 * PAGE_SIZE,
+            PgmError::BeyondAddressWidth,
+        ),
+        (
+            gpa(0x9_F000),
+            2 * PAGE_SIZE,
+            PgmError::Overlap { existing: gpa(0) },
+        ),
+        (
+            gpa(0x80_0000),
+            MIB,
+            PgmError::Overlap { existing: gpa(MIB) },
+        ),
+    ];
+    for (base, size, expected) in cases {
+        assert_eq!(
+            pgm.register_ram(base, size, "bad"),
+            Err(expected),
+            "{base} + {size:#x}"
+        );
+        assert_eq!((pgm.stats(), frames_used(&pgm), pgm.ranges().len()), before);
+    }
+}
+
+#[test]
+fn registered_ram_reads_as_zeros_from_the_zero_frame_without_allocating() {
+    let pgm = pc_like();
+    let used = frames_used(&pgm);
+    for at in [0, 0x9_F000, MIB, 15 * MIB + 0xFF8] {
+        assert_eq!(
+            pgm.translate(gpa(at), Access::Read).unwrap().page_base(),
+            pgm.zero_frame()
+        );
+        assert_eq!(guest_read(&pgm, gpa(at), 8), [0; 8]);
+        assert_eq!(pgm.page(gpa(at)).unwrap().state(), PageState::Zero);
+    }
+    assert_eq!(frames_used(&pgm), used);
+    let stats = pgm.stats();
+    assert_eq!(
+        (stats.ram_pages, stats.zero_pages, stats.allocated_pages),
+        (160 + 3840, 4000, 0)
+    );
+}
+
+#[test]
+fn zero_page_is_mapped_read_execute_and_the_first_write_faults_with_that_permission() {
+    let pgm = pc_like();
+    let violation = pgm.translate(gpa(0x5000), Access::Write).unwrap_err();
+    assert_eq!(
+        violation.permitted,
+        Permissions::READ | Permissions::EXECUTE
+    );
+    assert!(pgm.translate(gpa(0x5000), Access::Execute).is_ok());
+    match pgm.ept_entry(gpa(0x5000)) {
+        Entry::Leaf(leaf) => assert_eq!(leaf.memory_type, MemoryType::WriteBack),
+        other => panic!("no leaf: {other:?}"),
+    }
+}
+
+#[test]
+fn first_write_allocates_one_frame_and_later_writes_do_not_fault() {
+    let mut pgm = pc_like();
+    let used = frames_used(&pgm);
+    assert_eq!(
+        guest_write(&mut pgm, gpa(0x2_0010), b"hello"),
+        GuestAccess::Done { faults: 1 }
+    );
+    assert_eq!(frames_used(&pgm), used + 1);
+    let page = pgm.page(gpa(0x2_0000)).unwrap();
+    assert_eq!(page.state(), PageState::Allocated);
+    assert_ne!(page.frame(), Some(pgm.zero_frame()));
+    assert_eq!(
+        guest_write(&mut pgm, gpa(0x2_0100), b"again"),
+        GuestAccess::Done { faults: 0 }
+    );
+    assert_eq!(frames_used(&pgm), used + 1);
+    assert_eq!(guest_read(&pgm, gpa(0x2_0010), 5), b"hello");
+    // The rest of the fresh frame is zero, and the zero frame itself is untouched.
+    assert_eq!(guest_read(&pgm, gpa(0x2_0000), 16), [0; 16]);
+    assert_eq!(guest_read(&pgm, gpa(0x3_0000), 16), [0; 16]);
+}
+
+#[test]
+fn writing_n_distinct_pages_allocates_exactly_n_frames() {
+    let mut pgm = pc_like();
+    let used = frames_used(&pgm);
+    let pages: Vec<u64> = (0..37).map(|i| MIB + i * 3 * PAGE_SIZE + 8).collect();
+    for (i, &at) in pages.iter().enumerate() {
+        let value = (i as u64).to_le_bytes();
+        assert_eq!(
+            guest_write(&mut pgm, gpa(at), &value),
+            GuestAccess::Done { faults: 1 }
+        );
+    }
+    assert_eq!(frames_used(&pgm), used + 37);
+    assert_eq!(pgm.stats().allocated_pages, 37);
+    for (i, &at) in pages.iter().enumerate() {
+        let mut back = [0; 8];
+        pgm.read_phys(gpa(at), &mut back).unwrap();
+        assert_eq!(u64::from_le_bytes(back), i as u64);
+    }
+}
+
+#[test]
+fn access_outside_ram_is_not_guest_memory_and_changes_nothing() {
+    let mut pgm = pc_like();
+    let used = frames_used(&pgm);
+    for at in [0xA_0000, 0xF_FFFF, 16 * MIB, 0x8000_0000, (1 << 48) - 1] {
+        let violation = pgm.translate(gpa(at), Access::Read).unwrap_err();
+        assert_eq!(violation.permitted, Permissions::empty());
+        assert_eq!(
+            pgm.resolve_fault(gpa(at), Access::Read),
+            FaultOutcome::NotGuestMemory
+        );
+        assert_eq!(
+            pgm.resolve_fault(gpa(at), Access::Write),
+            FaultOutcome::NotGuestMemory
+        );
+    }
+    assert_eq!(frames_used(&pgm), used);
+}
+
+#[test]
+fn out_of_frames_on_a_write_fault_is_reported_and_leaves_the_page_zero() {
+    let mut pgm = pc_like();
+    pgm.frames_mut().fail_after = Some(0);
+    let used = frames_used(&pgm);
+    assert_eq!(
+        guest_write(&mut pgm, gpa(0x4000), b"x"),
+        GuestAccess::Stopped(FaultOutcome::OutOfMemory)
+    );
+    assert_eq!(pgm.page(gpa(0x4000)).unwrap().state(), PageState::Zero);
+    assert!(
+        pgm.translate(gpa(0x4000), Access::Write).is_err(),
+        "still write-protected"
+    );
+    assert_eq!(frames_used(&pgm), used);
+    pgm.frames_mut().fail_after = None;
+    assert_eq!(
+        guest_write(&mut pgm, gpa(0x4000), b"x"),
+        GuestAccess::Done { faults: 1 }
+    );
+}
+
+#[test]
+fn registration_that_runs_out_of_table_frames_frees_what_it_took() {
+    let mut pgm = pgm_with_frames(4096);
+    let used = frames_used(&pgm);
+    // 64 MiB above 4 GiB needs a PDPT, a PD and 32 page tables; allow only 10.
+    pgm.frames_mut().fail_after = Some(10);
+    let result = pgm.register_ram(gpa(0x1_0000_0000), 64 * MIB, "big");
+    assert_eq!(result, Err(PgmError::OutOfFrames));
+    assert_eq!(frames_used(&pgm), used);
+    assert_eq!(pgm.ranges().len(), 0);
+    assert_eq!(pgm.stats().table_frames, 1);
+    assert!(pgm.translate(gpa(0x1_0000_0000), Access::Read).is_err());
+    pgm.frames_mut().fail_after = None;
+    pgm.register_ram(gpa(0x1_0000_0000), 64 * MIB, "big")
+        .unwrap();
+    assert_eq!(pgm.stats().table_frames, 1 + 1 + 1 + 32);
+    assert_eq!(
+        guest_write(&mut pgm, gpa(0x1_03FF_F000), b"top"),
+        GuestAccess::Done { faults: 1 }
+    );
+}
+
+#[test]
+fn host_writes_cross_pages_and_ranges_and_the_guest_sees_them() {
+    let mut pgm = pgm_with_frames(4096);
+    pgm.register_ram(gpa(0), 2 * PAGE_SIZE, "a").unwrap();
+    pgm.register_ram(gpa(2 * PAGE_SIZE), 2 * PAGE_SIZE, "b")
+        .unwrap();
+    let data: Vec<u8> = (0..3 * PAGE_SIZE as usize)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let invalidation = pgm.write_phys(gpa(0x800), &data).unwrap();
+    assert_eq!(
+        invalidation,
+        Invalidation::SingleContext,
+        "pages the guest may cache changed"
+    );
+    assert_eq!(pgm.stats().allocated_pages, 4);
+    let mut back = vec![0; data.len()];
+    pgm.read_phys(gpa(0x800), &mut back).unwrap();
+    assert_eq!(back, data);
+    assert_eq!(guest_read(&pgm, gpa(0x2800), 4), data[0x2000..0x2004]);
+    assert_eq!(pgm.write_phys(gpa(0x800), b"again"), Ok(Invalidation::None));
+}
+
+#[test]
+fn host_access_outside_ram_fails_before_touching_anything() {
+    let mut pgm = pgm_with_frames(4096);
+    pgm.register_ram(gpa(0), 2 * PAGE_SIZE, "a").unwrap();
+    let used = frames_used(&pgm);
+    assert_eq!(
+        pgm.write_phys(gpa(0x1000), &[1; 0x1800]),
+        Err(PgmError::NotGuestMemory(gpa(0x2000)))
+    );
+    assert_eq!(frames_used(&pgm), used);
+    assert_eq!(pgm.page(gpa(0x1000)).unwrap().state(), PageState::Zero);
+    let mut buf = [0; 16];
+    assert_eq!(
+        pgm.read_phys(gpa(0x1FF8), &mut buf),
+        Err(PgmError::NotGuestMemory(gpa(0x2000)))
+    );
+}
+
+#[test]
+fn host_write_that_runs_out_of_frames_rolls_back() {
+    let mut pgm = pgm_with_frames(4096);
+    pgm.register_ram(gpa(0), 4 * PAGE_SIZE, "a").unwrap();
+    pgm.write_phys(gpa(0x1000), b"keep").unwrap();
+    let used = frames_used(&pgm);
+    pgm.frames_mut().fail_after = Some(1);
+    assert_eq!(
+        pgm.write_phys(gpa(0), &[7; 3 * PAGE_SIZE as usize]),
+        Err(PgmError::OutOfFrames)
+    );
+    assert_eq!(frames_used(&pgm), used);
+    assert_eq!(pgm.stats().allocated_pages, 1);
+    let mut buf = [0; 4];
+    pgm.read_phys(gpa(0x1000), &mut buf).unwrap();
+    assert_eq!(&buf, b"keep", "the already allocated page kept its data");
+    pgm.read_phys(gpa(0), &mut buf).unwrap();
+    assert_eq!(buf, [0; 4]);
+}
+
+#[test]
+fn reset_returns_every_page_to_zero_and_frees_its_frame() {
+    let mut pgm = pc_like();
+    let used = frames_used(&pgm);
+    for at in [0x1000, MIB, 8 * MIB] {
+        guest_write(&mut pgm, gpa(at), b"data");
+    }
+    assert_eq!(frames_used(&pgm), used + 3);
+    assert_eq!(pgm.reset_ram(), Invalidation::SingleContext);
+    assert_eq!(frames_used(&pgm), used);
+    assert_eq!(pgm.stats().allocated_pages, 0);
+    assert_eq!(guest_read(&pgm, gpa(MIB), 4), [0; 4]);
+    assert_eq!(pgm.reset_ram(), Invalidation::None, "nothing left to reset");
+}
+
+#[test]
+fn terminate_gives_back_every_frame() {
+    let mut pgm = pc_like();
+    guest_write(&mut pgm, gpa(0x3000), b"x");
+    guest_write(&mut pgm, gpa(9 * MIB), b"y");
+    let (frames, _) = pgm.terminate();
+    assert_eq!(frames.inner.counts().used(), 0);
+}
+
+#[test]
+fn a_read_fault_on_ram_rewrites_a_lost_entry() {
+    let mut pgm = pc_like();
+    guest_write(&mut pgm, gpa(0x7000), b"kept");
+    // Simulate a lost entry by clearing it behind the manager's back.
+    let root = pgm.ept_pointer(false) & !0xFFF;
+    let entry = pte_address(&pgm, HostPhysAddr::new(root).unwrap(), gpa(0x7000));
+    write_host(&mut pgm, entry, &0u64.to_le_bytes());
+    assert!(pgm.translate(gpa(0x7000), Access::Read).is_err());
+    assert_eq!(
+        pgm.resolve_fault(gpa(0x7000), Access::Read),
+        FaultOutcome::Resolved {
+            invalidation: Invalidation::None
+        }
+    );
+    assert_eq!(guest_read(&pgm, gpa(0x7000), 4), b"kept");
+}
+
+/// Host-physical address of the 4 KiB entry for `at`, found by walking the raw tables.
+fn pte_address(pgm: &SimPgm, root: HostPhysAddr, at: GuestPhysAddr) -> HostPhysAddr {
+    let mut table = root.as_u64();
+    for level in (1..4).rev() {
+        let index = (at.as_u64() >> (12 + 9 * level)) & 511;
+        table = pgm
+            .memory()
+            .read_u64(HostPhysAddr::new(table + index * 8).unwrap())
+            & 0x000F_FFFF_FFFF_F000;
+    }
+    HostPhysAddr::new(table + ((at.as_u64() >> 12) & 511) * 8).unwrap()
+}

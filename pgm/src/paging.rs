@@ -1,0 +1,355 @@
+//! Format-independent 4-level nested page tables kept in host frames, and a software walker
+//! that translates the way the CPU does. The bit encoding of entries comes from an
+//! [`EntryFormat`]: [`crate::ept::Ept`] for Intel EPT; an AMD NPT encoder can sit beside it.
+
+use alloc::vec::Vec;
+use core::marker::PhantomData;
+
+use bitflags::bitflags;
+
+use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SHIFT, PAGE_SIZE};
+use crate::error::PgmError;
+use crate::frames::{HostFrameAllocator, HostMemory};
+
+/// Number of table levels (PML4, PDPT, PD, PT); level 0 holds 4 KiB leaves.
+pub const LEVELS: usize = 4;
+const ENTRIES_PER_TABLE: u64 = 512;
+
+bitflags! {
+    /// What a mapping lets the guest do with a page.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Permissions: u8 {
+        /// Data reads.
+        const READ = 1 << 0;
+        /// Data writes.
+        const WRITE = 1 << 1;
+        /// Instruction fetches.
+        const EXECUTE = 1 << 2;
+    }
+}
+
+/// The kind of guest access, as an EPT violation's exit qualification reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// A data read.
+    Read,
+    /// A data write.
+    Write,
+    /// An instruction fetch.
+    Execute,
+}
+
+impl Access {
+    /// The permission this access needs.
+    pub fn needs(self) -> Permissions {
+        match self {
+            Access::Read => Permissions::READ,
+            Access::Write => Permissions::WRITE,
+            Access::Execute => Permissions::EXECUTE,
+        }
+    }
+}
+
+/// Caching of a mapped page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryType {
+    /// Uncacheable: device memory (MMIO).
+    Uncacheable,
+    /// Write-back: RAM.
+    WriteBack,
+}
+
+/// A 4 KiB leaf mapping: which host frame, with what permissions and caching.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Leaf {
+    /// The host frame the guest page maps to.
+    pub frame: HostPhysAddr,
+    /// What the guest may do without a fault. Never empty (an empty mapping is no mapping).
+    pub permissions: Permissions,
+    /// How the page is cached.
+    pub memory_type: MemoryType,
+}
+
+/// One decoded table entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// No mapping: any access faults.
+    Absent,
+    /// Points to the next-level table.
+    Table(HostPhysAddr),
+    /// Maps a page.
+    Leaf(Leaf),
+}
+
+/// The bit encoding of one nested-paging format.
+pub trait EntryFormat {
+    /// Encodes an entry pointing at the next-level table at `table`.
+    fn encode_table(table: HostPhysAddr) -> u64;
+    /// Encodes a 4 KiB leaf.
+    fn encode_leaf(leaf: &Leaf) -> u64;
+    /// Decodes the raw entry `raw` found at `level` (0 = page table).
+    fn decode(raw: u64, level: usize) -> Entry;
+    /// The permissions a non-leaf entry grants to everything below it.
+    fn table_permissions(raw: u64) -> Permissions;
+}
+
+/// Which TLB invalidation a change to the tables needs before the guest runs again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Invalidation {
+    /// Nothing is cached that the change made stale.
+    None,
+    /// Flush the translations of this VM's tables (INVEPT single-context).
+    SingleContext,
+    /// Flush the translations of every context (INVEPT all-context).
+    AllContexts,
+}
+
+/// A guest access the tables do not allow, as the CPU would report it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Violation {
+    /// The faulting guest-physical address.
+    pub gpa: GuestPhysAddr,
+    /// The access that faulted.
+    pub access: Access,
+    /// What the translation allowed (empty when nothing is mapped); the CPU reports the same in
+    /// bits 3..=5 of the exit qualification.
+    pub permitted: Permissions,
+}
+
+/// 4-level nested page tables in host frames, encoded by `F`.
+pub struct NestedTables<F: EntryFormat> {
+    root: HostPhysAddr,
+    table_frames: usize,
+    format: PhantomData<F>,
+}
+
+/// A table created during one [`NestedTables::map_range`] call, for rollback.
+struct CreatedTable {
+    parent_entry: HostPhysAddr,
+    frame: HostPhysAddr,
+}
+
+/// Host-physical address of the entry for `gpa` in the table at `table` of `level`.
+fn entry_addr(table: HostPhysAddr, level: usize, gpa: GuestPhysAddr) -> HostPhysAddr {
+    let index = (gpa.as_u64() >> (PAGE_SHIFT as usize + 9 * level)) % ENTRIES_PER_TABLE;
+    HostPhysAddr::new_truncate(table.as_u64() + index * 8)
+}
+
+impl<F: EntryFormat> NestedTables<F> {
+    /// Allocates an empty root table. Fails with [`PgmError::OutOfFrames`].
+    pub fn new(
+        frames: &mut impl HostFrameAllocator,
+        memory: &mut impl HostMemory,
+    ) -> Result<Self, PgmError> {
+        let root = frames.allocate_frame().ok_or(PgmError::OutOfFrames)?;
+        memory.zero_frame(root);
+        Ok(NestedTables {
+            root,
+            table_frames: 1,
+            format: PhantomData,
+        })
+    }
+
+    /// Host-physical address of the top-level table (what the EPT pointer names).
+    pub fn root(&self) -> HostPhysAddr {
+        self.root
+    }
+
+    /// Host frames the tables occupy, root included.
+    pub fn table_frames(&self) -> usize {
+        self.table_frames
+    }
+
+    /// Maps every page of `[base, base + pages * 4 KiB)` to `leaf_of(gpa)` (`None` leaves the
+    /// page unmapped), creating the tables it needs. All or nothing: when a table frame cannot
+    /// be had, the tables created by this call are freed again and
+    /// [`PgmError::OutOfFrames`] is returned with no entry changed.
+    pub fn map_range(
+        &mut self,
+        frames: &mut impl HostFrameAllocator,
+        memory: &mut impl HostMemory,
+        base: GuestPhysAddr,
+        pages: u64,
+        mut leaf_of: impl FnMut(GuestPhysAddr) -> Option<Leaf>,
+    ) -> Result<(), PgmError> {
+        let mut created = Vec::new();
+        let mut leaf_tables = Vec::new();
+        let mut page = 0;
+        while page < pages {
+            let gpa = GuestPhysAddr::new_truncate(base.as_u64() + page * PAGE_SIZE);
+            match self.ensure_leaf_table(frames, memory, gpa, &mut created) {
+                Some(table) => leaf_tables.push(table),
+                None => {
+                    self.roll_back(frames, memory, created);
+                    return Err(PgmError::OutOfFrames);
+                }
+            }
+            // The next page that needs another leaf table starts the next 2 MiB block.
+            let in_table = (gpa.as_u64() >> PAGE_SHIFT) % ENTRIES_PER_TABLE;
+            page += ENTRIES_PER_TABLE - in_table;
+        }
+        for page in 0..pages {
+            let gpa = GuestPhysAddr::new_truncate(base.as_u64() + page * PAGE_SIZE);
+            let table = leaf_tables[((gpa.as_u64() >> 21) - (base.as_u64() >> 21)) as usize];
+            memory.write_u64(entry_addr(table, 0, gpa), encode::<F>(leaf_of(gpa)));
+        }
+        Ok(())
+    }
+
+    /// Replaces the leaf of `gpa`, whose tables must already exist (as for every page of a
+    /// registered range). Never allocates. Returns `false`, changing nothing, when they do not.
+    pub fn set_leaf(
+        &mut self,
+        memory: &mut impl HostMemory,
+        gpa: GuestPhysAddr,
+        leaf: Option<Leaf>,
+    ) -> bool {
+        match self.leaf_table(memory, gpa) {
+            Some(table) => {
+                memory.write_u64(entry_addr(table, 0, gpa), encode::<F>(leaf));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The decoded 4 KiB entry for `gpa` (`Entry::Absent` when no table reaches it).
+    pub fn entry(&self, memory: &impl HostMemory, gpa: GuestPhysAddr) -> Entry {
+        match self.leaf_table(memory, gpa) {
+            Some(table) => F::decode(memory.read_u64(entry_addr(table, 0, gpa)), 0),
+            None => Entry::Absent,
+        }
+    }
+
+    /// Frees every table frame. The tables must no longer be in use by a CPU.
+    pub fn destroy(self, frames: &mut impl HostFrameAllocator, memory: &impl HostMemory) {
+        free_table::<F>(frames, memory, self.root, LEVELS - 1);
+    }
+
+    /// The page table (level 0) covering `gpa`, if the walk reaches one.
+    fn leaf_table(&self, memory: &impl HostMemory, gpa: GuestPhysAddr) -> Option<HostPhysAddr> {
+        let mut table = self.root;
+        for level in (1..LEVELS).rev() {
+            match F::decode(memory.read_u64(entry_addr(table, level, gpa)), level) {
+                Entry::Table(next) => table = next,
+                Entry::Absent | Entry::Leaf(_) => return None,
+            }
+        }
+        Some(table)
+    }
+
+    /// Walks to the page table covering `gpa`, creating missing tables (recorded in `created`).
+    /// `None` when a frame could not be allocated.
+    fn ensure_leaf_table(
+        &mut self,
+        frames: &mut impl HostFrameAllocator,
+        memory: &mut impl HostMemory,
+        gpa: GuestPhysAddr,
+        created: &mut Vec<CreatedTable>,
+    ) -> Option<HostPhysAddr> {
+        let mut table = self.root;
+        for level in (1..LEVELS).rev() {
+            let slot = entry_addr(table, level, gpa);
+            table = match F::decode(memory.read_u64(slot), level) {
+                Entry::Table(next) => next,
+                // Large leaves are never created by this version, so only Absent remains.
+                Entry::Absent | Entry::Leaf(_) => {
+                    let frame = frames.allocate_frame()?;
+                    memory.zero_frame(frame);
+                    memory.write_u64(slot, F::encode_table(frame));
+                    created.push(CreatedTable {
+                        parent_entry: slot,
+                        frame,
+                    });
+                    self.table_frames += 1;
+                    frame
+                }
+            };
+        }
+        Some(table)
+    }
+
+    /// Undoes the table creations of a failed [`map_range`](Self::map_range), newest first.
+    fn roll_back(
+        &mut self,
+        frames: &mut impl HostFrameAllocator,
+        memory: &mut impl HostMemory,
+        created: Vec<CreatedTable>,
+    ) {
+        for table in created.into_iter().rev() {
+            memory.write_u64(table.parent_entry, 0);
+            frames.free_frame(table.frame);
+            self.table_frames -= 1;
+        }
+    }
+}
+
+fn encode<F: EntryFormat>(leaf: Option<Leaf>) -> u64 {
+    leaf.map_or(0, |leaf| F::encode_leaf(&leaf))
+}
+
+/// Frees the table at `table` of `level` and every table below it.
+fn free_table<F: EntryFormat>(
+    frames: &mut impl HostFrameAllocator,
+    memory: &impl HostMemory,
+    table: HostPhysAddr,
+    level: usize,
+) {
+    if level > 0 {
+        for index in 0..ENTRIES_PER_TABLE {
+            let slot = HostPhysAddr::new_truncate(table.as_u64() + index * 8);
+            if let Entry::Table(next) = F::decode(memory.read_u64(slot), level) {
+                free_table::<F>(frames, memory, next, level - 1);
+            }
+        }
+    }
+    frames.free_frame(table);
+}
+
+/// Translates `gpa` for `access` through the tables at `root` as the CPU does: permissions are
+/// the intersection over all levels. Returns the host-physical address, or the violation the
+/// CPU would raise.
+pub fn translate<F: EntryFormat>(
+    memory: &impl HostMemory,
+    root: HostPhysAddr,
+    gpa: GuestPhysAddr,
+    access: Access,
+) -> Result<HostPhysAddr, Violation> {
+    let mut table = root;
+    let mut permitted = Permissions::all();
+    for level in (0..LEVELS).rev() {
+        let raw = memory.read_u64(entry_addr(table, level, gpa));
+        match F::decode(raw, level) {
+            Entry::Absent => {
+                return Err(Violation {
+                    gpa,
+                    access,
+                    permitted: Permissions::empty(),
+                });
+            }
+            Entry::Table(next) => {
+                permitted &= F::table_permissions(raw);
+                table = next;
+            }
+            Entry::Leaf(leaf) => {
+                permitted &= leaf.permissions;
+                if !permitted.contains(access.needs()) {
+                    return Err(Violation {
+                        gpa,
+                        access,
+                        permitted,
+                    });
+                }
+                let size_mask = (PAGE_SIZE << (9 * level)) - 1;
+                return Ok(HostPhysAddr::new_truncate(
+                    leaf.frame.as_u64() + (gpa.as_u64() & size_mask),
+                ));
+            }
+        }
+    }
+    Err(Violation {
+        gpa,
+        access,
+        permitted: Permissions::empty(),
+    })
+}
