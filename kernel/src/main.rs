@@ -1,11 +1,25 @@
+//! The hypervisor kernel: boots through `bootloader_api`, sets up serial, GDT/IDT, heap and the
+//! host frame allocator, enters VMX root operation and then runs either the demo (`make run`)
+//! or the kernel-level tests (`--features kernel-tests`, `cargo xtask test`).
 #![no_std]
 #![no_main]
+#![feature(abi_x86_interrupt)]
+
+extern crate alloc;
 
 mod arch;
+#[cfg(not(feature = "kernel-tests"))]
+mod demo;
+#[cfg(feature = "kernel-tests")]
+mod tests;
+mod vm;
 
-use bootloader_api::{config::Mapping, entry_point, BootInfo, BootloaderConfig};
+use bootloader_api::{BootInfo, BootloaderConfig, config::Mapping, entry_point};
+use spin::Once;
 
-use arch::power::{exit, ExitCode};
+use arch::memory::{self, KernelFrames, PhysMap};
+use arch::power::{ExitCode, exit};
+use arch::vmx::{self, VmxCaps, VmxError, VmxOn};
 
 /// Asks the bootloader to map all physical memory, so host frames (EPT tables, guest RAM) can be
 /// reached at `physical_memory_offset + address`.
@@ -18,17 +32,58 @@ pub static BOOTLOADER_CONFIG: BootloaderConfig = {
 
 entry_point!(kernel_main, config = &BOOTLOADER_CONFIG);
 
+/// What the kernel set up at boot, shared by the demo and the tests.
+pub struct Host {
+    /// Host-physical memory access.
+    pub phys: PhysMap,
+    /// VMX root operation, or why it could not be entered.
+    pub vmx: Result<VmxOn, VmxError>,
+}
+
+static HOST: Once<Host> = Once::new();
+
 fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     arch::serial::init();
+    arch::gdt::init();
+    arch::idt::init();
+    memory::init_heap();
+    let Some(offset) = boot_info.physical_memory_offset.into_option() else {
+        exit(ExitCode::Failure, "the bootloader did not map physical memory")
+    };
+    memory::init_frames(&boot_info.memory_regions);
+    let frames = memory::frame_counts();
     println!(
-        "hypervisor: booted, physical memory at {:?}",
-        boot_info.physical_memory_offset
+        "hypervisor: {} host frames ({} MiB) from the boot memory map",
+        frames.total,
+        frames.total / 256
     );
-    exit(ExitCode::Success, "")
+    let mut phys = PhysMap::new(offset);
+    let vmx = VmxCaps::probe()
+        .map_err(VmxError::Unavailable)
+        .and_then(|caps| vmx::enable(caps, &mut KernelFrames, &mut phys));
+    match &vmx {
+        Ok(vmx) => println!("hypervisor: VMX on: {}", vmx.caps()),
+        Err(error) => println!("hypervisor: {error}"),
+    }
+    let host = HOST.call_once(|| Host { phys, vmx });
+    #[cfg(feature = "kernel-tests")]
+    tests::run_all(host);
+    #[cfg(not(feature = "kernel-tests"))]
+    demo::run(host);
+}
+
+/// Called when the host itself fails (panic, CPU exception): in a test run, reports the test
+/// that was running and the closing counts first.
+pub fn tests_report_abort(reason: &str) {
+    #[cfg(feature = "kernel-tests")]
+    tests::report_abort(reason);
+    #[cfg(not(feature = "kernel-tests"))]
+    let _ = reason;
 }
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     println!("PANIC: {info}");
+    tests_report_abort("kernel panic");
     exit(ExitCode::Failure, "kernel panic")
 }

@@ -1,0 +1,92 @@
+//! Host memory: the kernel heap, the host frame allocator built from the boot memory map, and
+//! access to host-physical memory through the bootloader's physical-memory mapping.
+
+use bootloader_api::info::{MemoryRegionKind, MemoryRegions};
+use linked_list_allocator::LockedHeap;
+use pgm::HostPhysAddr;
+use pgm::frames::{BitmapFrameAllocator, FrameCounts, HostFrameAllocator, HostMemory};
+use spin::Mutex;
+
+/// Kernel heap size: descriptors, the frame bitmap and test bookkeeping live here.
+const HEAP_SIZE: usize = 8 * 1024 * 1024;
+/// Frames below 1 MiB are left to firmware and real-mode structures.
+const LOWEST_FRAME: u64 = 0x10_0000;
+
+#[global_allocator]
+static HEAP: LockedHeap = LockedHeap::empty();
+
+/// The host's frames, shared by every VM (the counterpart of VirtualBox's GMM).
+static FRAMES: Mutex<Option<BitmapFrameAllocator>> = Mutex::new(None);
+
+/// Hands the heap its memory. Call once at boot, before anything allocates.
+pub fn init_heap() {
+    static mut HEAP_SPACE: [u8; HEAP_SIZE] = [0; HEAP_SIZE];
+    // SAFETY: HEAP_SPACE is used by nothing else, and init_heap runs once, before any allocation.
+    unsafe { HEAP.lock().init((&raw mut HEAP_SPACE).cast(), HEAP_SIZE) };
+}
+
+/// Builds the host frame allocator from the usable regions of the boot memory map.
+pub fn init_frames(regions: &MemoryRegions) {
+    let usable = regions
+        .iter()
+        .filter(|r| r.kind == MemoryRegionKind::Usable && r.end > LOWEST_FRAME)
+        .map(|r| {
+            let start = HostPhysAddr::new_truncate(r.start.max(LOWEST_FRAME));
+            (start, HostPhysAddr::new_truncate(r.end))
+        });
+    *FRAMES.lock() = Some(BitmapFrameAllocator::new(usable));
+}
+
+/// The allocator's counters (all zero before [`init_frames`]).
+pub fn frame_counts() -> FrameCounts {
+    FRAMES.lock().as_ref().map(|f| f.counts()).unwrap_or_default()
+}
+
+/// A handle to the shared frame allocator, for `pgm` and the VMX code.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelFrames;
+
+impl HostFrameAllocator for KernelFrames {
+    fn allocate_frame(&mut self) -> Option<HostPhysAddr> {
+        FRAMES.lock().as_mut()?.allocate()
+    }
+
+    fn free_frame(&mut self, frame: HostPhysAddr) {
+        if let Some(frames) = FRAMES.lock().as_mut() {
+            if let Err(error) = frames.free(frame) {
+                log::error!("frame allocator refused a free: {error:?}");
+            }
+        }
+    }
+}
+
+/// Host-physical memory, reached through the bootloader's mapping of all physical memory.
+#[derive(Clone, Copy, Debug)]
+pub struct PhysMap {
+    offset: u64,
+}
+
+impl PhysMap {
+    /// The mapping at virtual `offset` (from `BootInfo::physical_memory_offset`).
+    pub fn new(offset: u64) -> PhysMap {
+        PhysMap { offset }
+    }
+
+    /// Virtual address of host-physical `addr`.
+    pub fn virt(&self, addr: HostPhysAddr) -> *mut u8 {
+        (self.offset + addr.as_u64()) as *mut u8
+    }
+}
+
+impl HostMemory for PhysMap {
+    fn read(&self, addr: HostPhysAddr, buf: &mut [u8]) {
+        // SAFETY: the bootloader maps all physical memory at `offset`; callers (pgm, the VMX
+        // code) pass frames they own and stay inside one frame (HostMemory's contract).
+        unsafe { core::ptr::copy_nonoverlapping(self.virt(addr), buf.as_mut_ptr(), buf.len()) }
+    }
+
+    fn write(&mut self, addr: HostPhysAddr, data: &[u8]) {
+        // SAFETY: as in `read`; the frame is owned by the caller, so no one else aliases it.
+        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), self.virt(addr), data.len()) }
+    }
+}

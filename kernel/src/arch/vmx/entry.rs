@@ -1,0 +1,128 @@
+//! Guest entry and exit: the assembly that swaps general-purpose registers around
+//! VMLAUNCH/VMRESUME and the VM-exit landing point (the VMCS host RIP).
+
+use core::arch::global_asm;
+
+/// The guest's general-purpose registers that the VMCS does not hold (RSP and RIP are there).
+/// The layout is fixed: the assembly below addresses fields by offset.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuestRegisters {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<GuestRegisters>() == 15 * 8);
+
+// vmx_enter(regs: *mut GuestRegisters /* rdi */, launched: u64 /* rsi */) -> u64
+//   Saves the host's callee-saved registers, stores RSP as the VMCS host RSP, loads the guest's
+//   registers and enters the guest. Returns 0 through vmx_exit after a VM exit, or 1 when
+//   VMLAUNCH/VMRESUME itself failed (the VMCS's VM-instruction error says why).
+// vmx_exit: the VMCS host RIP. RSP is the host RSP saved above, [rsp] holds `regs`.
+global_asm!(
+    ".global vmx_enter",
+    ".global vmx_exit",
+    "vmx_enter:",
+    "push rbp",
+    "push rbx",
+    "push r12",
+    "push r13",
+    "push r14",
+    "push r15",
+    "push rdi",
+    "mov rax, 0x6C14", // VMCS field: host RSP
+    "vmwrite rax, rsp",
+    "cmp rsi, 0", // flags survive the MOVs below
+    "mov rax, [rdi + 0]",
+    "mov rbx, [rdi + 8]",
+    "mov rcx, [rdi + 16]",
+    "mov rdx, [rdi + 24]",
+    "mov rsi, [rdi + 32]",
+    "mov rbp, [rdi + 48]",
+    "mov r8, [rdi + 56]",
+    "mov r9, [rdi + 64]",
+    "mov r10, [rdi + 72]",
+    "mov r11, [rdi + 80]",
+    "mov r12, [rdi + 88]",
+    "mov r13, [rdi + 96]",
+    "mov r14, [rdi + 104]",
+    "mov r15, [rdi + 112]",
+    "mov rdi, [rdi + 40]",
+    "je 2f",
+    "vmresume",
+    "jmp 3f",
+    "2:",
+    "vmlaunch",
+    "3:", // entry failed; the host state is as before entry except the GPRs
+    "pop rdi",
+    "pop r15",
+    "pop r14",
+    "pop r13",
+    "pop r12",
+    "pop rbx",
+    "pop rbp",
+    "mov eax, 1",
+    "ret",
+    "vmx_exit:",
+    "push rdi",
+    "mov rdi, [rsp + 8]",
+    "mov [rdi + 0], rax",
+    "mov [rdi + 8], rbx",
+    "mov [rdi + 16], rcx",
+    "mov [rdi + 24], rdx",
+    "mov [rdi + 32], rsi",
+    "mov [rdi + 48], rbp",
+    "mov [rdi + 56], r8",
+    "mov [rdi + 64], r9",
+    "mov [rdi + 72], r10",
+    "mov [rdi + 80], r11",
+    "mov [rdi + 88], r12",
+    "mov [rdi + 96], r13",
+    "mov [rdi + 104], r14",
+    "mov [rdi + 112], r15",
+    "pop rax",
+    "mov [rdi + 40], rax",
+    "pop rdi",
+    "pop r15",
+    "pop r14",
+    "pop r13",
+    "pop r12",
+    "pop rbx",
+    "pop rbp",
+    "xor eax, eax",
+    "ret",
+);
+
+unsafe extern "sysv64" {
+    fn vmx_enter(regs: *mut GuestRegisters, launched: u64) -> u64;
+    static vmx_exit: u8;
+}
+
+/// The address the CPU jumps to on VM exit (the VMCS host RIP).
+pub fn exit_entry_point() -> u64 {
+    &raw const vmx_exit as u64
+}
+
+/// Enters the guest of the current VMCS with `regs` (VMLAUNCH first, VMRESUME when `launched`)
+/// and returns after the next VM exit with the guest's registers in `regs`. `Err(())` when the
+/// entry instruction failed; read the VM-instruction error from the VMCS.
+pub fn run_guest(regs: &mut GuestRegisters, launched: bool) -> Result<(), ()> {
+    // SAFETY: the current VMCS has complete host state whose RIP is `vmx_exit` (set by the VM
+    // set-up); vmx_enter preserves every callee-saved register and returns normally on both the
+    // exit and the failure path. The guest cannot reach host memory: EPT maps only its own frames.
+    let failed = unsafe { vmx_enter(regs, launched as u64) };
+    if failed == 0 { Ok(()) } else { Err(()) }
+}

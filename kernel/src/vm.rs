@@ -1,0 +1,576 @@
+//! One virtual machine: its memory manager (`pgm`), its VMCS and the vCPU loop that handles VM
+//! exits. A guest can only stop its own VM: every exit the hypervisor cannot handle ends the run
+//! with a [`Diagnostic`], never a host panic.
+
+use alloc::vec::Vec;
+use core::fmt;
+
+use pgm::{Access, FaultOutcome, GuestPhysAddr, Invalidation, MemoryStats, Pgm, PgmError};
+use x86::vmx::vmcs::control::{
+    EntryControls, ExitControls, PrimaryControls, SecondaryControls, EPTP_FULL, EXCEPTION_BITMAP,
+    PINBASED_EXEC_CONTROLS, PRIMARY_PROCBASED_EXEC_CONTROLS, SECONDARY_PROCBASED_EXEC_CONTROLS,
+    VMENTRY_CONTROLS, VMEXIT_CONTROLS, VPID,
+};
+use x86::vmx::vmcs::{control, guest, host, ro};
+
+use crate::arch::guests::{GuestMode, GuestProgram};
+use crate::arch::memory::{KernelFrames, PhysMap};
+use crate::arch::vmx::{self, GuestRegisters, InveptType, VmxError, VmxOn, host::HostState, vmcs::Vmcs};
+
+/// Hypercall numbers (guest RAX at VMCALL).
+pub mod hypercall {
+    /// The guest is finished; RBX is its result. Ends the run with [`super::VmStop::Done`].
+    pub const DONE: u64 = 0;
+    /// Record RBX in [`super::Vm::reports`] and continue.
+    pub const REPORT: u64 = 1;
+    /// What RAX holds after an unknown hypercall.
+    pub const UNKNOWN: u64 = u64::MAX;
+}
+
+/// Basic exit reasons this hypervisor handles or names (SDM Vol. 3D, Appendix C).
+mod exit_reason {
+    pub const TRIPLE_FAULT: u32 = 2;
+    pub const HLT: u32 = 12;
+    pub const VMCALL: u32 = 18;
+    pub const IO_INSTRUCTION: u32 = 30;
+    pub const INVALID_GUEST_STATE: u32 = 33;
+    pub const EPT_VIOLATION: u32 = 48;
+    pub const EPT_MISCONFIGURATION: u32 = 49;
+}
+
+/// Exit-reason bit 31: the VM entry failed.
+const ENTRY_FAILURE: u64 = 1 << 31;
+/// Exits one run may take before it is stopped as runaway.
+const EXIT_BUDGET: u64 = 1_000_000;
+/// Consecutive EPT violations at the same page before the VM is stopped as a fault loop.
+const FAULT_LOOP_LIMIT: u32 = 4;
+/// VPID of the (single) vCPU; 0 is reserved for the host.
+const GUEST_VPID: u64 = 1;
+/// Guest CR0 bits: ET (bit 4) and NE (bit 5); PE is added for protected mode.
+const CR0_PE: u64 = 1 << 0;
+const CR0_ET_NE: u64 = (1 << 4) | (1 << 5);
+const CR0_PG: u64 = 1 << 31;
+const CR4_VMXE: u64 = 1 << 13;
+
+/// Why a VM stopped without finishing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopCause {
+    /// The guest touched a guest-physical address outside its memory.
+    NotGuestMemory,
+    /// The guest needed a page and the host had no frame for it.
+    OutOfMemory,
+    /// The guest triple-faulted.
+    TripleFault,
+    /// An exit this hypervisor does not handle.
+    UnhandledExit,
+    /// VM entry failed (VMLAUNCH/VMRESUME error or invalid guest state).
+    EntryFailed,
+    /// The same page kept faulting after its fault was resolved.
+    FaultLoop,
+    /// The run took more than [`EXIT_BUDGET`] exits.
+    ExitBudget,
+}
+
+/// What the hypervisor knew when it stopped a VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// Why the VM stopped.
+    pub cause: StopCause,
+    /// The basic exit reason (or the VM-instruction error for a failed VMLAUNCH/VMRESUME).
+    pub exit_reason: u32,
+    /// The exit qualification.
+    pub qualification: u64,
+    /// The guest-physical address of an EPT exit.
+    pub gpa: Option<GuestPhysAddr>,
+    /// The guest RIP at the exit.
+    pub rip: u64,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "VM stopped ({:?}): exit reason {} ({}), qualification {:#x}, guest-physical ",
+            self.cause,
+            self.exit_reason,
+            exit_reason_name(self.exit_reason),
+            self.qualification
+        )?;
+        match self.gpa {
+            Some(gpa) => write!(f, "{gpa}")?,
+            None => write!(f, "-")?,
+        }
+        write!(f, ", RIP {:#x}", self.rip)
+    }
+}
+
+fn exit_reason_name(reason: u32) -> &'static str {
+    match reason {
+        0 => "exception or NMI",
+        1 => "external interrupt",
+        exit_reason::TRIPLE_FAULT => "triple fault",
+        10 => "CPUID",
+        exit_reason::HLT => "HLT",
+        exit_reason::VMCALL => "VMCALL",
+        28 => "control-register access",
+        exit_reason::IO_INSTRUCTION => "I/O instruction",
+        31 => "RDMSR",
+        32 => "WRMSR",
+        exit_reason::INVALID_GUEST_STATE => "VM-entry failure: invalid guest state",
+        exit_reason::EPT_VIOLATION => "EPT violation",
+        exit_reason::EPT_MISCONFIGURATION => "EPT misconfiguration",
+        _ => "unnamed",
+    }
+}
+
+/// How a run of the vCPU ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmStop {
+    /// The guest called the DONE hypercall with this result.
+    Done(u64),
+    /// The guest executed HLT at this RIP.
+    Halted { rip: u64 },
+    /// The hypervisor stopped the VM.
+    Stopped(Diagnostic),
+}
+
+/// Exit counts of one VM, by kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitCounts {
+    /// Every VM exit.
+    pub total: u64,
+    /// EPT violations.
+    pub ept_violations: u64,
+    /// VMCALLs.
+    pub hypercalls: u64,
+    /// INVEPTs executed.
+    pub invepts: u64,
+}
+
+/// Why a VM could not be created.
+#[derive(Debug)]
+pub enum VmError {
+    /// The memory manager refused (bad range, no frames).
+    Memory(PgmError),
+    /// A VMX instruction failed or a control is unsupported.
+    Vmx(VmxError),
+    /// The CPU cannot set a VMX control this VM needs.
+    Control { which: &'static str, missing: u32 },
+}
+
+impl fmt::Display for VmError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VmError::Memory(error) => write!(f, "memory: {error}"),
+            VmError::Vmx(error) => write!(f, "{error}"),
+            VmError::Control { which, missing } => {
+                write!(f, "the CPU cannot set {which} control bits {missing:#x}")
+            }
+        }
+    }
+}
+
+impl From<PgmError> for VmError {
+    fn from(error: PgmError) -> Self {
+        VmError::Memory(error)
+    }
+}
+
+impl From<VmxError> for VmError {
+    fn from(error: VmxError) -> Self {
+        VmError::Vmx(error)
+    }
+}
+
+/// The memory manager type of a kernel VM.
+pub type KernelPgm = Pgm<KernelFrames, PhysMap>;
+
+/// One VM with one vCPU.
+pub struct Vm<'a> {
+    vmx: &'a VmxOn,
+    /// `None` only while dropping.
+    pgm: Option<KernelPgm>,
+    vmcs: Option<Vmcs>,
+    eptp: u64,
+    launched: bool,
+    /// The guest's general-purpose registers (RSP and RIP live in the VMCS).
+    pub regs: GuestRegisters,
+    /// Values the guest passed with the REPORT hypercall, in order.
+    pub reports: Vec<u64>,
+    /// Exit counts since creation.
+    pub exits: ExitCounts,
+    last_fault: Option<(u64, u32)>,
+}
+
+impl<'a> Vm<'a> {
+    /// Creates a VM whose RAM is the `(base, size)` ranges, with a VMCS ready for [`Vm::start`].
+    /// On error every frame taken so far is given back.
+    pub fn new(vmx: &'a VmxOn, phys: PhysMap, ram: &[(u64, u64)]) -> Result<Vm<'a>, VmError> {
+        let mut pgm = Pgm::new(KernelFrames, phys)?;
+        for &(base, size) in ram {
+            let base = GuestPhysAddr::new(base).ok_or(PgmError::BeyondAddressWidth);
+            if let Err(error) = base.and_then(|base| pgm.register_ram(base, size, "ram")) {
+                pgm.terminate();
+                return Err(error.into());
+            }
+        }
+        let eptp = pgm.ept_pointer(false);
+        let mut vm = Vm {
+            vmx,
+            pgm: Some(pgm),
+            vmcs: None,
+            eptp,
+            launched: false,
+            regs: GuestRegisters::default(),
+            reports: Vec::new(),
+            exits: ExitCounts::default(),
+            last_fault: None,
+        };
+        // From here on Drop gives every frame back on error.
+        let vmcs = Vmcs::new(vmx, &mut KernelFrames, &mut phys.clone())?;
+        vm.vmcs = Some(vmcs);
+        vm.write_controls()?;
+        vm.write_host_state(&vmx::host::current())?;
+        Ok(vm)
+    }
+
+    /// The memory manager.
+    pub fn pgm(&self) -> &KernelPgm {
+        self.pgm.as_ref().expect("present until drop")
+    }
+
+    /// The memory manager, mutable.
+    pub fn pgm_mut(&mut self) -> &mut KernelPgm {
+        self.pgm.as_mut().expect("present until drop")
+    }
+
+    /// Page and frame counts of this VM.
+    pub fn stats(&self) -> MemoryStats {
+        self.pgm().stats()
+    }
+
+    /// Copies `program` into guest RAM at `at` and sets the guest up to start there in the
+    /// program's mode with the given registers (RSP points just below `at`).
+    pub fn start(&mut self, program: &GuestProgram, at: u64, regs: GuestRegisters) -> Result<(), VmError> {
+        let gpa = GuestPhysAddr::new(at).ok_or(PgmError::BeyondAddressWidth)?;
+        let invalidation = self.pgm_mut().write_phys(gpa, program.code)?;
+        self.invalidate(invalidation)?;
+        self.write_guest_state(program.mode, at)?;
+        self.regs = regs;
+        Ok(())
+    }
+
+    /// Runs the vCPU until the guest finishes, halts, or is stopped.
+    pub fn run(&mut self) -> VmStop {
+        let budget_end = self.exits.total + EXIT_BUDGET;
+        loop {
+            if self.exits.total >= budget_end {
+                return VmStop::Stopped(self.diagnostic(StopCause::ExitBudget, 0));
+            }
+            if let Some(stop) = self.enter_and_handle_exit() {
+                return stop;
+            }
+        }
+    }
+
+    /// Enters the guest once and handles the exit; `Some` when the run is over.
+    fn enter_and_handle_exit(&mut self) -> Option<VmStop> {
+        let vmcs = self.vmcs.as_ref().expect("present until drop");
+        if let Err(error) = vmcs.make_current() {
+            log::error!("{error}");
+            return Some(VmStop::Stopped(self.diagnostic(StopCause::EntryFailed, 0)));
+        }
+        let entered = vmx::run_guest(&mut self.regs, self.launched);
+        let vmcs = self.vmcs.as_ref().expect("present until drop");
+        if entered.is_err() {
+            let error = vmcs.read(ro::VM_INSTRUCTION_ERROR) as u32;
+            let mut diagnostic = self.diagnostic(StopCause::EntryFailed, 0);
+            diagnostic.exit_reason = error;
+            log::error!("VMLAUNCH/VMRESUME failed with VM-instruction error {error}");
+            return Some(VmStop::Stopped(diagnostic));
+        }
+        self.launched = true;
+        self.exits.total += 1;
+        let raw_reason = vmcs.read(ro::EXIT_REASON);
+        let reason = (raw_reason & 0xFFFF) as u32;
+        if raw_reason & ENTRY_FAILURE != 0 {
+            return Some(VmStop::Stopped(self.diagnostic(StopCause::EntryFailed, reason)));
+        }
+        if reason != exit_reason::EPT_VIOLATION {
+            self.last_fault = None;
+        }
+        match reason {
+            exit_reason::EPT_VIOLATION => self.handle_ept_violation(),
+            exit_reason::VMCALL => self.handle_hypercall(),
+            exit_reason::HLT => Some(VmStop::Halted { rip: vmcs.read(guest::RIP) }),
+            exit_reason::TRIPLE_FAULT => Some(VmStop::Stopped(self.diagnostic(StopCause::TripleFault, reason))),
+            _ => Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit, reason))),
+        }
+    }
+
+    /// Hands an EPT violation to `pgm` and carries out the invalidation it asks for.
+    fn handle_ept_violation(&mut self) -> Option<VmStop> {
+        self.exits.ept_violations += 1;
+        let vmcs = self.vmcs.as_ref().expect("present until drop");
+        let qualification = vmcs.read(ro::EXIT_QUALIFICATION);
+        let gpa = GuestPhysAddr::new_truncate(vmcs.read(ro::GUEST_PHYSICAL_ADDR_FULL));
+        let access = if qualification & 0b010 != 0 {
+            Access::Write
+        } else if qualification & 0b100 != 0 {
+            Access::Execute
+        } else {
+            Access::Read
+        };
+        let stop = |vm: &Self, cause| Some(VmStop::Stopped(vm.diagnostic(cause, exit_reason::EPT_VIOLATION)));
+        let mut invalidation = match self.pgm_mut().resolve_fault(gpa, access) {
+            FaultOutcome::Resolved { invalidation } => invalidation,
+            FaultOutcome::NotGuestMemory => return stop(self, StopCause::NotGuestMemory),
+            FaultOutcome::OutOfMemory => return stop(self, StopCause::OutOfMemory),
+        };
+        // The same page faulting again right after a resolution means a translation outlived
+        // the violation: flush this VM's translations, and give up if even that does not help.
+        let page = gpa.page_number();
+        let repeats = match self.last_fault {
+            Some((last, count)) if last == page => count + 1,
+            _ => 1,
+        };
+        self.last_fault = Some((page, repeats));
+        if repeats >= FAULT_LOOP_LIMIT {
+            return stop(self, StopCause::FaultLoop);
+        }
+        if repeats > 1 {
+            invalidation = invalidation.max(Invalidation::SingleContext);
+        }
+        match self.invalidate(invalidation) {
+            Ok(()) => None,
+            Err(_) => stop(self, StopCause::UnhandledExit),
+        }
+    }
+
+    /// Executes the INVEPT that `invalidation` names.
+    fn invalidate(&mut self, invalidation: Invalidation) -> Result<(), VmxError> {
+        let kind = match invalidation {
+            Invalidation::None => return Ok(()),
+            Invalidation::SingleContext => InveptType::SingleContext,
+            Invalidation::AllContexts => InveptType::AllContexts,
+        };
+        self.exits.invepts += 1;
+        vmx::invept(self.vmx, kind, self.eptp)
+    }
+
+    /// Handles VMCALL: DONE ends the run, REPORT records RBX, anything else returns
+    /// [`hypercall::UNKNOWN`] in RAX. RIP moves past the VMCALL.
+    fn handle_hypercall(&mut self) -> Option<VmStop> {
+        self.exits.hypercalls += 1;
+        let vmcs = self.vmcs.as_ref().expect("present until drop");
+        let next_rip = vmcs.read(guest::RIP) + vmcs.read(ro::VMEXIT_INSTRUCTION_LEN);
+        if vmcs.write(guest::RIP, next_rip).is_err() {
+            return Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit, exit_reason::VMCALL)));
+        }
+        match self.regs.rax {
+            hypercall::DONE => return Some(VmStop::Done(self.regs.rbx)),
+            hypercall::REPORT => self.reports.push(self.regs.rbx),
+            _ => self.regs.rax = hypercall::UNKNOWN,
+        }
+        None
+    }
+
+    /// Collects what the VMCS says about the current exit.
+    fn diagnostic(&self, cause: StopCause, exit_reason: u32) -> Diagnostic {
+        let vmcs = self.vmcs.as_ref().expect("present until drop");
+        let gpa = matches!(exit_reason, exit_reason::EPT_VIOLATION | exit_reason::EPT_MISCONFIGURATION)
+            .then(|| GuestPhysAddr::new_truncate(vmcs.read(ro::GUEST_PHYSICAL_ADDR_FULL)));
+        Diagnostic {
+            cause,
+            exit_reason,
+            qualification: vmcs.read(ro::EXIT_QUALIFICATION),
+            gpa,
+            rip: vmcs.read(guest::RIP),
+        }
+    }
+
+    /// VM-execution, exit and entry controls: HLT and all port I/O exit; EPT, VPID and
+    /// unrestricted guest on; EFER switched on entry and exit; 64-bit host.
+    fn write_controls(&mut self) -> Result<(), VmError> {
+        let caps = self.vmx.caps();
+        let adjust = |which, caps: &vmx::caps::ControlCaps, wanted: u32| {
+            caps.adjust(wanted).map(u64::from).map_err(|missing| VmError::Control { which, missing })
+        };
+        let pin = adjust("pin-based", &caps.pin, 0)?;
+        let primary = adjust(
+            "primary processor-based",
+            &caps.primary,
+            (PrimaryControls::HLT_EXITING | PrimaryControls::UNCOND_IO_EXITING | PrimaryControls::SECONDARY_CONTROLS)
+                .bits(),
+        )?;
+        let secondary = adjust(
+            "secondary processor-based",
+            &caps.secondary,
+            (SecondaryControls::ENABLE_EPT | SecondaryControls::ENABLE_VPID | SecondaryControls::UNRESTRICTED_GUEST)
+                .bits(),
+        )?;
+        let exit = adjust(
+            "VM-exit",
+            &caps.exit,
+            (ExitControls::HOST_ADDRESS_SPACE_SIZE | ExitControls::SAVE_IA32_EFER | ExitControls::LOAD_IA32_EFER)
+                .bits(),
+        )?;
+        let entry = adjust("VM-entry", &caps.entry, EntryControls::LOAD_IA32_EFER.bits())?;
+        let vmcs = self.vmcs.as_ref().expect("present until drop");
+        for (field, value) in [
+            (PINBASED_EXEC_CONTROLS, pin),
+            (PRIMARY_PROCBASED_EXEC_CONTROLS, primary),
+            (SECONDARY_PROCBASED_EXEC_CONTROLS, secondary),
+            (VMEXIT_CONTROLS, exit),
+            (VMENTRY_CONTROLS, entry),
+            (EXCEPTION_BITMAP, 0),
+            (VPID, GUEST_VPID),
+            (EPTP_FULL, self.eptp),
+            (control::CR3_TARGET_COUNT, 0),
+            (control::CR0_GUEST_HOST_MASK, 0),
+            // The guest sees CR4.VMXE (required by VMX) as clear.
+            (control::CR4_GUEST_HOST_MASK, CR4_VMXE),
+            (control::CR4_READ_SHADOW, 0),
+        ] {
+            vmcs.write(field, value)?;
+        }
+        Ok(())
+    }
+
+    /// The host-state area: exits return to `vmx_exit` on the kernel's own state.
+    fn write_host_state(&mut self, state: &HostState) -> Result<(), VmError> {
+        let vmcs = self.vmcs.as_ref().expect("present until drop");
+        for (field, value) in [
+            (host::CR0, state.cr0),
+            (host::CR3, state.cr3),
+            (host::CR4, state.cr4),
+            (host::CS_SELECTOR, u64::from(state.code_selector)),
+            (host::SS_SELECTOR, u64::from(state.data_selector)),
+            (host::DS_SELECTOR, u64::from(state.data_selector)),
+            (host::ES_SELECTOR, u64::from(state.data_selector)),
+            (host::FS_SELECTOR, 0),
+            (host::GS_SELECTOR, 0),
+            (host::TR_SELECTOR, u64::from(state.tr_selector)),
+            (host::FS_BASE, state.fs_base),
+            (host::GS_BASE, state.gs_base),
+            (host::TR_BASE, state.tr_base),
+            (host::GDTR_BASE, state.gdtr_base),
+            (host::IDTR_BASE, state.idtr_base),
+            (host::IA32_SYSENTER_CS, state.sysenter_cs),
+            (host::IA32_SYSENTER_ESP, state.sysenter_esp),
+            (host::IA32_SYSENTER_EIP, state.sysenter_eip),
+            (host::IA32_EFER_FULL, state.efer),
+            (host::RIP, state.rip),
+        ] {
+            vmcs.write(field, value)?;
+        }
+        Ok(())
+    }
+
+    /// Guest state for entering `mode` at `rip`: flat segments (protected mode) or real-mode
+    /// segments with CS = 0, no paging, an empty IDT (any exception triple-faults) and the
+    /// stack just below `rip`.
+    fn write_guest_state(&mut self, mode: GuestMode, rip: u64) -> Result<(), VmError> {
+        let caps = self.vmx.caps();
+        let (cr0_fixed0, cr0_fixed1) = caps.cr0_fixed;
+        let (cr4_fixed0, cr4_fixed1) = caps.cr4_fixed;
+        // Unrestricted guest lets PE and PG be clear whatever CR0_FIXED0 says.
+        let protected = if mode == GuestMode::Flat32 { CR0_PE } else { 0 };
+        let cr0 = (CR0_ET_NE | protected | (cr0_fixed0 & !(CR0_PE | CR0_PG))) & cr0_fixed1;
+        let cr4 = (cr4_fixed0 | CR4_VMXE) & cr4_fixed1;
+        let segments = match mode {
+            GuestMode::Flat32 => SegmentSetup { code: (0x08, 0xFFFF_FFFF, 0xC09B), data: (0x10, 0xFFFF_FFFF, 0xC093) },
+            GuestMode::Real => SegmentSetup { code: (0, 0xFFFF, 0x9B), data: (0, 0xFFFF, 0x93) },
+        };
+        let vmcs = self.vmcs.as_ref().expect("present until drop");
+        for (field, value) in [
+            (guest::CR0, cr0),
+            (guest::CR3, 0),
+            (guest::CR4, cr4),
+            (control::CR0_READ_SHADOW, cr0),
+            (guest::DR7, 0x400),
+            (guest::RFLAGS, 0x2),
+            (guest::RIP, rip),
+            (guest::RSP, rip.saturating_sub(0x10)),
+            (guest::IA32_EFER_FULL, 0),
+            (guest::IA32_DEBUGCTL_FULL, 0),
+            (guest::LINK_PTR_FULL, u64::MAX),
+            (guest::INTERRUPTIBILITY_STATE, 0),
+            (guest::ACTIVITY_STATE, 0),
+            (guest::PENDING_DBG_EXCEPTIONS, 0),
+            (guest::IA32_SYSENTER_CS, 0),
+            (guest::IA32_SYSENTER_ESP, 0),
+            (guest::IA32_SYSENTER_EIP, 0),
+            (guest::GDTR_BASE, 0),
+            (guest::GDTR_LIMIT, 0xFFFF),
+            (guest::IDTR_BASE, 0),
+            (guest::IDTR_LIMIT, 0),
+            // 32-bit busy TSS and an unusable LDT: the minimum VM entry accepts.
+            (guest::TR_SELECTOR, 0),
+            (guest::TR_BASE, 0),
+            (guest::TR_LIMIT, 0xFF),
+            (guest::TR_ACCESS_RIGHTS, 0x8B),
+            (guest::LDTR_SELECTOR, 0),
+            (guest::LDTR_BASE, 0),
+            (guest::LDTR_LIMIT, 0),
+            (guest::LDTR_ACCESS_RIGHTS, 0x1_0000),
+        ] {
+            vmcs.write(field, value)?;
+        }
+        let (selector, limit, access) = segments.code;
+        write_segment(vmcs, SegmentFields::CS, selector, limit, access)?;
+        let (selector, limit, access) = segments.data;
+        for fields in [SegmentFields::SS, SegmentFields::DS, SegmentFields::ES, SegmentFields::FS, SegmentFields::GS] {
+            write_segment(vmcs, fields, selector, limit, access)?;
+        }
+        self.launched = false;
+        Ok(())
+    }
+}
+
+impl Drop for Vm<'_> {
+    /// Gives back the VMCS and every frame the VM's memory used.
+    fn drop(&mut self) {
+        if let Some(vmcs) = self.vmcs.take() {
+            vmcs.release(&mut KernelFrames);
+        }
+        if let Some(pgm) = self.pgm.take() {
+            pgm.terminate();
+        }
+    }
+}
+
+/// Selector, limit and access rights of the code segment and of the data segments.
+struct SegmentSetup {
+    code: (u64, u64, u64),
+    data: (u64, u64, u64),
+}
+
+/// The four VMCS fields of one guest segment register.
+struct SegmentFields {
+    selector: u32,
+    base: u32,
+    limit: u32,
+    access: u32,
+}
+
+impl SegmentFields {
+    const CS: Self = Self::of(guest::CS_SELECTOR, guest::CS_BASE, guest::CS_LIMIT, guest::CS_ACCESS_RIGHTS);
+    const SS: Self = Self::of(guest::SS_SELECTOR, guest::SS_BASE, guest::SS_LIMIT, guest::SS_ACCESS_RIGHTS);
+    const DS: Self = Self::of(guest::DS_SELECTOR, guest::DS_BASE, guest::DS_LIMIT, guest::DS_ACCESS_RIGHTS);
+    const ES: Self = Self::of(guest::ES_SELECTOR, guest::ES_BASE, guest::ES_LIMIT, guest::ES_ACCESS_RIGHTS);
+    const FS: Self = Self::of(guest::FS_SELECTOR, guest::FS_BASE, guest::FS_LIMIT, guest::FS_ACCESS_RIGHTS);
+    const GS: Self = Self::of(guest::GS_SELECTOR, guest::GS_BASE, guest::GS_LIMIT, guest::GS_ACCESS_RIGHTS);
+
+    const fn of(selector: u32, base: u32, limit: u32, access: u32) -> Self {
+        SegmentFields { selector, base, limit, access }
+    }
+}
+
+/// Writes one guest segment register with base 0 (real mode: selector 0 means base 0 too).
+fn write_segment(vmcs: &Vmcs, fields: SegmentFields, selector: u64, limit: u64, access: u64) -> Result<(), VmxError> {
+    vmcs.write(fields.selector, selector)?;
+    vmcs.write(fields.base, 0)?;
+    vmcs.write(fields.limit, limit)?;
+    vmcs.write(fields.access, access)
+}
