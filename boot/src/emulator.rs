@@ -73,11 +73,7 @@ impl Emulator {
         let stdout_log = dir.join("emulator-output.log");
         let stdout = fs::File::create(&stdout_log).map_err(|e| format!("{e}"))?;
         let stderr = stdout.try_clone().map_err(|e| format!("{e}"))?;
-        eprintln!(
-            "xtask: booting {} in {}",
-            options.image.display(),
-            self.name()
-        );
+        eprintln!("xtask: booting {} in {}", options.image.display(), self.name());
         let child = command
             .stdin(Stdio::null())
             .stdout(stdout)
@@ -144,12 +140,7 @@ fn padded_copy(image: &Path, disk: &Path) -> Result<u64, String> {
 }
 
 /// Returns the QEMU command for a BIOS or UEFI boot, with the debug-exit device the kernel uses.
-fn qemu_command(
-    dir: &Path,
-    options: &RunOptions,
-    uefi: bool,
-    kvm: bool,
-) -> Result<Command, String> {
+fn qemu_command(dir: &Path, options: &RunOptions, uefi: bool, kvm: bool) -> Result<Command, String> {
     let mut command = Command::new("qemu-system-x86_64");
     command
         .arg("-drive")
@@ -167,8 +158,7 @@ fn qemu_command(
         ]);
     if uefi {
         let vars = dir.join("OVMF_VARS.fd");
-        fs::copy(OVMF_VARS, &vars)
-            .map_err(|e| format!("copy {OVMF_VARS}: {e} (run `make setup`)"))?;
+        fs::copy(OVMF_VARS, &vars).map_err(|e| format!("copy {OVMF_VARS}: {e} (run `make setup`)"))?;
         command
             .args(["-machine", "q35", "-drive"])
             .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))

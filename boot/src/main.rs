@@ -137,10 +137,7 @@ fn run(args: &Args, variant: Variant) -> Result<KernelRun, String> {
     };
     let outcome = emulator.run(&options)?;
     let kernel_run = KernelRun::parse(&outcome.serial);
-    eprintln!(
-        "xtask: serial output saved in {}",
-        options.serial_log.display()
-    );
+    eprintln!("xtask: serial output saved in {}", options.serial_log.display());
     if outcome.timed_out {
         return Err(format!(
             "{} did not finish within {} s (hung kernel?); serial log: {}",
@@ -151,9 +148,7 @@ fn run(args: &Args, variant: Variant) -> Result<KernelRun, String> {
     }
     match &kernel_run.exit {
         Some(report::KernelExit::Success) => Ok(kernel_run),
-        Some(report::KernelExit::Failure(reason)) => {
-            Err(format!("kernel reported failure: {reason}"))
-        }
+        Some(report::KernelExit::Failure(reason)) => Err(format!("kernel reported failure: {reason}")),
         None => Err(format!(
             "{} ended without the kernel's exit line (status {:?}); serial log: {}",
             emulator.name(),
@@ -172,8 +167,7 @@ fn test(args: &Args) -> Result<(), String> {
         Ok(run) => (run.passed, run.failed, None),
         Err(message) => {
             let partial = KernelRun::parse(
-                &std::fs::read_to_string(target_dir().join("serial-test-bochs.log"))
-                    .unwrap_or_default(),
+                &std::fs::read_to_string(target_dir().join("serial-test-bochs.log")).unwrap_or_default(),
             );
             // A run that never reached its closing line counts as one failure at least.
             (partial.passed, partial.failed.max(1), Some(message.clone()))

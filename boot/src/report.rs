@@ -29,10 +29,7 @@ impl KernelRun {
     pub fn parse(serial: &str) -> KernelRun {
         let mut run = KernelRun::default();
         for line in serial.lines().map(|l| l.trim_end_matches('\r')) {
-            if let Some(result) = line
-                .strip_prefix("test ")
-                .and_then(|l| l.split_once(" ... "))
-            {
+            if let Some(result) = line.strip_prefix("test ").and_then(|l| l.split_once(" ... ")) {
                 if result.1.starts_with("ok") {
                     run.passed += 1;
                 } else if result.1.starts_with("FAILED") {
@@ -96,10 +93,7 @@ mod tests {
         let run = KernelRun::parse(serial);
         assert_eq!(run.passed, 2);
         assert_eq!(run.failed, 1);
-        assert_eq!(
-            run.exit,
-            Some(KernelExit::Failure("1 test(s) failed".into()))
-        );
+        assert_eq!(run.exit, Some(KernelExit::Failure("1 test(s) failed".into())));
     }
 
     #[test]

@@ -2,10 +2,11 @@
 
 use crate::arch::guests::programs;
 use crate::arch::memory::frame_counts;
-use crate::arch::power::{ExitCode, exit};
+use crate::arch::power::{exit, ExitCode};
+use crate::arch::ticks;
 use crate::arch::vmx::GuestRegisters;
 use crate::vm::{Vm, VmStop};
-use crate::{Host, println};
+use crate::{println, Host};
 
 /// Guest RAM: 640 KiB low memory and 15 MiB from 1 MiB up, as a PC has.
 const RAM: [(u64, u64); 2] = [(0, 0xA_0000), (0x10_0000, 0xF0_0000)];
@@ -34,10 +35,19 @@ fn demo(host: &'static Host) -> Result<(), alloc::string::String> {
     let before = frame_counts();
     let mut vm = Vm::new(vmx, host.phys, &RAM).map_err(|e| format!("{e}"))?;
     print_stats("after creating the VM", &vm);
-    let regs = GuestRegisters { rsi: FIRST_PAGE, rcx: PAGES_WRITTEN, rdx: STRIDE, rdi: 1, ..Default::default() };
-    vm.start(&programs::write_pages(), CODE, regs).map_err(|e| format!("{e}"))?;
+    let regs = GuestRegisters {
+        rsi: FIRST_PAGE,
+        rcx: PAGES_WRITTEN,
+        rdx: STRIDE,
+        rdi: 1,
+        ..Default::default()
+    };
+    vm.start(&programs::write_pages(), CODE, regs)
+        .map_err(|e| format!("{e}"))?;
+    let start = ticks();
     let stop = vm.run();
-    println!("demo: guest wrote {PAGES_WRITTEN} pages and stopped: {stop:?}");
+    let elapsed = ticks() - start;
+    println!("demo: guest wrote {PAGES_WRITTEN} pages and stopped: {stop:?} after {elapsed} ticks");
     print_stats("after the guest ran", &vm);
     println!(
         "demo: exits {} (EPT violations {}, hypercalls {}, INVEPTs {})",
@@ -48,7 +58,11 @@ fn demo(host: &'static Host) -> Result<(), alloc::string::String> {
     }
     drop(vm);
     let after = frame_counts();
-    println!("demo: VM destroyed; host frames used {} (before the VM: {})", after.used(), before.used());
+    println!(
+        "demo: VM destroyed; host frames used {} (before the VM: {})",
+        after.used(),
+        before.used()
+    );
     Ok(())
 }
 
@@ -58,6 +72,11 @@ fn print_stats(when: &str, vm: &Vm) {
     println!(
         "page statistics {when}: RAM {} pages, zero {}, allocated {}, EPT table frames {}; \
          host frames used {} of {}",
-        stats.ram_pages, stats.zero_pages, stats.allocated_pages, stats.table_frames, frames.used(), frames.total
+        stats.ram_pages,
+        stats.zero_pages,
+        stats.allocated_pages,
+        stats.table_frames,
+        frames.used(),
+        frames.total
     );
 }

@@ -14,11 +14,11 @@ mod demo;
 mod tests;
 mod vm;
 
-use bootloader_api::{BootInfo, BootloaderConfig, config::Mapping, entry_point};
+use bootloader_api::{config::Mapping, entry_point, BootInfo, BootloaderConfig};
 use spin::Once;
 
 use arch::memory::{self, KernelFrames, PhysMap};
-use arch::power::{ExitCode, exit};
+use arch::power::{exit, ExitCode};
 use arch::vmx::{self, VmxCaps, VmxError, VmxOn};
 
 /// Asks the bootloader to map all physical memory, so host frames (EPT tables, guest RAM) can be

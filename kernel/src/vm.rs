@@ -15,7 +15,7 @@ use x86::vmx::vmcs::{control, guest, host, ro};
 
 use crate::arch::guests::{GuestMode, GuestProgram};
 use crate::arch::memory::{KernelFrames, PhysMap};
-use crate::arch::vmx::{self, GuestRegisters, InveptType, VmxError, VmxOn, host::HostState, vmcs::Vmcs};
+use crate::arch::vmx::{self, host::HostState, vmcs::Vmcs, GuestRegisters, InveptType, VmxError, VmxOn};
 
 /// Hypercall numbers (guest RAX at VMCALL).
 pub mod hypercall {
@@ -44,6 +44,8 @@ const ENTRY_FAILURE: u64 = 1 << 31;
 const EXIT_BUDGET: u64 = 1_000_000;
 /// Consecutive EPT violations at the same page before the VM is stopped as a fault loop.
 const FAULT_LOOP_LIMIT: u32 = 4;
+/// EPT violations kept in [`Vm::violations`] (the first ones; later ones are only counted).
+const VIOLATION_LOG_LIMIT: usize = 4096;
 /// VPID of the (single) vCPU; 0 is reserved for the host.
 const GUEST_VPID: u64 = 1;
 /// Guest CR0 bits: ET (bit 4) and NE (bit 5); PE is added for protected mode.
@@ -199,6 +201,8 @@ pub struct Vm<'a> {
     pub reports: Vec<u64>,
     /// Exit counts since creation.
     pub exits: ExitCounts,
+    /// The first EPT violations as (guest-physical address, exit qualification), oldest first.
+    pub violations: Vec<(GuestPhysAddr, u64)>,
     last_fault: Option<(u64, u32)>,
 }
 
@@ -224,6 +228,7 @@ impl<'a> Vm<'a> {
             regs: GuestRegisters::default(),
             reports: Vec::new(),
             exits: ExitCounts::default(),
+            violations: Vec::new(),
             last_fault: None,
         };
         // From here on Drop gives every frame back on error.
@@ -302,8 +307,12 @@ impl<'a> Vm<'a> {
         match reason {
             exit_reason::EPT_VIOLATION => self.handle_ept_violation(),
             exit_reason::VMCALL => self.handle_hypercall(),
-            exit_reason::HLT => Some(VmStop::Halted { rip: vmcs.read(guest::RIP) }),
-            exit_reason::TRIPLE_FAULT => Some(VmStop::Stopped(self.diagnostic(StopCause::TripleFault, reason))),
+            exit_reason::HLT => Some(VmStop::Halted {
+                rip: vmcs.read(guest::RIP),
+            }),
+            exit_reason::TRIPLE_FAULT => {
+                Some(VmStop::Stopped(self.diagnostic(StopCause::TripleFault, reason)))
+            }
             _ => Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit, reason))),
         }
     }
@@ -314,6 +323,9 @@ impl<'a> Vm<'a> {
         let vmcs = self.vmcs.as_ref().expect("present until drop");
         let qualification = vmcs.read(ro::EXIT_QUALIFICATION);
         let gpa = GuestPhysAddr::new_truncate(vmcs.read(ro::GUEST_PHYSICAL_ADDR_FULL));
+        if self.violations.len() < VIOLATION_LOG_LIMIT {
+            self.violations.push((gpa, qualification));
+        }
         let access = if qualification & 0b010 != 0 {
             Access::Write
         } else if qualification & 0b100 != 0 {
@@ -365,7 +377,9 @@ impl<'a> Vm<'a> {
         let vmcs = self.vmcs.as_ref().expect("present until drop");
         let next_rip = vmcs.read(guest::RIP) + vmcs.read(ro::VMEXIT_INSTRUCTION_LEN);
         if vmcs.write(guest::RIP, next_rip).is_err() {
-            return Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit, exit_reason::VMCALL)));
+            return Some(VmStop::Stopped(
+                self.diagnostic(StopCause::UnhandledExit, exit_reason::VMCALL),
+            ));
         }
         match self.regs.rax {
             hypercall::DONE => return Some(VmStop::Done(self.regs.rbx)),
@@ -378,8 +392,11 @@ impl<'a> Vm<'a> {
     /// Collects what the VMCS says about the current exit.
     fn diagnostic(&self, cause: StopCause, exit_reason: u32) -> Diagnostic {
         let vmcs = self.vmcs.as_ref().expect("present until drop");
-        let gpa = matches!(exit_reason, exit_reason::EPT_VIOLATION | exit_reason::EPT_MISCONFIGURATION)
-            .then(|| GuestPhysAddr::new_truncate(vmcs.read(ro::GUEST_PHYSICAL_ADDR_FULL)));
+        let gpa = matches!(
+            exit_reason,
+            exit_reason::EPT_VIOLATION | exit_reason::EPT_MISCONFIGURATION
+        )
+        .then(|| GuestPhysAddr::new_truncate(vmcs.read(ro::GUEST_PHYSICAL_ADDR_FULL)));
         Diagnostic {
             cause,
             exit_reason,
@@ -394,25 +411,33 @@ impl<'a> Vm<'a> {
     fn write_controls(&mut self) -> Result<(), VmError> {
         let caps = self.vmx.caps();
         let adjust = |which, caps: &vmx::caps::ControlCaps, wanted: u32| {
-            caps.adjust(wanted).map(u64::from).map_err(|missing| VmError::Control { which, missing })
+            caps.adjust(wanted)
+                .map(u64::from)
+                .map_err(|missing| VmError::Control { which, missing })
         };
         let pin = adjust("pin-based", &caps.pin, 0)?;
         let primary = adjust(
             "primary processor-based",
             &caps.primary,
-            (PrimaryControls::HLT_EXITING | PrimaryControls::UNCOND_IO_EXITING | PrimaryControls::SECONDARY_CONTROLS)
+            (PrimaryControls::HLT_EXITING
+                | PrimaryControls::UNCOND_IO_EXITING
+                | PrimaryControls::SECONDARY_CONTROLS)
                 .bits(),
         )?;
         let secondary = adjust(
             "secondary processor-based",
             &caps.secondary,
-            (SecondaryControls::ENABLE_EPT | SecondaryControls::ENABLE_VPID | SecondaryControls::UNRESTRICTED_GUEST)
+            (SecondaryControls::ENABLE_EPT
+                | SecondaryControls::ENABLE_VPID
+                | SecondaryControls::UNRESTRICTED_GUEST)
                 .bits(),
         )?;
         let exit = adjust(
             "VM-exit",
             &caps.exit,
-            (ExitControls::HOST_ADDRESS_SPACE_SIZE | ExitControls::SAVE_IA32_EFER | ExitControls::LOAD_IA32_EFER)
+            (ExitControls::HOST_ADDRESS_SPACE_SIZE
+                | ExitControls::SAVE_IA32_EFER
+                | ExitControls::LOAD_IA32_EFER)
                 .bits(),
         )?;
         let entry = adjust("VM-entry", &caps.entry, EntryControls::LOAD_IA32_EFER.bits())?;
@@ -479,8 +504,14 @@ impl<'a> Vm<'a> {
         let cr0 = (CR0_ET_NE | protected | (cr0_fixed0 & !(CR0_PE | CR0_PG))) & cr0_fixed1;
         let cr4 = (cr4_fixed0 | CR4_VMXE) & cr4_fixed1;
         let segments = match mode {
-            GuestMode::Flat32 => SegmentSetup { code: (0x08, 0xFFFF_FFFF, 0xC09B), data: (0x10, 0xFFFF_FFFF, 0xC093) },
-            GuestMode::Real => SegmentSetup { code: (0, 0xFFFF, 0x9B), data: (0, 0xFFFF, 0x93) },
+            GuestMode::Flat32 => SegmentSetup {
+                code: (0x08, 0xFFFF_FFFF, 0xC09B),
+                data: (0x10, 0xFFFF_FFFF, 0xC093),
+            },
+            GuestMode::Real => SegmentSetup {
+                code: (0, 0xFFFF, 0x9B),
+                data: (0, 0xFFFF, 0x93),
+            },
         };
         let vmcs = self.vmcs.as_ref().expect("present until drop");
         for (field, value) in [
@@ -520,7 +551,13 @@ impl<'a> Vm<'a> {
         let (selector, limit, access) = segments.code;
         write_segment(vmcs, SegmentFields::CS, selector, limit, access)?;
         let (selector, limit, access) = segments.data;
-        for fields in [SegmentFields::SS, SegmentFields::DS, SegmentFields::ES, SegmentFields::FS, SegmentFields::GS] {
+        for fields in [
+            SegmentFields::SS,
+            SegmentFields::DS,
+            SegmentFields::ES,
+            SegmentFields::FS,
+            SegmentFields::GS,
+        ] {
             write_segment(vmcs, fields, selector, limit, access)?;
         }
         self.launched = false;
@@ -555,20 +592,61 @@ struct SegmentFields {
 }
 
 impl SegmentFields {
-    const CS: Self = Self::of(guest::CS_SELECTOR, guest::CS_BASE, guest::CS_LIMIT, guest::CS_ACCESS_RIGHTS);
-    const SS: Self = Self::of(guest::SS_SELECTOR, guest::SS_BASE, guest::SS_LIMIT, guest::SS_ACCESS_RIGHTS);
-    const DS: Self = Self::of(guest::DS_SELECTOR, guest::DS_BASE, guest::DS_LIMIT, guest::DS_ACCESS_RIGHTS);
-    const ES: Self = Self::of(guest::ES_SELECTOR, guest::ES_BASE, guest::ES_LIMIT, guest::ES_ACCESS_RIGHTS);
-    const FS: Self = Self::of(guest::FS_SELECTOR, guest::FS_BASE, guest::FS_LIMIT, guest::FS_ACCESS_RIGHTS);
-    const GS: Self = Self::of(guest::GS_SELECTOR, guest::GS_BASE, guest::GS_LIMIT, guest::GS_ACCESS_RIGHTS);
+    const CS: Self = Self::of(
+        guest::CS_SELECTOR,
+        guest::CS_BASE,
+        guest::CS_LIMIT,
+        guest::CS_ACCESS_RIGHTS,
+    );
+    const SS: Self = Self::of(
+        guest::SS_SELECTOR,
+        guest::SS_BASE,
+        guest::SS_LIMIT,
+        guest::SS_ACCESS_RIGHTS,
+    );
+    const DS: Self = Self::of(
+        guest::DS_SELECTOR,
+        guest::DS_BASE,
+        guest::DS_LIMIT,
+        guest::DS_ACCESS_RIGHTS,
+    );
+    const ES: Self = Self::of(
+        guest::ES_SELECTOR,
+        guest::ES_BASE,
+        guest::ES_LIMIT,
+        guest::ES_ACCESS_RIGHTS,
+    );
+    const FS: Self = Self::of(
+        guest::FS_SELECTOR,
+        guest::FS_BASE,
+        guest::FS_LIMIT,
+        guest::FS_ACCESS_RIGHTS,
+    );
+    const GS: Self = Self::of(
+        guest::GS_SELECTOR,
+        guest::GS_BASE,
+        guest::GS_LIMIT,
+        guest::GS_ACCESS_RIGHTS,
+    );
 
     const fn of(selector: u32, base: u32, limit: u32, access: u32) -> Self {
-        SegmentFields { selector, base, limit, access }
+        SegmentFields {
+            selector,
+            base,
+            limit,
+            access,
+        }
     }
 }
 
 /// Writes one guest segment register with base 0 (real mode: selector 0 means base 0 too).
-fn write_segment(vmcs: &Vmcs, fields: SegmentFields, selector: u64, limit: u64, access: u64) -> Result<(), VmxError> {
+fn write_segment(
+    vmcs: &Vmcs,
+    fields: SegmentFields,
+    selector: u64,
+    limit: u64,
+    access: u64,
+) -> Result<(), VmxError> {
     vmcs.write(fields.selector, selector)?;
     vmcs.write(fields.base, 0)?;
     vmcs.write(fields.limit, limit)?;

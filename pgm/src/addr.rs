@@ -40,7 +40,7 @@ macro_rules! phys_addr_type {
 
             /// True when the address is a multiple of [`PAGE_SIZE`].
             pub const fn is_page_aligned(self) -> bool {
-                self.0 % PAGE_SIZE == 0
+                self.0.is_multiple_of(PAGE_SIZE)
             }
 
             /// The address rounded down to its page.
@@ -106,10 +106,7 @@ mod tests {
         assert!(GuestPhysAddr::new(1 << 48).is_none());
         assert!(HostPhysAddr::new(1 << 51).is_some());
         assert!(HostPhysAddr::new(1 << 52).is_none());
-        assert_eq!(
-            GuestPhysAddr::new((1 << 48) - 1).unwrap().checked_add(1),
-            None
-        );
+        assert_eq!(GuestPhysAddr::new((1 << 48) - 1).unwrap().checked_add(1), None);
     }
 
     #[test]

@@ -71,11 +71,7 @@ const EPTP_ACCESSED_DIRTY: u64 = 1 << 6;
 /// The VMCS EPT-pointer value for tables rooted at `root`: write-back paging structures,
 /// 4-level walk, accessed/dirty flags on when `accessed_dirty` (the CPU must support them).
 pub fn ept_pointer(root: HostPhysAddr, accessed_dirty: bool) -> u64 {
-    let ad = if accessed_dirty {
-        EPTP_ACCESSED_DIRTY
-    } else {
-        0
-    };
+    let ad = if accessed_dirty { EPTP_ACCESSED_DIRTY } else { 0 };
     root.as_u64() | WRITE_BACK | EPTP_WALK_LENGTH_4 | ad
 }
 
@@ -95,10 +91,7 @@ mod tests {
             memory_type: MemoryType::WriteBack,
         };
         // R=1, X=4, WB=6<<3, ignore-PAT=1<<6.
-        assert_eq!(
-            Ept::encode_leaf(&leaf),
-            0x1234_5000 | 0b101 | (6 << 3) | (1 << 6)
-        );
+        assert_eq!(Ept::encode_leaf(&leaf), 0x1234_5000 | 0b101 | (6 << 3) | (1 << 6));
         assert_eq!(Ept::decode(Ept::encode_leaf(&leaf), 0), Entry::Leaf(leaf));
         let mmio = Leaf {
             memory_type: MemoryType::Uncacheable,
@@ -124,9 +117,6 @@ mod tests {
     #[test]
     fn ept_pointer_fields() {
         assert_eq!(ept_pointer(hpa(0x5000), false), 0x5000 | 6 | (3 << 3));
-        assert_eq!(
-            ept_pointer(hpa(0x5000), true),
-            0x5000 | 6 | (3 << 3) | (1 << 6)
-        );
+        assert_eq!(ept_pointer(hpa(0x5000), true), 0x5000 | 6 | (3 << 3) | (1 << 6));
     }
 }

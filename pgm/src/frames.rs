@@ -159,9 +159,7 @@ impl BitmapFrameAllocator {
 
     /// Frees `frame`; refuses addresses it does not manage and frames already free.
     pub fn free(&mut self, frame: HostPhysAddr) -> Result<(), FrameError> {
-        let bit = self
-            .bit_of_frame(frame)
-            .ok_or(FrameError::NotManaged(frame))?;
+        let bit = self.bit_of_frame(frame).ok_or(FrameError::NotManaged(frame))?;
         let (word, mask) = ((bit / 64) as usize, 1u64 << (bit % 64));
         if self.bitmap[word] & mask == 0 {
             return Err(FrameError::AlreadyFree(frame));
@@ -227,9 +225,7 @@ mod tests {
             (hpa(0x100000), hpa(0x102000)),
         ]);
         assert_eq!(frames.counts().total, 5);
-        let mut got: Vec<u64> = (0..5)
-            .map(|_| frames.allocate().unwrap().as_u64())
-            .collect();
+        let mut got: Vec<u64> = (0..5).map(|_| frames.allocate().unwrap().as_u64()).collect();
         got.sort();
         assert_eq!(got, [0x2000, 0x3000, 0x4000, 0x100000, 0x101000]);
         assert_eq!(frames.allocate(), None);

@@ -11,9 +11,7 @@ use crate::ept::{ept_pointer, Ept};
 use crate::error::PgmError;
 use crate::frames::{HostFrameAllocator, HostMemory};
 use crate::page::{transition, FrameEffect, PageDescriptor, PageEvent, PageState, PageType};
-use crate::paging::{
-    self, Access, Invalidation, Leaf, MemoryType, NestedTables, Permissions, Violation,
-};
+use crate::paging::{self, Access, Invalidation, Leaf, MemoryType, NestedTables, Permissions, Violation};
 use crate::ram::{PageLocation, RamRange, RamRanges};
 
 /// What a fault resolution decided. The caller resumes the guest only for `Resolved`.
@@ -99,19 +97,16 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         if size == 0 {
             return Err(PgmError::ZeroSize);
         }
-        if !base.is_page_aligned() || size % PAGE_SIZE != 0 {
+        if !base.is_page_aligned() || !size.is_multiple_of(PAGE_SIZE) {
             return Err(PgmError::Misaligned);
         }
-        base.checked_add(size - 1)
-            .ok_or(PgmError::BeyondAddressWidth)?;
+        base.checked_add(size - 1).ok_or(PgmError::BeyondAddressWidth)?;
         self.ranges.check_free(base, size)?;
         let pages = size / PAGE_SIZE;
         let zero = PageDescriptor::zero(PageType::Ram);
         let zero_leaf = leaf_for(zero, self.zero_frame);
         self.tables
-            .map_range(&mut self.frames, &mut self.memory, base, pages, |_| {
-                zero_leaf
-            })?;
+            .map_range(&mut self.frames, &mut self.memory, base, pages, |_| zero_leaf)?;
         let mut descriptors = Vec::new();
         descriptors.resize(pages as usize, zero);
         self.ranges.insert(RamRange::new(base, descriptors, name));
@@ -165,11 +160,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// frame first. All or nothing: on [`PgmError::NotGuestMemory`] or
     /// [`PgmError::OutOfFrames`] guest memory and the frame counts are as before. Returns the
     /// invalidation needed because pages the guest may have cached changed their mapping.
-    pub fn write_phys(
-        &mut self,
-        gpa: GuestPhysAddr,
-        data: &[u8],
-    ) -> Result<Invalidation, PgmError> {
+    pub fn write_phys(&mut self, gpa: GuestPhysAddr, data: &[u8]) -> Result<Invalidation, PgmError> {
         let chunks = self.chunks(gpa, data.len())?;
         let mut newly_allocated = Vec::new();
         for &(location, _, _) in &chunks {
@@ -236,9 +227,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 
     /// The descriptor of the page holding `gpa`, if it is guest RAM.
     pub fn page(&self, gpa: GuestPhysAddr) -> Option<PageDescriptor> {
-        self.ranges
-            .find(gpa)
-            .map(|location| self.ranges.page(location))
+        self.ranges.find(gpa).map(|location| self.ranges.page(location))
     }
 
     /// The registered RAM ranges.
@@ -349,17 +338,11 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 
     /// Splits `[gpa, gpa + len)` into per-page pieces `(page, offset in page, length)`, or names
     /// the first address that is not guest RAM.
-    fn chunks(
-        &self,
-        gpa: GuestPhysAddr,
-        len: usize,
-    ) -> Result<Vec<(PageLocation, u64, usize)>, PgmError> {
+    fn chunks(&self, gpa: GuestPhysAddr, len: usize) -> Result<Vec<(PageLocation, u64, usize)>, PgmError> {
         let mut chunks = Vec::new();
         let mut done = 0usize;
         while done < len {
-            let at = gpa
-                .checked_add(done as u64)
-                .ok_or(PgmError::BeyondAddressWidth)?;
+            let at = gpa.checked_add(done as u64).ok_or(PgmError::BeyondAddressWidth)?;
             let location = self.ranges.find(at).ok_or(PgmError::NotGuestMemory(at))?;
             let offset = at.page_offset();
             let piece = ((PAGE_SIZE - offset) as usize).min(len - done);

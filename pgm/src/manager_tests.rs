@@ -71,9 +71,7 @@ fn guest_write(pgm: &mut SimPgm, at: GuestPhysAddr, data: &[u8]) -> GuestAccess 
 
 /// Reads what the guest would read at `at` (no fault expected).
 fn guest_read(pgm: &SimPgm, at: GuestPhysAddr, len: usize) -> Vec<u8> {
-    let hpa = pgm
-        .translate(at, Access::Read)
-        .expect("RAM is always readable");
+    let hpa = pgm.translate(at, Access::Read).expect("RAM is always readable");
     let mut buf = vec![0; len];
     pgm.memory().read(hpa, &mut buf);
     buf
@@ -101,11 +99,7 @@ fn registration_rejects_bad_ranges_and_changes_nothing() {
             2 * PAGE_SIZE,
             PgmError::Overlap { existing: gpa(0) },
         ),
-        (
-            gpa(0x80_0000),
-            MIB,
-            PgmError::Overlap { existing: gpa(MIB) },
-        ),
+        (gpa(0x80_0000), MIB, PgmError::Overlap { existing: gpa(MIB) }),
     ];
     for (base, size, expected) in cases {
         assert_eq!(
@@ -141,10 +135,7 @@ fn registered_ram_reads_as_zeros_from_the_zero_frame_without_allocating() {
 fn zero_page_is_mapped_read_execute_and_the_first_write_faults_with_that_permission() {
     let pgm = pc_like();
     let violation = pgm.translate(gpa(0x5000), Access::Write).unwrap_err();
-    assert_eq!(
-        violation.permitted,
-        Permissions::READ | Permissions::EXECUTE
-    );
+    assert_eq!(violation.permitted, Permissions::READ | Permissions::EXECUTE);
     assert!(pgm.translate(gpa(0x5000), Access::Execute).is_ok());
     match pgm.ept_entry(gpa(0x5000)) {
         Entry::Leaf(leaf) => assert_eq!(leaf.memory_type, MemoryType::WriteBack),
@@ -250,8 +241,7 @@ fn registration_that_runs_out_of_table_frames_frees_what_it_took() {
     assert_eq!(pgm.stats().table_frames, 1);
     assert!(pgm.translate(gpa(0x1_0000_0000), Access::Read).is_err());
     pgm.frames_mut().fail_after = None;
-    pgm.register_ram(gpa(0x1_0000_0000), 64 * MIB, "big")
-        .unwrap();
+    pgm.register_ram(gpa(0x1_0000_0000), 64 * MIB, "big").unwrap();
     assert_eq!(pgm.stats().table_frames, 1 + 1 + 1 + 32);
     assert_eq!(
         guest_write(&mut pgm, gpa(0x1_03FF_F000), b"top"),
@@ -263,11 +253,8 @@ fn registration_that_runs_out_of_table_frames_frees_what_it_took() {
 fn host_writes_cross_pages_and_ranges_and_the_guest_sees_them() {
     let mut pgm = pgm_with_frames(4096);
     pgm.register_ram(gpa(0), 2 * PAGE_SIZE, "a").unwrap();
-    pgm.register_ram(gpa(2 * PAGE_SIZE), 2 * PAGE_SIZE, "b")
-        .unwrap();
-    let data: Vec<u8> = (0..3 * PAGE_SIZE as usize)
-        .map(|i| (i % 251) as u8)
-        .collect();
+    pgm.register_ram(gpa(2 * PAGE_SIZE), 2 * PAGE_SIZE, "b").unwrap();
+    let data: Vec<u8> = (0..3 * PAGE_SIZE as usize).map(|i| (i % 251) as u8).collect();
     let invalidation = pgm.write_phys(gpa(0x800), &data).unwrap();
     assert_eq!(
         invalidation,

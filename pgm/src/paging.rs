@@ -137,10 +137,7 @@ fn entry_addr(table: HostPhysAddr, level: usize, gpa: GuestPhysAddr) -> HostPhys
 
 impl<F: EntryFormat> NestedTables<F> {
     /// Allocates an empty root table. Fails with [`PgmError::OutOfFrames`].
-    pub fn new(
-        frames: &mut impl HostFrameAllocator,
-        memory: &mut impl HostMemory,
-    ) -> Result<Self, PgmError> {
+    pub fn new(frames: &mut impl HostFrameAllocator, memory: &mut impl HostMemory) -> Result<Self, PgmError> {
         let root = frames.allocate_frame().ok_or(PgmError::OutOfFrames)?;
         memory.zero_frame(root);
         Ok(NestedTables {
@@ -198,12 +195,7 @@ impl<F: EntryFormat> NestedTables<F> {
 
     /// Replaces the leaf of `gpa`, whose tables must already exist (as for every page of a
     /// registered range). Never allocates. Returns `false`, changing nothing, when they do not.
-    pub fn set_leaf(
-        &mut self,
-        memory: &mut impl HostMemory,
-        gpa: GuestPhysAddr,
-        leaf: Option<Leaf>,
-    ) -> bool {
+    pub fn set_leaf(&mut self, memory: &mut impl HostMemory, gpa: GuestPhysAddr, leaf: Option<Leaf>) -> bool {
         match self.leaf_table(memory, gpa) {
             Some(table) => {
                 memory.write_u64(entry_addr(table, 0, gpa), encode::<F>(leaf));

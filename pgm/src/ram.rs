@@ -184,16 +184,9 @@ mod tests {
         let ranges = ranges();
         assert_eq!(
             ranges.find(gpa(0x9_FFFF)),
-            Some(PageLocation {
-                range: 0,
-                page: 159
-            })
+            Some(PageLocation { range: 0, page: 159 })
         );
-        assert_eq!(
-            ranges.find(gpa(0xA_0000)),
-            None,
-            "hole between 640 KiB and 1 MiB"
-        );
+        assert_eq!(ranges.find(gpa(0xA_0000)), None, "hole between 640 KiB and 1 MiB");
         assert_eq!(
             ranges.find(gpa(0x10_2345)),
             Some(PageLocation { range: 1, page: 2 })
@@ -205,10 +198,7 @@ mod tests {
         assert_eq!(ranges.find(gpa(0x1_0000_4000)), None);
         // The cache must not answer for an address outside the cached range.
         assert_eq!(ranges.find(gpa(0x20_0000)), None);
-        assert_eq!(
-            ranges.find(gpa(0)),
-            Some(PageLocation { range: 0, page: 0 })
-        );
+        assert_eq!(ranges.find(gpa(0)), Some(PageLocation { range: 0, page: 0 }));
     }
 
     #[test]

@@ -2,12 +2,12 @@
 //! the double-fault handler a known-good stack.
 
 use spin::Once;
-use x86_64::VirtAddr;
-use x86_64::instructions::segmentation::{CS, DS, ES, FS, GS, SS, Segment};
+use x86_64::instructions::segmentation::{Segment, CS, DS, ES, FS, GS, SS};
 use x86_64::instructions::tables::load_tss;
 use x86_64::registers::segmentation::SegmentSelector;
 use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable};
 use x86_64::structures::tss::TaskStateSegment;
+use x86_64::VirtAddr;
 
 /// IST slot used by the double-fault handler.
 pub const DOUBLE_FAULT_IST: u16 = 0;

@@ -69,7 +69,11 @@ macro_rules! paste_symbols {
         // SAFETY: START..END delimit bytes the assembler placed in read-only data; they are
         // never written and live as long as the kernel image.
         let code = unsafe { core::slice::from_raw_parts(start, len) };
-        GuestProgram { name: stringify!($name), mode: GuestMode::$mode, code }
+        GuestProgram {
+            name: stringify!($name),
+            mode: GuestMode::$mode,
+            code,
+        }
     }};
 }
 

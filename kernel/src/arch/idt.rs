@@ -5,7 +5,7 @@ use spin::Once;
 use x86_64::structures::idt::{InterruptDescriptorTable, InterruptStackFrame, PageFaultErrorCode};
 
 use super::gdt::DOUBLE_FAULT_IST;
-use super::power::{ExitCode, exit};
+use super::power::{exit, ExitCode};
 
 static IDT: Once<InterruptDescriptorTable> = Once::new();
 

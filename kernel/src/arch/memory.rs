@@ -3,8 +3,8 @@
 
 use bootloader_api::info::{MemoryRegionKind, MemoryRegions};
 use linked_list_allocator::LockedHeap;
-use pgm::HostPhysAddr;
 use pgm::frames::{BitmapFrameAllocator, FrameCounts, HostFrameAllocator, HostMemory};
+use pgm::HostPhysAddr;
 use spin::Mutex;
 
 /// Kernel heap size: descriptors, the frame bitmap and test bookkeeping live here.

@@ -4,11 +4,10 @@
 use core::fmt;
 
 use x86::msr::{
-    IA32_VMX_BASIC, IA32_VMX_CR0_FIXED0, IA32_VMX_CR0_FIXED1, IA32_VMX_CR4_FIXED0,
+    rdmsr, IA32_VMX_BASIC, IA32_VMX_CR0_FIXED0, IA32_VMX_CR0_FIXED1, IA32_VMX_CR4_FIXED0,
     IA32_VMX_CR4_FIXED1, IA32_VMX_ENTRY_CTLS, IA32_VMX_EPT_VPID_CAP, IA32_VMX_EXIT_CTLS,
-    IA32_VMX_PINBASED_CTLS, IA32_VMX_PROCBASED_CTLS, IA32_VMX_PROCBASED_CTLS2,
-    IA32_VMX_TRUE_ENTRY_CTLS, IA32_VMX_TRUE_EXIT_CTLS, IA32_VMX_TRUE_PINBASED_CTLS,
-    IA32_VMX_TRUE_PROCBASED_CTLS, rdmsr,
+    IA32_VMX_PINBASED_CTLS, IA32_VMX_PROCBASED_CTLS, IA32_VMX_PROCBASED_CTLS2, IA32_VMX_TRUE_ENTRY_CTLS,
+    IA32_VMX_TRUE_EXIT_CTLS, IA32_VMX_TRUE_PINBASED_CTLS, IA32_VMX_TRUE_PROCBASED_CTLS,
 };
 use x86::vmx::vmcs::control::{PrimaryControls, SecondaryControls};
 
@@ -42,7 +41,10 @@ impl fmt::Display for Unavailable {
         match self {
             Unavailable::NoVmx => write!(f, "VT-x not available: CPUID reports no VMX on this CPU"),
             Unavailable::DisabledByFirmware => {
-                write!(f, "VT-x not available: disabled and locked by firmware (IA32_FEATURE_CONTROL)")
+                write!(
+                    f,
+                    "VT-x not available: disabled and locked by firmware (IA32_FEATURE_CONTROL)"
+                )
             }
             Unavailable::Missing(what) => write!(f, "VT-x not usable: the CPU lacks {what}"),
         }
@@ -60,7 +62,10 @@ impl ControlCaps {
     fn read(msr: u32) -> ControlCaps {
         // SAFETY: only called for VMX capability MSRs after CPUID reported VMX.
         let value = unsafe { rdmsr(msr) };
-        ControlCaps { allowed0: value as u32, allowed1: (value >> 32) as u32 }
+        ControlCaps {
+            allowed0: value as u32,
+            allowed1: (value >> 32) as u32,
+        }
     }
 
     /// The control value with `wanted` set plus every bit the CPU forces on; `Err` names the

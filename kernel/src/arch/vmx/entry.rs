@@ -124,5 +124,9 @@ pub fn run_guest(regs: &mut GuestRegisters, launched: bool) -> Result<(), ()> {
     // set-up); vmx_enter preserves every callee-saved register and returns normally on both the
     // exit and the failure path. The guest cannot reach host memory: EPT maps only its own frames.
     let failed = unsafe { vmx_enter(regs, launched as u64) };
-    if failed == 0 { Ok(()) } else { Err(()) }
+    if failed == 0 {
+        Ok(())
+    } else {
+        Err(())
+    }
 }

@@ -1,6 +1,8 @@
 //! The host state a VMCS needs (SDM 25.5): read from the running kernel.
 
-use x86::msr::{IA32_EFER, IA32_FS_BASE, IA32_GS_BASE, IA32_SYSENTER_CS, IA32_SYSENTER_EIP, IA32_SYSENTER_ESP, rdmsr};
+use x86::msr::{
+    rdmsr, IA32_EFER, IA32_FS_BASE, IA32_GS_BASE, IA32_SYSENTER_CS, IA32_SYSENTER_EIP, IA32_SYSENTER_ESP,
+};
 use x86_64::instructions::tables::{sgdt, sidt};
 use x86_64::registers::control::{Cr0, Cr3, Cr4};
 

@@ -8,13 +8,13 @@ pub mod vmcs;
 
 use core::fmt;
 
-use pgm::HostPhysAddr;
 use pgm::frames::{HostFrameAllocator, HostMemory};
-use x86::msr::{IA32_FEATURE_CONTROL, rdmsr, wrmsr};
+use pgm::HostPhysAddr;
+use x86::msr::{rdmsr, wrmsr, IA32_FEATURE_CONTROL};
 use x86_64::registers::control::{Cr0, Cr4};
 
 pub use caps::{Unavailable, VmxCaps};
-pub use entry::{GuestRegisters, run_guest};
+pub use entry::{run_guest, GuestRegisters};
 
 /// IA32_FEATURE_CONTROL: lock bit and "VMX outside SMX" enable bit.
 const FEATURE_CONTROL_LOCKED: u64 = 1 << 0;
@@ -43,10 +43,16 @@ impl fmt::Display for VmxError {
         match self {
             VmxError::Unavailable(reason) => write!(f, "{reason}"),
             VmxError::OutOfFrames => write!(f, "no host frame for a VMX structure"),
-            VmxError::Failed { instruction, error: Some(error) } => {
+            VmxError::Failed {
+                instruction,
+                error: Some(error),
+            } => {
                 write!(f, "{instruction} failed with VM-instruction error {error}")
             }
-            VmxError::Failed { instruction, error: None } => {
+            VmxError::Failed {
+                instruction,
+                error: None,
+            } => {
                 write!(f, "{instruction} failed (VMfailInvalid)")
             }
         }
@@ -78,7 +84,10 @@ pub fn enable(
     if control & FEATURE_CONTROL_LOCKED == 0 {
         // SAFETY: the MSR is unlocked, so setting the enable and lock bits is allowed.
         unsafe {
-            wrmsr(IA32_FEATURE_CONTROL, control | FEATURE_CONTROL_VMX_OUTSIDE_SMX | FEATURE_CONTROL_LOCKED)
+            wrmsr(
+                IA32_FEATURE_CONTROL,
+                control | FEATURE_CONTROL_VMX_OUTSIDE_SMX | FEATURE_CONTROL_LOCKED,
+            )
         };
     } else if control & FEATURE_CONTROL_VMX_OUTSIDE_SMX == 0 {
         return Err(VmxError::Unavailable(Unavailable::DisabledByFirmware));
@@ -94,9 +103,14 @@ pub fn enable(
     }
     // SAFETY: `region` is a zeroed, 4 KiB-aligned frame holding the VMCS revision identifier,
     // owned by VMX from now on (never freed: VMX stays on for the kernel's lifetime).
-    unsafe { x86::bits64::vmx::vmxon(region.as_u64()) }
-        .map_err(|_| VmxError::Failed { instruction: "VMXON", error: None })?;
-    Ok(VmxOn { caps, _vmxon_region: region })
+    unsafe { x86::bits64::vmx::vmxon(region.as_u64()) }.map_err(|_| VmxError::Failed {
+        instruction: "VMXON",
+        error: None,
+    })?;
+    Ok(VmxOn {
+        caps,
+        _vmxon_region: region,
+    })
 }
 
 /// INVEPT types (SDM 31.3, INVEPT).
@@ -125,7 +139,10 @@ pub fn invept(_vmx: &VmxOn, kind: InveptType, eptp: u64) -> Result<(), VmxError>
         );
     }
     if failed != 0 {
-        return Err(VmxError::Failed { instruction: "INVEPT", error: None });
+        return Err(VmxError::Failed {
+            instruction: "INVEPT",
+            error: None,
+        });
     }
     Ok(())
 }

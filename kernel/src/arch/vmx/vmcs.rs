@@ -1,7 +1,7 @@
 //! The VMCS region of one vCPU and safe field access to it.
 
-use pgm::HostPhysAddr;
 use pgm::frames::{HostFrameAllocator, HostMemory};
+use pgm::HostPhysAddr;
 use x86::bits64::vmx;
 use x86::vmx::vmcs::ro;
 
@@ -27,7 +27,10 @@ impl Vmcs {
         // SAFETY: VMX is on (`vmx`); `frame` is an aligned frame with the right revision id.
         if unsafe { vmx::vmclear(frame.as_u64()) }.is_err() {
             frames.free_frame(frame);
-            return Err(VmxError::Failed { instruction: "VMCLEAR", error: None });
+            return Err(VmxError::Failed {
+                instruction: "VMCLEAR",
+                error: None,
+            });
         }
         if let Err(error) = vmcs.make_current() {
             frames.free_frame(frame);
@@ -39,8 +42,10 @@ impl Vmcs {
     /// Makes this VMCS the current one (VMPTRLD).
     pub fn make_current(&self) -> Result<(), VmxError> {
         // SAFETY: the frame holds a VMCS initialised by `new` and not yet released.
-        unsafe { vmx::vmptrld(self.frame.as_u64()) }
-            .map_err(|_| VmxError::Failed { instruction: "VMPTRLD", error: None })
+        unsafe { vmx::vmptrld(self.frame.as_u64()) }.map_err(|_| VmxError::Failed {
+            instruction: "VMPTRLD",
+            error: None,
+        })
     }
 
     /// Writes `value` to `field`. Fails for a field the CPU does not support (the error names

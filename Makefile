@@ -1,0 +1,29 @@
+# The two commands a new user needs: `make run` and `make test`. Both install what is missing
+# first (boot/setup.sh). Everything else goes through `cargo xtask` (see README.md).
+SHELL := /bin/bash
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+.PHONY: setup run test check image
+
+setup:
+	@boot/setup.sh
+
+## Boot the hypervisor in Bochs (VT-x + EPT), run the demo guest, print page statistics.
+run: setup
+	cargo xtask run
+
+## Lints, host tests and the in-kernel tests under Bochs; ends with `N passed, N failed`.
+test: setup check
+	cargo xtask test
+
+## Formatting and clippy for the host crates and both kernel variants (each is its own cargo
+## invocation: building host and bare-metal crates together would unify their features).
+check: setup
+	cargo fmt --all --check
+	cargo clippy --all-targets -- -D warnings
+	cd kernel && cargo clippy --all-targets -- -D warnings
+	cd kernel && cargo clippy --all-targets --features kernel-tests -- -D warnings
+
+## BIOS and UEFI disk images of the demo kernel.
+image: setup
+	cargo xtask image

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Installs what `make run` and `make test` need on a fresh Debian machine: the pinned Rust
+# toolchain (from rust-toolchain.toml, installed explicitly: rustup's auto-install may be off)
+# and the emulators. Quiet and quick when everything is present. Without root it prints the
+# apt-get command to run instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(bochs bochsbios vgabios bochs-x xvfb xauth qemu-system-x86 ovmf)
+components=(rust-src llvm-tools-preview rustfmt clippy)
+target=x86_64-unknown-none
+
+missing=()
+for package in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if ((${#missing[@]})); then
+    if [ "$(id -u)" -eq 0 ]; then
+        echo "setup: installing Debian packages: ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+        echo "setup: missing Debian packages; run:"
+        echo "  sudo apt-get install -y --no-install-recommends ${missing[*]}"
+        exit 1
+    fi
+fi
+
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v rustup >/dev/null; then
+    echo "setup: rustup is missing; install it (https://rustup.rs), then run make again"
+    exit 1
+fi
+toolchain=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
+installed_components=$(rustup component list --toolchain "$toolchain" --installed 2>/dev/null || true)
+installed_targets=$(rustup target list --toolchain "$toolchain" --installed 2>/dev/null || true)
+need_toolchain=0
+# rustup lists llvm-tools-preview as llvm-tools-<host>.
+for component in rust-src llvm-tools rustfmt clippy; do
+    grep -q "^${component}" <<<"$installed_components" || need_toolchain=1
+done
+grep -qx "$target" <<<"$installed_targets" || need_toolchain=1
+if ((need_toolchain)); then
+    echo "setup: installing Rust $toolchain with ${components[*]} and $target"
+    rustup toolchain install "$toolchain" --profile minimal \
+        --component "$(IFS=,; echo "${components[*]}")" --target "$target"
+fi

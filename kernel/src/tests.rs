@@ -1,0 +1,434 @@
+//! Kernel-level tests: one boot runs them all on the emulated VT-x CPU. Each prints
+//! `test NAME ... ok (T ticks)` or `test NAME ... FAILED: reason (T ticks)`; the run ends with
+//! `N passed, N failed` and stops the emulator. Every test must give back every host frame it
+//! took: the harness fails a test that leaks.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use pgm::page::PageState;
+use pgm::paging::Permissions;
+use pgm::{Access, GuestPhysAddr, PgmError, PAGE_SIZE};
+use spin::Mutex;
+
+use crate::arch::guests::{programs, GuestProgram};
+use crate::arch::memory::frame_counts;
+use crate::arch::power::{exit, ExitCode};
+use crate::arch::ticks;
+use crate::arch::vmx::{GuestRegisters, VmxCaps};
+use crate::vm::{hypercall, StopCause, Vm, VmError, VmStop};
+use crate::{println, Host};
+
+type TestResult = Result<(), String>;
+type TestFn = fn(&'static Host) -> TestResult;
+
+/// Guest RAM of most tests: 640 KiB low memory and 15 MiB from 1 MiB up.
+const PC_RAM: [(u64, u64); 2] = [(0, 0xA_0000), (0x10_0000, 0xF0_0000)];
+/// Where test programs are loaded and entered (the stack grows down from just below).
+const CODE: u64 = 0x8000;
+/// Exit reasons the tests expect.
+const EXIT_TRIPLE_FAULT: u32 = 2;
+const EXIT_IO: u32 = 30;
+const EXIT_EPT_VIOLATION: u32 = 48;
+/// EPT-violation qualification: bits 0..=2 the access, bits 3..=5 what the entry permitted.
+const QUAL_READ: u64 = 1 << 0;
+const QUAL_WRITE: u64 = 1 << 1;
+
+const TESTS: &[(&str, TestFn)] = &[
+    ("vmx_capabilities_reported", vmx_capabilities_reported),
+    ("guest_returns_through_vmcall", guest_returns_through_vmcall),
+    (
+        "real_mode_guest_runs_and_reports",
+        real_mode_guest_runs_and_reports,
+    ),
+    (
+        "writing_n_pages_allocates_n_frames_and_host_sees_data",
+        writing_n_pages_allocates_n_frames,
+    ),
+    (
+        "untouched_ram_reads_zero_without_allocating",
+        untouched_ram_reads_zero_without_allocating,
+    ),
+    (
+        "cpu_permissions_match_the_software_walker",
+        cpu_permissions_match_the_software_walker,
+    ),
+    (
+        "access_outside_ram_stops_the_vm_with_a_diagnostic",
+        access_outside_ram_stops_the_vm,
+    ),
+    ("hlt_stops_the_vm", hlt_stops_the_vm),
+    (
+        "triple_fault_stops_the_vm_not_the_host",
+        triple_fault_stops_the_vm,
+    ),
+    (
+        "unhandled_exit_stops_the_vm_with_a_diagnostic",
+        unhandled_exit_stops_the_vm,
+    ),
+    (
+        "unknown_hypercall_returns_an_error_to_the_guest",
+        unknown_hypercall_returns_an_error,
+    ),
+    (
+        "bad_ram_layout_is_refused_without_leaking",
+        bad_ram_layout_is_refused_without_leaking,
+    ),
+];
+
+static CURRENT: Mutex<Option<&'static str>> = Mutex::new(None);
+static PASSED: AtomicUsize = AtomicUsize::new(0);
+static FAILED: AtomicUsize = AtomicUsize::new(0);
+
+/// Runs every test, prints the closing line and stops the emulator.
+pub fn run_all(host: &'static Host) -> ! {
+    println!("running {} kernel tests", TESTS.len());
+    for &(name, test) in TESTS {
+        *CURRENT.lock() = Some(name);
+        let frames_before = frame_counts().used();
+        let start = ticks();
+        let mut result = test(host);
+        let elapsed = ticks() - start;
+        let leaked = frame_counts().used() as i64 - frames_before as i64;
+        if result.is_ok() && leaked != 0 {
+            result = Err(format!("host frames in use changed by {leaked} (leak)"));
+        }
+        *CURRENT.lock() = None;
+        match result {
+            Ok(()) => {
+                PASSED.fetch_add(1, Ordering::Relaxed);
+                println!("test {name} ... ok ({elapsed} ticks)");
+            }
+            Err(reason) => {
+                FAILED.fetch_add(1, Ordering::Relaxed);
+                println!("test {name} ... FAILED: {reason} ({elapsed} ticks)");
+            }
+        }
+    }
+    let failed = print_summary();
+    if failed == 0 {
+        exit(ExitCode::Success, "")
+    } else {
+        exit(ExitCode::Failure, &format!("{failed} kernel test(s) failed"))
+    }
+}
+
+/// Reports the running test as failed by `reason` and prints the closing line (the host
+/// cannot go on after a panic or a host exception).
+pub fn report_abort(reason: &str) {
+    let current = CURRENT.try_lock().and_then(|current| *current);
+    if let Some(name) = current {
+        FAILED.fetch_add(1, Ordering::Relaxed);
+        println!("test {name} ... FAILED: {reason}");
+        print_summary();
+    }
+}
+
+fn print_summary() -> usize {
+    let (passed, failed) = (PASSED.load(Ordering::Relaxed), FAILED.load(Ordering::Relaxed));
+    println!("{passed} passed, {failed} failed");
+    failed
+}
+
+/// Fails the test with a formatted message unless `cond` holds.
+macro_rules! ensure {
+    ($cond:expr, $($arg:tt)*) => {
+        if !$cond {
+            return Err(format!($($arg)*));
+        }
+    };
+}
+
+/// Fails the test unless `left == right`, showing both.
+macro_rules! ensure_eq {
+    ($left:expr, $right:expr, $what:literal) => {{
+        let (left, right) = (&$left, &$right);
+        if left != right {
+            return Err(format!(
+                concat!($what, ": got {:x?}, expected {:x?}"),
+                left, right
+            ));
+        }
+    }};
+}
+
+fn new_vm(host: &'static Host, ram: &[(u64, u64)]) -> Result<Vm<'static>, String> {
+    let vmx = host.vmx.as_ref().map_err(|e| format!("{e}"))?;
+    Vm::new(vmx, host.phys, ram).map_err(|e| format!("VM creation: {e}"))
+}
+
+/// Creates a PC-like VM, loads `program` at [`CODE`] with `regs` and runs it to its stop.
+fn run_program(
+    host: &'static Host,
+    program: GuestProgram,
+    regs: GuestRegisters,
+) -> Result<(Vm<'static>, VmStop), String> {
+    let mut vm = new_vm(host, &PC_RAM)?;
+    vm.start(&program, CODE, regs)
+        .map_err(|e| format!("start {}: {e}", program.name))?;
+    let stop = vm.run();
+    Ok((vm, stop))
+}
+
+fn gpa(addr: u64) -> GuestPhysAddr {
+    GuestPhysAddr::new_truncate(addr)
+}
+
+fn vmx_capabilities_reported(host: &'static Host) -> TestResult {
+    let vmx = host.vmx.as_ref().map_err(|e| format!("{e}"))?;
+    let again = VmxCaps::probe().map_err(|e| format!("{e}"))?;
+    ensure!(vmx.caps().revision != 0, "VMCS revision identifier is 0");
+    ensure_eq!(again.revision, vmx.caps().revision, "revision on a second probe");
+    let report = format!("{}", vmx.caps());
+    println!("  {report}");
+    ensure!(
+        report.contains("EPT 4-level WB yes"),
+        "report lacks EPT: {report}"
+    );
+    let cr4 = x86_64::registers::control::Cr4::read_raw();
+    ensure!(cr4 & (1 << 13) != 0, "CR4.VMXE is clear while VMX is on");
+    Ok(())
+}
+
+fn guest_returns_through_vmcall(host: &'static Host) -> TestResult {
+    let (vm, stop) = run_program(host, programs::done(), GuestRegisters::default())?;
+    ensure_eq!(stop, VmStop::Done(0x600D_F00D), "stop");
+    ensure_eq!(vm.exits.hypercalls, 1, "hypercalls");
+    Ok(())
+}
+
+fn real_mode_guest_runs_and_reports(host: &'static Host) -> TestResult {
+    let (vm, stop) = run_program(host, programs::real_mode(), GuestRegisters::default())?;
+    ensure_eq!(stop, VmStop::Done(0x1234), "stop");
+    ensure_eq!(vm.reports, [0x5A5A], "reports");
+    let mut word = [0u8; 2];
+    vm.pgm()
+        .read_phys(gpa(0x600), &mut word)
+        .map_err(|e| format!("{e}"))?;
+    ensure_eq!(
+        u16::from_le_bytes(word),
+        0x1234,
+        "guest word at 0x600 seen by the host"
+    );
+    Ok(())
+}
+
+fn writing_n_pages_allocates_n_frames(host: &'static Host) -> TestResult {
+    const PAGES: u64 = 40;
+    const BASE: u64 = 0x40_0000;
+    const STRIDE: u64 = 2 * PAGE_SIZE;
+    const FIRST_VALUE: u64 = 0xC0DE_0000;
+    let mut vm = new_vm(host, &PC_RAM)?;
+    let regs = GuestRegisters {
+        rsi: BASE,
+        rcx: PAGES,
+        rdx: STRIDE,
+        rdi: FIRST_VALUE,
+        ..Default::default()
+    };
+    vm.start(&programs::write_pages(), CODE, regs)
+        .map_err(|e| format!("{e}"))?;
+    let allocations_before = frame_counts().allocations;
+    let stop = vm.run();
+    ensure_eq!(stop, VmStop::Done(0), "stop");
+    ensure_eq!(
+        frame_counts().allocations - allocations_before,
+        PAGES,
+        "frame allocations"
+    );
+    ensure_eq!(vm.exits.ept_violations, PAGES, "EPT violations");
+    ensure_eq!(
+        vm.stats().allocated_pages,
+        PAGES + 1,
+        "allocated pages (the code page too)"
+    );
+    for i in 0..PAGES {
+        let at = gpa(BASE + i * STRIDE);
+        let mut value = [0u8; 4];
+        vm.pgm().read_phys(at, &mut value).map_err(|e| format!("{e}"))?;
+        ensure_eq!(
+            u64::from(u32::from_le_bytes(value)),
+            FIRST_VALUE + i,
+            "value the host reads"
+        );
+        let page = vm.pgm().page(at).ok_or("page vanished")?;
+        ensure_eq!(page.state(), PageState::Allocated, "page state");
+    }
+    Ok(())
+}
+
+fn untouched_ram_reads_zero_without_allocating(host: &'static Host) -> TestResult {
+    const PAGES: u64 = 100;
+    const BASE: u64 = 0x80_0000;
+    let mut vm = new_vm(host, &PC_RAM)?;
+    let regs = GuestRegisters {
+        rsi: BASE,
+        rcx: PAGES,
+        rdx: PAGE_SIZE,
+        ..Default::default()
+    };
+    vm.start(&programs::read_pages(), CODE, regs)
+        .map_err(|e| format!("{e}"))?;
+    let allocations_before = frame_counts().allocations;
+    let stop = vm.run();
+    ensure_eq!(stop, VmStop::Done(0), "OR of every dword read");
+    ensure_eq!(
+        frame_counts().allocations,
+        allocations_before,
+        "frame allocations"
+    );
+    ensure_eq!(vm.exits.ept_violations, 0, "EPT violations");
+    for i in 0..PAGES {
+        let page = vm.pgm().page(gpa(BASE + i * PAGE_SIZE)).ok_or("page vanished")?;
+        ensure_eq!(page.state(), PageState::Zero, "page state");
+    }
+    Ok(())
+}
+
+/// The CPU reports in the exit qualification what the EPT entry allowed; pgm's software walker
+/// must predict exactly that for every page, before the guest touches it.
+fn cpu_permissions_match_the_software_walker(host: &'static Host) -> TestResult {
+    const PAGES: u64 = 8;
+    const BASE: u64 = 0x20_0000;
+    let mut vm = new_vm(host, &PC_RAM)?;
+    let regs = GuestRegisters {
+        rsi: BASE,
+        rcx: PAGES,
+        rdx: PAGE_SIZE,
+        rdi: 1,
+        ..Default::default()
+    };
+    vm.start(&programs::write_pages(), CODE, regs)
+        .map_err(|e| format!("{e}"))?;
+    let mut predicted = Vec::new();
+    for i in 0..PAGES {
+        match vm.pgm().translate(gpa(BASE + i * PAGE_SIZE), Access::Write) {
+            Ok(hpa) => return Err(format!("walker lets the guest write a ZERO page (to {hpa})")),
+            Err(violation) => predicted.push((violation.gpa, violation.permitted)),
+        }
+    }
+    ensure_eq!(vm.run(), VmStop::Done(0), "stop");
+    let observed: Vec<_> = vm
+        .violations
+        .iter()
+        .map(|&(gpa, qualification)| {
+            (
+                gpa,
+                Permissions::from_bits_truncate(((qualification >> 3) & 0b111) as u8),
+            )
+        })
+        .collect();
+    ensure_eq!(
+        observed,
+        predicted,
+        "(GPA, permitted) per violation, CPU vs walker"
+    );
+    ensure!(
+        vm.violations.iter().all(|&(_, q)| q & QUAL_WRITE != 0),
+        "a violation was not reported as a write"
+    );
+    Ok(())
+}
+
+fn access_outside_ram_stops_the_vm(host: &'static Host) -> TestResult {
+    const OUTSIDE: u64 = 0x4000_0000;
+    let regs = GuestRegisters {
+        rsi: OUTSIDE,
+        ..Default::default()
+    };
+    let (vm, stop) = run_program(host, programs::load(), regs)?;
+    let VmStop::Stopped(diagnostic) = stop else {
+        return Err(format!("the VM was not stopped: {stop:?}"));
+    };
+    println!("  {diagnostic}");
+    ensure_eq!(diagnostic.cause, StopCause::NotGuestMemory, "cause");
+    ensure_eq!(diagnostic.exit_reason, EXIT_EPT_VIOLATION, "exit reason");
+    ensure_eq!(diagnostic.gpa, Some(gpa(OUTSIDE)), "guest-physical address");
+    ensure_eq!(diagnostic.rip, CODE, "RIP of the faulting load");
+    ensure_eq!(
+        diagnostic.qualification & 0b11_1111,
+        QUAL_READ,
+        "read access, nothing permitted"
+    );
+    ensure_eq!(
+        vm.stats().allocated_pages,
+        1,
+        "allocated pages (only the code page)"
+    );
+    Ok(())
+}
+
+fn hlt_stops_the_vm(host: &'static Host) -> TestResult {
+    let (_, stop) = run_program(host, programs::halt(), GuestRegisters::default())?;
+    // HLT exits are fault-like: RIP still names the HLT.
+    ensure_eq!(stop, VmStop::Halted { rip: CODE }, "stop");
+    Ok(())
+}
+
+fn triple_fault_stops_the_vm(host: &'static Host) -> TestResult {
+    let (_, stop) = run_program(host, programs::triple_fault(), GuestRegisters::default())?;
+    let VmStop::Stopped(diagnostic) = stop else {
+        return Err(format!("the VM was not stopped: {stop:?}"));
+    };
+    println!("  {diagnostic}");
+    ensure_eq!(diagnostic.cause, StopCause::TripleFault, "cause");
+    ensure_eq!(diagnostic.exit_reason, EXIT_TRIPLE_FAULT, "exit reason");
+    Ok(())
+}
+
+fn unhandled_exit_stops_the_vm(host: &'static Host) -> TestResult {
+    let (_, stop) = run_program(host, programs::port_io(), GuestRegisters::default())?;
+    let VmStop::Stopped(diagnostic) = stop else {
+        return Err(format!("the VM was not stopped: {stop:?}"));
+    };
+    println!("  {diagnostic}");
+    ensure_eq!(diagnostic.cause, StopCause::UnhandledExit, "cause");
+    ensure_eq!(diagnostic.exit_reason, EXIT_IO, "exit reason");
+    // I/O qualification: port in bits 31:16, OUT (bit 3 clear), 1 byte (bits 2:0 = 0).
+    ensure_eq!(diagnostic.qualification >> 16, 0x80, "port");
+    ensure_eq!(diagnostic.qualification & 0b1111, 0, "direction and size");
+    ensure_eq!(diagnostic.rip, CODE + 2, "RIP of the OUT (after the 2-byte MOV)");
+    Ok(())
+}
+
+fn unknown_hypercall_returns_an_error(host: &'static Host) -> TestResult {
+    let (vm, stop) = run_program(host, programs::bad_hypercall(), GuestRegisters::default())?;
+    let VmStop::Done(value) = stop else {
+        return Err(format!("the guest did not finish: {stop:?}"));
+    };
+    ensure_eq!(
+        value & 0xFFFF_FFFF,
+        hypercall::UNKNOWN & 0xFFFF_FFFF,
+        "RAX after an unknown hypercall"
+    );
+    ensure_eq!(vm.exits.hypercalls, 2, "hypercalls");
+    Ok(())
+}
+
+fn bad_ram_layout_is_refused_without_leaking(host: &'static Host) -> TestResult {
+    let cases: [(&[(u64, u64)], PgmError); 3] = [
+        (
+            &[(0, 0x10_0000), (0xF_F000, 0x2000)],
+            PgmError::Overlap { existing: gpa(0) },
+        ),
+        (&[(0x1000, 0x1800)], PgmError::Misaligned),
+        (&[(0x10_0000, 0)], PgmError::ZeroSize),
+    ];
+    for (ram, expected) in cases {
+        let used = frame_counts().used();
+        let vmx = host.vmx.as_ref().map_err(|e| format!("{e}"))?;
+        match Vm::new(vmx, host.phys, ram) {
+            Err(VmError::Memory(error)) => ensure_eq!(error, expected, "error"),
+            Err(other) => return Err(format!("wrong error for {ram:x?}: {other}")),
+            Ok(_) => return Err(format!("layout {ram:x?} was accepted")),
+        }
+        ensure_eq!(
+            frame_counts().used(),
+            used,
+            "host frames in use after the refusal"
+        );
+    }
+    Ok(())
+}
