@@ -236,6 +236,9 @@ impl<'a> Vm<'a> {
         vm.vmcs = Some(vmcs);
         vm.write_controls()?;
         vm.write_host_state(&vmx::host::current())?;
+        // The root frame may have served an earlier VM with the same EPTP value and VPID: drop
+        // whatever the CPU still caches for it.
+        vm.invalidate(Invalidation::SingleContext)?;
         Ok(vm)
     }
 
