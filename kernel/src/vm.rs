@@ -59,8 +59,10 @@ const CR4_VMXE: u64 = 1 << 13;
 pub enum StopCause {
     /// The guest touched a guest-physical address outside its memory.
     NotGuestMemory,
-    /// The guest needed a page and the host had no frame for it.
+    /// The guest needed a page and the host had no frame for it (or the VM's limit was reached).
     OutOfMemory,
+    /// The guest touched a page it had given to the balloon.
+    BalloonedPage,
     /// The guest triple-faulted.
     TripleFault,
     /// An exit this hypervisor does not handle.
@@ -341,6 +343,7 @@ impl<'a> Vm<'a> {
             FaultOutcome::Resolved { invalidation } => invalidation,
             FaultOutcome::NotGuestMemory => return stop(self, StopCause::NotGuestMemory),
             FaultOutcome::OutOfMemory => return stop(self, StopCause::OutOfMemory),
+            FaultOutcome::Ballooned => return stop(self, StopCause::BalloonedPage),
         };
         // The same page faulting again right after a resolution means a translation outlived
         // the violation: flush this VM's translations, and give up if even that does not help.

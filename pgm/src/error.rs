@@ -22,6 +22,17 @@ pub enum PgmError {
     NotGuestMemory(GuestPhysAddr),
     /// The host frame allocator has no free frame.
     OutOfFrames,
+    /// The VM holds as many private frames as its limit allows.
+    FrameLimit,
+    /// The page's state does not allow the operation (e.g. writing a ballooned page).
+    PageState {
+        /// The page.
+        gpa: GuestPhysAddr,
+        /// Its state.
+        state: crate::page::PageState,
+    },
+    /// The page is not RAM (e.g. MMIO) and the operation needs RAM.
+    NotRam(GuestPhysAddr),
 }
 
 impl fmt::Display for PgmError {
@@ -33,6 +44,9 @@ impl fmt::Display for PgmError {
             PgmError::Overlap { existing } => write!(f, "range overlaps the range at {existing}"),
             PgmError::NotGuestMemory(gpa) => write!(f, "{gpa} is not guest memory"),
             PgmError::OutOfFrames => write!(f, "no free host frame"),
+            PgmError::FrameLimit => write!(f, "the VM's frame limit is reached"),
+            PgmError::PageState { gpa, state } => write!(f, "page {gpa} is {state:?}"),
+            PgmError::NotRam(gpa) => write!(f, "{gpa} is not RAM"),
         }
     }
 }

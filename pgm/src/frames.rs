@@ -14,6 +14,27 @@ pub trait HostFrameAllocator {
     /// Gives back a frame that [`allocate_frame`](Self::allocate_frame) returned and that is no
     /// longer referenced (not by a descriptor, not by an EPT entry).
     fn free_frame(&mut self, frame: HostPhysAddr);
+
+    /// Takes up to `count` frames into `out` and returns how many it took. One call per batch
+    /// lets an implementation take its lock once.
+    fn allocate_frames(&mut self, count: usize, out: &mut Vec<HostPhysAddr>) -> usize {
+        let mut taken = 0;
+        while taken < count {
+            match self.allocate_frame() {
+                Some(frame) => out.push(frame),
+                None => break,
+            }
+            taken += 1;
+        }
+        taken
+    }
+
+    /// Gives back a batch of frames, as [`free_frame`](Self::free_frame) would one by one.
+    fn free_frames(&mut self, frames: &[HostPhysAddr]) {
+        for &frame in frames {
+            self.free_frame(frame);
+        }
+    }
 }
 
 /// Access to host-physical memory by address. Accesses never cross a 4 KiB frame boundary.

@@ -18,6 +18,7 @@ pub mod frames;
 pub mod manager;
 pub mod page;
 pub mod paging;
+pub mod pool;
 pub mod ram;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;

@@ -10,8 +10,9 @@ use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::ept::{ept_pointer, Ept};
 use crate::error::PgmError;
 use crate::frames::{HostFrameAllocator, HostMemory};
-use crate::page::{transition, FrameEffect, PageDescriptor, PageEvent, PageState, PageType};
+use crate::page::{transition, FrameEffect, HandlerState, PageDescriptor, PageEvent, PageState, PageType};
 use crate::paging::{self, Access, Invalidation, Leaf, MemoryType, NestedTables, Permissions, Violation};
+use crate::pool::FramePool;
 use crate::ram::{PageLocation, RamRange, RamRanges};
 
 /// What a fault resolution decided. The caller resumes the guest only for `Resolved`.
@@ -24,27 +25,66 @@ pub enum FaultOutcome {
     },
     /// The address lies in no registered range.
     NotGuestMemory,
-    /// A frame was needed and the allocator had none; nothing was changed.
+    /// The guest touched a page it gave to the balloon.
+    Ballooned,
+    /// A frame was needed and none could be had (host exhausted or the VM's limit reached);
+    /// nothing was changed.
     OutOfMemory,
 }
 
-/// Page counts of one VM.
+/// Page and frame counts of one VM.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemoryStats {
     /// Pages in all registered RAM ranges.
     pub ram_pages: u64,
     /// Pages reading as zeros from the shared zero frame.
     pub zero_pages: u64,
-    /// Pages with a private host frame.
+    /// Pages with a private frame, writable.
     pub allocated_pages: u64,
+    /// Pages with a private frame, write-protected by write monitoring.
+    pub write_monitored_pages: u64,
+    /// Pages given to the balloon.
+    pub ballooned_pages: u64,
+    /// Frames waiting in the handy pool.
+    pub handy_frames: u64,
+    /// Freed frames not yet given back to the allocator.
+    pub pending_free_frames: u64,
     /// Host frames holding EPT tables.
     pub table_frames: u64,
+    /// Private frames handed out since creation.
+    pub private_allocations: u64,
 }
 
 impl MemoryStats {
-    /// Host frames this VM holds: private pages, tables and the shared zero frame.
+    /// Frames backing guest pages.
+    pub fn private_frames(&self) -> u64 {
+        self.allocated_pages + self.write_monitored_pages
+    }
+
+    /// Host frames this VM holds from the allocator: private, handy, pending, tables and the
+    /// shared zero frame.
     pub fn host_frames(&self) -> u64 {
-        self.allocated_pages + self.table_frames + 1
+        self.private_frames() + self.handy_frames + self.pending_free_frames + self.table_frames + 1
+    }
+}
+
+/// Pages per state, kept in step with every transition.
+#[derive(Clone, Copy, Default)]
+struct StateCounts {
+    zero: u64,
+    allocated: u64,
+    write_monitored: u64,
+    ballooned: u64,
+}
+
+impl StateCounts {
+    fn of(&mut self, state: PageState) -> &mut u64 {
+        match state {
+            PageState::Zero => &mut self.zero,
+            PageState::Allocated => &mut self.allocated,
+            PageState::WriteMonitored => &mut self.write_monitored,
+            PageState::Ballooned => &mut self.ballooned,
+        }
     }
 }
 
@@ -56,8 +96,12 @@ pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
     ranges: RamRanges,
     zero_frame: HostPhysAddr,
     tables: NestedTables<Ept>,
-    zero_pages: u64,
-    allocated_pages: u64,
+    pool: FramePool,
+    counts: StateCounts,
+    /// Write monitoring is on: content changes mark pages written-to.
+    monitoring: bool,
+    /// Pages whose written-to flag was set since the last harvest, in order.
+    written: Vec<PageLocation>,
 }
 
 impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
@@ -79,8 +123,10 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             ranges: RamRanges::default(),
             zero_frame,
             tables,
-            zero_pages: 0,
-            allocated_pages: 0,
+            pool: FramePool::default(),
+            counts: StateCounts::default(),
+            monitoring: false,
+            written: Vec::new(),
         })
     }
 
@@ -110,27 +156,40 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let mut descriptors = Vec::new();
         descriptors.resize(pages as usize, zero);
         self.ranges.insert(RamRange::new(base, descriptors, name));
-        self.zero_pages += pages;
+        self.counts.zero += pages;
         Ok(())
     }
 
+    /// Caps the frames backing this VM's pages (`None`: no cap but the host's memory). A write
+    /// that would need a frame beyond the cap faults as [`FaultOutcome::OutOfMemory`].
+    pub fn set_frame_limit(&mut self, limit: Option<u64>) {
+        self.pool.set_limit(limit);
+    }
+
     /// Resolves an EPT violation at `gpa` for `access`. A write to a ZERO page gets a zero-filled
-    /// private frame mapped read/write/execute. The violation itself flushed the CPU's cached
-    /// translations for `gpa` (SDM 29.4.3.1), so a resolution that changes only that page's
-    /// entry needs no INVEPT.
+    /// private frame; a write to a WRITE_MONITORED page makes it writable and marks it written.
+    /// The violation itself flushed the CPU's cached translations for `gpa` (SDM 29.4.3.1), so
+    /// a resolution that changes only that page's entry needs no INVEPT.
     pub fn resolve_fault(&mut self, gpa: GuestPhysAddr, access: Access) -> FaultOutcome {
         let Some(location) = self.ranges.find(gpa) else {
             return FaultOutcome::NotGuestMemory;
         };
+        if self.ranges.page(location).state() == PageState::Ballooned {
+            return FaultOutcome::Ballooned;
+        }
         let result = match access {
             Access::Write => self.apply(location, PageEvent::Write).map(|_| ()),
-            // Every RAM page is mapped readable and executable in every state, so a read or fetch
-            // fault means the entry lost sync with the descriptor: rewrite it.
+            // RAM is readable and executable in every mapped state, so a read or fetch fault
+            // means the entry lost sync with the descriptor: rewrite it.
             Access::Read | Access::Execute => {
                 self.sync_leaf(location);
                 Ok(())
             }
         };
+        if self.pool.needs_refill() {
+            // After the mapping is done: the next faults find frames waiting.
+            self.pool.refill(&mut self.frames);
+        }
         match result {
             Ok(()) => FaultOutcome::Resolved {
                 invalidation: Invalidation::None,
@@ -139,9 +198,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         }
     }
 
-    /// Copies guest memory at `gpa` into `buf`, across pages and ranges. ZERO pages read as
-    /// zeros without allocating. Fails with [`PgmError::NotGuestMemory`] (naming the first
-    /// address outside RAM) before copying anything.
+    /// Copies guest memory at `gpa` into `buf`, across pages and ranges. ZERO and BALLOONED pages
+    /// read as zeros without allocating. Fails with [`PgmError::NotGuestMemory`] (naming the
+    /// first address outside RAM) before copying anything.
     pub fn read_phys(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), PgmError> {
         let chunks = self.chunks(gpa, buf.len())?;
         let mut done = 0;
@@ -157,16 +216,26 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     }
 
     /// Copies `data` into guest memory at `gpa`, across pages and ranges, giving ZERO pages a
-    /// frame first. All or nothing: on [`PgmError::NotGuestMemory`] or
-    /// [`PgmError::OutOfFrames`] guest memory and the frame counts are as before. Returns the
-    /// invalidation needed because pages the guest may have cached changed their mapping.
+    /// frame first. All or nothing: on an error guest memory and the frame counts are as
+    /// before. Returns the invalidation needed because pages the guest may have cached changed
+    /// their mapping.
     pub fn write_phys(&mut self, gpa: GuestPhysAddr, data: &[u8]) -> Result<Invalidation, PgmError> {
         let chunks = self.chunks(gpa, data.len())?;
+        for &(location, _, _) in &chunks {
+            let page = self.ranges.page(location);
+            transition(page, PageEvent::Write)
+                .map(|_| ())
+                .map_err(|_| PgmError::PageState {
+                    gpa: self.ranges.gpa_of(location),
+                    state: page.state(),
+                })?;
+        }
         let mut newly_allocated = Vec::new();
         for &(location, _, _) in &chunks {
+            let was_zero = self.ranges.page(location).state() == PageState::Zero;
             match self.apply(location, PageEvent::Write) {
-                Ok(true) => newly_allocated.push(location),
-                Ok(false) => {}
+                Ok(_) if was_zero => newly_allocated.push(location),
+                Ok(_) => {}
                 Err(error) => {
                     for location in newly_allocated {
                         // Reset frees the frame just given: cannot fail.
@@ -184,34 +253,92 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             }
             done += len;
         }
-        Ok(if newly_allocated.is_empty() {
+        let changed_mapping = !newly_allocated.is_empty();
+        Ok(if changed_mapping {
+            Invalidation::SingleContext
+        } else {
+            Invalidation::None
+        })
+    }
+
+    /// Returns every page of every range to ZERO, freeing private frames and deflating the
+    /// balloon (VM reset).
+    pub fn reset_ram(&mut self) -> Invalidation {
+        self.apply_to_all(PageEvent::Reset)
+    }
+
+    /// Starts write monitoring: every page with a private frame becomes WRITE_MONITORED
+    /// (read-only), written-to flags are cleared, and from now on every content change marks
+    /// its page written (see [`harvest_written`](Self::harvest_written)).
+    pub fn start_write_monitoring(&mut self) -> Invalidation {
+        self.monitoring = true;
+        self.clear_written_flags();
+        self.apply_to_all(PageEvent::Protect)
+    }
+
+    /// Appends to `out` every page written since monitoring started or since the last harvest,
+    /// in the order first written, and write-protects them again. Costs O(written pages).
+    /// Returns the invalidation the re-protection needs.
+    pub fn harvest_written(&mut self, out: &mut Vec<GuestPhysAddr>) -> Invalidation {
+        let written = core::mem::take(&mut self.written);
+        let mut invalidation = Invalidation::None;
+        for &location in &written {
+            let page = self.ranges.page(location);
+            self.ranges.set_page(location, page.with_written_to(false));
+            out.push(self.ranges.gpa_of(location));
+            if self.apply(location, PageEvent::Protect) == Ok(true) {
+                invalidation = Invalidation::SingleContext;
+            }
+        }
+        // Reuse the list's memory for the next round.
+        self.written = written;
+        self.written.clear();
+        invalidation
+    }
+
+    /// Ends write monitoring: pages become writable again and the written-to flags are dropped.
+    /// Permissions only grow, so no invalidation is needed.
+    pub fn stop_write_monitoring(&mut self) -> Invalidation {
+        self.monitoring = false;
+        self.clear_written_flags();
+        self.apply_to_all(PageEvent::Unprotect);
+        Invalidation::None
+    }
+
+    /// True while write monitoring is on.
+    pub fn is_write_monitoring(&self) -> bool {
+        self.monitoring
+    }
+
+    /// Gives the pages at `pages` (page-aligned guest RAM addresses) to the balloon: their frames
+    /// go back to the host and any later guest access faults as [`FaultOutcome::Ballooned`].
+    /// All or nothing: an address that is not page-aligned RAM, or a page already ballooned,
+    /// fails the call before any page changes.
+    pub fn balloon_inflate(&mut self, pages: &[GuestPhysAddr]) -> Result<Invalidation, PgmError> {
+        let locations = self.balloon_pages(pages, PageEvent::Inflate)?;
+        for &location in &locations {
+            self.apply(location, PageEvent::Inflate)?;
+        }
+        self.pool.flush(&mut self.frames);
+        Ok(if locations.is_empty() {
             Invalidation::None
         } else {
             Invalidation::SingleContext
         })
     }
 
-    /// Returns every page of every range to ZERO, freeing private frames (VM reset).
-    pub fn reset_ram(&mut self) -> Invalidation {
-        let mut changed = false;
-        for range in 0..self.ranges.len() {
-            let pages = self.ranges.get(range).map_or(0, |r| r.pages().len());
-            for page in 0..pages {
-                // Reset never allocates, so it cannot fail.
-                changed |= self
-                    .apply(PageLocation { range, page }, PageEvent::Reset)
-                    .unwrap_or(false);
-            }
+    /// Takes pages back from the balloon: they become ZERO (mapped to the zero frame). All or
+    /// nothing, as [`balloon_inflate`](Self::balloon_inflate); every page must be ballooned.
+    /// New mappings only, so no invalidation is needed.
+    pub fn balloon_deflate(&mut self, pages: &[GuestPhysAddr]) -> Result<Invalidation, PgmError> {
+        for location in self.balloon_pages(pages, PageEvent::Deflate)? {
+            self.apply(location, PageEvent::Deflate)?;
         }
-        if changed {
-            Invalidation::SingleContext
-        } else {
-            Invalidation::None
-        }
+        Ok(Invalidation::None)
     }
 
-    /// Frees every frame the VM holds (private pages, tables, zero frame) and hands back the
-    /// allocator and memory. The tables must no longer be in use by a CPU.
+    /// Gives every frame the VM holds back to the host and hands back the allocator and memory.
+    /// The tables must no longer be in use by a CPU.
     pub fn terminate(mut self) -> (A, M) {
         for range in self.ranges.iter_mut() {
             for page in range.pages_mut() {
@@ -220,28 +347,35 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 }
             }
         }
+        self.pool.drain(&mut self.frames);
         self.tables.destroy(&mut self.frames, &self.memory);
         self.frames.free_frame(self.zero_frame);
         (self.frames, self.memory)
     }
 
-    /// The descriptor of the page holding `gpa`, if it is guest RAM.
+    /// The descriptor of the page holding `gpa`, if it is registered.
     pub fn page(&self, gpa: GuestPhysAddr) -> Option<PageDescriptor> {
         self.ranges.find(gpa).map(|location| self.ranges.page(location))
     }
 
-    /// The registered RAM ranges.
+    /// The registered ranges.
     pub fn ranges(&self) -> &RamRanges {
         &self.ranges
     }
 
     /// Page and frame counts.
     pub fn stats(&self) -> MemoryStats {
+        let counts = self.counts;
         MemoryStats {
-            ram_pages: self.zero_pages + self.allocated_pages,
-            zero_pages: self.zero_pages,
-            allocated_pages: self.allocated_pages,
+            ram_pages: counts.zero + counts.allocated + counts.write_monitored + counts.ballooned,
+            zero_pages: counts.zero,
+            allocated_pages: counts.allocated,
+            write_monitored_pages: counts.write_monitored,
+            ballooned_pages: counts.ballooned,
+            handy_frames: self.pool.handy() as u64,
+            pending_free_frames: self.pool.pending_free() as u64,
             table_frames: self.tables.table_frames() as u64,
+            private_allocations: self.pool.taken(),
         }
     }
 
@@ -286,32 +420,99 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         &mut self.memory
     }
 
-    /// Runs `event` through the state machine for one page and carries out the frame work and
-    /// the EPT update. Returns whether the page's mapping changed; on
-    /// [`PgmError::OutOfFrames`] nothing changed.
+    /// Runs `event` through the state machine for one page and carries out the frame work, the
+    /// written-to bookkeeping and the EPT update. Returns whether the page changed; on an error
+    /// nothing changed.
     fn apply(&mut self, location: PageLocation, event: PageEvent) -> Result<bool, PgmError> {
         let page = self.ranges.page(location);
-        let step = transition(page, event);
-        if !step.changes_mapping(page.state()) {
+        let step = transition(page, event).map_err(|refused| PgmError::PageState {
+            gpa: self.ranges.gpa_of(location),
+            state: refused.state,
+        })?;
+        if !step.changes_page(page.state()) {
             return Ok(false);
         }
         let new_frame = match step.effect {
             FrameEffect::AllocateZeroed => {
-                let frame = self.frames.allocate_frame().ok_or(PgmError::OutOfFrames)?;
+                let frame = self.pool.take(&mut self.frames)?;
                 self.memory.zero_frame(frame);
                 Some(frame)
             }
             FrameEffect::None | FrameEffect::Free(_) => None,
         };
-        let next = step.apply(page, new_frame);
+        let mut next = step.apply(page, new_frame);
+        if self.monitoring && changes_contents(event) && !next.written_to() {
+            next = next.with_written_to(true);
+            self.written.push(location);
+        }
         self.ranges.set_page(location, next);
-        self.count(page.state(), next.state());
+        *self.counts.of(page.state()) -= 1;
+        *self.counts.of(next.state()) += 1;
         self.sync_leaf(location);
-        // Freed only now: the EPT entry no longer names the frame.
+        // Released only now: neither the descriptor nor the EPT entry names the frame any more.
         if let FrameEffect::Free(frame) = step.effect {
-            self.frames.free_frame(frame);
+            self.pool.release(frame, &mut self.frames);
         }
         Ok(true)
+    }
+
+    /// Applies an event that cannot fail for any state (reset, protect, unprotect) to every
+    /// page; returns `SingleContext` when any page changed.
+    fn apply_to_all(&mut self, event: PageEvent) -> Invalidation {
+        let mut changed = false;
+        for range in 0..self.ranges.len() {
+            let pages = self.ranges.get(range).map_or(0, |r| r.pages().len());
+            for page in 0..pages {
+                changed |= self.apply(PageLocation { range, page }, event).unwrap_or(false);
+            }
+        }
+        self.pool.flush(&mut self.frames);
+        if changed {
+            Invalidation::SingleContext
+        } else {
+            Invalidation::None
+        }
+    }
+
+    fn clear_written_flags(&mut self) {
+        for location in core::mem::take(&mut self.written) {
+            let page = self.ranges.page(location);
+            self.ranges.set_page(location, page.with_written_to(false));
+        }
+    }
+
+    /// Locates the balloon pages and checks that `event` applies to every one of them.
+    fn balloon_pages(
+        &self,
+        pages: &[GuestPhysAddr],
+        event: PageEvent,
+    ) -> Result<Vec<PageLocation>, PgmError> {
+        let mut locations = Vec::with_capacity(pages.len());
+        for &gpa in pages {
+            if !gpa.is_page_aligned() {
+                return Err(PgmError::Misaligned);
+            }
+            let location = self.ranges.find(gpa).ok_or(PgmError::NotGuestMemory(gpa))?;
+            let page = self.ranges.page(location);
+            if page.page_type() != PageType::Ram {
+                return Err(PgmError::NotRam(gpa));
+            }
+            transition(page, event)
+                .map(|_| ())
+                .map_err(|_| PgmError::PageState {
+                    gpa,
+                    state: page.state(),
+                })?;
+            if locations.contains(&location) {
+                // The same page twice would fail half-way through; refuse it up front.
+                return Err(PgmError::PageState {
+                    gpa,
+                    state: page.state(),
+                });
+            }
+            locations.push(location);
+        }
+        Ok(locations)
     }
 
     /// Rewrites the EPT entry of the page at `location` from its descriptor.
@@ -321,19 +522,6 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         // Tables exist for every page of a registered range.
         let present = self.tables.set_leaf(&mut self.memory, gpa, leaf);
         debug_assert!(present, "registered page {gpa} has no page table");
-    }
-
-    /// Moves one page from the count of `from` to the count of `to`.
-    fn count(&mut self, from: PageState, to: PageState) {
-        *self.counter(from) -= 1;
-        *self.counter(to) += 1;
-    }
-
-    fn counter(&mut self, state: PageState) -> &mut u64 {
-        match state {
-            PageState::Zero => &mut self.zero_pages,
-            PageState::Allocated => &mut self.allocated_pages,
-        }
     }
 
     /// Splits `[gpa, gpa + len)` into per-page pieces `(page, offset in page, length)`, or names
@@ -353,14 +541,30 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     }
 }
 
-/// The EPT mapping a page's descriptor calls for: ZERO RAM maps the shared zero frame
-/// read/execute, so the first write faults; ALLOCATED RAM maps its frame read/write/execute.
+/// True for events after which the page may read differently (what write monitoring reports).
+/// Deflating is not one: a ballooned page reads as zeros, and so does the ZERO page it becomes.
+fn changes_contents(event: PageEvent) -> bool {
+    matches!(event, PageEvent::Write | PageEvent::Reset | PageEvent::Inflate)
+}
+
+/// The EPT mapping a page's descriptor calls for. By state: ZERO maps the shared zero frame
+/// read/execute (the first write faults); ALLOCATED maps its frame read/write/execute;
+/// WRITE_MONITORED maps it read/execute; BALLOONED and MMIO pages are not mapped. An active
+/// handler then takes away what it intercepts: writes (write handler) or everything (all).
 /// RAM is write-back.
 fn leaf_for(page: PageDescriptor, zero_frame: HostPhysAddr) -> Option<Leaf> {
-    let (frame, permissions) = match (page.page_type(), page.state()) {
-        (PageType::Ram, PageState::Zero) => (zero_frame, Permissions::READ | Permissions::EXECUTE),
+    let read_execute = Permissions::READ | Permissions::EXECUTE;
+    let (frame, mut permissions) = match (page.page_type(), page.state()) {
+        (PageType::Mmio, _) | (PageType::Ram, PageState::Ballooned) => return None,
+        (PageType::Ram, PageState::Zero) => (zero_frame, read_execute),
         (PageType::Ram, PageState::Allocated) => (page.frame()?, Permissions::all()),
+        (PageType::Ram, PageState::WriteMonitored) => (page.frame()?, read_execute),
     };
+    match page.handler() {
+        HandlerState::None | HandlerState::Disabled => {}
+        HandlerState::Write => permissions.remove(Permissions::WRITE),
+        HandlerState::All => return None,
+    }
     Some(Leaf {
         frame,
         permissions,

@@ -36,6 +36,15 @@ fn frames_used(pgm: &SimPgm) -> u64 {
     pgm.frames().inner.counts().used()
 }
 
+/// The allocator's view and the manager's accounting must agree at every step.
+fn assert_accounting(pgm: &SimPgm) {
+    assert_eq!(frames_used(pgm), pgm.stats().host_frames(), "{:?}", pgm.stats());
+}
+
+fn private(pgm: &SimPgm) -> u64 {
+    pgm.stats().private_frames()
+}
+
 /// How a simulated guest access ended.
 #[derive(Debug, PartialEq, Eq)]
 enum GuestAccess {
@@ -146,12 +155,13 @@ fn zero_page_is_mapped_read_execute_and_the_first_write_faults_with_that_permiss
 #[test]
 fn first_write_allocates_one_frame_and_later_writes_do_not_fault() {
     let mut pgm = pc_like();
-    let used = frames_used(&pgm);
     assert_eq!(
         guest_write(&mut pgm, gpa(0x2_0010), b"hello"),
         GuestAccess::Done { faults: 1 }
     );
-    assert_eq!(frames_used(&pgm), used + 1);
+    assert_eq!(private(&pgm), 1);
+    assert_eq!(pgm.stats().private_allocations, 1);
+    assert_accounting(&pgm);
     let page = pgm.page(gpa(0x2_0000)).unwrap();
     assert_eq!(page.state(), PageState::Allocated);
     assert_ne!(page.frame(), Some(pgm.zero_frame()));
@@ -159,7 +169,7 @@ fn first_write_allocates_one_frame_and_later_writes_do_not_fault() {
         guest_write(&mut pgm, gpa(0x2_0100), b"again"),
         GuestAccess::Done { faults: 0 }
     );
-    assert_eq!(frames_used(&pgm), used + 1);
+    assert_eq!(private(&pgm), 1);
     assert_eq!(guest_read(&pgm, gpa(0x2_0010), 5), b"hello");
     // The rest of the fresh frame is zero, and the zero frame itself is untouched.
     assert_eq!(guest_read(&pgm, gpa(0x2_0000), 16), [0; 16]);
@@ -169,7 +179,6 @@ fn first_write_allocates_one_frame_and_later_writes_do_not_fault() {
 #[test]
 fn writing_n_distinct_pages_allocates_exactly_n_frames() {
     let mut pgm = pc_like();
-    let used = frames_used(&pgm);
     let pages: Vec<u64> = (0..37).map(|i| MIB + i * 3 * PAGE_SIZE + 8).collect();
     for (i, &at) in pages.iter().enumerate() {
         let value = (i as u64).to_le_bytes();
@@ -178,8 +187,9 @@ fn writing_n_distinct_pages_allocates_exactly_n_frames() {
             GuestAccess::Done { faults: 1 }
         );
     }
-    assert_eq!(frames_used(&pgm), used + 37);
+    assert_eq!(pgm.stats().private_allocations, 37);
     assert_eq!(pgm.stats().allocated_pages, 37);
+    assert_accounting(&pgm);
     for (i, &at) in pages.iter().enumerate() {
         let mut back = [0; 8];
         pgm.read_phys(gpa(at), &mut back).unwrap();
@@ -209,6 +219,7 @@ fn access_outside_ram_is_not_guest_memory_and_changes_nothing() {
 #[test]
 fn out_of_frames_on_a_write_fault_is_reported_and_leaves_the_page_zero() {
     let mut pgm = pc_like();
+    // The handy pool is empty until the first fault, so the refill meets the failure.
     pgm.frames_mut().fail_after = Some(0);
     let used = frames_used(&pgm);
     assert_eq!(
@@ -262,6 +273,7 @@ fn host_writes_cross_pages_and_ranges_and_the_guest_sees_them() {
         "pages the guest may cache changed"
     );
     assert_eq!(pgm.stats().allocated_pages, 4);
+    assert_accounting(&pgm);
     let mut back = vec![0; data.len()];
     pgm.read_phys(gpa(0x800), &mut back).unwrap();
     assert_eq!(back, data);
@@ -292,13 +304,13 @@ fn host_write_that_runs_out_of_frames_rolls_back() {
     let mut pgm = pgm_with_frames(4096);
     pgm.register_ram(gpa(0), 4 * PAGE_SIZE, "a").unwrap();
     pgm.write_phys(gpa(0x1000), b"keep").unwrap();
-    let used = frames_used(&pgm);
-    pgm.frames_mut().fail_after = Some(1);
+    // Room for one more frame: of the two ZERO pages written, the second finds none.
+    pgm.set_frame_limit(Some(2));
     assert_eq!(
         pgm.write_phys(gpa(0), &[7; 3 * PAGE_SIZE as usize]),
-        Err(PgmError::OutOfFrames)
+        Err(PgmError::FrameLimit)
     );
-    assert_eq!(frames_used(&pgm), used);
+    assert_accounting(&pgm);
     assert_eq!(pgm.stats().allocated_pages, 1);
     let mut buf = [0; 4];
     pgm.read_phys(gpa(0x1000), &mut buf).unwrap();
@@ -310,14 +322,14 @@ fn host_write_that_runs_out_of_frames_rolls_back() {
 #[test]
 fn reset_returns_every_page_to_zero_and_frees_its_frame() {
     let mut pgm = pc_like();
-    let used = frames_used(&pgm);
     for at in [0x1000, MIB, 8 * MIB] {
         guest_write(&mut pgm, gpa(at), b"data");
     }
-    assert_eq!(frames_used(&pgm), used + 3);
+    assert_eq!(private(&pgm), 3);
     assert_eq!(pgm.reset_ram(), Invalidation::SingleContext);
-    assert_eq!(frames_used(&pgm), used);
-    assert_eq!(pgm.stats().allocated_pages, 0);
+    assert_eq!(private(&pgm), 0);
+    assert_eq!(pgm.stats().zero_pages, pgm.stats().ram_pages);
+    assert_accounting(&pgm);
     assert_eq!(guest_read(&pgm, gpa(MIB), 4), [0; 4]);
     assert_eq!(pgm.reset_ram(), Invalidation::None, "nothing left to reset");
 }
@@ -360,4 +372,233 @@ fn pte_address(pgm: &SimPgm, root: HostPhysAddr, at: GuestPhysAddr) -> HostPhysA
             & 0x000F_FFFF_FFFF_F000;
     }
     HostPhysAddr::new(table + ((at.as_u64() >> 12) & 511) * 8).unwrap()
+}
+
+fn harvest(pgm: &mut SimPgm) -> Vec<u64> {
+    let mut out = Vec::new();
+    pgm.harvest_written(&mut out);
+    out.iter().map(|gpa| gpa.as_u64()).collect()
+}
+
+#[test]
+fn write_monitoring_reports_exactly_the_written_pages_in_order() {
+    let mut pgm = pc_like();
+    for at in [0x1000, 0x2000] {
+        guest_write(&mut pgm, gpa(at), b"before");
+    }
+    assert_eq!(pgm.start_write_monitoring(), Invalidation::SingleContext);
+    assert_eq!(pgm.stats().write_monitored_pages, 2);
+    let violation = pgm.translate(gpa(0x1000), Access::Write).unwrap_err();
+    assert_eq!(violation.permitted, Permissions::READ | Permissions::EXECUTE);
+    assert_eq!(guest_read(&pgm, gpa(0x1000), 6), b"before", "reads do not fault");
+    // A monitored page, a ZERO page, and the monitored page again.
+    assert_eq!(
+        guest_write(&mut pgm, gpa(0x2008), b"x"),
+        GuestAccess::Done { faults: 1 }
+    );
+    assert_eq!(
+        guest_write(&mut pgm, gpa(3 * MIB), b"y"),
+        GuestAccess::Done { faults: 1 }
+    );
+    assert_eq!(
+        guest_write(&mut pgm, gpa(0x2010), b"z"),
+        GuestAccess::Done { faults: 0 }
+    );
+    assert_eq!(harvest(&mut pgm), [0x2000, 3 * MIB]);
+    assert_eq!(
+        pgm.stats().write_monitored_pages,
+        3,
+        "harvested pages are protected again"
+    );
+    assert_eq!(harvest(&mut pgm), [] as [u64; 0]);
+    assert_eq!(
+        guest_write(&mut pgm, gpa(3 * MIB), b"w"),
+        GuestAccess::Done { faults: 1 }
+    );
+    assert_eq!(harvest(&mut pgm), [3 * MIB]);
+    assert_eq!(pgm.stop_write_monitoring(), Invalidation::None);
+    assert_eq!(pgm.stats().write_monitored_pages, 0);
+    assert_eq!(
+        guest_write(&mut pgm, gpa(0x1000), b"free"),
+        GuestAccess::Done { faults: 0 }
+    );
+    assert_accounting(&pgm);
+}
+
+/// In the manner of KVM's dirty_log_test: each round the guest writes random pages with the
+/// round number; the host copies only the harvested pages into its mirror, which must then
+/// equal guest memory.
+#[test]
+fn harvested_pages_keep_a_mirror_equal_to_guest_memory() {
+    const PAGES: u64 = 512;
+    let mut pgm = pgm_with_frames(4096);
+    pgm.register_ram(gpa(0), PAGES * PAGE_SIZE, "ram").unwrap();
+    let mut mirror = vec![[0u8; 8]; PAGES as usize];
+    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    pgm.start_write_monitoring();
+    for round in 1..=20u64 {
+        for _ in 0..60 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let page = seed % PAGES;
+            guest_write(&mut pgm, gpa(page * PAGE_SIZE), &round.to_le_bytes());
+        }
+        if round % 5 == 0 {
+            // Balloon churn between harvests must show up too.
+            let at = gpa((seed % PAGES) * PAGE_SIZE);
+            pgm.balloon_inflate(&[at]).unwrap();
+            pgm.balloon_deflate(&[at]).unwrap();
+        }
+        for at in harvest(&mut pgm) {
+            pgm.read_phys(gpa(at), &mut mirror[(at / PAGE_SIZE) as usize])
+                .unwrap();
+        }
+        for page in 0..PAGES {
+            let mut now = [0u8; 8];
+            pgm.read_phys(gpa(page * PAGE_SIZE), &mut now).unwrap();
+            assert_eq!(mirror[page as usize], now, "round {round}, page {page}");
+        }
+    }
+    assert_accounting(&pgm);
+}
+
+#[test]
+fn reset_during_monitoring_reports_the_pages_it_cleared() {
+    let mut pgm = pc_like();
+    guest_write(&mut pgm, gpa(0x5000), b"data");
+    pgm.start_write_monitoring();
+    pgm.reset_ram();
+    assert_eq!(harvest(&mut pgm), [0x5000]);
+}
+
+#[test]
+fn ballooning_frees_frames_and_deflating_makes_pages_usable_again() {
+    let mut pgm = pc_like();
+    for at in [0x3000, 0x4000] {
+        guest_write(&mut pgm, gpa(at), b"data");
+    }
+    let used = frames_used(&pgm);
+    let pages = [gpa(0x3000), gpa(0x4000), gpa(0x9000)];
+    assert_eq!(pgm.balloon_inflate(&pages), Ok(Invalidation::SingleContext));
+    assert_eq!(
+        frames_used(&pgm),
+        used - 2,
+        "both private frames went back to the host"
+    );
+    assert_eq!(pgm.stats().ballooned_pages, 3);
+    assert_accounting(&pgm);
+    for at in pages {
+        assert_eq!(
+            pgm.translate(at, Access::Read).unwrap_err().permitted,
+            Permissions::empty()
+        );
+        assert_eq!(pgm.resolve_fault(at, Access::Read), FaultOutcome::Ballooned);
+        assert_eq!(pgm.resolve_fault(at, Access::Write), FaultOutcome::Ballooned);
+    }
+    let mut buf = [0xFF; 4];
+    pgm.read_phys(gpa(0x3000), &mut buf).unwrap();
+    assert_eq!(buf, [0; 4], "a ballooned page reads as zeros");
+    assert_eq!(
+        pgm.write_phys(gpa(0x3000), b"no"),
+        Err(PgmError::PageState {
+            gpa: gpa(0x3000),
+            state: PageState::Ballooned
+        })
+    );
+    assert_eq!(pgm.balloon_deflate(&pages), Ok(Invalidation::None));
+    assert_eq!(pgm.stats().ballooned_pages, 0);
+    assert_eq!(guest_read(&pgm, gpa(0x3000), 4), [0; 4]);
+    assert_eq!(
+        guest_write(&mut pgm, gpa(0x3000), b"back"),
+        GuestAccess::Done { faults: 1 }
+    );
+    assert_accounting(&pgm);
+}
+
+#[test]
+fn balloon_requests_with_a_bad_page_change_nothing() {
+    let mut pgm = pc_like();
+    guest_write(&mut pgm, gpa(0x3000), b"data");
+    pgm.balloon_inflate(&[gpa(0x6000)]).unwrap();
+    let before = pgm.stats();
+    let bad: [(&[GuestPhysAddr], PgmError); 5] = [
+        (&[gpa(0x3000), gpa(0x7800)], PgmError::Misaligned),
+        (
+            &[gpa(0x3000), gpa(0xA_0000)],
+            PgmError::NotGuestMemory(gpa(0xA_0000)),
+        ),
+        (
+            &[gpa(0x3000), gpa(0x6000)],
+            PgmError::PageState {
+                gpa: gpa(0x6000),
+                state: PageState::Ballooned,
+            },
+        ),
+        (
+            &[gpa(0x3000), gpa(0x3000)],
+            PgmError::PageState {
+                gpa: gpa(0x3000),
+                state: PageState::Allocated,
+            },
+        ),
+        (
+            &[gpa(0x3000)],
+            PgmError::PageState {
+                gpa: gpa(0x3000),
+                state: PageState::Allocated,
+            },
+        ),
+    ];
+    for (i, (pages, expected)) in bad.into_iter().enumerate() {
+        let result = if i < 4 {
+            pgm.balloon_inflate(pages)
+        } else {
+            pgm.balloon_deflate(pages)
+        };
+        assert_eq!(result, Err(expected), "case {i}");
+        assert_eq!(pgm.stats(), before, "case {i}");
+    }
+    assert_eq!(guest_read(&pgm, gpa(0x3000), 4), b"data");
+}
+
+#[test]
+fn the_frame_limit_stops_a_writing_guest_with_out_of_memory() {
+    let mut pgm = pc_like();
+    pgm.set_frame_limit(Some(2));
+    guest_write(&mut pgm, gpa(0x1000), b"a");
+    guest_write(&mut pgm, gpa(0x2000), b"b");
+    assert_eq!(
+        guest_write(&mut pgm, gpa(0x3000), b"c"),
+        GuestAccess::Stopped(FaultOutcome::OutOfMemory)
+    );
+    assert_eq!(pgm.page(gpa(0x3000)).unwrap().state(), PageState::Zero);
+    assert_eq!(guest_read(&pgm, gpa(0x2000), 1), b"b");
+    pgm.set_frame_limit(Some(3));
+    assert_eq!(
+        guest_write(&mut pgm, gpa(0x3000), b"c"),
+        GuestAccess::Done { faults: 1 }
+    );
+    assert_accounting(&pgm);
+}
+
+#[test]
+fn faults_are_served_from_the_handy_pool_in_batches() {
+    let mut pgm = pc_like();
+    for i in 0..300 {
+        guest_write(&mut pgm, gpa(MIB + i * PAGE_SIZE), b"p");
+        let handy = pgm.stats().handy_frames;
+        assert!(
+            handy > crate::pool::HANDY_REFILL_AT as u64,
+            "pool ran low: {handy}"
+        );
+        assert_accounting(&pgm);
+    }
+    // 300 faults were served by a first fill of 128 and top-ups of 96 at most every 96 faults.
+    let allocations = pgm.frames().inner.counts().allocations;
+    let batches_worth = allocations - pgm.stats().table_frames - 1;
+    assert!(
+        batches_worth <= 128 + 3 * 96,
+        "{batches_worth} frames taken from the allocator"
+    );
 }

@@ -1,25 +1,35 @@
 //! Per-page descriptors and the one state machine that decides every page-state transition.
 //!
-//! # Descriptor layout (one `u64`, VirtualBox's PGMPAGE takes 16 bytes)
+//! # Descriptor layout (one `u64`; VirtualBox's PGMPAGE takes 16 bytes)
 //!
-//! | bits    | field                                                        |
-//! |---------|--------------------------------------------------------------|
-//! | 0..=39  | host frame number (host-physical address >> 12), 52-bit HPAs |
-//! | 40..=43 | [`PageType`]                                                 |
-//! | 44..=46 | [`PageState`]                                                |
-//! | 47..=63 | reserved for handler state, large-page state, written-to and map-lock counts |
+//! | bits    | field                                                              |
+//! |---------|--------------------------------------------------------------------|
+//! | 0..=39  | host frame number (host-physical address >> 12): 52-bit HPAs       |
+//! | 40..=43 | [`PageType`]                                                       |
+//! | 44..=46 | [`PageState`]                                                      |
+//! | 47..=48 | [`HandlerState`]                                                   |
+//! | 49..=50 | [`LargePageState`]                                                 |
+//! | 51      | written-to (set by a write while write monitoring is on)           |
+//! | 52..=63 | reserved (map-lock counts)                                         |
 //!
-//! A ZERO page stores no frame of its own (it is backed by the manager's shared zero frame), so
-//! its frame field is 0.
+//! A page with no frame of its own (ZERO, BALLOONED, MMIO) stores frame number 0.
+
+use core::fmt;
 
 use crate::addr::{HostPhysAddr, HOST_PHYS_BITS, PAGE_SHIFT};
 
 const FRAME_BITS: u32 = HOST_PHYS_BITS - PAGE_SHIFT;
 const FRAME_MASK: u64 = (1 << FRAME_BITS) - 1;
-const TYPE_SHIFT: u32 = 40;
-const TYPE_MASK: u64 = 0xF;
-const STATE_SHIFT: u32 = 44;
-const STATE_MASK: u64 = 0x7;
+
+/// A bit field of the descriptor: `(shift, mask)`.
+#[derive(Clone, Copy)]
+struct Field(u32, u64);
+
+const TYPE: Field = Field(40, 0xF);
+const STATE: Field = Field(44, 0x7);
+const HANDLER: Field = Field(47, 0x3);
+const LARGE: Field = Field(49, 0x3);
+const WRITTEN_TO: Field = Field(51, 0x1);
 
 /// What kind of guest-physical page this is; decides how it is mapped and what faults mean.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,15 +37,8 @@ const STATE_MASK: u64 = 0x7;
 pub enum PageType {
     /// Ordinary guest RAM.
     Ram = 1,
-}
-
-impl PageType {
-    fn from_bits(bits: u64) -> Option<PageType> {
-        match bits {
-            1 => Some(PageType::Ram),
-            _ => None,
-        }
-    }
+    /// Memory-mapped I/O: no backing frame, every access goes to the region's handler.
+    Mmio = 2,
 }
 
 /// Where a page's contents live.
@@ -47,15 +50,37 @@ pub enum PageState {
     Zero = 0,
     /// Backed by a private host frame, mapped read/write/execute.
     Allocated = 1,
+    /// Backed by a private frame but write-protected so the next write is noticed (write
+    /// monitoring); the write makes it ALLOCATED again.
+    WriteMonitored = 2,
+    /// Handed to the balloon: no frame, not mapped; any guest access is reported.
+    Ballooned = 4,
 }
 
-impl PageState {
-    fn from_bits(bits: u64) -> PageState {
-        match bits {
-            1 => PageState::Allocated,
-            _ => PageState::Zero,
-        }
-    }
+/// Whether and how an access handler covers the page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum HandlerState {
+    /// No handler.
+    None = 0,
+    /// A handler covers the page but is temporarily off for it: mapped as without handler.
+    Disabled = 1,
+    /// Writes go to the handler; reads and fetches do not.
+    Write = 2,
+    /// Every access goes to the handler.
+    All = 3,
+}
+
+/// Whether the page is part of a 2 MiB EPT mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum LargePageState {
+    /// Mapped with 4 KiB entries.
+    None = 0,
+    /// Part of a 2 MiB mapping.
+    Large = 1,
+    /// Its 2 MiB block may not be mapped large (a handler or monitoring needs 4 KiB).
+    Disabled = 2,
 }
 
 /// The packed 8-byte descriptor of one guest page (layout in the module docs).
@@ -66,35 +91,94 @@ pub struct PageDescriptor(u64);
 const _: () = assert!(core::mem::size_of::<PageDescriptor>() == 8);
 
 impl PageDescriptor {
-    /// A page of `page_type` in the ZERO state, with no frame of its own.
+    /// A page of `page_type` in the ZERO state, with no frame and no handler.
     pub const fn zero(page_type: PageType) -> PageDescriptor {
-        PageDescriptor((page_type as u64) << TYPE_SHIFT)
+        PageDescriptor((page_type as u64) << TYPE.0)
     }
 
     /// The page's type.
     pub fn page_type(self) -> PageType {
-        // Descriptors are only built by this module from a valid PageType.
-        PageType::from_bits((self.0 >> TYPE_SHIFT) & TYPE_MASK).unwrap_or(PageType::Ram)
+        match self.get(TYPE) {
+            2 => PageType::Mmio,
+            _ => PageType::Ram,
+        }
     }
 
     /// The page's state.
     pub fn state(self) -> PageState {
-        PageState::from_bits((self.0 >> STATE_SHIFT) & STATE_MASK)
+        match self.get(STATE) {
+            1 => PageState::Allocated,
+            2 => PageState::WriteMonitored,
+            4 => PageState::Ballooned,
+            _ => PageState::Zero,
+        }
     }
 
-    /// The page's private host frame; `None` for a page with no frame of its own (ZERO).
+    /// The handler state.
+    pub fn handler(self) -> HandlerState {
+        match self.get(HANDLER) {
+            1 => HandlerState::Disabled,
+            2 => HandlerState::Write,
+            3 => HandlerState::All,
+            _ => HandlerState::None,
+        }
+    }
+
+    /// The large-page state.
+    pub fn large_page(self) -> LargePageState {
+        match self.get(LARGE) {
+            1 => LargePageState::Large,
+            2 => LargePageState::Disabled,
+            _ => LargePageState::None,
+        }
+    }
+
+    /// True when the page was written since write monitoring last reset the flag.
+    pub fn written_to(self) -> bool {
+        self.get(WRITTEN_TO) != 0
+    }
+
+    /// The page's private host frame; `None` for a page with no frame of its own.
     pub fn frame(self) -> Option<HostPhysAddr> {
         let number = self.0 & FRAME_MASK;
         (number != 0).then(|| HostPhysAddr::new_truncate(number << PAGE_SHIFT))
     }
 
-    /// The raw 64-bit value (for diagnostics and size accounting).
+    /// The raw 64-bit value (for diagnostics).
     pub const fn raw(self) -> u64 {
         self.0
     }
 
+    /// The descriptor with another handler state.
+    pub fn with_handler(self, handler: HandlerState) -> PageDescriptor {
+        self.set(HANDLER, handler as u64)
+    }
+
+    /// The descriptor with another large-page state.
+    pub fn with_large_page(self, large: LargePageState) -> PageDescriptor {
+        self.set(LARGE, large as u64)
+    }
+
+    /// The descriptor with the written-to flag set or cleared.
+    pub fn with_written_to(self, written: bool) -> PageDescriptor {
+        self.set(WRITTEN_TO, written as u64)
+    }
+
+    /// The descriptor with another type (frame and state untouched).
+    pub fn with_type(self, page_type: PageType) -> PageDescriptor {
+        self.set(TYPE, page_type as u64)
+    }
+
+    fn get(self, field: Field) -> u64 {
+        (self.0 >> field.0) & field.1
+    }
+
+    fn set(self, field: Field, value: u64) -> PageDescriptor {
+        PageDescriptor((self.0 & !(field.1 << field.0)) | ((value & field.1) << field.0))
+    }
+
     fn with_state(self, state: PageState) -> PageDescriptor {
-        PageDescriptor((self.0 & !(STATE_MASK << STATE_SHIFT)) | ((state as u64) << STATE_SHIFT))
+        self.set(STATE, state as u64)
     }
 
     fn with_frame(self, frame: Option<HostPhysAddr>) -> PageDescriptor {
@@ -103,11 +187,14 @@ impl PageDescriptor {
     }
 }
 
-impl core::fmt::Debug for PageDescriptor {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+impl fmt::Debug for PageDescriptor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PageDescriptor")
             .field("type", &self.page_type())
             .field("state", &self.state())
+            .field("handler", &self.handler())
+            .field("large", &self.large_page())
+            .field("written_to", &self.written_to())
             .field("frame", &self.frame())
             .finish()
     }
@@ -120,6 +207,14 @@ pub enum PageEvent {
     Write,
     /// The page is returned to its power-on state (RAM reset).
     Reset,
+    /// Write monitoring write-protects the page (start, or re-arm after a harvest).
+    Protect,
+    /// Write monitoring ends: the page is writable again.
+    Unprotect,
+    /// The balloon takes the page.
+    Inflate,
+    /// The balloon gives the page back.
+    Deflate,
 }
 
 /// What the caller must do with host frames to carry a transition out.
@@ -129,7 +224,7 @@ pub enum FrameEffect {
     None,
     /// Allocate a zero-filled private frame and pass it to [`Transition::apply`].
     AllocateZeroed,
-    /// Free the page's private frame once the descriptor no longer names it.
+    /// Free the page's private frame once the descriptor and EPT no longer name it.
     Free(HostPhysAddr),
 }
 
@@ -144,8 +239,8 @@ pub struct Transition {
 }
 
 impl Transition {
-    /// True when the transition changes the page's mapping (EPT entry) or backing.
-    pub fn changes_mapping(&self, from: PageState) -> bool {
+    /// True when the transition changes the page's state or backing (and so its EPT entry).
+    pub fn changes_page(&self, from: PageState) -> bool {
         self.next != from || self.effect != FrameEffect::None
     }
 
@@ -161,71 +256,158 @@ impl Transition {
     }
 }
 
-/// The page-state machine: decides the next state of `page` on `event`, and the frame work
-/// that goes with it. Every state change of every page goes through here.
-pub fn transition(page: PageDescriptor, event: PageEvent) -> Transition {
+/// Why the state machine refused an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InvalidTransition {
+    /// The page's state.
+    pub state: PageState,
+    /// The refused event.
+    pub event: PageEvent,
+}
+
+/// The page-state machine: decides the next state of `page` on `event` and the frame work that
+/// goes with it. Every state change of every page goes through here.
+///
+/// | state \ event   | Write          | Reset      | Protect        | Unprotect | Inflate      | Deflate |
+/// |-----------------|----------------|------------|----------------|-----------|--------------|---------|
+/// | Zero            | Allocated +new | Zero       | Zero           | Zero      | Ballooned    | refused |
+/// | Allocated       | Allocated      | Zero −free | WriteMonitored | Allocated | Ballooned −free | refused |
+/// | WriteMonitored  | Allocated      | Zero −free | WriteMonitored | Allocated | Ballooned −free | refused |
+/// | Ballooned       | refused        | Zero       | Ballooned      | Ballooned | refused      | Zero    |
+pub fn transition(page: PageDescriptor, event: PageEvent) -> Result<Transition, InvalidTransition> {
+    use PageEvent::*;
     use PageState::*;
-    let (next, effect) = match (page.state(), event) {
-        (Zero, PageEvent::Write) => (Allocated, FrameEffect::AllocateZeroed),
-        (Zero, PageEvent::Reset) => (Zero, FrameEffect::None),
-        (Allocated, PageEvent::Write) => (Allocated, FrameEffect::None),
-        (Allocated, PageEvent::Reset) => match page.frame() {
-            Some(frame) => (Zero, FrameEffect::Free(frame)),
-            None => (Zero, FrameEffect::None),
-        },
+    let state = page.state();
+    let free = || page.frame().map_or(FrameEffect::None, FrameEffect::Free);
+    let (next, effect) = match (state, event) {
+        (Zero, Write) => (Allocated, FrameEffect::AllocateZeroed),
+        (Allocated | WriteMonitored, Write) => (Allocated, FrameEffect::None),
+        (Allocated | WriteMonitored, Reset) => (Zero, free()),
+        (Zero | Ballooned, Reset) => (Zero, FrameEffect::None),
+        (Allocated | WriteMonitored, Protect) => (WriteMonitored, FrameEffect::None),
+        (Allocated | WriteMonitored, Unprotect) => (Allocated, FrameEffect::None),
+        (Zero | Ballooned, Protect | Unprotect) => (state, FrameEffect::None),
+        (Zero, Inflate) => (Ballooned, FrameEffect::None),
+        (Allocated | WriteMonitored, Inflate) => (Ballooned, free()),
+        (Ballooned, Deflate) => (Zero, FrameEffect::None),
+        (Ballooned, Write | Inflate) | (Zero | Allocated | WriteMonitored, Deflate) => {
+            return Err(InvalidTransition { state, event });
+        }
     };
-    Transition { next, effect }
+    Ok(Transition { next, effect })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::addr::PAGE_SIZE;
 
     fn hpa(addr: u64) -> HostPhysAddr {
         HostPhysAddr::new(addr).unwrap()
     }
 
+    fn allocated(frame: u64) -> PageDescriptor {
+        let page = PageDescriptor::zero(PageType::Ram);
+        transition(page, PageEvent::Write)
+            .unwrap()
+            .apply(page, Some(hpa(frame)))
+    }
+
     #[test]
-    fn new_page_is_zero_without_frame() {
+    fn new_page_is_zero_without_frame_or_handler() {
         let page = PageDescriptor::zero(PageType::Ram);
         assert_eq!(page.page_type(), PageType::Ram);
         assert_eq!(page.state(), PageState::Zero);
         assert_eq!(page.frame(), None);
+        assert_eq!(page.handler(), HandlerState::None);
+        assert_eq!(page.large_page(), LargePageState::None);
+        assert!(!page.written_to());
+    }
+
+    #[test]
+    fn fields_are_independent() {
+        let top = hpa((1 << 52) - PAGE_SIZE);
+        let page = allocated(top.as_u64())
+            .with_handler(HandlerState::All)
+            .with_large_page(LargePageState::Disabled)
+            .with_written_to(true)
+            .with_type(PageType::Mmio);
+        assert_eq!(page.frame(), Some(top));
+        assert_eq!(page.state(), PageState::Allocated);
+        assert_eq!(page.handler(), HandlerState::All);
+        assert_eq!(page.large_page(), LargePageState::Disabled);
+        assert!(page.written_to());
+        assert_eq!(page.page_type(), PageType::Mmio);
+        let cleared = page.with_written_to(false).with_handler(HandlerState::None);
+        assert_eq!(
+            (cleared.frame(), cleared.state()),
+            (Some(top), PageState::Allocated)
+        );
+        assert!(!cleared.written_to());
     }
 
     #[test]
     fn first_write_allocates_then_later_writes_do_not() {
-        let page = PageDescriptor::zero(PageType::Ram);
-        let first = transition(page, PageEvent::Write);
-        assert_eq!(first.effect, FrameEffect::AllocateZeroed);
-        let page = first.apply(page, Some(hpa(0xABCD_E000)));
+        let page = allocated(0xABCD_E000);
         assert_eq!(page.state(), PageState::Allocated);
         assert_eq!(page.frame(), Some(hpa(0xABCD_E000)));
-        assert_eq!(page.page_type(), PageType::Ram);
-        let again = transition(page, PageEvent::Write);
-        assert_eq!(again.effect, FrameEffect::None);
-        assert!(!again.changes_mapping(page.state()));
+        let again = transition(page, PageEvent::Write).unwrap();
+        assert!(!again.changes_page(page.state()));
     }
 
     #[test]
-    fn reset_frees_the_private_frame() {
-        let page = PageDescriptor::zero(PageType::Ram);
-        let page = transition(page, PageEvent::Write).apply(page, Some(hpa(0x5000)));
-        let reset = transition(page, PageEvent::Reset);
-        assert_eq!(reset.effect, FrameEffect::Free(hpa(0x5000)));
-        let page = reset.apply(page, None);
-        assert_eq!(page.state(), PageState::Zero);
-        assert_eq!(page.frame(), None);
+    fn monitoring_round_trip_keeps_the_frame() {
+        let page = allocated(0x5000);
+        let protected = transition(page, PageEvent::Protect).unwrap().apply(page, None);
+        assert_eq!(protected.state(), PageState::WriteMonitored);
+        assert_eq!(protected.frame(), Some(hpa(0x5000)));
+        let written = transition(protected, PageEvent::Write).unwrap();
+        assert_eq!(
+            written.effect,
+            FrameEffect::None,
+            "a monitored write needs no new frame"
+        );
+        assert_eq!(written.apply(protected, None).frame(), Some(hpa(0x5000)));
+        let zero = PageDescriptor::zero(PageType::Ram);
+        assert!(!transition(zero, PageEvent::Protect)
+            .unwrap()
+            .changes_page(PageState::Zero));
     }
 
     #[test]
-    fn frame_field_holds_52_bit_addresses() {
-        let page = PageDescriptor::zero(PageType::Ram);
-        let top = hpa((1 << 52) - PAGE_SIZE_FOR_TEST);
-        let page = transition(page, PageEvent::Write).apply(page, Some(top));
-        assert_eq!(page.frame(), Some(top));
-        assert_eq!(page.state(), PageState::Allocated);
+    fn reset_and_inflate_free_the_private_frame() {
+        for event in [PageEvent::Reset, PageEvent::Inflate] {
+            let page = allocated(0x5000);
+            let step = transition(page, event).unwrap();
+            assert_eq!(step.effect, FrameEffect::Free(hpa(0x5000)));
+            assert_eq!(step.apply(page, None).frame(), None);
+        }
     }
 
-    const PAGE_SIZE_FOR_TEST: u64 = crate::addr::PAGE_SIZE;
+    #[test]
+    fn balloon_round_trip_and_refusals() {
+        let zero = PageDescriptor::zero(PageType::Ram);
+        let ballooned = transition(zero, PageEvent::Inflate).unwrap().apply(zero, None);
+        assert_eq!(ballooned.state(), PageState::Ballooned);
+        for event in [PageEvent::Write, PageEvent::Inflate] {
+            assert_eq!(
+                transition(ballooned, event),
+                Err(InvalidTransition {
+                    state: PageState::Ballooned,
+                    event
+                })
+            );
+        }
+        assert_eq!(
+            transition(zero, PageEvent::Deflate),
+            Err(InvalidTransition {
+                state: PageState::Zero,
+                event: PageEvent::Deflate
+            })
+        );
+        let back = transition(ballooned, PageEvent::Deflate)
+            .unwrap()
+            .apply(ballooned, None);
+        assert_eq!(back.state(), PageState::Zero);
+    }
 }

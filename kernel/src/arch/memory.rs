@@ -1,6 +1,8 @@
 //! Host memory: the kernel heap, the host frame allocator built from the boot memory map, and
 //! access to host-physical memory through the bootloader's physical-memory mapping.
 
+use alloc::vec::Vec;
+
 use bootloader_api::info::{MemoryRegionKind, MemoryRegions};
 use linked_list_allocator::LockedHeap;
 use pgm::frames::{BitmapFrameAllocator, FrameCounts, HostFrameAllocator, HostMemory};
@@ -52,7 +54,25 @@ impl HostFrameAllocator for KernelFrames {
     }
 
     fn free_frame(&mut self, frame: HostPhysAddr) {
-        if let Some(frames) = FRAMES.lock().as_mut() {
+        self.free_frames(&[frame]);
+    }
+
+    fn allocate_frames(&mut self, count: usize, out: &mut Vec<HostPhysAddr>) -> usize {
+        let mut guard = FRAMES.lock();
+        let Some(frames) = guard.as_mut() else {
+            return 0;
+        };
+        let before = out.len();
+        out.extend((0..count).map_while(|_| frames.allocate()));
+        out.len() - before
+    }
+
+    fn free_frames(&mut self, batch: &[HostPhysAddr]) {
+        let mut guard = FRAMES.lock();
+        let Some(frames) = guard.as_mut() else {
+            return;
+        };
+        for &frame in batch {
             if let Err(error) = frames.free(frame) {
                 log::error!("frame allocator refused a free: {error:?}");
             }

@@ -1,0 +1,190 @@
+//! The VM's private-frame pool, in place of VirtualBox's handy pages and GMM free batches:
+//! faults take pre-allocated frames from a pool of [`HANDY_PAGES`] that is topped up in one
+//! batch when [`HANDY_REFILL_AT`] remain, freed frames go back in batches of [`FREE_BATCH`], and
+//! a per-VM limit caps the frames backing guest pages.
+
+use alloc::vec::Vec;
+
+use crate::addr::HostPhysAddr;
+use crate::error::PgmError;
+use crate::frames::HostFrameAllocator;
+
+/// Frames the pool holds when full.
+pub const HANDY_PAGES: usize = 128;
+/// The pool is topped up when this many or fewer remain.
+pub const HANDY_REFILL_AT: usize = 32;
+/// Freed frames are given back to the allocator this many at a time.
+pub const FREE_BATCH: usize = 128;
+
+/// Private frames of one VM: the handy pool, the pending-free batch and the limit.
+#[derive(Default)]
+pub struct FramePool {
+    handy: Vec<HostPhysAddr>,
+    pending_free: Vec<HostPhysAddr>,
+    limit: Option<u64>,
+    in_use: u64,
+    taken: u64,
+}
+
+impl FramePool {
+    /// Frames backing guest pages now.
+    pub fn in_use(&self) -> u64 {
+        self.in_use
+    }
+
+    /// Frames handed out for guest pages since creation.
+    pub fn taken(&self) -> u64 {
+        self.taken
+    }
+
+    /// Frames waiting in the handy pool.
+    pub fn handy(&self) -> usize {
+        self.handy.len()
+    }
+
+    /// Freed frames not yet given back to the allocator.
+    pub fn pending_free(&self) -> usize {
+        self.pending_free.len()
+    }
+
+    /// The per-VM limit on frames backing guest pages (`None`: only the host's memory limits).
+    pub fn limit(&self) -> Option<u64> {
+        self.limit
+    }
+
+    /// Sets the limit. A limit below what is in use only stops further allocation.
+    pub fn set_limit(&mut self, limit: Option<u64>) {
+        self.limit = limit;
+    }
+
+    /// True when the next [`take`](Self::take) would fail on the limit.
+    pub fn at_limit(&self) -> bool {
+        self.limit.is_some_and(|limit| self.in_use >= limit)
+    }
+
+    /// Takes a frame for a guest page: from the handy pool, topping it up first when it is
+    /// empty. [`PgmError::FrameLimit`] or [`PgmError::OutOfFrames`] change nothing.
+    pub fn take(&mut self, frames: &mut impl HostFrameAllocator) -> Result<HostPhysAddr, PgmError> {
+        if self.at_limit() {
+            return Err(PgmError::FrameLimit);
+        }
+        if self.handy.is_empty() {
+            self.refill(frames);
+        }
+        let frame = self.handy.pop().ok_or(PgmError::OutOfFrames)?;
+        self.in_use += 1;
+        self.taken += 1;
+        Ok(frame)
+    }
+
+    /// True when the pool is down to [`HANDY_REFILL_AT`] frames.
+    pub fn needs_refill(&self) -> bool {
+        self.handy.len() <= HANDY_REFILL_AT
+    }
+
+    /// Tops the pool up to [`HANDY_PAGES`] in one allocator call; frames pending free are
+    /// reused first. Returns how many frames the pool gained.
+    pub fn refill(&mut self, frames: &mut impl HostFrameAllocator) -> usize {
+        let before = self.handy.len();
+        while self.handy.len() < HANDY_PAGES {
+            match self.pending_free.pop() {
+                Some(frame) => self.handy.push(frame),
+                None => break,
+            }
+        }
+        let wanted = HANDY_PAGES - self.handy.len();
+        frames.allocate_frames(wanted, &mut self.handy);
+        self.handy.len() - before
+    }
+
+    /// Takes back the frame of a guest page; the allocator gets it with the next full batch.
+    pub fn release(&mut self, frame: HostPhysAddr, frames: &mut impl HostFrameAllocator) {
+        self.in_use -= 1;
+        self.pending_free.push(frame);
+        if self.pending_free.len() >= FREE_BATCH {
+            self.flush(frames);
+        }
+    }
+
+    /// Gives every pending frame back to the allocator now.
+    pub fn flush(&mut self, frames: &mut impl HostFrameAllocator) {
+        frames.free_frames(&self.pending_free);
+        self.pending_free.clear();
+    }
+
+    /// Gives back the handy and pending frames (frames still in use are the caller's).
+    pub fn drain(&mut self, frames: &mut impl HostFrameAllocator) {
+        self.flush(frames);
+        frames.free_frames(&self.handy);
+        self.handy.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::SimFrames;
+
+    #[test]
+    fn the_first_take_fills_the_pool_in_one_batch() {
+        let mut frames = SimFrames::new(1000);
+        let mut pool = FramePool::default();
+        pool.take(&mut frames).unwrap();
+        assert_eq!(pool.handy(), HANDY_PAGES - 1);
+        assert_eq!(frames.inner.counts().used(), HANDY_PAGES as u64);
+        assert_eq!((pool.in_use(), pool.taken()), (1, 1));
+    }
+
+    #[test]
+    fn refill_tops_up_and_reuses_pending_frees_first() {
+        let mut frames = SimFrames::new(1000);
+        let mut pool = FramePool::default();
+        let taken: Vec<_> = (0..100).map(|_| pool.take(&mut frames).unwrap()).collect();
+        assert!(pool.needs_refill());
+        for frame in &taken[..10] {
+            pool.release(*frame, &mut frames);
+        }
+        assert_eq!(pool.pending_free(), 10);
+        let used = frames.inner.counts().used();
+        assert_eq!(pool.refill(&mut frames), 100);
+        assert_eq!(pool.handy(), HANDY_PAGES);
+        assert_eq!(pool.pending_free(), 0);
+        assert_eq!(
+            frames.inner.counts().used(),
+            used + 90,
+            "10 came from the pending frees"
+        );
+    }
+
+    #[test]
+    fn frees_go_back_in_batches() {
+        let mut frames = SimFrames::new(1000);
+        let mut pool = FramePool::default();
+        let taken: Vec<_> = (0..300).map(|_| pool.take(&mut frames).unwrap()).collect();
+        let mut flushes = 0;
+        for frame in taken {
+            let before = frames.inner.counts().frees;
+            pool.release(frame, &mut frames);
+            flushes += (frames.inner.counts().frees != before) as u32;
+        }
+        assert_eq!(flushes, 2, "300 frees make two full batches of 128");
+        assert_eq!(pool.pending_free(), 300 - 2 * FREE_BATCH);
+        pool.drain(&mut frames);
+        assert_eq!(frames.inner.counts().used(), 0);
+    }
+
+    #[test]
+    fn the_limit_and_exhaustion_are_distinct_and_change_nothing() {
+        let mut frames = SimFrames::new(1000);
+        let mut pool = FramePool::default();
+        pool.set_limit(Some(2));
+        pool.take(&mut frames).unwrap();
+        pool.take(&mut frames).unwrap();
+        assert_eq!(pool.take(&mut frames), Err(PgmError::FrameLimit));
+        assert_eq!(pool.in_use(), 2);
+        let mut empty = SimFrames::new(0);
+        let mut pool = FramePool::default();
+        assert_eq!(pool.take(&mut empty), Err(PgmError::OutOfFrames));
+        assert_eq!((pool.in_use(), pool.handy()), (0, 0));
+    }
+}
