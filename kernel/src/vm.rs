@@ -63,6 +63,8 @@ pub enum StopCause {
     OutOfMemory,
     /// The guest touched a page it had given to the balloon.
     BalloonedPage,
+    /// The access belongs to an access handler or MMIO region this VM has no device model for.
+    NoDeviceModel,
     /// The guest triple-faulted.
     TripleFault,
     /// An exit this hypervisor does not handle.
@@ -344,6 +346,7 @@ impl<'a> Vm<'a> {
             FaultOutcome::NotGuestMemory => return stop(self, StopCause::NotGuestMemory),
             FaultOutcome::OutOfMemory => return stop(self, StopCause::OutOfMemory),
             FaultOutcome::Ballooned => return stop(self, StopCause::BalloonedPage),
+            FaultOutcome::Handler { .. } => return stop(self, StopCause::NoDeviceModel),
         };
         // The same page faulting again right after a resolution means a translation outlived
         // the violation: flush this VM's translations, and give up if even that does not help.

@@ -33,6 +33,17 @@ pub enum PgmError {
     },
     /// The page is not RAM (e.g. MMIO) and the operation needs RAM.
     NotRam(GuestPhysAddr),
+    /// No handler or MMIO region has this handle.
+    UnknownHandler(crate::handlers::HandlerId),
+    /// The range overlaps the pages of an existing handler.
+    HandlerOverlap {
+        /// The handler already covering part of the range.
+        existing: crate::handlers::HandlerId,
+    },
+    /// The page is covered by an access handler, which the operation does not allow.
+    HandlerPresent(GuestPhysAddr),
+    /// The page is not covered by the handler named.
+    NotHandled(GuestPhysAddr),
 }
 
 impl fmt::Display for PgmError {
@@ -47,6 +58,10 @@ impl fmt::Display for PgmError {
             PgmError::FrameLimit => write!(f, "the VM's frame limit is reached"),
             PgmError::PageState { gpa, state } => write!(f, "page {gpa} is {state:?}"),
             PgmError::NotRam(gpa) => write!(f, "{gpa} is not RAM"),
+            PgmError::UnknownHandler(id) => write!(f, "no handler {id:?}"),
+            PgmError::HandlerOverlap { existing } => write!(f, "range overlaps handler {existing:?}"),
+            PgmError::HandlerPresent(gpa) => write!(f, "{gpa} is covered by an access handler"),
+            PgmError::NotHandled(gpa) => write!(f, "{gpa} is not covered by that handler"),
         }
     }
 }

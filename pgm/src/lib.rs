@@ -15,6 +15,7 @@ pub mod addr;
 pub mod ept;
 pub mod error;
 pub mod frames;
+pub mod handlers;
 pub mod manager;
 pub mod page;
 pub mod paging;

@@ -602,3 +602,198 @@ fn faults_are_served_from_the_handy_pool_in_batches() {
         "{batches_worth} frames taken from the allocator"
     );
 }
+
+use crate::handlers::HandlerKind;
+
+#[test]
+fn a_write_handler_intercepts_writes_only_until_deregistered() {
+    let mut pgm = pc_like();
+    guest_write(&mut pgm, gpa(0x10_1000), b"orig");
+    let (id, invalidation) = pgm
+        .register_handler(HandlerKind::Write, gpa(MIB), 4 * PAGE_SIZE)
+        .unwrap();
+    assert_eq!(
+        invalidation,
+        Invalidation::SingleContext,
+        "permissions were taken away"
+    );
+    assert_eq!(
+        guest_read(&pgm, gpa(0x10_1000), 4),
+        b"orig",
+        "reads still go to memory"
+    );
+    for at in [MIB, 0x10_1000, 0x10_3FFF] {
+        assert_eq!(
+            guest_write(&mut pgm, gpa(at), b"w"),
+            GuestAccess::Stopped(FaultOutcome::Handler { handler: id })
+        );
+    }
+    assert_eq!(
+        pgm.stats().private_frames(),
+        1,
+        "a handled write to a ZERO page allocates nothing"
+    );
+    assert_eq!(
+        guest_write(&mut pgm, gpa(0x10_4000), b"w"),
+        GuestAccess::Done { faults: 1 },
+        "outside"
+    );
+    assert_eq!(pgm.deregister_handler(id), Ok(Invalidation::None));
+    assert_eq!(
+        guest_write(&mut pgm, gpa(0x10_1000), b"free"),
+        GuestAccess::Done { faults: 0 }
+    );
+    assert_eq!(pgm.deregister_handler(id), Err(PgmError::UnknownHandler(id)));
+    assert_accounting(&pgm);
+}
+
+#[test]
+fn an_all_handler_intercepts_reads_too_and_a_page_can_be_turned_off_and_reset() {
+    let mut pgm = pc_like();
+    let (id, _) = pgm
+        .register_handler(HandlerKind::All, gpa(0x5000), 2 * PAGE_SIZE)
+        .unwrap();
+    assert_eq!(
+        pgm.translate(gpa(0x5000), Access::Read).unwrap_err().permitted,
+        Permissions::empty()
+    );
+    assert_eq!(
+        pgm.resolve_fault(gpa(0x5000), Access::Read),
+        FaultOutcome::Handler { handler: id }
+    );
+    assert_eq!(
+        pgm.resolve_fault(gpa(0x6000), Access::Execute),
+        FaultOutcome::Handler { handler: id }
+    );
+    assert_eq!(pgm.disable_handler_page(id, gpa(0x6123)), Ok(Invalidation::None));
+    assert!(
+        pgm.translate(gpa(0x6000), Access::Read).is_ok(),
+        "the page maps as plain RAM"
+    );
+    assert_eq!(
+        guest_write(&mut pgm, gpa(0x6000), b"ram"),
+        GuestAccess::Done { faults: 1 }
+    );
+    assert!(
+        pgm.translate(gpa(0x5000), Access::Read).is_err(),
+        "the other page is still handled"
+    );
+    assert_eq!(
+        pgm.disable_handler_page(id, gpa(0x7000)),
+        Err(PgmError::NotHandled(gpa(0x7000)))
+    );
+    assert_eq!(pgm.reset_handler(id), Ok(Invalidation::SingleContext));
+    assert_eq!(
+        pgm.resolve_fault(gpa(0x6000), Access::Read),
+        FaultOutcome::Handler { handler: id }
+    );
+    assert_eq!(pgm.reset_handler(id), Ok(Invalidation::None), "nothing was off");
+}
+
+#[test]
+fn bad_handler_registrations_change_nothing() {
+    let mut pgm = pc_like();
+    let (first, _) = pgm
+        .register_handler(HandlerKind::Write, gpa(0x8000), 2 * PAGE_SIZE)
+        .unwrap();
+    let before: Vec<_> = (0..16).map(|i| pgm.page(gpa(i * PAGE_SIZE)).unwrap()).collect();
+    let cases = [
+        (
+            gpa(0x9000),
+            2 * PAGE_SIZE,
+            PgmError::HandlerOverlap { existing: first },
+        ),
+        (
+            gpa(0x9F000),
+            2 * PAGE_SIZE,
+            PgmError::NotGuestMemory(gpa(0xA_0000)),
+        ),
+        (gpa(0x1800), PAGE_SIZE, PgmError::Misaligned),
+        (gpa(0x1000), 0, PgmError::ZeroSize),
+    ];
+    for (base, size, expected) in cases {
+        assert_eq!(pgm.register_handler(HandlerKind::All, base, size), Err(expected));
+    }
+    let after: Vec<_> = (0..16).map(|i| pgm.page(gpa(i * PAGE_SIZE)).unwrap()).collect();
+    assert_eq!(before, after);
+    assert_eq!(
+        pgm.balloon_inflate(&[gpa(0x8000)]),
+        Err(PgmError::HandlerPresent(gpa(0x8000)))
+    );
+}
+
+#[test]
+fn mmio_in_unassigned_space_faults_to_its_handler_and_goes_away_cleanly() {
+    let mut pgm = pc_like();
+    let used = frames_used(&pgm);
+    let (id, invalidation) = pgm.register_mmio(gpa(0xFEC0_0000), 2 * PAGE_SIZE).unwrap();
+    assert_eq!(invalidation, Invalidation::None);
+    assert_eq!(frames_used(&pgm), used, "MMIO needs no frames and no tables");
+    assert_eq!(pgm.stats().mmio_pages, 2);
+    for access in [Access::Read, Access::Write, Access::Execute] {
+        assert_eq!(
+            pgm.resolve_fault(gpa(0xFEC0_1FFC), access),
+            FaultOutcome::Handler { handler: id }
+        );
+    }
+    let mut buf = [0; 4];
+    assert_eq!(
+        pgm.read_phys(gpa(0xFEC0_0000), &mut buf),
+        Err(PgmError::NotRam(gpa(0xFEC0_0000)))
+    );
+    assert_eq!(
+        pgm.write_phys(gpa(0xFEC0_0000), &buf),
+        Err(PgmError::NotRam(gpa(0xFEC0_0000)))
+    );
+    assert_eq!(
+        pgm.register_mmio(gpa(0xFEC0_1000), PAGE_SIZE),
+        Err(PgmError::HandlerOverlap { existing: id })
+    );
+    assert_eq!(
+        pgm.deregister_handler(id),
+        Err(PgmError::UnknownHandler(id)),
+        "MMIO is not a plain handler"
+    );
+    assert_eq!(pgm.deregister_mmio(id), Ok(Invalidation::None));
+    assert_eq!(
+        pgm.resolve_fault(gpa(0xFEC0_0000), Access::Read),
+        FaultOutcome::NotGuestMemory
+    );
+    assert_eq!(pgm.stats().mmio_pages, 0);
+    assert_eq!(pgm.ranges().len(), 2);
+    assert_accounting(&pgm);
+}
+
+#[test]
+fn mmio_over_ram_returns_its_frames_and_leaves_zero_ram_when_removed() {
+    let mut pgm = pc_like();
+    guest_write(&mut pgm, gpa(0xE_0000 + MIB), b"gone");
+    guest_write(&mut pgm, gpa(0xE_1000 + MIB), b"gone");
+    pgm.start_write_monitoring();
+    let (id, invalidation) = pgm.register_mmio(gpa(0xE_0000 + MIB), 4 * PAGE_SIZE).unwrap();
+    assert_eq!(invalidation, Invalidation::SingleContext);
+    assert_eq!(pgm.stats().private_frames(), 0);
+    assert_eq!(pgm.stats().mmio_pages, 4);
+    assert_eq!(
+        pgm.resolve_fault(gpa(0xE_2000 + MIB), Access::Read),
+        FaultOutcome::Handler { handler: id }
+    );
+    assert_eq!(
+        harvest(&mut pgm),
+        [0xE_0000 + MIB, 0xE_1000 + MIB],
+        "the replaced contents are gone"
+    );
+    assert_accounting(&pgm);
+    assert_eq!(pgm.deregister_mmio(id), Ok(Invalidation::None));
+    assert_eq!(guest_read(&pgm, gpa(0xE_0000 + MIB), 4), [0; 4]);
+    assert_eq!(
+        pgm.stats().zero_pages + pgm.stats().write_monitored_pages,
+        pgm.stats().ram_pages
+    );
+    // Part RAM, part hole: refused.
+    assert_eq!(
+        pgm.register_mmio(gpa(0x9_F000), 2 * PAGE_SIZE),
+        Err(PgmError::NotGuestMemory(gpa(0xA_0000)))
+    );
+    assert_accounting(&pgm);
+}

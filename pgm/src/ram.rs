@@ -119,6 +119,12 @@ impl RamRanges {
         self.last_hit.set(0);
     }
 
+    /// Removes the range at `index` and returns it.
+    pub(crate) fn remove(&mut self, index: usize) -> RamRange {
+        self.last_hit.set(0);
+        self.ranges.remove(index)
+    }
+
     /// Finds the page holding `gpa`: the cached range first, then a binary search.
     pub fn find(&self, gpa: GuestPhysAddr) -> Option<PageLocation> {
         let range = match self.ranges.get(self.last_hit.get()) {

@@ -10,10 +10,13 @@ use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::ept::{ept_pointer, Ept};
 use crate::error::PgmError;
 use crate::frames::{HostFrameAllocator, HostMemory};
+use crate::handlers::{HandlerId, Handlers};
 use crate::page::{transition, FrameEffect, HandlerState, PageDescriptor, PageEvent, PageState, PageType};
 use crate::paging::{self, Access, Invalidation, Leaf, MemoryType, NestedTables, Permissions, Violation};
 use crate::pool::FramePool;
 use crate::ram::{PageLocation, RamRange, RamRanges};
+
+mod handlers;
 
 /// What a fault resolution decided. The caller resumes the guest only for `Resolved`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,6 +30,11 @@ pub enum FaultOutcome {
     NotGuestMemory,
     /// The guest touched a page it gave to the balloon.
     Ballooned,
+    /// The access belongs to an access handler or MMIO region: the VMM performs (emulates) it.
+    Handler {
+        /// The handler or MMIO region.
+        handler: HandlerId,
+    },
     /// A frame was needed and none could be had (host exhausted or the VM's limit reached);
     /// nothing was changed.
     OutOfMemory,
@@ -45,6 +53,8 @@ pub struct MemoryStats {
     pub write_monitored_pages: u64,
     /// Pages given to the balloon.
     pub ballooned_pages: u64,
+    /// MMIO pages (in ranges of their own or replacing RAM).
+    pub mmio_pages: u64,
     /// Frames waiting in the handy pool.
     pub handy_frames: u64,
     /// Freed frames not yet given back to the allocator.
@@ -75,6 +85,7 @@ struct StateCounts {
     allocated: u64,
     write_monitored: u64,
     ballooned: u64,
+    mmio: u64,
 }
 
 impl StateCounts {
@@ -100,8 +111,10 @@ pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
     counts: StateCounts,
     /// Write monitoring is on: content changes mark pages written-to.
     monitoring: bool,
-    /// Pages whose written-to flag was set since the last harvest, in order.
-    written: Vec<PageLocation>,
+    /// Pages whose written-to flag was set since the last harvest, in order. Addresses, not
+    /// locations: range indices shift when ranges come and go.
+    written: Vec<GuestPhysAddr>,
+    handlers: Handlers,
 }
 
 impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
@@ -127,6 +140,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             counts: StateCounts::default(),
             monitoring: false,
             written: Vec::new(),
+            handlers: Handlers::default(),
         })
     }
 
@@ -140,15 +154,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         size: u64,
         name: &'static str,
     ) -> Result<(), PgmError> {
-        if size == 0 {
-            return Err(PgmError::ZeroSize);
-        }
-        if !base.is_page_aligned() || !size.is_multiple_of(PAGE_SIZE) {
-            return Err(PgmError::Misaligned);
-        }
-        base.checked_add(size - 1).ok_or(PgmError::BeyondAddressWidth)?;
+        let pages = page_count(base, size)?;
         self.ranges.check_free(base, size)?;
-        let pages = size / PAGE_SIZE;
         let zero = PageDescriptor::zero(PageType::Ram);
         let zero_leaf = leaf_for(zero, self.zero_frame);
         self.tables
@@ -174,7 +181,11 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let Some(location) = self.ranges.find(gpa) else {
             return FaultOutcome::NotGuestMemory;
         };
-        if self.ranges.page(location).state() == PageState::Ballooned {
+        let page = self.ranges.page(location);
+        if let Some(handler) = self.intercepting_handler(gpa, page, access) {
+            return FaultOutcome::Handler { handler };
+        }
+        if page.state() == PageState::Ballooned {
             return FaultOutcome::Ballooned;
         }
         let result = match access {
@@ -282,10 +293,14 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     pub fn harvest_written(&mut self, out: &mut Vec<GuestPhysAddr>) -> Invalidation {
         let written = core::mem::take(&mut self.written);
         let mut invalidation = Invalidation::None;
-        for &location in &written {
+        for &gpa in &written {
+            // A page whose range went away since it was written has nothing left to report.
+            let Some(location) = self.ranges.find(gpa) else {
+                continue;
+            };
             let page = self.ranges.page(location);
             self.ranges.set_page(location, page.with_written_to(false));
-            out.push(self.ranges.gpa_of(location));
+            out.push(gpa);
             if self.apply(location, PageEvent::Protect) == Ok(true) {
                 invalidation = Invalidation::SingleContext;
             }
@@ -372,6 +387,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             allocated_pages: counts.allocated,
             write_monitored_pages: counts.write_monitored,
             ballooned_pages: counts.ballooned,
+            mmio_pages: counts.mmio,
             handy_frames: self.pool.handy() as u64,
             pending_free_frames: self.pool.pending_free() as u64,
             table_frames: self.tables.table_frames() as u64,
@@ -443,7 +459,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let mut next = step.apply(page, new_frame);
         if self.monitoring && changes_contents(event) && !next.written_to() {
             next = next.with_written_to(true);
-            self.written.push(location);
+            self.written.push(self.ranges.gpa_of(location));
         }
         self.ranges.set_page(location, next);
         *self.counts.of(page.state()) -= 1;
@@ -475,9 +491,11 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     }
 
     fn clear_written_flags(&mut self) {
-        for location in core::mem::take(&mut self.written) {
-            let page = self.ranges.page(location);
-            self.ranges.set_page(location, page.with_written_to(false));
+        for gpa in core::mem::take(&mut self.written) {
+            if let Some(location) = self.ranges.find(gpa) {
+                let page = self.ranges.page(location);
+                self.ranges.set_page(location, page.with_written_to(false));
+            }
         }
     }
 
@@ -496,6 +514,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             let page = self.ranges.page(location);
             if page.page_type() != PageType::Ram {
                 return Err(PgmError::NotRam(gpa));
+            }
+            if page.handler() != HandlerState::None {
+                return Err(PgmError::HandlerPresent(gpa));
             }
             transition(page, event)
                 .map(|_| ())
@@ -519,9 +540,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     fn sync_leaf(&mut self, location: PageLocation) {
         let gpa = self.ranges.gpa_of(location);
         let leaf = leaf_for(self.ranges.page(location), self.zero_frame);
-        // Tables exist for every page of a registered range.
+        // Tables exist for every RAM page; MMIO in unassigned space has none and needs none.
         let present = self.tables.set_leaf(&mut self.memory, gpa, leaf);
-        debug_assert!(present, "registered page {gpa} has no page table");
+        debug_assert!(present || leaf.is_none(), "RAM page {gpa} has no page table");
     }
 
     /// Splits `[gpa, gpa + len)` into per-page pieces `(page, offset in page, length)`, or names
@@ -532,6 +553,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         while done < len {
             let at = gpa.checked_add(done as u64).ok_or(PgmError::BeyondAddressWidth)?;
             let location = self.ranges.find(at).ok_or(PgmError::NotGuestMemory(at))?;
+            if self.ranges.page(location).page_type() != PageType::Ram {
+                return Err(PgmError::NotRam(at));
+            }
             let offset = at.page_offset();
             let piece = ((PAGE_SIZE - offset) as usize).min(len - done);
             chunks.push((location, offset, piece));
@@ -539,6 +563,19 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         }
         Ok(chunks)
     }
+}
+
+/// Checks a range for registration: page-aligned, non-empty, inside the guest-physical width.
+/// Returns its page count.
+fn page_count(base: GuestPhysAddr, size: u64) -> Result<u64, PgmError> {
+    if size == 0 {
+        return Err(PgmError::ZeroSize);
+    }
+    if !base.is_page_aligned() || !size.is_multiple_of(PAGE_SIZE) {
+        return Err(PgmError::Misaligned);
+    }
+    base.checked_add(size - 1).ok_or(PgmError::BeyondAddressWidth)?;
+    Ok(size / PAGE_SIZE)
 }
 
 /// True for events after which the page may read differently (what write monitoring reports).

@@ -1,0 +1,218 @@
+//! Access handlers and MMIO regions of the manager (after PGMHandlerPhysical* and
+//! PGMR3PhysMMIORegister/Deregister): page ranges whose accesses go to the VMM instead of
+//! memory. A handler's pages carry its state in their descriptors, and their EPT entries lose
+//! the permissions the handler intercepts, so the CPU faults exactly on those accesses.
+
+use alloc::vec::Vec;
+
+use super::{page_count, Pgm};
+use crate::addr::{GuestPhysAddr, PAGE_SIZE};
+use crate::error::PgmError;
+use crate::frames::{HostFrameAllocator, HostMemory};
+use crate::handlers::{HandlerId, HandlerKind, MmioPlacement, Registration};
+use crate::page::{HandlerState, PageDescriptor, PageEvent, PageType};
+use crate::paging::{Access, Invalidation};
+use crate::ram::{PageLocation, RamRange};
+
+impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
+    /// Registers a handler of `kind` over the RAM pages of `[base, base + size)`. The range must
+    /// be page-aligned, registered RAM, and clear of other handlers; on error nothing changes.
+    /// Returns the handle and the invalidation the reduced permissions need.
+    pub fn register_handler(
+        &mut self,
+        kind: HandlerKind,
+        base: GuestPhysAddr,
+        size: u64,
+    ) -> Result<(HandlerId, Invalidation), PgmError> {
+        let pages = page_count(base, size)?;
+        self.check_no_handler(base, pages)?;
+        let locations = self.ram_pages(base, pages)?;
+        let id = self.handlers.insert(kind, base, pages, None);
+        for location in locations {
+            self.set_handler_state(location, kind.page_state());
+        }
+        Ok((id, Invalidation::SingleContext))
+    }
+
+    /// Removes the handler `id`; its pages map as plain RAM again. Permissions only grow, so no
+    /// invalidation is needed. MMIO regions go through [`deregister_mmio`](Self::deregister_mmio).
+    pub fn deregister_handler(&mut self, id: HandlerId) -> Result<Invalidation, PgmError> {
+        let registration = self.plain_handler(id)?;
+        self.handlers.remove(id);
+        for location in self.registered_pages(&registration) {
+            self.set_handler_state(location, HandlerState::None);
+        }
+        Ok(Invalidation::None)
+    }
+
+    /// Turns the handler `id` off for the one page at `gpa` until
+    /// [`reset_handler`](Self::reset_handler) (PGMHandlerPhysicalPageTempOff): the page maps as
+    /// plain RAM. Permissions only grow, so no invalidation is needed.
+    pub fn disable_handler_page(
+        &mut self,
+        id: HandlerId,
+        gpa: GuestPhysAddr,
+    ) -> Result<Invalidation, PgmError> {
+        let registration = self.plain_handler(id)?;
+        let page_base = gpa.page_base();
+        if page_base < registration.base || page_base.as_u64() >= registration.end() {
+            return Err(PgmError::NotHandled(gpa));
+        }
+        let location = self.ranges.find(page_base).ok_or(PgmError::NotGuestMemory(gpa))?;
+        self.set_handler_state(location, HandlerState::Disabled);
+        Ok(Invalidation::None)
+    }
+
+    /// Turns the handler `id` back on for every page it was turned off for.
+    pub fn reset_handler(&mut self, id: HandlerId) -> Result<Invalidation, PgmError> {
+        let registration = self.plain_handler(id)?;
+        let mut invalidation = Invalidation::None;
+        for location in self.registered_pages(&registration) {
+            if self.ranges.page(location).handler() == HandlerState::Disabled {
+                self.set_handler_state(location, registration.kind.page_state());
+                invalidation = Invalidation::SingleContext;
+            }
+        }
+        Ok(invalidation)
+    }
+
+    /// Registers an MMIO region at `[base, base + size)`: every access to it faults as
+    /// [`super::FaultOutcome::Handler`] with the returned handle. The region either lies in space
+    /// no range covers, or entirely over registered RAM pages, which it replaces (their frames go
+    /// back to the host; the pages must have no handler). Anything else — part RAM, part
+    /// unassigned — fails, changing nothing.
+    pub fn register_mmio(
+        &mut self,
+        base: GuestPhysAddr,
+        size: u64,
+    ) -> Result<(HandlerId, Invalidation), PgmError> {
+        let pages = page_count(base, size)?;
+        self.check_no_handler(base, pages)?;
+        if self.ranges.check_free(base, size).is_ok() {
+            let mmio = PageDescriptor::zero(PageType::Mmio).with_handler(HandlerState::All);
+            self.ranges
+                .insert(RamRange::new(base, alloc::vec![mmio; pages as usize], "mmio"));
+            self.counts.mmio += pages;
+            let id = self
+                .handlers
+                .insert(HandlerKind::All, base, pages, Some(MmioPlacement::Unassigned));
+            return Ok((id, Invalidation::None));
+        }
+        let locations = self.ram_pages(base, pages)?;
+        let id = self
+            .handlers
+            .insert(HandlerKind::All, base, pages, Some(MmioPlacement::ReplacingRam));
+        for location in locations {
+            // Reset cannot fail and leaves a ZERO page without a frame.
+            let _ = self.apply(location, PageEvent::Reset);
+            let page = self.ranges.page(location);
+            self.ranges.set_page(
+                location,
+                page.with_type(PageType::Mmio).with_handler(HandlerState::All),
+            );
+            self.counts.zero -= 1;
+            self.counts.mmio += 1;
+            self.sync_leaf(location);
+        }
+        self.pool.flush(&mut self.frames);
+        Ok((id, Invalidation::SingleContext))
+    }
+
+    /// Removes the MMIO region `id`: a region of its own disappears; a region over RAM leaves
+    /// ZERO RAM pages behind. New mappings only, so no invalidation is needed.
+    pub fn deregister_mmio(&mut self, id: HandlerId) -> Result<Invalidation, PgmError> {
+        let registration = *self.handlers.get(id).ok_or(PgmError::UnknownHandler(id))?;
+        let placement = registration.mmio.ok_or(PgmError::UnknownHandler(id))?;
+        let locations = self.registered_pages(&registration);
+        self.handlers.remove(id);
+        self.counts.mmio -= registration.pages;
+        match placement {
+            MmioPlacement::Unassigned => {
+                let range = locations.first().map_or(0, |location| location.range);
+                self.ranges.remove(range);
+            }
+            MmioPlacement::ReplacingRam => {
+                for location in locations {
+                    let page = self.ranges.page(location);
+                    self.ranges.set_page(
+                        location,
+                        page.with_type(PageType::Ram).with_handler(HandlerState::None),
+                    );
+                    self.counts.zero += 1;
+                    self.sync_leaf(location);
+                }
+            }
+        }
+        Ok(Invalidation::None)
+    }
+
+    /// The registration behind handle `id`.
+    pub fn handler(&self, id: HandlerId) -> Option<&Registration> {
+        self.handlers.get(id)
+    }
+
+    /// The handler that intercepts `access` to the page at `gpa`, if any.
+    pub(super) fn intercepting_handler(
+        &self,
+        gpa: GuestPhysAddr,
+        page: PageDescriptor,
+        access: Access,
+    ) -> Option<HandlerId> {
+        let intercepts = match page.handler() {
+            HandlerState::All => true,
+            HandlerState::Write => access == Access::Write,
+            HandlerState::None | HandlerState::Disabled => false,
+        };
+        intercepts
+            .then(|| self.handlers.covering(gpa))
+            .flatten()
+            .map(|r| r.id)
+    }
+
+    /// A handler that is not an MMIO region.
+    fn plain_handler(&self, id: HandlerId) -> Result<Registration, PgmError> {
+        match self.handlers.get(id) {
+            Some(registration) if registration.mmio.is_none() => Ok(*registration),
+            _ => Err(PgmError::UnknownHandler(id)),
+        }
+    }
+
+    fn check_no_handler(&self, base: GuestPhysAddr, pages: u64) -> Result<(), PgmError> {
+        match self.handlers.overlapping(base, pages) {
+            Some(existing) => Err(PgmError::HandlerOverlap {
+                existing: existing.id,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Locates every page of `[base, base + pages)`, which must all be registered RAM.
+    fn ram_pages(&self, base: GuestPhysAddr, pages: u64) -> Result<Vec<PageLocation>, PgmError> {
+        (0..pages)
+            .map(|page| {
+                let gpa = GuestPhysAddr::new_truncate(base.as_u64() + page * PAGE_SIZE);
+                let location = self.ranges.find(gpa).ok_or(PgmError::NotGuestMemory(gpa))?;
+                match self.ranges.page(location).page_type() {
+                    PageType::Ram => Ok(location),
+                    PageType::Mmio => Err(PgmError::NotRam(gpa)),
+                }
+            })
+            .collect()
+    }
+
+    /// The locations of a registration's pages (all registered while it exists).
+    fn registered_pages(&self, registration: &Registration) -> Vec<PageLocation> {
+        (0..registration.pages)
+            .filter_map(|page| {
+                let gpa = GuestPhysAddr::new_truncate(registration.base.as_u64() + page * PAGE_SIZE);
+                self.ranges.find(gpa)
+            })
+            .collect()
+    }
+
+    fn set_handler_state(&mut self, location: PageLocation, state: HandlerState) {
+        let page = self.ranges.page(location);
+        self.ranges.set_page(location, page.with_handler(state));
+        self.sync_leaf(location);
+    }
+}
