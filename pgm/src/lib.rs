@@ -25,7 +25,13 @@ pub mod ram;
 pub mod sim;
 
 #[cfg(test)]
+extern crate std;
+#[cfg(test)]
 mod manager_tests;
+#[cfg(test)]
+mod model_tests;
+#[cfg(test)]
+mod test_support;
 
 pub use addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 pub use error::PgmError;

@@ -7,87 +7,13 @@ use alloc::vec::Vec;
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::error::PgmError;
 use crate::frames::HostMemory;
-use crate::manager::{FaultOutcome, Pgm};
+use crate::manager::FaultOutcome;
 use crate::page::PageState;
 use crate::paging::{Access, Entry, Invalidation, MemoryType, Permissions};
-use crate::sim::{SimFrames, SimMemory};
-
-type SimPgm = Pgm<SimFrames, SimMemory>;
-
-const MIB: u64 = 1 << 20;
-
-fn gpa(addr: u64) -> GuestPhysAddr {
-    GuestPhysAddr::new(addr).unwrap()
-}
-
-fn pgm_with_frames(frames: u64) -> SimPgm {
-    Pgm::new(SimFrames::new(frames), SimMemory::default()).unwrap()
-}
-
-/// A VM with RAM at [0, 640 KiB) and [1 MiB, 16 MiB).
-fn pc_like() -> SimPgm {
-    let mut pgm = pgm_with_frames(4096);
-    pgm.register_ram(gpa(0), 640 * 1024, "low").unwrap();
-    pgm.register_ram(gpa(MIB), 15 * MIB, "high").unwrap();
-    pgm
-}
-
-fn frames_used(pgm: &SimPgm) -> u64 {
-    pgm.frames().inner.counts().used()
-}
-
-/// The allocator's view and the manager's accounting must agree at every step.
-fn assert_accounting(pgm: &SimPgm) {
-    assert_eq!(frames_used(pgm), pgm.stats().host_frames(), "{:?}", pgm.stats());
-}
+use crate::test_support::*;
 
 fn private(pgm: &SimPgm) -> u64 {
     pgm.stats().private_frames()
-}
-
-/// How a simulated guest access ended.
-#[derive(Debug, PartialEq, Eq)]
-enum GuestAccess {
-    /// Completed after this many EPT violations.
-    Done { faults: u32 },
-    /// Stopped by a fault the manager did not resolve.
-    Stopped(FaultOutcome),
-}
-
-/// Performs a guest write of `data` (within one page) the way the CPU would: translate, fault,
-/// resolve, retry.
-fn guest_write(pgm: &mut SimPgm, at: GuestPhysAddr, data: &[u8]) -> GuestAccess {
-    let mut faults = 0;
-    loop {
-        match pgm.translate(at, Access::Write) {
-            Ok(hpa) => {
-                write_host(pgm, hpa, data);
-                return GuestAccess::Done { faults };
-            }
-            Err(violation) => {
-                faults += 1;
-                assert!(faults < 3, "fault loop at {at}: {violation:?}");
-                match pgm.resolve_fault(at, Access::Write) {
-                    FaultOutcome::Resolved { invalidation } => {
-                        assert_eq!(invalidation, Invalidation::None)
-                    }
-                    other => return GuestAccess::Stopped(other),
-                }
-            }
-        }
-    }
-}
-
-/// Reads what the guest would read at `at` (no fault expected).
-fn guest_read(pgm: &SimPgm, at: GuestPhysAddr, len: usize) -> Vec<u8> {
-    let hpa = pgm.translate(at, Access::Read).expect("RAM is always readable");
-    let mut buf = vec![0; len];
-    pgm.memory().read(hpa, &mut buf);
-    buf
-}
-
-fn write_host(pgm: &mut SimPgm, hpa: HostPhysAddr, data: &[u8]) {
-    pgm.memory_mut().write(hpa, data);
 }
 
 #[test]

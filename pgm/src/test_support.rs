@@ -1,0 +1,86 @@
+//! Helpers shared by the manager tests and the model tests: a simulated VM and guest accesses
+//! that go through the software EPT walker the way the CPU's do.
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use crate::addr::{GuestPhysAddr, HostPhysAddr};
+use crate::frames::HostMemory;
+use crate::manager::{FaultOutcome, Pgm};
+use crate::paging::{Access, Invalidation};
+use crate::sim::{SimFrames, SimMemory};
+
+pub type SimPgm = Pgm<SimFrames, SimMemory>;
+
+pub const MIB: u64 = 1 << 20;
+
+pub fn gpa(addr: u64) -> GuestPhysAddr {
+    GuestPhysAddr::new(addr).unwrap()
+}
+
+pub fn pgm_with_frames(frames: u64) -> SimPgm {
+    Pgm::new(SimFrames::new(frames), SimMemory::default()).unwrap()
+}
+
+/// A VM with RAM at [0, 640 KiB) and [1 MiB, 16 MiB).
+pub fn pc_like() -> SimPgm {
+    let mut pgm = pgm_with_frames(4096);
+    pgm.register_ram(gpa(0), 640 * 1024, "low").unwrap();
+    pgm.register_ram(gpa(MIB), 15 * MIB, "high").unwrap();
+    pgm
+}
+
+pub fn frames_used(pgm: &SimPgm) -> u64 {
+    pgm.frames().inner.counts().used()
+}
+
+/// The allocator's view and the manager's accounting must agree at every step.
+pub fn assert_accounting(pgm: &SimPgm) {
+    assert_eq!(frames_used(pgm), pgm.stats().host_frames(), "{:?}", pgm.stats());
+}
+
+/// How a simulated guest access ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum GuestAccess {
+    /// Completed after this many EPT violations.
+    Done { faults: u32 },
+    /// Stopped by a fault the manager did not resolve.
+    Stopped(FaultOutcome),
+}
+
+/// Performs a guest write of `data` (within one page) the way the CPU would: translate, fault,
+/// resolve, retry.
+pub fn guest_write(pgm: &mut SimPgm, at: GuestPhysAddr, data: &[u8]) -> GuestAccess {
+    let mut faults = 0;
+    loop {
+        match pgm.translate(at, Access::Write) {
+            Ok(hpa) => {
+                write_host(pgm, hpa, data);
+                return GuestAccess::Done { faults };
+            }
+            Err(violation) => {
+                faults += 1;
+                assert!(faults < 3, "fault loop at {at}: {violation:?}");
+                match pgm.resolve_fault(at, Access::Write) {
+                    FaultOutcome::Resolved { invalidation } => {
+                        assert_eq!(invalidation, Invalidation::None)
+                    }
+                    other => return GuestAccess::Stopped(other),
+                }
+            }
+        }
+    }
+}
+
+/// Reads what the guest would read at `at` (no fault expected).
+pub fn guest_read(pgm: &SimPgm, at: GuestPhysAddr, len: usize) -> Vec<u8> {
+    let hpa = pgm.translate(at, Access::Read).expect("RAM is always readable");
+    let mut buf = vec![0; len];
+    pgm.memory().read(hpa, &mut buf);
+    buf
+}
+
+/// Writes host-physical memory directly (what a guest store does once translated).
+pub fn write_host(pgm: &mut SimPgm, hpa: HostPhysAddr, data: &[u8]) {
+    pgm.memory_mut().write(hpa, data);
+}
