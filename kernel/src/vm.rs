@@ -63,8 +63,9 @@ pub enum StopCause {
     OutOfMemory,
     /// The guest touched a page it had given to the balloon.
     BalloonedPage,
-    /// The access belongs to an access handler or MMIO region this VM has no device model for.
-    NoDeviceModel,
+    /// The access needs the faulting instruction emulated (MMIO or handler access, ROM write to
+    /// ignore or to route to the shadow); this hypervisor does not emulate instructions yet.
+    NeedsEmulation,
     /// The guest triple-faulted.
     TripleFault,
     /// An exit this hypervisor does not handle.
@@ -346,7 +347,9 @@ impl<'a> Vm<'a> {
             FaultOutcome::NotGuestMemory => return stop(self, StopCause::NotGuestMemory),
             FaultOutcome::OutOfMemory => return stop(self, StopCause::OutOfMemory),
             FaultOutcome::Ballooned => return stop(self, StopCause::BalloonedPage),
-            FaultOutcome::Handler { .. } => return stop(self, StopCause::NoDeviceModel),
+            FaultOutcome::Handler { .. } | FaultOutcome::WriteIgnored | FaultOutcome::EmulateWrite => {
+                return stop(self, StopCause::NeedsEmulation);
+            }
         };
         // The same page faulting again right after a resolution means a translation outlived
         // the violation: flush this VM's translations, and give up if even that does not help.

@@ -44,6 +44,10 @@ pub enum PgmError {
     HandlerPresent(GuestPhysAddr),
     /// The page is not covered by the handler named.
     NotHandled(GuestPhysAddr),
+    /// No ROM has this handle.
+    UnknownRom(crate::manager::RomId),
+    /// The ROM has no shadow, so only its default protection applies.
+    RomNotShadowed(crate::manager::RomId),
 }
 
 impl fmt::Display for PgmError {
@@ -62,6 +66,8 @@ impl fmt::Display for PgmError {
             PgmError::HandlerOverlap { existing } => write!(f, "range overlaps handler {existing:?}"),
             PgmError::HandlerPresent(gpa) => write!(f, "{gpa} is covered by an access handler"),
             PgmError::NotHandled(gpa) => write!(f, "{gpa} is not covered by that handler"),
+            PgmError::UnknownRom(id) => write!(f, "no ROM {id:?}"),
+            PgmError::RomNotShadowed(id) => write!(f, "ROM {id:?} has no shadow"),
         }
     }
 }

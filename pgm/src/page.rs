@@ -39,6 +39,11 @@ pub enum PageType {
     Ram = 1,
     /// Memory-mapped I/O: no backing frame, every access goes to the region's handler.
     Mmio = 2,
+    /// ROM without a shadow: reads come from the ROM image, writes are ignored.
+    Rom = 6,
+    /// ROM with a RAM shadow; the descriptor's state and frame are the shadow page's, and the
+    /// ROM's protection mode decides whether reads and writes reach it.
+    RomShadow = 7,
 }
 
 /// Where a page's contents live.
@@ -100,6 +105,8 @@ impl PageDescriptor {
     pub fn page_type(self) -> PageType {
         match self.get(TYPE) {
             2 => PageType::Mmio,
+            6 => PageType::Rom,
+            7 => PageType::RomShadow,
             _ => PageType::Ram,
         }
     }

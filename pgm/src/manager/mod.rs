@@ -17,6 +17,9 @@ use crate::pool::FramePool;
 use crate::ram::{PageLocation, RamRange, RamRanges};
 
 mod handlers;
+mod rom;
+
+pub use rom::{RomId, RomProtection};
 
 /// What a fault resolution decided. The caller resumes the guest only for `Resolved`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,6 +33,12 @@ pub enum FaultOutcome {
     NotGuestMemory,
     /// The guest touched a page it gave to the balloon.
     Ballooned,
+    /// A write to ROM whose protection ignores writes: the VMM skips the instruction.
+    WriteIgnored,
+    /// A write to ROM that goes to its shadow while reads still come from the ROM image, so the
+    /// page cannot be mapped for it: the VMM emulates the instruction and hands the data to
+    /// [`Pgm::write_phys`], which routes it to the shadow.
+    EmulateWrite,
     /// The access belongs to an access handler or MMIO region: the VMM performs (emulates) it.
     Handler {
         /// The handler or MMIO region.
@@ -43,7 +52,7 @@ pub enum FaultOutcome {
 /// Page and frame counts of one VM.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemoryStats {
-    /// Pages in all registered RAM ranges.
+    /// Pages under the page-state machine: RAM pages and the shadows of shadowed ROM.
     pub ram_pages: u64,
     /// Pages reading as zeros from the shared zero frame.
     pub zero_pages: u64,
@@ -55,6 +64,8 @@ pub struct MemoryStats {
     pub ballooned_pages: u64,
     /// MMIO pages (in ranges of their own or replacing RAM).
     pub mmio_pages: u64,
+    /// ROM pages, each holding a frame with its part of the image.
+    pub rom_pages: u64,
     /// Frames waiting in the handy pool.
     pub handy_frames: u64,
     /// Freed frames not yet given back to the allocator.
@@ -74,7 +85,12 @@ impl MemoryStats {
     /// Host frames this VM holds from the allocator: private, handy, pending, tables and the
     /// shared zero frame.
     pub fn host_frames(&self) -> u64 {
-        self.private_frames() + self.handy_frames + self.pending_free_frames + self.table_frames + 1
+        self.private_frames()
+            + self.rom_pages
+            + self.handy_frames
+            + self.pending_free_frames
+            + self.table_frames
+            + 1
     }
 }
 
@@ -86,6 +102,7 @@ struct StateCounts {
     write_monitored: u64,
     ballooned: u64,
     mmio: u64,
+    rom: u64,
 }
 
 impl StateCounts {
@@ -115,6 +132,7 @@ pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
     /// locations: range indices shift when ranges come and go.
     written: Vec<GuestPhysAddr>,
     handlers: Handlers,
+    roms: Vec<rom::RomRange>,
 }
 
 impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
@@ -141,6 +159,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             monitoring: false,
             written: Vec::new(),
             handlers: Handlers::default(),
+            roms: Vec::new(),
         })
     }
 
@@ -189,6 +208,16 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             return FaultOutcome::Ballooned;
         }
         let result = match access {
+            Access::Write if page.page_type() == PageType::Rom || page.page_type() == PageType::RomShadow => {
+                let protection = self.rom_covering(gpa).map(|rom| rom.effective_protection());
+                match protection {
+                    Some(RomProtection::ReadRamWriteRam) => {
+                        self.apply(location, PageEvent::Write).map(|_| ())
+                    }
+                    Some(RomProtection::ReadRomWriteRam) => return FaultOutcome::EmulateWrite,
+                    _ => return FaultOutcome::WriteIgnored,
+                }
+            }
             Access::Write => self.apply(location, PageEvent::Write).map(|_| ()),
             // RAM is readable and executable in every mapped state, so a read or fetch fault
             // means the entry lost sync with the descriptor: rewrite it.
@@ -217,7 +246,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let mut done = 0;
         for (location, offset, len) in chunks {
             let out = &mut buf[done..done + len];
-            match self.ranges.page(location).frame() {
+            match self.read_source(location) {
                 Some(frame) => self.memory.read(frame_offset(frame, offset), out),
                 None => out.fill(0),
             }
@@ -231,7 +260,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// before. Returns the invalidation needed because pages the guest may have cached changed
     /// their mapping.
     pub fn write_phys(&mut self, gpa: GuestPhysAddr, data: &[u8]) -> Result<Invalidation, PgmError> {
-        let chunks = self.chunks(gpa, data.len())?;
+        let mut chunks = self.chunks(gpa, data.len())?;
+        // Bytes for ROM that ignores writes are dropped, as the guest's would be.
+        chunks.retain(|&(location, _, _)| self.takes_writes(location));
         for &(location, _, _) in &chunks {
             let page = self.ranges.page(location);
             transition(page, PageEvent::Write)
@@ -275,7 +306,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// Returns every page of every range to ZERO, freeing private frames and deflating the
     /// balloon (VM reset).
     pub fn reset_ram(&mut self) -> Invalidation {
-        self.apply_to_all(PageEvent::Reset)
+        let pages = self.apply_to_all(PageEvent::Reset);
+        pages.max(self.reset_roms())
     }
 
     /// Starts write monitoring: every page with a private frame becomes WRITE_MONITORED
@@ -363,6 +395,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             }
         }
         self.pool.drain(&mut self.frames);
+        self.release_roms();
         self.tables.destroy(&mut self.frames, &self.memory);
         self.frames.free_frame(self.zero_frame);
         (self.frames, self.memory)
@@ -388,6 +421,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             write_monitored_pages: counts.write_monitored,
             ballooned_pages: counts.ballooned,
             mmio_pages: counts.mmio,
+            rom_pages: counts.rom,
             handy_frames: self.pool.handy() as u64,
             pending_free_frames: self.pool.pending_free() as u64,
             table_frames: self.tables.table_frames() as u64,
@@ -536,10 +570,43 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         Ok(locations)
     }
 
+    /// The frame guest reads of the page at `location` see (`None`: the page reads as zeros).
+    fn read_source(&self, location: PageLocation) -> Option<HostPhysAddr> {
+        let page = self.ranges.page(location);
+        let gpa = self.ranges.gpa_of(location);
+        match page.page_type() {
+            PageType::Rom | PageType::RomShadow => {
+                let protection = self.rom_covering(gpa)?.effective_protection();
+                if protection.reads_shadow() {
+                    page.frame()
+                } else {
+                    self.virgin_frame(gpa)
+                }
+            }
+            PageType::Ram | PageType::Mmio => page.frame(),
+        }
+    }
+
+    /// True when guest writes to the page at `location` reach memory (RAM, or a ROM shadow whose
+    /// protection lets writes through).
+    fn takes_writes(&self, location: PageLocation) -> bool {
+        match self.ranges.page(location).page_type() {
+            PageType::Ram => true,
+            PageType::Rom | PageType::RomShadow => self
+                .rom_covering(self.ranges.gpa_of(location))
+                .is_some_and(|rom| rom.effective_protection().writes_shadow()),
+            PageType::Mmio => false,
+        }
+    }
+
     /// Rewrites the EPT entry of the page at `location` from its descriptor.
     fn sync_leaf(&mut self, location: PageLocation) {
         let gpa = self.ranges.gpa_of(location);
-        let leaf = leaf_for(self.ranges.page(location), self.zero_frame);
+        let page = self.ranges.page(location);
+        let leaf = match page.page_type() {
+            PageType::Rom | PageType::RomShadow => self.rom_leaf(gpa, page),
+            PageType::Ram | PageType::Mmio => leaf_for(page, self.zero_frame),
+        };
         // Tables exist for every RAM page; MMIO in unassigned space has none and needs none.
         let present = self.tables.set_leaf(&mut self.memory, gpa, leaf);
         debug_assert!(present || leaf.is_none(), "RAM page {gpa} has no page table");
@@ -553,7 +620,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         while done < len {
             let at = gpa.checked_add(done as u64).ok_or(PgmError::BeyondAddressWidth)?;
             let location = self.ranges.find(at).ok_or(PgmError::NotGuestMemory(at))?;
-            if self.ranges.page(location).page_type() != PageType::Ram {
+            if self.ranges.page(location).page_type() == PageType::Mmio {
                 return Err(PgmError::NotRam(at));
             }
             let offset = at.page_offset();
@@ -592,7 +659,10 @@ fn changes_contents(event: PageEvent) -> bool {
 fn leaf_for(page: PageDescriptor, zero_frame: HostPhysAddr) -> Option<Leaf> {
     let read_execute = Permissions::READ | Permissions::EXECUTE;
     let (frame, mut permissions) = match (page.page_type(), page.state()) {
-        (PageType::Mmio, _) | (PageType::Ram, PageState::Ballooned) => return None,
+        // ROM pages are mapped by `rom_leaf`, which calls back here for a shadow mapped as RAM.
+        (PageType::Mmio | PageType::Rom | PageType::RomShadow, _) | (PageType::Ram, PageState::Ballooned) => {
+            return None;
+        }
         (PageType::Ram, PageState::Zero) => (zero_frame, read_execute),
         (PageType::Ram, PageState::Allocated) => (page.frame()?, Permissions::all()),
         (PageType::Ram, PageState::WriteMonitored) => (page.frame()?, read_execute),
