@@ -887,3 +887,73 @@ fn bad_rom_registrations_change_nothing_and_termination_frees_rom_frames() {
     let (frames, _) = pgm.terminate();
     assert_eq!(frames.inner.counts().used(), 0);
 }
+
+#[test]
+fn with_a20_off_accesses_above_1_mib_reach_the_page_below() {
+    let mut pgm = pc_like();
+    guest_write(&mut pgm, gpa(0x1000), b"low");
+    guest_write(&mut pgm, gpa(MIB + 0x1000), b"high");
+    guest_write(&mut pgm, gpa(2 * MIB + 0x1000), b"even");
+    assert_eq!(pgm.set_a20(false), Invalidation::SingleContext);
+    assert_eq!(
+        pgm.translate(gpa(MIB + 0x1000), Access::Read),
+        pgm.translate(gpa(0x1000), Access::Read)
+    );
+    assert_eq!(guest_read(&pgm, gpa(MIB + 0x1000), 3), b"low");
+    assert_eq!(
+        guest_read(&pgm, gpa(3 * MIB + 0x1000), 4),
+        b"even",
+        "3 MiB + x shows 2 MiB + x"
+    );
+    // A write through the alias gives the page below its frame, and both views follow.
+    assert_eq!(
+        guest_write(&mut pgm, gpa(MIB + 0x2000), b"via alias"),
+        GuestAccess::Done { faults: 1 }
+    );
+    assert_eq!(guest_read(&pgm, gpa(0x2000), 9), b"via alias");
+    assert_eq!(
+        pgm.page(gpa(MIB + 0x2000)).unwrap().state(),
+        PageState::Zero,
+        "the hidden page is untouched"
+    );
+    let mut host_view = [0; 4];
+    pgm.read_phys(gpa(MIB + 0x1000), &mut host_view).unwrap();
+    assert_eq!(&host_view, b"high", "host accesses are not masked");
+    assert_eq!(pgm.set_a20(true), Invalidation::SingleContext);
+    assert_eq!(guest_read(&pgm, gpa(MIB + 0x1000), 4), b"high");
+    assert_eq!(guest_read(&pgm, gpa(MIB + 0x2000), 4), [0; 4]);
+    assert_eq!(pgm.set_a20(true), Invalidation::None);
+    assert_accounting(&pgm);
+}
+
+#[test]
+fn a20_aliases_outside_ram_are_mapped_on_demand_and_dropped_when_the_gate_opens() {
+    let mut pgm = pgm_with_frames(4096);
+    pgm.register_ram(gpa(0), MIB, "real mode").unwrap();
+    guest_write(&mut pgm, gpa(0x10), b"wrap");
+    pgm.set_a20(false);
+    // The HMA: 0xFFFF:0x0020 = 0x10_0010 wraps to 0x10.
+    assert!(
+        pgm.translate(gpa(0x10_0010), Access::Read).is_err(),
+        "not mapped before it is touched"
+    );
+    assert_eq!(
+        pgm.resolve_fault(gpa(0x10_0010), Access::Read),
+        FaultOutcome::Resolved {
+            invalidation: Invalidation::None
+        }
+    );
+    assert_eq!(guest_read(&pgm, gpa(0x10_0010), 4), b"wrap");
+    // The page below changes: the alias follows.
+    guest_write(&mut pgm, gpa(0x10), b"next");
+    assert_eq!(guest_read(&pgm, gpa(0x10_0010), 4), b"next");
+    pgm.set_a20(true);
+    assert!(pgm.translate(gpa(0x10_0010), Access::Read).is_err());
+    assert_eq!(
+        pgm.resolve_fault(gpa(0x10_0010), Access::Read),
+        FaultOutcome::NotGuestMemory
+    );
+    assert_accounting(&pgm);
+    let (frames, _) = pgm.terminate();
+    assert_eq!(frames.inner.counts().used(), 0, "alias tables are freed too");
+}

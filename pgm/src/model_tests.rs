@@ -59,6 +59,7 @@ enum Op {
     FailAllocationsAfter(u64),
     AllowAllocations,
     SetLimit(Option<u64>),
+    SetA20(bool),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -75,6 +76,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..4u64).prop_map(Op::FailAllocationsAfter),
         1 => Just(Op::AllowAllocations),
         1 => proptest::option::of(0..8u64).prop_map(Op::SetLimit),
+        1 => any::<bool>().prop_map(Op::SetA20),
     ]
 }
 
@@ -83,6 +85,7 @@ struct Model {
     contents: Vec<Vec<u8>>,
     ballooned: Vec<bool>,
     monitoring: bool,
+    a20_enabled: bool,
     /// Pages whose contents changed since monitoring started or the last harvest.
     changed: BTreeSet<u64>,
 }
@@ -93,6 +96,7 @@ impl Model {
             contents: vec![vec![0; PAGE]; PAGES],
             ballooned: vec![false; PAGES],
             monitoring: false,
+            a20_enabled: true,
             changed: BTreeSet::new(),
         }
     }
@@ -140,6 +144,19 @@ fn apply(pgm: &mut SimPgm, model: &mut Model, op: &Op) {
     match *op {
         Op::GuestWrite { page, offset, value } => {
             let at = gpa(page_gpa(page) + offset as u64);
+            // The guest's write lands where the A20 gate sends it.
+            let masked = if model.a20_enabled {
+                at.as_u64()
+            } else {
+                at.as_u64() & !MIB
+            };
+            let Some((page, offset)) = model_page(masked) else {
+                assert_eq!(
+                    guest_write(pgm, at, &[value]),
+                    GuestAccess::Stopped(FaultOutcome::NotGuestMemory)
+                );
+                return;
+            };
             match guest_write(pgm, at, &[value]) {
                 GuestAccess::Done { .. } => {
                     assert!(!model.ballooned[page], "wrote a ballooned page");
@@ -225,6 +242,10 @@ fn apply(pgm: &mut SimPgm, model: &mut Model, op: &Op) {
         Op::FailAllocationsAfter(n) => pgm.frames_mut().fail_after = Some(n),
         Op::AllowAllocations => pgm.frames_mut().fail_after = None,
         Op::SetLimit(limit) => pgm.set_frame_limit(limit),
+        Op::SetA20(enabled) => {
+            pgm.set_a20(enabled);
+            model.a20_enabled = enabled;
+        }
     }
 }
 
@@ -244,12 +265,14 @@ fn check(pgm: &SimPgm, model: &Model, step: usize, op: &Op) {
             "page {page} differs {}",
             context()
         );
-        let descriptor = pgm.page(at).unwrap();
+        // The EPT entry shows the page the A20 gate sends guest accesses to.
+        let descriptor = pgm.page(pgm.a20_apply(at)).unwrap();
         let write = pgm.translate(at, Access::Write);
         let read = pgm.translate(at, Access::Read);
         match descriptor.state() {
             PageState::Ballooned => {
-                assert!(model.ballooned[page], "{}", context());
+                let shown = model_page(pgm.a20_apply(at).as_u64()).unwrap().0;
+                assert!(model.ballooned[shown], "{}", context());
                 assert_eq!(read.unwrap_err().permitted, Permissions::empty(), "{}", context());
             }
             PageState::Zero => {

@@ -133,6 +133,11 @@ pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
     written: Vec<GuestPhysAddr>,
     handlers: Handlers,
     roms: Vec<rom::RomRange>,
+    /// The A20 gate: when off, bit 20 of every guest-physical address reads as 0.
+    a20_enabled: bool,
+    /// Pages outside every range mapped as A20 aliases while the gate was off (unmapped again
+    /// when it opens).
+    a20_aliases: Vec<GuestPhysAddr>,
 }
 
 impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
@@ -160,6 +165,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             written: Vec::new(),
             handlers: Handlers::default(),
             roms: Vec::new(),
+            a20_enabled: true,
+            a20_aliases: Vec::new(),
         })
     }
 
@@ -192,11 +199,12 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         self.pool.set_limit(limit);
     }
 
-    /// Resolves an EPT violation at `gpa` for `access`. A write to a ZERO page gets a zero-filled
+    /// Resolves an EPT violation at `faulting` (through the A20 gate) for `access`. A write to a ZERO page gets a zero-filled
     /// private frame; a write to a WRITE_MONITORED page makes it writable and marks it written.
     /// The violation itself flushed the CPU's cached translations for `gpa` (SDM 29.4.3.1), so
     /// a resolution that changes only that page's entry needs no INVEPT.
-    pub fn resolve_fault(&mut self, gpa: GuestPhysAddr, access: Access) -> FaultOutcome {
+    pub fn resolve_fault(&mut self, faulting: GuestPhysAddr, access: Access) -> FaultOutcome {
+        let gpa = self.a20_apply(faulting);
         let Some(location) = self.ranges.find(gpa) else {
             return FaultOutcome::NotGuestMemory;
         };
@@ -225,6 +233,10 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 self.sync_leaf(location);
                 Ok(())
             }
+        };
+        let result = match result {
+            Ok(()) if gpa != faulting => self.map_a20_alias(faulting.page_base(), location),
+            other => other,
         };
         if self.pool.needs_refill() {
             // After the mapping is done: the next faults find frames waiting.
@@ -600,16 +612,91 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     }
 
     /// Rewrites the EPT entry of the page at `location` from its descriptor.
+    /// With the A20 gate off, pages with bit 20 set show their alias 1 MiB below, and the alias
+    /// of this page (bit 20 set) shows this page, wherever that alias is mapped.
     fn sync_leaf(&mut self, location: PageLocation) {
         let gpa = self.ranges.gpa_of(location);
-        let page = self.ranges.page(location);
-        let leaf = match page.page_type() {
-            PageType::Rom | PageType::RomShadow => self.rom_leaf(gpa, page),
-            PageType::Ram | PageType::Mmio => leaf_for(page, self.zero_frame),
-        };
+        if !self.a20_enabled && gpa.as_u64() & A20_BIT != 0 {
+            let shown = self
+                .ranges
+                .find(self.a20_apply(gpa))
+                .and_then(|below| self.own_leaf(below));
+            self.tables.set_leaf(&mut self.memory, gpa, shown);
+            return;
+        }
+        let leaf = self.own_leaf(location);
         // Tables exist for every RAM page; MMIO in unassigned space has none and needs none.
         let present = self.tables.set_leaf(&mut self.memory, gpa, leaf);
         debug_assert!(present || leaf.is_none(), "RAM page {gpa} has no page table");
+        if !self.a20_enabled {
+            let alias = GuestPhysAddr::new_truncate(gpa.as_u64() | A20_BIT);
+            if self.ranges.find(alias).is_some() || self.a20_aliases.contains(&alias) {
+                self.tables.set_leaf(&mut self.memory, alias, leaf);
+            }
+        }
+    }
+
+    /// The mapping the page at `location` calls for by its own descriptor.
+    fn own_leaf(&self, location: PageLocation) -> Option<Leaf> {
+        let gpa = self.ranges.gpa_of(location);
+        let page = self.ranges.page(location);
+        match page.page_type() {
+            PageType::Rom | PageType::RomShadow => self.rom_leaf(gpa, page),
+            PageType::Ram | PageType::Mmio => leaf_for(page, self.zero_frame),
+        }
+    }
+
+    /// Opens (`true`) or closes the A20 gate. Closed, guest accesses to any address with bit 20
+    /// set reach the page 1 MiB below, as on a PC with the gate off. Host accesses
+    /// ([`read_phys`](Self::read_phys), [`write_phys`](Self::write_phys)) are never masked.
+    pub fn set_a20(&mut self, enabled: bool) -> Invalidation {
+        if self.a20_enabled == enabled {
+            return Invalidation::None;
+        }
+        self.a20_enabled = enabled;
+        if enabled {
+            for alias in core::mem::take(&mut self.a20_aliases) {
+                self.tables.set_leaf(&mut self.memory, alias, None);
+            }
+        }
+        for range in 0..self.ranges.len() {
+            let base = self.ranges.get(range).map_or(0, |r| r.base().as_u64());
+            let pages = self.ranges.get(range).map_or(0, |r| r.pages().len());
+            for page in 0..pages {
+                if (base + page as u64 * PAGE_SIZE) & A20_BIT != 0 {
+                    self.sync_leaf(PageLocation { range, page });
+                }
+            }
+        }
+        Invalidation::SingleContext
+    }
+
+    /// True while the A20 gate is open.
+    pub fn a20_enabled(&self) -> bool {
+        self.a20_enabled
+    }
+
+    /// What the A20 gate makes of a guest access to `gpa`.
+    pub fn a20_apply(&self, gpa: GuestPhysAddr) -> GuestPhysAddr {
+        if self.a20_enabled {
+            gpa
+        } else {
+            GuestPhysAddr::new_truncate(gpa.as_u64() & !A20_BIT)
+        }
+    }
+
+    /// Maps the alias page `alias` (bit 20 set, gate closed) to what the page at `location` maps,
+    /// creating tables where no range had any.
+    fn map_a20_alias(&mut self, alias: GuestPhysAddr, location: PageLocation) -> Result<(), PgmError> {
+        let leaf = self.own_leaf(location);
+        if self.ranges.find(alias).is_none() && !self.a20_aliases.contains(&alias) {
+            self.tables
+                .map_range(&mut self.frames, &mut self.memory, alias, 1, |_| leaf)?;
+            self.a20_aliases.push(alias);
+        } else {
+            self.tables.set_leaf(&mut self.memory, alias, leaf);
+        }
+        Ok(())
     }
 
     /// Splits `[gpa, gpa + len)` into per-page pieces `(page, offset in page, length)`, or names
@@ -631,6 +718,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         Ok(chunks)
     }
 }
+
+/// Bit 20 of a guest-physical address: what the A20 gate masks.
+const A20_BIT: u64 = 1 << 20;
 
 /// Checks a range for registration: page-aligned, non-empty, inside the guest-physical width.
 /// Returns its page count.
