@@ -48,6 +48,12 @@ pub enum PgmError {
     UnknownRom(crate::manager::RomId),
     /// The ROM has no shadow, so only its default protection applies.
     RomNotShadowed(crate::manager::RomId),
+    /// No MMIO2 region has this handle.
+    UnknownMmio2(crate::manager::Mmio2Handle),
+    /// The MMIO2 region is mapped, and the operation needs it unmapped (or the reverse).
+    Mmio2Mapped(bool),
+    /// An offset or size beyond the object it applies to.
+    OutOfRange,
 }
 
 impl fmt::Display for PgmError {
@@ -68,6 +74,10 @@ impl fmt::Display for PgmError {
             PgmError::NotHandled(gpa) => write!(f, "{gpa} is not covered by that handler"),
             PgmError::UnknownRom(id) => write!(f, "no ROM {id:?}"),
             PgmError::RomNotShadowed(id) => write!(f, "ROM {id:?} has no shadow"),
+            PgmError::UnknownMmio2(handle) => write!(f, "no MMIO2 region {handle:?}"),
+            PgmError::Mmio2Mapped(true) => write!(f, "the MMIO2 region is mapped"),
+            PgmError::Mmio2Mapped(false) => write!(f, "the MMIO2 region is not mapped"),
+            PgmError::OutOfRange => write!(f, "offset or size out of range"),
         }
     }
 }

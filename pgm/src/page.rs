@@ -39,6 +39,9 @@ pub enum PageType {
     Ram = 1,
     /// Memory-mapped I/O: no backing frame, every access goes to the region's handler.
     Mmio = 2,
+    /// Device memory (MMIO2, e.g. a framebuffer) mapped into the guest: frames owned by the
+    /// region, mapped like RAM, never reset or ballooned.
+    Mmio2 = 3,
     /// ROM without a shadow: reads come from the ROM image, writes are ignored.
     Rom = 6,
     /// ROM with a RAM shadow; the descriptor's state and frame are the shadow page's, and the
@@ -101,10 +104,19 @@ impl PageDescriptor {
         PageDescriptor((page_type as u64) << TYPE.0)
     }
 
+    /// A page of `page_type` born ALLOCATED with `frame` (device memory whose frames exist
+    /// before the page does).
+    pub fn allocated(page_type: PageType, frame: HostPhysAddr) -> PageDescriptor {
+        PageDescriptor::zero(page_type)
+            .with_state(PageState::Allocated)
+            .with_frame(Some(frame))
+    }
+
     /// The page's type.
     pub fn page_type(self) -> PageType {
         match self.get(TYPE) {
             2 => PageType::Mmio,
+            3 => PageType::Mmio2,
             6 => PageType::Rom,
             7 => PageType::RomShadow,
             _ => PageType::Ram,
@@ -281,10 +293,15 @@ pub struct InvalidTransition {
 /// | Allocated       | Allocated      | Zero −free | WriteMonitored | Allocated | Ballooned −free | refused |
 /// | WriteMonitored  | Allocated      | Zero −free | WriteMonitored | Allocated | Ballooned −free | refused |
 /// | Ballooned       | refused        | Zero       | Ballooned      | Ballooned | refused      | Zero    |
+///
+/// MMIO2 pages belong to their device: reset and the balloon do not apply to them.
 pub fn transition(page: PageDescriptor, event: PageEvent) -> Result<Transition, InvalidTransition> {
     use PageEvent::*;
     use PageState::*;
     let state = page.state();
+    if page.page_type() == PageType::Mmio2 && matches!(event, Reset | Inflate | Deflate) {
+        return Err(InvalidTransition { state, event });
+    }
     let free = || page.frame().map_or(FrameEffect::None, FrameEffect::Free);
     let (next, effect) = match (state, event) {
         (Zero, Write) => (Allocated, FrameEffect::AllocateZeroed),
@@ -389,6 +406,23 @@ mod tests {
             assert_eq!(step.effect, FrameEffect::Free(hpa(0x5000)));
             assert_eq!(step.apply(page, None).frame(), None);
         }
+    }
+
+    #[test]
+    fn mmio2_pages_are_never_reset_or_ballooned() {
+        let page = allocated(0x7000).with_type(PageType::Mmio2);
+        for event in [PageEvent::Reset, PageEvent::Inflate, PageEvent::Deflate] {
+            assert_eq!(
+                transition(page, event),
+                Err(InvalidTransition {
+                    state: PageState::Allocated,
+                    event
+                })
+            );
+        }
+        let protected = transition(page, PageEvent::Protect).unwrap().apply(page, None);
+        assert_eq!(protected.state(), PageState::WriteMonitored);
+        assert_eq!(protected.frame(), Some(hpa(0x7000)));
     }
 
     #[test]

@@ -194,7 +194,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 let location = self.ranges.find(gpa).ok_or(PgmError::NotGuestMemory(gpa))?;
                 match self.ranges.page(location).page_type() {
                     PageType::Ram => Ok(location),
-                    PageType::Mmio | PageType::Rom | PageType::RomShadow => Err(PgmError::NotRam(gpa)),
+                    PageType::Mmio | PageType::Mmio2 | PageType::Rom | PageType::RomShadow => {
+                        Err(PgmError::NotRam(gpa))
+                    }
                 }
             })
             .collect()

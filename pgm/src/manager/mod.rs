@@ -17,8 +17,10 @@ use crate::pool::FramePool;
 use crate::ram::{PageLocation, RamRange, RamRanges};
 
 mod handlers;
+mod mmio2;
 mod rom;
 
+pub use mmio2::Mmio2Handle;
 pub use rom::{RomId, RomProtection};
 
 /// What a fault resolution decided. The caller resumes the guest only for `Resolved`.
@@ -66,6 +68,8 @@ pub struct MemoryStats {
     pub mmio_pages: u64,
     /// ROM pages, each holding a frame with its part of the image.
     pub rom_pages: u64,
+    /// Frames of MMIO2 regions, mapped or not.
+    pub mmio2_frames: u64,
     /// Frames waiting in the handy pool.
     pub handy_frames: u64,
     /// Freed frames not yet given back to the allocator.
@@ -87,6 +91,7 @@ impl MemoryStats {
     pub fn host_frames(&self) -> u64 {
         self.private_frames()
             + self.rom_pages
+            + self.mmio2_frames
             + self.handy_frames
             + self.pending_free_frames
             + self.table_frames
@@ -138,6 +143,8 @@ pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
     /// Pages outside every range mapped as A20 aliases while the gate was off (unmapped again
     /// when it opens).
     a20_aliases: Vec<GuestPhysAddr>,
+    mmio2: Vec<mmio2::Mmio2Region>,
+    next_mmio2: u32,
 }
 
 impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
@@ -167,6 +174,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             roms: Vec::new(),
             a20_enabled: true,
             a20_aliases: Vec::new(),
+            mmio2: Vec::new(),
+            next_mmio2: 0,
         })
     }
 
@@ -328,7 +337,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     pub fn start_write_monitoring(&mut self) -> Invalidation {
         self.monitoring = true;
         self.clear_written_flags();
-        self.apply_to_all(PageEvent::Protect)
+        self.refresh_protection_all()
     }
 
     /// Appends to `out` every page written since monitoring started or since the last harvest,
@@ -345,9 +354,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             let page = self.ranges.page(location);
             self.ranges.set_page(location, page.with_written_to(false));
             out.push(gpa);
-            if self.apply(location, PageEvent::Protect) == Ok(true) {
-                invalidation = Invalidation::SingleContext;
-            }
+            invalidation = invalidation.max(self.refresh_protection(location));
         }
         // Reuse the list's memory for the next round.
         self.written = written;
@@ -355,13 +362,45 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         invalidation
     }
 
-    /// Ends write monitoring: pages become writable again and the written-to flags are dropped.
-    /// Permissions only grow, so no invalidation is needed.
+    /// Ends write monitoring: pages become writable again (except MMIO2 pages whose dirty
+    /// tracking still wants their next write) and the written-to flags are dropped.
     pub fn stop_write_monitoring(&mut self) -> Invalidation {
         self.monitoring = false;
         self.clear_written_flags();
-        self.apply_to_all(PageEvent::Unprotect);
-        Invalidation::None
+        self.refresh_protection_all()
+    }
+
+    /// True when the next guest write to the page at `location` must trap: write monitoring has
+    /// not seen it written since the last harvest, or its MMIO2 region's dirty tracking has not
+    /// seen it written since the last query.
+    fn wants_write_protection(&self, location: PageLocation) -> bool {
+        let page = self.ranges.page(location);
+        (self.monitoring && !page.written_to()) || self.mmio2_wants_protection(location)
+    }
+
+    /// Protects or unprotects the page at `location` as [`Self::wants_write_protection`] says;
+    /// returns the invalidation that needs (only adding protection needs one).
+    fn refresh_protection(&mut self, location: PageLocation) -> Invalidation {
+        let event = if self.wants_write_protection(location) {
+            PageEvent::Protect
+        } else {
+            PageEvent::Unprotect
+        };
+        match self.apply(location, event) {
+            Ok(true) if event == PageEvent::Protect => Invalidation::SingleContext,
+            _ => Invalidation::None,
+        }
+    }
+
+    fn refresh_protection_all(&mut self) -> Invalidation {
+        let mut invalidation = Invalidation::None;
+        for range in 0..self.ranges.len() {
+            let pages = self.ranges.get(range).map_or(0, |r| r.pages().len());
+            for page in 0..pages {
+                invalidation = invalidation.max(self.refresh_protection(PageLocation { range, page }));
+            }
+        }
+        invalidation
     }
 
     /// True while write monitoring is on.
@@ -401,11 +440,13 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     pub fn terminate(mut self) -> (A, M) {
         for range in self.ranges.iter_mut() {
             for page in range.pages_mut() {
-                if let Some(frame) = page.frame() {
+                // MMIO2 frames belong to their region, freed below.
+                if let (Some(frame), false) = (page.frame(), page.page_type() == PageType::Mmio2) {
                     self.frames.free_frame(frame);
                 }
             }
         }
+        self.release_mmio2();
         self.pool.drain(&mut self.frames);
         self.release_roms();
         self.tables.destroy(&mut self.frames, &self.memory);
@@ -434,6 +475,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             ballooned_pages: counts.ballooned,
             mmio_pages: counts.mmio,
             rom_pages: counts.rom,
+            mmio2_frames: self.mmio2_frames(),
             handy_frames: self.pool.handy() as u64,
             pending_free_frames: self.pool.pending_free() as u64,
             table_frames: self.tables.table_frames() as u64,
@@ -508,8 +550,14 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             self.written.push(self.ranges.gpa_of(location));
         }
         self.ranges.set_page(location, next);
-        *self.counts.of(page.state()) -= 1;
-        *self.counts.of(next.state()) += 1;
+        if page.page_type() == PageType::Mmio2 {
+            if event == PageEvent::Write {
+                self.mark_mmio2_dirty(location);
+            }
+        } else {
+            *self.counts.of(page.state()) -= 1;
+            *self.counts.of(next.state()) += 1;
+        }
         self.sync_leaf(location);
         // Released only now: neither the descriptor nor the EPT entry names the frame any more.
         if let FrameEffect::Free(frame) = step.effect {
@@ -595,7 +643,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                     self.virgin_frame(gpa)
                 }
             }
-            PageType::Ram | PageType::Mmio => page.frame(),
+            PageType::Ram | PageType::Mmio | PageType::Mmio2 => page.frame(),
         }
     }
 
@@ -603,7 +651,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// protection lets writes through).
     fn takes_writes(&self, location: PageLocation) -> bool {
         match self.ranges.page(location).page_type() {
-            PageType::Ram => true,
+            PageType::Ram | PageType::Mmio2 => true,
             PageType::Rom | PageType::RomShadow => self
                 .rom_covering(self.ranges.gpa_of(location))
                 .is_some_and(|rom| rom.effective_protection().writes_shadow()),
@@ -642,7 +690,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let page = self.ranges.page(location);
         match page.page_type() {
             PageType::Rom | PageType::RomShadow => self.rom_leaf(gpa, page),
-            PageType::Ram | PageType::Mmio => leaf_for(page, self.zero_frame),
+            PageType::Ram | PageType::Mmio | PageType::Mmio2 => leaf_for(page, self.zero_frame),
         }
     }
 
@@ -748,9 +796,16 @@ fn changes_contents(event: PageEvent) -> bool {
 /// RAM is write-back.
 fn leaf_for(page: PageDescriptor, zero_frame: HostPhysAddr) -> Option<Leaf> {
     let read_execute = Permissions::READ | Permissions::EXECUTE;
+    // MMIO2 maps like RAM; its pages are never ZERO or BALLOONED.
+    let page = if page.page_type() == PageType::Mmio2 {
+        page.with_type(PageType::Ram)
+    } else {
+        page
+    };
     let (frame, mut permissions) = match (page.page_type(), page.state()) {
         // ROM pages are mapped by `rom_leaf`, which calls back here for a shadow mapped as RAM.
-        (PageType::Mmio | PageType::Rom | PageType::RomShadow, _) | (PageType::Ram, PageState::Ballooned) => {
+        (PageType::Mmio | PageType::Mmio2 | PageType::Rom | PageType::RomShadow, _)
+        | (PageType::Ram, PageState::Ballooned) => {
             return None;
         }
         (PageType::Ram, PageState::Zero) => (zero_frame, read_execute),
