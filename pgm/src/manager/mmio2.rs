@@ -135,7 +135,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let tail = region.frames.split_off(pages);
         region.dirty.truncate(pages.div_ceil(64));
         if let Some(last) = region.dirty.last_mut() {
-            if pages % 64 != 0 {
+            if !pages.is_multiple_of(64) {
                 *last &= (1 << (pages % 64)) - 1;
             }
         }
