@@ -38,6 +38,10 @@ impl EntryFormat for Ept {
             | IGNORE_PAT
     }
 
+    fn encode_large_leaf(leaf: &Leaf) -> u64 {
+        Self::encode_leaf(leaf) | LARGE_PAGE
+    }
+
     fn decode(raw: u64, level: usize) -> Entry {
         let permissions = Permissions::from_bits_truncate((raw & PERMISSION_BITS) as u8);
         if permissions.is_empty() {

@@ -35,7 +35,17 @@ pub trait HostFrameAllocator {
             self.free_frame(frame);
         }
     }
+
+    /// Takes 512 contiguous frames starting at a 2 MiB-aligned address, for a 2 MiB mapping;
+    /// `None` when no such run is free (or the host does not offer large frames). The frames are
+    /// given back one by one with [`free_frame`](Self::free_frame).
+    fn allocate_large(&mut self) -> Option<HostPhysAddr> {
+        None
+    }
 }
+
+/// Frames in a 2 MiB large page.
+pub const FRAMES_PER_LARGE_PAGE: u64 = 512;
 
 /// Access to host-physical memory by address. Accesses never cross a 4 KiB frame boundary.
 pub trait HostMemory {
@@ -178,6 +188,34 @@ impl BitmapFrameAllocator {
         None
     }
 
+    /// Takes 512 free frames in a row starting at a 2 MiB-aligned address.
+    pub fn allocate_large(&mut self) -> Option<HostPhysAddr> {
+        let region = self.regions.iter().find_map(|region| {
+            let first = region.first_frame.next_multiple_of(FRAMES_PER_LARGE_PAGE);
+            let end = region.first_frame + region.frame_count;
+            let mut start = first;
+            while start + FRAMES_PER_LARGE_PAGE <= end {
+                let first_bit = region.first_bit + start - region.first_frame;
+                if (first_bit..first_bit + FRAMES_PER_LARGE_PAGE).all(|bit| !self.bit(bit)) {
+                    return Some((first_bit, start));
+                }
+                start += FRAMES_PER_LARGE_PAGE;
+            }
+            None
+        });
+        let (first_bit, start) = region?;
+        for bit in first_bit..first_bit + FRAMES_PER_LARGE_PAGE {
+            self.bitmap[(bit / 64) as usize] |= 1 << (bit % 64);
+        }
+        self.counts.free -= FRAMES_PER_LARGE_PAGE;
+        self.counts.allocations += FRAMES_PER_LARGE_PAGE;
+        HostPhysAddr::new(start * PAGE_SIZE)
+    }
+
+    fn bit(&self, bit: u64) -> bool {
+        self.bitmap[(bit / 64) as usize] & (1 << (bit % 64)) != 0
+    }
+
     /// Frees `frame`; refuses addresses it does not manage and frames already free.
     pub fn free(&mut self, frame: HostPhysAddr) -> Result<(), FrameError> {
         let bit = self.bit_of_frame(frame).ok_or(FrameError::NotManaged(frame))?;
@@ -220,6 +258,10 @@ impl BitmapFrameAllocator {
 impl HostFrameAllocator for BitmapFrameAllocator {
     fn allocate_frame(&mut self) -> Option<HostPhysAddr> {
         self.allocate()
+    }
+
+    fn allocate_large(&mut self) -> Option<HostPhysAddr> {
+        BitmapFrameAllocator::allocate_large(self)
     }
 
     fn free_frame(&mut self, frame: HostPhysAddr) {
@@ -273,6 +315,36 @@ mod tests {
         assert_eq!(frames.allocate(), Some(a));
         let counts = frames.counts();
         assert_eq!((counts.allocations, counts.frees, counts.used()), (3, 1, 2));
+    }
+
+    #[test]
+    fn large_allocations_are_aligned_contiguous_runs_of_free_frames() {
+        // 6 MiB starting at 1 MiB + 4 KiB: the aligned runs start at 2 MiB and 4 MiB.
+        let mut frames = BitmapFrameAllocator::new([(hpa(0x10_1000), hpa(0x70_1000))]);
+        let taken = frames.allocate().unwrap();
+        assert_eq!(taken, hpa(0x10_1000));
+        assert_eq!(frames.allocate_large(), Some(hpa(0x20_0000)));
+        assert!(frames.is_allocated(hpa(0x3F_F000)));
+        // One used frame inside the next run makes it unusable.
+        frames.free(hpa(0x10_1000)).unwrap();
+        let mut filler = Vec::new();
+        while let Some(frame) = frames.allocate() {
+            if frame == hpa(0x40_0000) {
+                break;
+            }
+            filler.push(frame);
+        }
+        for frame in filler {
+            frames.free(frame).unwrap();
+        }
+        assert_eq!(
+            frames.allocate_large(),
+            None,
+            "the only other run has a used frame"
+        );
+        frames.free(hpa(0x40_0000)).unwrap();
+        assert_eq!(frames.allocate_large(), Some(hpa(0x40_0000)));
+        assert_eq!(frames.counts().used(), 1024);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! that translates the way the CPU does. The bit encoding of entries comes from an
 //! [`EntryFormat`]: [`crate::ept::Ept`] for Intel EPT; an AMD NPT encoder can sit beside it.
 
+use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::marker::PhantomData;
 
@@ -14,6 +15,8 @@ use crate::frames::{HostFrameAllocator, HostMemory};
 /// Number of table levels (PML4, PDPT, PD, PT); level 0 holds 4 KiB leaves.
 pub const LEVELS: usize = 4;
 const ENTRIES_PER_TABLE: u64 = 512;
+/// log2 of the 2 MiB large-page size.
+const LARGE_SHIFT: u32 = 21;
 
 bitflags! {
     /// What a mapping lets the guest do with a page.
@@ -87,6 +90,8 @@ pub trait EntryFormat {
     fn encode_table(table: HostPhysAddr) -> u64;
     /// Encodes a 4 KiB leaf.
     fn encode_leaf(leaf: &Leaf) -> u64;
+    /// Encodes a 2 MiB leaf (in a level-1 table); `leaf.frame` is 2 MiB-aligned.
+    fn encode_large_leaf(leaf: &Leaf) -> u64;
     /// Decodes the raw entry `raw` found at `level` (0 = page table).
     fn decode(raw: u64, level: usize) -> Entry;
     /// The permissions a non-leaf entry grants to everything below it.
@@ -120,6 +125,9 @@ pub struct Violation {
 pub struct NestedTables<F: EntryFormat> {
     root: HostPhysAddr,
     table_frames: usize,
+    /// Page tables of blocks now mapped by a 2 MiB leaf, by block number (GPA >> 21): kept so
+    /// that splitting a block again never needs a frame.
+    detached: BTreeMap<u64, HostPhysAddr>,
     format: PhantomData<F>,
 }
 
@@ -143,6 +151,7 @@ impl<F: EntryFormat> NestedTables<F> {
         Ok(NestedTables {
             root,
             table_frames: 1,
+            detached: BTreeMap::new(),
             format: PhantomData,
         })
     }
@@ -213,16 +222,80 @@ impl<F: EntryFormat> NestedTables<F> {
         }
     }
 
-    /// Frees every table frame. The tables must no longer be in use by a CPU.
+    /// Maps the 2 MiB block at `block` (2 MiB-aligned) with one large `leaf`. The page table
+    /// that mapped it is kept in reserve for [`split_large`](Self::split_large). Returns
+    /// `false`, changing nothing, when the block has no page table (no registered range).
+    pub fn make_large(&mut self, memory: &mut impl HostMemory, block: GuestPhysAddr, leaf: Leaf) -> bool {
+        let Some(directory) = self.table_at(memory, block, 1) else {
+            return false;
+        };
+        let slot = entry_addr(directory, 1, block);
+        match F::decode(memory.read_u64(slot), 1) {
+            Entry::Table(page_table) => {
+                self.detached.insert(block.as_u64() >> LARGE_SHIFT, page_table);
+            }
+            Entry::Leaf(_) => {}
+            Entry::Absent => return false,
+        }
+        memory.write_u64(slot, F::encode_large_leaf(&leaf));
+        true
+    }
+
+    /// Maps the 2 MiB block at `block` with 4 KiB leaves from `leaf_of` again, in its reserved
+    /// page table. Returns `false`, changing nothing, when the block is not mapped large.
+    pub fn split_large(
+        &mut self,
+        memory: &mut impl HostMemory,
+        block: GuestPhysAddr,
+        mut leaf_of: impl FnMut(GuestPhysAddr) -> Option<Leaf>,
+    ) -> bool {
+        let Some(directory) = self.table_at(memory, block, 1) else {
+            return false;
+        };
+        let slot = entry_addr(directory, 1, block);
+        if !matches!(F::decode(memory.read_u64(slot), 1), Entry::Leaf(_)) {
+            return false;
+        }
+        let Some(page_table) = self.detached.remove(&(block.as_u64() >> LARGE_SHIFT)) else {
+            return false;
+        };
+        for page in 0..ENTRIES_PER_TABLE {
+            let gpa = GuestPhysAddr::new_truncate(block.as_u64() + page * PAGE_SIZE);
+            memory.write_u64(entry_addr(page_table, 0, gpa), encode::<F>(leaf_of(gpa)));
+        }
+        memory.write_u64(slot, F::encode_table(page_table));
+        true
+    }
+
+    /// True when `gpa` is mapped by a 2 MiB leaf.
+    pub fn is_large(&self, memory: &impl HostMemory, gpa: GuestPhysAddr) -> bool {
+        self.table_at(memory, gpa, 1).is_some_and(|directory| {
+            matches!(
+                F::decode(memory.read_u64(entry_addr(directory, 1, gpa)), 1),
+                Entry::Leaf(_)
+            )
+        })
+    }
+
+    /// Frees every table frame, reserved ones included. The tables must no longer be in use by
+    /// a CPU.
     pub fn destroy(self, frames: &mut impl HostFrameAllocator, memory: &impl HostMemory) {
         free_table::<F>(frames, memory, self.root, LEVELS - 1);
+        for (_, page_table) in self.detached {
+            frames.free_frame(page_table);
+        }
     }
 
     /// The page table (level 0) covering `gpa`, if the walk reaches one.
     fn leaf_table(&self, memory: &impl HostMemory, gpa: GuestPhysAddr) -> Option<HostPhysAddr> {
+        self.table_at(memory, gpa, 0)
+    }
+
+    /// The table at `level` on the walk to `gpa` (the root is level 3), if the walk reaches it.
+    fn table_at(&self, memory: &impl HostMemory, gpa: GuestPhysAddr, level: usize) -> Option<HostPhysAddr> {
         let mut table = self.root;
-        for level in (1..LEVELS).rev() {
-            match F::decode(memory.read_u64(entry_addr(table, level, gpa)), level) {
+        for above in (level + 1..LEVELS).rev() {
+            match F::decode(memory.read_u64(entry_addr(table, above, gpa)), above) {
                 Entry::Table(next) => table = next,
                 Entry::Absent | Entry::Leaf(_) => return None,
             }

@@ -77,6 +77,20 @@ impl FramePool {
         Ok(frame)
     }
 
+    /// Takes a 2 MiB chunk (512 contiguous frames) for a large page straight from the host;
+    /// the limit counts all 512. [`PgmError::FrameLimit`] or [`PgmError::OutOfFrames`] change
+    /// nothing.
+    pub fn take_large(&mut self, frames: &mut impl HostFrameAllocator) -> Result<HostPhysAddr, PgmError> {
+        let count = crate::frames::FRAMES_PER_LARGE_PAGE;
+        if self.limit.is_some_and(|limit| self.in_use + count > limit) {
+            return Err(PgmError::FrameLimit);
+        }
+        let chunk = frames.allocate_large().ok_or(PgmError::OutOfFrames)?;
+        self.in_use += count;
+        self.taken += count;
+        Ok(chunk)
+    }
+
     /// True when the pool is down to [`HANDY_REFILL_AT`] frames.
     pub fn needs_refill(&self) -> bool {
         self.handy.len() <= HANDY_REFILL_AT

@@ -53,13 +53,24 @@ impl SimFrames {
     }
 }
 
+impl SimFrames {
+    /// Counts one allocation against the injected limit; false when it must fail.
+    fn permit(&mut self) -> bool {
+        match self.fail_after.as_mut() {
+            Some(0) => false,
+            Some(left) => {
+                *left -= 1;
+                true
+            }
+            None => true,
+        }
+    }
+}
+
 impl HostFrameAllocator for SimFrames {
     fn allocate_frame(&mut self) -> Option<HostPhysAddr> {
-        if let Some(left) = self.fail_after.as_mut() {
-            if *left == 0 {
-                return None;
-            }
-            *left -= 1;
+        if !self.permit() {
+            return None;
         }
         self.inner.allocate()
     }
@@ -68,5 +79,12 @@ impl HostFrameAllocator for SimFrames {
         self.inner
             .free(frame)
             .expect("the manager frees only frames it holds");
+    }
+
+    fn allocate_large(&mut self) -> Option<HostPhysAddr> {
+        if !self.permit() {
+            return None;
+        }
+        self.inner.allocate_large()
     }
 }

@@ -42,7 +42,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         for location in self.registered_pages(&registration) {
             self.set_handler_state(location, HandlerState::None);
         }
-        Ok(Invalidation::None)
+        Ok(self.merge_large_blocks())
     }
 
     /// Turns the handler `id` off for the one page at `gpa` until

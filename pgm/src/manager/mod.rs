@@ -11,12 +11,15 @@ use crate::ept::{ept_pointer, Ept};
 use crate::error::PgmError;
 use crate::frames::{HostFrameAllocator, HostMemory};
 use crate::handlers::{HandlerId, Handlers};
-use crate::page::{transition, FrameEffect, HandlerState, PageDescriptor, PageEvent, PageState, PageType};
+use crate::page::{
+    transition, FrameEffect, HandlerState, LargePageState, PageDescriptor, PageEvent, PageState, PageType,
+};
 use crate::paging::{self, Access, Invalidation, Leaf, MemoryType, NestedTables, Permissions, Violation};
 use crate::pool::FramePool;
 use crate::ram::{PageLocation, RamRange, RamRanges};
 
 mod handlers;
+mod large;
 mod mmio2;
 mod rom;
 
@@ -145,6 +148,8 @@ pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
     a20_aliases: Vec<GuestPhysAddr>,
     mmio2: Vec<mmio2::Mmio2Region>,
     next_mmio2: u32,
+    /// Write faults may fill whole 2 MiB blocks (see `set_large_pages`).
+    large_pages: bool,
 }
 
 impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
@@ -176,6 +181,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             a20_aliases: Vec::new(),
             mmio2: Vec::new(),
             next_mmio2: 0,
+            large_pages: false,
         })
     }
 
@@ -223,6 +229,11 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         }
         if page.state() == PageState::Ballooned {
             return FaultOutcome::Ballooned;
+        }
+        if access == Access::Write && page.page_type() == PageType::Ram && page.state() == PageState::Zero {
+            if let Some(invalidation) = self.try_large_fill(location) {
+                return FaultOutcome::Resolved { invalidation };
+            }
         }
         let result = match access {
             Access::Write if page.page_type() == PageType::Rom || page.page_type() == PageType::RomShadow => {
@@ -367,7 +378,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     pub fn stop_write_monitoring(&mut self) -> Invalidation {
         self.monitoring = false;
         self.clear_written_flags();
-        self.refresh_protection_all()
+        let protection = self.refresh_protection_all();
+        protection.max(self.merge_large_blocks())
     }
 
     /// True when the next guest write to the page at `location` must trap: write monitoring has
@@ -663,6 +675,10 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// With the A20 gate off, pages with bit 20 set show their alias 1 MiB below, and the alias
     /// of this page (bit 20 set) shows this page, wherever that alias is mapped.
     fn sync_leaf(&mut self, location: PageLocation) {
+        if self.ranges.page(location).large_page() == LargePageState::Large {
+            // One page of a 2 MiB mapping changes: map the block with 4 KiB entries first.
+            self.split_large_block(location);
+        }
         let gpa = self.ranges.gpa_of(location);
         if !self.a20_enabled && gpa.as_u64() & A20_BIT != 0 {
             let shown = self
@@ -706,6 +722,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             for alias in core::mem::take(&mut self.a20_aliases) {
                 self.tables.set_leaf(&mut self.memory, alias, None);
             }
+        } else {
+            // Aliases are 4 KiB mappings kept in step page by page: no large blocks meanwhile.
+            self.split_all_large_blocks();
         }
         for range in 0..self.ranges.len() {
             let base = self.ranges.get(range).map_or(0, |r| r.base().as_u64());
@@ -717,6 +736,18 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             }
         }
         Invalidation::SingleContext
+    }
+
+    fn split_all_large_blocks(&mut self) {
+        for range in 0..self.ranges.len() {
+            let pages = self.ranges.get(range).map_or(0, |r| r.pages().len());
+            for page in 0..pages {
+                let location = PageLocation { range, page };
+                if self.ranges.page(location).large_page() == LargePageState::Large {
+                    self.split_large_block(location);
+                }
+            }
+        }
     }
 
     /// True while the A20 gate is open.
