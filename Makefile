@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: setup run test check image
+.PHONY: setup run test check image bench
 
 setup:
 	@boot/setup.sh
@@ -21,8 +21,13 @@ test: setup check
 check: setup
 	cargo fmt --all --check
 	cargo clippy --all-targets -- -D warnings
+	cargo clippy -p pgm --all-targets --features sim -- -D warnings
 	cd kernel && cargo clippy --all-targets -- -D warnings
 	cd kernel && cargo clippy --all-targets --features kernel-tests -- -D warnings
+
+## The criterion benchmark: pgm against rust-vmm's vm-memory (figures in README.md).
+bench: setup
+	cargo bench -p pgm --features sim --bench lookup_and_harvest
 
 ## BIOS and UEFI disk images of the demo kernel.
 image: setup
