@@ -1316,3 +1316,37 @@ fn blocks_that_do_not_qualify_get_4kib_pages() {
     assert!(!small.is_mapped_large(gpa(2 * MIB)));
     assert_accounting(&pgm);
 }
+
+#[test]
+fn preallocation_gives_every_zero_page_a_frame_or_nothing_at_all() {
+    let mut pgm = pgm_with_frames(4096);
+    pgm.register_ram(gpa(0), 640 * 1024, "low").unwrap();
+    pgm.register_ram(gpa(MIB), 5 * MIB, "high").unwrap();
+    pgm.balloon_inflate(&[gpa(0x2000)]).unwrap();
+    guest_write(&mut pgm, gpa(0x3000), b"kept");
+    pgm.set_large_pages(true);
+    // Room for the 4 KiB pages and the block at 2 MiB, not for the block at 4 MiB.
+    pgm.set_frame_limit(Some(1000));
+    let before = pgm.stats();
+    assert_eq!(pgm.preallocate_ram(), Err(PgmError::FrameLimit));
+    assert_eq!(
+        pgm.stats().allocated_pages,
+        before.allocated_pages,
+        "rolled back, large block too"
+    );
+    assert!(!pgm.is_mapped_large(gpa(2 * MIB)));
+    assert_eq!(pgm.stats().zero_pages, before.zero_pages);
+    assert_accounting(&pgm);
+    pgm.set_frame_limit(None);
+    assert_eq!(pgm.preallocate_ram(), Ok(Invalidation::SingleContext));
+    let stats = pgm.stats();
+    assert_eq!(stats.zero_pages, 0);
+    assert_eq!(stats.ballooned_pages, 1, "the balloon keeps its page");
+    assert!(
+        pgm.is_mapped_large(gpa(2 * MIB)),
+        "the aligned block inside high RAM is one chunk"
+    );
+    assert_eq!(guest_read(&pgm, gpa(0x3000), 4), b"kept");
+    assert_eq!(pgm.preallocate_ram(), Ok(Invalidation::None));
+    assert_accounting(&pgm);
+}

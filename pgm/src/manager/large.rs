@@ -133,7 +133,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 
     /// The 512 locations of the 2 MiB block holding `location`, when the block lies wholly in
     /// that page's range.
-    fn block_pages(&self, location: PageLocation) -> Option<Vec<PageLocation>> {
+    pub(super) fn block_pages(&self, location: PageLocation) -> Option<Vec<PageLocation>> {
         let gpa = self.ranges.gpa_of(location).as_u64();
         let block = gpa & !(LARGE_PAGE_SIZE - 1);
         let range = self.ranges.get(location.range)?;

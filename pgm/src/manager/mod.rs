@@ -335,6 +335,56 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         })
     }
 
+    /// Gives every ZERO RAM page its frame now (pgmR3PhysRamPreAllocate), as 2 MiB chunks where
+    /// large pages are on and a block qualifies. All or nothing: when frames run out, the pages
+    /// this call filled are ZERO again. Returns the invalidation the remapping needs.
+    pub fn preallocate_ram(&mut self) -> Result<Invalidation, PgmError> {
+        let mut filled = Vec::new();
+        for range in 0..self.ranges.len() {
+            let pages = self.ranges.get(range).map_or(0, |r| r.pages().len());
+            for page in 0..pages {
+                let location = PageLocation { range, page };
+                let descriptor = self.ranges.page(location);
+                if descriptor.page_type() != PageType::Ram || descriptor.state() != PageState::Zero {
+                    continue;
+                }
+                if self.try_large_fill(location).is_some() {
+                    filled.push(location);
+                    continue;
+                }
+                match self.apply(location, PageEvent::Write) {
+                    Ok(_) => filled.push(location),
+                    Err(error) => {
+                        self.unfill(&filled);
+                        return Err(error);
+                    }
+                }
+            }
+        }
+        self.pool.flush(&mut self.frames);
+        Ok(if filled.is_empty() {
+            Invalidation::None
+        } else {
+            Invalidation::SingleContext
+        })
+    }
+
+    /// Returns pages filled by a failed call to ZERO: single pages, or the whole block of a
+    /// large fill (recorded by the location of its first written page).
+    fn unfill(&mut self, filled: &[PageLocation]) {
+        for &location in filled.iter().rev() {
+            let pages = match self.ranges.page(location).large_page() {
+                LargePageState::Large => self.block_pages(location).unwrap_or_default(),
+                _ => alloc::vec![location],
+            };
+            for page in pages {
+                // Reset only frees: it cannot fail.
+                let _ = self.apply(page, PageEvent::Reset);
+            }
+        }
+        self.pool.flush(&mut self.frames);
+    }
+
     /// Returns every page of every range to ZERO, freeing private frames and deflating the
     /// balloon (VM reset).
     pub fn reset_ram(&mut self) -> Invalidation {
