@@ -54,6 +54,8 @@ pub enum PgmError {
     Mmio2Mapped(bool),
     /// An offset or size beyond the object it applies to.
     OutOfRange,
+    /// A map lock pins the page's frame, which the operation would free or replace.
+    PageLocked(GuestPhysAddr),
 }
 
 impl fmt::Display for PgmError {
@@ -78,6 +80,7 @@ impl fmt::Display for PgmError {
             PgmError::Mmio2Mapped(true) => write!(f, "the MMIO2 region is mapped"),
             PgmError::Mmio2Mapped(false) => write!(f, "the MMIO2 region is not mapped"),
             PgmError::OutOfRange => write!(f, "offset or size out of range"),
+            PgmError::PageLocked(gpa) => write!(f, "page {gpa} is locked by a mapping"),
         }
     }
 }

@@ -1350,3 +1350,118 @@ fn preallocation_gives_every_zero_page_a_frame_or_nothing_at_all() {
     assert_eq!(pgm.preallocate_ram(), Ok(Invalidation::None));
     assert_accounting(&pgm);
 }
+
+#[test]
+fn a_write_lock_gives_the_host_the_guest_page_and_pins_its_frame() {
+    let mut pgm = pc_like();
+    let (hpa, lock) = pgm.lock_page_for_write(gpa(0x5010)).unwrap();
+    assert_eq!(pgm.stats().allocated_pages, 1, "the ZERO page got its frame");
+    write_host(&mut pgm, hpa, b"via lock");
+    assert_eq!(guest_read(&pgm, gpa(0x5010), 8), b"via lock");
+    let frame = pgm.page(gpa(0x5000)).unwrap().frame();
+    pgm.reset_ram();
+    assert_eq!(
+        pgm.page(gpa(0x5000)).unwrap().frame(),
+        frame,
+        "reset zeroes a locked page in place"
+    );
+    assert_eq!(guest_read(&pgm, gpa(0x5010), 8), [0; 8]);
+    assert_eq!(
+        pgm.balloon_inflate(&[gpa(0x5000)]),
+        Err(PgmError::PageLocked(gpa(0x5000)))
+    );
+    assert_eq!(
+        pgm.register_mmio(gpa(0x5000), PAGE_SIZE),
+        Err(PgmError::PageLocked(gpa(0x5000)))
+    );
+    pgm.release_page_lock(lock);
+    assert!(!pgm.page(gpa(0x5000)).unwrap().is_locked());
+    assert_eq!(
+        pgm.balloon_inflate(&[gpa(0x5000)]),
+        Ok(Invalidation::SingleContext)
+    );
+    assert_accounting(&pgm);
+}
+
+#[test]
+fn a_read_lock_maps_what_the_guest_reads() {
+    let mut pgm = pc_like();
+    let (zero, lock) = pgm.lock_page_for_read(gpa(0x6000)).unwrap();
+    assert_eq!(zero, pgm.zero_frame(), "a ZERO page reads the zero frame");
+    assert_eq!(pgm.stats().allocated_pages, 0);
+    pgm.release_page_lock(lock);
+    let image = rom_image();
+    pgm.register_rom(gpa(ROM_BASE), &image, false).unwrap();
+    let (rom, lock) = pgm.lock_page_for_read(gpa(ROM_BASE + 0x1004)).unwrap();
+    let mut seen = [0; 4];
+    pgm.memory().read(rom, &mut seen);
+    assert_eq!(seen, image[0x1004..0x1008]);
+    pgm.release_page_lock(lock);
+    assert_eq!(
+        pgm.lock_page_for_write(gpa(ROM_BASE)),
+        Err(PgmError::NotRam(gpa(ROM_BASE)))
+    );
+}
+
+#[test]
+fn write_locked_pages_are_reported_at_every_harvest() {
+    let mut pgm = pc_like();
+    let (_, lock) = pgm.lock_page_for_write(gpa(0x7000)).unwrap();
+    pgm.start_write_monitoring();
+    assert_eq!(harvest(&mut pgm), [0x7000]);
+    assert_eq!(harvest(&mut pgm), [0x7000], "the host may have written it again");
+    assert_eq!(
+        guest_write(&mut pgm, gpa(0x7008), b"g"),
+        GuestAccess::Done { faults: 0 },
+        "never protected"
+    );
+    pgm.release_page_lock(lock);
+    assert_eq!(harvest(&mut pgm), [0x7000]);
+    assert_eq!(harvest(&mut pgm), [] as [u64; 0]);
+    assert_eq!(
+        guest_write(&mut pgm, gpa(0x7008), b"g"),
+        GuestAccess::Done { faults: 1 },
+        "protected again"
+    );
+}
+
+#[test]
+fn bulk_locking_is_all_or_nothing_and_refuses_what_cannot_be_locked() {
+    let mut pgm = pc_like();
+    let pages = [gpa(0x1000), gpa(0x2000), gpa(0xA_0000)];
+    assert_eq!(
+        pgm.lock_pages(&pages, true),
+        Err(PgmError::NotGuestMemory(gpa(0xA_0000)))
+    );
+    for at in &pages[..2] {
+        assert!(!pgm.page(*at).unwrap().is_locked(), "no lock left behind at {at}");
+    }
+    let locks = pgm.lock_pages(&pages[..2], false).unwrap();
+    assert_eq!(locks.len(), 2);
+    for (_, lock) in locks {
+        pgm.release_page_lock(lock);
+    }
+    pgm.register_mmio(gpa(0xFEC0_0000), PAGE_SIZE).unwrap();
+    pgm.register_handler(HandlerKind::Write, gpa(0x8000), PAGE_SIZE)
+        .unwrap();
+    pgm.balloon_inflate(&[gpa(0x9000)]).unwrap();
+    assert_eq!(
+        pgm.lock_page_for_read(gpa(0xFEC0_0000)),
+        Err(PgmError::NotRam(gpa(0xFEC0_0000)))
+    );
+    assert_eq!(
+        pgm.lock_page_for_write(gpa(0x8000)),
+        Err(PgmError::HandlerPresent(gpa(0x8000)))
+    );
+    assert!(
+        pgm.lock_page_for_read(gpa(0x8000)).is_ok(),
+        "a write handler does not stop reads"
+    );
+    assert_eq!(
+        pgm.lock_page_for_write(gpa(0x9000)),
+        Err(PgmError::PageState {
+            gpa: gpa(0x9000),
+            state: PageState::Ballooned
+        })
+    );
+}

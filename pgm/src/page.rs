@@ -10,7 +10,8 @@
 //! | 47..=48 | [`HandlerState`]                                                   |
 //! | 49..=50 | [`LargePageState`]                                                 |
 //! | 51      | written-to (set by a write while write monitoring is on)           |
-//! | 52..=63 | reserved (map-lock counts)                                         |
+//! | 52..=57 | write map locks (saturating at 63: locked for good)                |
+//! | 58..=63 | read map locks (saturating at 63: locked for good)                 |
 //!
 //! A page with no frame of its own (ZERO, BALLOONED, MMIO) stores frame number 0.
 
@@ -30,6 +31,11 @@ const STATE: Field = Field(44, 0x7);
 const HANDLER: Field = Field(47, 0x3);
 const LARGE: Field = Field(49, 0x3);
 const WRITTEN_TO: Field = Field(51, 0x1);
+const WRITE_LOCKS: Field = Field(52, 0x3F);
+const READ_LOCKS: Field = Field(58, 0x3F);
+
+/// A lock count that reached this stays: the page is locked for good (as PGM_PAGE_MAX_LOCKS).
+pub const MAX_LOCKS: u64 = 0x3F;
 
 /// What kind of guest-physical page this is; decides how it is mapped and what faults mean.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,6 +161,34 @@ impl PageDescriptor {
     /// True when the page was written since write monitoring last reset the flag.
     pub fn written_to(self) -> bool {
         self.get(WRITTEN_TO) != 0
+    }
+
+    /// Write map locks held on the page.
+    pub fn write_locks(self) -> u64 {
+        self.get(WRITE_LOCKS)
+    }
+
+    /// Read map locks held on the page.
+    pub fn read_locks(self) -> u64 {
+        self.get(READ_LOCKS)
+    }
+
+    /// True while any map lock pins the page's frame.
+    pub fn is_locked(self) -> bool {
+        self.write_locks() + self.read_locks() > 0
+    }
+
+    /// The descriptor with one more (`+1`) or one less (`-1`) lock of the given kind; a count
+    /// at [`MAX_LOCKS`] stays there.
+    pub fn with_lock_change(self, write: bool, delta: i8) -> PageDescriptor {
+        let field = if write { WRITE_LOCKS } else { READ_LOCKS };
+        let count = self.get(field);
+        let next = match delta {
+            _ if count == MAX_LOCKS => MAX_LOCKS,
+            1.. => count + 1,
+            _ => count.saturating_sub(1),
+        };
+        self.set(field, next)
     }
 
     /// The page's private host frame; `None` for a page with no frame of its own.
@@ -368,6 +402,36 @@ mod tests {
             (Some(top), PageState::Allocated)
         );
         assert!(!cleared.written_to());
+    }
+
+    #[test]
+    fn lock_counts_count_and_saturate() {
+        let page = allocated(0x4000);
+        let locked = page
+            .with_lock_change(true, 1)
+            .with_lock_change(false, 1)
+            .with_lock_change(false, 1);
+        assert_eq!((locked.write_locks(), locked.read_locks()), (1, 2));
+        assert_eq!(
+            locked.frame(),
+            Some(hpa(0x4000)),
+            "lock bits do not touch the frame"
+        );
+        let released = locked
+            .with_lock_change(true, -1)
+            .with_lock_change(false, -1)
+            .with_lock_change(false, -1);
+        assert!(!released.is_locked());
+        let mut pinned = page;
+        for _ in 0..100 {
+            pinned = pinned.with_lock_change(false, 1);
+        }
+        assert_eq!(pinned.read_locks(), MAX_LOCKS);
+        assert_eq!(
+            pinned.with_lock_change(false, -1).read_locks(),
+            MAX_LOCKS,
+            "locked for good"
+        );
     }
 
     #[test]

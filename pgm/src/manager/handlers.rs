@@ -99,6 +99,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             return Ok((id, Invalidation::None));
         }
         let locations = self.ram_pages(base, pages)?;
+        if let Some(&locked) = locations.iter().find(|&&at| self.ranges.page(at).is_locked()) {
+            return Err(PgmError::PageLocked(self.ranges.gpa_of(locked)));
+        }
         let id = self
             .handlers
             .insert(HandlerKind::All, base, pages, Some(MmioPlacement::ReplacingRam));

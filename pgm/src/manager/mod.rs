@@ -20,9 +20,11 @@ use crate::ram::{PageLocation, RamRange, RamRanges};
 
 mod handlers;
 mod large;
+mod locks;
 mod mmio2;
 mod rom;
 
+pub use locks::PageMapLock;
 pub use mmio2::Mmio2Handle;
 pub use rom::{RomId, RomProtection};
 
@@ -387,8 +389,32 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 
     /// Returns every page of every range to ZERO, freeing private frames and deflating the
     /// balloon (VM reset).
+    /// Locked pages keep their frame and are zeroed in place.
     pub fn reset_ram(&mut self) -> Invalidation {
-        let pages = self.apply_to_all(PageEvent::Reset);
+        let mut changed = false;
+        for range in 0..self.ranges.len() {
+            let pages = self.ranges.get(range).map_or(0, |r| r.pages().len());
+            for page in 0..pages {
+                let location = PageLocation { range, page };
+                let descriptor = self.ranges.page(location);
+                match (descriptor.is_locked(), descriptor.frame()) {
+                    (true, Some(frame)) if descriptor.page_type() != PageType::Mmio2 => {
+                        self.memory.zero_frame(frame);
+                        if self.monitoring {
+                            self.mark_written(location);
+                        }
+                    }
+                    // Reset only frees: it cannot fail (MMIO2 refuses it and is left alone).
+                    _ => changed |= self.apply(location, PageEvent::Reset).unwrap_or(false),
+                }
+            }
+        }
+        self.pool.flush(&mut self.frames);
+        let pages = if changed {
+            Invalidation::SingleContext
+        } else {
+            Invalidation::None
+        };
         pages.max(self.reset_roms())
     }
 
@@ -398,6 +424,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     pub fn start_write_monitoring(&mut self) -> Invalidation {
         self.monitoring = true;
         self.clear_written_flags();
+        self.mark_write_locked_pages();
         self.refresh_protection_all()
     }
 
@@ -406,6 +433,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// Returns the invalidation the re-protection needs.
     pub fn harvest_written(&mut self, out: &mut Vec<GuestPhysAddr>) -> Invalidation {
         let written = core::mem::take(&mut self.written);
+        let mut still_written = Vec::new();
         let mut invalidation = Invalidation::None;
         for &gpa in &written {
             // A page whose range went away since it was written has nothing left to report.
@@ -413,13 +441,19 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 continue;
             };
             let page = self.ranges.page(location);
-            self.ranges.set_page(location, page.with_written_to(false));
             out.push(gpa);
+            if page.write_locks() > 0 {
+                // The host can write it through its mapping at any time: written again.
+                still_written.push(gpa);
+                continue;
+            }
+            self.ranges.set_page(location, page.with_written_to(false));
             invalidation = invalidation.max(self.refresh_protection(location));
         }
         // Reuse the list's memory for the next round.
         self.written = written;
         self.written.clear();
+        self.written.append(&mut still_written);
         invalidation
     }
 
@@ -628,24 +662,6 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         Ok(true)
     }
 
-    /// Applies an event that cannot fail for any state (reset, protect, unprotect) to every
-    /// page; returns `SingleContext` when any page changed.
-    fn apply_to_all(&mut self, event: PageEvent) -> Invalidation {
-        let mut changed = false;
-        for range in 0..self.ranges.len() {
-            let pages = self.ranges.get(range).map_or(0, |r| r.pages().len());
-            for page in 0..pages {
-                changed |= self.apply(PageLocation { range, page }, event).unwrap_or(false);
-            }
-        }
-        self.pool.flush(&mut self.frames);
-        if changed {
-            Invalidation::SingleContext
-        } else {
-            Invalidation::None
-        }
-    }
-
     fn clear_written_flags(&mut self) {
         for gpa in core::mem::take(&mut self.written) {
             if let Some(location) = self.ranges.find(gpa) {
@@ -673,6 +689,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             }
             if page.handler() != HandlerState::None {
                 return Err(PgmError::HandlerPresent(gpa));
+            }
+            if page.is_locked() {
+                return Err(PgmError::PageLocked(gpa));
             }
             transition(page, event)
                 .map(|_| ())
