@@ -1465,3 +1465,89 @@ fn bulk_locking_is_all_or_nothing_and_refuses_what_cannot_be_locked() {
         })
     );
 }
+
+use crate::handlers::HandlerId;
+use crate::manager::{AccessHandlers, HandlerAction};
+
+/// Records what it is handed; fills reads with 0xAB; answers `action`.
+struct Recorder {
+    action: HandlerAction,
+    calls: Vec<(HandlerId, u64, Access, Vec<u8>)>,
+}
+
+impl AccessHandlers for Recorder {
+    fn access(
+        &mut self,
+        handler: HandlerId,
+        at: GuestPhysAddr,
+        access: Access,
+        data: &mut [u8],
+    ) -> HandlerAction {
+        if access == Access::Read && self.action == HandlerAction::Handled {
+            data.fill(0xAB);
+        }
+        self.calls.push((handler, at.as_u64(), access, data.to_vec()));
+        self.action
+    }
+}
+
+fn recorder(action: HandlerAction) -> Recorder {
+    Recorder {
+        action,
+        calls: Vec::new(),
+    }
+}
+
+#[test]
+fn handled_writes_go_to_the_handler_for_handled_pages_only() {
+    let mut pgm = pc_like();
+    let (id, _) = pgm
+        .register_handler(HandlerKind::Write, gpa(0x5000), PAGE_SIZE)
+        .unwrap();
+    let data: Vec<u8> = (0..0x20).collect();
+    // 0x4FF0..0x5010: half on a plain page, half on the handled one.
+    let mut handled = recorder(HandlerAction::Handled);
+    pgm.write_phys_handled(gpa(0x4FF0), &data, &mut handled).unwrap();
+    assert_eq!(
+        handled.calls,
+        [(id, 0x5000, Access::Write, data[0x10..].to_vec())]
+    );
+    let mut seen = [0u8; 0x20];
+    pgm.read_phys(gpa(0x4FF0), &mut seen).unwrap();
+    assert_eq!(seen[..0x10], data[..0x10], "the plain page was written");
+    assert_eq!(seen[0x10..], [0; 0x10], "the handler took the rest");
+    let mut passes = recorder(HandlerAction::Default);
+    pgm.write_phys_handled(gpa(0x4FF0), &data, &mut passes).unwrap();
+    pgm.read_phys(gpa(0x4FF0), &mut seen).unwrap();
+    assert_eq!(seen.to_vec(), data, "Default lets the write reach memory");
+    let mut reads = recorder(HandlerAction::Handled);
+    pgm.read_phys_handled(gpa(0x5000), &mut seen, &mut reads).unwrap();
+    assert!(reads.calls.is_empty(), "a write handler does not see reads");
+}
+
+#[test]
+fn handled_accesses_reach_mmio_handlers_and_default_to_open_bus() {
+    let mut pgm = pc_like();
+    let (id, _) = pgm.register_mmio(gpa(0xFEC0_0000), PAGE_SIZE).unwrap();
+    let mut buf = [0u8; 4];
+    let mut handled = recorder(HandlerAction::Handled);
+    pgm.read_phys_handled(gpa(0xFEC0_0010), &mut buf, &mut handled)
+        .unwrap();
+    assert_eq!(buf, [0xAB; 4]);
+    assert_eq!(handled.calls, [(id, 0xFEC0_0010, Access::Read, vec![0xAB; 4])]);
+    let mut passes = recorder(HandlerAction::Default);
+    pgm.read_phys_handled(gpa(0xFEC0_0010), &mut buf, &mut passes)
+        .unwrap();
+    assert_eq!(buf, [0xFF; 4], "MMIO has no memory: all ones");
+    pgm.write_phys_handled(gpa(0xFEC0_0010), b"reg!", &mut handled)
+        .unwrap();
+    assert_eq!(
+        handled.calls[1],
+        (id, 0xFEC0_0010, Access::Write, b"reg!".to_vec())
+    );
+    assert_eq!(
+        pgm.write_phys_handled(gpa(0xFEBF_FFFE), b"xx", &mut handled),
+        Err(PgmError::NotGuestMemory(gpa(0xFEBF_FFFE)))
+    );
+    assert_eq!(handled.calls.len(), 2, "no handler ran for a refused access");
+}

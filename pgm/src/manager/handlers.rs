@@ -14,7 +14,90 @@ use crate::page::{HandlerState, PageDescriptor, PageEvent, PageType};
 use crate::paging::{Access, Invalidation};
 use crate::ram::{PageLocation, RamRange};
 
+/// What an access handler did with an access handed to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandlerAction {
+    /// The handler performed the access; memory is not touched.
+    Handled,
+    /// Let pgm perform the access on memory as if there were no handler (for MMIO, which has
+    /// no memory: reads return all ones, writes are dropped).
+    Default,
+}
+
+/// The VMM's access handlers, called by [`Pgm::read_phys_handled`] and
+/// [`Pgm::write_phys_handled`] (as PGMPhysRead/PGMPhysWrite call PGM's handlers).
+pub trait AccessHandlers {
+    /// `access` of `data.len()` bytes at `gpa` (within one page) falls to `handler`. For a read
+    /// the handler fills `data`; for a write `data` holds the bytes written.
+    fn access(
+        &mut self,
+        handler: HandlerId,
+        gpa: GuestPhysAddr,
+        access: Access,
+        data: &mut [u8],
+    ) -> HandlerAction;
+}
+
 impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
+    /// Reads guest memory at `gpa` into `buf` as the guest would see it, handing every piece an
+    /// access handler intercepts (all-access handlers, MMIO) to `handlers`. Fails with
+    /// [`PgmError::NotGuestMemory`] before any handler runs.
+    pub fn read_phys_handled(
+        &self,
+        gpa: GuestPhysAddr,
+        buf: &mut [u8],
+        handlers: &mut impl AccessHandlers,
+    ) -> Result<(), PgmError> {
+        let mut done = 0;
+        for (location, offset, len) in self.pieces(gpa, buf.len())? {
+            let at = GuestPhysAddr::new_truncate(self.ranges.gpa_of(location).as_u64() + offset);
+            let out = &mut buf[done..done + len];
+            done += len;
+            let page = self.ranges.page(location);
+            if let Some(handler) = self.intercepting_handler(at, page, Access::Read) {
+                if handlers.access(handler, at, Access::Read, out) == HandlerAction::Handled {
+                    continue;
+                }
+            }
+            if page.page_type() == PageType::Mmio {
+                out.fill(0xFF);
+            } else {
+                self.read_phys(at, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `data` to guest memory at `gpa` as a guest store would land, handing every piece
+    /// an access handler intercepts (write and all-access handlers, MMIO) to `handlers`.
+    /// Fails with [`PgmError::NotGuestMemory`] before any handler runs; a later failure (no
+    /// frame) leaves the pieces before it written, as the handlers already saw them.
+    pub fn write_phys_handled(
+        &mut self,
+        gpa: GuestPhysAddr,
+        data: &[u8],
+        handlers: &mut impl AccessHandlers,
+    ) -> Result<Invalidation, PgmError> {
+        let mut invalidation = Invalidation::None;
+        let mut done = 0;
+        for (location, offset, len) in self.pieces(gpa, data.len())? {
+            let at = GuestPhysAddr::new_truncate(self.ranges.gpa_of(location).as_u64() + offset);
+            let piece = &data[done..done + len];
+            done += len;
+            let page = self.ranges.page(location);
+            if let Some(handler) = self.intercepting_handler(at, page, Access::Write) {
+                let mut bytes = piece.to_vec();
+                if handlers.access(handler, at, Access::Write, &mut bytes) == HandlerAction::Handled {
+                    continue;
+                }
+            }
+            if page.page_type() != PageType::Mmio {
+                invalidation = invalidation.max(self.write_phys(at, piece)?);
+            }
+        }
+        Ok(invalidation)
+    }
+
     /// Registers a handler of `kind` over the RAM pages of `[base, base + size)`. The range must
     /// be page-aligned, registered RAM, and clear of other handlers; on error nothing changes.
     /// Returns the handle and the invalidation the reduced permissions need.

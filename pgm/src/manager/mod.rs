@@ -24,6 +24,7 @@ mod locks;
 mod mmio2;
 mod rom;
 
+pub use handlers::{AccessHandlers, HandlerAction};
 pub use locks::PageMapLock;
 pub use mmio2::Mmio2Handle;
 pub use rom::{RomId, RomProtection};
@@ -850,20 +851,33 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// Splits `[gpa, gpa + len)` into per-page pieces `(page, offset in page, length)`, or names
     /// the first address that is not guest RAM.
     fn chunks(&self, gpa: GuestPhysAddr, len: usize) -> Result<Vec<(PageLocation, u64, usize)>, PgmError> {
-        let mut chunks = Vec::new();
+        let pieces = self.pieces(gpa, len)?;
+        match pieces
+            .iter()
+            .find(|(location, _, _)| self.ranges.page(*location).page_type() == PageType::Mmio)
+        {
+            Some(&(location, offset, _)) => {
+                let at = self.ranges.gpa_of(location).as_u64() + offset;
+                Err(PgmError::NotRam(GuestPhysAddr::new_truncate(at)))
+            }
+            None => Ok(pieces),
+        }
+    }
+
+    /// Splits `[gpa, gpa + len)` into per-page pieces of any registered page, or names the first
+    /// address that is not registered.
+    fn pieces(&self, gpa: GuestPhysAddr, len: usize) -> Result<Vec<(PageLocation, u64, usize)>, PgmError> {
+        let mut pieces = Vec::new();
         let mut done = 0usize;
         while done < len {
             let at = gpa.checked_add(done as u64).ok_or(PgmError::BeyondAddressWidth)?;
             let location = self.ranges.find(at).ok_or(PgmError::NotGuestMemory(at))?;
-            if self.ranges.page(location).page_type() == PageType::Mmio {
-                return Err(PgmError::NotRam(at));
-            }
             let offset = at.page_offset();
             let piece = ((PAGE_SIZE - offset) as usize).min(len - done);
-            chunks.push((location, offset, piece));
+            pieces.push((location, offset, piece));
             done += piece;
         }
-        Ok(chunks)
+        Ok(pieces)
     }
 }
 
