@@ -56,6 +56,8 @@ pub enum PgmError {
     OutOfRange,
     /// A map lock pins the page's frame, which the operation would free or replace.
     PageLocked(GuestPhysAddr),
+    /// The host heap could not hold the bookkeeping (page descriptors) for the request.
+    OutOfHeap,
 }
 
 impl fmt::Display for PgmError {
@@ -81,6 +83,7 @@ impl fmt::Display for PgmError {
             PgmError::Mmio2Mapped(false) => write!(f, "the MMIO2 region is not mapped"),
             PgmError::OutOfRange => write!(f, "offset or size out of range"),
             PgmError::PageLocked(gpa) => write!(f, "page {gpa} is locked by a mapping"),
+            PgmError::OutOfHeap => write!(f, "the host heap is exhausted"),
         }
     }
 }

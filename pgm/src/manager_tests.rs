@@ -1551,3 +1551,31 @@ fn handled_accesses_reach_mmio_handlers_and_default_to_open_bus() {
     );
     assert_eq!(handled.calls.len(), 2, "no handler ran for a refused access");
 }
+
+#[test]
+fn large_ram_is_registered_as_chunks_that_behave_as_one_range() {
+    use crate::manager::RAM_CHUNK_PAGES;
+    let chunk = RAM_CHUNK_PAGES * PAGE_SIZE;
+    let mut pgm = pgm_with_frames(8192);
+    let base = 0x1_0000_0000;
+    pgm.register_ram(gpa(base), 3 * chunk + 2 * PAGE_SIZE, "above 4 GiB")
+        .unwrap();
+    assert_eq!(pgm.ranges().len(), 4);
+    assert_eq!(pgm.stats().ram_pages, 3 * RAM_CHUNK_PAGES + 2);
+    // A host write across a chunk boundary, and guest writes on both sides of one.
+    pgm.write_phys(gpa(base + chunk - 2), b"span").unwrap();
+    let mut back = [0; 4];
+    pgm.read_phys(gpa(base + chunk - 2), &mut back).unwrap();
+    assert_eq!(&back, b"span");
+    assert_eq!(
+        guest_write(&mut pgm, gpa(base + 3 * chunk + PAGE_SIZE), b"end"),
+        GuestAccess::Done { faults: 1 }
+    );
+    assert_eq!(
+        pgm.register_ram(gpa(base + chunk), PAGE_SIZE, "inside"),
+        Err(PgmError::Overlap {
+            existing: gpa(base + chunk)
+        })
+    );
+    assert_accounting(&pgm);
+}

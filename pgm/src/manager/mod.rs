@@ -204,9 +204,31 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let zero_leaf = leaf_for(zero, self.zero_frame);
         self.tables
             .map_range(&mut self.frames, &mut self.memory, base, pages, |_| zero_leaf)?;
-        let mut descriptors = Vec::new();
-        descriptors.resize(pages as usize, zero);
-        self.ranges.insert(RamRange::new(base, descriptors, name));
+        // Large RAM becomes several ranges of at most RAM_CHUNK_PAGES, so no descriptor array
+        // is a huge allocation; lookups do not care.
+        let mut chunks = Vec::new();
+        let mut first = 0;
+        while first < pages {
+            let count = (pages - first).min(RAM_CHUNK_PAGES);
+            let mut descriptors = Vec::new();
+            if descriptors.try_reserve_exact(count as usize).is_err() {
+                // Nothing registered: take the zero-frame mappings away again (the tables stay,
+                // counted, for a later registration there).
+                self.tables
+                    .map_range(&mut self.frames, &mut self.memory, base, pages, |_| None)?;
+                return Err(PgmError::OutOfHeap);
+            }
+            descriptors.resize(count as usize, zero);
+            chunks.push(RamRange::new(
+                GuestPhysAddr::new_truncate(base.as_u64() + first * PAGE_SIZE),
+                descriptors,
+                name,
+            ));
+            first += count;
+        }
+        for chunk in chunks {
+            self.ranges.insert(chunk);
+        }
         self.counts.zero += pages;
         Ok(())
     }
@@ -880,6 +902,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         Ok(pieces)
     }
 }
+
+/// Pages per RAM range at most (512 MiB): larger RAM is registered as several ranges.
+pub const RAM_CHUNK_PAGES: u64 = 128 * 1024;
 
 /// Bit 20 of a guest-physical address: what the A20 gate masks.
 const A20_BIT: u64 = 1 << 20;
