@@ -1579,3 +1579,25 @@ fn large_ram_is_registered_as_chunks_that_behave_as_one_range() {
     );
     assert_accounting(&pgm);
 }
+
+#[test]
+fn typed_accessors_are_little_endian_and_straddle_pages() {
+    let mut pgm = pc_like();
+    pgm.write_phys_u64(gpa(0x1FFC), 0x1122_3344_5566_7788).unwrap();
+    assert_eq!(pgm.read_phys_u64(gpa(0x1FFC)), Ok(0x1122_3344_5566_7788));
+    assert_eq!(pgm.read_phys_u32(gpa(0x2000)), Ok(0x1122_3344));
+    assert_eq!(pgm.read_phys_u16(gpa(0x1FFC)), Ok(0x7788));
+    assert_eq!(pgm.read_phys_u8(gpa(0x1FFF)), Ok(0x55));
+    pgm.write_phys_u8(gpa(0x2003), 0xAA).unwrap();
+    pgm.write_phys_u16(gpa(0x3000), 0xBEEF).unwrap();
+    pgm.write_phys_u32(gpa(0x4000), 0xDEAD_BEEF).unwrap();
+    assert_eq!(pgm.read_phys_u32(gpa(0x2000)), Ok(0xAA22_3344));
+    assert_eq!(
+        (pgm.read_phys_u16(gpa(0x3000)), pgm.read_phys_u32(gpa(0x4000))),
+        (Ok(0xBEEF), Ok(0xDEAD_BEEF))
+    );
+    assert_eq!(
+        pgm.read_phys_u16(gpa(0x9_FFFF)),
+        Err(PgmError::NotGuestMemory(gpa(0xA_0000)))
+    );
+}

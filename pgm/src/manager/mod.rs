@@ -127,6 +127,24 @@ impl StateCounts {
     }
 }
 
+/// Little-endian 1/2/4/8-byte accessors over `read_phys`/`write_phys` (PGMR3PhysReadU8..U64,
+/// PGMR3PhysWriteU8..U64); a value may straddle pages and ranges.
+macro_rules! typed_phys_access {
+    ($($read:ident, $write:ident, $ty:ty;)*) => {$(
+        #[doc = concat!("Reads a little-endian `", stringify!($ty), "` at `gpa` (see `read_phys`).")]
+        pub fn $read(&self, gpa: GuestPhysAddr) -> Result<$ty, PgmError> {
+            let mut bytes = [0u8; core::mem::size_of::<$ty>()];
+            self.read_phys(gpa, &mut bytes)?;
+            Ok(<$ty>::from_le_bytes(bytes))
+        }
+
+        #[doc = concat!("Writes a little-endian `", stringify!($ty), "` at `gpa` (see `write_phys`).")]
+        pub fn $write(&mut self, gpa: GuestPhysAddr, value: $ty) -> Result<Invalidation, PgmError> {
+            self.write_phys(gpa, &value.to_le_bytes())
+        }
+    )*};
+}
+
 /// The memory manager of one VM, generic over the host's frame allocator `A` and its access to
 /// host-physical memory `M`.
 pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
@@ -358,6 +376,13 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         } else {
             Invalidation::None
         })
+    }
+
+    typed_phys_access! {
+        read_phys_u8, write_phys_u8, u8;
+        read_phys_u16, write_phys_u16, u16;
+        read_phys_u32, write_phys_u32, u32;
+        read_phys_u64, write_phys_u64, u64;
     }
 
     /// Gives every ZERO RAM page its frame now (pgmR3PhysRamPreAllocate), as 2 MiB chunks where
