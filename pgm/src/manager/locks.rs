@@ -108,15 +108,11 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 
     /// Marks every write-locked page written: its host mapping can change it unseen.
     pub(super) fn mark_write_locked_pages(&mut self) {
-        for range in 0..self.ranges.len() {
-            let pages = self.ranges.get(range).map_or(0, |r| r.pages().len());
-            for page in 0..pages {
-                let location = PageLocation { range, page };
-                if self.ranges.page(location).write_locks() > 0 {
-                    self.mark_written(location);
-                }
+        self.for_each_page(|pgm, location| {
+            if pgm.ranges.page(location).write_locks() > 0 {
+                pgm.mark_written(location);
             }
-        }
+        });
     }
 
     fn lockable(&self, gpa: GuestPhysAddr, write: bool) -> Result<PageLocation, PgmError> {

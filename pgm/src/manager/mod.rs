@@ -440,23 +440,19 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// Locked pages keep their frame and are zeroed in place.
     pub fn reset_ram(&mut self) -> Invalidation {
         let mut changed = false;
-        for range in 0..self.ranges.len() {
-            let pages = self.ranges.get(range).map_or(0, |r| r.pages().len());
-            for page in 0..pages {
-                let location = PageLocation { range, page };
-                let descriptor = self.ranges.page(location);
-                match (descriptor.is_locked(), descriptor.frame()) {
-                    (true, Some(frame)) if descriptor.page_type() != PageType::Mmio2 => {
-                        self.memory.zero_frame(frame);
-                        if self.monitoring {
-                            self.mark_written(location);
-                        }
+        self.for_each_page(|pgm, location| {
+            let descriptor = pgm.ranges.page(location);
+            match (descriptor.is_locked(), descriptor.frame()) {
+                (true, Some(frame)) if descriptor.page_type() != PageType::Mmio2 => {
+                    pgm.memory.zero_frame(frame);
+                    if pgm.monitoring {
+                        pgm.mark_written(location);
                     }
-                    // Reset only frees: it cannot fail (MMIO2 refuses it and is left alone).
-                    _ => changed |= self.apply(location, PageEvent::Reset).unwrap_or(false),
                 }
+                // Reset only frees: it cannot fail (MMIO2 refuses it and is left alone).
+                _ => changed |= pgm.apply(location, PageEvent::Reset).unwrap_or(false),
             }
-        }
+        });
         self.pool.flush(&mut self.frames);
         let pages = if changed {
             Invalidation::SingleContext
@@ -538,13 +534,19 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 
     fn refresh_protection_all(&mut self) -> Invalidation {
         let mut invalidation = Invalidation::None;
+        self.for_each_page(|pgm, location| invalidation = invalidation.max(pgm.refresh_protection(location)));
+        invalidation
+    }
+
+    /// Calls `visit` for every page of every range in address order; `visit` must not add or
+    /// remove ranges.
+    fn for_each_page(&mut self, mut visit: impl FnMut(&mut Self, PageLocation)) {
         for range in 0..self.ranges.len() {
             let pages = self.ranges.get(range).map_or(0, |r| r.pages().len());
             for page in 0..pages {
-                invalidation = invalidation.max(self.refresh_protection(PageLocation { range, page }));
+                visit(self, PageLocation { range, page });
             }
         }
-        invalidation
     }
 
     /// True while write monitoring is on.
@@ -843,28 +845,20 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             // Aliases are 4 KiB mappings kept in step page by page: no large blocks meanwhile.
             self.split_all_large_blocks();
         }
-        for range in 0..self.ranges.len() {
-            let base = self.ranges.get(range).map_or(0, |r| r.base().as_u64());
-            let pages = self.ranges.get(range).map_or(0, |r| r.pages().len());
-            for page in 0..pages {
-                if (base + page as u64 * PAGE_SIZE) & A20_BIT != 0 {
-                    self.sync_leaf(PageLocation { range, page });
-                }
+        self.for_each_page(|pgm, location| {
+            if pgm.ranges.gpa_of(location).as_u64() & A20_BIT != 0 {
+                pgm.sync_leaf(location);
             }
-        }
+        });
         Invalidation::SingleContext
     }
 
     fn split_all_large_blocks(&mut self) {
-        for range in 0..self.ranges.len() {
-            let pages = self.ranges.get(range).map_or(0, |r| r.pages().len());
-            for page in 0..pages {
-                let location = PageLocation { range, page };
-                if self.ranges.page(location).large_page() == LargePageState::Large {
-                    self.split_large_block(location);
-                }
+        self.for_each_page(|pgm, location| {
+            if pgm.ranges.page(location).large_page() == LargePageState::Large {
+                pgm.split_large_block(location);
             }
-        }
+        });
     }
 
     /// True while the A20 gate is open.

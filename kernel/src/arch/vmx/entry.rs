@@ -68,14 +68,8 @@ global_asm!(
     "vmlaunch",
     "3:", // entry failed; the host state is as before entry except the GPRs
     "pop rdi",
-    "pop r15",
-    "pop r14",
-    "pop r13",
-    "pop r12",
-    "pop rbx",
-    "pop rbp",
     "mov eax, 1",
-    "ret",
+    "jmp 4f",
     "vmx_exit:",
     "push rdi",
     "mov rdi, [rsp + 8]",
@@ -96,13 +90,14 @@ global_asm!(
     "pop rax",
     "mov [rdi + 40], rax",
     "pop rdi",
+    "xor eax, eax",
+    "4:", // both paths: restore the host's callee-saved registers
     "pop r15",
     "pop r14",
     "pop r13",
     "pop r12",
     "pop rbx",
     "pop rbp",
-    "xor eax, eax",
     "ret",
 );
 
