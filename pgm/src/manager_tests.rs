@@ -1601,3 +1601,146 @@ fn typed_accessors_are_little_endian_and_straddle_pages() {
         Err(PgmError::NotGuestMemory(gpa(0xA_0000)))
     );
 }
+
+#[test]
+fn a_host_write_across_write_ignoring_rom_and_ram_puts_each_byte_in_its_place() {
+    let mut pgm = pgm_with_frames(4096);
+    let image = rom_image();
+    // ROM at [0, 8 KiB), RAM right after it.
+    pgm.register_rom(gpa(0), &image, false).unwrap();
+    pgm.register_ram(gpa(2 * PAGE_SIZE), PAGE_SIZE, "ram").unwrap();
+    let data: Vec<u8> = (0..16).collect();
+    pgm.write_phys(gpa(2 * PAGE_SIZE - 8), &data).unwrap();
+    let mut back = [0u8; 16];
+    pgm.read_phys(gpa(2 * PAGE_SIZE - 8), &mut back).unwrap();
+    assert_eq!(
+        back[..8],
+        image[2 * PAGE_SIZE as usize - 8..],
+        "the ROM ignored its half"
+    );
+    assert_eq!(back[8..], data[8..], "the RAM got the second half, not the first");
+}
+
+const VGA: u64 = 0xA_0000;
+
+#[test]
+fn an_mmio_page_aliased_to_mmio2_stops_trapping_until_the_region_is_reset() {
+    let mut pgm = pc_like();
+    let (vga, _) = pgm.register_mmio(gpa(VGA), 2 * PAGE_SIZE).unwrap();
+    let bank = pgm.create_mmio2(4 * PAGE_SIZE, 0).unwrap();
+    pgm.mmio2_write(bank, 2 * PAGE_SIZE, b"bank two").unwrap();
+    assert_eq!(
+        pgm.alias_mmio_to_mmio2(vga, gpa(VGA + 0x10), bank, 2 * PAGE_SIZE),
+        Ok(Invalidation::None)
+    );
+    assert_eq!(guest_read(&pgm, gpa(VGA), 8), b"bank two");
+    assert_eq!(
+        guest_write(&mut pgm, gpa(VGA + 4), b"TWO!"),
+        GuestAccess::Done { faults: 0 }
+    );
+    let mut seen = [0; 8];
+    pgm.mmio2_read(bank, 2 * PAGE_SIZE, &mut seen).unwrap();
+    assert_eq!(&seen, b"bankTWO!", "the guest wrote the MMIO2 page");
+    assert_eq!(
+        pgm.resolve_fault(gpa(VGA + PAGE_SIZE), Access::Read),
+        FaultOutcome::Handler { handler: vga }
+    );
+    // Switching banks remaps the page.
+    assert_eq!(
+        pgm.alias_mmio_to_mmio2(vga, gpa(VGA), bank, 0),
+        Ok(Invalidation::SingleContext)
+    );
+    assert_eq!(guest_read(&pgm, gpa(VGA), 4), [0; 4]);
+    assert_eq!(pgm.reset_handler(vga), Ok(Invalidation::SingleContext));
+    assert_eq!(
+        pgm.resolve_fault(gpa(VGA), Access::Read),
+        FaultOutcome::Handler { handler: vga }
+    );
+    assert_accounting(&pgm);
+}
+
+#[test]
+fn a_special_alias_maps_a_host_frame_the_vmm_keeps() {
+    let mut pgm = pc_like();
+    let (apic, _) = pgm.register_mmio(gpa(0xFEE0_0000), PAGE_SIZE).unwrap();
+    let page = pgm.frames_mut().inner.allocate().unwrap();
+    write_host(&mut pgm, page, b"apic");
+    assert_eq!(
+        pgm.alias_mmio_to_host(apic, gpa(0xFEE0_0000), page),
+        Ok(Invalidation::None)
+    );
+    assert_eq!(
+        pgm.translate(gpa(0xFEE0_0030), Access::Write).unwrap().as_u64(),
+        page.as_u64() + 0x30
+    );
+    assert_eq!(guest_read(&pgm, gpa(0xFEE0_0000), 4), b"apic");
+    pgm.reset_ram();
+    assert_eq!(
+        guest_read(&pgm, gpa(0xFEE0_0000), 4),
+        b"apic",
+        "reset leaves an alias alone"
+    );
+    let (mut frames, _) = pgm.terminate();
+    // The frame is still the VMM's: freeing it here must succeed (it was not freed twice).
+    frames.inner.free(page).unwrap();
+    assert_eq!(frames.inner.counts().used(), 0);
+}
+
+#[test]
+fn aliases_into_an_mmio2_region_go_when_the_region_or_its_tail_goes() {
+    let mut pgm = pc_like();
+    let (vga, _) = pgm.register_mmio(gpa(VGA), 2 * PAGE_SIZE).unwrap();
+    let bank = pgm.create_mmio2(4 * PAGE_SIZE, 0).unwrap();
+    pgm.alias_mmio_to_mmio2(vga, gpa(VGA), bank, 0).unwrap();
+    pgm.alias_mmio_to_mmio2(vga, gpa(VGA + PAGE_SIZE), bank, 3 * PAGE_SIZE)
+        .unwrap();
+    pgm.reduce_mmio2(bank, 2 * PAGE_SIZE).unwrap();
+    assert_eq!(
+        pgm.resolve_fault(gpa(VGA + PAGE_SIZE), Access::Read),
+        FaultOutcome::Handler { handler: vga }
+    );
+    assert!(
+        pgm.translate(gpa(VGA), Access::Read).is_ok(),
+        "the alias into the kept part stays"
+    );
+    pgm.deregister_mmio2(bank).unwrap();
+    assert_eq!(
+        pgm.resolve_fault(gpa(VGA), Access::Read),
+        FaultOutcome::Handler { handler: vga }
+    );
+    assert_accounting(&pgm);
+}
+
+#[test]
+fn bad_alias_requests_are_refused() {
+    let mut pgm = pc_like();
+    let (vga, _) = pgm.register_mmio(gpa(VGA), PAGE_SIZE).unwrap();
+    let (plain, _) = pgm
+        .register_handler(HandlerKind::Write, gpa(0x1000), PAGE_SIZE)
+        .unwrap();
+    let bank = pgm.create_mmio2(PAGE_SIZE, 0).unwrap();
+    assert_eq!(
+        pgm.alias_mmio_to_mmio2(plain, gpa(0x1000), bank, 0),
+        Err(PgmError::UnknownHandler(plain))
+    );
+    assert_eq!(
+        pgm.alias_mmio_to_mmio2(vga, gpa(VGA + PAGE_SIZE), bank, 0),
+        Err(PgmError::NotHandled(gpa(VGA + PAGE_SIZE)))
+    );
+    assert_eq!(
+        pgm.alias_mmio_to_mmio2(vga, gpa(VGA), bank, 0x800),
+        Err(PgmError::Misaligned)
+    );
+    assert_eq!(
+        pgm.alias_mmio_to_mmio2(vga, gpa(VGA), bank, PAGE_SIZE),
+        Err(PgmError::OutOfRange)
+    );
+    assert_eq!(
+        pgm.alias_mmio_to_host(vga, gpa(VGA), HostPhysAddr::new(0x1234).unwrap()),
+        Err(PgmError::Misaligned)
+    );
+    assert_eq!(
+        pgm.resolve_fault(gpa(VGA), Access::Read),
+        FaultOutcome::Handler { handler: vga }
+    );
+}

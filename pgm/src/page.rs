@@ -48,11 +48,30 @@ pub enum PageType {
     /// Device memory (MMIO2, e.g. a framebuffer) mapped into the guest: frames owned by the
     /// region, mapped like RAM, never reset or ballooned.
     Mmio2 = 3,
+    /// An MMIO page mapped straight to a page of an MMIO2 region (e.g. a VGA bank) until the
+    /// MMIO region's handler is reset; the frame belongs to the MMIO2 region.
+    Mmio2AliasMmio = 4,
+    /// An MMIO page mapped straight to a host frame the VMM owns (e.g. the APIC-access page)
+    /// until the MMIO region's handler is reset.
+    SpecialAliasMmio = 5,
     /// ROM without a shadow: reads come from the ROM image, writes are ignored.
     Rom = 6,
     /// ROM with a RAM shadow; the descriptor's state and frame are the shadow page's, and the
     /// ROM's protection mode decides whether reads and writes reach it.
     RomShadow = 7,
+}
+
+impl PageType {
+    /// True when the page's frame is its own, to free when the page lets it go (RAM and ROM
+    /// shadows); MMIO2 frames belong to their region and alias frames to their owner.
+    pub fn owns_frame(self) -> bool {
+        matches!(self, PageType::Ram | PageType::RomShadow)
+    }
+
+    /// True for MMIO pages aliased to a frame.
+    pub fn is_mmio_alias(self) -> bool {
+        matches!(self, PageType::Mmio2AliasMmio | PageType::SpecialAliasMmio)
+    }
 }
 
 /// Where a page's contents live.
@@ -123,6 +142,8 @@ impl PageDescriptor {
         match self.get(TYPE) {
             2 => PageType::Mmio,
             3 => PageType::Mmio2,
+            4 => PageType::Mmio2AliasMmio,
+            5 => PageType::SpecialAliasMmio,
             6 => PageType::Rom,
             7 => PageType::RomShadow,
             _ => PageType::Ram,
@@ -328,12 +349,19 @@ pub struct InvalidTransition {
 /// | WriteMonitored  | Allocated      | Zero −free | WriteMonitored | Allocated | Ballooned −free | refused |
 /// | Ballooned       | refused        | Zero       | Ballooned      | Ballooned | refused      | Zero    |
 ///
-/// MMIO2 pages belong to their device: reset and the balloon do not apply to them.
+/// MMIO2 pages belong to their device: reset and the balloon do not apply to them. MMIO alias
+/// pages accept no event at all.
 pub fn transition(page: PageDescriptor, event: PageEvent) -> Result<Transition, InvalidTransition> {
     use PageEvent::*;
     use PageState::*;
     let state = page.state();
-    if page.page_type() == PageType::Mmio2 && matches!(event, Reset | Inflate | Deflate) {
+    let refused = match page.page_type() {
+        PageType::Mmio2 => matches!(event, Reset | Inflate | Deflate),
+        // An alias maps a frame the page does not own: no event may change or free it.
+        PageType::Mmio2AliasMmio | PageType::SpecialAliasMmio => true,
+        PageType::Ram | PageType::Mmio | PageType::Rom | PageType::RomShadow => false,
+    };
+    if refused {
         return Err(InvalidTransition { state, event });
     }
     let free = || page.frame().map_or(FrameEffect::None, FrameEffect::Free);

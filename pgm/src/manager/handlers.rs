@@ -5,8 +5,9 @@
 
 use alloc::vec::Vec;
 
+use super::Mmio2Handle;
 use super::{page_count, Pgm};
-use crate::addr::{GuestPhysAddr, PAGE_SIZE};
+use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::error::PgmError;
 use crate::frames::{HostFrameAllocator, HostMemory};
 use crate::handlers::{HandlerId, HandlerKind, MmioPlacement, Registration};
@@ -146,9 +147,46 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         Ok(Invalidation::None)
     }
 
-    /// Turns the handler `id` back on for every page it was turned off for.
+    /// Maps the page at `gpa` of the MMIO region `mmio` straight to the MMIO2 page at `offset`
+    /// of `region` (PGMHandlerPhysicalPageAliasMmio2): guest accesses to it no longer trap
+    /// until [`reset_handler`](Self::reset_handler) on `mmio`.
+    pub fn alias_mmio_to_mmio2(
+        &mut self,
+        mmio: HandlerId,
+        gpa: GuestPhysAddr,
+        region: Mmio2Handle,
+        offset: u64,
+    ) -> Result<Invalidation, PgmError> {
+        let frame = self.mmio2_frame(region, offset)?;
+        self.alias_mmio_page(mmio, gpa, PageType::Mmio2AliasMmio, frame)
+    }
+
+    /// Maps the page at `gpa` of the MMIO region `mmio` straight to the host frame `frame`,
+    /// which stays the caller's (PGMHandlerPhysicalPageAliasHC, e.g. the APIC-access page),
+    /// until [`reset_handler`](Self::reset_handler) on `mmio`.
+    pub fn alias_mmio_to_host(
+        &mut self,
+        mmio: HandlerId,
+        gpa: GuestPhysAddr,
+        frame: HostPhysAddr,
+    ) -> Result<Invalidation, PgmError> {
+        if !frame.is_page_aligned() {
+            return Err(PgmError::Misaligned);
+        }
+        self.alias_mmio_page(mmio, gpa, PageType::SpecialAliasMmio, frame)
+    }
+
+    /// Turns the handler `id` back on for every page it was turned off for; for an MMIO region,
+    /// undoes every alias so all its pages trap again.
     pub fn reset_handler(&mut self, id: HandlerId) -> Result<Invalidation, PgmError> {
-        let registration = self.plain_handler(id)?;
+        let registration = *self.handlers.get(id).ok_or(PgmError::UnknownHandler(id))?;
+        if registration.mmio.is_some() {
+            let mut invalidation = Invalidation::None;
+            for location in self.registered_pages(&registration) {
+                invalidation = invalidation.max(self.unalias(location));
+            }
+            return Ok(invalidation);
+        }
         let mut invalidation = Invalidation::None;
         for location in self.registered_pages(&registration) {
             if self.ranges.page(location).handler() == HandlerState::Disabled {
@@ -219,17 +257,71 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             }
             MmioPlacement::ReplacingRam => {
                 for location in locations {
-                    let page = self.ranges.page(location);
-                    self.ranges.set_page(
-                        location,
-                        page.with_type(PageType::Ram).with_handler(HandlerState::None),
-                    );
+                    // Whatever the page was (MMIO or an alias), it is ZERO RAM again.
+                    self.ranges
+                        .set_page(location, PageDescriptor::zero(PageType::Ram));
                     self.counts.zero += 1;
                     self.sync_leaf(location);
                 }
             }
         }
         Ok(Invalidation::None)
+    }
+
+    /// Undoes an alias at `location` (the page traps again); returns the invalidation needed.
+    pub(super) fn unalias(&mut self, location: PageLocation) -> Invalidation {
+        if !self.ranges.page(location).page_type().is_mmio_alias() {
+            return Invalidation::None;
+        }
+        let mmio = PageDescriptor::zero(PageType::Mmio).with_handler(HandlerState::All);
+        self.ranges.set_page(location, mmio);
+        self.sync_leaf(location);
+        Invalidation::SingleContext
+    }
+
+    /// Undoes every MMIO2 alias that maps one of `frames` (before those frames are freed).
+    pub(super) fn drop_aliases_of(&mut self, frames: &[HostPhysAddr]) -> Invalidation {
+        let mut invalidation = Invalidation::None;
+        self.for_each_page(|pgm, location| {
+            let page = pgm.ranges.page(location);
+            if page.page_type() == PageType::Mmio2AliasMmio
+                && page.frame().is_some_and(|f| frames.contains(&f))
+            {
+                invalidation = invalidation.max(pgm.unalias(location));
+            }
+        });
+        invalidation
+    }
+
+    fn alias_mmio_page(
+        &mut self,
+        mmio: HandlerId,
+        gpa: GuestPhysAddr,
+        page_type: PageType,
+        frame: HostPhysAddr,
+    ) -> Result<Invalidation, PgmError> {
+        let registration = *self.handlers.get(mmio).ok_or(PgmError::UnknownHandler(mmio))?;
+        if registration.mmio.is_none() {
+            return Err(PgmError::UnknownHandler(mmio));
+        }
+        let page_base = gpa.page_base();
+        if page_base < registration.base || page_base.as_u64() >= registration.end() {
+            return Err(PgmError::NotHandled(gpa));
+        }
+        let location = self.ranges.find(page_base).ok_or(PgmError::NotGuestMemory(gpa))?;
+        let was_alias = self.ranges.page(location).page_type().is_mmio_alias();
+        let alias = PageDescriptor::allocated(page_type, frame).with_handler(HandlerState::Disabled);
+        // MMIO in unassigned space has no tables yet: make them (the only step that can fail)
+        // before the descriptor changes.
+        let leaf = super::leaf_for(alias, self.zero_frame);
+        self.tables
+            .map_range(&mut self.frames, &mut self.memory, page_base, 1, |_| leaf)?;
+        self.ranges.set_page(location, alias);
+        Ok(if was_alias {
+            Invalidation::SingleContext
+        } else {
+            Invalidation::None
+        })
     }
 
     /// The registration behind handle `id`.
@@ -280,9 +372,12 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 let location = self.ranges.find(gpa).ok_or(PgmError::NotGuestMemory(gpa))?;
                 match self.ranges.page(location).page_type() {
                     PageType::Ram => Ok(location),
-                    PageType::Mmio | PageType::Mmio2 | PageType::Rom | PageType::RomShadow => {
-                        Err(PgmError::NotRam(gpa))
-                    }
+                    PageType::Mmio
+                    | PageType::Mmio2
+                    | PageType::Mmio2AliasMmio
+                    | PageType::SpecialAliasMmio
+                    | PageType::Rom
+                    | PageType::RomShadow => Err(PgmError::NotRam(gpa)),
                 }
             })
             .collect()

@@ -121,7 +121,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let type_ok = match page.page_type() {
             PageType::Ram | PageType::Mmio2 => true,
             PageType::Rom | PageType::RomShadow => !write,
-            PageType::Mmio => false,
+            PageType::Mmio | PageType::Mmio2AliasMmio | PageType::SpecialAliasMmio => false,
         };
         if !type_ok {
             return Err(PgmError::NotRam(gpa));

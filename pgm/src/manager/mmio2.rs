@@ -131,8 +131,10 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         if pages > region.frames.len() {
             return Err(PgmError::OutOfRange);
         }
+        let tail = self.region(handle)?.frames[pages..].to_vec();
+        self.drop_aliases_of(&tail);
         let region = self.region_mut(handle)?;
-        let tail = region.frames.split_off(pages);
+        region.frames.truncate(pages);
         region.dirty.truncate(pages.div_ceil(64));
         if let Some(last) = region.dirty.last_mut() {
             if !pages.is_multiple_of(64) {
@@ -149,6 +151,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             Some(_) => self.unmap_mmio2(handle)?,
             None => Invalidation::None,
         };
+        let frames = self.region(handle)?.frames.clone();
+        let invalidation = invalidation.max(self.drop_aliases_of(&frames));
         let index = self
             .mmio2
             .iter()
@@ -157,6 +161,18 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let region = self.mmio2.remove(index);
         self.frames.free_frames(&region.frames);
         Ok(invalidation)
+    }
+
+    /// The frame holding the page at `offset` (page-aligned) of the region.
+    pub(super) fn mmio2_frame(&self, handle: Mmio2Handle, offset: u64) -> Result<HostPhysAddr, PgmError> {
+        let region = self.region(handle)?;
+        if !offset.is_multiple_of(PAGE_SIZE) {
+            return Err(PgmError::Misaligned);
+        }
+        if offset >= region.size() {
+            return Err(PgmError::OutOfRange);
+        }
+        Ok(region.frame_at(offset).0)
     }
 
     /// True when `handle` names a live MMIO2 region.

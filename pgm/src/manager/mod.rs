@@ -273,6 +273,13 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         if page.state() == PageState::Ballooned {
             return FaultOutcome::Ballooned;
         }
+        if page.page_type().is_mmio_alias() {
+            // Mapped for every access: the entry lost sync with the descriptor.
+            self.sync_leaf(location);
+            return FaultOutcome::Resolved {
+                invalidation: Invalidation::None,
+            };
+        }
         if access == Access::Write && page.page_type() == PageType::Ram && page.state() == PageState::Zero {
             if let Some(invalidation) = self.try_large_fill(location) {
                 return FaultOutcome::Resolved { invalidation };
@@ -335,20 +342,33 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// before. Returns the invalidation needed because pages the guest may have cached changed
     /// their mapping.
     pub fn write_phys(&mut self, gpa: GuestPhysAddr, data: &[u8]) -> Result<Invalidation, PgmError> {
-        let mut chunks = self.chunks(gpa, data.len())?;
+        // Each piece keeps where its bytes start in `data`.
+        let mut pieces: Vec<(PageLocation, u64, usize, usize)> = Vec::new();
+        let mut start = 0;
+        for (location, offset, len) in self.chunks(gpa, data.len())? {
+            pieces.push((location, offset, len, start));
+            start += len;
+        }
         // Bytes for ROM that ignores writes are dropped, as the guest's would be.
-        chunks.retain(|&(location, _, _)| self.takes_writes(location));
-        for &(location, _, _) in &chunks {
+        pieces.retain(|&(location, ..)| self.takes_writes(location));
+        // MMIO aliases write straight into the aliased frame, outside the state machine.
+        let stateful = |pgm: &Self, location| !pgm.ranges.page(location).page_type().is_mmio_alias();
+        for &(location, ..) in &pieces {
             let page = self.ranges.page(location);
-            transition(page, PageEvent::Write)
-                .map(|_| ())
-                .map_err(|_| PgmError::PageState {
-                    gpa: self.ranges.gpa_of(location),
-                    state: page.state(),
-                })?;
+            if stateful(self, location) {
+                transition(page, PageEvent::Write)
+                    .map(|_| ())
+                    .map_err(|_| PgmError::PageState {
+                        gpa: self.ranges.gpa_of(location),
+                        state: page.state(),
+                    })?;
+            }
         }
         let mut newly_allocated = Vec::new();
-        for &(location, _, _) in &chunks {
+        for &(location, ..) in &pieces {
+            if !stateful(self, location) {
+                continue;
+            }
             let was_zero = self.ranges.page(location).state() == PageState::Zero;
             match self.apply(location, PageEvent::Write) {
                 Ok(_) if was_zero => newly_allocated.push(location),
@@ -362,13 +382,11 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 }
             }
         }
-        let mut done = 0;
-        for &(location, offset, len) in &chunks {
+        for &(location, offset, len, start) in &pieces {
             if let Some(frame) = self.ranges.page(location).frame() {
                 self.memory
-                    .write(frame_offset(frame, offset), &data[done..done + len]);
+                    .write(frame_offset(frame, offset), &data[start..start + len]);
             }
-            done += len;
         }
         let changed_mapping = !newly_allocated.is_empty();
         Ok(if changed_mapping {
@@ -443,7 +461,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         self.for_each_page(|pgm, location| {
             let descriptor = pgm.ranges.page(location);
             match (descriptor.is_locked(), descriptor.frame()) {
-                (true, Some(frame)) if descriptor.page_type() != PageType::Mmio2 => {
+                (true, Some(frame)) if descriptor.page_type().owns_frame() => {
                     pgm.memory.zero_frame(frame);
                     if pgm.monitoring {
                         pgm.mark_written(location);
@@ -586,8 +604,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     pub fn terminate(mut self) -> (A, M) {
         for range in self.ranges.iter_mut() {
             for page in range.pages_mut() {
-                // MMIO2 frames belong to their region, freed below.
-                if let (Some(frame), false) = (page.frame(), page.page_type() == PageType::Mmio2) {
+                // MMIO2 frames belong to their region (freed below), alias frames to their owner.
+                if let (Some(frame), true) = (page.frame(), page.page_type().owns_frame()) {
                     self.frames.free_frame(frame);
                 }
             }
@@ -774,7 +792,11 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                     self.virgin_frame(gpa)
                 }
             }
-            PageType::Ram | PageType::Mmio | PageType::Mmio2 => page.frame(),
+            PageType::Ram
+            | PageType::Mmio
+            | PageType::Mmio2
+            | PageType::Mmio2AliasMmio
+            | PageType::SpecialAliasMmio => page.frame(),
         }
     }
 
@@ -782,7 +804,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// protection lets writes through).
     fn takes_writes(&self, location: PageLocation) -> bool {
         match self.ranges.page(location).page_type() {
-            PageType::Ram | PageType::Mmio2 => true,
+            PageType::Ram | PageType::Mmio2 | PageType::Mmio2AliasMmio | PageType::SpecialAliasMmio => true,
             PageType::Rom | PageType::RomShadow => self
                 .rom_covering(self.ranges.gpa_of(location))
                 .is_some_and(|rom| rom.effective_protection().writes_shadow()),
@@ -825,7 +847,11 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let page = self.ranges.page(location);
         match page.page_type() {
             PageType::Rom | PageType::RomShadow => self.rom_leaf(gpa, page),
-            PageType::Ram | PageType::Mmio | PageType::Mmio2 => leaf_for(page, self.zero_frame),
+            PageType::Ram
+            | PageType::Mmio
+            | PageType::Mmio2
+            | PageType::Mmio2AliasMmio
+            | PageType::SpecialAliasMmio => leaf_for(page, self.zero_frame),
         }
     }
 
@@ -948,7 +974,8 @@ fn changes_contents(event: PageEvent) -> bool {
 }
 
 /// The EPT mapping a page's descriptor calls for. By state: ZERO maps the shared zero frame
-/// read/execute (the first write faults); ALLOCATED maps its frame read/write/execute;
+/// read/execute (the first write faults); ALLOCATED maps its frame read/write/execute; an MMIO
+/// alias maps its frame read/write/execute;
 /// WRITE_MONITORED maps it read/execute; BALLOONED and MMIO pages are not mapped. An active
 /// handler then takes away what it intercepts: writes (write handler) or everything (all).
 /// RAM is write-back.
@@ -966,6 +993,8 @@ fn leaf_for(page: PageDescriptor, zero_frame: HostPhysAddr) -> Option<Leaf> {
         | (PageType::Ram, PageState::Ballooned) => {
             return None;
         }
+        // An alias maps its frame straight through.
+        (PageType::Mmio2AliasMmio | PageType::SpecialAliasMmio, _) => (page.frame()?, Permissions::all()),
         (PageType::Ram, PageState::Zero) => (zero_frame, read_execute),
         (PageType::Ram, PageState::Allocated) => (page.frame()?, Permissions::all()),
         (PageType::Ram, PageState::WriteMonitored) => (page.frame()?, read_execute),
