@@ -60,6 +60,7 @@ enum Op {
     AllowAllocations,
     SetLimit(Option<u64>),
     SetA20(bool),
+    Share,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -77,6 +78,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::AllowAllocations),
         1 => proptest::option::of(0..8u64).prop_map(Op::SetLimit),
         1 => any::<bool>().prop_map(Op::SetA20),
+        2 => Just(Op::Share),
     ]
 }
 
@@ -242,6 +244,10 @@ fn apply(pgm: &mut SimPgm, model: &mut Model, op: &Op) {
         Op::FailAllocationsAfter(n) => pgm.frames_mut().fail_after = Some(n),
         Op::AllowAllocations => pgm.frames_mut().fail_after = None,
         Op::SetLimit(limit) => pgm.set_frame_limit(limit),
+        // Sharing never changes what the guest reads.
+        Op::Share => {
+            pgm.share_identical_pages();
+        }
         Op::SetA20(enabled) => {
             pgm.set_a20(enabled);
             model.a20_enabled = enabled;
@@ -278,6 +284,10 @@ fn check(pgm: &SimPgm, model: &Model, step: usize, op: &Op) {
             PageState::Zero => {
                 assert_eq!(read.unwrap(), pgm.zero_frame(), "{}", context());
                 assert!(write.is_err(), "{}", context());
+            }
+            PageState::Shared => {
+                assert_eq!(read.unwrap(), descriptor.frame().unwrap(), "{}", context());
+                assert!(write.is_err(), "a shared page is read-only {}", context());
             }
             PageState::WriteMonitored => {
                 assert!(pgm.is_write_monitoring(), "{}", context());

@@ -86,6 +86,9 @@ pub enum PageState {
     /// Backed by a private frame but write-protected so the next write is noticed (write
     /// monitoring); the write makes it ALLOCATED again.
     WriteMonitored = 2,
+    /// Backed by a read-only frame shared with other pages of identical contents; the first
+    /// write copies it to a private frame.
+    Shared = 3,
     /// Handed to the balloon: no frame, not mapped; any guest access is reported.
     Ballooned = 4,
 }
@@ -155,6 +158,7 @@ impl PageDescriptor {
         match self.get(STATE) {
             1 => PageState::Allocated,
             2 => PageState::WriteMonitored,
+            3 => PageState::Shared,
             4 => PageState::Ballooned,
             _ => PageState::Zero,
         }
@@ -289,6 +293,8 @@ pub enum PageEvent {
     Inflate,
     /// The balloon gives the page back.
     Deflate,
+    /// Page sharing found another page with the same contents: the page takes the shared frame.
+    Share,
 }
 
 /// What the caller must do with host frames to carry a transition out.
@@ -300,6 +306,14 @@ pub enum FrameEffect {
     AllocateZeroed,
     /// Free the page's private frame once the descriptor and EPT no longer name it.
     Free(HostPhysAddr),
+    /// Point the page at the shared frame passed to [`Transition::apply`]; give up the page's
+    /// own frame (named here) unless it is that shared frame.
+    AdoptShared(HostPhysAddr),
+    /// Allocate a private frame holding a copy of this shared frame (copy on write), pass it to
+    /// [`Transition::apply`], then drop the page's reference to the shared frame.
+    AllocateCopyOf(HostPhysAddr),
+    /// Drop the page's reference to this shared frame (freed with its last reference).
+    DropShare(HostPhysAddr),
 }
 
 /// A decided transition: the next state and the frame work it needs.
@@ -323,8 +337,10 @@ impl Transition {
     pub fn apply(&self, page: PageDescriptor, new_frame: Option<HostPhysAddr>) -> PageDescriptor {
         let frame = match self.effect {
             FrameEffect::None => page.frame(),
-            FrameEffect::AllocateZeroed => new_frame,
-            FrameEffect::Free(_) => None,
+            FrameEffect::AllocateZeroed | FrameEffect::AllocateCopyOf(_) | FrameEffect::AdoptShared(_) => {
+                new_frame
+            }
+            FrameEffect::Free(_) | FrameEffect::DropShare(_) => None,
         };
         page.with_state(self.next).with_frame(frame)
     }
@@ -348,6 +364,10 @@ pub struct InvalidTransition {
 /// | Allocated       | Allocated      | Zero −free | WriteMonitored | Allocated | Ballooned −free | refused |
 /// | WriteMonitored  | Allocated      | Zero −free | WriteMonitored | Allocated | Ballooned −free | refused |
 /// | Ballooned       | refused        | Zero       | Ballooned      | Ballooned | refused      | Zero    |
+/// | Shared          | Allocated copy | Zero −ref  | Shared         | Shared    | Ballooned −ref | refused |
+///
+/// `Share` takes ALLOCATED and WRITE_MONITORED pages to SHARED (adopting the shared frame),
+/// leaves SHARED pages alone and is refused for ZERO and BALLOONED pages.
 ///
 /// MMIO2 pages belong to their device: reset and the balloon do not apply to them. MMIO alias
 /// pages accept no event at all.
@@ -365,7 +385,14 @@ pub fn transition(page: PageDescriptor, event: PageEvent) -> Result<Transition, 
         return Err(InvalidTransition { state, event });
     }
     let free = || page.frame().map_or(FrameEffect::None, FrameEffect::Free);
+    let shared = |frame: fn(HostPhysAddr) -> FrameEffect| page.frame().map_or(FrameEffect::None, frame);
     let (next, effect) = match (state, event) {
+        (Allocated | WriteMonitored, Share) => (Shared, shared(FrameEffect::AdoptShared)),
+        (Shared, Share | Protect | Unprotect) => (Shared, FrameEffect::None),
+        (Shared, Write) => (Allocated, shared(FrameEffect::AllocateCopyOf)),
+        (Shared, Reset) => (Zero, shared(FrameEffect::DropShare)),
+        (Shared, Inflate) => (Ballooned, shared(FrameEffect::DropShare)),
+        (Shared, Deflate) | (Zero | Ballooned, Share) => return Err(InvalidTransition { state, event }),
         (Zero, Write) => (Allocated, FrameEffect::AllocateZeroed),
         (Allocated | WriteMonitored, Write) => (Allocated, FrameEffect::None),
         (Allocated | WriteMonitored, Reset) => (Zero, free()),
@@ -515,6 +542,34 @@ mod tests {
         let protected = transition(page, PageEvent::Protect).unwrap().apply(page, None);
         assert_eq!(protected.state(), PageState::WriteMonitored);
         assert_eq!(protected.frame(), Some(hpa(0x7000)));
+    }
+
+    #[test]
+    fn sharing_adopts_a_frame_and_the_first_write_copies_it() {
+        let page = allocated(0x5000);
+        let share = transition(page, PageEvent::Share).unwrap();
+        assert_eq!(share.effect, FrameEffect::AdoptShared(hpa(0x5000)));
+        let shared = share.apply(page, Some(hpa(0x9000)));
+        assert_eq!(
+            (shared.state(), shared.frame()),
+            (PageState::Shared, Some(hpa(0x9000)))
+        );
+        let write = transition(shared, PageEvent::Write).unwrap();
+        assert_eq!(write.effect, FrameEffect::AllocateCopyOf(hpa(0x9000)));
+        let private = write.apply(shared, Some(hpa(0x7000)));
+        assert_eq!(
+            (private.state(), private.frame()),
+            (PageState::Allocated, Some(hpa(0x7000)))
+        );
+        for event in [PageEvent::Reset, PageEvent::Inflate] {
+            assert_eq!(
+                transition(shared, event).unwrap().effect,
+                FrameEffect::DropShare(hpa(0x9000))
+            );
+        }
+        let zero = PageDescriptor::zero(PageType::Ram);
+        assert!(transition(zero, PageEvent::Share).is_err());
+        assert!(transition(shared, PageEvent::Deflate).is_err());
     }
 
     #[test]

@@ -120,6 +120,19 @@ impl FramePool {
         }
     }
 
+    /// A frame backing a guest page stops counting as private without being freed (it became
+    /// a shared frame).
+    pub fn forget(&mut self) {
+        self.in_use -= 1;
+    }
+
+    /// Gives back a frame that no longer counts as private (a shared frame's last reference went)
+    /// with the next batch.
+    pub fn discard(&mut self, frame: HostPhysAddr, frames: &mut impl HostFrameAllocator) {
+        self.in_use += 1;
+        self.release(frame, frames);
+    }
+
     /// Gives every pending frame back to the allocator now.
     pub fn flush(&mut self, frames: &mut impl HostFrameAllocator) {
         frames.free_frames(&self.pending_free);

@@ -51,12 +51,16 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     }
 
     /// Locks the page holding `gpa` for reading and returns the host-physical address of `gpa`
-    /// in the frame guest reads see (the shared zero frame for a ZERO page).
+    /// in the frame guest reads see (the shared zero frame for a ZERO page). A SHARED page is
+    /// copied to a private frame first: locked pages are never shared.
     pub fn lock_page_for_read(
         &mut self,
         gpa: GuestPhysAddr,
     ) -> Result<(HostPhysAddr, PageMapLock), PgmError> {
         let location = self.lockable(gpa, false)?;
+        if self.ranges.page(location).state() == PageState::Shared {
+            self.apply(location, PageEvent::Write)?;
+        }
         let frame = self.read_source(location).unwrap_or(self.zero_frame);
         Ok((offset_in(frame, gpa), self.take_lock(location, false)))
     }

@@ -23,11 +23,13 @@ mod large;
 mod locks;
 mod mmio2;
 mod rom;
+mod sharing;
 
 pub use handlers::{AccessHandlers, HandlerAction};
 pub use locks::PageMapLock;
 pub use mmio2::Mmio2Handle;
 pub use rom::{RomId, RomProtection};
+pub use sharing::SharingReport;
 
 /// What a fault resolution decided. The caller resumes the guest only for `Resolved`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +70,10 @@ pub struct MemoryStats {
     pub allocated_pages: u64,
     /// Pages with a private frame, write-protected by write monitoring.
     pub write_monitored_pages: u64,
+    /// Pages mapping a shared frame.
+    pub shared_pages: u64,
+    /// Distinct shared frames.
+    pub shared_frames: u64,
     /// Pages given to the balloon.
     pub ballooned_pages: u64,
     /// MMIO pages (in ranges of their own or replacing RAM).
@@ -97,6 +103,7 @@ impl MemoryStats {
     pub fn host_frames(&self) -> u64 {
         self.private_frames()
             + self.rom_pages
+            + self.shared_frames
             + self.mmio2_frames
             + self.handy_frames
             + self.pending_free_frames
@@ -111,6 +118,7 @@ struct StateCounts {
     zero: u64,
     allocated: u64,
     write_monitored: u64,
+    shared: u64,
     ballooned: u64,
     mmio: u64,
     rom: u64,
@@ -122,6 +130,7 @@ impl StateCounts {
             PageState::Zero => &mut self.zero,
             PageState::Allocated => &mut self.allocated,
             PageState::WriteMonitored => &mut self.write_monitored,
+            PageState::Shared => &mut self.shared,
             PageState::Ballooned => &mut self.ballooned,
         }
     }
@@ -171,6 +180,8 @@ pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
     next_mmio2: u32,
     /// Write faults may fill whole 2 MiB blocks (see `set_large_pages`).
     large_pages: bool,
+    /// Shared frames and how many pages map each.
+    shared: alloc::collections::BTreeMap<HostPhysAddr, u64>,
 }
 
 impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
@@ -203,6 +214,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             mmio2: Vec::new(),
             next_mmio2: 0,
             large_pages: false,
+            shared: alloc::collections::BTreeMap::new(),
         })
     }
 
@@ -604,13 +616,16 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     pub fn terminate(mut self) -> (A, M) {
         for range in self.ranges.iter_mut() {
             for page in range.pages_mut() {
-                // MMIO2 frames belong to their region (freed below), alias frames to their owner.
-                if let (Some(frame), true) = (page.frame(), page.page_type().owns_frame()) {
+                // MMIO2 frames belong to their region (freed below), alias frames to their owner,
+                // shared frames to sharing (freed below, once each).
+                let owned = page.page_type().owns_frame() && page.state() != PageState::Shared;
+                if let (Some(frame), true) = (page.frame(), owned) {
                     self.frames.free_frame(frame);
                 }
             }
         }
         self.release_mmio2();
+        self.release_shared();
         self.pool.drain(&mut self.frames);
         self.release_roms();
         self.tables.destroy(&mut self.frames, &self.memory);
@@ -632,10 +647,16 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     pub fn stats(&self) -> MemoryStats {
         let counts = self.counts;
         MemoryStats {
-            ram_pages: counts.zero + counts.allocated + counts.write_monitored + counts.ballooned,
+            ram_pages: counts.zero
+                + counts.allocated
+                + counts.write_monitored
+                + counts.shared
+                + counts.ballooned,
             zero_pages: counts.zero,
             allocated_pages: counts.allocated,
             write_monitored_pages: counts.write_monitored,
+            shared_pages: counts.shared,
+            shared_frames: self.shared.len() as u64,
             ballooned_pages: counts.ballooned,
             mmio_pages: counts.mmio,
             rom_pages: counts.rom,
@@ -692,6 +713,16 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// written-to bookkeeping and the EPT update. Returns whether the page changed; on an error
     /// nothing changed.
     fn apply(&mut self, location: PageLocation, event: PageEvent) -> Result<bool, PgmError> {
+        self.apply_with(location, event, None)
+    }
+
+    /// [`apply`](Self::apply) with the shared frame a `Share` event adopts.
+    fn apply_with(
+        &mut self,
+        location: PageLocation,
+        event: PageEvent,
+        shared_frame: Option<HostPhysAddr>,
+    ) -> Result<bool, PgmError> {
         let page = self.ranges.page(location);
         let step = transition(page, event).map_err(|refused| PgmError::PageState {
             gpa: self.ranges.gpa_of(location),
@@ -706,7 +737,18 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 self.memory.zero_frame(frame);
                 Some(frame)
             }
-            FrameEffect::None | FrameEffect::Free(_) => None,
+            FrameEffect::AllocateCopyOf(shared) => {
+                let frame = self.pool.take(&mut self.frames)?;
+                let mut contents = [0u8; PAGE_SIZE as usize];
+                self.memory.read(shared, &mut contents);
+                self.memory.write(frame, &contents);
+                Some(frame)
+            }
+            FrameEffect::AdoptShared(_) => Some(shared_frame.ok_or(PgmError::PageState {
+                gpa: self.ranges.gpa_of(location),
+                state: page.state(),
+            })?),
+            FrameEffect::None | FrameEffect::Free(_) | FrameEffect::DropShare(_) => None,
         };
         let mut next = step.apply(page, new_frame);
         if self.monitoring && changes_contents(event) && !next.written_to() {
@@ -724,8 +766,11 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         }
         self.sync_leaf(location);
         // Released only now: neither the descriptor nor the EPT entry names the frame any more.
-        if let FrameEffect::Free(frame) = step.effect {
-            self.pool.release(frame, &mut self.frames);
+        match step.effect {
+            FrameEffect::Free(frame) => self.pool.release(frame, &mut self.frames),
+            FrameEffect::AllocateCopyOf(shared) | FrameEffect::DropShare(shared) => self.drop_share(shared),
+            FrameEffect::AdoptShared(own) => self.adopt_share(own, next.frame()),
+            FrameEffect::None | FrameEffect::AllocateZeroed => {}
         }
         Ok(true)
     }
@@ -997,7 +1042,7 @@ fn leaf_for(page: PageDescriptor, zero_frame: HostPhysAddr) -> Option<Leaf> {
         (PageType::Mmio2AliasMmio | PageType::SpecialAliasMmio, _) => (page.frame()?, Permissions::all()),
         (PageType::Ram, PageState::Zero) => (zero_frame, read_execute),
         (PageType::Ram, PageState::Allocated) => (page.frame()?, Permissions::all()),
-        (PageType::Ram, PageState::WriteMonitored) => (page.frame()?, read_execute),
+        (PageType::Ram, PageState::WriteMonitored | PageState::Shared) => (page.frame()?, read_execute),
     };
     match page.handler() {
         HandlerState::None | HandlerState::Disabled => {}
