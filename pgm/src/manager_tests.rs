@@ -1820,3 +1820,60 @@ fn the_last_page_to_let_go_frees_the_shared_frame() {
     let (frames, _) = pgm.terminate();
     assert_eq!(frames.inner.counts().used(), 0, "shared frames are freed once");
 }
+
+#[test]
+fn unregistering_ram_gives_its_frames_back_and_unmaps_it() {
+    let mut pgm = pc_like();
+    let chunk = crate::manager::RAM_CHUNK_PAGES * PAGE_SIZE;
+    let base = 0x1_0000_0000;
+    pgm.register_ram(gpa(base), chunk + 4 * PAGE_SIZE, "hotplug")
+        .unwrap();
+    guest_write(&mut pgm, gpa(base + chunk), b"x");
+    pgm.balloon_inflate(&[gpa(base)]).unwrap();
+    let (stats, used) = (pgm.stats(), frames_used(&pgm));
+    assert_eq!(
+        pgm.unregister_ram(gpa(base), chunk),
+        Err(PgmError::Overlap { existing: gpa(base) }),
+        "part of it"
+    );
+    assert_eq!(
+        pgm.unregister_ram(gpa(0x9_F000), PAGE_SIZE),
+        Err(PgmError::Overlap { existing: gpa(0) })
+    );
+    let (_, lock) = pgm.lock_page_for_read(gpa(base + 0x1000)).unwrap();
+    assert_eq!(
+        pgm.unregister_ram(gpa(base), chunk + 4 * PAGE_SIZE),
+        Err(PgmError::HandlerPresent(gpa(base + 0x1000)))
+    );
+    pgm.release_page_lock(lock);
+    assert_eq!(
+        (pgm.stats(), frames_used(&pgm)),
+        (stats, used),
+        "refusals changed nothing"
+    );
+    assert_eq!(
+        pgm.unregister_ram(gpa(base), chunk + 4 * PAGE_SIZE),
+        Ok(Invalidation::SingleContext)
+    );
+    assert_eq!(pgm.stats().ram_pages, 160 + 3840);
+    assert_eq!(pgm.stats().ballooned_pages, 0);
+    assert_eq!(
+        pgm.resolve_fault(gpa(base + chunk), Access::Read),
+        FaultOutcome::NotGuestMemory
+    );
+    assert!(pgm.translate(gpa(base + chunk), Access::Read).is_err());
+    assert_accounting(&pgm);
+    pgm.register_ram(gpa(base), PAGE_SIZE, "again").unwrap();
+}
+
+#[test]
+fn a_special_alias_is_mapped_uncacheable() {
+    let mut pgm = pc_like();
+    let (apic, _) = pgm.register_mmio(gpa(0xFEE0_0000), PAGE_SIZE).unwrap();
+    let page = pgm.frames_mut().inner.allocate().unwrap();
+    pgm.alias_mmio_to_host(apic, gpa(0xFEE0_0000), page).unwrap();
+    match pgm.ept_entry(gpa(0xFEE0_0000)) {
+        Entry::Leaf(leaf) => assert_eq!(leaf.memory_type, MemoryType::Uncacheable),
+        other => panic!("not mapped: {other:?}"),
+    }
+}

@@ -13,12 +13,31 @@ pub struct RamRange {
     base: GuestPhysAddr,
     pages: Vec<PageDescriptor>,
     name: &'static str,
+    /// The `register_ram` call this range came from (0 for ranges made otherwise): large RAM
+    /// is several ranges of one registration.
+    registration: u32,
 }
 
 impl RamRange {
     /// A range at `base` made of `pages`; the caller checked alignment and width.
     pub(crate) fn new(base: GuestPhysAddr, pages: Vec<PageDescriptor>, name: &'static str) -> Self {
-        RamRange { base, pages, name }
+        RamRange {
+            base,
+            pages,
+            name,
+            registration: 0,
+        }
+    }
+
+    /// The range as part of RAM registration `id`.
+    pub(crate) fn with_registration(mut self, id: u32) -> Self {
+        self.registration = id;
+        self
+    }
+
+    /// The RAM registration this range belongs to (0: not RAM from `register_ram`).
+    pub fn registration(&self) -> u32 {
+        self.registration
     }
 
     /// First guest-physical address of the range.

@@ -180,6 +180,8 @@ pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
     next_mmio2: u32,
     /// Write faults may fill whole 2 MiB blocks (see `set_large_pages`).
     large_pages: bool,
+    /// RAM registrations made so far (ids of `RamRange::registration`).
+    registrations: u32,
     /// Shared frames and how many pages map each.
     shared: alloc::collections::BTreeMap<HostPhysAddr, u64>,
 }
@@ -215,6 +217,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             next_mmio2: 0,
             large_pages: false,
             shared: alloc::collections::BTreeMap::new(),
+            registrations: 0,
         })
     }
 
@@ -256,11 +259,85 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             ));
             first += count;
         }
+        self.registrations += 1;
         for chunk in chunks {
-            self.ranges.insert(chunk);
+            self.ranges.insert(chunk.with_registration(self.registrations));
         }
         self.counts.zero += pages;
         Ok(())
+    }
+
+    /// Unregisters the RAM at `[base, base + size)`, which must be exactly the pages of one
+    /// `register_ram` call (all its chunks; otherwise [`PgmError::Overlap`]): their frames go back to the host and the guest
+    /// addresses are unmapped. Refused, changing nothing, while a page there has a handler, a map
+    /// lock or an MMIO region or alias on it.
+    pub fn unregister_ram(&mut self, base: GuestPhysAddr, size: u64) -> Result<Invalidation, PgmError> {
+        let pages = page_count(base, size)?;
+        let mut chunks = Vec::new();
+        let mut at = base.as_u64();
+        while at < base.as_u64() + size {
+            let location = self
+                .ranges
+                .find(GuestPhysAddr::new_truncate(at))
+                .ok_or(PgmError::NotGuestMemory(GuestPhysAddr::new_truncate(at)))?;
+            let range = self
+                .ranges
+                .get(location.range)
+                .ok_or(PgmError::NotGuestMemory(base))?;
+            if range.base().as_u64() != at || range.end() > base.as_u64() + size {
+                return Err(PgmError::Overlap {
+                    existing: range.base(),
+                });
+            }
+            chunks.push(location.range);
+            at = range.end();
+        }
+        // The ranges must be all of one registration, not part of it.
+        let registration_of = |range: usize| self.ranges.get(range).map_or(0, |r| r.registration());
+        let registration = registration_of(chunks[0]);
+        let requested = chunks
+            .iter()
+            .filter(|&&range| registration_of(range) == registration)
+            .count();
+        let registered = self
+            .ranges
+            .iter()
+            .filter(|r| r.registration() == registration)
+            .count();
+        if registration == 0 || requested != chunks.len() || registered != chunks.len() {
+            return Err(PgmError::Overlap { existing: base });
+        }
+        for &range in &chunks {
+            let pages = self.ranges.get(range).map_or(&[][..], |r| r.pages());
+            if let Some(index) = pages.iter().position(|p| {
+                p.page_type() != PageType::Ram || p.handler() != HandlerState::None || p.is_locked()
+            }) {
+                let gpa = self.ranges.gpa_of(PageLocation { range, page: index });
+                return Err(PgmError::HandlerPresent(gpa));
+            }
+        }
+        for &range in &chunks {
+            let count = self.ranges.get(range).map_or(0, |r| r.pages().len());
+            for page in 0..count {
+                let location = PageLocation { range, page };
+                // Reset only frees; then the page leaves the counts with its range.
+                let _ = self.apply(location, PageEvent::Reset);
+                let gpa = self.ranges.gpa_of(location);
+                self.tables.set_leaf(&mut self.memory, gpa, None);
+                if !self.a20_enabled {
+                    // Its alias 1 MiB up showed this page: now it shows nothing.
+                    let alias = GuestPhysAddr::new_truncate(gpa.as_u64() | A20_BIT);
+                    self.tables.set_leaf(&mut self.memory, alias, None);
+                }
+            }
+        }
+        self.counts.zero -= pages;
+        // Ranges are contiguous in address order: remove from the last so indices stay valid.
+        for &range in chunks.iter().rev() {
+            self.ranges.remove(range);
+        }
+        self.pool.flush(&mut self.frames);
+        Ok(Invalidation::SingleContext)
     }
 
     /// Caps the frames backing this VM's pages (`None`: no cap but the host's memory). A write
@@ -1023,7 +1100,7 @@ fn changes_contents(event: PageEvent) -> bool {
 /// alias maps its frame read/write/execute;
 /// WRITE_MONITORED maps it read/execute; BALLOONED and MMIO pages are not mapped. An active
 /// handler then takes away what it intercepts: writes (write handler) or everything (all).
-/// RAM is write-back.
+/// RAM (and MMIO2) is write-back; a special alias (a device page) is uncacheable.
 fn leaf_for(page: PageDescriptor, zero_frame: HostPhysAddr) -> Option<Leaf> {
     let read_execute = Permissions::READ | Permissions::EXECUTE;
     // MMIO2 maps like RAM; its pages are never ZERO or BALLOONED.
@@ -1049,10 +1126,15 @@ fn leaf_for(page: PageDescriptor, zero_frame: HostPhysAddr) -> Option<Leaf> {
         HandlerState::Write => permissions.remove(Permissions::WRITE),
         HandlerState::All => return None,
     }
+    // A special alias maps a device page (e.g. the APIC-access page): uncacheable, as MMIO is.
+    let memory_type = match page.page_type() {
+        PageType::SpecialAliasMmio => MemoryType::Uncacheable,
+        _ => MemoryType::WriteBack,
+    };
     Some(Leaf {
         frame,
         permissions,
-        memory_type: MemoryType::WriteBack,
+        memory_type,
     })
 }
 
