@@ -724,7 +724,7 @@ fn mmio_over_ram_returns_its_frames_and_leaves_zero_ram_when_removed() {
     assert_accounting(&pgm);
 }
 
-use crate::manager::{RomId, RomProtection};
+use crate::manager::{PageMapping, RomId, RomProtection};
 
 /// A two-page image with a recognisable pattern.
 fn rom_image() -> Vec<u8> {
@@ -1354,7 +1354,16 @@ fn preallocation_gives_every_zero_page_a_frame_or_nothing_at_all() {
 #[test]
 fn a_write_lock_gives_the_host_the_guest_page_and_pins_its_frame() {
     let mut pgm = pc_like();
-    let (hpa, lock) = pgm.lock_page_for_write(gpa(0x5010)).unwrap();
+    let PageMapping {
+        host: hpa,
+        lock,
+        invalidation,
+    } = pgm.lock_page_for_write(gpa(0x5010)).unwrap();
+    assert_eq!(
+        invalidation,
+        Invalidation::SingleContext,
+        "the ZERO page was remapped to its frame"
+    );
     assert_eq!(pgm.stats().allocated_pages, 1, "the ZERO page got its frame");
     write_host(&mut pgm, hpa, b"via lock");
     assert_eq!(guest_read(&pgm, gpa(0x5010), 8), b"via lock");
@@ -1386,13 +1395,18 @@ fn a_write_lock_gives_the_host_the_guest_page_and_pins_its_frame() {
 #[test]
 fn a_read_lock_maps_what_the_guest_reads() {
     let mut pgm = pc_like();
-    let (zero, lock) = pgm.lock_page_for_read(gpa(0x6000)).unwrap();
+    let PageMapping {
+        host: zero,
+        lock,
+        invalidation,
+    } = pgm.lock_page_for_read(gpa(0x6000)).unwrap();
+    assert_eq!(invalidation, Invalidation::None);
     assert_eq!(zero, pgm.zero_frame(), "a ZERO page reads the zero frame");
     assert_eq!(pgm.stats().allocated_pages, 0);
     pgm.release_page_lock(lock);
     let image = rom_image();
     pgm.register_rom(gpa(ROM_BASE), &image, false).unwrap();
-    let (rom, lock) = pgm.lock_page_for_read(gpa(ROM_BASE + 0x1004)).unwrap();
+    let PageMapping { host: rom, lock, .. } = pgm.lock_page_for_read(gpa(ROM_BASE + 0x1004)).unwrap();
     let mut seen = [0; 4];
     pgm.memory().read(rom, &mut seen);
     assert_eq!(seen, image[0x1004..0x1008]);
@@ -1406,7 +1420,7 @@ fn a_read_lock_maps_what_the_guest_reads() {
 #[test]
 fn write_locked_pages_are_reported_at_every_harvest() {
     let mut pgm = pc_like();
-    let (_, lock) = pgm.lock_page_for_write(gpa(0x7000)).unwrap();
+    let lock = pgm.lock_page_for_write(gpa(0x7000)).unwrap().lock;
     pgm.start_write_monitoring();
     assert_eq!(harvest(&mut pgm), [0x7000]);
     assert_eq!(harvest(&mut pgm), [0x7000], "the host may have written it again");
@@ -1438,8 +1452,8 @@ fn bulk_locking_is_all_or_nothing_and_refuses_what_cannot_be_locked() {
     }
     let locks = pgm.lock_pages(&pages[..2], false).unwrap();
     assert_eq!(locks.len(), 2);
-    for (_, lock) in locks {
-        pgm.release_page_lock(lock);
+    for mapping in locks {
+        pgm.release_page_lock(mapping.lock);
     }
     pgm.register_mmio(gpa(0xFEC0_0000), PAGE_SIZE).unwrap();
     pgm.register_handler(HandlerKind::Write, gpa(0x8000), PAGE_SIZE)
@@ -1694,7 +1708,10 @@ fn aliases_into_an_mmio2_region_go_when_the_region_or_its_tail_goes() {
     pgm.alias_mmio_to_mmio2(vga, gpa(VGA), bank, 0).unwrap();
     pgm.alias_mmio_to_mmio2(vga, gpa(VGA + PAGE_SIZE), bank, 3 * PAGE_SIZE)
         .unwrap();
-    pgm.reduce_mmio2(bank, 2 * PAGE_SIZE).unwrap();
+    assert_eq!(
+        pgm.reduce_mmio2(bank, 2 * PAGE_SIZE),
+        Ok(Invalidation::SingleContext)
+    );
     assert_eq!(
         pgm.resolve_fault(gpa(VGA + PAGE_SIZE), Access::Read),
         FaultOutcome::Handler { handler: vga }
@@ -1810,7 +1827,13 @@ fn the_last_page_to_let_go_frees_the_shared_frame() {
     guest_write(&mut pgm, gpa(0x4000), b"x");
     guest_write(&mut pgm, gpa(0x5000), b"x");
     pgm.share_identical_pages();
-    let (_, lock) = pgm.lock_page_for_read(gpa(0x4000)).unwrap();
+    let mapping = pgm.lock_page_for_read(gpa(0x4000)).unwrap();
+    assert_eq!(
+        mapping.invalidation,
+        Invalidation::SingleContext,
+        "the SHARED page was copied"
+    );
+    let lock = mapping.lock;
     assert_eq!(
         pgm.page(gpa(0x4000)).unwrap().state(),
         PageState::Allocated,
@@ -1840,7 +1863,7 @@ fn unregistering_ram_gives_its_frames_back_and_unmaps_it() {
         pgm.unregister_ram(gpa(0x9_F000), PAGE_SIZE),
         Err(PgmError::Overlap { existing: gpa(0) })
     );
-    let (_, lock) = pgm.lock_page_for_read(gpa(base + 0x1000)).unwrap();
+    let lock = pgm.lock_page_for_read(gpa(base + 0x1000)).unwrap().lock;
     assert_eq!(
         pgm.unregister_ram(gpa(base), chunk + 4 * PAGE_SIZE),
         Err(PgmError::HandlerPresent(gpa(base + 0x1000)))

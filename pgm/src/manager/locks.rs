@@ -11,6 +11,7 @@ use crate::addr::{GuestPhysAddr, HostPhysAddr};
 use crate::error::PgmError;
 use crate::frames::{HostFrameAllocator, HostMemory};
 use crate::page::{HandlerState, PageEvent, PageState, PageType};
+use crate::paging::Invalidation;
 use crate::ram::PageLocation;
 
 /// A held page-map lock. Give it back with [`Pgm::release_page_lock`].
@@ -19,6 +20,19 @@ use crate::ram::PageLocation;
 pub struct PageMapLock {
     page: GuestPhysAddr,
     write: bool,
+}
+
+/// What locking a page gives the caller.
+#[must_use = "the lock must be released, and the invalidation carried out"]
+#[derive(Debug, PartialEq, Eq)]
+pub struct PageMapping {
+    /// Host-physical address of the requested guest address.
+    pub host: HostPhysAddr,
+    /// The lock, to give back with [`Pgm::release_page_lock`].
+    pub lock: PageMapLock,
+    /// The INVEPT needed because locking changed the page's mapping (a ZERO page got a frame, a
+    /// SHARED page was copied).
+    pub invalidation: Invalidation,
 }
 
 impl PageMapLock {
@@ -37,41 +51,30 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// Locks the page holding `gpa` for writing and returns the host-physical address of `gpa`
     /// in its frame. The page gets a frame if it had none and counts as written. Only RAM and
     /// MMIO2 pages without an active handler can be write-locked.
-    pub fn lock_page_for_write(
-        &mut self,
-        gpa: GuestPhysAddr,
-    ) -> Result<(HostPhysAddr, PageMapLock), PgmError> {
+    pub fn lock_page_for_write(&mut self, gpa: GuestPhysAddr) -> Result<PageMapping, PgmError> {
         let location = self.lockable(gpa, true)?;
-        self.apply(location, PageEvent::Write)?;
+        let remapped = self.apply(location, PageEvent::Write)?;
         if self.monitoring {
             self.mark_written(location);
         }
         let frame = self.ranges.page(location).frame().ok_or(PgmError::NotRam(gpa))?;
-        Ok((offset_in(frame, gpa), self.take_lock(location, true)))
+        Ok(self.mapping(location, frame, gpa, true, remapped))
     }
 
     /// Locks the page holding `gpa` for reading and returns the host-physical address of `gpa`
     /// in the frame guest reads see (the shared zero frame for a ZERO page). A SHARED page is
     /// copied to a private frame first: locked pages are never shared.
-    pub fn lock_page_for_read(
-        &mut self,
-        gpa: GuestPhysAddr,
-    ) -> Result<(HostPhysAddr, PageMapLock), PgmError> {
+    pub fn lock_page_for_read(&mut self, gpa: GuestPhysAddr) -> Result<PageMapping, PgmError> {
         let location = self.lockable(gpa, false)?;
-        if self.ranges.page(location).state() == PageState::Shared {
-            self.apply(location, PageEvent::Write)?;
-        }
+        let remapped = self.ranges.page(location).state() == PageState::Shared
+            && self.apply(location, PageEvent::Write)?;
         let frame = self.read_source(location).unwrap_or(self.zero_frame);
-        Ok((offset_in(frame, gpa), self.take_lock(location, false)))
+        Ok(self.mapping(location, frame, gpa, false, remapped))
     }
 
     /// Locks every page in `pages` for reading (or for writing with `write`). All or nothing: on
     /// an error no page stays locked by this call.
-    pub fn lock_pages(
-        &mut self,
-        pages: &[GuestPhysAddr],
-        write: bool,
-    ) -> Result<Vec<(HostPhysAddr, PageMapLock)>, PgmError> {
+    pub fn lock_pages(&mut self, pages: &[GuestPhysAddr], write: bool) -> Result<Vec<PageMapping>, PgmError> {
         let mut locked = Vec::with_capacity(pages.len());
         for &gpa in pages {
             let result = if write {
@@ -82,8 +85,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             match result {
                 Ok(mapping) => locked.push(mapping),
                 Err(error) => {
-                    for (_, lock) in locked {
-                        self.release_page_lock(lock);
+                    // Pages already given frames keep them: only the locks are undone.
+                    for mapping in locked {
+                        self.release_page_lock(mapping.lock);
                     }
                     return Err(error);
                 }
@@ -147,12 +151,28 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         Ok(location)
     }
 
-    fn take_lock(&mut self, location: PageLocation, write: bool) -> PageMapLock {
+    /// Takes the lock and describes the mapping of `gpa` in `frame`.
+    fn mapping(
+        &mut self,
+        location: PageLocation,
+        frame: HostPhysAddr,
+        gpa: GuestPhysAddr,
+        write: bool,
+        remapped: bool,
+    ) -> PageMapping {
         let page = self.ranges.page(location).with_lock_change(write, 1);
         self.ranges.set_page(location, page);
-        PageMapLock {
-            page: self.ranges.gpa_of(location),
-            write,
+        PageMapping {
+            host: offset_in(frame, gpa),
+            lock: PageMapLock {
+                page: self.ranges.gpa_of(location),
+                write,
+            },
+            invalidation: if remapped {
+                Invalidation::SingleContext
+            } else {
+                Invalidation::None
+            },
         }
     }
 }

@@ -121,8 +121,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         Ok(Invalidation::SingleContext)
     }
 
-    /// Shrinks an unmapped region to `size` bytes, giving the tail's frames back.
-    pub fn reduce_mmio2(&mut self, handle: Mmio2Handle, size: u64) -> Result<(), PgmError> {
+    /// Shrinks an unmapped region to `size` bytes, giving the tail's frames back (MMIO pages
+    /// aliased to them trap again; the invalidation that needs is returned).
+    pub fn reduce_mmio2(&mut self, handle: Mmio2Handle, size: u64) -> Result<Invalidation, PgmError> {
         let pages = page_count(GuestPhysAddr::default(), size)? as usize;
         let region = self.region(handle)?;
         if region.mapped_at.is_some() {
@@ -132,7 +133,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             return Err(PgmError::OutOfRange);
         }
         let tail = self.region(handle)?.frames[pages..].to_vec();
-        self.drop_aliases_of(&tail);
+        let invalidation = self.drop_aliases_of(&tail);
         let region = self.region_mut(handle)?;
         region.frames.truncate(pages);
         region.dirty.truncate(pages.div_ceil(64));
@@ -142,7 +143,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             }
         }
         self.frames.free_frames(&tail);
-        Ok(())
+        Ok(invalidation)
     }
 
     /// Unmaps the region if mapped and frees its memory.

@@ -26,7 +26,7 @@ mod rom;
 mod sharing;
 
 pub use handlers::{AccessHandlers, HandlerAction};
-pub use locks::PageMapLock;
+pub use locks::{PageMapLock, PageMapping};
 pub use mmio2::Mmio2Handle;
 pub use rom::{RomId, RomProtection};
 pub use sharing::SharingReport;
