@@ -60,7 +60,8 @@ impl Registration {
         self.base.as_u64() + self.pages * PAGE_SIZE
     }
 
-    fn contains(&self, gpa: GuestPhysAddr) -> bool {
+    /// True when `gpa` lies in one of the pages covered.
+    pub fn contains(&self, gpa: GuestPhysAddr) -> bool {
         gpa >= self.base && gpa.as_u64() < self.end()
     }
 }

@@ -139,7 +139,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     ) -> Result<Invalidation, PgmError> {
         let registration = self.plain_handler(id)?;
         let page_base = gpa.page_base();
-        if page_base < registration.base || page_base.as_u64() >= registration.end() {
+        if !registration.contains(page_base) {
             return Err(PgmError::NotHandled(gpa));
         }
         let location = self.ranges.find(page_base).ok_or(PgmError::NotGuestMemory(gpa))?;
@@ -305,7 +305,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             return Err(PgmError::UnknownHandler(mmio));
         }
         let page_base = gpa.page_base();
-        if page_base < registration.base || page_base.as_u64() >= registration.end() {
+        if !registration.contains(page_base) {
             return Err(PgmError::NotHandled(gpa));
         }
         let location = self.ranges.find(page_base).ok_or(PgmError::NotGuestMemory(gpa))?;
