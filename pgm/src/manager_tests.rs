@@ -1809,6 +1809,17 @@ fn identical_pages_share_one_frame_until_written() {
         0,
         "nothing new to share"
     );
+    // A host write copies a shared page too, and the guest's cached translation of it is stale.
+    assert_eq!(
+        pgm.write_phys(gpa(0x2000), b"host"),
+        Ok(Invalidation::SingleContext)
+    );
+    assert_eq!(guest_read(&pgm, gpa(0x1000), 4), b"same");
+    assert_eq!(
+        pgm.write_phys(gpa(0x2000), b"HOST"),
+        Ok(Invalidation::None),
+        "private now"
+    );
     assert_accounting(&pgm);
 }
 
@@ -1899,4 +1910,20 @@ fn a_special_alias_is_mapped_uncacheable() {
         Entry::Leaf(leaf) => assert_eq!(leaf.memory_type, MemoryType::Uncacheable),
         other => panic!("not mapped: {other:?}"),
     }
+}
+
+#[test]
+fn locking_a_write_monitored_page_keeps_its_frame_and_needs_no_flush() {
+    let mut pgm = pc_like();
+    guest_write(&mut pgm, gpa(0x6000), b"m");
+    pgm.start_write_monitoring();
+    let frame = pgm.page(gpa(0x6000)).unwrap().frame();
+    let mapping = pgm.lock_page_for_write(gpa(0x6000)).unwrap();
+    assert_eq!(
+        mapping.invalidation,
+        Invalidation::None,
+        "only write permission was added"
+    );
+    assert_eq!(pgm.page(gpa(0x6000)).unwrap().frame(), frame);
+    pgm.release_page_lock(mapping.lock);
 }

@@ -75,7 +75,7 @@ impl RamRange {
 }
 
 /// Where a guest page's descriptor lives: range index and page index within the range.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PageLocation {
     /// Index of the range in address order.
     pub range: usize,

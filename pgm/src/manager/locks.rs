@@ -53,7 +53,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// MMIO2 pages without an active handler can be write-locked.
     pub fn lock_page_for_write(&mut self, gpa: GuestPhysAddr) -> Result<PageMapping, PgmError> {
         let location = self.lockable(gpa, true)?;
-        let remapped = self.apply(location, PageEvent::Write)?;
+        let remapped = self.apply_remapping(location, PageEvent::Write)?;
         if self.monitoring {
             self.mark_written(location);
         }
@@ -67,7 +67,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     pub fn lock_page_for_read(&mut self, gpa: GuestPhysAddr) -> Result<PageMapping, PgmError> {
         let location = self.lockable(gpa, false)?;
         let remapped = self.ranges.page(location).state() == PageState::Shared
-            && self.apply(location, PageEvent::Write)?;
+            && self.apply_remapping(location, PageEvent::Write)?;
         let frame = self.read_source(location).unwrap_or(self.zero_frame);
         Ok(self.mapping(location, frame, gpa, false, remapped))
     }

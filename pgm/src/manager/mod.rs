@@ -454,14 +454,20 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             }
         }
         let mut newly_allocated = Vec::new();
+        let mut remapped = false;
         for &(location, ..) in &pieces {
             if !stateful(self, location) {
                 continue;
             }
             let was_zero = self.ranges.page(location).state() == PageState::Zero;
-            match self.apply(location, PageEvent::Write) {
-                Ok(_) if was_zero => newly_allocated.push(location),
-                Ok(_) => {}
+            // A ZERO page gets a frame, a SHARED page a private copy: both remap it.
+            match self.apply_remapping(location, PageEvent::Write) {
+                Ok(frame_changed) => {
+                    remapped |= frame_changed;
+                    if was_zero {
+                        newly_allocated.push(location);
+                    }
+                }
                 Err(error) => {
                     for location in newly_allocated {
                         // Reset frees the frame just given: cannot fail.
@@ -477,8 +483,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                     .write(frame_offset(frame, offset), &data[start..start + len]);
             }
         }
-        let changed_mapping = !newly_allocated.is_empty();
-        Ok(if changed_mapping {
+        Ok(if remapped {
             Invalidation::SingleContext
         } else {
             Invalidation::None
@@ -543,8 +548,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     }
 
     /// Returns every page of every range to ZERO, freeing private frames and deflating the
-    /// balloon (VM reset).
-    /// Locked pages keep their frame and are zeroed in place.
+    /// balloon (VM reset). Locked pages keep their frame and are zeroed in place.
     pub fn reset_ram(&mut self) -> Invalidation {
         let mut changed = false;
         self.for_each_page(|pgm, location| {
@@ -786,6 +790,14 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         &mut self.memory
     }
 
+    /// [`apply`](Self::apply), answering instead whether the page's frame changed: then the
+    /// CPU's cached translations of the page are stale (a mere permission increase is not).
+    fn apply_remapping(&mut self, location: PageLocation, event: PageEvent) -> Result<bool, PgmError> {
+        let before = self.ranges.page(location).frame();
+        self.apply(location, event)?;
+        Ok(self.ranges.page(location).frame() != before)
+    }
+
     /// Runs `event` through the state machine for one page and carries out the frame work, the
     /// written-to bookkeeping and the EPT update. Returns whether the page changed; on an error
     /// nothing changed.
@@ -868,6 +880,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         event: PageEvent,
     ) -> Result<Vec<PageLocation>, PgmError> {
         let mut locations = Vec::with_capacity(pages.len());
+        let mut seen = alloc::collections::BTreeSet::new();
         for &gpa in pages {
             if !gpa.is_page_aligned() {
                 return Err(PgmError::Misaligned);
@@ -889,7 +902,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                     gpa,
                     state: page.state(),
                 })?;
-            if locations.contains(&location) {
+            if !seen.insert(location) {
                 // The same page twice would fail half-way through; refuse it up front.
                 return Err(PgmError::PageState {
                     gpa,
