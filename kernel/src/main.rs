@@ -10,6 +10,7 @@ extern crate alloc;
 mod arch;
 #[cfg(not(feature = "kernel-tests"))]
 mod demo;
+mod emulate;
 #[cfg(feature = "kernel-tests")]
 mod tests;
 mod vm;
@@ -65,6 +66,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         Ok(vmx) => println!("hypervisor: VMX on: {}", vmx.caps()),
         Err(error) => println!("hypervisor: {error}"),
     }
+    emulate::warm_up();
     let host = HOST.call_once(|| Host { phys, vmx });
     #[cfg(feature = "kernel-tests")]
     tests::run_all(host);

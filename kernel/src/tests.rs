@@ -18,7 +18,7 @@ use crate::arch::memory::frame_counts;
 use crate::arch::power::{exit, ExitCode};
 use crate::arch::ticks;
 use crate::arch::vmx::{GuestRegisters, VmxCaps};
-use crate::vm::{hypercall, StopCause, Vm, VmError, VmStop};
+use crate::vm::{hypercall, print_exit_costs, StopCause, Vm, VmError, VmStop};
 use crate::{println, Host};
 
 type TestResult = Result<(), String>;
@@ -76,6 +76,58 @@ const TESTS: &[(&str, TestFn)] = &[
         "bad_ram_layout_is_refused_without_leaking",
         bad_ram_layout_is_refused_without_leaking,
     ),
+    (
+        "mmio_instruction_forms_in_protected_mode",
+        violations::mmio_forms_in_protected_mode,
+    ),
+    (
+        "mmio_instruction_forms_in_long_mode_through_guest_paging",
+        violations::mmio_forms_in_long_mode_through_guest_paging,
+    ),
+    (
+        "mmio_instruction_forms_in_real_mode",
+        violations::mmio_forms_in_real_mode,
+    ),
+    (
+        "unsupported_mmio_instruction_stops_the_vm_naming_its_bytes",
+        violations::unsupported_mmio_instruction_stops_the_vm,
+    ),
+    (
+        "first_write_to_a_zero_page_allocates_once",
+        violations::first_write_to_a_zero_page_allocates_once,
+    ),
+    (
+        "rom_reads_the_image_and_ignores_writes",
+        violations::rom_reads_the_image_and_ignores_writes,
+    ),
+    (
+        "rom_protection_modes_route_reads_and_writes",
+        violations::rom_protection_modes_route_reads_and_writes,
+    ),
+    (
+        "mmio2_dirty_tracking_reports_exactly_the_written_pages",
+        violations::mmio2_dirty_tracking_reports_exactly_the_written_pages,
+    ),
+    (
+        "write_monitoring_keeps_a_mirror_in_step",
+        violations::write_monitoring_keeps_a_mirror_in_step,
+    ),
+    (
+        "balloon_frees_frames_and_deflate_restores_pages",
+        violations::balloon_frees_frames_and_deflate_restores_pages,
+    ),
+    (
+        "large_pages_split_for_a_handler_and_merge_back",
+        violations::large_pages_split_for_a_handler_and_merge_back,
+    ),
+    (
+        "a20_gate_wraps_accesses_at_one_megabyte",
+        violations::a20_gate_wraps_accesses_at_one_megabyte,
+    ),
+    (
+        "out_of_frames_stops_only_that_vm",
+        violations::out_of_frames_stops_only_that_vm,
+    ),
 ];
 
 static CURRENT: Mutex<Option<&'static str>> = Mutex::new(None);
@@ -107,6 +159,7 @@ pub fn run_all(host: &'static Host) -> ! {
             }
         }
     }
+    print_exit_costs();
     let failed = print_summary();
     if failed == 0 {
         exit(ExitCode::Success, "")
@@ -153,6 +206,10 @@ macro_rules! ensure_eq {
         }
     }};
 }
+
+// After the macros: the scenario modules use them.
+mod pc;
+mod violations;
 
 fn new_vm(host: &'static Host, ram: &[(u64, u64)]) -> Result<Vm<'static>, String> {
     let vmx = host.vmx.as_ref().map_err(|e| format!("{e}"))?;

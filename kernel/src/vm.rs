@@ -5,7 +5,13 @@
 use alloc::vec::Vec;
 use core::fmt;
 
-use pgm::{Access, FaultOutcome, GuestPhysAddr, Invalidation, MemoryStats, Pgm, PgmError};
+use spin::Mutex;
+
+use iced_x86::{Decoder, DecoderOptions, Instruction, Register};
+use pgm::guest_paging::GuestPaging;
+use pgm::manager::{AccessHandlers, HandlerAction};
+use pgm::page::PageState;
+use pgm::{Access, FaultOutcome, GuestPhysAddr, Invalidation, MemoryStats, Pgm, PgmError, PAGE_SIZE};
 use x86::vmx::vmcs::control::{
     EntryControls, ExitControls, PrimaryControls, SecondaryControls, EPTP_FULL, EXCEPTION_BITMAP,
     PINBASED_EXEC_CONTROLS, PRIMARY_PROCBASED_EXEC_CONTROLS, SECONDARY_PROCBASED_EXEC_CONTROLS,
@@ -15,7 +21,10 @@ use x86::vmx::vmcs::{control, guest, host, ro};
 
 use crate::arch::guests::{GuestMode, GuestProgram};
 use crate::arch::memory::{KernelFrames, PhysMap};
+use crate::arch::ticks;
 use crate::arch::vmx::{self, host::HostState, vmcs::Vmcs, GuestRegisters, InveptType, VmxError, VmxOn};
+use crate::emulate::{self, EmulationError, Machine, MemoryFault};
+use crate::println;
 
 /// Hypercall numbers (guest RAX at VMCALL).
 pub mod hypercall {
@@ -23,6 +32,9 @@ pub mod hypercall {
     pub const DONE: u64 = 0;
     /// Record RBX in [`super::Vm::reports`] and continue.
     pub const REPORT: u64 = 1;
+    /// Pause: the run ends with [`super::VmStop::Yielded`]; the next run continues after the
+    /// VMCALL. Lets a test change the VM's memory setup between phases of one guest.
+    pub const YIELD: u64 = 2;
     /// What RAX holds after an unknown hypercall.
     pub const UNKNOWN: u64 = u64::MAX;
 }
@@ -53,6 +65,13 @@ const CR0_PE: u64 = 1 << 0;
 const CR0_ET_NE: u64 = (1 << 4) | (1 << 5);
 const CR0_PG: u64 = 1 << 31;
 const CR4_VMXE: u64 = 1 << 13;
+const CR4_PAE: u64 = 1 << 5;
+/// IA32_EFER: long mode enabled and active.
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+/// Code-segment access rights: L (64-bit code) and D/B (32-bit default size).
+const CS_LONG: u64 = 1 << 13;
+const CS_DEFAULT_32: u64 = 1 << 14;
 
 /// Why a VM stopped without finishing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,9 +82,13 @@ pub enum StopCause {
     OutOfMemory,
     /// The guest touched a page it had given to the balloon.
     BalloonedPage,
-    /// The access needs the faulting instruction emulated (MMIO or handler access, ROM write to
-    /// ignore or to route to the shadow); this hypervisor does not emulate instructions yet.
-    NeedsEmulation,
+    /// The access needed the faulting instruction emulated (MMIO or handler access, ROM write
+    /// to ignore or to route to the shadow) and the emulator does not support it; the
+    /// diagnostic names the instruction bytes.
+    UnsupportedInstruction,
+    /// The instruction to emulate could not be fetched (its linear address has no mapping in
+    /// the guest's page tables, or it lies outside guest RAM).
+    InstructionFetch,
     /// The guest triple-faulted.
     TripleFault,
     /// An exit this hypervisor does not handle.
@@ -91,6 +114,32 @@ pub struct Diagnostic {
     pub gpa: Option<GuestPhysAddr>,
     /// The guest RIP at the exit.
     pub rip: u64,
+    /// The bytes of the instruction the hypervisor tried to emulate (empty otherwise).
+    pub instruction: InstructionBytes,
+}
+
+/// The bytes of one guest instruction (at most 15).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InstructionBytes {
+    bytes: [u8; 15],
+    len: u8,
+}
+
+impl InstructionBytes {
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl fmt::Display for InstructionBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, byte) in self.as_slice().iter().enumerate() {
+            let separator = if i == 0 { "" } else { " " };
+            write!(f, "{separator}{byte:02x}")?;
+        }
+        Ok(())
+    }
 }
 
 impl fmt::Display for Diagnostic {
@@ -107,7 +156,11 @@ impl fmt::Display for Diagnostic {
             Some(gpa) => write!(f, "{gpa}")?,
             None => write!(f, "-")?,
         }
-        write!(f, ", RIP {:#x}", self.rip)
+        write!(f, ", RIP {:#x}", self.rip)?;
+        if self.instruction.len > 0 {
+            write!(f, ", instruction bytes [{}]", self.instruction)?;
+        }
+        Ok(())
     }
 }
 
@@ -137,6 +190,8 @@ pub enum VmStop {
     Done(u64),
     /// The guest executed HLT at this RIP.
     Halted { rip: u64 },
+    /// The guest called the YIELD hypercall; [`Vm::run`] continues after it.
+    Yielded,
     /// The hypervisor stopped the VM.
     Stopped(Diagnostic),
 }
@@ -152,6 +207,125 @@ pub struct ExitCounts {
     pub hypercalls: u64,
     /// INVEPTs executed.
     pub invepts: u64,
+    /// Instructions emulated (MMIO, handler and ROM accesses).
+    pub emulated: u64,
+}
+
+/// The exits whose handling cost is measured, from VM exit to the next VM entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitKind {
+    /// A write to a ZERO page: a frame is given and mapped.
+    ZeroFill,
+    /// The first write to a write-monitored page: it is marked written and made writable.
+    WriteMonitor,
+    /// A read of an MMIO or handler page, emulated through the device.
+    MmioRead,
+    /// A write to an MMIO or handler page, emulated through the device.
+    MmioWrite,
+    /// A write to ROM that is dropped; the guest continues after the instruction.
+    RomWriteIgnore,
+    /// A write to ROM that goes to its shadow while reads still see the image.
+    RomWriteShadow,
+    /// A VMCALL.
+    Hypercall,
+}
+
+impl ExitKind {
+    /// Every kind, in table order.
+    pub const ALL: [ExitKind; 7] = [
+        ExitKind::ZeroFill,
+        ExitKind::WriteMonitor,
+        ExitKind::MmioRead,
+        ExitKind::MmioWrite,
+        ExitKind::RomWriteIgnore,
+        ExitKind::RomWriteShadow,
+        ExitKind::Hypercall,
+    ];
+
+    /// The table name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ExitKind::ZeroFill => "zero-fill",
+            ExitKind::WriteMonitor => "write-monitor",
+            ExitKind::MmioRead => "MMIO read",
+            ExitKind::MmioWrite => "MMIO write",
+            ExitKind::RomWriteIgnore => "ROM write ignore",
+            ExitKind::RomWriteShadow => "ROM write to shadow",
+            ExitKind::Hypercall => "hypercall",
+        }
+    }
+}
+
+/// Count, sum and maximum of the handling cost of one kind of exit, in TSC ticks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitCost {
+    /// Exits measured.
+    pub count: u64,
+    /// Sum of their costs.
+    pub total: u64,
+    /// The largest cost.
+    pub max: u64,
+}
+
+impl ExitCost {
+    fn add(&mut self, ticks: u64) {
+        self.count += 1;
+        self.total += ticks;
+        self.max = self.max.max(ticks);
+    }
+
+    /// The mean cost (0 when nothing was measured).
+    pub fn mean(&self) -> u64 {
+        self.total.checked_div(self.count).unwrap_or(0)
+    }
+}
+
+/// Exit costs of every VM since boot, by [`ExitKind`] (kernel-wide, so a test run can print one
+/// table for all its VMs).
+static EXIT_COSTS: Mutex<[ExitCost; ExitKind::ALL.len()]> = Mutex::new(
+    [ExitCost {
+        count: 0,
+        total: 0,
+        max: 0,
+    }; ExitKind::ALL.len()],
+);
+
+/// The exit costs measured so far, by kind.
+pub fn exit_costs() -> [(ExitKind, ExitCost); ExitKind::ALL.len()] {
+    let costs = EXIT_COSTS.lock();
+    ExitKind::ALL.map(|kind| (kind, costs[kind as usize]))
+}
+
+/// Prints the exit cost table over every VM since boot (Markdown, as the README shows it).
+pub fn print_exit_costs() {
+    println!("exit costs (TSC ticks from VM exit to the next VM entry, every VM since boot):");
+    println!("| exit kind | count | mean | max |");
+    println!("|---|---:|---:|---:|");
+    for (kind, cost) in exit_costs() {
+        println!(
+            "| {} | {} | {} | {} |",
+            kind.name(),
+            cost.count,
+            cost.mean(),
+            cost.max
+        );
+    }
+}
+
+/// Access handlers for a VM without devices: handler pages behave as pgm's default (MMIO reads
+/// all ones and drops writes; handled RAM is plain memory).
+pub struct NoDevices;
+
+impl AccessHandlers for NoDevices {
+    fn access(
+        &mut self,
+        _: pgm::handlers::HandlerId,
+        _: GuestPhysAddr,
+        _: Access,
+        _: &mut [u8],
+    ) -> HandlerAction {
+        HandlerAction::Default
+    }
 }
 
 /// Why a VM could not be created.
@@ -209,6 +383,17 @@ pub struct Vm<'a> {
     /// The first EPT violations as (guest-physical address, exit qualification), oldest first.
     pub violations: Vec<(GuestPhysAddr, u64)>,
     last_fault: Option<(u64, u32)>,
+    /// VM-entry controls for a guest outside and inside IA-32e mode.
+    entry_controls: EntryControlValues,
+    /// The kind and exit time of the exit being handled, when its cost is measured.
+    measuring: Option<(ExitKind, u64)>,
+}
+
+/// The VM-entry control values for the two kinds of guest.
+#[derive(Clone, Copy, Default)]
+struct EntryControlValues {
+    legacy: u64,
+    long_mode: u64,
 }
 
 impl<'a> Vm<'a> {
@@ -235,6 +420,8 @@ impl<'a> Vm<'a> {
             exits: ExitCounts::default(),
             violations: Vec::new(),
             last_fault: None,
+            entry_controls: EntryControlValues::default(),
+            measuring: None,
         };
         // From here on Drop gives every frame back on error.
         let vmcs = Vmcs::new(vmx, &mut KernelFrames, &mut phys.clone())?;
@@ -263,37 +450,75 @@ impl<'a> Vm<'a> {
     }
 
     /// Copies `program` into guest RAM at `at` and sets the guest up to start there in the
-    /// program's mode with the given registers (RSP points just below `at`).
+    /// program's mode with the given registers (RSP points just below `at`). Not for
+    /// [`GuestMode::Long64`] programs, which need page tables: see [`Vm::start_paged`].
     pub fn start(&mut self, program: &GuestProgram, at: u64, regs: GuestRegisters) -> Result<(), VmError> {
-        let gpa = GuestPhysAddr::new(at).ok_or(PgmError::BeyondAddressWidth)?;
+        self.start_paged(program, at, at, 0, regs)
+    }
+
+    /// Copies `program` into guest RAM at guest-physical `load_at` and sets the guest up to
+    /// start at `rip` (linear; the same as `load_at` unless the guest's page tables at `cr3`
+    /// map it elsewhere) in the program's mode, with RSP just below `rip`.
+    pub fn start_paged(
+        &mut self,
+        program: &GuestProgram,
+        load_at: u64,
+        rip: u64,
+        cr3: u64,
+        regs: GuestRegisters,
+    ) -> Result<(), VmError> {
+        let gpa = GuestPhysAddr::new(load_at).ok_or(PgmError::BeyondAddressWidth)?;
         let invalidation = self.pgm_mut().write_phys(gpa, program.code)?;
         self.invalidate(invalidation)?;
-        self.write_guest_state(program.mode, at)?;
+        self.write_guest_state(program.mode, rip, cr3)?;
         self.regs = regs;
         Ok(())
     }
 
-    /// Runs the vCPU until the guest finishes, halts, or is stopped.
+    /// Sets the guest's RIP and general-purpose registers, to run a loaded program again from
+    /// `rip` (the rest of the guest state stays as the last run left it).
+    #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
+    pub fn restart(&mut self, rip: u64, regs: GuestRegisters) -> Result<(), VmError> {
+        let vmcs = self.vmcs.as_ref().expect("present until drop");
+        vmcs.make_current()?;
+        vmcs.write(guest::RIP, rip)?;
+        self.regs = regs;
+        Ok(())
+    }
+
+    /// Runs the vCPU until the guest finishes, halts, yields or is stopped, with no devices
+    /// behind MMIO pages.
     pub fn run(&mut self) -> VmStop {
+        self.run_with(&mut NoDevices)
+    }
+
+    /// Runs the vCPU until the guest finishes, halts, yields or is stopped; MMIO and handler
+    /// accesses are emulated through `devices`.
+    pub fn run_with(&mut self, devices: &mut impl AccessHandlers) -> VmStop {
         let budget_end = self.exits.total + EXIT_BUDGET;
         loop {
             if self.exits.total >= budget_end {
                 return VmStop::Stopped(self.diagnostic(StopCause::ExitBudget, 0));
             }
-            if let Some(stop) = self.enter_and_handle_exit() {
+            if let Some(stop) = self.enter_and_handle_exit(devices) {
+                self.measuring = None;
                 return stop;
             }
         }
     }
 
     /// Enters the guest once and handles the exit; `Some` when the run is over.
-    fn enter_and_handle_exit(&mut self) -> Option<VmStop> {
+    fn enter_and_handle_exit(&mut self, devices: &mut impl AccessHandlers) -> Option<VmStop> {
         let vmcs = self.vmcs.as_ref().expect("present until drop");
         if let Err(error) = vmcs.make_current() {
             log::error!("{error}");
             return Some(VmStop::Stopped(self.diagnostic(StopCause::EntryFailed, 0)));
         }
+        if let Some((kind, exit_tick)) = self.measuring.take() {
+            EXIT_COSTS.lock()[kind as usize].add(ticks() - exit_tick);
+        }
         let entered = vmx::run_guest(&mut self.regs, self.launched);
+        let exit_tick = ticks();
         let vmcs = self.vmcs.as_ref().expect("present until drop");
         if entered.is_err() {
             let error = vmcs.read(ro::VM_INSTRUCTION_ERROR) as u32;
@@ -313,8 +538,11 @@ impl<'a> Vm<'a> {
             self.last_fault = None;
         }
         match reason {
-            exit_reason::EPT_VIOLATION => self.handle_ept_violation(),
-            exit_reason::VMCALL => self.handle_hypercall(),
+            exit_reason::EPT_VIOLATION => self.handle_ept_violation(exit_tick, devices),
+            exit_reason::VMCALL => {
+                self.measuring = Some((ExitKind::Hypercall, exit_tick));
+                self.handle_hypercall()
+            }
             exit_reason::HLT => Some(VmStop::Halted {
                 rip: vmcs.read(guest::RIP),
             }),
@@ -325,8 +553,9 @@ impl<'a> Vm<'a> {
         }
     }
 
-    /// Hands an EPT violation to `pgm` and carries out the invalidation it asks for.
-    fn handle_ept_violation(&mut self) -> Option<VmStop> {
+    /// Hands an EPT violation to `pgm` and carries out the invalidation it asks for; accesses
+    /// pgm cannot map (MMIO, handlers, ROM writes) are emulated through `devices`.
+    fn handle_ept_violation(&mut self, exit_tick: u64, devices: &mut impl AccessHandlers) -> Option<VmStop> {
         self.exits.ept_violations += 1;
         let vmcs = self.vmcs.as_ref().expect("present until drop");
         let qualification = vmcs.read(ro::EXIT_QUALIFICATION);
@@ -342,13 +571,39 @@ impl<'a> Vm<'a> {
             Access::Read
         };
         let stop = |vm: &Self, cause| Some(VmStop::Stopped(vm.diagnostic(cause, exit_reason::EPT_VIOLATION)));
+        let state_before = self
+            .pgm()
+            .page(self.pgm().a20_apply(gpa))
+            .map(|page| page.state());
+        let emulated = |kind| Some((kind, exit_tick));
         let mut invalidation = match self.pgm_mut().resolve_fault(gpa, access) {
-            FaultOutcome::Resolved { invalidation } => invalidation,
+            FaultOutcome::Resolved { invalidation } => {
+                self.measuring = match (access, state_before) {
+                    (Access::Write, Some(PageState::Zero)) => Some((ExitKind::ZeroFill, exit_tick)),
+                    (Access::Write, Some(PageState::WriteMonitored)) => {
+                        Some((ExitKind::WriteMonitor, exit_tick))
+                    }
+                    _ => None,
+                };
+                invalidation
+            }
             FaultOutcome::NotGuestMemory => return stop(self, StopCause::NotGuestMemory),
             FaultOutcome::OutOfMemory => return stop(self, StopCause::OutOfMemory),
             FaultOutcome::Ballooned => return stop(self, StopCause::BalloonedPage),
-            FaultOutcome::Handler { .. } | FaultOutcome::WriteIgnored | FaultOutcome::EmulateWrite => {
-                return stop(self, StopCause::NeedsEmulation);
+            FaultOutcome::Handler { .. } => {
+                self.measuring = match access {
+                    Access::Write => emulated(ExitKind::MmioWrite),
+                    _ => emulated(ExitKind::MmioRead),
+                };
+                return self.emulate_access(gpa, devices);
+            }
+            FaultOutcome::WriteIgnored => {
+                self.measuring = emulated(ExitKind::RomWriteIgnore);
+                return self.emulate_access(gpa, devices);
+            }
+            FaultOutcome::EmulateWrite => {
+                self.measuring = emulated(ExitKind::RomWriteShadow);
+                return self.emulate_access(gpa, devices);
             }
         };
         // The same page faulting again right after a resolution means a translation outlived
@@ -369,6 +624,128 @@ impl<'a> Vm<'a> {
             Ok(()) => None,
             Err(_) => stop(self, StopCause::UnhandledExit),
         }
+    }
+
+    /// Emulates the instruction whose access to `gpa` faulted: fetches it through the guest's
+    /// paging, decodes it, performs its access through pgm and `devices`, and writes back
+    /// registers, RFLAGS and RIP. An instruction the emulator does not support stops the VM
+    /// with a diagnostic naming its bytes.
+    fn emulate_access(&mut self, gpa: GuestPhysAddr, devices: &mut impl AccessHandlers) -> Option<VmStop> {
+        let stop = |vm: &Self, cause, bytes| {
+            let mut diagnostic = vm.diagnostic(cause, exit_reason::EPT_VIOLATION);
+            diagnostic.instruction = bytes;
+            Some(VmStop::Stopped(diagnostic))
+        };
+        let vmcs = self.vmcs.as_ref().expect("present until drop");
+        let (rip, rflags, rsp) = (
+            vmcs.read(guest::RIP),
+            vmcs.read(guest::RFLAGS),
+            vmcs.read(guest::RSP),
+        );
+        let bitness = self.code_bitness();
+        let Some(bytes) = self.fetch_instruction(rip, bitness) else {
+            return stop(self, StopCause::InstructionFetch, InstructionBytes::default());
+        };
+        let mut decoder = Decoder::with_ip(bitness, bytes.as_slice(), rip, DecoderOptions::NONE);
+        let instruction: Instruction = decoder.decode();
+        let mut used = bytes;
+        used.len = instruction.len().min(bytes.as_slice().len()) as u8;
+        if instruction.is_invalid() {
+            return stop(self, StopCause::UnsupportedInstruction, bytes);
+        }
+        let Vm {
+            pgm: Some(pgm), regs, ..
+        } = self
+        else {
+            return stop(self, StopCause::UnhandledExit, used);
+        };
+        let gpa = pgm.a20_apply(gpa);
+        let mut machine = VcpuMachine {
+            regs,
+            rsp,
+            pgm,
+            devices,
+            invalidation: Invalidation::None,
+        };
+        let result = emulate::execute(&instruction, gpa, rflags, &mut machine);
+        let invalidation = machine.invalidation;
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            Err(EmulationError::Unsupported) => return stop(self, StopCause::UnsupportedInstruction, used),
+            Err(EmulationError::Memory(fault)) => {
+                let cause = match fault {
+                    MemoryFault::NotGuestMemory => StopCause::NotGuestMemory,
+                    MemoryFault::OutOfMemory => StopCause::OutOfMemory,
+                    MemoryFault::Ballooned => StopCause::BalloonedPage,
+                };
+                return stop(self, cause, used);
+            }
+        };
+        self.exits.emulated += 1;
+        let vmcs = self.vmcs.as_ref().expect("present until drop");
+        let written = vmcs
+            .write(guest::RIP, outcome.rip)
+            .and_then(|()| vmcs.write(guest::RFLAGS, outcome.rflags));
+        match written.and_then(|()| self.invalidate(invalidation)) {
+            Ok(()) => None,
+            Err(_) => stop(self, StopCause::UnhandledExit, used),
+        }
+    }
+
+    /// 16, 32 or 64: the operand and address size the guest's code segment runs with.
+    fn code_bitness(&self) -> u32 {
+        let vmcs = self.vmcs.as_ref().expect("present until drop");
+        let access_rights = vmcs.read(guest::CS_ACCESS_RIGHTS);
+        let long_mode_active = vmcs.read(guest::IA32_EFER_FULL) & EFER_LMA != 0;
+        if long_mode_active && access_rights & CS_LONG != 0 {
+            64
+        } else if access_rights & CS_DEFAULT_32 != 0 {
+            32
+        } else {
+            16
+        }
+    }
+
+    /// Reads the (up to 15) instruction bytes at `rip` through CS and the guest's paging as
+    /// the guest would fetch them. Bytes on a following page that is not mapped are left out
+    /// (the instruction may end before it). `None` when not even the first byte can be read.
+    fn fetch_instruction(&self, rip: u64, bitness: u32) -> Option<InstructionBytes> {
+        let vmcs = self.vmcs.as_ref().expect("present until drop");
+        let linear = if bitness == 64 {
+            rip
+        } else {
+            vmcs.read(guest::CS_BASE).wrapping_add(rip) & 0xFFFF_FFFF
+        };
+        let paging = GuestPaging::from_registers(
+            vmcs.read(guest::CR0),
+            vmcs.read(guest::CR4),
+            vmcs.read(guest::IA32_EFER_FULL),
+        );
+        let cr3 = vmcs.read(guest::CR3);
+        let pgm = self.pgm();
+        let mut fetched = InstructionBytes::default();
+        let mut done = 0;
+        while done < fetched.bytes.len() {
+            let at = linear.wrapping_add(done as u64);
+            let Ok(gpa) = pgm.guest_linear_to_phys(paging, cr3, at) else {
+                break;
+            };
+            let gpa = pgm.a20_apply(gpa);
+            let len = (fetched.bytes.len() - done).min((PAGE_SIZE - gpa.page_offset()) as usize);
+            if pgm.read_phys(gpa, &mut fetched.bytes[done..done + len]).is_err() {
+                break;
+            }
+            done += len;
+        }
+        fetched.len = done as u8;
+        (done > 0).then_some(fetched)
+    }
+
+    /// Carries out an invalidation a host-side memory change asked for (pgm returns one from
+    /// every call that changes mappings the CPU may cache).
+    #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
+    pub fn flush(&mut self, invalidation: Invalidation) -> Result<(), VmError> {
+        Ok(self.invalidate(invalidation)?)
     }
 
     /// Executes the INVEPT that `invalidation` names.
@@ -396,6 +773,7 @@ impl<'a> Vm<'a> {
         match self.regs.rax {
             hypercall::DONE => return Some(VmStop::Done(self.regs.rbx)),
             hypercall::REPORT => self.reports.push(self.regs.rbx),
+            hypercall::YIELD => return Some(VmStop::Yielded),
             _ => self.regs.rax = hypercall::UNKNOWN,
         }
         None
@@ -415,6 +793,7 @@ impl<'a> Vm<'a> {
             qualification: vmcs.read(ro::EXIT_QUALIFICATION),
             gpa,
             rip: vmcs.read(guest::RIP),
+            instruction: InstructionBytes::default(),
         }
     }
 
@@ -453,6 +832,15 @@ impl<'a> Vm<'a> {
                 .bits(),
         )?;
         let entry = adjust("VM-entry", &caps.entry, EntryControls::LOAD_IA32_EFER.bits())?;
+        let entry_long_mode = adjust(
+            "VM-entry",
+            &caps.entry,
+            (EntryControls::LOAD_IA32_EFER | EntryControls::IA32E_MODE_GUEST).bits(),
+        )?;
+        self.entry_controls = EntryControlValues {
+            legacy: entry,
+            long_mode: entry_long_mode,
+        };
         let vmcs = self.vmcs.as_ref().expect("present until drop");
         for (field, value) in [
             (PINBASED_EXEC_CONTROLS, pin),
@@ -504,20 +892,28 @@ impl<'a> Vm<'a> {
         Ok(())
     }
 
-    /// Guest state for entering `mode` at `rip`: flat segments (protected mode) or real-mode
-    /// segments with CS = 0, no paging, an empty IDT (any exception triple-faults) and the
-    /// stack just below `rip`.
-    fn write_guest_state(&mut self, mode: GuestMode, rip: u64) -> Result<(), VmError> {
+    /// Guest state for entering `mode` at `rip`: flat segments (protected and long mode) or
+    /// real-mode segments with CS = 0; paging only in long mode (tables at `cr3`); an empty IDT
+    /// (any exception triple-faults) and the stack just below `rip`.
+    fn write_guest_state(&mut self, mode: GuestMode, rip: u64, cr3: u64) -> Result<(), VmError> {
         let caps = self.vmx.caps();
         let (cr0_fixed0, cr0_fixed1) = caps.cr0_fixed;
         let (cr4_fixed0, cr4_fixed1) = caps.cr4_fixed;
+        let (mode_cr0, mode_cr4, efer) = match mode {
+            GuestMode::Real => (0, 0, 0),
+            GuestMode::Flat32 => (CR0_PE, 0, 0),
+            GuestMode::Long64 => (CR0_PE | CR0_PG, CR4_PAE, EFER_LME | EFER_LMA),
+        };
         // Unrestricted guest lets PE and PG be clear whatever CR0_FIXED0 says.
-        let protected = if mode == GuestMode::Flat32 { CR0_PE } else { 0 };
-        let cr0 = (CR0_ET_NE | protected | (cr0_fixed0 & !(CR0_PE | CR0_PG))) & cr0_fixed1;
-        let cr4 = (cr4_fixed0 | CR4_VMXE) & cr4_fixed1;
+        let cr0 = (CR0_ET_NE | mode_cr0 | (cr0_fixed0 & !(CR0_PE | CR0_PG))) & cr0_fixed1;
+        let cr4 = (cr4_fixed0 | CR4_VMXE | mode_cr4) & cr4_fixed1;
         let segments = match mode {
             GuestMode::Flat32 => SegmentSetup {
                 code: (0x08, 0xFFFF_FFFF, 0xC09B),
+                data: (0x10, 0xFFFF_FFFF, 0xC093),
+            },
+            GuestMode::Long64 => SegmentSetup {
+                code: (0x08, 0xFFFF_FFFF, 0xA09B),
                 data: (0x10, 0xFFFF_FFFF, 0xC093),
             },
             GuestMode::Real => SegmentSetup {
@@ -525,17 +921,23 @@ impl<'a> Vm<'a> {
                 data: (0, 0xFFFF, 0x93),
             },
         };
+        let entry_controls = if mode == GuestMode::Long64 {
+            self.entry_controls.long_mode
+        } else {
+            self.entry_controls.legacy
+        };
         let vmcs = self.vmcs.as_ref().expect("present until drop");
         for (field, value) in [
+            (VMENTRY_CONTROLS, entry_controls),
             (guest::CR0, cr0),
-            (guest::CR3, 0),
+            (guest::CR3, cr3),
             (guest::CR4, cr4),
             (control::CR0_READ_SHADOW, cr0),
             (guest::DR7, 0x400),
             (guest::RFLAGS, 0x2),
             (guest::RIP, rip),
             (guest::RSP, rip.saturating_sub(0x10)),
-            (guest::IA32_EFER_FULL, 0),
+            (guest::IA32_EFER_FULL, efer),
             (guest::IA32_DEBUGCTL_FULL, 0),
             (guest::LINK_PTR_FULL, u64::MAX),
             (guest::INTERRUPTIBILITY_STATE, 0),
@@ -572,7 +974,80 @@ impl<'a> Vm<'a> {
         ] {
             write_segment(vmcs, fields, selector, limit, access)?;
         }
-        self.launched = false;
+        Ok(())
+    }
+}
+
+/// The vCPU and guest memory of one VM as the instruction emulator sees them: registers from
+/// [`Vm::regs`] (RSP read-only from the VMCS), memory through pgm and the VM's devices.
+struct VcpuMachine<'v, H> {
+    regs: &'v mut GuestRegisters,
+    rsp: u64,
+    pgm: &'v mut KernelPgm,
+    devices: &'v mut H,
+    /// The invalidation the emulated writes need.
+    invalidation: Invalidation,
+}
+
+impl<H> VcpuMachine<'_, H> {
+    fn slot(&mut self, full: Register) -> Option<&mut u64> {
+        let regs = &mut *self.regs;
+        Some(match full {
+            Register::RAX => &mut regs.rax,
+            Register::RBX => &mut regs.rbx,
+            Register::RCX => &mut regs.rcx,
+            Register::RDX => &mut regs.rdx,
+            Register::RSI => &mut regs.rsi,
+            Register::RDI => &mut regs.rdi,
+            Register::RBP => &mut regs.rbp,
+            Register::R8 => &mut regs.r8,
+            Register::R9 => &mut regs.r9,
+            Register::R10 => &mut regs.r10,
+            Register::R11 => &mut regs.r11,
+            Register::R12 => &mut regs.r12,
+            Register::R13 => &mut regs.r13,
+            Register::R14 => &mut regs.r14,
+            Register::R15 => &mut regs.r15,
+            _ => return None,
+        })
+    }
+}
+
+fn memory_fault(error: PgmError) -> MemoryFault {
+    match error {
+        PgmError::NotGuestMemory(_) | PgmError::NotRam(_) => MemoryFault::NotGuestMemory,
+        PgmError::PageState { .. } => MemoryFault::Ballooned,
+        _ => MemoryFault::OutOfMemory,
+    }
+}
+
+impl<H: AccessHandlers> Machine for VcpuMachine<'_, H> {
+    fn gpr(&mut self, full: Register) -> u64 {
+        if full == Register::RSP {
+            return self.rsp;
+        }
+        self.slot(full).map_or(0, |slot| *slot)
+    }
+
+    fn set_gpr(&mut self, full: Register, value: u64) {
+        // RSP is never the destination of a supported instruction.
+        if let Some(slot) = self.slot(full) {
+            *slot = value;
+        }
+    }
+
+    fn read(&mut self, gpa: GuestPhysAddr, data: &mut [u8]) -> Result<(), MemoryFault> {
+        self.pgm
+            .read_phys_handled(gpa, data, &mut *self.devices)
+            .map_err(memory_fault)
+    }
+
+    fn write(&mut self, gpa: GuestPhysAddr, data: &[u8]) -> Result<(), MemoryFault> {
+        let invalidation = self
+            .pgm
+            .write_phys_handled(gpa, data, &mut *self.devices)
+            .map_err(memory_fault)?;
+        self.invalidation = self.invalidation.max(invalidation);
         Ok(())
     }
 }

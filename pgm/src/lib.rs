@@ -4,7 +4,7 @@
 //! the manager keeps one descriptor per guest page and builds EPT tables from them.
 //!
 //! Modules: [`addr`] typed addresses, [`page`] descriptors and the page-state machine, [`ram`]
-//! RAM ranges, [`frames`] host frames, [`paging`] format-independent nested tables and the
+//! RAM ranges, [`frames`] host frames, [`guest_paging`] the guest's own page tables, [`paging`] format-independent nested tables and the
 //! software walker, [`ept`] the Intel EPT encoding, [`manager`] the per-VM manager.
 #![no_std]
 #![warn(missing_docs)]
@@ -15,6 +15,7 @@ pub mod addr;
 pub mod ept;
 pub mod error;
 pub mod frames;
+pub mod guest_paging;
 pub mod handlers;
 pub mod manager;
 pub mod page;

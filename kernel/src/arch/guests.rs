@@ -13,6 +13,8 @@ pub enum GuestMode {
     Real,
     /// 32-bit protected mode, flat 4 GiB segments, paging off: linear = guest-physical.
     Flat32,
+    /// 64-bit long mode with the guest's own 4-level page tables (the host builds them).
+    Long64,
 }
 
 /// A guest routine: its code bytes and the mode it runs in.
@@ -27,7 +29,7 @@ pub struct GuestProgram {
 }
 
 macro_rules! guest_programs {
-    ($($name:ident: $mode:ident, $directive:literal, [$($line:literal),* $(,)?];)*) => {
+    ($($name:ident: $mode:ident, $directive:literal, [$($line:expr),* $(,)?];)*) => {
         $(
             global_asm!(
                 ".pushsection .rodata.guest_programs, \"a\"",
@@ -75,6 +77,85 @@ macro_rules! paste_symbols {
             code,
         }
     }};
+}
+
+/// The MMIO instruction forms the 32-bit and the 64-bit MMIO guests share (the same text
+/// assembles in both modes; in 64-bit mode `[esi]` is a 32-bit address, the device lies below
+/// 4 GiB). ESI is the test device, EDI a RAM area for results: dword k at EDI + 4k. The
+/// expected device accesses, in order, are in the kernel tests (`MMIO_FORMS_ACCESSES`).
+macro_rules! mmio_forms_32 {
+    () => {
+        "
+        /* Stores: immediate forms of 1, 2 and 4 bytes. */
+        mov byte ptr [esi + 0x00], 0x11
+        mov word ptr [esi + 0x02], 0x2233
+        mov dword ptr [esi + 0x04], 0x44556677
+        /* Stores: register forms, a high-byte register included. */
+        mov eax, 0x8899AABB
+        mov dword ptr [esi + 0x08], eax
+        mov bx, 0xCCDD
+        mov word ptr [esi + 0x0C], bx
+        mov ah, 0xEE
+        mov byte ptr [esi + 0x0E], ah
+        /* Loads: 8- and 16-bit loads keep the rest of the register. */
+        mov ecx, 0xFFFFFFFF
+        mov cl, byte ptr [esi + 0x00]
+        mov dword ptr [edi + 0x00], ecx
+        mov edx, 0xFFFFFFFF
+        mov dx, word ptr [esi + 0x02]
+        mov dword ptr [edi + 0x04], edx
+        mov ebx, dword ptr [esi + 0x04]
+        mov dword ptr [edi + 0x08], ebx
+        mov eax, dword ptr [esi + 0x08]
+        mov dword ptr [edi + 0x0C], eax
+        /* MOVZX and MOVSX of bytes and words. */
+        movzx eax, byte ptr [esi + 0x0E]
+        mov dword ptr [edi + 0x10], eax
+        movsx eax, byte ptr [esi + 0x0E]
+        mov dword ptr [edi + 0x14], eax
+        movzx eax, word ptr [esi + 0x0C]
+        mov dword ptr [edi + 0x18], eax
+        movsx eax, word ptr [esi + 0x0C]
+        mov dword ptr [edi + 0x1C], eax
+        /* A load into a high-byte register. */
+        xor ebx, ebx
+        mov bh, byte ptr [esi + 0x00]
+        mov dword ptr [edi + 0x20], ebx
+        /* Read-modify-write: OR, AND and XOR to memory. */
+        or dword ptr [esi + 0x04], 0x0F00F000
+        and byte ptr [esi + 0x00], 0x01
+        mov eax, 0x80000000
+        xor dword ptr [esi + 0x08], eax
+        mov eax, dword ptr [esi + 0x04]
+        mov dword ptr [edi + 0x24], eax
+        /* Flags: AND to zero sets ZF; OR of a negative byte sets SF. */
+        and word ptr [esi + 0x02], 0
+        setz al
+        movzx eax, al
+        mov dword ptr [edi + 0x28], eax
+        or ebx, dword ptr [esi + 0x08]
+        mov dword ptr [edi + 0x2C], ebx
+        or byte ptr [esi + 0x0E], 0
+        sets al
+        movzx eax, al
+        mov dword ptr [edi + 0x30], eax
+        /* STOS: REP STOSD of 4 dwords (one exit each), then one STOSB. */
+        mov ebp, edi
+        lea edi, [esi + 0x20]
+        mov eax, 0xA5A5A5A5
+        mov ecx, 4
+        rep stosd
+        mov al, 0x5A
+        stosb
+        mov eax, edi
+        sub eax, esi
+        mov edi, ebp
+        mov dword ptr [edi + 0x34], eax
+        mov dword ptr [edi + 0x38], ecx
+        mov eax, dword ptr [esi + 0x2C]
+        mov dword ptr [edi + 0x3C], eax
+        "
+    };
 }
 
 guest_programs! {
@@ -143,6 +224,109 @@ guest_programs! {
     port_io: Flat32, ".code32", [
         "mov al, 0x42",
         "out 0x80, al",
+        "hlt",
+    ];
+    // The MMIO instruction forms in 32-bit protected mode (see `mmio_forms_32`), then done(0).
+    mmio_forms_flat32: Flat32, ".code32", [
+        mmio_forms_32!(),
+        "xor eax, eax",
+        "xor ebx, ebx",
+        "vmcall",
+        "hlt",
+    ];
+    // Long mode, entered through the guest's own page tables: the shared forms, then the
+    // 8-byte forms (results as qwords from RDI + 0x40), a REX register, and a store to RAM
+    // at R12 (above 4 GiB in the test), then done(0).
+    mmio_forms_long64: Long64, ".code64", [
+        mmio_forms_32!(),
+        "mov rax, 0x1122334455667788",
+        "mov qword ptr [rsi + 0x40], rax",
+        "mov qword ptr [rsi + 0x48], -2",
+        "mov rbx, qword ptr [rsi + 0x40]",
+        "mov qword ptr [rdi + 0x40], rbx",
+        "movsxd rcx, dword ptr [rsi + 0x48]",
+        "mov qword ptr [rdi + 0x48], rcx",
+        "or qword ptr [rsi + 0x40], 0x0F",
+        "mov r10, qword ptr [rsi + 0x40]",
+        "mov qword ptr [rdi + 0x50], r10",
+        "mov dword ptr [r12], 0x600DCAFE",
+        "xor eax, eax",
+        "xor ebx, ebx",
+        "vmcall",
+        "hlt",
+    ];
+    // Real mode: the test device at segment 0xA000 through DS and ES, results through FS = 0
+    // at 0x9000 (words and dwords), then done(0).
+    mmio_forms_real: Real, ".code16", [
+        "mov ax, 0xA000",
+        "mov ds, ax",
+        "mov es, ax",
+        "xor ax, ax",
+        "mov fs, ax",
+        "mov byte ptr [0x00], 0x11",
+        "mov word ptr [0x02], 0x2233",
+        "mov ax, 0x4455",
+        "mov word ptr [0x04], ax",
+        "mov dword ptr [0x08], 0x8899AABB",
+        "mov bl, byte ptr [0x00]",
+        "mov byte ptr fs:[0x9000], bl",
+        "mov cx, word ptr [0x02]",
+        "mov word ptr fs:[0x9002], cx",
+        "mov edx, dword ptr [0x08]",
+        "mov dword ptr fs:[0x9004], edx",
+        "movzx eax, byte ptr [0x00]",
+        "mov dword ptr fs:[0x9008], eax",
+        "or word ptr [0x04], 0x0F00",
+        "mov di, 0x10",
+        "mov al, 0x77",
+        "mov cx, 3",
+        "rep stosb",
+        "mov ax, word ptr [0x04]",
+        "mov word ptr fs:[0x900C], ax",
+        "mov word ptr fs:[0x900E], di",
+        "xor eax, eax",
+        "xor ebx, ebx",
+        "vmcall",
+        "hlt",
+    ];
+    // INC to memory, which the emulator does not support: against MMIO it stops the VM.
+    unsupported_mmio: Flat32, ".code32", [
+        "inc dword ptr [esi]",
+        "xor eax, eax",
+        "xor ebx, ebx",
+        "vmcall",
+        "hlt",
+    ];
+    // Writes EDI to the dwords at each address of the list at ESI (ECX dword addresses, maybe
+    // none), and again 8 bytes further on (the same page: no second exit), then done(0).
+    write_list: Flat32, ".code32", [
+        "jecxz 2f",
+        "1:",
+        "mov ebx, dword ptr [esi]",
+        "mov dword ptr [ebx], edi",
+        "mov dword ptr [ebx + 8], edi",
+        "add esi, 4",
+        "dec ecx",
+        "jnz 1b",
+        "2:",
+        "xor eax, eax",
+        "xor ebx, ebx",
+        "vmcall",
+        "hlt",
+    ];
+    // Reads the dword at ESI and reports it, writes EDI there, reads and reports it again,
+    // then done(0): what a ROM did with the write is in the two reports.
+    rom_probe: Flat32, ".code32", [
+        "mov ebx, dword ptr [esi]",
+        "mov eax, 1",
+        "vmcall",
+        "mov dword ptr [esi], edi",
+        "mov ebx, dword ptr [esi]",
+        "mov eax, 1",
+        "vmcall",
+        "xor eax, eax",
+        "xor ebx, ebx",
+        "vmcall",
         "hlt",
     ];
     // Calls an unknown hypercall (RAX = 0x77) and reports what RAX came back as via done(RAX).

@@ -57,6 +57,10 @@ impl HostFrameAllocator for KernelFrames {
         self.free_frames(&[frame]);
     }
 
+    fn allocate_large(&mut self) -> Option<HostPhysAddr> {
+        FRAMES.lock().as_mut()?.allocate_large()
+    }
+
     fn allocate_frames(&mut self, count: usize, out: &mut Vec<HostPhysAddr>) -> usize {
         let mut guard = FRAMES.lock();
         let Some(frames) = guard.as_mut() else {

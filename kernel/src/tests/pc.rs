@@ -1,0 +1,250 @@
+//! The PC-like guest the EPT-violation scenarios run in, built entirely through `pgm`, and the
+//! MMIO test device behind it.
+//!
+//! Guest-physical layout:
+//!
+//! | range | what |
+//! |---|---|
+//! | 0 – 640 KiB | RAM |
+//! | 0xA0000 – 0xC0000 | MMIO test device ([`TestDevice`]) |
+//! | 0xC0000 – 0xC8000 | option ROM, not shadowed |
+//! | 0xC8000 – 0xF0000 | unassigned |
+//! | 0xF0000 – 1 MiB | system ROM, shadowed |
+//! | 1 MiB – 16 MiB | RAM |
+//! | 16 MiB – 0xE000_0000 | unassigned |
+//! | 0xE000_0000 + 256 KiB | MMIO2 framebuffer, dirty tracking on |
+//! | 4 GiB – 4 GiB + 16 MiB | RAM, only with [`Above4G::Yes`] |
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use pgm::handlers::HandlerId;
+use pgm::manager::{AccessHandlers, HandlerAction, Mmio2Handle, RomId};
+use pgm::{Access, GuestPhysAddr, Invalidation, PgmError, PAGE_SIZE};
+
+use super::{gpa, new_vm};
+use crate::vm::Vm;
+use crate::Host;
+
+pub const DEVICE_BASE: u64 = 0xA_0000;
+pub const DEVICE_SIZE: u64 = 0x2_0000;
+pub const OPTION_ROM_BASE: u64 = 0xC_0000;
+pub const OPTION_ROM_SIZE: u64 = 0x8000;
+pub const SYSTEM_ROM_BASE: u64 = 0xF_0000;
+pub const SYSTEM_ROM_SIZE: u64 = 0x1_0000;
+pub const FRAMEBUFFER_BASE: u64 = 0xE000_0000;
+pub const FRAMEBUFFER_PAGES: u64 = 64;
+pub const ABOVE_4G_BASE: u64 = 0x1_0000_0000;
+/// Tags in the high half of every dword of the ROM images (low half: the dword's index).
+pub const OPTION_ROM_TAG: u32 = 0x4F50_0000;
+pub const SYSTEM_ROM_TAG: u32 = 0x5359_0000;
+/// RAM of the PC layout below 4 GiB.
+const RAM: [(u64, u64); 2] = [(0, 0xA_0000), (0x10_0000, 0xF0_0000)];
+const ABOVE_4G_SIZE: u64 = 0x100_0000;
+
+/// Whether the PC gets RAM above 4 GiB.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Above4G {
+    Yes,
+    No,
+}
+
+/// A VM with the PC layout and the handles of its parts.
+pub struct Pc {
+    pub vm: Vm<'static>,
+    pub device: HandlerId,
+    pub option_rom: RomId,
+    pub system_rom: RomId,
+    pub framebuffer: Mmio2Handle,
+}
+
+/// Builds the PC layout through pgm.
+pub fn pc(host: &'static Host, above_4g: Above4G) -> Result<Pc, String> {
+    let mut ram = Vec::from(RAM);
+    if above_4g == Above4G::Yes {
+        ram.push((ABOVE_4G_BASE, ABOVE_4G_SIZE));
+    }
+    let mut vm = new_vm(host, &ram)?;
+    let fail = |what: &str, error: PgmError| format!("{what}: {error}");
+    let pgm = vm.pgm_mut();
+    let (device, invalidation) = pgm
+        .register_mmio(gpa(DEVICE_BASE), DEVICE_SIZE)
+        .map_err(|e| fail("MMIO device", e))?;
+    let option_rom = pgm
+        .register_rom(
+            gpa(OPTION_ROM_BASE),
+            &rom_image(OPTION_ROM_TAG, OPTION_ROM_SIZE),
+            false,
+        )
+        .map_err(|e| fail("option ROM", e))?;
+    let system_rom = pgm
+        .register_rom(
+            gpa(SYSTEM_ROM_BASE),
+            &rom_image(SYSTEM_ROM_TAG, SYSTEM_ROM_SIZE),
+            true,
+        )
+        .map_err(|e| fail("system ROM", e))?;
+    let framebuffer = pgm
+        .create_mmio2(FRAMEBUFFER_PAGES * PAGE_SIZE, 0)
+        .map_err(|e| fail("framebuffer", e))?;
+    let mapped = pgm
+        .map_mmio2(framebuffer, gpa(FRAMEBUFFER_BASE))
+        .and_then(|a| Ok(a.max(pgm.set_mmio2_dirty_tracking(framebuffer, true)?)))
+        .map_err(|e| fail("framebuffer mapping", e))?;
+    vm.flush(invalidation.max(mapped))
+        .map_err(|e| format!("INVEPT: {e}"))?;
+    Ok(Pc {
+        vm,
+        device,
+        option_rom,
+        system_rom,
+        framebuffer,
+    })
+}
+
+/// A ROM image whose dword `k` is `tag | k`.
+pub fn rom_image(tag: u32, size: u64) -> Vec<u8> {
+    (0..size as u32 / 4)
+        .flat_map(|k| (tag | k).to_le_bytes())
+        .collect()
+}
+
+/// Carries out the invalidation of a host-side pgm call on `vm`, or reports its error.
+pub fn apply(vm: &mut Vm<'static>, result: Result<Invalidation, PgmError>) -> Result<(), String> {
+    let invalidation = result.map_err(|e| format!("{e}"))?;
+    vm.flush(invalidation).map_err(|e| format!("INVEPT: {e}"))
+}
+
+/// Reads a little-endian value of `N` bytes from guest memory as the host sees it.
+pub fn read_bytes<const N: usize>(vm: &Vm<'static>, at: u64) -> Result<[u8; N], String> {
+    let mut bytes = [0u8; N];
+    vm.pgm()
+        .read_phys(gpa(at), &mut bytes)
+        .map_err(|e| format!("read at {at:#x}: {e}"))?;
+    Ok(bytes)
+}
+
+pub fn read_u32(vm: &Vm<'static>, at: u64) -> Result<u32, String> {
+    read_bytes::<4>(vm, at).map(u32::from_le_bytes)
+}
+
+pub fn read_u64(vm: &Vm<'static>, at: u64) -> Result<u64, String> {
+    read_bytes::<8>(vm, at).map(u64::from_le_bytes)
+}
+
+/// Writes `addresses` as a list of dwords at `at` (the input of the `write_list` program).
+pub fn write_list(vm: &mut Vm<'static>, at: u64, addresses: &[u64]) -> Result<(), String> {
+    let bytes: Vec<u8> = addresses
+        .iter()
+        .flat_map(|&address| (address as u32).to_le_bytes())
+        .collect();
+    let result = vm.pgm_mut().write_phys(gpa(at), &bytes);
+    apply(vm, result)
+}
+
+/// One access a device saw: direction, offset from the device base, size in bytes.
+pub type DeviceAccess = (Access, u64, usize);
+
+/// The MMIO test device: 256 bytes of registers repeated over its whole range; reads return
+/// what was last written. It logs every access and counts the handler calls.
+pub struct TestDevice {
+    base: u64,
+    handler: HandlerId,
+    registers: [u8; 256],
+    /// Every access, in order.
+    pub log: Vec<DeviceAccess>,
+    /// Calls for a handler other than this device's.
+    pub foreign_calls: u64,
+    /// `Default` instead of `Handled`: pgm performs the access on memory after the device saw it
+    /// (a write-watching handler over RAM).
+    pass_through: bool,
+}
+
+impl TestDevice {
+    /// A device answering for `handler`, whose range starts at `base`.
+    pub fn new(handler: HandlerId, base: u64) -> Self {
+        TestDevice {
+            base,
+            handler,
+            registers: [0; 256],
+            log: Vec::new(),
+            foreign_calls: 0,
+            pass_through: false,
+        }
+    }
+
+    /// A handler that only watches: it logs and lets pgm perform the access on memory.
+    pub fn watcher(handler: HandlerId, base: u64) -> Self {
+        TestDevice {
+            pass_through: true,
+            ..TestDevice::new(handler, base)
+        }
+    }
+
+    /// The register bytes at `offset`.
+    pub fn registers(&self, offset: usize, len: usize) -> &[u8] {
+        &self.registers[offset..offset + len]
+    }
+}
+
+impl AccessHandlers for TestDevice {
+    fn access(
+        &mut self,
+        handler: HandlerId,
+        gpa: GuestPhysAddr,
+        access: Access,
+        data: &mut [u8],
+    ) -> HandlerAction {
+        if handler != self.handler {
+            self.foreign_calls += 1;
+            return HandlerAction::Default;
+        }
+        let offset = gpa.as_u64() - self.base;
+        self.log.push((access, offset, data.len()));
+        if self.pass_through {
+            return HandlerAction::Default;
+        }
+        for (i, byte) in data.iter_mut().enumerate() {
+            let register = &mut self.registers[(offset as usize + i) % 256];
+            match access {
+                Access::Write => *register = *byte,
+                _ => *byte = *register,
+            }
+        }
+        HandlerAction::Handled
+    }
+}
+
+/// Guest page tables for the long-mode guest, in guest RAM at [`PML4`]: the first 5 GiB
+/// identity-mapped with 2 MiB pages, and mapped a second time from [`HIGH_HALF`].
+pub const PML4: u64 = 0x1_0000;
+pub const HIGH_HALF: u64 = 0xFFFF_8000_0000_0000;
+const PDPT: u64 = PML4 + 0x1000;
+const FIRST_PD: u64 = PML4 + 0x2000;
+const MAPPED_GIB: u64 = 5;
+const PRESENT_WRITABLE: u64 = 0b11;
+const LARGE: u64 = 1 << 7;
+
+/// Writes the long-mode guest's page tables; returns the CR3 value.
+pub fn build_long_mode_tables(vm: &mut Vm<'static>) -> Result<u64, String> {
+    let table = |entries: &mut dyn Iterator<Item = u64>| -> Vec<u8> {
+        let mut bytes: Vec<u8> = entries.flat_map(u64::to_le_bytes).collect();
+        bytes.resize(PAGE_SIZE as usize, 0);
+        bytes
+    };
+    let mut pml4 = table(&mut core::iter::empty());
+    pml4[..8].copy_from_slice(&(PDPT | PRESENT_WRITABLE).to_le_bytes());
+    pml4[256 * 8..257 * 8].copy_from_slice(&(PDPT | PRESENT_WRITABLE).to_le_bytes());
+    let pdpt = table(&mut (0..MAPPED_GIB).map(|g| (FIRST_PD + g * PAGE_SIZE) | PRESENT_WRITABLE));
+    let mut writes = Vec::from([(PML4, pml4), (PDPT, pdpt)]);
+    for g in 0..MAPPED_GIB {
+        let pd = table(&mut (0..512).map(|i| (g << 30) | (i << 21) | PRESENT_WRITABLE | LARGE));
+        writes.push((FIRST_PD + g * PAGE_SIZE, pd));
+    }
+    for (at, bytes) in writes {
+        let result = vm.pgm_mut().write_phys(gpa(at), &bytes);
+        apply(vm, result)?;
+    }
+    Ok(PML4)
+}

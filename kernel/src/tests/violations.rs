@@ -1,0 +1,792 @@
+//! Every kind of EPT violation, end to end: guests in real, protected and long mode touch each
+//! page kind of the PC layout ([`super::pc`]) and the tests check what the host sees.
+
+use alloc::collections::BTreeSet;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use pgm::handlers::HandlerKind;
+use pgm::manager::RomProtection;
+use pgm::page::PageState;
+use pgm::{Access, GuestPhysAddr, PgmError, PAGE_SIZE};
+
+use super::pc::{self, apply, pc, read_u32, read_u64, write_list, Above4G, DeviceAccess, TestDevice};
+use super::{gpa, TestResult, CODE};
+use crate::arch::guests::programs;
+use crate::arch::memory::frame_counts;
+use crate::arch::vmx::GuestRegisters;
+use crate::vm::{StopCause, Vm, VmStop};
+use crate::{println, Host};
+
+/// Where the MMIO guests store what they loaded, and where address lists go.
+const RESULTS: u64 = 0x9000;
+const LIST: u64 = 0xA000;
+/// The page of RAM above 4 GiB the long-mode guest writes.
+const ABOVE_4G_TARGET: u64 = pc::ABOVE_4G_BASE + 0x1000;
+const R: Access = Access::Read;
+const W: Access = Access::Write;
+
+/// The device accesses of `mmio_forms_32`, in program order (see `arch/guests.rs`).
+const MMIO_FORMS_ACCESSES: [DeviceAccess; 33] = [
+    // Stores.
+    (W, 0x00, 1),
+    (W, 0x02, 2),
+    (W, 0x04, 4),
+    (W, 0x08, 4),
+    (W, 0x0C, 2),
+    (W, 0x0E, 1),
+    // Loads, MOVZX/MOVSX, the high-byte load.
+    (R, 0x00, 1),
+    (R, 0x02, 2),
+    (R, 0x04, 4),
+    (R, 0x08, 4),
+    (R, 0x0E, 1),
+    (R, 0x0E, 1),
+    (R, 0x0C, 2),
+    (R, 0x0C, 2),
+    (R, 0x00, 1),
+    // OR, AND, XOR to memory, then a load.
+    (R, 0x04, 4),
+    (W, 0x04, 4),
+    (R, 0x00, 1),
+    (W, 0x00, 1),
+    (R, 0x08, 4),
+    (W, 0x08, 4),
+    (R, 0x04, 4),
+    // AND to zero, OR from memory into a register, OR of a negative byte.
+    (R, 0x02, 2),
+    (W, 0x02, 2),
+    (R, 0x08, 4),
+    (R, 0x0E, 1),
+    (W, 0x0E, 1),
+    // REP STOSD, STOSB, a load.
+    (W, 0x20, 4),
+    (W, 0x24, 4),
+    (W, 0x28, 4),
+    (W, 0x2C, 4),
+    (W, 0x30, 1),
+    (R, 0x2C, 4),
+];
+/// Instructions of `mmio_forms_32` that touch the device (REP STOSD counts once per element).
+const MMIO_FORMS_INSTRUCTIONS: u64 = 28;
+/// What `mmio_forms_32` stores at RESULTS, dword by dword.
+const MMIO_FORMS_RESULTS: [u32; 16] = [
+    0xFFFF_FF11,
+    0xFFFF_2233,
+    0x4455_6677,
+    0x8899_AABB,
+    0xEE,
+    0xFFFF_FFEE,
+    0xCCDD,
+    0xFFFF_CCDD,
+    0x1100,
+    0x4F55_F677,
+    1, // ZF after AND to zero
+    0x0899_BBBB,
+    1, // SF after OR of 0xEE
+    0x31,
+    0,
+    0xA5A5_A5A5,
+];
+
+fn mmio_regs() -> GuestRegisters {
+    GuestRegisters {
+        rsi: pc::DEVICE_BASE,
+        rdi: RESULTS,
+        r12: ABOVE_4G_TARGET,
+        ..Default::default()
+    }
+}
+
+fn results(vm: &Vm<'static>, count: usize) -> Result<Vec<u32>, String> {
+    (0..count).map(|k| read_u32(vm, RESULTS + 4 * k as u64)).collect()
+}
+
+/// Checks the device after `mmio_forms_32`: its log and its registers.
+fn check_mmio_forms_device(device: &TestDevice, extra: &[DeviceAccess]) -> TestResult {
+    let mut expected = Vec::from(MMIO_FORMS_ACCESSES);
+    expected.extend_from_slice(extra);
+    ensure_eq!(device.log, expected, "device accesses (direction, offset, size)");
+    ensure_eq!(device.foreign_calls, 0, "calls for other handlers");
+    let mut registers = Vec::new();
+    registers.extend_from_slice(&[0x01, 0, 0, 0]);
+    registers.extend_from_slice(&0x4F55_F677u32.to_le_bytes());
+    registers.extend_from_slice(&0x0899_AABBu32.to_le_bytes());
+    registers.extend_from_slice(&[0xDD, 0xCC, 0xEE]);
+    ensure_eq!(device.registers(0, 15), &registers[..], "device registers 0..15");
+    ensure_eq!(
+        device.registers(0x20, 17),
+        &[
+            0xA5, 0xA5, 0xA5, 0xA5, 0xA5, 0xA5, 0xA5, 0xA5, 0xA5, 0xA5, 0xA5, 0xA5, 0xA5, 0xA5, 0xA5, 0xA5,
+            0x5A
+        ][..],
+        "device registers written by STOS"
+    );
+    Ok(())
+}
+
+pub fn mmio_forms_in_protected_mode(host: &'static Host) -> TestResult {
+    let mut pc = pc(host, Above4G::No)?;
+    let mut device = TestDevice::new(pc.device, pc::DEVICE_BASE);
+    pc.vm
+        .start(&programs::mmio_forms_flat32(), CODE, mmio_regs())
+        .map_err(|e| format!("{e}"))?;
+    ensure_eq!(pc.vm.run_with(&mut device), VmStop::Done(0), "stop");
+    check_mmio_forms_device(&device, &[])?;
+    ensure_eq!(
+        results(&pc.vm, 16)?,
+        MMIO_FORMS_RESULTS,
+        "values the guest loaded"
+    );
+    ensure_eq!(
+        pc.vm.exits.emulated,
+        MMIO_FORMS_INSTRUCTIONS,
+        "instructions emulated"
+    );
+    Ok(())
+}
+
+/// The long-mode guest runs at a high linear address that only its own page tables map: the
+/// emulator must fetch each instruction through them.
+pub fn mmio_forms_in_long_mode_through_guest_paging(host: &'static Host) -> TestResult {
+    let mut pc = pc(host, Above4G::Yes)?;
+    let cr3 = pc::build_long_mode_tables(&mut pc.vm)?;
+    let mut device = TestDevice::new(pc.device, pc::DEVICE_BASE);
+    pc.vm
+        .start_paged(
+            &programs::mmio_forms_long64(),
+            CODE,
+            pc::HIGH_HALF + CODE,
+            cr3,
+            mmio_regs(),
+        )
+        .map_err(|e| format!("{e}"))?;
+    ensure_eq!(pc.vm.run_with(&mut device), VmStop::Done(0), "stop");
+    check_mmio_forms_device(
+        &device,
+        &[
+            (W, 0x40, 8),
+            (W, 0x48, 8),
+            (R, 0x40, 8),
+            (R, 0x48, 4),
+            (R, 0x40, 8),
+            (W, 0x40, 8),
+            (R, 0x40, 8),
+        ],
+    )?;
+    ensure_eq!(
+        results(&pc.vm, 16)?,
+        MMIO_FORMS_RESULTS,
+        "values the guest loaded"
+    );
+    let wide = [
+        read_u64(&pc.vm, RESULTS + 0x40)?,
+        read_u64(&pc.vm, RESULTS + 0x48)?,
+        read_u64(&pc.vm, RESULTS + 0x50)?,
+    ];
+    ensure_eq!(
+        wide,
+        [
+            0x1122_3344_5566_7788,
+            0xFFFF_FFFF_FFFF_FFFE,
+            0x1122_3344_5566_778F
+        ],
+        "8-byte loads, MOVSXD, OR to a qword"
+    );
+    ensure_eq!(
+        pc.vm.exits.emulated,
+        MMIO_FORMS_INSTRUCTIONS + 6,
+        "instructions emulated"
+    );
+    ensure_eq!(read_u32(&pc.vm, ABOVE_4G_TARGET)?, 0x600D_CAFE, "RAM above 4 GiB");
+    let page = pc
+        .vm
+        .pgm()
+        .page(gpa(ABOVE_4G_TARGET))
+        .ok_or("no page above 4 GiB")?;
+    ensure_eq!(
+        page.state(),
+        PageState::Allocated,
+        "state of the page above 4 GiB"
+    );
+    Ok(())
+}
+
+pub fn mmio_forms_in_real_mode(host: &'static Host) -> TestResult {
+    let mut pc = pc(host, Above4G::No)?;
+    let mut device = TestDevice::new(pc.device, pc::DEVICE_BASE);
+    pc.vm
+        .start(&programs::mmio_forms_real(), CODE, GuestRegisters::default())
+        .map_err(|e| format!("{e}"))?;
+    ensure_eq!(pc.vm.run_with(&mut device), VmStop::Done(0), "stop");
+    ensure_eq!(
+        device.log,
+        [
+            (W, 0x00, 1),
+            (W, 0x02, 2),
+            (W, 0x04, 2),
+            (W, 0x08, 4),
+            (R, 0x00, 1),
+            (R, 0x02, 2),
+            (R, 0x08, 4),
+            (R, 0x00, 1),
+            (R, 0x04, 2),
+            (W, 0x04, 2),
+            (W, 0x10, 1),
+            (W, 0x11, 1),
+            (W, 0x12, 1),
+            (R, 0x04, 2),
+        ],
+        "device accesses (direction, offset, size)"
+    );
+    ensure_eq!(
+        results(&pc.vm, 4)?,
+        [0x2233_0011, 0x8899_AABB, 0x11, 0x0013_4F55],
+        "values the guest stored (byte, word, dword, MOVZX, OR result, DI after REP STOSB)"
+    );
+    ensure_eq!(
+        device.registers(0x10, 3),
+        &[0x77, 0x77, 0x77][..],
+        "REP STOSB bytes"
+    );
+    Ok(())
+}
+
+pub fn unsupported_mmio_instruction_stops_the_vm(host: &'static Host) -> TestResult {
+    let mut pc = pc(host, Above4G::No)?;
+    let mut device = TestDevice::new(pc.device, pc::DEVICE_BASE);
+    pc.vm
+        .start(&programs::unsupported_mmio(), CODE, mmio_regs())
+        .map_err(|e| format!("{e}"))?;
+    let stop = pc.vm.run_with(&mut device);
+    let VmStop::Stopped(diagnostic) = stop else {
+        return Err(format!("the VM was not stopped: {stop:?}"));
+    };
+    println!("  {diagnostic}");
+    ensure_eq!(diagnostic.cause, StopCause::UnsupportedInstruction, "cause");
+    ensure_eq!(
+        diagnostic.instruction.as_slice(),
+        &[0xFF, 0x06][..],
+        "instruction bytes (INC [ESI])"
+    );
+    ensure_eq!(diagnostic.rip, CODE, "RIP");
+    ensure_eq!(
+        diagnostic.gpa,
+        Some(gpa(pc::DEVICE_BASE)),
+        "guest-physical address"
+    );
+    ensure!(device.log.is_empty(), "the device saw {:?}", device.log);
+    Ok(())
+}
+
+/// Untouched pages read as zero without a frame; the first write allocates once, later writes
+/// to the same page do not exit.
+pub fn first_write_to_a_zero_page_allocates_once(host: &'static Host) -> TestResult {
+    const PAGE: u64 = 0x30_0000;
+    let mut pc = pc(host, Above4G::No)?;
+    // The same page three times, at +0 and +8 each time.
+    write_list(&mut pc.vm, LIST, &[PAGE, PAGE + 0x10, PAGE + 0x20])?;
+    let regs = GuestRegisters {
+        rsi: LIST,
+        rcx: 3,
+        rdi: 0xFEED,
+        ..Default::default()
+    };
+    pc.vm
+        .start(&programs::write_list(), CODE, regs)
+        .map_err(|e| format!("{e}"))?;
+    let (before, neighbour) = (pc.vm.stats(), gpa(PAGE + PAGE_SIZE));
+    ensure_eq!(
+        pc.vm.pgm().page(gpa(PAGE)).map(|p| p.state()),
+        Some(PageState::Zero),
+        "before"
+    );
+    ensure_eq!(pc.vm.run(), VmStop::Done(0), "stop");
+    let after = pc.vm.stats();
+    ensure_eq!(
+        after.private_allocations - before.private_allocations,
+        1,
+        "frames given"
+    );
+    ensure_eq!(pc.vm.exits.ept_violations, 1, "EPT violations");
+    ensure_eq!(read_u32(&pc.vm, PAGE + 0x28)?, 0xFEED, "last value written");
+    ensure_eq!(
+        pc.vm.pgm().page(neighbour).map(|p| p.state()),
+        Some(PageState::Zero),
+        "neighbour page"
+    );
+    Ok(())
+}
+
+/// Runs `rom_probe` at `address` writing `value`; returns the two values the guest read.
+fn probe_rom(vm: &mut Vm<'static>, address: u64, value: u32, first: bool) -> Result<Vec<u64>, String> {
+    let regs = GuestRegisters {
+        rsi: address,
+        rdi: u64::from(value),
+        ..Default::default()
+    };
+    let started = if first {
+        vm.start(&programs::rom_probe(), CODE, regs)
+    } else {
+        vm.restart(CODE, regs)
+    };
+    started.map_err(|e| format!("{e}"))?;
+    vm.reports.clear();
+    ensure_eq!(
+        vm.run(),
+        VmStop::Done(0),
+        "stop (the guest continued after its ROM write)"
+    );
+    Ok(core::mem::take(&mut vm.reports))
+}
+
+/// An unshadowed option ROM reads its image and ignores writes; the guest goes on with the
+/// next instruction.
+pub fn rom_reads_the_image_and_ignores_writes(host: &'static Host) -> TestResult {
+    const DWORD: u32 = 0x10;
+    let mut pc = pc(host, Above4G::No)?;
+    let address = pc::OPTION_ROM_BASE + 4 * u64::from(DWORD);
+    let image = u64::from(pc::OPTION_ROM_TAG | DWORD);
+    let reads = probe_rom(&mut pc.vm, address, 0xBAD0_BAD0, true)?;
+    ensure_eq!(reads, [image, image], "guest reads before and after its write");
+    ensure_eq!(
+        u64::from(read_u32(&pc.vm, address)?),
+        image,
+        "host view of the ROM"
+    );
+    ensure_eq!(
+        pc.vm.exits.emulated,
+        1,
+        "instructions emulated (the ignored write)"
+    );
+    let refused = pc
+        .vm
+        .pgm_mut()
+        .protect_rom(pc.option_rom, RomProtection::ReadRamWriteRam);
+    ensure_eq!(
+        refused,
+        Err(PgmError::RomNotShadowed(pc.option_rom)),
+        "protecting an unshadowed ROM"
+    );
+    Ok(())
+}
+
+/// The four protection modes of a shadowed ROM, switched while the guest runs, the shadow
+/// written in one mode and read in the next.
+pub fn rom_protection_modes_route_reads_and_writes(host: &'static Host) -> TestResult {
+    const DWORD: u32 = 0x40;
+    let mut pc = pc(host, Above4G::No)?;
+    let address = pc::SYSTEM_ROM_BASE + 4 * u64::from(DWORD);
+    let image = u64::from(pc::SYSTEM_ROM_TAG | DWORD);
+    // (mode, value the guest writes, what it reads before and after its write)
+    let phases = [
+        (RomProtection::ReadRomWriteIgnore, 0x1111_1111, [image, image]),
+        (RomProtection::ReadRomWriteRam, 0x2222_2222, [image, image]),
+        (
+            RomProtection::ReadRamWriteIgnore,
+            0x3333_3333,
+            [0x2222_2222, 0x2222_2222],
+        ),
+        (
+            RomProtection::ReadRamWriteRam,
+            0x4444_4444,
+            [0x2222_2222, 0x4444_4444],
+        ),
+        (RomProtection::ReadRomWriteIgnore, 0x5555_5555, [image, image]),
+    ];
+    for (i, (mode, value, expected)) in phases.into_iter().enumerate() {
+        let result = pc.vm.pgm_mut().protect_rom(pc.system_rom, mode);
+        apply(&mut pc.vm, result)?;
+        let reads = probe_rom(&mut pc.vm, address, value, i == 0)?;
+        ensure!(
+            reads == expected,
+            "{mode:?}: guest read {reads:x?}, expected {expected:x?}"
+        );
+        ensure_eq!(u64::from(read_u32(&pc.vm, address)?), expected[1], "host view");
+    }
+    // Back in read-ROM mode the shadow still holds the last write.
+    let result = pc
+        .vm
+        .pgm_mut()
+        .protect_rom(pc.system_rom, RomProtection::ReadRamWriteIgnore);
+    apply(&mut pc.vm, result)?;
+    ensure_eq!(
+        read_u32(&pc.vm, address)?,
+        0x4444_4444,
+        "shadow after the last phases"
+    );
+    Ok(())
+}
+
+/// Reads the framebuffer's dirty bitmap as a set of page numbers.
+fn harvest_dirty(pc: &mut pc::Pc) -> Result<BTreeSet<u64>, String> {
+    let mut bitmap = Vec::new();
+    let result = pc
+        .vm
+        .pgm_mut()
+        .query_and_reset_mmio2_dirty(pc.framebuffer, &mut bitmap);
+    apply(&mut pc.vm, result)?;
+    Ok((0..pc::FRAMEBUFFER_PAGES)
+        .filter(|&page| bitmap[(page / 64) as usize] & (1 << (page % 64)) != 0)
+        .collect())
+}
+
+/// Runs `write_list` over `pages` of the framebuffer (each written twice).
+fn write_framebuffer(pc: &mut pc::Pc, pages: &[u64], value: u64, first: bool) -> TestResult {
+    let addresses: Vec<u64> = pages
+        .iter()
+        .map(|page| pc::FRAMEBUFFER_BASE + page * PAGE_SIZE + 0x40)
+        .collect();
+    write_list(&mut pc.vm, LIST, &addresses)?;
+    let regs = GuestRegisters {
+        rsi: LIST,
+        rcx: pages.len() as u64,
+        rdi: value,
+        ..Default::default()
+    };
+    let started = if first {
+        pc.vm.start(&programs::write_list(), CODE, regs)
+    } else {
+        pc.vm.restart(CODE, regs)
+    };
+    started.map_err(|e| format!("{e}"))?;
+    ensure_eq!(pc.vm.run(), VmStop::Done(0), "stop");
+    Ok(())
+}
+
+/// The guest writes a chosen subset of framebuffer pages; query-and-reset returns exactly that
+/// subset, and only the first write to each page exits.
+pub fn mmio2_dirty_tracking_reports_exactly_the_written_pages(host: &'static Host) -> TestResult {
+    let mut pc = pc(host, Above4G::No)?;
+    let rounds: [&[u64]; 3] = [&[0, 3, 7, 8, 31, 63], &[1, 3], &[]];
+    for (round, pages) in rounds.iter().enumerate() {
+        let violations_before = pc.vm.exits.ept_violations;
+        write_framebuffer(&mut pc, pages, 0xF00 + round as u64, round == 0)?;
+        ensure_eq!(
+            pc.vm.exits.ept_violations - violations_before,
+            pages.len() as u64,
+            "EPT violations (one per page, not per write)"
+        );
+        let dirty = harvest_dirty(&mut pc)?;
+        ensure_eq!(
+            dirty,
+            pages.iter().copied().collect::<BTreeSet<_>>(),
+            "dirty pages"
+        );
+        for &page in pages.iter() {
+            let mut value = [0u8; 4];
+            pc.vm
+                .pgm()
+                .mmio2_read(pc.framebuffer, page * PAGE_SIZE + 0x48, &mut value)
+                .map_err(|e| format!("{e}"))?;
+            ensure_eq!(
+                u32::from_le_bytes(value),
+                0xF00 + round as u32,
+                "framebuffer content"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A small xorshift generator: the write-monitoring test's "random" pages, reproducible.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// In the manner of KVM's dirty_log_test: over 12 rounds the guest writes random pages with the
+/// round number; after each round the host copies only the harvested pages into its mirror,
+/// which must then equal guest memory. No written page may be missing from a harvest.
+pub fn write_monitoring_keeps_a_mirror_in_step(host: &'static Host) -> TestResult {
+    const REGION: u64 = 0x40_0000;
+    const PAGES: u64 = 128;
+    const ROUNDS: u64 = 12;
+    const WRITES_PER_ROUND: usize = 40;
+    let mut pc = pc(host, Above4G::No)?;
+    let region_bytes = (PAGES * PAGE_SIZE) as usize;
+    let mut mirror = vec![0u8; region_bytes];
+    let invalidation = pc.vm.pgm_mut().start_write_monitoring();
+    apply(&mut pc.vm, Ok(invalidation))?;
+    pc.vm
+        .pgm()
+        .read_phys(gpa(REGION), &mut mirror)
+        .map_err(|e| format!("{e}"))?;
+    let mut random = XorShift(0x9E37_79B9_7F4A_7C15);
+    let mut harvested = Vec::new();
+    for round in 1..=ROUNDS {
+        let pages: Vec<u64> = (0..WRITES_PER_ROUND)
+            .map(|_| REGION + (random.next() % PAGES) * PAGE_SIZE + (random.next() % 8) * 0x100)
+            .collect();
+        write_list(&mut pc.vm, LIST, &pages)?;
+        let regs = GuestRegisters {
+            rsi: LIST,
+            rcx: pages.len() as u64,
+            rdi: round,
+            ..Default::default()
+        };
+        let started = if round == 1 {
+            pc.vm.start(&programs::write_list(), CODE, regs)
+        } else {
+            pc.vm.restart(CODE, regs)
+        };
+        started.map_err(|e| format!("{e}"))?;
+        ensure_eq!(pc.vm.run(), VmStop::Done(0), "stop");
+        harvested.clear();
+        let invalidation = pc.vm.pgm_mut().harvest_written(&mut harvested);
+        apply(&mut pc.vm, Ok(invalidation))?;
+        let in_region: BTreeSet<u64> = harvested
+            .iter()
+            .map(|gpa| gpa.as_u64())
+            .filter(|&at| (REGION..REGION + PAGES * PAGE_SIZE).contains(&at))
+            .collect();
+        let written: BTreeSet<u64> = pages.iter().map(|&at| at & !(PAGE_SIZE - 1)).collect();
+        ensure!(
+            in_region == written,
+            "round {round}: harvested {} region pages, the guest wrote {}; missing {:x?}, extra {:x?}",
+            in_region.len(),
+            written.len(),
+            written.difference(&in_region).collect::<Vec<_>>(),
+            in_region.difference(&written).collect::<Vec<_>>()
+        );
+        for &page in &in_region {
+            let offset = (page - REGION) as usize;
+            pc.vm
+                .pgm()
+                .read_phys(gpa(page), &mut mirror[offset..offset + PAGE_SIZE as usize])
+                .map_err(|e| format!("{e}"))?;
+        }
+        let mut memory = vec![0u8; region_bytes];
+        pc.vm
+            .pgm()
+            .read_phys(gpa(REGION), &mut memory)
+            .map_err(|e| format!("{e}"))?;
+        ensure!(
+            memory == mirror,
+            "round {round}: the mirror differs from guest memory"
+        );
+    }
+    let invalidation = pc.vm.pgm_mut().stop_write_monitoring();
+    apply(&mut pc.vm, Ok(invalidation))
+}
+
+/// Runs `load` at `address` in a fresh start of the VM; returns how it stopped.
+fn guest_load(vm: &mut Vm<'static>, address: u64) -> Result<VmStop, String> {
+    let regs = GuestRegisters {
+        rsi: address,
+        ..Default::default()
+    };
+    vm.start(&programs::load(), CODE, regs)
+        .map_err(|e| format!("{e}"))?;
+    Ok(vm.run())
+}
+
+/// Runs `write_list` over `addresses` with `value` in a fresh start of the VM.
+fn guest_write(vm: &mut Vm<'static>, addresses: &[u64], value: u64) -> TestResult {
+    write_list(vm, LIST, addresses)?;
+    let regs = GuestRegisters {
+        rsi: LIST,
+        rcx: addresses.len() as u64,
+        rdi: value,
+        ..Default::default()
+    };
+    vm.start(&programs::write_list(), CODE, regs)
+        .map_err(|e| format!("{e}"))?;
+    ensure_eq!(vm.run(), VmStop::Done(0), "stop");
+    Ok(())
+}
+
+/// Inflating the balloon frees frames; a guest touching a ballooned page is stopped with the
+/// balloon diagnostic; deflating makes the page usable (and zero) again.
+pub fn balloon_frees_frames_and_deflate_restores_pages(host: &'static Host) -> TestResult {
+    const BASE: u64 = 0x50_0000;
+    let pages: Vec<u64> = (0..8).map(|i| BASE + i * PAGE_SIZE).collect();
+    let mut pc = pc(host, Above4G::No)?;
+    guest_write(&mut pc.vm, &pages, 0xAB)?;
+    let ballooned: Vec<GuestPhysAddr> = pages[2..5].iter().map(|&at| gpa(at)).collect();
+    let used_before = frame_counts().used();
+    let result = pc.vm.pgm_mut().balloon_inflate(&ballooned);
+    apply(&mut pc.vm, result)?;
+    let freed = used_before - frame_counts().used();
+    ensure!(freed >= 3, "inflating 3 pages freed {freed} host frames");
+    ensure_eq!(pc.vm.stats().ballooned_pages, 3, "ballooned pages");
+    let stop = guest_load(&mut pc.vm, pages[3])?;
+    let VmStop::Stopped(diagnostic) = stop else {
+        return Err(format!("touching a ballooned page did not stop the VM: {stop:?}"));
+    };
+    println!("  {diagnostic}");
+    ensure_eq!(diagnostic.cause, StopCause::BalloonedPage, "cause");
+    ensure_eq!(diagnostic.gpa, Some(gpa(pages[3])), "guest-physical address");
+    ensure_eq!(
+        guest_load(&mut pc.vm, pages[5])?,
+        VmStop::Done(0xAB),
+        "a page next to the balloon"
+    );
+    let result = pc.vm.pgm_mut().balloon_deflate(&ballooned);
+    apply(&mut pc.vm, result)?;
+    ensure_eq!(
+        guest_load(&mut pc.vm, pages[3])?,
+        VmStop::Done(0),
+        "a deflated page reads zero"
+    );
+    guest_write(&mut pc.vm, &pages[3..4], 0xCD)?;
+    ensure_eq!(
+        read_u32(&pc.vm, pages[3])?,
+        0xCD,
+        "a deflated page after a guest write"
+    );
+    ensure_eq!(
+        pc.vm.stats().ballooned_pages,
+        0,
+        "ballooned pages after deflating"
+    );
+    Ok(())
+}
+
+/// Large pages: a written 2 MiB block of RAM is one EPT entry; a handler inside splits it, its
+/// removal merges it back, and the guest sees the same data throughout.
+pub fn large_pages_split_for_a_handler_and_merge_back(host: &'static Host) -> TestResult {
+    const BLOCK: u64 = 0x40_0000;
+    const WATCHED: u64 = BLOCK + 0x5000;
+    const DATA: u64 = BLOCK + 0x1000;
+    let mut pc = pc(host, Above4G::No)?;
+    pc.vm.pgm_mut().set_large_pages(true);
+    guest_write(&mut pc.vm, &[DATA, WATCHED], 0x1A)?;
+    ensure!(
+        pc.vm.pgm().is_mapped_large(gpa(BLOCK)),
+        "the block is not mapped with a 2 MiB entry"
+    );
+    ensure_eq!(
+        pc.vm.exits.ept_violations,
+        1,
+        "EPT violations (one fill for the block)"
+    );
+    let result = pc
+        .vm
+        .pgm_mut()
+        .register_handler(HandlerKind::Write, gpa(WATCHED), PAGE_SIZE);
+    let (handler, invalidation) = result.map_err(|e| format!("register handler: {e}"))?;
+    apply(&mut pc.vm, Ok(invalidation))?;
+    ensure!(
+        !pc.vm.pgm().is_mapped_large(gpa(BLOCK)),
+        "the handler did not split the block"
+    );
+    ensure_eq!(read_u32(&pc.vm, DATA)?, 0x1A, "data after the split");
+    // The guest writes the watched page (the handler sees both writes) and a plain one.
+    let mut watcher = TestDevice::watcher(handler, WATCHED);
+    write_list(&mut pc.vm, LIST, &[WATCHED, DATA])?;
+    let regs = GuestRegisters {
+        rsi: LIST,
+        rcx: 2,
+        rdi: 0x2B,
+        ..Default::default()
+    };
+    pc.vm.restart(CODE, regs).map_err(|e| format!("{e}"))?;
+    ensure_eq!(pc.vm.run_with(&mut watcher), VmStop::Done(0), "stop");
+    ensure_eq!(watcher.log, [(W, 0, 4), (W, 8, 4)], "writes the handler saw");
+    ensure_eq!(
+        [read_u32(&pc.vm, WATCHED)?, read_u32(&pc.vm, DATA)?],
+        [0x2B, 0x2B],
+        "data"
+    );
+    let result = pc.vm.pgm_mut().deregister_handler(handler);
+    apply(&mut pc.vm, result)?;
+    ensure!(
+        pc.vm.pgm().is_mapped_large(gpa(BLOCK)),
+        "removing the handler did not merge the block"
+    );
+    ensure_eq!(
+        guest_load(&mut pc.vm, WATCHED)?,
+        VmStop::Done(0x2B),
+        "guest read after the merge"
+    );
+    Ok(())
+}
+
+/// With the A20 gate off, guest accesses at 1 MiB + x reach x; with it on, they do not.
+pub fn a20_gate_wraps_accesses_at_one_megabyte(host: &'static Host) -> TestResult {
+    const LOW: u64 = 0x5000;
+    const HIGH: u64 = 0x10_0000 + LOW;
+    let mut pc = pc(host, Above4G::No)?;
+    let invalidation = pc.vm.pgm_mut().set_a20(false);
+    apply(&mut pc.vm, Ok(invalidation))?;
+    guest_write(&mut pc.vm, &[HIGH], 0xA20_0FF)?;
+    ensure_eq!(
+        [read_u32(&pc.vm, LOW)?, read_u32(&pc.vm, HIGH)?],
+        [0xA20_0FF, 0],
+        "gate off: low, high"
+    );
+    ensure_eq!(
+        guest_load(&mut pc.vm, HIGH)?,
+        VmStop::Done(0xA20_0FF),
+        "gate off: guest read at 1 MiB + x"
+    );
+    let invalidation = pc.vm.pgm_mut().set_a20(true);
+    apply(&mut pc.vm, Ok(invalidation))?;
+    guest_write(&mut pc.vm, &[HIGH], 0xA20_011)?;
+    ensure_eq!(
+        [read_u32(&pc.vm, LOW)?, read_u32(&pc.vm, HIGH)?],
+        [0xA20_0FF, 0xA20_011],
+        "gate on: low, high"
+    );
+    ensure_eq!(
+        guest_load(&mut pc.vm, LOW)?,
+        VmStop::Done(0xA20_0FF),
+        "gate on: guest read at x"
+    );
+    Ok(())
+}
+
+/// A guest that needs more frames than its VM may have is stopped with the out-of-memory
+/// diagnostic; what it wrote before stays, and other VMs run on.
+pub fn out_of_frames_stops_only_that_vm(host: &'static Host) -> TestResult {
+    const BASE: u64 = 0x60_0000;
+    const ALLOWED: u64 = 5;
+    let mut pc = pc(host, Above4G::No)?;
+    let regs = GuestRegisters {
+        rsi: BASE,
+        rcx: 20,
+        rdx: PAGE_SIZE,
+        rdi: 0x100,
+        ..Default::default()
+    };
+    pc.vm
+        .start(&programs::write_pages(), CODE, regs)
+        .map_err(|e| format!("{e}"))?;
+    let limit = pc.vm.stats().private_frames() + ALLOWED;
+    pc.vm.pgm_mut().set_frame_limit(Some(limit));
+    let stop = pc.vm.run();
+    let VmStop::Stopped(diagnostic) = stop else {
+        return Err(format!("the VM was not stopped: {stop:?}"));
+    };
+    println!("  {diagnostic}");
+    ensure_eq!(diagnostic.cause, StopCause::OutOfMemory, "cause");
+    ensure_eq!(
+        diagnostic.gpa,
+        Some(gpa(BASE + ALLOWED * PAGE_SIZE)),
+        "guest-physical address"
+    );
+    ensure_eq!(pc.vm.stats().private_frames(), limit, "frames the VM holds");
+    for i in 0..ALLOWED {
+        ensure_eq!(
+            read_u32(&pc.vm, BASE + i * PAGE_SIZE)?,
+            0x100 + i as u32,
+            "data written before"
+        );
+    }
+    let mut other = pc::pc(host, Above4G::No)?;
+    other
+        .vm
+        .start(&programs::done(), CODE, GuestRegisters::default())
+        .map_err(|e| format!("{e}"))?;
+    ensure_eq!(other.vm.run(), VmStop::Done(0x600D_F00D), "another VM");
+    Ok(())
+}
