@@ -25,6 +25,8 @@ const OF: u64 = 1 << 11;
 pub trait Machine {
     /// The 64-bit general-purpose register `full` (RAX ... R15, RSP).
     fn gpr(&mut self, full: Register) -> u64;
+    /// The base address of segment register `segment` (0 for ES, CS, SS and DS in 64-bit code).
+    fn segment_base(&mut self, segment: Register) -> u64;
     /// Sets the 64-bit general-purpose register `full`.
     fn set_gpr(&mut self, full: Register, value: u64);
     /// Reads guest memory (devices included) at `gpa` into `data`.
@@ -80,6 +82,9 @@ pub fn warm_up() {
 /// Emulates `instruction`, whose memory operand is at `gpa` (from the EPT violation), on
 /// `machine`. `rflags` is the guest's RFLAGS before. Returns the new RIP and RFLAGS; on error
 /// nothing was written back to registers (a device may have seen a read).
+///
+/// An operand that crosses a page boundary is [`EmulationError::Unsupported`]: its two halves
+/// may lie on unrelated guest-physical pages, and the exit names only the one that faulted.
 pub fn execute(
     instruction: &Instruction,
     gpa: GuestPhysAddr,
@@ -87,7 +92,11 @@ pub fn execute(
     machine: &mut impl Machine,
 ) -> Result<Outcome, EmulationError> {
     let size = instruction.memory_size().size();
-    if !matches!(size, 1 | 2 | 4 | 8) || gpa.page_offset() as usize + size > pgm::PAGE_SIZE as usize {
+    let linear = operand_linear_address(instruction, machine).ok_or(EmulationError::Unsupported)?;
+    let offset = linear % pgm::PAGE_SIZE;
+    // The faulting byte must be the operand's first (else the operand crossed into this page).
+    let starts_here = offset == gpa.page_offset();
+    if !matches!(size, 1 | 2 | 4 | 8) || !starts_here || offset as usize + size > pgm::PAGE_SIZE as usize {
         return Err(EmulationError::Unsupported);
     }
     let next = Outcome {
@@ -234,6 +243,24 @@ fn source_value(
 
 fn is_memory(kind: OpKind) -> bool {
     kind == OpKind::Memory
+}
+
+/// The guest-linear address of the instruction's memory operand (explicit, or the implicit
+/// one of a string instruction), segment base included.
+fn operand_linear_address(instruction: &Instruction, machine: &mut impl Machine) -> Option<u64> {
+    let operand = (0..instruction.op_count()).find(|&operand| {
+        matches!(
+            instruction.op_kind(operand),
+            OpKind::Memory | OpKind::MemoryESDI | OpKind::MemoryESEDI | OpKind::MemoryESRDI
+        )
+    })?;
+    instruction.virtual_address(operand, 0, |reg, _, _| {
+        Some(if reg.is_segment_register() {
+            machine.segment_base(reg)
+        } else {
+            register(machine, reg)
+        })
+    })
 }
 
 fn load(machine: &mut impl Machine, gpa: GuestPhysAddr, size: usize) -> Result<u64, MemoryFault> {

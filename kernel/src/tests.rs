@@ -93,6 +93,14 @@ const TESTS: &[(&str, TestFn)] = &[
         violations::unsupported_mmio_instruction_stops_the_vm,
     ),
     (
+        "mmio_access_crossing_a_page_stops_the_vm",
+        violations::mmio_access_crossing_a_page_stops_the_vm,
+    ),
+    (
+        "executing_from_mmio_stops_the_vm",
+        violations::executing_from_mmio_stops_the_vm,
+    ),
+    (
         "first_write_to_a_zero_page_allocates_once",
         violations::first_write_to_a_zero_page_allocates_once,
     ),

@@ -86,6 +86,9 @@ pub enum StopCause {
     /// to ignore or to route to the shadow) and the emulator does not support it; the
     /// diagnostic names the instruction bytes.
     UnsupportedInstruction,
+    /// The guest fetched an instruction from a page whose accesses go to a handler (MMIO):
+    /// there is no memory to execute.
+    ExecuteFromHandledPage,
     /// The instruction to emulate could not be fetched (its linear address has no mapping in
     /// the guest's page tables, or it lies outside guest RAM).
     InstructionFetch,
@@ -590,6 +593,9 @@ impl<'a> Vm<'a> {
             FaultOutcome::NotGuestMemory => return stop(self, StopCause::NotGuestMemory),
             FaultOutcome::OutOfMemory => return stop(self, StopCause::OutOfMemory),
             FaultOutcome::Ballooned => return stop(self, StopCause::BalloonedPage),
+            FaultOutcome::Handler { .. } if access == Access::Execute => {
+                return stop(self, StopCause::ExecuteFromHandledPage);
+            }
             FaultOutcome::Handler { .. } => {
                 self.measuring = match access {
                     Access::Write => emulated(ExitKind::MmioWrite),
@@ -643,6 +649,7 @@ impl<'a> Vm<'a> {
             vmcs.read(guest::RSP),
         );
         let bitness = self.code_bitness();
+        let segment_bases = self.segment_bases(bitness);
         let Some(bytes) = self.fetch_instruction(rip, bitness) else {
             return stop(self, StopCause::InstructionFetch, InstructionBytes::default());
         };
@@ -663,6 +670,7 @@ impl<'a> Vm<'a> {
         let mut machine = VcpuMachine {
             regs,
             rsp,
+            segment_bases,
             pgm,
             devices,
             invalidation: Invalidation::None,
@@ -690,6 +698,25 @@ impl<'a> Vm<'a> {
             Ok(()) => None,
             Err(_) => stop(self, StopCause::UnhandledExit, used),
         }
+    }
+
+    /// The guest's segment bases in the order ES, CS, SS, DS, FS, GS; in 64-bit code the first
+    /// four are 0 whatever the VMCS holds, as the CPU ignores them.
+    fn segment_bases(&self, bitness: u32) -> [u64; 6] {
+        let vmcs = self.vmcs.as_ref().expect("present until drop");
+        let mut bases = [
+            guest::ES_BASE,
+            guest::CS_BASE,
+            guest::SS_BASE,
+            guest::DS_BASE,
+            guest::FS_BASE,
+            guest::GS_BASE,
+        ]
+        .map(|field| vmcs.read(field));
+        if bitness == 64 {
+            bases[..4].fill(0);
+        }
+        bases
     }
 
     /// 16, 32 or 64: the operand and address size the guest's code segment runs with.
@@ -983,6 +1010,8 @@ impl<'a> Vm<'a> {
 struct VcpuMachine<'v, H> {
     regs: &'v mut GuestRegisters,
     rsp: u64,
+    /// ES, CS, SS, DS, FS, GS.
+    segment_bases: [u64; 6],
     pgm: &'v mut KernelPgm,
     devices: &'v mut H,
     /// The invalidation the emulated writes need.
@@ -1027,6 +1056,18 @@ impl<H: AccessHandlers> Machine for VcpuMachine<'_, H> {
             return self.rsp;
         }
         self.slot(full).map_or(0, |slot| *slot)
+    }
+
+    fn segment_base(&mut self, segment: Register) -> u64 {
+        let index = match segment {
+            Register::ES => 0,
+            Register::CS => 1,
+            Register::SS => 2,
+            Register::DS => 3,
+            Register::FS => 4,
+            _ => 5,
+        };
+        self.segment_bases[index]
     }
 
     fn set_gpr(&mut self, full: Register, value: u64) {

@@ -289,6 +289,10 @@ guest_programs! {
         "vmcall",
         "hlt",
     ];
+    // Jumps to ESI.
+    jump_to: Flat32, ".code32", [
+        "jmp esi",
+    ];
     // INC to memory, which the emulator does not support: against MMIO it stops the VM.
     unsupported_mmio: Flat32, ".code32", [
         "inc dword ptr [esi]",

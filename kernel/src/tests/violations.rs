@@ -281,6 +281,69 @@ pub fn unsupported_mmio_instruction_stops_the_vm(host: &'static Host) -> TestRes
     Ok(())
 }
 
+/// A store that starts in RAM and ends in the device is refused, not half-emulated: the exit
+/// names the device page, but the operand starts on the page before.
+pub fn mmio_access_crossing_a_page_stops_the_vm(host: &'static Host) -> TestResult {
+    const STRADDLING: u64 = pc::DEVICE_BASE - 2;
+    let mut pc = pc(host, Above4G::No)?;
+    let mut device = TestDevice::new(pc.device, pc::DEVICE_BASE);
+    write_list(&mut pc.vm, LIST, &[STRADDLING])?;
+    let regs = GuestRegisters {
+        rsi: LIST,
+        rcx: 1,
+        rdi: 0x1234_5678,
+        ..Default::default()
+    };
+    pc.vm
+        .start(&programs::write_list(), CODE, regs)
+        .map_err(|e| format!("{e}"))?;
+    let stop = pc.vm.run_with(&mut device);
+    let VmStop::Stopped(diagnostic) = stop else {
+        return Err(format!("the VM was not stopped: {stop:?}"));
+    };
+    println!("  {diagnostic}");
+    ensure_eq!(diagnostic.cause, StopCause::UnsupportedInstruction, "cause");
+    ensure_eq!(
+        diagnostic.gpa,
+        Some(gpa(pc::DEVICE_BASE)),
+        "guest-physical address"
+    );
+    ensure_eq!(
+        diagnostic.instruction.as_slice(),
+        &[0x89, 0x3B][..],
+        "instruction bytes (MOV [EBX], EDI)"
+    );
+    ensure!(device.log.is_empty(), "the device saw {:?}", device.log);
+    Ok(())
+}
+
+/// Executing from MMIO stops the VM; the device sees nothing.
+pub fn executing_from_mmio_stops_the_vm(host: &'static Host) -> TestResult {
+    let mut pc = pc(host, Above4G::No)?;
+    let mut device = TestDevice::new(pc.device, pc::DEVICE_BASE);
+    let regs = GuestRegisters {
+        rsi: pc::DEVICE_BASE + 0x10,
+        ..Default::default()
+    };
+    pc.vm
+        .start(&programs::jump_to(), CODE, regs)
+        .map_err(|e| format!("{e}"))?;
+    let stop = pc.vm.run_with(&mut device);
+    let VmStop::Stopped(diagnostic) = stop else {
+        return Err(format!("the VM was not stopped: {stop:?}"));
+    };
+    println!("  {diagnostic}");
+    ensure_eq!(diagnostic.cause, StopCause::ExecuteFromHandledPage, "cause");
+    ensure_eq!(diagnostic.rip, pc::DEVICE_BASE + 0x10, "RIP");
+    ensure_eq!(
+        diagnostic.gpa,
+        Some(gpa(pc::DEVICE_BASE + 0x10)),
+        "guest-physical address"
+    );
+    ensure!(device.log.is_empty(), "the device saw {:?}", device.log);
+    Ok(())
+}
+
 /// Untouched pages read as zero without a frame; the first write allocates once, later writes
 /// to the same page do not exit.
 pub fn first_write_to_a_zero_page_allocates_once(host: &'static Host) -> TestResult {
