@@ -49,7 +49,7 @@ fn demo(host: &'static Host) -> Result<(), alloc::string::String> {
     let elapsed = ticks() - start;
     println!("demo: guest wrote {PAGES_WRITTEN} pages and stopped: {stop:?} after {elapsed} ticks");
     print_stats("after the guest ran", &vm);
-    crate::vm::print_exit_costs();
+    vm.exit_costs.print("the demo VM");
     println!(
         "demo: exits {} (EPT violations {}, hypercalls {}, INVEPTs {})",
         vm.exits.total, vm.exits.ept_violations, vm.exits.hypercalls, vm.exits.invepts

@@ -18,7 +18,7 @@ use crate::arch::memory::frame_counts;
 use crate::arch::power::{exit, ExitCode};
 use crate::arch::ticks;
 use crate::arch::vmx::{GuestRegisters, VmxCaps};
-use crate::vm::{hypercall, print_exit_costs, StopCause, Vm, VmError, VmStop};
+use crate::vm::{exit_costs_of_finished_vms, hypercall, StopCause, Vm, VmError, VmStop};
 use crate::{println, Host};
 
 type TestResult = Result<(), String>;
@@ -167,7 +167,7 @@ pub fn run_all(host: &'static Host) -> ! {
             }
         }
     }
-    print_exit_costs();
+    exit_costs_of_finished_vms().print("every VM of the test run");
     let failed = print_summary();
     if failed == 0 {
         exit(ExitCode::Success, "")

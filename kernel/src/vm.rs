@@ -10,8 +10,9 @@ use spin::Mutex;
 use iced_x86::{Decoder, DecoderOptions, Instruction, Register};
 use pgm::guest_paging::GuestPaging;
 use pgm::manager::{AccessHandlers, HandlerAction};
-use pgm::page::PageState;
-use pgm::{Access, FaultOutcome, GuestPhysAddr, Invalidation, MemoryStats, Pgm, PgmError, PAGE_SIZE};
+use pgm::{
+    Access, FaultOutcome, GuestPhysAddr, Invalidation, MemoryStats, Pgm, PgmError, Resolution, PAGE_SIZE,
+};
 use x86::vmx::vmcs::control::{
     EntryControls, ExitControls, PrimaryControls, SecondaryControls, EPTP_FULL, EXCEPTION_BITMAP,
     PINBASED_EXEC_CONTROLS, PRIMARY_PROCBASED_EXEC_CONTROLS, SECONDARY_PROCBASED_EXEC_CONTROLS,
@@ -271,10 +272,22 @@ pub struct ExitCost {
 }
 
 impl ExitCost {
+    const NONE: ExitCost = ExitCost {
+        count: 0,
+        total: 0,
+        max: 0,
+    };
+
     fn add(&mut self, ticks: u64) {
         self.count += 1;
         self.total += ticks;
         self.max = self.max.max(ticks);
+    }
+
+    fn merge(&mut self, other: &ExitCost) {
+        self.count += other.count;
+        self.total += other.total;
+        self.max = self.max.max(other.max);
     }
 
     /// The mean cost (0 when nothing was measured).
@@ -283,36 +296,50 @@ impl ExitCost {
     }
 }
 
-/// Exit costs of every VM since boot, by [`ExitKind`] (kernel-wide, so a test run can print one
-/// table for all its VMs).
-static EXIT_COSTS: Mutex<[ExitCost; ExitKind::ALL.len()]> = Mutex::new(
-    [ExitCost {
-        count: 0,
-        total: 0,
-        max: 0,
-    }; ExitKind::ALL.len()],
-);
+/// Exit costs by [`ExitKind`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExitCosts([ExitCost; ExitKind::ALL.len()]);
 
-/// The exit costs measured so far, by kind.
-pub fn exit_costs() -> [(ExitKind, ExitCost); ExitKind::ALL.len()] {
-    let costs = EXIT_COSTS.lock();
-    ExitKind::ALL.map(|kind| (kind, costs[kind as usize]))
+impl ExitCosts {
+    const NONE: ExitCosts = ExitCosts([ExitCost::NONE; ExitKind::ALL.len()]);
+
+    /// The costs of `kind`.
+    pub fn of(&self, kind: ExitKind) -> ExitCost {
+        self.0[kind as usize]
+    }
+
+    /// Prints the table (Markdown, as the README shows it) under `title`.
+    pub fn print(&self, title: &str) {
+        println!("exit costs, {title} (TSC ticks from VM exit to the next VM entry):");
+        println!("| exit kind | count | mean | max |");
+        println!("|---|---:|---:|---:|");
+        for kind in ExitKind::ALL {
+            let cost = self.of(kind);
+            println!(
+                "| {} | {} | {} | {} |",
+                kind.name(),
+                cost.count,
+                cost.mean(),
+                cost.max
+            );
+        }
+    }
+
+    fn merge(&mut self, other: &ExitCosts) {
+        for (mine, theirs) in self.0.iter_mut().zip(&other.0) {
+            mine.merge(theirs);
+        }
+    }
 }
 
-/// Prints the exit cost table over every VM since boot (Markdown, as the README shows it).
-pub fn print_exit_costs() {
-    println!("exit costs (TSC ticks from VM exit to the next VM entry, every VM since boot):");
-    println!("| exit kind | count | mean | max |");
-    println!("|---|---:|---:|---:|");
-    for (kind, cost) in exit_costs() {
-        println!(
-            "| {} | {} | {} | {} |",
-            kind.name(),
-            cost.count,
-            cost.mean(),
-            cost.max
-        );
-    }
+/// Exit costs of every VM destroyed since boot: each VM measures its own (no lock on the exit
+/// path) and adds them here when it is dropped, so a test run can print one table.
+static FINISHED_VM_EXIT_COSTS: Mutex<ExitCosts> = Mutex::new(ExitCosts::NONE);
+
+/// The exit costs of every VM destroyed since boot.
+#[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
+pub fn exit_costs_of_finished_vms() -> ExitCosts {
+    *FINISHED_VM_EXIT_COSTS.lock()
 }
 
 /// Access handlers for a VM without devices: handler pages behave as pgm's default (MMIO reads
@@ -390,6 +417,8 @@ pub struct Vm<'a> {
     entry_controls: EntryControlValues,
     /// The kind and exit time of the exit being handled, when its cost is measured.
     measuring: Option<(ExitKind, u64)>,
+    /// What this VM's exits cost so far.
+    pub exit_costs: ExitCosts,
 }
 
 /// The VM-entry control values for the two kinds of guest.
@@ -425,6 +454,7 @@ impl<'a> Vm<'a> {
             last_fault: None,
             entry_controls: EntryControlValues::default(),
             measuring: None,
+            exit_costs: ExitCosts::NONE,
         };
         // From here on Drop gives every frame back on error.
         let vmcs = Vmcs::new(vmx, &mut KernelFrames, &mut phys.clone())?;
@@ -518,7 +548,7 @@ impl<'a> Vm<'a> {
             return Some(VmStop::Stopped(self.diagnostic(StopCause::EntryFailed, 0)));
         }
         if let Some((kind, exit_tick)) = self.measuring.take() {
-            EXIT_COSTS.lock()[kind as usize].add(ticks() - exit_tick);
+            self.exit_costs.0[kind as usize].add(ticks() - exit_tick);
         }
         let entered = vmx::run_guest(&mut self.regs, self.launched);
         let exit_tick = ticks();
@@ -574,19 +604,16 @@ impl<'a> Vm<'a> {
             Access::Read
         };
         let stop = |vm: &Self, cause| Some(VmStop::Stopped(vm.diagnostic(cause, exit_reason::EPT_VIOLATION)));
-        let state_before = self
-            .pgm()
-            .page(self.pgm().a20_apply(gpa))
-            .map(|page| page.state());
         let emulated = |kind| Some((kind, exit_tick));
         let mut invalidation = match self.pgm_mut().resolve_fault(gpa, access) {
-            FaultOutcome::Resolved { invalidation } => {
-                self.measuring = match (access, state_before) {
-                    (Access::Write, Some(PageState::Zero)) => Some((ExitKind::ZeroFill, exit_tick)),
-                    (Access::Write, Some(PageState::WriteMonitored)) => {
-                        Some((ExitKind::WriteMonitor, exit_tick))
-                    }
-                    _ => None,
+            FaultOutcome::Resolved {
+                invalidation,
+                resolution,
+            } => {
+                self.measuring = match resolution {
+                    Resolution::ZeroFill => Some((ExitKind::ZeroFill, exit_tick)),
+                    Resolution::WriteMonitor => Some((ExitKind::WriteMonitor, exit_tick)),
+                    Resolution::CopyOnWrite | Resolution::Remap => None,
                 };
                 invalidation
             }
@@ -1096,6 +1123,7 @@ impl<H: AccessHandlers> Machine for VcpuMachine<'_, H> {
 impl Drop for Vm<'_> {
     /// Gives back the VMCS and every frame the VM's memory used.
     fn drop(&mut self) {
+        FINISHED_VM_EXIT_COSTS.lock().merge(&self.exit_costs);
         if let Some(vmcs) = self.vmcs.take() {
             vmcs.release(&mut KernelFrames);
         }

@@ -36,5 +36,5 @@ mod test_support;
 
 pub use addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 pub use error::PgmError;
-pub use manager::{FaultOutcome, MemoryStats, Pgm};
+pub use manager::{FaultOutcome, MemoryStats, Pgm, Resolution};
 pub use paging::{Access, Invalidation};

@@ -7,7 +7,7 @@ use alloc::vec::Vec;
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::error::PgmError;
 use crate::frames::HostMemory;
-use crate::manager::FaultOutcome;
+use crate::manager::{FaultOutcome, Resolution};
 use crate::page::PageState;
 use crate::paging::{Access, Entry, Invalidation, MemoryType, Permissions};
 use crate::test_support::*;
@@ -281,7 +281,8 @@ fn a_read_fault_on_ram_rewrites_a_lost_entry() {
     assert_eq!(
         pgm.resolve_fault(gpa(0x7000), Access::Read),
         FaultOutcome::Resolved {
-            invalidation: Invalidation::None
+            invalidation: Invalidation::None,
+            resolution: Resolution::Remap,
         }
     );
     assert_eq!(guest_read(&pgm, gpa(0x7000), 4), b"kept");
@@ -940,7 +941,8 @@ fn a20_aliases_outside_ram_are_mapped_on_demand_and_dropped_when_the_gate_opens(
     assert_eq!(
         pgm.resolve_fault(gpa(0x10_0010), Access::Read),
         FaultOutcome::Resolved {
-            invalidation: Invalidation::None
+            invalidation: Invalidation::None,
+            resolution: Resolution::Remap,
         }
     );
     assert_eq!(guest_read(&pgm, gpa(0x10_0010), 4), b"wrap");
@@ -1180,7 +1182,8 @@ fn a_write_to_an_untouched_block_maps_it_with_one_2mib_entry() {
     assert_eq!(
         pgm.resolve_fault(gpa(BLOCK + 0x5123), Access::Write),
         FaultOutcome::Resolved {
-            invalidation: Invalidation::SingleContext
+            invalidation: Invalidation::SingleContext,
+            resolution: Resolution::ZeroFill,
         },
         "the other 511 pages drop their zero-frame translations"
     );
@@ -1926,4 +1929,30 @@ fn locking_a_write_monitored_page_keeps_its_frame_and_needs_no_flush() {
     );
     assert_eq!(pgm.page(gpa(0x6000)).unwrap().frame(), frame);
     pgm.release_page_lock(mapping.lock);
+}
+
+#[test]
+fn a_resolved_fault_names_what_it_did_to_the_page() {
+    let mut pgm = pc_like();
+    let (page, twin) = (gpa(0x20_0000), gpa(0x30_0000));
+    let write_fault = |pgm: &mut SimPgm, at| match pgm.resolve_fault(at, Access::Write) {
+        FaultOutcome::Resolved { resolution, .. } => resolution,
+        other => panic!("write fault at {at}: {other:?}"),
+    };
+    assert_eq!(write_fault(&mut pgm, page), Resolution::ZeroFill);
+    pgm.start_write_monitoring();
+    assert_eq!(write_fault(&mut pgm, page), Resolution::WriteMonitor);
+    pgm.stop_write_monitoring();
+    pgm.write_phys(page, b"twin").unwrap();
+    pgm.write_phys(twin, b"twin").unwrap();
+    pgm.share_identical_pages();
+    assert_eq!(pgm.page(page).unwrap().state(), PageState::Shared);
+    assert_eq!(write_fault(&mut pgm, page), Resolution::CopyOnWrite);
+    assert_eq!(
+        pgm.resolve_fault(page, Access::Read),
+        FaultOutcome::Resolved {
+            invalidation: Invalidation::None,
+            resolution: Resolution::Remap,
+        }
+    );
 }

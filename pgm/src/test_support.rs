@@ -63,7 +63,7 @@ pub fn guest_write(pgm: &mut SimPgm, at: GuestPhysAddr, data: &[u8]) -> GuestAcc
                 assert!(faults < 3, "fault loop at {at}: {violation:?}");
                 match pgm.resolve_fault(at, Access::Write) {
                     // Only a large fill, which remaps 511 other pages, needs a flush.
-                    FaultOutcome::Resolved { invalidation } => {
+                    FaultOutcome::Resolved { invalidation, .. } => {
                         let expected = if pgm.is_mapped_large(at) {
                             Invalidation::SingleContext
                         } else {

@@ -31,6 +31,20 @@ pub use mmio2::Mmio2Handle;
 pub use rom::{RomId, RomProtection};
 pub use sharing::SharingReport;
 
+/// What a resolved fault did to its page (for the VMM's exit statistics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    /// A ZERO page got a zero-filled frame of its own (or its whole 2 MiB block did).
+    ZeroFill,
+    /// A write-monitored page was marked written and made writable.
+    WriteMonitor,
+    /// A SHARED page got a private copy.
+    CopyOnWrite,
+    /// The page kept its frame and only its entry was rewritten: a tracked MMIO2 page marked
+    /// dirty, a ROM shadow in read/write-RAM mode, an entry that lost sync, an A20 alias.
+    Remap,
+}
+
 /// What a fault resolution decided. The caller resumes the guest only for `Resolved`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FaultOutcome {
@@ -38,6 +52,8 @@ pub enum FaultOutcome {
     Resolved {
         /// The TLB flush needed before resuming.
         invalidation: Invalidation,
+        /// What was done.
+        resolution: Resolution,
     },
     /// The address lies in no registered range.
     NotGuestMemory,
@@ -367,13 +383,23 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             self.sync_leaf(location);
             return FaultOutcome::Resolved {
                 invalidation: Invalidation::None,
+                resolution: Resolution::Remap,
             };
         }
         if access == Access::Write && page.page_type() == PageType::Ram && page.state() == PageState::Zero {
             if let Some(invalidation) = self.try_large_fill(location) {
-                return FaultOutcome::Resolved { invalidation };
+                return FaultOutcome::Resolved {
+                    invalidation,
+                    resolution: Resolution::ZeroFill,
+                };
             }
         }
+        let resolution = match (access, page.state()) {
+            (Access::Write, PageState::Zero) => Resolution::ZeroFill,
+            (Access::Write, PageState::WriteMonitored) => Resolution::WriteMonitor,
+            (Access::Write, PageState::Shared) => Resolution::CopyOnWrite,
+            _ => Resolution::Remap,
+        };
         let result = match access {
             Access::Write if page.page_type() == PageType::Rom || page.page_type() == PageType::RomShadow => {
                 let protection = self.rom_covering(gpa).map(|rom| rom.effective_protection());
@@ -404,6 +430,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         match result {
             Ok(()) => FaultOutcome::Resolved {
                 invalidation: Invalidation::None,
+                resolution,
             },
             Err(_) => FaultOutcome::OutOfMemory,
         }
