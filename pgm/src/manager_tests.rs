@@ -1956,3 +1956,21 @@ fn a_resolved_fault_names_what_it_did_to_the_page() {
         }
     );
 }
+
+#[test]
+fn accesses_of_one_two_and_many_pages_round_trip() {
+    let mut pgm = pc_like();
+    // Lengths that give one piece, two pieces (kept inline) and five (kept on the heap).
+    for (at, len) in [
+        (0x20_0100, 64),
+        (0x20_0FFC, 8),
+        (0x30_0800, 4 * PAGE_SIZE as usize),
+    ] {
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 + at as usize) as u8).collect();
+        pgm.write_phys(gpa(at), &data).unwrap();
+        let mut back = vec![0u8; len];
+        pgm.read_phys(gpa(at), &mut back).unwrap();
+        assert_eq!(back, data, "{len} bytes at {at:#x}");
+    }
+    assert_accounting(&pgm);
+}

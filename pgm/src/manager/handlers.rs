@@ -50,7 +50,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         handlers: &mut impl AccessHandlers,
     ) -> Result<(), PgmError> {
         let mut done = 0;
-        for (location, offset, len) in self.pieces(gpa, buf.len())? {
+        for &(location, offset, len) in self.pieces(gpa, buf.len())?.iter() {
             let at = GuestPhysAddr::new_truncate(self.ranges.gpa_of(location).as_u64() + offset);
             let out = &mut buf[done..done + len];
             done += len;
@@ -81,14 +81,17 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     ) -> Result<Invalidation, PgmError> {
         let mut invalidation = Invalidation::None;
         let mut done = 0;
-        for (location, offset, len) in self.pieces(gpa, data.len())? {
+        // The handler may change what it is handed; the guest's data stays as it was.
+        let mut scratch = [0u8; PAGE_SIZE as usize];
+        for &(location, offset, len) in self.pieces(gpa, data.len())?.iter() {
             let at = GuestPhysAddr::new_truncate(self.ranges.gpa_of(location).as_u64() + offset);
             let piece = &data[done..done + len];
             done += len;
             let page = self.ranges.page(location);
             if let Some(handler) = self.intercepting_handler(at, page, Access::Write) {
-                let mut bytes = piece.to_vec();
-                if handlers.access(handler, at, Access::Write, &mut bytes) == HandlerAction::Handled {
+                let bytes = &mut scratch[..len];
+                bytes.copy_from_slice(piece);
+                if handlers.access(handler, at, Access::Write, bytes) == HandlerAction::Handled {
                     continue;
                 }
             }

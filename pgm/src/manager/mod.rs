@@ -442,7 +442,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     pub fn read_phys(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), PgmError> {
         let chunks = self.chunks(gpa, buf.len())?;
         let mut done = 0;
-        for (location, offset, len) in chunks {
+        for &(location, offset, len) in chunks.iter() {
             let out = &mut buf[done..done + len];
             match self.read_source(location) {
                 Some(frame) => self.memory.read(frame_offset(frame, offset), out),
@@ -458,18 +458,20 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// before. Returns the invalidation needed because pages the guest may have cached changed
     /// their mapping.
     pub fn write_phys(&mut self, gpa: GuestPhysAddr, data: &[u8]) -> Result<Invalidation, PgmError> {
-        // Each piece keeps where its bytes start in `data`.
-        let mut pieces: Vec<(PageLocation, u64, usize, usize)> = Vec::new();
-        let mut start = 0;
-        for (location, offset, len) in self.chunks(gpa, data.len())? {
-            pieces.push((location, offset, len, start));
-            start += len;
-        }
-        // Bytes for ROM that ignores writes are dropped, as the guest's would be.
-        pieces.retain(|&(location, ..)| self.takes_writes(location));
-        // MMIO aliases write straight into the aliased frame, outside the state machine.
-        let stateful = |pgm: &Self, location| !pgm.ranges.page(location).page_type().is_mmio_alias();
-        for &(location, ..) in &pieces {
+        let chunks = self.chunks(gpa, data.len())?;
+        // Each piece with where its bytes start in `data`.
+        let pieces = || {
+            chunks.iter().scan(0, |start, &(location, offset, len)| {
+                *start += len;
+                Some((location, offset, len, *start - len))
+            })
+        };
+        // Bytes for ROM that ignores writes are dropped, as the guest's would be; MMIO aliases
+        // write straight into the aliased frame, outside the state machine.
+        let stateful = |pgm: &Self, location| {
+            pgm.takes_writes(location) && !pgm.ranges.page(location).page_type().is_mmio_alias()
+        };
+        for (location, ..) in pieces() {
             let page = self.ranges.page(location);
             if stateful(self, location) {
                 transition(page, PageEvent::Write)
@@ -482,7 +484,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         }
         let mut newly_allocated = Vec::new();
         let mut remapped = false;
-        for &(location, ..) in &pieces {
+        for (location, ..) in pieces() {
             if !stateful(self, location) {
                 continue;
             }
@@ -504,7 +506,10 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 }
             }
         }
-        for &(location, offset, len, start) in &pieces {
+        for (location, offset, len, start) in pieces() {
+            if !self.takes_writes(location) {
+                continue;
+            }
             if let Some(frame) = self.ranges.page(location).frame() {
                 self.memory
                     .write(frame_offset(frame, offset), &data[start..start + len]);
@@ -1079,13 +1084,14 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 
     /// Splits `[gpa, gpa + len)` into per-page pieces `(page, offset in page, length)`, or names
     /// the first address that is not guest RAM.
-    fn chunks(&self, gpa: GuestPhysAddr, len: usize) -> Result<Vec<(PageLocation, u64, usize)>, PgmError> {
+    fn chunks(&self, gpa: GuestPhysAddr, len: usize) -> Result<Pieces, PgmError> {
         let pieces = self.pieces(gpa, len)?;
-        match pieces
+        let mmio = pieces
             .iter()
             .find(|(location, _, _)| self.ranges.page(*location).page_type() == PageType::Mmio)
-        {
-            Some(&(location, offset, _)) => {
+            .copied();
+        match mmio {
+            Some((location, offset, _)) => {
                 let at = self.ranges.gpa_of(location).as_u64() + offset;
                 Err(PgmError::NotRam(GuestPhysAddr::new_truncate(at)))
             }
@@ -1095,8 +1101,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 
     /// Splits `[gpa, gpa + len)` into per-page pieces of any registered page, or names the first
     /// address that is not registered.
-    fn pieces(&self, gpa: GuestPhysAddr, len: usize) -> Result<Vec<(PageLocation, u64, usize)>, PgmError> {
-        let mut pieces = Vec::new();
+    fn pieces(&self, gpa: GuestPhysAddr, len: usize) -> Result<Pieces, PgmError> {
+        let mut pieces = Pieces::default();
         let mut done = 0usize;
         while done < len {
             let at = gpa.checked_add(done as u64).ok_or(PgmError::BeyondAddressWidth)?;
@@ -1107,6 +1113,48 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             done += piece;
         }
         Ok(pieces)
+    }
+}
+
+/// One page's part of an access: the page, the offset in it, the length.
+type Piece = (PageLocation, u64, usize);
+
+/// The per-page pieces of an access. Up to two stay inline — every access of an emulated
+/// instruction (at most 8 bytes) — so the exit path does not go to the heap.
+enum Pieces {
+    Inline(usize, [Option<Piece>; 2]),
+    Heap(Vec<Piece>),
+}
+
+impl Default for Pieces {
+    fn default() -> Self {
+        Pieces::Inline(0, [None; 2])
+    }
+}
+
+impl Pieces {
+    fn push(&mut self, piece: Piece) {
+        match self {
+            Pieces::Inline(len, slots) if *len < slots.len() => {
+                slots[*len] = Some(piece);
+                *len += 1;
+            }
+            Pieces::Inline(_, slots) => {
+                let mut all: Vec<Piece> = slots.iter().flatten().copied().collect();
+                all.push(piece);
+                *self = Pieces::Heap(all);
+            }
+            Pieces::Heap(all) => all.push(piece),
+        }
+    }
+
+    /// The pieces in address order.
+    fn iter(&self) -> impl Iterator<Item = &Piece> + '_ {
+        let (inline, heap): (&[Option<Piece>], &[Piece]) = match self {
+            Pieces::Inline(_, slots) => (slots, &[]),
+            Pieces::Heap(all) => (&[], all),
+        };
+        inline.iter().flatten().chain(heap)
     }
 }
 
