@@ -7,7 +7,8 @@
 //! Supported: MOV loads and stores of 1/2/4/8 bytes (register and immediate forms),
 //! MOVZX, MOVSX, MOVSXD, OR/AND/XOR in both directions (memory destination is a
 //! read-modify-write), and STOS with or without REP (one element per exit, as the CPU would
-//! restart it). Anything else is [`Unsupported`]: the VM stops, the host does not.
+//! restart it). Anything else is [`EmulationError::Unsupported`]: the VM stops, the host does
+//! not.
 
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 use pgm::GuestPhysAddr;
@@ -68,8 +69,6 @@ pub struct Outcome {
     pub rip: u64,
     /// The guest's RFLAGS afterwards.
     pub rflags: u64,
-    /// True when the instruction wrote memory (false for pure loads).
-    pub wrote: bool,
 }
 
 /// Builds iced-x86's decoder tables (built lazily on first use, a few million ticks) at boot, so
@@ -102,15 +101,15 @@ pub fn execute(
     let next = Outcome {
         rip: instruction.next_ip(),
         rflags,
-        wrote: false,
     };
     match instruction.mnemonic() {
-        Mnemonic::Mov => mov(instruction, gpa, size, machine).map(|wrote| Outcome { wrote, ..next }),
+        Mnemonic::Mov => mov(instruction, gpa, size, machine).map(|()| next),
         Mnemonic::Movzx | Mnemonic::Movsx | Mnemonic::Movsxd => {
+            let destination = gpr_operand(instruction, 0)?;
             let value = load(machine, gpa, size)?;
             let signed = instruction.mnemonic() != Mnemonic::Movzx;
             let value = if signed { sign_extend(value, size) } else { value };
-            set_register(machine, instruction.op0_register(), value);
+            set_register(machine, destination, value);
             Ok(next)
         }
         Mnemonic::Or | Mnemonic::And | Mnemonic::Xor => logic(instruction, gpa, size, rflags, machine),
@@ -121,23 +120,21 @@ pub fn execute(
     }
 }
 
-/// MOV in its three memory forms; returns whether memory was written.
+/// MOV between memory and a general-purpose register or an immediate.
 fn mov(
     instruction: &Instruction,
     gpa: GuestPhysAddr,
     size: usize,
     machine: &mut impl Machine,
-) -> Result<bool, EmulationError> {
+) -> Result<(), EmulationError> {
     if is_memory(instruction.op0_kind()) {
         let value = source_value(instruction, 1, machine)?;
-        store(machine, gpa, size, value)?;
-        Ok(true)
-    } else if is_memory(instruction.op1_kind()) && instruction.op0_kind() == OpKind::Register {
-        let value = load(machine, gpa, size)?;
-        set_register(machine, instruction.op0_register(), value);
-        Ok(false)
+        Ok(store(machine, gpa, size, value)?)
     } else {
-        Err(EmulationError::Unsupported)
+        let destination = gpr_operand(instruction, 0)?;
+        let value = load(machine, gpa, size)?;
+        set_register(machine, destination, value);
+        Ok(())
     }
 }
 
@@ -152,10 +149,9 @@ fn logic(
     let memory_is_destination = is_memory(instruction.op0_kind());
     let other = if memory_is_destination {
         source_value(instruction, 1, machine)?
-    } else if instruction.op0_kind() == OpKind::Register && is_memory(instruction.op1_kind()) {
-        register(machine, instruction.op0_register())
     } else {
-        return Err(EmulationError::Unsupported);
+        let destination = gpr_operand(instruction, 0)?;
+        register(machine, destination)
     };
     let memory = load(machine, gpa, size)?;
     let result = match instruction.mnemonic() {
@@ -171,7 +167,6 @@ fn logic(
     Ok(Outcome {
         rip: instruction.next_ip(),
         rflags: logic_flags(rflags, result, size),
-        wrote: memory_is_destination,
     })
 }
 
@@ -191,11 +186,7 @@ fn stos(
     };
     let rep = instruction.has_rep_prefix();
     let count = machine.gpr(Register::RCX) & address_mask;
-    let outcome = |rip| Outcome {
-        rip,
-        rflags,
-        wrote: true,
-    };
+    let outcome = |rip| Outcome { rip, rflags };
     if rep && count == 0 {
         return Ok(outcome(instruction.next_ip()));
     }
@@ -228,7 +219,7 @@ fn source_value(
     machine: &mut impl Machine,
 ) -> Result<u64, EmulationError> {
     match instruction.op_kind(operand) {
-        OpKind::Register => Ok(register(machine, instruction.op_register(operand))),
+        OpKind::Register => Ok(register(machine, gpr_operand(instruction, operand)?)),
         OpKind::Immediate8
         | OpKind::Immediate16
         | OpKind::Immediate32
@@ -238,6 +229,17 @@ fn source_value(
         | OpKind::Immediate8to64
         | OpKind::Immediate32to64 => Ok(instruction.immediate(operand)),
         _ => Err(EmulationError::Unsupported),
+    }
+}
+
+/// Operand `operand` as a general-purpose register; anything else (a segment, control or
+/// vector register) is not emulated.
+fn gpr_operand(instruction: &Instruction, operand: u32) -> Result<Register, EmulationError> {
+    let reg = instruction.op_register(operand);
+    if instruction.op_kind(operand) == OpKind::Register && reg.is_gpr() {
+        Ok(reg)
+    } else {
+        Err(EmulationError::Unsupported)
     }
 }
 

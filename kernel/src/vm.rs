@@ -33,9 +33,6 @@ pub mod hypercall {
     pub const DONE: u64 = 0;
     /// Record RBX in [`super::Vm::reports`] and continue.
     pub const REPORT: u64 = 1;
-    /// Pause: the run ends with [`super::VmStop::Yielded`]; the next run continues after the
-    /// VMCALL. Lets a test change the VM's memory setup between phases of one guest.
-    pub const YIELD: u64 = 2;
     /// What RAX holds after an unknown hypercall.
     pub const UNKNOWN: u64 = u64::MAX;
 }
@@ -194,8 +191,6 @@ pub enum VmStop {
     Done(u64),
     /// The guest executed HLT at this RIP.
     Halted { rip: u64 },
-    /// The guest called the YIELD hypercall; [`Vm::run`] continues after it.
-    Yielded,
     /// The hypervisor stopped the VM.
     Stopped(Diagnostic),
 }
@@ -519,13 +514,13 @@ impl<'a> Vm<'a> {
         Ok(())
     }
 
-    /// Runs the vCPU until the guest finishes, halts, yields or is stopped, with no devices
+    /// Runs the vCPU until the guest finishes, halts or is stopped, with no devices
     /// behind MMIO pages.
     pub fn run(&mut self) -> VmStop {
         self.run_with(&mut NoDevices)
     }
 
-    /// Runs the vCPU until the guest finishes, halts, yields or is stopped; MMIO and handler
+    /// Runs the vCPU until the guest finishes, halts or is stopped; MMIO and handler
     /// accesses are emulated through `devices`.
     pub fn run_with(&mut self, devices: &mut impl AccessHandlers) -> VmStop {
         let budget_end = self.exits.total + EXIT_BUDGET;
@@ -687,12 +682,7 @@ impl<'a> Vm<'a> {
         if instruction.is_invalid() {
             return stop(self, StopCause::UnsupportedInstruction, bytes);
         }
-        let Vm {
-            pgm: Some(pgm), regs, ..
-        } = self
-        else {
-            return stop(self, StopCause::UnhandledExit, used);
-        };
+        let (pgm, regs) = (self.pgm.as_mut().expect("present until drop"), &mut self.regs);
         let gpa = pgm.a20_apply(gpa);
         let mut machine = VcpuMachine {
             regs,
@@ -827,7 +817,6 @@ impl<'a> Vm<'a> {
         match self.regs.rax {
             hypercall::DONE => return Some(VmStop::Done(self.regs.rbx)),
             hypercall::REPORT => self.reports.push(self.regs.rbx),
-            hypercall::YIELD => return Some(VmStop::Yielded),
             _ => self.regs.rax = hypercall::UNKNOWN,
         }
         None

@@ -294,8 +294,16 @@ guest_programs! {
         "jmp esi",
     ];
     // INC to memory, which the emulator does not support: against MMIO it stops the VM.
-    unsupported_mmio: Flat32, ".code32", [
+    inc_mmio: Flat32, ".code32", [
         "inc dword ptr [esi]",
+        "xor eax, eax",
+        "xor ebx, ebx",
+        "vmcall",
+        "hlt",
+    ];
+    // A segment-register load from memory, which the emulator does not support either.
+    segment_load_mmio: Flat32, ".code32", [
+        "mov ds, word ptr [esi]",
         "xor eax, eax",
         "xor ebx, ebx",
         "vmcall",
