@@ -18,7 +18,7 @@ use crate::arch::memory::frame_counts;
 use crate::arch::power::{exit, ExitCode};
 use crate::arch::ticks;
 use crate::arch::vmx::{GuestRegisters, VmxCaps};
-use crate::vm::{exit_costs_of_finished_vms, hypercall, StopCause, Vm, VmError, VmStop};
+use crate::vm::{exit_costs_of_finished_vms, hypercall, Diagnostic, StopCause, Vm, VmError, VmStop};
 use crate::{println, Host};
 
 type TestResult = Result<(), String>;
@@ -237,6 +237,16 @@ fn run_program(
     Ok((vm, stop))
 }
 
+/// The diagnostic of a VM the hypervisor stopped (printed for the log), or an error naming how
+/// the run ended instead.
+fn stopped(stop: VmStop) -> Result<Diagnostic, String> {
+    let VmStop::Stopped(diagnostic) = stop else {
+        return Err(format!("the VM was not stopped: {stop:?}"));
+    };
+    println!("  {diagnostic}");
+    Ok(diagnostic)
+}
+
 fn gpa(addr: u64) -> GuestPhysAddr {
     GuestPhysAddr::new_truncate(addr)
 }
@@ -412,10 +422,7 @@ fn access_outside_ram_stops_the_vm(host: &'static Host) -> TestResult {
         ..Default::default()
     };
     let (vm, stop) = run_program(host, programs::load(), regs)?;
-    let VmStop::Stopped(diagnostic) = stop else {
-        return Err(format!("the VM was not stopped: {stop:?}"));
-    };
-    println!("  {diagnostic}");
+    let diagnostic = stopped(stop)?;
     ensure_eq!(diagnostic.cause, StopCause::NotGuestMemory, "cause");
     ensure_eq!(diagnostic.exit_reason, EXIT_EPT_VIOLATION, "exit reason");
     ensure_eq!(diagnostic.gpa, Some(gpa(OUTSIDE)), "guest-physical address");
@@ -442,10 +449,7 @@ fn hlt_stops_the_vm(host: &'static Host) -> TestResult {
 
 fn triple_fault_stops_the_vm(host: &'static Host) -> TestResult {
     let (_, stop) = run_program(host, programs::triple_fault(), GuestRegisters::default())?;
-    let VmStop::Stopped(diagnostic) = stop else {
-        return Err(format!("the VM was not stopped: {stop:?}"));
-    };
-    println!("  {diagnostic}");
+    let diagnostic = stopped(stop)?;
     ensure_eq!(diagnostic.cause, StopCause::TripleFault, "cause");
     ensure_eq!(diagnostic.exit_reason, EXIT_TRIPLE_FAULT, "exit reason");
     Ok(())
@@ -453,10 +457,7 @@ fn triple_fault_stops_the_vm(host: &'static Host) -> TestResult {
 
 fn unhandled_exit_stops_the_vm(host: &'static Host) -> TestResult {
     let (_, stop) = run_program(host, programs::port_io(), GuestRegisters::default())?;
-    let VmStop::Stopped(diagnostic) = stop else {
-        return Err(format!("the VM was not stopped: {stop:?}"));
-    };
-    println!("  {diagnostic}");
+    let diagnostic = stopped(stop)?;
     ensure_eq!(diagnostic.cause, StopCause::UnhandledExit, "cause");
     ensure_eq!(diagnostic.exit_reason, EXIT_IO, "exit reason");
     // I/O qualification: port in bits 31:16, OUT (bit 3 clear), 1 byte (bits 2:0 = 0).

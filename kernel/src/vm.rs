@@ -503,17 +503,6 @@ impl<'a> Vm<'a> {
         Ok(())
     }
 
-    /// Sets the guest's RIP and general-purpose registers, to run a loaded program again from
-    /// `rip` (the rest of the guest state stays as the last run left it).
-    #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
-    pub fn restart(&mut self, rip: u64, regs: GuestRegisters) -> Result<(), VmError> {
-        let vmcs = self.vmcs.as_ref().expect("present until drop");
-        vmcs.make_current()?;
-        vmcs.write(guest::RIP, rip)?;
-        self.regs = regs;
-        Ok(())
-    }
-
     /// Runs the vCPU until the guest finishes, halts or is stopped, with no devices
     /// behind MMIO pages.
     pub fn run(&mut self) -> VmStop {

@@ -134,7 +134,7 @@ pub fn read_u64(vm: &Vm<'static>, at: u64) -> Result<u64, String> {
 }
 
 /// Writes `addresses` as a list of dwords at `at` (the input of the `write_list` program).
-pub fn write_list(vm: &mut Vm<'static>, at: u64, addresses: &[u64]) -> Result<(), String> {
+pub fn write_address_list(vm: &mut Vm<'static>, at: u64, addresses: &[u64]) -> Result<(), String> {
     let bytes: Vec<u8> = addresses
         .iter()
         .flat_map(|&address| (address as u32).to_le_bytes())

@@ -12,13 +12,13 @@ use pgm::manager::RomProtection;
 use pgm::page::PageState;
 use pgm::{Access, GuestPhysAddr, PgmError, PAGE_SIZE};
 
-use super::pc::{self, apply, pc, read_u32, read_u64, write_list, Above4G, DeviceAccess, TestDevice};
-use super::{gpa, TestResult, CODE};
+use super::pc::{self, apply, pc, read_u32, read_u64, write_address_list, Above4G, DeviceAccess, TestDevice};
+use super::{gpa, stopped, TestResult, CODE};
 use crate::arch::guests::{programs, GuestProgram};
 use crate::arch::memory::frame_counts;
 use crate::arch::vmx::GuestRegisters;
 use crate::vm::{StopCause, Vm, VmStop};
-use crate::{println, Host};
+use crate::Host;
 
 /// Where the MMIO guests store what they loaded, and where address lists go.
 const RESULTS: u64 = 0x9000;
@@ -268,10 +268,7 @@ pub fn unsupported_mmio_instruction_stops_the_vm(host: &'static Host) -> TestRes
             .start(&program, CODE, mmio_regs())
             .map_err(|e| format!("{e}"))?;
         let stop = pc.vm.run_with(&mut device);
-        let VmStop::Stopped(diagnostic) = stop else {
-            return Err(format!("{}: the VM was not stopped: {stop:?}", program.name));
-        };
-        println!("  {diagnostic}");
+        let diagnostic = stopped(stop)?;
         ensure_eq!(diagnostic.cause, StopCause::UnsupportedInstruction, "cause");
         ensure_eq!(diagnostic.instruction.as_slice(), bytes, "instruction bytes");
         ensure_eq!(diagnostic.rip, CODE, "RIP");
@@ -296,21 +293,9 @@ pub fn mmio_access_crossing_a_page_stops_the_vm(host: &'static Host) -> TestResu
     const STRADDLING: u64 = pc::DEVICE_BASE - 2;
     let mut pc = pc(host, Above4G::No)?;
     let mut device = TestDevice::new(pc.device, pc::DEVICE_BASE);
-    write_list(&mut pc.vm, LIST, &[STRADDLING])?;
-    let regs = GuestRegisters {
-        rsi: LIST,
-        rcx: 1,
-        rdi: 0x1234_5678,
-        ..Default::default()
-    };
-    pc.vm
-        .start(&programs::write_list(), CODE, regs)
-        .map_err(|e| format!("{e}"))?;
+    start_write_list(&mut pc.vm, &[STRADDLING], 0x1234_5678)?;
     let stop = pc.vm.run_with(&mut device);
-    let VmStop::Stopped(diagnostic) = stop else {
-        return Err(format!("the VM was not stopped: {stop:?}"));
-    };
-    println!("  {diagnostic}");
+    let diagnostic = stopped(stop)?;
     ensure_eq!(diagnostic.cause, StopCause::UnsupportedInstruction, "cause");
     ensure_eq!(
         diagnostic.gpa,
@@ -338,10 +323,7 @@ pub fn executing_from_mmio_stops_the_vm(host: &'static Host) -> TestResult {
         .start(&programs::jump_to(), CODE, regs)
         .map_err(|e| format!("{e}"))?;
     let stop = pc.vm.run_with(&mut device);
-    let VmStop::Stopped(diagnostic) = stop else {
-        return Err(format!("the VM was not stopped: {stop:?}"));
-    };
-    println!("  {diagnostic}");
+    let diagnostic = stopped(stop)?;
     ensure_eq!(diagnostic.cause, StopCause::ExecuteFromHandledPage, "cause");
     ensure_eq!(diagnostic.rip, pc::DEVICE_BASE + 0x10, "RIP");
     ensure_eq!(
@@ -359,16 +341,7 @@ pub fn first_write_to_a_zero_page_allocates_once(host: &'static Host) -> TestRes
     const PAGE: u64 = 0x30_0000;
     let mut pc = pc(host, Above4G::No)?;
     // The same page three times, at +0 and +8 each time.
-    write_list(&mut pc.vm, LIST, &[PAGE, PAGE + 0x10, PAGE + 0x20])?;
-    let regs = GuestRegisters {
-        rsi: LIST,
-        rcx: 3,
-        rdi: 0xFEED,
-        ..Default::default()
-    };
-    pc.vm
-        .start(&programs::write_list(), CODE, regs)
-        .map_err(|e| format!("{e}"))?;
+    start_write_list(&mut pc.vm, &[PAGE, PAGE + 0x10, PAGE + 0x20], 0xFEED)?;
     let (before, neighbour) = (pc.vm.stats(), gpa(PAGE + PAGE_SIZE));
     ensure_eq!(
         pc.vm.pgm().page(gpa(PAGE)).map(|p| p.state()),
@@ -393,18 +366,14 @@ pub fn first_write_to_a_zero_page_allocates_once(host: &'static Host) -> TestRes
 }
 
 /// Runs `rom_probe` at `address` writing `value`; returns the two values the guest read.
-fn probe_rom(vm: &mut Vm<'static>, address: u64, value: u32, first: bool) -> Result<Vec<u64>, String> {
+fn probe_rom(vm: &mut Vm<'static>, address: u64, value: u32) -> Result<Vec<u64>, String> {
     let regs = GuestRegisters {
         rsi: address,
         rdi: u64::from(value),
         ..Default::default()
     };
-    let started = if first {
-        vm.start(&programs::rom_probe(), CODE, regs)
-    } else {
-        vm.restart(CODE, regs)
-    };
-    started.map_err(|e| format!("{e}"))?;
+    vm.start(&programs::rom_probe(), CODE, regs)
+        .map_err(|e| format!("{e}"))?;
     vm.reports.clear();
     ensure_eq!(
         vm.run(),
@@ -421,7 +390,7 @@ pub fn rom_reads_the_image_and_ignores_writes(host: &'static Host) -> TestResult
     let mut pc = pc(host, Above4G::No)?;
     let address = pc::OPTION_ROM_BASE + 4 * u64::from(DWORD);
     let image = u64::from(pc::OPTION_ROM_TAG | DWORD);
-    let reads = probe_rom(&mut pc.vm, address, 0xBAD0_BAD0, true)?;
+    let reads = probe_rom(&mut pc.vm, address, 0xBAD0_BAD0)?;
     ensure_eq!(reads, [image, image], "guest reads before and after its write");
     ensure_eq!(
         u64::from(read_u32(&pc.vm, address)?),
@@ -468,10 +437,10 @@ pub fn rom_protection_modes_route_reads_and_writes(host: &'static Host) -> TestR
         ),
         (RomProtection::ReadRomWriteIgnore, 0x5555_5555, [image, image]),
     ];
-    for (i, (mode, value, expected)) in phases.into_iter().enumerate() {
+    for (mode, value, expected) in phases {
         let result = pc.vm.pgm_mut().protect_rom(pc.system_rom, mode);
         apply(&mut pc.vm, result)?;
-        let reads = probe_rom(&mut pc.vm, address, value, i == 0)?;
+        let reads = probe_rom(&mut pc.vm, address, value)?;
         ensure!(
             reads == expected,
             "{mode:?}: guest read {reads:x?}, expected {expected:x?}"
@@ -506,26 +475,12 @@ fn harvest_dirty(pc: &mut pc::Pc) -> Result<BTreeSet<u64>, String> {
 }
 
 /// Runs `write_list` over `pages` of the framebuffer (each written twice).
-fn write_framebuffer(pc: &mut pc::Pc, pages: &[u64], value: u64, first: bool) -> TestResult {
+fn write_framebuffer(pc: &mut pc::Pc, pages: &[u64], value: u64) -> TestResult {
     let addresses: Vec<u64> = pages
         .iter()
         .map(|page| pc::FRAMEBUFFER_BASE + page * PAGE_SIZE + 0x40)
         .collect();
-    write_list(&mut pc.vm, LIST, &addresses)?;
-    let regs = GuestRegisters {
-        rsi: LIST,
-        rcx: pages.len() as u64,
-        rdi: value,
-        ..Default::default()
-    };
-    let started = if first {
-        pc.vm.start(&programs::write_list(), CODE, regs)
-    } else {
-        pc.vm.restart(CODE, regs)
-    };
-    started.map_err(|e| format!("{e}"))?;
-    ensure_eq!(pc.vm.run(), VmStop::Done(0), "stop");
-    Ok(())
+    guest_write(&mut pc.vm, &addresses, value)
 }
 
 /// The guest writes a chosen subset of framebuffer pages; query-and-reset returns exactly that
@@ -535,7 +490,7 @@ pub fn mmio2_dirty_tracking_reports_exactly_the_written_pages(host: &'static Hos
     let rounds: [&[u64]; 3] = [&[0, 3, 7, 8, 31, 63], &[1, 3], &[]];
     for (round, pages) in rounds.iter().enumerate() {
         let violations_before = pc.vm.exits.ept_violations;
-        write_framebuffer(&mut pc, pages, 0xF00 + round as u64, round == 0)?;
+        write_framebuffer(&mut pc, pages, 0xF00 + round as u64)?;
         ensure_eq!(
             pc.vm.exits.ept_violations - violations_before,
             pages.len() as u64,
@@ -598,20 +553,7 @@ pub fn write_monitoring_keeps_a_mirror_in_step(host: &'static Host) -> TestResul
         let pages: Vec<u64> = (0..WRITES_PER_ROUND)
             .map(|_| REGION + (random.next() % PAGES) * PAGE_SIZE + (random.next() % 8) * 0x100)
             .collect();
-        write_list(&mut pc.vm, LIST, &pages)?;
-        let regs = GuestRegisters {
-            rsi: LIST,
-            rcx: pages.len() as u64,
-            rdi: round,
-            ..Default::default()
-        };
-        let started = if round == 1 {
-            pc.vm.start(&programs::write_list(), CODE, regs)
-        } else {
-            pc.vm.restart(CODE, regs)
-        };
-        started.map_err(|e| format!("{e}"))?;
-        ensure_eq!(pc.vm.run(), VmStop::Done(0), "stop");
+        guest_write(&mut pc.vm, &pages, round)?;
         harvested.clear();
         let invalidation = pc.vm.pgm_mut().harvest_written(&mut harvested);
         apply(&mut pc.vm, Ok(invalidation))?;
@@ -661,9 +603,9 @@ fn guest_load(vm: &mut Vm<'static>, address: u64) -> Result<VmStop, String> {
     Ok(vm.run())
 }
 
-/// Runs `write_list` over `addresses` with `value` in a fresh start of the VM.
-fn guest_write(vm: &mut Vm<'static>, addresses: &[u64], value: u64) -> TestResult {
-    write_list(vm, LIST, addresses)?;
+/// Puts `addresses` in the list page and starts `write_list` over them with `value`.
+fn start_write_list(vm: &mut Vm<'static>, addresses: &[u64], value: u64) -> TestResult {
+    write_address_list(vm, LIST, addresses)?;
     let regs = GuestRegisters {
         rsi: LIST,
         rcx: addresses.len() as u64,
@@ -671,7 +613,12 @@ fn guest_write(vm: &mut Vm<'static>, addresses: &[u64], value: u64) -> TestResul
         ..Default::default()
     };
     vm.start(&programs::write_list(), CODE, regs)
-        .map_err(|e| format!("{e}"))?;
+        .map_err(|e| format!("{e}"))
+}
+
+/// Runs `write_list` over `addresses` with `value` (no devices) to its end.
+fn guest_write(vm: &mut Vm<'static>, addresses: &[u64], value: u64) -> TestResult {
+    start_write_list(vm, addresses, value)?;
     ensure_eq!(vm.run(), VmStop::Done(0), "stop");
     Ok(())
 }
@@ -691,10 +638,7 @@ pub fn balloon_frees_frames_and_deflate_restores_pages(host: &'static Host) -> T
     ensure!(freed >= 3, "inflating 3 pages freed {freed} host frames");
     ensure_eq!(pc.vm.stats().ballooned_pages, 3, "ballooned pages");
     let stop = guest_load(&mut pc.vm, pages[3])?;
-    let VmStop::Stopped(diagnostic) = stop else {
-        return Err(format!("touching a ballooned page did not stop the VM: {stop:?}"));
-    };
-    println!("  {diagnostic}");
+    let diagnostic = stopped(stop)?;
     ensure_eq!(diagnostic.cause, StopCause::BalloonedPage, "cause");
     ensure_eq!(diagnostic.gpa, Some(gpa(pages[3])), "guest-physical address");
     ensure_eq!(
@@ -754,14 +698,7 @@ pub fn large_pages_split_for_a_handler_and_merge_back(host: &'static Host) -> Te
     ensure_eq!(read_u32(&pc.vm, DATA)?, 0x1A, "data after the split");
     // The guest writes the watched page (the handler sees both writes) and a plain one.
     let mut watcher = TestDevice::watcher(handler, WATCHED);
-    write_list(&mut pc.vm, LIST, &[WATCHED, DATA])?;
-    let regs = GuestRegisters {
-        rsi: LIST,
-        rcx: 2,
-        rdi: 0x2B,
-        ..Default::default()
-    };
-    pc.vm.restart(CODE, regs).map_err(|e| format!("{e}"))?;
+    start_write_list(&mut pc.vm, &[WATCHED, DATA], 0x2B)?;
     ensure_eq!(pc.vm.run_with(&mut watcher), VmStop::Done(0), "stop");
     ensure_eq!(watcher.log, [(W, 0, 4), (W, 8, 4)], "writes the handler saw");
     ensure_eq!(
@@ -836,10 +773,7 @@ pub fn out_of_frames_stops_only_that_vm(host: &'static Host) -> TestResult {
     let limit = pc.vm.stats().private_frames() + ALLOWED;
     pc.vm.pgm_mut().set_frame_limit(Some(limit));
     let stop = pc.vm.run();
-    let VmStop::Stopped(diagnostic) = stop else {
-        return Err(format!("the VM was not stopped: {stop:?}"));
-    };
-    println!("  {diagnostic}");
+    let diagnostic = stopped(stop)?;
     ensure_eq!(diagnostic.cause, StopCause::OutOfMemory, "cause");
     ensure_eq!(
         diagnostic.gpa,
