@@ -243,6 +243,7 @@ fn gpr_operand(instruction: &Instruction, operand: u32) -> Result<Register, Emul
     }
 }
 
+/// True for an explicit memory operand (`[base + index * scale + displacement]`).
 fn is_memory(kind: OpKind) -> bool {
     kind == OpKind::Memory
 }
@@ -265,12 +266,14 @@ fn operand_linear_address(instruction: &Instruction, machine: &mut impl Machine)
     })
 }
 
+/// Reads `size` bytes at `gpa` as a little-endian value.
 fn load(machine: &mut impl Machine, gpa: GuestPhysAddr, size: usize) -> Result<u64, MemoryFault> {
     let mut bytes = [0u8; 8];
     machine.read(gpa, &mut bytes[..size])?;
     Ok(u64::from_le_bytes(bytes))
 }
 
+/// Writes the low `size` bytes of `value` at `gpa`.
 fn store(machine: &mut impl Machine, gpa: GuestPhysAddr, size: usize, value: u64) -> Result<(), MemoryFault> {
     machine.write(gpa, &value.to_le_bytes()[..size])
 }
@@ -317,6 +320,7 @@ fn mask(size: usize) -> u64 {
     }
 }
 
+/// `value`'s low `size` bytes, sign-extended to 64 bits.
 fn sign_extend(value: u64, size: usize) -> u64 {
     let shift = 64 - size as u32 * 8;
     (((value << shift) as i64) >> shift) as u64

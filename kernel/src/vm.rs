@@ -1047,6 +1047,7 @@ impl<H> VcpuMachine<'_, H> {
     }
 }
 
+/// What a pgm error during an emulated access means for the guest.
 fn memory_fault(error: PgmError) -> MemoryFault {
     match error {
         PgmError::NotGuestMemory(_) | PgmError::NotRam(_) => MemoryFault::NotGuestMemory,

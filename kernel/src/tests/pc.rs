@@ -125,10 +125,12 @@ pub fn read_bytes<const N: usize>(vm: &Vm<'static>, at: u64) -> Result<[u8; N], 
     Ok(bytes)
 }
 
+/// The dword at `at` as the host sees it.
 pub fn read_u32(vm: &Vm<'static>, at: u64) -> Result<u32, String> {
     read_bytes::<4>(vm, at).map(u32::from_le_bytes)
 }
 
+/// The qword at `at` as the host sees it.
 pub fn read_u64(vm: &Vm<'static>, at: u64) -> Result<u64, String> {
     read_bytes::<8>(vm, at).map(u64::from_le_bytes)
 }

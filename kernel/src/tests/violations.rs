@@ -91,6 +91,7 @@ const MMIO_FORMS_RESULTS: [u32; 16] = [
     0xA5A5_A5A5,
 ];
 
+/// Inputs of the MMIO guests: device base, results area, the RAM page above 4 GiB.
 fn mmio_regs() -> GuestRegisters {
     GuestRegisters {
         rsi: pc::DEVICE_BASE,
@@ -100,6 +101,7 @@ fn mmio_regs() -> GuestRegisters {
     }
 }
 
+/// The first `count` result dwords the MMIO guests stored.
 fn results(vm: &Vm<'static>, count: usize) -> Result<Vec<u32>, String> {
     (0..count).map(|k| read_u32(vm, RESULTS + 4 * k as u64)).collect()
 }
