@@ -588,7 +588,6 @@ impl<'a> Vm<'a> {
             Access::Read
         };
         let stop = |vm: &Self, cause| Some(VmStop::Stopped(vm.diagnostic(cause, exit_reason::EPT_VIOLATION)));
-        let emulated = |kind| Some((kind, exit_tick));
         let mut invalidation = match self.pgm_mut().resolve_fault(gpa, access) {
             FaultOutcome::Resolved {
                 invalidation,
@@ -607,19 +606,16 @@ impl<'a> Vm<'a> {
             FaultOutcome::Handler { .. } if access == Access::Execute => {
                 return stop(self, StopCause::ExecuteFromHandledPage);
             }
-            FaultOutcome::Handler { .. } => {
-                self.measuring = match access {
-                    Access::Write => emulated(ExitKind::MmioWrite),
-                    _ => emulated(ExitKind::MmioRead),
+            outcome @ (FaultOutcome::Handler { .. }
+            | FaultOutcome::WriteIgnored
+            | FaultOutcome::EmulateWrite) => {
+                let kind = match outcome {
+                    FaultOutcome::Handler { .. } if access == Access::Write => ExitKind::MmioWrite,
+                    FaultOutcome::Handler { .. } => ExitKind::MmioRead,
+                    FaultOutcome::WriteIgnored => ExitKind::RomWriteIgnore,
+                    _ => ExitKind::RomWriteShadow,
                 };
-                return self.emulate_access(gpa, devices);
-            }
-            FaultOutcome::WriteIgnored => {
-                self.measuring = emulated(ExitKind::RomWriteIgnore);
-                return self.emulate_access(gpa, devices);
-            }
-            FaultOutcome::EmulateWrite => {
-                self.measuring = emulated(ExitKind::RomWriteShadow);
+                self.measuring = Some((kind, exit_tick));
                 return self.emulate_access(gpa, devices);
             }
         };
@@ -653,18 +649,11 @@ impl<'a> Vm<'a> {
             diagnostic.instruction = bytes;
             Some(VmStop::Stopped(diagnostic))
         };
-        let vmcs = self.vmcs.as_ref().expect("present until drop");
-        let (rip, rflags, rsp) = (
-            vmcs.read(guest::RIP),
-            vmcs.read(guest::RFLAGS),
-            vmcs.read(guest::RSP),
-        );
-        let bitness = self.code_bitness();
-        let segment_bases = self.segment_bases(bitness);
-        let Some(bytes) = self.fetch_instruction(rip, bitness) else {
+        let cpu = self.guest_cpu();
+        let Some(bytes) = self.fetch_instruction(&cpu) else {
             return stop(self, StopCause::InstructionFetch, InstructionBytes::default());
         };
-        let mut decoder = Decoder::with_ip(bitness, bytes.as_slice(), rip, DecoderOptions::NONE);
+        let mut decoder = Decoder::with_ip(cpu.bitness, bytes.as_slice(), cpu.rip, DecoderOptions::NONE);
         let instruction: Instruction = decoder.decode();
         let mut used = bytes;
         used.len = instruction.len().min(bytes.as_slice().len()) as u8;
@@ -675,13 +664,13 @@ impl<'a> Vm<'a> {
         let gpa = pgm.a20_apply(gpa);
         let mut machine = VcpuMachine {
             regs,
-            rsp,
-            segment_bases,
+            rsp: cpu.rsp,
+            segment_bases: cpu.segment_bases,
             pgm,
             devices,
             invalidation: Invalidation::None,
         };
-        let result = emulate::execute(&instruction, gpa, rflags, &mut machine);
+        let result = emulate::execute(&instruction, gpa, cpu.rflags, &mut machine);
         let invalidation = machine.invalidation;
         let outcome = match result {
             Ok(outcome) => outcome,
@@ -706,11 +695,19 @@ impl<'a> Vm<'a> {
         }
     }
 
-    /// The guest's segment bases in the order ES, CS, SS, DS, FS, GS; in 64-bit code the first
-    /// four are 0 whatever the VMCS holds, as the CPU ignores them.
-    fn segment_bases(&self, bitness: u32) -> [u64; 6] {
+    /// Reads, once per emulated exit, the guest state the emulator needs.
+    fn guest_cpu(&self) -> GuestCpu {
         let vmcs = self.vmcs.as_ref().expect("present until drop");
-        let mut bases = [
+        let efer = vmcs.read(guest::IA32_EFER_FULL);
+        let access_rights = vmcs.read(guest::CS_ACCESS_RIGHTS);
+        let bitness = if efer & EFER_LMA != 0 && access_rights & CS_LONG != 0 {
+            64
+        } else if access_rights & CS_DEFAULT_32 != 0 {
+            32
+        } else {
+            16
+        };
+        let mut segment_bases = [
             guest::ES_BASE,
             guest::CS_BASE,
             guest::SS_BASE,
@@ -720,47 +717,36 @@ impl<'a> Vm<'a> {
         ]
         .map(|field| vmcs.read(field));
         if bitness == 64 {
-            bases[..4].fill(0);
+            // The CPU ignores these bases in 64-bit code, whatever the VMCS holds.
+            segment_bases[..4].fill(0);
         }
-        bases
-    }
-
-    /// 16, 32 or 64: the operand and address size the guest's code segment runs with.
-    fn code_bitness(&self) -> u32 {
-        let vmcs = self.vmcs.as_ref().expect("present until drop");
-        let access_rights = vmcs.read(guest::CS_ACCESS_RIGHTS);
-        let long_mode_active = vmcs.read(guest::IA32_EFER_FULL) & EFER_LMA != 0;
-        if long_mode_active && access_rights & CS_LONG != 0 {
-            64
-        } else if access_rights & CS_DEFAULT_32 != 0 {
-            32
-        } else {
-            16
+        GuestCpu {
+            rip: vmcs.read(guest::RIP),
+            rflags: vmcs.read(guest::RFLAGS),
+            rsp: vmcs.read(guest::RSP),
+            bitness,
+            segment_bases,
+            paging: GuestPaging::from_registers(vmcs.read(guest::CR0), vmcs.read(guest::CR4), efer),
+            cr3: vmcs.read(guest::CR3),
         }
     }
 
-    /// Reads the (up to 15) instruction bytes at `rip` through CS and the guest's paging as
-    /// the guest would fetch them. Bytes on a following page that is not mapped are left out
-    /// (the instruction may end before it). `None` when not even the first byte can be read.
-    fn fetch_instruction(&self, rip: u64, bitness: u32) -> Option<InstructionBytes> {
-        let vmcs = self.vmcs.as_ref().expect("present until drop");
-        let linear = if bitness == 64 {
-            rip
+    /// Reads the (up to 15) instruction bytes at RIP through CS and the guest's paging as the
+    /// guest would fetch them. Bytes on a following page that is not mapped are left out (the
+    /// instruction may end before it). `None` when not even the first byte can be read.
+    fn fetch_instruction(&self, cpu: &GuestCpu) -> Option<InstructionBytes> {
+        let code_base = cpu.segment_bases[1];
+        let linear = if cpu.bitness == 64 {
+            cpu.rip
         } else {
-            vmcs.read(guest::CS_BASE).wrapping_add(rip) & 0xFFFF_FFFF
+            code_base.wrapping_add(cpu.rip) & 0xFFFF_FFFF
         };
-        let paging = GuestPaging::from_registers(
-            vmcs.read(guest::CR0),
-            vmcs.read(guest::CR4),
-            vmcs.read(guest::IA32_EFER_FULL),
-        );
-        let cr3 = vmcs.read(guest::CR3);
         let pgm = self.pgm();
         let mut fetched = InstructionBytes::default();
         let mut done = 0;
         while done < fetched.bytes.len() {
             let at = linear.wrapping_add(done as u64);
-            let Ok(gpa) = pgm.guest_linear_to_phys(paging, cr3, at) else {
+            let Ok(gpa) = pgm.guest_linear_to_phys(cpu.paging, cpu.cr3, at) else {
                 break;
             };
             let gpa = pgm.a20_apply(gpa);
@@ -1008,6 +994,19 @@ impl<'a> Vm<'a> {
         }
         Ok(())
     }
+}
+
+/// The guest state an emulated exit needs, read from the VMCS once.
+struct GuestCpu {
+    rip: u64,
+    rflags: u64,
+    rsp: u64,
+    /// 16, 32 or 64: the operand and address size of the code segment.
+    bitness: u32,
+    /// ES, CS, SS, DS, FS, GS (the first four 0 in 64-bit code).
+    segment_bases: [u64; 6],
+    paging: GuestPaging,
+    cr3: u64,
 }
 
 /// The vCPU and guest memory of one VM as the instruction emulator sees them: registers from

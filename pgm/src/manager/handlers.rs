@@ -81,15 +81,22 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     ) -> Result<Invalidation, PgmError> {
         let mut invalidation = Invalidation::None;
         let mut done = 0;
-        // The handler may change what it is handed; the guest's data stays as it was.
-        let mut scratch = [0u8; PAGE_SIZE as usize];
         for &(location, offset, len) in self.pieces(gpa, data.len())?.iter() {
             let at = GuestPhysAddr::new_truncate(self.ranges.gpa_of(location).as_u64() + offset);
             let piece = &data[done..done + len];
             done += len;
             let page = self.ranges.page(location);
             if let Some(handler) = self.intercepting_handler(at, page, Access::Write) {
-                let bytes = &mut scratch[..len];
+                // The handler may change what it is handed; the guest's data stays as it was.
+                // A CPU access (at most 8 bytes) is copied on the stack, a larger one on the heap.
+                let mut small = [0u8; 8];
+                let mut large;
+                let bytes = if len <= small.len() {
+                    &mut small[..len]
+                } else {
+                    large = alloc::vec![0u8; len];
+                    &mut large[..]
+                };
                 bytes.copy_from_slice(piece);
                 if handlers.access(handler, at, Access::Write, bytes) == HandlerAction::Handled {
                     continue;

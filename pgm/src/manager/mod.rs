@@ -1122,28 +1122,27 @@ type Piece = (PageLocation, u64, usize);
 /// The per-page pieces of an access. Up to two stay inline — every access of an emulated
 /// instruction (at most 8 bytes) — so the exit path does not go to the heap.
 enum Pieces {
-    Inline(usize, [Option<Piece>; 2]),
+    Inline([Option<Piece>; 2]),
     Heap(Vec<Piece>),
 }
 
 impl Default for Pieces {
     fn default() -> Self {
-        Pieces::Inline(0, [None; 2])
+        Pieces::Inline([None; 2])
     }
 }
 
 impl Pieces {
     fn push(&mut self, piece: Piece) {
         match self {
-            Pieces::Inline(len, slots) if *len < slots.len() => {
-                slots[*len] = Some(piece);
-                *len += 1;
-            }
-            Pieces::Inline(_, slots) => {
-                let mut all: Vec<Piece> = slots.iter().flatten().copied().collect();
-                all.push(piece);
-                *self = Pieces::Heap(all);
-            }
+            Pieces::Inline(slots) => match slots.iter_mut().find(|slot| slot.is_none()) {
+                Some(free) => *free = Some(piece),
+                None => {
+                    let mut all: Vec<Piece> = slots.iter().flatten().copied().collect();
+                    all.push(piece);
+                    *self = Pieces::Heap(all);
+                }
+            },
             Pieces::Heap(all) => all.push(piece),
         }
     }
@@ -1151,7 +1150,7 @@ impl Pieces {
     /// The pieces in address order.
     fn iter(&self) -> impl Iterator<Item = &Piece> + '_ {
         let (inline, heap): (&[Option<Piece>], &[Piece]) = match self {
-            Pieces::Inline(_, slots) => (slots, &[]),
+            Pieces::Inline(slots) => (slots, &[]),
             Pieces::Heap(all) => (&[], all),
         };
         inline.iter().flatten().chain(heap)
