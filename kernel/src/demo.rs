@@ -1,10 +1,17 @@
-//! `make run`: boots a guest that touches memory, then prints the page statistics.
+//! `make run`: boots a guest that touches memory and prints the page statistics, then a guest
+//! that never exits by itself: it is preempted at the end of each slice, kicked out by the
+//! host timer, and stopped at its time limit.
+
+use alloc::format;
+use alloc::string::String;
 
 use crate::arch::guests::programs;
 use crate::arch::memory::frame_counts;
 use crate::arch::power::{exit, ExitCode};
-use crate::arch::ticks;
 use crate::arch::vmx::GuestRegisters;
+use crate::arch::{idt, ticks};
+use crate::vm::budget::Budget;
+use crate::vm::requests::{kick_on_timer, Request};
 use crate::vm::{Vm, VmStop};
 use crate::{println, Host};
 
@@ -17,6 +24,10 @@ const PAGES_WRITTEN: u64 = 64;
 /// ...every 3rd page from 2 MiB up.
 const FIRST_PAGE: u64 = 0x20_0000;
 const STRIDE: u64 = 3 * 4096;
+/// The spinning guest's slice and limit, and when the host timer kicks it.
+const SLICE: u64 = 1_000_000;
+const LIMIT: u64 = 3_500_000;
+const KICK_AFTER: u32 = 250_000;
 
 /// Runs the demo guest and ends the machine.
 pub fn run(host: &'static Host) -> ! {
@@ -29,8 +40,7 @@ pub fn run(host: &'static Host) -> ! {
     }
 }
 
-fn demo(host: &'static Host) -> Result<(), alloc::string::String> {
-    use alloc::format;
+fn demo(host: &'static Host) -> Result<(), String> {
     let vmx = host.vmx.as_ref().map_err(|e| format!("{e}"))?;
     let before = frame_counts();
     let mut vm = Vm::new(vmx, host.phys, &RAM).map_err(|e| format!("{e}"))?;
@@ -58,13 +68,50 @@ fn demo(host: &'static Host) -> Result<(), alloc::string::String> {
         return Err(format!("the guest did not finish: {stop:?}"));
     }
     drop(vm);
+    spinning_guest(host)?;
     let after = frame_counts();
     println!(
-        "demo: VM destroyed; host frames used {} (before the VM: {})",
+        "demo: VMs destroyed; host frames used {} (before the VMs: {})",
         after.used(),
         before.used()
     );
     Ok(())
+}
+
+/// Runs `jmp $` with a slice of [`SLICE`] ticks and a limit of [`LIMIT`], kicking it out once
+/// with the host timer, and prints how each run ended.
+fn spinning_guest(host: &'static Host) -> Result<(), String> {
+    let vmx = host.vmx.as_ref().map_err(|e| format!("{e}"))?;
+    let mut vm = Vm::new(vmx, host.phys, &RAM).map_err(|e| format!("{e}"))?;
+    vm.start(&programs::spin_interrupts_on(), CODE, GuestRegisters::default())
+        .map_err(|e| format!("{e}"))?;
+    vm.set_budget(Budget::sliced(SLICE, LIMIT));
+    println!("demo: a guest spinning on `jmp $`, slice {SLICE} ticks, limit {LIMIT}");
+    let mut run = 0;
+    loop {
+        run += 1;
+        if run == 2 && !kick_on_timer(&vm.requests(), Request::STOP, KICK_AFTER) {
+            println!("demo: no host timer to kick the vCPU with");
+        }
+        let before = vm.ticks_used();
+        let stop = vm.run();
+        let took = vm.ticks_used() - before;
+        if stop.is_resumable() {
+            println!("demo: run {run}: {stop:x?} after {took} ticks");
+            continue;
+        }
+        println!(
+            "demo: run {run} ended after {took} ticks; host timer interrupts taken: {}",
+            idt::timer_interrupts()
+        );
+        return match stop {
+            VmStop::Stopped(diagnostic) => {
+                println!("demo: {diagnostic}");
+                Ok(())
+            }
+            other => Err(format!("the spinning guest ended with {other:?}")),
+        };
+    }
 }
 
 fn print_stats(when: &str, vm: &Vm) {

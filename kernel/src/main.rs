@@ -47,6 +47,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     arch::serial::init();
     arch::gdt::init();
     arch::idt::init();
+    let apic = arch::apic::init();
     memory::init_heap();
     let Some(offset) = boot_info.physical_memory_offset.into_option() else {
         exit(ExitCode::Failure, "the bootloader did not map physical memory")
@@ -65,6 +66,10 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     match &vmx {
         Ok(vmx) => println!("hypervisor: VMX on: {}", vmx.caps()),
         Err(error) => println!("hypervisor: {error}"),
+    }
+    match apic {
+        Ok(()) => println!("hypervisor: local APIC in x2APIC mode; legacy PICs masked"),
+        Err(error) => println!("hypervisor: no host timer to kick vCPUs with: {error:?}"),
     }
     emulate::warm_up();
     let host = HOST.call_once(|| Host { phys, vmx });

@@ -1,7 +1,9 @@
 //! Kernel-level tests: one boot runs them all on the emulated VT-x CPU. Each prints
 //! `test NAME ... ok (T ticks)` or `test NAME ... FAILED: reason (T ticks)`; the run ends with
 //! `N passed, N failed` and stops the emulator. Every test must give back every host frame it
-//! took: the harness fails a test that leaks.
+//! took: the harness fails a test that leaks. Every test has a budget of [`TEST_BUDGET`] ticks:
+//! it is the host deadline of every VM the test runs, so a guest that would run for ever is
+//! stopped there and the harness fails that test by name and goes on.
 
 use alloc::format;
 use alloc::string::String;
@@ -18,12 +20,18 @@ use crate::arch::memory::frame_counts;
 use crate::arch::power::{exit, ExitCode};
 use crate::arch::ticks;
 use crate::arch::vmx::{GuestRegisters, VmxCaps};
-use crate::vm::{exit_costs_of_finished_vms, hypercall, Diagnostic, StopCause, Vm, VmError, VmStop};
+use crate::vm::budget::{host_deadline_hit, set_host_deadline};
+use crate::vm::{
+    exit_costs_of_finished_vms, hypercall, overrun_of_finished_vms, Diagnostic, StopCause, Vm, VmError,
+    VmStop,
+};
 use crate::{println, Host};
 
 type TestResult = Result<(), String>;
 type TestFn = fn(&'static Host) -> TestResult;
 
+/// Ticks each test may take (the slowest takes about a tenth of this).
+const TEST_BUDGET: u64 = 1_500_000_000;
 /// Guest RAM of most tests: 640 KiB low memory and 15 MiB from 1 MiB up.
 const PC_RAM: [(u64, u64); 2] = [(0, 0xA_0000), (0x10_0000, 0xF0_0000)];
 /// Where test programs are loaded and entered (the stack grows down from just below).
@@ -136,6 +144,54 @@ const TESTS: &[(&str, TestFn)] = &[
         "out_of_frames_stops_only_that_vm",
         violations::out_of_frames_stops_only_that_vm,
     ),
+    (
+        "spinning_real_mode_guest_is_preempted_then_stopped",
+        preemption::spinning_real_mode_guest_is_preempted_then_stopped,
+    ),
+    (
+        "spinning_protected_mode_guest_is_preempted_then_stopped",
+        preemption::spinning_protected_mode_guest_is_preempted_then_stopped,
+    ),
+    (
+        "spinning_long_mode_guest_is_preempted_then_stopped",
+        preemption::spinning_long_mode_guest_is_preempted_then_stopped,
+    ),
+    (
+        "counting_guest_preempted_100_times_ends_with_the_exact_count",
+        preemption::counting_guest_preempted_100_times_ends_with_the_exact_count,
+    ),
+    (
+        "hlt_with_interrupts_off_ends_the_run_at_once",
+        preemption::hlt_with_interrupts_off_ends_the_run_at_once,
+    ),
+    (
+        "rep_stosb_longer_than_its_budget_is_preempted_then_stopped",
+        preemption::rep_stosb_longer_than_its_budget_is_preempted_then_stopped,
+    ),
+    (
+        "pause_loop_yields_and_is_stopped_at_its_limit",
+        preemption::pause_loop_yields_and_is_stopped_at_its_limit,
+    ),
+    (
+        "monitor_mwait_loop_is_bounded_by_its_budget",
+        preemption::monitor_mwait_loop_is_bounded_by_its_budget,
+    ),
+    (
+        "host_timer_kicks_a_running_vcpu",
+        preemption::host_timer_kicks_a_running_vcpu,
+    ),
+    (
+        "a_kick_is_taken_by_the_end_of_the_slice_at_the_latest",
+        preemption::a_kick_is_taken_by_the_end_of_the_slice_at_the_latest,
+    ),
+    (
+        "a_test_that_outlives_its_budget_is_failed_and_the_run_goes_on",
+        preemption::a_test_that_outlives_its_budget_is_failed_and_the_run_goes_on,
+    ),
+    (
+        "random_instruction_bytes_end_within_budget",
+        preemption::random_instruction_bytes_end_within_budget,
+    ),
 ];
 
 static CURRENT: Mutex<Option<&'static str>> = Mutex::new(None);
@@ -146,16 +202,9 @@ static FAILED: AtomicUsize = AtomicUsize::new(0);
 pub fn run_all(host: &'static Host) -> ! {
     println!("running {} kernel tests", TESTS.len());
     for &(name, test) in TESTS {
-        *CURRENT.lock() = Some(name);
-        let frames_before = frame_counts().used();
         let start = ticks();
-        let mut result = test(host);
+        let result = run_one(host, name, test, TEST_BUDGET);
         let elapsed = ticks() - start;
-        let leaked = frame_counts().used() as i64 - frames_before as i64;
-        if result.is_ok() && leaked != 0 {
-            result = Err(format!("host frames in use changed by {leaked} (leak)"));
-        }
-        *CURRENT.lock() = None;
         match result {
             Ok(()) => {
                 PASSED.fetch_add(1, Ordering::Relaxed);
@@ -168,6 +217,13 @@ pub fn run_all(host: &'static Host) -> ! {
         }
     }
     exit_costs_of_finished_vms().print("every VM of the test run");
+    let overrun = overrun_of_finished_vms();
+    println!(
+        "time budgets: {} runs ended at a deadline, ticks past it: mean {}, max {}",
+        overrun.count,
+        overrun.mean(),
+        overrun.max
+    );
     let failed = print_summary();
     if failed == 0 {
         exit(ExitCode::Success, "")
@@ -185,6 +241,30 @@ pub fn report_abort(reason: &str) {
         println!("test {name} ... FAILED: {reason}");
         print_summary();
     }
+}
+
+/// Runs one test under `name` with `budget` ticks as the host deadline of its VMs: fails it
+/// when a VM had to be stopped at that deadline, or when it leaves host frames allocated.
+/// Restores the deadline and the running test's name it found (tests may nest).
+fn run_one(host: &'static Host, name: &'static str, test: TestFn, budget: u64) -> TestResult {
+    let outer_name = CURRENT.lock().replace(name);
+    let frames_before = frame_counts().used();
+    let outer_deadline = set_host_deadline(Some(ticks() + budget));
+    let mut result = test(host);
+    let out_of_time = host_deadline_hit();
+    set_host_deadline(outer_deadline);
+    *CURRENT.lock() = outer_name;
+    let leaked = frame_counts().used() as i64 - frames_before as i64;
+    if out_of_time {
+        let detail = result.err().map(|e| format!(" ({e})")).unwrap_or_default();
+        result = Err(format!(
+            "did not finish within its budget of {budget} ticks: a guest was stopped at the \
+             deadline{detail}"
+        ));
+    } else if result.is_ok() && leaked != 0 {
+        result = Err(format!("host frames in use changed by {leaked} (leak)"));
+    }
+    result
 }
 
 fn print_summary() -> usize {
@@ -217,6 +297,7 @@ macro_rules! ensure_eq {
 
 // After the macros: the scenario modules use them.
 mod pc;
+mod preemption;
 mod violations;
 
 fn new_vm(host: &'static Host, ram: &[(u64, u64)]) -> Result<Vm<'static>, String> {
@@ -227,7 +308,7 @@ fn new_vm(host: &'static Host, ram: &[(u64, u64)]) -> Result<Vm<'static>, String
 /// Creates a PC-like VM, loads `program` at [`CODE`] with `regs` and runs it to its stop.
 fn run_program(
     host: &'static Host,
-    program: GuestProgram,
+    program: GuestProgram<'_>,
     regs: GuestRegisters,
 ) -> Result<(Vm<'static>, VmStop), String> {
     let mut vm = new_vm(host, &PC_RAM)?;
@@ -245,6 +326,23 @@ fn stopped(stop: VmStop) -> Result<Diagnostic, String> {
     };
     println!("  {diagnostic}");
     Ok(diagnostic)
+}
+
+/// A small xorshift generator: the tests' "random" pages and programs, reproducible.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A value below `bound`.
+    fn below(&mut self, bound: u64) -> u64 {
+        self.next() % bound
+    }
 }
 
 fn gpa(addr: u64) -> GuestPhysAddr {

@@ -17,15 +17,16 @@ pub enum GuestMode {
     Long64,
 }
 
-/// A guest routine: its code bytes and the mode it runs in.
+/// A guest routine: its code bytes and the mode it runs in. The assembled programs below live
+/// as long as the kernel; a test may also run bytes it made (random programs).
 #[derive(Clone, Copy, Debug)]
-pub struct GuestProgram {
+pub struct GuestProgram<'a> {
     /// For messages.
-    pub name: &'static str,
+    pub name: &'a str,
     /// The mode the code was assembled for.
     pub mode: GuestMode,
     /// The machine code.
-    pub code: &'static [u8],
+    pub code: &'a [u8],
 }
 
 macro_rules! guest_programs {
@@ -49,7 +50,7 @@ macro_rules! guest_programs {
             use super::{GuestMode, GuestProgram};
             $(
                 /// Guest program (see the assembly in `arch/guests.rs`).
-                pub fn $name() -> GuestProgram {
+                pub fn $name() -> GuestProgram<'static> {
                     paste_symbols!($name, $mode)
                 }
             )*
@@ -340,6 +341,70 @@ guest_programs! {
         "xor ebx, ebx",
         "vmcall",
         "hlt",
+    ];
+    // Spins on one instruction (`jmp $`, EB FE) and never exits by itself: in real mode, in
+    // protected mode and in long mode.
+    spin_real: Real, ".code16", [
+        "2:",
+        "jmp 2b",
+    ];
+    spin_flat32: Flat32, ".code32", [
+        "2:",
+        "jmp 2b",
+    ];
+    // The same with interrupts enabled (the IDT is empty: an interrupt given to this guest
+    // would triple-fault it).
+    spin_interrupts_on: Flat32, ".code32", [
+        "sti",
+        "2:",
+        "jmp 2b",
+    ];
+    spin_long64: Long64, ".code64", [
+        "2:",
+        "jmp 2b",
+    ];
+    // Counts ECX iterations: EBX counts up, EDX sums EBX; then done(EBX).
+    count_loop: Flat32, ".code32", [
+        "1:",
+        "inc ebx",
+        "add edx, ebx",
+        "dec ecx",
+        "jnz 1b",
+        "xor eax, eax",
+        "vmcall",
+        "hlt",
+    ];
+    // Halts with interrupts off: nothing can ever wake it.
+    hlt_interrupts_off: Flat32, ".code32", [
+        "cli",
+        "hlt",
+    ];
+    // Fills ECX bytes from EDI with AL (one REP STOSB), then done(0).
+    fill_bytes: Flat32, ".code32", [
+        "cld",
+        "rep stosb",
+        "xor eax, eax",
+        "xor ebx, ebx",
+        "vmcall",
+        "hlt",
+    ];
+    // A spin-wait that never ends: PAUSE in a loop.
+    pause_loop: Flat32, ".code32", [
+        "1:",
+        "pause",
+        "jmp 1b",
+    ];
+    // Waits with MONITOR (on the address in ESI) and MWAIT for ever, counting wake-ups in EBX.
+    monitor_mwait_loop: Flat32, ".code32", [
+        "1:",
+        "mov eax, esi",
+        "xor ecx, ecx",
+        "xor edx, edx",
+        "monitor",
+        "xor eax, eax",
+        "mwait",
+        "inc ebx",
+        "jmp 1b",
     ];
     // Calls an unknown hypercall (RAX = 0x77) and reports what RAX came back as via done(RAX).
     bad_hypercall: Flat32, ".code32", [

@@ -1,11 +1,20 @@
-//! Host exception handlers: a host fault is a hypervisor bug, so each one prints what happened
-//! and ends the run with a failure instead of resetting the machine.
+//! Host exception and interrupt handlers. A host fault is a hypervisor bug, so each exception
+//! handler prints what happened and ends the run with a failure instead of resetting the
+//! machine. Host interrupts (the local APIC timer, NMIs) are taken by the host: the kernel runs
+//! with interrupts disabled and opens a one-instruction window ([`deliver_pending`]) after a
+//! guest exits because of one.
+
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use spin::Once;
 use x86_64::structures::idt::{InterruptDescriptorTable, InterruptStackFrame, PageFaultErrorCode};
 
+use super::apic::{self, PIC_VECTOR_BASE, SPURIOUS_VECTOR, TIMER_VECTOR};
 use super::gdt::DOUBLE_FAULT_IST;
 use super::power::{exit, ExitCode};
+
+/// Host timer interrupts taken since boot.
+static TIMER_INTERRUPTS: AtomicU64 = AtomicU64::new(0);
 
 static IDT: Once<InterruptDescriptorTable> = Once::new();
 
@@ -17,6 +26,12 @@ pub fn init() {
         idt.invalid_opcode.set_handler_fn(invalid_opcode);
         idt.general_protection_fault.set_handler_fn(general_protection);
         idt.page_fault.set_handler_fn(page_fault);
+        idt.non_maskable_interrupt.set_handler_fn(nmi);
+        idt[TIMER_VECTOR].set_handler_fn(apic_timer);
+        idt[SPURIOUS_VECTOR].set_handler_fn(ignored_interrupt);
+        // The masked PICs can still raise their spurious IRQ 7 and 15.
+        idt[PIC_VECTOR_BASE + 7].set_handler_fn(ignored_interrupt);
+        idt[PIC_VECTOR_BASE + 15].set_handler_fn(ignored_interrupt);
         // SAFETY: DOUBLE_FAULT_IST names a stack set up in the TSS by gdt::init.
         unsafe {
             idt.double_fault
@@ -27,6 +42,40 @@ pub fn init() {
     });
     idt.load();
 }
+
+/// Host timer interrupts taken since boot.
+pub fn timer_interrupts() -> u64 {
+    TIMER_INTERRUPTS.load(Ordering::Relaxed)
+}
+
+/// Lets the host take the interrupts pending at the CPU: enables interrupts for exactly one
+/// instruction (STI's shadow covers the NOP) and disables them again. The vCPU loop calls it
+/// before every VM entry: an interrupt that made the guest exit stays pending (the exit does
+/// not acknowledge it), and one that arrived while interrupts were masked is taken here too.
+pub fn deliver_pending() {
+    // SAFETY: the handlers installed by `init` only touch atomics and the local APIC, so they
+    // may run at this point of the vCPU loop; interrupts are off again afterwards.
+    unsafe { core::arch::asm!("sti", "nop", "cli", options(nomem, nostack)) };
+}
+
+/// Hands an NMI that made a guest exit to the host's NMI handler, as if it had arrived in the
+/// host (NMI exiting delivers it to neither).
+pub fn deliver_nmi() {
+    // SAFETY: vector 2 has the host's NMI handler (`init`), which only counts it.
+    unsafe { core::arch::asm!("int 2", options(nomem, nostack)) };
+}
+
+extern "x86-interrupt" fn apic_timer(_frame: InterruptStackFrame) {
+    TIMER_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+    crate::vm::host_timer_fired();
+    apic::end_of_interrupt();
+}
+
+/// The host has no NMI source of its own yet; an NMI is taken (and so not left to a guest)
+/// and otherwise ignored.
+extern "x86-interrupt" fn nmi(_frame: InterruptStackFrame) {}
+
+extern "x86-interrupt" fn ignored_interrupt(_frame: InterruptStackFrame) {}
 
 fn host_fault(name: &str, frame: &InterruptStackFrame, detail: core::fmt::Arguments) -> ! {
     crate::println!(

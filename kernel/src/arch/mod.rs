@@ -1,5 +1,6 @@
 //! The architecture layer: everything that touches the CPU, ports or raw memory lives here.
 
+pub mod apic;
 pub mod gdt;
 // The demo build runs one guest program; the rest are fixtures of the kernel tests.
 #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]

@@ -13,7 +13,7 @@ use pgm::page::PageState;
 use pgm::{Access, GuestPhysAddr, PgmError, PAGE_SIZE};
 
 use super::pc::{self, apply, pc, read_u32, read_u64, write_address_list, Above4G, DeviceAccess, TestDevice};
-use super::{gpa, stopped, TestResult, CODE};
+use super::{gpa, stopped, TestResult, XorShift, CODE};
 use crate::arch::guests::{programs, GuestProgram};
 use crate::arch::memory::frame_counts;
 use crate::arch::vmx::GuestRegisters;
@@ -259,7 +259,7 @@ pub fn mmio_forms_in_real_mode(host: &'static Host) -> TestResult {
 /// An instruction the emulator does not support (INC to memory; a load into DS, which must not
 /// pass for a general-purpose register load) stops the VM before the device sees anything.
 pub fn unsupported_mmio_instruction_stops_the_vm(host: &'static Host) -> TestResult {
-    let cases: [(GuestProgram, &[u8]); 2] = [
+    let cases: [(GuestProgram<'static>, &[u8]); 2] = [
         (programs::inc_mmio(), &[0xFF, 0x06]),
         (programs::segment_load_mmio(), &[0x8E, 0x1E]),
     ];
@@ -518,18 +518,6 @@ pub fn mmio2_dirty_tracking_reports_exactly_the_written_pages(host: &'static Hos
         }
     }
     Ok(())
-}
-
-/// A small xorshift generator: the write-monitoring test's "random" pages, reproducible.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 /// In the manner of KVM's dirty_log_test: over 12 rounds the guest writes random pages with the

@@ -5,11 +5,11 @@ use core::fmt;
 
 use x86::msr::{
     rdmsr, IA32_VMX_BASIC, IA32_VMX_CR0_FIXED0, IA32_VMX_CR0_FIXED1, IA32_VMX_CR4_FIXED0,
-    IA32_VMX_CR4_FIXED1, IA32_VMX_ENTRY_CTLS, IA32_VMX_EPT_VPID_CAP, IA32_VMX_EXIT_CTLS,
+    IA32_VMX_CR4_FIXED1, IA32_VMX_ENTRY_CTLS, IA32_VMX_EPT_VPID_CAP, IA32_VMX_EXIT_CTLS, IA32_VMX_MISC,
     IA32_VMX_PINBASED_CTLS, IA32_VMX_PROCBASED_CTLS, IA32_VMX_PROCBASED_CTLS2, IA32_VMX_TRUE_ENTRY_CTLS,
     IA32_VMX_TRUE_EXIT_CTLS, IA32_VMX_TRUE_PINBASED_CTLS, IA32_VMX_TRUE_PROCBASED_CTLS,
 };
-use x86::vmx::vmcs::control::{PrimaryControls, SecondaryControls};
+use x86::vmx::vmcs::control::{PinbasedControls, PrimaryControls, SecondaryControls};
 
 /// IA32_VMX_BASIC bit 55: the TRUE_* control MSRs exist.
 const BASIC_TRUE_CONTROLS: u64 = 1 << 55;
@@ -24,6 +24,8 @@ const EPT_INVEPT_SINGLE: u64 = 1 << 25;
 const EPT_INVEPT_ALL: u64 = 1 << 26;
 /// Secondary control bit 17: page-modification logging.
 const SECONDARY_PML: u32 = 1 << 17;
+/// IA32_VMX_MISC bits 4:0: the VMX-preemption timer counts down once every 2^rate TSC ticks.
+const MISC_PREEMPTION_TIMER_RATE: u64 = 0x1F;
 
 /// Why VT-x cannot be used on this CPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,12 +107,15 @@ pub struct VmxCaps {
     pub cr0_fixed: (u64, u64),
     /// CR4 bits fixed to 1 / allowed to be 1 in VMX operation.
     pub cr4_fixed: (u64, u64),
+    /// IA32_VMX_MISC.
+    pub misc: u64,
 }
 
 impl VmxCaps {
     /// Reads the capabilities and checks for what this hypervisor needs: VMX, secondary
     /// controls, EPT (4-level walk, write-back tables, INVEPT single-context), unrestricted
-    /// guest and VPID.
+    /// guest, VPID, and the VMX-preemption timer (without it a guest that never exits would
+    /// keep the CPU).
     pub fn probe() -> Result<VmxCaps, Unavailable> {
         let has_vmx = x86::cpuid::CpuId::new()
             .get_feature_info()
@@ -137,6 +142,10 @@ impl VmxCaps {
                 return Err(Unavailable::Missing(name));
             }
         }
+        let pin = pick(IA32_VMX_PINBASED_CTLS, IA32_VMX_TRUE_PINBASED_CTLS);
+        if !pin.allows(PinbasedControls::VMX_PREEMPTION_TIMER.bits()) {
+            return Err(Unavailable::Missing("the VMX-preemption timer"));
+        }
         // SAFETY: IA32_VMX_EPT_VPID_CAP exists when EPT or VPID may be enabled (checked above).
         let ept_vpid = unsafe { rdmsr(IA32_VMX_EPT_VPID_CAP) };
         let ept_required = [
@@ -149,16 +158,17 @@ impl VmxCaps {
                 return Err(Unavailable::Missing(name));
             }
         }
-        // SAFETY: the fixed-bit MSRs exist when CPUID reports VMX.
-        let (cr0_fixed, cr4_fixed) = unsafe {
+        // SAFETY: the fixed-bit MSRs and IA32_VMX_MISC exist when CPUID reports VMX.
+        let (cr0_fixed, cr4_fixed, misc) = unsafe {
             (
                 (rdmsr(IA32_VMX_CR0_FIXED0), rdmsr(IA32_VMX_CR0_FIXED1)),
                 (rdmsr(IA32_VMX_CR4_FIXED0), rdmsr(IA32_VMX_CR4_FIXED1)),
+                rdmsr(IA32_VMX_MISC),
             )
         };
         Ok(VmxCaps {
             revision: (basic & 0x7FFF_FFFF) as u32,
-            pin: pick(IA32_VMX_PINBASED_CTLS, IA32_VMX_TRUE_PINBASED_CTLS),
+            pin,
             primary,
             secondary,
             exit: pick(IA32_VMX_EXIT_CTLS, IA32_VMX_TRUE_EXIT_CTLS),
@@ -166,7 +176,19 @@ impl VmxCaps {
             ept_vpid,
             cr0_fixed,
             cr4_fixed,
+            misc,
         })
+    }
+
+    /// The VMX-preemption timer's rate: it counts down once every 2^rate TSC ticks.
+    pub fn preemption_timer_rate(&self) -> u32 {
+        (self.misc & MISC_PREEMPTION_TIMER_RATE) as u32
+    }
+
+    /// True when PAUSE-loop exiting may be enabled.
+    pub fn pause_loop_exiting(&self) -> bool {
+        self.secondary
+            .allows(SecondaryControls::PAUSE_LOOP_EXITING.bits())
     }
 
     /// True when EPT can set accessed/dirty flags.
@@ -181,13 +203,16 @@ impl fmt::Display for VmxCaps {
         write!(
             f,
             "VMCS revision {:#x}; EPT 4-level WB yes, 2M {}, 1G {}, A/D {}, INVEPT all-context {}; \
-             unrestricted guest yes; VPID yes; PML {}",
+             unrestricted guest yes; VPID yes; PML {}; preemption timer yes, 2^{} TSC ticks per \
+             count; PAUSE-loop exiting {}",
             self.revision,
             yes(self.ept_vpid & EPT_2M_PAGES != 0),
             yes(self.ept_vpid & EPT_1G_PAGES != 0),
             yes(self.ept_accessed_dirty()),
             yes(self.ept_vpid & EPT_INVEPT_ALL != 0),
             yes(self.secondary.allows(SECONDARY_PML)),
+            self.preemption_timer_rate(),
+            yes(self.pause_loop_exiting()),
         )
     }
 }

@@ -1,7 +1,12 @@
 //! One virtual machine: its memory manager (`pgm`), its VMCS and the vCPU loop that handles VM
 //! exits. A guest can only stop its own VM: every exit the hypervisor cannot handle ends the run
-//! with a [`Diagnostic`], never a host panic.
+//! with a [`Diagnostic`], never a host panic, and no guest keeps the CPU longer than its time
+//! budget ([`budget`]); the host can kick a running vCPU out ([`requests`]).
 
+pub mod budget;
+pub mod requests;
+
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -14,18 +19,21 @@ use pgm::{
     Access, FaultOutcome, GuestPhysAddr, Invalidation, MemoryStats, Pgm, PgmError, Resolution, PAGE_SIZE,
 };
 use x86::vmx::vmcs::control::{
-    EntryControls, ExitControls, PrimaryControls, SecondaryControls, EPTP_FULL, EXCEPTION_BITMAP,
-    PINBASED_EXEC_CONTROLS, PRIMARY_PROCBASED_EXEC_CONTROLS, SECONDARY_PROCBASED_EXEC_CONTROLS,
-    VMENTRY_CONTROLS, VMEXIT_CONTROLS, VPID,
+    EntryControls, ExitControls, PinbasedControls, PrimaryControls, SecondaryControls, EPTP_FULL,
+    EXCEPTION_BITMAP, PINBASED_EXEC_CONTROLS, PLE_GAP, PLE_WINDOW, PRIMARY_PROCBASED_EXEC_CONTROLS,
+    SECONDARY_PROCBASED_EXEC_CONTROLS, VMENTRY_CONTROLS, VMEXIT_CONTROLS, VPID,
 };
 use x86::vmx::vmcs::{control, guest, host, ro};
 
 use crate::arch::guests::{GuestMode, GuestProgram};
 use crate::arch::memory::{KernelFrames, PhysMap};
-use crate::arch::ticks;
 use crate::arch::vmx::{self, host::HostState, vmcs::Vmcs, GuestRegisters, InveptType, VmxError, VmxOn};
+use crate::arch::{idt, ticks};
 use crate::emulate::{self, EmulationError, Machine, MemoryFault};
 use crate::println;
+use budget::{Budget, Expired, RunClock};
+pub use requests::host_timer_fired;
+use requests::{Request, VcpuRequests};
 
 /// Hypercall numbers (guest RAX at VMCALL).
 pub mod hypercall {
@@ -39,19 +47,31 @@ pub mod hypercall {
 
 /// Basic exit reasons this hypervisor handles or names (SDM Vol. 3D, Appendix C).
 mod exit_reason {
+    pub const EXCEPTION_OR_NMI: u32 = 0;
+    pub const EXTERNAL_INTERRUPT: u32 = 1;
     pub const TRIPLE_FAULT: u32 = 2;
     pub const HLT: u32 = 12;
     pub const VMCALL: u32 = 18;
     pub const IO_INSTRUCTION: u32 = 30;
     pub const INVALID_GUEST_STATE: u32 = 33;
+    pub const MWAIT: u32 = 36;
+    pub const MONITOR: u32 = 39;
+    pub const PAUSE: u32 = 40;
     pub const EPT_VIOLATION: u32 = 48;
     pub const EPT_MISCONFIGURATION: u32 = 49;
+    pub const PREEMPTION_TIMER: u32 = 52;
 }
 
 /// Exit-reason bit 31: the VM entry failed.
 const ENTRY_FAILURE: u64 = 1 << 31;
-/// Exits one run may take before it is stopped as runaway.
-const EXIT_BUDGET: u64 = 1_000_000;
+/// VM-exit interruption information: valid bit, and the NMI type in bits 10:8.
+const INTERRUPTION_VALID: u64 = 1 << 31;
+const INTERRUPTION_TYPE_NMI: u64 = 2 << 8;
+const INTERRUPTION_TYPE_MASK: u64 = 7 << 8;
+/// PAUSE-loop exiting: PAUSEs at most this many ticks apart belong to one loop, and a loop
+/// longer than the window exits (the values KVM uses).
+const PAUSE_LOOP_GAP: u64 = 128;
+const PAUSE_LOOP_WINDOW: u64 = 4096;
 /// Consecutive EPT violations at the same page before the VM is stopped as a fault loop.
 const FAULT_LOOP_LIMIT: u32 = 4;
 /// EPT violations kept in [`Vm::violations`] (the first ones; later ones are only counted).
@@ -98,8 +118,13 @@ pub enum StopCause {
     EntryFailed,
     /// The same page kept faulting after its fault was resolved.
     FaultLoop,
-    /// The run took more than [`EXIT_BUDGET`] exits.
+    /// The run took more exits than its budget allows ([`Budget::exits`]).
     ExitBudget,
+    /// The VM used up its time limit ([`Budget::limit`]); the diagnostic's `ticks` says how
+    /// much it ran.
+    TimeBudget,
+    /// The host's deadline for the work in progress passed ([`budget::set_host_deadline`]).
+    HostDeadline,
 }
 
 /// What the hypervisor knew when it stopped a VM.
@@ -117,6 +142,8 @@ pub struct Diagnostic {
     pub rip: u64,
     /// The bytes of the instruction the hypervisor tried to emulate (empty otherwise).
     pub instruction: InstructionBytes,
+    /// TSC ticks the VM had run, over all its runs, when it was stopped.
+    pub ticks: u64,
 }
 
 /// The bytes of one guest instruction (at most 15).
@@ -157,7 +184,7 @@ impl fmt::Display for Diagnostic {
             Some(gpa) => write!(f, "{gpa}")?,
             None => write!(f, "-")?,
         }
-        write!(f, ", RIP {:#x}", self.rip)?;
+        write!(f, ", RIP {:#x}, after {} ticks", self.rip, self.ticks)?;
         if self.instruction.len > 0 {
             write!(f, ", instruction bytes [{}]", self.instruction)?;
         }
@@ -167,9 +194,10 @@ impl fmt::Display for Diagnostic {
 
 fn exit_reason_name(reason: u32) -> &'static str {
     match reason {
-        0 => "exception or NMI",
-        1 => "external interrupt",
+        exit_reason::EXCEPTION_OR_NMI => "exception or NMI",
+        exit_reason::EXTERNAL_INTERRUPT => "external interrupt",
         exit_reason::TRIPLE_FAULT => "triple fault",
+        9 => "task switch",
         10 => "CPUID",
         exit_reason::HLT => "HLT",
         exit_reason::VMCALL => "VMCALL",
@@ -178,8 +206,12 @@ fn exit_reason_name(reason: u32) -> &'static str {
         31 => "RDMSR",
         32 => "WRMSR",
         exit_reason::INVALID_GUEST_STATE => "VM-entry failure: invalid guest state",
+        exit_reason::MWAIT => "MWAIT",
+        exit_reason::MONITOR => "MONITOR",
+        exit_reason::PAUSE => "PAUSE",
         exit_reason::EPT_VIOLATION => "EPT violation",
         exit_reason::EPT_MISCONFIGURATION => "EPT misconfiguration",
+        exit_reason::PREEMPTION_TIMER => "VMX-preemption timer",
         _ => "unnamed",
     }
 }
@@ -191,8 +223,20 @@ pub enum VmStop {
     Done(u64),
     /// The guest executed HLT at this RIP.
     Halted { rip: u64 },
+    /// The run's time slice is used up, or the guest yielded it in a PAUSE loop. The guest
+    /// state is intact: the next run resumes at `rip`.
+    Preempted { rip: u64 },
+    /// The host posted [`Request::STOP`]. Resumable like `Preempted`.
+    StopRequested { rip: u64 },
     /// The hypervisor stopped the VM.
     Stopped(Diagnostic),
+}
+
+impl VmStop {
+    /// True when the guest can be run on from where it is.
+    pub fn is_resumable(&self) -> bool {
+        matches!(self, VmStop::Preempted { .. } | VmStop::StopRequested { .. })
+    }
 }
 
 /// Exit counts of one VM, by kind.
@@ -208,6 +252,16 @@ pub struct ExitCounts {
     pub invepts: u64,
     /// Instructions emulated (MMIO, handler and ROM accesses).
     pub emulated: u64,
+    /// VMX-preemption timer exits.
+    pub preemption_timer: u64,
+    /// Host interrupts that made the guest exit (kicks, host timers).
+    pub external_interrupts: u64,
+    /// NMIs that made the guest exit (handed to the host).
+    pub nmis: u64,
+    /// PAUSE-loop exits (the guest yielded its slice).
+    pub pause_loops: u64,
+    /// MONITOR and MWAIT exits (both are no-ops for the guest).
+    pub monitor_mwait: u64,
 }
 
 /// The exits whose handling cost is measured, from VM exit to the next VM entry.
@@ -227,11 +281,14 @@ pub enum ExitKind {
     RomWriteShadow,
     /// A VMCALL.
     Hypercall,
+    /// A preemption: from the timer's exit to the next entry of the same vCPU, less the time
+    /// the caller spent between the two runs (it returned `Preempted` and ran it again).
+    Preemption,
 }
 
 impl ExitKind {
     /// Every kind, in table order.
-    pub const ALL: [ExitKind; 7] = [
+    pub const ALL: [ExitKind; 8] = [
         ExitKind::ZeroFill,
         ExitKind::WriteMonitor,
         ExitKind::MmioRead,
@@ -239,6 +296,7 @@ impl ExitKind {
         ExitKind::RomWriteIgnore,
         ExitKind::RomWriteShadow,
         ExitKind::Hypercall,
+        ExitKind::Preemption,
     ];
 
     /// The table name.
@@ -251,6 +309,7 @@ impl ExitKind {
             ExitKind::RomWriteIgnore => "ROM write ignore",
             ExitKind::RomWriteShadow => "ROM write to shadow",
             ExitKind::Hypercall => "hypercall",
+            ExitKind::Preemption => "preemption (exit, return, run, entry)",
         }
     }
 }
@@ -327,14 +386,22 @@ impl ExitCosts {
     }
 }
 
-/// Exit costs of every VM destroyed since boot: each VM measures its own (no lock on the exit
-/// path) and adds them here when it is dropped, so a test run can print one table.
-static FINISHED_VM_EXIT_COSTS: Mutex<ExitCosts> = Mutex::new(ExitCosts::NONE);
+/// Exit costs and deadline overruns of every VM destroyed since boot: each VM measures its own
+/// (no lock on the exit path) and adds them here when it is dropped, so a test run can print
+/// one table.
+static FINISHED_VMS: Mutex<(ExitCosts, ExitCost)> = Mutex::new((ExitCosts::NONE, ExitCost::NONE));
 
 /// The exit costs of every VM destroyed since boot.
 #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
 pub fn exit_costs_of_finished_vms() -> ExitCosts {
-    *FINISHED_VM_EXIT_COSTS.lock()
+    FINISHED_VMS.lock().0
+}
+
+/// How far past their deadline the runs of every VM destroyed since boot ended (see
+/// [`Vm::overrun`]).
+#[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
+pub fn overrun_of_finished_vms() -> ExitCost {
+    FINISHED_VMS.lock().1
 }
 
 /// Access handlers for a VM without devices: handler pages behave as pgm's default (MMIO reads
@@ -414,6 +481,21 @@ pub struct Vm<'a> {
     measuring: Option<(ExitKind, u64)>,
     /// What this VM's exits cost so far.
     pub exit_costs: ExitCosts,
+    /// The time and exits this VM may use.
+    budget: Budget,
+    /// Ticks this VM has run, over all finished runs.
+    ticks_used: u64,
+    /// When the current run started.
+    run_started: u64,
+    /// The basic reason of the last exit.
+    last_exit_reason: u32,
+    /// How far past its deadline each run that ended at one returned, in ticks.
+    pub overrun: ExitCost,
+    /// Requests posted to this VM's vCPU, taken before every entry.
+    requests: Arc<VcpuRequests>,
+    /// The kind and host ticks so far of an exit whose handling the last (resumable) run left
+    /// unfinished: the next run's entry completes its cost.
+    carried: Option<(ExitKind, u64)>,
 }
 
 /// The VM-entry control values for the two kinds of guest.
@@ -450,6 +532,13 @@ impl<'a> Vm<'a> {
             entry_controls: EntryControlValues::default(),
             measuring: None,
             exit_costs: ExitCosts::NONE,
+            budget: Budget::DEFAULT,
+            ticks_used: 0,
+            run_started: 0,
+            last_exit_reason: 0,
+            overrun: ExitCost::NONE,
+            requests: Arc::new(VcpuRequests::default()),
+            carried: None,
         };
         // From here on Drop gives every frame back on error.
         let vmcs = Vmcs::new(vmx, &mut KernelFrames, &mut phys.clone())?;
@@ -503,29 +592,109 @@ impl<'a> Vm<'a> {
         Ok(())
     }
 
-    /// Runs the vCPU until the guest finishes, halts or is stopped, with no devices
-    /// behind MMIO pages.
+    /// Sets the time and exits this VM may use from now on (ticks already used count against
+    /// the new limit).
+    pub fn set_budget(&mut self, budget: Budget) {
+        self.budget = budget;
+    }
+
+    /// Ticks this VM has run, over all its finished runs.
+    pub fn ticks_used(&self) -> u64 {
+        self.ticks_used
+    }
+
+    /// The requests of this VM's vCPU: post to them and kick the vCPU (see [`requests`]).
+    pub fn requests(&self) -> Arc<VcpuRequests> {
+        Arc::clone(&self.requests)
+    }
+
+    /// Runs the vCPU with no devices behind MMIO pages; see [`Vm::run_with`].
     pub fn run(&mut self) -> VmStop {
         self.run_with(&mut NoDevices)
     }
 
-    /// Runs the vCPU until the guest finishes, halts or is stopped; MMIO and handler
-    /// accesses are emulated through `devices`.
+    /// Runs the vCPU until the guest finishes, halts or is stopped, its time slice is used up
+    /// (`Preempted`), or the host asks it to stop (`StopRequested`); after the last two, the
+    /// next call resumes the guest where it was. MMIO and handler accesses are emulated
+    /// through `devices`. The run never takes longer than the earliest of its slice, the VM's
+    /// time limit and the host deadline ([`budget`]), plus the cost of one exit.
     pub fn run_with(&mut self, devices: &mut impl AccessHandlers) -> VmStop {
-        let budget_end = self.exits.total + EXIT_BUDGET;
-        loop {
-            if self.exits.total >= budget_end {
-                return VmStop::Stopped(self.diagnostic(StopCause::ExitBudget, 0));
-            }
-            if let Some(stop) = self.enter_and_handle_exit(devices) {
-                self.measuring = None;
-                return stop;
-            }
+        let rate = self.vmx.caps().preemption_timer_rate();
+        self.run_started = ticks();
+        let clock = RunClock::start(&self.budget, self.ticks_used, self.run_started, rate);
+        if let Some((kind, host_ticks)) = self.carried.take() {
+            // Measured as if the exit had happened `host_ticks` before this run started.
+            self.measuring = Some((kind, self.run_started - host_ticks));
         }
+        let exit_budget_end = self.exits.total + self.budget.exits;
+        let stop = loop {
+            // Host interrupts pending since the last exit (a kick among them) are taken before
+            // the requests they may have posted are looked at.
+            idt::deliver_pending();
+            if let Some(stop) = self.take_requests() {
+                break stop;
+            }
+            let now = ticks();
+            if let Some(expired) = clock.expired(now) {
+                self.overrun.add(now.saturating_sub(clock.deadline()));
+                break self.out_of_time(expired);
+            }
+            if self.exits.total >= exit_budget_end {
+                break VmStop::Stopped(self.diagnostic(StopCause::ExitBudget, self.last_exit_reason));
+            }
+            if let Some(stop) = self.enter_and_handle_exit(devices, &clock, rate) {
+                break stop;
+            }
+        };
+        let now = ticks();
+        self.carried = match self.measuring.take() {
+            Some((kind, exit_tick)) if stop.is_resumable() => Some((kind, now - exit_tick)),
+            _ => None,
+        };
+        self.ticks_used += now - self.run_started;
+        stop
     }
 
-    /// Enters the guest once and handles the exit; `Some` when the run is over.
-    fn enter_and_handle_exit(&mut self, devices: &mut impl AccessHandlers) -> Option<VmStop> {
+    /// Carries out the requests posted to this vCPU: a flush now, a stop as the run's end.
+    fn take_requests(&mut self) -> Option<VmStop> {
+        let request = self.requests.take()?;
+        if request.contains(Request::FLUSH) && self.invalidate(Invalidation::SingleContext).is_err() {
+            return Some(VmStop::Stopped(
+                self.diagnostic(StopCause::UnhandledExit, self.last_exit_reason),
+            ));
+        }
+        request.contains(Request::STOP).then(|| VmStop::StopRequested {
+            rip: self.guest_rip(),
+        })
+    }
+
+    /// How a run ends at the deadline it reached.
+    fn out_of_time(&self, expired: Expired) -> VmStop {
+        let cause = match expired {
+            Expired::Slice => {
+                return VmStop::Preempted {
+                    rip: self.guest_rip(),
+                }
+            }
+            Expired::Limit => StopCause::TimeBudget,
+            Expired::HostDeadline => StopCause::HostDeadline,
+        };
+        VmStop::Stopped(self.diagnostic(cause, self.last_exit_reason))
+    }
+
+    /// The guest's RIP as the VMCS holds it (where a resumable run continues).
+    pub fn guest_rip(&self) -> u64 {
+        self.vmcs.as_ref().expect("present until drop").read(guest::RIP)
+    }
+
+    /// Enters the guest once, with the preemption timer set for `clock`'s earliest deadline,
+    /// and handles the exit; `Some` when the run is over.
+    fn enter_and_handle_exit(
+        &mut self,
+        devices: &mut impl AccessHandlers,
+        clock: &RunClock,
+        rate: u32,
+    ) -> Option<VmStop> {
         let vmcs = self.vmcs.as_ref().expect("present until drop");
         if let Err(error) = vmcs.make_current() {
             log::error!("{error}");
@@ -533,6 +702,14 @@ impl<'a> Vm<'a> {
         }
         if let Some((kind, exit_tick)) = self.measuring.take() {
             self.exit_costs.0[kind as usize].add(ticks() - exit_tick);
+        }
+        // Armed last, so the host work above does not eat into the guest's time.
+        let timer = clock.timer_value(ticks(), rate);
+        if vmcs
+            .write(guest::VMX_PREEMPTION_TIMER_VALUE, u64::from(timer))
+            .is_err()
+        {
+            return Some(VmStop::Stopped(self.diagnostic(StopCause::EntryFailed, 0)));
         }
         let entered = vmx::run_guest(&mut self.regs, self.launched);
         let exit_tick = ticks();
@@ -548,6 +725,7 @@ impl<'a> Vm<'a> {
         self.exits.total += 1;
         let raw_reason = vmcs.read(ro::EXIT_REASON);
         let reason = (raw_reason & 0xFFFF) as u32;
+        self.last_exit_reason = reason;
         if raw_reason & ENTRY_FAILURE != 0 {
             return Some(VmStop::Stopped(self.diagnostic(StopCause::EntryFailed, reason)));
         }
@@ -560,6 +738,41 @@ impl<'a> Vm<'a> {
                 self.measuring = Some((ExitKind::Hypercall, exit_tick));
                 self.handle_hypercall()
             }
+            exit_reason::PREEMPTION_TIMER => {
+                // The run loop decides whether a deadline passed (the timer may have been
+                // capped short of it).
+                self.exits.preemption_timer += 1;
+                self.measuring = Some((ExitKind::Preemption, exit_tick));
+                None
+            }
+            exit_reason::EXTERNAL_INTERRUPT => {
+                // Not acknowledged by the exit: the run loop lets the host take it, then takes
+                // whatever requests its handler posted.
+                self.exits.external_interrupts += 1;
+                None
+            }
+            exit_reason::EXCEPTION_OR_NMI if self.exit_was_nmi() => {
+                self.exits.nmis += 1;
+                idt::deliver_nmi();
+                None
+            }
+            exit_reason::PAUSE => {
+                // A PAUSE loop longer than the window: the guest waits for something only
+                // another vCPU or the host could give it, so it yields its slice.
+                self.exits.pause_loops += 1;
+                Some(VmStop::Preempted {
+                    rip: vmcs.read(guest::RIP),
+                })
+            }
+            exit_reason::MONITOR | exit_reason::MWAIT => {
+                // Both may complete at once architecturally (MWAIT may wake for any reason),
+                // so the guest never sleeps on the CPU; its budget bounds a wait loop.
+                self.exits.monitor_mwait += 1;
+                match self.skip_instruction() {
+                    Ok(()) => None,
+                    Err(_) => Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit, reason))),
+                }
+            }
             exit_reason::HLT => Some(VmStop::Halted {
                 rip: vmcs.read(guest::RIP),
             }),
@@ -568,6 +781,24 @@ impl<'a> Vm<'a> {
             }
             _ => Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit, reason))),
         }
+    }
+
+    /// True when the current exception-or-NMI exit was an NMI (the exception bitmap is empty,
+    /// so any other exception exit is unexpected).
+    fn exit_was_nmi(&self) -> bool {
+        let info = self
+            .vmcs
+            .as_ref()
+            .expect("present until drop")
+            .read(ro::VMEXIT_INTERRUPTION_INFO);
+        info & INTERRUPTION_VALID != 0 && info & INTERRUPTION_TYPE_MASK == INTERRUPTION_TYPE_NMI
+    }
+
+    /// Moves the guest's RIP past the instruction that caused the current exit.
+    fn skip_instruction(&self) -> Result<(), VmxError> {
+        let vmcs = self.vmcs.as_ref().expect("present until drop");
+        let next_rip = vmcs.read(guest::RIP) + vmcs.read(ro::VMEXIT_INSTRUCTION_LEN);
+        vmcs.write(guest::RIP, next_rip)
     }
 
     /// Hands an EPT violation to `pgm` and carries out the invalidation it asks for; accesses
@@ -782,9 +1013,7 @@ impl<'a> Vm<'a> {
     /// [`hypercall::UNKNOWN`] in RAX. RIP moves past the VMCALL.
     fn handle_hypercall(&mut self) -> Option<VmStop> {
         self.exits.hypercalls += 1;
-        let vmcs = self.vmcs.as_ref().expect("present until drop");
-        let next_rip = vmcs.read(guest::RIP) + vmcs.read(ro::VMEXIT_INSTRUCTION_LEN);
-        if vmcs.write(guest::RIP, next_rip).is_err() {
+        if self.skip_instruction().is_err() {
             return Some(VmStop::Stopped(
                 self.diagnostic(StopCause::UnhandledExit, exit_reason::VMCALL),
             ));
@@ -812,11 +1041,14 @@ impl<'a> Vm<'a> {
             gpa,
             rip: vmcs.read(guest::RIP),
             instruction: InstructionBytes::default(),
+            ticks: self.ticks_used + ticks().saturating_sub(self.run_started),
         }
     }
 
-    /// VM-execution, exit and entry controls: HLT and all port I/O exit; EPT, VPID and
-    /// unrestricted guest on; EFER switched on entry and exit; 64-bit host.
+    /// VM-execution, exit and entry controls: HLT, MONITOR, MWAIT and all port I/O exit, and
+    /// so do long PAUSE loops where the CPU offers it; host interrupts and NMIs exit (not
+    /// acknowledged: the host takes them itself); the VMX-preemption timer bounds every entry;
+    /// EPT, VPID and unrestricted guest on; EFER switched on entry and exit; 64-bit host.
     fn write_controls(&mut self) -> Result<(), VmError> {
         let caps = self.vmx.caps();
         let adjust = |which, caps: &vmx::caps::ControlCaps, wanted: u32| {
@@ -824,21 +1056,37 @@ impl<'a> Vm<'a> {
                 .map(u64::from)
                 .map_err(|missing| VmError::Control { which, missing })
         };
-        let pin = adjust("pin-based", &caps.pin, 0)?;
+        let pin = adjust(
+            "pin-based",
+            &caps.pin,
+            (PinbasedControls::EXTERNAL_INTERRUPT_EXITING
+                | PinbasedControls::NMI_EXITING
+                | PinbasedControls::VMX_PREEMPTION_TIMER)
+                .bits(),
+        )?;
         let primary = adjust(
             "primary processor-based",
             &caps.primary,
             (PrimaryControls::HLT_EXITING
                 | PrimaryControls::UNCOND_IO_EXITING
+                | PrimaryControls::MWAIT_EXITING
+                | PrimaryControls::MONITOR_EXITING
                 | PrimaryControls::SECONDARY_CONTROLS)
                 .bits(),
         )?;
+        let pause_loop_exiting = caps.pause_loop_exiting();
+        let pause_loop = if pause_loop_exiting {
+            SecondaryControls::PAUSE_LOOP_EXITING
+        } else {
+            SecondaryControls::empty()
+        };
         let secondary = adjust(
             "secondary processor-based",
             &caps.secondary,
             (SecondaryControls::ENABLE_EPT
                 | SecondaryControls::ENABLE_VPID
-                | SecondaryControls::UNRESTRICTED_GUEST)
+                | SecondaryControls::UNRESTRICTED_GUEST
+                | pause_loop)
                 .bits(),
         )?;
         let exit = adjust(
@@ -876,6 +1124,10 @@ impl<'a> Vm<'a> {
             (control::CR4_READ_SHADOW, 0),
         ] {
             vmcs.write(field, value)?;
+        }
+        if pause_loop_exiting {
+            vmcs.write(PLE_GAP, PAUSE_LOOP_GAP)?;
+            vmcs.write(PLE_WINDOW, PAUSE_LOOP_WINDOW)?;
         }
         Ok(())
     }
@@ -1101,7 +1353,11 @@ impl<H: AccessHandlers> Machine for VcpuMachine<'_, H> {
 impl Drop for Vm<'_> {
     /// Gives back the VMCS and every frame the VM's memory used.
     fn drop(&mut self) {
-        FINISHED_VM_EXIT_COSTS.lock().merge(&self.exit_costs);
+        {
+            let mut finished = FINISHED_VMS.lock();
+            finished.0.merge(&self.exit_costs);
+            finished.1.merge(&self.overrun);
+        }
         if let Some(vmcs) = self.vmcs.take() {
             vmcs.release(&mut KernelFrames);
         }
