@@ -28,6 +28,8 @@ pub mod sim;
 #[cfg(test)]
 extern crate std;
 #[cfg(test)]
+mod isolation_tests;
+#[cfg(test)]
 mod manager_tests;
 #[cfg(test)]
 mod model_tests;

@@ -267,6 +267,13 @@ impl<F: EntryFormat> NestedTables<F> {
         true
     }
 
+    /// Calls `visit(gpa, pages, leaf)` for every leaf the CPU can reach from the root, in
+    /// address order: 4 KiB leaves (`pages` = 1) and 2 MiB leaves (`pages` = 512, `gpa` the
+    /// block). Tables kept in reserve for splitting are not reachable and not visited.
+    pub fn for_each_leaf(&self, memory: &impl HostMemory, mut visit: impl FnMut(GuestPhysAddr, u64, Leaf)) {
+        walk_leaves::<F>(memory, self.root, LEVELS - 1, 0, &mut visit);
+    }
+
     /// True when `gpa` is mapped by a 2 MiB leaf.
     pub fn is_large(&self, memory: &impl HostMemory, gpa: GuestPhysAddr) -> bool {
         self.table_at(memory, gpa, 1).is_some_and(|directory| {
@@ -351,6 +358,27 @@ impl<F: EntryFormat> NestedTables<F> {
 
 fn encode<F: EntryFormat>(leaf: Option<Leaf>) -> u64 {
     leaf.map_or(0, |leaf| F::encode_leaf(&leaf))
+}
+
+/// Visits the leaves under the table at `table` of `level`, which maps guest-physical addresses
+/// from `base` up.
+fn walk_leaves<F: EntryFormat>(
+    memory: &impl HostMemory,
+    table: HostPhysAddr,
+    level: usize,
+    base: u64,
+    visit: &mut impl FnMut(GuestPhysAddr, u64, Leaf),
+) {
+    let span = PAGE_SIZE << (9 * level);
+    for index in 0..ENTRIES_PER_TABLE {
+        let slot = HostPhysAddr::new_truncate(table.as_u64() + index * 8);
+        let gpa = base + index * span;
+        match F::decode(memory.read_u64(slot), level) {
+            Entry::Absent => {}
+            Entry::Table(next) => walk_leaves::<F>(memory, next, level - 1, gpa, visit),
+            Entry::Leaf(leaf) => visit(GuestPhysAddr::new_truncate(gpa), span / PAGE_SIZE, leaf),
+        }
+    }
 }
 
 /// Frees the table at `table` of `level` and every table below it.

@@ -90,3 +90,15 @@ pub fn guest_read(pgm: &SimPgm, at: GuestPhysAddr, len: usize) -> Vec<u8> {
 pub fn write_host(pgm: &mut SimPgm, hpa: HostPhysAddr, data: &[u8]) {
     pgm.memory_mut().write(hpa, data);
 }
+
+/// Audits the VM's EPT against what it holds and what the simulated host has allocated;
+/// panics naming every finding.
+pub fn assert_isolated(pgm: &SimPgm, context: &str) {
+    let report = pgm.audit(|frame| pgm.frames().inner.is_allocated(frame));
+    assert!(
+        report.is_clean(),
+        "EPT audit {context}: {} finding(s): {:?}",
+        report.findings.len(),
+        report.findings
+    );
+}

@@ -44,6 +44,13 @@ pub fn frame_counts() -> FrameCounts {
     FRAMES.lock().as_ref().map(|f| f.counts()).unwrap_or_default()
 }
 
+/// True when `frame` is allocated at the host (what the EPT auditor asks of every frame a VM
+/// holds).
+#[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
+pub fn is_allocated(frame: HostPhysAddr) -> bool {
+    FRAMES.lock().as_ref().is_some_and(|f| f.is_allocated(frame))
+}
+
 /// A handle to the shared frame allocator, for `pgm` and the VMX code.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct KernelFrames;

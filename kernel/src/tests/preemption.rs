@@ -16,7 +16,7 @@ use super::pc::{self, pc, read_bytes, Above4G, TestDevice};
 use super::{gpa, new_vm, run_one, run_program, stopped, TestResult, XorShift, CODE, PC_RAM};
 use crate::arch::guests::{programs, GuestMode, GuestProgram};
 use crate::arch::idt;
-use crate::arch::memory::frame_counts;
+use crate::arch::memory::{self, frame_counts};
 use crate::arch::ticks;
 use crate::arch::vmx::GuestRegisters;
 use crate::println;
@@ -483,14 +483,18 @@ fn outcome_name(stop: &VmStop) -> String {
 
 /// 400 programs of random bytes, half in real and half in protected mode, with registers
 /// pointing into RAM, MMIO, ROM, MMIO2 and unassigned space, each in a fresh PC: every one
-/// ends within its budget (any outcome), the host never panics and no frame leaks.
+/// ends within its budget (any outcome), the host never panics, no frame leaks, and the EPT
+/// audit (on real memory, against the host's frame bitmap) finds nothing after every 8th.
 pub fn random_instruction_bytes_end_within_budget(host: &'static Host) -> TestResult {
     const PROGRAMS: u64 = 400;
     const PROGRAM_BYTES: usize = 128;
     const RANDOM_BUDGET: u64 = 400_000;
     const SEED: u64 = 0x0BAD_C0DE_5EED_1234;
+    // An audit of the 16 MiB PC costs a few million ticks: every 8th program is audited.
+    const AUDIT_EVERY: u64 = 8;
     let mut random = XorShift(SEED);
     let mut tally: BTreeMap<String, u64> = BTreeMap::new();
+    let mut audited_pages = 0;
     for index in 0..PROGRAMS {
         let frames = frame_counts().used();
         let code: Vec<u8> = (0..PROGRAM_BYTES).map(|_| random.next() as u8).collect();
@@ -517,10 +521,23 @@ pub fn random_instruction_bytes_end_within_budget(host: &'static Host) -> TestRe
             "program {index} ({mode:?}, bytes {code:02x?}) ran {took} ticks: {stop:?}"
         );
         *tally.entry(outcome_name(&stop)).or_default() += 1;
+        if index % AUDIT_EVERY == 0 {
+            let audit = pc.vm.pgm().audit(memory::is_allocated);
+            ensure!(
+                audit.is_clean(),
+                "program {index} ({mode:?}, bytes {code:02x?}): EPT audit: {:?}",
+                audit.findings
+            );
+            audited_pages += audit.mapped_pages;
+        }
         drop(pc);
         let leaked = frame_counts().used() as i64 - frames as i64;
         ensure!(leaked == 0, "program {index} leaked {leaked} host frames");
     }
     println!("  outcomes of {PROGRAMS} programs (seed {SEED:#x}): {tally:?}");
+    println!(
+        "  EPT audits after {} programs: clean, {audited_pages} mapped pages checked",
+        PROGRAMS.div_ceil(AUDIT_EVERY)
+    );
     Ok(())
 }

@@ -252,18 +252,24 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         Ok((id, Invalidation::SingleContext))
     }
 
-    /// Removes the MMIO region `id`: a region of its own disappears; a region over RAM leaves
-    /// ZERO RAM pages behind. New mappings only, so no invalidation is needed.
+    /// Removes the MMIO region `id`: a region of its own disappears with every alias mapped in
+    /// it; a region over RAM leaves ZERO RAM pages behind. Returns the invalidation the removed
+    /// aliases need.
     pub fn deregister_mmio(&mut self, id: HandlerId) -> Result<Invalidation, PgmError> {
         let registration = *self.handlers.get(id).ok_or(PgmError::UnknownHandler(id))?;
         let placement = registration.mmio.ok_or(PgmError::UnknownHandler(id))?;
         let locations = self.registered_pages(&registration);
+        let had_alias = locations
+            .iter()
+            .any(|&location| self.ranges.page(location).page_type().is_mmio_alias());
         self.handlers.remove(id);
         self.counts.mmio -= registration.pages;
         match placement {
             MmioPlacement::Unassigned => {
-                let range = locations.first().map_or(0, |location| location.range);
-                self.ranges.remove(range);
+                // Aliased pages are mapped: the range takes its mappings with it.
+                if let Some(first) = locations.first() {
+                    self.remove_range(first.range);
+                }
             }
             MmioPlacement::ReplacingRam => {
                 for location in locations {
@@ -275,7 +281,13 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 }
             }
         }
-        Ok(Invalidation::None)
+        // An alias (a frame mapped straight through) is replaced by nothing or by the zero
+        // frame: cached translations of it must go.
+        Ok(if had_alias {
+            Invalidation::SingleContext
+        } else {
+            Invalidation::None
+        })
     }
 
     /// Undoes an alias at `location` (the page traps again); returns the invalidation needed.
@@ -322,11 +334,16 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let was_alias = self.ranges.page(location).page_type().is_mmio_alias();
         let alias = PageDescriptor::allocated(page_type, frame).with_handler(HandlerState::Disabled);
         // MMIO in unassigned space has no tables yet: make them (the only step that can fail)
-        // before the descriptor changes.
-        let leaf = super::leaf_for(alias, self.zero_frame);
+        // before the descriptor changes; the mapping itself comes from the descriptor.
+        let current = self.tables.entry(&self.memory, page_base);
+        let keep = match current {
+            crate::paging::Entry::Leaf(leaf) => Some(leaf),
+            _ => None,
+        };
         self.tables
-            .map_range(&mut self.frames, &mut self.memory, page_base, 1, |_| leaf)?;
+            .map_range(&mut self.frames, &mut self.memory, page_base, 1, |_| keep)?;
         self.ranges.set_page(location, alias);
+        self.sync_leaf(location);
         Ok(if was_alias {
             Invalidation::SingleContext
         } else {

@@ -100,23 +100,27 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             })?;
         self.ranges.insert(RamRange::new(base, descriptors, "mmio2"));
         self.region_mut(handle)?.mapped_at = Some(base);
+        self.apply_a20_to_new_pages(base, pages);
         // Newly mapped: protection can only be added here, to pages nobody has cached.
         self.refresh_region_protection(handle);
         Ok(Invalidation::None)
     }
 
-    /// Unmaps the region; its memory and dirty bits stay with it.
+    /// Unmaps the region; its memory and dirty bits stay with it. Refused, changing nothing,
+    /// while a page-map lock holds one of its pages ([`PgmError::PageLocked`]): the host's
+    /// pointer into device memory must be released before the memory can go.
     pub fn unmap_mmio2(&mut self, handle: Mmio2Handle) -> Result<Invalidation, PgmError> {
         let base = self
             .region(handle)?
             .mapped_at
             .ok_or(PgmError::Mmio2Mapped(false))?;
         let location = self.ranges.find(base).ok_or(PgmError::NotGuestMemory(base))?;
-        let range = self.ranges.remove(location.range);
-        for page in 0..range.pages().len() as u64 {
-            let gpa = GuestPhysAddr::new_truncate(base.as_u64() + page * PAGE_SIZE);
-            self.tables.set_leaf(&mut self.memory, gpa, None);
+        let pages = self.ranges.get(location.range).map_or(&[][..], |r| r.pages());
+        if let Some(locked) = pages.iter().position(|page| page.is_locked()) {
+            let gpa = GuestPhysAddr::new_truncate(base.as_u64() + locked as u64 * PAGE_SIZE);
+            return Err(PgmError::PageLocked(gpa));
         }
+        self.remove_range(location.range);
         self.region_mut(handle)?.mapped_at = None;
         Ok(Invalidation::SingleContext)
     }
@@ -142,11 +146,13 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 *last &= (1 << (pages % 64)) - 1;
             }
         }
+        self.debug_assert_unmapped(&tail);
         self.frames.free_frames(&tail);
         Ok(invalidation)
     }
 
-    /// Unmaps the region if mapped and frees its memory.
+    /// Unmaps the region if mapped and frees its memory; refused, changing nothing, where
+    /// [`unmap_mmio2`](Self::unmap_mmio2) is.
     pub fn deregister_mmio2(&mut self, handle: Mmio2Handle) -> Result<Invalidation, PgmError> {
         let invalidation = match self.region(handle)?.mapped_at {
             Some(_) => self.unmap_mmio2(handle)?,
@@ -160,6 +166,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             .position(|r| r.handle == handle)
             .ok_or(PgmError::UnknownMmio2(handle))?;
         let region = self.mmio2.remove(index);
+        self.debug_assert_unmapped(&region.frames);
         self.frames.free_frames(&region.frames);
         Ok(invalidation)
     }
@@ -278,6 +285,11 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         for region in core::mem::take(&mut self.mmio2) {
             self.frames.free_frames(&region.frames);
         }
+    }
+
+    /// Every frame of every live region.
+    pub(super) fn mmio2_region_frames(&self) -> impl Iterator<Item = HostPhysAddr> + '_ {
+        self.mmio2.iter().flat_map(|region| region.frames.iter().copied())
     }
 
     /// Frames held by MMIO2 regions.

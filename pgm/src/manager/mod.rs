@@ -18,6 +18,7 @@ use crate::paging::{self, Access, Invalidation, Leaf, MemoryType, NestedTables, 
 use crate::pool::FramePool;
 use crate::ram::{PageLocation, RamRange, RamRanges};
 
+mod audit;
 mod handlers;
 mod large;
 mod locks;
@@ -25,6 +26,7 @@ mod mmio2;
 mod rom;
 mod sharing;
 
+pub use audit::{AuditReport, Finding, Problem};
 pub use handlers::{AccessHandlers, HandlerAction};
 pub use locks::{PageMapLock, PageMapping};
 pub use mmio2::Mmio2Handle;
@@ -280,6 +282,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             self.ranges.insert(chunk.with_registration(self.registrations));
         }
         self.counts.zero += pages;
+        self.apply_a20_to_new_pages(base, pages);
         Ok(())
     }
 
@@ -335,22 +338,14 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         for &range in &chunks {
             let count = self.ranges.get(range).map_or(0, |r| r.pages().len());
             for page in 0..count {
-                let location = PageLocation { range, page };
                 // Reset only frees; then the page leaves the counts with its range.
-                let _ = self.apply(location, PageEvent::Reset);
-                let gpa = self.ranges.gpa_of(location);
-                self.tables.set_leaf(&mut self.memory, gpa, None);
-                if !self.a20_enabled {
-                    // Its alias 1 MiB up showed this page: now it shows nothing.
-                    let alias = GuestPhysAddr::new_truncate(gpa.as_u64() | A20_BIT);
-                    self.tables.set_leaf(&mut self.memory, alias, None);
-                }
+                let _ = self.apply(PageLocation { range, page }, PageEvent::Reset);
             }
         }
         self.counts.zero -= pages;
         // Ranges are contiguous in address order: remove from the last so indices stay valid.
         for &range in chunks.iter().rev() {
-            self.ranges.remove(range);
+            self.remove_range(range);
         }
         self.pool.flush(&mut self.frames);
         Ok(Invalidation::SingleContext)
@@ -888,7 +883,10 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         self.sync_leaf(location);
         // Released only now: neither the descriptor nor the EPT entry names the frame any more.
         match step.effect {
-            FrameEffect::Free(frame) => self.pool.release(frame, &mut self.frames),
+            FrameEffect::Free(frame) => {
+                self.debug_assert_unmapped(&[frame]);
+                self.pool.release(frame, &mut self.frames)
+            }
             FrameEffect::AllocateCopyOf(shared) | FrameEffect::DropShare(shared) => self.drop_share(shared),
             FrameEffect::AdoptShared(own) => self.adopt_share(own, next.frame()),
             FrameEffect::None | FrameEffect::AllocateZeroed => {}
@@ -1006,6 +1004,49 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 self.tables.set_leaf(&mut self.memory, alias, leaf);
             }
         }
+    }
+
+    /// A new range was mapped page by page from its descriptors; with the A20 gate closed, its
+    /// pages with bit 20 set show the pages 1 MiB below instead, and aliases already mapped
+    /// 1 MiB above its other pages show them: [`sync_leaf`](Self::sync_leaf) makes both so.
+    fn apply_a20_to_new_pages(&mut self, base: GuestPhysAddr, pages: u64) {
+        if self.a20_enabled {
+            return;
+        }
+        for page in 0..pages {
+            let gpa = GuestPhysAddr::new_truncate(base.as_u64() + page * PAGE_SIZE);
+            if let Some(location) = self.ranges.find(gpa) {
+                self.sync_leaf(location);
+            }
+        }
+    }
+
+    /// Removes the range at index `range` from the address space: the guest reaches none of its
+    /// pages any more, neither at their own addresses nor, with the A20 gate closed, through
+    /// their aliases 1 MiB up. The one way every range leaves (RAM unregistered, MMIO2 unmapped,
+    /// MMIO in unassigned space deregistered); its frames are the caller's to free afterwards.
+    fn remove_range(&mut self, range: usize) -> RamRange {
+        let removed = self.ranges.remove(range);
+        for page in 0..removed.pages().len() as u64 {
+            let gpa = GuestPhysAddr::new_truncate(removed.base().as_u64() + page * PAGE_SIZE);
+            self.tables.set_leaf(&mut self.memory, gpa, None);
+            let alias = GuestPhysAddr::new_truncate(gpa.as_u64() | A20_BIT);
+            if !self.a20_enabled && alias != gpa {
+                // The alias showed this page; now it shows what the descriptors say (nothing,
+                // unless a range of its own covers it). Tables exist wherever it was mapped.
+                let shown = self.expected_leaf(alias);
+                self.tables.set_leaf(&mut self.memory, alias, shown);
+            }
+        }
+        removed
+    }
+
+    /// The mapping the EPT must hold at `gpa` (when it holds one): what the page the guest
+    /// reaches there calls for — through the A20 gate, so with the gate closed an address with
+    /// bit 20 set shows the page 1 MiB below. `None`: nothing may be mapped.
+    pub(super) fn expected_leaf(&self, gpa: GuestPhysAddr) -> Option<Leaf> {
+        let location = self.ranges.find(self.a20_apply(gpa))?;
+        self.own_leaf(location)
     }
 
     /// The mapping the page at `location` calls for by its own descriptor.

@@ -136,6 +136,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             virgin,
             image: image.to_vec(),
         });
+        self.apply_a20_to_new_pages(base, pages);
         Ok(id)
     }
 

@@ -92,6 +92,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             // The frame stays, no longer private.
             self.pool.forget();
         } else {
+            self.debug_assert_unmapped(&[own]);
             self.pool.release(own, &mut self.frames);
         }
     }
@@ -104,6 +105,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         *count -= 1;
         if *count == 0 {
             self.shared.remove(&frame);
+            self.debug_assert_unmapped(&[frame]);
             self.pool.discard(frame, &mut self.frames);
         }
     }

@@ -1,0 +1,280 @@
+//! The EPT auditor: asks of a VM's tables "which frames can the guest reach?" and checks the
+//! answer against what the VM holds. Isolation is the first invariant of the hypervisor: every
+//! leaf the CPU can use must map a frame this VM holds (the zero frame, a private frame, a ROM
+//! frame, a frame of a live MMIO2 region, a shared frame, or a caller's special-alias frame),
+//! and every such frame must still be allocated at the host.
+//!
+//! The auditor derives what the VM holds from its ownership records (descriptors, ROM and MMIO2
+//! regions, the shared-frame counts) independently of the code that writes the tables, and
+//! compares every leaf with the mapping its page's descriptor calls for. It reads only; the
+//! tests run it after every operation, the kernel after its hostile-guest scenarios.
+
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::vec::Vec;
+use core::fmt;
+
+use super::Pgm;
+use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
+use crate::frames::{HostFrameAllocator, HostMemory};
+use crate::page::{PageState, PageType};
+use crate::paging::{Leaf, Permissions};
+use crate::ram::PageLocation;
+
+/// What is wrong with one mapping or frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Problem {
+    /// A leaf maps a frame this VM does not hold (given back to the host, or never its own).
+    FrameNotHeld,
+    /// A frame the VM holds is not allocated at the host.
+    HeldFrameFreed,
+    /// A leaf maps a guest-physical address that lies in no registered range and is no A20
+    /// alias of a mapped page.
+    OutsideRanges,
+    /// A leaf (or a missing leaf) of a registered page differs from what its descriptor calls
+    /// for.
+    OutOfSync,
+    /// The zero frame or a shared frame is mapped writable.
+    SharedFrameWritable,
+    /// An MMIO page (not an alias) or a ballooned page is mapped.
+    MappedWithoutMemory,
+    /// A page holds a map lock but its frame is not one the VM holds.
+    LockedFrameNotHeld,
+    /// A shared frame's reference count differs from the pages that map it.
+    ShareCountWrong,
+}
+
+/// One finding: where, which frame, what is wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Finding {
+    /// The guest-physical page concerned (the zero address for a frame with no page).
+    pub gpa: GuestPhysAddr,
+    /// The host frame concerned, if any.
+    pub frame: Option<HostPhysAddr>,
+    /// What is wrong.
+    pub problem: Problem,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?} at {}", self.problem, self.gpa)?;
+        if let Some(frame) = self.frame {
+            write!(f, " (frame {frame})")?;
+        }
+        Ok(())
+    }
+}
+
+/// What an audit saw.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditReport {
+    /// Guest pages the tables map (a 2 MiB leaf counts 512).
+    pub mapped_pages: u64,
+    /// Frames the VM holds.
+    pub held_frames: u64,
+    /// Everything found wrong (empty for a sound VM).
+    pub findings: Vec<Finding>,
+}
+
+impl AuditReport {
+    /// True when nothing was found wrong.
+    pub fn is_clean(&self) -> bool {
+        self.findings.is_empty()
+    }
+}
+
+/// Why the VM holds a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Holder {
+    /// The shared zero frame or a shared frame: never writable by the guest.
+    ReadOnlyShared,
+    /// Held by one page, a ROM, an MMIO2 region, or the caller (special alias).
+    Owned,
+}
+
+impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
+    /// Asserts, in debug and test builds, that no leaf the CPU can reach maps any of `frames`:
+    /// every path that gives a frame back to the host or to another page calls it first.
+    /// Costs a walk of the tables, so release builds leave it out.
+    pub(super) fn debug_assert_unmapped(&self, frames: &[HostPhysAddr]) {
+        if !cfg!(debug_assertions) || frames.is_empty() {
+            return;
+        }
+        let going: BTreeSet<HostPhysAddr> = frames.iter().copied().collect();
+        self.tables.for_each_leaf(&self.memory, |gpa, pages, leaf| {
+            for page in 0..pages {
+                let frame = HostPhysAddr::new_truncate(leaf.frame.as_u64() + page * PAGE_SIZE);
+                assert!(
+                    !going.contains(&frame),
+                    "frame {frame} is given up while {} still maps it",
+                    GuestPhysAddr::new_truncate(gpa.as_u64() + page * PAGE_SIZE)
+                );
+            }
+        });
+    }
+
+    /// Audits the VM's EPT against its ownership records. `host_holds(frame)` tells whether the
+    /// host's allocator has `frame` allocated (the simulated or kernel bitmap); special-alias
+    /// frames are the caller's and are not asked about. Reads only.
+    pub fn audit(&self, host_holds: impl Fn(HostPhysAddr) -> bool) -> AuditReport {
+        let mut report = AuditReport::default();
+        let held = self.held_frames(&mut report, &host_holds);
+        report.held_frames = held.len() as u64;
+        let mut mapped = BTreeMap::new();
+        self.tables.for_each_leaf(&self.memory, |gpa, pages, leaf| {
+            for page in 0..pages {
+                let at = GuestPhysAddr::new_truncate(gpa.as_u64() + page * PAGE_SIZE);
+                let frame = HostPhysAddr::new_truncate(leaf.frame.as_u64() + page * PAGE_SIZE);
+                mapped.insert(at, Leaf { frame, ..leaf });
+            }
+        });
+        report.mapped_pages = mapped.len() as u64;
+        for (&gpa, leaf) in &mapped {
+            self.audit_leaf(gpa, leaf, &held, &mut report);
+        }
+        self.audit_pages(&mapped, &held, &mut report);
+        report
+    }
+
+    /// The frames this VM holds, from its ownership records; records held frames the host has
+    /// not got allocated.
+    fn held_frames(
+        &self,
+        report: &mut AuditReport,
+        host_holds: &impl Fn(HostPhysAddr) -> bool,
+    ) -> BTreeMap<HostPhysAddr, Holder> {
+        let mut held = BTreeMap::new();
+        let mut hold = |frame: HostPhysAddr, holder: Holder, gpa: GuestPhysAddr, ask_host: bool| {
+            if ask_host && !host_holds(frame) {
+                report.findings.push(Finding {
+                    gpa,
+                    frame: Some(frame),
+                    problem: Problem::HeldFrameFreed,
+                });
+            }
+            held.insert(frame, holder);
+        };
+        let nowhere = GuestPhysAddr::default();
+        hold(self.zero_frame, Holder::ReadOnlyShared, nowhere, true);
+        for &frame in self.shared.keys() {
+            hold(frame, Holder::ReadOnlyShared, nowhere, true);
+        }
+        for rom in &self.roms {
+            for &frame in &rom.virgin {
+                hold(frame, Holder::Owned, rom.base, true);
+            }
+        }
+        for frame in self.mmio2_region_frames() {
+            hold(frame, Holder::Owned, nowhere, true);
+        }
+        for range in self.ranges.iter() {
+            for (index, page) in range.pages().iter().enumerate() {
+                let gpa = GuestPhysAddr::new_truncate(range.base().as_u64() + index as u64 * PAGE_SIZE);
+                let Some(frame) = page.frame() else {
+                    continue;
+                };
+                match page.page_type() {
+                    PageType::Ram | PageType::RomShadow if page.state() != PageState::Shared => {
+                        hold(frame, Holder::Owned, gpa, true)
+                    }
+                    PageType::SpecialAliasMmio => hold(frame, Holder::Owned, gpa, false),
+                    // Shared frames, MMIO2 frames and MMIO2 aliases borrow their frame: held
+                    // only if its owner (sharing, a live region) holds it.
+                    _ => {}
+                }
+            }
+        }
+        held
+    }
+
+    /// Checks one mapped guest page.
+    fn audit_leaf(
+        &self,
+        gpa: GuestPhysAddr,
+        leaf: &Leaf,
+        held: &BTreeMap<HostPhysAddr, Holder>,
+        report: &mut AuditReport,
+    ) {
+        let mut find = |problem| {
+            report.findings.push(Finding {
+                gpa,
+                frame: Some(leaf.frame),
+                problem,
+            })
+        };
+        match held.get(&leaf.frame) {
+            None => find(Problem::FrameNotHeld),
+            Some(Holder::ReadOnlyShared) if leaf.permissions.contains(Permissions::WRITE) => {
+                find(Problem::SharedFrameWritable)
+            }
+            Some(_) => {}
+        }
+        let shown = self.a20_apply(gpa);
+        let Some(location) = self.ranges.find(shown) else {
+            find(Problem::OutsideRanges);
+            return;
+        };
+        let page = self.ranges.page(location);
+        if page.page_type() == PageType::Mmio || page.state() == PageState::Ballooned {
+            find(Problem::MappedWithoutMemory);
+        }
+        if self.expected_leaf(gpa) != Some(*leaf) {
+            find(Problem::OutOfSync);
+        }
+    }
+
+    /// Checks every registered page: its mapping is the one its descriptor calls for (a
+    /// missing one too), a locked page's frame is held, and shared counts add up.
+    fn audit_pages(
+        &self,
+        mapped: &BTreeMap<GuestPhysAddr, Leaf>,
+        held: &BTreeMap<HostPhysAddr, Holder>,
+        report: &mut AuditReport,
+    ) {
+        let mut sharers: BTreeMap<HostPhysAddr, u64> = BTreeMap::new();
+        for (range_index, range) in self.ranges.iter().enumerate() {
+            for index in 0..range.pages().len() {
+                let location = PageLocation {
+                    range: range_index,
+                    page: index,
+                };
+                let gpa = self.ranges.gpa_of(location);
+                let page = self.ranges.page(location);
+                // Mapped pages were compared in `audit_leaf`; here the missing ones. A page the
+                // A20 gate redirects is mapped on its first fault, so it may be missing.
+                let redirected = self.a20_apply(gpa) != gpa;
+                if !redirected && !mapped.contains_key(&gpa) && self.expected_leaf(gpa).is_some() {
+                    report.findings.push(Finding {
+                        gpa,
+                        frame: page.frame(),
+                        problem: Problem::OutOfSync,
+                    });
+                }
+                if page.is_locked() {
+                    let frame = self.read_source(location).unwrap_or(self.zero_frame);
+                    if !held.contains_key(&frame) {
+                        report.findings.push(Finding {
+                            gpa,
+                            frame: Some(frame),
+                            problem: Problem::LockedFrameNotHeld,
+                        });
+                    }
+                }
+                if page.state() == PageState::Shared {
+                    if let Some(frame) = page.frame() {
+                        *sharers.entry(frame).or_default() += 1;
+                    }
+                }
+            }
+        }
+        let frames: BTreeSet<HostPhysAddr> = sharers.keys().chain(self.shared.keys()).copied().collect();
+        for frame in frames {
+            if sharers.get(&frame) != self.shared.get(&frame) {
+                report.findings.push(Finding {
+                    gpa: GuestPhysAddr::default(),
+                    frame: Some(frame),
+                    problem: Problem::ShareCountWrong,
+                });
+            }
+        }
+    }
+}
