@@ -64,6 +64,11 @@ pub fn set_host_deadline(deadline: Option<u64>) -> Option<u64> {
     (previous != 0).then_some(previous)
 }
 
+/// Records that a run was stopped by the host deadline (what [`host_deadline_hit`] reports).
+pub fn record_host_deadline_hit() {
+    HOST_DEADLINE_HIT.store(true, Ordering::Relaxed);
+}
+
 /// True when a run was stopped by the host deadline since it was last set.
 #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
 pub fn host_deadline_hit() -> bool {
@@ -118,7 +123,6 @@ impl RunClock {
     pub fn expired(&self, now: u64) -> Option<Expired> {
         let reached = |end: u64| now.saturating_add(self.granule) > end;
         if reached(self.host_deadline) {
-            HOST_DEADLINE_HIT.store(true, Ordering::Relaxed);
             Some(Expired::HostDeadline)
         } else if reached(self.limit_end) {
             Some(Expired::Limit)

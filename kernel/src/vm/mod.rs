@@ -677,7 +677,10 @@ impl<'a> Vm<'a> {
                 }
             }
             Expired::Limit => StopCause::TimeBudget,
-            Expired::HostDeadline => StopCause::HostDeadline,
+            Expired::HostDeadline => {
+                budget::record_host_deadline_hit();
+                StopCause::HostDeadline
+            }
         };
         VmStop::Stopped(self.diagnostic(cause, self.last_exit_reason))
     }

@@ -1025,7 +1025,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// pages any more, neither at their own addresses nor, with the A20 gate closed, through
     /// their aliases 1 MiB up. The one way every range leaves (RAM unregistered, MMIO2 unmapped,
     /// MMIO in unassigned space deregistered); its frames are the caller's to free afterwards.
-    fn remove_range(&mut self, range: usize) -> RamRange {
+    fn remove_range(&mut self, range: usize) {
         let removed = self.ranges.remove(range);
         for page in 0..removed.pages().len() as u64 {
             let gpa = GuestPhysAddr::new_truncate(removed.base().as_u64() + page * PAGE_SIZE);
@@ -1038,7 +1038,6 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 self.tables.set_leaf(&mut self.memory, alias, shown);
             }
         }
-        removed
     }
 
     /// The mapping the EPT must hold at `gpa` (when it holds one): what the page the guest
