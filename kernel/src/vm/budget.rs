@@ -92,8 +92,8 @@ pub struct RunClock {
     slice_end: u64,
     limit_end: u64,
     host_deadline: u64,
-    /// The timer's granularity: 2^rate ticks.
-    granule: u64,
+    /// The preemption timer's rate: it counts once every 2^rate ticks.
+    rate: u32,
 }
 
 impl RunClock {
@@ -109,7 +109,7 @@ impl RunClock {
             } else {
                 host_deadline
             },
-            granule: 1 << rate,
+            rate,
         }
     }
 
@@ -121,7 +121,7 @@ impl RunClock {
     /// The deadline reached at `now`, if any; less than one timer count left counts as
     /// reached (the timer could not wait for it). The stopping deadlines come first.
     pub fn expired(&self, now: u64) -> Option<Expired> {
-        let reached = |end: u64| now.saturating_add(self.granule) > end;
+        let reached = |end: u64| now.saturating_add(1 << self.rate) > end;
         if reached(self.host_deadline) {
             Some(Expired::HostDeadline)
         } else if reached(self.limit_end) {
@@ -135,8 +135,8 @@ impl RunClock {
 
     /// The VMX-preemption timer value that expires at the earliest deadline, seen from `now`
     /// (capped at the field's 32 bits: the run then goes on after an early timer exit).
-    pub fn timer_value(&self, now: u64, rate: u32) -> u32 {
-        let left = self.deadline().saturating_sub(now) >> rate;
+    pub fn timer_value(&self, now: u64) -> u32 {
+        let left = self.deadline().saturating_sub(now) >> self.rate;
         left.min(u64::from(u32::MAX)) as u32
     }
 }

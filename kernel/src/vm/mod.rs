@@ -619,8 +619,8 @@ impl<'a> Vm<'a> {
     /// through `devices`. The run never takes longer than the earliest of its slice, the VM's
     /// time limit and the host deadline ([`budget`]), plus the cost of one exit.
     pub fn run_with(&mut self, devices: &mut impl AccessHandlers) -> VmStop {
-        let rate = self.vmx.caps().preemption_timer_rate();
         self.run_started = ticks();
+        let rate = self.vmx.caps().preemption_timer_rate();
         let clock = RunClock::start(&self.budget, self.ticks_used, self.run_started, rate);
         if let Some((kind, host_ticks)) = self.carried.take() {
             // Measured as if the exit had happened `host_ticks` before this run started.
@@ -642,7 +642,7 @@ impl<'a> Vm<'a> {
             if self.exits.total >= exit_budget_end {
                 break VmStop::Stopped(self.diagnostic(StopCause::ExitBudget, self.last_exit_reason));
             }
-            if let Some(stop) = self.enter_and_handle_exit(devices, &clock, rate) {
+            if let Some(stop) = self.enter_and_handle_exit(devices, &clock) {
                 break stop;
             }
         };
@@ -696,7 +696,6 @@ impl<'a> Vm<'a> {
         &mut self,
         devices: &mut impl AccessHandlers,
         clock: &RunClock,
-        rate: u32,
     ) -> Option<VmStop> {
         let vmcs = self.vmcs.as_ref().expect("present until drop");
         if let Err(error) = vmcs.make_current() {
@@ -707,7 +706,7 @@ impl<'a> Vm<'a> {
             self.exit_costs.0[kind as usize].add(ticks() - exit_tick);
         }
         // Armed last, so the host work above does not eat into the guest's time.
-        let timer = clock.timer_value(ticks(), rate);
+        let timer = clock.timer_value(ticks());
         if vmcs
             .write(guest::VMX_PREEMPTION_TIMER_VALUE, u64::from(timer))
             .is_err()

@@ -987,10 +987,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         }
         let gpa = self.ranges.gpa_of(location);
         if !self.a20_enabled && gpa.as_u64() & A20_BIT != 0 {
-            let shown = self
-                .ranges
-                .find(self.a20_apply(gpa))
-                .and_then(|below| self.own_leaf(below));
+            let shown = self.expected_leaf(gpa);
             self.tables.set_leaf(&mut self.memory, gpa, shown);
             return;
         }
