@@ -10,7 +10,6 @@ extern crate alloc;
 mod arch;
 #[cfg(not(feature = "kernel-tests"))]
 mod demo;
-mod emulate;
 #[cfg(feature = "kernel-tests")]
 mod tests;
 mod vm;
@@ -71,7 +70,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         Ok(()) => println!("hypervisor: local APIC in x2APIC mode; legacy PICs masked"),
         Err(error) => println!("hypervisor: no host timer to kick vCPUs with: {error:?}"),
     }
-    emulate::warm_up();
+    emulator::warm_up();
     let host = HOST.call_once(|| Host { phys, vmx });
     #[cfg(feature = "kernel-tests")]
     tests::run_all(host);

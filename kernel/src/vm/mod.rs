@@ -12,7 +12,6 @@ use core::fmt;
 
 use spin::Mutex;
 
-use iced_x86::{Decoder, DecoderOptions, Instruction, Register};
 use pgm::guest_paging::GuestPaging;
 use pgm::manager::{AccessHandlers, HandlerAction};
 use pgm::{
@@ -29,9 +28,9 @@ use crate::arch::guests::{GuestMode, GuestProgram};
 use crate::arch::memory::{KernelFrames, PhysMap};
 use crate::arch::vmx::{self, host::HostState, vmcs::Vmcs, GuestRegisters, InveptType, VmxError, VmxOn};
 use crate::arch::{idt, ticks};
-use crate::emulate::{self, EmulationError, Machine, MemoryFault};
 use crate::println;
 use budget::{Budget, Expired, RunClock};
+use emulator::{EmulationError, Machine, MemoryFault, Register};
 pub use requests::host_timer_fired;
 use requests::{Request, VcpuRequests};
 
@@ -886,13 +885,11 @@ impl<'a> Vm<'a> {
         let Some(bytes) = self.fetch_instruction(&cpu) else {
             return stop(self, StopCause::InstructionFetch, InstructionBytes::default());
         };
-        let mut decoder = Decoder::with_ip(cpu.bitness, bytes.as_slice(), cpu.rip, DecoderOptions::NONE);
-        let instruction: Instruction = decoder.decode();
-        let mut used = bytes;
-        used.len = instruction.len().min(bytes.as_slice().len()) as u8;
-        if instruction.is_invalid() {
+        let Some(instruction) = emulator::decode(cpu.bitness, bytes.as_slice(), cpu.rip) else {
             return stop(self, StopCause::UnsupportedInstruction, bytes);
-        }
+        };
+        let mut used = bytes;
+        used.len = instruction.len() as u8;
         let (pgm, regs) = (self.pgm.as_mut().expect("present until drop"), &mut self.regs);
         let gpa = pgm.a20_apply(gpa);
         let mut machine = VcpuMachine {
@@ -903,7 +900,7 @@ impl<'a> Vm<'a> {
             devices,
             invalidation: Invalidation::None,
         };
-        let result = emulate::execute(&instruction, gpa, cpu.rflags, &mut machine);
+        let result = emulator::execute(&instruction, gpa, cpu.rflags, &mut machine);
         let invalidation = machine.invalidation;
         let outcome = match result {
             Ok(outcome) => outcome,

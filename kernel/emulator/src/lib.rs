@@ -9,8 +9,16 @@
 //! read-modify-write), and STOS with or without REP (one element per exit, as the CPU would
 //! restart it). Anything else is [`EmulationError::Unsupported`]: the VM stops, the host does
 //! not.
+//!
+//! The crate is `no_std` and has no unsafe code, so it builds into the bare-metal kernel and is
+//! tested on the host: unit tests per form, a differential test against the host CPU
+//! (`tests/native.rs`) and a fuzz target (`fuzz/`).
 
-use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
+
+use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+pub use iced_x86::{Instruction, OpKind, Register};
 use pgm::GuestPhysAddr;
 
 /// RFLAGS bits the emulated instructions change.
@@ -76,6 +84,16 @@ pub struct Outcome {
 pub fn warm_up() {
     let nop = [0x90];
     let _ = Decoder::new(64, &nop, DecoderOptions::NONE).decode();
+}
+
+/// Decodes the instruction at the start of `bytes`, fetched from `ip` by a CPU running
+/// `bitness`-bit code (16, 32 or 64). `None` for bytes that are no valid instruction, or an
+/// instruction longer than the bytes given. The emulator must act on these bytes only: the guest
+/// (another vCPU, a device) may rewrite the instruction in memory while it is emulated, and the
+/// CPU also executes what it fetched once.
+pub fn decode(bitness: u32, bytes: &[u8], ip: u64) -> Option<Instruction> {
+    let instruction = Decoder::with_ip(bitness, bytes, ip, DecoderOptions::NONE).decode();
+    (!instruction.is_invalid()).then_some(instruction)
 }
 
 /// Emulates `instruction`, whose memory operand is at `gpa` (from the EPT violation), on
