@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: setup run test check image bench
+.PHONY: setup run test check image bench fuzz
 
 setup:
 	@boot/setup.sh
@@ -32,3 +32,14 @@ bench: setup
 ## BIOS and UEFI disk images of the demo kernel.
 image: setup
 	cargo xtask image
+
+## The two fuzz targets (cargo fuzz, libFuzzer), FUZZ_SECONDS each (default 60): the whole pgm API
+## with the EPT auditor as oracle, and the instruction emulator against a fake device. Both
+## crates are safe Rust, so no sanitizer; the pgm target is built without debug assertions
+## (its oracle is the audit after every step) and without compare tracing (its bytes pick
+## operations modulo their count, so comparisons guide nothing), which makes it 3x faster.
+FUZZ_SECONDS ?= 60
+fuzz: setup
+	@command -v cargo-fuzz >/dev/null || cargo +stable install cargo-fuzz --locked
+	cd pgm && cargo fuzz run -s none -O --no-trace-compares api -- -max_total_time=$(FUZZ_SECONDS) -max_len=512
+	cd kernel/emulator && cargo fuzz run -s none instructions -- -max_total_time=$(FUZZ_SECONDS)

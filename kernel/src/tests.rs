@@ -192,6 +192,26 @@ const TESTS: &[(&str, TestFn)] = &[
         "random_instruction_bytes_end_within_budget",
         preemption::random_instruction_bytes_end_within_budget,
     ),
+    (
+        "hostile_a20_gate_flipped_through_port_0x92_while_writing_across_1_mib",
+        hostile::a20_gate_flipped_through_port_0x92_while_writing_across_1_mib,
+    ),
+    (
+        "hostile_probing_every_page_and_random_addresses_reaches_nothing_else",
+        hostile::probing_every_page_and_random_addresses_reaches_nothing_else,
+    ),
+    (
+        "hostile_random_bytes_run_against_mmio",
+        hostile::random_bytes_run_against_mmio,
+    ),
+    (
+        "hostile_page_tables_in_mmio_or_a_ballooned_page_stop_the_vm",
+        hostile::page_tables_in_mmio_or_a_ballooned_page_stop_the_vm,
+    ),
+    (
+        "hostile_an_instruction_rewritten_while_emulated_runs_as_fetched",
+        hostile::an_instruction_rewritten_while_emulated_runs_as_fetched,
+    ),
 ];
 
 static CURRENT: Mutex<Option<&'static str>> = Mutex::new(None);
@@ -296,6 +316,7 @@ macro_rules! ensure_eq {
 }
 
 // After the macros: the scenario modules use them.
+mod hostile;
 mod pc;
 mod preemption;
 mod violations;

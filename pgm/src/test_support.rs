@@ -8,9 +8,8 @@ use crate::addr::{GuestPhysAddr, HostPhysAddr};
 use crate::frames::HostMemory;
 use crate::manager::{FaultOutcome, Pgm};
 use crate::paging::{Access, Invalidation};
+pub use crate::sim::SimPgm;
 use crate::sim::{SimFrames, SimMemory};
-
-pub type SimPgm = Pgm<SimFrames, SimMemory>;
 
 pub const MIB: u64 = 1 << 20;
 

@@ -275,12 +275,16 @@ fn operand_linear_address(instruction: &Instruction, machine: &mut impl Machine)
             OpKind::Memory | OpKind::MemoryESDI | OpKind::MemoryESEDI | OpKind::MemoryESRDI
         )
     })?;
+    // Only general-purpose registers address memory here: a vector index (VSIB, as gathers
+    // use) makes the form unsupported rather than a question the machine cannot answer.
     instruction.virtual_address(operand, 0, |reg, _, _| {
-        Some(if reg.is_segment_register() {
-            machine.segment_base(reg)
+        if reg.is_segment_register() {
+            Some(machine.segment_base(reg))
+        } else if reg.is_gpr() {
+            Some(register(machine, reg))
         } else {
-            register(machine, reg)
-        })
+            None
+        }
     })
 }
 

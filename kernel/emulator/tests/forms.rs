@@ -132,6 +132,17 @@ fn unsupported_instructions_are_refused_without_touching_the_device() {
     }
 }
 
+/// Found by the fuzz target: a gather's vector index register was handed to the machine as if
+/// it were a general-purpose register.
+#[test]
+fn a_vector_indexed_operand_is_refused_without_asking_for_vector_registers() {
+    let mut fake = fake();
+    // vpgatherdd xmm0, [rax + xmm1 * 4], xmm2
+    let result = step(&mut fake, &[0xC4, 0xE2, 0x69, 0x90, 0x04, 0x88], IP, BASE, 0x2);
+    assert_eq!(result, Err(EmulationError::Unsupported));
+    assert!(fake.log.is_empty());
+}
+
 #[test]
 fn an_operand_that_crosses_a_page_or_starts_elsewhere_is_refused() {
     let mut fake = fake();

@@ -200,7 +200,7 @@ fn emulate(form: &Form, fake: &mut Fake, bytes: &[u8], start: u64, end: u64, rfl
         }
         assert_eq!(rip, start, "{}: resumed somewhere else", form.text);
         let instruction = emulator::decode(64, bytes, start).expect("valid");
-        let linear = operand_linear(fake, &instruction);
+        let linear = operand_linear(fake, &instruction).expect("a memory operand");
         let gpa = fake.gpa_of(linear);
         let outcome = emulator::execute(&instruction, gpa, rflags, fake)
             .unwrap_or_else(|error| panic!("{}: {error:?}", form.text));

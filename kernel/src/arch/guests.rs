@@ -406,6 +406,97 @@ guest_programs! {
         "inc ebx",
         "jmp 1b",
     ];
+    // Hostile: for ECX = 1..=EBX, flips the A20 gate through port 0x92, writes ECX to 0x100010
+    // (0x10 while the gate is closed) and ECX * 0x10001 across the 1 MiB boundary at 0xFFFFE,
+    // and stores what it then reads at 0x10 to EDI + 4 * ECX; then done(0).
+    a20_toggle_writes: Flat32, ".code32", [
+        "mov ecx, 1",
+        "1:",
+        "in al, 0x92",
+        "xor al, 2",
+        "out 0x92, al",
+        "mov dword ptr [0x100010], ecx",
+        "imul eax, ecx, 0x10001",
+        "mov dword ptr [0xFFFFE], eax",
+        "mov eax, dword ptr [0x10]",
+        "mov dword ptr [edi + ecx * 4], eax",
+        "inc ecx",
+        "cmp ecx, ebx",
+        "jbe 1b",
+        "xor eax, eax",
+        "xor ebx, ebx",
+        "vmcall",
+        "hlt",
+    ];
+    // Hostile: probes guest-physical addresses from a list at RSI (RDI entries of 16 bytes:
+    // the address, then 0 read, 1 read and write back, 2 call), from entry RBX on, writing the
+    // index of the probe under way to [R12]. Each address is reached through a 1 GiB page the
+    // guest writes into its own PDPT entry at [R13] (linear 5 GiB up); then done(0).
+    probe_list: Long64, ".code64", [
+        "1:",
+        "cmp rbx, rdi",
+        "jae 9f",
+        "mov [r12], rbx",
+        "mov rax, rbx",
+        "shl rax, 4",
+        "mov rdx, [rsi + rax]",
+        "mov rcx, [rsi + rax + 8]",
+        "mov rax, rdx",
+        "shr rax, 30",
+        "shl rax, 30",
+        "or rax, 0x83",
+        "mov [r13], rax",
+        "mov eax, edx",
+        "and eax, 0x3FFFFFFF",
+        "mov r8, 0x140000000",
+        "add rax, r8",
+        "invlpg [rax]",
+        "cmp rcx, 1",
+        "je 2f",
+        "cmp rcx, 2",
+        "je 3f",
+        "mov r9, [rax]",
+        "jmp 4f",
+        "2:",
+        "mov r9, [rax]",
+        "mov [rax], r9",
+        "jmp 4f",
+        "3:",
+        "call rax",
+        "4:",
+        "inc rbx",
+        "jmp 1b",
+        "9:",
+        "xor eax, eax",
+        "xor ebx, ebx",
+        "vmcall",
+        "hlt",
+    ];
+    // Hostile: turns paging on with CR3 = EAX (its page tables wherever EAX points), then
+    // done(0) if it ever gets there.
+    paging_from_eax: Flat32, ".code32", [
+        "mov cr3, eax",
+        "mov eax, cr0",
+        "or eax, 0x80000000",
+        "mov cr0, eax",
+        "xor eax, eax",
+        "xor ebx, ebx",
+        "vmcall",
+        "hlt",
+    ];
+    // Hostile: stores EAX to the device at ESI, then ECX - 1 more times EBX once the store was
+    // rewritten under it (the host's device rewrites `mov [esi], eax` into `mov [esi], ebx`
+    // while it emulates it); then done(0).
+    rewritten_store: Flat32, ".code32", [
+        "1:",
+        "mov dword ptr [esi], eax",
+        "dec ecx",
+        "jnz 1b",
+        "xor eax, eax",
+        "xor ebx, ebx",
+        "vmcall",
+        "hlt",
+    ];
     // Calls an unknown hypercall (RAX = 0x77) and reports what RAX came back as via done(RAX).
     bad_hypercall: Flat32, ".code32", [
         "mov eax, 0x77",

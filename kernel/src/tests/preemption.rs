@@ -471,7 +471,7 @@ fn random_registers(random: &mut XorShift) -> GuestRegisters {
 }
 
 /// The kind of a stop, for the tally.
-fn outcome_name(stop: &VmStop) -> String {
+pub(super) fn outcome_name(stop: &VmStop) -> String {
     match stop {
         VmStop::Stopped(diagnostic) => format!("{:?}", diagnostic.cause),
         VmStop::Done(_) => "Done".into(),

@@ -67,6 +67,16 @@ const ENTRY_FAILURE: u64 = 1 << 31;
 const INTERRUPTION_VALID: u64 = 1 << 31;
 const INTERRUPTION_TYPE_NMI: u64 = 2 << 8;
 const INTERRUPTION_TYPE_MASK: u64 = 7 << 8;
+/// I/O-instruction exit qualification: size - 1 in bits 2:0, IN in bit 3, string and REP in
+/// bits 4 and 5, the port in bits 31:16.
+const IO_SIZE_MASK: u64 = 0b111;
+const IO_IN: u64 = 1 << 3;
+const IO_STRING: u64 = 1 << 4;
+const IO_REP: u64 = 1 << 5;
+/// System Control Port A: bit 1 the A20 gate, bit 0 a fast reset.
+const PORT_A20: u16 = 0x92;
+const A20_GATE_BIT: u64 = 1 << 1;
+const FAST_RESET_BIT: u64 = 1 << 0;
 /// PAUSE-loop exiting: PAUSEs at most this many ticks apart belong to one loop, and a loop
 /// longer than the window exits (the values KVM uses).
 const PAUSE_LOOP_GAP: u64 = 128;
@@ -90,6 +100,16 @@ const EFER_LMA: u64 = 1 << 10;
 const CS_LONG: u64 = 1 << 13;
 const CS_DEFAULT_32: u64 = 1 << 14;
 
+/// EPT-violation qualification: bit 7, the guest-linear address is valid; bit 8 (then), the
+/// access was the translation of it rather than the CPU's access to a paging-structure entry.
+const QUAL_LINEAR_VALID: u64 = 1 << 7;
+const QUAL_TRANSLATED: u64 = 1 << 8;
+
+/// True when an EPT violation was the CPU's own access to the guest's page tables.
+fn is_page_walk(qualification: u64) -> bool {
+    qualification & QUAL_LINEAR_VALID != 0 && qualification & QUAL_TRANSLATED == 0
+}
+
 /// Why a VM stopped without finishing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StopCause {
@@ -106,6 +126,10 @@ pub enum StopCause {
     /// The guest fetched an instruction from a page whose accesses go to a handler (MMIO):
     /// there is no memory to execute.
     ExecuteFromHandledPage,
+    /// The CPU's walk of the guest's own page tables reached a page with no memory behind it
+    /// for that access (MMIO, a handler's page, a ROM page it had to set an A/D bit in): there is
+    /// no instruction to emulate, and page walks are never handed to devices.
+    PageWalkOutsideMemory,
     /// The instruction to emulate could not be fetched (its linear address has no mapping in
     /// the guest's page tables, or it lies outside guest RAM).
     InstructionFetch,
@@ -261,6 +285,8 @@ pub struct ExitCounts {
     pub pause_loops: u64,
     /// MONITOR and MWAIT exits (both are no-ops for the guest).
     pub monitor_mwait: u64,
+    /// Port I/O the hypervisor handled (the A20 gate at port 0x92).
+    pub port_io: u64,
 }
 
 /// The exits whose handling cost is measured, from VM exit to the next VM entry.
@@ -591,6 +617,14 @@ impl<'a> Vm<'a> {
         Ok(())
     }
 
+    /// Sets the guest's RSP (after [`start`](Self::start), which puts the stack just below the
+    /// code).
+    #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
+    pub fn set_stack_pointer(&mut self, rsp: u64) -> Result<(), VmError> {
+        let vmcs = self.vmcs.as_ref().expect("present until drop");
+        Ok(vmcs.write(guest::RSP, rsp)?)
+    }
+
     /// Sets the time and exits this VM may use from now on (ticks already used count against
     /// the new limit).
     pub fn set_budget(&mut self, budget: Budget) {
@@ -774,6 +808,7 @@ impl<'a> Vm<'a> {
                     Err(_) => Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit, reason))),
                 }
             }
+            exit_reason::IO_INSTRUCTION => self.handle_port_io(reason),
             exit_reason::HLT => Some(VmStop::Halted {
                 rip: vmcs.read(guest::RIP),
             }),
@@ -793,6 +828,39 @@ impl<'a> Vm<'a> {
             .expect("present until drop")
             .read(ro::VMEXIT_INTERRUPTION_INFO);
         info & INTERRUPTION_VALID != 0 && info & INTERRUPTION_TYPE_MASK == INTERRUPTION_TYPE_NMI
+    }
+
+    /// Port I/O. The one port the hypervisor answers itself is System Control Port A (0x92),
+    /// whose bit 1 is the A20 gate: a byte OUT opens or closes the gate through pgm (with the
+    /// INVEPT that needs), a byte IN reads it back. Every other port, string or REP form, and
+    /// the fast-reset bit (bit 0) stop the VM with the exit's diagnostic: there is no device.
+    fn handle_port_io(&mut self, reason: u32) -> Option<VmStop> {
+        let vmcs = self.vmcs.as_ref().expect("present until drop");
+        let qualification = vmcs.read(ro::EXIT_QUALIFICATION);
+        let port = (qualification >> 16) as u16;
+        let byte_sized = qualification & IO_SIZE_MASK == 0;
+        let plain = qualification & (IO_STRING | IO_REP) == 0;
+        let unhandled = |vm: &Self| Some(VmStop::Stopped(vm.diagnostic(StopCause::UnhandledExit, reason)));
+        if port != PORT_A20 || !byte_sized || !plain {
+            return unhandled(self);
+        }
+        let pgm = self.pgm.as_mut().expect("present until drop");
+        let invalidation = if qualification & IO_IN != 0 {
+            let gate = if pgm.a20_enabled() { A20_GATE_BIT } else { 0 };
+            self.regs.rax = (self.regs.rax & !0xFF) | gate;
+            Invalidation::None
+        } else {
+            let value = self.regs.rax & 0xFF;
+            if value & FAST_RESET_BIT != 0 {
+                return unhandled(self);
+            }
+            pgm.set_a20(value & A20_GATE_BIT != 0)
+        };
+        self.exits.port_io += 1;
+        match self.skip_instruction().and_then(|()| self.invalidate(invalidation)) {
+            Ok(()) => None,
+            Err(_) => unhandled(self),
+        }
     }
 
     /// Moves the guest's RIP past the instruction that caused the current exit.
@@ -837,6 +905,11 @@ impl<'a> Vm<'a> {
             FaultOutcome::Ballooned => return stop(self, StopCause::BalloonedPage),
             FaultOutcome::Handler { .. } if access == Access::Execute => {
                 return stop(self, StopCause::ExecuteFromHandledPage);
+            }
+            FaultOutcome::Handler { .. } | FaultOutcome::WriteIgnored | FaultOutcome::EmulateWrite
+                if is_page_walk(qualification) =>
+            {
+                return stop(self, StopCause::PageWalkOutsideMemory);
             }
             outcome @ (FaultOutcome::Handler { .. }
             | FaultOutcome::WriteIgnored

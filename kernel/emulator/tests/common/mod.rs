@@ -154,28 +154,28 @@ impl XorShift {
     }
 }
 
-/// The guest-linear address of the instruction's memory operand, from the fake's registers.
-pub fn operand_linear(fake: &mut Fake, instruction: &Instruction) -> u64 {
+/// The guest-linear address of the instruction's memory operand, from the fake's registers;
+/// `None` when it is addressed through other than general-purpose registers (a vector index).
+pub fn operand_linear(fake: &mut Fake, instruction: &Instruction) -> Option<u64> {
     use emulator::OpKind;
-    let operand = (0..instruction.op_count())
-        .find(|&op| {
-            matches!(
-                instruction.op_kind(op),
-                OpKind::Memory | OpKind::MemoryESDI | OpKind::MemoryESEDI | OpKind::MemoryESRDI
-            )
+    let operand = (0..instruction.op_count()).find(|&op| {
+        matches!(
+            instruction.op_kind(op),
+            OpKind::Memory | OpKind::MemoryESDI | OpKind::MemoryESEDI | OpKind::MemoryESRDI
+        )
+    })?;
+    instruction.virtual_address(operand, 0, |reg, _, _| {
+        if reg.is_segment_register() {
+            return Some(0);
+        }
+        if !reg.is_gpr() {
+            return None;
+        }
+        let value = fake.gpr(reg.full_register());
+        Some(if reg.size() >= 8 {
+            value
+        } else {
+            value & ((1u64 << (reg.size() * 8)) - 1)
         })
-        .expect("a memory operand");
-    instruction
-        .virtual_address(operand, 0, |reg, _, _| {
-            if reg.is_segment_register() {
-                return Some(0);
-            }
-            let value = fake.gpr(reg.full_register());
-            Some(if reg.size() >= 8 {
-                value
-            } else {
-                value & ((1u64 << (reg.size() * 8)) - 1)
-            })
-        })
-        .unwrap()
+    })
 }

@@ -1,22 +1,59 @@
 //! A simulated host for tests and benchmarks: host-physical memory as a sparse map of frames,
-//! and a frame allocator that can be told to fail.
+//! and a frame allocator that can be told to fail; and [`script`], the whole API driven from
+//! bytes with the EPT auditor as the oracle.
+
+pub mod script;
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
 
 use crate::addr::{HostPhysAddr, PAGE_SIZE};
 use crate::frames::{BitmapFrameAllocator, HostFrameAllocator, HostMemory};
 
+pub use script::SimPgm;
+
 /// Host-physical memory that exists only where it was written; unwritten bytes read as zero.
+/// Frames below [`DENSE_PAGES`] (where [`SimFrames`] hands frames out) are found by index, so
+/// that walking tables costs what it does on a direct-mapped host; the rest in a sparse map.
 #[derive(Default)]
 pub struct SimMemory {
-    frames: BTreeMap<u64, Box<[u8; PAGE_SIZE as usize]>>,
+    dense: Vec<Option<Box<Frame>>>,
+    sparse: BTreeMap<u64, Box<Frame>>,
+}
+
+type Frame = [u8; PAGE_SIZE as usize];
+
+/// Page numbers below this (256 MiB) are held by index.
+pub const DENSE_PAGES: u64 = 1 << 16;
+
+impl SimMemory {
+    fn frame(&self, page: u64) -> Option<&Frame> {
+        if page < DENSE_PAGES {
+            self.dense.get(page as usize)?.as_deref()
+        } else {
+            self.sparse.get(&page).map(|frame| &**frame)
+        }
+    }
+
+    fn frame_mut(&mut self, page: u64) -> &mut Frame {
+        let new_frame = || Box::new([0; PAGE_SIZE as usize]);
+        if page < DENSE_PAGES {
+            let index = page as usize;
+            if self.dense.len() <= index {
+                self.dense.resize_with(index + 1, || None);
+            }
+            self.dense[index].get_or_insert_with(new_frame)
+        } else {
+            self.sparse.entry(page).or_insert_with(new_frame)
+        }
+    }
 }
 
 impl HostMemory for SimMemory {
     fn read(&self, addr: HostPhysAddr, buf: &mut [u8]) {
         let offset = addr.page_offset() as usize;
-        match self.frames.get(&addr.page_number()) {
+        match self.frame(addr.page_number()) {
             Some(frame) => buf.copy_from_slice(&frame[offset..offset + buf.len()]),
             None => buf.fill(0),
         }
@@ -24,11 +61,7 @@ impl HostMemory for SimMemory {
 
     fn write(&mut self, addr: HostPhysAddr, data: &[u8]) {
         let offset = addr.page_offset() as usize;
-        let frame = self
-            .frames
-            .entry(addr.page_number())
-            .or_insert_with(|| Box::new([0; PAGE_SIZE as usize]));
-        frame[offset..offset + data.len()].copy_from_slice(data);
+        self.frame_mut(addr.page_number())[offset..offset + data.len()].copy_from_slice(data);
     }
 }
 

@@ -1,0 +1,634 @@
+//! The whole public API driven from bytes, with the EPT auditor and the frame accounting as the
+//! oracle after every step. One interpreter serves the property test (`cargo test`, random
+//! byte strings) and the fuzz target (`pgm/fuzz`, coverage-guided byte strings): whatever the
+//! order of operations, failures included, no leaf may reach a frame the VM does not hold, the
+//! manager's frame count must equal the allocator's, and nothing may leak at the end.
+//!
+//! The VM has RAM at [0, 256 KiB) and [1 MiB, 1 MiB + 256 KiB), so that with the A20 gate closed
+//! the second range shows the first, unassigned space for MMIO and MMIO2 at 2 MiB and its A20
+//! alias at 3 MiB, and two places for a ROM (one either side of an A20 alias).
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::fmt;
+
+use super::{SimFrames, SimMemory};
+use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
+use crate::frames::HostMemory;
+use crate::handlers::{HandlerId, HandlerKind};
+use crate::manager::{
+    AccessHandlers, FaultOutcome, HandlerAction, Mmio2Handle, PageMapLock, Pgm, RomId, RomProtection,
+};
+use crate::paging::Access;
+
+/// The manager over the simulated host.
+pub type SimPgm = Pgm<SimFrames, SimMemory>;
+
+const MIB: u64 = 1 << 20;
+/// RAM pages in each of the two ranges.
+const RAM_PAGES: u64 = 64;
+const HIGH_RAM: u64 = MIB;
+/// Unassigned space for MMIO and MMIO2 (2 MiB) and its A20 alias (3 MiB).
+const SPACE: [u64; 3] = [0x20_0000, 0x20_4000, 0x28_0000];
+/// Where a ROM may be registered: with bit 20 set (shown 1 MiB below while the A20 gate is
+/// closed) or clear (showing through its alias 1 MiB up).
+const ROM_BASES: [u64; 2] = [0x38_0000, 0x2C_0000];
+/// A device page of the caller's (the APIC-access page) for special aliases.
+const SPECIAL_FRAME: u64 = 0xFEE0_0000;
+/// Host frames the simulated host has.
+const HOST_FRAMES: u64 = 2048;
+
+/// Guest-physical addresses worth touching: RAM, MMIO/MMIO2 slots, A20 aliases, the ROM, and
+/// holes.
+const INTERESTING: [u64; 16] = [
+    0,
+    0x1000,
+    0x3F000,
+    HIGH_RAM,
+    HIGH_RAM + 0x1000,
+    HIGH_RAM + 0x3F000,
+    SPACE[0],
+    SPACE[0] + 0x1000,
+    SPACE[1],
+    SPACE[2],
+    SPACE[0] | MIB,
+    SPACE[2] | MIB,
+    ROM_BASES[0],
+    ROM_BASES[1] | MIB,
+    0x10_0000 - 0x1000,
+    0x4000_0000,
+];
+
+fn interesting(index: u8) -> GuestPhysAddr {
+    GuestPhysAddr::new_truncate(INTERESTING[index as usize % INTERESTING.len()])
+}
+
+/// One call (or guest access) of the whole API. Indices pick among the interesting addresses
+/// and among the handles the script holds, modulo their count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(missing_docs)] // Each variant is the call of the same name.
+pub enum Op {
+    /// A guest read (0), write (1) or fetch (2), as the CPU makes it.
+    Guest(u8, u8),
+    HostWrite(u8, u16, u16),
+    HostRead(u8, u16),
+    Reset,
+    Preallocate,
+    LargePages(bool),
+    Inflate(u8),
+    Deflate(u8),
+    /// Start (0), harvest (1) or stop (2) write monitoring.
+    Monitoring(u8),
+    A20(bool),
+    Share,
+    /// Inject allocation failure after this many further allocations (`None`: stop injecting).
+    FailAfter(Option<u8>),
+    Limit(Option<u8>),
+    RegisterMmio(u8, u8),
+    DeregisterMmio(u8),
+    RegisterHandler(bool, u8, u8),
+    DeregisterHandler(u8),
+    DisableHandlerPage(u8, u8),
+    ResetHandler(u8),
+    CreateMmio2(u8),
+    MapMmio2(u8, u8),
+    UnmapMmio2(u8),
+    ReduceMmio2(u8, u8),
+    DeregisterMmio2(u8),
+    Tracking(u8, bool),
+    QueryDirty(u8),
+    DeviceWrite(u8, u8),
+    AliasMmio2(u8, u8, u8, u8),
+    AliasHost(u8, u8),
+    RegisterRom(bool, u8),
+    ProtectRom(u8),
+    Lock(u8, bool),
+    Release(u8),
+    UnregisterHighRam,
+    RegisterHighRam,
+}
+
+/// How often each operation is drawn (out of [`WEIGHT_TOTAL`]): guest accesses most, the
+/// structural changes less, so that sequences build state before they tear it down.
+const WEIGHTS: [(u8, OpKind); 35] = [
+    (8, OpKind::Guest),
+    (3, OpKind::HostWrite),
+    (1, OpKind::HostRead),
+    (1, OpKind::Reset),
+    (1, OpKind::Preallocate),
+    (1, OpKind::LargePages),
+    (2, OpKind::Inflate),
+    (1, OpKind::Deflate),
+    (2, OpKind::Monitoring),
+    (2, OpKind::A20),
+    (1, OpKind::Share),
+    (1, OpKind::FailAfter),
+    (1, OpKind::Limit),
+    (2, OpKind::RegisterMmio),
+    (1, OpKind::DeregisterMmio),
+    (1, OpKind::RegisterHandler),
+    (1, OpKind::DeregisterHandler),
+    (1, OpKind::DisableHandlerPage),
+    (1, OpKind::ResetHandler),
+    (2, OpKind::CreateMmio2),
+    (2, OpKind::MapMmio2),
+    (1, OpKind::UnmapMmio2),
+    (1, OpKind::ReduceMmio2),
+    (1, OpKind::DeregisterMmio2),
+    (1, OpKind::Tracking),
+    (1, OpKind::QueryDirty),
+    (1, OpKind::DeviceWrite),
+    (2, OpKind::AliasMmio2),
+    (1, OpKind::AliasHost),
+    (1, OpKind::RegisterRom),
+    (1, OpKind::ProtectRom),
+    (2, OpKind::Lock),
+    (2, OpKind::Release),
+    (1, OpKind::UnregisterHighRam),
+    (1, OpKind::RegisterHighRam),
+];
+
+const WEIGHT_TOTAL: u32 = {
+    let mut total = 0;
+    let mut i = 0;
+    while i < WEIGHTS.len() {
+        total += WEIGHTS[i].0 as u32;
+        i += 1;
+    }
+    total
+};
+
+/// The operation an opcode byte selects (the parameters follow it).
+#[derive(Clone, Copy)]
+enum OpKind {
+    Guest,
+    HostWrite,
+    HostRead,
+    Reset,
+    Preallocate,
+    LargePages,
+    Inflate,
+    Deflate,
+    Monitoring,
+    A20,
+    Share,
+    FailAfter,
+    Limit,
+    RegisterMmio,
+    DeregisterMmio,
+    RegisterHandler,
+    DeregisterHandler,
+    DisableHandlerPage,
+    ResetHandler,
+    CreateMmio2,
+    MapMmio2,
+    UnmapMmio2,
+    ReduceMmio2,
+    DeregisterMmio2,
+    Tracking,
+    QueryDirty,
+    DeviceWrite,
+    AliasMmio2,
+    AliasHost,
+    RegisterRom,
+    ProtectRom,
+    Lock,
+    Release,
+    UnregisterHighRam,
+    RegisterHighRam,
+}
+
+/// Reads parameters off the byte string; every read fails once it is used up.
+struct Bytes<'a>(&'a [u8]);
+
+impl Bytes<'_> {
+    fn byte(&mut self) -> Option<u8> {
+        let (&first, rest) = self.0.split_first()?;
+        self.0 = rest;
+        Some(first)
+    }
+
+    /// A value in `low..low + span`.
+    fn within(&mut self, low: u8, span: u8) -> Option<u8> {
+        Some(low + self.byte()? % span)
+    }
+
+    fn flag(&mut self) -> Option<bool> {
+        Some(self.byte()? & 1 != 0)
+    }
+
+    fn word(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes([self.byte()?, self.byte()?]))
+    }
+
+    /// `None` or a value below `bound`, half the time each.
+    fn optional(&mut self, bound: u8) -> Option<Option<u8>> {
+        let byte = self.byte()?;
+        Some((byte & 1 != 0).then_some((byte >> 1) % bound))
+    }
+}
+
+impl Op {
+    /// Decodes the operations in `bytes` (an opcode byte, then its parameters), in order; a
+    /// trailing operation cut short is dropped.
+    pub fn decode_all(bytes: &[u8]) -> Vec<Op> {
+        let mut bytes = Bytes(bytes);
+        let mut ops = Vec::new();
+        while let Some(op) = Op::decode(&mut bytes) {
+            ops.push(op);
+        }
+        ops
+    }
+
+    fn decode(bytes: &mut Bytes) -> Option<Op> {
+        let mut pick = (u32::from(bytes.byte()?) * WEIGHT_TOTAL) >> 8;
+        let kind = WEIGHTS
+            .iter()
+            .find(|(weight, _)| {
+                let here = pick < u32::from(*weight);
+                pick = pick.wrapping_sub(u32::from(*weight));
+                here
+            })
+            .map(|&(_, kind)| kind)?;
+        let b = bytes;
+        Some(match kind {
+            OpKind::Guest => Op::Guest(b.byte()?, b.within(0, 3)?),
+            OpKind::HostWrite => Op::HostWrite(b.byte()?, b.word()? % 4096, 1 + b.word()? % 6000),
+            OpKind::HostRead => Op::HostRead(b.byte()?, 1 + b.word()? % 6000),
+            OpKind::Reset => Op::Reset,
+            OpKind::Preallocate => Op::Preallocate,
+            OpKind::LargePages => Op::LargePages(b.flag()?),
+            OpKind::Inflate => Op::Inflate(b.byte()?),
+            OpKind::Deflate => Op::Deflate(b.byte()?),
+            OpKind::Monitoring => Op::Monitoring(b.within(0, 3)?),
+            OpKind::A20 => Op::A20(b.flag()?),
+            OpKind::Share => Op::Share,
+            OpKind::FailAfter => Op::FailAfter(b.optional(6)?),
+            OpKind::Limit => Op::Limit(b.optional(40)?),
+            OpKind::RegisterMmio => Op::RegisterMmio(b.byte()?, b.within(1, 2)?),
+            OpKind::DeregisterMmio => Op::DeregisterMmio(b.byte()?),
+            OpKind::RegisterHandler => Op::RegisterHandler(b.flag()?, b.byte()?, b.within(1, 2)?),
+            OpKind::DeregisterHandler => Op::DeregisterHandler(b.byte()?),
+            OpKind::DisableHandlerPage => Op::DisableHandlerPage(b.byte()?, b.byte()?),
+            OpKind::ResetHandler => Op::ResetHandler(b.byte()?),
+            OpKind::CreateMmio2 => Op::CreateMmio2(b.within(1, 3)?),
+            OpKind::MapMmio2 => Op::MapMmio2(b.byte()?, b.within(0, 3)?),
+            OpKind::UnmapMmio2 => Op::UnmapMmio2(b.byte()?),
+            OpKind::ReduceMmio2 => Op::ReduceMmio2(b.byte()?, b.within(1, 3)?),
+            OpKind::DeregisterMmio2 => Op::DeregisterMmio2(b.byte()?),
+            OpKind::Tracking => Op::Tracking(b.byte()?, b.flag()?),
+            OpKind::QueryDirty => Op::QueryDirty(b.byte()?),
+            OpKind::DeviceWrite => Op::DeviceWrite(b.byte()?, b.within(0, 4)?),
+            OpKind::AliasMmio2 => Op::AliasMmio2(b.byte()?, b.byte()?, b.byte()?, b.within(0, 4)?),
+            OpKind::AliasHost => Op::AliasHost(b.byte()?, b.byte()?),
+            OpKind::RegisterRom => Op::RegisterRom(b.flag()?, b.within(0, 2)?),
+            OpKind::ProtectRom => Op::ProtectRom(b.within(0, 4)?),
+            OpKind::Lock => Op::Lock(b.byte()?, b.flag()?),
+            OpKind::Release => Op::Release(b.byte()?),
+            OpKind::UnregisterHighRam => Op::UnregisterHighRam,
+            OpKind::RegisterHighRam => Op::RegisterHighRam,
+        })
+    }
+}
+
+/// What the oracle found wrong, and after which step.
+#[derive(Debug)]
+pub struct Failure {
+    /// The step after which it was found (the number of operations for the final checks).
+    pub step: usize,
+    /// The operation of that step (`None` for the final checks).
+    pub op: Option<Op>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.op {
+            Some(op) => write!(f, "after step {} ({op:?}): {}", self.step, self.message),
+            None => write!(f, "at the end, after {} steps: {}", self.step, self.message),
+        }
+    }
+}
+
+/// Handles the script holds, as a VMM would.
+#[derive(Default)]
+struct Held {
+    mmio: Vec<HandlerId>,
+    handlers: Vec<HandlerId>,
+    mmio2: Vec<Mmio2Handle>,
+    rom: Option<RomId>,
+    locks: Vec<PageMapLock>,
+}
+
+fn pick<T: Copy>(items: &[T], index: u8) -> Option<T> {
+    (!items.is_empty()).then(|| items[index as usize % items.len()])
+}
+
+/// A device that answers every access itself.
+struct Devices;
+
+impl AccessHandlers for Devices {
+    fn access(&mut self, _: HandlerId, _: GuestPhysAddr, _: Access, data: &mut [u8]) -> HandlerAction {
+        data.fill(0x5A);
+        HandlerAction::Handled
+    }
+}
+
+/// Runs the operations `bytes` decode to on a fresh VM, auditing after every step; the first
+/// finding ends the run.
+pub fn run(bytes: &[u8]) -> Result<(), Failure> {
+    run_ops(&Op::decode_all(bytes))
+}
+
+/// Runs `ops` on a fresh VM, auditing after every step; the first finding ends the run.
+pub fn run_ops(ops: &[Op]) -> Result<(), Failure> {
+    let mut vm = Scripted::new();
+    for (step, op) in ops.iter().enumerate() {
+        vm.apply(op);
+        vm.check().map_err(|message| Failure {
+            step,
+            op: Some(*op),
+            message,
+        })?;
+    }
+    vm.finish().map_err(|message| Failure {
+        step: ops.len(),
+        op: None,
+        message,
+    })
+}
+
+/// The VM a script drives and the handles it holds.
+struct Scripted {
+    pgm: SimPgm,
+    held: Held,
+}
+
+impl Scripted {
+    fn new() -> Self {
+        let mut pgm =
+            Pgm::new(SimFrames::new(HOST_FRAMES), SimMemory::default()).expect("tables for a new VM");
+        for (base, name) in [(0, "low"), (HIGH_RAM, "high")] {
+            pgm.register_ram(GuestPhysAddr::new_truncate(base), RAM_PAGES * PAGE_SIZE, name)
+                .expect("RAM of a new VM");
+        }
+        Scripted {
+            pgm,
+            held: Held::default(),
+        }
+    }
+
+    /// The auditor on the simulated host, and the manager's frame count against the
+    /// allocator's.
+    fn check(&self) -> Result<(), String> {
+        let report = self
+            .pgm
+            .audit(|frame| self.pgm.frames().inner.is_allocated(frame));
+        if !report.is_clean() {
+            return Err(format!("EPT audit: {:?}", report.findings));
+        }
+        let (allocated, counted) = (
+            self.pgm.frames().inner.counts().used(),
+            self.pgm.stats().host_frames(),
+        );
+        if allocated != counted {
+            return Err(format!(
+                "the allocator has {allocated} frames out, the manager counts {counted}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Releases every lock and tears the VM down: every frame must be back at the host.
+    fn finish(mut self) -> Result<(), String> {
+        self.pgm.frames_mut().fail_after = None;
+        for lock in self.held.locks.drain(..) {
+            self.pgm.release_page_lock(lock);
+        }
+        let (frames, _) = self.pgm.terminate();
+        match frames.inner.counts().used() {
+            0 => Ok(()),
+            leaked => Err(format!("{leaked} frames leaked")),
+        }
+    }
+
+    /// A guest access the way the CPU makes it: translate, fault, resolve, retry (a few times).
+    fn guest_access(&mut self, at: GuestPhysAddr, access: Access) {
+        let pgm = &mut self.pgm;
+        for _ in 0..3 {
+            match pgm.translate(at, access) {
+                Ok(hpa) => {
+                    if access == Access::Write {
+                        pgm.memory_mut().write(hpa, &[0xC3]);
+                    }
+                    return;
+                }
+                Err(_) => match pgm.resolve_fault(at, access) {
+                    FaultOutcome::Resolved { .. } => {}
+                    FaultOutcome::Handler { .. } => {
+                        let mut byte = [0xC3];
+                        let _ = match access {
+                            Access::Write => pgm.write_phys_handled(at, &byte, &mut Devices).map(|_| ()),
+                            _ => pgm.read_phys_handled(at, &mut byte, &mut Devices),
+                        };
+                        return;
+                    }
+                    FaultOutcome::EmulateWrite => {
+                        let _ = pgm.write_phys(at, &[0xC3]);
+                        return;
+                    }
+                    _ => return,
+                },
+            }
+        }
+    }
+
+    /// Carries out one operation. Refusals are part of the API under test (the auditor runs
+    /// after them too); only calls the API promises succeed are unwrapped.
+    fn apply(&mut self, op: &Op) {
+        let (pgm, held) = (&mut self.pgm, &mut self.held);
+        let page_at = |index: u8| interesting(index).page_base();
+        let gpa = GuestPhysAddr::new_truncate;
+        match *op {
+            Op::Guest(at, access) => {
+                let access = [Access::Read, Access::Write, Access::Execute][access as usize % 3];
+                self.guest_access(interesting(at), access);
+            }
+            Op::HostWrite(at, offset, len) => {
+                let data = vec![0x77; len as usize];
+                let _ = pgm.write_phys(gpa(interesting(at).as_u64() + u64::from(offset)), &data);
+            }
+            Op::HostRead(at, len) => {
+                let mut buf = vec![0; len as usize];
+                let _ = pgm.read_phys(interesting(at), &mut buf);
+                let _ = pgm.read_phys_handled(interesting(at), &mut buf, &mut Devices);
+            }
+            Op::Reset => {
+                pgm.reset_ram();
+            }
+            Op::Preallocate => {
+                let _ = pgm.preallocate_ram();
+            }
+            Op::LargePages(on) => pgm.set_large_pages(on),
+            Op::Inflate(at) => {
+                let _ = pgm.balloon_inflate(&[page_at(at)]);
+            }
+            Op::Deflate(at) => {
+                let _ = pgm.balloon_deflate(&[page_at(at)]);
+            }
+            Op::Monitoring(what) => {
+                match what % 3 {
+                    0 => pgm.start_write_monitoring(),
+                    1 => pgm.harvest_written(&mut Vec::new()),
+                    _ => pgm.stop_write_monitoring(),
+                };
+            }
+            Op::A20(on) => {
+                pgm.set_a20(on);
+            }
+            Op::Share => {
+                pgm.share_identical_pages();
+            }
+            Op::FailAfter(n) => pgm.frames_mut().fail_after = n.map(u64::from),
+            Op::Limit(limit) => pgm.set_frame_limit(limit.map(u64::from)),
+            Op::RegisterMmio(at, pages) => {
+                if let Ok((id, _)) = pgm.register_mmio(page_at(at), u64::from(pages) * PAGE_SIZE) {
+                    held.mmio.push(id);
+                }
+            }
+            Op::DeregisterMmio(index) => {
+                if let Some(id) = pick(&held.mmio, index) {
+                    pgm.deregister_mmio(id).expect("a live MMIO range deregisters");
+                    held.mmio.retain(|&other| other != id);
+                }
+            }
+            Op::RegisterHandler(write, at, pages) => {
+                let kind = if write {
+                    HandlerKind::Write
+                } else {
+                    HandlerKind::All
+                };
+                if let Ok((id, _)) = pgm.register_handler(kind, page_at(at), u64::from(pages) * PAGE_SIZE) {
+                    held.handlers.push(id);
+                }
+            }
+            Op::DeregisterHandler(index) => {
+                if let Some(id) = pick(&held.handlers, index) {
+                    pgm.deregister_handler(id).expect("a live handler deregisters");
+                    held.handlers.retain(|&other| other != id);
+                }
+            }
+            Op::DisableHandlerPage(index, at) => {
+                if let Some(id) = pick(&held.handlers, index) {
+                    let _ = pgm.disable_handler_page(id, page_at(at));
+                }
+            }
+            Op::ResetHandler(index) => {
+                let all: Vec<HandlerId> = held.handlers.iter().chain(&held.mmio).copied().collect();
+                if let Some(id) = pick(&all, index) {
+                    pgm.reset_handler(id).expect("a live handler resets");
+                }
+            }
+            Op::CreateMmio2(pages) => {
+                if let Ok(handle) = pgm.create_mmio2(u64::from(pages) * PAGE_SIZE, 0) {
+                    held.mmio2.push(handle);
+                }
+            }
+            Op::MapMmio2(index, slot) => {
+                if let Some(handle) = pick(&held.mmio2, index) {
+                    let _ = pgm.map_mmio2(handle, gpa(SPACE[slot as usize % SPACE.len()]));
+                }
+            }
+            Op::UnmapMmio2(index) => {
+                if let Some(handle) = pick(&held.mmio2, index) {
+                    let _ = pgm.unmap_mmio2(handle);
+                }
+            }
+            Op::ReduceMmio2(index, pages) => {
+                if let Some(handle) = pick(&held.mmio2, index) {
+                    let _ = pgm.reduce_mmio2(handle, u64::from(pages) * PAGE_SIZE);
+                }
+            }
+            Op::DeregisterMmio2(index) => {
+                if let Some(handle) = pick(&held.mmio2, index) {
+                    if pgm.deregister_mmio2(handle).is_ok() {
+                        held.mmio2.retain(|&other| other != handle);
+                    }
+                }
+            }
+            Op::Tracking(index, on) => {
+                if let Some(handle) = pick(&held.mmio2, index) {
+                    pgm.set_mmio2_dirty_tracking(handle, on)
+                        .expect("a live region takes tracking");
+                }
+            }
+            Op::QueryDirty(index) => {
+                if let Some(handle) = pick(&held.mmio2, index) {
+                    pgm.query_and_reset_mmio2_dirty(handle, &mut Vec::new())
+                        .expect("a live region answers");
+                }
+            }
+            Op::DeviceWrite(index, page) => {
+                if let Some(handle) = pick(&held.mmio2, index) {
+                    let _ = pgm.mmio2_write(handle, u64::from(page) * PAGE_SIZE, &[0x99; 16]);
+                }
+            }
+            Op::AliasMmio2(mmio, at, region, page) => {
+                if let (Some(id), Some(handle)) = (pick(&held.mmio, mmio), pick(&held.mmio2, region)) {
+                    let _ = pgm.alias_mmio_to_mmio2(id, page_at(at), handle, u64::from(page) * PAGE_SIZE);
+                }
+            }
+            Op::AliasHost(mmio, at) => {
+                if let Some(id) = pick(&held.mmio, mmio) {
+                    let frame = HostPhysAddr::new_truncate(SPECIAL_FRAME);
+                    let _ = pgm.alias_mmio_to_host(id, page_at(at), frame);
+                }
+            }
+            Op::RegisterRom(shadowed, at) => {
+                if held.rom.is_none() {
+                    let image = vec![0xAB; 2 * PAGE_SIZE as usize];
+                    held.rom = pgm
+                        .register_rom(gpa(ROM_BASES[at as usize % 2]), &image, shadowed)
+                        .ok();
+                }
+            }
+            Op::ProtectRom(mode) => {
+                if let Some(rom) = held.rom {
+                    let protection = [
+                        RomProtection::ReadRomWriteIgnore,
+                        RomProtection::ReadRomWriteRam,
+                        RomProtection::ReadRamWriteIgnore,
+                        RomProtection::ReadRamWriteRam,
+                    ][mode as usize % 4];
+                    let _ = pgm.protect_rom(rom, protection);
+                }
+            }
+            Op::Lock(at, write) => {
+                let at = interesting(at);
+                let locked = if write {
+                    pgm.lock_page_for_write(at)
+                } else {
+                    pgm.lock_page_for_read(at)
+                };
+                if let Ok(mapping) = locked {
+                    held.locks.push(mapping.lock);
+                }
+            }
+            Op::Release(index) => {
+                if !held.locks.is_empty() {
+                    let lock = held.locks.remove(index as usize % held.locks.len());
+                    pgm.release_page_lock(lock);
+                }
+            }
+            Op::UnregisterHighRam => {
+                let _ = pgm.unregister_ram(gpa(HIGH_RAM), RAM_PAGES * PAGE_SIZE);
+            }
+            Op::RegisterHighRam => {
+                let _ = pgm.register_ram(gpa(HIGH_RAM), RAM_PAGES * PAGE_SIZE, "high");
+            }
+        }
+    }
+}
