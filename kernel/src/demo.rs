@@ -43,7 +43,7 @@ pub fn run(host: &'static Host) -> ! {
 fn demo(host: &'static Host) -> Result<(), String> {
     let vmx = host.vmx.as_ref().map_err(|e| format!("{e}"))?;
     let before = frame_counts();
-    let mut vm = Vm::new(vmx, host.phys, &RAM).map_err(|e| format!("{e}"))?;
+    let mut vm = Vm::new(vmx, &host.phys, &RAM).map_err(|e| format!("{e}"))?;
     print_stats("after creating the VM", &vm);
     let regs = GuestRegisters {
         rsi: FIRST_PAGE,
@@ -82,7 +82,7 @@ fn demo(host: &'static Host) -> Result<(), String> {
 /// with the host timer, and prints how each run ended.
 fn spinning_guest(host: &'static Host) -> Result<(), String> {
     let vmx = host.vmx.as_ref().map_err(|e| format!("{e}"))?;
-    let mut vm = Vm::new(vmx, host.phys, &RAM).map_err(|e| format!("{e}"))?;
+    let mut vm = Vm::new(vmx, &host.phys, &RAM).map_err(|e| format!("{e}"))?;
     vm.start(&programs::spin_interrupts_on(), CODE, GuestRegisters::default())
         .map_err(|e| format!("{e}"))?;
     vm.set_budget(Budget::sliced(SLICE, LIMIT));

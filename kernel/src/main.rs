@@ -58,7 +58,9 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         frames.total,
         frames.total / 256
     );
-    let mut phys = PhysMap::new(offset);
+    // SAFETY: the boot config asks the bootloader to map all physical memory, and it told us
+    // where: at `offset`, for the kernel's whole life.
+    let mut phys = unsafe { PhysMap::new(offset) };
     let vmx = VmxCaps::probe()
         .map_err(VmxError::Unavailable)
         .and_then(|caps| vmx::enable(caps, &mut KernelFrames, &mut phys));

@@ -323,7 +323,7 @@ mod violations;
 
 fn new_vm(host: &'static Host, ram: &[(u64, u64)]) -> Result<Vm<'static>, String> {
     let vmx = host.vmx.as_ref().map_err(|e| format!("{e}"))?;
-    Vm::new(vmx, host.phys, ram).map_err(|e| format!("VM creation: {e}"))
+    Vm::new(vmx, &host.phys, ram).map_err(|e| format!("VM creation: {e}"))
 }
 
 /// Creates a PC-like VM, loads `program` at [`CODE`] with `regs` and runs it to its stop.
@@ -612,7 +612,7 @@ fn bad_ram_layout_is_refused_without_leaking(host: &'static Host) -> TestResult 
     for (ram, expected) in cases {
         let used = frame_counts().used();
         let vmx = host.vmx.as_ref().map_err(|e| format!("{e}"))?;
-        match Vm::new(vmx, host.phys, ram) {
+        match Vm::new(vmx, &host.phys, ram) {
             Err(VmError::Memory(error)) => ensure_eq!(error, expected, "error"),
             Err(other) => return Err(format!("wrong error for {ram:x?}: {other}")),
             Ok(_) => return Err(format!("layout {ram:x?} was accepted")),

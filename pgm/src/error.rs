@@ -3,6 +3,7 @@
 use core::fmt;
 
 use crate::addr::GuestPhysAddr;
+use crate::handles::{Mmio2Handle, RomId};
 
 /// Why a request to the memory manager was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,11 +46,11 @@ pub enum PgmError {
     /// The page is not covered by the handler named.
     NotHandled(GuestPhysAddr),
     /// No ROM has this handle.
-    UnknownRom(crate::manager::RomId),
+    UnknownRom(RomId),
     /// The ROM has no shadow, so only its default protection applies.
-    RomNotShadowed(crate::manager::RomId),
+    RomNotShadowed(RomId),
     /// No MMIO2 region has this handle.
-    UnknownMmio2(crate::manager::Mmio2Handle),
+    UnknownMmio2(Mmio2Handle),
     /// The MMIO2 region is mapped, and the operation needs it unmapped (or the reverse).
     Mmio2Mapped(bool),
     /// An offset or size beyond the object it applies to.

@@ -7,7 +7,16 @@ use crate::addr::{HostPhysAddr, PAGE_SIZE};
 
 /// Source of 4 KiB host frames. The kernel implements it over its boot memory map; tests use
 /// [`BitmapFrameAllocator`] over a simulated map.
-pub trait HostFrameAllocator {
+///
+/// # Safety
+///
+/// The manager maps the frames it is given into guests and writes page tables into them, so an
+/// implementer must hand out only real, unused RAM: every frame (and every frame of a large
+/// allocation) is 4 KiB-aligned, exists, belongs to no one else (not the kernel's image, heap
+/// or stacks, not another VM, not a device), and is not handed out again until it was freed.
+/// A frame given to [`free_frame`](Self::free_frame) is one this allocator handed out.
+#[allow(unsafe_code)] // Declares the contract; performs nothing unsafe.
+pub unsafe trait HostFrameAllocator {
     /// Takes one free 4 KiB frame; `None` when none is left. The frame's contents are undefined.
     fn allocate_frame(&mut self) -> Option<HostPhysAddr>;
 
@@ -48,7 +57,15 @@ pub trait HostFrameAllocator {
 pub const FRAMES_PER_LARGE_PAGE: u64 = 512;
 
 /// Access to host-physical memory by address. Accesses never cross a 4 KiB frame boundary.
-pub trait HostMemory {
+///
+/// # Safety
+///
+/// The manager reads and writes through this only frames it holds (from its
+/// [`HostFrameAllocator`]) and, for reads, frames a caller gave it as special aliases. An
+/// implementer must make every address of those frames real memory that it may touch, and a
+/// write must change only the bytes addressed (no other frame, no device state).
+#[allow(unsafe_code)] // Declares the contract; performs nothing unsafe.
+pub unsafe trait HostMemory {
     /// Copies `buf.len()` bytes starting at `addr` into `buf`.
     fn read(&self, addr: HostPhysAddr, buf: &mut [u8]);
 
@@ -255,7 +272,12 @@ impl BitmapFrameAllocator {
     }
 }
 
-impl HostFrameAllocator for BitmapFrameAllocator {
+// SAFETY: the bitmap hands out each frame of the usable regions it was built from once until it
+// is freed (`free` refuses a frame that is not out); whether those regions are real, unused RAM
+// is the promise of whoever built it (the kernel from the boot memory map, the tests over
+// simulated memory).
+#[allow(unsafe_code)]
+unsafe impl HostFrameAllocator for BitmapFrameAllocator {
     fn allocate_frame(&mut self) -> Option<HostPhysAddr> {
         self.allocate()
     }

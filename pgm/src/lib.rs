@@ -3,25 +3,33 @@
 //! ([`frames::HostFrameAllocator`]) and access to host-physical memory ([`frames::HostMemory`]);
 //! the manager keeps one descriptor per guest page and builds EPT tables from them.
 //!
-//! Modules: [`addr`] typed addresses, [`page`] descriptors and the page-state machine, [`ram`]
-//! RAM ranges, [`frames`] host frames, [`guest_paging`] the guest's own page tables, [`paging`] format-independent nested tables and the
-//! software walker, [`ept`] the Intel EPT encoding, [`manager`] the per-VM manager.
+//! Public modules: [`addr`] typed addresses, [`page`] descriptors and the page-state machine,
+//! [`frames`] host frames and the contracts of the host's implementations, [`guest_paging`] the
+//! guest's own page tables, [`paging`] format-independent nested tables and the software
+//! walker, [`handlers`] access handlers, [`handles`] ROM and MMIO2 handles, [`manager`] the
+//! per-VM manager, and (feature `sim`) [`sim`], a simulated host. Internal: `ram` (RAM ranges),
+//! `pool` (the handy-frame pool), `ept` (the Intel EPT encoding), `error` ([`PgmError`]).
 #![no_std]
 #![warn(missing_docs)]
+// Pure logic: the only unsafe items are the two host traits' declarations (their contracts)
+// and their `unsafe impl`s for pgm's own bitmap allocator and simulated memory, each allowed
+// where it stands.
+#![deny(unsafe_code)]
 
 extern crate alloc;
 
 pub mod addr;
-pub mod ept;
-pub mod error;
+pub(crate) mod ept;
+pub(crate) mod error;
 pub mod frames;
 pub mod guest_paging;
 pub mod handlers;
+pub mod handles;
 pub mod manager;
 pub mod page;
 pub mod paging;
-pub mod pool;
-pub mod ram;
+pub(crate) mod pool;
+pub(crate) mod ram;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 

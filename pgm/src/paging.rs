@@ -1,6 +1,6 @@
 //! Format-independent 4-level nested page tables kept in host frames, and a software walker
 //! that translates the way the CPU does. The bit encoding of entries comes from an
-//! [`EntryFormat`]: [`crate::ept::Ept`] for Intel EPT; an AMD NPT encoder can sit beside it.
+//! [`EntryFormat`]: `Ept` (the internal `ept` module) for Intel EPT; an AMD NPT encoder can sit beside it.
 
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;

@@ -27,7 +27,8 @@ pub struct FramePool {
 }
 
 impl FramePool {
-    /// Frames backing guest pages now.
+    /// Frames backing guest pages now (the manager counts them in its own statistics).
+    #[cfg(test)]
     pub fn in_use(&self) -> u64 {
         self.in_use
     }
@@ -45,11 +46,6 @@ impl FramePool {
     /// Freed frames not yet given back to the allocator.
     pub fn pending_free(&self) -> usize {
         self.pending_free.len()
-    }
-
-    /// The per-VM limit on frames backing guest pages (`None`: only the host's memory limits).
-    pub fn limit(&self) -> Option<u64> {
-        self.limit
     }
 
     /// Sets the limit. A limit below what is in use only stops further allocation.

@@ -55,7 +55,10 @@ pub fn is_allocated(frame: HostPhysAddr) -> bool {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct KernelFrames;
 
-impl HostFrameAllocator for KernelFrames {
+// SAFETY: the allocator was built from the usable regions of the boot memory map above 1 MiB
+// (RAM the firmware and the bootloader left free: not the kernel image, heap or stacks), and
+// the bitmap hands out each frame once until it is freed.
+unsafe impl HostFrameAllocator for KernelFrames {
     fn allocate_frame(&mut self) -> Option<HostPhysAddr> {
         FRAMES.lock().as_mut()?.allocate()
     }
@@ -92,14 +95,21 @@ impl HostFrameAllocator for KernelFrames {
 }
 
 /// Host-physical memory, reached through the bootloader's mapping of all physical memory.
-#[derive(Clone, Copy, Debug)]
+/// There is one, made at boot ([`PhysMap::new`] is unsafe) and shared by reference: safe code
+/// cannot forge a window onto memory that is not mapped.
+#[derive(Debug)]
 pub struct PhysMap {
     offset: u64,
 }
 
 impl PhysMap {
-    /// The mapping at virtual `offset` (from `BootInfo::physical_memory_offset`).
-    pub fn new(offset: u64) -> PhysMap {
+    /// The mapping at virtual `offset`.
+    ///
+    /// # Safety
+    ///
+    /// All physical memory must be mapped, readable and writable, at virtual `offset` (the
+    /// bootloader's `physical_memory_offset`) for as long as the `PhysMap` is used.
+    pub unsafe fn new(offset: u64) -> PhysMap {
         PhysMap { offset }
     }
 
@@ -107,17 +117,40 @@ impl PhysMap {
     pub fn virt(&self, addr: HostPhysAddr) -> *mut u8 {
         (self.offset + addr.as_u64()) as *mut u8
     }
-}
 
-impl HostMemory for PhysMap {
     fn read(&self, addr: HostPhysAddr, buf: &mut [u8]) {
-        // SAFETY: the bootloader maps all physical memory at `offset`; callers (pgm, the VMX
-        // code) pass frames they own and stay inside one frame (HostMemory's contract).
+        // SAFETY: all physical memory is mapped at `offset` (`new`'s contract); callers (pgm,
+        // the VMX code) pass frames they hold and stay inside one frame (HostMemory's contract).
         unsafe { core::ptr::copy_nonoverlapping(self.virt(addr), buf.as_mut_ptr(), buf.len()) }
     }
 
-    fn write(&mut self, addr: HostPhysAddr, data: &[u8]) {
-        // SAFETY: as in `read`; the frame is owned by the caller, so no one else aliases it.
+    fn write(&self, addr: HostPhysAddr, data: &[u8]) {
+        // SAFETY: as in `read`; the frame is held by the caller, so no Rust reference aliases
+        // the bytes written.
         unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), self.virt(addr), data.len()) }
+    }
+}
+
+// SAFETY: every physical address is mapped at `offset` (`PhysMap::new`'s contract), and a
+// write copies exactly the bytes addressed.
+unsafe impl HostMemory for PhysMap {
+    fn read(&self, addr: HostPhysAddr, buf: &mut [u8]) {
+        PhysMap::read(self, addr, buf)
+    }
+
+    fn write(&mut self, addr: HostPhysAddr, data: &[u8]) {
+        PhysMap::write(self, addr, data)
+    }
+}
+
+// SAFETY: as for `PhysMap`: the reference reaches the same mapping. This is what each VM's
+// manager holds (the window is shared, not copied).
+unsafe impl HostMemory for &PhysMap {
+    fn read(&self, addr: HostPhysAddr, buf: &mut [u8]) {
+        PhysMap::read(self, addr, buf)
+    }
+
+    fn write(&mut self, addr: HostPhysAddr, data: &[u8]) {
+        PhysMap::write(self, addr, data)
     }
 }

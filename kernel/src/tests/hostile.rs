@@ -438,7 +438,7 @@ pub fn page_tables_in_mmio_or_a_ballooned_page_stop_the_vm(host: &'static Host) 
 /// values stored.
 struct Rewriter {
     handler: pgm::handlers::HandlerId,
-    phys: PhysMap,
+    phys: &'static PhysMap,
     /// Host-physical address of the ModRM byte of the store.
     modrm: HostPhysAddr,
     stores: Vec<u32>,
@@ -486,7 +486,7 @@ pub fn an_instruction_rewritten_while_emulated_runs_as_fetched(host: &'static Ho
         .map_err(|e| format!("code page: {e:?}"))?;
     let mut device = Rewriter {
         handler: pc.device,
-        phys: host.phys,
+        phys: &host.phys,
         modrm: HostPhysAddr::new_truncate(code.as_u64() + 1),
         stores: Vec::new(),
     };

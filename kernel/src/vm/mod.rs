@@ -26,7 +26,7 @@ use x86::vmx::vmcs::{control, guest, host, ro};
 
 use crate::arch::guests::{GuestMode, GuestProgram};
 use crate::arch::memory::{KernelFrames, PhysMap};
-use crate::arch::vmx::{self, host::HostState, vmcs::Vmcs, GuestRegisters, InveptType, VmxError, VmxOn};
+use crate::arch::vmx::{self, host::HostState, vmcs::{CurrentVmcs, Vmcs}, GuestRegisters, InveptType, VmxError, VmxOn};
 use crate::arch::{idt, ticks};
 use crate::println;
 use budget::{Budget, Expired, RunClock};
@@ -99,6 +99,12 @@ const EFER_LMA: u64 = 1 << 10;
 /// Code-segment access rights: L (64-bit code) and D/B (32-bit default size).
 const CS_LONG: u64 = 1 << 13;
 const CS_DEFAULT_32: u64 = 1 << 14;
+
+/// This vCPU's VMCS, made current on this CPU (see [`Vmcs::current`]). The field is passed
+/// rather than `self` so that the guard borrows only the VMCS.
+fn current(vmcs: &Option<Vmcs>) -> Result<CurrentVmcs<'_>, VmxError> {
+    vmcs.as_ref().expect("present until drop").current()
+}
 
 /// EPT-violation qualification: bit 7, the guest-linear address is valid; bit 8 (then), the
 /// access was the translation of it rather than the CPU's access to a paging-structure entry.
@@ -481,7 +487,7 @@ impl From<VmxError> for VmError {
 }
 
 /// The memory manager type of a kernel VM.
-pub type KernelPgm = Pgm<KernelFrames, PhysMap>;
+pub type KernelPgm = Pgm<KernelFrames, &'static PhysMap>;
 
 /// One VM with one vCPU.
 pub struct Vm<'a> {
@@ -533,7 +539,7 @@ struct EntryControlValues {
 impl<'a> Vm<'a> {
     /// Creates a VM whose RAM is the `(base, size)` ranges, with a VMCS ready for [`Vm::start`].
     /// On error every frame taken so far is given back.
-    pub fn new(vmx: &'a VmxOn, phys: PhysMap, ram: &[(u64, u64)]) -> Result<Vm<'a>, VmError> {
+    pub fn new(vmx: &'a VmxOn, phys: &'static PhysMap, ram: &[(u64, u64)]) -> Result<Vm<'a>, VmError> {
         let mut pgm = Pgm::new(KernelFrames, phys)?;
         for &(base, size) in ram {
             let base = GuestPhysAddr::new(base).ok_or(PgmError::BeyondAddressWidth);
@@ -566,7 +572,7 @@ impl<'a> Vm<'a> {
             carried: None,
         };
         // From here on Drop gives every frame back on error.
-        let vmcs = Vmcs::new(vmx, &mut KernelFrames, &mut phys.clone())?;
+        let vmcs = Vmcs::new(vmx, &mut KernelFrames, &mut { phys })?;
         vm.vmcs = Some(vmcs);
         vm.write_controls()?;
         vm.write_host_state(&vmx::host::current())?;
@@ -621,7 +627,7 @@ impl<'a> Vm<'a> {
     /// code).
     #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
     pub fn set_stack_pointer(&mut self, rsp: u64) -> Result<(), VmError> {
-        let vmcs = self.vmcs.as_ref().expect("present until drop");
+        let vmcs = current(&self.vmcs)?;
         Ok(vmcs.write(guest::RSP, rsp)?)
     }
 
@@ -720,7 +726,7 @@ impl<'a> Vm<'a> {
 
     /// The guest's RIP as the VMCS holds it (where a resumable run continues).
     pub fn guest_rip(&self) -> u64 {
-        self.vmcs.as_ref().expect("present until drop").read(guest::RIP)
+        current(&self.vmcs).map_or(0, |vmcs| vmcs.read(guest::RIP))
     }
 
     /// Enters the guest once, with the preemption timer set for `clock`'s earliest deadline,
@@ -730,11 +736,13 @@ impl<'a> Vm<'a> {
         devices: &mut impl AccessHandlers,
         clock: &RunClock,
     ) -> Option<VmStop> {
-        let vmcs = self.vmcs.as_ref().expect("present until drop");
-        if let Err(error) = vmcs.make_current() {
-            log::error!("{error}");
-            return Some(VmStop::Stopped(self.diagnostic(StopCause::EntryFailed, 0)));
-        }
+        let vmcs = match current(&self.vmcs) {
+            Ok(vmcs) => vmcs,
+            Err(error) => {
+                log::error!("{error}");
+                return Some(VmStop::Stopped(self.diagnostic(StopCause::EntryFailed, 0)));
+            }
+        };
         if let Some((kind, exit_tick)) = self.measuring.take() {
             self.exit_costs.0[kind as usize].add(ticks() - exit_tick);
         }
@@ -746,9 +754,12 @@ impl<'a> Vm<'a> {
         {
             return Some(VmStop::Stopped(self.diagnostic(StopCause::EntryFailed, 0)));
         }
-        let entered = vmx::run_guest(&mut self.regs, self.launched);
+        // SAFETY: `write_host_state` wrote this CPU's host state with RIP at the exit entry
+        // point when the VM was created; the EPT pointer names this VM's tables, which map only
+        // frames it holds; `launched` is set after the first successful entry and the VMCS is
+        // VMCLEARed only when the VM is dropped.
+        let entered = unsafe { vmx::run_guest(&vmcs, &mut self.regs, self.launched) };
         let exit_tick = ticks();
-        let vmcs = self.vmcs.as_ref().expect("present until drop");
         if entered.is_err() {
             let error = vmcs.read(ro::VM_INSTRUCTION_ERROR) as u32;
             let mut diagnostic = self.diagnostic(StopCause::EntryFailed, 0);
@@ -822,11 +833,7 @@ impl<'a> Vm<'a> {
     /// True when the current exception-or-NMI exit was an NMI (the exception bitmap is empty,
     /// so any other exception exit is unexpected).
     fn exit_was_nmi(&self) -> bool {
-        let info = self
-            .vmcs
-            .as_ref()
-            .expect("present until drop")
-            .read(ro::VMEXIT_INTERRUPTION_INFO);
+        let info = current(&self.vmcs).map_or(0, |vmcs| vmcs.read(ro::VMEXIT_INTERRUPTION_INFO));
         info & INTERRUPTION_VALID != 0 && info & INTERRUPTION_TYPE_MASK == INTERRUPTION_TYPE_NMI
     }
 
@@ -835,7 +842,9 @@ impl<'a> Vm<'a> {
     /// INVEPT that needs), a byte IN reads it back. Every other port, string or REP form, and
     /// the fast-reset bit (bit 0) stop the VM with the exit's diagnostic: there is no device.
     fn handle_port_io(&mut self, reason: u32) -> Option<VmStop> {
-        let vmcs = self.vmcs.as_ref().expect("present until drop");
+        let Ok(vmcs) = current(&self.vmcs) else {
+            return Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit, reason)));
+        };
         let qualification = vmcs.read(ro::EXIT_QUALIFICATION);
         let port = (qualification >> 16) as u16;
         let byte_sized = qualification & IO_SIZE_MASK == 0;
@@ -865,7 +874,7 @@ impl<'a> Vm<'a> {
 
     /// Moves the guest's RIP past the instruction that caused the current exit.
     fn skip_instruction(&self) -> Result<(), VmxError> {
-        let vmcs = self.vmcs.as_ref().expect("present until drop");
+        let vmcs = current(&self.vmcs)?;
         let next_rip = vmcs.read(guest::RIP) + vmcs.read(ro::VMEXIT_INSTRUCTION_LEN);
         vmcs.write(guest::RIP, next_rip)
     }
@@ -874,7 +883,9 @@ impl<'a> Vm<'a> {
     /// pgm cannot map (MMIO, handlers, ROM writes) are emulated through `devices`.
     fn handle_ept_violation(&mut self, exit_tick: u64, devices: &mut impl AccessHandlers) -> Option<VmStop> {
         self.exits.ept_violations += 1;
-        let vmcs = self.vmcs.as_ref().expect("present until drop");
+        let Ok(vmcs) = current(&self.vmcs) else {
+            return Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit, exit_reason::EPT_VIOLATION)));
+        };
         let qualification = vmcs.read(ro::EXIT_QUALIFICATION);
         let gpa = GuestPhysAddr::new_truncate(vmcs.read(ro::GUEST_PHYSICAL_ADDR_FULL));
         if self.violations.len() < VIOLATION_LOG_LIMIT {
@@ -954,7 +965,9 @@ impl<'a> Vm<'a> {
             diagnostic.instruction = bytes;
             Some(VmStop::Stopped(diagnostic))
         };
-        let cpu = self.guest_cpu();
+        let Ok(cpu) = self.guest_cpu() else {
+            return stop(self, StopCause::UnhandledExit, InstructionBytes::default());
+        };
         let Some(bytes) = self.fetch_instruction(&cpu) else {
             return stop(self, StopCause::InstructionFetch, InstructionBytes::default());
         };
@@ -988,10 +1001,10 @@ impl<'a> Vm<'a> {
             }
         };
         self.exits.emulated += 1;
-        let vmcs = self.vmcs.as_ref().expect("present until drop");
-        let written = vmcs
-            .write(guest::RIP, outcome.rip)
-            .and_then(|()| vmcs.write(guest::RFLAGS, outcome.rflags));
+        let written = current(&self.vmcs).and_then(|vmcs| {
+            vmcs.write(guest::RIP, outcome.rip)
+                .and_then(|()| vmcs.write(guest::RFLAGS, outcome.rflags))
+        });
         match written.and_then(|()| self.invalidate(invalidation)) {
             Ok(()) => None,
             Err(_) => stop(self, StopCause::UnhandledExit, used),
@@ -999,8 +1012,8 @@ impl<'a> Vm<'a> {
     }
 
     /// Reads, once per emulated exit, the guest state the emulator needs.
-    fn guest_cpu(&self) -> GuestCpu {
-        let vmcs = self.vmcs.as_ref().expect("present until drop");
+    fn guest_cpu(&self) -> Result<GuestCpu, VmxError> {
+        let vmcs = current(&self.vmcs)?;
         let efer = vmcs.read(guest::IA32_EFER_FULL);
         let access_rights = vmcs.read(guest::CS_ACCESS_RIGHTS);
         let bitness = if efer & EFER_LMA != 0 && access_rights & CS_LONG != 0 {
@@ -1023,7 +1036,7 @@ impl<'a> Vm<'a> {
             // The CPU ignores these bases in 64-bit code, whatever the VMCS holds.
             segment_bases[..4].fill(0);
         }
-        GuestCpu {
+        Ok(GuestCpu {
             rip: vmcs.read(guest::RIP),
             rflags: vmcs.read(guest::RFLAGS),
             rsp: vmcs.read(guest::RSP),
@@ -1031,7 +1044,7 @@ impl<'a> Vm<'a> {
             segment_bases,
             paging: GuestPaging::from_registers(vmcs.read(guest::CR0), vmcs.read(guest::CR4), efer),
             cr3: vmcs.read(guest::CR3),
-        }
+        })
     }
 
     /// Reads the (up to 15) instruction bytes at RIP through CS and the guest's paging as the
@@ -1100,7 +1113,18 @@ impl<'a> Vm<'a> {
 
     /// Collects what the VMCS says about the current exit.
     fn diagnostic(&self, cause: StopCause, exit_reason: u32) -> Diagnostic {
-        let vmcs = self.vmcs.as_ref().expect("present until drop");
+        let Ok(vmcs) = current(&self.vmcs) else {
+            // No VMCS to read: the diagnostic says only why and when.
+            return Diagnostic {
+                cause,
+                exit_reason,
+                qualification: 0,
+                gpa: None,
+                rip: 0,
+                instruction: InstructionBytes::default(),
+                ticks: self.ticks_used,
+            };
+        };
         let gpa = matches!(
             exit_reason,
             exit_reason::EPT_VIOLATION | exit_reason::EPT_MISCONFIGURATION
@@ -1179,7 +1203,7 @@ impl<'a> Vm<'a> {
             legacy: entry,
             long_mode: entry_long_mode,
         };
-        let vmcs = self.vmcs.as_ref().expect("present until drop");
+        let vmcs = current(&self.vmcs)?;
         for (field, value) in [
             (PINBASED_EXEC_CONTROLS, pin),
             (PRIMARY_PROCBASED_EXEC_CONTROLS, primary),
@@ -1206,7 +1230,7 @@ impl<'a> Vm<'a> {
 
     /// The host-state area: exits return to `vmx_exit` on the kernel's own state.
     fn write_host_state(&mut self, state: &HostState) -> Result<(), VmError> {
-        let vmcs = self.vmcs.as_ref().expect("present until drop");
+        let vmcs = current(&self.vmcs)?;
         for (field, value) in [
             (host::CR0, state.cr0),
             (host::CR3, state.cr3),
@@ -1268,7 +1292,7 @@ impl<'a> Vm<'a> {
         } else {
             self.entry_controls.legacy
         };
-        let vmcs = self.vmcs.as_ref().expect("present until drop");
+        let vmcs = current(&self.vmcs)?;
         for (field, value) in [
             (VMENTRY_CONTROLS, entry_controls),
             (guest::CR0, cr0),
@@ -1305,7 +1329,7 @@ impl<'a> Vm<'a> {
             vmcs.write(field, value)?;
         }
         let (selector, limit, access) = segments.code;
-        write_segment(vmcs, SegmentFields::CS, selector, limit, access)?;
+        write_segment(&vmcs, SegmentFields::CS, selector, limit, access)?;
         let (selector, limit, access) = segments.data;
         for fields in [
             SegmentFields::SS,
@@ -1314,7 +1338,7 @@ impl<'a> Vm<'a> {
             SegmentFields::FS,
             SegmentFields::GS,
         ] {
-            write_segment(vmcs, fields, selector, limit, access)?;
+            write_segment(&vmcs, fields, selector, limit, access)?;
         }
         Ok(())
     }
@@ -1503,7 +1527,7 @@ impl SegmentFields {
 
 /// Writes one guest segment register with base 0 (real mode: selector 0 means base 0 too).
 fn write_segment(
-    vmcs: &Vmcs,
+    vmcs: &CurrentVmcs,
     fields: SegmentFields,
     selector: u64,
     limit: u64,

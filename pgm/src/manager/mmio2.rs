@@ -8,14 +8,11 @@ use alloc::vec::Vec;
 use super::{page_count, Pgm};
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::error::PgmError;
+pub use crate::handles::Mmio2Handle;
 use crate::frames::{HostFrameAllocator, HostMemory};
 use crate::page::{PageDescriptor, PageType};
 use crate::paging::Invalidation;
 use crate::ram::{PageLocation, RamRange};
-
-/// The handle of an MMIO2 region.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Mmio2Handle(pub u32);
 
 /// One MMIO2 region.
 pub(super) struct Mmio2Region {

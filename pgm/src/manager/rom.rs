@@ -7,14 +7,11 @@ use alloc::vec::Vec;
 use super::{page_count, Pgm};
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::error::PgmError;
+pub use crate::handles::RomId;
 use crate::frames::{HostFrameAllocator, HostMemory};
 use crate::page::{PageDescriptor, PageType};
 use crate::paging::{Invalidation, Leaf, MemoryType, Permissions};
 use crate::ram::{PageLocation, RamRange};
-
-/// The handle of a registered ROM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct RomId(pub u32);
 
 /// Where guest reads and writes of a shadowed ROM go (PGMROMPROT).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

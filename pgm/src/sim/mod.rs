@@ -50,7 +50,10 @@ impl SimMemory {
     }
 }
 
-impl HostMemory for SimMemory {
+// SAFETY: simulated memory is a map of heap buffers: every address is backed (unwritten
+// frames read as zeros) and a write changes only the bytes addressed.
+#[allow(unsafe_code)]
+unsafe impl HostMemory for SimMemory {
     fn read(&self, addr: HostPhysAddr, buf: &mut [u8]) {
         let offset = addr.page_offset() as usize;
         match self.frame(addr.page_number()) {
@@ -100,7 +103,10 @@ impl SimFrames {
     }
 }
 
-impl HostFrameAllocator for SimFrames {
+// SAFETY: frames come from the inner bitmap allocator (see its impl) over simulated memory,
+// which backs every address.
+#[allow(unsafe_code)]
+unsafe impl HostFrameAllocator for SimFrames {
     fn allocate_frame(&mut self) -> Option<HostPhysAddr> {
         if !self.permit() {
             return None;

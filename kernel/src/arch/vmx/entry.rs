@@ -3,6 +3,8 @@
 
 use core::arch::global_asm;
 
+use super::vmcs::CurrentVmcs;
+
 /// The guest's general-purpose registers that the VMCS does not hold (RSP and RIP are there).
 /// The layout is fixed: the assembly below addresses fields by offset.
 #[repr(C)]
@@ -111,13 +113,20 @@ pub fn exit_entry_point() -> u64 {
     &raw const vmx_exit as u64
 }
 
-/// Enters the guest of the current VMCS with `regs` (VMLAUNCH first, VMRESUME when `launched`)
-/// and returns after the next VM exit with the guest's registers in `regs`. `Err(())` when the
-/// entry instruction failed; read the VM-instruction error from the VMCS.
-pub fn run_guest(regs: &mut GuestRegisters, launched: bool) -> Result<(), ()> {
-    // SAFETY: the current VMCS has complete host state whose RIP is `vmx_exit` (set by the VM
-    // set-up); vmx_enter preserves every callee-saved register and returns normally on both the
-    // exit and the failure path. The guest cannot reach host memory: EPT maps only its own frames.
+/// Enters the guest of `vmcs` (the current VMCS) with `regs` (VMLAUNCH first, VMRESUME when
+/// `launched`) and returns after the next VM exit with the guest's registers in `regs`.
+/// `Err(())` when the entry instruction failed; read the VM-instruction error from the VMCS.
+///
+/// # Safety
+///
+/// `vmcs` must hold complete host state for this CPU, with host RIP at [`exit_entry_point`]
+/// and the host stack, segments and control registers of the running kernel, so that the exit
+/// returns here. Its EPT pointer must name tables that map only frames this VM holds (the
+/// isolation invariant pgm's auditor checks): the guest then reaches no host memory.
+/// `launched` must be true exactly when this VMCS was launched since its last VMCLEAR.
+pub unsafe fn run_guest(_vmcs: &CurrentVmcs, regs: &mut GuestRegisters, launched: bool) -> Result<(), ()> {
+    // SAFETY: the caller vouches for the VMCS (see above); vmx_enter preserves every
+    // callee-saved register and returns normally on both the exit and the failure path.
     let failed = unsafe { vmx_enter(regs, launched as u64) };
     if failed == 0 {
         Ok(())

@@ -1,4 +1,9 @@
-//! The VMCS region of one vCPU and safe field access to it.
+//! The VMCS region of one vCPU and safe field access to it. Fields are reached only through a
+//! [`CurrentVmcs`], which only [`Vmcs::current`] hands out, after making the VMCS the current one
+//! on this CPU if it was not: a VMREAD or VMWRITE can never land in another vCPU's VMCS.
+
+use core::marker::PhantomData;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use pgm::frames::{HostFrameAllocator, HostMemory};
 use pgm::HostPhysAddr;
@@ -7,10 +12,18 @@ use x86::vmx::vmcs::ro;
 
 use super::{VmxError, VmxOn};
 
-/// A VMCS in a host frame. Fields are read and written while it is the current VMCS, which
-/// [`Vmcs::make_current`] ensures.
+/// A VMCS in a host frame.
 pub struct Vmcs {
     frame: HostPhysAddr,
+}
+
+/// The frame of the VMCS current on this CPU (0: none). One CPU runs VMX today; with SMP this
+/// becomes per-CPU state.
+static CURRENT: AtomicU64 = AtomicU64::new(0);
+
+/// Proof that a VMCS is the current one: its fields are read and written through this.
+pub struct CurrentVmcs<'a> {
+    vmcs: PhantomData<&'a Vmcs>,
 }
 
 impl Vmcs {
@@ -32,27 +45,43 @@ impl Vmcs {
                 error: None,
             });
         }
-        if let Err(error) = vmcs.make_current() {
+        if let Err(error) = vmcs.current() {
             frames.free_frame(frame);
             return Err(error);
         }
         Ok(vmcs)
     }
 
-    /// Makes this VMCS the current one (VMPTRLD).
-    pub fn make_current(&self) -> Result<(), VmxError> {
-        // SAFETY: the frame holds a VMCS initialised by `new` and not yet released.
-        unsafe { vmx::vmptrld(self.frame.as_u64()) }.map_err(|_| VmxError::Failed {
-            instruction: "VMPTRLD",
-            error: None,
-        })
+    /// This VMCS as the current one, made so (VMPTRLD) unless it already is.
+    pub fn current(&self) -> Result<CurrentVmcs<'_>, VmxError> {
+        if CURRENT.load(Ordering::Relaxed) != self.frame.as_u64() {
+            // SAFETY: the frame holds a VMCS initialised by `new` and not yet released.
+            unsafe { vmx::vmptrld(self.frame.as_u64()) }.map_err(|_| VmxError::Failed {
+                instruction: "VMPTRLD",
+                error: None,
+            })?;
+            CURRENT.store(self.frame.as_u64(), Ordering::Relaxed);
+        }
+        Ok(CurrentVmcs { vmcs: PhantomData })
     }
 
+    /// VMCLEARs the VMCS and gives its frame back.
+    pub fn release(self, frames: &mut impl HostFrameAllocator) {
+        // SAFETY: the VMCS is not running (its vCPU loop has returned); VMCLEAR flushes it
+        // so the frame can be reused.
+        let _ = unsafe { vmx::vmclear(self.frame.as_u64()) };
+        // VMCLEAR of the current VMCS leaves none current.
+        let _ = CURRENT.compare_exchange(self.frame.as_u64(), 0, Ordering::Relaxed, Ordering::Relaxed);
+        frames.free_frame(self.frame);
+    }
+}
+
+impl CurrentVmcs<'_> {
     /// Writes `value` to `field`. Fails for a field the CPU does not support (the error names
     /// the field through the VM-instruction error).
     pub fn write(&self, field: u32, value: u64) -> Result<(), VmxError> {
-        // SAFETY: this VMCS is current (made so in `new`/`make_current`); VMWRITE only changes
-        // the VMCS.
+        // SAFETY: this VMCS is current (a `CurrentVmcs` exists only then); VMWRITE only
+        // changes the VMCS.
         unsafe { vmx::vmwrite(field, value) }.map_err(|_| VmxError::Failed {
             instruction: "VMWRITE",
             error: Some(self.read(ro::VM_INSTRUCTION_ERROR)),
@@ -61,15 +90,7 @@ impl Vmcs {
 
     /// Reads `field` (0 when the field does not exist).
     pub fn read(&self, field: u32) -> u64 {
-        // SAFETY: this VMCS is current; VMREAD has no side effect.
+        // SAFETY: this VMCS is current (as above); VMREAD has no side effect.
         unsafe { vmx::vmread(field) }.unwrap_or(0)
-    }
-
-    /// VMCLEARs the VMCS and gives its frame back.
-    pub fn release(self, frames: &mut impl HostFrameAllocator) {
-        // SAFETY: the VMCS is not running (its vCPU loop has returned); VMCLEAR flushes it
-        // so the frame can be reused.
-        let _ = unsafe { vmx::vmclear(self.frame.as_u64()) };
-        frames.free_frame(self.frame);
     }
 }
