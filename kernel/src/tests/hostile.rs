@@ -99,7 +99,7 @@ pub fn a20_gate_flipped_through_port_0x92_while_writing_across_1_mib(host: &'sta
 }
 
 /// What a probe does at its address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Probe {
     Read = 0,
     WriteBack = 1,
@@ -217,7 +217,6 @@ pub fn probing_every_page_and_random_addresses_reaches_nothing_else(host: &'stat
         list.push((address, Probe::WriteBack));
     }
     let stops = run_probes(&mut pc, &mut device, cr3, &list, PROBE_SLICE)?;
-    let mut stopped_at = BTreeMap::new();
     for (index, diagnostic) in &stops {
         let (address, probe) = list[*index];
         ensure!(
@@ -235,7 +234,6 @@ pub fn probing_every_page_and_random_addresses_reaches_nothing_else(host: &'stat
             Some(address & !(PAGE_SIZE - 1)),
             "page the diagnostic names"
         );
-        stopped_at.insert(*index, ());
     }
     let unassigned = list.iter().filter(|(address, _)| !assigned(*address)).count();
     ensure_eq!(
@@ -375,6 +373,18 @@ pub fn random_bytes_run_against_mmio(host: &'static Host) -> TestResult {
     audit(&pc.vm, "a jump into the device")
 }
 
+/// Runs the VM to its stop, which must be for `cause` at the guest-physical page `page`.
+fn expect_stop_at(vm: &mut Vm<'static>, device: &mut TestDevice, cause: StopCause, page: u64) -> TestResult {
+    let diagnostic = super::stopped(vm.run_with(device))?;
+    ensure_eq!(diagnostic.cause, cause, "cause");
+    ensure_eq!(
+        diagnostic.gpa.map(|g| g.page_base().as_u64()),
+        Some(page),
+        "page the diagnostic names"
+    );
+    Ok(())
+}
+
 /// (d) The guest's page tables in MMIO (paging turned on with CR3 in the device), and in a page
 /// the host gave to the balloon under a long-mode guest: the CPU's own page walk faults, no
 /// device ever sees a page-walk access, and the VM stops with a diagnostic naming the page.
@@ -388,17 +398,12 @@ pub fn page_tables_in_mmio_or_a_ballooned_page_stop_the_vm(host: &'static Host) 
     pc.vm
         .start(&programs::paging_from_eax(), CODE, regs)
         .map_err(|e| format!("{e}"))?;
-    let diagnostic = super::stopped(pc.vm.run_with(&mut device))?;
-    ensure_eq!(
-        diagnostic.cause,
+    expect_stop_at(
+        &mut pc.vm,
+        &mut device,
         StopCause::PageWalkOutsideMemory,
-        "cause (tables in MMIO)"
-    );
-    ensure_eq!(
-        diagnostic.gpa.map(|g| g.page_base().as_u64()),
-        Some(pc::DEVICE_BASE),
-        "page"
-    );
+        pc::DEVICE_BASE,
+    )?;
     ensure!(
         device.log.is_empty(),
         "the device saw page-walk accesses: {:?}",
@@ -419,17 +424,7 @@ pub fn page_tables_in_mmio_or_a_ballooned_page_stop_the_vm(host: &'static Host) 
             GuestRegisters::default(),
         )
         .map_err(|e| format!("{e}"))?;
-    let diagnostic = super::stopped(pc.vm.run_with(&mut device))?;
-    ensure_eq!(
-        diagnostic.cause,
-        StopCause::BalloonedPage,
-        "cause (tables in a ballooned page)"
-    );
-    ensure_eq!(
-        diagnostic.gpa.map(|g| g.page_base().as_u64()),
-        Some(pc::PDPT),
-        "page"
-    );
+    expect_stop_at(&mut pc.vm, &mut device, StopCause::BalloonedPage, pc::PDPT)?;
     audit(&pc.vm, "page tables in a ballooned page")
 }
 

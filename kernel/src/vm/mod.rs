@@ -26,7 +26,12 @@ use x86::vmx::vmcs::{control, guest, host, ro};
 
 use crate::arch::guests::{GuestMode, GuestProgram};
 use crate::arch::memory::{KernelFrames, PhysMap};
-use crate::arch::vmx::{self, host::HostState, vmcs::{CurrentVmcs, Vmcs}, GuestRegisters, InveptType, VmxError, VmxOn};
+use crate::arch::vmx::{
+    self,
+    host::HostState,
+    vmcs::{CurrentVmcs, Vmcs},
+    GuestRegisters, InveptType, VmxError, VmxOn,
+};
 use crate::arch::{idt, ticks};
 use crate::println;
 use budget::{Budget, Expired, RunClock};
@@ -866,7 +871,10 @@ impl<'a> Vm<'a> {
             pgm.set_a20(value & A20_GATE_BIT != 0)
         };
         self.exits.port_io += 1;
-        match self.skip_instruction().and_then(|()| self.invalidate(invalidation)) {
+        match self
+            .skip_instruction()
+            .and_then(|()| self.invalidate(invalidation))
+        {
             Ok(()) => None,
             Err(_) => unhandled(self),
         }
@@ -884,7 +892,9 @@ impl<'a> Vm<'a> {
     fn handle_ept_violation(&mut self, exit_tick: u64, devices: &mut impl AccessHandlers) -> Option<VmStop> {
         self.exits.ept_violations += 1;
         let Ok(vmcs) = current(&self.vmcs) else {
-            return Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit, exit_reason::EPT_VIOLATION)));
+            return Some(VmStop::Stopped(
+                self.diagnostic(StopCause::UnhandledExit, exit_reason::EPT_VIOLATION),
+            ));
         };
         let qualification = vmcs.read(ro::EXIT_QUALIFICATION);
         let gpa = GuestPhysAddr::new_truncate(vmcs.read(ro::GUEST_PHYSICAL_ADDR_FULL));
