@@ -40,6 +40,6 @@ image: setup
 ## operations modulo their count, so comparisons guide nothing), which makes it 3x faster.
 FUZZ_SECONDS ?= 60
 fuzz: setup
-	@command -v cargo-fuzz >/dev/null || cargo +stable install cargo-fuzz --locked
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 	cd pgm && cargo fuzz run -s none -O --no-trace-compares api -- -max_total_time=$(FUZZ_SECONDS) -max_len=512
 	cd kernel/emulator && cargo fuzz run -s none instructions -- -max_total_time=$(FUZZ_SECONDS)
