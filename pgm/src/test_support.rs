@@ -93,7 +93,7 @@ pub fn write_host(pgm: &mut SimPgm, hpa: HostPhysAddr, data: &[u8]) {
 /// Audits the VM's EPT against what it holds and what the simulated host has allocated;
 /// panics naming every finding.
 pub fn assert_isolated(pgm: &SimPgm, context: &str) {
-    let report = pgm.audit(|frame| pgm.frames().inner.is_allocated(frame));
+    let report = pgm.audit_simulated();
     assert!(
         report.is_clean(),
         "EPT audit {context}: {} finding(s): {:?}",

@@ -40,6 +40,22 @@ fn audit(vm: &Vm<'static>, after: &str) -> TestResult {
     Ok(())
 }
 
+/// The device was called only for its own handler and only inside its range.
+fn device_kept_to_its_range(device: &TestDevice) -> TestResult {
+    ensure!(
+        device.foreign_calls == 0,
+        "the device was called for another handler"
+    );
+    ensure!(
+        device
+            .log
+            .iter()
+            .all(|&(_, offset, len)| offset + len as u64 <= pc::DEVICE_SIZE),
+        "the device saw an access outside its range"
+    );
+    Ok(())
+}
+
 /// Gives the VM `ticks` more to run (its limit counts all runs so far).
 fn allow(vm: &mut Vm<'static>, ticks: u64) {
     vm.set_budget(Budget::sliced(ticks, vm.ticks_used() + ticks));
@@ -241,17 +257,7 @@ pub fn probing_every_page_and_random_addresses_reaches_nothing_else(host: &'stat
         unassigned,
         "stops (one per probe of unassigned space)"
     );
-    ensure!(
-        device.foreign_calls == 0,
-        "the device was called for another handler"
-    );
-    ensure!(
-        device
-            .log
-            .iter()
-            .all(|&(_, offset, len)| offset + len as u64 <= pc::DEVICE_SIZE),
-        "the device saw an access outside its range"
-    );
+    device_kept_to_its_range(&device)?;
     println!(
         "  {} reads and write-backs: {} completed, {} stopped with NotGuestMemory",
         list.len(),
@@ -335,17 +341,7 @@ pub fn random_bytes_run_against_mmio(host: &'static Host) -> TestResult {
         "  {PROGRAMS} programs: {outcomes:?}; the device saw {} accesses",
         device.log.len()
     );
-    ensure!(
-        device.foreign_calls == 0,
-        "the device was called for another handler"
-    );
-    ensure!(
-        device
-            .log
-            .iter()
-            .all(|&(_, offset, len)| offset + len as u64 <= pc::DEVICE_SIZE),
-        "the device saw an access outside its range"
-    );
+    device_kept_to_its_range(&device)?;
     audit(&pc.vm, "200 random programs on MMIO")?;
 
     // Executing the device itself: no instruction can be fetched from a page without memory.

@@ -1123,32 +1123,26 @@ impl<'a> Vm<'a> {
 
     /// Collects what the VMCS says about the current exit.
     fn diagnostic(&self, cause: StopCause, exit_reason: u32) -> Diagnostic {
-        let Ok(vmcs) = current(&self.vmcs) else {
-            // No VMCS to read: the diagnostic says only why and when.
-            return Diagnostic {
-                cause,
-                exit_reason,
-                qualification: 0,
-                gpa: None,
-                rip: 0,
-                instruction: InstructionBytes::default(),
-                ticks: self.ticks_used,
-            };
-        };
-        let gpa = matches!(
-            exit_reason,
-            exit_reason::EPT_VIOLATION | exit_reason::EPT_MISCONFIGURATION
-        )
-        .then(|| GuestPhysAddr::new_truncate(vmcs.read(ro::GUEST_PHYSICAL_ADDR_FULL)));
-        Diagnostic {
+        let mut diagnostic = Diagnostic {
             cause,
             exit_reason,
-            qualification: vmcs.read(ro::EXIT_QUALIFICATION),
-            gpa,
-            rip: vmcs.read(guest::RIP),
+            qualification: 0,
+            gpa: None,
+            rip: 0,
             instruction: InstructionBytes::default(),
             ticks: self.ticks_used + ticks().saturating_sub(self.run_started),
+        };
+        // Without a VMCS to read, the diagnostic says only why and when.
+        if let Ok(vmcs) = current(&self.vmcs) {
+            diagnostic.qualification = vmcs.read(ro::EXIT_QUALIFICATION);
+            diagnostic.rip = vmcs.read(guest::RIP);
+            diagnostic.gpa = matches!(
+                exit_reason,
+                exit_reason::EPT_VIOLATION | exit_reason::EPT_MISCONFIGURATION
+            )
+            .then(|| GuestPhysAddr::new_truncate(vmcs.read(ro::GUEST_PHYSICAL_ADDR_FULL)));
         }
+        diagnostic
     }
 
     /// VM-execution, exit and entry controls: HLT, MONITOR, MWAIT and all port I/O exit, and

@@ -10,6 +10,7 @@ use alloc::vec::Vec;
 
 use crate::addr::{HostPhysAddr, PAGE_SIZE};
 use crate::frames::{BitmapFrameAllocator, HostFrameAllocator, HostMemory};
+use crate::manager::{AuditReport, Pgm};
 
 pub use script::SimPgm;
 
@@ -125,5 +126,13 @@ unsafe impl HostFrameAllocator for SimFrames {
             return None;
         }
         self.inner.allocate_large()
+    }
+}
+
+impl Pgm<SimFrames, SimMemory> {
+    /// [`Pgm::audit`] against the simulated host: a frame is the host's to lend when its bitmap
+    /// has it out.
+    pub fn audit_simulated(&self) -> AuditReport {
+        self.audit(|frame| self.frames().inner.is_allocated(frame))
     }
 }

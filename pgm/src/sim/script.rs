@@ -384,9 +384,7 @@ impl Scripted {
     /// The auditor on the simulated host, and the manager's frame count against the
     /// allocator's.
     fn check(&self) -> Result<(), String> {
-        let report = self
-            .pgm
-            .audit(|frame| self.pgm.frames().inner.is_allocated(frame));
+        let report = self.pgm.audit_simulated();
         if !report.is_clean() {
             return Err(format!("EPT audit: {:?}", report.findings));
         }
