@@ -123,6 +123,11 @@ impl Handlers {
         Some(self.sorted.remove(at))
     }
 
+    /// Every registration, by base.
+    pub fn iter(&self) -> impl Iterator<Item = &Registration> {
+        self.sorted.iter()
+    }
+
     /// Number of registered handlers (MMIO regions included).
     pub fn len(&self) -> usize {
         self.sorted.len()

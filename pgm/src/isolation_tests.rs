@@ -2,16 +2,30 @@
 //! sequences that once gave a guest a writable mapping of a frame already back at the host, and
 //! the class of operations behind them, each checked with the EPT auditor.
 
+use crate::addr::GuestPhysAddr;
 use crate::addr::PAGE_SIZE;
 use crate::error::PgmError;
+use crate::handlers::HandlerId;
+use crate::manager::Mmio2Handle;
 use crate::paging::Access;
 use crate::test_support::*;
+use std::vec::Vec;
 
 /// A VM with RAM at [0, 1 MiB).
 fn one_mib_of_ram() -> SimPgm {
     let mut pgm = pgm_with_frames(1024);
     pgm.register_ram(gpa(0), MIB, "ram").unwrap();
     pgm
+}
+
+/// [`one_mib_of_ram`] with a one-page MMIO2 region and a one-page MMIO range at `at` aliased
+/// to it.
+fn one_page_of_mmio2_aliased_at(at: GuestPhysAddr) -> (SimPgm, Mmio2Handle, HandlerId) {
+    let mut pgm = one_mib_of_ram();
+    let region = pgm.create_mmio2(PAGE_SIZE, 0).unwrap();
+    let (mmio, _) = pgm.register_mmio(at, PAGE_SIZE).unwrap();
+    pgm.alias_mmio_to_mmio2(mmio, at, region, 0).unwrap();
+    (pgm, region, mmio)
 }
 
 #[test]
@@ -79,6 +93,125 @@ fn deregistering_mmio2_is_refused_while_a_page_lock_holds_it() {
     pgm.deregister_mmio2(region).unwrap();
     assert!(!pgm.frames().inner.is_allocated(frame));
     assert_isolated(&pgm, "after the lock was released and the region deregistered");
+    assert_accounting(&pgm);
+}
+
+#[test]
+fn freeing_an_mmio2_frame_unmaps_every_mapping_the_reverse_map_records() {
+    let mut pgm = one_mib_of_ram();
+    let region = pgm.create_mmio2(4 * PAGE_SIZE, 0).unwrap();
+    pgm.map_mmio2(region, gpa(0x40_0000)).unwrap();
+    let (low, _) = pgm.register_mmio(gpa(0x20_0000), PAGE_SIZE).unwrap();
+    let (high, _) = pgm.register_mmio(gpa(0x60_0000), PAGE_SIZE).unwrap();
+    pgm.alias_mmio_to_mmio2(low, gpa(0x20_0000), region, 0).unwrap();
+    pgm.alias_mmio_to_mmio2(high, gpa(0x60_0000), region, 0).unwrap();
+    pgm.set_a20(false);
+    // Bit 20 set: with the gate closed these show the region's page and the low alias.
+    for at in [0x50_0000, 0x30_0000] {
+        assert_eq!(
+            guest_write(&mut pgm, gpa(at), &[7]),
+            GuestAccess::Done { faults: 1 }
+        );
+    }
+    let frame = pgm.translate(gpa(0x40_0000), Access::Read).unwrap();
+    let everywhere: Vec<_> = [0x20_0000, 0x30_0000, 0x40_0000, 0x50_0000, 0x60_0000]
+        .into_iter()
+        .map(gpa)
+        .collect();
+    assert_eq!(pgm.recorded_mappings(frame), everywhere);
+    assert_isolated(&pgm, "with five mappings of one MMIO2 frame");
+    pgm.deregister_mmio2(region).unwrap();
+    assert!(pgm.recorded_mappings(frame).is_empty());
+    for &at in &everywhere {
+        assert!(
+            pgm.translate(at, Access::Read).is_err(),
+            "{at} still maps the freed frame"
+        );
+    }
+    // The aliased pages trap to their MMIO regions again.
+    assert_eq!(
+        pgm.resolve_fault(gpa(0x60_0000), Access::Read),
+        crate::manager::FaultOutcome::Handler { handler: high }
+    );
+    assert_isolated(&pgm, "after deregistering the region");
+    assert_accounting(&pgm);
+}
+
+#[test]
+fn a_guest_access_through_the_a20_alias_of_an_mmio2_alias_completes() {
+    // Found by the fault-loop check of the whole-API test: the fault was answered `Resolved`
+    // without mapping the alias, so the retry faulted for ever.
+    let (mut pgm, region, _) = one_page_of_mmio2_aliased_at(gpa(0x20_0000));
+    pgm.set_a20(false);
+    assert_eq!(
+        guest_write(&mut pgm, gpa(0x30_0010), &[9]),
+        GuestAccess::Done { faults: 1 }
+    );
+    let mut byte = [0];
+    pgm.mmio2_read(region, 0x10, &mut byte).unwrap();
+    assert_eq!(byte, [9], "the write did not reach the region");
+    assert_isolated(&pgm, "with the alias of the alias mapped");
+}
+
+#[test]
+fn the_reverse_map_records_shared_frames_and_a20_aliases_but_not_private_frames() {
+    let mut pgm = pgm_with_frames(1024);
+    pgm.register_ram(gpa(0), 2 * MIB, "ram").unwrap();
+    for at in [0x1000, 0x2000, 0x3000] {
+        guest_write(&mut pgm, gpa(at), &[0x5A]);
+    }
+    let private = pgm.translate(gpa(0x3000), Access::Read).unwrap();
+    assert!(
+        pgm.recorded_mappings(private).is_empty(),
+        "a private frame is recorded"
+    );
+    let (report, _) = pgm.share_identical_pages();
+    assert_eq!(report.pages_shared, 3);
+    let shared = pgm.translate(gpa(0x1000), Access::Read).unwrap();
+    assert_eq!(
+        pgm.recorded_mappings(shared),
+        [gpa(0x1000), gpa(0x2000), gpa(0x3000)]
+    );
+    // Copy on write takes the writer out of the record.
+    guest_write(&mut pgm, gpa(0x2000), &[1]);
+    assert_eq!(pgm.recorded_mappings(shared), [gpa(0x1000), gpa(0x3000)]);
+    let own = pgm.translate(gpa(0x2000), Access::Read).unwrap();
+    assert!(pgm.recorded_mappings(own).is_empty());
+    // With the gate closed, 0x10_2000 shows 0x2000: its frame is now mapped twice.
+    pgm.set_a20(false);
+    assert_eq!(pgm.recorded_mappings(own), [gpa(0x10_2000)]);
+    assert_isolated(&pgm, "with the gate closed");
+    pgm.set_a20(true);
+    assert!(pgm.recorded_mappings(own).is_empty());
+    assert_isolated(&pgm, "with the gate open again");
+    assert_accounting(&pgm);
+}
+
+#[test]
+fn deregistering_mmio2_undoes_an_alias_the_a20_gate_hides() {
+    // Found by the whole-API test once the reverse map replaced the walk over every page: an
+    // alias whose page the closed gate hides is in no mapping, but its descriptor names the
+    // frame, and opening the gate would map it again.
+    let (mut pgm, region, mmio) = one_page_of_mmio2_aliased_at(gpa(0x38_0000));
+    let frame = pgm.translate(gpa(0x38_0000), Access::Read).unwrap();
+    pgm.set_a20(false);
+    assert!(
+        pgm.translate(gpa(0x38_0000), Access::Read).is_err(),
+        "the gate shows 0x28_0000"
+    );
+    pgm.deregister_mmio2(region).unwrap();
+    assert!(!pgm.frames().inner.is_allocated(frame));
+    assert_isolated(&pgm, "with the gate closed");
+    pgm.set_a20(true);
+    assert!(
+        pgm.translate(gpa(0x38_0000), Access::Read).is_err(),
+        "opening the gate mapped the freed frame"
+    );
+    assert_eq!(
+        pgm.resolve_fault(gpa(0x38_0000), Access::Read),
+        crate::manager::FaultOutcome::Handler { handler: mmio }
+    );
+    assert_isolated(&pgm, "with the gate open again");
     assert_accounting(&pgm);
 }
 

@@ -178,6 +178,36 @@ impl<F: EntryFormat> NestedTables<F> {
         pages: u64,
         mut leaf_of: impl FnMut(GuestPhysAddr) -> Option<Leaf>,
     ) -> Result<(), PgmError> {
+        let leaf_tables = self.leaf_tables(frames, memory, base, pages)?;
+        for page in 0..pages {
+            let gpa = GuestPhysAddr::new_truncate(base.as_u64() + page * PAGE_SIZE);
+            let table = leaf_tables[((gpa.as_u64() >> 21) - (base.as_u64() >> 21)) as usize];
+            memory.write_u64(entry_addr(table, 0, gpa), encode::<F>(leaf_of(gpa)));
+        }
+        Ok(())
+    }
+
+    /// Creates the tables `[base, base + pages * 4 KiB)` needs for 4 KiB leaves, leaving every
+    /// leaf as it is. All or nothing, as [`map_range`](Self::map_range).
+    pub fn ensure_tables(
+        &mut self,
+        frames: &mut impl HostFrameAllocator,
+        memory: &mut impl HostMemory,
+        base: GuestPhysAddr,
+        pages: u64,
+    ) -> Result<(), PgmError> {
+        self.leaf_tables(frames, memory, base, pages).map(drop)
+    }
+
+    /// The page tables covering `[base, base + pages * 4 KiB)`, one per 2 MiB block in order,
+    /// created where missing; on failure the ones created here are freed again.
+    fn leaf_tables(
+        &mut self,
+        frames: &mut impl HostFrameAllocator,
+        memory: &mut impl HostMemory,
+        base: GuestPhysAddr,
+        pages: u64,
+    ) -> Result<Vec<HostPhysAddr>, PgmError> {
         let mut created = Vec::new();
         let mut leaf_tables = Vec::new();
         let mut page = 0;
@@ -194,12 +224,7 @@ impl<F: EntryFormat> NestedTables<F> {
             let in_table = (gpa.as_u64() >> PAGE_SHIFT) % ENTRIES_PER_TABLE;
             page += ENTRIES_PER_TABLE - in_table;
         }
-        for page in 0..pages {
-            let gpa = GuestPhysAddr::new_truncate(base.as_u64() + page * PAGE_SIZE);
-            let table = leaf_tables[((gpa.as_u64() >> 21) - (base.as_u64() >> 21)) as usize];
-            memory.write_u64(entry_addr(table, 0, gpa), encode::<F>(leaf_of(gpa)));
-        }
-        Ok(())
+        Ok(leaf_tables)
     }
 
     /// Replaces the leaf of `gpa`, whose tables must already exist (as for every page of a

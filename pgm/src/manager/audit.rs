@@ -6,7 +6,8 @@
 //!
 //! The auditor derives what the VM holds from its ownership records (descriptors, ROM and MMIO2
 //! regions, the shared-frame counts) independently of the code that writes the tables, and
-//! compares every leaf with the mapping its page's descriptor calls for. It reads only; the
+//! compares every leaf with the mapping its page's descriptor calls for, and the reverse map
+//! (`mapping`) with the leaves, both ways. It reads only; the
 //! tests run it after every operation, the kernel after its hostile-guest scenarios.
 
 use alloc::collections::{BTreeMap, BTreeSet};
@@ -39,8 +40,15 @@ pub enum Problem {
     MappedWithoutMemory,
     /// A page holds a map lock but its frame is not one the VM holds.
     LockedFrameNotHeld,
+    /// An MMIO2 alias page names a frame of no live region (mapped or not: the A20 gate can
+    /// hide it, and opening the gate would map it).
+    AliasFrameNotHeld,
     /// A shared frame's reference count differs from the pages that map it.
     ShareCountWrong,
+    /// The reverse map disagrees with the tables: a leaf of a frame no single page owns (or an
+    /// A20 alias) is not recorded, a record names a leaf that is not there, or the map's two
+    /// indexes differ.
+    ReverseMapWrong,
 }
 
 /// One finding: where, which frame, what is wrong.
@@ -71,6 +79,8 @@ pub struct AuditReport {
     pub mapped_pages: u64,
     /// Frames the VM holds.
     pub held_frames: u64,
+    /// Mappings in the reverse map.
+    pub recorded_mappings: u64,
     /// Everything found wrong (empty for a sound VM).
     pub findings: Vec<Finding>,
 }
@@ -92,26 +102,6 @@ enum Holder {
 }
 
 impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
-    /// Asserts, in debug and test builds, that no leaf the CPU can reach maps any of `frames`:
-    /// every path that gives a frame back to the host or to another page calls it first.
-    /// Costs a walk of the tables, so release builds leave it out.
-    pub(super) fn debug_assert_unmapped(&self, frames: &[HostPhysAddr]) {
-        if !cfg!(debug_assertions) || frames.is_empty() {
-            return;
-        }
-        let going: BTreeSet<HostPhysAddr> = frames.iter().copied().collect();
-        self.tables.for_each_leaf(&self.memory, |gpa, pages, leaf| {
-            for page in 0..pages {
-                let frame = HostPhysAddr::new_truncate(leaf.frame.as_u64() + page * PAGE_SIZE);
-                assert!(
-                    !going.contains(&frame),
-                    "frame {frame} is given up while {} still maps it",
-                    GuestPhysAddr::new_truncate(gpa.as_u64() + page * PAGE_SIZE)
-                );
-            }
-        });
-    }
-
     /// Audits the VM's EPT against its ownership records. `host_holds(frame)` tells whether the
     /// host's allocator has `frame` allocated (the simulated or kernel bitmap); special-alias
     /// frames are the caller's and are not asked about. Reads only.
@@ -132,7 +122,35 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             self.audit_leaf(gpa, leaf, &held, &mut report);
         }
         self.audit_pages(&mapped, &held, &mut report);
+        self.audit_reverse_map(&mapped, &mut report);
         report
+    }
+
+    /// Checks the reverse map against the leaves: every leaf it must record is recorded with
+    /// its frame, every record has its leaf, and the two indexes agree.
+    fn audit_reverse_map(&self, mapped: &BTreeMap<GuestPhysAddr, Leaf>, report: &mut AuditReport) {
+        report.recorded_mappings = self.reverse.len() as u64;
+        let source = self.leaf_source();
+        let mut find = |gpa, frame| {
+            report.findings.push(Finding {
+                gpa,
+                frame,
+                problem: Problem::ReverseMapWrong,
+            })
+        };
+        for (&gpa, leaf) in mapped {
+            if self.reverse.frame_at(gpa) != source.recorded_frame(gpa, Some(*leaf)) {
+                find(gpa, Some(leaf.frame));
+            }
+        }
+        for (gpa, frame) in self.reverse.iter() {
+            if mapped.get(&gpa).map(|leaf| leaf.frame) != Some(frame) {
+                find(gpa, Some(frame));
+            }
+        }
+        if !self.reverse.is_consistent() {
+            find(GuestPhysAddr::default(), None);
+        }
     }
 
     /// The frames this VM holds, from its ownership records; records held frames the host has
@@ -248,6 +266,16 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                         frame: page.frame(),
                         problem: Problem::OutOfSync,
                     });
+                }
+                if page.page_type() == PageType::Mmio2AliasMmio {
+                    let frame = page.frame().unwrap_or(self.zero_frame);
+                    if !held.contains_key(&frame) {
+                        report.findings.push(Finding {
+                            gpa,
+                            frame: Some(frame),
+                            problem: Problem::AliasFrameNotHeld,
+                        });
+                    }
                 }
                 if page.is_locked() {
                     let frame = self.read_source(location).unwrap_or(self.zero_frame);

@@ -3,6 +3,7 @@
 //! memory. A handler's pages carry its state in their descriptors, and their EPT entries lose
 //! the permissions the handler intercepts, so the CPU faults exactly on those accesses.
 
+use alloc::collections::BTreeSet;
 use alloc::vec::Vec;
 
 use super::Mmio2Handle;
@@ -301,17 +302,27 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         Invalidation::SingleContext
     }
 
-    /// Undoes every MMIO2 alias that maps one of `frames` (before those frames are freed).
-    pub(super) fn drop_aliases_of(&mut self, frames: &[HostPhysAddr]) -> Invalidation {
+    /// Undoes every MMIO2 alias that names one of `frames` (before those frames are freed),
+    /// mapped or not: only MMIO regions hold alias pages, so only their pages are looked at.
+    /// Returns the invalidation needed.
+    pub(super) fn unalias_frames(&mut self, frames: &BTreeSet<HostPhysAddr>) -> Invalidation {
+        let regions: Vec<Registration> = self
+            .handlers
+            .iter()
+            .filter(|r| r.mmio.is_some())
+            .copied()
+            .collect();
         let mut invalidation = Invalidation::None;
-        self.for_each_page(|pgm, location| {
-            let page = pgm.ranges.page(location);
-            if page.page_type() == PageType::Mmio2AliasMmio
-                && page.frame().is_some_and(|f| frames.contains(&f))
-            {
-                invalidation = invalidation.max(pgm.unalias(location));
+        for registration in regions {
+            for location in self.registered_pages(&registration) {
+                let page = self.ranges.page(location);
+                if page.page_type() == PageType::Mmio2AliasMmio
+                    && page.frame().is_some_and(|frame| frames.contains(&frame))
+                {
+                    invalidation = invalidation.max(self.unalias(location));
+                }
             }
-        });
+        }
         invalidation
     }
 
@@ -335,13 +346,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let alias = PageDescriptor::allocated(page_type, frame).with_handler(HandlerState::Disabled);
         // MMIO in unassigned space has no tables yet: make them (the only step that can fail)
         // before the descriptor changes; the mapping itself comes from the descriptor.
-        let current = self.tables.entry(&self.memory, page_base);
-        let keep = match current {
-            crate::paging::Entry::Leaf(leaf) => Some(leaf),
-            _ => None,
-        };
-        self.tables
-            .map_range(&mut self.frames, &mut self.memory, page_base, 1, |_| keep)?;
+        self.ensure_tables(page_base, 1)?;
         self.ranges.set_page(location, alias);
         self.sync_leaf(location);
         Ok(if was_alias {

@@ -10,7 +10,7 @@ use super::Pgm;
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::frames::{HostFrameAllocator, HostMemory, FRAMES_PER_LARGE_PAGE};
 use crate::page::{HandlerState, LargePageState, PageDescriptor, PageState, PageType};
-use crate::paging::{Invalidation, Leaf, MemoryType, Permissions};
+use crate::paging::Invalidation;
 use crate::ram::PageLocation;
 
 const LARGE_PAGE_SIZE: u64 = FRAMES_PER_LARGE_PAGE * PAGE_SIZE;
@@ -56,7 +56,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         self.counts.zero -= FRAMES_PER_LARGE_PAGE;
         self.counts.allocated += FRAMES_PER_LARGE_PAGE;
         let block = self.ranges.gpa_of(pages[0]);
-        self.tables.make_large(&mut self.memory, block, large_leaf(chunk));
+        self.map_block_large(block, chunk);
         Some(Invalidation::SingleContext)
     }
 
@@ -71,11 +71,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             self.ranges
                 .set_page(at, page.with_large_page(LargePageState::Disabled));
         }
-        let leaves: Vec<Option<Leaf>> = pages.iter().map(|&at| self.own_leaf(at)).collect();
         let block = self.ranges.gpa_of(pages[0]);
-        self.tables.split_large(&mut self.memory, block, |gpa| {
-            leaves[((gpa.as_u64() - block.as_u64()) / PAGE_SIZE) as usize]
-        });
+        self.map_block_small(block);
     }
 
     /// Maps every split block large again whose pages are all plain, writable RAM still backed
@@ -128,7 +125,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 .set_page(at, page.with_large_page(LargePageState::Large));
         }
         let gpa = self.ranges.gpa_of(block[0]);
-        self.tables.make_large(&mut self.memory, gpa, large_leaf(chunk))
+        self.map_block_large(gpa, chunk)
     }
 
     /// The 512 locations of the 2 MiB block holding `location`, when the block lies wholly in
@@ -149,13 +146,5 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 })
                 .collect(),
         )
-    }
-}
-
-fn large_leaf(chunk: HostPhysAddr) -> Leaf {
-    Leaf {
-        frame: chunk,
-        permissions: Permissions::all(),
-        memory_type: MemoryType::WriteBack,
     }
 }

@@ -82,22 +82,15 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             return Err(PgmError::Mmio2Mapped(true));
         }
         let size = region.size();
-        let pages = page_count(base, size)?;
+        page_count(base, size)?;
         self.ranges.check_free(base, size)?;
         let descriptors: Vec<PageDescriptor> = region
             .frames
             .iter()
             .map(|&frame| PageDescriptor::allocated(PageType::Mmio2, frame))
             .collect();
-        let zero_frame = self.zero_frame;
-        self.tables
-            .map_range(&mut self.frames, &mut self.memory, base, pages, |gpa| {
-                let page = descriptors[((gpa.as_u64() - base.as_u64()) / PAGE_SIZE) as usize];
-                super::leaf_for(page, zero_frame)
-            })?;
-        self.ranges.insert(RamRange::new(base, descriptors, "mmio2"));
+        self.insert_mapped(alloc::vec![RamRange::new(base, descriptors, "mmio2")])?;
         self.region_mut(handle)?.mapped_at = Some(base);
-        self.apply_a20_to_new_pages(base, pages);
         // Newly mapped: protection can only be added here, to pages nobody has cached.
         self.refresh_region_protection(handle);
         Ok(Invalidation::None)
@@ -134,7 +127,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             return Err(PgmError::OutOfRange);
         }
         let tail = self.region(handle)?.frames[pages..].to_vec();
-        let invalidation = self.drop_aliases_of(&tail);
+        let invalidation = self.unmap_frames(&tail);
         let region = self.region_mut(handle)?;
         region.frames.truncate(pages);
         region.dirty.truncate(pages.div_ceil(64));
@@ -143,7 +136,6 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 *last &= (1 << (pages % 64)) - 1;
             }
         }
-        self.debug_assert_unmapped(&tail);
         self.frames.free_frames(&tail);
         Ok(invalidation)
     }
@@ -156,16 +148,27 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             None => Invalidation::None,
         };
         let frames = self.region(handle)?.frames.clone();
-        let invalidation = invalidation.max(self.drop_aliases_of(&frames));
+        let invalidation = invalidation.max(self.unmap_frames(&frames));
         let index = self
             .mmio2
             .iter()
             .position(|r| r.handle == handle)
             .ok_or(PgmError::UnknownMmio2(handle))?;
         let region = self.mmio2.remove(index);
-        self.debug_assert_unmapped(&region.frames);
         self.frames.free_frames(&region.frames);
         Ok(invalidation)
+    }
+
+    /// Takes every alias and mapping of the region frames `frames` away before they are freed
+    /// (see [`unmap_frame`](Self::unmap_frame)); returns the invalidation that needs.
+    fn unmap_frames(&mut self, frames: &[HostPhysAddr]) -> Invalidation {
+        // Alias pages name the frames even where they are not mapped (the A20 gate hides
+        // them): they change first, then no descriptor calls for a mapping of the frames.
+        let aliases = self.unalias_frames(&frames.iter().copied().collect());
+        frames
+            .iter()
+            .map(|&frame| self.unmap_frame(frame, None))
+            .fold(aliases, Invalidation::max)
     }
 
     /// The frame holding the page at `offset` (page-aligned) of the region.

@@ -14,7 +14,7 @@ use crate::handlers::{HandlerId, Handlers};
 use crate::page::{
     transition, FrameEffect, HandlerState, LargePageState, PageDescriptor, PageEvent, PageState, PageType,
 };
-use crate::paging::{self, Access, Invalidation, Leaf, MemoryType, NestedTables, Permissions, Violation};
+use crate::paging::{self, Access, Invalidation, NestedTables, Violation};
 use crate::pool::FramePool;
 use crate::ram::{PageLocation, RamRange, RamRanges};
 
@@ -22,6 +22,7 @@ mod audit;
 mod handlers;
 mod large;
 mod locks;
+mod mapping;
 mod mmio2;
 mod rom;
 mod sharing;
@@ -202,6 +203,8 @@ pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
     registrations: u32,
     /// Shared frames and how many pages map each.
     shared: alloc::collections::BTreeMap<HostPhysAddr, u64>,
+    /// Where frames no single page owns are mapped (see `mapping`).
+    reverse: mapping::ReverseMap,
 }
 
 impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
@@ -236,6 +239,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             large_pages: false,
             shared: alloc::collections::BTreeMap::new(),
             registrations: 0,
+            reverse: mapping::ReverseMap::default(),
         })
     }
 
@@ -252,37 +256,25 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let pages = page_count(base, size)?;
         self.ranges.check_free(base, size)?;
         let zero = PageDescriptor::zero(PageType::Ram);
-        let zero_leaf = leaf_for(zero, self.zero_frame);
-        self.tables
-            .map_range(&mut self.frames, &mut self.memory, base, pages, |_| zero_leaf)?;
         // Large RAM becomes several ranges of at most RAM_CHUNK_PAGES, so no descriptor array
         // is a huge allocation; lookups do not care.
+        let registration = self.registrations + 1;
         let mut chunks = Vec::new();
         let mut first = 0;
         while first < pages {
             let count = (pages - first).min(RAM_CHUNK_PAGES);
             let mut descriptors = Vec::new();
             if descriptors.try_reserve_exact(count as usize).is_err() {
-                // Nothing registered: take the zero-frame mappings away again (the tables stay,
-                // counted, for a later registration there).
-                self.tables
-                    .map_range(&mut self.frames, &mut self.memory, base, pages, |_| None)?;
                 return Err(PgmError::OutOfHeap);
             }
             descriptors.resize(count as usize, zero);
-            chunks.push(RamRange::new(
-                GuestPhysAddr::new_truncate(base.as_u64() + first * PAGE_SIZE),
-                descriptors,
-                name,
-            ));
+            let chunk_base = GuestPhysAddr::new_truncate(base.as_u64() + first * PAGE_SIZE);
+            chunks.push(RamRange::new(chunk_base, descriptors, name).with_registration(registration));
             first += count;
         }
-        self.registrations += 1;
-        for chunk in chunks {
-            self.ranges.insert(chunk.with_registration(self.registrations));
-        }
+        self.insert_mapped(chunks)?;
+        self.registrations = registration;
         self.counts.zero += pages;
-        self.apply_a20_to_new_pages(base, pages);
         Ok(())
     }
 
@@ -373,14 +365,6 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         if page.state() == PageState::Ballooned {
             return FaultOutcome::Ballooned;
         }
-        if page.page_type().is_mmio_alias() {
-            // Mapped for every access: the entry lost sync with the descriptor.
-            self.sync_leaf(location);
-            return FaultOutcome::Resolved {
-                invalidation: Invalidation::None,
-                resolution: Resolution::Remap,
-            };
-        }
         if access == Access::Write && page.page_type() == PageType::Ram && page.state() == PageState::Zero {
             if let Some(invalidation) = self.try_large_fill(location) {
                 return FaultOutcome::Resolved {
@@ -396,6 +380,12 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             _ => Resolution::Remap,
         };
         let result = match access {
+            // An alias is mapped for every access: the entry lost sync with the descriptor, or
+            // the access came through the A20 gate (mapped below).
+            _ if page.page_type().is_mmio_alias() => {
+                self.sync_leaf(location);
+                Ok(())
+            }
             Access::Write if page.page_type() == PageType::Rom || page.page_type() == PageType::RomShadow => {
                 let protection = self.rom_covering(gpa).map(|rom| rom.effective_protection());
                 match protection {
@@ -884,11 +874,13 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         // Released only now: neither the descriptor nor the EPT entry names the frame any more.
         match step.effect {
             FrameEffect::Free(frame) => {
-                self.debug_assert_unmapped(&[frame]);
+                // The page's own entry changed above, so the invalidation its caller reports
+                // covers whatever else mapped the frame.
+                self.unmap_frame(frame, Some(self.ranges.gpa_of(location)));
                 self.pool.release(frame, &mut self.frames)
             }
             FrameEffect::AllocateCopyOf(shared) | FrameEffect::DropShare(shared) => self.drop_share(shared),
-            FrameEffect::AdoptShared(own) => self.adopt_share(own, next.frame()),
+            FrameEffect::AdoptShared(own) => self.adopt_share(own, next.frame(), location),
             FrameEffect::None | FrameEffect::AllocateZeroed => {}
         }
         Ok(true)
@@ -977,88 +969,6 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         }
     }
 
-    /// Rewrites the EPT entry of the page at `location` from its descriptor.
-    /// With the A20 gate off, pages with bit 20 set show their alias 1 MiB below, and the alias
-    /// of this page (bit 20 set) shows this page, wherever that alias is mapped.
-    fn sync_leaf(&mut self, location: PageLocation) {
-        if self.ranges.page(location).large_page() == LargePageState::Large {
-            // One page of a 2 MiB mapping changes: map the block with 4 KiB entries first.
-            self.split_large_block(location);
-        }
-        let gpa = self.ranges.gpa_of(location);
-        if !self.a20_enabled && gpa.as_u64() & A20_BIT != 0 {
-            let shown = self.expected_leaf(gpa);
-            self.tables.set_leaf(&mut self.memory, gpa, shown);
-            return;
-        }
-        let leaf = self.own_leaf(location);
-        // Tables exist for every RAM page; MMIO in unassigned space has none and needs none.
-        let present = self.tables.set_leaf(&mut self.memory, gpa, leaf);
-        debug_assert!(present || leaf.is_none(), "RAM page {gpa} has no page table");
-        if !self.a20_enabled {
-            let alias = GuestPhysAddr::new_truncate(gpa.as_u64() | A20_BIT);
-            if self.ranges.find(alias).is_some() || self.a20_aliases.contains(&alias) {
-                self.tables.set_leaf(&mut self.memory, alias, leaf);
-            }
-        }
-    }
-
-    /// A new range was mapped page by page from its descriptors; with the A20 gate closed, its
-    /// pages with bit 20 set show the pages 1 MiB below instead, and aliases already mapped
-    /// 1 MiB above its other pages show them: [`sync_leaf`](Self::sync_leaf) makes both so.
-    fn apply_a20_to_new_pages(&mut self, base: GuestPhysAddr, pages: u64) {
-        if self.a20_enabled {
-            return;
-        }
-        for page in 0..pages {
-            let gpa = GuestPhysAddr::new_truncate(base.as_u64() + page * PAGE_SIZE);
-            if let Some(location) = self.ranges.find(gpa) {
-                self.sync_leaf(location);
-            }
-        }
-    }
-
-    /// Removes the range at index `range` from the address space: the guest reaches none of its
-    /// pages any more, neither at their own addresses nor, with the A20 gate closed, through
-    /// their aliases 1 MiB up. The one way every range leaves (RAM unregistered, MMIO2 unmapped,
-    /// MMIO in unassigned space deregistered); its frames are the caller's to free afterwards.
-    fn remove_range(&mut self, range: usize) {
-        let removed = self.ranges.remove(range);
-        for page in 0..removed.pages().len() as u64 {
-            let gpa = GuestPhysAddr::new_truncate(removed.base().as_u64() + page * PAGE_SIZE);
-            self.tables.set_leaf(&mut self.memory, gpa, None);
-            let alias = GuestPhysAddr::new_truncate(gpa.as_u64() | A20_BIT);
-            if !self.a20_enabled && alias != gpa {
-                // The alias showed this page; now it shows what the descriptors say (nothing,
-                // unless a range of its own covers it). Tables exist wherever it was mapped.
-                let shown = self.expected_leaf(alias);
-                self.tables.set_leaf(&mut self.memory, alias, shown);
-            }
-        }
-    }
-
-    /// The mapping the EPT must hold at `gpa` (when it holds one): what the page the guest
-    /// reaches there calls for — through the A20 gate, so with the gate closed an address with
-    /// bit 20 set shows the page 1 MiB below. `None`: nothing may be mapped.
-    pub(super) fn expected_leaf(&self, gpa: GuestPhysAddr) -> Option<Leaf> {
-        let location = self.ranges.find(self.a20_apply(gpa))?;
-        self.own_leaf(location)
-    }
-
-    /// The mapping the page at `location` calls for by its own descriptor.
-    fn own_leaf(&self, location: PageLocation) -> Option<Leaf> {
-        let gpa = self.ranges.gpa_of(location);
-        let page = self.ranges.page(location);
-        match page.page_type() {
-            PageType::Rom | PageType::RomShadow => self.rom_leaf(gpa, page),
-            PageType::Ram
-            | PageType::Mmio
-            | PageType::Mmio2
-            | PageType::Mmio2AliasMmio
-            | PageType::SpecialAliasMmio => leaf_for(page, self.zero_frame),
-        }
-    }
-
     /// Opens (`true`) or closes the A20 gate. Closed, guest accesses to any address with bit 20
     /// set reach the page 1 MiB below, as on a PC with the gate off. Host accesses
     /// ([`read_phys`](Self::read_phys), [`write_phys`](Self::write_phys)) are never masked.
@@ -1069,7 +979,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         self.a20_enabled = enabled;
         if enabled {
             for alias in core::mem::take(&mut self.a20_aliases) {
-                self.tables.set_leaf(&mut self.memory, alias, None);
+                self.write_leaf(alias, None);
             }
         } else {
             // Aliases are 4 KiB mappings kept in step page by page: no large blocks meanwhile.
@@ -1098,25 +1008,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 
     /// What the A20 gate makes of a guest access to `gpa`.
     pub fn a20_apply(&self, gpa: GuestPhysAddr) -> GuestPhysAddr {
-        if self.a20_enabled {
-            gpa
-        } else {
-            GuestPhysAddr::new_truncate(gpa.as_u64() & !A20_BIT)
-        }
-    }
-
-    /// Maps the alias page `alias` (bit 20 set, gate closed) to what the page at `location` maps,
-    /// creating tables where no range had any.
-    fn map_a20_alias(&mut self, alias: GuestPhysAddr, location: PageLocation) -> Result<(), PgmError> {
-        let leaf = self.own_leaf(location);
-        if self.ranges.find(alias).is_none() && !self.a20_aliases.contains(&alias) {
-            self.tables
-                .map_range(&mut self.frames, &mut self.memory, alias, 1, |_| leaf)?;
-            self.a20_aliases.push(alias);
-        } else {
-            self.tables.set_leaf(&mut self.memory, alias, leaf);
-        }
-        Ok(())
+        mapping::a20_mask(gpa, self.a20_enabled)
     }
 
     /// Splits `[gpa, gpa + len)` into per-page pieces `(page, offset in page, length)`, or names
@@ -1217,49 +1109,6 @@ fn page_count(base: GuestPhysAddr, size: u64) -> Result<u64, PgmError> {
 /// Deflating is not one: a ballooned page reads as zeros, and so does the ZERO page it becomes.
 fn changes_contents(event: PageEvent) -> bool {
     matches!(event, PageEvent::Write | PageEvent::Reset | PageEvent::Inflate)
-}
-
-/// The EPT mapping a page's descriptor calls for. By state: ZERO maps the shared zero frame
-/// read/execute (the first write faults); ALLOCATED maps its frame read/write/execute; an MMIO
-/// alias maps its frame read/write/execute;
-/// WRITE_MONITORED maps it read/execute; BALLOONED and MMIO pages are not mapped. An active
-/// handler then takes away what it intercepts: writes (write handler) or everything (all).
-/// RAM (and MMIO2) is write-back; a special alias (a device page) is uncacheable.
-fn leaf_for(page: PageDescriptor, zero_frame: HostPhysAddr) -> Option<Leaf> {
-    let read_execute = Permissions::READ | Permissions::EXECUTE;
-    // MMIO2 maps like RAM; its pages are never ZERO or BALLOONED.
-    let page = if page.page_type() == PageType::Mmio2 {
-        page.with_type(PageType::Ram)
-    } else {
-        page
-    };
-    let (frame, mut permissions) = match (page.page_type(), page.state()) {
-        // ROM pages are mapped by `rom_leaf`, which calls back here for a shadow mapped as RAM.
-        (PageType::Mmio | PageType::Mmio2 | PageType::Rom | PageType::RomShadow, _)
-        | (PageType::Ram, PageState::Ballooned) => {
-            return None;
-        }
-        // An alias maps its frame straight through.
-        (PageType::Mmio2AliasMmio | PageType::SpecialAliasMmio, _) => (page.frame()?, Permissions::all()),
-        (PageType::Ram, PageState::Zero) => (zero_frame, read_execute),
-        (PageType::Ram, PageState::Allocated) => (page.frame()?, Permissions::all()),
-        (PageType::Ram, PageState::WriteMonitored | PageState::Shared) => (page.frame()?, read_execute),
-    };
-    match page.handler() {
-        HandlerState::None | HandlerState::Disabled => {}
-        HandlerState::Write => permissions.remove(Permissions::WRITE),
-        HandlerState::All => return None,
-    }
-    // A special alias maps a device page (e.g. the APIC-access page): uncacheable, as MMIO is.
-    let memory_type = match page.page_type() {
-        PageType::SpecialAliasMmio => MemoryType::Uncacheable,
-        _ => MemoryType::WriteBack,
-    };
-    Some(Leaf {
-        frame,
-        permissions,
-        memory_type,
-    })
 }
 
 fn frame_offset(frame: HostPhysAddr, offset: u64) -> HostPhysAddr {

@@ -10,7 +10,7 @@ use crate::error::PgmError;
 use crate::frames::{HostFrameAllocator, HostMemory};
 pub use crate::handles::RomId;
 use crate::page::{PageDescriptor, PageType};
-use crate::paging::{Invalidation, Leaf, MemoryType, Permissions};
+use crate::paging::Invalidation;
 use crate::ram::{PageLocation, RamRange};
 
 /// Where guest reads and writes of a shadowed ROM go (PGMROMPROT).
@@ -57,12 +57,17 @@ pub(super) struct RomRange {
 }
 
 impl RomRange {
-    fn contains(&self, gpa: GuestPhysAddr) -> bool {
+    pub(super) fn contains(&self, gpa: GuestPhysAddr) -> bool {
         gpa >= self.base && gpa.as_u64() < self.base.as_u64() + self.virgin.len() as u64 * PAGE_SIZE
     }
 
     fn page_index(&self, gpa: GuestPhysAddr) -> usize {
         ((gpa.as_u64() - self.base.as_u64()) / PAGE_SIZE) as usize
+    }
+
+    /// The image frame of the page at `gpa`, which the ROM must contain.
+    pub(super) fn virgin_frame(&self, gpa: GuestPhysAddr) -> Option<HostPhysAddr> {
+        self.virgin.get(self.page_index(gpa)).copied()
     }
 
     /// The protection in force: an unshadowed ROM is always read-ROM/write-ignore.
@@ -98,33 +103,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         for (frame, chunk) in virgin.iter().zip(image.chunks(PAGE_SIZE as usize)) {
             self.memory.write(*frame, chunk);
         }
-        let mapped = self
-            .tables
-            .map_range(&mut self.frames, &mut self.memory, base, pages, |gpa| {
-                let frame = virgin[((gpa.as_u64() - base.as_u64()) / PAGE_SIZE) as usize];
-                Some(Leaf {
-                    frame,
-                    permissions: Permissions::READ | Permissions::EXECUTE,
-                    memory_type: MemoryType::WriteBack,
-                })
-            });
-        if let Err(error) = mapped {
-            self.frames.free_frames(&virgin);
-            return Err(error);
-        }
-        let page_type = if shadowed {
-            PageType::RomShadow
-        } else {
-            PageType::Rom
-        };
-        let descriptors = alloc::vec![PageDescriptor::zero(page_type); pages as usize];
-        self.ranges.insert(RamRange::new(base, descriptors, "rom"));
-        if shadowed {
-            // Shadow pages live under the page-state machine like RAM.
-            self.counts.zero += pages;
-        }
-        self.counts.rom += pages;
         let id = RomId(self.roms.len() as u32);
+        // The ROM first: its pages' mappings are computed from it.
         self.roms.push(RomRange {
             id,
             base,
@@ -133,7 +113,23 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             virgin,
             image: image.to_vec(),
         });
-        self.apply_a20_to_new_pages(base, pages);
+        let page_type = if shadowed {
+            PageType::RomShadow
+        } else {
+            PageType::Rom
+        };
+        let descriptors = alloc::vec![PageDescriptor::zero(page_type); pages as usize];
+        if let Err(error) = self.insert_mapped(alloc::vec![RamRange::new(base, descriptors, "rom")]) {
+            if let Some(rom) = self.roms.pop() {
+                self.frames.free_frames(&rom.virgin);
+            }
+            return Err(error);
+        }
+        if shadowed {
+            // Shadow pages live under the page-state machine like RAM.
+            self.counts.zero += pages;
+        }
+        self.counts.rom += pages;
         Ok(id)
     }
 
@@ -196,29 +192,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 
     /// The virgin frame of the ROM page at `gpa`.
     pub(super) fn virgin_frame(&self, gpa: GuestPhysAddr) -> Option<HostPhysAddr> {
-        let rom = self.rom_covering(gpa)?;
-        rom.virgin.get(rom.page_index(gpa)).copied()
-    }
-
-    /// The EPT mapping of the ROM page `page` at `gpa`: the virgin frame read/execute while reads
-    /// go to the ROM; the shadow read/execute (writes ignored), or mapped like RAM (writes
-    /// allowed), while reads go to the shadow.
-    pub(super) fn rom_leaf(&self, gpa: GuestPhysAddr, page: PageDescriptor) -> Option<Leaf> {
-        let protection = self.rom_covering(gpa)?.effective_protection();
-        let read_execute = Permissions::READ | Permissions::EXECUTE;
-        let as_ram = super::leaf_for(page.with_type(PageType::Ram), self.zero_frame);
-        match protection {
-            RomProtection::ReadRomWriteIgnore | RomProtection::ReadRomWriteRam => Some(Leaf {
-                frame: self.virgin_frame(gpa)?,
-                permissions: read_execute,
-                memory_type: MemoryType::WriteBack,
-            }),
-            RomProtection::ReadRamWriteIgnore => as_ram.map(|leaf| Leaf {
-                permissions: read_execute,
-                ..leaf
-            }),
-            RomProtection::ReadRamWriteRam => as_ram,
-        }
+        self.rom_covering(gpa)?.virgin_frame(gpa)
     }
 
     /// Frees every virgin frame (VM termination).

@@ -82,8 +82,14 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         }
     }
 
-    /// A page took `shared` in place of its frame `own` (possibly the same frame).
-    pub(super) fn adopt_share(&mut self, own: HostPhysAddr, shared: Option<HostPhysAddr>) {
+    /// The page at `location` took `shared` in place of its frame `own` (possibly the same
+    /// frame).
+    pub(super) fn adopt_share(
+        &mut self,
+        own: HostPhysAddr,
+        shared: Option<HostPhysAddr>,
+        location: PageLocation,
+    ) {
         let Some(shared) = shared else {
             return;
         };
@@ -92,7 +98,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             // The frame stays, no longer private.
             self.pool.forget();
         } else {
-            self.debug_assert_unmapped(&[own]);
+            self.unmap_frame(own, Some(self.ranges.gpa_of(location)));
             self.pool.release(own, &mut self.frames);
         }
     }
@@ -105,7 +111,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         *count -= 1;
         if *count == 0 {
             self.shared.remove(&frame);
-            self.debug_assert_unmapped(&[frame]);
+            self.unmap_frame(frame, None);
             self.pool.discard(frame, &mut self.frames);
         }
     }

@@ -21,6 +21,7 @@ use crate::handlers::{HandlerId, HandlerKind};
 use crate::manager::{
     AccessHandlers, FaultOutcome, HandlerAction, Mmio2Handle, PageMapLock, Pgm, RomId, RomProtection,
 };
+use crate::page::{PageState, PageType};
 use crate::paging::Access;
 
 /// The manager over the simulated host.
@@ -347,8 +348,7 @@ pub fn run(bytes: &[u8]) -> Result<(), Failure> {
 pub fn run_ops(ops: &[Op]) -> Result<(), Failure> {
     let mut vm = Scripted::new();
     for (step, op) in ops.iter().enumerate() {
-        vm.apply(op);
-        vm.check().map_err(|message| Failure {
+        vm.step(op).and_then(|()| vm.check()).map_err(|message| Failure {
             step,
             op: Some(*op),
             message,
@@ -397,6 +397,73 @@ impl Scripted {
                 "the allocator has {allocated} frames out, the manager counts {counted}"
             ));
         }
+        self.check_views_agree()
+    }
+
+    /// Carries out `op` and checks what it did to guest memory: an operation that must not
+    /// change contents leaves every watched page reading as before; a write reads back; a
+    /// reset leaves RAM reading zeros; an inflated page reads zeros.
+    fn step(&mut self, op: &Op) -> Result<(), String> {
+        let before = preserves_contents(op).then(|| self.snapshot());
+        self.apply(op)?;
+        if let Some(before) = before {
+            let after = self.snapshot();
+            if let Some(page) = (0..before.len()).find(|&i| before[i] != after[i]) {
+                return Err(format!("contents of {} changed", watched_page(page)));
+            }
+        }
+        let pgm = &self.pgm;
+        let zeroed: Vec<GuestPhysAddr> = match *op {
+            Op::Reset => (0..INTERESTING.len())
+                .map(watched_page)
+                .filter(|&at| pgm.page(at).is_some_and(|p| p.page_type() == PageType::Ram))
+                .collect(),
+            Op::Inflate(at) => vec![watched_page(at as usize)]
+                .into_iter()
+                .filter(|&at| pgm.page(at).is_some_and(|p| p.state() == PageState::Ballooned))
+                .collect(),
+            _ => Vec::new(),
+        };
+        for at in zeroed {
+            let mut page = vec![0xAA; PAGE_SIZE as usize];
+            if pgm.read_phys(at, &mut page).is_ok() && page.iter().any(|&b| b != 0) {
+                return Err(format!("{at} does not read as zeros after {op:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// What the host path ([`Pgm::read_phys`]) reads of every watched page (`None` where it
+    /// refuses).
+    fn snapshot(&self) -> Vec<Option<Vec<u8>>> {
+        (0..INTERESTING.len())
+            .map(|index| {
+                let mut page = vec![0; PAGE_SIZE as usize];
+                self.pgm
+                    .read_phys(watched_page(index), &mut page)
+                    .ok()
+                    .map(|()| page)
+            })
+            .collect()
+    }
+
+    /// Wherever the guest can read a watched page, it reads what the host path reads there
+    /// (through the A20 gate): the EPT maps the storage the descriptors name.
+    fn check_views_agree(&self) -> Result<(), String> {
+        let pgm = &self.pgm;
+        for index in 0..INTERESTING.len() {
+            let at = watched_page(index);
+            let Ok(hpa) = pgm.translate(at, Access::Read) else {
+                continue;
+            };
+            let (mut guest, mut host) = (vec![0; PAGE_SIZE as usize], vec![0; PAGE_SIZE as usize]);
+            pgm.memory().read(hpa, &mut guest);
+            match pgm.read_phys(pgm.a20_apply(at), &mut host) {
+                Ok(()) if guest == host => {}
+                Ok(()) => return Err(format!("the guest reads other contents at {at} than the host")),
+                Err(error) => return Err(format!("the guest reads {at}, the host is refused: {error:?}")),
+            }
+        }
         Ok(())
     }
 
@@ -413,51 +480,66 @@ impl Scripted {
         }
     }
 
-    /// A guest access the way the CPU makes it: translate, fault, resolve, retry (a few times).
-    fn guest_access(&mut self, at: GuestPhysAddr, access: Access) {
+    /// A guest access the way the CPU makes it: translate, fault, resolve, retry. A fault the
+    /// manager resolved must not come back on the retry (the kernel would stop the VM as a
+    /// fault loop): that is a failure.
+    fn guest_access(&mut self, at: GuestPhysAddr, access: Access) -> Result<(), String> {
         let pgm = &mut self.pgm;
-        for _ in 0..3 {
-            match pgm.translate(at, access) {
-                Ok(hpa) => {
-                    if access == Access::Write {
-                        pgm.memory_mut().write(hpa, &[0xC3]);
+        let mut resolved = None;
+        loop {
+            let Err(violation) = pgm.translate(at, access) else {
+                if let (Ok(hpa), Access::Write) = (pgm.translate(at, access), access) {
+                    pgm.memory_mut().write(hpa, &[0xC3]);
+                    // A write through a writable mapping lands where the host sees the page.
+                    let mut byte = [0];
+                    let seen = pgm.read_phys(pgm.a20_apply(at), &mut byte).map(|()| byte[0]);
+                    if seen != Ok(0xC3) {
+                        return Err(format!("the guest wrote 0xC3 at {at}, the host reads {seen:?}"));
                     }
-                    return;
                 }
-                Err(_) => match pgm.resolve_fault(at, access) {
-                    FaultOutcome::Resolved { .. } => {}
-                    FaultOutcome::Handler { .. } => {
-                        let mut byte = [0xC3];
-                        let _ = match access {
-                            Access::Write => pgm.write_phys_handled(at, &byte, &mut Devices).map(|_| ()),
-                            _ => pgm.read_phys_handled(at, &mut byte, &mut Devices),
-                        };
-                        return;
-                    }
-                    FaultOutcome::EmulateWrite => {
-                        let _ = pgm.write_phys(at, &[0xC3]);
-                        return;
-                    }
-                    _ => return,
-                },
+                return Ok(());
+            };
+            if let Some(outcome) = resolved {
+                return Err(format!(
+                    "fault loop: {access:?} at {at} faults again ({violation:?}) after {outcome:?}"
+                ));
+            }
+            match pgm.resolve_fault(at, access) {
+                outcome @ FaultOutcome::Resolved { .. } => resolved = Some(outcome),
+                FaultOutcome::Handler { .. } => {
+                    let mut byte = [0xC3];
+                    let _ = match access {
+                        Access::Write => pgm.write_phys_handled(at, &byte, &mut Devices).map(|_| ()),
+                        _ => pgm.read_phys_handled(at, &mut byte, &mut Devices),
+                    };
+                    return Ok(());
+                }
+                FaultOutcome::EmulateWrite => {
+                    let _ = pgm.write_phys(at, &[0xC3]);
+                    return Ok(());
+                }
+                _ => return Ok(()),
             }
         }
     }
 
     /// Carries out one operation. Refusals are part of the API under test (the auditor runs
     /// after them too); only calls the API promises succeed are unwrapped.
-    fn apply(&mut self, op: &Op) {
+    fn apply(&mut self, op: &Op) -> Result<(), String> {
         let (pgm, held) = (&mut self.pgm, &mut self.held);
         let page_at = |index: u8| interesting(index).page_base();
         let gpa = GuestPhysAddr::new_truncate;
         match *op {
             Op::Guest(at, access) => {
                 let access = [Access::Read, Access::Write, Access::Execute][access as usize % 3];
-                self.guest_access(interesting(at), access);
+                return self.guest_access(interesting(at), access);
             }
             Op::HostWrite(at, offset, len) => {
                 let data = vec![0x77; len as usize];
-                let _ = pgm.write_phys(gpa(interesting(at).as_u64() + u64::from(offset)), &data);
+                let start = gpa(interesting(at).as_u64() + u64::from(offset));
+                if pgm.write_phys(start, &data).is_ok() {
+                    return written_back(pgm, start, &data);
+                }
             }
             Op::HostRead(at, len) => {
                 let mut buf = vec![0; len as usize];
@@ -628,5 +710,59 @@ impl Scripted {
                 let _ = pgm.register_ram(gpa(HIGH_RAM), RAM_PAGES * PAGE_SIZE, "high");
             }
         }
+        Ok(())
     }
+}
+
+/// The page of interesting address number `index` (modulo their count).
+fn watched_page(index: usize) -> GuestPhysAddr {
+    GuestPhysAddr::new_truncate(INTERESTING[index % INTERESTING.len()]).page_base()
+}
+
+/// True for operations that must leave every page reading as before (through the host path):
+/// reads, guest reads and fetches, and every call that changes only mappings, protection,
+/// bookkeeping or policy. A balloon deflate turns pages that read as zeros into ZERO pages.
+fn preserves_contents(op: &Op) -> bool {
+    match op {
+        Op::Guest(_, access) => *access % 3 != 1,
+        Op::HostRead(..)
+        | Op::Preallocate
+        | Op::LargePages(_)
+        | Op::Deflate(_)
+        | Op::Monitoring(_)
+        | Op::A20(_)
+        | Op::Share
+        | Op::FailAfter(_)
+        | Op::Limit(_)
+        | Op::RegisterHandler(..)
+        | Op::DeregisterHandler(_)
+        | Op::DisableHandlerPage(..)
+        | Op::CreateMmio2(_)
+        | Op::Tracking(..)
+        | Op::QueryDirty(_)
+        | Op::Lock(..)
+        | Op::Release(_) => true,
+        _ => false,
+    }
+}
+
+/// After a host write of `data` at `start` succeeded: every byte that went to a page that
+/// keeps what is written (RAM, MMIO2, an alias) reads back.
+fn written_back(pgm: &SimPgm, start: GuestPhysAddr, data: &[u8]) -> Result<(), String> {
+    for (i, &byte) in data.iter().enumerate() {
+        let at = GuestPhysAddr::new_truncate(start.as_u64() + i as u64);
+        let keeps = pgm.page(at).is_some_and(|page| {
+            matches!(
+                page.page_type(),
+                PageType::Ram | PageType::Mmio2 | PageType::Mmio2AliasMmio | PageType::SpecialAliasMmio
+            )
+        });
+        if keeps && pgm.read_phys_u8(at) != Ok(byte) {
+            return Err(format!(
+                "the host wrote {byte:#x} at {at}, it reads back {:?}",
+                pgm.read_phys_u8(at)
+            ));
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,595 @@
+//! The one owner of what the EPT maps. Every leaf is computed here from the page descriptors
+//! (`LeafSource::expected`, the counterpart of KVM's single `make_spte`), every leaf is written
+//! here (`write_leaf` and the range and block writers beside it), and here is recorded where the
+//! frames that can be mapped at more than one guest address are mapped: the reverse map.
+//!
+//! A frame that one page owns alone (a private RAM or shadow frame, a ROM's image frame) is
+//! mapped at that page's own address or nowhere, so its one mapping needs no record. Every other
+//! mapping of a frame other than the zero frame is recorded: frames of MMIO2 regions (at their
+//! own addresses and through MMIO2 aliases), shared frames, special-alias frames, and every A20
+//! alias (an address with bit 20 set showing the page 1 MiB below). The zero frame is never
+//! freed while the VM lives, so its countless mappings are not recorded.
+//!
+//! The payoff: a frame about to be freed or re-purposed has its mappings in the record, so
+//! [`Pgm::unmap_frame`] takes every one of them away without walking the tables, and asserts
+//! (in debug and test builds) that nothing maps the frame any more — O(log n) instead of the
+//! table walk it replaces. The auditor checks the record against the tables leaf by leaf, so a
+//! mapping written past the record is found by every test that audits.
+//!
+//! Cost: about 70 bytes per recorded mapping (two B-tree entries), none for plain RAM.
+
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::vec::Vec;
+
+use super::rom::{RomProtection, RomRange};
+use super::{Pgm, A20_BIT};
+use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
+use crate::error::PgmError;
+use crate::frames::{HostFrameAllocator, HostMemory, FRAMES_PER_LARGE_PAGE};
+use crate::page::{HandlerState, LargePageState, PageDescriptor, PageState, PageType};
+use crate::paging::{Access, Invalidation, Leaf, MemoryType, Permissions};
+use crate::ram::{PageLocation, RamRange, RamRanges};
+
+/// Where the frames that are not owned by one page alone are mapped, indexed both ways.
+#[derive(Default)]
+pub(super) struct ReverseMap {
+    by_gpa: BTreeMap<GuestPhysAddr, HostPhysAddr>,
+    by_frame: BTreeSet<(HostPhysAddr, GuestPhysAddr)>,
+    /// Every recorded address lies in `[first, last]` (not shrunk on removal). Lets the fault
+    /// path skip the search where nothing can be recorded — a RAM page below a mapped
+    /// framebuffer, say.
+    span: Option<(GuestPhysAddr, GuestPhysAddr)>,
+}
+
+impl ReverseMap {
+    /// Records that `gpa` maps `frame` (`None`: that nothing recorded is mapped there),
+    /// replacing what was recorded for `gpa`.
+    #[inline]
+    fn set(&mut self, gpa: GuestPhysAddr, frame: Option<HostPhysAddr>) {
+        let outside = self.span.is_none_or(|(first, last)| gpa < first || gpa > last);
+        if frame.is_some() || !outside {
+            self.replace(gpa, frame);
+        }
+        // Else the common case on the fault path: nothing recorded anywhere near.
+    }
+
+    /// [`set`](Self::set) where the indexes must be searched.
+    fn replace(&mut self, gpa: GuestPhysAddr, frame: Option<HostPhysAddr>) {
+        let old = match frame {
+            Some(frame) => {
+                let (first, last) = self.span.unwrap_or((gpa, gpa));
+                self.span = Some((first.min(gpa), last.max(gpa)));
+                self.by_gpa.insert(gpa, frame)
+            }
+            None => self.by_gpa.remove(&gpa),
+        };
+        if self.by_gpa.is_empty() {
+            self.span = None;
+        }
+        if let Some(old) = old {
+            self.by_frame.remove(&(old, gpa));
+        }
+        if let Some(frame) = frame {
+            self.by_frame.insert((frame, gpa));
+        }
+    }
+
+    /// Forgets every record of `[base, base + pages * 4 KiB)` (its leaves were rewritten in
+    /// bulk).
+    fn forget_range(&mut self, base: GuestPhysAddr, pages: u64) {
+        let end = GuestPhysAddr::new_truncate(base.as_u64() + pages * PAGE_SIZE);
+        let gone: Vec<GuestPhysAddr> = self.by_gpa.range(base..end).map(|(&gpa, _)| gpa).collect();
+        for gpa in gone {
+            self.set(gpa, None);
+        }
+    }
+
+    /// The guest addresses recorded as mapping `frame`, in address order.
+    pub(super) fn mappings_of(&self, frame: HostPhysAddr) -> impl Iterator<Item = GuestPhysAddr> + '_ {
+        let first = (frame, GuestPhysAddr::default());
+        self.by_frame
+            .range(first..)
+            .take_while(move |(recorded, _)| *recorded == frame)
+            .map(|&(_, gpa)| gpa)
+    }
+
+    /// The frame recorded as mapped at `gpa`.
+    pub(super) fn frame_at(&self, gpa: GuestPhysAddr) -> Option<HostPhysAddr> {
+        self.by_gpa.get(&gpa).copied()
+    }
+
+    /// Every record, by guest address.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (GuestPhysAddr, HostPhysAddr)> + '_ {
+        self.by_gpa.iter().map(|(&gpa, &frame)| (gpa, frame))
+    }
+
+    /// True when both indexes hold the same records.
+    pub(super) fn is_consistent(&self) -> bool {
+        self.by_gpa.len() == self.by_frame.len()
+            && self
+                .by_frame
+                .iter()
+                .all(|&(frame, gpa)| self.by_gpa.get(&gpa) == Some(&frame))
+    }
+
+    /// Records held.
+    pub(super) fn len(&self) -> usize {
+        self.by_gpa.len()
+    }
+}
+
+/// A [`LeafSource`] over `$pgm`'s fields, borrowing them apart from its tables (a macro, so
+/// the borrow checker sees the fields).
+macro_rules! leaf_source {
+    ($pgm:ident) => {
+        LeafSource {
+            ranges: &$pgm.ranges,
+            roms: &$pgm.roms,
+            zero_frame: $pgm.zero_frame,
+            a20_enabled: $pgm.a20_enabled,
+        }
+    };
+}
+
+/// What leaves are computed from: the descriptors, the ROMs, the zero frame and the A20 gate.
+/// Borrowed apart from the tables, so leaves can be computed while tables are written.
+pub(super) struct LeafSource<'a> {
+    ranges: &'a RamRanges,
+    roms: &'a [RomRange],
+    zero_frame: HostPhysAddr,
+    a20_enabled: bool,
+}
+
+impl LeafSource<'_> {
+    /// The page a guest access to `gpa` reaches: through the A20 gate, so with the gate closed
+    /// an address with bit 20 set reaches the page 1 MiB below.
+    #[inline]
+    fn shown(&self, gpa: GuestPhysAddr) -> Option<PageLocation> {
+        self.ranges.find(a20_mask(gpa, self.a20_enabled))
+    }
+
+    /// The mapping the EPT must hold at `gpa` (when it holds one): what the page the guest
+    /// reaches there calls for. `None`: nothing may be mapped.
+    #[inline]
+    pub(super) fn expected(&self, gpa: GuestPhysAddr) -> Option<Leaf> {
+        self.own(self.shown(gpa)?)
+    }
+
+    /// [`expected`](Self::expected), noting in `records` the mapping if the reverse map
+    /// records it (for bulk writers, which record after the tables are written).
+    fn expected_noting(
+        &self,
+        gpa: GuestPhysAddr,
+        records: &mut Vec<(GuestPhysAddr, HostPhysAddr)>,
+    ) -> Option<Leaf> {
+        let leaf = self.expected(gpa);
+        if let Some(frame) = self.recorded_frame(gpa, leaf) {
+            records.push((gpa, frame));
+        }
+        leaf
+    }
+
+    /// The mapping the page at `location` calls for by its own descriptor.
+    #[inline]
+    pub(super) fn own(&self, location: PageLocation) -> Option<Leaf> {
+        let page = self.ranges.page(location);
+        match page.page_type() {
+            PageType::Rom | PageType::RomShadow => self.rom(self.ranges.gpa_of(location), page),
+            PageType::Ram
+            | PageType::Mmio
+            | PageType::Mmio2
+            | PageType::Mmio2AliasMmio
+            | PageType::SpecialAliasMmio => leaf_for(page, self.zero_frame),
+        }
+    }
+
+    /// The mapping of the ROM page `page` at `gpa`: the image frame read/execute while reads go
+    /// to the ROM; the shadow read/execute (writes ignored), or mapped like RAM (writes
+    /// allowed), while reads go to the shadow.
+    fn rom(&self, gpa: GuestPhysAddr, page: PageDescriptor) -> Option<Leaf> {
+        let rom = self.roms.iter().find(|rom| rom.contains(gpa))?;
+        let read_execute = Permissions::READ | Permissions::EXECUTE;
+        let as_ram = leaf_for(page.with_type(PageType::Ram), self.zero_frame);
+        match rom.effective_protection() {
+            RomProtection::ReadRomWriteIgnore | RomProtection::ReadRomWriteRam => Some(Leaf {
+                frame: rom.virgin_frame(gpa)?,
+                permissions: read_execute,
+                memory_type: MemoryType::WriteBack,
+            }),
+            RomProtection::ReadRamWriteIgnore => as_ram.map(|leaf| Leaf {
+                permissions: read_execute,
+                ..leaf
+            }),
+            RomProtection::ReadRamWriteRam => as_ram,
+        }
+    }
+
+    /// The frame the reverse map records for `leaf` at `gpa`, if it records one: every mapping
+    /// of a frame no single page owns (MMIO2, shared, alias frames) and every A20 alias, never
+    /// the zero frame.
+    #[inline]
+    pub(super) fn recorded_frame(&self, gpa: GuestPhysAddr, leaf: Option<Leaf>) -> Option<HostPhysAddr> {
+        let leaf = leaf?;
+        if leaf.frame == self.zero_frame {
+            return None;
+        }
+        let Some(location) = self.shown(gpa) else {
+            // Mapped where no page is: never right, but recorded so it can be taken away.
+            return Some(leaf.frame);
+        };
+        let a20_alias = self.ranges.gpa_of(location) != gpa;
+        (a20_alias || borrows_frame(self.ranges.page(location))).then_some(leaf.frame)
+    }
+}
+
+impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
+    pub(super) fn leaf_source(&self) -> LeafSource<'_> {
+        leaf_source!(self)
+    }
+
+    /// The mapping the EPT must hold at `gpa` (see [`LeafSource::expected`]).
+    pub(super) fn expected_leaf(&self, gpa: GuestPhysAddr) -> Option<Leaf> {
+        self.leaf_source().expected(gpa)
+    }
+
+    /// The guest addresses at which the EPT maps `frame` besides a page that owns it alone:
+    /// its MMIO2 region's address and MMIO2 aliases, the pages sharing it, A20 aliases.
+    /// Empty for a frame that is mapped only by its own page, or not at all.
+    pub fn recorded_mappings(&self, frame: HostPhysAddr) -> Vec<GuestPhysAddr> {
+        self.reverse.mappings_of(frame).collect()
+    }
+
+    /// Writes the 4 KiB leaf of `gpa` and keeps the reverse map in step: the one way a single
+    /// leaf changes. Returns `false`, changing nothing, where no tables reach `gpa`.
+    pub(super) fn write_leaf(&mut self, gpa: GuestPhysAddr, leaf: Option<Leaf>) -> bool {
+        let recorded = self.leaf_source().recorded_frame(gpa, leaf);
+        if !self.tables.set_leaf(&mut self.memory, gpa, leaf) {
+            return false;
+        }
+        self.reverse.set(gpa, recorded);
+        true
+    }
+
+    /// Rewrites the EPT entry of the page at `location` from its descriptor. With the A20 gate
+    /// closed, a page with bit 20 set shows its alias 1 MiB below, and the alias of this page
+    /// (bit 20 set) shows this page, wherever that alias is mapped.
+    pub(super) fn sync_leaf(&mut self, location: PageLocation) {
+        if self.ranges.page(location).large_page() == LargePageState::Large {
+            // One page of a 2 MiB mapping changes: map the block with 4 KiB entries first.
+            self.split_large_block(location);
+        }
+        let gpa = self.ranges.gpa_of(location);
+        if !self.a20_enabled && gpa.as_u64() & A20_BIT != 0 {
+            let shown = self.expected_leaf(gpa);
+            self.write_leaf(gpa, shown);
+            return;
+        }
+        let leaf = self.leaf_source().own(location);
+        // At the page's own address the rule needs no lookup: the fault path's write.
+        let page = self.ranges.page(location);
+        let recorded = leaf
+            .filter(|leaf| leaf.frame != self.zero_frame && borrows_frame(page))
+            .map(|leaf| leaf.frame);
+        // Tables exist for every mapped page; MMIO in unassigned space has none and needs none.
+        let present = self.tables.set_leaf(&mut self.memory, gpa, leaf);
+        debug_assert!(present || leaf.is_none(), "page {gpa} has no page table");
+        if present {
+            self.reverse.set(gpa, recorded);
+        }
+        if !self.a20_enabled {
+            let alias = GuestPhysAddr::new_truncate(gpa.as_u64() | A20_BIT);
+            if self.ranges.find(alias).is_some() || self.a20_aliases.contains(&alias) {
+                self.write_leaf(alias, leaf);
+            }
+        }
+    }
+
+    /// Inserts `ranges` (contiguous, in address order, in space that
+    /// [`RamRanges::check_free`] accepted) and maps each page as its descriptor calls for,
+    /// creating the tables needed; with the A20 gate closed, aliases already mapped 1 MiB above
+    /// the new pages show them. All or nothing: when table frames run out the ranges are taken
+    /// out again and [`PgmError::OutOfFrames`] is returned.
+    pub(super) fn insert_mapped(&mut self, ranges: Vec<RamRange>) -> Result<(), PgmError> {
+        let (Some(first), Some(last)) = (ranges.first(), ranges.last()) else {
+            return Ok(());
+        };
+        let base = first.base();
+        let pages = (last.end() - base.as_u64()) / PAGE_SIZE;
+        let bases: Vec<GuestPhysAddr> = ranges.iter().map(RamRange::base).collect();
+        for range in ranges {
+            self.ranges.insert(range);
+        }
+        let source = leaf_source!(self);
+        let mut records = Vec::new();
+        let mapped = self
+            .tables
+            .map_range(&mut self.frames, &mut self.memory, base, pages, |gpa| {
+                source.expected_noting(gpa, &mut records)
+            });
+        if let Err(error) = mapped {
+            for base in bases {
+                if let Some(location) = self.ranges.find(base) {
+                    self.ranges.remove(location.range);
+                }
+            }
+            return Err(error);
+        }
+        // Whatever was recorded there (A20 aliases outside every range) was overwritten.
+        self.reverse.forget_range(base, pages);
+        for (gpa, frame) in records {
+            self.reverse.set(gpa, Some(frame));
+        }
+        self.apply_a20_to_new_pages(base, pages);
+        Ok(())
+    }
+
+    /// With the A20 gate closed, re-syncs every page of a new range, so aliases already mapped
+    /// 1 MiB above its pages show them (see [`sync_leaf`](Self::sync_leaf)).
+    pub(super) fn apply_a20_to_new_pages(&mut self, base: GuestPhysAddr, pages: u64) {
+        if self.a20_enabled {
+            return;
+        }
+        for page in 0..pages {
+            let gpa = GuestPhysAddr::new_truncate(base.as_u64() + page * PAGE_SIZE);
+            if let Some(location) = self.ranges.find(gpa) {
+                self.sync_leaf(location);
+            }
+        }
+    }
+
+    /// Removes the range at index `range` from the address space: the guest reaches none of its
+    /// pages any more, neither at their own addresses nor, with the A20 gate closed, through
+    /// their aliases 1 MiB up. The one way every range leaves (RAM unregistered, MMIO2 unmapped,
+    /// MMIO in unassigned space deregistered); its frames are the caller's to free afterwards.
+    pub(super) fn remove_range(&mut self, range: usize) {
+        let removed = self.ranges.remove(range);
+        for page in 0..removed.pages().len() as u64 {
+            let gpa = GuestPhysAddr::new_truncate(removed.base().as_u64() + page * PAGE_SIZE);
+            self.write_leaf(gpa, None);
+            let alias = GuestPhysAddr::new_truncate(gpa.as_u64() | A20_BIT);
+            if !self.a20_enabled && alias != gpa {
+                // The alias showed this page; now it shows what the descriptors say (nothing,
+                // unless a range of its own covers it). Tables exist wherever it was mapped.
+                let shown = self.expected_leaf(alias);
+                self.write_leaf(alias, shown);
+            }
+        }
+    }
+
+    /// Maps the alias page `alias` (bit 20 set, gate closed) to what the page at `location` maps,
+    /// creating tables where no range had any.
+    pub(super) fn map_a20_alias(
+        &mut self,
+        alias: GuestPhysAddr,
+        location: PageLocation,
+    ) -> Result<(), PgmError> {
+        if self.ranges.find(alias).is_none() && !self.a20_aliases.contains(&alias) {
+            self.ensure_tables(alias, 1)?;
+            self.a20_aliases.push(alias);
+        }
+        let leaf = self.leaf_source().own(location);
+        self.write_leaf(alias, leaf);
+        Ok(())
+    }
+
+    /// Creates the tables `[base, base + pages * 4 KiB)` needs, leaving its leaves as they are.
+    pub(super) fn ensure_tables(&mut self, base: GuestPhysAddr, pages: u64) -> Result<(), PgmError> {
+        self.tables
+            .ensure_tables(&mut self.frames, &mut self.memory, base, pages)
+    }
+
+    /// Maps the 2 MiB block at `block` with one leaf to the contiguous chunk at `chunk` (the
+    /// pages' own private frames, so nothing in it is recorded). `false` when the block has no
+    /// tables.
+    pub(super) fn map_block_large(&mut self, block: GuestPhysAddr, chunk: HostPhysAddr) -> bool {
+        let leaf = Leaf {
+            frame: chunk,
+            permissions: Permissions::all(),
+            memory_type: MemoryType::WriteBack,
+        };
+        let mapped = self.tables.make_large(&mut self.memory, block, leaf);
+        if mapped {
+            self.reverse.forget_range(block, FRAMES_PER_LARGE_PAGE);
+        }
+        mapped
+    }
+
+    /// Maps the large block at `block` with 4 KiB leaves again, each as its page calls for.
+    pub(super) fn map_block_small(&mut self, block: GuestPhysAddr) {
+        let source = leaf_source!(self);
+        let mut records = Vec::new();
+        let split = self.tables.split_large(&mut self.memory, block, |gpa| {
+            source.expected_noting(gpa, &mut records)
+        });
+        if split {
+            for (gpa, frame) in records {
+                self.reverse.set(gpa, Some(frame));
+            }
+        }
+    }
+
+    /// Takes away every mapping of `frame` before it is freed or given another use: each
+    /// recorded place is rewritten as its page now calls for. The caller has already changed
+    /// every descriptor that named the frame (the page's own transition, or the MMIO2 aliases
+    /// undone); `own` is the page that held it alone, if one did. Asserts, in debug and test
+    /// builds, that nothing maps the frame any more. Returns the invalidation the unmapping
+    /// needs.
+    pub(super) fn unmap_frame(&mut self, frame: HostPhysAddr, own: Option<GuestPhysAddr>) -> Invalidation {
+        let places = self.recorded_mappings(frame);
+        for &gpa in &places {
+            let leaf = self.expected_leaf(gpa);
+            self.write_leaf(gpa, leaf);
+        }
+        self.debug_assert_unmapped(frame, own);
+        if places.is_empty() {
+            Invalidation::None
+        } else {
+            Invalidation::SingleContext
+        }
+    }
+
+    /// Asserts, in debug and test builds, that no leaf maps `frame`: none is recorded, and the
+    /// page `own` that held it alone (if any) maps something else. Enough because a frame one
+    /// page owns is mapped only at that page or in the record; the auditor checks the record
+    /// against every leaf.
+    fn debug_assert_unmapped(&self, frame: HostPhysAddr, own: Option<GuestPhysAddr>) {
+        if !cfg!(debug_assertions) {
+            return;
+        }
+        if let Some(gpa) = self.reverse.mappings_of(frame).next() {
+            panic!("frame {frame} is given up while {gpa} still maps it");
+        }
+        if let Some(gpa) = own {
+            let reached = self.translate(gpa, Access::Read).map(HostPhysAddr::page_base);
+            assert!(
+                reached != Ok(frame),
+                "frame {frame} is given up while {gpa} still maps it"
+            );
+        }
+    }
+}
+
+/// True when the frame `page` maps is not its own alone: an MMIO2 frame, an alias's, a shared
+/// one.
+#[inline]
+fn borrows_frame(page: PageDescriptor) -> bool {
+    matches!(
+        page.page_type(),
+        PageType::Mmio2 | PageType::Mmio2AliasMmio | PageType::SpecialAliasMmio
+    ) || page.state() == PageState::Shared
+}
+
+/// `gpa` as the A20 gate lets it through.
+#[inline]
+pub(super) fn a20_mask(gpa: GuestPhysAddr, a20_enabled: bool) -> GuestPhysAddr {
+    if a20_enabled {
+        gpa
+    } else {
+        GuestPhysAddr::new_truncate(gpa.as_u64() & !A20_BIT)
+    }
+}
+
+/// The EPT mapping a page's descriptor calls for. By state: ZERO maps the shared zero frame
+/// read/execute (the first write faults); ALLOCATED maps its frame read/write/execute; an MMIO
+/// alias maps its frame read/write/execute; WRITE_MONITORED and SHARED map it read/execute;
+/// BALLOONED and MMIO pages are not mapped. An active handler then takes away what it
+/// intercepts: writes (write handler) or everything (all). RAM (and MMIO2) is write-back; a
+/// special alias (a device page) is uncacheable.
+#[inline]
+fn leaf_for(page: PageDescriptor, zero_frame: HostPhysAddr) -> Option<Leaf> {
+    let read_execute = Permissions::READ | Permissions::EXECUTE;
+    // MMIO2 maps like RAM; its pages are never ZERO or BALLOONED.
+    let page = if page.page_type() == PageType::Mmio2 {
+        page.with_type(PageType::Ram)
+    } else {
+        page
+    };
+    let (frame, mut permissions) = match (page.page_type(), page.state()) {
+        // ROM pages are mapped by `LeafSource::rom`, which calls back here for a shadow mapped
+        // as RAM.
+        (PageType::Mmio | PageType::Mmio2 | PageType::Rom | PageType::RomShadow, _)
+        | (PageType::Ram, PageState::Ballooned) => {
+            return None;
+        }
+        // An alias maps its frame straight through.
+        (PageType::Mmio2AliasMmio | PageType::SpecialAliasMmio, _) => (page.frame()?, Permissions::all()),
+        (PageType::Ram, PageState::Zero) => (zero_frame, read_execute),
+        (PageType::Ram, PageState::Allocated) => (page.frame()?, Permissions::all()),
+        (PageType::Ram, PageState::WriteMonitored | PageState::Shared) => (page.frame()?, read_execute),
+    };
+    match page.handler() {
+        HandlerState::None | HandlerState::Disabled => {}
+        HandlerState::Write => permissions.remove(Permissions::WRITE),
+        HandlerState::All => return None,
+    }
+    // A special alias maps a device page (e.g. the APIC-access page): uncacheable, as MMIO is.
+    let memory_type = match page.page_type() {
+        PageType::SpecialAliasMmio => MemoryType::Uncacheable,
+        _ => MemoryType::WriteBack,
+    };
+    Some(Leaf {
+        frame,
+        permissions,
+        memory_type,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manager::Problem;
+    use crate::test_support::*;
+
+    /// RAM at [0, 1 MiB) and a one-page MMIO2 region mapped at 2 MiB; returns its frame.
+    fn vm_with_mmio2() -> (SimPgm, HostPhysAddr) {
+        let mut pgm = pgm_with_frames(1024);
+        pgm.register_ram(gpa(0), MIB, "ram").unwrap();
+        let region = pgm.create_mmio2(PAGE_SIZE, 0).unwrap();
+        pgm.map_mmio2(region, gpa(0x20_0000)).unwrap();
+        let frame = pgm.translate(gpa(0x20_0000), Access::Read).unwrap();
+        (pgm, frame)
+    }
+
+    fn problems(pgm: &SimPgm) -> Vec<Problem> {
+        pgm.audit_simulated().findings.iter().map(|f| f.problem).collect()
+    }
+
+    fn only_reverse_map_findings(pgm: &SimPgm) {
+        let found = problems(pgm);
+        assert!(!found.is_empty(), "the broken reverse map went unnoticed");
+        assert!(found.iter().all(|&p| p == Problem::ReverseMapWrong), "{found:?}");
+    }
+
+    #[test]
+    fn the_auditor_finds_a_leaf_written_past_the_reverse_map() {
+        let mut pgm = pgm_with_frames(1024);
+        pgm.register_ram(gpa(0), 2 * MIB, "ram").unwrap();
+        guest_write(&mut pgm, gpa(0x1000), &[1]);
+        pgm.set_a20(false);
+        assert!(problems(&pgm).is_empty());
+        // The alias leaf the gate calls for, written straight into the tables.
+        let leaf = pgm.expected_leaf(gpa(0x10_2000));
+        pgm.tables.set_leaf(&mut pgm.memory, gpa(0x10_2000), leaf);
+        assert!(problems(&pgm).is_empty(), "a zero-frame alias needs no record");
+        pgm.write_leaf(gpa(0x10_1000), None);
+        let leaf = pgm.expected_leaf(gpa(0x10_1000));
+        pgm.tables.set_leaf(&mut pgm.memory, gpa(0x10_1000), leaf);
+        only_reverse_map_findings(&pgm);
+    }
+
+    #[test]
+    fn the_auditor_finds_a_lost_record() {
+        let (mut pgm, _) = vm_with_mmio2();
+        assert!(problems(&pgm).is_empty());
+        pgm.reverse.set(gpa(0x20_0000), None);
+        only_reverse_map_findings(&pgm);
+    }
+
+    #[test]
+    fn the_auditor_finds_a_record_without_its_leaf_and_split_indexes() {
+        let (mut pgm, frame) = vm_with_mmio2();
+        pgm.reverse.set(gpa(0x2000), Some(frame));
+        only_reverse_map_findings(&pgm);
+        pgm.reverse.set(gpa(0x2000), None);
+        assert!(problems(&pgm).is_empty());
+        pgm.reverse.by_frame.insert((frame, gpa(0x3000)));
+        only_reverse_map_findings(&pgm);
+    }
+
+    #[test]
+    #[should_panic(expected = "still maps it")]
+    fn giving_up_a_frame_that_is_still_recorded_panics_in_test_builds() {
+        let (pgm, frame) = vm_with_mmio2();
+        pgm.debug_assert_unmapped(frame, None);
+    }
+
+    #[test]
+    #[should_panic(expected = "still maps it")]
+    fn giving_up_a_frame_its_own_page_still_maps_panics_in_test_builds() {
+        let mut pgm = pgm_with_frames(1024);
+        pgm.register_ram(gpa(0), MIB, "ram").unwrap();
+        guest_write(&mut pgm, gpa(0x5000), &[1]);
+        let frame = pgm.translate(gpa(0x5000), Access::Read).unwrap();
+        pgm.debug_assert_unmapped(frame, Some(gpa(0x5000)));
+    }
+}
