@@ -11,7 +11,7 @@
 //! freed while the VM lives, so its countless mappings are not recorded.
 //!
 //! The payoff: a frame about to be freed or re-purposed has its mappings in the record, so
-//! [`Pgm::unmap_frame`] takes every one of them away without walking the tables, and asserts
+//! `Pgm::unmap_frame` takes every one of them away without walking the tables, and asserts
 //! (in debug and test builds) that nothing maps the frame any more — O(log n) instead of the
 //! table walk it replaces. The auditor checks the record against the tables leaf by leaf, so a
 //! mapping written past the record is found by every test that audits.
@@ -239,8 +239,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         self.reverse.mappings_of(frame).collect()
     }
 
-    /// Writes the 4 KiB leaf of `gpa` and keeps the reverse map in step: the one way a single
-    /// leaf changes. Returns `false`, changing nothing, where no tables reach `gpa`.
+    /// Writes the 4 KiB leaf of `gpa` and keeps the reverse map in step. With the own-page write
+    /// of [`sync_leaf`](Self::sync_leaf), which applies the same rule without a lookup, the way
+    /// a single leaf changes. Returns `false`, changing nothing, where no tables reach `gpa`.
     pub(super) fn write_leaf(&mut self, gpa: GuestPhysAddr, leaf: Option<Leaf>) -> bool {
         let recorded = self.leaf_source().recorded_frame(gpa, leaf);
         if !self.tables.set_leaf(&mut self.memory, gpa, leaf) {
