@@ -21,14 +21,24 @@ use iced_x86::{Decoder, DecoderOptions, Mnemonic};
 pub use iced_x86::{Instruction, OpKind, Register};
 use pgm::GuestPhysAddr;
 
-/// RFLAGS bits the emulated instructions change.
-const CF: u64 = 1 << 0;
-const PF: u64 = 1 << 2;
-const AF: u64 = 1 << 4;
-const ZF: u64 = 1 << 6;
-const SF: u64 = 1 << 7;
-const DF: u64 = 1 << 10;
-const OF: u64 = 1 << 11;
+/// RFLAGS bits the emulated instructions read or change.
+pub mod rflags {
+    /// Carry.
+    pub const CF: u64 = 1 << 0;
+    /// Parity (of the low byte).
+    pub const PF: u64 = 1 << 2;
+    /// Auxiliary carry.
+    pub const AF: u64 = 1 << 4;
+    /// Zero.
+    pub const ZF: u64 = 1 << 6;
+    /// Sign.
+    pub const SF: u64 = 1 << 7;
+    /// Direction (string instructions step down when set).
+    pub const DF: u64 = 1 << 10;
+    /// Overflow.
+    pub const OF: u64 = 1 << 11;
+}
+use rflags::{AF, CF, DF, OF, PF, SF, ZF};
 
 /// The vCPU and guest memory as the emulator sees them.
 pub trait Machine {

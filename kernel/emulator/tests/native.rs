@@ -11,6 +11,7 @@ mod common;
 use std::arch::asm;
 
 use common::{operand_linear, Fake, XorShift};
+use emulator::rflags::{AF, CF, DF, OF, PF, SF, ZF};
 use emulator::Register;
 use pgm::PAGE_SIZE;
 
@@ -36,13 +37,6 @@ const STATE_REGS: [Register; 6] = [
     Register::RDI,
 ];
 
-const CF: u64 = 1 << 0;
-const PF: u64 = 1 << 2;
-const AF: u64 = 1 << 4;
-const ZF: u64 = 1 << 6;
-const SF: u64 = 1 << 7;
-const DF: u64 = 1 << 10;
-const OF: u64 = 1 << 11;
 /// The flags a test may set before the instruction (bit 1 is always one).
 const STATUS: u64 = CF | PF | AF | ZF | SF | DF | OF;
 

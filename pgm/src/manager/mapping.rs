@@ -21,7 +21,7 @@
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 
-use super::rom::{RomProtection, RomRange};
+use super::rom::{self, RomProtection, RomRange};
 use super::{Pgm, A20_BIT};
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::error::PgmError;
@@ -187,7 +187,7 @@ impl LeafSource<'_> {
     /// to the ROM; the shadow read/execute (writes ignored), or mapped like RAM (writes
     /// allowed), while reads go to the shadow.
     fn rom(&self, gpa: GuestPhysAddr, page: PageDescriptor) -> Option<Leaf> {
-        let rom = self.roms.iter().find(|rom| rom.contains(gpa))?;
+        let rom = rom::covering(self.roms, gpa)?;
         let read_execute = Permissions::READ | Permissions::EXECUTE;
         let as_ram = leaf_for(page.with_type(PageType::Ram), self.zero_frame);
         match rom.effective_protection() {

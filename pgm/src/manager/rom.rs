@@ -57,7 +57,7 @@ pub(super) struct RomRange {
 }
 
 impl RomRange {
-    pub(super) fn contains(&self, gpa: GuestPhysAddr) -> bool {
+    fn contains(&self, gpa: GuestPhysAddr) -> bool {
         gpa >= self.base && gpa.as_u64() < self.base.as_u64() + self.virgin.len() as u64 * PAGE_SIZE
     }
 
@@ -78,6 +78,11 @@ impl RomRange {
             RomProtection::ReadRomWriteIgnore
         }
     }
+}
+
+/// The ROM of `roms` covering `gpa`.
+pub(super) fn covering(roms: &[RomRange], gpa: GuestPhysAddr) -> Option<&RomRange> {
+    roms.iter().find(|rom| rom.contains(gpa))
 }
 
 impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
@@ -187,7 +192,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 
     /// The ROM covering `gpa`.
     pub(super) fn rom_covering(&self, gpa: GuestPhysAddr) -> Option<&RomRange> {
-        self.roms.iter().find(|r| r.contains(gpa))
+        covering(&self.roms, gpa)
     }
 
     /// The virgin frame of the ROM page at `gpa`.

@@ -418,8 +418,7 @@ impl Scripted {
                 .map(watched_page)
                 .filter(|&at| pgm.page(at).is_some_and(|p| p.page_type() == PageType::Ram))
                 .collect(),
-            Op::Inflate(at) => vec![watched_page(at as usize)]
-                .into_iter()
+            Op::Inflate(at) => core::iter::once(watched_page(at as usize))
                 .filter(|&at| pgm.page(at).is_some_and(|p| p.state() == PageState::Ballooned))
                 .collect(),
             _ => Vec::new(),
@@ -487,8 +486,8 @@ impl Scripted {
         let pgm = &mut self.pgm;
         let mut resolved = None;
         loop {
-            let Err(violation) = pgm.translate(at, access) else {
-                if let (Ok(hpa), Access::Write) = (pgm.translate(at, access), access) {
+            let violation = match pgm.translate(at, access) {
+                Ok(hpa) if access == Access::Write => {
                     pgm.memory_mut().write(hpa, &[0xC3]);
                     // A write through a writable mapping lands where the host sees the page.
                     let mut byte = [0];
@@ -496,8 +495,10 @@ impl Scripted {
                     if seen != Ok(0xC3) {
                         return Err(format!("the guest wrote 0xC3 at {at}, the host reads {seen:?}"));
                     }
+                    return Ok(());
                 }
-                return Ok(());
+                Ok(_) => return Ok(()),
+                Err(violation) => violation,
             };
             if let Some(outcome) = resolved {
                 return Err(format!(
