@@ -3,7 +3,7 @@
 use core::fmt;
 
 use crate::addr::GuestPhysAddr;
-use crate::handles::{Mmio2Handle, RomId};
+use crate::handles::{DeviceId, Mmio2Handle, RomId};
 
 /// Why a request to the memory manager was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +59,22 @@ pub enum PgmError {
     PageLocked(GuestPhysAddr),
     /// The host heap could not hold the bookkeeping (page descriptors) for the request.
     OutOfHeap,
+    /// The device already has an MMIO2 region with this region number (VERR_ALREADY_EXISTS).
+    Mmio2RegionExists {
+        /// The device.
+        device: DeviceId,
+        /// The region number.
+        region_no: u32,
+    },
+    /// The VM has [`MMIO2_MAX_REGIONS`](crate::manager::MMIO2_MAX_REGIONS) MMIO2 regions already.
+    TooManyMmio2Regions,
+    /// The region would be larger than
+    /// [`MMIO2_MAX_PAGES`](crate::manager::MMIO2_MAX_PAGES) pages.
+    Mmio2TooLarge,
+    /// The MMIO2 region was created without dirty-page tracking (VERR_INVALID_FUNCTION).
+    Mmio2NotTrackable(Mmio2Handle),
+    /// The ROM image is larger than the ROM's range.
+    RomImageTooLarge,
 }
 
 impl fmt::Display for PgmError {
@@ -85,6 +101,18 @@ impl fmt::Display for PgmError {
             PgmError::OutOfRange => write!(f, "offset or size out of range"),
             PgmError::PageLocked(gpa) => write!(f, "page {gpa} is locked by a mapping"),
             PgmError::OutOfHeap => write!(f, "the host heap is exhausted"),
+            PgmError::Mmio2RegionExists { device, region_no } => {
+                write!(f, "device {device:?} already has MMIO2 region {region_no}")
+            }
+            PgmError::TooManyMmio2Regions => write!(f, "the VM has the most MMIO2 regions it may have"),
+            PgmError::Mmio2TooLarge => write!(f, "the MMIO2 region is larger than allowed"),
+            PgmError::Mmio2NotTrackable(handle) => {
+                write!(
+                    f,
+                    "MMIO2 region {handle:?} was created without dirty-page tracking"
+                )
+            }
+            PgmError::RomImageTooLarge => write!(f, "the ROM image is larger than its range"),
         }
     }
 }

@@ -9,3 +9,8 @@ pub struct RomId(pub u32);
 /// The handle of an MMIO2 region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Mmio2Handle(pub u32);
+
+/// The device instance that owns MMIO2 regions (PDMDEVINS in the seed): a device's region
+/// numbers are unique, and its regions can be deregistered together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceId(pub u32);

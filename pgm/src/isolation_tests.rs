@@ -22,7 +22,7 @@ fn one_mib_of_ram() -> SimPgm {
 /// to it.
 fn one_page_of_mmio2_aliased_at(at: GuestPhysAddr) -> (SimPgm, Mmio2Handle, HandlerId) {
     let mut pgm = one_mib_of_ram();
-    let region = pgm.create_mmio2(PAGE_SIZE, 0).unwrap();
+    let region = pgm.create_mmio2(mmio2_spec(PAGE_SIZE, 0)).unwrap();
     let (mmio, _) = pgm.register_mmio(at, PAGE_SIZE).unwrap();
     pgm.alias_mmio_to_mmio2(mmio, at, region, 0).unwrap();
     (pgm, region, mmio)
@@ -32,7 +32,7 @@ fn one_page_of_mmio2_aliased_at(at: GuestPhysAddr) -> (SimPgm, Mmio2Handle, Hand
 fn deregistering_mmio_in_unassigned_space_unmaps_its_mmio2_alias() {
     let mut pgm = one_mib_of_ram();
     let (mmio, _) = pgm.register_mmio(gpa(0x20_0000), PAGE_SIZE).unwrap();
-    let region = pgm.create_mmio2(4 * PAGE_SIZE, 0).unwrap();
+    let region = pgm.create_mmio2(mmio2_spec(4 * PAGE_SIZE, 0)).unwrap();
     pgm.alias_mmio_to_mmio2(mmio, gpa(0x20_0000), region, 0).unwrap();
     assert!(pgm.translate(gpa(0x20_0000), Access::Write).is_ok());
     assert_isolated(&pgm, "with the alias");
@@ -51,7 +51,7 @@ fn deregistering_mmio_in_unassigned_space_unmaps_its_mmio2_alias() {
 #[test]
 fn deregistering_mmio2_unmaps_its_a20_alias() {
     let mut pgm = one_mib_of_ram();
-    let region = pgm.create_mmio2(4 * PAGE_SIZE, 0).unwrap();
+    let region = pgm.create_mmio2(mmio2_spec(4 * PAGE_SIZE, 0)).unwrap();
     pgm.map_mmio2(region, gpa(0x40_0000)).unwrap();
     pgm.set_a20(false);
     // 0x50_0000 is 0x40_0000 with bit 20 set: with the gate closed it shows the MMIO2 page.
@@ -72,7 +72,7 @@ fn deregistering_mmio2_unmaps_its_a20_alias() {
 #[test]
 fn deregistering_mmio2_is_refused_while_a_page_lock_holds_it() {
     let mut pgm = one_mib_of_ram();
-    let region = pgm.create_mmio2(4 * PAGE_SIZE, 0).unwrap();
+    let region = pgm.create_mmio2(mmio2_spec(4 * PAGE_SIZE, 0)).unwrap();
     pgm.map_mmio2(region, gpa(0xE000_0000)).unwrap();
     let mapping = pgm.lock_page_for_read(gpa(0xE000_1000)).unwrap();
     let frame = mapping.host.page_base();
@@ -99,7 +99,7 @@ fn deregistering_mmio2_is_refused_while_a_page_lock_holds_it() {
 #[test]
 fn freeing_an_mmio2_frame_unmaps_every_mapping_the_reverse_map_records() {
     let mut pgm = one_mib_of_ram();
-    let region = pgm.create_mmio2(4 * PAGE_SIZE, 0).unwrap();
+    let region = pgm.create_mmio2(mmio2_spec(4 * PAGE_SIZE, 0)).unwrap();
     pgm.map_mmio2(region, gpa(0x40_0000)).unwrap();
     let (low, _) = pgm.register_mmio(gpa(0x20_0000), PAGE_SIZE).unwrap();
     let (high, _) = pgm.register_mmio(gpa(0x60_0000), PAGE_SIZE).unwrap();
@@ -267,6 +267,6 @@ mod whole_api {
                 std::string::String::from(&name[..name.find('(').unwrap_or(name.len())])
             })
             .collect();
-        assert_eq!(kinds.len(), 35, "{kinds:?}");
+        assert_eq!(kinds.len(), 39, "{kinds:?}");
     }
 }

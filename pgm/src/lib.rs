@@ -36,6 +36,8 @@ pub mod sim;
 #[cfg(test)]
 extern crate std;
 #[cfg(test)]
+mod fidelity_tests;
+#[cfg(test)]
 mod isolation_tests;
 #[cfg(test)]
 mod manager_tests;

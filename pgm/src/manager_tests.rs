@@ -744,7 +744,7 @@ fn guest_sees(pgm: &SimPgm, at: u64, len: usize) -> Vec<u8> {
 fn unshadowed_rom_reads_its_image_and_ignores_writes() {
     let mut pgm = pc_like();
     let image = rom_image();
-    let id = pgm.register_rom(gpa(ROM_BASE), &image, false).unwrap();
+    let id = register_rom_copy(&mut pgm, gpa(ROM_BASE), &image, false).unwrap();
     assert_eq!(pgm.stats().rom_pages, 2);
     assert_accounting(&pgm);
     assert_eq!(guest_sees(&pgm, ROM_BASE + 0x1000, 16), image[0x1000..0x1010]);
@@ -760,7 +760,10 @@ fn unshadowed_rom_reads_its_image_and_ignores_writes() {
         pgm.protect_rom(id, RomProtection::ReadRamWriteRam),
         Err(PgmError::RomNotShadowed(id))
     );
-    assert_eq!(pgm.rom_protection(id), Some(RomProtection::ReadRomWriteIgnore));
+    assert_eq!(
+        pgm.rom_protection_at(gpa(ROM_BASE)),
+        Some(RomProtection::ReadRomWriteIgnore)
+    );
 }
 
 /// The BIOS shadowing sequence through all four modes, switching after the guest wrote.
@@ -768,7 +771,7 @@ fn unshadowed_rom_reads_its_image_and_ignores_writes() {
 fn shadowed_rom_follows_each_protection_mode() {
     let mut pgm = pc_like();
     let image = rom_image();
-    let id = pgm.register_rom(gpa(ROM_BASE), &image, true).unwrap();
+    let id = register_rom_copy(&mut pgm, gpa(ROM_BASE), &image, true).unwrap();
     let at = ROM_BASE + 0x1000;
 
     // Power-on: ROM reads, ignored writes.
@@ -828,7 +831,7 @@ fn shadowed_rom_follows_each_protection_mode() {
 fn reset_frees_the_shadow_restores_the_mode_and_repairs_the_image() {
     let mut pgm = pc_like();
     let image = rom_image();
-    let id = pgm.register_rom(gpa(ROM_BASE), &image, true).unwrap();
+    let id = register_rom_copy(&mut pgm, gpa(ROM_BASE), &image, true).unwrap();
     pgm.protect_rom(id, RomProtection::ReadRamWriteRam).unwrap();
     assert_eq!(
         guest_write(&mut pgm, gpa(ROM_BASE), b"shadow"),
@@ -842,7 +845,10 @@ fn reset_frees_the_shadow_restores_the_mode_and_repairs_the_image() {
     write_host(&mut pgm, virgin, b"corrupt");
     assert_eq!(guest_sees(&pgm, ROM_BASE, 7), b"corrupt");
     pgm.reset_ram();
-    assert_eq!(pgm.rom_protection(id), Some(RomProtection::ReadRomWriteIgnore));
+    assert_eq!(
+        pgm.rom_protection_at(gpa(ROM_BASE)),
+        Some(RomProtection::ReadRomWriteIgnore)
+    );
     assert_eq!(guest_sees(&pgm, ROM_BASE, 16), image[..16], "image restored");
     assert_eq!(pgm.stats().allocated_pages, 0, "shadow frames freed");
     pgm.protect_rom(id, RomProtection::ReadRamWriteIgnore).unwrap();
@@ -860,20 +866,20 @@ fn bad_rom_registrations_change_nothing_and_termination_frees_rom_frames() {
     let used = frames_used(&pgm);
     let image = rom_image();
     assert_eq!(
-        pgm.register_rom(gpa(0x9_F000), &image, true),
+        register_rom_copy(&mut pgm, gpa(0x9_F000), &image, true),
         Err(PgmError::Overlap { existing: gpa(0) })
     );
     assert_eq!(
-        pgm.register_rom(gpa(ROM_BASE), &image[..100], false),
+        register_rom_copy(&mut pgm, gpa(ROM_BASE), &image[..100], false),
         Err(PgmError::Misaligned)
     );
     assert_eq!(
-        pgm.register_rom(gpa(ROM_BASE), &[], false),
+        register_rom_copy(&mut pgm, gpa(ROM_BASE), &[], false),
         Err(PgmError::ZeroSize)
     );
     pgm.frames_mut().fail_after = Some(1);
     assert_eq!(
-        pgm.register_rom(gpa(ROM_BASE), &image, false),
+        register_rom_copy(&mut pgm, gpa(ROM_BASE), &image, false),
         Err(PgmError::OutOfFrames)
     );
     pgm.frames_mut().fail_after = None;
@@ -882,7 +888,7 @@ fn bad_rom_registrations_change_nothing_and_termination_frees_rom_frames() {
         pgm.protect_rom(RomId(7), RomProtection::ReadRamWriteRam),
         Err(PgmError::UnknownRom(RomId(7)))
     );
-    let id = pgm.register_rom(gpa(ROM_BASE), &image, true).unwrap();
+    let id = register_rom_copy(&mut pgm, gpa(ROM_BASE), &image, true).unwrap();
     pgm.protect_rom(id, RomProtection::ReadRamWriteRam).unwrap();
     guest_write(&mut pgm, gpa(ROM_BASE), b"s");
     let (frames, _) = pgm.terminate();
@@ -973,7 +979,7 @@ fn bits(bitmap: &[u64]) -> Vec<usize> {
 #[test]
 fn mmio2_is_device_memory_the_guest_sees_once_mapped() {
     let mut pgm = pc_like();
-    let fb = pgm.create_mmio2(4 * PAGE_SIZE, 2).unwrap();
+    let fb = pgm.create_mmio2(mmio2_spec(4 * PAGE_SIZE, 2)).unwrap();
     assert_eq!(pgm.stats().mmio2_frames, 4);
     assert_accounting(&pgm);
     pgm.mmio2_write(fb, PAGE_SIZE - 2, b"span").unwrap();
@@ -1010,12 +1016,10 @@ fn mmio2_is_device_memory_the_guest_sees_once_mapped() {
 #[test]
 fn mmio2_dirty_tracking_reports_exactly_the_written_pages_and_traps_once_per_page() {
     let mut pgm = pc_like();
-    let fb = pgm.create_mmio2(100 * PAGE_SIZE, 0).unwrap();
+    let fb = pgm.create_mmio2(mmio2_spec(100 * PAGE_SIZE, 0)).unwrap();
+    // Tracking first: a region mapped untracked first reports every page at its first query.
+    assert_eq!(pgm.set_mmio2_dirty_tracking(fb, true), Ok(Invalidation::None));
     pgm.map_mmio2(fb, gpa(FB)).unwrap();
-    assert_eq!(
-        pgm.set_mmio2_dirty_tracking(fb, true),
-        Ok(Invalidation::SingleContext)
-    );
     let chosen = [0usize, 1, 63, 64, 99];
     for &page in &chosen {
         let at = FB + page as u64 * PAGE_SIZE;
@@ -1032,12 +1036,12 @@ fn mmio2_dirty_tracking_reports_exactly_the_written_pages_and_traps_once_per_pag
     }
     let mut bitmap = Vec::new();
     assert_eq!(
-        pgm.query_and_reset_mmio2_dirty(fb, &mut bitmap),
+        pgm.query_and_reset_mmio2_dirty(fb, Some(&mut bitmap)),
         Ok(Invalidation::SingleContext)
     );
     assert_eq!(bits(&bitmap), chosen);
     assert_eq!(
-        pgm.query_and_reset_mmio2_dirty(fb, &mut bitmap),
+        pgm.query_and_reset_mmio2_dirty(fb, Some(&mut bitmap)),
         Ok(Invalidation::None)
     );
     assert_eq!(bits(&bitmap), [] as [usize; 0]);
@@ -1047,7 +1051,7 @@ fn mmio2_dirty_tracking_reports_exactly_the_written_pages_and_traps_once_per_pag
         "re-armed"
     );
     pgm.mmio2_write(fb, 5 * PAGE_SIZE, b"device").unwrap();
-    pgm.query_and_reset_mmio2_dirty(fb, &mut bitmap).unwrap();
+    pgm.query_and_reset_mmio2_dirty(fb, Some(&mut bitmap)).unwrap();
     assert_eq!(bits(&bitmap), [64], "device writes are not tracked");
     assert_eq!(pgm.set_mmio2_dirty_tracking(fb, false), Ok(Invalidation::None));
     assert_eq!(
@@ -1059,7 +1063,7 @@ fn mmio2_dirty_tracking_reports_exactly_the_written_pages_and_traps_once_per_pag
 #[test]
 fn mmio2_tracking_and_write_monitoring_do_not_undo_each_other() {
     let mut pgm = pc_like();
-    let fb = pgm.create_mmio2(2 * PAGE_SIZE, 0).unwrap();
+    let fb = pgm.create_mmio2(mmio2_spec(2 * PAGE_SIZE, 0)).unwrap();
     pgm.map_mmio2(fb, gpa(FB)).unwrap();
     pgm.set_mmio2_dirty_tracking(fb, true).unwrap();
     pgm.start_write_monitoring();
@@ -1080,7 +1084,7 @@ fn mmio2_tracking_and_write_monitoring_do_not_undo_each_other() {
         "MMIO2 is write-monitored too"
     );
     let mut bitmap = Vec::new();
-    pgm.query_and_reset_mmio2_dirty(fb, &mut bitmap).unwrap();
+    pgm.query_and_reset_mmio2_dirty(fb, Some(&mut bitmap)).unwrap();
     assert_eq!(bits(&bitmap), [0, 1]);
     assert_eq!(
         guest_write(&mut pgm, gpa(FB), b"z"),
@@ -1091,7 +1095,7 @@ fn mmio2_tracking_and_write_monitoring_do_not_undo_each_other() {
         [FB],
         "a write both want traps once and reaches both"
     );
-    pgm.query_and_reset_mmio2_dirty(fb, &mut bitmap).unwrap();
+    pgm.query_and_reset_mmio2_dirty(fb, Some(&mut bitmap)).unwrap();
     assert_eq!(bits(&bitmap), [0]);
 }
 
@@ -1099,7 +1103,7 @@ fn mmio2_tracking_and_write_monitoring_do_not_undo_each_other() {
 fn mmio2_region_management_and_bad_requests() {
     let mut pgm = pc_like();
     let (used, tables) = (frames_used(&pgm), pgm.stats().table_frames);
-    let fb = pgm.create_mmio2(8 * PAGE_SIZE, 1).unwrap();
+    let fb = pgm.create_mmio2(mmio2_spec(8 * PAGE_SIZE, 1)).unwrap();
     assert!(pgm.is_mmio2_handle(fb));
     assert!(!pgm.is_mmio2_handle(Mmio2Handle(99)));
     assert_eq!(
@@ -1138,7 +1142,7 @@ fn mmio2_region_management_and_bad_requests() {
         used + new_tables,
         "only the tables made for the mapping remain"
     );
-    let kept = pgm.create_mmio2(2 * PAGE_SIZE, 0).unwrap();
+    let kept = pgm.create_mmio2(mmio2_spec(2 * PAGE_SIZE, 0)).unwrap();
     pgm.map_mmio2(kept, gpa(FB)).unwrap();
     let (frames, _) = pgm.terminate();
     assert_eq!(frames.inner.counts().used(), 0, "MMIO2 frames are freed once");
@@ -1408,7 +1412,7 @@ fn a_read_lock_maps_what_the_guest_reads() {
     assert_eq!(pgm.stats().allocated_pages, 0);
     pgm.release_page_lock(lock);
     let image = rom_image();
-    pgm.register_rom(gpa(ROM_BASE), &image, false).unwrap();
+    register_rom_copy(&mut pgm, gpa(ROM_BASE), &image, false).unwrap();
     let PageMapping { host: rom, lock, .. } = pgm.lock_page_for_read(gpa(ROM_BASE + 0x1004)).unwrap();
     let mut seen = [0; 4];
     pgm.memory().read(rom, &mut seen);
@@ -1466,13 +1470,9 @@ fn bulk_locking_is_all_or_nothing_and_refuses_what_cannot_be_locked() {
         pgm.lock_page_for_read(gpa(0xFEC0_0000)),
         Err(PgmError::NotRam(gpa(0xFEC0_0000)))
     );
-    assert_eq!(
-        pgm.lock_page_for_write(gpa(0x8000)),
-        Err(PgmError::HandlerPresent(gpa(0x8000)))
-    );
     assert!(
-        pgm.lock_page_for_read(gpa(0x8000)).is_ok(),
-        "a write handler does not stop reads"
+        pgm.lock_page_for_write(gpa(0x8000)).is_ok(),
+        "the lock's holder acts for the write handler, as in the seed"
     );
     assert_eq!(
         pgm.lock_page_for_write(gpa(0x9000)),
@@ -1624,7 +1624,7 @@ fn a_host_write_across_write_ignoring_rom_and_ram_puts_each_byte_in_its_place() 
     let mut pgm = pgm_with_frames(4096);
     let image = rom_image();
     // ROM at [0, 8 KiB), RAM right after it.
-    pgm.register_rom(gpa(0), &image, false).unwrap();
+    register_rom_copy(&mut pgm, gpa(0), &image, false).unwrap();
     pgm.register_ram(gpa(2 * PAGE_SIZE), PAGE_SIZE, "ram").unwrap();
     let data: Vec<u8> = (0..16).collect();
     pgm.write_phys(gpa(2 * PAGE_SIZE - 8), &data).unwrap();
@@ -1644,7 +1644,7 @@ const VGA: u64 = 0xA_0000;
 fn an_mmio_page_aliased_to_mmio2_stops_trapping_until_the_region_is_reset() {
     let mut pgm = pc_like();
     let (vga, _) = pgm.register_mmio(gpa(VGA), 2 * PAGE_SIZE).unwrap();
-    let bank = pgm.create_mmio2(4 * PAGE_SIZE, 0).unwrap();
+    let bank = pgm.create_mmio2(mmio2_spec(4 * PAGE_SIZE, 0)).unwrap();
     pgm.mmio2_write(bank, 2 * PAGE_SIZE, b"bank two").unwrap();
     assert_eq!(
         pgm.alias_mmio_to_mmio2(vga, gpa(VGA + 0x10), bank, 2 * PAGE_SIZE),
@@ -1691,12 +1691,14 @@ fn a_special_alias_maps_a_host_frame_the_vmm_keeps() {
         page.as_u64() + 0x30
     );
     assert_eq!(guest_read(&pgm, gpa(0xFEE0_0000), 4), b"apic");
-    pgm.reset_ram();
+    // As pgmR3PhysRamZeroAll does: reset turns the alias back into plain MMIO.
+    assert_eq!(pgm.reset_ram(), Invalidation::SingleContext);
     assert_eq!(
-        guest_read(&pgm, gpa(0xFEE0_0000), 4),
-        b"apic",
-        "reset leaves an alias alone"
+        pgm.resolve_fault(gpa(0xFEE0_0000), Access::Read),
+        FaultOutcome::Handler { handler: apic },
+        "reset undoes the alias"
     );
+    assert_isolated(&pgm, "after the reset");
     let (mut frames, _) = pgm.terminate();
     // The frame is still the VMM's: freeing it here must succeed (it was not freed twice).
     frames.inner.free(page).unwrap();
@@ -1707,7 +1709,7 @@ fn a_special_alias_maps_a_host_frame_the_vmm_keeps() {
 fn aliases_into_an_mmio2_region_go_when_the_region_or_its_tail_goes() {
     let mut pgm = pc_like();
     let (vga, _) = pgm.register_mmio(gpa(VGA), 2 * PAGE_SIZE).unwrap();
-    let bank = pgm.create_mmio2(4 * PAGE_SIZE, 0).unwrap();
+    let bank = pgm.create_mmio2(mmio2_spec(4 * PAGE_SIZE, 0)).unwrap();
     pgm.alias_mmio_to_mmio2(vga, gpa(VGA), bank, 0).unwrap();
     pgm.alias_mmio_to_mmio2(vga, gpa(VGA + PAGE_SIZE), bank, 3 * PAGE_SIZE)
         .unwrap();
@@ -1738,7 +1740,7 @@ fn bad_alias_requests_are_refused() {
     let (plain, _) = pgm
         .register_handler(HandlerKind::Write, gpa(0x1000), PAGE_SIZE)
         .unwrap();
-    let bank = pgm.create_mmio2(PAGE_SIZE, 0).unwrap();
+    let bank = pgm.create_mmio2(mmio2_spec(PAGE_SIZE, 0)).unwrap();
     assert_eq!(
         pgm.alias_mmio_to_mmio2(plain, gpa(0x1000), bank, 0),
         Err(PgmError::UnknownHandler(plain))
@@ -1844,16 +1846,12 @@ fn the_last_page_to_let_go_frees_the_shared_frame() {
     let mapping = pgm.lock_page_for_read(gpa(0x4000)).unwrap();
     assert_eq!(
         mapping.invalidation,
-        Invalidation::SingleContext,
-        "the SHARED page was copied"
+        Invalidation::None,
+        "reading does not unshare"
     );
-    let lock = mapping.lock;
-    assert_eq!(
-        pgm.page(gpa(0x4000)).unwrap().state(),
-        PageState::Allocated,
-        "a locked page is never shared"
-    );
-    pgm.release_page_lock(lock);
+    assert_eq!(pgm.page(gpa(0x4000)).unwrap().state(), PageState::Shared);
+    pgm.release_page_lock(mapping.lock);
+    assert_accounting(&pgm);
     let (frames, _) = pgm.terminate();
     assert_eq!(frames.inner.counts().used(), 0, "shared frames are freed once");
 }

@@ -10,8 +10,8 @@
 //! | 47..=48 | [`HandlerState`]                                                   |
 //! | 49..=50 | [`LargePageState`]                                                 |
 //! | 51      | written-to (set by a write while write monitoring is on)           |
-//! | 52..=57 | write map locks (saturating at 63: locked for good)                |
-//! | 58..=63 | read map locks (saturating at 63: locked for good)                 |
+//! | 52..=57 | write map locks (63: 63 or more, the count is kept by the manager) |
+//! | 58..=63 | read map locks (63: 63 or more, the count is kept by the manager)  |
 //!
 //! A page with no frame of its own (ZERO, BALLOONED, MMIO) stores frame number 0.
 
@@ -34,8 +34,9 @@ const WRITTEN_TO: Field = Field(51, 0x1);
 const WRITE_LOCKS: Field = Field(52, 0x3F);
 const READ_LOCKS: Field = Field(58, 0x3F);
 
-/// A lock count that reached this stays: the page is locked for good (as PGM_PAGE_MAX_LOCKS).
-pub const MAX_LOCKS: u64 = 0x3F;
+/// The largest lock count a descriptor holds itself: a page with this many locks or more has
+/// its count kept by the manager (rarely needed: nested locks of one page).
+pub const INLINE_LOCKS_MAX: u64 = 0x3F;
 
 /// What kind of guest-physical page this is; decides how it is mapped and what faults mean.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -203,17 +204,11 @@ impl PageDescriptor {
         self.write_locks() + self.read_locks() > 0
     }
 
-    /// The descriptor with one more (`+1`) or one less (`-1`) lock of the given kind; a count
-    /// at [`MAX_LOCKS`] stays there.
-    pub fn with_lock_change(self, write: bool, delta: i8) -> PageDescriptor {
+    /// The descriptor with `count` locks of the given kind, as far as it holds them: a count
+    /// of [`INLINE_LOCKS_MAX`] or more is stored as [`INLINE_LOCKS_MAX`].
+    pub fn with_locks(self, write: bool, count: u64) -> PageDescriptor {
         let field = if write { WRITE_LOCKS } else { READ_LOCKS };
-        let count = self.get(field);
-        let next = match delta {
-            _ if count == MAX_LOCKS => MAX_LOCKS,
-            1.. => count + 1,
-            _ => count.saturating_sub(1),
-        };
-        self.set(field, next)
+        self.set(field, count.min(INLINE_LOCKS_MAX))
     }
 
     /// The page's private host frame; `None` for a page with no frame of its own.
@@ -460,32 +455,21 @@ mod tests {
     }
 
     #[test]
-    fn lock_counts_count_and_saturate() {
+    fn lock_counts_are_held_up_to_the_inline_limit() {
         let page = allocated(0x4000);
-        let locked = page
-            .with_lock_change(true, 1)
-            .with_lock_change(false, 1)
-            .with_lock_change(false, 1);
+        let locked = page.with_locks(true, 1).with_locks(false, 2);
         assert_eq!((locked.write_locks(), locked.read_locks()), (1, 2));
         assert_eq!(
             locked.frame(),
             Some(hpa(0x4000)),
             "lock bits do not touch the frame"
         );
-        let released = locked
-            .with_lock_change(true, -1)
-            .with_lock_change(false, -1)
-            .with_lock_change(false, -1);
-        assert!(!released.is_locked());
-        let mut pinned = page;
-        for _ in 0..100 {
-            pinned = pinned.with_lock_change(false, 1);
-        }
-        assert_eq!(pinned.read_locks(), MAX_LOCKS);
+        assert!(!locked.with_locks(true, 0).with_locks(false, 0).is_locked());
+        assert_eq!(page.with_locks(false, 100).read_locks(), INLINE_LOCKS_MAX);
         assert_eq!(
-            pinned.with_lock_change(false, -1).read_locks(),
-            MAX_LOCKS,
-            "locked for good"
+            page.with_locks(false, 100).state(),
+            page.state(),
+            "a large count stays in its field"
         );
     }
 

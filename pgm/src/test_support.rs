@@ -6,10 +6,11 @@ use alloc::vec::Vec;
 
 use crate::addr::{GuestPhysAddr, HostPhysAddr};
 use crate::frames::HostMemory;
-use crate::manager::{FaultOutcome, Pgm};
+use crate::manager::{DeviceId, FaultOutcome, Mmio2Spec, Pgm, RomId, RomImage};
 use crate::paging::{Access, Invalidation};
 pub use crate::sim::SimPgm;
 use crate::sim::{SimFrames, SimMemory};
+use crate::PgmError;
 
 pub const MIB: u64 = 1 << 20;
 
@@ -100,4 +101,25 @@ pub fn assert_isolated(pgm: &SimPgm, context: &str) {
         report.findings.len(),
         report.findings
     );
+}
+
+/// Registers a ROM whose range is exactly its copied `image` (the common case in tests).
+pub fn register_rom_copy(
+    pgm: &mut SimPgm,
+    base: GuestPhysAddr,
+    image: &[u8],
+    shadowed: bool,
+) -> Result<RomId, PgmError> {
+    pgm.register_rom(base, image.len() as u64, RomImage::Copy(image), shadowed)
+        .map(|(id, _)| id)
+}
+
+/// A trackable MMIO2 region of `size` bytes for device 0, number `region_no`.
+pub fn mmio2_spec(size: u64, region_no: u32) -> Mmio2Spec {
+    Mmio2Spec {
+        device: DeviceId(0),
+        region_no,
+        size,
+        track_dirty_pages: true,
+    }
 }

@@ -43,7 +43,8 @@ pub enum Problem {
     /// An MMIO2 alias page names a frame of no live region (mapped or not: the A20 gate can
     /// hide it, and opening the gate would map it).
     AliasFrameNotHeld,
-    /// A shared frame's reference count differs from the pages that map it.
+    /// A shared frame's reference count differs from the pages that map it and the read locks
+    /// that hold it.
     ShareCountWrong,
     /// The reverse map disagrees with the tables: a leaf of a frame no single page owns (or an
     /// A20 alias) is not recorded, a record names a leaf that is not there, or the map's two
@@ -293,6 +294,10 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                     }
                 }
             }
+        }
+        // Read locks of shared pages hold references of their own.
+        for (&frame, &pins) in &self.share_pins {
+            *sharers.entry(frame).or_default() += pins;
         }
         let frames: BTreeSet<HostPhysAddr> = sharers.keys().chain(self.shared.keys()).copied().collect();
         for frame in frames {

@@ -12,7 +12,7 @@ use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::error::PgmError;
 use crate::frames::{HostFrameAllocator, HostMemory};
 use crate::handlers::{HandlerId, HandlerKind, MmioPlacement, Registration};
-use crate::page::{HandlerState, PageDescriptor, PageEvent, PageType};
+use crate::page::{HandlerState, PageDescriptor, PageType};
 use crate::paging::{Access, Invalidation};
 use crate::ram::{PageLocation, RamRange};
 
@@ -24,6 +24,19 @@ pub enum HandlerAction {
     /// Let pgm perform the access on memory as if there were no handler (for MMIO, which has
     /// no memory: reads return all ones, writes are dropped).
     Default,
+}
+
+/// One page's part of a handled access: the page (`None`: unassigned space), the address, the
+/// length.
+type Span = (Option<PageLocation>, GuestPhysAddr, usize);
+
+/// What a handled access does with unassigned space.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Unassigned {
+    /// The access fails, naming the first unassigned address (the hypervisor's own accesses).
+    Refused,
+    /// Reads there return 0xFF bytes and writes are dropped (the seed's external accesses).
+    Skipped,
 }
 
 /// The VMM's access handlers, called by [`Pgm::read_phys_handled`] and
@@ -42,19 +55,44 @@ pub trait AccessHandlers {
 
 impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// Reads guest memory at `gpa` into `buf` as the guest would see it, handing every piece an
-    /// access handler intercepts (all-access handlers, MMIO) to `handlers`. Fails with
-    /// [`PgmError::NotGuestMemory`] before any handler runs.
+    /// access handler intercepts (all-access handlers, MMIO) to `handlers`. Strict about
+    /// unassigned space: fails with [`PgmError::NotGuestMemory`] before any handler runs (see
+    /// [`read_phys_external`](Self::read_phys_external) for the seed's lenient reads).
     pub fn read_phys_handled(
         &self,
         gpa: GuestPhysAddr,
         buf: &mut [u8],
         handlers: &mut impl AccessHandlers,
     ) -> Result<(), PgmError> {
+        self.read_spans(&self.spans(gpa, buf.len(), Unassigned::Refused)?, buf, handlers)
+    }
+
+    /// Reads guest memory as [`read_phys_handled`](Self::read_phys_handled) does, but as
+    /// PGMR3PhysReadExternal does: unassigned space reads as 0xFF bytes instead of failing.
+    /// Fails only for an access beyond the guest-physical width.
+    pub fn read_phys_external(
+        &self,
+        gpa: GuestPhysAddr,
+        buf: &mut [u8],
+        handlers: &mut impl AccessHandlers,
+    ) -> Result<(), PgmError> {
+        self.read_spans(&self.spans(gpa, buf.len(), Unassigned::Skipped)?, buf, handlers)
+    }
+
+    fn read_spans(
+        &self,
+        spans: &[Span],
+        buf: &mut [u8],
+        handlers: &mut impl AccessHandlers,
+    ) -> Result<(), PgmError> {
         let mut done = 0;
-        for &(location, offset, len) in self.pieces(gpa, buf.len())?.iter() {
-            let at = GuestPhysAddr::new_truncate(self.ranges.gpa_of(location).as_u64() + offset);
+        for &(location, at, len) in spans {
             let out = &mut buf[done..done + len];
             done += len;
+            let Some(location) = location else {
+                out.fill(0xFF);
+                continue;
+            };
             let page = self.ranges.page(location);
             if let Some(handler) = self.intercepting_handler(at, page, Access::Read) {
                 if handlers.access(handler, at, Access::Read, out) == HandlerAction::Handled {
@@ -72,20 +110,45 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 
     /// Writes `data` to guest memory at `gpa` as a guest store would land, handing every piece
     /// an access handler intercepts (write and all-access handlers, MMIO) to `handlers`.
-    /// Fails with [`PgmError::NotGuestMemory`] before any handler runs; a later failure (no
-    /// frame) leaves the pieces before it written, as the handlers already saw them.
+    /// Strict about unassigned space: fails with [`PgmError::NotGuestMemory`] before any
+    /// handler runs (see [`write_phys_external`](Self::write_phys_external)); a later failure
+    /// (no frame) leaves the pieces before it written, as the handlers already saw them.
     pub fn write_phys_handled(
         &mut self,
         gpa: GuestPhysAddr,
         data: &[u8],
         handlers: &mut impl AccessHandlers,
     ) -> Result<Invalidation, PgmError> {
+        let spans = self.spans(gpa, data.len(), Unassigned::Refused)?;
+        self.write_spans(&spans, data, handlers)
+    }
+
+    /// Writes as [`write_phys_handled`](Self::write_phys_handled) does, but as
+    /// PGMR3PhysWriteExternal does: bytes for unassigned space are dropped instead of failing.
+    pub fn write_phys_external(
+        &mut self,
+        gpa: GuestPhysAddr,
+        data: &[u8],
+        handlers: &mut impl AccessHandlers,
+    ) -> Result<Invalidation, PgmError> {
+        let spans = self.spans(gpa, data.len(), Unassigned::Skipped)?;
+        self.write_spans(&spans, data, handlers)
+    }
+
+    fn write_spans(
+        &mut self,
+        spans: &[Span],
+        data: &[u8],
+        handlers: &mut impl AccessHandlers,
+    ) -> Result<Invalidation, PgmError> {
         let mut invalidation = Invalidation::None;
         let mut done = 0;
-        for &(location, offset, len) in self.pieces(gpa, data.len())?.iter() {
-            let at = GuestPhysAddr::new_truncate(self.ranges.gpa_of(location).as_u64() + offset);
+        for &(location, at, len) in spans {
             let piece = &data[done..done + len];
             done += len;
+            let Some(location) = location else {
+                continue;
+            };
             let page = self.ranges.page(location);
             if let Some(handler) = self.intercepting_handler(at, page, Access::Write) {
                 // The handler may change what it is handed; the guest's data stays as it was.
@@ -108,6 +171,24 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             }
         }
         Ok(invalidation)
+    }
+
+    /// Splits `[gpa, gpa + len)` into per-page spans `(page, address, length)`; a span of
+    /// unassigned space has no page, and fails the call when `unassigned` refuses it.
+    fn spans(&self, gpa: GuestPhysAddr, len: usize, unassigned: Unassigned) -> Result<Vec<Span>, PgmError> {
+        let mut spans = Vec::new();
+        let mut done = 0usize;
+        while done < len {
+            let at = gpa.checked_add(done as u64).ok_or(PgmError::BeyondAddressWidth)?;
+            let location = self.ranges.find(at);
+            if location.is_none() && unassigned == Unassigned::Refused {
+                return Err(PgmError::NotGuestMemory(at));
+            }
+            let piece = ((PAGE_SIZE - at.page_offset()) as usize).min(len - done);
+            spans.push((location, at, piece));
+            done += piece;
+        }
+        Ok(spans)
     }
 
     /// Registers a handler of `kind` over the RAM pages of `[base, base + size)`. The range must
@@ -208,6 +289,21 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         Ok(invalidation)
     }
 
+    /// Undoes the aliases of every MMIO region (the MMIO part of a VM reset, as
+    /// pgmR3PhysRamZeroAll resets aliased pages); returns the invalidation needed.
+    pub(super) fn reset_mmio_aliases(&mut self) -> Invalidation {
+        let regions: Vec<HandlerId> = self
+            .handlers
+            .iter()
+            .filter(|r| r.mmio.is_some())
+            .map(|r| r.id)
+            .collect();
+        regions
+            .into_iter()
+            .map(|id| self.reset_handler(id).unwrap_or(Invalidation::None))
+            .fold(Invalidation::None, Invalidation::max)
+    }
+
     /// Registers an MMIO region at `[base, base + size)`: every access to it faults as
     /// [`super::FaultOutcome::Handler`] with the returned handle. The region either lies in space
     /// no range covers, or entirely over registered RAM pages, which it replaces (their frames go
@@ -237,17 +333,10 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let id = self
             .handlers
             .insert(HandlerKind::All, base, pages, Some(MmioPlacement::ReplacingRam));
+        let mmio = PageDescriptor::zero(PageType::Mmio).with_handler(HandlerState::All);
         for location in locations {
-            // Reset cannot fail and leaves a ZERO page without a frame.
-            let _ = self.apply(location, PageEvent::Reset);
-            let page = self.ranges.page(location);
-            self.ranges.set_page(
-                location,
-                page.with_type(PageType::Mmio).with_handler(HandlerState::All),
-            );
-            self.counts.zero -= 1;
+            self.replace_page(location, mmio);
             self.counts.mmio += 1;
-            self.sync_leaf(location);
         }
         self.pool.flush(&mut self.frames);
         Ok((id, Invalidation::SingleContext))
@@ -275,10 +364,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             MmioPlacement::ReplacingRam => {
                 for location in locations {
                     // Whatever the page was (MMIO or an alias), it is ZERO RAM again.
-                    self.ranges
-                        .set_page(location, PageDescriptor::zero(PageType::Ram));
-                    self.counts.zero += 1;
-                    self.sync_leaf(location);
+                    self.restore_ram_page(location);
                 }
             }
         }
@@ -397,7 +483,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     }
 
     /// Locates every page of `[base, base + pages)`, which must all be registered RAM.
-    fn ram_pages(&self, base: GuestPhysAddr, pages: u64) -> Result<Vec<PageLocation>, PgmError> {
+    pub(super) fn ram_pages(&self, base: GuestPhysAddr, pages: u64) -> Result<Vec<PageLocation>, PgmError> {
         (0..pages)
             .map(|page| {
                 let gpa = GuestPhysAddr::new_truncate(base.as_u64() + page * PAGE_SIZE);

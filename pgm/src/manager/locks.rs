@@ -1,16 +1,27 @@
 //! Page-map locks (after PGMR3PhysGCPhys2CCPtr[ReadOnly]External, the bulk variants and
 //! PGMPhysReleasePageMappingLock): the host gets the host-physical address of a guest page and
-//! the page's frame stays put until the lock is released. While locked, a page is never freed:
+//! the frame stays put until the lock is released. While locked, a page is never freed:
 //! reset zeroes it in place, and the balloon and MMIO refuse it. A write-locked page counts as
 //! written at every harvest, since the host may write through its mapping at any time.
+//!
+//! As in the seed, pages under write or all-access handlers can be locked: the lock's holder
+//! acts for the handler (the seed delegates such requests to the EMT and hands out the
+//! mapping). A SHARED page locked for reading stays shared: the lock holds a reference on the
+//! shared frame, so a guest write copies the page as usual and the frame the host reads
+//! stays alive until the lock is released.
+//!
+//! Counts: a descriptor holds up to [`INLINE_LOCKS_MAX`] locks of each kind; beyond that the
+//! count lives in a small table here, up to [`PAGE_MAX_LOCKS`] (after PGM_PAGE_MAX_LOCKS, 254
+//! in the seed, where a page reaching it is locked for good).
 
+use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use super::Pgm;
 use crate::addr::{GuestPhysAddr, HostPhysAddr};
 use crate::error::PgmError;
 use crate::frames::{HostFrameAllocator, HostMemory};
-use crate::page::{HandlerState, PageEvent, PageState, PageType};
+use crate::page::{PageEvent, PageState, PageType, INLINE_LOCKS_MAX};
 use crate::paging::Invalidation;
 use crate::ram::PageLocation;
 
@@ -20,7 +31,16 @@ use crate::ram::PageLocation;
 pub struct PageMapLock {
     page: GuestPhysAddr,
     write: bool,
+    /// The shared frame this read lock holds a reference on.
+    pinned: Option<HostPhysAddr>,
 }
+
+/// A lock count that reached this stays: the page is locked for good. High enough that no
+/// ordinary nesting of locks reaches it.
+pub const PAGE_MAX_LOCKS: u64 = u32::MAX as u64;
+
+/// Lock counts beyond what a descriptor holds, by page and kind (`true`: write locks).
+pub(super) type LockOverflow = BTreeMap<(GuestPhysAddr, bool), u64>;
 
 /// What locking a page gives the caller.
 #[must_use = "the lock must be released, and the invalidation carried out"]
@@ -62,14 +82,18 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     }
 
     /// Locks the page holding `gpa` for reading and returns the host-physical address of `gpa`
-    /// in the frame guest reads see (the shared zero frame for a ZERO page). A SHARED page is
-    /// copied to a private frame first: locked pages are never shared.
+    /// in the frame guest reads see (the shared zero frame for a ZERO page). A SHARED page
+    /// stays shared: the lock holds a reference on its frame until released.
     pub fn lock_page_for_read(&mut self, gpa: GuestPhysAddr) -> Result<PageMapping, PgmError> {
         let location = self.lockable(gpa, false)?;
-        let remapped = self.ranges.page(location).state() == PageState::Shared
-            && self.apply_remapping(location, PageEvent::Write)?;
+        let page = self.ranges.page(location);
         let frame = self.read_source(location).unwrap_or(self.zero_frame);
-        Ok(self.mapping(location, frame, gpa, false, remapped))
+        let mut mapping = self.mapping(location, frame, gpa, false, false);
+        if page.state() == PageState::Shared && page.page_type() == PageType::Ram {
+            self.pin_share(frame);
+            mapping.lock.pinned = Some(frame);
+        }
+        Ok(mapping)
     }
 
     /// Locks every page in `pages` for reading (or for writing with `write`). All or nothing: on
@@ -98,11 +122,62 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 
     /// Releases a page-map lock.
     pub fn release_page_lock(&mut self, lock: PageMapLock) {
+        if let Some(frame) = lock.pinned {
+            self.unpin_share(frame);
+        }
         let Some(location) = self.ranges.find(lock.page) else {
             return;
         };
-        let page = self.ranges.page(location).with_lock_change(lock.write, -1);
+        let count = self.lock_count(location, lock.write);
+        if count < PAGE_MAX_LOCKS {
+            self.set_lock_count(location, lock.write, count.saturating_sub(1));
+        }
+    }
+
+    /// Locks of the given kind held on the page at `location`.
+    pub(super) fn lock_count(&self, location: PageLocation, write: bool) -> u64 {
+        let page = self.ranges.page(location);
+        let inline = if write {
+            page.write_locks()
+        } else {
+            page.read_locks()
+        };
+        if inline < INLINE_LOCKS_MAX {
+            return inline;
+        }
+        let key = (self.ranges.gpa_of(location), write);
+        self.lock_overflow.get(&key).copied().unwrap_or(inline)
+    }
+
+    /// Locks of the given kind held on the page holding `gpa` (0 for no page).
+    pub fn page_lock_count(&self, gpa: GuestPhysAddr, write: bool) -> u64 {
+        self.ranges
+            .find(gpa)
+            .map_or(0, |location| self.lock_count(location, write))
+    }
+
+    /// Sets the page's count of locks of the given kind, keeping the overflow table and the
+    /// locked-page counts in step.
+    fn set_lock_count(&mut self, location: PageLocation, write: bool, count: u64) {
+        let before = self.lock_count(location, write);
+        let page = self.ranges.page(location).with_locks(write, count);
         self.ranges.set_page(location, page);
+        let key = (self.ranges.gpa_of(location), write);
+        if count >= INLINE_LOCKS_MAX {
+            self.lock_overflow.insert(key, count);
+        } else {
+            self.lock_overflow.remove(&key);
+        }
+        let locked_pages = if write {
+            &mut self.locked_pages.write
+        } else {
+            &mut self.locked_pages.read
+        };
+        match (before, count) {
+            (0, 1..) => *locked_pages += 1,
+            (1.., 0) => *locked_pages -= 1,
+            _ => {}
+        }
     }
 
     /// Marks the page at `location` written (monitoring on), once.
@@ -123,6 +198,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         });
     }
 
+    /// Locates the page holding `gpa` if it can be locked: RAM, MMIO2 and (for reading) ROM
+    /// pages that are not ballooned, whatever handler covers them.
     fn lockable(&self, gpa: GuestPhysAddr, write: bool) -> Result<PageLocation, PgmError> {
         let location = self.ranges.find(gpa).ok_or(PgmError::NotGuestMemory(gpa))?;
         let page = self.ranges.page(location);
@@ -140,14 +217,6 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 state: page.state(),
             });
         }
-        let handled = match page.handler() {
-            HandlerState::All => true,
-            HandlerState::Write => write,
-            HandlerState::None | HandlerState::Disabled => false,
-        };
-        if handled {
-            return Err(PgmError::HandlerPresent(gpa));
-        }
         Ok(location)
     }
 
@@ -160,13 +229,16 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         write: bool,
         remapped: bool,
     ) -> PageMapping {
-        let page = self.ranges.page(location).with_lock_change(write, 1);
-        self.ranges.set_page(location, page);
+        let count = self.lock_count(location, write);
+        if count < PAGE_MAX_LOCKS {
+            self.set_lock_count(location, write, count + 1);
+        }
         PageMapping {
             host: offset_in(frame, gpa),
             lock: PageMapLock {
                 page: self.ranges.gpa_of(location),
                 write,
+                pinned: None,
             },
             invalidation: if remapped {
                 Invalidation::SingleContext

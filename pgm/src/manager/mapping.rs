@@ -21,7 +21,7 @@
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 
-use super::rom::{self, RomProtection, RomRange};
+use super::rom::{self, RomRange, RomTarget};
 use super::{Pgm, A20_BIT};
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::error::PgmError;
@@ -183,25 +183,30 @@ impl LeafSource<'_> {
         }
     }
 
-    /// The mapping of the ROM page `page` at `gpa`: the image frame read/execute while reads go
-    /// to the ROM; the shadow read/execute (writes ignored), or mapped like RAM (writes
-    /// allowed), while reads go to the shadow.
+    /// The mapping of the ROM page `page` at `gpa`, as its protection routes reads and writes
+    /// ([`RomProtection::target`]): the image frame read/execute while reads go to the ROM; the
+    /// shadow mapped like RAM while reads go to it, without write permission unless writes are
+    /// mapped to it too.
     fn rom(&self, gpa: GuestPhysAddr, page: PageDescriptor) -> Option<Leaf> {
         let rom = rom::covering(self.roms, gpa)?;
+        let protection = rom.protection_at(gpa);
         let read_execute = Permissions::READ | Permissions::EXECUTE;
-        let as_ram = leaf_for(page.with_type(PageType::Ram), self.zero_frame);
-        match rom.effective_protection() {
-            RomProtection::ReadRomWriteIgnore | RomProtection::ReadRomWriteRam => Some(Leaf {
+        if protection.target(Access::Read) == RomTarget::Image {
+            return Some(Leaf {
                 frame: rom.virgin_frame(gpa)?,
                 permissions: read_execute,
                 memory_type: MemoryType::WriteBack,
-            }),
-            RomProtection::ReadRamWriteIgnore => as_ram.map(|leaf| Leaf {
-                permissions: read_execute,
-                ..leaf
-            }),
-            RomProtection::ReadRamWriteRam => as_ram,
+            });
         }
+        let as_ram = leaf_for(page.with_type(PageType::Ram), self.zero_frame)?;
+        Some(if protection.maps_writes() {
+            as_ram
+        } else {
+            Leaf {
+                permissions: read_execute,
+                ..as_ram
+            }
+        })
     }
 
     /// The frame the reverse map records for `leaf` at `gpa`, if it records one: every mapping
@@ -525,7 +530,7 @@ mod tests {
     fn vm_with_mmio2() -> (SimPgm, HostPhysAddr) {
         let mut pgm = pgm_with_frames(1024);
         pgm.register_ram(gpa(0), MIB, "ram").unwrap();
-        let region = pgm.create_mmio2(PAGE_SIZE, 0).unwrap();
+        let region = pgm.create_mmio2(mmio2_spec(PAGE_SIZE, 0)).unwrap();
         pgm.map_mmio2(region, gpa(0x20_0000)).unwrap();
         let frame = pgm.translate(gpa(0x20_0000), Access::Read).unwrap();
         (pgm, frame)

@@ -9,21 +9,47 @@ use super::{page_count, Pgm};
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::error::PgmError;
 use crate::frames::{HostFrameAllocator, HostMemory};
-pub use crate::handles::Mmio2Handle;
+pub use crate::handles::{DeviceId, Mmio2Handle};
 use crate::page::{PageDescriptor, PageType};
 use crate::paging::Invalidation;
 use crate::ram::{PageLocation, RamRange};
 
+/// At most this many MMIO2 regions per VM (PGM_MMIO2_MAX_RANGES).
+pub const MMIO2_MAX_REGIONS: usize = 32;
+/// At most this many pages per MMIO2 region (PGM_MMIO2_MAX_PAGE_COUNT: 64 GiB).
+pub const MMIO2_MAX_PAGES: u64 = 0x0100_0000;
+
+/// What a device asks for when it creates an MMIO2 region (PGMR3PhysMmio2Register).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mmio2Spec {
+    /// The device instance that owns the region.
+    pub device: DeviceId,
+    /// The device's own number for the region (PCI BAR etc.), unique per device.
+    pub region_no: u32,
+    /// Bytes, a non-zero whole number of pages, at most [`MMIO2_MAX_PAGES`] pages.
+    pub size: u64,
+    /// PGMPHYS_MMIO2_FLAGS_TRACK_DIRTY_PAGES: the region may track dirty pages.
+    pub track_dirty_pages: bool,
+}
+
 /// One MMIO2 region.
 pub(super) struct Mmio2Region {
     handle: Mmio2Handle,
+    device: DeviceId,
     /// The device's own number for the region (PCI BAR etc.), kept for the device.
     region_no: u32,
     frames: Vec<HostPhysAddr>,
     mapped_at: Option<GuestPhysAddr>,
+    /// Mapped over RAM pages, which become ZERO RAM again when it is unmapped.
+    over_ram: bool,
+    /// Created with the track-dirty-pages flag.
+    trackable: bool,
     tracking: bool,
-    /// One bit per page: written by the guest since the last query.
+    /// One bit per page: written by the guest while tracked since the last query.
     dirty: Vec<u64>,
+    /// The region was mapped with tracking off since the last query: the guest may have
+    /// written any page unseen, so the next query reports every page.
+    unseen_writes: bool,
 }
 
 impl Mmio2Region {
@@ -46,13 +72,42 @@ impl Mmio2Region {
         let frame = self.frames[(offset / PAGE_SIZE) as usize];
         (frame, offset % PAGE_SIZE)
     }
+
+    /// Notes that tracking may have stopped seeing guest writes.
+    fn note_untracked_mapping(&mut self) {
+        if self.mapped_at.is_some() && !self.tracking {
+            self.unseen_writes = true;
+        }
+    }
+
+    /// A bitmap with every page of the region set.
+    fn all_dirty(&self) -> Vec<u64> {
+        let pages = self.frames.len();
+        let mut bits = alloc::vec![u64::MAX; pages.div_ceil(64)];
+        if let Some(last) = bits.last_mut() {
+            if !pages.is_multiple_of(64) {
+                *last = (1 << (pages % 64)) - 1;
+            }
+        }
+        bits
+    }
 }
 
 impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
-    /// Creates an unmapped MMIO2 region of `size` bytes (a non-zero whole number of pages), its
-    /// memory allocated and zeroed now. `region_no` is the device's own number for it.
-    pub fn create_mmio2(&mut self, size: u64, region_no: u32) -> Result<Mmio2Handle, PgmError> {
-        let pages = page_count(GuestPhysAddr::default(), size)? as usize;
+    /// Creates an unmapped MMIO2 region for `spec.device`, its memory allocated and zeroed now.
+    /// Refused, changing nothing, when the device already has region `spec.region_no`
+    /// ([`PgmError::Mmio2RegionExists`]), the VM has [`MMIO2_MAX_REGIONS`] regions, or the size
+    /// is not a whole number of pages up to [`MMIO2_MAX_PAGES`].
+    pub fn create_mmio2(&mut self, spec: Mmio2Spec) -> Result<Mmio2Handle, PgmError> {
+        let pages = page_count(GuestPhysAddr::default(), spec.size)?;
+        if pages > MMIO2_MAX_PAGES {
+            return Err(PgmError::Mmio2TooLarge);
+        }
+        if self.mmio2.len() >= MMIO2_MAX_REGIONS {
+            return Err(PgmError::TooManyMmio2Regions);
+        }
+        self.check_region_no_free(spec.device, spec.region_no)?;
+        let pages = pages as usize;
         let mut frames = Vec::with_capacity(pages);
         if self.frames.allocate_frames(pages, &mut frames) < pages {
             self.frames.free_frames(&frames);
@@ -65,58 +120,95 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         self.next_mmio2 += 1;
         self.mmio2.push(Mmio2Region {
             handle,
-            region_no,
+            device: spec.device,
+            region_no: spec.region_no,
             frames,
             mapped_at: None,
+            over_ram: false,
+            trackable: spec.track_dirty_pages,
             tracking: false,
             dirty: alloc::vec![0; pages.div_ceil(64)],
+            unseen_writes: false,
         });
         Ok(handle)
     }
 
-    /// Maps the region at `base`, in space no range covers. The pages map like RAM
-    /// (write-protected where dirty tracking or write monitoring wants their next write).
+    /// Maps the region at `base`: in space no range covers, or wholly over registered RAM pages
+    /// without handlers or map locks (the seed's overlapping mapping), which it replaces while
+    /// mapped — their frames go back to the host, and [`unmap_mmio2`](Self::unmap_mmio2) gives
+    /// them back as ZERO pages. The pages map like RAM (write-protected where dirty tracking or
+    /// write monitoring wants their next write). Returns the invalidation replacing RAM needs.
     pub fn map_mmio2(&mut self, handle: Mmio2Handle, base: GuestPhysAddr) -> Result<Invalidation, PgmError> {
         let region = self.region(handle)?;
         if region.mapped_at.is_some() {
             return Err(PgmError::Mmio2Mapped(true));
         }
         let size = region.size();
-        page_count(base, size)?;
-        self.ranges.check_free(base, size)?;
-        let descriptors: Vec<PageDescriptor> = region
-            .frames
-            .iter()
-            .map(|&frame| PageDescriptor::allocated(PageType::Mmio2, frame))
-            .collect();
-        self.insert_mapped(alloc::vec![RamRange::new(base, descriptors, "mmio2")])?;
-        self.region_mut(handle)?.mapped_at = Some(base);
+        let pages = page_count(base, size)?;
+        let frames = region.frames.clone();
+        let over_ram = match self.ranges.check_free(base, size) {
+            Ok(()) => None,
+            Err(overlap) => Some(self.replaceable_ram(base, pages).map_err(|error| match error {
+                // Part RAM, part unassigned: the overlap is the clearer complaint.
+                PgmError::NotGuestMemory(_) => overlap,
+                other => other,
+            })?),
+        };
+        let invalidation = match over_ram {
+            None => {
+                let descriptors: Vec<PageDescriptor> = frames
+                    .iter()
+                    .map(|&frame| PageDescriptor::allocated(PageType::Mmio2, frame))
+                    .collect();
+                self.insert_mapped(alloc::vec![RamRange::new(base, descriptors, "mmio2")])?;
+                Invalidation::None
+            }
+            Some(locations) => {
+                for (location, frame) in locations.into_iter().zip(frames) {
+                    self.replace_page(location, PageDescriptor::allocated(PageType::Mmio2, frame));
+                }
+                self.pool.flush(&mut self.frames);
+                Invalidation::SingleContext
+            }
+        };
+        let region = self.region_mut(handle)?;
+        region.mapped_at = Some(base);
+        region.over_ram = invalidation == Invalidation::SingleContext;
+        region.note_untracked_mapping();
         // Newly mapped: protection can only be added here, to pages nobody has cached.
         self.refresh_region_protection(handle);
-        Ok(Invalidation::None)
+        Ok(invalidation)
     }
 
-    /// Unmaps the region; its memory and dirty bits stay with it. Refused, changing nothing,
-    /// while a page-map lock holds one of its pages ([`PgmError::PageLocked`]): the host's
-    /// pointer into device memory must be released before the memory can go.
+    /// Unmaps the region; its memory and dirty bits stay with it. RAM it replaced becomes ZERO
+    /// RAM again. Refused, changing nothing, while a page-map lock holds one of its pages
+    /// ([`PgmError::PageLocked`]): the host's pointer into device memory must be released
+    /// before the memory can go.
     pub fn unmap_mmio2(&mut self, handle: Mmio2Handle) -> Result<Invalidation, PgmError> {
-        let base = self
-            .region(handle)?
-            .mapped_at
-            .ok_or(PgmError::Mmio2Mapped(false))?;
-        let location = self.ranges.find(base).ok_or(PgmError::NotGuestMemory(base))?;
-        let pages = self.ranges.get(location.range).map_or(&[][..], |r| r.pages());
-        if let Some(locked) = pages.iter().position(|page| page.is_locked()) {
-            let gpa = GuestPhysAddr::new_truncate(base.as_u64() + locked as u64 * PAGE_SIZE);
-            return Err(PgmError::PageLocked(gpa));
+        let region = self.region(handle)?;
+        let base = region.mapped_at.ok_or(PgmError::Mmio2Mapped(false))?;
+        let over_ram = region.over_ram;
+        let locations = self.located(base, region.frames.len() as u64);
+        if let Some(&locked) = locations.iter().find(|&&at| self.ranges.page(at).is_locked()) {
+            return Err(PgmError::PageLocked(self.ranges.gpa_of(locked)));
         }
-        self.remove_range(location.range);
-        self.region_mut(handle)?.mapped_at = None;
+        if over_ram {
+            for location in locations {
+                self.restore_ram_page(location);
+            }
+        } else if let Some(first) = locations.first() {
+            self.remove_range(first.range);
+        }
+        let region = self.region_mut(handle)?;
+        region.mapped_at = None;
+        region.over_ram = false;
         Ok(Invalidation::SingleContext)
     }
 
-    /// Shrinks an unmapped region to `size` bytes, giving the tail's frames back (MMIO pages
-    /// aliased to them trap again; the invalidation that needs is returned).
+    /// Shrinks an unmapped region to `size` bytes (PGMR3PhysMmio2Reduce): its next mapping
+    /// covers only that much. Unlike the seed, which keeps the tail's memory allocated, the
+    /// tail's frames go back to the host now; MMIO pages aliased to them trap again (the
+    /// invalidation that needs is returned), and the tail's dirty bits are dropped.
     pub fn reduce_mmio2(&mut self, handle: Mmio2Handle, size: u64) -> Result<Invalidation, PgmError> {
         let pages = page_count(GuestPhysAddr::default(), size)? as usize;
         let region = self.region(handle)?;
@@ -159,6 +251,32 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         Ok(invalidation)
     }
 
+    /// Deregisters every MMIO2 region of `device` (PGMR3PhysMmio2Deregister with no handle, as
+    /// a device's destruction does). All or nothing: refused, changing nothing, while a
+    /// page-map lock holds a page of any of them.
+    pub fn deregister_device_mmio2(&mut self, device: DeviceId) -> Result<Invalidation, PgmError> {
+        let handles: Vec<Mmio2Handle> = self
+            .mmio2
+            .iter()
+            .filter(|region| region.device == device)
+            .map(|region| region.handle)
+            .collect();
+        for &handle in &handles {
+            let region = self.region(handle)?;
+            if let Some(base) = region.mapped_at {
+                let locations = self.located(base, region.frames.len() as u64);
+                if let Some(&locked) = locations.iter().find(|&&at| self.ranges.page(at).is_locked()) {
+                    return Err(PgmError::PageLocked(self.ranges.gpa_of(locked)));
+                }
+            }
+        }
+        let mut invalidation = Invalidation::None;
+        for handle in handles {
+            invalidation = invalidation.max(self.deregister_mmio2(handle)?);
+        }
+        Ok(invalidation)
+    }
+
     /// Takes every alias and mapping of the region frames `frames` away before they are freed
     /// (see [`unmap_frame`](Self::unmap_frame)); returns the invalidation that needs.
     fn unmap_frames(&mut self, frames: &[HostPhysAddr]) -> Invalidation {
@@ -198,9 +316,30 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         self.region(handle).ok().map(|r| r.region_no)
     }
 
-    /// Changes the device's region number (PGMR3PhysMmio2ChangeRegionNo).
+    /// The device that owns the region.
+    pub fn mmio2_device(&self, handle: Mmio2Handle) -> Option<DeviceId> {
+        self.region(handle).ok().map(|r| r.device)
+    }
+
+    /// Changes the device's region number (PGMR3PhysMmio2ChangeRegionNo); refused when the
+    /// device has another region with that number.
     pub fn change_mmio2_region_no(&mut self, handle: Mmio2Handle, region_no: u32) -> Result<(), PgmError> {
+        let region = self.region(handle)?;
+        if region.region_no != region_no {
+            self.check_region_no_free(region.device, region_no)?;
+        }
         self.region_mut(handle)?.region_no = region_no;
+        Ok(())
+    }
+
+    fn check_region_no_free(&self, device: DeviceId, region_no: u32) -> Result<(), PgmError> {
+        let taken = self
+            .mmio2
+            .iter()
+            .any(|region| region.device == device && region.region_no == region_no);
+        if taken {
+            return Err(PgmError::Mmio2RegionExists { device, region_no });
+        }
         Ok(())
     }
 
@@ -228,31 +367,62 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         Ok(())
     }
 
-    /// Switches dirty-page tracking of the region on or off. Switched on, tracking starts clean:
-    /// every mapped page is write-protected until the guest writes it.
+    /// Switches dirty-page tracking of the region on or off
+    /// (PGMR3PhysMmio2ControlDirtyPageTracking). Bits already collected are kept either way;
+    /// while tracking is on, pages not yet dirty are write-protected until the guest writes
+    /// them. Switched off while mapped, the guest's writes go unseen, so the next query reports
+    /// the whole region. Refused for a region created without
+    /// [`Mmio2Spec::track_dirty_pages`].
     pub fn set_mmio2_dirty_tracking(
         &mut self,
         handle: Mmio2Handle,
         enabled: bool,
     ) -> Result<Invalidation, PgmError> {
-        let region = self.region_mut(handle)?;
+        let region = self.trackable_region(handle)?;
         region.tracking = enabled;
-        region.dirty.fill(0);
+        region.note_untracked_mapping();
         Ok(self.refresh_region_protection(handle))
     }
 
-    /// Puts the region's dirty bitmap (one bit per page, page 0 in bit 0 of word 0) into `out`,
-    /// clears it and write-protects the pages that were dirty again.
+    /// True while the region tracks dirty pages.
+    pub fn mmio2_dirty_tracking(&self, handle: Mmio2Handle) -> Option<bool> {
+        self.region(handle).ok().map(|region| region.tracking)
+    }
+
+    /// Puts the region's dirty bitmap (one bit per page, page 0 in bit 0 of word 0) into `out`
+    /// and resets it (PGMR3PhysMmio2QueryAndResetDirtyBitmap); with no `out`, only resets. The
+    /// bitmap holds the pages the guest wrote while tracked — kept across switching tracking
+    /// off and unmapping, where the seed can only report the whole region — or every page when
+    /// the region was mapped untracked since the last query (the guest may have written any
+    /// page unseen; the seed reports nothing then). Pages that were dirty are write-protected
+    /// again while tracking is on. Refused for a region created without tracking.
     pub fn query_and_reset_mmio2_dirty(
         &mut self,
         handle: Mmio2Handle,
-        out: &mut Vec<u64>,
+        out: Option<&mut Vec<u64>>,
     ) -> Result<Invalidation, PgmError> {
-        let region = self.region_mut(handle)?;
-        out.clear();
-        out.extend_from_slice(&region.dirty);
-        region.dirty.fill(0);
+        let region = self.trackable_region(handle)?;
+        let bits = if region.unseen_writes {
+            region.all_dirty()
+        } else {
+            core::mem::take(&mut region.dirty)
+        };
+        region.dirty = alloc::vec![0; region.frames.len().div_ceil(64)];
+        region.unseen_writes = false;
+        region.note_untracked_mapping();
+        if let Some(out) = out {
+            out.clear();
+            out.extend_from_slice(&bits);
+        }
         Ok(self.refresh_region_protection(handle))
+    }
+
+    fn trackable_region(&mut self, handle: Mmio2Handle) -> Result<&mut Mmio2Region, PgmError> {
+        let region = self.region_mut(handle)?;
+        if !region.trackable {
+            return Err(PgmError::Mmio2NotTrackable(handle));
+        }
+        Ok(region)
     }
 
     /// True when `location` is a page of a tracked MMIO2 region not yet written since the last
@@ -280,6 +450,14 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         }
     }
 
+    /// The region mapped over `gpa`, if any.
+    pub(super) fn mmio2_at(&self, gpa: GuestPhysAddr) -> Option<Mmio2Handle> {
+        self.mmio2
+            .iter()
+            .find(|region| region.page_of(gpa).is_some())
+            .map(|region| region.handle)
+    }
+
     /// Frees every region's frames (VM termination).
     pub(super) fn release_mmio2(&mut self) {
         for region in core::mem::take(&mut self.mmio2) {
@@ -302,16 +480,10 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let Some(base) = self.region(handle).ok().and_then(|r| r.mapped_at) else {
             return Invalidation::None;
         };
-        let Some(first) = self.ranges.find(base) else {
-            return Invalidation::None;
-        };
-        let pages = self.ranges.get(first.range).map_or(0, |r| r.pages().len());
+        let pages = self.region(handle).map_or(0, |r| r.frames.len() as u64);
         let mut invalidation = Invalidation::None;
-        for page in 0..pages {
-            invalidation = invalidation.max(self.refresh_protection(PageLocation {
-                range: first.range,
-                page,
-            }));
+        for location in self.located(base, pages) {
+            invalidation = invalidation.max(self.refresh_protection(location));
         }
         invalidation
     }

@@ -19,6 +19,7 @@ use crate::pool::FramePool;
 use crate::ram::{PageLocation, RamRange, RamRanges};
 
 mod audit;
+mod dump;
 mod handlers;
 mod large;
 mod locks;
@@ -26,13 +27,16 @@ mod mapping;
 mod mmio2;
 mod rom;
 mod sharing;
+mod stats;
 
 pub use audit::{AuditReport, Finding, Problem};
 pub use handlers::{AccessHandlers, HandlerAction};
-pub use locks::{PageMapLock, PageMapping};
-pub use mmio2::Mmio2Handle;
-pub use rom::{RomId, RomProtection};
+pub use locks::{PageMapLock, PageMapping, PAGE_MAX_LOCKS};
+pub use mmio2::{DeviceId, Mmio2Handle, Mmio2Spec, MMIO2_MAX_PAGES, MMIO2_MAX_REGIONS};
+pub use rom::{RomId, RomImage, RomProtection, RomTarget};
 pub use sharing::SharingReport;
+use stats::StateCounts;
+pub use stats::{GlobalMemoryReport, MemoryStats, VmMemoryReport};
 
 /// What a resolved fault did to its page (for the VMM's exit statistics).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,83 +80,6 @@ pub enum FaultOutcome {
     /// A frame was needed and none could be had (host exhausted or the VM's limit reached);
     /// nothing was changed.
     OutOfMemory,
-}
-
-/// Page and frame counts of one VM.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MemoryStats {
-    /// Pages under the page-state machine: RAM pages and the shadows of shadowed ROM.
-    pub ram_pages: u64,
-    /// Pages reading as zeros from the shared zero frame.
-    pub zero_pages: u64,
-    /// Pages with a private frame, writable.
-    pub allocated_pages: u64,
-    /// Pages with a private frame, write-protected by write monitoring.
-    pub write_monitored_pages: u64,
-    /// Pages mapping a shared frame.
-    pub shared_pages: u64,
-    /// Distinct shared frames.
-    pub shared_frames: u64,
-    /// Pages given to the balloon.
-    pub ballooned_pages: u64,
-    /// MMIO pages (in ranges of their own or replacing RAM).
-    pub mmio_pages: u64,
-    /// ROM pages, each holding a frame with its part of the image.
-    pub rom_pages: u64,
-    /// Frames of MMIO2 regions, mapped or not.
-    pub mmio2_frames: u64,
-    /// Frames waiting in the handy pool.
-    pub handy_frames: u64,
-    /// Freed frames not yet given back to the allocator.
-    pub pending_free_frames: u64,
-    /// Host frames holding EPT tables.
-    pub table_frames: u64,
-    /// Private frames handed out since creation.
-    pub private_allocations: u64,
-}
-
-impl MemoryStats {
-    /// Frames backing guest pages.
-    pub fn private_frames(&self) -> u64 {
-        self.allocated_pages + self.write_monitored_pages
-    }
-
-    /// Host frames this VM holds from the allocator: private, handy, pending, tables and the
-    /// shared zero frame.
-    pub fn host_frames(&self) -> u64 {
-        self.private_frames()
-            + self.rom_pages
-            + self.shared_frames
-            + self.mmio2_frames
-            + self.handy_frames
-            + self.pending_free_frames
-            + self.table_frames
-            + 1
-    }
-}
-
-/// Pages per state, kept in step with every transition.
-#[derive(Clone, Copy, Default)]
-struct StateCounts {
-    zero: u64,
-    allocated: u64,
-    write_monitored: u64,
-    shared: u64,
-    ballooned: u64,
-    mmio: u64,
-    rom: u64,
-}
-
-impl StateCounts {
-    fn of(&mut self, state: PageState) -> &mut u64 {
-        match state {
-            PageState::Zero => &mut self.zero,
-            PageState::Allocated => &mut self.allocated,
-            PageState::WriteMonitored => &mut self.write_monitored,
-            PageState::Shared => &mut self.shared,
-            PageState::Ballooned => &mut self.ballooned,
-        }
-    }
 }
 
 /// Little-endian 1/2/4/8-byte accessors over `read_phys`/`write_phys` (PGMR3PhysReadU8..U64,
@@ -205,6 +132,23 @@ pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
     shared: alloc::collections::BTreeMap<HostPhysAddr, u64>,
     /// Where frames no single page owns are mapped (see `mapping`).
     reverse: mapping::ReverseMap,
+    /// References read locks hold on shared frames (counted in `shared` as well).
+    share_pins: alloc::collections::BTreeMap<HostPhysAddr, u64>,
+    /// Lock counts too large for their descriptors (see `locks`).
+    lock_overflow: locks::LockOverflow,
+    /// Pages holding read locks and pages holding write locks.
+    locked_pages: LockedPages,
+    /// Reset zeroes RAM (ZeroRamPagesOnReset; on by default).
+    zero_on_reset: bool,
+    /// RAM is pre-allocated, now and after every reset (fRamPreAlloc).
+    preallocated: bool,
+}
+
+/// Pages holding map locks, by kind (cReadLockedPages, cWriteLockedPages).
+#[derive(Clone, Copy, Default)]
+struct LockedPages {
+    read: u64,
+    write: u64,
 }
 
 impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
@@ -240,11 +184,16 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             shared: alloc::collections::BTreeMap::new(),
             registrations: 0,
             reverse: mapping::ReverseMap::default(),
+            share_pins: alloc::collections::BTreeMap::new(),
+            lock_overflow: locks::LockOverflow::new(),
+            locked_pages: LockedPages::default(),
+            zero_on_reset: true,
+            preallocated: false,
         })
     }
 
     /// Registers `size` bytes of RAM at `base`, every page ZERO and mapped read/execute to the
-    /// zero frame. `base` and `size` must be page-aligned, `size` non-zero, the range inside the
+    /// zero frame (or given its frame now while pre-allocation is on). `base` and `size` must be page-aligned, `size` non-zero, the range inside the
     /// 48-bit guest-physical width and clear of every registered range. On error nothing changes.
     /// New mappings replace absent entries, so no invalidation is needed.
     pub fn register_ram(
@@ -275,6 +224,13 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         self.insert_mapped(chunks)?;
         self.registrations = registration;
         self.counts.zero += pages;
+        if self.preallocated {
+            if let Err(error) = self.preallocate_ram() {
+                // All or nothing: the new pages are ZERO again, so they can go.
+                let _ = self.unregister_ram(base, size);
+                return Err(error);
+            }
+        }
         Ok(())
     }
 
@@ -387,12 +343,13 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 Ok(())
             }
             Access::Write if page.page_type() == PageType::Rom || page.page_type() == PageType::RomShadow => {
-                let protection = self.rom_covering(gpa).map(|rom| rom.effective_protection());
-                match protection {
-                    Some(RomProtection::ReadRamWriteRam) => {
+                match self.rom_target(gpa, Access::Write) {
+                    Some(RomTarget::Shadow)
+                        if self.rom_target(gpa, Access::Read) == Some(RomTarget::Shadow) =>
+                    {
                         self.apply(location, PageEvent::Write).map(|_| ())
                     }
-                    Some(RomProtection::ReadRomWriteRam) => return FaultOutcome::EmulateWrite,
+                    Some(RomTarget::Shadow) => return FaultOutcome::EmulateWrite,
                     _ => return FaultOutcome::WriteIgnored,
                 }
             }
@@ -564,30 +521,116 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         self.pool.flush(&mut self.frames);
     }
 
-    /// Returns every page of every range to ZERO, freeing private frames and deflating the
-    /// balloon (VM reset). Locked pages keep their frame and are zeroed in place.
+    /// Resets guest memory for a VM reset (pgmR3PhysRamZeroAll, pgmR3PhysRomReset): the
+    /// balloon is deflated, MMIO aliases are undone (the pages trap as plain MMIO again), every
+    /// ROM page goes back to read-ROM/write-ignore with its image restored, and RAM and ROM
+    /// shadows are cleared as the reset modes say:
+    ///
+    /// - by default, pages give their frames back and become ZERO — except pages of a 2 MiB
+    ///   block, which are zeroed in place and keep their mapping, and locked pages, which keep
+    ///   their frame and are zeroed in place;
+    /// - with pre-allocation on ([`set_ram_preallocation`](Self::set_ram_preallocation)), every
+    ///   page keeps its frame and is zeroed in place;
+    /// - with zeroing off ([`set_zero_ram_on_reset`](Self::set_zero_ram_on_reset)), RAM pages
+    ///   keep their frames and contents (ROM shadows are still cleared).
+    ///
+    /// Returns the invalidation the remapping needs.
     pub fn reset_ram(&mut self) -> Invalidation {
-        let mut changed = false;
-        self.for_each_page(|pgm, location| {
-            let descriptor = pgm.ranges.page(location);
-            match (descriptor.is_locked(), descriptor.frame()) {
-                (true, Some(frame)) if descriptor.page_type().owns_frame() => {
-                    pgm.memory.zero_frame(frame);
-                    if pgm.monitoring {
-                        pgm.mark_written(location);
-                    }
-                }
-                // Reset only frees: it cannot fail (MMIO2 refuses it and is left alone).
-                _ => changed |= pgm.apply(location, PageEvent::Reset).unwrap_or(false),
-            }
-        });
+        let mut invalidation = Invalidation::None;
+        self.for_each_page(|pgm, location| invalidation = invalidation.max(pgm.reset_page(location)));
         self.pool.flush(&mut self.frames);
-        let pages = if changed {
-            Invalidation::SingleContext
+        invalidation.max(self.reset_mmio_aliases()).max(self.reset_roms())
+    }
+
+    /// Resets one RAM or ROM-shadow page (see [`reset_ram`](Self::reset_ram)); returns the
+    /// invalidation that needs.
+    fn reset_page(&mut self, location: PageLocation) -> Invalidation {
+        let page = self.ranges.page(location);
+        let (free, zero) = match page.page_type() {
+            PageType::Ram => (self.zero_on_reset && !self.preallocated, self.zero_on_reset),
+            // pgmR3PhysRomReset clears shadows whatever the zeroing mode.
+            PageType::RomShadow => (!self.preallocated, true),
+            _ => return Invalidation::None,
+        };
+        let in_large_block = page.large_page() != LargePageState::None;
+        let keeps_frame = !free || page.is_locked() || in_large_block;
+        match page.state() {
+            // New mappings of the zero frame only: nothing cached to flush.
+            PageState::Zero | PageState::Ballooned => {
+                self.reset_to_zero(location);
+                Invalidation::None
+            }
+            // A shared frame is never cleared in place: the page gets a copy first.
+            PageState::Shared if keeps_frame && zero => {
+                let remapped = self.apply_remapping(location, PageEvent::Write).unwrap_or(false);
+                self.zero_in_place(location);
+                if remapped {
+                    Invalidation::SingleContext
+                } else {
+                    Invalidation::None
+                }
+            }
+            PageState::Shared if keeps_frame => Invalidation::None,
+            PageState::Allocated | PageState::WriteMonitored if keeps_frame => {
+                if zero {
+                    self.zero_in_place(location);
+                }
+                Invalidation::None
+            }
+            PageState::Shared | PageState::Allocated | PageState::WriteMonitored => {
+                self.reset_to_zero(location)
+            }
+        }
+    }
+
+    /// Returns the page at `location` to ZERO, freeing its frame.
+    fn reset_to_zero(&mut self, location: PageLocation) -> Invalidation {
+        // Reset only frees: it cannot fail.
+        match self.apply(location, PageEvent::Reset) {
+            Ok(true) => Invalidation::SingleContext,
+            _ => Invalidation::None,
+        }
+    }
+
+    /// Clears the frame of the page at `location` in place (a content change monitoring sees).
+    fn zero_in_place(&mut self, location: PageLocation) {
+        if let Some(frame) = self.ranges.page(location).frame() {
+            self.memory.zero_frame(frame);
+            if self.monitoring {
+                self.mark_written(location);
+            }
+        }
+    }
+
+    /// Whether [`reset_ram`](Self::reset_ram) zeroes RAM (ZeroRamPagesOnReset; on by
+    /// default). Off, RAM pages keep their frames and contents across a reset.
+    pub fn set_zero_ram_on_reset(&mut self, zero: bool) {
+        self.zero_on_reset = zero;
+    }
+
+    /// Turns RAM pre-allocation on or off as a persistent mode (fRamPreAlloc). On, every RAM
+    /// page gets its frame now ([`preallocate_ram`](Self::preallocate_ram); all or nothing: on
+    /// failure the mode stays off), RAM registered later is pre-allocated too, and reset zeroes
+    /// pages in place instead of freeing them. Off, pages keep their frames until the next
+    /// reset frees them. Returns the invalidation the allocation needs.
+    pub fn set_ram_preallocation(&mut self, enabled: bool) -> Result<Invalidation, PgmError> {
+        let invalidation = if enabled && !self.preallocated {
+            self.preallocate_ram()?
         } else {
             Invalidation::None
         };
-        pages.max(self.reset_roms())
+        self.preallocated = enabled;
+        Ok(invalidation)
+    }
+
+    /// True while reset zeroes RAM.
+    pub fn zero_ram_on_reset(&self) -> bool {
+        self.zero_on_reset
+    }
+
+    /// True while RAM pre-allocation is on.
+    pub fn ram_preallocation(&self) -> bool {
+        self.preallocated
     }
 
     /// Starts write monitoring: every page with a private frame becomes WRITE_MONITORED
@@ -763,6 +806,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             pending_free_frames: self.pool.pending_free() as u64,
             table_frames: self.tables.table_frames() as u64,
             private_allocations: self.pool.taken(),
+            read_locked_pages: self.locked_pages.read,
+            write_locked_pages: self.locked_pages.write,
         }
     }
 
@@ -941,14 +986,10 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let page = self.ranges.page(location);
         let gpa = self.ranges.gpa_of(location);
         match page.page_type() {
-            PageType::Rom | PageType::RomShadow => {
-                let protection = self.rom_covering(gpa)?.effective_protection();
-                if protection.reads_shadow() {
-                    page.frame()
-                } else {
-                    self.virgin_frame(gpa)
-                }
-            }
+            PageType::Rom | PageType::RomShadow => match self.rom_target(gpa, Access::Read)? {
+                RomTarget::Shadow => page.frame(),
+                _ => self.virgin_frame(gpa),
+            },
             PageType::Ram
             | PageType::Mmio
             | PageType::Mmio2
@@ -962,9 +1003,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     fn takes_writes(&self, location: PageLocation) -> bool {
         match self.ranges.page(location).page_type() {
             PageType::Ram | PageType::Mmio2 | PageType::Mmio2AliasMmio | PageType::SpecialAliasMmio => true,
-            PageType::Rom | PageType::RomShadow => self
-                .rom_covering(self.ranges.gpa_of(location))
-                .is_some_and(|rom| rom.effective_protection().writes_shadow()),
+            PageType::Rom | PageType::RomShadow => {
+                self.rom_target(self.ranges.gpa_of(location), Access::Write) == Some(RomTarget::Shadow)
+            }
             PageType::Mmio => false,
         }
     }

@@ -116,6 +116,27 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         }
     }
 
+    /// A read lock takes a reference on the shared frame `frame`, so it outlives the pages
+    /// sharing it until the lock is released.
+    pub(super) fn pin_share(&mut self, frame: HostPhysAddr) {
+        *self.shared.entry(frame).or_insert(0) += 1;
+        *self.share_pins.entry(frame).or_insert(0) += 1;
+    }
+
+    /// A read lock gives its reference on the shared frame `frame` back; the last reference
+    /// frees it.
+    pub(super) fn unpin_share(&mut self, frame: HostPhysAddr) {
+        let Some(pins) = self.share_pins.get_mut(&frame) else {
+            return;
+        };
+        *pins -= 1;
+        if *pins == 0 {
+            self.share_pins.remove(&frame);
+        }
+        self.drop_share(frame);
+        self.pool.flush(&mut self.frames);
+    }
+
     /// Frees every shared frame (VM termination).
     pub(super) fn release_shared(&mut self) {
         let frames: Vec<HostPhysAddr> = core::mem::take(&mut self.shared).into_keys().collect();

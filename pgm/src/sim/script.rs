@@ -19,10 +19,12 @@ use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::frames::HostMemory;
 use crate::handlers::{HandlerId, HandlerKind};
 use crate::manager::{
-    AccessHandlers, FaultOutcome, HandlerAction, Mmio2Handle, PageMapLock, Pgm, RomId, RomProtection,
+    AccessHandlers, DeviceId, FaultOutcome, HandlerAction, Mmio2Handle, Mmio2Spec, PageMapLock, Pgm, RomId,
+    RomImage, RomProtection,
 };
 use crate::page::{PageState, PageType};
 use crate::paging::Access;
+use crate::PgmError;
 
 /// The manager over the simulated host.
 pub type SimPgm = Pgm<SimFrames, SimMemory>;
@@ -34,8 +36,14 @@ const HIGH_RAM: u64 = MIB;
 /// Unassigned space for MMIO and MMIO2 (2 MiB) and its A20 alias (3 MiB).
 const SPACE: [u64; 3] = [0x20_0000, 0x20_4000, 0x28_0000];
 /// Where a ROM may be registered: with bit 20 set (shown 1 MiB below while the A20 gate is
-/// closed) or clear (showing through its alias 1 MiB up).
-const ROM_BASES: [u64; 2] = [0x38_0000, 0x2C_0000];
+/// closed) or clear (showing through its alias 1 MiB up), and over high RAM.
+const ROM_BASES: [u64; 3] = [0x38_0000, 0x2C_0000, HIGH_RAM + 0x2_0000];
+/// ROM pages: the image fills one and a half of them (the rest reads as zeros).
+const ROM_PAGES: u64 = 2;
+/// The image a permanent ROM keeps (not copied).
+static PERMANENT_IMAGE: [u8; 6144] = [0xCD; 6144];
+/// Where MMIO2 may be mapped: the unassigned slots, and over high RAM.
+const MMIO2_SLOTS: [u64; 4] = [SPACE[0], SPACE[1], SPACE[2], HIGH_RAM + 0x3_0000];
 /// A device page of the caller's (the APIC-access page) for special aliases.
 const SPECIAL_FRAME: u64 = 0xFEE0_0000;
 /// Host frames the simulated host has.
@@ -43,7 +51,7 @@ const HOST_FRAMES: u64 = 2048;
 
 /// Guest-physical addresses worth touching: RAM, MMIO/MMIO2 slots, A20 aliases, the ROM, and
 /// holes.
-const INTERESTING: [u64; 16] = [
+const INTERESTING: [u64; 17] = [
     0,
     0x1000,
     0x3F000,
@@ -58,6 +66,7 @@ const INTERESTING: [u64; 16] = [
     SPACE[2] | MIB,
     ROM_BASES[0],
     ROM_BASES[1] | MIB,
+    ROM_BASES[2] + 0x1000,
     0x10_0000 - 0x1000,
     0x4000_0000,
 ];
@@ -93,18 +102,22 @@ pub enum Op {
     DeregisterHandler(u8),
     DisableHandlerPage(u8, u8),
     ResetHandler(u8),
-    CreateMmio2(u8),
+    CreateMmio2(u8, bool),
     MapMmio2(u8, u8),
     UnmapMmio2(u8),
     ReduceMmio2(u8, u8),
     DeregisterMmio2(u8),
     Tracking(u8, bool),
-    QueryDirty(u8),
+    QueryDirty(u8, bool),
     DeviceWrite(u8, u8),
     AliasMmio2(u8, u8, u8, u8),
     AliasHost(u8, u8),
-    RegisterRom(bool, u8),
-    ProtectRom(u8),
+    RegisterRom(bool, u8, bool),
+    ProtectRom(u8, u8, u8),
+    DeregisterRom,
+    ResetModes(bool, bool),
+    External(u8, bool),
+    DeregisterDevice(u8),
     Lock(u8, bool),
     Release(u8),
     UnregisterHighRam,
@@ -113,7 +126,7 @@ pub enum Op {
 
 /// How often each operation is drawn (out of [`WEIGHT_TOTAL`]): guest accesses most, the
 /// structural changes less, so that sequences build state before they tear it down.
-const WEIGHTS: [(u8, OpKind); 35] = [
+const WEIGHTS: [(u8, OpKind); 39] = [
     (8, OpKind::Guest),
     (3, OpKind::HostWrite),
     (1, OpKind::HostRead),
@@ -145,6 +158,10 @@ const WEIGHTS: [(u8, OpKind); 35] = [
     (1, OpKind::AliasHost),
     (1, OpKind::RegisterRom),
     (1, OpKind::ProtectRom),
+    (1, OpKind::DeregisterRom),
+    (1, OpKind::ResetModes),
+    (1, OpKind::External),
+    (1, OpKind::DeregisterDevice),
     (2, OpKind::Lock),
     (2, OpKind::Release),
     (1, OpKind::UnregisterHighRam),
@@ -195,6 +212,10 @@ enum OpKind {
     AliasHost,
     RegisterRom,
     ProtectRom,
+    DeregisterRom,
+    ResetModes,
+    External,
+    DeregisterDevice,
     Lock,
     Release,
     UnregisterHighRam,
@@ -274,18 +295,22 @@ impl Op {
             OpKind::DeregisterHandler => Op::DeregisterHandler(b.byte()?),
             OpKind::DisableHandlerPage => Op::DisableHandlerPage(b.byte()?, b.byte()?),
             OpKind::ResetHandler => Op::ResetHandler(b.byte()?),
-            OpKind::CreateMmio2 => Op::CreateMmio2(b.within(1, 3)?),
-            OpKind::MapMmio2 => Op::MapMmio2(b.byte()?, b.within(0, 3)?),
+            OpKind::CreateMmio2 => Op::CreateMmio2(b.within(1, 3)?, b.flag()?),
+            OpKind::MapMmio2 => Op::MapMmio2(b.byte()?, b.within(0, 4)?),
             OpKind::UnmapMmio2 => Op::UnmapMmio2(b.byte()?),
             OpKind::ReduceMmio2 => Op::ReduceMmio2(b.byte()?, b.within(1, 3)?),
             OpKind::DeregisterMmio2 => Op::DeregisterMmio2(b.byte()?),
             OpKind::Tracking => Op::Tracking(b.byte()?, b.flag()?),
-            OpKind::QueryDirty => Op::QueryDirty(b.byte()?),
+            OpKind::QueryDirty => Op::QueryDirty(b.byte()?, b.flag()?),
             OpKind::DeviceWrite => Op::DeviceWrite(b.byte()?, b.within(0, 4)?),
             OpKind::AliasMmio2 => Op::AliasMmio2(b.byte()?, b.byte()?, b.byte()?, b.within(0, 4)?),
             OpKind::AliasHost => Op::AliasHost(b.byte()?, b.byte()?),
-            OpKind::RegisterRom => Op::RegisterRom(b.flag()?, b.within(0, 2)?),
-            OpKind::ProtectRom => Op::ProtectRom(b.within(0, 4)?),
+            OpKind::RegisterRom => Op::RegisterRom(b.flag()?, b.within(0, 3)?, b.flag()?),
+            OpKind::ProtectRom => Op::ProtectRom(b.within(0, 4)?, b.within(0, 3)?, b.within(1, 2)?),
+            OpKind::DeregisterRom => Op::DeregisterRom,
+            OpKind::ResetModes => Op::ResetModes(b.flag()?, b.flag()?),
+            OpKind::External => Op::External(b.byte()?, b.flag()?),
+            OpKind::DeregisterDevice => Op::DeregisterDevice(b.within(0, 2)?),
             OpKind::Lock => Op::Lock(b.byte()?, b.flag()?),
             OpKind::Release => Op::Release(b.byte()?),
             OpKind::UnregisterHighRam => Op::UnregisterHighRam,
@@ -320,7 +345,7 @@ struct Held {
     mmio: Vec<HandlerId>,
     handlers: Vec<HandlerId>,
     mmio2: Vec<Mmio2Handle>,
-    rom: Option<RomId>,
+    rom: Option<(RomId, GuestPhysAddr)>,
     locks: Vec<PageMapLock>,
 }
 
@@ -414,6 +439,7 @@ impl Scripted {
         }
         let pgm = &self.pgm;
         let zeroed: Vec<GuestPhysAddr> = match *op {
+            Op::Reset if !pgm.zero_ram_on_reset() => Vec::new(),
             Op::Reset => (0..INTERESTING.len())
                 .map(watched_page)
                 .filter(|&at| pgm.page(at).is_some_and(|p| p.page_type() == PageType::Ram))
@@ -613,14 +639,20 @@ impl Scripted {
                     pgm.reset_handler(id).expect("a live handler resets");
                 }
             }
-            Op::CreateMmio2(pages) => {
-                if let Ok(handle) = pgm.create_mmio2(u64::from(pages) * PAGE_SIZE, 0) {
+            Op::CreateMmio2(pages, trackable) => {
+                let spec = Mmio2Spec {
+                    device: DeviceId(u32::from(pages % 2)),
+                    region_no: held.mmio2.len() as u32 % 3,
+                    size: u64::from(pages) * PAGE_SIZE,
+                    track_dirty_pages: trackable,
+                };
+                if let Ok(handle) = pgm.create_mmio2(spec) {
                     held.mmio2.push(handle);
                 }
             }
             Op::MapMmio2(index, slot) => {
                 if let Some(handle) = pick(&held.mmio2, index) {
-                    let _ = pgm.map_mmio2(handle, gpa(SPACE[slot as usize % SPACE.len()]));
+                    let _ = pgm.map_mmio2(handle, gpa(MMIO2_SLOTS[slot as usize % MMIO2_SLOTS.len()]));
                 }
             }
             Op::UnmapMmio2(index) => {
@@ -642,14 +674,15 @@ impl Scripted {
             }
             Op::Tracking(index, on) => {
                 if let Some(handle) = pick(&held.mmio2, index) {
-                    pgm.set_mmio2_dirty_tracking(handle, on)
-                        .expect("a live region takes tracking");
+                    // Refused only for a region created without tracking.
+                    let _ = pgm.set_mmio2_dirty_tracking(handle, on);
                 }
             }
-            Op::QueryDirty(index) => {
+            Op::QueryDirty(index, with_buffer) => {
                 if let Some(handle) = pick(&held.mmio2, index) {
-                    pgm.query_and_reset_mmio2_dirty(handle, &mut Vec::new())
-                        .expect("a live region answers");
+                    let mut bitmap = Vec::new();
+                    let out = with_buffer.then_some(&mut bitmap);
+                    let _ = pgm.query_and_reset_mmio2_dirty(handle, out);
                 }
             }
             Op::DeviceWrite(index, page) => {
@@ -668,23 +701,70 @@ impl Scripted {
                     let _ = pgm.alias_mmio_to_host(id, page_at(at), frame);
                 }
             }
-            Op::RegisterRom(shadowed, at) => {
+            Op::RegisterRom(shadowed, at, permanent) => {
                 if held.rom.is_none() {
-                    let image = vec![0xAB; 2 * PAGE_SIZE as usize];
-                    held.rom = pgm
-                        .register_rom(gpa(ROM_BASES[at as usize % 2]), &image, shadowed)
-                        .ok();
+                    let copied = vec![0xAB; 6144];
+                    let image = if permanent {
+                        RomImage::Permanent(&PERMANENT_IMAGE)
+                    } else {
+                        RomImage::Copy(&copied)
+                    };
+                    let base = gpa(ROM_BASES[at as usize % ROM_BASES.len()]);
+                    if let Ok((id, _)) = pgm.register_rom(base, ROM_PAGES * PAGE_SIZE, image, shadowed) {
+                        held.rom = Some((id, base));
+                    }
                 }
             }
-            Op::ProtectRom(mode) => {
-                if let Some(rom) = held.rom {
+            Op::ProtectRom(mode, first, pages) => {
+                if let Some((_, base)) = held.rom {
                     let protection = [
                         RomProtection::ReadRomWriteIgnore,
                         RomProtection::ReadRomWriteRam,
                         RomProtection::ReadRamWriteIgnore,
                         RomProtection::ReadRamWriteRam,
                     ][mode as usize % 4];
-                    let _ = pgm.protect_rom(rom, protection);
+                    // From a page before the ROM to one past it: the rest is skipped.
+                    let start = gpa((base.as_u64() + u64::from(first) * PAGE_SIZE).saturating_sub(PAGE_SIZE));
+                    pgm.protect_rom_range(start, u64::from(pages) * PAGE_SIZE, protection)
+                        .expect("any page-aligned range protects");
+                }
+            }
+            Op::DeregisterRom => {
+                if let Some((id, _)) = held.rom {
+                    if pgm.deregister_rom(id).is_ok() {
+                        held.rom = None;
+                    }
+                }
+            }
+            Op::ResetModes(zero, preallocated) => {
+                pgm.set_zero_ram_on_reset(zero);
+                let _ = pgm.set_ram_preallocation(preallocated);
+            }
+            Op::External(at, write) => {
+                // From a watched page into whatever follows it, often unassigned space.
+                let start = gpa(interesting(at).as_u64() + PAGE_SIZE - 8);
+                if write {
+                    // Pages may refuse (ballooned, no frame); unassigned space never does.
+                    if let Err(error @ PgmError::NotGuestMemory(_)) =
+                        pgm.write_phys_external(start, &[0x66; 24], &mut Devices)
+                    {
+                        return Err(format!("external write at {start}: {error:?}"));
+                    }
+                } else {
+                    let mut buf = [0u8; 24];
+                    pgm.read_phys_external(start, &mut buf, &mut Devices)
+                        .map_err(|e| format!("external read at {start}: {e:?}"))?;
+                    for (i, &byte) in buf.iter().enumerate() {
+                        let at = gpa(start.as_u64() + i as u64);
+                        if pgm.page(at).is_none() && byte != 0xFF {
+                            return Err(format!("unassigned {at} reads {byte:#x} externally"));
+                        }
+                    }
+                }
+            }
+            Op::DeregisterDevice(device) => {
+                if pgm.deregister_device_mmio2(DeviceId(u32::from(device))).is_ok() {
+                    held.mmio2.retain(|&handle| pgm.is_mmio2_handle(handle));
                 }
             }
             Op::Lock(at, write) => {
@@ -738,9 +818,11 @@ fn preserves_contents(op: &Op) -> bool {
         | Op::RegisterHandler(..)
         | Op::DeregisterHandler(_)
         | Op::DisableHandlerPage(..)
-        | Op::CreateMmio2(_)
+        | Op::CreateMmio2(..)
         | Op::Tracking(..)
-        | Op::QueryDirty(_)
+        | Op::QueryDirty(..)
+        | Op::ResetModes(..)
+        | Op::External(_, false)
         | Op::Lock(..)
         | Op::Release(_) => true,
         _ => false,
