@@ -26,8 +26,9 @@ const QEMU_DEBUG_EXIT: &str = "isa-debug-exit,iobase=0xf4,iosize=0x04";
 pub enum Emulator {
     /// Bochs with `corei7_skylake_x`: VT-x with EPT, unrestricted guest, VPID, PML.
     Bochs,
-    /// QEMU: TCG (no VT-x) unless `kvm`, which passes the host CPU through.
-    Qemu { uefi: bool, kvm: bool },
+    /// QEMU: TCG (no VT-x) unless `kvm`, which passes the host CPU through; with `gdb`, it
+    /// starts halted with its GDB stub on localhost:1234 (`-s -S`).
+    Qemu { uefi: bool, kvm: bool, gdb: bool },
 }
 
 /// What to boot and for how long.
@@ -68,7 +69,7 @@ impl Emulator {
         fs::write(&options.serial_log, b"").map_err(|e| format!("serial log: {e}"))?;
         let mut command = match self {
             Emulator::Bochs => bochs_command(&dir, options)?,
-            Emulator::Qemu { uefi, kvm } => qemu_command(&dir, options, uefi, kvm)?,
+            Emulator::Qemu { uefi, kvm, gdb } => qemu_command(&dir, options, uefi, kvm, gdb)?,
         };
         let stdout_log = dir.join("emulator-output.log");
         let stdout = fs::File::create(&stdout_log).map_err(|e| format!("{e}"))?;
@@ -140,7 +141,13 @@ fn padded_copy(image: &Path, disk: &Path) -> Result<u64, String> {
 }
 
 /// Returns the QEMU command for a BIOS or UEFI boot, with the debug-exit device the kernel uses.
-fn qemu_command(dir: &Path, options: &RunOptions, uefi: bool, kvm: bool) -> Result<Command, String> {
+fn qemu_command(
+    dir: &Path,
+    options: &RunOptions,
+    uefi: bool,
+    kvm: bool,
+    gdb: bool,
+) -> Result<Command, String> {
     let mut command = Command::new("qemu-system-x86_64");
     command
         .arg("-drive")
@@ -167,6 +174,10 @@ fn qemu_command(dir: &Path, options: &RunOptions, uefi: bool, kvm: bool) -> Resu
     }
     if kvm {
         command.args(["-enable-kvm", "-cpu", "host"]);
+    }
+    if gdb {
+        // The GDB stub on tcp::1234, the CPU stopped until GDB continues it.
+        command.args(["-s", "-S"]);
     }
     Ok(command)
 }
@@ -212,5 +223,30 @@ fn show_new_serial(path: &Path, serial: &mut Vec<u8>, shown: &mut usize) {
         let _ = out.write_all(&serial[*shown..]);
         let _ = out.flush();
         *shown = serial.len();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args_of(gdb: bool) -> Vec<String> {
+        let options = RunOptions {
+            image: PathBuf::from("bios.img"),
+            timeout_secs: 1,
+            serial_log: PathBuf::from("serial.log"),
+        };
+        let command = qemu_command(Path::new("."), &options, false, false, gdb).unwrap();
+        command
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn qemu_waits_for_gdb_only_when_asked() {
+        let with = args_of(true);
+        assert!(with.ends_with(&["-s".to_string(), "-S".to_string()]), "{with:?}");
+        assert!(!args_of(false).iter().any(|a| a == "-s" || a == "-S"));
     }
 }

@@ -4,8 +4,10 @@
 //! Commands:
 //! - `build [--test]`: build the kernel ELF (`--test`: the kernel-test variant) and print its path.
 //! - `image [--test]`: build the kernel and make `bios.img` and `uefi.img`; print their paths.
-//! - `run [--qemu] [--uefi] [--kvm] [--test] [--timeout S]`: boot an image and stream its serial
-//!   output; the exit status says whether the kernel reported success.
+//! - `run [--qemu] [--uefi] [--kvm] [--gdb] [--test] [--timeout S]`: boot an image and stream its
+//!   serial output; the exit status says whether the kernel reported success. `--gdb` (QEMU only:
+//!   Debian's Bochs is built without a GDB stub) starts the emulator halted, waiting for GDB on
+//!   localhost:1234.
 //! - `test [--timeout S]`: run the workspace's host tests and the in-kernel tests under Bochs, then
 //!   print one combined closing line `N passed, N failed`.
 
@@ -44,12 +46,18 @@ struct Args {
     qemu: bool,
     uefi: bool,
     kvm: bool,
+    gdb: bool,
     test: bool,
     timeout_secs: u64,
 }
 
 const USAGE: &str = "usage: cargo xtask <build|image|run|test> [--test] [--qemu] [--uefi] [--kvm] \
-                     [--timeout SECONDS]";
+                     [--gdb] [--timeout SECONDS]";
+
+/// Why `--gdb` needs `--qemu`.
+const NO_BOCHS_GDB: &str = "--gdb needs --qemu: Debian's Bochs 2.7 is built without its GDB stub \
+                            (`bochs --help features` lists no gdbstub); use `cargo xtask run --qemu --gdb` \
+                            (add --kvm on a host with nested VT-x to debug the hypervisor running VMs)";
 
 /// Parses `std::env::args`; returns a message naming the offending argument on error.
 fn parse_args() -> Result<Args, String> {
@@ -60,6 +68,7 @@ fn parse_args() -> Result<Args, String> {
         qemu: false,
         uefi: false,
         kvm: false,
+        gdb: false,
         test: false,
         timeout_secs: 600,
     };
@@ -68,6 +77,7 @@ fn parse_args() -> Result<Args, String> {
             "--qemu" => args.qemu = true,
             "--uefi" => args.uefi = true,
             "--kvm" => args.kvm = true,
+            "--gdb" => args.gdb = true,
             "--test" => args.test = true,
             "--timeout" => {
                 let value = argv.next().ok_or("--timeout needs a number of seconds")?;
@@ -77,6 +87,9 @@ fn parse_args() -> Result<Args, String> {
             }
             other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
         }
+    }
+    if args.gdb && !args.qemu {
+        return Err(NO_BOCHS_GDB.to_string());
     }
     if (args.uefi || args.kvm) && !args.qemu {
         // Bochs boots the BIOS image only; UEFI and KVM are QEMU options.
@@ -125,6 +138,7 @@ fn run(args: &Args, variant: Variant) -> Result<KernelRun, String> {
         Emulator::Qemu {
             uefi: args.uefi,
             kvm: args.kvm,
+            gdb: args.gdb,
         }
     } else {
         Emulator::Bochs
@@ -135,6 +149,14 @@ fn run(args: &Args, variant: Variant) -> Result<KernelRun, String> {
         timeout_secs: args.timeout_secs,
         serial_log: target_dir().join(format!("serial-{}-{}.log", variant.name(), emulator.name())),
     };
+    if args.gdb {
+        let elf = image::build_kernel(variant)?;
+        eprintln!(
+            "xtask: QEMU waits for GDB on localhost:1234; in another terminal:\n  \
+             gdb {} -ex 'target remote :1234'",
+            elf.display()
+        );
+    }
     let outcome = emulator.run(&options)?;
     let kernel_run = KernelRun::parse(&outcome.serial);
     eprintln!("xtask: serial output saved in {}", options.serial_log.display());

@@ -59,6 +59,9 @@ fn demo(host: &'static Host) -> Result<(), String> {
     let elapsed = ticks() - start;
     println!("demo: guest wrote {PAGES_WRITTEN} pages and stopped: {stop:?} after {elapsed} ticks");
     print_stats("after the guest ran", &vm);
+    for line in vm.pgm().physical_map().lines() {
+        println!("demo: map: {line}");
+    }
     vm.exit_costs.print("the demo VM");
     println!(
         "demo: exits {} (EPT violations {}, hypercalls {}, INVEPTs {})",

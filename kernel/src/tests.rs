@@ -193,6 +193,18 @@ const TESTS: &[(&str, TestFn)] = &[
         preemption::random_instruction_bytes_end_within_budget,
     ),
     (
+        "a_guest_executes_from_shadowed_rom_over_ram",
+        fidelity::a_guest_executes_from_shadowed_rom_over_ram,
+    ),
+    (
+        "an_mmio2_framebuffer_mapped_over_ram_and_unmapped_again",
+        fidelity::an_mmio2_framebuffer_mapped_over_ram_and_unmapped_again,
+    ),
+    (
+        "a_reset_in_the_middle_of_a_run_clears_ram_and_restores_rom",
+        fidelity::a_reset_in_the_middle_of_a_run_clears_ram_and_restores_rom,
+    ),
+    (
         "hostile_a20_gate_flipped_through_port_0x92_while_writing_across_1_mib",
         hostile::a20_gate_flipped_through_port_0x92_while_writing_across_1_mib,
     ),
@@ -316,6 +328,7 @@ macro_rules! ensure_eq {
 }
 
 // After the macros: the scenario modules use them.
+mod fidelity;
 mod hostile;
 mod pc;
 mod preemption;

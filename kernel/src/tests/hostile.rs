@@ -25,7 +25,7 @@ use crate::vm::{Diagnostic, StopCause, Vm, VmStop};
 use crate::Host;
 
 /// Audits the VM's EPT against the host's frame allocator; fails the test on any finding.
-fn audit(vm: &Vm<'static>, after: &str) -> TestResult {
+pub(super) fn audit(vm: &Vm<'static>, after: &str) -> TestResult {
     let report = vm.pgm().audit(memory::is_allocated);
     ensure!(
         report.is_clean(),

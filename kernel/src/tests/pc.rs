@@ -20,7 +20,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use pgm::handlers::HandlerId;
-use pgm::manager::{AccessHandlers, HandlerAction, Mmio2Handle, RomId};
+use pgm::manager::{AccessHandlers, DeviceId, HandlerAction, Mmio2Handle, Mmio2Spec, RomId, RomImage};
 use pgm::{Access, GuestPhysAddr, Invalidation, PgmError, PAGE_SIZE};
 
 use super::{gpa, new_vm};
@@ -71,26 +71,31 @@ pub fn pc(host: &'static Host, above_4g: Above4G) -> Result<Pc, String> {
     let (device, invalidation) = pgm
         .register_mmio(gpa(DEVICE_BASE), DEVICE_SIZE)
         .map_err(|e| fail("MMIO device", e))?;
-    let option_rom = pgm
+    let option_image = rom_image(OPTION_ROM_TAG, OPTION_ROM_SIZE);
+    let (option_rom, _) = pgm
         .register_rom(
             gpa(OPTION_ROM_BASE),
-            &rom_image(OPTION_ROM_TAG, OPTION_ROM_SIZE),
+            OPTION_ROM_SIZE,
+            RomImage::Copy(&option_image),
             false,
         )
         .map_err(|e| fail("option ROM", e))?;
-    let system_rom = pgm
+    let system_image = rom_image(SYSTEM_ROM_TAG, SYSTEM_ROM_SIZE);
+    let (system_rom, _) = pgm
         .register_rom(
             gpa(SYSTEM_ROM_BASE),
-            &rom_image(SYSTEM_ROM_TAG, SYSTEM_ROM_SIZE),
+            SYSTEM_ROM_SIZE,
+            RomImage::Copy(&system_image),
             true,
         )
         .map_err(|e| fail("system ROM", e))?;
     let framebuffer = pgm
-        .create_mmio2(FRAMEBUFFER_PAGES * PAGE_SIZE, 0)
+        .create_mmio2(framebuffer_spec())
         .map_err(|e| fail("framebuffer", e))?;
+    // Tracking before mapping: mapped untracked, the first query would report every page.
     let mapped = pgm
-        .map_mmio2(framebuffer, gpa(FRAMEBUFFER_BASE))
-        .and_then(|a| Ok(a.max(pgm.set_mmio2_dirty_tracking(framebuffer, true)?)))
+        .set_mmio2_dirty_tracking(framebuffer, true)
+        .and_then(|a| Ok(a.max(pgm.map_mmio2(framebuffer, gpa(FRAMEBUFFER_BASE))?)))
         .map_err(|e| fail("framebuffer mapping", e))?;
     vm.flush(invalidation.max(mapped))
         .map_err(|e| format!("INVEPT: {e}"))?;
@@ -101,6 +106,38 @@ pub fn pc(host: &'static Host, above_4g: Above4G) -> Result<Pc, String> {
         system_rom,
         framebuffer,
     })
+}
+
+/// The framebuffer: device 0's region 0, tracking dirty pages.
+pub fn framebuffer_spec() -> Mmio2Spec {
+    Mmio2Spec {
+        device: DeviceId(0),
+        region_no: 0,
+        size: FRAMEBUFFER_PAGES * PAGE_SIZE,
+        track_dirty_pages: true,
+    }
+}
+
+/// The classic PC layout of the seed-fidelity scenarios: system RAM from 0 to
+/// [`CLASSIC_RAM_SIZE`] in one registration, the system BIOS ([`CLASSIC_BIOS_SIZE`] bytes at
+/// [`CLASSIC_BIOS_BASE`], shadowed) registered over it, holding `bios` (shorter than the ROM:
+/// the rest reads as zeros).
+pub const CLASSIC_RAM_SIZE: u64 = 0x100_0000;
+pub const CLASSIC_BIOS_BASE: u64 = 0xE_0000;
+pub const CLASSIC_BIOS_SIZE: u64 = 0x2_0000;
+
+/// Builds the classic PC layout; returns the VM and the BIOS's handle.
+pub fn classic_pc(host: &'static Host, bios: &[u8]) -> Result<(Vm<'static>, RomId), String> {
+    let mut vm = new_vm(host, &[(0, CLASSIC_RAM_SIZE)])?;
+    let registered = vm.pgm_mut().register_rom(
+        gpa(CLASSIC_BIOS_BASE),
+        CLASSIC_BIOS_SIZE,
+        RomImage::Copy(bios),
+        true,
+    );
+    let (bios, invalidation) = registered.map_err(|e| format!("BIOS over RAM: {e}"))?;
+    vm.flush(invalidation).map_err(|e| format!("INVEPT: {e}"))?;
+    Ok((vm, bios))
 }
 
 /// A ROM image whose dword `k` is `tag | k`.

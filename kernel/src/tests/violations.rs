@@ -469,7 +469,7 @@ fn harvest_dirty(pc: &mut pc::Pc) -> Result<BTreeSet<u64>, String> {
     let result = pc
         .vm
         .pgm_mut()
-        .query_and_reset_mmio2_dirty(pc.framebuffer, &mut bitmap);
+        .query_and_reset_mmio2_dirty(pc.framebuffer, Some(&mut bitmap));
     apply(&mut pc.vm, result)?;
     Ok((0..pc::FRAMEBUFFER_PAGES)
         .filter(|&page| bitmap[(page / 64) as usize] & (1 << (page % 64)) != 0)
