@@ -300,9 +300,7 @@ fn tracked_framebuffer(pgm: &mut SimPgm, pages: u64) -> crate::manager::Mmio2Han
 fn dirty_pages(pgm: &mut SimPgm, fb: crate::manager::Mmio2Handle) -> Vec<usize> {
     let mut bitmap = Vec::new();
     pgm.query_and_reset_mmio2_dirty(fb, Some(&mut bitmap)).unwrap();
-    (0..bitmap.len() * 64)
-        .filter(|&i| bitmap[i / 64] & (1 << (i % 64)) != 0)
-        .collect()
+    bits(&bitmap)
 }
 
 #[test]

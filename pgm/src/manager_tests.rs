@@ -970,11 +970,6 @@ use crate::manager::Mmio2Handle;
 
 const FB: u64 = 0xE000_0000;
 
-fn bits(bitmap: &[u64]) -> Vec<usize> {
-    (0..bitmap.len() * 64)
-        .filter(|&i| bitmap[i / 64] & (1 << (i % 64)) != 0)
-        .collect()
-}
 
 #[test]
 fn mmio2_is_device_memory_the_guest_sees_once_mapped() {

@@ -123,3 +123,10 @@ pub fn mmio2_spec(size: u64, region_no: u32) -> Mmio2Spec {
         track_dirty_pages: true,
     }
 }
+
+/// The page numbers set in a dirty bitmap (page 0 in bit 0 of word 0).
+pub fn bits(bitmap: &[u64]) -> Vec<usize> {
+    (0..bitmap.len() * 64)
+        .filter(|&i| bitmap[i / 64] & (1 << (i % 64)) != 0)
+        .collect()
+}

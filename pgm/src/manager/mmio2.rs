@@ -146,14 +146,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let size = region.size();
         let pages = page_count(base, size)?;
         let frames = region.frames.clone();
-        let over_ram = match self.ranges.check_free(base, size) {
-            Ok(()) => None,
-            Err(overlap) => Some(self.replaceable_ram(base, pages).map_err(|error| match error {
-                // Part RAM, part unassigned: the overlap is the clearer complaint.
-                PgmError::NotGuestMemory(_) => overlap,
-                other => other,
-            })?),
-        };
+        let over_ram = self.placement(base, size, pages)?;
+        let replaces_ram = over_ram.is_some();
         let invalidation = match over_ram {
             None => {
                 let descriptors: Vec<PageDescriptor> = frames
@@ -173,7 +167,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         };
         let region = self.region_mut(handle)?;
         region.mapped_at = Some(base);
-        region.over_ram = invalidation == Invalidation::SingleContext;
+        region.over_ram = replaces_ram;
         region.note_untracked_mapping();
         // Newly mapped: protection can only be added here, to pages nobody has cached.
         self.refresh_region_protection(handle);

@@ -562,12 +562,13 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             }
             // A shared frame is never cleared in place: the page gets a copy first.
             PageState::Shared if keeps_frame && zero => {
-                let remapped = self.apply_remapping(location, PageEvent::Write).unwrap_or(false);
-                self.zero_in_place(location);
-                if remapped {
-                    Invalidation::SingleContext
-                } else {
-                    Invalidation::None
+                match self.apply_remapping(location, PageEvent::Write) {
+                    Ok(_) => {
+                        self.zero_in_place(location);
+                        Invalidation::SingleContext
+                    }
+                    // No frame for a copy: the page lets the shared frame go and reads zeros.
+                    Err(_) => self.reset_to_zero(location),
                 }
             }
             PageState::Shared if keeps_frame => Invalidation::None,

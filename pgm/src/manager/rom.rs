@@ -181,14 +181,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         if bytes.len() as u64 > size {
             return Err(PgmError::RomImageTooLarge);
         }
-        let over_ram = match self.ranges.check_free(base, size) {
-            Ok(()) => None,
-            Err(overlap) => Some(self.replaceable_ram(base, pages).map_err(|error| match error {
-                // Part RAM, part unassigned: the overlap is the clearer complaint.
-                PgmError::NotGuestMemory(_) => overlap,
-                other => other,
-            })?),
-        };
+        let over_ram = self.placement(base, size, pages)?;
         let mut virgin = Vec::with_capacity(pages as usize);
         let taken = self.frames.allocate_frames(pages as usize, &mut virgin);
         if taken < pages as usize {
@@ -412,6 +405,26 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                     .find(GuestPhysAddr::new_truncate(base.as_u64() + page * PAGE_SIZE))
             })
             .collect()
+    }
+
+    /// Where a new ROM or MMIO2 mapping of `size` bytes (`pages` pages) at `base` goes: `None`
+    /// for space no range covers, or the RAM pages it is to replace (see
+    /// [`replaceable_ram`](Self::replaceable_ram)). Part RAM, part unassigned is refused as
+    /// an overlap.
+    pub(super) fn placement(
+        &self,
+        base: GuestPhysAddr,
+        size: u64,
+        pages: u64,
+    ) -> Result<Option<Vec<PageLocation>>, PgmError> {
+        match self.ranges.check_free(base, size) {
+            Ok(()) => Ok(None),
+            Err(overlap) => match self.replaceable_ram(base, pages) {
+                Ok(locations) => Ok(Some(locations)),
+                Err(PgmError::NotGuestMemory(_)) => Err(overlap),
+                Err(other) => Err(other),
+            },
+        }
     }
 
     /// Locates the RAM pages of `[base, base + pages)` that a ROM or an MMIO2 mapping is to
