@@ -970,7 +970,6 @@ use crate::manager::Mmio2Handle;
 
 const FB: u64 = 0xE000_0000;
 
-
 #[test]
 fn mmio2_is_device_memory_the_guest_sees_once_mapped() {
     let mut pgm = pc_like();

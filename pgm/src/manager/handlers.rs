@@ -7,7 +7,7 @@ use alloc::collections::BTreeSet;
 use alloc::vec::Vec;
 
 use super::Mmio2Handle;
-use super::{page_count, Pgm};
+use super::{page_count, Pgm, Pieces};
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::error::PgmError;
 use crate::frames::{HostFrameAllocator, HostMemory};
@@ -81,12 +81,12 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 
     fn read_spans(
         &self,
-        spans: &[Span],
+        spans: &Pieces<Span>,
         buf: &mut [u8],
         handlers: &mut impl AccessHandlers,
     ) -> Result<(), PgmError> {
         let mut done = 0;
-        for &(location, at, len) in spans {
+        for &(location, at, len) in spans.iter() {
             let out = &mut buf[done..done + len];
             done += len;
             let Some(location) = location else {
@@ -137,13 +137,13 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 
     fn write_spans(
         &mut self,
-        spans: &[Span],
+        spans: &Pieces<Span>,
         data: &[u8],
         handlers: &mut impl AccessHandlers,
     ) -> Result<Invalidation, PgmError> {
         let mut invalidation = Invalidation::None;
         let mut done = 0;
-        for &(location, at, len) in spans {
+        for &(location, at, len) in spans.iter() {
             let piece = &data[done..done + len];
             done += len;
             let Some(location) = location else {
@@ -175,8 +175,13 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 
     /// Splits `[gpa, gpa + len)` into per-page spans `(page, address, length)`; a span of
     /// unassigned space has no page, and fails the call when `unassigned` refuses it.
-    fn spans(&self, gpa: GuestPhysAddr, len: usize, unassigned: Unassigned) -> Result<Vec<Span>, PgmError> {
-        let mut spans = Vec::new();
+    fn spans(
+        &self,
+        gpa: GuestPhysAddr,
+        len: usize,
+        unassigned: Unassigned,
+    ) -> Result<Pieces<Span>, PgmError> {
+        let mut spans = Pieces::default();
         let mut done = 0usize;
         while done < len {
             let at = gpa.checked_add(done as u64).ok_or(PgmError::BeyondAddressWidth)?;

@@ -1090,26 +1090,27 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 /// One page's part of an access: the page, the offset in it, the length.
 type Piece = (PageLocation, u64, usize);
 
-/// The per-page pieces of an access. Up to two stay inline — every access of an emulated
-/// instruction (at most 8 bytes) — so the exit path does not go to the heap.
-enum Pieces {
-    Inline([Option<Piece>; 2]),
-    Heap(Vec<Piece>),
+/// The per-page pieces of an access (`T`: what a piece is). Up to two stay inline — every
+/// access of an emulated instruction (at most 8 bytes) — so the exit path does not go to the
+/// heap.
+pub(super) enum Pieces<T: Copy = Piece> {
+    Inline([Option<T>; 2]),
+    Heap(Vec<T>),
 }
 
-impl Default for Pieces {
+impl<T: Copy> Default for Pieces<T> {
     fn default() -> Self {
         Pieces::Inline([None; 2])
     }
 }
 
-impl Pieces {
-    fn push(&mut self, piece: Piece) {
+impl<T: Copy> Pieces<T> {
+    pub(super) fn push(&mut self, piece: T) {
         match self {
             Pieces::Inline(slots) => match slots.iter_mut().find(|slot| slot.is_none()) {
                 Some(free) => *free = Some(piece),
                 None => {
-                    let mut all: Vec<Piece> = slots.iter().flatten().copied().collect();
+                    let mut all: Vec<T> = slots.iter().flatten().copied().collect();
                     all.push(piece);
                     *self = Pieces::Heap(all);
                 }
@@ -1119,8 +1120,8 @@ impl Pieces {
     }
 
     /// The pieces in address order.
-    fn iter(&self) -> impl Iterator<Item = &Piece> + '_ {
-        let (inline, heap): (&[Option<Piece>], &[Piece]) = match self {
+    pub(super) fn iter(&self) -> impl Iterator<Item = &T> + '_ {
+        let (inline, heap): (&[Option<T>], &[T]) = match self {
             Pieces::Inline(slots) => (slots, &[]),
             Pieces::Heap(all) => (&[], all),
         };
