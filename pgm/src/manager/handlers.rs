@@ -297,15 +297,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// Undoes the aliases of every MMIO region (the MMIO part of a VM reset, as
     /// pgmR3PhysRamZeroAll resets aliased pages); returns the invalidation needed.
     pub(super) fn reset_mmio_aliases(&mut self) -> Invalidation {
-        let regions: Vec<HandlerId> = self
-            .handlers
-            .iter()
-            .filter(|r| r.mmio.is_some())
-            .map(|r| r.id)
-            .collect();
-        regions
+        self.mmio_regions()
             .into_iter()
-            .map(|id| self.reset_handler(id).unwrap_or(Invalidation::None))
+            .map(|region| self.reset_handler(region.id).unwrap_or(Invalidation::None))
             .fold(Invalidation::None, Invalidation::max)
     }
 
@@ -331,10 +325,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 .insert(HandlerKind::All, base, pages, Some(MmioPlacement::Unassigned));
             return Ok((id, Invalidation::None));
         }
-        let locations = self.ram_pages(base, pages)?;
-        if let Some(&locked) = locations.iter().find(|&&at| self.ranges.page(at).is_locked()) {
-            return Err(PgmError::PageLocked(self.ranges.gpa_of(locked)));
-        }
+        // The handler check above already refused pages under handlers.
+        let locations = self.replaceable_ram(base, pages)?;
         let id = self
             .handlers
             .insert(HandlerKind::All, base, pages, Some(MmioPlacement::ReplacingRam));
@@ -397,14 +389,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// mapped or not: only MMIO regions hold alias pages, so only their pages are looked at.
     /// Returns the invalidation needed.
     pub(super) fn unalias_frames(&mut self, frames: &BTreeSet<HostPhysAddr>) -> Invalidation {
-        let regions: Vec<Registration> = self
-            .handlers
-            .iter()
-            .filter(|r| r.mmio.is_some())
-            .copied()
-            .collect();
         let mut invalidation = Invalidation::None;
-        for registration in regions {
+        for registration in self.mmio_regions() {
             for location in self.registered_pages(&registration) {
                 let page = self.ranges.page(location);
                 if page.page_type() == PageType::Mmio2AliasMmio
@@ -508,11 +494,15 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 
     /// The locations of a registration's pages (all registered while it exists).
     fn registered_pages(&self, registration: &Registration) -> Vec<PageLocation> {
-        (0..registration.pages)
-            .filter_map(|page| {
-                let gpa = GuestPhysAddr::new_truncate(registration.base.as_u64() + page * PAGE_SIZE);
-                self.ranges.find(gpa)
-            })
+        self.located(registration.base, registration.pages)
+    }
+
+    /// The registrations of MMIO regions.
+    fn mmio_regions(&self) -> Vec<Registration> {
+        self.handlers
+            .iter()
+            .filter(|r| r.mmio.is_some())
+            .copied()
             .collect()
     }
 

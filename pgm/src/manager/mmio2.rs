@@ -85,9 +85,7 @@ impl Mmio2Region {
         let pages = self.frames.len();
         let mut bits = alloc::vec![u64::MAX; pages.div_ceil(64)];
         if let Some(last) = bits.last_mut() {
-            if !pages.is_multiple_of(64) {
-                *last = (1 << (pages % 64)) - 1;
-            }
+            *last &= last_word_mask(pages);
         }
         bits
     }
@@ -183,9 +181,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let base = region.mapped_at.ok_or(PgmError::Mmio2Mapped(false))?;
         let over_ram = region.over_ram;
         let locations = self.located(base, region.frames.len() as u64);
-        if let Some(&locked) = locations.iter().find(|&&at| self.ranges.page(at).is_locked()) {
-            return Err(PgmError::PageLocked(self.ranges.gpa_of(locked)));
-        }
+        self.check_unlocked(&locations)?;
         if over_ram {
             for location in locations {
                 self.restore_ram_page(location);
@@ -218,9 +214,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         region.frames.truncate(pages);
         region.dirty.truncate(pages.div_ceil(64));
         if let Some(last) = region.dirty.last_mut() {
-            if !pages.is_multiple_of(64) {
-                *last &= (1 << (pages % 64)) - 1;
-            }
+            *last &= last_word_mask(pages);
         }
         self.frames.free_frames(&tail);
         Ok(invalidation)
@@ -258,10 +252,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         for &handle in &handles {
             let region = self.region(handle)?;
             if let Some(base) = region.mapped_at {
-                let locations = self.located(base, region.frames.len() as u64);
-                if let Some(&locked) = locations.iter().find(|&&at| self.ranges.page(at).is_locked()) {
-                    return Err(PgmError::PageLocked(self.ranges.gpa_of(locked)));
-                }
+                self.check_unlocked(&self.located(base, region.frames.len() as u64))?;
             }
         }
         let mut invalidation = Invalidation::None;
@@ -494,6 +485,14 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             .iter_mut()
             .find(|r| r.handle == handle)
             .ok_or(PgmError::UnknownMmio2(handle))
+    }
+}
+
+/// The bits of the last word of a bitmap of `pages` pages that stand for pages.
+fn last_word_mask(pages: usize) -> u64 {
+    match pages % 64 {
+        0 => u64::MAX,
+        rest => (1 << rest) - 1,
     }
 }
 

@@ -193,8 +193,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     }
 
     /// Registers `size` bytes of RAM at `base`, every page ZERO and mapped read/execute to the
-    /// zero frame (or given its frame now while pre-allocation is on). `base` and `size` must be page-aligned, `size` non-zero, the range inside the
-    /// 48-bit guest-physical width and clear of every registered range. On error nothing changes.
+    /// zero frame (or given its frame now while pre-allocation is on). `base` and `size` must be
+    /// page-aligned, `size` non-zero, the range inside the 48-bit guest-physical width and clear
+    /// of every registered range. On error nothing changes.
     /// New mappings replace absent entries, so no invalidation is needed.
     pub fn register_ram(
         &mut self,
@@ -343,13 +344,11 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 Ok(())
             }
             Access::Write if page.page_type() == PageType::Rom || page.page_type() == PageType::RomShadow => {
-                match self.rom_target(gpa, Access::Write) {
-                    Some(RomTarget::Shadow)
-                        if self.rom_target(gpa, Access::Read) == Some(RomTarget::Shadow) =>
-                    {
+                match self.rom_protection_at(gpa) {
+                    Some(protection) if protection.maps_writes() => {
                         self.apply(location, PageEvent::Write).map(|_| ())
                     }
-                    Some(RomTarget::Shadow) => return FaultOutcome::EmulateWrite,
+                    Some(protection) if protection.writes_shadow() => return FaultOutcome::EmulateWrite,
                     _ => return FaultOutcome::WriteIgnored,
                 }
             }
@@ -721,6 +720,94 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         }
     }
 
+    /// The locations of `[base, base + pages)`: every page that is registered.
+    pub(super) fn located(&self, base: GuestPhysAddr, pages: u64) -> Vec<PageLocation> {
+        (0..pages)
+            .filter_map(|page| {
+                self.ranges
+                    .find(GuestPhysAddr::new_truncate(base.as_u64() + page * PAGE_SIZE))
+            })
+            .collect()
+    }
+
+    /// Where a new ROM or MMIO2 mapping of `size` bytes (`pages` pages) at `base` goes: `None`
+    /// for space no range covers, or the RAM pages it is to replace (see
+    /// [`replaceable_ram`](Self::replaceable_ram)). Part RAM, part unassigned is refused as
+    /// an overlap.
+    pub(super) fn placement(
+        &self,
+        base: GuestPhysAddr,
+        size: u64,
+        pages: u64,
+    ) -> Result<Option<Vec<PageLocation>>, PgmError> {
+        match self.ranges.check_free(base, size) {
+            Ok(()) => Ok(None),
+            Err(overlap) => match self.replaceable_ram(base, pages) {
+                Ok(locations) => Ok(Some(locations)),
+                Err(PgmError::NotGuestMemory(_)) => Err(overlap),
+                Err(other) => Err(other),
+            },
+        }
+    }
+
+    /// Locates the RAM pages of `[base, base + pages)` that a ROM or an MMIO2 mapping is to
+    /// replace: all registered RAM, without handlers or map locks.
+    pub(super) fn replaceable_ram(
+        &self,
+        base: GuestPhysAddr,
+        pages: u64,
+    ) -> Result<Vec<PageLocation>, PgmError> {
+        let locations = self.ram_pages(base, pages)?;
+        for &location in &locations {
+            let page = self.ranges.page(location);
+            let gpa = self.ranges.gpa_of(location);
+            if page.handler() != HandlerState::None {
+                return Err(PgmError::HandlerPresent(gpa));
+            }
+            if page.is_locked() {
+                return Err(PgmError::PageLocked(gpa));
+            }
+        }
+        Ok(locations)
+    }
+
+    /// Frees what the RAM page at `location` held and makes it `replacement` (a page that is
+    /// not RAM, with no frame of its own yet or one that is not the page's), mapped as that
+    /// calls for. The page leaves the state counts; the caller counts what it became.
+    pub(super) fn replace_page(&mut self, location: PageLocation, replacement: PageDescriptor) {
+        // Reset cannot fail and leaves a ZERO page without a frame.
+        let _ = self.apply(location, PageEvent::Reset);
+        // A page in the written list keeps its flag, so it is listed once.
+        let written = self.ranges.page(location).written_to();
+        self.ranges
+            .set_page(location, replacement.with_written_to(written));
+        if replacement.page_type() != PageType::RomShadow {
+            self.counts.zero -= 1;
+        }
+        self.sync_leaf(location);
+    }
+
+    /// Makes the page at `location`, which replaced RAM and holds no frame of its own any more,
+    /// a ZERO RAM page again (undoes [`replace_page`](Self::replace_page)), counted and mapped.
+    pub(super) fn restore_ram_page(&mut self, location: PageLocation) {
+        let page = self.ranges.page(location);
+        let ram = PageDescriptor::zero(PageType::Ram).with_written_to(page.written_to());
+        self.ranges.set_page(location, ram);
+        // A shadow was counted as a ZERO page already.
+        if page.page_type() != PageType::RomShadow {
+            self.counts.zero += 1;
+        }
+        self.sync_leaf(location);
+    }
+
+    /// Refuses, naming the first one, when a map lock holds a page of `locations`.
+    pub(super) fn check_unlocked(&self, locations: &[PageLocation]) -> Result<(), PgmError> {
+        match locations.iter().find(|&&at| self.ranges.page(at).is_locked()) {
+            Some(&locked) => Err(PgmError::PageLocked(self.ranges.gpa_of(locked))),
+            None => Ok(()),
+        }
+    }
+
     /// True while write monitoring is on.
     pub fn is_write_monitoring(&self) -> bool {
         self.monitoring
@@ -987,9 +1074,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let page = self.ranges.page(location);
         let gpa = self.ranges.gpa_of(location);
         match page.page_type() {
-            PageType::Rom | PageType::RomShadow => match self.rom_target(gpa, Access::Read)? {
-                RomTarget::Shadow => page.frame(),
-                _ => self.virgin_frame(gpa),
+            PageType::Rom | PageType::RomShadow => match self.rom_protection_at(gpa)?.reads_shadow() {
+                true => page.frame(),
+                false => self.virgin_frame(gpa),
             },
             PageType::Ram
             | PageType::Mmio
@@ -1004,9 +1091,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     fn takes_writes(&self, location: PageLocation) -> bool {
         match self.ranges.page(location).page_type() {
             PageType::Ram | PageType::Mmio2 | PageType::Mmio2AliasMmio | PageType::SpecialAliasMmio => true,
-            PageType::Rom | PageType::RomShadow => {
-                self.rom_target(self.ranges.gpa_of(location), Access::Write) == Some(RomTarget::Shadow)
-            }
+            PageType::Rom | PageType::RomShadow => self
+                .rom_protection_at(self.ranges.gpa_of(location))
+                .is_some_and(RomProtection::writes_shadow),
             PageType::Mmio => false,
         }
     }

@@ -14,9 +14,9 @@ use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::error::PgmError;
 use crate::frames::{HostFrameAllocator, HostMemory};
 pub use crate::handles::RomId;
-use crate::page::{HandlerState, PageDescriptor, PageEvent, PageType};
+use crate::page::{PageDescriptor, PageEvent, PageType};
 use crate::paging::{Access, Invalidation};
-use crate::ram::{PageLocation, RamRange};
+use crate::ram::RamRange;
 
 /// Where guest reads and writes of a shadowed ROM page go (PGMROMPROT).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -251,9 +251,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let rom = &self.roms[index];
         let (base, pages, shadowed, over_ram) = (rom.base, rom.pages(), rom.shadowed, rom.over_ram);
         let locations = self.located(base, pages);
-        if let Some(&locked) = locations.iter().find(|&&at| self.ranges.page(at).is_locked()) {
-            return Err(PgmError::PageLocked(self.ranges.gpa_of(locked)));
-        }
+        self.check_unlocked(&locations)?;
         for &location in &locations {
             // Reset only frees the shadow's frame: it cannot fail.
             let _ = self.apply(location, PageEvent::Reset);
@@ -380,11 +378,6 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         covering(&self.roms, gpa)
     }
 
-    /// Where `access` to the ROM page at `gpa` goes (`None`: no ROM covers it).
-    pub(super) fn rom_target(&self, gpa: GuestPhysAddr, access: Access) -> Option<RomTarget> {
-        Some(self.rom_covering(gpa)?.protection_at(gpa).target(access))
-    }
-
     /// The virgin frame of the ROM page at `gpa`.
     pub(super) fn virgin_frame(&self, gpa: GuestPhysAddr) -> Option<HostPhysAddr> {
         self.rom_covering(gpa)?.virgin_frame(gpa)
@@ -395,85 +388,5 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         for rom in core::mem::take(&mut self.roms) {
             self.frames.free_frames(&rom.virgin);
         }
-    }
-
-    /// The locations of `[base, base + pages)`: every page that is registered.
-    pub(super) fn located(&self, base: GuestPhysAddr, pages: u64) -> Vec<PageLocation> {
-        (0..pages)
-            .filter_map(|page| {
-                self.ranges
-                    .find(GuestPhysAddr::new_truncate(base.as_u64() + page * PAGE_SIZE))
-            })
-            .collect()
-    }
-
-    /// Where a new ROM or MMIO2 mapping of `size` bytes (`pages` pages) at `base` goes: `None`
-    /// for space no range covers, or the RAM pages it is to replace (see
-    /// [`replaceable_ram`](Self::replaceable_ram)). Part RAM, part unassigned is refused as
-    /// an overlap.
-    pub(super) fn placement(
-        &self,
-        base: GuestPhysAddr,
-        size: u64,
-        pages: u64,
-    ) -> Result<Option<Vec<PageLocation>>, PgmError> {
-        match self.ranges.check_free(base, size) {
-            Ok(()) => Ok(None),
-            Err(overlap) => match self.replaceable_ram(base, pages) {
-                Ok(locations) => Ok(Some(locations)),
-                Err(PgmError::NotGuestMemory(_)) => Err(overlap),
-                Err(other) => Err(other),
-            },
-        }
-    }
-
-    /// Locates the RAM pages of `[base, base + pages)` that a ROM or an MMIO2 mapping is to
-    /// replace: all registered RAM, without handlers or map locks.
-    pub(super) fn replaceable_ram(
-        &self,
-        base: GuestPhysAddr,
-        pages: u64,
-    ) -> Result<Vec<PageLocation>, PgmError> {
-        let locations = self.ram_pages(base, pages)?;
-        for &location in &locations {
-            let page = self.ranges.page(location);
-            let gpa = self.ranges.gpa_of(location);
-            if page.handler() != HandlerState::None {
-                return Err(PgmError::HandlerPresent(gpa));
-            }
-            if page.is_locked() {
-                return Err(PgmError::PageLocked(gpa));
-            }
-        }
-        Ok(locations)
-    }
-
-    /// Frees what the RAM page at `location` held and makes it `replacement` (a page that is
-    /// not RAM, with no frame of its own yet or one that is not the page's), mapped as that
-    /// calls for. The page leaves the state counts; the caller counts what it became.
-    pub(super) fn replace_page(&mut self, location: PageLocation, replacement: PageDescriptor) {
-        // Reset cannot fail and leaves a ZERO page without a frame.
-        let _ = self.apply(location, PageEvent::Reset);
-        // A page in the written list keeps its flag, so it is listed once.
-        let written = self.ranges.page(location).written_to();
-        self.ranges
-            .set_page(location, replacement.with_written_to(written));
-        if replacement.page_type() != PageType::RomShadow {
-            self.counts.zero -= 1;
-        }
-        self.sync_leaf(location);
-    }
-
-    /// Makes the page at `location`, which replaced RAM and holds no frame of its own any more,
-    /// a ZERO RAM page again (undoes [`replace_page`](Self::replace_page)), counted and mapped.
-    pub(super) fn restore_ram_page(&mut self, location: PageLocation) {
-        let page = self.ranges.page(location);
-        let ram = PageDescriptor::zero(PageType::Ram).with_written_to(page.written_to());
-        self.ranges.set_page(location, ram);
-        // A shadow was counted as a ZERO page already.
-        if page.page_type() != PageType::RomShadow {
-            self.counts.zero += 1;
-        }
-        self.sync_leaf(location);
     }
 }
