@@ -37,6 +37,8 @@ pub struct RunOptions {
     pub image: PathBuf,
     /// Wall-clock bound for the whole emulator run.
     pub timeout_secs: u64,
+    /// Processors of the emulated machine.
+    pub cpus: u32,
     /// Where the guest's serial output is saved.
     pub serial_log: PathBuf,
 }
@@ -94,7 +96,7 @@ fn bochs_command(dir: &Path, options: &RunOptions) -> Result<Command, String> {
     let _ = fs::remove_file(dir.join("disk.img.lock"));
     let config = format!(
         "megs: 256\n\
-         cpu: model=corei7_skylake_x, count=1, ips=4000000, reset_on_triple_fault=0\n\
+         cpu: model=corei7_skylake_x, count={cpus}, ips=4000000, reset_on_triple_fault=0\n\
          clock: sync=none, time0=946684800\n\
          romimage: file=/usr/share/bochs/BIOS-bochs-latest\n\
          vgaromimage: file=/usr/share/bochs/VGABIOS-lgpl-latest\n\
@@ -111,6 +113,7 @@ fn bochs_command(dir: &Path, options: &RunOptions) -> Result<Command, String> {
          error: action=report\n\
          log: \"{log}\"\n",
         disk = disk.display(),
+        cpus = options.cpus,
         serial = options.serial_log.display(),
         log = dir.join("bochs.log").display(),
     );
@@ -160,6 +163,8 @@ fn qemu_command(
             "-no-reboot",
             "-m",
             "256M",
+            "-smp",
+            &options.cpus.to_string(),
             "-device",
             QEMU_DEBUG_EXIT,
         ]);
@@ -234,6 +239,7 @@ mod tests {
         let options = RunOptions {
             image: PathBuf::from("bios.img"),
             timeout_secs: 1,
+            cpus: 2,
             serial_log: PathBuf::from("serial.log"),
         };
         let command = qemu_command(Path::new("."), &options, false, false, gdb).unwrap();

@@ -4,11 +4,11 @@
 //! Commands:
 //! - `build [--test]`: build the kernel ELF (`--test`: the kernel-test variant) and print its path.
 //! - `image [--test]`: build the kernel and make `bios.img` and `uefi.img`; print their paths.
-//! - `run [--qemu] [--uefi] [--kvm] [--gdb] [--test] [--timeout S]`: boot an image and stream its
-//!   serial output; the exit status says whether the kernel reported success. `--gdb` (QEMU only:
+//! - `run [--qemu] [--uefi] [--kvm] [--gdb] [--test] [--cpus N] [--timeout S]`: boot an image
+//!   with N CPUs (default 2) and stream its serial output; the exit status says whether the kernel reported success. `--gdb` (QEMU only:
 //!   Debian's Bochs is built without a GDB stub) starts the emulator halted, waiting for GDB on
 //!   localhost:1234.
-//! - `test [--timeout S]`: run the workspace's host tests and the in-kernel tests under Bochs, then
+//! - `test [--cpus N] [--timeout S]`: run the workspace's host tests and the in-kernel tests under Bochs, then
 //!   print one combined closing line `N passed, N failed`.
 
 mod emulator;
@@ -48,11 +48,15 @@ struct Args {
     kvm: bool,
     gdb: bool,
     test: bool,
+    cpus: u32,
     timeout_secs: u64,
 }
 
+/// CPUs the emulator gives the machine unless `--cpus` says otherwise (CI runs with two).
+const DEFAULT_CPUS: u32 = 2;
+
 const USAGE: &str = "usage: cargo xtask <build|image|run|test> [--test] [--qemu] [--uefi] [--kvm] \
-                     [--gdb] [--timeout SECONDS]";
+                     [--gdb] [--cpus N] [--timeout SECONDS]";
 
 /// Why `--gdb` needs `--qemu`.
 const NO_BOCHS_GDB: &str = "--gdb needs --qemu: Debian's Bochs 2.7 is built without its GDB stub \
@@ -70,6 +74,7 @@ fn parse_args() -> Result<Args, String> {
         kvm: false,
         gdb: false,
         test: false,
+        cpus: DEFAULT_CPUS,
         timeout_secs: 600,
     };
     while let Some(flag) = argv.next() {
@@ -79,6 +84,14 @@ fn parse_args() -> Result<Args, String> {
             "--kvm" => args.kvm = true,
             "--gdb" => args.gdb = true,
             "--test" => args.test = true,
+            "--cpus" => {
+                let value = argv.next().ok_or("--cpus needs a number of CPUs")?;
+                args.cpus = value
+                    .parse()
+                    .ok()
+                    .filter(|&n| (1..=8).contains(&n))
+                    .ok_or_else(|| format!("--cpus: not a number of CPUs from 1 to 8: {value}"))?;
+            }
             "--timeout" => {
                 let value = argv.next().ok_or("--timeout needs a number of seconds")?;
                 args.timeout_secs = value
@@ -147,6 +160,7 @@ fn run(args: &Args, variant: Variant) -> Result<KernelRun, String> {
     let options = RunOptions {
         image,
         timeout_secs: args.timeout_secs,
+        cpus: args.cpus,
         serial_log: target_dir().join(format!("serial-{}-{}.log", variant.name(), emulator.name())),
     };
     if args.gdb {

@@ -41,7 +41,7 @@ pub fn run(host: &'static Host) -> ! {
 }
 
 fn demo(host: &'static Host) -> Result<(), String> {
-    let vmx = host.vmx.as_ref().map_err(|e| format!("{e}"))?;
+    let vmx = host.vmx().map_err(|e| format!("{e}"))?;
     let before = frame_counts();
     let mut vm = Vm::new(vmx, &host.phys, &RAM).map_err(|e| format!("{e}"))?;
     print_stats("after creating the VM", &vm);
@@ -84,7 +84,7 @@ fn demo(host: &'static Host) -> Result<(), String> {
 /// Runs `jmp $` with a slice of [`SLICE`] ticks and a limit of [`LIMIT`], kicking it out once
 /// with the host timer, and prints how each run ended.
 fn spinning_guest(host: &'static Host) -> Result<(), String> {
-    let vmx = host.vmx.as_ref().map_err(|e| format!("{e}"))?;
+    let vmx = host.vmx().map_err(|e| format!("{e}"))?;
     let mut vm = Vm::new(vmx, &host.phys, &RAM).map_err(|e| format!("{e}"))?;
     vm.start(&programs::spin_interrupts_on(), CODE, GuestRegisters::default())
         .map_err(|e| format!("{e}"))?;

@@ -17,9 +17,10 @@ mod vm;
 use bootloader_api::{config::Mapping, entry_point, BootInfo, BootloaderConfig};
 use spin::Once;
 
-use arch::memory::{self, KernelFrames, PhysMap};
+use arch::memory::{self, PhysMap};
 use arch::power::{exit, ExitCode};
-use arch::vmx::{self, VmxCaps, VmxError, VmxOn};
+use arch::smp::{self, CpuState};
+use arch::vmx::{VmxError, VmxOn};
 
 /// Asks the bootloader to map all physical memory, so host frames (EPT tables, guest RAM) can be
 /// reached at `physical_memory_offset + address`.
@@ -36,15 +37,20 @@ entry_point!(kernel_main, config = &BOOTLOADER_CONFIG);
 pub struct Host {
     /// Host-physical memory access.
     pub phys: PhysMap,
-    /// VMX root operation, or why it could not be entered.
-    pub vmx: Result<VmxOn, VmxError>,
+}
+
+impl Host {
+    /// VMX root operation on the calling CPU, or why it could not be entered.
+    pub fn vmx(&self) -> Result<&'static VmxOn, VmxError> {
+        smp::this_cpu().vmx()
+    }
 }
 
 static HOST: Once<Host> = Once::new();
 
 fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     arch::serial::init();
-    arch::gdt::init();
+    let boot_tss = arch::gdt::init();
     arch::idt::init();
     let apic = arch::apic::init();
     memory::init_heap();
@@ -60,24 +66,59 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     );
     // SAFETY: the boot config asks the bootloader to map all physical memory, and it told us
     // where: at `offset`, for the kernel's whole life.
-    let mut phys = unsafe { PhysMap::new(offset) };
-    let vmx = VmxCaps::probe()
-        .map_err(VmxError::Unavailable)
-        .and_then(|caps| vmx::enable(caps, &mut KernelFrames, &mut phys));
-    match &vmx {
-        Ok(vmx) => println!("hypervisor: VMX on: {}", vmx.caps()),
-        Err(error) => println!("hypervisor: {error}"),
-    }
+    let phys = unsafe { PhysMap::new(offset) };
+    let host = HOST.call_once(|| Host { phys });
+    let trampoline = memory::trampoline_frame(&boot_info.memory_regions);
+    let smp = smp::init(
+        &host.phys,
+        boot_info.rsdp_addr.into_option(),
+        boot_tss,
+        trampoline,
+    );
+    report_cpus(&smp);
     match apic {
         Ok(()) => println!("hypervisor: local APIC in x2APIC mode; legacy PICs masked"),
         Err(error) => println!("hypervisor: no host timer to kick vCPUs with: {error:?}"),
     }
     emulator::warm_up();
-    let host = HOST.call_once(|| Host { phys, vmx });
     #[cfg(feature = "kernel-tests")]
     tests::run_all(host);
     #[cfg(not(feature = "kernel-tests"))]
     demo::run(host);
+}
+
+/// Prints what the CPU start-up found: every CPU's state and VMX capabilities.
+fn report_cpus(report: &smp::SmpReport) {
+    if let Some(error) = &report.madt_error {
+        println!("hypervisor: no CPU list from ACPI ({error}): the boot processor only");
+    }
+    if let Some(error) = report.start_error {
+        println!("hypervisor: application processors not started: {error}");
+    }
+    let ready = smp::ready_cpus().count();
+    println!("hypervisor: {} CPUs listed, {ready} ready", report.listed);
+    for cpu in smp::cpus() {
+        match (cpu.state(), cpu.vmx()) {
+            (CpuState::Ready, Ok(vmx)) => {
+                println!(
+                    "hypervisor: CPU {} (APIC {}): VMX on: {}",
+                    cpu.index,
+                    cpu.apic_id,
+                    vmx.caps()
+                )
+            }
+            (_, Err(error)) if cpu.state() != CpuState::Absent => {
+                println!(
+                    "hypervisor: CPU {} (APIC {}): left out: {error}",
+                    cpu.index, cpu.apic_id
+                )
+            }
+            (state, _) => println!(
+                "hypervisor: CPU {} (APIC {}): left out: {state:?}",
+                cpu.index, cpu.apic_id
+            ),
+        }
+    }
 }
 
 /// Called when the host itself fails (panic, CPU exception): in a test run, reports the test

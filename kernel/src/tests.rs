@@ -22,8 +22,8 @@ use crate::arch::ticks;
 use crate::arch::vmx::{GuestRegisters, VmxCaps};
 use crate::vm::budget::{host_deadline_hit, set_host_deadline};
 use crate::vm::{
-    exit_costs_of_finished_vms, hypercall, overrun_of_finished_vms, Diagnostic, StopCause, Vm, VmError,
-    VmStop,
+    exit_costs_of_finished_vms, hypercall, overrun_of_finished_vms, shootdown_costs, Diagnostic, StopCause,
+    Vm, VmError, VmStop,
 };
 use crate::{println, Host};
 
@@ -204,6 +204,19 @@ const TESTS: &[(&str, TestFn)] = &[
         "a_reset_in_the_middle_of_a_run_clears_ram_and_restores_rom",
         fidelity::a_reset_in_the_middle_of_a_run_clears_ram_and_restores_rom,
     ),
+    ("smp_every_cpu_runs_a_guest", smp::every_cpu_runs_a_guest),
+    (
+        "smp_a_vcpu_refuses_to_run_on_another_cpu",
+        smp::a_vcpu_refuses_to_run_on_another_cpu,
+    ),
+    (
+        "smp_two_vcpus_writing_one_zero_page_at_once_get_one_frame",
+        smp::two_vcpus_writing_one_zero_page_at_once_get_one_frame,
+    ),
+    (
+        "smp_a_ballooned_frame_stays_out_of_the_allocator_until_the_other_cpu_flushed",
+        smp::a_ballooned_frame_stays_out_of_the_allocator_until_the_other_cpu_flushed,
+    ),
     (
         "hostile_a20_gate_flipped_through_port_0x92_while_writing_across_1_mib",
         hostile::a20_gate_flipped_through_port_0x92_while_writing_across_1_mib,
@@ -249,6 +262,13 @@ pub fn run_all(host: &'static Host) -> ! {
         }
     }
     exit_costs_of_finished_vms().print("every VM of the test run");
+    let shootdowns = shootdown_costs();
+    println!(
+        "TLB shootdowns (IPI to the last CPU's flush): {}, ticks mean {}, max {}",
+        shootdowns.count,
+        shootdowns.mean(),
+        shootdowns.max
+    );
     let overrun = overrun_of_finished_vms();
     println!(
         "time budgets: {} runs ended at a deadline, ticks past it: mean {}, max {}",
@@ -332,10 +352,11 @@ mod fidelity;
 mod hostile;
 mod pc;
 mod preemption;
+mod smp;
 mod violations;
 
 fn new_vm(host: &'static Host, ram: &[(u64, u64)]) -> Result<Vm<'static>, String> {
-    let vmx = host.vmx.as_ref().map_err(|e| format!("{e}"))?;
+    let vmx = host.vmx().map_err(|e| format!("{e}"))?;
     Vm::new(vmx, &host.phys, ram).map_err(|e| format!("VM creation: {e}"))
 }
 
@@ -384,7 +405,7 @@ fn gpa(addr: u64) -> GuestPhysAddr {
 }
 
 fn vmx_capabilities_reported(host: &'static Host) -> TestResult {
-    let vmx = host.vmx.as_ref().map_err(|e| format!("{e}"))?;
+    let vmx = host.vmx().map_err(|e| format!("{e}"))?;
     let again = VmxCaps::probe().map_err(|e| format!("{e}"))?;
     ensure!(vmx.caps().revision != 0, "VMCS revision identifier is 0");
     ensure_eq!(again.revision, vmx.caps().revision, "revision on a second probe");
@@ -624,7 +645,7 @@ fn bad_ram_layout_is_refused_without_leaking(host: &'static Host) -> TestResult 
     ];
     for (ram, expected) in cases {
         let used = frame_counts().used();
-        let vmx = host.vmx.as_ref().map_err(|e| format!("{e}"))?;
+        let vmx = host.vmx().map_err(|e| format!("{e}"))?;
         match Vm::new(vmx, &host.phys, ram) {
             Err(VmError::Memory(error)) => ensure_eq!(error, expected, "error"),
             Err(other) => return Err(format!("wrong error for {ram:x?}: {other}")),

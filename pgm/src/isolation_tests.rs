@@ -91,6 +91,11 @@ fn deregistering_mmio2_is_refused_while_a_page_lock_holds_it() {
     assert_isolated(&pgm, "after the refusals");
     pgm.release_page_lock(mapping.lock);
     pgm.deregister_mmio2(region).unwrap();
+    assert!(
+        pgm.frames().inner.is_allocated(frame),
+        "the frame went back before the TLBs were flushed"
+    );
+    flush_every_cpu(&mut pgm);
     assert!(!pgm.frames().inner.is_allocated(frame));
     assert_isolated(&pgm, "after the lock was released and the region deregistered");
     assert_accounting(&pgm);
@@ -200,6 +205,7 @@ fn deregistering_mmio2_undoes_an_alias_the_a20_gate_hides() {
         "the gate shows 0x28_0000"
     );
     pgm.deregister_mmio2(region).unwrap();
+    flush_every_cpu(&mut pgm);
     assert!(!pgm.frames().inner.is_allocated(frame));
     assert_isolated(&pgm, "with the gate closed");
     pgm.set_a20(true);

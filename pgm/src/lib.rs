@@ -48,5 +48,5 @@ mod test_support;
 
 pub use addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 pub use error::PgmError;
-pub use manager::{FaultOutcome, MemoryStats, Pgm, Resolution};
+pub use manager::{FaultOutcome, MemoryStats, Pgm, Resolution, TlbFlush};
 pub use paging::{Access, Invalidation};

@@ -410,6 +410,14 @@ fn ballooning_frees_frames_and_deflating_makes_pages_usable_again() {
     assert_eq!(pgm.balloon_inflate(&pages), Ok(Invalidation::SingleContext));
     assert_eq!(
         frames_used(&pgm),
+        used,
+        "nothing goes back before the TLBs are flushed"
+    );
+    assert_eq!(pgm.frames_awaiting_flush(), 2);
+    flush_every_cpu(&mut pgm);
+    assert_eq!(pgm.frames_awaiting_flush(), 0);
+    assert_eq!(
+        frames_used(&pgm),
         used - 2,
         "both private frames went back to the host"
     );
@@ -1129,6 +1137,7 @@ fn mmio2_region_management_and_bad_requests() {
     assert_eq!(pgm.mmio2_region_no(fb), Some(5));
     pgm.map_mmio2(fb, gpa(FB)).unwrap();
     assert_eq!(pgm.deregister_mmio2(fb), Ok(Invalidation::SingleContext));
+    flush_every_cpu(&mut pgm);
     assert!(!pgm.is_mmio2_handle(fb));
     let new_tables = pgm.stats().table_frames - tables;
     assert_eq!(
@@ -1778,6 +1787,7 @@ fn identical_pages_share_one_frame_until_written() {
         }
     );
     assert_eq!(invalidation, Invalidation::SingleContext);
+    flush_every_cpu(&mut pgm);
     let stats = pgm.stats();
     assert_eq!(
         (stats.shared_pages, stats.shared_frames, stats.allocated_pages),

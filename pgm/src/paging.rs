@@ -98,11 +98,19 @@ pub trait EntryFormat {
     fn table_permissions(raw: u64) -> Permissions;
 }
 
-/// Which TLB invalidation a change to the tables needs before the guest runs again.
+/// Which TLB invalidation a change to the tables needs before the guest runs again. Every
+/// kind but `None` is a flush on every CPU that ran the VM: a translation another CPU cached
+/// is as stale as the local one. Frames the change took from the guest are reused only after
+/// that flush ([`Pgm::begin_tlb_flush`](crate::Pgm::begin_tlb_flush)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Invalidation {
     /// Nothing is cached that the change made stale.
     None,
+    /// A fault's resolution changed the frame of an entry that was present: the CPU that took
+    /// the EPT violation has no stale translation left (the violation flushed it, SDM
+    /// 29.4.3.1), but every other CPU that ran the VM may have one (INVEPT single-context
+    /// there).
+    OtherCpus,
     /// Flush the translations of this VM's tables (INVEPT single-context).
     SingleContext,
     /// Flush the translations of every context (INVEPT all-context).

@@ -2,6 +2,12 @@
 //! faults take pre-allocated frames from a pool of [`HANDY_PAGES`] that is topped up in one
 //! batch when [`HANDY_REFILL_AT`] remain, freed frames go back in batches of [`FREE_BATCH`], and
 //! a per-VM limit caps the frames backing guest pages.
+//!
+//! A frame the guest could reach is not reused nor freed at once: it is *retired*, stamped with
+//! the current TLB-flush generation, because any CPU that ran the VM may still hold a
+//! translation to it. Only when a flush that started after the retirement has finished on
+//! every such CPU ([`FramePool::flushed`]) does it join the pending-free batch, which refills
+//! the pool or goes back to the host.
 
 use alloc::vec::Vec;
 
@@ -20,7 +26,16 @@ pub const FREE_BATCH: usize = 128;
 #[derive(Default)]
 pub struct FramePool {
     handy: Vec<HostPhysAddr>,
+    /// Frames no CPU can reach any more: reused first, given back in batches.
     pending_free: Vec<HostPhysAddr>,
+    /// Frames unmapped since a flush began, oldest first, with the generation they were
+    /// retired in.
+    retired: Vec<(u64, HostPhysAddr)>,
+    /// The TLB-flush generation: raised by [`FramePool::begin_flush`].
+    generation: u64,
+    /// An operation that gives frames back (balloon, unregister, removal) found some still
+    /// retired: they go back to the host as soon as their flush ends, not a batch later.
+    give_back_when_flushed: bool,
     limit: Option<u64>,
     in_use: u64,
     taken: u64,
@@ -43,9 +58,47 @@ impl FramePool {
         self.handy.len()
     }
 
-    /// Freed frames not yet given back to the allocator.
+    /// Freed frames not yet given back to the allocator (those awaiting a TLB flush included).
     pub fn pending_free(&self) -> usize {
-        self.pending_free.len()
+        self.pending_free.len() + self.retired.len()
+    }
+
+    /// Retired frames that wait for a TLB flush before they can be reused or freed.
+    pub fn awaiting_flush(&self) -> usize {
+        self.retired.len()
+    }
+
+    /// Starts a TLB flush: frames retired so far may be reused once it has finished on every
+    /// CPU. Returns the generation to pass to [`flushed`](Self::flushed).
+    pub fn begin_flush(&mut self) -> u64 {
+        self.generation += 1;
+        self.generation - 1
+    }
+
+    /// The flush begun as `generation` has finished everywhere: frames retired up to it join
+    /// the pending-free batch (given back when a batch is full).
+    pub fn flushed(&mut self, generation: u64, frames: &mut impl HostFrameAllocator) {
+        let reachable = self
+            .retired
+            .partition_point(|&(retired_in, _)| retired_in <= generation);
+        self.pending_free
+            .extend(self.retired.drain(..reachable).map(|(_, frame)| frame));
+        if self.pending_free.len() >= FREE_BATCH || self.give_back_when_flushed {
+            self.flush(frames);
+        }
+    }
+
+    /// Retires frames the guest could reach that do not belong to the pool (ROM images, MMIO2
+    /// regions): they go back to the host as soon as the next TLB flush ends.
+    pub fn retire_all(&mut self, retired: &[HostPhysAddr]) {
+        self.retire(retired);
+        self.give_back_when_flushed = true;
+    }
+
+    fn retire(&mut self, retired: &[HostPhysAddr]) {
+        let generation = self.generation;
+        self.retired
+            .extend(retired.iter().map(|&frame| (generation, frame)));
     }
 
     /// Sets the limit. A limit below what is in use only stops further allocation.
@@ -107,13 +160,11 @@ impl FramePool {
         self.handy.len() - before
     }
 
-    /// Takes back the frame of a guest page; the allocator gets it with the next full batch.
-    pub fn release(&mut self, frame: HostPhysAddr, frames: &mut impl HostFrameAllocator) {
+    /// Takes back the frame of a guest page: retired until the next TLB flush, then reused or
+    /// given back with a full batch.
+    pub fn release(&mut self, frame: HostPhysAddr) {
         self.in_use -= 1;
-        self.pending_free.push(frame);
-        if self.pending_free.len() >= FREE_BATCH {
-            self.flush(frames);
-        }
+        self.retire(&[frame]);
     }
 
     /// A frame backing a guest page stops counting as private without being freed (it became
@@ -122,21 +173,24 @@ impl FramePool {
         self.in_use -= 1;
     }
 
-    /// Gives back a frame that no longer counts as private (a shared frame's last reference went)
-    /// with the next batch.
-    pub fn discard(&mut self, frame: HostPhysAddr, frames: &mut impl HostFrameAllocator) {
-        self.in_use += 1;
-        self.release(frame, frames);
+    /// Retires a frame that no longer counts as private (a shared frame's last reference went).
+    pub fn discard(&mut self, frame: HostPhysAddr) {
+        self.retire(&[frame]);
     }
 
-    /// Gives every pending frame back to the allocator now.
+    /// Gives every pending frame no CPU can reach back to the allocator now; retired frames
+    /// follow as soon as their flush ends.
     pub fn flush(&mut self, frames: &mut impl HostFrameAllocator) {
         frames.free_frames(&self.pending_free);
         self.pending_free.clear();
+        self.give_back_when_flushed = !self.retired.is_empty();
     }
 
-    /// Gives back the handy and pending frames (frames still in use are the caller's).
+    /// Gives back the handy, pending and retired frames (frames still in use are the
+    /// caller's). Only when no CPU can reach the VM's memory any more (its termination).
     pub fn drain(&mut self, frames: &mut impl HostFrameAllocator) {
+        let generation = self.begin_flush();
+        self.flushed(generation, frames);
         self.flush(frames);
         frames.free_frames(&self.handy);
         self.handy.clear();
@@ -165,8 +219,10 @@ mod tests {
         let taken: Vec<_> = (0..100).map(|_| pool.take(&mut frames).unwrap()).collect();
         assert!(pool.needs_refill());
         for frame in &taken[..10] {
-            pool.release(*frame, &mut frames);
+            pool.release(*frame);
         }
+        let generation = pool.begin_flush();
+        pool.flushed(generation, &mut frames);
         assert_eq!(pool.pending_free(), 10);
         let used = frames.inner.counts().used();
         assert_eq!(pool.refill(&mut frames), 100);
@@ -187,13 +243,44 @@ mod tests {
         let mut flushes = 0;
         for frame in taken {
             let before = frames.inner.counts().frees;
-            pool.release(frame, &mut frames);
+            pool.release(frame);
+            let generation = pool.begin_flush();
+            pool.flushed(generation, &mut frames);
             flushes += (frames.inner.counts().frees != before) as u32;
         }
         assert_eq!(flushes, 2, "300 frees make two full batches of 128");
         assert_eq!(pool.pending_free(), 300 - 2 * FREE_BATCH);
         pool.drain(&mut frames);
         assert_eq!(frames.inner.counts().used(), 0);
+    }
+
+    #[test]
+    fn a_retired_frame_is_neither_reused_nor_freed_before_a_flush_begun_after_it_ends() {
+        let mut frames = SimFrames::new(1000);
+        let mut pool = FramePool::default();
+        let taken: Vec<_> = (0..HANDY_PAGES)
+            .map(|_| pool.take(&mut frames).unwrap())
+            .collect();
+        let early = pool.begin_flush();
+        for &frame in &taken[..FREE_BATCH] {
+            pool.release(frame);
+        }
+        // A flush that began before the retirement does not cover it.
+        pool.flushed(early, &mut frames);
+        assert_eq!(pool.awaiting_flush(), FREE_BATCH);
+        pool.refill(&mut frames);
+        assert!(!pool.handy.contains(&taken[0]), "a retired frame was reused");
+        let used = frames.inner.counts().used();
+        pool.flush(&mut frames);
+        assert_eq!(frames.inner.counts().used(), used, "a retired frame was freed");
+        let covering = pool.begin_flush();
+        pool.flushed(covering, &mut frames);
+        assert_eq!(pool.awaiting_flush(), 0);
+        assert_eq!(
+            frames.inner.counts().used(),
+            used - FREE_BATCH as u64,
+            "a full batch goes back once flushed"
+        );
     }
 
     #[test]

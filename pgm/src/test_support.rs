@@ -6,7 +6,7 @@ use alloc::vec::Vec;
 
 use crate::addr::{GuestPhysAddr, HostPhysAddr};
 use crate::frames::HostMemory;
-use crate::manager::{DeviceId, FaultOutcome, Mmio2Spec, Pgm, RomId, RomImage};
+use crate::manager::{DeviceId, FaultOutcome, Mmio2Spec, Pgm, Resolution, RomId, RomImage};
 use crate::paging::{Access, Invalidation};
 pub use crate::sim::SimPgm;
 use crate::sim::{SimFrames, SimMemory};
@@ -62,12 +62,16 @@ pub fn guest_write(pgm: &mut SimPgm, at: GuestPhysAddr, data: &[u8]) -> GuestAcc
                 faults += 1;
                 assert!(faults < 3, "fault loop at {at}: {violation:?}");
                 match pgm.resolve_fault(at, Access::Write) {
-                    // Only a large fill, which remaps 511 other pages, needs a flush.
-                    FaultOutcome::Resolved { invalidation, .. } => {
-                        let expected = if pgm.is_mapped_large(at) {
-                            Invalidation::SingleContext
-                        } else {
-                            Invalidation::None
+                    // A large fill remaps 511 other pages: a flush everywhere. A frame that
+                    // replaced the zero or a shared frame: a flush on the other CPUs.
+                    FaultOutcome::Resolved {
+                        invalidation,
+                        resolution,
+                    } => {
+                        let expected = match resolution {
+                            _ if pgm.is_mapped_large(at) => Invalidation::SingleContext,
+                            Resolution::ZeroFill | Resolution::CopyOnWrite => Invalidation::OtherCpus,
+                            Resolution::WriteMonitor | Resolution::Remap => Invalidation::None,
                         };
                         assert_eq!(invalidation, expected)
                     }
@@ -76,6 +80,13 @@ pub fn guest_write(pgm: &mut SimPgm, at: GuestPhysAddr, data: &[u8]) -> GuestAcc
             }
         }
     }
+}
+
+/// What the kernel does after a change that asked for an invalidation: every CPU that ran the
+/// VM flushes, and the frames the change retired can then be reused or given back.
+pub fn flush_every_cpu(pgm: &mut SimPgm) {
+    let flush = pgm.begin_tlb_flush();
+    pgm.end_tlb_flush(flush);
 }
 
 /// Reads what the guest would read at `at` (no fault expected).

@@ -5,8 +5,8 @@
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use x86::msr::{
-    rdmsr, wrmsr, IA32_APIC_BASE, IA32_X2APIC_DIV_CONF, IA32_X2APIC_EOI, IA32_X2APIC_INIT_COUNT,
-    IA32_X2APIC_LVT_TIMER, IA32_X2APIC_SIVR, IA32_X2APIC_TPR,
+    rdmsr, wrmsr, IA32_APIC_BASE, IA32_X2APIC_APICID, IA32_X2APIC_DIV_CONF, IA32_X2APIC_EOI, IA32_X2APIC_ICR,
+    IA32_X2APIC_INIT_COUNT, IA32_X2APIC_LVT_TIMER, IA32_X2APIC_SIVR, IA32_X2APIC_TPR,
 };
 use x86_64::instructions::port::Port;
 
@@ -21,6 +21,17 @@ pub const PIC_VECTOR_BASE: u8 = 0x20;
 /// IA32_APIC_BASE: APIC global enable and x2APIC mode.
 const APIC_BASE_ENABLE: u64 = 1 << 11;
 const APIC_BASE_X2APIC: u64 = 1 << 10;
+/// The vector of the host's inter-processor interrupts (work to run, EPT flushes to do).
+pub const IPI_VECTOR: u8 = 0xF1;
+
+/// Interrupt command register (SDM 10.6.1): delivery modes, level assert; the destination
+/// x2APIC ID is in bits 32..64.
+const ICR_FIXED: u64 = 0b000 << 8;
+const ICR_NMI: u64 = 0b100 << 8;
+const ICR_INIT: u64 = 0b101 << 8;
+const ICR_STARTUP: u64 = 0b110 << 8;
+const ICR_ASSERT: u64 = 1 << 14;
+
 /// Spurious-interrupt vector register: APIC software enable.
 const SIVR_ENABLE: u64 = 1 << 8;
 /// LVT entry: masked.
@@ -28,7 +39,8 @@ const LVT_MASKED: u64 = 1 << 16;
 /// Divide configuration 0b1011: divide by 1 (the timer counts at the APIC's base clock).
 const DIVIDE_BY_1: u64 = 0b1011;
 
-/// True once [`init`] put the local APIC in x2APIC mode.
+/// True once [`init`] put the boot processor's local APIC in x2APIC mode (the application
+/// processors only start when it did).
 static X2APIC: AtomicBool = AtomicBool::new(false);
 
 /// Why the host cannot use its local APIC timer.
@@ -42,6 +54,14 @@ pub enum ApicUnavailable {
 /// interrupt masked. Call once at boot, before interrupts are ever enabled.
 pub fn init() -> Result<(), ApicUnavailable> {
     mask_legacy_pics();
+    enable_local()?;
+    X2APIC.store(true, Ordering::Release);
+    Ok(())
+}
+
+/// Enables this CPU's local APIC in x2APIC mode with every local interrupt masked. The boot
+/// processor does it in [`init`]; each application processor when it starts.
+pub fn enable_local() -> Result<(), ApicUnavailable> {
     let has_x2apic = x86::cpuid::CpuId::new()
         .get_feature_info()
         .is_some_and(|info| info.has_x2apic());
@@ -62,8 +82,43 @@ pub fn init() -> Result<(), ApicUnavailable> {
         wrmsr(IA32_X2APIC_DIV_CONF, DIVIDE_BY_1);
         wrmsr(IA32_X2APIC_SIVR, SIVR_ENABLE | u64::from(SPURIOUS_VECTOR));
     }
-    X2APIC.store(true, Ordering::Release);
     Ok(())
+}
+
+/// This CPU's x2APIC ID. Only after [`enable_local`] succeeded on this CPU.
+pub fn id() -> u32 {
+    // SAFETY: x2APIC mode is on (the caller's precondition); reading the ID has no side effect.
+    unsafe { rdmsr(IA32_X2APIC_APICID) as u32 }
+}
+
+/// Sends the host's IPI ([`IPI_VECTOR`]) to the CPU with x2APIC ID `destination`.
+pub fn send_ipi(destination: u32) {
+    send(destination, ICR_FIXED | ICR_ASSERT | u64::from(IPI_VECTOR));
+}
+
+/// Sends an NMI to `destination`. It reaches the host there even with interrupts disabled,
+/// and a guest running there exits at once whatever its own interrupt flag (NMI exiting).
+pub fn send_nmi(destination: u32) {
+    send(destination, ICR_NMI | ICR_ASSERT);
+}
+
+/// Sends INIT to `destination` (the first step of starting an application processor).
+pub fn send_init(destination: u32) {
+    send(destination, ICR_INIT | ICR_ASSERT);
+}
+
+/// Sends a start-up IPI: `destination` starts in real mode at `page * 4096`.
+pub fn send_startup(destination: u32, page: u8) {
+    send(destination, ICR_STARTUP | ICR_ASSERT | u64::from(page));
+}
+
+fn send(destination: u32, command: u64) {
+    if !available() {
+        return;
+    }
+    // SAFETY: x2APIC mode is on; one ICR write sends one IPI (SDM 10.12.9), and the host only
+    // sends the IPIs above.
+    unsafe { wrmsr(IA32_X2APIC_ICR, (u64::from(destination) << 32) | command) };
 }
 
 /// True when the local APIC timer can be used.

@@ -1,5 +1,10 @@
-//! The host GDT with a TSS. VMX needs a non-null host TR selector (SDM 27.2.3), and the TSS gives
-//! the double-fault handler a known-good stack.
+//! The host GDT with a TSS, one pair per CPU (a TSS descriptor is marked busy when loaded, so
+//! CPUs cannot share one). VMX needs a non-null host TR selector (SDM 27.2.3), and the TSS gives
+//! the double-fault handler a known-good stack. Every CPU's GDT has the same layout, so the
+//! selectors are the same everywhere.
+
+use alloc::boxed::Box;
+use alloc::vec;
 
 use spin::Once;
 use x86_64::instructions::segmentation::{Segment, CS, DS, ES, FS, GS, SS};
@@ -24,25 +29,52 @@ pub struct Selectors {
     pub tss: SegmentSelector,
 }
 
-static TSS: Once<TaskStateSegment> = Once::new();
-static GDT: Once<(GlobalDescriptorTable, Selectors)> = Once::new();
+static BOOT_TSS: Once<TaskStateSegment> = Once::new();
+static BOOT_GDT: Once<(GlobalDescriptorTable, Selectors)> = Once::new();
 
-/// Loads the GDT and TSS and reloads every segment register. Call once at boot.
-pub fn init() {
-    let tss = TSS.call_once(|| {
+/// Loads the boot processor's GDT and TSS and reloads every segment register. Call once at
+/// boot, before the heap exists (its tables are statics). Returns the TSS's address.
+pub fn init() -> u64 {
+    let tss = BOOT_TSS.call_once(|| {
         static mut STACK: [u8; IST_STACK_SIZE] = [0; IST_STACK_SIZE];
-        let mut tss = TaskStateSegment::new();
-        let stack_start = VirtAddr::from_ptr(&raw const STACK);
-        tss.interrupt_stack_table[DOUBLE_FAULT_IST as usize] = stack_start + IST_STACK_SIZE as u64;
-        tss
+        tss_with_stack(VirtAddr::from_ptr(&raw const STACK))
     });
-    let (gdt, selectors) = GDT.call_once(|| {
-        let mut gdt = GlobalDescriptorTable::new();
-        let code = gdt.append(Descriptor::kernel_code_segment());
-        let data = gdt.append(Descriptor::kernel_data_segment());
-        let tss = gdt.append(Descriptor::tss_segment(tss));
-        (gdt, Selectors { code, data, tss })
-    });
+    let (gdt, selectors) = BOOT_GDT.call_once(|| gdt_for(tss));
+    load(gdt, *selectors);
+    tss as *const TaskStateSegment as u64
+}
+
+/// Loads a new GDT and TSS (with their own double-fault stack, on the heap, kept for the
+/// kernel's life) on an application processor. Returns the TSS's address.
+pub fn init_application_processor() -> u64 {
+    let stack: &'static mut [u8] = vec![0; IST_STACK_SIZE].leak();
+    let tss: &'static TaskStateSegment =
+        Box::leak(Box::new(tss_with_stack(VirtAddr::from_ptr(stack.as_ptr()))));
+    let (gdt, selectors) = Box::leak(Box::new(gdt_for(tss)));
+    load(gdt, *selectors);
+    tss as *const TaskStateSegment as u64
+}
+
+/// The selectors every CPU's GDT has.
+pub fn selectors() -> Selectors {
+    BOOT_GDT.get().expect("gdt::init ran at boot").1
+}
+
+fn tss_with_stack(stack_start: VirtAddr) -> TaskStateSegment {
+    let mut tss = TaskStateSegment::new();
+    tss.interrupt_stack_table[DOUBLE_FAULT_IST as usize] = stack_start + IST_STACK_SIZE as u64;
+    tss
+}
+
+fn gdt_for(tss: &'static TaskStateSegment) -> (GlobalDescriptorTable, Selectors) {
+    let mut gdt = GlobalDescriptorTable::new();
+    let code = gdt.append(Descriptor::kernel_code_segment());
+    let data = gdt.append(Descriptor::kernel_data_segment());
+    let tss = gdt.append(Descriptor::tss_segment(tss));
+    (gdt, Selectors { code, data, tss })
+}
+
+fn load(gdt: &'static GlobalDescriptorTable, selectors: Selectors) {
     gdt.load();
     // SAFETY: the selectors index the GDT just loaded, whose descriptors are valid 64-bit kernel
     // code/data and an available TSS; FS and GS are unused (null is valid in 64-bit mode).
@@ -55,14 +87,4 @@ pub fn init() {
         GS::set_reg(SegmentSelector(0));
         load_tss(selectors.tss);
     }
-}
-
-/// The selectors loaded by [`init`].
-pub fn selectors() -> Selectors {
-    GDT.get().expect("gdt::init ran at boot").1
-}
-
-/// Linear address of the TSS (the VMCS host TR base).
-pub fn tss_base() -> u64 {
-    TSS.get().map_or(0, |tss| tss as *const TaskStateSegment as u64)
 }

@@ -192,6 +192,13 @@ guest_programs! {
         "vmcall",
         "hlt",
     ];
+    // Reads the dword at ESI and counts the reads in the dword at EDI, for ever.
+    read_forever: Flat32, ".code32", [
+        "1:",
+        "mov eax, dword ptr [esi]",
+        "inc dword ptr [edi]",
+        "jmp 1b",
+    ];
     // Loads the dword at ESI and reports it through done(value).
     load: Flat32, ".code32", [
         "mov ebx, dword ptr [esi]",

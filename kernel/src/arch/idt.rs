@@ -9,7 +9,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use spin::Once;
 use x86_64::structures::idt::{InterruptDescriptorTable, InterruptStackFrame, PageFaultErrorCode};
 
-use super::apic::{self, PIC_VECTOR_BASE, SPURIOUS_VECTOR, TIMER_VECTOR};
+use super::apic::{self, IPI_VECTOR, PIC_VECTOR_BASE, SPURIOUS_VECTOR, TIMER_VECTOR};
 use super::gdt::DOUBLE_FAULT_IST;
 use super::power::{exit, ExitCode};
 
@@ -18,7 +18,8 @@ static TIMER_INTERRUPTS: AtomicU64 = AtomicU64::new(0);
 
 static IDT: Once<InterruptDescriptorTable> = Once::new();
 
-/// Loads the IDT. Call once at boot, after the GDT (the double-fault handler uses an IST stack).
+/// Builds and loads the IDT (shared by every CPU). Call once at boot, after the GDT (the
+/// double-fault handler uses an IST stack).
 pub fn init() {
     let idt = IDT.call_once(|| {
         let mut idt = InterruptDescriptorTable::new();
@@ -28,6 +29,7 @@ pub fn init() {
         idt.page_fault.set_handler_fn(page_fault);
         idt.non_maskable_interrupt.set_handler_fn(nmi);
         idt[TIMER_VECTOR].set_handler_fn(apic_timer);
+        idt[IPI_VECTOR].set_handler_fn(host_ipi);
         idt[SPURIOUS_VECTOR].set_handler_fn(ignored_interrupt);
         // The masked PICs can still raise their spurious IRQ 7 and 15.
         idt[PIC_VECTOR_BASE + 7].set_handler_fn(ignored_interrupt);
@@ -41,6 +43,21 @@ pub fn init() {
         idt
     });
     idt.load();
+}
+
+/// Loads the IDT [`init`] built on an application processor.
+pub fn load() {
+    if let Some(idt) = IDT.get() {
+        idt.load();
+    }
+}
+
+/// Halts until an interrupt arrives and has been handled, then returns with interrupts off.
+/// STI's shadow covers HLT, so an interrupt pending since before the call wakes it.
+pub fn wait_for_interrupt() {
+    // SAFETY: the handlers installed by `init` may run at any point outside a vCPU run (they
+    // touch atomics and the local APIC only); interrupts are off again afterwards.
+    unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
 }
 
 /// Host timer interrupts taken since boot.
@@ -71,9 +88,18 @@ extern "x86-interrupt" fn apic_timer(_frame: InterruptStackFrame) {
     apic::end_of_interrupt();
 }
 
-/// The host has no NMI source of its own yet; an NMI is taken (and so not left to a guest)
-/// and otherwise ignored.
-extern "x86-interrupt" fn nmi(_frame: InterruptStackFrame) {}
+/// Wakes a CPU for work sent to it (its idle loop looks for work after every interrupt), and
+/// carries out EPT-flush requests ([`super::smp::flush_ept_on`]).
+extern "x86-interrupt" fn host_ipi(_frame: InterruptStackFrame) {
+    super::smp::flush_request_received();
+    apic::end_of_interrupt();
+}
+
+/// The host's NMIs are EPT-flush requests from other CPUs ([`super::smp::flush_ept_on`]); an
+/// NMI that made a guest exit is handed here too, so it is never left to a guest.
+extern "x86-interrupt" fn nmi(_frame: InterruptStackFrame) {
+    super::smp::flush_request_received();
+}
 
 extern "x86-interrupt" fn ignored_interrupt(_frame: InterruptStackFrame) {}
 

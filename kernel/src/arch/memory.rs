@@ -39,6 +39,21 @@ pub fn init_frames(regions: &MemoryRegions) {
     *FRAMES.lock() = Some(BitmapFrameAllocator::new(usable));
 }
 
+/// A free frame below 1 MiB for the application processors' start-up trampoline (a start-up
+/// IPI names a page below 1 MiB). Frames there never enter the frame allocator, so the one
+/// picked stays reserved. The lowest page (the real-mode interrupt table) is skipped.
+pub fn trampoline_frame(regions: &MemoryRegions) -> Option<HostPhysAddr> {
+    const PAGE: u64 = 0x1000;
+    regions
+        .iter()
+        .filter(|r| r.kind == MemoryRegionKind::Usable)
+        .find_map(|r| {
+            let start = r.start.max(PAGE).next_multiple_of(PAGE);
+            (start + PAGE <= r.end.min(LOWEST_FRAME)).then_some(start)
+        })
+        .map(HostPhysAddr::new_truncate)
+}
+
 /// The allocator's counters (all zero before [`init_frames`]).
 pub fn frame_counts() -> FrameCounts {
     FRAMES.lock().as_ref().map(|f| f.counts()).unwrap_or_default()

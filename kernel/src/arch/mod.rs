@@ -1,5 +1,6 @@
 //! The architecture layer: everything that touches the CPU, ports or raw memory lives here.
 
+pub mod acpi;
 pub mod apic;
 pub mod gdt;
 // The demo build runs one guest program; the rest are fixtures of the kernel tests.
@@ -9,6 +10,7 @@ pub mod idt;
 pub mod memory;
 pub mod power;
 pub mod serial;
+pub mod smp;
 pub mod vmx;
 
 /// Reads the time-stamp counter (deterministic in Bochs with `clock: sync=none`).

@@ -67,7 +67,7 @@ pub fn pc(host: &'static Host, above_4g: Above4G) -> Result<Pc, String> {
     }
     let mut vm = new_vm(host, &ram)?;
     let fail = |what: &str, error: PgmError| format!("{what}: {error}");
-    let pgm = vm.pgm_mut();
+    let mut pgm = vm.pgm_mut();
     let (device, invalidation) = pgm
         .register_mmio(gpa(DEVICE_BASE), DEVICE_SIZE)
         .map_err(|e| fail("MMIO device", e))?;
@@ -97,6 +97,7 @@ pub fn pc(host: &'static Host, above_4g: Above4G) -> Result<Pc, String> {
         .set_mmio2_dirty_tracking(framebuffer, true)
         .and_then(|a| Ok(a.max(pgm.map_mmio2(framebuffer, gpa(FRAMEBUFFER_BASE))?)))
         .map_err(|e| fail("framebuffer mapping", e))?;
+    drop(pgm);
     vm.flush(invalidation.max(mapped))
         .map_err(|e| format!("INVEPT: {e}"))?;
     Ok(Pc {

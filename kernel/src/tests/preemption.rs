@@ -274,7 +274,7 @@ fn runs_to_the_time_limit(vm: &mut Vm<'static>, limit: u64, what: &str) -> Resul
 pub fn pause_loop_yields_and_is_stopped_at_its_limit(host: &'static Host) -> TestResult {
     const PAUSE_SLICE: u64 = 2_000_000;
     const PAUSE_LIMIT: u64 = 1_000_000;
-    let vmx = host.vmx.as_ref().map_err(|e| format!("{e}"))?;
+    let vmx = host.vmx().map_err(|e| format!("{e}"))?;
     let mut vm = new_vm(host, &PC_RAM)?;
     vm.start(&programs::pause_loop(), CODE, GuestRegisters::default())
         .map_err(|e| format!("{e}"))?;

@@ -9,8 +9,10 @@ pub mod requests;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
+use core::ops::{Deref, DerefMut};
+use core::sync::atomic::{AtomicU64, Ordering};
 
-use spin::Mutex;
+use spin::{Mutex, MutexGuard};
 
 use pgm::guest_paging::GuestPaging;
 use pgm::manager::{AccessHandlers, HandlerAction};
@@ -26,6 +28,7 @@ use x86::vmx::vmcs::{control, guest, host, ro};
 
 use crate::arch::guests::{GuestMode, GuestProgram};
 use crate::arch::memory::{KernelFrames, PhysMap};
+use crate::arch::smp::{self, this_cpu};
 use crate::arch::vmx::{
     self,
     host::HostState,
@@ -159,6 +162,8 @@ pub enum StopCause {
     TimeBudget,
     /// The host's deadline for the work in progress passed ([`budget::set_host_deadline`]).
     HostDeadline,
+    /// The vCPU was asked to run on a CPU other than the one its VMCS lives on.
+    WrongCpu,
 }
 
 /// What the hypervisor knew when it stopped a VM.
@@ -494,13 +499,114 @@ impl From<VmxError> for VmError {
 /// The memory manager type of a kernel VM.
 pub type KernelPgm = Pgm<KernelFrames, &'static PhysMap>;
 
-/// One VM with one vCPU.
+/// What every vCPU of a VM shares: the memory manager, behind the VM's lock, and the set of
+/// host CPUs that may cache translations of its EPT. Dropped with the last vCPU: every such
+/// CPU flushes before the manager gives its frames back.
+pub struct VmMemory {
+    /// `None` only while dropping.
+    pgm: Mutex<Option<KernelPgm>>,
+    eptp: u64,
+    /// Bit `i`: host CPU `i` has entered a vCPU of this VM (set before the entry).
+    ran_on: AtomicU64,
+}
+
+/// The VM's memory manager, locked (see [`VmMemory::lock`]).
+pub struct PgmGuard<'a>(MutexGuard<'a, Option<KernelPgm>>);
+
+impl Deref for PgmGuard<'_> {
+    type Target = KernelPgm;
+    fn deref(&self) -> &KernelPgm {
+        self.0.as_ref().expect("present until drop")
+    }
+}
+
+impl DerefMut for PgmGuard<'_> {
+    fn deref_mut(&mut self) -> &mut KernelPgm {
+        self.0.as_mut().expect("present until drop")
+    }
+}
+
+/// Shootdowns of every VM so far (count, and the ticks from first IPI to last flush).
+static SHOOTDOWNS: Mutex<ExitCost> = Mutex::new(ExitCost::NONE);
+
+/// What remote EPT flushes have cost so far (only flushes that reached another CPU count).
+#[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
+pub fn shootdown_costs() -> ExitCost {
+    *SHOOTDOWNS.lock()
+}
+
+impl VmMemory {
+    /// Locks the memory manager. Locking: the VM's one lock; taken by a vCPU for each EPT
+    /// violation, port access or emulated access, and by the host for every change. Never
+    /// hold it across [`VmMemory::flush`] or a vCPU run.
+    pub fn lock(&self) -> PgmGuard<'_> {
+        PgmGuard(self.pgm.lock())
+    }
+
+    /// Carries out `invalidation` everywhere it is needed: INVEPT on this CPU (unless the
+    /// fault path already flushed it: [`Invalidation::OtherCpus`]) and on every other CPU that
+    /// ran a vCPU of this VM, then lets the manager reuse the frames the change retired. Takes
+    /// the VM's lock twice, briefly; never call it with the lock held.
+    pub fn flush(&self, invalidation: Invalidation) -> Result<(), VmxError> {
+        let kind = match invalidation {
+            Invalidation::None => return Ok(()),
+            Invalidation::OtherCpus => None,
+            Invalidation::SingleContext => Some(InveptType::SingleContext),
+            Invalidation::AllContexts => Some(InveptType::AllContexts),
+        };
+        let ticket = self.lock().begin_tlb_flush();
+        let me = this_cpu();
+        let local = match kind {
+            Some(kind) => me.vmx().and_then(|vmx| vmx::invept(vmx, kind, self.eptp)),
+            None => Ok(()),
+        };
+        let others = self.ran_on.load(Ordering::SeqCst) & !(1 << me.index);
+        if others != 0 {
+            let cost = smp::flush_ept_on(others);
+            if cost.cpus > 0 {
+                SHOOTDOWNS.lock().add(cost.ticks);
+            }
+        }
+        // Only now can no CPU reach the frames the change took away.
+        self.lock().end_tlb_flush(ticket);
+        local
+    }
+
+    /// Records that the calling CPU is about to enter a vCPU of this VM. Before the entry, so
+    /// that a change made after this flushes this CPU too.
+    fn entering_on(&self, cpu: usize) {
+        let bit = 1 << cpu;
+        if self.ran_on.load(Ordering::Relaxed) & bit == 0 {
+            self.ran_on.fetch_or(bit, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for VmMemory {
+    /// Flushes every CPU that ran the VM, then gives back every frame its memory used.
+    fn drop(&mut self) {
+        let everywhere = self.ran_on.load(Ordering::SeqCst);
+        if let Ok(vmx) = this_cpu().vmx() {
+            let _ = vmx::invept(vmx, InveptType::SingleContext, self.eptp);
+        }
+        if everywhere & !(1 << this_cpu().index) != 0 {
+            smp::flush_ept_on(everywhere);
+        }
+        if let Some(pgm) = self.pgm.lock().take() {
+            pgm.terminate();
+        }
+    }
+}
+
+/// One vCPU of a VM; the first one, made by [`Vm::new`], creates the VM's memory, and
+/// [`Vm::new_vcpu`] adds more that share it. A vCPU runs only on the host CPU it was created
+/// on (its VMCS lives there).
 pub struct Vm<'a> {
     vmx: &'a VmxOn,
-    /// `None` only while dropping.
-    pgm: Option<KernelPgm>,
+    memory: Arc<VmMemory>,
     vmcs: Option<Vmcs>,
-    eptp: u64,
+    /// The host CPU this vCPU's VMCS lives on.
+    cpu: usize,
     launched: bool,
     /// The guest's general-purpose registers (RSP and RIP live in the VMCS).
     pub regs: GuestRegisters,
@@ -554,11 +660,25 @@ impl<'a> Vm<'a> {
             }
         }
         let eptp = pgm.ept_pointer(false);
+        let memory = Arc::new(VmMemory {
+            pgm: Mutex::new(Some(pgm)),
+            eptp,
+            ran_on: AtomicU64::new(0),
+        });
+        Vm::new_vcpu(vmx, memory, phys)
+    }
+
+    /// Adds a vCPU on the calling CPU to the VM whose memory is `memory` (see [`Vm::memory`]).
+    pub fn new_vcpu(
+        vmx: &'a VmxOn,
+        memory: Arc<VmMemory>,
+        phys: &'static PhysMap,
+    ) -> Result<Vm<'a>, VmError> {
         let mut vm = Vm {
             vmx,
-            pgm: Some(pgm),
+            memory,
             vmcs: None,
-            eptp,
+            cpu: this_cpu().index,
             launched: false,
             regs: GuestRegisters::default(),
             reports: Vec::new(),
@@ -587,14 +707,21 @@ impl<'a> Vm<'a> {
         Ok(vm)
     }
 
-    /// The memory manager.
-    pub fn pgm(&self) -> &KernelPgm {
-        self.pgm.as_ref().expect("present until drop")
+    /// The memory manager, locked (see [`VmMemory::lock`]).
+    pub fn pgm(&self) -> PgmGuard<'_> {
+        self.memory.lock()
     }
 
-    /// The memory manager, mutable.
-    pub fn pgm_mut(&mut self) -> &mut KernelPgm {
-        self.pgm.as_mut().expect("present until drop")
+    /// The memory manager, locked, for a change (the `&mut` keeps a caller from running the
+    /// vCPU or flushing while it holds the lock).
+    pub fn pgm_mut(&mut self) -> PgmGuard<'_> {
+        self.memory.lock()
+    }
+
+    /// The VM's shared memory, for [`Vm::new_vcpu`] or for host work on another CPU.
+    #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
+    pub fn memory(&self) -> Arc<VmMemory> {
+        Arc::clone(&self.memory)
     }
 
     /// Page and frame counts of this VM.
@@ -664,6 +791,9 @@ impl<'a> Vm<'a> {
     /// time limit and the host deadline ([`budget`]), plus the cost of one exit.
     pub fn run_with(&mut self, devices: &mut impl AccessHandlers) -> VmStop {
         self.run_started = ticks();
+        if this_cpu().index != self.cpu {
+            return VmStop::Stopped(self.diagnostic(StopCause::WrongCpu, self.last_exit_reason));
+        }
         let rate = self.vmx.caps().preemption_timer_rate();
         let clock = RunClock::start(&self.budget, self.ticks_used, self.run_started, rate);
         if let Some((kind, host_ticks)) = self.carried.take() {
@@ -763,6 +893,7 @@ impl<'a> Vm<'a> {
         // point when the VM was created; the EPT pointer names this VM's tables, which map only
         // frames it holds; `launched` is set after the first successful entry and the VMCS is
         // VMCLEARed only when the VM is dropped.
+        self.memory.entering_on(self.cpu);
         let entered = unsafe { vmx::run_guest(&vmcs, &mut self.regs, self.launched) };
         let exit_tick = ticks();
         if entered.is_err() {
@@ -858,7 +989,7 @@ impl<'a> Vm<'a> {
         if port != PORT_A20 || !byte_sized || !plain {
             return unhandled(self);
         }
-        let pgm = self.pgm.as_mut().expect("present until drop");
+        let mut pgm = self.memory.lock();
         let invalidation = if qualification & IO_IN != 0 {
             let gate = if pgm.a20_enabled() { A20_GATE_BIT } else { 0 };
             self.regs.rax = (self.regs.rax & !0xFF) | gate;
@@ -870,6 +1001,7 @@ impl<'a> Vm<'a> {
             }
             pgm.set_a20(value & A20_GATE_BIT != 0)
         };
+        drop(pgm);
         self.exits.port_io += 1;
         match self
             .skip_instruction()
@@ -909,7 +1041,8 @@ impl<'a> Vm<'a> {
             Access::Read
         };
         let stop = |vm: &Self, cause| Some(VmStop::Stopped(vm.diagnostic(cause, exit_reason::EPT_VIOLATION)));
-        let mut invalidation = match self.pgm_mut().resolve_fault(gpa, access) {
+        let outcome = self.memory.lock().resolve_fault(gpa, access);
+        let mut invalidation = match outcome {
             FaultOutcome::Resolved {
                 invalidation,
                 resolution,
@@ -986,18 +1119,19 @@ impl<'a> Vm<'a> {
         };
         let mut used = bytes;
         used.len = instruction.len() as u8;
-        let (pgm, regs) = (self.pgm.as_mut().expect("present until drop"), &mut self.regs);
+        let mut pgm = self.memory.lock();
         let gpa = pgm.a20_apply(gpa);
         let mut machine = VcpuMachine {
-            regs,
+            regs: &mut self.regs,
             rsp: cpu.rsp,
             segment_bases: cpu.segment_bases,
-            pgm,
+            pgm: &mut pgm,
             devices,
             invalidation: Invalidation::None,
         };
         let result = emulator::execute(&instruction, gpa, cpu.rflags, &mut machine);
         let invalidation = machine.invalidation;
+        drop(pgm);
         let outcome = match result {
             Ok(outcome) => outcome,
             Err(EmulationError::Unsupported) => return stop(self, StopCause::UnsupportedInstruction, used),
@@ -1095,13 +1229,10 @@ impl<'a> Vm<'a> {
 
     /// Executes the INVEPT that `invalidation` names.
     fn invalidate(&mut self, invalidation: Invalidation) -> Result<(), VmxError> {
-        let kind = match invalidation {
-            Invalidation::None => return Ok(()),
-            Invalidation::SingleContext => InveptType::SingleContext,
-            Invalidation::AllContexts => InveptType::AllContexts,
-        };
-        self.exits.invepts += 1;
-        vmx::invept(self.vmx, kind, self.eptp)
+        if invalidation != Invalidation::None {
+            self.exits.invepts += 1;
+        }
+        self.memory.flush(invalidation)
     }
 
     /// Handles VMCALL: DONE ends the run, REPORT records RBX, anything else returns
@@ -1216,7 +1347,7 @@ impl<'a> Vm<'a> {
             (VMENTRY_CONTROLS, entry),
             (EXCEPTION_BITMAP, 0),
             (VPID, GUEST_VPID),
-            (EPTP_FULL, self.eptp),
+            (EPTP_FULL, self.memory.eptp),
             (control::CR3_TARGET_COUNT, 0),
             (control::CR0_GUEST_HOST_MASK, 0),
             // The guest sees CR4.VMXE (required by VMX) as clear.
@@ -1459,10 +1590,15 @@ impl Drop for Vm<'_> {
             finished.1.merge(&self.overrun);
         }
         if let Some(vmcs) = self.vmcs.take() {
-            vmcs.release(&mut KernelFrames);
-        }
-        if let Some(pgm) = self.pgm.take() {
-            pgm.terminate();
+            if this_cpu().index == self.cpu {
+                vmcs.release(&mut KernelFrames);
+            } else {
+                // VMCLEAR only works on the CPU the VMCS is active on.
+                match smp::spawn_on(self.cpu, move || vmcs.release(&mut KernelFrames)) {
+                    Ok(task) => task.join(),
+                    Err(error) => log::error!("vCPU dropped away from its CPU; VMCS kept: {error}"),
+                }
+            }
         }
     }
 }

@@ -216,7 +216,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         if let Some(last) = region.dirty.last_mut() {
             *last &= last_word_mask(pages);
         }
-        self.frames.free_frames(&tail);
+        self.pool.retire_all(&tail);
         Ok(invalidation)
     }
 
@@ -235,7 +235,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             .position(|r| r.handle == handle)
             .ok_or(PgmError::UnknownMmio2(handle))?;
         let region = self.mmio2.remove(index);
-        self.frames.free_frames(&region.frames);
+        self.pool.retire_all(&region.frames);
         Ok(invalidation)
     }
 

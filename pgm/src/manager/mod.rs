@@ -100,6 +100,12 @@ macro_rules! typed_phys_access {
     )*};
 }
 
+/// A TLB flush begun with [`Pgm::begin_tlb_flush`]: the frames retired before it wait until
+/// [`Pgm::end_tlb_flush`] is given it back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use = "the frames retired before the flush are freed only when it ends"]
+pub struct TlbFlush(u64);
+
 /// The memory manager of one VM, generic over the host's frame allocator `A` and its access to
 /// host-physical memory `M`.
 pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
@@ -300,6 +306,28 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         Ok(Invalidation::SingleContext)
     }
 
+    /// Starts a TLB flush of this VM's translations: call it before flushing (INVEPT) every
+    /// CPU that ran the VM, and pass the ticket to [`end_tlb_flush`](Self::end_tlb_flush) once
+    /// all have flushed. Frames taken from the guest before this call (freed pages, removed
+    /// ROMs and MMIO2 regions) are neither reused nor given back until then, since a stale
+    /// translation on another CPU could still reach them. Locking: with the rest of the
+    /// manager (the caller's VM lock); the lock need not be held while the CPUs flush.
+    pub fn begin_tlb_flush(&mut self) -> TlbFlush {
+        TlbFlush(self.pool.begin_flush())
+    }
+
+    /// Every CPU that ran the VM has flushed since `flush` began: the frames retired before it
+    /// join the pending-free batch (reused by the next faults, or given back a batch at a
+    /// time). Locking: as [`begin_tlb_flush`](Self::begin_tlb_flush).
+    pub fn end_tlb_flush(&mut self, flush: TlbFlush) {
+        self.pool.flushed(flush.0, &mut self.frames);
+    }
+
+    /// Frames taken from the guest that wait for a TLB flush to end before they can be reused.
+    pub fn frames_awaiting_flush(&self) -> usize {
+        self.pool.awaiting_flush()
+    }
+
     /// Caps the frames backing this VM's pages (`None`: no cap but the host's memory). A write
     /// that would need a frame beyond the cap faults as [`FaultOutcome::OutOfMemory`].
     pub fn set_frame_limit(&mut self, limit: Option<u64>) {
@@ -368,9 +396,15 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             // After the mapping is done: the next faults find frames waiting.
             self.pool.refill(&mut self.frames);
         }
+        // Filling a ZERO page or copying a SHARED one replaces the frame its read-only entry
+        // named: other CPUs must not go on reading the old one.
+        let invalidation = match resolution {
+            Resolution::ZeroFill | Resolution::CopyOnWrite => Invalidation::OtherCpus,
+            Resolution::WriteMonitor | Resolution::Remap => Invalidation::None,
+        };
         match result {
             Ok(()) => FaultOutcome::Resolved {
-                invalidation: Invalidation::None,
+                invalidation,
                 resolution,
             },
             Err(_) => FaultOutcome::OutOfMemory,
@@ -1010,7 +1044,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 // The page's own entry changed above, so the invalidation its caller reports
                 // covers whatever else mapped the frame.
                 self.unmap_frame(frame, Some(self.ranges.gpa_of(location)));
-                self.pool.release(frame, &mut self.frames)
+                self.pool.release(frame)
             }
             FrameEffect::AllocateCopyOf(shared) | FrameEffect::DropShare(shared) => self.drop_share(shared),
             FrameEffect::AdoptShared(own) => self.adopt_share(own, next.frame(), location),

@@ -275,7 +275,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             .iter()
             .map(|&frame| self.unmap_frame(frame, None))
             .fold(Invalidation::SingleContext, Invalidation::max);
-        self.frames.free_frames(&rom.virgin);
+        self.pool.retire_all(&rom.virgin);
         self.pool.flush(&mut self.frames);
         Ok(aliases)
     }

@@ -99,7 +99,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             self.pool.forget();
         } else {
             self.unmap_frame(own, Some(self.ranges.gpa_of(location)));
-            self.pool.release(own, &mut self.frames);
+            self.pool.release(own);
         }
     }
 
@@ -112,7 +112,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         if *count == 0 {
             self.shared.remove(&frame);
             self.unmap_frame(frame, None);
-            self.pool.discard(frame, &mut self.frames);
+            self.pool.discard(frame);
         }
     }
 

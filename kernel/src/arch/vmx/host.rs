@@ -6,7 +6,7 @@ use x86::msr::{
 use x86_64::instructions::tables::{sgdt, sidt};
 use x86_64::registers::control::{Cr0, Cr3, Cr4};
 
-use crate::arch::gdt;
+use crate::arch::{gdt, smp};
 
 /// The kernel's control registers, segments, descriptor tables and MSRs, as the VMCS host-state
 /// area holds them.
@@ -55,7 +55,7 @@ pub fn current() -> HostState {
         tr_selector: selectors.tss.0,
         fs_base,
         gs_base,
-        tr_base: gdt::tss_base(),
+        tr_base: smp::this_cpu().tss_base(),
         gdtr_base: sgdt().base.as_u64(),
         idtr_base: sidt().base.as_u64(),
         sysenter_cs,

@@ -29,6 +29,8 @@ pub enum VmxError {
     Unavailable(Unavailable),
     /// No host frame for a VMX structure.
     OutOfFrames,
+    /// The CPU asked about has not been started.
+    NotStarted,
     /// `instruction` failed (VMfailInvalid when `error` is `None`).
     Failed {
         /// The instruction's mnemonic.
@@ -43,6 +45,7 @@ impl fmt::Display for VmxError {
         match self {
             VmxError::Unavailable(reason) => write!(f, "{reason}"),
             VmxError::OutOfFrames => write!(f, "no host frame for a VMX structure"),
+            VmxError::NotStarted => write!(f, "the CPU has not been started"),
             VmxError::Failed {
                 instruction,
                 error: Some(error),

@@ -3,7 +3,7 @@
 //! on this CPU if it was not: a VMREAD or VMWRITE can never land in another vCPU's VMCS.
 
 use core::marker::PhantomData;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
 
 use pgm::frames::{HostFrameAllocator, HostMemory};
 use pgm::HostPhysAddr;
@@ -11,15 +11,12 @@ use x86::bits64::vmx;
 use x86::vmx::vmcs::ro;
 
 use super::{VmxError, VmxOn};
+use crate::arch::smp::this_cpu;
 
 /// A VMCS in a host frame.
 pub struct Vmcs {
     frame: HostPhysAddr,
 }
-
-/// The frame of the VMCS current on this CPU (0: none). One CPU runs VMX today; with SMP this
-/// becomes per-CPU state.
-static CURRENT: AtomicU64 = AtomicU64::new(0);
 
 /// Proof that a VMCS is the current one: its fields are read and written through this.
 pub struct CurrentVmcs<'a> {
@@ -54,13 +51,14 @@ impl Vmcs {
 
     /// This VMCS as the current one, made so (VMPTRLD) unless it already is.
     pub fn current(&self) -> Result<CurrentVmcs<'_>, VmxError> {
-        if CURRENT.load(Ordering::Relaxed) != self.frame.as_u64() {
+        let current = &this_cpu().current_vmcs;
+        if current.load(Ordering::Relaxed) != self.frame.as_u64() {
             // SAFETY: the frame holds a VMCS initialised by `new` and not yet released.
             unsafe { vmx::vmptrld(self.frame.as_u64()) }.map_err(|_| VmxError::Failed {
                 instruction: "VMPTRLD",
                 error: None,
             })?;
-            CURRENT.store(self.frame.as_u64(), Ordering::Relaxed);
+            current.store(self.frame.as_u64(), Ordering::Relaxed);
         }
         Ok(CurrentVmcs { vmcs: PhantomData })
     }
@@ -71,7 +69,12 @@ impl Vmcs {
         // so the frame can be reused.
         let _ = unsafe { vmx::vmclear(self.frame.as_u64()) };
         // VMCLEAR of the current VMCS leaves none current.
-        let _ = CURRENT.compare_exchange(self.frame.as_u64(), 0, Ordering::Relaxed, Ordering::Relaxed);
+        let _ = this_cpu().current_vmcs.compare_exchange(
+            self.frame.as_u64(),
+            0,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
         frames.free_frame(self.frame);
     }
 }
