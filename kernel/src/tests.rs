@@ -21,6 +21,7 @@ use crate::arch::power::{exit, ExitCode};
 use crate::arch::ticks;
 use crate::arch::vmx::{GuestRegisters, VmxCaps};
 use crate::vm::budget::{host_deadline_hit, set_host_deadline};
+use crate::vm::exits::{exit_reason, qualification};
 use crate::vm::{
     exit_costs_of_finished_vms, hypercall, overrun_of_finished_vms, shootdown_costs, Diagnostic, StopCause,
     Vm, VmError, VmStop,
@@ -36,14 +37,6 @@ const TEST_BUDGET: u64 = 1_500_000_000;
 const PC_RAM: [(u64, u64); 2] = [(0, 0xA_0000), (0x10_0000, 0xF0_0000)];
 /// Where test programs are loaded and entered (the stack grows down from just below).
 const CODE: u64 = 0x8000;
-/// Exit reasons the tests expect.
-const EXIT_TRIPLE_FAULT: u32 = 2;
-const EXIT_IO: u32 = 30;
-const EXIT_EPT_VIOLATION: u32 = 48;
-/// EPT-violation qualification: bits 0..=2 the access, bits 3..=5 what the entry permitted.
-const QUAL_READ: u64 = 1 << 0;
-const QUAL_WRITE: u64 = 1 << 1;
-
 const TESTS: &[(&str, TestFn)] = &[
     ("vmx_capabilities_reported", vmx_capabilities_reported),
     ("guest_returns_through_vmcall", guest_returns_through_vmcall),
@@ -216,6 +209,26 @@ const TESTS: &[(&str, TestFn)] = &[
     (
         "smp_a_ballooned_frame_stays_out_of_the_allocator_until_the_other_cpu_flushed",
         smp::a_ballooned_frame_stays_out_of_the_allocator_until_the_other_cpu_flushed,
+    ),
+    (
+        "smp_a_triple_fault_in_one_vcpu_stops_the_other",
+        smp::a_triple_fault_in_one_vcpu_stops_the_other,
+    ),
+    (
+        "smp_mmio_from_two_vcpus_reaches_the_device_once_each",
+        smp::mmio_from_two_vcpus_reaches_the_device_once_each,
+    ),
+    (
+        "smp_dirty_log_with_the_writer_on_another_cpu",
+        smp::dirty_log_with_the_writer_on_another_cpu,
+    ),
+    (
+        "smp_dirty_log_with_two_writers_and_a_balloon",
+        smp::dirty_log_with_two_writers_and_a_balloon,
+    ),
+    (
+        "smp_reset_of_a_two_vcpu_vm_parks_both_and_they_run_on",
+        smp::reset_of_a_two_vcpu_vm_parks_both_and_they_run_on,
     ),
     (
         "hostile_a20_gate_flipped_through_port_0x92_while_writing_across_1_mib",
@@ -562,7 +575,9 @@ fn cpu_permissions_match_the_software_walker(host: &'static Host) -> TestResult 
         "(GPA, permitted) per violation, CPU vs walker"
     );
     ensure!(
-        vm.violations.iter().all(|&(_, q)| q & QUAL_WRITE != 0),
+        vm.violations
+            .iter()
+            .all(|&(_, q)| q & qualification::EPT_WRITE != 0),
         "a violation was not reported as a write"
     );
     Ok(())
@@ -577,12 +592,12 @@ fn access_outside_ram_stops_the_vm(host: &'static Host) -> TestResult {
     let (vm, stop) = run_program(host, programs::load(), regs)?;
     let diagnostic = stopped(stop)?;
     ensure_eq!(diagnostic.cause, StopCause::NotGuestMemory, "cause");
-    ensure_eq!(diagnostic.exit_reason, EXIT_EPT_VIOLATION, "exit reason");
+    ensure_eq!(diagnostic.exit_reason, exit_reason::EPT_VIOLATION, "exit reason");
     ensure_eq!(diagnostic.gpa, Some(gpa(OUTSIDE)), "guest-physical address");
     ensure_eq!(diagnostic.rip, CODE, "RIP of the faulting load");
     ensure_eq!(
         diagnostic.qualification & 0b11_1111,
-        QUAL_READ,
+        qualification::EPT_READ,
         "read access, nothing permitted"
     );
     ensure_eq!(
@@ -604,7 +619,7 @@ fn triple_fault_stops_the_vm(host: &'static Host) -> TestResult {
     let (_, stop) = run_program(host, programs::triple_fault(), GuestRegisters::default())?;
     let diagnostic = stopped(stop)?;
     ensure_eq!(diagnostic.cause, StopCause::TripleFault, "cause");
-    ensure_eq!(diagnostic.exit_reason, EXIT_TRIPLE_FAULT, "exit reason");
+    ensure_eq!(diagnostic.exit_reason, exit_reason::TRIPLE_FAULT, "exit reason");
     Ok(())
 }
 
@@ -612,7 +627,7 @@ fn unhandled_exit_stops_the_vm(host: &'static Host) -> TestResult {
     let (_, stop) = run_program(host, programs::port_io(), GuestRegisters::default())?;
     let diagnostic = stopped(stop)?;
     ensure_eq!(diagnostic.cause, StopCause::UnhandledExit, "cause");
-    ensure_eq!(diagnostic.exit_reason, EXIT_IO, "exit reason");
+    ensure_eq!(diagnostic.exit_reason, exit_reason::IO_INSTRUCTION, "exit reason");
     // I/O qualification: port in bits 31:16, OUT (bit 3 clear), 1 byte (bits 2:0 = 0).
     ensure_eq!(diagnostic.qualification >> 16, 0x80, "port");
     ensure_eq!(diagnostic.qualification & 0b1111, 0, "direction and size");

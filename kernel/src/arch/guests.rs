@@ -199,6 +199,41 @@ guest_programs! {
         "inc dword ptr [edi]",
         "jmp 1b",
     ];
+    // KVM's dirty_log_test guest: for ever, writes the iteration number the host keeps in the
+    // dword at EDI to offset DX of a random page of ESI + 4 KiB * (0..=ECX) (ECX a mask: the
+    // page count is a power of two; EBX seeds the generator) and counts its writes in the
+    // dword at EDI + 4 (LOCK INC: several writers share it); done(0) once the iteration
+    // reads 0xFFFFFFFF. Before each write it spins EDX >> 16 (+1) times, so that a host
+    // round can leave part of the pages unwritten.
+    dirty_log_writer: Flat32, ".code32", [
+        "1:",
+        "mov ebp, edx",
+        "shr ebp, 16",
+        "3:",
+        "dec ebp",
+        "jns 3b",
+        "mov eax, dword ptr [edi]",
+        "cmp eax, -1",
+        "je 2f",
+        "imul ebx, ebx, 1103515245",
+        "add ebx, 12345",
+        "mov ebp, ebx",
+        "shr ebp, 16",
+        "and ebp, ecx",
+        "shl ebp, 12",
+        "add ebp, esi",
+        "movzx eax, dx",
+        "add ebp, eax",
+        "mov eax, dword ptr [edi]",
+        "mov dword ptr [ebp], eax",
+        "lock inc dword ptr [edi + 4]",
+        "jmp 1b",
+        "2:",
+        "xor eax, eax",
+        "xor ebx, ebx",
+        "vmcall",
+        "hlt",
+    ];
     // Loads the dword at ESI and reports it through done(value).
     load: Flat32, ".code32", [
         "mov ebx, dword ptr [esi]",

@@ -103,6 +103,14 @@ impl PerCpu {
         self.flushes_served.load(Ordering::Acquire)
     }
 
+    pub fn debug_flushes(&self) -> (u64, u64, u64) {
+        (
+            self.flushes_requested.load(Ordering::Relaxed),
+            self.flushes_done.load(Ordering::Relaxed),
+            self.flushes_served.load(Ordering::Relaxed),
+        )
+    }
+
     /// How far the CPU got.
     pub fn state(&self) -> CpuState {
         match self.state.load(Ordering::Acquire) {
@@ -319,8 +327,7 @@ pub fn flush_ept_on(targets: u64) -> FlushCost {
     let mut count = 0;
     for cpu in ready_cpus().filter(|cpu| cpu.index != me && targets & (1 << cpu.index) != 0) {
         let ticket = cpu.flushes_requested.fetch_add(1, Ordering::AcqRel) + 1;
-        apic::send_nmi(cpu.apic_id);
-        apic::send_ipi(cpu.apic_id);
+        interrupt(cpu);
         waiting[count] = (cpu.index, ticket);
         count += 1;
     }
@@ -335,6 +342,22 @@ pub fn flush_ept_on(targets: u64) -> FlushCost {
         cpus: count,
         ticks: ticks() - start,
     }
+}
+
+/// Makes CPU `cpu` leave the guest it may be running, so that its vCPU loop takes the
+/// requests posted to it: the same NMI plus IPI as a flush request (see [`flush_ept_on`]).
+/// Nothing is waited for; a kick that arrives just before a VM entry is taken in the host and
+/// does not make that guest exit, so whoever waits for an answer kicks again.
+pub fn kick(cpu: usize) {
+    if let Some(target) = cpus().get(cpu) {
+        interrupt(target);
+    }
+}
+
+/// An NMI, then the host IPI, to `cpu`.
+fn interrupt(cpu: &PerCpu) {
+    apic::send_nmi(cpu.apic_id);
+    apic::send_ipi(cpu.apic_id);
 }
 
 /// What one [`flush_ept_on`] took.

@@ -21,12 +21,17 @@ use crate::arch::memory::{self, PhysMap};
 use crate::arch::vmx::GuestRegisters;
 use crate::println;
 use crate::vm::budget::Budget;
-use crate::vm::{Diagnostic, StopCause, Vm, VmStop};
+use crate::vm::{Diagnostic, StopCause, Vm, VmMemory, VmStop};
 use crate::Host;
 
 /// Audits the VM's EPT against the host's frame allocator; fails the test on any finding.
 pub(super) fn audit(vm: &Vm<'static>, after: &str) -> TestResult {
-    let report = vm.pgm().audit(memory::is_allocated);
+    audit_memory(&vm.memory(), after)
+}
+
+/// Audits the EPT of the VM whose memory is `vm_memory` (see [`audit`]).
+pub(super) fn audit_memory(vm_memory: &VmMemory, after: &str) -> TestResult {
+    let report = vm_memory.lock().audit(memory::is_allocated);
     ensure!(
         report.is_clean(),
         "EPT audit after {after}: {} finding(s): {:?}",

@@ -21,12 +21,12 @@ use crate::arch::ticks;
 use crate::arch::vmx::GuestRegisters;
 use crate::println;
 use crate::vm::budget::{host_deadline_hit, Budget, DEFAULT_LIMIT};
+use crate::vm::exits::exit_reason;
 use crate::vm::requests::{kick_on_timer, Request, VcpuRequests};
 use crate::vm::{StopCause, Vm, VmStop};
 use crate::Host;
 
 /// The VMX-preemption timer's basic exit reason.
-const EXIT_PREEMPTION_TIMER: u32 = 52;
 /// The slice of the spinning guests, and how often they are resumed before their limit.
 const SLICE: u64 = 200_000;
 const RESUMES: u64 = 3;
@@ -110,7 +110,11 @@ fn spinning_guest_is_preempted_then_stopped(host: &'static Host, mode: GuestMode
     let diagnostic = stopped(vm.run())?;
     ensure_eq!(diagnostic.cause, StopCause::TimeBudget, "cause");
     ensure_eq!(diagnostic.rip, rip, "RIP");
-    ensure_eq!(diagnostic.exit_reason, EXIT_PREEMPTION_TIMER, "exit reason");
+    ensure_eq!(
+        diagnostic.exit_reason,
+        exit_reason::PREEMPTION_TIMER,
+        "exit reason"
+    );
     within(diagnostic.ticks, limit, "the VM")?;
     ensure_eq!(
         vm.exits.total,

@@ -31,6 +31,8 @@ pub enum VmxError {
     OutOfFrames,
     /// The CPU asked about has not been started.
     NotStarted,
+    /// A VMCS was used on a CPU other than the one it is active on.
+    WrongCpu,
     /// `instruction` failed (VMfailInvalid when `error` is `None`).
     Failed {
         /// The instruction's mnemonic.
@@ -46,6 +48,7 @@ impl fmt::Display for VmxError {
             VmxError::Unavailable(reason) => write!(f, "{reason}"),
             VmxError::OutOfFrames => write!(f, "no host frame for a VMX structure"),
             VmxError::NotStarted => write!(f, "the CPU has not been started"),
+            VmxError::WrongCpu => write!(f, "the VMCS is active on another CPU"),
             VmxError::Failed {
                 instruction,
                 error: Some(error),

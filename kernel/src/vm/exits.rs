@@ -1,0 +1,245 @@
+//! VM exits: the exit-reason and qualification encodings (defined here once, for the vCPU loop
+//! and the tests), their names for diagnostics, and what each vCPU counts and measures of them.
+
+use spin::Mutex;
+
+use crate::println;
+
+/// Basic exit reasons this hypervisor handles or names (SDM Vol. 3D, Appendix C).
+pub mod exit_reason {
+    pub const EXCEPTION_OR_NMI: u32 = 0;
+    pub const EXTERNAL_INTERRUPT: u32 = 1;
+    pub const TRIPLE_FAULT: u32 = 2;
+    pub const HLT: u32 = 12;
+    pub const VMCALL: u32 = 18;
+    pub const IO_INSTRUCTION: u32 = 30;
+    pub const INVALID_GUEST_STATE: u32 = 33;
+    pub const MWAIT: u32 = 36;
+    pub const MONITOR: u32 = 39;
+    pub const PAUSE: u32 = 40;
+    pub const EPT_VIOLATION: u32 = 48;
+    pub const EPT_MISCONFIGURATION: u32 = 49;
+    pub const PREEMPTION_TIMER: u32 = 52;
+}
+
+/// Exit-qualification and exit-information bits (SDM Vol. 3C, 28.2).
+pub mod qualification {
+    /// Exit-reason bit 31: the VM entry failed.
+    pub const ENTRY_FAILURE: u64 = 1 << 31;
+    /// VM-exit interruption information: valid bit, and the NMI type in bits 10:8.
+    pub const INTERRUPTION_VALID: u64 = 1 << 31;
+    pub const INTERRUPTION_TYPE_NMI: u64 = 2 << 8;
+    pub const INTERRUPTION_TYPE_MASK: u64 = 7 << 8;
+    /// I/O-instruction exit: size - 1 in bits 2:0, IN in bit 3, string and REP in bits 4 and
+    /// 5, the port in bits 31:16.
+    pub const IO_SIZE_MASK: u64 = 0b111;
+    pub const IO_IN: u64 = 1 << 3;
+    pub const IO_STRING: u64 = 1 << 4;
+    pub const IO_REP: u64 = 1 << 5;
+    /// EPT violation: the access was a read, a write, an instruction fetch.
+    #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
+    pub const EPT_READ: u64 = 1 << 0;
+    pub const EPT_WRITE: u64 = 1 << 1;
+    pub const EPT_EXECUTE: u64 = 1 << 2;
+    /// EPT violation: bit 7, the guest-linear address is valid; bit 8 (then), the access was
+    /// the translation of it rather than the CPU's access to a paging-structure entry.
+    pub const EPT_LINEAR_VALID: u64 = 1 << 7;
+    pub const EPT_TRANSLATED: u64 = 1 << 8;
+
+    /// True when an EPT violation was the CPU's own access to the guest's page tables.
+    pub fn is_page_walk(qualification: u64) -> bool {
+        qualification & EPT_LINEAR_VALID != 0 && qualification & EPT_TRANSLATED == 0
+    }
+}
+
+/// The name of a basic exit reason, for diagnostics.
+pub(super) fn exit_name(reason: u32) -> &'static str {
+    match reason {
+        exit_reason::EXCEPTION_OR_NMI => "exception or NMI",
+        exit_reason::EXTERNAL_INTERRUPT => "external interrupt",
+        exit_reason::TRIPLE_FAULT => "triple fault",
+        9 => "task switch",
+        10 => "CPUID",
+        exit_reason::HLT => "HLT",
+        exit_reason::VMCALL => "VMCALL",
+        28 => "control-register access",
+        exit_reason::IO_INSTRUCTION => "I/O instruction",
+        31 => "RDMSR",
+        32 => "WRMSR",
+        exit_reason::INVALID_GUEST_STATE => "VM-entry failure: invalid guest state",
+        exit_reason::MWAIT => "MWAIT",
+        exit_reason::MONITOR => "MONITOR",
+        exit_reason::PAUSE => "PAUSE",
+        exit_reason::EPT_VIOLATION => "EPT violation",
+        exit_reason::EPT_MISCONFIGURATION => "EPT misconfiguration",
+        exit_reason::PREEMPTION_TIMER => "VMX-preemption timer",
+        _ => "unnamed",
+    }
+}
+
+/// Exit counts of one VM, by kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitCounts {
+    /// Every VM exit.
+    pub total: u64,
+    /// EPT violations.
+    pub ept_violations: u64,
+    /// VMCALLs.
+    pub hypercalls: u64,
+    /// INVEPTs executed.
+    pub invepts: u64,
+    /// Instructions emulated (MMIO, handler and ROM accesses).
+    pub emulated: u64,
+    /// VMX-preemption timer exits.
+    pub preemption_timer: u64,
+    /// Host interrupts that made the guest exit (kicks, host timers).
+    pub external_interrupts: u64,
+    /// NMIs that made the guest exit (handed to the host).
+    pub nmis: u64,
+    /// PAUSE-loop exits (the guest yielded its slice).
+    pub pause_loops: u64,
+    /// MONITOR and MWAIT exits (both are no-ops for the guest).
+    pub monitor_mwait: u64,
+    /// Port I/O the hypervisor handled (the A20 gate at port 0x92).
+    pub port_io: u64,
+}
+
+/// The exits whose handling cost is measured, from VM exit to the next VM entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitKind {
+    /// A write to a ZERO page: a frame is given and mapped.
+    ZeroFill,
+    /// The first write to a write-monitored page: it is marked written and made writable.
+    WriteMonitor,
+    /// A read of an MMIO or handler page, emulated through the device.
+    MmioRead,
+    /// A write to an MMIO or handler page, emulated through the device.
+    MmioWrite,
+    /// A write to ROM that is dropped; the guest continues after the instruction.
+    RomWriteIgnore,
+    /// A write to ROM that goes to its shadow while reads still see the image.
+    RomWriteShadow,
+    /// A VMCALL.
+    Hypercall,
+    /// A preemption: from the timer's exit to the next entry of the same vCPU, less the time
+    /// the caller spent between the two runs (it returned `Preempted` and ran it again).
+    Preemption,
+}
+
+impl ExitKind {
+    /// Every kind, in table order.
+    pub const ALL: [ExitKind; 8] = [
+        ExitKind::ZeroFill,
+        ExitKind::WriteMonitor,
+        ExitKind::MmioRead,
+        ExitKind::MmioWrite,
+        ExitKind::RomWriteIgnore,
+        ExitKind::RomWriteShadow,
+        ExitKind::Hypercall,
+        ExitKind::Preemption,
+    ];
+
+    /// The table name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ExitKind::ZeroFill => "zero-fill",
+            ExitKind::WriteMonitor => "write-monitor",
+            ExitKind::MmioRead => "MMIO read",
+            ExitKind::MmioWrite => "MMIO write",
+            ExitKind::RomWriteIgnore => "ROM write ignore",
+            ExitKind::RomWriteShadow => "ROM write to shadow",
+            ExitKind::Hypercall => "hypercall",
+            ExitKind::Preemption => "preemption (exit, return, run, entry)",
+        }
+    }
+}
+
+/// Count, sum and maximum of the handling cost of one kind of exit, in TSC ticks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitCost {
+    /// Exits measured.
+    pub count: u64,
+    /// Sum of their costs.
+    pub total: u64,
+    /// The largest cost.
+    pub max: u64,
+}
+
+impl ExitCost {
+    pub(super) const NONE: ExitCost = ExitCost {
+        count: 0,
+        total: 0,
+        max: 0,
+    };
+
+    pub(super) fn add(&mut self, ticks: u64) {
+        self.count += 1;
+        self.total += ticks;
+        self.max = self.max.max(ticks);
+    }
+
+    pub(super) fn merge(&mut self, other: &ExitCost) {
+        self.count += other.count;
+        self.total += other.total;
+        self.max = self.max.max(other.max);
+    }
+
+    /// The mean cost (0 when nothing was measured).
+    pub fn mean(&self) -> u64 {
+        self.total.checked_div(self.count).unwrap_or(0)
+    }
+}
+
+/// Exit costs by [`ExitKind`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExitCosts(pub(super) [ExitCost; ExitKind::ALL.len()]);
+
+impl ExitCosts {
+    pub(super) const NONE: ExitCosts = ExitCosts([ExitCost::NONE; ExitKind::ALL.len()]);
+
+    /// The costs of `kind`.
+    pub fn of(&self, kind: ExitKind) -> ExitCost {
+        self.0[kind as usize]
+    }
+
+    /// Prints the table (Markdown, as the README shows it) under `title`.
+    pub fn print(&self, title: &str) {
+        println!("exit costs, {title} (TSC ticks from VM exit to the next VM entry):");
+        println!("| exit kind | count | mean | max |");
+        println!("|---|---:|---:|---:|");
+        for kind in ExitKind::ALL {
+            let cost = self.of(kind);
+            println!(
+                "| {} | {} | {} | {} |",
+                kind.name(),
+                cost.count,
+                cost.mean(),
+                cost.max
+            );
+        }
+    }
+
+    pub(super) fn merge(&mut self, other: &ExitCosts) {
+        for (mine, theirs) in self.0.iter_mut().zip(&other.0) {
+            mine.merge(theirs);
+        }
+    }
+}
+
+/// Exit costs and deadline overruns of every VM destroyed since boot: each VM measures its own
+/// (no lock on the exit path) and adds them here when it is dropped, so a test run can print
+/// one table.
+pub(super) static FINISHED_VMS: Mutex<(ExitCosts, ExitCost)> = Mutex::new((ExitCosts::NONE, ExitCost::NONE));
+
+/// The exit costs of every VM destroyed since boot.
+#[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
+pub fn exit_costs_of_finished_vms() -> ExitCosts {
+    FINISHED_VMS.lock().0
+}
+
+/// How far past their deadline the runs of every VM destroyed since boot ended (see
+/// [`Vm::overrun`]).
+#[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
+pub fn overrun_of_finished_vms() -> ExitCost {
+    FINISHED_VMS.lock().1
+}

@@ -1,0 +1,272 @@
+//! What the vCPUs of one VM share: the memory manager behind the VM's lock, the EPT pointer,
+//! the host CPUs that may cache its translations (the TLB shootdown), the list of vCPUs (to
+//! stop them all) and the rendezvous that parks them.
+//!
+//! Locking rules (the seed documents its PGM lock the same way):
+//! - the VM's lock ([`VmMemory::lock`]) guards the memory manager. A vCPU takes it once per
+//!   EPT violation, port access or emulated access; the host for each change. Nobody holds it
+//!   across a flush, a rendezvous or a vCPU run: a CPU spinning on it with interrupts off still
+//!   answers flush requests (they come as NMIs), so a flush never waits for a lock holder.
+//! - the vCPU list has its own short lock, taken when a vCPU is made or dropped and to post
+//!   requests to all of them.
+//! - rendezvous callers are serialised by one more lock; inside the rendezvous every vCPU that
+//!   is in a run waits in the host, outside the VM's lock.
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::ops::{Deref, DerefMut};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use spin::{Mutex, MutexGuard};
+
+use pgm::{Invalidation, Pgm};
+
+use super::exits::ExitCost;
+use super::requests::{Request, VcpuRequests};
+use crate::arch::memory::{KernelFrames, PhysMap};
+use crate::arch::smp::{self, this_cpu};
+use crate::arch::vmx::{self, InveptType, VmxError};
+use crate::arch::{idt, ticks};
+
+/// The memory manager type of a kernel VM.
+pub type KernelPgm = Pgm<KernelFrames, &'static PhysMap>;
+
+/// Ticks between two kicks of a vCPU that has not yet parked for a rendezvous: a kick that
+/// reached its CPU just before a VM entry was taken in the host and did not make the guest
+/// exit, so it is sent again.
+const REKICK_TICKS: u64 = 200_000;
+
+/// What every vCPU of a VM shares. Dropped with the last vCPU: every CPU that ran one flushes
+/// before the manager gives its frames back.
+pub struct VmMemory {
+    /// `None` only while dropping (`Pgm::terminate` takes the manager by value).
+    pgm: Mutex<Option<KernelPgm>>,
+    eptp: u64,
+    /// Bit `i`: host CPU `i` has entered a vCPU of this VM (set before the entry).
+    ran_on: AtomicU64,
+    /// Each vCPU's host CPU and request word.
+    vcpus: Mutex<Vec<(usize, Arc<VcpuRequests>)>>,
+    /// Set while a rendezvous wants every vCPU parked.
+    rendezvous: AtomicBool,
+    /// Serialises rendezvous callers.
+    rendezvous_owner: Mutex<()>,
+    /// vCPUs inside a run (entered `Vm::run_with` and not yet returned).
+    running: AtomicUsize,
+    /// vCPUs waiting in a rendezvous.
+    parked: AtomicUsize,
+}
+
+/// The VM's memory manager, locked (see [`VmMemory::lock`]).
+pub struct PgmGuard<'a>(MutexGuard<'a, Option<KernelPgm>>);
+
+impl Deref for PgmGuard<'_> {
+    type Target = KernelPgm;
+    fn deref(&self) -> &KernelPgm {
+        self.0.as_ref().expect("present until drop")
+    }
+}
+
+impl DerefMut for PgmGuard<'_> {
+    fn deref_mut(&mut self) -> &mut KernelPgm {
+        self.0.as_mut().expect("present until drop")
+    }
+}
+
+/// Shootdowns of every VM so far (count, and the ticks from first IPI to last flush).
+static SHOOTDOWNS: Mutex<ExitCost> = Mutex::new(ExitCost::NONE);
+
+/// What remote EPT flushes have cost so far (only flushes that reached another CPU count).
+#[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
+pub fn shootdown_costs() -> ExitCost {
+    *SHOOTDOWNS.lock()
+}
+
+/// What one rendezvous took.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RendezvousCost {
+    /// vCPUs that were in a run and had to park.
+    pub parked: usize,
+    /// Ticks from the request to the last vCPU parked.
+    pub ticks_to_park: u64,
+    /// Kicks sent (more than one per vCPU when a kick was taken just before an entry).
+    pub kicks: u64,
+}
+
+impl VmMemory {
+    /// The shared state of a new VM whose memory is `pgm`.
+    pub(super) fn new(pgm: KernelPgm) -> VmMemory {
+        VmMemory {
+            eptp: pgm.ept_pointer(false),
+            pgm: Mutex::new(Some(pgm)),
+            ran_on: AtomicU64::new(0),
+            vcpus: Mutex::new(Vec::new()),
+            rendezvous: AtomicBool::new(false),
+            rendezvous_owner: Mutex::new(()),
+            running: AtomicUsize::new(0),
+            parked: AtomicUsize::new(0),
+        }
+    }
+
+    /// The EPT pointer every vCPU of the VM uses.
+    pub(super) fn eptp(&self) -> u64 {
+        self.eptp
+    }
+
+    /// Locks the memory manager. Locking: the VM's one lock; taken by a vCPU for each EPT
+    /// violation, port access or emulated access, and by the host for every change. Never
+    /// hold it across [`VmMemory::flush`], [`VmMemory::with_vcpus_parked`] or a vCPU run.
+    pub fn lock(&self) -> PgmGuard<'_> {
+        PgmGuard(self.pgm.lock())
+    }
+
+    /// Carries out `invalidation` everywhere it is needed: INVEPT on this CPU (unless the
+    /// fault path already flushed it: [`Invalidation::OtherCpus`]) and on every other CPU that
+    /// ran a vCPU of this VM, then lets the manager reuse the frames the change retired. Takes
+    /// the VM's lock twice, briefly; never call it with the lock held.
+    pub fn flush(&self, invalidation: Invalidation) -> Result<(), VmxError> {
+        let kind = match invalidation {
+            Invalidation::None => return Ok(()),
+            Invalidation::OtherCpus => None,
+            Invalidation::SingleContext => Some(InveptType::SingleContext),
+            Invalidation::AllContexts => Some(InveptType::AllContexts),
+        };
+        let ticket = self.lock().begin_tlb_flush();
+        let me = this_cpu();
+        let local = match kind {
+            Some(kind) => me.vmx().and_then(|vmx| vmx::invept(vmx, kind, self.eptp)),
+            None => Ok(()),
+        };
+        let others = self.ran_on.load(Ordering::SeqCst) & !(1 << me.index);
+        if others != 0 {
+            let cost = smp::flush_ept_on(others);
+            if cost.cpus > 0 {
+                SHOOTDOWNS.lock().add(cost.ticks);
+            }
+        }
+        // Only now can no CPU reach the frames the change took away.
+        self.lock().end_tlb_flush(ticket);
+        local
+    }
+
+    /// Records that the calling CPU is about to enter a vCPU of this VM. Before the entry, so
+    /// that a change made after this flushes this CPU too.
+    pub(super) fn entering_on(&self, cpu: usize) {
+        let bit = 1 << cpu;
+        if self.ran_on.load(Ordering::Relaxed) & bit == 0 {
+            self.ran_on.fetch_or(bit, Ordering::SeqCst);
+        }
+    }
+
+    /// Adds a vCPU living on host CPU `cpu` with request word `requests`.
+    pub(super) fn add_vcpu(&self, cpu: usize, requests: &Arc<VcpuRequests>) {
+        self.vcpus.lock().push((cpu, Arc::clone(requests)));
+    }
+
+    /// Removes the vCPU whose request word is `requests`.
+    pub(super) fn remove_vcpu(&self, requests: &Arc<VcpuRequests>) {
+        self.vcpus
+            .lock()
+            .retain(|(_, theirs)| !Arc::ptr_eq(theirs, requests));
+    }
+
+    /// Posts `request` to every vCPU but the one whose request word is `except` and kicks the
+    /// CPUs they live on, so that a vCPU in the guest exits and takes it. Returns the number of
+    /// kicks sent.
+    pub(super) fn post_to_others(&self, except: Option<&Arc<VcpuRequests>>, request: Request) -> u64 {
+        let me = this_cpu().index;
+        let mut kicked = 0u64;
+        let mut kicks = 0;
+        for (cpu, requests) in self.vcpus.lock().iter() {
+            if except.is_some_and(|except| Arc::ptr_eq(except, requests)) {
+                continue;
+            }
+            requests.post(request);
+            // One kick per CPU is enough; a vCPU on this CPU is not in the guest now.
+            if *cpu != me && kicked & (1 << cpu) == 0 {
+                kicked |= 1 << cpu;
+                smp::kick(*cpu);
+                kicks += 1;
+            }
+        }
+        kicks
+    }
+
+    /// Stops every vCPU of the VM that is in a run, runs `op`, and lets them go on: the seed's
+    /// rendezvous (`VMMR3EmtRendezvous`) for changes that must not happen under a running
+    /// guest (a VM reset). A vCPU parks in the host before its next VM entry, outside the VM's
+    /// lock, answering flush requests; vCPUs not in a run park if they start one meanwhile.
+    /// Locking: call without the VM's lock (`op` may take it) and not from a vCPU's own run;
+    /// rendezvous callers are serialised.
+    #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
+    pub fn with_vcpus_parked<R>(&self, op: impl FnOnce() -> R) -> (R, RendezvousCost) {
+        let _owner = self.rendezvous_owner.lock();
+        let start = ticks();
+        self.rendezvous.store(true, Ordering::SeqCst);
+        let mut kicks = self.post_to_others(None, Request::PARK);
+        let mut last_kick = ticks();
+        let mut parked = self.parked.load(Ordering::SeqCst);
+        while parked < self.running.load(Ordering::SeqCst) {
+            if ticks() - last_kick > REKICK_TICKS {
+                kicks += self.post_to_others(None, Request::PARK);
+                last_kick = ticks();
+            }
+            smp::flush_request_received();
+            core::hint::spin_loop();
+            parked = self.parked.load(Ordering::SeqCst);
+        }
+        let cost = RendezvousCost {
+            parked,
+            ticks_to_park: ticks() - start,
+            kicks,
+        };
+        let result = op();
+        self.rendezvous.store(false, Ordering::SeqCst);
+        (result, cost)
+    }
+
+    /// vCPUs inside a run now.
+    #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
+    pub fn vcpus_running(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    /// Called by a vCPU before each VM entry: waits while a rendezvous is under way.
+    pub(super) fn park_if_asked(&self) {
+        if !self.rendezvous.load(Ordering::SeqCst) {
+            return;
+        }
+        self.parked.fetch_add(1, Ordering::SeqCst);
+        while self.rendezvous.load(Ordering::SeqCst) {
+            // Host interrupts (kicks among them) and flush requests are served while waiting.
+            idt::deliver_pending();
+            smp::flush_request_received();
+            core::hint::spin_loop();
+        }
+        self.parked.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Counts a vCPU into (`true`) or out of a run, for the rendezvous.
+    pub(super) fn set_running(&self, running: bool) {
+        if running {
+            self.running.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.running.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for VmMemory {
+    /// Flushes every CPU that ran the VM, then gives back every frame its memory used.
+    fn drop(&mut self) {
+        let everywhere = self.ran_on.load(Ordering::SeqCst);
+        if let Ok(vmx) = this_cpu().vmx() {
+            let _ = vmx::invept(vmx, InveptType::SingleContext, self.eptp);
+        }
+        if everywhere & !(1 << this_cpu().index) != 0 {
+            smp::flush_ept_on(everywhere);
+        }
+        if let Some(pgm) = self.pgm.lock().take() {
+            pgm.terminate();
+        }
+    }
+}
