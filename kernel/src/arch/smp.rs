@@ -103,14 +103,6 @@ impl PerCpu {
         self.flushes_served.load(Ordering::Acquire)
     }
 
-    pub fn debug_flushes(&self) -> (u64, u64, u64) {
-        (
-            self.flushes_requested.load(Ordering::Relaxed),
-            self.flushes_done.load(Ordering::Relaxed),
-            self.flushes_served.load(Ordering::Relaxed),
-        )
-    }
-
     /// How far the CPU got.
     pub fn state(&self) -> CpuState {
         match self.state.load(Ordering::Acquire) {
