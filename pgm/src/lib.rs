@@ -44,6 +44,8 @@ mod manager_tests;
 #[cfg(test)]
 mod model_tests;
 #[cfg(test)]
+mod smp_stress_tests;
+#[cfg(test)]
 mod test_support;
 
 pub use addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};

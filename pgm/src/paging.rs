@@ -109,7 +109,9 @@ pub enum Invalidation {
     /// A fault's resolution changed the frame of an entry that was present: the CPU that took
     /// the EPT violation has no stale translation left (the violation flushed it, SDM
     /// 29.4.3.1), but every other CPU that ran the VM may have one (INVEPT single-context
-    /// there).
+    /// there). Such a flush is not a complete one: the faulting CPU still caches the VM's other
+    /// translations, so it must not end a [`crate::manager::Pgm::begin_tlb_flush`] bracket
+    /// (frames retired meanwhile wait for the next complete flush).
     OtherCpus,
     /// Flush the translations of this VM's tables (INVEPT single-context).
     SingleContext,

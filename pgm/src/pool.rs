@@ -68,6 +68,12 @@ impl FramePool {
         self.retired.len()
     }
 
+    /// True when `frame` is retired and waits for a TLB flush.
+    #[cfg(test)]
+    pub fn is_awaiting_flush(&self, frame: HostPhysAddr) -> bool {
+        self.retired.iter().any(|&(_, retired)| retired == frame)
+    }
+
     /// Starts a TLB flush: frames retired so far may be reused once it has finished on every
     /// CPU. Returns the generation to pass to [`flushed`](Self::flushed).
     pub fn begin_flush(&mut self) -> u64 {

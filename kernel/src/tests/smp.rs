@@ -22,6 +22,7 @@ use crate::arch::smp::{self, this_cpu, Task};
 use crate::arch::ticks;
 use crate::arch::vmx::GuestRegisters;
 use crate::vm::budget::{Budget, DEFAULT_LIMIT};
+use crate::vm::exits::ExitCosts;
 use crate::vm::{NoDevices, StopCause, Vm, VmMemory, VmStop};
 use crate::Host;
 
@@ -251,8 +252,15 @@ struct VcpuStart {
     regs: GuestRegisters,
 }
 
-/// A vCPU run on another CPU: its stop, and the CPU it ran on.
-type VcpuTask = Task<Result<(VmStop, usize), String>>;
+/// How a vCPU run on another CPU ended: its stop, the CPU it ran on, what its exits cost.
+struct VcpuEnd {
+    stop: VmStop,
+    cpu: usize,
+    exit_costs: ExitCosts,
+}
+
+/// A vCPU run on another CPU.
+type VcpuTask = Task<Result<VcpuEnd, String>>;
 
 /// Adds a vCPU on `cpu` to the VM whose memory is `memory`, starts it as `what` says, waits at
 /// `start` for the other vCPU and runs it to its stop through `devices`.
@@ -276,7 +284,11 @@ fn run_vcpu_on(
                 stop => break stop,
             }
         };
-        Ok((stop, this_cpu().index))
+        Ok(VcpuEnd {
+            stop,
+            cpu: this_cpu().index,
+            exit_costs: vcpu.exit_costs,
+        })
     })
     .map_err(|e| format!("{e}"))
 }
@@ -312,7 +324,11 @@ pub fn a_triple_fault_in_one_vcpu_stops_the_other(host: &'static Host) -> TestRe
         StopCause::TripleFault,
         "the faulting vCPU's cause"
     );
-    let (other, ran_on) = spinner.join()?;
+    let VcpuEnd {
+        stop: other,
+        cpu: ran_on,
+        ..
+    } = spinner.join()?;
     let other = stopped(other)?;
     ensure_eq!(other.cause, StopCause::VmStopped, "the other vCPU's cause");
     ensure_eq!(ran_on, cpu, "the CPU the other vCPU ran on");
@@ -424,7 +440,7 @@ pub fn mmio_from_two_vcpus_reaches_the_device_once_each(host: &'static Host) -> 
             stop => break stop,
         }
     };
-    let (other_stop, _) = other.join()?;
+    let other_stop = other.join()?.stop;
     ensure_eq!(stop, VmStop::Done(0), "vCPU 0");
     ensure_eq!(other_stop, VmStop::Done(0), "vCPU 1");
     let log = log.lock();
@@ -618,9 +634,15 @@ fn dirty_log(host: &'static Host, setup: DirtyLog) -> TestResult {
     if local_writer {
         ensure_eq!(run_to_stop(&mut vm), VmStop::Done(0), "the local writer's end");
     }
-    let (stop, ran_on) = remote.join()?;
-    ensure_eq!(stop, VmStop::Done(0), "the remote writer's end");
-    ensure_eq!(ran_on, cpu, "the CPU the remote writer ran on");
+    let remote = remote.join()?;
+    ensure_eq!(remote.stop, VmStop::Done(0), "the remote writer's end");
+    ensure_eq!(remote.cpu, cpu, "the CPU the remote writer ran on");
+    if local_writer {
+        vm.exit_costs.print("dirty-log writer vCPU 0 on CPU 0");
+    }
+    remote
+        .exit_costs
+        .print(&format!("dirty-log writer vCPU 1 on CPU {cpu}"));
     copied_total += harvest_into(setup, &memory, &mut mirror, &mut harvest)?;
     crate::println!(
         "  {DIRTY_LOG_ROUNDS} rounds, {} guest writes, {copied_total} pages copied from harvests \

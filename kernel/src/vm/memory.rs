@@ -121,18 +121,20 @@ impl VmMemory {
 
     /// Carries out `invalidation` everywhere it is needed: INVEPT on this CPU (unless the
     /// fault path already flushed it: [`Invalidation::OtherCpus`]) and on every other CPU that
-    /// ran a vCPU of this VM, then lets the manager reuse the frames the change retired. Takes
-    /// the VM's lock twice, briefly; never call it with the lock held.
+    /// ran a vCPU of this VM. A complete flush (this CPU included) then lets the manager reuse
+    /// the frames retired before it began; an `OtherCpus` flush leaves them for the next
+    /// complete one, since this CPU may still cache their translations. Takes the VM's lock
+    /// twice, briefly; never call it with the lock held.
     pub fn flush(&self, invalidation: Invalidation) -> Result<(), VmxError> {
-        let kind = match invalidation {
+        let local = match invalidation {
             Invalidation::None => return Ok(()),
             Invalidation::OtherCpus => None,
             Invalidation::SingleContext => Some(InveptType::SingleContext),
             Invalidation::AllContexts => Some(InveptType::AllContexts),
         };
-        let ticket = self.lock().begin_tlb_flush();
+        let ticket = local.map(|_| self.lock().begin_tlb_flush());
         let me = this_cpu();
-        let local = match kind {
+        let flushed_here = match local {
             Some(kind) => me.vmx().and_then(|vmx| vmx::invept(vmx, kind, self.eptp)),
             None => Ok(()),
         };
@@ -143,9 +145,11 @@ impl VmMemory {
                 SHOOTDOWNS.lock().add(cost.ticks);
             }
         }
-        // Only now can no CPU reach the frames the change took away.
-        self.lock().end_tlb_flush(ticket);
-        local
+        // Only now can no CPU reach the frames retired before the ticket.
+        if let (Some(ticket), Ok(())) = (ticket, &flushed_here) {
+            self.lock().end_tlb_flush(ticket);
+        }
+        flushed_here
     }
 
     /// Records that the calling CPU is about to enter a vCPU of this VM. Before the entry, so

@@ -308,10 +308,12 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 
     /// Starts a TLB flush of this VM's translations: call it before flushing (INVEPT) every
     /// CPU that ran the VM, and pass the ticket to [`end_tlb_flush`](Self::end_tlb_flush) once
-    /// all have flushed. Frames taken from the guest before this call (freed pages, removed
-    /// ROMs and MMIO2 regions) are neither reused nor given back until then, since a stale
-    /// translation on another CPU could still reach them. Locking: with the rest of the
-    /// manager (the caller's VM lock); the lock need not be held while the CPUs flush.
+    /// all have flushed every translation of the VM — the calling CPU included, so an
+    /// [`Invalidation::OtherCpus`] flush does not qualify. Frames taken from the guest before
+    /// this call (freed pages, removed ROMs and MMIO2 regions) are neither reused nor given
+    /// back until then, since a stale translation on any CPU could still reach them. Locking:
+    /// with the rest of the manager (the caller's VM lock); the lock need not be held while the
+    /// CPUs flush.
     pub fn begin_tlb_flush(&mut self) -> TlbFlush {
         TlbFlush(self.pool.begin_flush())
     }
@@ -326,6 +328,12 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// Frames taken from the guest that wait for a TLB flush to end before they can be reused.
     pub fn frames_awaiting_flush(&self) -> usize {
         self.pool.awaiting_flush()
+    }
+
+    /// True when `frame` was taken from the guest and waits for a TLB flush to end.
+    #[cfg(test)]
+    pub(crate) fn is_awaiting_flush(&self, frame: HostPhysAddr) -> bool {
+        self.pool.is_awaiting_flush(frame)
     }
 
     /// Caps the frames backing this VM's pages (`None`: no cap but the host's memory). A write
