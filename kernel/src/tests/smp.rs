@@ -476,12 +476,13 @@ const WRITES_PER_ROUND: u32 = 24;
 const STOP_WRITING: u32 = u32::MAX;
 
 /// One dirty-log scenario: how many pages (a power of two) the writers write to, how long
-/// they spin between writes, and whether a second writer runs on this CPU.
+/// they spin between writes, and whether a second writer runs (on a third CPU if there is one,
+/// else on this CPU between the rounds).
 #[derive(Clone, Copy)]
 struct DirtyLog {
     pages: u64,
     delay: u64,
-    local_writer: bool,
+    two_writers: bool,
 }
 
 impl DirtyLog {
@@ -560,33 +561,46 @@ fn mirror_matches(setup: DirtyLog, memory: &VmMemory, mirror: &[u8]) -> TestResu
     Ok(())
 }
 
-/// KVM's `dirty_log_test` with the writer on the other CPU and, with `local_writer`, a second
-/// writer on this CPU run in slices between the harvests. Write monitoring starts while the
-/// writers run (write-protect-all under running vCPUs), followed by a full copy, as a live
-/// migration does; then each round harvests, flushes, copies the reported pages into a mirror
-/// and moves the iteration on. With two writers a page is also ballooned under them.
+/// KVM's `dirty_log_test` with the writer on another CPU and, for `two_writers`, a second
+/// writer. Write monitoring starts while the writers run (write-protect-all under running
+/// vCPUs), followed by a full copy, as a live migration does; then each round harvests,
+/// flushes, copies the reported pages into a mirror and moves the iteration on. With two
+/// writers a page is also ballooned under them.
 fn dirty_log(host: &'static Host, setup: DirtyLog) -> TestResult {
-    let local_writer = setup.local_writer;
     let cpu = second_cpu()?;
+    // The second writer gets a CPU of its own when there is a third one (`--cpus 4`), else it
+    // runs here in slices between the rounds.
+    let third_cpu = smp::ready_cpus()
+        .map(|other| other.index)
+        .find(|&index| index != 0 && index != cpu)
+        .filter(|_| setup.two_writers);
+    let local_writer = setup.two_writers && third_cpu.is_none();
+    let remote_cpus: Vec<usize> = core::iter::once(cpu).chain(third_cpu).collect();
     let mut vm = new_vm(host, &PC_RAM)?;
     vm.start(&programs::dirty_log_writer(), CODE, setup.regs(0x5EED, 8))
         .map_err(|e| format!("start: {e}"))?;
     vm.set_budget(Budget::sliced(100_000, DEFAULT_LIMIT));
     let memory = vm.memory();
     write_u32(&memory, CONTROL, 1)?;
-    let start = Arc::new(AtomicUsize::new(if local_writer { 0 } else { 1 }));
-    let remote = run_vcpu_on(
-        host,
-        cpu,
-        vm.memory(),
-        VcpuStart {
-            program: programs::dirty_log_writer,
-            at: CODE,
-            regs: setup.regs(0x1234_5678, 0),
-        },
-        Arc::clone(&start),
-        NoDevices,
-    )?;
+    // `rendezvous` lets everyone go at 2: start the count at 2 - participants.
+    let participants = remote_cpus.len() + usize::from(local_writer);
+    let start = Arc::new(AtomicUsize::new(2 - participants.min(2)));
+    let mut remotes = Vec::new();
+    for (n, &remote_cpu) in remote_cpus.iter().enumerate() {
+        let task = run_vcpu_on(
+            host,
+            remote_cpu,
+            vm.memory(),
+            VcpuStart {
+                program: programs::dirty_log_writer,
+                at: CODE,
+                regs: setup.regs(0x1234_5678 + n as u64, 16 * (n as u64 + 1)),
+            },
+            Arc::clone(&start),
+            NoDevices,
+        )?;
+        remotes.push((task, remote_cpu));
+    }
     if local_writer {
         rendezvous(&start)?;
     }
@@ -626,23 +640,23 @@ fn dirty_log(host: &'static Host, setup: DirtyLog) -> TestResult {
         (fewest, most) = (fewest.min(copied), most.max(copied));
         copied_total += copied;
         write_u32(&memory, CONTROL, iteration)?;
-        if local_writer && iteration == DIRTY_LOG_ROUNDS / 2 {
+        if setup.two_writers && iteration == DIRTY_LOG_ROUNDS / 2 {
             balloon_under_running_writers(&memory)?;
         }
     }
     write_u32(&memory, CONTROL, STOP_WRITING)?;
     if local_writer {
         ensure_eq!(run_to_stop(&mut vm), VmStop::Done(0), "the local writer's end");
-    }
-    let remote = remote.join()?;
-    ensure_eq!(remote.stop, VmStop::Done(0), "the remote writer's end");
-    ensure_eq!(remote.cpu, cpu, "the CPU the remote writer ran on");
-    if local_writer {
         vm.exit_costs.print("dirty-log writer vCPU 0 on CPU 0");
     }
-    remote
-        .exit_costs
-        .print(&format!("dirty-log writer vCPU 1 on CPU {cpu}"));
+    for (n, (task, remote_cpu)) in remotes.into_iter().enumerate() {
+        let remote = task.join()?;
+        ensure_eq!(remote.stop, VmStop::Done(0), "a remote writer's end");
+        ensure_eq!(remote.cpu, remote_cpu, "the CPU a remote writer ran on");
+        remote
+            .exit_costs
+            .print(&format!("dirty-log writer vCPU {} on CPU {remote_cpu}", n + 1));
+    }
     copied_total += harvest_into(setup, &memory, &mut mirror, &mut harvest)?;
     crate::println!(
         "  {DIRTY_LOG_ROUNDS} rounds, {} guest writes, {copied_total} pages copied from harvests \
@@ -692,18 +706,17 @@ pub fn dirty_log_with_the_writer_on_another_cpu(host: &'static Host) -> TestResu
     let setup = DirtyLog {
         pages: 16,
         delay: 0,
-        local_writer: false,
+        two_writers: false,
     };
     dirty_log(host, setup)
 }
 
-/// Many pages written slowly, so that each round reports only part of them, by a writer on
-/// each CPU.
+/// Many pages written slowly, so that each round reports only part of them, by two writers.
 pub fn dirty_log_with_two_writers_and_a_balloon(host: &'static Host) -> TestResult {
     let setup = DirtyLog {
         pages: MAX_LOG_PAGES,
         delay: 1000,
-        local_writer: true,
+        two_writers: true,
     };
     dirty_log(host, setup)
 }
@@ -723,7 +736,7 @@ pub fn reset_of_a_two_vcpu_vm_parks_both_and_they_run_on(host: &'static Host) ->
     let setup = DirtyLog {
         pages: MAX_LOG_PAGES,
         delay: 1000,
-        local_writer: true,
+        two_writers: true,
     };
     vm.enter_at(program.mode, ROM_BASE, 0, setup.regs(0x5EED, 8))
         .map_err(|e| format!("entry: {e}"))?;
