@@ -231,6 +231,10 @@ const TESTS: &[(&str, TestFn)] = &[
         smp::reset_of_a_two_vcpu_vm_parks_both_and_they_run_on,
     ),
     (
+        "smp_an_a20_change_by_one_vcpu_reaches_the_other_cpu",
+        smp::an_a20_change_by_one_vcpu_reaches_the_other_cpu,
+    ),
+    (
         "hostile_a20_gate_flipped_through_port_0x92_while_writing_across_1_mib",
         hostile::a20_gate_flipped_through_port_0x92_while_writing_across_1_mib,
     ),

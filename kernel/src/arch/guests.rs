@@ -234,6 +234,24 @@ guest_programs! {
         "vmcall",
         "hlt",
     ];
+    // Copies the dword at ESI to the dword at EDI, for ever (no exit: its translations stay
+    // cached).
+    copy_forever: Flat32, ".code32", [
+        "1:",
+        "mov eax, dword ptr [esi]",
+        "mov dword ptr [edi], eax",
+        "jmp 1b",
+    ];
+    // Closes the A20 gate through System Control Port A (port 0x92, bit 1), then done(0).
+    a20_close: Flat32, ".code32", [
+        "in al, 0x92",
+        "and al, 0xFD",
+        "out 0x92, al",
+        "xor eax, eax",
+        "xor ebx, ebx",
+        "vmcall",
+        "hlt",
+    ];
     // Loads the dword at ESI and reports it through done(value).
     load: Flat32, ".code32", [
         "mov ebx, dword ptr [esi]",

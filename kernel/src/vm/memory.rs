@@ -173,6 +173,13 @@ impl VmMemory {
             .retain(|(_, theirs)| !Arc::ptr_eq(theirs, requests));
     }
 
+    /// Asks every vCPU of the VM to end its run (`VmStop::StopRequested`, resumable) and kicks
+    /// the CPUs they are on. Locking: takes the vCPU list's lock.
+    #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
+    pub fn stop_all_vcpus(&self) {
+        self.post_to_others(None, Request::STOP);
+    }
+
     /// Posts `request` to every vCPU but the one whose request word is `except` and kicks the
     /// CPUs they live on, so that a vCPU in the guest exits and takes it. Returns the number of
     /// kicks sent.
@@ -234,11 +241,13 @@ impl VmMemory {
         self.running.load(Ordering::SeqCst)
     }
 
-    /// Called by a vCPU before each VM entry: waits while a rendezvous is under way.
-    pub(super) fn park_if_asked(&self) {
+    /// Called by a vCPU before each VM entry: waits while a rendezvous is under way. Returns
+    /// the ticks it waited.
+    pub(super) fn park_if_asked(&self) -> u64 {
         if !self.rendezvous.load(Ordering::SeqCst) {
-            return;
+            return 0;
         }
+        let start = ticks();
         self.parked.fetch_add(1, Ordering::SeqCst);
         while self.rendezvous.load(Ordering::SeqCst) {
             // Host interrupts (kicks among them) and flush requests are served while waiting.
@@ -247,6 +256,7 @@ impl VmMemory {
             core::hint::spin_loop();
         }
         self.parked.fetch_sub(1, Ordering::SeqCst);
+        ticks() - start
     }
 
     /// Counts a vCPU into (`true`) or out of a run, for the rendezvous.

@@ -259,7 +259,11 @@ impl<'a> Vm<'a> {
             if let Some(stop) = self.take_requests() {
                 break stop;
             }
-            self.memory.park_if_asked();
+            let parked = self.memory.park_if_asked();
+            if let Some((_, exit_tick)) = self.measuring.as_mut() {
+                // Waiting in a rendezvous is not part of handling the exit.
+                *exit_tick += parked;
+            }
             let now = ticks();
             if let Some(expired) = clock.expired(now) {
                 self.overrun.add(now.saturating_sub(clock.deadline()));
