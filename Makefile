@@ -25,9 +25,11 @@ check: setup
 	cd kernel && cargo clippy --all-targets -- -D warnings
 	cd kernel && cargo clippy --all-targets --features kernel-tests -- -D warnings
 
-## The criterion benchmark: pgm against rust-vmm's vm-memory (figures in README.md).
+## The criterion benchmarks: pgm against rust-vmm's vm-memory, and write-monitor faults from 1
+## and 2 threads (figures in README.md).
 bench: setup
 	cargo bench -p pgm --features sim --bench lookup_and_harvest
+	cargo bench -p pgm --features sim --bench write_monitor_threads
 
 ## BIOS and UEFI disk images of the demo kernel.
 image: setup
