@@ -540,15 +540,21 @@ fn harvest_into(
     Ok(copied)
 }
 
+/// Reads page `index` of the log area into `page`.
+fn read_log_page(memory: &VmMemory, index: u64, page: &mut [u8; PAGE_SIZE as usize]) -> TestResult {
+    let at = LOG_BASE + index * PAGE_SIZE;
+    memory
+        .lock()
+        .read_phys(gpa(at), page)
+        .map_err(|e| format!("read of {at:#x}: {e}"))
+}
+
 /// After the last round: the mirror holds guest memory, page for page.
 fn mirror_matches(setup: DirtyLog, memory: &VmMemory, mirror: &[u8]) -> TestResult {
     let mut page = [0u8; PAGE_SIZE as usize];
     for index in 0..setup.pages {
         let at = LOG_BASE + index * PAGE_SIZE;
-        memory
-            .lock()
-            .read_phys(gpa(at), &mut page)
-            .map_err(|e| format!("read of {at:#x}: {e}"))?;
+        read_log_page(memory, index, &mut page)?;
         let offset = (index * PAGE_SIZE) as usize;
         if page[..] != mirror[offset..offset + PAGE_SIZE as usize] {
             let first = u32::from_le_bytes(page[..4].try_into().unwrap_or_default());
@@ -756,13 +762,15 @@ pub fn reset_of_a_two_vcpu_vm_parks_both_and_they_run_on(host: &'static Host) ->
     let memory = vm.memory();
     wait_for("the other vCPU", || published.get().copied())?;
     let writes = || read_u32(&memory, CONTROL + 4).unwrap_or(0);
-    wait_for("writes of both vCPUs", || {
-        match vm.run() {
-            VmStop::Preempted { .. } => {}
-            _ => return Some(()),
-        }
-        (writes() >= 200).then_some(())
-    })?;
+    // This CPU's vCPU runs in slices until both have written (a stop ends the wait early; the
+    // checks below then fail).
+    let mut run_until_written = |what| {
+        wait_for(what, || {
+            let stopped = !matches!(vm.run(), VmStop::Preempted { .. });
+            (stopped || writes() >= 200).then_some(())
+        })
+    };
+    run_until_written("writes of both vCPUs")?;
     let (checked, cost) = memory.with_vcpus_parked(|| -> TestResult {
         // No guest runs now: the count stands still.
         let parked_at = writes();
@@ -773,14 +781,10 @@ pub fn reset_of_a_two_vcpu_vm_parks_both_and_they_run_on(host: &'static Host) ->
         ensure_eq!(writes(), 0, "the write count after the reset (RAM is cleared)");
         let mut page = [0u8; PAGE_SIZE as usize];
         for index in 0..setup.pages {
-            let at = LOG_BASE + index * PAGE_SIZE;
-            memory
-                .lock()
-                .read_phys(gpa(at), &mut page)
-                .map_err(|e| format!("read of {at:#x}: {e}"))?;
+            read_log_page(&memory, index, &mut page)?;
             ensure!(
                 page.iter().all(|&b| b == 0),
-                "page {at:#x} kept data over the reset"
+                "log page {index} kept data over the reset"
             );
         }
         // Audited while nobody runs: the audit holds the VM's lock for millions of ticks.
@@ -799,13 +803,7 @@ pub fn reset_of_a_two_vcpu_vm_parks_both_and_they_run_on(host: &'static Host) ->
         "vCPUs parked (the other CPU's; this CPU's was between slices)"
     );
     // Both go on from where they were, into cleared RAM.
-    wait_for("writes after the reset", || {
-        match vm.run() {
-            VmStop::Preempted { .. } => {}
-            _ => return Some(()),
-        }
-        (writes() >= 200).then_some(())
-    })?;
+    run_until_written("writes after the reset")?;
     write_u32(&memory, CONTROL, STOP_WRITING)?;
     ensure_eq!(run_to_stop(&mut vm), VmStop::Done(0), "vCPU 0's end");
     ensure_eq!(other.join()?, VmStop::Done(0), "vCPU 1's end");

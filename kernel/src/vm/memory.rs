@@ -174,7 +174,8 @@ impl VmMemory {
     }
 
     /// Asks every vCPU of the VM to end its run (`VmStop::StopRequested`, resumable) and kicks
-    /// the CPUs they are on. Locking: takes the vCPU list's lock.
+    /// the CPUs they are on; a vCPU not in a run ends its next one at once. Locking: takes the
+    /// vCPU list's lock.
     #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
     pub fn stop_all_vcpus(&self) {
         self.post_to_others(None, Request::STOP);
