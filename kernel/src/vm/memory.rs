@@ -233,6 +233,12 @@ impl VmMemory {
         };
         let result = op();
         self.rendezvous.store(false, Ordering::SeqCst);
+        // Every parked vCPU leaves before another rendezvous can begin: one that has seen the
+        // flag clear but is still counted would otherwise pass for parked and enter its guest.
+        while self.parked.load(Ordering::SeqCst) != 0 {
+            smp::flush_request_received();
+            core::hint::spin_loop();
+        }
         (result, cost)
     }
 

@@ -225,7 +225,10 @@ impl<'a> Vm<'a> {
     /// (`Preempted`), or the host asks it to stop (`StopRequested`); after the last two, the
     /// next call resumes the guest where it was. MMIO and handler accesses are emulated
     /// through `devices`. The run never takes longer than the earliest of its slice, the VM's
-    /// time limit and the host deadline ([`budget`]), plus the cost of one exit.
+    /// time limit and the host deadline ([`budget`]), plus the cost of one exit. A stop the
+    /// guest caused ([`StopCause::stops_vm`]) ends the runs of the VM's other vCPUs too
+    /// (`StopCause::VmStopped`). Locking: takes the VM's lock per exit that needs it, never
+    /// across the guest's run; waits in a rendezvous before an entry while one is under way.
     pub fn run_with(&mut self, devices: &mut impl AccessHandlers) -> VmStop {
         self.run_started = ticks();
         if this_cpu().index != self.vmcs.cpu() {
