@@ -1,8 +1,16 @@
 //! The memory manager of one VM: RAM ranges, page descriptors, host frames and the EPT tables
 //! built from the descriptors, with fault resolution and host access to guest memory.
 //!
-//! Locking: a `Pgm` is not shared; every mutating call takes `&mut self`, so the caller's
-//! ownership (one VM, one vCPU loop) is the lock.
+//! Locking, for every public call (the seed's "caller holds the PGM lock"): a VM's vCPUs share
+//! one `Pgm` behind one lock the host keeps (the kernel's `VmMemory::lock`); every call runs
+//! under it, `&mut self` calls exclusively, and none blocks, sleeps or waits for another CPU.
+//! A call that returns an [`Invalidation`] other than `None` has changed what CPUs may cache:
+//! the caller carries it out on every CPU that ran the VM after releasing the lock, and frames
+//! the change took from the guest stay unused until a complete flush that began after it has
+//! ended ([`Pgm::begin_tlb_flush`] / [`Pgm::end_tlb_flush`], each under the lock, the CPUs'
+//! flushes between them without it). Nothing here needs the vCPUs stopped: a harvest,
+//! write-protect-all or balloon change runs while they run, their faults waiting for the lock;
+//! the host stops them only where the guest must not run meanwhile (a reset).
 
 use alloc::vec::Vec;
 
