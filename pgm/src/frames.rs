@@ -293,6 +293,32 @@ unsafe impl HostFrameAllocator for BitmapFrameAllocator {
     }
 }
 
+// SAFETY: every call goes to the allocator borrowed, which keeps its own promise; borrowing
+// adds no frame and hands none out twice. (Lets a caller lend its allocator to a manager and
+// look at it again once the manager is gone.)
+#[allow(unsafe_code)]
+unsafe impl<A: HostFrameAllocator + ?Sized> HostFrameAllocator for &mut A {
+    fn allocate_frame(&mut self) -> Option<HostPhysAddr> {
+        (**self).allocate_frame()
+    }
+
+    fn free_frame(&mut self, frame: HostPhysAddr) {
+        (**self).free_frame(frame)
+    }
+
+    fn allocate_frames(&mut self, count: usize, out: &mut Vec<HostPhysAddr>) -> usize {
+        (**self).allocate_frames(count, out)
+    }
+
+    fn free_frames(&mut self, frames: &[HostPhysAddr]) {
+        (**self).free_frames(frames)
+    }
+
+    fn allocate_large(&mut self) -> Option<HostPhysAddr> {
+        (**self).allocate_large()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,6 +17,35 @@ fn private(pgm: &SimPgm) -> u64 {
 }
 
 #[test]
+fn dropping_the_manager_gives_every_frame_back() {
+    use crate::manager::{Pgm, RomImage};
+    use crate::sim::{SimFrames, SimMemory};
+    let mut frames = SimFrames::new(8192);
+    {
+        // The manager borrows the allocator, so the test can look at it once the manager is gone.
+        let mut pgm = Pgm::new(&mut frames, SimMemory::default()).unwrap();
+        pgm.set_large_pages(true);
+        pgm.register_ram(gpa(0), 16 * MIB, "ram").unwrap();
+        for page in 0..40 {
+            pgm.write_phys(gpa(MIB + page * PAGE_SIZE), b"data").unwrap();
+        }
+        // A whole 2 MiB block through a fault, a shadowed ROM over RAM, a mapped MMIO2 region,
+        // a ballooned page (retired, awaiting a flush) and the pool's handy frames.
+        assert!(matches!(
+            pgm.resolve_fault(gpa(8 * MIB), Access::Write),
+            FaultOutcome::Resolved { .. }
+        ));
+        pgm.register_rom(gpa(0xE_0000), 0x2_0000, RomImage::Copy(&[0x90; 4096]), true)
+            .unwrap();
+        let fb = pgm.create_mmio2(mmio2_spec(64 * PAGE_SIZE, 0)).unwrap();
+        pgm.map_mmio2(fb, gpa(0xE000_0000)).unwrap();
+        pgm.balloon_inflate(&[gpa(MIB)]).unwrap();
+        assert!(pgm.frames_awaiting_flush() > 0);
+    }
+    assert_eq!(frames.inner.counts().used(), 0, "frames the dropped manager kept");
+}
+
+#[test]
 fn registration_rejects_bad_ranges_and_changes_nothing() {
     let mut pgm = pc_like();
     let before = (pgm.stats(), frames_used(&pgm), pgm.ranges().len());
@@ -265,7 +294,7 @@ fn terminate_gives_back_every_frame() {
     let mut pgm = pc_like();
     guest_write(&mut pgm, gpa(0x3000), b"x");
     guest_write(&mut pgm, gpa(9 * MIB), b"y");
-    let (frames, _) = pgm.terminate();
+    let frames = pgm.terminate();
     assert_eq!(frames.inner.counts().used(), 0);
 }
 
@@ -899,7 +928,7 @@ fn bad_rom_registrations_change_nothing_and_termination_frees_rom_frames() {
     let id = register_rom_copy(&mut pgm, gpa(ROM_BASE), &image, true).unwrap();
     pgm.protect_rom(id, RomProtection::ReadRamWriteRam).unwrap();
     guest_write(&mut pgm, gpa(ROM_BASE), b"s");
-    let (frames, _) = pgm.terminate();
+    let frames = pgm.terminate();
     assert_eq!(frames.inner.counts().used(), 0);
 }
 
@@ -970,7 +999,7 @@ fn a20_aliases_outside_ram_are_mapped_on_demand_and_dropped_when_the_gate_opens(
         FaultOutcome::NotGuestMemory
     );
     assert_accounting(&pgm);
-    let (frames, _) = pgm.terminate();
+    let frames = pgm.terminate();
     assert_eq!(frames.inner.counts().used(), 0, "alias tables are freed too");
 }
 
@@ -1147,7 +1176,7 @@ fn mmio2_region_management_and_bad_requests() {
     );
     let kept = pgm.create_mmio2(mmio2_spec(2 * PAGE_SIZE, 0)).unwrap();
     pgm.map_mmio2(kept, gpa(FB)).unwrap();
-    let (frames, _) = pgm.terminate();
+    let frames = pgm.terminate();
     assert_eq!(frames.inner.counts().used(), 0, "MMIO2 frames are freed once");
 }
 
@@ -1282,7 +1311,7 @@ fn resetting_one_page_of_a_large_block_splits_it_for_good() {
     );
     assert_eq!(guest_read(&pgm, gpa(BLOCK + 0xA000), 8), 10u64.to_le_bytes());
     assert_accounting(&pgm);
-    let (frames, _) = pgm.terminate();
+    let frames = pgm.terminate();
     assert_eq!(
         frames.inner.counts().used(),
         0,
@@ -1702,7 +1731,7 @@ fn a_special_alias_maps_a_host_frame_the_vmm_keeps() {
         "reset undoes the alias"
     );
     assert_isolated(&pgm, "after the reset");
-    let (mut frames, _) = pgm.terminate();
+    let mut frames = pgm.terminate();
     // The frame is still the VMM's: freeing it here must succeed (it was not freed twice).
     frames.inner.free(page).unwrap();
     assert_eq!(frames.inner.counts().used(), 0);
@@ -1856,7 +1885,7 @@ fn the_last_page_to_let_go_frees_the_shared_frame() {
     assert_eq!(pgm.page(gpa(0x4000)).unwrap().state(), PageState::Shared);
     pgm.release_page_lock(mapping.lock);
     assert_accounting(&pgm);
-    let (frames, _) = pgm.terminate();
+    let frames = pgm.terminate();
     assert_eq!(frames.inner.counts().used(), 0, "shared frames are freed once");
 }
 

@@ -138,7 +138,7 @@ fn run(ops: &[Op]) {
         check(&pgm, &model, step, op);
     }
     pgm.frames_mut().fail_after = None;
-    let (frames, _) = pgm.terminate();
+    let frames = pgm.terminate();
     assert_eq!(frames.inner.counts().used(), 0, "frames leaked");
 }
 

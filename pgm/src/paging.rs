@@ -320,12 +320,13 @@ impl<F: EntryFormat> NestedTables<F> {
     }
 
     /// Frees every table frame, reserved ones included. The tables must no longer be in use by
-    /// a CPU.
-    pub fn destroy(self, frames: &mut impl HostFrameAllocator, memory: &impl HostMemory) {
+    /// a CPU, and nothing may use them afterwards (the root is gone).
+    pub fn destroy(&mut self, frames: &mut impl HostFrameAllocator, memory: &impl HostMemory) {
         free_table::<F>(frames, memory, self.root, LEVELS - 1);
-        for (_, page_table) in self.detached {
+        for (_, page_table) in core::mem::take(&mut self.detached) {
             frames.free_frame(page_table);
         }
+        self.table_frames = 0;
     }
 
     /// The page table (level 0) covering `gpa`, if the walk reaches one.

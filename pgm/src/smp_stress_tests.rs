@@ -395,6 +395,6 @@ fn threads_faulting_harvesting_and_ballooning_never_reach_a_reused_frame() {
         "only {hits} accesses went through a cached translation: the oracle barely ran"
     );
     let pgm = world.pgm.into_inner().unwrap();
-    let (frames, _) = pgm.terminate();
+    let frames = pgm.terminate();
     assert_eq!(frames.inner.counts().used(), 0, "frames leaked");
 }

@@ -14,7 +14,6 @@
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::ops::{Deref, DerefMut};
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use spin::{Mutex, MutexGuard};
@@ -39,8 +38,8 @@ const REKICK_TICKS: u64 = 200_000;
 /// What every vCPU of a VM shares. Dropped with the last vCPU: every CPU that ran one flushes
 /// before the manager gives its frames back.
 pub struct VmMemory {
-    /// `None` only while dropping (`Pgm::terminate` takes the manager by value).
-    pgm: Mutex<Option<KernelPgm>>,
+    /// Gives its frames back when dropped, after `Drop for VmMemory` flushed every CPU.
+    pgm: Mutex<KernelPgm>,
     eptp: u64,
     /// Bit `i`: host CPU `i` has entered a vCPU of this VM (set before the entry).
     ran_on: AtomicU64,
@@ -57,20 +56,7 @@ pub struct VmMemory {
 }
 
 /// The VM's memory manager, locked (see [`VmMemory::lock`]).
-pub struct PgmGuard<'a>(MutexGuard<'a, Option<KernelPgm>>);
-
-impl Deref for PgmGuard<'_> {
-    type Target = KernelPgm;
-    fn deref(&self) -> &KernelPgm {
-        self.0.as_ref().expect("present until drop")
-    }
-}
-
-impl DerefMut for PgmGuard<'_> {
-    fn deref_mut(&mut self) -> &mut KernelPgm {
-        self.0.as_mut().expect("present until drop")
-    }
-}
+pub type PgmGuard<'a> = MutexGuard<'a, KernelPgm>;
 
 /// Shootdowns of every VM so far (count, and the ticks from first IPI to last flush).
 static SHOOTDOWNS: Mutex<ExitCost> = Mutex::new(ExitCost::NONE);
@@ -97,7 +83,7 @@ impl VmMemory {
     pub(super) fn new(pgm: KernelPgm) -> VmMemory {
         VmMemory {
             eptp: pgm.ept_pointer(false),
-            pgm: Mutex::new(Some(pgm)),
+            pgm: Mutex::new(pgm),
             ran_on: AtomicU64::new(0),
             vcpus: Mutex::new(Vec::new()),
             rendezvous: AtomicBool::new(false),
@@ -116,7 +102,7 @@ impl VmMemory {
     /// violation, port access or emulated access, and by the host for every change. Never
     /// hold it across [`VmMemory::flush`], [`VmMemory::with_vcpus_parked`] or a vCPU run.
     pub fn lock(&self) -> PgmGuard<'_> {
-        PgmGuard(self.pgm.lock())
+        self.pgm.lock()
     }
 
     /// Carries out `invalidation` everywhere it is needed: INVEPT on this CPU (unless the
@@ -277,7 +263,8 @@ impl VmMemory {
 }
 
 impl Drop for VmMemory {
-    /// Flushes every CPU that ran the VM, then gives back every frame its memory used.
+    /// Flushes every CPU that ran the VM; the manager, dropped with the fields right after,
+    /// then gives back every frame its memory used.
     fn drop(&mut self) {
         let everywhere = self.ran_on.load(Ordering::SeqCst);
         if let Ok(vmx) = this_cpu().vmx() {
@@ -285,9 +272,6 @@ impl Drop for VmMemory {
         }
         if everywhere & !(1 << this_cpu().index) != 0 {
             smp::flush_ept_on(everywhere);
-        }
-        if let Some(pgm) = self.pgm.lock().take() {
-            pgm.terminate();
         }
     }
 }

@@ -83,11 +83,9 @@ impl<'a> Vm<'a> {
     pub fn new(vmx: &'a VmxOn, phys: &'static PhysMap, ram: &[(u64, u64)]) -> Result<Vm<'a>, VmError> {
         let mut pgm = Pgm::new(KernelFrames, phys)?;
         for &(base, size) in ram {
-            let base = GuestPhysAddr::new(base).ok_or(PgmError::BeyondAddressWidth);
-            if let Err(error) = base.and_then(|base| pgm.register_ram(base, size, "ram")) {
-                pgm.terminate();
-                return Err(error.into());
-            }
+            // On error the manager is dropped here, giving back what it took.
+            let base = GuestPhysAddr::new(base).ok_or(PgmError::BeyondAddressWidth)?;
+            pgm.register_ram(base, size, "ram")?;
         }
         Vm::new_vcpu(vmx, Arc::new(VmMemory::new(pgm)), phys)
     }

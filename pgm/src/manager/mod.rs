@@ -156,6 +156,18 @@ pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
     zero_on_reset: bool,
     /// RAM is pre-allocated, now and after every reset (fRamPreAlloc).
     preallocated: bool,
+    /// Every frame has gone back to the host (only while the manager is being dropped).
+    released: bool,
+}
+
+impl<A: HostFrameAllocator, M: HostMemory> Drop for Pgm<A, M> {
+    /// Gives back every frame the VM's memory holds — RAM, ROM images and shadows, MMIO2
+    /// regions, shared frames, the pool, the EPT tables and the zero frame — so that a manager
+    /// cannot leak frames by being forgotten. The caller must first make sure no CPU can still
+    /// reach them (the kernel flushes every CPU that ran the VM before dropping it).
+    fn drop(&mut self) {
+        self.release_all();
+    }
 }
 
 /// Pages holding map locks, by kind (cReadLockedPages, cWriteLockedPages).
@@ -203,6 +215,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             locked_pages: LockedPages::default(),
             zero_on_reset: true,
             preallocated: false,
+            released: false,
         })
     }
 
@@ -890,9 +903,13 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         Ok(Invalidation::None)
     }
 
-    /// Gives every frame the VM holds back to the host and hands back the allocator and memory.
-    /// The tables must no longer be in use by a CPU.
-    pub fn terminate(mut self) -> (A, M) {
+    /// Gives every frame the VM holds back to the host, once: what dropping the manager does
+    /// (see the `Drop` impl). Nothing may use the manager afterwards but its drop.
+    pub(crate) fn release_all(&mut self) {
+        if self.released {
+            return;
+        }
+        self.released = true;
         for range in self.ranges.iter_mut() {
             for page in range.pages_mut() {
                 // MMIO2 frames belong to their region (freed below), alias frames to their owner,
@@ -909,7 +926,6 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         self.release_roms();
         self.tables.destroy(&mut self.frames, &self.memory);
         self.frames.free_frame(self.zero_frame);
-        (self.frames, self.memory)
     }
 
     /// The descriptor of the page holding `gpa`, if it is registered.

@@ -130,6 +130,13 @@ unsafe impl HostFrameAllocator for SimFrames {
 }
 
 impl Pgm<SimFrames, SimMemory> {
+    /// Gives every frame back, as dropping the manager does, and returns the simulated
+    /// allocator, for a test to check that nothing leaked.
+    pub fn terminate(mut self) -> SimFrames {
+        self.release_all();
+        core::mem::replace(self.frames_mut(), SimFrames::new(0))
+    }
+
     /// [`Pgm::audit`] against the simulated host: a frame is the host's to lend when its bitmap
     /// has it out.
     pub fn audit_simulated(&self) -> AuditReport {

@@ -498,7 +498,7 @@ impl Scripted {
         for lock in self.held.locks.drain(..) {
             self.pgm.release_page_lock(lock);
         }
-        let (frames, _) = self.pgm.terminate();
+        let frames = self.pgm.terminate();
         match frames.inner.counts().used() {
             0 => Ok(()),
             leaked => Err(format!("{leaked} frames leaked")),
