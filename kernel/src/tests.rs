@@ -235,6 +235,10 @@ const TESTS: &[(&str, TestFn)] = &[
         smp::an_a20_change_by_one_vcpu_reaches_the_other_cpu,
     ),
     (
+        "smp_a_cpu_that_left_the_vm_is_flushed_once",
+        smp::a_cpu_that_left_the_vm_is_flushed_once,
+    ),
+    (
         "hostile_a20_gate_flipped_through_port_0x92_while_writing_across_1_mib",
         hostile::a20_gate_flipped_through_port_0x92_while_writing_across_1_mib,
     ),

@@ -863,3 +863,76 @@ pub fn an_a20_change_by_one_vcpu_reaches_the_other_cpu(host: &'static Host) -> T
     ensure_eq!(reader.cpu, cpu, "the CPU the reader ran on");
     Ok(())
 }
+
+/// A CPU that ran a vCPU of the VM is flushed once after its vCPU left, then no more: the flush
+/// set holds only the CPUs that may still cache the VM's translations. When a vCPU runs there
+/// again, the CPU flushes before the entry and sees the VM as it is now.
+pub fn a_cpu_that_left_the_vm_is_flushed_once(host: &'static Host) -> TestResult {
+    const FIRST: u64 = 0x20_0000;
+    const SECOND: u64 = 0x20_1000;
+    let cpu = second_cpu()?;
+    let vm = new_vm(host, &PC_RAM)?;
+    let memory = vm.memory();
+    write_u32(&memory, FIRST, 1)?;
+    write_u32(&memory, SECOND, 2)?;
+    let run_there = |at: u64| -> Result<VmStop, String> {
+        let task = run_vcpu_on(
+            host,
+            cpu,
+            vm.memory(),
+            VcpuStart {
+                program: programs::load,
+                at: SECOND_CODE,
+                regs: GuestRegisters {
+                    rsi: at,
+                    ..GuestRegisters::default()
+                },
+            },
+            Arc::new(AtomicUsize::new(1)),
+            NoDevices,
+        )?;
+        Ok(task.join()?.stop)
+    };
+    ensure_eq!(
+        run_there(FIRST)?,
+        VmStop::Done(1),
+        "the first run on the other CPU"
+    );
+    ensure!(
+        memory.cpus_to_flush() & (1 << cpu) != 0,
+        "the CPU that ran a vCPU is not in the flush set"
+    );
+    let balloon = |at: u64| -> TestResult {
+        let invalidation = memory
+            .lock()
+            .balloon_inflate(&[gpa(at)])
+            .map_err(|e| format!("balloon: {e}"))?;
+        memory.flush(invalidation).map_err(|e| format!("flush: {e}"))
+    };
+    let served = || smp::cpus()[cpu].flushes_served();
+    let before = served();
+    balloon(FIRST)?;
+    ensure_eq!(served(), before + 1, "flushes of the CPU the vCPU left");
+    ensure_eq!(
+        memory.cpus_to_flush() & (1 << cpu),
+        0,
+        "the flushed, idle CPU is still in the flush set"
+    );
+    balloon(SECOND)?;
+    ensure_eq!(
+        served(),
+        before + 1,
+        "flushes of a CPU with nothing of the VM cached"
+    );
+    let again = stopped(run_there(SECOND)?)?;
+    ensure_eq!(
+        again.cause,
+        StopCause::BalloonedPage,
+        "a new run there sees the balloon"
+    );
+    ensure!(
+        memory.cpus_to_flush() & (1 << cpu) != 0,
+        "the CPU that ran again is not back in the flush set"
+    );
+    Ok(())
+}

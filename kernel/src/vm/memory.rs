@@ -41,8 +41,15 @@ pub struct VmMemory {
     /// Gives its frames back when dropped, after `Drop for VmMemory` flushed every CPU.
     pgm: Mutex<KernelPgm>,
     eptp: u64,
-    /// Bit `i`: host CPU `i` has entered a vCPU of this VM (set before the entry).
+    /// Bit `i`: host CPU `i` may cache translations of this VM: it entered a vCPU of the VM
+    /// (set before the entry) and has not been flushed since while not running one. A CPU
+    /// whose bit is clear flushes before its next entry.
     ran_on: AtomicU64,
+    /// Bit `i`: a vCPU of this VM is in a run on host CPU `i`.
+    running_on: AtomicU64,
+    /// Serialises this VM's flushes: one flush's pruning of `ran_on` must not hide a CPU from
+    /// another that is under way.
+    flushing: Mutex<()>,
     /// Each vCPU's host CPU and request word.
     vcpus: Mutex<Vec<(usize, Arc<VcpuRequests>)>>,
     /// Set while a rendezvous wants every vCPU parked.
@@ -85,6 +92,8 @@ impl VmMemory {
             eptp: pgm.ept_pointer(false),
             pgm: Mutex::new(pgm),
             ran_on: AtomicU64::new(0),
+            running_on: AtomicU64::new(0),
+            flushing: Mutex::new(()),
             vcpus: Mutex::new(Vec::new()),
             rendezvous: AtomicBool::new(false),
             rendezvous_owner: Mutex::new(()),
@@ -107,10 +116,12 @@ impl VmMemory {
 
     /// Carries out `invalidation` everywhere it is needed: INVEPT on this CPU (unless the
     /// fault path already flushed it: [`Invalidation::OtherCpus`]) and on every other CPU that
-    /// ran a vCPU of this VM. A complete flush (this CPU included) then lets the manager reuse
-    /// the frames retired before it began; an `OtherCpus` flush leaves them for the next
-    /// complete one, since this CPU may still cache their translations. Takes the VM's lock
-    /// twice, briefly; never call it with the lock held.
+    /// may cache the VM's translations — those that ran a vCPU of it since they were last
+    /// flushed while not running one. A complete flush (this CPU included) then lets the
+    /// manager reuse the frames retired before it began; an `OtherCpus` flush leaves them for
+    /// the next complete one, since this CPU may still cache their translations. Locking: the
+    /// VM's flushes are serialised; takes the VM's lock twice, briefly; never call it with the
+    /// lock held.
     pub fn flush(&self, invalidation: Invalidation) -> Result<(), VmxError> {
         let local = match invalidation {
             Invalidation::None => return Ok(()),
@@ -118,6 +129,7 @@ impl VmMemory {
             Invalidation::SingleContext => Some(InveptType::SingleContext),
             Invalidation::AllContexts => Some(InveptType::AllContexts),
         };
+        let _serial = self.flushing.lock();
         let ticket = local.map(|_| self.lock().begin_tlb_flush());
         let me = this_cpu();
         let flushed_here = match local {
@@ -130,6 +142,7 @@ impl VmMemory {
             if cost.cpus > 0 {
                 SHOOTDOWNS.lock().add(cost.ticks);
             }
+            self.forget_idle(others);
         }
         // Only now can no CPU reach the frames retired before the ticket.
         if let (Some(ticket), Ok(())) = (ticket, &flushed_here) {
@@ -138,13 +151,42 @@ impl VmMemory {
         flushed_here
     }
 
-    /// Records that the calling CPU is about to enter a vCPU of this VM. Before the entry, so
-    /// that a change made after this flushes this CPU too.
-    pub(super) fn entering_on(&self, cpu: usize) {
-        let bit = 1 << cpu;
-        if self.ran_on.load(Ordering::Relaxed) & bit == 0 {
-            self.ran_on.fetch_or(bit, Ordering::SeqCst);
+    /// After `flushed` CPUs flushed: those not running a vCPU of the VM now hold none of its
+    /// translations and leave the set, until their next entry (which flushes first). A CPU
+    /// that began a run after the look at `running_on` may have marked itself before the
+    /// clear: it is marked again (no other flush can look meanwhile: flushes are serialised).
+    fn forget_idle(&self, flushed: u64) {
+        let idle = flushed & !self.running_on.load(Ordering::SeqCst);
+        if idle == 0 {
+            return;
         }
+        self.ran_on.fetch_and(!idle, Ordering::SeqCst);
+        let started = self.running_on.load(Ordering::SeqCst) & idle;
+        if started != 0 {
+            self.ran_on.fetch_or(started, Ordering::SeqCst);
+        }
+    }
+
+    /// Records that the calling CPU `cpu` is about to enter a vCPU of this VM, before the
+    /// entry, so that a change made after this flushes it too. A CPU that was not in the set
+    /// may still cache translations from before it left it: it flushes them first.
+    pub(super) fn entering_on(&self, cpu: usize) -> Result<(), VmxError> {
+        let bit = 1 << cpu;
+        if self.ran_on.load(Ordering::Relaxed) & bit != 0 {
+            return Ok(());
+        }
+        if self.ran_on.fetch_or(bit, Ordering::SeqCst) & bit != 0 {
+            return Ok(());
+        }
+        this_cpu()
+            .vmx()
+            .and_then(|vmx| vmx::invept(vmx, InveptType::SingleContext, self.eptp))
+    }
+
+    /// The host CPUs that may cache the VM's translations (see `ran_on`).
+    #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
+    pub fn cpus_to_flush(&self) -> u64 {
+        self.ran_on.load(Ordering::SeqCst)
     }
 
     /// Adds a vCPU living on host CPU `cpu` with request word `requests`.
@@ -252,12 +294,15 @@ impl VmMemory {
         ticks() - start
     }
 
-    /// Counts a vCPU into (`true`) or out of a run, for the rendezvous.
-    pub(super) fn set_running(&self, running: bool) {
+    /// Counts a vCPU on host CPU `cpu` into (`true`) or out of a run, for the rendezvous and
+    /// the flush set (a CPU runs one vCPU at a time).
+    pub(super) fn set_running(&self, cpu: usize, running: bool) {
         if running {
+            self.running_on.fetch_or(1 << cpu, Ordering::SeqCst);
             self.running.fetch_add(1, Ordering::SeqCst);
         } else {
             self.running.fetch_sub(1, Ordering::SeqCst);
+            self.running_on.fetch_and(!(1 << cpu), Ordering::SeqCst);
         }
     }
 }

@@ -232,9 +232,9 @@ impl<'a> Vm<'a> {
         if this_cpu().index != self.vmcs.cpu() {
             return VmStop::Stopped(self.diagnostic(StopCause::WrongCpu, self.last_exit_reason));
         }
-        self.memory.set_running(true);
+        self.memory.set_running(self.vmcs.cpu(), true);
         let stop = self.run_loop(devices);
-        self.memory.set_running(false);
+        self.memory.set_running(self.vmcs.cpu(), false);
         if let VmStop::Stopped(diagnostic) = &stop {
             if diagnostic.cause.stops_vm() {
                 self.memory
@@ -353,11 +353,13 @@ impl<'a> Vm<'a> {
         {
             return Some(VmStop::Stopped(self.diagnostic(StopCause::EntryFailed, 0)));
         }
+        if self.memory.entering_on(self.vmcs.cpu()).is_err() {
+            return Some(VmStop::Stopped(self.diagnostic(StopCause::EntryFailed, 0)));
+        }
         // SAFETY: `write_host_state` wrote this CPU's host state with RIP at the exit entry
         // point when the VM was created; the EPT pointer names this VM's tables, which map only
         // frames it holds; `launched` is set after the first successful entry and the VMCS is
         // VMCLEARed only when the VM is dropped.
-        self.memory.entering_on(self.vmcs.cpu());
         let entered = unsafe { vmx::run_guest(&vmcs, &mut self.regs, self.launched) };
         let exit_tick = ticks();
         if entered.is_err() {
