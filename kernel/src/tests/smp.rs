@@ -11,7 +11,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 use pgm::handlers::HandlerId;
 use pgm::manager::{AccessHandlers, HandlerAction, RomImage};
-use pgm::{Access, GuestPhysAddr, PAGE_SIZE};
+use pgm::{Access, GuestPhysAddr, HostPhysAddr, Invalidation, PAGE_SIZE};
 use spin::{Mutex, Once};
 
 use super::hostile::audit_memory;
@@ -59,6 +59,23 @@ fn run_to_stop(vm: &mut Vm<'_>) -> VmStop {
             stop => return stop,
         }
     }
+}
+
+/// The frame backing the page at `at`.
+fn frame_of(memory: &VmMemory, at: u64) -> Result<HostPhysAddr, String> {
+    memory
+        .lock()
+        .page(gpa(at))
+        .and_then(|page| page.frame())
+        .ok_or_else(|| format!("the page at {at:#x} has no frame"))
+}
+
+/// Gives the page at `at` to the balloon; returns the invalidation to carry out.
+fn inflate(memory: &VmMemory, at: u64) -> Result<Invalidation, String> {
+    memory
+        .lock()
+        .balloon_inflate(&[gpa(at)])
+        .map_err(|e| format!("balloon: {e}"))
 }
 
 fn read_u32(memory: &VmMemory, at: u64) -> Option<u32> {
@@ -211,16 +228,9 @@ pub fn a_ballooned_frame_stays_out_of_the_allocator_until_the_other_cpu_flushed(
     wait_for("the guest's reads", || {
         read_u32(&memory, COUNTER).filter(|&n| n >= 1000)
     })?;
-    let frame = memory
-        .lock()
-        .page(gpa(PAGE))
-        .and_then(|page| page.frame())
-        .ok_or("the page has no frame")?;
+    let frame = frame_of(&memory, PAGE)?;
     let flushes_before = smp::cpus()[cpu].flushes_served();
-    let invalidation = memory
-        .lock()
-        .balloon_inflate(&[gpa(PAGE)])
-        .map_err(|e| format!("balloon: {e}"))?;
+    let invalidation = inflate(&memory, PAGE)?;
     ensure!(
         is_allocated(frame),
         "the frame went back to the host while the other CPU could still reach it"
@@ -683,15 +693,8 @@ fn dirty_log(host: &'static Host, setup: DirtyLog) -> TestResult {
 fn balloon_under_running_writers(memory: &VmMemory) -> TestResult {
     const PAGE: u64 = 0x50_0000;
     write_u32(memory, PAGE, 0xBA11_00F1)?;
-    let frame = memory
-        .lock()
-        .page(gpa(PAGE))
-        .and_then(|page| page.frame())
-        .ok_or("the page has no frame")?;
-    let invalidation = memory
-        .lock()
-        .balloon_inflate(&[gpa(PAGE)])
-        .map_err(|e| format!("balloon: {e}"))?;
+    let frame = frame_of(memory, PAGE)?;
+    let invalidation = inflate(memory, PAGE)?;
     ensure!(
         is_allocated(frame),
         "the ballooned frame went back before the flush"
@@ -903,10 +906,7 @@ pub fn a_cpu_that_left_the_vm_is_flushed_once(host: &'static Host) -> TestResult
         "the CPU that ran a vCPU is not in the flush set"
     );
     let balloon = |at: u64| -> TestResult {
-        let invalidation = memory
-            .lock()
-            .balloon_inflate(&[gpa(at)])
-            .map_err(|e| format!("balloon: {e}"))?;
+        let invalidation = inflate(&memory, at)?;
         memory.flush(invalidation).map_err(|e| format!("flush: {e}"))
     };
     let served = || smp::cpus()[cpu].flushes_served();
