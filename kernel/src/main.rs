@@ -97,6 +97,12 @@ fn report_cpus(report: &smp::SmpReport) {
     }
     let ready = smp::ready_cpus().count();
     println!("hypervisor: {} CPUs listed, {ready} ready", report.listed);
+    if report.listed > smp::MAX_CPUS {
+        println!(
+            "hypervisor: CPUs past the first {} left out (CPU sets are 64-bit masks)",
+            smp::MAX_CPUS
+        );
+    }
     for cpu in smp::cpus() {
         match (cpu.state(), cpu.vmx()) {
             (CpuState::Ready, Ok(vmx)) => {

@@ -186,10 +186,14 @@ fn try_this_cpu() -> Option<&'static PerCpu> {
     (base != 0).then(|| unsafe { &*(base as *const PerCpu) })
 }
 
+/// CPUs the hypervisor uses at most (its CPU sets are `u64` masks).
+pub const MAX_CPUS: usize = 64;
+
 /// What [`init`] found.
 #[derive(Debug)]
 pub struct SmpReport {
-    /// Processors the MADT lists as enabled (1 when there is no MADT).
+    /// Processors the MADT lists as enabled (1 when there is no MADT); those past
+    /// [`MAX_CPUS`] are left out.
     pub listed: usize,
     /// Why the MADT could not be read, if it could not.
     pub madt_error: Option<acpi::CpuListError>,
@@ -215,6 +219,9 @@ pub fn init(
     ids.retain(|&id| id != boot_id);
     ids.insert(0, boot_id);
     let listed = ids.len();
+    // CPU sets are 64-bit masks (which CPUs ran a VM, which to flush): CPUs past the 64th are
+    // left out, and reported.
+    ids.truncate(MAX_CPUS);
     let list: Vec<PerCpu> = ids
         .iter()
         .enumerate()
