@@ -161,20 +161,21 @@ pub fn two_vcpus_writing_one_zero_page_at_once_get_one_frame(host: &'static Host
         .map_err(|e| format!("start: {e}"))?;
     let allocated_before = vm.stats().allocated_pages;
     let arrived = Arc::new(AtomicUsize::new(0));
-    let memory = vm.memory();
-    let arrived_there = Arc::clone(&arrived);
-    let other = smp::spawn_on(cpu, move || -> Result<VmStop, String> {
-        let vmx = host.vmx().map_err(|e| format!("{e}"))?;
-        let mut vcpu = Vm::new_vcpu(vmx, memory, &host.phys).map_err(|e| format!("second vCPU: {e}"))?;
-        vcpu.start(&programs::write_pages(), CODE, regs(8, 0xB0B0))
-            .map_err(|e| format!("start: {e}"))?;
-        rendezvous(&arrived_there)?;
-        Ok(run_to_stop(&mut vcpu))
-    })
-    .map_err(|e| format!("{e}"))?;
+    let other = run_vcpu_on(
+        host,
+        cpu,
+        vm.memory(),
+        VcpuStart {
+            program: programs::write_pages,
+            at: CODE,
+            regs: regs(8, 0xB0B0),
+        },
+        Arc::clone(&arrived),
+        NoDevices,
+    )?;
     rendezvous(&arrived)?;
     let stop = run_to_stop(&mut vm);
-    let other_stop = other.join()?;
+    let other_stop = other.join()?.stop;
     ensure_eq!(stop, VmStop::Done(0), "vCPU 0");
     ensure_eq!(other_stop, VmStop::Done(0), "vCPU 1");
     ensure_eq!(

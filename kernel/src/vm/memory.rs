@@ -56,8 +56,6 @@ pub struct VmMemory {
     rendezvous: AtomicBool,
     /// Serialises rendezvous callers.
     rendezvous_owner: Mutex<()>,
-    /// vCPUs inside a run (entered `Vm::run_with` and not yet returned).
-    running: AtomicUsize,
     /// vCPUs waiting in a rendezvous.
     parked: AtomicUsize,
 }
@@ -97,7 +95,6 @@ impl VmMemory {
             vcpus: Mutex::new(Vec::new()),
             rendezvous: AtomicBool::new(false),
             rendezvous_owner: Mutex::new(()),
-            running: AtomicUsize::new(0),
             parked: AtomicUsize::new(0),
         }
     }
@@ -210,25 +207,34 @@ impl VmMemory {
     }
 
     /// Posts `request` to every vCPU but the one whose request word is `except` and kicks the
-    /// CPUs they live on, so that a vCPU in the guest exits and takes it. Returns the number of
-    /// kicks sent.
-    pub(super) fn post_to_others(&self, except: Option<&Arc<VcpuRequests>>, request: Request) -> u64 {
+    /// CPUs they live on, so that a vCPU in the guest exits and takes it.
+    pub(super) fn post_to_others(&self, except: Option<&Arc<VcpuRequests>>, request: Request) {
+        for (_, requests) in self.vcpus.lock().iter() {
+            if !except.is_some_and(|except| Arc::ptr_eq(except, requests)) {
+                requests.post(request);
+            }
+        }
+        self.kick_vcpus(except);
+    }
+
+    /// Kicks the CPUs of every vCPU but the one whose request word is `except`, once each (a
+    /// vCPU on this CPU is not in the guest now), so that a vCPU in the guest exits to its
+    /// loop. Returns the number of kicks sent.
+    fn kick_vcpus(&self, except: Option<&Arc<VcpuRequests>>) -> u64 {
         let me = this_cpu().index;
         let mut kicked = 0u64;
-        let mut kicks = 0;
         for (cpu, requests) in self.vcpus.lock().iter() {
             if except.is_some_and(|except| Arc::ptr_eq(except, requests)) {
                 continue;
             }
-            requests.post(request);
-            // One kick per CPU is enough; a vCPU on this CPU is not in the guest now.
-            if *cpu != me && kicked & (1 << cpu) == 0 {
+            if *cpu != me {
                 kicked |= 1 << cpu;
-                smp::kick(*cpu);
-                kicks += 1;
             }
         }
-        kicks
+        for cpu in (0..u64::BITS as usize).filter(|cpu| kicked & (1 << cpu) != 0) {
+            smp::kick(cpu);
+        }
+        u64::from(kicked.count_ones())
     }
 
     /// Stops every vCPU of the VM that is in a run, runs `op`, and lets them go on: the seed's
@@ -242,12 +248,12 @@ impl VmMemory {
         let _owner = self.rendezvous_owner.lock();
         let start = ticks();
         self.rendezvous.store(true, Ordering::SeqCst);
-        let mut kicks = self.post_to_others(None, Request::PARK);
+        let mut kicks = self.kick_vcpus(None);
         let mut last_kick = ticks();
         let mut parked = self.parked.load(Ordering::SeqCst);
-        while parked < self.running.load(Ordering::SeqCst) {
+        while parked < self.vcpus_running() {
             if ticks() - last_kick > REKICK_TICKS {
-                kicks += self.post_to_others(None, Request::PARK);
+                kicks += self.kick_vcpus(None);
                 last_kick = ticks();
             }
             smp::flush_request_received();
@@ -273,7 +279,8 @@ impl VmMemory {
     /// vCPUs inside a run now.
     #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
     pub fn vcpus_running(&self) -> usize {
-        self.running.load(Ordering::SeqCst)
+        // A CPU runs one vCPU at a time.
+        self.running_on.load(Ordering::SeqCst).count_ones() as usize
     }
 
     /// Called by a vCPU before each VM entry: waits while a rendezvous is under way. Returns
@@ -299,9 +306,7 @@ impl VmMemory {
     pub(super) fn set_running(&self, cpu: usize, running: bool) {
         if running {
             self.running_on.fetch_or(1 << cpu, Ordering::SeqCst);
-            self.running.fetch_add(1, Ordering::SeqCst);
         } else {
-            self.running.fetch_sub(1, Ordering::SeqCst);
             self.running_on.fetch_and(!(1 << cpu), Ordering::SeqCst);
         }
     }

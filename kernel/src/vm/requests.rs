@@ -22,11 +22,9 @@ impl Request {
     pub const STOP: Request = Request(1 << 0);
     /// Flush the VM's EPT-derived translations (INVEPT single-context) before re-entry.
     pub const FLUSH: Request = Request(1 << 1);
-    /// Wait in the host while a rendezvous is under way ([`super::VmMemory::with_vcpus_parked`]).
-    pub const PARK: Request = Request(1 << 2);
     /// Another vCPU stopped the VM (a triple fault, an exit nobody handles): return with
     /// `StopCause::VmStopped`.
-    pub const VM_STOPPED: Request = Request(1 << 3);
+    pub const VM_STOPPED: Request = Request(1 << 2);
 
     /// True when `self` includes `other`.
     pub const fn contains(self, other: Request) -> bool {

@@ -287,8 +287,8 @@ impl<'a> Vm<'a> {
     }
 
     /// Carries out the requests posted to this vCPU: a flush now; the VM stopped by another
-    /// vCPU, or a stop, as the run's end. A park request needs nothing here: the loop parks
-    /// before the entry while a rendezvous is under way.
+    /// vCPU, or a stop, as the run's end. (A rendezvous posts nothing: the loop parks before
+    /// the entry while one is under way.)
     fn take_requests(&mut self) -> Option<VmStop> {
         let request = self.requests.take()?;
         if request.contains(Request::FLUSH) && self.invalidate(Invalidation::SingleContext).is_err() {
