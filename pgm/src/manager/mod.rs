@@ -156,7 +156,7 @@ pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
     zero_on_reset: bool,
     /// RAM is pre-allocated, now and after every reset (fRamPreAlloc).
     preallocated: bool,
-    /// Every frame has gone back to the host (only while the manager is being dropped).
+    /// Every frame has gone back to the host (`release_all` ran; only the drop may follow).
     released: bool,
 }
 
