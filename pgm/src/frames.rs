@@ -84,6 +84,12 @@ pub unsafe trait HostMemory {
         self.write(addr, &value.to_le_bytes());
     }
 
+    /// Atomically replaces the `u64` at 8-byte aligned `addr` with `new` if it holds `current`
+    /// (an EPT entry, changed by the lock-free fault path while other CPUs, and the processor's
+    /// accessed/dirty updates, reach the same table). `Err` carries the value found instead.
+    /// Implementations must make [`read_u64`](Self::read_u64) an atomic load as well.
+    fn compare_exchange_u64(&self, addr: HostPhysAddr, current: u64, new: u64) -> Result<(), u64>;
+
     /// Fills the 4 KiB frame at `frame` with zeros.
     fn zero_frame(&mut self, frame: HostPhysAddr) {
         self.write(frame, &[0u8; PAGE_SIZE as usize]);

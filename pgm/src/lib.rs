@@ -32,6 +32,7 @@ pub(crate) mod pool;
 pub(crate) mod ram;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
+pub(crate) mod sync;
 
 #[cfg(test)]
 extern crate std;
@@ -39,6 +40,8 @@ extern crate std;
 mod fidelity_tests;
 #[cfg(test)]
 mod isolation_tests;
+#[cfg(all(test, loom))]
+mod loom_model_tests;
 #[cfg(test)]
 mod manager_tests;
 #[cfg(test)]

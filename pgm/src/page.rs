@@ -217,9 +217,14 @@ impl PageDescriptor {
         (number != 0).then(|| HostPhysAddr::new_truncate(number << PAGE_SHIFT))
     }
 
-    /// The raw 64-bit value (for diagnostics).
+    /// The raw 64-bit value (for diagnostics, and the atomic word the descriptor is kept in).
     pub const fn raw(self) -> u64 {
         self.0
+    }
+
+    /// The descriptor whose raw value is `raw` (as [`raw`](Self::raw) gave it).
+    pub(crate) const fn from_raw(raw: u64) -> PageDescriptor {
+        PageDescriptor(raw)
     }
 
     /// The descriptor with another handler state.

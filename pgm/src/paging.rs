@@ -249,6 +249,16 @@ impl<F: EntryFormat> NestedTables<F> {
         }
     }
 
+    /// Where the 4 KiB entry for `gpa` lives, if a page table reaches it (not under a 2 MiB
+    /// leaf). Only reads the tables, so it may run while other threads change leaves.
+    pub(crate) fn leaf_entry_addr(
+        &self,
+        memory: &impl HostMemory,
+        gpa: GuestPhysAddr,
+    ) -> Option<HostPhysAddr> {
+        Some(entry_addr(self.leaf_table(memory, gpa)?, 0, gpa))
+    }
+
     /// The decoded 4 KiB entry for `gpa` (`Entry::Absent` when no table reaches it).
     pub fn entry(&self, memory: &impl HostMemory, gpa: GuestPhysAddr) -> Entry {
         match self.leaf_table(memory, gpa) {
@@ -392,7 +402,7 @@ impl<F: EntryFormat> NestedTables<F> {
     }
 }
 
-fn encode<F: EntryFormat>(leaf: Option<Leaf>) -> u64 {
+pub(crate) fn encode<F: EntryFormat>(leaf: Option<Leaf>) -> u64 {
     leaf.map_or(0, |leaf| F::encode_leaf(&leaf))
 }
 

@@ -1,17 +1,21 @@
 //! Registered RAM ranges: one descriptor per 4 KiB page, kept sorted by base for a binary-search
 //! lookup with a one-entry cache in front (faults cluster in one range).
+//!
+//! Descriptors are atomic words: the lock-free fault path changes them through `&self` while
+//! other vCPUs read them (see `manager::lock_free`); everything else changes them through
+//! `&mut self`, with plain accesses.
 
 use alloc::vec::Vec;
-use core::cell::Cell;
 
 use crate::addr::{GuestPhysAddr, PAGE_SIZE};
 use crate::error::PgmError;
 use crate::page::PageDescriptor;
+use crate::sync::{AtomicU64, AtomicUsize, Exclusive, Ordering};
 
 /// A contiguous guest-physical range of RAM pages.
 pub struct RamRange {
     base: GuestPhysAddr,
-    pages: Vec<PageDescriptor>,
+    pages: Vec<AtomicU64>,
     name: &'static str,
     /// The `register_ram` call this range came from (0 for ranges made otherwise): large RAM
     /// is several ranges of one registration.
@@ -23,7 +27,7 @@ impl RamRange {
     pub(crate) fn new(base: GuestPhysAddr, pages: Vec<PageDescriptor>, name: &'static str) -> Self {
         RamRange {
             base,
-            pages,
+            pages: pages.into_iter().map(|page| AtomicU64::new(page.raw())).collect(),
             name,
             registration: 0,
         }
@@ -60,13 +64,14 @@ impl RamRange {
         self.name
     }
 
-    /// The page descriptors, in address order.
-    pub fn pages(&self) -> &[PageDescriptor] {
-        &self.pages
+    /// The number of pages.
+    pub fn page_count(&self) -> usize {
+        self.pages.len()
     }
 
-    pub(crate) fn pages_mut(&mut self) -> &mut [PageDescriptor] {
-        &mut self.pages
+    /// The page descriptors, in address order.
+    pub fn descriptors(&self) -> impl Iterator<Item = PageDescriptor> + '_ {
+        self.pages.iter().map(load)
     }
 
     fn contains(&self, gpa: GuestPhysAddr) -> bool {
@@ -87,8 +92,8 @@ pub struct PageLocation {
 #[derive(Default)]
 pub struct RamRanges {
     ranges: Vec<RamRange>,
-    /// Index of the range that answered the last lookup.
-    last_hit: Cell<usize>,
+    /// Index of the range that answered the last lookup (a hint: any value is safe).
+    last_hit: AtomicUsize,
 }
 
 impl RamRanges {
@@ -110,10 +115,6 @@ impl RamRanges {
     /// All ranges in address order.
     pub fn iter(&self) -> impl Iterator<Item = &RamRange> {
         self.ranges.iter()
-    }
-
-    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut RamRange> {
-        self.ranges.iter_mut()
     }
 
     /// Checks that `[base, base + size)` overlaps no registered range.
@@ -146,15 +147,17 @@ impl RamRanges {
 
     /// Finds the page holding `gpa`: the cached range first, then a binary search.
     pub fn find(&self, gpa: GuestPhysAddr) -> Option<PageLocation> {
-        let range = match self.ranges.get(self.last_hit.get()) {
-            Some(cached) if cached.contains(gpa) => self.last_hit.get(),
+        let hint = self.last_hit.load(Ordering::Relaxed);
+        let range = match self.ranges.get(hint) {
+            Some(cached) if cached.contains(gpa) => hint,
             _ => {
                 let after = self.ranges.partition_point(|r| r.base <= gpa);
                 let candidate = after.checked_sub(1)?;
                 if !self.ranges[candidate].contains(gpa) {
                     return None;
                 }
-                self.last_hit.set(candidate);
+                // Only on a miss: a hint every vCPU keeps hitting stays in every CPU's cache.
+                self.last_hit.store(candidate, Ordering::Relaxed);
                 candidate
             }
         };
@@ -164,11 +167,16 @@ impl RamRanges {
 
     /// The descriptor at `location`.
     pub fn page(&self, location: PageLocation) -> PageDescriptor {
-        self.ranges[location.range].pages[location.page]
+        load(self.descriptor(location))
     }
 
     pub(crate) fn set_page(&mut self, location: PageLocation, page: PageDescriptor) {
-        self.ranges[location.range].pages[location.page] = page;
+        self.ranges[location.range].pages[location.page].set(page.raw());
+    }
+
+    /// The descriptor's word at `location`, for the lock-free fault path's compare-exchange.
+    pub(crate) fn descriptor(&self, location: PageLocation) -> &AtomicU64 {
+        &self.ranges[location.range].pages[location.page]
     }
 
     /// Guest-physical address of the page at `location`.
@@ -176,6 +184,13 @@ impl RamRanges {
         let base = self.ranges[location.range].base.as_u64();
         GuestPhysAddr::new_truncate(base + location.page as u64 * PAGE_SIZE)
     }
+}
+
+/// A descriptor read outside the lock-free path: whatever a concurrent lock-free fault did to
+/// it is whole (one word), and the lock ordered everything else.
+#[inline]
+fn load(word: &AtomicU64) -> PageDescriptor {
+    PageDescriptor::from_raw(word.load(Ordering::Relaxed))
 }
 
 #[cfg(test)]

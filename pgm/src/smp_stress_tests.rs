@@ -9,7 +9,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::Mutex;
+
+use brlock::{BrLock, WriteGuard};
 use std::thread;
 use std::vec::Vec;
 
@@ -42,7 +44,7 @@ struct VcpuShared {
 }
 
 struct World {
-    pgm: Mutex<SimPgm>,
+    pgm: BrLock<SimPgm>,
     vcpus: Vec<VcpuShared>,
     /// Set while the host wants every vCPU parked.
     park: AtomicBool,
@@ -50,6 +52,8 @@ struct World {
     finished: AtomicUsize,
     /// Accesses that went through a cached translation (the oracle's checks).
     tlb_hits: AtomicU64,
+    /// Faults the lock-free path resolved.
+    lock_free_faults: AtomicU64,
     /// Set when a thread panicked: every wait gives up, so the test fails instead of hanging.
     failed: AtomicBool,
 }
@@ -84,12 +88,10 @@ impl World {
 
     /// Locks the manager while answering flush requests (a CPU spinning on the VM's lock
     /// still takes NMIs). `me` is the calling vCPU, if any.
-    fn lock(&self, me: Option<usize>) -> MutexGuard<'_, SimPgm> {
+    fn lock(&self, me: Option<usize>) -> WriteGuard<'_, SimPgm> {
         loop {
-            match self.pgm.try_lock() {
-                Ok(pgm) => return pgm,
-                Err(TryLockError::Poisoned(_)) => panic!("a thread failed holding the lock"),
-                Err(TryLockError::WouldBlock) => {}
+            if let Some(pgm) = self.pgm.try_write() {
+                return pgm;
             }
             if let Some(vcpu) = me {
                 self.serve_flushes(vcpu);
@@ -202,7 +204,7 @@ fn access(world: &World, vcpu: usize, page: u64, write: bool, value: u64) {
             return;
         }
         let at = gpa(page * PAGE_SIZE);
-        let mut pgm = world.lock(Some(vcpu));
+        let pgm = world.lock(Some(vcpu));
         match pgm.translate(at, kind) {
             Ok(frame) => {
                 let writable = pgm.translate(at, Access::Write).is_ok();
@@ -216,8 +218,13 @@ fn access(world: &World, vcpu: usize, page: u64, write: bool, value: u64) {
             Err(_) => {
                 // The violation drops the CPU's translation of the page (SDM 29.4.3.1).
                 world.vcpus[vcpu].tlb.lock().unwrap().remove(&page);
-                let outcome = pgm.resolve_fault(at, kind);
+                // As the kernel does: lock-free first, under the lock when that declines.
                 drop(pgm);
+                let lock_free = world.pgm.read(vcpu).resolve_fault_lock_free(vcpu, at, kind);
+                if lock_free.is_some() {
+                    world.lock_free_faults.fetch_add(1, Ordering::Relaxed);
+                }
+                let outcome = lock_free.unwrap_or_else(|| world.lock(Some(vcpu)).resolve_fault(at, kind));
                 match outcome {
                     FaultOutcome::Resolved { invalidation, .. } => world.flush(invalidation, Some(vcpu)),
                     // A ballooned page stops the guest in the kernel; here the vCPU moves on.
@@ -326,14 +333,16 @@ fn world(vcpus: usize) -> World {
     pgm.register_ram(gpa(RAM_BASE), RAM_PAGES * PAGE_SIZE, "ram")
         .unwrap();
     let monitoring = pgm.start_write_monitoring();
+    pgm.set_lock_free_vcpus(VCPUS);
     assert_eq!(monitoring, Invalidation::None, "nothing was mapped writable yet");
     World {
-        pgm: Mutex::new(pgm),
+        pgm: BrLock::new(pgm, VCPUS),
         vcpus: (0..vcpus).map(|_| VcpuShared::default()).collect(),
         park: AtomicBool::new(false),
         parked: AtomicUsize::new(0),
         finished: AtomicUsize::new(0),
         tlb_hits: AtomicU64::new(0),
+        lock_free_faults: AtomicU64::new(0),
         failed: AtomicBool::new(false),
     }
 }
@@ -394,7 +403,12 @@ fn threads_faulting_harvesting_and_ballooning_never_reach_a_reused_frame() {
         hits > ACCESSES_PER_VCPU / 2,
         "only {hits} accesses went through a cached translation: the oracle barely ran"
     );
-    let pgm = world.pgm.into_inner().unwrap();
+    let lock_free = world.lock_free_faults.load(Ordering::Relaxed);
+    assert!(
+        lock_free > 1_000,
+        "only {lock_free} faults were resolved lock-free"
+    );
+    let pgm = world.pgm.into_inner();
     let frames = pgm.terminate();
     assert_eq!(frames.inner.counts().used(), 0, "frames leaked");
 }

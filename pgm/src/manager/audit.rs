@@ -186,7 +186,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             hold(frame, Holder::Owned, nowhere, true);
         }
         for range in self.ranges.iter() {
-            for (index, page) in range.pages().iter().enumerate() {
+            for (index, page) in range.descriptors().enumerate() {
                 let gpa = GuestPhysAddr::new_truncate(range.base().as_u64() + index as u64 * PAGE_SIZE);
                 let Some(frame) = page.frame() else {
                     continue;
@@ -251,7 +251,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     ) {
         let mut sharers: BTreeMap<HostPhysAddr, u64> = BTreeMap::new();
         for (range_index, range) in self.ranges.iter().enumerate() {
-            for index in 0..range.pages().len() {
+            for index in 0..range.page_count() {
                 let location = PageLocation {
                     range: range_index,
                     page: index,

@@ -59,7 +59,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         );
         let mut run: Option<Run> = None;
         for (range_index, range) in self.ranges.iter().enumerate() {
-            for page in 0..range.pages().len() {
+            for page in 0..range.page_count() {
                 let location = PageLocation {
                     range: range_index,
                     page,

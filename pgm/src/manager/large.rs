@@ -83,7 +83,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         }
         let mut invalidation = Invalidation::None;
         for range in 0..self.ranges.len() {
-            let Some(pages) = self.ranges.get(range).map(|r| r.pages().len()) else {
+            let Some(pages) = self.ranges.get(range).map(|r| r.page_count()) else {
                 continue;
             };
             let mut page = 0;

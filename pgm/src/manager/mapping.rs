@@ -349,7 +349,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// MMIO in unassigned space deregistered); its frames are the caller's to free afterwards.
     pub(super) fn remove_range(&mut self, range: usize) {
         let removed = self.ranges.remove(range);
-        for page in 0..removed.pages().len() as u64 {
+        for page in 0..removed.page_count() as u64 {
             let gpa = GuestPhysAddr::new_truncate(removed.base().as_u64() + page * PAGE_SIZE);
             self.write_leaf(gpa, None);
             let alias = GuestPhysAddr::new_truncate(gpa.as_u64() | A20_BIT);
@@ -482,7 +482,7 @@ pub(super) fn a20_mask(gpa: GuestPhysAddr, a20_enabled: bool) -> GuestPhysAddr {
 /// intercepts: writes (write handler) or everything (all). RAM (and MMIO2) is write-back; a
 /// special alias (a device page) is uncacheable.
 #[inline]
-fn leaf_for(page: PageDescriptor, zero_frame: HostPhysAddr) -> Option<Leaf> {
+pub(super) fn leaf_for(page: PageDescriptor, zero_frame: HostPhysAddr) -> Option<Leaf> {
     let read_execute = Permissions::READ | Permissions::EXECUTE;
     // MMIO2 maps like RAM; its pages are never ZERO or BALLOONED.
     let page = if page.page_type() == PageType::Mmio2 {

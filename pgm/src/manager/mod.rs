@@ -30,6 +30,7 @@ mod audit;
 mod dump;
 mod handlers;
 mod large;
+mod lock_free;
 mod locks;
 mod mapping;
 mod mmio2;
@@ -39,6 +40,7 @@ mod stats;
 
 pub use audit::{AuditReport, Finding, Problem};
 pub use handlers::{AccessHandlers, HandlerAction};
+pub use lock_free::WRITTEN_LOG_ENTRIES;
 pub use locks::{PageMapLock, PageMapping, PAGE_MAX_LOCKS};
 pub use mmio2::{DeviceId, Mmio2Handle, Mmio2Spec, MMIO2_MAX_PAGES, MMIO2_MAX_REGIONS};
 pub use rom::{RomId, RomImage, RomProtection, RomTarget};
@@ -158,6 +160,8 @@ pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
     preallocated: bool,
     /// Every frame has gone back to the host (`release_all` ran; only the drop may follow).
     released: bool,
+    /// The vCPUs' written logs of the lock-free fault path (see `lock_free`).
+    lock_free: lock_free::LockFreeLogs,
 }
 
 impl<A: HostFrameAllocator, M: HostMemory> Drop for Pgm<A, M> {
@@ -216,6 +220,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             zero_on_reset: true,
             preallocated: false,
             released: false,
+            lock_free: lock_free::LockFreeLogs::default(),
         })
     }
 
@@ -303,8 +308,10 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             return Err(PgmError::Overlap { existing: base });
         }
         for &range in &chunks {
-            let pages = self.ranges.get(range).map_or(&[][..], |r| r.pages());
-            if let Some(index) = pages.iter().position(|p| {
+            let Some(pages) = self.ranges.get(range).map(RamRange::descriptors) else {
+                continue;
+            };
+            if let Some(index) = pages.into_iter().position(|p| {
                 p.page_type() != PageType::Ram || p.handler() != HandlerState::None || p.is_locked()
             }) {
                 let gpa = self.ranges.gpa_of(PageLocation { range, page: index });
@@ -312,7 +319,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             }
         }
         for &range in &chunks {
-            let count = self.ranges.get(range).map_or(0, |r| r.pages().len());
+            let count = self.ranges.get(range).map_or(0, |r| r.page_count());
             for page in 0..count {
                 // Reset only frees; then the page leaves the counts with its range.
                 let _ = self.apply(PageLocation { range, page }, PageEvent::Reset);
@@ -409,7 +416,13 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                     _ => return FaultOutcome::WriteIgnored,
                 }
             }
-            Access::Write => self.apply(location, PageEvent::Write).map(|_| ()),
+            // A page the write changes nothing for (already ALLOCATED, e.g. by a lock-free fault
+            // that has not written its leaf yet) faulted because its leaf lags: rewrite it.
+            Access::Write => self.apply(location, PageEvent::Write).map(|changed| {
+                if !changed {
+                    self.sync_leaf(location);
+                }
+            }),
             // RAM is readable and executable in every mapped state, so a read or fetch fault
             // means the entry lost sync with the descriptor: rewrite it.
             Access::Read | Access::Execute => {
@@ -539,7 +552,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     pub fn preallocate_ram(&mut self) -> Result<Invalidation, PgmError> {
         let mut filled = Vec::new();
         for range in 0..self.ranges.len() {
-            let pages = self.ranges.get(range).map_or(0, |r| r.pages().len());
+            let pages = self.ranges.get(range).map_or(0, |r| r.page_count());
             for page in 0..pages {
                 let location = PageLocation { range, page };
                 let descriptor = self.ranges.page(location);
@@ -710,6 +723,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// in the order first written, and write-protects them again. Costs O(written pages).
     /// Returns the invalidation the re-protection needs.
     pub fn harvest_written(&mut self, out: &mut Vec<GuestPhysAddr>) -> Invalidation {
+        self.fold_lock_free_writes();
         let written = core::mem::take(&mut self.written);
         let mut still_written = Vec::new();
         let mut invalidation = Invalidation::None;
@@ -776,7 +790,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// remove ranges.
     fn for_each_page(&mut self, mut visit: impl FnMut(&mut Self, PageLocation)) {
         for range in 0..self.ranges.len() {
-            let pages = self.ranges.get(range).map_or(0, |r| r.pages().len());
+            let pages = self.ranges.get(range).map_or(0, |r| r.page_count());
             for page in 0..pages {
                 visit(self, PageLocation { range, page });
             }
@@ -910,8 +924,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             return;
         }
         self.released = true;
-        for range in self.ranges.iter_mut() {
-            for page in range.pages_mut() {
+        for range in self.ranges.iter() {
+            for page in range.descriptors() {
                 // MMIO2 frames belong to their region (freed below), alias frames to their owner,
                 // shared frames to sharing (freed below, once each).
                 let owned = page.page_type().owns_frame() && page.state() != PageState::Shared;
@@ -938,9 +952,13 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         &self.ranges
     }
 
-    /// Page and frame counts.
+    /// Page and frame counts, including what lock-free faults changed.
     pub fn stats(&self) -> MemoryStats {
-        let counts = self.counts;
+        let mut counts = self.counts;
+        // Exact under `&mut self`; while lock-free faults run, a snapshot.
+        let unfolded = self.lock_free_writes_unfolded().min(counts.write_monitored);
+        counts.write_monitored -= unfolded;
+        counts.allocated += unfolded;
         MemoryStats {
             ram_pages: counts.zero
                 + counts.allocated
@@ -1028,6 +1046,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         event: PageEvent,
         shared_frame: Option<HostPhysAddr>,
     ) -> Result<bool, PgmError> {
+        // The counts below must include what lock-free faults changed.
+        self.fold_lock_free_writes();
         let page = self.ranges.page(location);
         let step = transition(page, event).map_err(|refused| PgmError::PageState {
             gpa: self.ranges.gpa_of(location),
@@ -1086,6 +1106,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     }
 
     fn clear_written_flags(&mut self) {
+        self.fold_lock_free_writes();
         for gpa in core::mem::take(&mut self.written) {
             if let Some(location) = self.ranges.find(gpa) {
                 let page = self.ranges.page(location);

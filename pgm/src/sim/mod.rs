@@ -7,6 +7,7 @@ pub mod script;
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::addr::{HostPhysAddr, PAGE_SIZE};
 use crate::frames::{BitmapFrameAllocator, HostFrameAllocator, HostMemory};
@@ -17,13 +18,17 @@ pub use script::SimPgm;
 /// Host-physical memory that exists only where it was written; unwritten bytes read as zero.
 /// Frames below [`DENSE_PAGES`] (where [`SimFrames`] hands frames out) are found by index, so
 /// that walking tables costs what it does on a direct-mapped host; the rest in a sparse map.
+/// Frames are atomic words, as the machine's memory is: the lock-free fault path reads and
+/// compare-exchanges EPT entries through `&self` while other threads do the same.
 #[derive(Default)]
 pub struct SimMemory {
     dense: Vec<Option<Box<Frame>>>,
     sparse: BTreeMap<u64, Box<Frame>>,
 }
 
-type Frame = [u8; PAGE_SIZE as usize];
+type Frame = [AtomicU64; WORDS];
+
+const WORDS: usize = PAGE_SIZE as usize / 8;
 
 /// Page numbers below this (256 MiB) are held by index.
 pub const DENSE_PAGES: u64 = 1 << 16;
@@ -38,7 +43,7 @@ impl SimMemory {
     }
 
     fn frame_mut(&mut self, page: u64) -> &mut Frame {
-        let new_frame = || Box::new([0; PAGE_SIZE as usize]);
+        let new_frame = || Box::new([const { AtomicU64::new(0) }; WORDS]);
         if page < DENSE_PAGES {
             let index = page as usize;
             if self.dense.len() <= index {
@@ -56,16 +61,76 @@ impl SimMemory {
 #[allow(unsafe_code)]
 unsafe impl HostMemory for SimMemory {
     fn read(&self, addr: HostPhysAddr, buf: &mut [u8]) {
+        let Some(frame) = self.frame(addr.page_number()) else {
+            buf.fill(0);
+            return;
+        };
         let offset = addr.page_offset() as usize;
-        match self.frame(addr.page_number()) {
-            Some(frame) => buf.copy_from_slice(&frame[offset..offset + buf.len()]),
-            None => buf.fill(0),
+        if offset.is_multiple_of(8) && buf.len().is_multiple_of(8) {
+            // Whole words (tables, page copies): the common case, kept fast for the tests.
+            for (chunk, word) in buf.as_chunks_mut::<8>().0.iter_mut().zip(&frame[offset / 8..]) {
+                *chunk = word.load(Ordering::Relaxed).to_le_bytes();
+            }
+            return;
         }
+        for_each_word(offset, buf.len(), |word, bytes, at| {
+            let value = frame[word].load(Ordering::Relaxed).to_le_bytes();
+            buf[at..at + bytes.len()].copy_from_slice(&value[bytes]);
+        });
     }
 
     fn write(&mut self, addr: HostPhysAddr, data: &[u8]) {
+        let frame = self.frame_mut(addr.page_number());
         let offset = addr.page_offset() as usize;
-        self.frame_mut(addr.page_number())[offset..offset + data.len()].copy_from_slice(data);
+        if offset.is_multiple_of(8) && data.len().is_multiple_of(8) {
+            for (chunk, word) in data.as_chunks::<8>().0.iter().zip(&mut frame[offset / 8..]) {
+                *word.get_mut() = u64::from_le_bytes(*chunk);
+            }
+            return;
+        }
+        for_each_word(offset, data.len(), |word, bytes, at| {
+            let word = frame[word].get_mut();
+            let mut value = word.to_le_bytes();
+            value[bytes.clone()].copy_from_slice(&data[at..at + bytes.len()]);
+            *word = u64::from_le_bytes(value);
+        });
+    }
+
+    fn zero_frame(&mut self, frame: HostPhysAddr) {
+        for word in self.frame_mut(frame.page_number()) {
+            *word.get_mut() = 0;
+        }
+    }
+
+    fn read_u64(&self, addr: HostPhysAddr) -> u64 {
+        self.frame(addr.page_number()).map_or(0, |frame| {
+            frame[addr.page_offset() as usize / 8].load(Ordering::SeqCst)
+        })
+    }
+
+    fn compare_exchange_u64(&self, addr: HostPhysAddr, current: u64, new: u64) -> Result<(), u64> {
+        // Entries are compare-exchanged only in tables, which were zeroed (so exist) first.
+        let frame = self
+            .frame(addr.page_number())
+            .expect("simulated tables are written before their entries are exchanged");
+        frame[addr.page_offset() as usize / 8]
+            .compare_exchange(current, new, Ordering::SeqCst, Ordering::SeqCst)
+            .map(|_| ())
+    }
+}
+
+/// Splits the `len` bytes at `offset` of a frame by 8-byte word: calls `visit(word, bytes,
+/// at)` with the word's index, the byte range within the word and where those bytes start in
+/// the caller's buffer.
+fn for_each_word(offset: usize, len: usize, mut visit: impl FnMut(usize, core::ops::Range<usize>, usize)) {
+    let mut at = 0;
+    while at < len {
+        let byte = offset + at;
+        let within = byte % 8;
+        let bytes = within..(within + len - at).min(8);
+        let taken = bytes.len();
+        visit(byte / 8, bytes, at);
+        at += taken;
     }
 }
 
