@@ -8,7 +8,7 @@
 //!   with N CPUs (default 2) and stream its serial output; the exit status says whether the kernel reported success. `--gdb` (QEMU only:
 //!   Debian's Bochs is built without a GDB stub) starts the emulator halted, waiting for GDB on
 //!   localhost:1234.
-//! - `test [--cpus N] [--timeout S]`: run the workspace's host tests and the in-kernel tests under Bochs, then
+//! - `test [--cpus N] [--timeout S]`: run the workspace's host tests, the `loom` models and the in-kernel tests under Bochs, then
 //!   print one combined closing line `N passed, N failed`.
 
 mod emulator;
@@ -223,10 +223,39 @@ fn test(args: &Args) -> Result<(), String> {
     }
 }
 
-/// Runs `cargo test` for the host crates and sums the counts of every test binary.
+/// Runs `cargo test` for the host crates, then the `loom` models, and sums the counts of every
+/// test binary.
 fn run_host_tests() -> Result<HostTestCounts, String> {
-    let output = Command::new(cargo())
-        .args(["test", "--workspace", "--exclude", "kernel"])
+    let tests = cargo_test(Command::new(cargo()).args(["test", "--workspace", "--exclude", "kernel"]))?;
+    // The models of the VM lock and of pgm's lock-free fault path: built with `--cfg loom`
+    // (which swaps their atomics for loom's) in a target directory of their own, so that the
+    // two builds do not invalidate each other.
+    let models = cargo_test(
+        Command::new(cargo())
+            .args([
+                "test",
+                "--release",
+                "-p",
+                "brlock",
+                "-p",
+                "pgm",
+                "--features",
+                "pgm/sim",
+                "--lib",
+            ])
+            .args(["--", "loom"])
+            .env("RUSTFLAGS", "--cfg loom")
+            .env("CARGO_TARGET_DIR", target_dir().join("loom")),
+    )?;
+    Ok(HostTestCounts {
+        passed: tests.passed + models.passed,
+        failed: tests.failed + models.failed,
+    })
+}
+
+/// Runs one `cargo test` command and counts its results.
+fn cargo_test(command: &mut Command) -> Result<HostTestCounts, String> {
+    let output = command
         .current_dir(workspace_root())
         .output()
         .map_err(|e| format!("cannot run cargo test: {e}"))?;

@@ -4,6 +4,7 @@
 use alloc::vec::Vec;
 
 use bootloader_api::info::{MemoryRegionKind, MemoryRegions};
+use core::sync::atomic::{AtomicU64, Ordering};
 use linked_list_allocator::LockedHeap;
 use pgm::frames::{BitmapFrameAllocator, FrameCounts, HostFrameAllocator, HostMemory};
 use pgm::HostPhysAddr;
@@ -144,6 +145,27 @@ impl PhysMap {
         // the bytes written.
         unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), self.virt(addr), data.len()) }
     }
+
+    /// The 8-byte aligned word at `addr` as an atomic (an EPT entry that other CPUs, and the
+    /// processor's accessed/dirty updates, change concurrently).
+    fn word(&self, addr: HostPhysAddr) -> &AtomicU64 {
+        assert!(addr.as_u64().is_multiple_of(8), "EPT entries are 8-byte aligned");
+        // SAFETY: all physical memory is mapped at `offset` (`new`'s contract) and stays mapped
+        // while `self` lives; the address is 8-byte aligned (checked above), and the words
+        // reached this way (EPT entries of tables the caller holds) are only accessed
+        // atomically while other CPUs may reach them.
+        unsafe { AtomicU64::from_ptr(self.virt(addr).cast::<u64>()) }
+    }
+
+    fn load_word(&self, addr: HostPhysAddr) -> u64 {
+        self.word(addr).load(Ordering::SeqCst)
+    }
+
+    fn exchange_word(&self, addr: HostPhysAddr, current: u64, new: u64) -> Result<(), u64> {
+        self.word(addr)
+            .compare_exchange(current, new, Ordering::SeqCst, Ordering::SeqCst)
+            .map(|_| ())
+    }
 }
 
 // SAFETY: every physical address is mapped at `offset` (`PhysMap::new`'s contract), and a
@@ -156,6 +178,14 @@ unsafe impl HostMemory for PhysMap {
     fn write(&mut self, addr: HostPhysAddr, data: &[u8]) {
         PhysMap::write(self, addr, data)
     }
+
+    fn read_u64(&self, addr: HostPhysAddr) -> u64 {
+        PhysMap::load_word(self, addr)
+    }
+
+    fn compare_exchange_u64(&self, addr: HostPhysAddr, current: u64, new: u64) -> Result<(), u64> {
+        PhysMap::exchange_word(self, addr, current, new)
+    }
 }
 
 // SAFETY: as for `PhysMap`: the reference reaches the same mapping. This is what each VM's
@@ -167,5 +197,13 @@ unsafe impl HostMemory for &PhysMap {
 
     fn write(&mut self, addr: HostPhysAddr, data: &[u8]) {
         PhysMap::write(self, addr, data)
+    }
+
+    fn read_u64(&self, addr: HostPhysAddr) -> u64 {
+        PhysMap::load_word(self, addr)
+    }
+
+    fn compare_exchange_u64(&self, addr: HostPhysAddr, current: u64, new: u64) -> Result<(), u64> {
+        PhysMap::exchange_word(self, addr, current, new)
     }
 }

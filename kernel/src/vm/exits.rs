@@ -41,6 +41,8 @@ pub mod qualification {
     pub const EPT_READ: u64 = 1 << 0;
     pub const EPT_WRITE: u64 = 1 << 1;
     pub const EPT_EXECUTE: u64 = 1 << 2;
+    /// EPT violation: the guest-physical address was readable (its entries all grant read).
+    pub const EPT_WAS_READABLE: u64 = 1 << 3;
     /// EPT violation: bit 7, the guest-linear address is valid; bit 8 (then), the access was
     /// the translation of it rather than the CPU's access to a paging-structure entry.
     pub const EPT_LINEAR_VALID: u64 = 1 << 7;
@@ -109,8 +111,11 @@ pub struct ExitCounts {
 pub enum ExitKind {
     /// A write to a ZERO page: a frame is given and mapped.
     ZeroFill,
-    /// The first write to a write-monitored page: it is marked written and made writable.
+    /// The first write to a write-monitored page, taken under the VM's lock (the lock-free path
+    /// declined: e.g. the vCPU's written log was full): marked written and made writable.
     WriteMonitor,
+    /// The same, resolved lock-free on the read side of the VM's lock.
+    WriteMonitorLockFree,
     /// A read of an MMIO or handler page, emulated through the device.
     MmioRead,
     /// A write to an MMIO or handler page, emulated through the device.
@@ -128,9 +133,10 @@ pub enum ExitKind {
 
 impl ExitKind {
     /// Every kind, in table order.
-    pub const ALL: [ExitKind; 8] = [
+    pub const ALL: [ExitKind; 9] = [
         ExitKind::ZeroFill,
         ExitKind::WriteMonitor,
+        ExitKind::WriteMonitorLockFree,
         ExitKind::MmioRead,
         ExitKind::MmioWrite,
         ExitKind::RomWriteIgnore,
@@ -143,7 +149,8 @@ impl ExitKind {
     pub fn name(self) -> &'static str {
         match self {
             ExitKind::ZeroFill => "zero-fill",
-            ExitKind::WriteMonitor => "write-monitor",
+            ExitKind::WriteMonitor => "write-monitor, locked",
+            ExitKind::WriteMonitorLockFree => "write-monitor, lock-free",
             ExitKind::MmioRead => "MMIO read",
             ExitKind::MmioWrite => "MMIO write",
             ExitKind::RomWriteIgnore => "ROM write ignore",

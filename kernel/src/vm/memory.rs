@@ -3,9 +3,14 @@
 //! stop them all) and the rendezvous that parks them.
 //!
 //! Locking rules (the seed documents its PGM lock the same way):
-//! - the VM's lock ([`VmMemory::lock`]) guards the memory manager. A vCPU takes it once per
-//!   EPT violation, port access or emulated access; the host for each change. Nobody holds it
-//!   across a flush, a rendezvous or a vCPU run: a CPU spinning on it with interrupts off still
+//! - the VM's lock ([`VmMemory::lock`]) guards the memory manager. It is a reader-writer lock
+//!   whose readers each have a counter of their own (`brlock`): an EPT violation first tries
+//!   the lock-free fault path on the read side with its CPU's slot
+//!   ([`VmMemory::resolve_fault_lock_free`]), so write-monitor faults of vCPUs on different
+//!   CPUs run in parallel; everything else takes the write side — a vCPU once per EPT
+//!   violation the lock-free path declined, port access or emulated access, the host for each
+//!   change. Nobody holds either side across a flush, a rendezvous or a vCPU run, and nobody
+//!   waits for anything while holding it: a CPU spinning on it with interrupts off still
 //!   answers flush requests (they come as NMIs), so a flush never waits for a lock holder.
 //! - the vCPU list has its own short lock, taken when a vCPU is made or dropped and to post
 //!   requests to all of them.
@@ -16,9 +21,10 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use spin::{Mutex, MutexGuard};
+use brlock::{BrLock, WriteGuard};
+use spin::Mutex;
 
-use pgm::{Invalidation, Pgm};
+use pgm::{Access, FaultOutcome, GuestPhysAddr, Invalidation, Pgm};
 
 use super::exits::ExitCost;
 use super::requests::{Request, VcpuRequests};
@@ -39,7 +45,8 @@ const REKICK_TICKS: u64 = 200_000;
 /// before the manager gives its frames back.
 pub struct VmMemory {
     /// Gives its frames back when dropped, after `Drop for VmMemory` flushed every CPU.
-    pgm: Mutex<KernelPgm>,
+    /// One reader slot and one written log per host CPU (a vCPU uses its CPU's).
+    pgm: BrLock<KernelPgm>,
     eptp: u64,
     /// Bit `i`: host CPU `i` may cache translations of this VM: it entered a vCPU of the VM
     /// (set before the entry) and has not been flushed since while not running one. A CPU
@@ -61,7 +68,7 @@ pub struct VmMemory {
 }
 
 /// The VM's memory manager, locked (see [`VmMemory::lock`]).
-pub type PgmGuard<'a> = MutexGuard<'a, KernelPgm>;
+pub type PgmGuard<'a> = WriteGuard<'a, KernelPgm>;
 
 /// Shootdowns of every VM so far (count, and the ticks from first IPI to last flush).
 static SHOOTDOWNS: Mutex<ExitCost> = Mutex::new(ExitCost::NONE);
@@ -85,10 +92,12 @@ pub struct RendezvousCost {
 
 impl VmMemory {
     /// The shared state of a new VM whose memory is `pgm`.
-    pub(super) fn new(pgm: KernelPgm) -> VmMemory {
+    pub(super) fn new(mut pgm: KernelPgm) -> VmMemory {
+        let cpus = smp::cpus().len();
+        pgm.set_lock_free_vcpus(cpus);
         VmMemory {
             eptp: pgm.ept_pointer(false),
-            pgm: Mutex::new(pgm),
+            pgm: BrLock::new(pgm, cpus),
             ran_on: AtomicU64::new(0),
             running_on: AtomicU64::new(0),
             flushing: Mutex::new(()),
@@ -108,7 +117,19 @@ impl VmMemory {
     /// violation, port access or emulated access, and by the host for every change. Never
     /// hold it across [`VmMemory::flush`], [`VmMemory::with_vcpus_parked`] or a vCPU run.
     pub fn lock(&self) -> PgmGuard<'_> {
-        self.pgm.lock()
+        self.pgm.write()
+    }
+
+    /// Resolves an EPT violation of the vCPU on host CPU `cpu` without the VM's lock when the
+    /// lock-free path can ([`Pgm::resolve_fault_lock_free`]); `None`: take [`VmMemory::lock`]
+    /// and call `resolve_fault`. Locking: the read side of the VM's lock, with `cpu`'s slot.
+    pub(super) fn resolve_fault_lock_free(
+        &self,
+        cpu: usize,
+        gpa: GuestPhysAddr,
+        access: Access,
+    ) -> Option<FaultOutcome> {
+        self.pgm.read(cpu).resolve_fault_lock_free(cpu, gpa, access)
     }
 
     /// Carries out `invalidation` everywhere it is needed: INVEPT on this CPU (unless the
