@@ -2,8 +2,11 @@
 //! built from the descriptors, with fault resolution and host access to guest memory.
 //!
 //! Locking, for every public call (the seed's "caller holds the PGM lock"): a VM's vCPUs share
-//! one `Pgm` behind one lock the host keeps (the kernel's `VmMemory::lock`); every call runs
-//! under it, `&mut self` calls exclusively, and none blocks, sleeps or waits for another CPU.
+//! one `Pgm` behind one reader-writer lock the host keeps (the kernel's `VmMemory::lock`, a
+//! `brlock::BrLock`). [`Pgm::resolve_fault_lock_free`] runs on its read side, concurrently with
+//! other lock-free faults (see `lock_free`); every other call runs on its write side, `&self`
+//! calls included (they may read tables word by word while a lock-free fault exchanges an
+//! entry, and their counts would be snapshots). None blocks, sleeps or waits for another CPU.
 //! A call that returns an [`Invalidation`] other than `None` has changed what CPUs may cache:
 //! the caller carries it out on every CPU that ran the VM after releasing the lock, and frames
 //! the change took from the guest stay unused until a complete flush that began after it has
@@ -720,7 +723,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     }
 
     /// Appends to `out` every page written since monitoring started or since the last harvest,
-    /// in the order first written, and write-protects them again. Costs O(written pages).
+    /// each once, in the order recorded (lock-free faults' pages in their vCPU's order, from
+    /// when their logs were folded), and write-protects them again. Costs O(written pages).
     /// Returns the invalidation the re-protection needs.
     pub fn harvest_written(&mut self, out: &mut Vec<GuestPhysAddr>) -> Invalidation {
         self.fold_lock_free_writes();
