@@ -156,52 +156,47 @@ fn median_rate(threads: u64, mut round: impl FnMut() -> Duration) -> f64 {
     (threads * PAGES_PER_THREAD) as f64 / times[50].as_secs_f64()
 }
 
-fn lock_free_write_monitor_faults(c: &mut Criterion) {
-    let vm = BrLock::new(monitored_pgm(), MAX_THREADS as usize);
-    let mut group = c.benchmark_group("write-monitor fault, lock-free");
+/// Criterion's group for `name` (1 and 2 threads, `round(threads)` timing one round), then the
+/// ratio line; returns the one-thread rate.
+fn measure(c: &mut Criterion, name: &str, round: &dyn Fn(u64) -> Duration) -> f64 {
+    let mut group = c.benchmark_group(format!("write-monitor fault, {name}"));
     for threads in 1..=MAX_THREADS {
         group.throughput(Throughput::Elements(threads * PAGES_PER_THREAD));
         group.bench_function(format!("{threads} thread(s)"), |b| {
-            b.iter_custom(|rounds| (0..rounds).map(|_| round_lock_free(&vm, threads)).sum())
+            b.iter_custom(|rounds| (0..rounds).map(|_| round(threads)).sum())
         });
     }
     group.finish();
-    // The ratio the issue asks for, from the median of 101 rounds of each in this run; then the
-    // same path behind `std`'s reader-writer lock, whose shared reader count moves between the
-    // cores at every fault.
-    let ratio = |name: &str, vm: &dyn Fn(u64) -> Duration| {
-        let (one, two) = (median_rate(1, || vm(1)), median_rate(2, || vm(2)));
-        println!(
-            "write-monitor faults per second, lock-free, {name}: 1 thread {one:.0}, 2 threads {two:.0}: {:.2}x",
-            two / one
-        );
-    };
-    ratio("brlock (per-vCPU reader slots)", &|threads| {
+    ratio(name, round)
+}
+
+/// Prints the 2-vs-1-thread ratio from the medians of 101 rounds of each in this run; returns
+/// the one-thread rate.
+fn ratio(name: &str, round: &dyn Fn(u64) -> Duration) -> f64 {
+    let (one, two) = (median_rate(1, || round(1)), median_rate(2, || round(2)));
+    println!(
+        "write-monitor faults per second, {name}: 1 thread {one:.0}, 2 threads {two:.0}: {:.2}x",
+        two / one
+    );
+    one
+}
+
+fn lock_free_write_monitor_faults(c: &mut Criterion) {
+    let vm = BrLock::new(monitored_pgm(), MAX_THREADS as usize);
+    measure(c, "lock-free, brlock (per-vCPU reader slots)", &|threads| {
         round_lock_free(&vm, threads)
     });
+    // The same path behind `std`'s reader-writer lock, whose one reader count moves between
+    // the cores at every fault.
     let shared_count = RwLock::new(monitored_pgm());
-    ratio("std RwLock (one reader count)", &|threads| {
+    ratio("lock-free, std RwLock (one reader count)", &|threads| {
         round_lock_free(&shared_count, threads)
     });
 }
 
 fn write_monitor_faults(c: &mut Criterion) {
     let vm = monitored_vm();
-    let mut group = c.benchmark_group("write-monitor fault, VM lock");
-    for threads in 1..=MAX_THREADS {
-        group.throughput(Throughput::Elements(threads * PAGES_PER_THREAD));
-        group.bench_function(format!("{threads} thread(s)"), |b| {
-            b.iter_custom(|rounds| (0..rounds).map(|_| round(&vm, threads)).sum())
-        });
-    }
-    group.finish();
-    // The same ratio for faults that take the lock.
-    let rate = |threads: u64| median_rate(threads, || round(&vm, threads));
-    let (one, two) = (rate(1), rate(2));
-    println!(
-        "write-monitor faults per second, one VM and its lock: 1 thread {one:.0}, 2 threads {two:.0}: {:.2}x",
-        two / one
-    );
+    let one = measure(c, "one VM and its lock", &|threads| round(&vm, threads));
     // The ceiling: two threads that share nothing, each faulting in a VM of its own, started
     // together after each re-armed its VM; the slower one's time counts.
     let vms = [monitored_vm(), monitored_vm()];

@@ -22,7 +22,7 @@ use crate::arch::smp::{self, this_cpu, Task};
 use crate::arch::ticks;
 use crate::arch::vmx::GuestRegisters;
 use crate::vm::budget::{Budget, DEFAULT_LIMIT};
-use crate::vm::exits::ExitCosts;
+use crate::vm::exits::{ExitCosts, ExitKind};
 use crate::vm::{NoDevices, StopCause, Vm, VmMemory, VmStop};
 use crate::Host;
 
@@ -673,6 +673,15 @@ fn dirty_log(host: &'static Host, setup: DirtyLog) -> TestResult {
         remote
             .exit_costs
             .print(&format!("dirty-log writer vCPU {} on CPU {remote_cpu}", n + 1));
+        // The writer's write-monitor faults take the lock-free path (the harvests above checked
+        // that they lose no write).
+        let lock_free = remote.exit_costs.of(ExitKind::WriteMonitorLockFree).count;
+        let locked = remote.exit_costs.of(ExitKind::WriteMonitor).count;
+        ensure!(
+            lock_free > locked,
+            "vCPU {} took {lock_free} write-monitor faults lock-free and {locked} locked",
+            n + 1
+        );
     }
     copied_total += harvest_into(setup, &memory, &mut mirror, &mut harvest)?;
     crate::println!(

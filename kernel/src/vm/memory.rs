@@ -4,11 +4,11 @@
 //!
 //! Locking rules (the seed documents its PGM lock the same way):
 //! - the VM's lock ([`VmMemory::lock`]) guards the memory manager. It is a reader-writer lock
-//!   whose readers each have a counter of their own (`brlock`): an EPT violation first tries
-//!   the lock-free fault path on the read side with its CPU's slot
+//!   whose readers each have a counter of their own (`brlock`): a write to a page mapped
+//!   read-only first tries the lock-free fault path on the read side with its CPU's slot
 //!   ([`VmMemory::resolve_fault_lock_free`]), so write-monitor faults of vCPUs on different
-//!   CPUs run in parallel; everything else takes the write side — a vCPU once per EPT
-//!   violation the lock-free path declined, port access or emulated access, the host for each
+//!   CPUs run in parallel; everything else takes the write side — a vCPU once per other EPT
+//!   violation or one the lock-free path declined, port access or emulated access, the host for each
 //!   change. Nobody holds either side across a flush, a rendezvous or a vCPU run, and nobody
 //!   waits for anything while holding it: a CPU spinning on it with interrupts off still
 //!   answers flush requests (they come as NMIs), so a flush never waits for a lock holder.
