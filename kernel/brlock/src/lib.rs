@@ -137,7 +137,10 @@ impl<T> BrLock<T> {
             .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
             .is_err()
         {
-            spin_loop();
+            // Test before the next exchange: waiting writers only read the flag's line.
+            while self.writer.load(Ordering::Relaxed) {
+                spin_loop();
+            }
         }
         fence(Ordering::SeqCst);
         for slot in self.readers.iter() {
