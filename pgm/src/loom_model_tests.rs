@@ -16,12 +16,12 @@ use crate::manager::{FaultOutcome, Resolution};
 use crate::paging::Access;
 use crate::test_support::{assert_accounting, assert_isolated, gpa, pgm_with_frames, SimPgm, MIB};
 
-fn page_at(page: u64) -> GuestPhysAddr {
+pub(crate) fn page_at(page: u64) -> GuestPhysAddr {
     gpa(MIB + page * PAGE_SIZE)
 }
 
 /// Two pages of RAM, both written once, under write monitoring, with logs for two vCPUs.
-fn monitored_vm() -> Arc<BrLock<SimPgm>> {
+pub(crate) fn monitored_vm() -> Arc<BrLock<SimPgm>> {
     let mut pgm = pgm_with_frames(64);
     pgm.register_ram(page_at(0), 2 * PAGE_SIZE, "ram").unwrap();
     for page in 0..2 {
@@ -34,7 +34,7 @@ fn monitored_vm() -> Arc<BrLock<SimPgm>> {
 
 /// A vCPU's write to `page` as the kernel takes it: lock-free, else under the lock. Returns
 /// whether this vCPU claimed the page's write-monitor fault.
-fn write_fault(vm: &BrLock<SimPgm>, vcpu: usize, page: u64) -> bool {
+pub(crate) fn write_fault(vm: &BrLock<SimPgm>, vcpu: usize, page: u64) -> bool {
     let at = page_at(page);
     let lock_free = vm.read(vcpu).resolve_fault_lock_free(vcpu, at, Access::Write);
     let outcome = lock_free.unwrap_or_else(|| vm.write().resolve_fault(at, Access::Write));
@@ -44,7 +44,7 @@ fn write_fault(vm: &BrLock<SimPgm>, vcpu: usize, page: u64) -> bool {
     }
 }
 
-fn model(test: impl Fn() + Sync + Send + 'static) {
+pub(crate) fn model(test: impl Fn() + Sync + Send + 'static) {
     let mut builder = loom::model::Builder::new();
     builder.preemption_bound = Some(3);
     builder.check(test);

@@ -12,10 +12,13 @@
 //! - a descriptor goes from WRITE_MONITORED to ALLOCATED with its written-to flag, by one
 //!   compare-exchange (the state machine's own `Write` transition), so exactly one vCPU claims
 //!   each page's write;
-//! - a 4 KiB leaf that does not grant an access is replaced, by one compare-exchange, with the
-//!   leaf the descriptor read *after* it calls for. Descriptors only gain permissions on the
-//!   read side, so a leaf only does too, and every leaf written is one the descriptor called
-//!   for at the time: the auditor's rule holds whenever the write side gets the lock.
+//! - a 4 KiB leaf is replaced, by one compare-exchange, with the leaf the page's descriptor
+//!   calls for, and only while the leaf does not grant the faulting access. A descriptor read
+//!   before another vCPU's claim calls for read-only where the claim calls for writable; such a
+//!   stale leaf can only replace one that does not grant reads, and the claiming vCPU, whose
+//!   write it then does not grant, replaces it in turn. So when every lock-free fault is done,
+//!   each leaf is what its descriptor calls for: the auditor's rule holds whenever the write
+//!   side gets the lock.
 //!
 //! Everything else — a page with a handler, locks, a shared frame, a 2 MiB mapping, the A20
 //! gate closed, a fault that needs a frame, a full log — returns `None`, and the caller takes the
@@ -165,7 +168,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     ///
     /// Locking: shared (the read side of the VM's lock), with other lock-free faults running.
     /// `vcpu` picks the written log: each vCPU should use its own number (shared numbers are
-    /// correct, only slower). The violation itself flushed the faulting CPU's translations of
+    /// correct, only slower; a number without a log declines every write-monitor fault). The violation itself flushed the faulting CPU's translations of
     /// `gpa`, and permissions only grow here, so the resolution needs no invalidation.
     pub fn resolve_fault_lock_free(
         &self,
@@ -508,5 +511,45 @@ mod tests {
         assert_eq!(sorted.len() as u64, pages, "each page once");
         assert_isolated(&pgm, "after the harvest");
         assert_accounting(&pgm);
+    }
+}
+
+/// The `loom` model that needs the manager's private tables (see `crate::loom_model_tests`).
+#[cfg(all(test, loom))]
+mod loom_models {
+    use loom::sync::Arc;
+    use loom::thread;
+
+    use super::*;
+    use crate::loom_model_tests::{model, monitored_vm, page_at, write_fault};
+    use crate::test_support::assert_isolated;
+
+    /// A vCPU reads a page whose leaf lost sync while another claims the page's write: the
+    /// reader may remap it read-only from a descriptor read before the claim, but the page ends
+    /// writable, as its descriptor calls for (the auditor), and harvested once.
+    #[test]
+    fn a_stale_read_only_remap_never_outlives_a_claim() {
+        model(|| {
+            let vm = monitored_vm();
+            {
+                let mut pgm = vm.write();
+                let pgm = &mut *pgm;
+                pgm.tables.set_leaf(&mut pgm.memory, page_at(0), None);
+            }
+            let reader = {
+                let vm = Arc::clone(&vm);
+                thread::spawn(move || vm.read(1).resolve_fault_lock_free(1, page_at(0), Access::Read))
+            };
+            assert!(write_fault(&vm, 0, 0), "the only writer claims the page");
+            assert!(
+                reader.join().unwrap().is_some(),
+                "a plain RAM read is resolved lock-free"
+            );
+            let mut pgm = vm.write();
+            assert_isolated(&pgm, "after the remap and the claim");
+            let mut written = Vec::new();
+            let _ = pgm.harvest_written(&mut written);
+            assert_eq!(written, [page_at(0)]);
+        });
     }
 }
