@@ -1,6 +1,6 @@
 //! The atomics the lock-free fault path shares with the lock holder: `core`'s, or `loom`'s when
-//! built with `--cfg loom` so that the models in `loom_model_tests` explore their
-//! interleavings. Simulated host memory keeps `core` atomics even then: it stands for the
+//! built with `--cfg loom` so that the models (`loom_model_tests`, and `manager::lock_free`'s
+//! own) explore their interleavings. Simulated host memory keeps `core` atomics even then: it stands for the
 //! machine's memory, whose word accesses are atomic, and keeping its thousands of words out of
 //! the model keeps the model small.
 

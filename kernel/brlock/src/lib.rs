@@ -4,7 +4,8 @@
 //!
 //! A common reader-writer lock counts its readers in one word, so two readers on two CPUs
 //! bounce that word's cache line between them at every acquisition: the read side does not
-//! scale. Here each reader slot (one per vCPU) has a counter on a cache line of its own, and
+//! scale. Here each reader slot (one per reading CPU; the kernel's vCPUs use their host CPU's)
+//! has a counter on a cache line of its own, and
 //! the writer announces itself in one flag that readers only read:
 //!
 //! - a reader increments its slot, then checks the writer flag; if a writer is there it backs
@@ -14,8 +15,8 @@
 //! Both sides store, then load the other side's word, with a sequentially consistent fence
 //! between, so at least one of them sees the other (the Dekker pattern): never a reader and a
 //! writer inside together. (Fences rather than `SeqCst` operations: the C11 model needs one of
-//! the two, and `loom` checks only the fences.) Slots are counters, not flags, so two threads that share a slot are still
-//! excluded correctly, only slower. Readers wait only for writers and writers for everyone;
+//! the two, and `loom` checks only the fences.) Slots are counters, not flags, so two threads
+//! that share a slot are still excluded correctly, only slower. Readers wait only for writers and writers for everyone;
 //! nobody waits while holding the lock, so the lock cannot deadlock unless a holder does.
 //!
 //! The crate is a piece of the kernel that is tested on the host, and under `loom`
