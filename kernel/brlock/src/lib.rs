@@ -5,8 +5,8 @@
 //! A common reader-writer lock counts its readers in one word, so two readers on two CPUs
 //! bounce that word's cache line between them at every acquisition: the read side does not
 //! scale. Here each reader slot (one per reading CPU; the kernel's vCPUs use their host CPU's)
-//! has a counter on a cache line of its own, and
-//! the writer announces itself in one flag that readers only read:
+//! has a counter on a cache line of its own, and the writer announces itself in one flag that
+//! readers only read:
 //!
 //! - a reader increments its slot, then checks the writer flag; if a writer is there it backs
 //!   out and waits for the flag to drop;
