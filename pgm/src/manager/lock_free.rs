@@ -272,13 +272,14 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             return;
         }
         self.lock_free.pending.set(false);
+        let mut written = 0;
         for log in self.lock_free.logs.iter_mut() {
             log.drain(|gpa| {
                 self.written.push(gpa);
-                self.counts.write_monitored -= 1;
-                self.counts.allocated += 1;
+                written += 1;
             });
         }
+        self.counts.lock_free_written(written);
     }
 
     /// Pages lock-free faults moved from WRITE_MONITORED to ALLOCATED that the counts do not

@@ -960,9 +960,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     pub fn stats(&self) -> MemoryStats {
         let mut counts = self.counts;
         // Exact under `&mut self`; while lock-free faults run, a snapshot.
-        let unfolded = self.lock_free_writes_unfolded().min(counts.write_monitored);
-        counts.write_monitored -= unfolded;
-        counts.allocated += unfolded;
+        counts.lock_free_written(self.lock_free_writes_unfolded().min(counts.write_monitored));
         MemoryStats {
             ram_pages: counts.zero
                 + counts.allocated

@@ -129,6 +129,12 @@ pub(super) struct StateCounts {
 }
 
 impl StateCounts {
+    /// Counts `pages` write-monitored pages that lock-free faults made ALLOCATED.
+    pub(super) fn lock_free_written(&mut self, pages: u64) {
+        self.write_monitored -= pages;
+        self.allocated += pages;
+    }
+
     pub(super) fn of(&mut self, state: PageState) -> &mut u64 {
         match state {
             PageState::Zero => &mut self.zero,
