@@ -6,6 +6,8 @@ use crate::paging::{Entry, EntryFormat, Leaf, MemoryType, Permissions};
 
 /// Bits 0..=2: read, write, execute (for supervisor-mode linear addresses).
 const PERMISSION_BITS: u64 = 0b111;
+/// Bit 1: write.
+const WRITE: u64 = 1 << 1;
 /// Bits 3..=5 of a leaf: the EPT memory type.
 const MEMORY_TYPE_SHIFT: u32 = 3;
 /// Bit 6 of a leaf: ignore the guest PAT, so the EPT memory type alone decides caching.
@@ -64,6 +66,14 @@ impl EntryFormat for Ept {
 
     fn table_permissions(raw: u64) -> Permissions {
         Permissions::from_bits_truncate((raw & PERMISSION_BITS) as u8)
+    }
+
+    fn with_write(raw: u64, write: bool) -> u64 {
+        if write {
+            raw | WRITE
+        } else {
+            raw & !WRITE
+        }
     }
 }
 

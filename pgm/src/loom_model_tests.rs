@@ -20,7 +20,8 @@ pub(crate) fn page_at(page: u64) -> GuestPhysAddr {
     gpa(MIB + page * PAGE_SIZE)
 }
 
-/// Two pages of RAM, both written once, under write monitoring, with logs for two vCPUs.
+/// Two pages of RAM, both written once, under write monitoring with its protection already
+/// down at their leaves (so their faults can be lock-free), with logs for two vCPUs.
 pub(crate) fn monitored_vm() -> Arc<BrLock<SimPgm>> {
     let mut pgm = pgm_with_frames(64);
     pgm.register_ram(page_at(0), 2 * PAGE_SIZE, "ram").unwrap();
@@ -28,6 +29,7 @@ pub(crate) fn monitored_vm() -> Arc<BrLock<SimPgm>> {
         pgm.write_phys(page_at(page), &[1]).unwrap();
     }
     pgm.start_write_monitoring();
+    pgm.open_write_path(page_at(0));
     pgm.set_lock_free_vcpus(2);
     Arc::new(BrLock::new(pgm, 2))
 }

@@ -295,7 +295,17 @@ fn check(pgm: &SimPgm, model: &Model, step: usize, op: &Op) {
                 assert!(write.is_err(), "{}", context());
             }
             PageState::Allocated => {
-                assert_eq!(write.unwrap(), descriptor.frame().unwrap(), "{}", context());
+                assert_eq!(read.unwrap(), descriptor.frame().unwrap(), "{}", context());
+                match write {
+                    Ok(host) => assert_eq!(host, descriptor.frame().unwrap(), "{}", context()),
+                    // Write monitoring re-armed at the root: a page written since holds its
+                    // writes until the first write fault pushes that protection down.
+                    Err(_) => assert!(
+                        pgm.is_write_monitoring() && descriptor.written_to(),
+                        "{}",
+                        context()
+                    ),
+                }
             }
         }
     }

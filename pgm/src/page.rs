@@ -410,6 +410,30 @@ pub fn transition(page: PageDescriptor, event: PageEvent) -> Result<Transition, 
     Ok(Transition { next, effect })
 }
 
+/// The page as write monitoring sees it. With monitoring on, a RAM page or ROM shadow that is
+/// ALLOCATED and not written since monitoring started or since the last harvest is
+/// WRITE_MONITORED, whether or not its descriptor says so yet: arming the protection of every
+/// page at once writes no descriptor (the manager withholds writes at the top of the EPT) and
+/// a page's descriptor is brought in line only when that protection is pushed down to its leaf.
+/// Every decision of the state machine, and every count, is taken on this view. MMIO2 pages
+/// are protected one by one (their region's dirty tracking shares the leaves), so their
+/// descriptors always say what they are.
+pub fn monitored_view(page: PageDescriptor, monitoring: bool) -> PageDescriptor {
+    if monitoring && awaits_protection(page) {
+        page.with_state(PageState::WriteMonitored)
+    } else {
+        page
+    }
+}
+
+/// True when `page` is WRITE_MONITORED by [`monitored_view`] (monitoring on) while its
+/// descriptor still says ALLOCATED.
+pub fn awaits_protection(page: PageDescriptor) -> bool {
+    page.state() == PageState::Allocated
+        && !page.written_to()
+        && matches!(page.page_type(), PageType::Ram | PageType::RomShadow)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -96,6 +96,9 @@ pub trait EntryFormat {
     fn decode(raw: u64, level: usize) -> Entry;
     /// The permissions a non-leaf entry grants to everything below it.
     fn table_permissions(raw: u64) -> Permissions;
+    /// The present entry `raw` (a table pointer or a leaf of any level) with its write
+    /// permission set as `write` says, everything else kept.
+    fn with_write(raw: u64, write: bool) -> u64;
 }
 
 /// Which TLB invalidation a change to the tables needs before the guest runs again. Every
@@ -250,13 +253,24 @@ impl<F: EntryFormat> NestedTables<F> {
     }
 
     /// Where the 4 KiB entry for `gpa` lives, if a page table reaches it (not under a 2 MiB
-    /// leaf). Only reads the tables, so it may run while other threads change leaves.
+    /// leaf) through table entries that all grant `access` (a write under an entry that
+    /// withholds writes is not the leaf's to resolve). Only reads the tables, so it may run
+    /// while other threads change leaves.
     pub(crate) fn leaf_entry_addr(
         &self,
         memory: &impl HostMemory,
         gpa: GuestPhysAddr,
+        access: Access,
     ) -> Option<HostPhysAddr> {
-        Some(entry_addr(self.leaf_table(memory, gpa)?, 0, gpa))
+        let mut table = self.root;
+        for level in (1..LEVELS).rev() {
+            let raw = memory.read_u64(entry_addr(table, level, gpa));
+            match F::decode(raw, level) {
+                Entry::Table(next) if F::table_permissions(raw).contains(access.needs()) => table = next,
+                _ => return None,
+            }
+        }
+        Some(entry_addr(table, 0, gpa))
     }
 
     /// The decoded 4 KiB entry for `gpa` (`Entry::Absent` when no table reaches it).
@@ -298,7 +312,8 @@ impl<F: EntryFormat> NestedTables<F> {
             return false;
         };
         let slot = entry_addr(directory, 1, block);
-        if !matches!(F::decode(memory.read_u64(slot), 1), Entry::Leaf(_)) {
+        let large = memory.read_u64(slot);
+        if !matches!(F::decode(large, 1), Entry::Leaf(_)) {
             return false;
         }
         let Some(page_table) = self.detached.remove(&(block.as_u64() >> LARGE_SHIFT)) else {
@@ -308,15 +323,111 @@ impl<F: EntryFormat> NestedTables<F> {
             let gpa = GuestPhysAddr::new_truncate(block.as_u64() + page * PAGE_SIZE);
             memory.write_u64(entry_addr(page_table, 0, gpa), encode::<F>(leaf_of(gpa)));
         }
-        memory.write_u64(slot, F::encode_table(page_table));
+        // A large leaf whose writes were withheld for write monitoring passes that on to the
+        // table replacing it: the pages below still wait for their protection.
+        let writes = F::table_permissions(large).contains(Permissions::WRITE);
+        memory.write_u64(slot, F::with_write(F::encode_table(page_table), writes));
         true
     }
 
-    /// Calls `visit(gpa, pages, leaf)` for every leaf the CPU can reach from the root, in
+    /// Calls `visit(gpa, pages, leaf, above)` for every leaf the CPU can reach from the root, in
     /// address order: 4 KiB leaves (`pages` = 1) and 2 MiB leaves (`pages` = 512, `gpa` the
-    /// block). Tables kept in reserve for splitting are not reachable and not visited.
-    pub fn for_each_leaf(&self, memory: &impl HostMemory, mut visit: impl FnMut(GuestPhysAddr, u64, Leaf)) {
-        walk_leaves::<F>(memory, self.root, LEVELS - 1, 0, &mut visit);
+    /// block); `above` is what the table entries on the way down grant (the CPU grants the
+    /// intersection of `above` and the leaf's permissions). Tables kept in reserve for
+    /// splitting are not reachable and not visited.
+    pub fn for_each_leaf(
+        &self,
+        memory: &impl HostMemory,
+        mut visit: impl FnMut(GuestPhysAddr, u64, Leaf, Permissions),
+    ) {
+        walk_leaves::<F>(memory, self.root, LEVELS - 1, 0, Permissions::all(), &mut visit);
+    }
+
+    /// Withholds writes from every page at once (write monitoring's O(1) protection): every
+    /// present root entry loses its write permission, whatever the leaves below grant, since
+    /// the CPU grants the intersection over the walk. [`withheld_writes_at`] and
+    /// [`push_write_protection_down`] move the protection towards the leaves lazily. Returns
+    /// whether an entry was present (cached translations are then stale).
+    ///
+    /// [`withheld_writes_at`]: Self::withheld_writes_at
+    /// [`push_write_protection_down`]: Self::push_write_protection_down
+    pub fn withhold_writes_from_root(&mut self, memory: &mut impl HostMemory) -> bool {
+        set_write_in_table::<F>(memory, self.root, LEVELS - 1, false)
+    }
+
+    /// The level of the highest table entry on the walk to `gpa` that withholds writes (3: a
+    /// root entry; 1: a page-directory entry, 2 MiB leaf or not). `None` when every table
+    /// entry on the walk grants writes (or the walk ends at a missing entry).
+    pub fn withheld_writes_at(&self, memory: &impl HostMemory, gpa: GuestPhysAddr) -> Option<usize> {
+        let mut table = self.root;
+        for level in (1..LEVELS).rev() {
+            let raw = memory.read_u64(entry_addr(table, level, gpa));
+            let entry = F::decode(raw, level);
+            if entry != Entry::Absent && !F::table_permissions(raw).contains(Permissions::WRITE) {
+                return Some(level);
+            }
+            match entry {
+                Entry::Table(next) => table = next,
+                Entry::Absent | Entry::Leaf(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// Moves the write protection of the table entry at `level` (2 or 3) on the walk to `gpa`
+    /// one level down: every present entry of the table it points to loses its write permission
+    /// first, then the entry gets its own back. No translation gains a permission it lacked
+    /// before, so no TLB flush is needed. Returns `false`, changing nothing, when that entry is
+    /// not a table pointer.
+    pub fn push_write_protection_down(
+        &mut self,
+        memory: &mut impl HostMemory,
+        gpa: GuestPhysAddr,
+        level: usize,
+    ) -> bool {
+        debug_assert!(
+            level >= 2,
+            "level {level} points at leaves: the caller protects them"
+        );
+        let Some(table) = self.table_at(memory, gpa, level) else {
+            return false;
+        };
+        let slot = entry_addr(table, level, gpa);
+        let raw = memory.read_u64(slot);
+        let Entry::Table(below) = F::decode(raw, level) else {
+            return false;
+        };
+        set_write_in_table::<F>(memory, below, level - 1, false);
+        memory.write_u64(slot, F::with_write(raw, true));
+        true
+    }
+
+    /// Gives the table entry at `level` on the walk to `gpa` its write permission back, once
+    /// whatever it protected is protected below it (by the caller, for a page-directory entry).
+    /// Returns `false`, changing nothing, when the walk does not reach a present entry there.
+    pub fn grant_writes_at(
+        &mut self,
+        memory: &mut impl HostMemory,
+        gpa: GuestPhysAddr,
+        level: usize,
+    ) -> bool {
+        let Some(table) = self.table_at(memory, gpa, level) else {
+            return false;
+        };
+        let slot = entry_addr(table, level, gpa);
+        let raw = memory.read_u64(slot);
+        if F::decode(raw, level) == Entry::Absent {
+            return false;
+        }
+        memory.write_u64(slot, F::with_write(raw, true));
+        true
+    }
+
+    /// Gives every table entry above the page tables (and every 2 MiB leaf that lost it to
+    /// [`push_write_protection_down`](Self::push_write_protection_down)) its write
+    /// permission back. Visits the upper levels only: 1 + 1 + 64 tables for a 64 GiB guest.
+    pub fn grant_writes_everywhere(&mut self, memory: &mut impl HostMemory) {
+        grant_writes_below::<F>(memory, self.root, LEVELS - 1);
     }
 
     /// True when `gpa` is mapped by a 2 MiB leaf.
@@ -407,22 +518,64 @@ pub(crate) fn encode<F: EntryFormat>(leaf: Option<Leaf>) -> u64 {
 }
 
 /// Visits the leaves under the table at `table` of `level`, which maps guest-physical addresses
-/// from `base` up.
+/// from `base` up; the entries above grant `above`.
 fn walk_leaves<F: EntryFormat>(
     memory: &impl HostMemory,
     table: HostPhysAddr,
     level: usize,
     base: u64,
-    visit: &mut impl FnMut(GuestPhysAddr, u64, Leaf),
+    above: Permissions,
+    visit: &mut impl FnMut(GuestPhysAddr, u64, Leaf, Permissions),
 ) {
     let span = PAGE_SIZE << (9 * level);
     for index in 0..ENTRIES_PER_TABLE {
         let slot = HostPhysAddr::new_truncate(table.as_u64() + index * 8);
         let gpa = base + index * span;
-        match F::decode(memory.read_u64(slot), level) {
+        let raw = memory.read_u64(slot);
+        match F::decode(raw, level) {
             Entry::Absent => {}
-            Entry::Table(next) => walk_leaves::<F>(memory, next, level - 1, gpa, visit),
-            Entry::Leaf(leaf) => visit(GuestPhysAddr::new_truncate(gpa), span / PAGE_SIZE, leaf),
+            Entry::Table(next) => {
+                let granted = above & F::table_permissions(raw);
+                walk_leaves::<F>(memory, next, level - 1, gpa, granted, visit)
+            }
+            Entry::Leaf(leaf) => visit(GuestPhysAddr::new_truncate(gpa), span / PAGE_SIZE, leaf, above),
+        }
+    }
+}
+
+/// Sets the write permission of every present entry of the table at `table` (of `level`) as
+/// `write` says. Returns whether any entry was present.
+fn set_write_in_table<F: EntryFormat>(
+    memory: &mut impl HostMemory,
+    table: HostPhysAddr,
+    level: usize,
+    write: bool,
+) -> bool {
+    let mut present = false;
+    for index in 0..ENTRIES_PER_TABLE {
+        let slot = HostPhysAddr::new_truncate(table.as_u64() + index * 8);
+        let raw = memory.read_u64(slot);
+        if F::decode(raw, level) != Entry::Absent {
+            memory.write_u64(slot, F::with_write(raw, write));
+            present = true;
+        }
+    }
+    present
+}
+
+/// Gives every table entry under (and in) the table at `table` of `level` write permission,
+/// 2 MiB leaves included, down to the page directories.
+fn grant_writes_below<F: EntryFormat>(memory: &mut impl HostMemory, table: HostPhysAddr, level: usize) {
+    for index in 0..ENTRIES_PER_TABLE {
+        let slot = HostPhysAddr::new_truncate(table.as_u64() + index * 8);
+        let raw = memory.read_u64(slot);
+        match F::decode(raw, level) {
+            Entry::Absent => continue,
+            Entry::Table(next) if level > 1 => grant_writes_below::<F>(memory, next, level - 1),
+            Entry::Table(_) | Entry::Leaf(_) => {}
+        }
+        if !F::table_permissions(raw).contains(Permissions::WRITE) {
+            memory.write_u64(slot, F::with_write(raw, true));
         }
     }
 }

@@ -1,5 +1,5 @@
-//! Registered RAM ranges: one descriptor per 4 KiB page, kept sorted by base for a binary-search
-//! lookup with a one-entry cache in front (faults cluster in one range).
+//! Registered RAM ranges: one descriptor per 4 KiB page, kept sorted by base, found in O(1)
+//! through a directory of the guest-physical span they cover (see [`Directory`]).
 //!
 //! Descriptors are atomic words: the lock-free fault path changes them through `&self` while
 //! other vCPUs read them (see `manager::lock_free`); everything else changes them through
@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 use crate::addr::{GuestPhysAddr, PAGE_SIZE};
 use crate::error::PgmError;
 use crate::page::PageDescriptor;
-use crate::sync::{AtomicU64, AtomicUsize, Exclusive, Ordering};
+use crate::sync::{AtomicU64, Exclusive, Ordering};
 
 /// A contiguous guest-physical range of RAM pages.
 pub struct RamRange {
@@ -92,8 +92,67 @@ pub struct PageLocation {
 #[derive(Default)]
 pub struct RamRanges {
     ranges: Vec<RamRange>,
-    /// Index of the range that answered the last lookup (a hint: any value is safe).
-    last_hit: AtomicUsize,
+    directory: Directory,
+}
+
+/// Which range covers each granule (2 MiB or more, a power of two) of the span from the first
+/// range's base to the last range's end: one `u16` slot per granule, at most [`MAX_SLOTS`]
+/// (128 KiB; a guest spanning up to 128 GiB gets 2 MiB granules). A lookup reads one slot and
+/// checks the range's bounds: no search, no branch on the number of ranges, no shared write
+/// (the one-entry cache it replaces was written by every vCPU that missed it). Granules that
+/// two ranges share (the first megabyte of a PC, say) send the lookup to a binary search.
+/// Rebuilt when a range is added or removed: O(slots + ranges).
+#[derive(Default)]
+struct Directory {
+    /// First guest-physical address of the first granule.
+    base: u64,
+    /// log2 of the granule size.
+    shift: u32,
+    slots: Vec<u16>,
+}
+
+/// No range in the granule.
+const EMPTY: u16 = u16::MAX;
+/// More than one range in the granule, or a range index too large for a slot: search.
+const SEARCH: u16 = u16::MAX - 1;
+/// The most slots a directory holds.
+const MAX_SLOTS: u64 = 1 << 16;
+/// log2 of the smallest granule: 2 MiB, the large-page size.
+const MIN_GRANULE_SHIFT: u32 = 21;
+
+impl Directory {
+    /// The directory of `ranges` (sorted, not overlapping).
+    fn of(ranges: &[RamRange]) -> Directory {
+        let (Some(first), Some(last)) = (ranges.first(), ranges.last()) else {
+            return Directory::default();
+        };
+        let span = last.end() - first.base.as_u64();
+        let mut shift = MIN_GRANULE_SHIFT;
+        let base = |shift: u32| first.base.as_u64() >> shift << shift;
+        while (last.end() - base(shift)).div_ceil(1 << shift) > MAX_SLOTS {
+            shift += 1;
+        }
+        debug_assert!(span > 0);
+        let base = base(shift);
+        let granules = (last.end() - base).div_ceil(1 << shift) as usize;
+        let mut slots = alloc::vec![EMPTY; granules];
+        for (index, range) in ranges.iter().enumerate() {
+            let first_slot = ((range.base.as_u64() - base) >> shift) as usize;
+            let last_slot = ((range.end() - 1 - base) >> shift) as usize;
+            let value = u16::try_from(index).unwrap_or(SEARCH).min(SEARCH);
+            for slot in &mut slots[first_slot..=last_slot] {
+                *slot = if *slot == EMPTY { value } else { SEARCH };
+            }
+        }
+        Directory { base, shift, slots }
+    }
+
+    /// What the slot of `gpa` says: `None` outside the span.
+    #[inline]
+    fn slot(&self, gpa: GuestPhysAddr) -> Option<u16> {
+        let granule = gpa.as_u64().checked_sub(self.base)? >> self.shift;
+        self.slots.get(granule as usize).copied()
+    }
 }
 
 impl RamRanges {
@@ -136,33 +195,36 @@ impl RamRanges {
     pub(crate) fn insert(&mut self, range: RamRange) {
         let at = self.ranges.partition_point(|r| r.base < range.base);
         self.ranges.insert(at, range);
-        self.last_hit.set(0);
+        self.directory = Directory::of(&self.ranges);
     }
 
     /// Removes the range at `index` and returns it.
     pub(crate) fn remove(&mut self, index: usize) -> RamRange {
-        self.last_hit.set(0);
-        self.ranges.remove(index)
+        let range = self.ranges.remove(index);
+        self.directory = Directory::of(&self.ranges);
+        range
     }
 
-    /// Finds the page holding `gpa`: the cached range first, then a binary search.
+    /// Finds the page holding `gpa`: one directory slot, or a binary search where ranges
+    /// share a granule.
+    #[inline]
     pub fn find(&self, gpa: GuestPhysAddr) -> Option<PageLocation> {
-        let hint = self.last_hit.load(Ordering::Relaxed);
-        let range = match self.ranges.get(hint) {
-            Some(cached) if cached.contains(gpa) => hint,
-            _ => {
-                let after = self.ranges.partition_point(|r| r.base <= gpa);
-                let candidate = after.checked_sub(1)?;
-                if !self.ranges[candidate].contains(gpa) {
-                    return None;
-                }
-                // Only on a miss: a hint every vCPU keeps hitting stays in every CPU's cache.
-                self.last_hit.store(candidate, Ordering::Relaxed);
-                candidate
-            }
+        let range = match self.directory.slot(gpa)? {
+            EMPTY => return None,
+            SEARCH => self.search(gpa)?,
+            index => usize::from(index),
         };
-        let page = (gpa.page_number() - self.ranges[range].base.page_number()) as usize;
+        let found = self.ranges.get(range)?;
+        if !found.contains(gpa) {
+            return None;
+        }
+        let page = (gpa.page_number() - found.base.page_number()) as usize;
         Some(PageLocation { range, page })
+    }
+
+    /// The index of the last range starting at or below `gpa` (binary search).
+    fn search(&self, gpa: GuestPhysAddr) -> Option<usize> {
+        self.ranges.partition_point(|r| r.base <= gpa).checked_sub(1)
     }
 
     /// The descriptor at `location`.
@@ -239,6 +301,60 @@ mod tests {
         // The cache must not answer for an address outside the cached range.
         assert_eq!(ranges.find(gpa(0x20_0000)), None);
         assert_eq!(ranges.find(gpa(0)), Some(PageLocation { range: 0, page: 0 }));
+    }
+
+    /// The page a linear scan finds for `gpa`.
+    fn scanned(ranges: &RamRanges, gpa: GuestPhysAddr) -> Option<PageLocation> {
+        ranges
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.contains(gpa))
+            .map(|(range, r)| PageLocation {
+                range,
+                page: (gpa.page_number() - r.base.page_number()) as usize,
+            })
+    }
+
+    #[test]
+    fn the_directory_agrees_with_a_scan_in_dense_shared_and_sparse_layouts() {
+        let layouts: [&[(u64, usize)]; 3] = [
+            // A PC: ranges sharing the first 2 MiB granule, RAM above 4 GiB.
+            &[
+                (0, 160),
+                (0xC_0000, 32),
+                (0xE_0000, 32),
+                (0x10_0000, 3840),
+                (0x1_0000_0000, 1024),
+            ],
+            // Adjacent ranges meeting inside a granule.
+            &[(0x20_0000, 300), (0x20_0000 + 300 * 4096, 900), (0x80_0000, 1)],
+            // Far apart: the granule grows so the directory stays small.
+            &[(0x1000, 1), (0x7FFF_0000_0000, 16), (0x4000_0000, 512)],
+        ];
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        for layout in layouts {
+            let mut ranges = RamRanges::default();
+            for &(base, pages) in layout {
+                ranges.insert(range(base, pages));
+            }
+            assert!(ranges.directory.slots.len() as u64 <= MAX_SLOTS);
+            let edges = layout.iter().flat_map(|&(base, pages)| {
+                let end = base + pages as u64 * PAGE_SIZE;
+                [base.saturating_sub(1), base, end - 1, end]
+            });
+            let random = (0..2000).map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let (base, pages) = layout[(seed % layout.len() as u64) as usize];
+                base + (seed >> 8) % (2 * pages as u64 * PAGE_SIZE + 0x40_0000)
+            });
+            for at in edges.chain(random).filter(|&at| at < 1 << 48) {
+                assert_eq!(ranges.find(gpa(at)), scanned(&ranges, gpa(at)), "at {at:#x}");
+            }
+            let removed = ranges.remove(1);
+            assert_eq!(ranges.find(removed.base), None, "removed from the directory");
+        }
     }
 
     #[test]

@@ -50,6 +50,12 @@ pub enum Problem {
     /// A20 alias) is not recorded, a record names a leaf that is not there, or the map's two
     /// indexes differ.
     ReverseMapWrong,
+    /// A page write monitoring protects (WRITE_MONITORED as the state machine sees it) is
+    /// writable: neither its leaf nor an entry above it withholds writes.
+    MonitoredPageWritable,
+    /// A table entry above a leaf takes away more than write monitoring may: reads or
+    /// fetches, or writes while monitoring is off.
+    TableEntryRestricts,
 }
 
 /// One finding: where, which frame, what is wrong.
@@ -111,16 +117,23 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let held = self.held_frames(&mut report, &host_holds);
         report.held_frames = held.len() as u64;
         let mut mapped = BTreeMap::new();
-        self.tables.for_each_leaf(&self.memory, |gpa, pages, leaf| {
-            for page in 0..pages {
-                let at = GuestPhysAddr::new_truncate(gpa.as_u64() + page * PAGE_SIZE);
-                let frame = HostPhysAddr::new_truncate(leaf.frame.as_u64() + page * PAGE_SIZE);
-                mapped.insert(at, Leaf { frame, ..leaf });
-            }
-        });
+        let mut granted_above = BTreeMap::new();
+        self.tables
+            .for_each_leaf(&self.memory, |gpa, pages, leaf, above| {
+                for page in 0..pages {
+                    let at = GuestPhysAddr::new_truncate(gpa.as_u64() + page * PAGE_SIZE);
+                    let frame = HostPhysAddr::new_truncate(leaf.frame.as_u64() + page * PAGE_SIZE);
+                    mapped.insert(at, Leaf { frame, ..leaf });
+                    if above != Permissions::all() {
+                        granted_above.insert(at, above);
+                    }
+                }
+            });
         report.mapped_pages = mapped.len() as u64;
         for (&gpa, leaf) in &mapped {
             self.audit_leaf(gpa, leaf, &held, &mut report);
+            let above = granted_above.get(&gpa).copied().unwrap_or(Permissions::all());
+            self.audit_write_protection(gpa, leaf, above, &mut report);
         }
         self.audit_pages(&mapped, &held, &mut report);
         self.audit_reverse_map(&mapped, &mut report);
@@ -238,6 +251,42 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         }
         if self.expected_leaf(gpa) != Some(*leaf) {
             find(Problem::OutOfSync);
+        }
+    }
+
+    /// Checks what the walk to the page at `gpa` (mapped by `leaf`, under table entries that
+    /// grant `above`) lets the guest write: a page write monitoring protects must not be
+    /// writable, and the entries above may withhold writes only while monitoring is on (see
+    /// `lazy_protection`).
+    fn audit_write_protection(
+        &self,
+        gpa: GuestPhysAddr,
+        leaf: &Leaf,
+        above: Permissions,
+        report: &mut AuditReport,
+    ) {
+        let mut find = |problem| {
+            report.findings.push(Finding {
+                gpa,
+                frame: Some(leaf.frame),
+                problem,
+            })
+        };
+        let may_withhold = if self.monitoring {
+            Permissions::WRITE
+        } else {
+            Permissions::empty()
+        };
+        if !(above | may_withhold).is_all() {
+            find(Problem::TableEntryRestricts);
+        }
+        let writable = (above & leaf.permissions).contains(Permissions::WRITE);
+        let monitored = self
+            .ranges
+            .find(self.a20_apply(gpa))
+            .map(|location| self.logical(self.ranges.page(location)).state());
+        if writable && monitored == Some(PageState::WriteMonitored) {
+            find(Problem::MonitoredPageWritable);
         }
     }
 

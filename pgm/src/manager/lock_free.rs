@@ -180,6 +180,10 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         if !self.a20_enabled {
             return None;
         }
+        // A page with a descriptor has its table (pages are mapped when registered). A write
+        // under an entry that withholds writes is the locked path's: it pushes write
+        // monitoring's protection down first (see `lazy_protection`).
+        let entry = self.tables.leaf_entry_addr(&self.memory, gpa, access)?;
         let location = self.ranges.find(gpa)?;
         let word = self.ranges.descriptor(location);
         let mut page = PageDescriptor::from_raw(word.load(Ordering::Acquire));
@@ -198,8 +202,6 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         // changed under a lost claim no longer allows.
         let leaf =
             leaf_for(page, self.zero_frame).filter(|leaf| leaf.permissions.contains(access.needs()))?;
-        // A page with a descriptor has its table (pages are mapped when registered).
-        let entry = self.tables.leaf_entry_addr(&self.memory, gpa)?;
         self.install_leaf(entry, leaf, access);
         Some(FaultOutcome::Resolved {
             invalidation: Invalidation::None,
@@ -301,8 +303,8 @@ mod tests {
 
     const PAGES: u64 = 8;
 
-    /// A VM with `PAGES` pages of RAM at 1 MiB, all written once, under write monitoring, with
-    /// written logs for two vCPUs.
+    /// A VM with `PAGES` pages of RAM at 1 MiB, all written once, under write monitoring with
+    /// its protection pushed down to their leaves, with written logs for two vCPUs.
     fn monitored() -> SimPgm {
         let mut pgm = pgm_with_frames(256);
         pgm.register_ram(gpa(MIB), PAGES * PAGE, "ram").unwrap();
@@ -310,8 +312,21 @@ mod tests {
             pgm.write_phys(page_at(page), &[1]).unwrap();
         }
         pgm.start_write_monitoring();
+        push_protection_down(&mut pgm, PAGES);
         pgm.set_lock_free_vcpus(2);
         pgm
+    }
+
+    /// What the first locked write fault under the root does for the first `pages` pages: the
+    /// protection armed at the root comes down to their leaves.
+    fn push_protection_down(pgm: &mut SimPgm, pages: u64) {
+        for page in 0..pages {
+            pgm.open_write_path(page_at(page));
+        }
+    }
+
+    fn writable(pgm: &SimPgm, at: GuestPhysAddr) -> bool {
+        pgm.translate(at, Access::Write).is_ok()
     }
 
     const PAGE: u64 = crate::addr::PAGE_SIZE;
@@ -368,10 +383,7 @@ mod tests {
         );
         assert_eq!(harvest(&mut pgm), [page_at(3)]);
         assert_eq!(pgm.stats(), before, "re-protected");
-        assert_eq!(
-            permissions(&pgm, page_at(3)),
-            Some(Permissions::READ | Permissions::EXECUTE)
-        );
+        assert!(!writable(&pgm, page_at(3)), "re-armed above the leaf");
         assert_eq!(harvest(&mut pgm), []);
         assert_isolated(&pgm, "after the harvest");
         assert_accounting(&pgm);
@@ -443,6 +455,36 @@ mod tests {
     }
 
     #[test]
+    fn a_write_under_protection_armed_above_the_leaf_is_the_locks() {
+        let mut pgm = monitored();
+        let _ = harvest(&mut pgm);
+        let before = (pgm.stats(), pgm.page(page_at(4)), pgm.ept_entry(page_at(4)));
+        assert_eq!(
+            pgm.resolve_fault_lock_free(0, page_at(4), Access::Write),
+            None,
+            "declined: the root entry withholds writes"
+        );
+        assert_eq!(
+            (pgm.stats(), pgm.page(page_at(4)), pgm.ept_entry(page_at(4))),
+            before
+        );
+        assert!(matches!(
+            pgm.resolve_fault(page_at(4), Access::Write),
+            FaultOutcome::Resolved {
+                resolution: Resolution::WriteMonitor,
+                ..
+            }
+        ));
+        // The locked fault pushed the protection down: its neighbours' faults are lock-free.
+        assert_eq!(
+            pgm.resolve_fault_lock_free(0, page_at(6), Access::Write),
+            resolved(Resolution::WriteMonitor)
+        );
+        assert_isolated(&pgm, "after both faults");
+        assert_eq!(harvest(&mut pgm), [page_at(4), page_at(6)]);
+    }
+
+    #[test]
     fn faults_the_lock_free_path_cannot_take_change_nothing() {
         let mut pgm = monitored();
         let untouched = |pgm: &SimPgm| (pgm.stats(), pgm.page(page_at(0)), pgm.ept_entry(page_at(0)));
@@ -482,6 +524,7 @@ mod tests {
             pgm.write_phys(page_at(page), &[1]).unwrap();
         }
         pgm.start_write_monitoring();
+        push_protection_down(&mut pgm, pages);
         pgm.set_lock_free_vcpus(1);
         for page in 0..WRITTEN_LOG_ENTRIES as u64 {
             assert_eq!(

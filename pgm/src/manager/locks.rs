@@ -184,7 +184,10 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     pub(super) fn mark_written(&mut self, location: PageLocation) {
         let page = self.ranges.page(location);
         if !page.written_to() {
-            self.ranges.set_page(location, page.with_written_to(true));
+            let written = page.with_written_to(true);
+            self.ranges.set_page(location, written);
+            // An ALLOCATED page awaiting protection is not WRITE_MONITORED any more.
+            self.recount(page, written);
             self.written.push(self.ranges.gpa_of(location));
         }
     }

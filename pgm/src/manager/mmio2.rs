@@ -460,6 +460,16 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         self.mmio2.iter().map(|r| r.frames.len() as u64).sum()
     }
 
+    /// Re-applies the write-protection rule to every mapped page of every region.
+    pub(super) fn refresh_mmio2_protection(&mut self) -> Invalidation {
+        let handles: Vec<Mmio2Handle> = self.mmio2.iter().map(|region| region.handle).collect();
+        handles
+            .into_iter()
+            .map(|handle| self.refresh_region_protection(handle))
+            .max()
+            .unwrap_or(Invalidation::None)
+    }
+
     /// Re-applies the write-protection rule to every mapped page of the region.
     fn refresh_region_protection(&mut self, handle: Mmio2Handle) -> Invalidation {
         let Some(base) = self.region(handle).ok().and_then(|r| r.mapped_at) else {

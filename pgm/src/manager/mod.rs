@@ -33,6 +33,7 @@ mod audit;
 mod dump;
 mod handlers;
 mod large;
+mod lazy_protection;
 mod lock_free;
 mod locks;
 mod mapping;
@@ -378,6 +379,11 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// The violation itself flushed the CPU's cached translations for `gpa` (SDM 29.4.3.1), so
     /// a resolution that changes only that page's entry needs no INVEPT.
     pub fn resolve_fault(&mut self, faulting: GuestPhysAddr, access: Access) -> FaultOutcome {
+        if access == Access::Write {
+            // Write monitoring's protection withheld above the leaf comes down first, so the
+            // descriptor read below says what the page is.
+            self.open_write_path(faulting);
+        }
         let gpa = self.a20_apply(faulting);
         let Some(location) = self.ranges.find(gpa) else {
             return FaultOutcome::NotGuestMemory;
@@ -714,23 +720,36 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 
     /// Starts write monitoring: every page with a private frame becomes WRITE_MONITORED
     /// (read-only), written-to flags are cleared, and from now on every content change marks
-    /// its page written (see [`harvest_written`](Self::harvest_written)).
+    /// its page written (see [`harvest_written`](Self::harvest_written)). Costs O(1) for RAM
+    /// (see `lazy_protection`), plus the pages of mapped MMIO2 regions and, when a page is
+    /// write-locked, one pass to find the locked pages.
     pub fn start_write_monitoring(&mut self) -> Invalidation {
-        self.monitoring = true;
         self.clear_written_flags();
-        self.mark_write_locked_pages();
-        self.refresh_protection_all()
+        if !self.monitoring {
+            self.monitoring = true;
+            // Every unwritten RAM page with a frame now awaits protection: none is written.
+            self.counts.write_monitored += self.counts.allocated;
+            self.counts.allocated = 0;
+        }
+        if self.locked_pages.write > 0 {
+            self.mark_write_locked_pages();
+        }
+        let mmio2 = self.refresh_mmio2_protection();
+        mmio2.max(self.arm_write_protection())
     }
 
     /// Appends to `out` every page written since monitoring started or since the last harvest,
     /// each once, in the order recorded (lock-free faults' pages in their vCPU's order, from
-    /// when their logs were folded), and write-protects them again. Costs O(written pages).
-    /// Returns the invalidation the re-protection needs.
+    /// when their logs were folded), and write-protects them again: their written-to flags are
+    /// cleared and the protection of every page is re-armed at once (see `lazy_protection`).
+    /// Costs O(written pages) plus one root table. Returns the invalidation the re-protection
+    /// needs.
     pub fn harvest_written(&mut self, out: &mut Vec<GuestPhysAddr>) -> Invalidation {
         self.fold_lock_free_writes();
         let written = core::mem::take(&mut self.written);
         let mut still_written = Vec::new();
         let mut invalidation = Invalidation::None;
+        out.reserve(written.len());
         for &gpa in &written {
             // A page whose range went away since it was written has nothing left to report.
             let Some(location) = self.ranges.find(gpa) else {
@@ -743,8 +762,16 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 still_written.push(gpa);
                 continue;
             }
-            self.ranges.set_page(location, page.with_written_to(false));
-            invalidation = invalidation.max(self.refresh_protection(location));
+            let unwritten = page.with_written_to(false);
+            self.ranges.set_page(location, unwritten);
+            self.recount(page, unwritten);
+            if page.page_type() == PageType::Mmio2 {
+                // Protected one by one: their region's dirty tracking shares the leaves.
+                invalidation = invalidation.max(self.refresh_protection(location));
+            }
+        }
+        if self.monitoring {
+            invalidation = invalidation.max(self.arm_write_protection());
         }
         // Reuse the list's memory for the next round.
         self.written = written;
@@ -756,6 +783,10 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// Ends write monitoring: pages become writable again (except MMIO2 pages whose dirty
     /// tracking still wants their next write) and the written-to flags are dropped.
     pub fn stop_write_monitoring(&mut self) -> Invalidation {
+        self.fold_lock_free_writes();
+        if self.monitoring {
+            self.settle_write_protection();
+        }
         self.monitoring = false;
         self.clear_written_flags();
         let protection = self.refresh_protection_all();
@@ -946,9 +977,13 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         self.frames.free_frame(self.zero_frame);
     }
 
-    /// The descriptor of the page holding `gpa`, if it is registered.
+    /// The descriptor of the page holding `gpa`, if it is registered, as the state machine
+    /// sees it: an unwritten page under write monitoring is WRITE_MONITORED even before its
+    /// descriptor is brought in line (see [`monitored_view`](crate::page::monitored_view)).
     pub fn page(&self, gpa: GuestPhysAddr) -> Option<PageDescriptor> {
-        self.ranges.find(gpa).map(|location| self.ranges.page(location))
+        self.ranges
+            .find(gpa)
+            .map(|location| self.logical(self.ranges.page(location)))
     }
 
     /// The registered ranges.
@@ -1050,7 +1085,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     ) -> Result<bool, PgmError> {
         // The counts below must include what lock-free faults changed.
         self.fold_lock_free_writes();
-        let page = self.ranges.page(location);
+        let page = self.logical(self.ranges.page(location));
         let step = transition(page, event).map_err(|refused| PgmError::PageState {
             gpa: self.ranges.gpa_of(location),
             state: refused.state,
@@ -1083,14 +1118,10 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             self.written.push(self.ranges.gpa_of(location));
         }
         self.ranges.set_page(location, next);
-        if page.page_type() == PageType::Mmio2 {
-            if event == PageEvent::Write {
-                self.mark_mmio2_dirty(location);
-            }
-        } else {
-            *self.counts.of(page.state()) -= 1;
-            *self.counts.of(next.state()) += 1;
+        if page.page_type() == PageType::Mmio2 && event == PageEvent::Write {
+            self.mark_mmio2_dirty(location);
         }
+        self.recount(page, next);
         self.sync_leaf(location);
         // Released only now: neither the descriptor nor the EPT entry names the frame any more.
         match step.effect {
@@ -1112,7 +1143,10 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         for gpa in core::mem::take(&mut self.written) {
             if let Some(location) = self.ranges.find(gpa) {
                 let page = self.ranges.page(location);
-                self.ranges.set_page(location, page.with_written_to(false));
+                let unwritten = page.with_written_to(false);
+                self.ranges.set_page(location, unwritten);
+                // Under monitoring, an ALLOCATED page is WRITE_MONITORED again.
+                self.recount(page, unwritten);
             }
         }
     }

@@ -1,0 +1,287 @@
+//! Write monitoring's protection, armed for every page in O(1) and pushed down lazily.
+//!
+//! The CPU grants a guest access only what every entry on the EPT walk grants (SDM 29.3.3.2),
+//! so taking the write permission from the root table's entries write-protects the whole guest
+//! at once: one to a few entries, however large the guest. That is what starting monitoring
+//! and re-arming it after a harvest do. The descriptors are not touched: a page that is
+//! ALLOCATED and unwritten counts as WRITE_MONITORED while monitoring is on
+//! ([`monitored_view`]), so the state machine and the counts see it protected from that
+//! moment.
+//!
+//! The first guest write under a protected entry faults. The fault pushes the protection down
+//! the walk to its address: at each entry that withholds writes, every entry of the table
+//! below loses its write permission first and the entry gets its own back; at the
+//! page-directory entry, every page of its 2 MiB block that awaits protection gets the
+//! WRITE_MONITORED descriptor and read-only leaf it stands for, and the entry gets its write
+//! permission back. Then the fault is resolved as any write-monitor fault. Costs: O(1) to arm,
+//! and at most 512 entries per level plus one 2 MiB block per first write under an entry.
+//!
+//! Invariant (checked by the auditor): while monitoring is on, every page [`monitored_view`]
+//! calls WRITE_MONITORED is write-protected on its walk, by its leaf or by an entry above it;
+//! an entry above the leaves withholds writes only while monitoring is on.
+//!
+//! Locking: everything here runs under `&mut self`. The lock-free fault path never resolves a
+//! write under an entry that withholds writes (`NestedTables::leaf_entry_addr` declines it), so
+//! the push-down is the locked path's alone. No push-down gives a translation a permission
+//! that another CPU may not already use, so none needs a TLB flush; arming does.
+
+use alloc::vec::Vec;
+
+use super::Pgm;
+use crate::addr::{GuestPhysAddr, PAGE_SIZE};
+use crate::frames::{HostFrameAllocator, HostMemory, FRAMES_PER_LARGE_PAGE};
+use crate::page::{awaits_protection, monitored_view, PageDescriptor};
+use crate::paging::Invalidation;
+use crate::ram::PageLocation;
+
+const BLOCK_SIZE: u64 = FRAMES_PER_LARGE_PAGE * PAGE_SIZE;
+
+impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
+    /// `page` as the state machine sees it ([`monitored_view`] with this VM's monitoring).
+    #[inline]
+    pub(super) fn logical(&self, page: PageDescriptor) -> PageDescriptor {
+        monitored_view(page, self.monitoring)
+    }
+
+    /// Write-protects every page at once at the top of the EPT. Returns the invalidation that
+    /// needs (single-context: every cached translation may allow writes).
+    pub(super) fn arm_write_protection(&mut self) -> Invalidation {
+        if self.tables.withhold_writes_from_root(&mut self.memory) {
+            Invalidation::SingleContext
+        } else {
+            Invalidation::None
+        }
+    }
+
+    /// Before a guest write at `faulting` (the address the CPU walked) is resolved: pushes
+    /// every protection withheld above its leaf down to the leaves, so the page's descriptor
+    /// says what it is and the walk grants what its leaf grants. A walk that withholds nothing
+    /// costs three table reads.
+    pub(crate) fn open_write_path(&mut self, faulting: GuestPhysAddr) {
+        while let Some(level) = self.tables.withheld_writes_at(&self.memory, faulting) {
+            let pushed = if level >= 2 {
+                self.tables
+                    .push_write_protection_down(&mut self.memory, faulting, level)
+            } else {
+                self.protect_block(faulting);
+                self.tables.grant_writes_at(&mut self.memory, faulting, 1)
+            };
+            if !pushed {
+                // Unreachable: the walk just found that entry. Never loop on it.
+                debug_assert!(false, "no entry at level {level} above {faulting}");
+                return;
+            }
+        }
+    }
+
+    /// Gives every page of the 2 MiB block around `gpa` that awaits protection its
+    /// WRITE_MONITORED descriptor and read-only leaf: descriptors first, since a 2 MiB leaf
+    /// split by the first leaf write takes all 512 leaves from them.
+    fn protect_block(&mut self, gpa: GuestPhysAddr) {
+        let block = GuestPhysAddr::new_truncate(gpa.as_u64() & !(BLOCK_SIZE - 1));
+        let awaiting: Vec<PageLocation> = self
+            .located(block, FRAMES_PER_LARGE_PAGE)
+            .into_iter()
+            .filter(|&location| awaits_protection(self.ranges.page(location)))
+            .collect();
+        for &location in &awaiting {
+            let page = self.ranges.page(location);
+            self.ranges.set_page(location, monitored_view(page, true));
+        }
+        for location in awaiting {
+            self.sync_leaf(location);
+        }
+    }
+
+    /// Before monitoring ends: every page still awaiting protection gets the WRITE_MONITORED
+    /// descriptor it stands for (leaves are rewritten by the unprotection that follows), and
+    /// every entry above the leaves grants writes again. Costs one pass over the descriptors
+    /// and the upper tables.
+    pub(super) fn settle_write_protection(&mut self) {
+        self.for_each_page(|pgm, location| {
+            let page = pgm.ranges.page(location);
+            if awaits_protection(page) {
+                pgm.ranges.set_page(location, monitored_view(page, true));
+            }
+        });
+        self.tables.grant_writes_everywhere(&mut self.memory);
+    }
+
+    /// Moves one page's count from the state it had to the state it has, both as the state
+    /// machine sees them. MMIO2 pages are not counted (their region's frames are).
+    pub(super) fn recount(&mut self, before: PageDescriptor, after: PageDescriptor) {
+        if before.page_type() == crate::page::PageType::Mmio2 {
+            return;
+        }
+        let (before, after) = (self.logical(before).state(), self.logical(after).state());
+        if before != after {
+            *self.counts.of(before) -= 1;
+            *self.counts.of(after) += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::vec::Vec;
+
+    use super::*;
+    use crate::manager::{FaultOutcome, Problem, Resolution};
+    use crate::page::PageState;
+    use crate::paging::{Access, Entry, Permissions};
+    use crate::test_support::*;
+
+    /// 64 MiB of RAM at 0 with one page written in each of the first `blocks` 2 MiB blocks
+    /// (page 3 of each) before monitoring starts.
+    fn written_vm(blocks: u64) -> SimPgm {
+        let mut pgm = pgm_with_frames(1024);
+        pgm.register_ram(gpa(0), 64 * MIB, "ram").unwrap();
+        for block in 0..blocks {
+            guest_write(&mut pgm, page_in(block, 3), &[1]);
+        }
+        pgm
+    }
+
+    fn page_in(block: u64, page: u64) -> GuestPhysAddr {
+        gpa(block * BLOCK_SIZE + page * PAGE_SIZE)
+    }
+
+    fn harvest(pgm: &mut SimPgm) -> Vec<GuestPhysAddr> {
+        let mut out = Vec::new();
+        let _ = pgm.harvest_written(&mut out);
+        out
+    }
+
+    fn leaf_permissions(pgm: &SimPgm, at: GuestPhysAddr) -> Permissions {
+        match pgm.ept_entry(at) {
+            Entry::Leaf(leaf) => leaf.permissions,
+            other => panic!("{at} has no leaf: {other:?}"),
+        }
+    }
+
+    fn problems(pgm: &SimPgm) -> Vec<Problem> {
+        pgm.audit_simulated().findings.iter().map(|f| f.problem).collect()
+    }
+
+    #[test]
+    fn starting_monitoring_protects_every_page_without_touching_a_leaf() {
+        let mut pgm = written_vm(8);
+        let tables = pgm.stats().table_frames;
+        assert_eq!(pgm.start_write_monitoring(), Invalidation::SingleContext);
+        for block in 0..8 {
+            let at = page_in(block, 3);
+            assert!(pgm.translate(at, Access::Write).is_err(), "{at} is protected");
+            assert_eq!(
+                leaf_permissions(&pgm, at),
+                Permissions::all(),
+                "its leaf is untouched"
+            );
+            assert_eq!(pgm.page(at).unwrap().state(), PageState::WriteMonitored);
+        }
+        let stats = pgm.stats();
+        assert_eq!((stats.write_monitored_pages, stats.allocated_pages), (8, 0));
+        assert_eq!(stats.table_frames, tables);
+        assert_isolated(&pgm, "after arming");
+        assert_accounting(&pgm);
+    }
+
+    #[test]
+    fn the_first_write_brings_the_protection_down_to_its_own_block_only() {
+        let mut pgm = written_vm(8);
+        let _ = pgm.start_write_monitoring();
+        assert_eq!(
+            pgm.resolve_fault(page_in(2, 3), Access::Write),
+            FaultOutcome::Resolved {
+                invalidation: Invalidation::None,
+                resolution: Resolution::WriteMonitor,
+            }
+        );
+        assert_eq!(leaf_permissions(&pgm, page_in(2, 3)), Permissions::all());
+        for block in [0, 1, 3, 7] {
+            let at = page_in(block, 3);
+            assert_eq!(
+                leaf_permissions(&pgm, at),
+                Permissions::all(),
+                "block {block} waits"
+            );
+            assert!(pgm.translate(at, Access::Write).is_err());
+        }
+        assert_isolated(&pgm, "after the push-down");
+        assert_accounting(&pgm);
+        assert_eq!(harvest(&mut pgm), [page_in(2, 3)]);
+    }
+
+    #[test]
+    fn lazily_protected_pages_are_reported_exactly_once_per_round() {
+        let mut pgm = written_vm(16);
+        let _ = pgm.start_write_monitoring();
+        let touched: Vec<GuestPhysAddr> = [(1, 3), (1, 4), (9, 3), (15, 3), (9, 200)]
+            .iter()
+            .map(|&(block, page)| page_in(block, page))
+            .collect();
+        for round in 0..4u8 {
+            for &at in touched.iter().chain(&touched) {
+                guest_write(&mut pgm, at, &[round]);
+            }
+            // The host writes a page still awaiting protection: seen once too.
+            pgm.write_phys(page_in(4, 3), &[round]).unwrap();
+            guest_write(&mut pgm, page_in(4, 3), &[round]);
+            let mut expected = touched.clone();
+            expected.push(page_in(4, 3));
+            assert_eq!(harvest(&mut pgm), expected, "round {round}");
+            assert_isolated(&pgm, "after a harvest");
+            assert_accounting(&pgm);
+            for &at in &expected {
+                assert!(
+                    pgm.translate(at, Access::Write).is_err(),
+                    "{at} is protected again"
+                );
+            }
+        }
+        assert_eq!(harvest(&mut pgm), []);
+        let _ = pgm.stop_write_monitoring();
+        assert!(pgm.translate(page_in(9, 3), Access::Write).is_ok());
+        let stats = pgm.stats();
+        assert_eq!((stats.write_monitored_pages, stats.allocated_pages), (0, 18));
+        assert_isolated(&pgm, "after stopping");
+    }
+
+    #[test]
+    fn the_auditor_finds_a_monitored_page_left_writable_and_a_stray_protection() {
+        let mut pgm = written_vm(2);
+        let _ = pgm.start_write_monitoring();
+        assert!(problems(&pgm).is_empty());
+        pgm.tables.grant_writes_everywhere(&mut pgm.memory);
+        assert_eq!(problems(&pgm), [Problem::MonitoredPageWritable; 2]);
+        let _ = pgm.stop_write_monitoring();
+        assert!(problems(&pgm).is_empty());
+        pgm.tables.withhold_writes_from_root(&mut pgm.memory);
+        let found = problems(&pgm);
+        assert!(!found.is_empty());
+        assert!(
+            found.iter().all(|&p| p == Problem::TableEntryRestricts),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn a_large_block_split_under_withheld_protection_stays_protected() {
+        let mut pgm = pgm_with_frames(4096);
+        pgm.register_ram(gpa(0), 8 * MIB, "ram").unwrap();
+        pgm.set_large_pages(true);
+        guest_write(&mut pgm, page_in(2, 0), &[1]);
+        guest_write(&mut pgm, page_in(0, 1), &[1]);
+        assert!(pgm.is_mapped_large(page_in(2, 0)));
+        let _ = pgm.start_write_monitoring();
+        // A write in block 0 pushes the protection down to every page-directory entry,
+        // the 2 MiB leaf of block 2 among them.
+        guest_write(&mut pgm, page_in(0, 1), &[2]);
+        assert!(pgm.is_mapped_large(page_in(2, 0)));
+        // Ballooning one of its pages splits block 2 without a fault.
+        pgm.balloon_inflate(&[page_in(2, 9)]).unwrap();
+        assert!(!pgm.is_mapped_large(page_in(2, 0)));
+        assert!(pgm.translate(page_in(2, 10), Access::Write).is_err());
+        assert_isolated(&pgm, "after the split");
+        assert_eq!(harvest(&mut pgm), [page_in(0, 1), page_in(2, 9)]);
+    }
+}
