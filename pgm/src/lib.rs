@@ -55,3 +55,4 @@ pub use addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 pub use error::PgmError;
 pub use manager::{FaultOutcome, MemoryStats, Pgm, Resolution, TlbFlush};
 pub use paging::{Access, Invalidation};
+pub use ram::{PageLocation, RamRange, RamRanges};

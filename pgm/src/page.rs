@@ -410,28 +410,25 @@ pub fn transition(page: PageDescriptor, event: PageEvent) -> Result<Transition, 
     Ok(Transition { next, effect })
 }
 
-/// The page as write monitoring sees it. With monitoring on, a RAM page or ROM shadow that is
-/// ALLOCATED and not written since monitoring started or since the last harvest is
-/// WRITE_MONITORED, whether or not its descriptor says so yet: arming the protection of every
-/// page at once writes no descriptor (the manager withholds writes at the top of the EPT) and
-/// a page's descriptor is brought in line only when that protection is pushed down to its leaf.
-/// Every decision of the state machine, and every count, is taken on this view. MMIO2 pages
-/// are protected one by one (their region's dirty tracking shares the leaves), so their
-/// descriptors always say what they are.
-pub fn monitored_view(page: PageDescriptor, monitoring: bool) -> PageDescriptor {
-    if monitoring && awaits_protection(page) {
+/// The page as write monitoring sees it. `pending` tells that the protection monitoring armed
+/// at the top of the EPT has not been pushed down to the page's leaf yet (its 2 MiB block's walk
+/// withholds writes), so the descriptor may be behind in two ways, both put right when the
+/// protection comes down: an ALLOCATED page is WRITE_MONITORED, and the written-to flag, left
+/// from a round already harvested, is clear. Write-locked pages are the exception (the host may
+/// write them at any time: they stay ALLOCATED and written), and MMIO2 pages, protected one by
+/// one since their region's dirty tracking shares the leaves, are always what they say. Every
+/// decision of the state machine and every count is taken on this view.
+pub fn monitored_view(page: PageDescriptor, pending: bool) -> PageDescriptor {
+    let lazily_protected = matches!(page.page_type(), PageType::Ram | PageType::RomShadow);
+    if !pending || !lazily_protected || page.write_locks() > 0 {
+        return page;
+    }
+    let page = page.with_written_to(false);
+    if page.state() == PageState::Allocated {
         page.with_state(PageState::WriteMonitored)
     } else {
         page
     }
-}
-
-/// True when `page` is WRITE_MONITORED by [`monitored_view`] (monitoring on) while its
-/// descriptor still says ALLOCATED.
-pub fn awaits_protection(page: PageDescriptor) -> bool {
-    page.state() == PageState::Allocated
-        && !page.written_to()
-        && matches!(page.page_type(), PageType::Ram | PageType::RomShadow)
 }
 
 #[cfg(test)]

@@ -50,8 +50,9 @@ pub enum Problem {
     /// A20 alias) is not recorded, a record names a leaf that is not there, or the map's two
     /// indexes differ.
     ReverseMapWrong,
-    /// A page write monitoring protects (WRITE_MONITORED as the state machine sees it) is
-    /// writable: neither its leaf nor an entry above it withholds writes.
+    /// A page write monitoring protects (WRITE_MONITORED as the state machine sees it, or an
+    /// unwritten RAM page with a frame while monitoring is on) is writable: neither its leaf
+    /// nor an entry above it withholds writes.
     MonitoredPageWritable,
     /// A table entry above a leaf takes away more than write monitoring may: reads or
     /// fetches, or writes while monitoring is off.
@@ -281,11 +282,18 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             find(Problem::TableEntryRestricts);
         }
         let writable = (above & leaf.permissions).contains(Permissions::WRITE);
-        let monitored = self
-            .ranges
-            .find(self.a20_apply(gpa))
-            .map(|location| self.logical(self.ranges.page(location)).state());
-        if writable && monitored == Some(PageState::WriteMonitored) {
+        let Some(location) = self.ranges.find(self.a20_apply(gpa)) else {
+            return;
+        };
+        let page = self.logical_page(location);
+        // Unwritten and not protected: a write would go unseen (RAM and shadows are protected
+        // by monitoring itself, MMIO2 pages by the rule their region's tracking shares).
+        let unseen = self.monitoring
+            && page.state() == PageState::Allocated
+            && !page.written_to()
+            && page.write_locks() == 0
+            && matches!(page.page_type(), PageType::Ram | PageType::RomShadow);
+        if writable && (page.state() == PageState::WriteMonitored || unseen) {
             find(Problem::MonitoredPageWritable);
         }
     }

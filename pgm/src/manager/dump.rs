@@ -84,7 +84,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 }
                 if let Some(current) = run.as_mut() {
                     current.end += PAGE_SIZE;
-                    let descriptor = self.logical(self.ranges.page(location));
+                    let descriptor = self.logical_page(location);
                     match descriptor.page_type() {
                         PageType::Ram | PageType::RomShadow => {
                             current.states[descriptor.state() as usize] += 1

@@ -2,45 +2,56 @@
 //!
 //! The CPU grants a guest access only what every entry on the EPT walk grants (SDM 29.3.3.2),
 //! so taking the write permission from the root table's entries write-protects the whole guest
-//! at once: one to a few entries, however large the guest. That is what starting monitoring
-//! and re-arming it after a harvest do. The descriptors are not touched: a page that is
-//! ALLOCATED and unwritten counts as WRITE_MONITORED while monitoring is on
-//! ([`monitored_view`]), so the state machine and the counts see it protected from that
-//! moment.
+//! at once: one to a few entries, however large the guest. Starting monitoring and re-arming it
+//! at a harvest do just that, and a harvest only hands over the list of written pages: no
+//! descriptor and no leaf is touched. A page under an entry that withholds writes is
+//! *pending*: its descriptor is read through [`monitored_view`] (ALLOCATED means
+//! WRITE_MONITORED, the written-to flag is left from a harvested round), so the state machine
+//! and the counts see it protected from the moment of arming.
 //!
-//! The first guest write under a protected entry faults. The fault pushes the protection down
-//! the walk to its address: at each entry that withholds writes, every entry of the table
-//! below loses its write permission first and the entry gets its own back; at the
-//! page-directory entry, every page of its 2 MiB block that awaits protection gets the
-//! WRITE_MONITORED descriptor and read-only leaf it stands for, and the entry gets its write
-//! permission back. Then the fault is resolved as any write-monitor fault. Costs: O(1) to arm,
-//! and at most 512 entries per level plus one 2 MiB block per first write under an entry.
+//! Whatever is about to change or act on a pending page first *settles* it: the protection is
+//! pushed down the walk to its address. At each entry that withholds writes, every entry of the
+//! table below loses its write permission first and the entry gets its own back; at the
+//! page-directory entry, every page of its 2 MiB block gets the descriptor `monitored_view`
+//! gave it (and a read-only leaf where it became WRITE_MONITORED), then the entry gets its
+//! write permission back. A guest write fault settles its page before it is resolved, so the
+//! first write under an entry costs at most 512 entries per level and one 2 MiB block; later
+//! ones in the block are ordinary (and lock-free) write-monitor faults.
 //!
-//! Invariant (checked by the auditor): while monitoring is on, every page [`monitored_view`]
-//! calls WRITE_MONITORED is write-protected on its walk, by its leaf or by an entry above it;
-//! an entry above the leaves withholds writes only while monitoring is on.
+//! Invariant (checked by the auditor): while monitoring is on, every page the view calls
+//! WRITE_MONITORED is write-protected on its walk, by its leaf or by an entry above it; an
+//! entry above the leaves withholds writes only while monitoring is on; and a page whose walk
+//! grants writes down to its leaf has the descriptor the view gives (it is settled).
 //!
 //! Locking: everything here runs under `&mut self`. The lock-free fault path never resolves a
 //! write under an entry that withholds writes (`NestedTables::leaf_entry_addr` declines it), so
-//! the push-down is the locked path's alone. No push-down gives a translation a permission
-//! that another CPU may not already use, so none needs a TLB flush; arming does.
+//! settling is the locked path's alone. No push-down gives a translation a permission another
+//! CPU may not already use, so none needs a TLB flush; arming does.
 
 use alloc::vec::Vec;
 
 use super::Pgm;
 use crate::addr::{GuestPhysAddr, PAGE_SIZE};
 use crate::frames::{HostFrameAllocator, HostMemory, FRAMES_PER_LARGE_PAGE};
-use crate::page::{awaits_protection, monitored_view, PageDescriptor};
+use crate::page::{monitored_view, PageDescriptor, PageState};
 use crate::paging::Invalidation;
 use crate::ram::PageLocation;
 
 const BLOCK_SIZE: u64 = FRAMES_PER_LARGE_PAGE * PAGE_SIZE;
 
 impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
-    /// `page` as the state machine sees it ([`monitored_view`] with this VM's monitoring).
+    /// True when write monitoring's protection armed above the leaf of `gpa` has not come down
+    /// to it yet. Three table reads while monitoring is on, none otherwise.
     #[inline]
-    pub(super) fn logical(&self, page: PageDescriptor) -> PageDescriptor {
-        monitored_view(page, self.monitoring)
+    pub(super) fn is_pending(&self, gpa: GuestPhysAddr) -> bool {
+        self.monitoring && self.tables.withheld_writes_at(&self.memory, gpa).is_some()
+    }
+
+    /// The descriptor at `location` as the state machine sees it ([`monitored_view`]).
+    #[inline]
+    pub(super) fn logical_page(&self, location: PageLocation) -> PageDescriptor {
+        let page = self.ranges.page(location);
+        monitored_view(page, self.is_pending(self.ranges.gpa_of(location)))
     }
 
     /// Write-protects every page at once at the top of the EPT. Returns the invalidation that
@@ -53,72 +64,99 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         }
     }
 
-    /// Before a guest write at `faulting` (the address the CPU walked) is resolved: pushes
-    /// every protection withheld above its leaf down to the leaves, so the page's descriptor
-    /// says what it is and the walk grants what its leaf grants. A walk that withholds nothing
-    /// costs three table reads.
-    pub(crate) fn open_write_path(&mut self, faulting: GuestPhysAddr) {
-        while let Some(level) = self.tables.withheld_writes_at(&self.memory, faulting) {
+    /// Settles the page at `location` before something changes or acts on it: see the module
+    /// docs. Nothing to do (one walk) for a settled page.
+    #[inline]
+    pub(super) fn settle(&mut self, location: PageLocation) {
+        if self.monitoring {
+            self.open_write_path(self.ranges.gpa_of(location));
+        }
+    }
+
+    /// Pushes every protection withheld above the leaf of `gpa` down to the leaves, so the
+    /// pages of its 2 MiB block have the descriptors [`monitored_view`] gives them and the walk
+    /// grants what the leaf grants. A guest write fault at `gpa` (the address the CPU walked)
+    /// does this first. A walk that withholds nothing costs three table reads.
+    pub(crate) fn open_write_path(&mut self, gpa: GuestPhysAddr) {
+        while let Some(level) = self.tables.withheld_writes_at(&self.memory, gpa) {
             let pushed = if level >= 2 {
                 self.tables
-                    .push_write_protection_down(&mut self.memory, faulting, level)
+                    .push_write_protection_down(&mut self.memory, gpa, level)
             } else {
-                self.protect_block(faulting);
-                self.tables.grant_writes_at(&mut self.memory, faulting, 1)
+                self.protect_block(gpa);
+                self.tables.grant_writes_at(&mut self.memory, gpa, 1)
             };
             if !pushed {
                 // Unreachable: the walk just found that entry. Never loop on it.
-                debug_assert!(false, "no entry at level {level} above {faulting}");
+                debug_assert!(false, "no entry at level {level} above {gpa}");
                 return;
             }
         }
     }
 
-    /// Gives every page of the 2 MiB block around `gpa` that awaits protection its
-    /// WRITE_MONITORED descriptor and read-only leaf: descriptors first, since a 2 MiB leaf
-    /// split by the first leaf write takes all 512 leaves from them.
+    /// Gives every page of the 2 MiB block around `gpa` (whose walk withholds writes) the
+    /// descriptor [`monitored_view`] gives it, and a read-only leaf where it became
+    /// WRITE_MONITORED: descriptors first, since a 2 MiB leaf split by the first leaf write
+    /// takes all 512 leaves from them. The counts already see the view.
     fn protect_block(&mut self, gpa: GuestPhysAddr) {
         let block = GuestPhysAddr::new_truncate(gpa.as_u64() & !(BLOCK_SIZE - 1));
-        let awaiting: Vec<PageLocation> = self
-            .located(block, FRAMES_PER_LARGE_PAGE)
-            .into_iter()
-            .filter(|&location| awaits_protection(self.ranges.page(location)))
-            .collect();
-        for &location in &awaiting {
+        let mut protected = Vec::new();
+        for location in self.located(block, FRAMES_PER_LARGE_PAGE) {
             let page = self.ranges.page(location);
-            self.ranges.set_page(location, monitored_view(page, true));
+            let settled = monitored_view(page, true);
+            if settled != page {
+                self.ranges.set_page(location, settled);
+                if settled.state() != page.state() {
+                    protected.push(location);
+                }
+            }
         }
-        for location in awaiting {
+        for location in protected {
             self.sync_leaf(location);
         }
     }
 
-    /// Before monitoring ends: every page still awaiting protection gets the WRITE_MONITORED
-    /// descriptor it stands for (leaves are rewritten by the unprotection that follows), and
-    /// every entry above the leaves grants writes again. Costs one pass over the descriptors
-    /// and the upper tables.
-    pub(super) fn settle_write_protection(&mut self) {
-        self.for_each_page(|pgm, location| {
-            let page = pgm.ranges.page(location);
-            if awaits_protection(page) {
-                pgm.ranges.set_page(location, monitored_view(page, true));
+    /// Before monitoring ends: settles every page (one walk per 2 MiB block and a pass over
+    /// the pending blocks' descriptors), then every entry above the leaves grants writes again.
+    pub(super) fn settle_every_page(&mut self) {
+        for range in 0..self.ranges.len() {
+            let Some((base, end)) = self.ranges.get(range).map(|r| (r.base().as_u64(), r.end())) else {
+                continue;
+            };
+            let mut block = base & !(BLOCK_SIZE - 1);
+            while block < end {
+                self.open_write_path(GuestPhysAddr::new_truncate(block.max(base)));
+                block += BLOCK_SIZE;
             }
-        });
+        }
         self.tables.grant_writes_everywhere(&mut self.memory);
     }
 
-    /// Moves one page's count from the state it had to the state it has, both as the state
-    /// machine sees them. MMIO2 pages are not counted (their region's frames are).
+    /// Moves one settled page's count from the state it had to the state it has. MMIO2 pages
+    /// are not counted (their region's frames are).
     pub(super) fn recount(&mut self, before: PageDescriptor, after: PageDescriptor) {
-        if before.page_type() == crate::page::PageType::Mmio2 {
+        if before.page_type() == crate::page::PageType::Mmio2 || before.state() == after.state() {
             return;
         }
-        let (before, after) = (self.logical(before).state(), self.logical(after).state());
-        if before != after {
-            *self.counts.of(before) -= 1;
-            *self.counts.of(after) += 1;
-        }
+        *self.counts.of(before.state()) -= 1;
+        *self.counts.of(after.state()) += 1;
     }
+
+    /// At a harvest or a start, when every page becomes pending: every counted ALLOCATED page
+    /// that is not write-locked becomes WRITE_MONITORED in the view. `locked_allocated`: the
+    /// counted ALLOCATED pages holding write locks.
+    pub(super) fn count_rearmed(&mut self, locked_allocated: u64) {
+        let protected = self.counts.allocated - locked_allocated;
+        self.counts.allocated -= protected;
+        self.counts.write_monitored += protected;
+    }
+}
+
+/// True for a page that counts in the state counts as ALLOCATED and holds a write lock.
+pub(super) fn counted_locked_allocated(page: PageDescriptor) -> bool {
+    page.state() == PageState::Allocated
+        && page.write_locks() > 0
+        && page.page_type() != crate::page::PageType::Mmio2
 }
 
 #[cfg(test)]
@@ -244,6 +282,19 @@ mod tests {
         let stats = pgm.stats();
         assert_eq!((stats.write_monitored_pages, stats.allocated_pages), (0, 18));
         assert_isolated(&pgm, "after stopping");
+    }
+
+    #[test]
+    fn a_page_of_a_range_registered_again_is_listed_once() {
+        let mut pgm = pgm_with_frames(1024);
+        pgm.register_ram(gpa(0), 4 * MIB, "ram").unwrap();
+        let _ = pgm.start_write_monitoring();
+        guest_write(&mut pgm, page_in(1, 0), &[1]);
+        pgm.unregister_ram(gpa(0), 4 * MIB).unwrap();
+        pgm.register_ram(gpa(0), 4 * MIB, "ram").unwrap();
+        guest_write(&mut pgm, page_in(1, 0), &[2]);
+        assert_eq!(harvest(&mut pgm), [page_in(1, 0)]);
+        assert_accounting(&pgm);
     }
 
     #[test]

@@ -17,6 +17,7 @@
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
+use super::lazy_protection::counted_locked_allocated;
 use super::Pgm;
 use crate::addr::{GuestPhysAddr, HostPhysAddr};
 use crate::error::PgmError;
@@ -159,6 +160,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// Sets the page's count of locks of the given kind, keeping the overflow table and the
     /// locked-page counts in step.
     fn set_lock_count(&mut self, location: PageLocation, write: bool, count: u64) {
+        // A write lock takes its page out of the lazy protection: settle the page first.
+        self.settle(location);
         let before = self.lock_count(location, write);
         let page = self.ranges.page(location).with_locks(write, count);
         self.ranges.set_page(location, page);
@@ -182,6 +185,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 
     /// Marks the page at `location` written (monitoring on), once.
     pub(super) fn mark_written(&mut self, location: PageLocation) {
+        self.settle(location);
         let page = self.ranges.page(location);
         if !page.written_to() {
             let written = page.with_written_to(true);
@@ -192,13 +196,18 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         }
     }
 
-    /// Marks every write-locked page written: its host mapping can change it unseen.
-    pub(super) fn mark_write_locked_pages(&mut self) {
+    /// Marks every write-locked page written: its host mapping can change it unseen. Returns
+    /// how many of them count as ALLOCATED.
+    pub(super) fn mark_write_locked_pages(&mut self) -> u64 {
+        let mut allocated = 0;
         self.for_each_page(|pgm, location| {
-            if pgm.ranges.page(location).write_locks() > 0 {
+            let page = pgm.ranges.page(location);
+            if page.write_locks() > 0 {
                 pgm.mark_written(location);
+                allocated += u64::from(counted_locked_allocated(page));
             }
         });
+        allocated
     }
 
     /// Locates the page holding `gpa` if it can be locked: RAM, MMIO2 and (for reading) ROM

@@ -349,6 +349,11 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// MMIO in unassigned space deregistered); its frames are the caller's to free afterwards.
     pub(super) fn remove_range(&mut self, range: usize) {
         let removed = self.ranges.remove(range);
+        // Its written pages have nothing left to report, and must not be listed twice when
+        // a new range takes their addresses.
+        self.fold_lock_free_writes();
+        let (base, end) = (removed.base(), removed.end());
+        self.written.retain(|&gpa| gpa < base || gpa.as_u64() >= end);
         for page in 0..removed.page_count() as u64 {
             let gpa = GuestPhysAddr::new_truncate(removed.base().as_u64() + page * PAGE_SIZE);
             self.write_leaf(gpa, None);

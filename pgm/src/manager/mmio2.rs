@@ -460,6 +460,11 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         self.mmio2.iter().map(|r| r.frames.len() as u64).sum()
     }
 
+    /// True when a region is mapped.
+    pub(super) fn mmio2_mapped(&self) -> bool {
+        self.mmio2.iter().any(|region| region.mapped_at.is_some())
+    }
+
     /// Re-applies the write-protection rule to every mapped page of every region.
     pub(super) fn refresh_mmio2_protection(&mut self) -> Invalidation {
         let handles: Vec<Mmio2Handle> = self.mmio2.iter().map(|region| region.handle).collect();

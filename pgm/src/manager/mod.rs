@@ -44,6 +44,7 @@ mod stats;
 
 pub use audit::{AuditReport, Finding, Problem};
 pub use handlers::{AccessHandlers, HandlerAction};
+use lazy_protection::counted_locked_allocated;
 pub use lock_free::WRITTEN_LOG_ENTRIES;
 pub use locks::{PageMapLock, PageMapping, PAGE_MAX_LOCKS};
 pub use mmio2::{DeviceId, Mmio2Handle, Mmio2Spec, MMIO2_MAX_PAGES, MMIO2_MAX_REGIONS};
@@ -724,30 +725,41 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// (see `lazy_protection`), plus the pages of mapped MMIO2 regions and, when a page is
     /// write-locked, one pass to find the locked pages.
     pub fn start_write_monitoring(&mut self) -> Invalidation {
+        if self.monitoring {
+            // Started again: what was written so far is dropped, and everything re-armed.
+            return self.harvest_written(&mut Vec::new());
+        }
         self.clear_written_flags();
-        if !self.monitoring {
-            self.monitoring = true;
-            // Every unwritten RAM page with a frame now awaits protection: none is written.
-            self.counts.write_monitored += self.counts.allocated;
-            self.counts.allocated = 0;
-        }
-        if self.locked_pages.write > 0 {
-            self.mark_write_locked_pages();
-        }
+        self.monitoring = true;
+        let locked_allocated = if self.locked_pages.write > 0 {
+            self.mark_write_locked_pages()
+        } else {
+            0
+        };
         let mmio2 = self.refresh_mmio2_protection();
-        mmio2.max(self.arm_write_protection())
+        // Every page is pending from here: unwritten, and WRITE_MONITORED if it has a frame.
+        let invalidation = self.arm_write_protection();
+        self.count_rearmed(locked_allocated);
+        mmio2.max(invalidation)
     }
 
     /// Appends to `out` every page written since monitoring started or since the last harvest,
     /// each once, in the order recorded (lock-free faults' pages in their vCPU's order, from
-    /// when their logs were folded), and write-protects them again: their written-to flags are
-    /// cleared and the protection of every page is re-armed at once (see `lazy_protection`).
-    /// Costs O(written pages) plus one root table. Returns the invalidation the re-protection
+    /// when their logs were folded), and write-protects them again by re-arming the protection
+    /// of every page at once (see `lazy_protection`): O(written pages) to list them, one root
+    /// table to re-arm, and no descriptor read — unless a page is write-locked or an MMIO2
+    /// region is mapped, when the listed pages' descriptors are read to find those pages
+    /// (written again, and protected one by one). Returns the invalidation the re-protection
     /// needs.
     pub fn harvest_written(&mut self, out: &mut Vec<GuestPhysAddr>) -> Invalidation {
         self.fold_lock_free_writes();
+        if !self.monitoring {
+            return Invalidation::None;
+        }
         let written = core::mem::take(&mut self.written);
+        let one_by_one = self.locked_pages.write > 0 || self.mmio2_mapped();
         let mut still_written = Vec::new();
+        let mut locked_allocated = 0;
         let mut invalidation = Invalidation::None;
         out.reserve(written.len());
         for &gpa in &written {
@@ -755,24 +767,23 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             let Some(location) = self.ranges.find(gpa) else {
                 continue;
             };
-            let page = self.ranges.page(location);
             out.push(gpa);
+            if !one_by_one {
+                continue;
+            }
+            let page = self.ranges.page(location);
             if page.write_locks() > 0 {
                 // The host can write it through its mapping at any time: written again.
                 still_written.push(gpa);
-                continue;
-            }
-            let unwritten = page.with_written_to(false);
-            self.ranges.set_page(location, unwritten);
-            self.recount(page, unwritten);
-            if page.page_type() == PageType::Mmio2 {
+                locked_allocated += u64::from(counted_locked_allocated(page));
+            } else if page.page_type() == PageType::Mmio2 {
                 // Protected one by one: their region's dirty tracking shares the leaves.
+                self.ranges.set_page(location, page.with_written_to(false));
                 invalidation = invalidation.max(self.refresh_protection(location));
             }
         }
-        if self.monitoring {
-            invalidation = invalidation.max(self.arm_write_protection());
-        }
+        invalidation = invalidation.max(self.arm_write_protection());
+        self.count_rearmed(locked_allocated);
         // Reuse the list's memory for the next round.
         self.written = written;
         self.written.clear();
@@ -785,7 +796,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     pub fn stop_write_monitoring(&mut self) -> Invalidation {
         self.fold_lock_free_writes();
         if self.monitoring {
-            self.settle_write_protection();
+            self.settle_every_page();
         }
         self.monitoring = false;
         self.clear_written_flags();
@@ -804,6 +815,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// Protects or unprotects the page at `location` as [`Self::wants_write_protection`] says;
     /// returns the invalidation that needs (only adding protection needs one).
     fn refresh_protection(&mut self, location: PageLocation) -> Invalidation {
+        // The written-to flag decides: it must not be one left from a harvested round.
+        self.settle(location);
         let event = if self.wants_write_protection(location) {
             PageEvent::Protect
         } else {
@@ -981,9 +994,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// sees it: an unwritten page under write monitoring is WRITE_MONITORED even before its
     /// descriptor is brought in line (see [`monitored_view`](crate::page::monitored_view)).
     pub fn page(&self, gpa: GuestPhysAddr) -> Option<PageDescriptor> {
-        self.ranges
-            .find(gpa)
-            .map(|location| self.logical(self.ranges.page(location)))
+        self.ranges.find(gpa).map(|location| self.logical_page(location))
     }
 
     /// The registered ranges.
@@ -1085,7 +1096,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     ) -> Result<bool, PgmError> {
         // The counts below must include what lock-free faults changed.
         self.fold_lock_free_writes();
-        let page = self.logical(self.ranges.page(location));
+        self.settle(location);
+        let page = self.ranges.page(location);
         let step = transition(page, event).map_err(|refused| PgmError::PageState {
             gpa: self.ranges.gpa_of(location),
             state: refused.state,

@@ -134,6 +134,92 @@ fn for_each_word(offset: usize, len: usize, mut visit: impl FnMut(usize, core::o
     }
 }
 
+/// Host-physical memory as one flat array of words from [`FLAT_BASE`] up, as the kernel's
+/// direct map is: an access is an index, with no search and no indirection. For benchmarks
+/// (the sparse [`SimMemory`] tolerates any address; this backs only what it was made for, and
+/// reads outside it as zeros). Pair it with [`SimFrames::new`] over the same number of frames.
+pub struct FlatMemory {
+    words: Vec<AtomicU64>,
+}
+
+/// Where [`FlatMemory`] and [`SimFrames`] start: host-physical 1 MiB.
+pub const FLAT_BASE: u64 = 0x10_0000;
+
+impl FlatMemory {
+    /// `frames` frames of zeroed memory from [`FLAT_BASE`].
+    pub fn new(frames: u64) -> FlatMemory {
+        let words = frames as usize * WORDS;
+        FlatMemory {
+            words: (0..words).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// The index of the word at `addr`, if the memory holds it.
+    #[inline]
+    fn index(&self, addr: HostPhysAddr) -> Option<usize> {
+        let index = (addr.as_u64().checked_sub(FLAT_BASE)? / 8) as usize;
+        (index < self.words.len()).then_some(index)
+    }
+
+    /// The words of `len` bytes at `addr` (8-byte aligned and sized); panics outside the memory,
+    /// which only a broken benchmark reaches.
+    fn span_mut(&mut self, addr: HostPhysAddr, len: usize) -> &mut [AtomicU64] {
+        let first = self
+            .index(addr)
+            .expect("flat memory holds the frames it was made for");
+        &mut self.words[first..first + len / 8]
+    }
+}
+
+// SAFETY: flat memory is one heap array: every address a frame allocator over the same range
+// hands out is backed, and a write changes only the words addressed.
+#[allow(unsafe_code)]
+unsafe impl HostMemory for FlatMemory {
+    fn read(&self, addr: HostPhysAddr, buf: &mut [u8]) {
+        for (at, byte) in buf.iter_mut().enumerate() {
+            let addr = HostPhysAddr::new_truncate(addr.as_u64() + at as u64);
+            let word = self
+                .index(addr)
+                .map_or(0, |index| self.words[index].load(Ordering::Relaxed));
+            *byte = word.to_le_bytes()[addr.as_u64() as usize % 8];
+        }
+    }
+
+    fn write(&mut self, addr: HostPhysAddr, data: &[u8]) {
+        for (at, &byte) in data.iter().enumerate() {
+            let addr = HostPhysAddr::new_truncate(addr.as_u64() + at as u64);
+            let word = self.span_mut(HostPhysAddr::new_truncate(addr.as_u64() & !7), 8)[0].get_mut();
+            let mut bytes = word.to_le_bytes();
+            bytes[addr.as_u64() as usize % 8] = byte;
+            *word = u64::from_le_bytes(bytes);
+        }
+    }
+
+    #[inline]
+    fn read_u64(&self, addr: HostPhysAddr) -> u64 {
+        self.index(addr)
+            .map_or(0, |index| self.words[index].load(Ordering::Relaxed))
+    }
+
+    #[inline]
+    fn write_u64(&mut self, addr: HostPhysAddr, value: u64) {
+        *self.span_mut(addr, 8)[0].get_mut() = value;
+    }
+
+    fn compare_exchange_u64(&self, addr: HostPhysAddr, current: u64, new: u64) -> Result<(), u64> {
+        let index = self.index(addr).expect("flat memory holds the tables");
+        self.words[index]
+            .compare_exchange(current, new, Ordering::SeqCst, Ordering::SeqCst)
+            .map(|_| ())
+    }
+
+    fn zero_frame(&mut self, frame: HostPhysAddr) {
+        for word in self.span_mut(frame, PAGE_SIZE as usize) {
+            *word.get_mut() = 0;
+        }
+    }
+}
+
 /// A bitmap allocator over simulated RAM, with failure injection: after `fail_after`
 /// further allocations, every allocation fails.
 pub struct SimFrames {
@@ -144,10 +230,10 @@ pub struct SimFrames {
 }
 
 impl SimFrames {
-    /// `frames` free frames starting at host-physical 1 MiB.
+    /// `frames` free frames starting at host-physical 1 MiB ([`FLAT_BASE`]).
     pub fn new(frames: u64) -> SimFrames {
-        let start = HostPhysAddr::new_truncate(0x10_0000);
-        let end = HostPhysAddr::new_truncate(0x10_0000 + frames * PAGE_SIZE);
+        let start = HostPhysAddr::new_truncate(FLAT_BASE);
+        let end = HostPhysAddr::new_truncate(FLAT_BASE + frames * PAGE_SIZE);
         SimFrames {
             inner: BitmapFrameAllocator::new([(start, end)]),
             fail_after: None,

@@ -1,0 +1,329 @@
+//! Performance at scale (issue 11), pgm against rust-vmm's vm-memory in the same run, on a flat
+//! direct-mapped host memory (`FlatMemory`: an index per access, as the kernel's physical
+//! window is). Prints one markdown table, the README's: each figure is the median of its
+//! rounds (the first round of each is a warm-up and not counted), with the reference measured
+//! beside it and the ratio between them.
+//!
+//! Run: `cargo bench -p pgm --features sim --bench scale` (`make bench` does).
+
+use std::hint::black_box;
+use std::num::NonZeroUsize;
+use std::time::{Duration, Instant};
+
+use pgm::sim::{FlatMemory, SimFrames};
+use pgm::{Access, GuestPhysAddr, Pgm, PAGE_SIZE};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+type FlatPgm = Pgm<SimFrames, FlatMemory>;
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+/// Rounds per harvest and lookup figure (plus one warm-up).
+const ROUNDS: usize = 11;
+/// Rounds per figure whose set-up costs seconds at 64 GiB (plus one warm-up).
+const SLOW_ROUNDS: usize = 5;
+
+fn gpa(addr: u64) -> GuestPhysAddr {
+    GuestPhysAddr::new(addr).unwrap()
+}
+
+/// Xorshift, fixed seed: both sides see the same numbers.
+struct Random(u64);
+
+impl Random {
+    fn new() -> Random {
+        Random(0x9E37_79B9_7F4A_7C15)
+    }
+
+    fn below(&mut self, bound: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % bound
+    }
+}
+
+/// `count` distinct random page numbers below `pages`, sorted.
+fn random_pages(count: u64, pages: u64) -> Vec<u64> {
+    let mut random = Random::new();
+    let mut chosen: Vec<u64> = (0..count).map(|_| random.below(pages)).collect();
+    chosen.sort_unstable();
+    chosen.dedup();
+    chosen
+}
+
+/// The median of `rounds` timings by `one`, after one warm-up call.
+fn median(rounds: usize, mut one: impl FnMut() -> Duration) -> Duration {
+    one();
+    let mut times: Vec<Duration> = (0..rounds).map(|_| one()).collect();
+    times.sort_unstable();
+    times[rounds / 2]
+}
+
+/// A VM with `guest` bytes of RAM at 0, on a flat memory big enough for its tables and
+/// `frames_for_pages` frames of guest pages.
+fn flat_vm(guest: u64, frames_for_pages: u64) -> FlatPgm {
+    let tables = guest / (2 * MIB) + guest / GIB + 16;
+    let frames = tables + frames_for_pages + 4096;
+    let mut pgm = Pgm::new(SimFrames::new(frames), FlatMemory::new(frames)).unwrap();
+    pgm.register_ram(gpa(0), guest, "ram").unwrap();
+    pgm
+}
+
+/// One printed row: what, pgm's figure, the reference's, the ratio, the goal.
+struct Row {
+    measure: String,
+    pgm: String,
+    reference: String,
+    ratio: String,
+    goal: &'static str,
+}
+
+fn print(rows: &[Row]) {
+    println!();
+    println!("| measure | pgm | reference (same run) | ratio | goal |");
+    println!("|---|---|---|---|---|");
+    for row in rows {
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            row.measure, row.pgm, row.reference, row.ratio, row.goal
+        );
+    }
+}
+
+fn micros(time: Duration) -> String {
+    format!("{:.0} µs", time.as_secs_f64() * 1e6)
+}
+
+fn ratio(reference: Duration, pgm: Duration) -> String {
+    format!("{:.1}× faster", reference.as_secs_f64() / pgm.as_secs_f64())
+}
+
+/// Harvest of `permille`‰ of a `guest`-byte guest: pgm lists the written pages and re-arms
+/// monitoring; vm-memory's bitmap is read, reset and turned into the same list.
+fn harvest_row(guest: u64, permille: u64) -> Row {
+    let pages = guest / PAGE_SIZE;
+    let dirty = random_pages(pages * permille / 1000, pages);
+    let mut pgm = flat_vm(guest, dirty.len() as u64);
+    let _ = pgm.start_write_monitoring();
+    let mut out = Vec::with_capacity(dirty.len());
+    let pgm_time = median(ROUNDS, || {
+        // The guest writes the dirty set: one write fault per page (not timed).
+        for &page in &dirty {
+            pgm.resolve_fault(gpa(page * PAGE_SIZE), Access::Write);
+        }
+        out.clear();
+        let start = Instant::now();
+        black_box(pgm.harvest_written(&mut out));
+        let time = start.elapsed();
+        assert_eq!(out.len(), dirty.len(), "every written page harvested");
+        time
+    });
+    drop(pgm);
+
+    let bitmap = AtomicBitmap::new(guest as usize, NonZeroUsize::new(PAGE_SIZE as usize).unwrap());
+    let reference = median(ROUNDS, || {
+        for &page in &dirty {
+            bitmap.set_bit(page as usize);
+        }
+        let start = Instant::now();
+        let words = bitmap.get_and_reset();
+        let mut listed = Vec::with_capacity(dirty.len());
+        for (w, word) in words.iter().enumerate() {
+            let mut bits = *word;
+            while bits != 0 {
+                listed.push(gpa((w as u64 * 64 + u64::from(bits.trailing_zeros())) * PAGE_SIZE));
+                bits &= bits - 1;
+            }
+        }
+        black_box(listed);
+        start.elapsed()
+    });
+    Row {
+        measure: format!(
+            "harvest {} GiB, {}.{} % dirty ({} pages)",
+            guest / GIB,
+            permille / 10,
+            permille % 10,
+            dirty.len()
+        ),
+        pgm: micros(pgm_time),
+        reference: format!("vm-memory bitmap {}", micros(reference)),
+        ratio: ratio(reference, pgm_time),
+        goal: if permille == 1 {
+            "≥ 5× at 64 GiB"
+        } else {
+            "faster"
+        },
+    }
+}
+
+/// Write-protect-all (starting monitoring) and `register_ram` at 64 GiB, with 1 % of the
+/// guest written; and what the guest's tables cost per page.
+fn protect_all_and_register_rows() -> Vec<Row> {
+    let guest = 64 * GIB;
+    let pages = guest / PAGE_SIZE;
+    let dirty = random_pages(pages / 100, pages);
+    let mut pgm = flat_vm(guest, dirty.len() as u64);
+    for &page in &dirty {
+        pgm.resolve_fault(gpa(page * PAGE_SIZE), Access::Write);
+    }
+    let protect = median(SLOW_ROUNDS, || {
+        let _ = pgm.stop_write_monitoring();
+        let start = Instant::now();
+        black_box(pgm.start_write_monitoring());
+        start.elapsed()
+    });
+    let table_bytes = pgm.stats().table_frames * PAGE_SIZE;
+    drop(pgm);
+    let register = median(SLOW_ROUNDS, || {
+        let tables = guest / (2 * MIB) + guest / GIB + 16;
+        let mut pgm = Pgm::new(SimFrames::new(tables), FlatMemory::new(tables)).unwrap();
+        let start = Instant::now();
+        pgm.register_ram(gpa(0), guest, "ram").unwrap();
+        start.elapsed()
+    });
+    vec![
+        Row {
+            measure: format!("write-protect-all, 64 GiB ({} pages written)", dirty.len()),
+            pgm: micros(protect),
+            reference: "—".into(),
+            ratio: "—".into(),
+            goal: "≤ 1 ms",
+        },
+        Row {
+            measure: "`register_ram` 64 GiB".into(),
+            pgm: format!("{:.1} ms", register.as_secs_f64() * 1e3),
+            reference: "—".into(),
+            ratio: "—".into(),
+            goal: "≤ 1 ms",
+        },
+        Row {
+            measure: "metadata per 4 KiB page, 64 GiB mapped 4 KiB".into(),
+            pgm: format!("descriptor 8 B + EPT {:.2} B", table_bytes as f64 / pages as f64),
+            reference: "VirtualBox 16 B + 8 B".into(),
+            ratio: "—".into(),
+            goal: "≤ 12 B with 2 MiB pages",
+        },
+    ]
+}
+
+/// The lookup layout: 256 RAM ranges of 16 MiB, 16 MiB apart.
+const RANGES: u64 = 256;
+const RANGE_SIZE: u64 = 16 * MIB;
+const RANGE_STRIDE: u64 = 32 * MIB;
+const LOOKUPS: usize = 1 << 20;
+
+/// Lookups of 1M random addresses: GPA → range and page index against vm-memory's
+/// `find_region`, and GPA → descriptor against reading the same descriptors where they are
+/// (their location already known: the memory-latency limit).
+fn lookup_rows() -> Vec<Row> {
+    let per_range = RANGE_SIZE / PAGE_SIZE;
+    let frames = RANGES * (RANGE_SIZE / (2 * MIB) + 2) + 64;
+    let mut pgm: FlatPgm = Pgm::new(SimFrames::new(frames), FlatMemory::new(frames)).unwrap();
+    for range in 0..RANGES {
+        pgm.register_ram(gpa(range * RANGE_STRIDE), RANGE_SIZE, "ram")
+            .unwrap();
+    }
+    let regions: Vec<_> = (0..RANGES)
+        .map(|r| (GuestAddress(r * RANGE_STRIDE), RANGE_SIZE as usize))
+        .collect();
+    let vm_memory: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&regions).unwrap();
+    let mut random = Random::new();
+    let indexes: Vec<u64> = (0..LOOKUPS).map(|_| random.below(RANGES * per_range)).collect();
+    let addresses: Vec<u64> = indexes
+        .iter()
+        .map(|&page| (page / per_range) * RANGE_STRIDE + (page % per_range) * PAGE_SIZE + 0x123)
+        .collect();
+    // The memory-latency limit: the same descriptors read where they are, the lookup done.
+    let locations: Vec<_> = addresses
+        .iter()
+        .map(|&a| pgm.ranges().find(gpa(a)).unwrap())
+        .collect();
+    let per_lookup = |time: Duration| time.as_secs_f64() / LOOKUPS as f64;
+    let find = per_lookup(median(ROUNDS, || {
+        let start = Instant::now();
+        for &a in &addresses {
+            black_box(pgm.ranges().find(gpa(a)));
+        }
+        start.elapsed()
+    }));
+    let find_region = per_lookup(median(ROUNDS, || {
+        let start = Instant::now();
+        for &a in &addresses {
+            black_box(vm_memory.find_region(GuestAddress(a)));
+        }
+        start.elapsed()
+    }));
+    // A fault handler's one lookup costs its latency: each address below depends on the
+    // descriptor read before it (`raw >> 58`, the read-lock count, is 0 here, which the
+    // compiler cannot know), so the lookups cannot overlap.
+    let page = per_lookup(median(ROUNDS, || {
+        let start = Instant::now();
+        let mut carry = 0;
+        for &a in &addresses {
+            let page = pgm.page(gpa(a + carry)).unwrap();
+            carry = page.raw() >> 58;
+        }
+        black_box(carry);
+        start.elapsed()
+    }));
+    let descriptor_read = per_lookup(median(ROUNDS, || {
+        let start = Instant::now();
+        let mut carry = 0;
+        for &location in &locations {
+            let location = pgm::PageLocation {
+                page: location.page + carry as usize,
+                ..location
+            };
+            carry = pgm.ranges().page(location).raw() >> 58;
+        }
+        black_box(carry);
+        start.elapsed()
+    }));
+    let nanos = |seconds: f64| format!("{:.1} ns", seconds * 1e9);
+    vec![
+        Row {
+            measure: "GPA → range + page index, 1M random, 256 ranges".into(),
+            pgm: nanos(find),
+            reference: format!("vm-memory `find_region` {}", nanos(find_region)),
+            ratio: format!("{:.1}× faster", find_region / find),
+            goal: "≥ 3×",
+        },
+        Row {
+            measure: "GPA → descriptor (`Pgm::page`), same addresses, each after the last".into(),
+            pgm: nanos(page),
+            reference: format!(
+                "the descriptor read at its known place {}",
+                nanos(descriptor_read)
+            ),
+            ratio: format!("{:.2}× the read", page / descriptor_read),
+            goal: "≤ 1.2× the read",
+        },
+    ]
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument picks sections by name.
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
+    let mut rows = Vec::new();
+    if wanted("lookup") {
+        rows.extend(lookup_rows());
+    }
+    if wanted("harvest") {
+        for guest in [GIB, 16 * GIB, 64 * GIB] {
+            for permille in [1, 10] {
+                rows.push(harvest_row(guest, permille));
+            }
+        }
+    }
+    if wanted("protect") {
+        rows.extend(protect_all_and_register_rows());
+    }
+    print(&rows);
+}
