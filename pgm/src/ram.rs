@@ -222,6 +222,15 @@ impl RamRanges {
         Some(PageLocation { range, page })
     }
 
+    /// The page holding `gpa` and its descriptor, in one pass (no second bounds check or
+    /// range lookup on the way to the descriptor).
+    #[inline]
+    pub fn find_page(&self, gpa: GuestPhysAddr) -> Option<(PageLocation, PageDescriptor)> {
+        let location = self.find(gpa)?;
+        let word = self.ranges.get(location.range)?.pages.get(location.page)?;
+        Some((location, load(word)))
+    }
+
     /// The index of the last range starting at or below `gpa` (binary search).
     fn search(&self, gpa: GuestPhysAddr) -> Option<usize> {
         self.ranges.partition_point(|r| r.base <= gpa).checked_sub(1)

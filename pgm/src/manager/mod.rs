@@ -994,7 +994,11 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// sees it: an unwritten page under write monitoring is WRITE_MONITORED even before its
     /// descriptor is brought in line (see [`monitored_view`](crate::page::monitored_view)).
     pub fn page(&self, gpa: GuestPhysAddr) -> Option<PageDescriptor> {
-        self.ranges.find(gpa).map(|location| self.logical_page(location))
+        let (location, page) = self.ranges.find_page(gpa)?;
+        if self.monitoring {
+            return Some(self.logical_page(location));
+        }
+        Some(page)
     }
 
     /// The registered ranges.
