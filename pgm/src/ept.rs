@@ -14,6 +14,9 @@ const MEMORY_TYPE_SHIFT: u32 = 3;
 const IGNORE_PAT: u64 = 1 << 6;
 /// Bit 7 of a PDE/PDPTE: the entry maps a 2 MiB / 1 GiB page.
 const LARGE_PAGE: u64 = 1 << 7;
+/// Bit 9 of a leaf: dirty, set by the CPU on a write when the EPT pointer enables accessed
+/// and dirty flags (and, with PML on, the write's address logged).
+const DIRTY: u64 = 1 << 9;
 /// Bits 12..=51: the physical address.
 const ADDRESS_MASK: u64 = ((1 << HOST_PHYS_BITS) - 1) & !0xFFF;
 
@@ -66,6 +69,14 @@ impl EntryFormat for Ept {
 
     fn table_permissions(raw: u64) -> Permissions {
         Permissions::from_bits_truncate((raw & PERMISSION_BITS) as u8)
+    }
+
+    fn without_dirty(raw: u64) -> u64 {
+        raw & !DIRTY
+    }
+
+    fn is_dirty(raw: u64) -> bool {
+        raw & DIRTY != 0
     }
 
     fn with_write(raw: u64, write: bool) -> u64 {

@@ -75,6 +75,8 @@ pub enum PgmError {
     Mmio2NotTrackable(Mmio2Handle),
     /// The ROM image is larger than the ROM's range.
     RomImageTooLarge,
+    /// Write monitoring is on: the change must wait until it stops.
+    MonitoringActive,
 }
 
 impl fmt::Display for PgmError {
@@ -113,6 +115,7 @@ impl fmt::Display for PgmError {
                 )
             }
             PgmError::RomImageTooLarge => write!(f, "the ROM image is larger than its range"),
+            PgmError::MonitoringActive => write!(f, "write monitoring is on"),
         }
     }
 }

@@ -99,6 +99,10 @@ pub trait EntryFormat {
     /// The present entry `raw` (a table pointer or a leaf of any level) with its write
     /// permission set as `write` says, everything else kept.
     fn with_write(raw: u64, write: bool) -> u64;
+    /// The leaf `raw` with the dirty flag the CPU sets on a write cleared.
+    fn without_dirty(raw: u64) -> u64;
+    /// True when the CPU set the leaf `raw`'s dirty flag.
+    fn is_dirty(raw: u64) -> bool;
 }
 
 /// Which TLB invalidation a change to the tables needs before the guest runs again. Every
@@ -271,6 +275,56 @@ impl<F: EntryFormat> NestedTables<F> {
             }
         }
         Some(entry_addr(table, 0, gpa))
+    }
+
+    /// Clears the dirty flag of the leaf mapping `gpa` (4 KiB or 2 MiB), so that the CPU sets
+    /// it, and logs the address with PML, at the next write. A compare-exchange: the CPU may
+    /// set accessed and dirty flags meanwhile. Returns whether the flag was set.
+    pub fn clear_dirty(&mut self, memory: &mut impl HostMemory, gpa: GuestPhysAddr) -> bool {
+        let Some(slot) = self.leaf_slot(memory, gpa) else {
+            return false;
+        };
+        loop {
+            let raw = memory.read_u64(slot);
+            if !F::is_dirty(raw) {
+                return false;
+            }
+            if memory
+                .compare_exchange_u64(slot, raw, F::without_dirty(raw))
+                .is_ok()
+            {
+                return true;
+            }
+        }
+    }
+
+    /// Clears the dirty flag of every leaf the CPU can reach (the start of PML dirty logging).
+    pub fn clear_dirty_everywhere(&mut self, memory: &mut impl HostMemory) {
+        let mut leaves = Vec::new();
+        self.for_each_leaf(memory, |gpa, _, _, _| leaves.push(gpa));
+        for gpa in leaves {
+            self.clear_dirty(memory, gpa);
+        }
+    }
+
+    /// Where the leaf mapping `gpa` lives: a 4 KiB entry, or the 2 MiB entry above it.
+    pub(crate) fn leaf_slot(&self, memory: &impl HostMemory, gpa: GuestPhysAddr) -> Option<HostPhysAddr> {
+        let mut table = self.root;
+        for level in (0..LEVELS).rev() {
+            let slot = entry_addr(table, level, gpa);
+            match F::decode(memory.read_u64(slot), level) {
+                Entry::Table(next) => table = next,
+                Entry::Leaf(_) => return Some(slot),
+                Entry::Absent => return None,
+            }
+        }
+        None
+    }
+
+    /// True when the CPU set the dirty flag of the leaf mapping `gpa`.
+    pub fn is_dirty(&self, memory: &impl HostMemory, gpa: GuestPhysAddr) -> bool {
+        self.leaf_slot(memory, gpa)
+            .is_some_and(|slot| F::is_dirty(memory.read_u64(slot)))
     }
 
     /// The decoded 4 KiB entry for `gpa` (`Entry::Absent` when no table reaches it).

@@ -289,6 +289,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         // Unwritten and not protected: a write would go unseen (RAM and shadows are protected
         // by monitoring itself, MMIO2 pages by the rule their region's tracking shares).
         let unseen = self.monitoring
+            && self.dirty_log_mode == super::DirtyLogMode::WriteProtect
             && page.state() == PageState::Allocated
             && !page.written_to()
             && page.write_locks() == 0

@@ -30,6 +30,7 @@ use crate::pool::FramePool;
 use crate::ram::{PageLocation, RamRange, RamRanges};
 
 mod audit;
+mod dirty_log;
 mod dump;
 mod handlers;
 mod large;
@@ -43,6 +44,7 @@ mod sharing;
 mod stats;
 
 pub use audit::{AuditReport, Finding, Problem};
+pub use dirty_log::DirtyLogMode;
 pub use handlers::{AccessHandlers, HandlerAction};
 use lazy_protection::counted_locked_allocated;
 pub use lock_free::WRITTEN_LOG_ENTRIES;
@@ -133,6 +135,8 @@ pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
     counts: StateCounts,
     /// Write monitoring is on: content changes mark pages written-to.
     monitoring: bool,
+    /// How monitoring learns of guest writes (see `dirty_log`).
+    dirty_log_mode: DirtyLogMode,
     /// Pages whose written-to flag was set since the last harvest, in order. Addresses, not
     /// locations: range indices shift when ranges come and go.
     written: Vec<GuestPhysAddr>,
@@ -208,6 +212,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             pool: FramePool::default(),
             counts: StateCounts::default(),
             monitoring: false,
+            dirty_log_mode: DirtyLogMode::WriteProtect,
             written: Vec::new(),
             handlers: Handlers::default(),
             roms: Vec::new(),
@@ -737,6 +742,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             0
         };
         let mmio2 = self.refresh_mmio2_protection();
+        if self.dirty_log_mode == DirtyLogMode::Pml {
+            return mmio2.max(self.start_pml_logging());
+        }
         // Every page is pending from here: unwritten, and WRITE_MONITORED if it has a frame.
         let invalidation = self.arm_write_protection();
         self.count_rearmed(locked_allocated);
@@ -757,6 +765,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             return Invalidation::None;
         }
         let written = core::mem::take(&mut self.written);
+        if self.dirty_log_mode == DirtyLogMode::Pml {
+            return self.harvest_pml(written, out);
+        }
         let one_by_one = self.locked_pages.write > 0 || self.mmio2_mapped();
         let mut still_written = Vec::new();
         let mut locked_allocated = 0;
@@ -791,6 +802,31 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         invalidation
     }
 
+    /// [`harvest_written`](Self::harvest_written) in PML mode: lists `written`, re-arms the
+    /// listed pages' dirty flags, and protects MMIO2 pages whose tracking wants it.
+    fn harvest_pml(&mut self, mut written: Vec<GuestPhysAddr>, out: &mut Vec<GuestPhysAddr>) -> Invalidation {
+        written.retain(|&gpa| self.ranges.find(gpa).is_some());
+        out.extend_from_slice(&written);
+        let mut still_written = self.rearm_pml_pages(&written);
+        let mut invalidation = Invalidation::None;
+        for &gpa in &written {
+            if let Some(location) = self.ranges.find(gpa) {
+                if self.ranges.page(location).page_type() == PageType::Mmio2 {
+                    invalidation = invalidation.max(self.refresh_protection(location));
+                }
+            }
+        }
+        if !written.is_empty() {
+            // The CPU caches dirty flags with its translations: it must forget them to log
+            // the next write.
+            invalidation = invalidation.max(Invalidation::SingleContext);
+        }
+        self.written = written;
+        self.written.clear();
+        self.written.append(&mut still_written);
+        invalidation
+    }
+
     /// Ends write monitoring: pages become writable again (except MMIO2 pages whose dirty
     /// tracking still wants their next write) and the written-to flags are dropped.
     pub fn stop_write_monitoring(&mut self) -> Invalidation {
@@ -809,7 +845,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// seen it written since the last query.
     fn wants_write_protection(&self, location: PageLocation) -> bool {
         let page = self.ranges.page(location);
-        (self.monitoring && !page.written_to()) || self.mmio2_wants_protection(location)
+        let protects = self.monitoring && self.dirty_log_mode == DirtyLogMode::WriteProtect;
+        (protects && !page.written_to()) || self.mmio2_wants_protection(location)
     }
 
     /// Protects or unprotects the page at `location` as [`Self::wants_write_protection`] says;
@@ -1261,7 +1298,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         Invalidation::SingleContext
     }
 
-    fn split_all_large_blocks(&mut self) {
+    pub(super) fn split_all_large_blocks(&mut self) {
         self.for_each_page(|pgm, location| {
             if pgm.ranges.page(location).large_page() == LargePageState::Large {
                 pgm.split_large_block(location);
