@@ -219,6 +219,10 @@ const TESTS: &[(&str, TestFn)] = &[
         smp::mmio_from_two_vcpus_reaches_the_device_once_each,
     ),
     (
+        "dirty_log_pml_harvests_equal_write_protect_harvests",
+        dirty_log::pml_harvests_equal_write_protect_harvests,
+    ),
+    (
         "smp_dirty_log_with_the_writer_on_another_cpu",
         smp::dirty_log_with_the_writer_on_another_cpu,
     ),
@@ -369,6 +373,7 @@ macro_rules! ensure_eq {
 }
 
 // After the macros: the scenario modules use them.
+mod dirty_log;
 mod fidelity;
 mod hostile;
 mod pc;

@@ -180,6 +180,31 @@ guest_programs! {
         "vmcall",
         "hlt",
     ];
+    // ECX writes of EDI, EDI+1, ... to the first dword of pseudo-random pages of the area at
+    // ESI: EBX steps a xorshift32 (13, 17, 5) before each write, whose low bits masked by EDX
+    // (pages - 1) pick the page. Then done(EBX), the next round's seed.
+    random_writes: Flat32, ".code32", [
+        "1:",
+        "mov eax, ebx",
+        "shl eax, 13",
+        "xor ebx, eax",
+        "mov eax, ebx",
+        "shr eax, 17",
+        "xor ebx, eax",
+        "mov eax, ebx",
+        "shl eax, 5",
+        "xor ebx, eax",
+        "mov eax, ebx",
+        "and eax, edx",
+        "shl eax, 12",
+        "mov dword ptr [esi + eax], edi",
+        "inc edi",
+        "dec ecx",
+        "jnz 1b",
+        "xor eax, eax",
+        "vmcall",
+        "hlt",
+    ];
     // ORs together the dwords at ESI, ESI+EDX, ... (ECX of them), then done(result).
     read_pages: Flat32, ".code32", [
         "xor ebx, ebx",

@@ -20,6 +20,7 @@ pub mod exit_reason {
     pub const EPT_VIOLATION: u32 = 48;
     pub const EPT_MISCONFIGURATION: u32 = 49;
     pub const PREEMPTION_TIMER: u32 = 52;
+    pub const PML_FULL: u32 = 62;
 }
 
 /// Exit-qualification and exit-information bits (SDM Vol. 3C, 28.2).
@@ -104,7 +105,12 @@ pub struct ExitCounts {
     pub monitor_mwait: u64,
     /// Port I/O the hypervisor handled (the A20 gate at port 0x92).
     pub port_io: u64,
+    /// Page-modification-log-full exits.
+    pub pml_full: u64,
 }
+
+/// Entries of a vCPU's page-modification log (one 4 KiB frame of addresses).
+pub const PML_ENTRIES: usize = 512;
 
 /// The exits whose handling cost is measured, from VM exit to the next VM entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,11 +135,13 @@ pub enum ExitKind {
     /// A preemption: from the timer's exit to the next entry of the same vCPU, less the time
     /// the caller spent between the two runs (it returned `Preempted` and ran it again).
     Preemption,
+    /// The page-modification log is full: its 512 addresses go to the memory manager.
+    PmlFull,
 }
 
 impl ExitKind {
     /// Every kind, in table order.
-    pub const ALL: [ExitKind; 9] = [
+    pub const ALL: [ExitKind; 10] = [
         ExitKind::ZeroFill,
         ExitKind::WriteMonitor,
         ExitKind::WriteMonitorLockFree,
@@ -143,6 +151,7 @@ impl ExitKind {
         ExitKind::RomWriteShadow,
         ExitKind::Hypercall,
         ExitKind::Preemption,
+        ExitKind::PmlFull,
     ];
 
     /// The table name.
@@ -157,6 +166,7 @@ impl ExitKind {
             ExitKind::RomWriteShadow => "ROM write to shadow",
             ExitKind::Hypercall => "hypercall",
             ExitKind::Preemption => "preemption (exit, return, run, entry)",
+            ExitKind::PmlFull => "PML full (512 addresses logged)",
         }
     }
 }

@@ -24,7 +24,8 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use brlock::{BrLock, WriteGuard};
 use spin::Mutex;
 
-use pgm::{Access, FaultOutcome, GuestPhysAddr, Invalidation, Pgm};
+use pgm::manager::DirtyLogMode;
+use pgm::{Access, FaultOutcome, GuestPhysAddr, Invalidation, Pgm, PgmError};
 
 use super::exits::ExitCost;
 use super::requests::{Request, VcpuRequests};
@@ -65,6 +66,9 @@ pub struct VmMemory {
     rendezvous_owner: Mutex<()>,
     /// vCPUs waiting in a rendezvous.
     parked: AtomicUsize,
+    /// Write monitoring takes its writes from the vCPUs' page-modification logs: each vCPU
+    /// logs from its next entry (see [`VmMemory::start_dirty_log`]).
+    pml_logging: AtomicBool,
 }
 
 /// The VM's memory manager, locked (see [`VmMemory::lock`]).
@@ -105,7 +109,38 @@ impl VmMemory {
             rendezvous: AtomicBool::new(false),
             rendezvous_owner: Mutex::new(()),
             parked: AtomicUsize::new(0),
+            pml_logging: AtomicBool::new(false),
         }
+    }
+
+    /// Starts write monitoring in `mode` (pgm's `DirtyLogMode`). With PML, every vCPU logs its
+    /// writes from its next entry; the returned invalidation, carried out with
+    /// [`VmMemory::flush`], makes every running vCPU exit and enter again first, so a copy
+    /// taken after the flush misses no write. The caller checks that the CPUs support PML
+    /// (`Vm::pml_supported`). Fails, changing nothing, while monitoring is on in another mode.
+    /// Locking: takes the VM's lock.
+    #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
+    pub fn start_dirty_log(&self, mode: DirtyLogMode) -> Result<Invalidation, PgmError> {
+        let mut pgm = self.lock();
+        pgm.set_dirty_log_mode(mode)?;
+        let invalidation = pgm.start_write_monitoring();
+        // Before the flush that makes the vCPUs enter again: they see it at that entry.
+        self.pml_logging.store(pgm.is_pml_logging(), Ordering::SeqCst);
+        Ok(invalidation)
+    }
+
+    /// Ends write monitoring (and the vCPUs' logging with it). Locking: takes the VM's lock.
+    #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
+    pub fn stop_dirty_log(&self) -> Invalidation {
+        let mut pgm = self.lock();
+        let invalidation = pgm.stop_write_monitoring();
+        self.pml_logging.store(false, Ordering::SeqCst);
+        invalidation
+    }
+
+    /// True while the vCPUs must log their writes (PML).
+    pub(super) fn pml_logging(&self) -> bool {
+        self.pml_logging.load(Ordering::Relaxed)
     }
 
     /// The EPT pointer every vCPU of the VM uses.

@@ -13,6 +13,7 @@ pub mod budget;
 mod emulation;
 pub mod exits;
 mod memory;
+mod pml;
 pub mod requests;
 mod setup;
 mod stop;

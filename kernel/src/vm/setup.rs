@@ -97,6 +97,7 @@ impl Vm<'_> {
             &caps.entry,
             (EntryControls::LOAD_IA32_EFER | EntryControls::IA32E_MODE_GUEST).bits(),
         )?;
+        self.secondary_controls = secondary;
         self.entry_controls = EntryControlValues {
             legacy: entry,
             long_mode: entry_long_mode,

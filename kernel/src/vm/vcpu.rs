@@ -57,7 +57,7 @@ pub struct Vm<'a> {
     /// VM-entry controls for a guest outside and inside IA-32e mode.
     pub(super) entry_controls: EntryControlValues,
     /// The kind and exit time of the exit being handled, when its cost is measured.
-    measuring: Option<(ExitKind, u64)>,
+    pub(super) measuring: Option<(ExitKind, u64)>,
     /// What this VM's exits cost so far.
     pub exit_costs: ExitCosts,
     /// The time and exits this VM may use.
@@ -75,6 +75,14 @@ pub struct Vm<'a> {
     /// The kind and host ticks so far of an exit whose handling the last (resumable) run left
     /// unfinished: the next run's entry completes its cost.
     carried: Option<(ExitKind, u64)>,
+    /// The host's physical memory window (the page-modification log is read through it).
+    pub(super) phys: &'static PhysMap,
+    /// The secondary processor-based controls without PML (see `pml`).
+    pub(super) secondary_controls: u64,
+    /// This vCPU's page-modification log, when the CPU supports PML.
+    pub(super) pml_buffer: Option<pgm::HostPhysAddr>,
+    /// PML is enabled in the VMCS (the VM's monitoring asked for it at the last entry).
+    pub(super) pml_on: bool,
 }
 
 impl<'a> Vm<'a> {
@@ -120,8 +128,13 @@ impl<'a> Vm<'a> {
             overrun: ExitCost::NONE,
             requests,
             carried: None,
+            phys,
+            secondary_controls: 0,
+            pml_buffer: None,
+            pml_on: false,
         };
         vm.write_controls()?;
+        vm.set_up_pml()?;
         vm.write_host_state(&vmx::host::current())?;
         // The root frame may have served an earlier VM with the same EPTP value and VPID: drop
         // whatever the CPU still caches for it.
@@ -233,8 +246,12 @@ impl<'a> Vm<'a> {
             return VmStop::Stopped(self.diagnostic(StopCause::WrongCpu, self.last_exit_reason));
         }
         self.memory.set_running(self.vmcs.cpu(), true);
-        let stop = self.run_loop(devices);
+        let mut stop = self.run_loop(devices);
         self.memory.set_running(self.vmcs.cpu(), false);
+        // Out of its run, the vCPU has handed every address it logged to the host.
+        if self.drain_pml().is_err() && !matches!(stop, VmStop::Stopped(_)) {
+            stop = VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit, exit_reason::PML_FULL));
+        }
         if let VmStop::Stopped(diagnostic) = &stop {
             if diagnostic.cause.stops_vm() {
                 self.memory
@@ -258,6 +275,9 @@ impl<'a> Vm<'a> {
             // the requests they may have posted are looked at.
             idt::deliver_pending();
             if let Some(stop) = self.take_requests() {
+                break stop;
+            }
+            if let Some(stop) = self.follow_pml_mode() {
                 break stop;
             }
             let parked = self.memory.park_if_asked();
@@ -425,6 +445,7 @@ impl<'a> Vm<'a> {
                 }
             }
             exit_reason::IO_INSTRUCTION => self.handle_port_io(reason),
+            exit_reason::PML_FULL => self.handle_pml_full(exit_tick),
             exit_reason::HLT => Some(VmStop::Halted {
                 rip: vmcs.read(guest::RIP),
             }),
@@ -657,6 +678,7 @@ impl Drop for Vm<'_> {
     /// fields.
     fn drop(&mut self) {
         self.memory.remove_vcpu(&self.requests);
+        self.release_pml();
         let mut finished = FINISHED_VMS.lock();
         finished.0.merge(&self.exit_costs);
         finished.1.merge(&self.overrun);

@@ -111,9 +111,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 }
             }
         }
-        for location in protected {
-            self.sync_leaf(location);
-        }
+        self.sync_block(block, &protected);
     }
 
     /// Before monitoring ends: settles every page (one walk per 2 MiB block and a pass over

@@ -256,6 +256,32 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         true
     }
 
+    /// [`sync_leaf`](Self::sync_leaf) for `pages`, all in the 2 MiB block at `block`: plain RAM
+    /// pages (the A20 gate open, the block mapped with 4 KiB leaves) have their leaves written
+    /// straight into the block's page table, found once; nothing records them in the reverse
+    /// map (their frames are their own). Every other page goes through `sync_leaf`.
+    pub(super) fn sync_block(&mut self, block: GuestPhysAddr, pages: &[PageLocation]) {
+        let table = self
+            .tables
+            .leaf_entry_addr(&self.memory, block, Access::Read)
+            .filter(|_| self.a20_enabled);
+        for &location in pages {
+            let page = self.ranges.page(location);
+            let plain = page.page_type() == PageType::Ram && page.large_page() != LargePageState::Large;
+            match table {
+                Some(first) if plain && !borrows_frame(page) => {
+                    let gpa = self.ranges.gpa_of(location);
+                    let index = (gpa.as_u64() - block.as_u64()) / PAGE_SIZE;
+                    let entry = HostPhysAddr::new_truncate(first.as_u64() + index * 8);
+                    let leaf = leaf_for(page, self.zero_frame);
+                    self.memory
+                        .write_u64(entry, crate::paging::encode::<crate::ept::Ept>(leaf));
+                }
+                _ => self.sync_leaf(location),
+            }
+        }
+    }
+
     /// Rewrites the EPT entry of the page at `location` from its descriptor. With the A20 gate
     /// closed, a page with bit 20 set shows its alias 1 MiB below, and the alias of this page
     /// (bit 20 set) shows this page, wherever that alias is mapped.

@@ -884,12 +884,27 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 
     /// The locations of `[base, base + pages)`: every page that is registered.
     pub(super) fn located(&self, base: GuestPhysAddr, pages: u64) -> Vec<PageLocation> {
-        (0..pages)
-            .filter_map(|page| {
-                self.ranges
-                    .find(GuestPhysAddr::new_truncate(base.as_u64() + page * PAGE_SIZE))
-            })
-            .collect()
+        let end = base.as_u64() + pages * PAGE_SIZE;
+        let mut locations = Vec::with_capacity(pages as usize);
+        let mut gpa = base.as_u64();
+        while gpa < end {
+            let Some(first) = self.ranges.find(GuestPhysAddr::new_truncate(gpa)) else {
+                gpa += PAGE_SIZE;
+                continue;
+            };
+            // The rest of this range up to `end` in one go: one lookup per range, not per page.
+            let range_end = self
+                .ranges
+                .get(first.range)
+                .map_or(gpa + PAGE_SIZE, |r| r.end().min(end));
+            let count = ((range_end - gpa) / PAGE_SIZE).max(1) as usize;
+            locations.extend((first.page..first.page + count).map(|page| PageLocation {
+                range: first.range,
+                page,
+            }));
+            gpa += count as u64 * PAGE_SIZE;
+        }
+        locations
     }
 
     /// Where a new ROM or MMIO2 mapping of `size` bytes (`pages` pages) at `base` goes: `None`

@@ -191,6 +191,12 @@ impl VmxCaps {
             .allows(SecondaryControls::PAUSE_LOOP_EXITING.bits())
     }
 
+    /// True when the CPU can log written guest-physical addresses (PML), which needs EPT
+    /// accessed/dirty flags too.
+    pub fn pml(&self) -> bool {
+        self.secondary.allows(SECONDARY_PML) && self.ept_accessed_dirty()
+    }
+
     /// True when EPT can set accessed/dirty flags.
     pub fn ept_accessed_dirty(&self) -> bool {
         self.ept_vpid & EPT_ACCESSED_DIRTY != 0
