@@ -17,6 +17,10 @@ const LARGE_PAGE: u64 = 1 << 7;
 /// Bit 9 of a leaf: dirty, set by the CPU on a write when the EPT pointer enables accessed
 /// and dirty flags (and, with PML on, the write's address logged).
 const DIRTY: u64 = 1 << 9;
+/// Bit 52, ignored by the CPU in every EPT entry: the entry's write permission is withheld
+/// for write monitoring (see `manager::lazy_protection`) and comes back when the protection is
+/// pushed down. Tells a withheld permission from one the entry never granted.
+const WRITE_WITHHELD: u64 = 1 << 52;
 /// Bits 12..=51: the physical address.
 const ADDRESS_MASK: u64 = ((1 << HOST_PHYS_BITS) - 1) & !0xFFF;
 
@@ -79,12 +83,22 @@ impl EntryFormat for Ept {
         raw & DIRTY != 0
     }
 
-    fn with_write(raw: u64, write: bool) -> u64 {
-        if write {
-            raw | WRITE
-        } else {
-            raw & !WRITE
+    fn withhold_write(raw: u64) -> u64 {
+        if raw & WRITE == 0 {
+            return raw;
         }
+        (raw & !WRITE) | WRITE_WITHHELD
+    }
+
+    fn restore_write(raw: u64) -> u64 {
+        if raw & WRITE_WITHHELD == 0 {
+            return raw;
+        }
+        (raw | WRITE) & !WRITE_WITHHELD
+    }
+
+    fn writes_withheld(raw: u64) -> bool {
+        raw & WRITE_WITHHELD != 0
     }
 }
 

@@ -42,8 +42,9 @@ pub const INLINE_LOCKS_MAX: u64 = 0x3F;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum PageType {
-    /// Ordinary guest RAM.
-    Ram = 1,
+    /// Ordinary guest RAM. Encoded as 0, so that an all-zero descriptor is a ZERO RAM page:
+    /// RAM's descriptors come from zeroed memory, which a host hands out without touching it.
+    Ram = 0,
     /// Memory-mapped I/O: no backing frame, every access goes to the region's handler.
     Mmio = 2,
     /// Device memory (MMIO2, e.g. a framebuffer) mapped into the guest: frames owned by the

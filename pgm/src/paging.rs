@@ -2,7 +2,6 @@
 //! that translates the way the CPU does. The bit encoding of entries comes from an
 //! [`EntryFormat`]: `Ept` (the internal `ept` module) for Intel EPT; an AMD NPT encoder can sit beside it.
 
-use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::marker::PhantomData;
 
@@ -15,8 +14,8 @@ use crate::frames::{HostFrameAllocator, HostMemory};
 /// Number of table levels (PML4, PDPT, PD, PT); level 0 holds 4 KiB leaves.
 pub const LEVELS: usize = 4;
 const ENTRIES_PER_TABLE: u64 = 512;
-/// log2 of the 2 MiB large-page size.
-const LARGE_SHIFT: u32 = 21;
+/// The 2 MiB large-page size.
+const LARGE_SIZE: u64 = 1 << 21;
 
 bitflags! {
     /// What a mapping lets the guest do with a page.
@@ -96,9 +95,14 @@ pub trait EntryFormat {
     fn decode(raw: u64, level: usize) -> Entry;
     /// The permissions a non-leaf entry grants to everything below it.
     fn table_permissions(raw: u64) -> Permissions;
-    /// The present entry `raw` (a table pointer or a leaf of any level) with its write
-    /// permission set as `write` says, everything else kept.
-    fn with_write(raw: u64, write: bool) -> u64;
+    /// The present entry `raw` (a table pointer or a 2 MiB leaf) with its write permission
+    /// withheld (and marked so) if it grants it; unchanged if it does not.
+    fn withhold_write(raw: u64) -> u64;
+    /// The entry `raw` with a write permission [`withhold_write`](Self::withhold_write) took
+    /// given back; unchanged if none was withheld.
+    fn restore_write(raw: u64) -> u64;
+    /// True when `raw`'s write permission is withheld.
+    fn writes_withheld(raw: u64) -> bool;
     /// The leaf `raw` with the dirty flag the CPU sets on a write cleared.
     fn without_dirty(raw: u64) -> u64;
     /// True when the CPU set the leaf `raw`'s dirty flag.
@@ -142,10 +146,27 @@ pub struct Violation {
 pub struct NestedTables<F: EntryFormat> {
     root: HostPhysAddr,
     table_frames: usize,
-    /// Page tables of blocks now mapped by a 2 MiB leaf, by block number (GPA >> 21): kept so
-    /// that splitting a block again never needs a frame.
-    detached: BTreeMap<u64, HostPhysAddr>,
     format: PhantomData<F>,
+}
+
+/// What [`NestedTables::make_large`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LargeMapping {
+    /// No page directory covers the block: nothing changed.
+    Unreachable,
+    /// The block is mapped by the one leaf. `detached` is the page table that mapped it before:
+    /// out of the tables now, for the caller to free once no CPU can still walk it.
+    Mapped {
+        /// The page table the leaf replaced.
+        detached: Option<HostPhysAddr>,
+    },
+}
+
+/// How [`NestedTables::map_range`] maps one 2 MiB block: by one leaf in the page directory,
+/// or with 4 KiB leaves in the page table (`None`: none was needed).
+enum Planned {
+    Large(HostPhysAddr, Leaf),
+    Small(Option<HostPhysAddr>),
 }
 
 /// A table created during one [`NestedTables::map_range`] call, for rollback.
@@ -168,7 +189,6 @@ impl<F: EntryFormat> NestedTables<F> {
         Ok(NestedTables {
             root,
             table_frames: 1,
-            detached: BTreeMap::new(),
             format: PhantomData,
         })
     }
@@ -184,8 +204,10 @@ impl<F: EntryFormat> NestedTables<F> {
     }
 
     /// Maps every page of `[base, base + pages * 4 KiB)` to `leaf_of(gpa)` (`None` leaves the
-    /// page unmapped), creating the tables it needs. All or nothing: when a table frame cannot
-    /// be had, the tables created by this call are freed again and
+    /// page unmapped), creating the tables it needs, except that a 2 MiB block lying wholly in
+    /// the range, for which `large_of(block)` gives a leaf and no page table exists yet, is
+    /// mapped by that one 2 MiB leaf instead (no page table at all). All or nothing: when a
+    /// table frame cannot be had, the tables created by this call are freed again and
     /// [`PgmError::OutOfFrames`] is returned with no entry changed.
     pub fn map_range(
         &mut self,
@@ -194,12 +216,57 @@ impl<F: EntryFormat> NestedTables<F> {
         base: GuestPhysAddr,
         pages: u64,
         mut leaf_of: impl FnMut(GuestPhysAddr) -> Option<Leaf>,
+        mut large_of: impl FnMut(GuestPhysAddr) -> Option<Leaf>,
     ) -> Result<(), PgmError> {
-        let leaf_tables = self.leaf_tables(frames, memory, base, pages)?;
-        for page in 0..pages {
-            let gpa = GuestPhysAddr::new_truncate(base.as_u64() + page * PAGE_SIZE);
-            let table = leaf_tables[((gpa.as_u64() >> 21) - (base.as_u64() >> 21)) as usize];
-            memory.write_u64(entry_addr(table, 0, gpa), encode::<F>(leaf_of(gpa)));
+        let end = base.as_u64() + pages * PAGE_SIZE;
+        let mut created = Vec::new();
+        let mut plan = Vec::new();
+        let mut block = base.as_u64() & !(LARGE_SIZE - 1);
+        while block < end {
+            let gpa = GuestPhysAddr::new_truncate(block);
+            let whole = block >= base.as_u64() && block + LARGE_SIZE <= end;
+            let large = if whole { large_of(gpa) } else { None };
+            let planned = match large {
+                Some(leaf) => self
+                    .ensure_table(frames, memory, gpa, 1, &mut created)
+                    .map(
+                        |directory| match F::decode(memory.read_u64(entry_addr(directory, 1, gpa)), 1) {
+                            Entry::Absent => Planned::Large(directory, leaf),
+                            _ => Planned::Small(None),
+                        },
+                    ),
+                None => Some(Planned::Small(None)),
+            };
+            let planned = match planned {
+                Some(Planned::Small(None)) => self
+                    .ensure_table(frames, memory, gpa, 0, &mut created)
+                    .map(|table| Planned::Small(Some(table))),
+                other => other,
+            };
+            match planned {
+                Some(planned) => plan.push((gpa, planned)),
+                None => {
+                    self.roll_back(frames, memory, created);
+                    return Err(PgmError::OutOfFrames);
+                }
+            }
+            block += LARGE_SIZE;
+        }
+        for (block, planned) in plan {
+            match planned {
+                Planned::Large(directory, leaf) => {
+                    memory.write_u64(entry_addr(directory, 1, block), F::encode_large_leaf(&leaf));
+                }
+                Planned::Small(table) => {
+                    let Some(table) = table else { continue };
+                    let first = block.as_u64().max(base.as_u64());
+                    let last = (block.as_u64() + LARGE_SIZE).min(end);
+                    for page in (first..last).step_by(PAGE_SIZE as usize) {
+                        let gpa = GuestPhysAddr::new_truncate(page);
+                        memory.write_u64(entry_addr(table, 0, gpa), encode::<F>(leaf_of(gpa)));
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -230,7 +297,7 @@ impl<F: EntryFormat> NestedTables<F> {
         let mut page = 0;
         while page < pages {
             let gpa = GuestPhysAddr::new_truncate(base.as_u64() + page * PAGE_SIZE);
-            match self.ensure_leaf_table(frames, memory, gpa, &mut created) {
+            match self.ensure_table(frames, memory, gpa, 0, &mut created) {
                 Some(table) => leaf_tables.push(table),
                 None => {
                     self.roll_back(frames, memory, created);
@@ -335,31 +402,37 @@ impl<F: EntryFormat> NestedTables<F> {
         }
     }
 
-    /// Maps the 2 MiB block at `block` (2 MiB-aligned) with one large `leaf`. The page table
-    /// that mapped it is kept in reserve for [`split_large`](Self::split_large). Returns
-    /// `false`, changing nothing, when the block has no page table (no registered range).
-    pub fn make_large(&mut self, memory: &mut impl HostMemory, block: GuestPhysAddr, leaf: Leaf) -> bool {
+    /// Maps the 2 MiB block at `block` (2 MiB-aligned) with one large `leaf`, replacing a
+    /// large leaf or a page table (which leaves the tables: see [`LargeMapping`]).
+    pub fn make_large(
+        &mut self,
+        memory: &mut impl HostMemory,
+        block: GuestPhysAddr,
+        leaf: Leaf,
+    ) -> LargeMapping {
         let Some(directory) = self.table_at(memory, block, 1) else {
-            return false;
+            return LargeMapping::Unreachable;
         };
         let slot = entry_addr(directory, 1, block);
-        match F::decode(memory.read_u64(slot), 1) {
-            Entry::Table(page_table) => {
-                self.detached.insert(block.as_u64() >> LARGE_SHIFT, page_table);
-            }
-            Entry::Leaf(_) => {}
-            Entry::Absent => return false,
-        }
+        let detached = match F::decode(memory.read_u64(slot), 1) {
+            Entry::Table(page_table) => Some(page_table),
+            Entry::Leaf(_) | Entry::Absent => None,
+        };
         memory.write_u64(slot, F::encode_large_leaf(&leaf));
-        true
+        if detached.is_some() {
+            self.table_frames -= 1;
+        }
+        LargeMapping::Mapped { detached }
     }
 
-    /// Maps the 2 MiB block at `block` with 4 KiB leaves from `leaf_of` again, in its reserved
-    /// page table. Returns `false`, changing nothing, when the block is not mapped large.
+    /// Maps the 2 MiB block at `block` with 4 KiB leaves from `leaf_of` again, in the page
+    /// table `page_table` (a frame the caller gives; every entry is written). Returns `false`,
+    /// changing nothing and leaving the frame the caller's, when the block is not mapped large.
     pub fn split_large(
         &mut self,
         memory: &mut impl HostMemory,
         block: GuestPhysAddr,
+        page_table: HostPhysAddr,
         mut leaf_of: impl FnMut(GuestPhysAddr) -> Option<Leaf>,
     ) -> bool {
         let Some(directory) = self.table_at(memory, block, 1) else {
@@ -370,18 +443,45 @@ impl<F: EntryFormat> NestedTables<F> {
         if !matches!(F::decode(large, 1), Entry::Leaf(_)) {
             return false;
         }
-        let Some(page_table) = self.detached.remove(&(block.as_u64() >> LARGE_SHIFT)) else {
-            return false;
-        };
         for page in 0..ENTRIES_PER_TABLE {
             let gpa = GuestPhysAddr::new_truncate(block.as_u64() + page * PAGE_SIZE);
             memory.write_u64(entry_addr(page_table, 0, gpa), encode::<F>(leaf_of(gpa)));
         }
         // A large leaf whose writes were withheld for write monitoring passes that on to the
         // table replacing it: the pages below still wait for their protection.
-        let writes = F::table_permissions(large).contains(Permissions::WRITE);
-        memory.write_u64(slot, F::with_write(F::encode_table(page_table), writes));
+        let table = F::encode_table(page_table);
+        let table = if F::writes_withheld(large) {
+            F::withhold_write(table)
+        } else {
+            table
+        };
+        memory.write_u64(slot, table);
+        self.table_frames += 1;
         true
+    }
+
+    /// Unmaps the 2 MiB block at `block`, mapped by one large leaf, when no page table can be
+    /// had to split it: every access to it faults until it is mapped again. Returns `false`,
+    /// changing nothing, when the block is not mapped large.
+    pub fn unmap_large(&mut self, memory: &mut impl HostMemory, block: GuestPhysAddr) -> bool {
+        let Some(directory) = self.table_at(memory, block, 1) else {
+            return false;
+        };
+        let slot = entry_addr(directory, 1, block);
+        if !matches!(F::decode(memory.read_u64(slot), 1), Entry::Leaf(_)) {
+            return false;
+        }
+        memory.write_u64(slot, 0);
+        true
+    }
+
+    /// The 2 MiB leaf mapping `gpa`, if one does (whatever the entries above grant).
+    pub fn large_leaf(&self, memory: &impl HostMemory, gpa: GuestPhysAddr) -> Option<Leaf> {
+        let directory = self.table_at(memory, gpa, 1)?;
+        match F::decode(memory.read_u64(entry_addr(directory, 1, gpa)), 1) {
+            Entry::Leaf(leaf) => Some(leaf),
+            Entry::Absent | Entry::Table(_) => None,
+        }
     }
 
     /// Calls `visit(gpa, pages, leaf, above)` for every leaf the CPU can reach from the root, in
@@ -406,7 +506,7 @@ impl<F: EntryFormat> NestedTables<F> {
     /// [`withheld_writes_at`]: Self::withheld_writes_at
     /// [`push_write_protection_down`]: Self::push_write_protection_down
     pub fn withhold_writes_from_root(&mut self, memory: &mut impl HostMemory) -> bool {
-        set_write_in_table::<F>(memory, self.root, LEVELS - 1, false)
+        withhold_writes_in_table::<F>(memory, self.root, LEVELS - 1)
     }
 
     /// The level of the highest table entry on the walk to `gpa` that withholds writes (3: a
@@ -417,7 +517,7 @@ impl<F: EntryFormat> NestedTables<F> {
         for level in (1..LEVELS).rev() {
             let raw = memory.read_u64(entry_addr(table, level, gpa));
             let entry = F::decode(raw, level);
-            if entry != Entry::Absent && !F::table_permissions(raw).contains(Permissions::WRITE) {
+            if entry != Entry::Absent && F::writes_withheld(raw) {
                 return Some(level);
             }
             match entry {
@@ -451,8 +551,8 @@ impl<F: EntryFormat> NestedTables<F> {
         let Entry::Table(below) = F::decode(raw, level) else {
             return false;
         };
-        set_write_in_table::<F>(memory, below, level - 1, false);
-        memory.write_u64(slot, F::with_write(raw, true));
+        withhold_writes_in_table::<F>(memory, below, level - 1);
+        memory.write_u64(slot, F::restore_write(raw));
         true
     }
 
@@ -473,7 +573,7 @@ impl<F: EntryFormat> NestedTables<F> {
         if F::decode(raw, level) == Entry::Absent {
             return false;
         }
-        memory.write_u64(slot, F::with_write(raw, true));
+        memory.write_u64(slot, F::restore_write(raw));
         true
     }
 
@@ -498,9 +598,6 @@ impl<F: EntryFormat> NestedTables<F> {
     /// a CPU, and nothing may use them afterwards (the root is gone).
     pub fn destroy(&mut self, frames: &mut impl HostFrameAllocator, memory: &impl HostMemory) {
         free_table::<F>(frames, memory, self.root, LEVELS - 1);
-        for (_, page_table) in core::mem::take(&mut self.detached) {
-            frames.free_frame(page_table);
-        }
         self.table_frames = 0;
     }
 
@@ -521,22 +618,27 @@ impl<F: EntryFormat> NestedTables<F> {
         Some(table)
     }
 
-    /// Walks to the page table covering `gpa`, creating missing tables (recorded in `created`).
-    /// `None` when a frame could not be allocated.
-    fn ensure_leaf_table(
+    /// Walks to the table at `level` covering `gpa` (0: the page table), creating missing
+    /// tables (recorded in `created`). `None` when a frame could not be allocated, or when a
+    /// 2 MiB leaf maps `gpa` and a page table was asked for (the caller splits such blocks).
+    fn ensure_table(
         &mut self,
         frames: &mut impl HostFrameAllocator,
         memory: &mut impl HostMemory,
         gpa: GuestPhysAddr,
+        level: usize,
         created: &mut Vec<CreatedTable>,
     ) -> Option<HostPhysAddr> {
         let mut table = self.root;
-        for level in (1..LEVELS).rev() {
-            let slot = entry_addr(table, level, gpa);
-            table = match F::decode(memory.read_u64(slot), level) {
+        for above in (level + 1..LEVELS).rev() {
+            let slot = entry_addr(table, above, gpa);
+            table = match F::decode(memory.read_u64(slot), above) {
                 Entry::Table(next) => next,
-                // Large leaves are never created by this version, so only Absent remains.
-                Entry::Absent | Entry::Leaf(_) => {
+                Entry::Leaf(_) => {
+                    debug_assert!(false, "a page table was asked for under the 2 MiB leaf at {gpa}");
+                    return None;
+                }
+                Entry::Absent => {
                     let frame = frames.allocate_frame()?;
                     memory.zero_frame(frame);
                     memory.write_u64(slot, F::encode_table(frame));
@@ -592,25 +694,38 @@ fn walk_leaves<F: EntryFormat>(
                 let granted = above & F::table_permissions(raw);
                 walk_leaves::<F>(memory, next, level - 1, gpa, granted, visit)
             }
+            // A 2 MiB leaf whose write permission is withheld grants it itself: the
+            // protection is monitoring's, layered above, as a table entry's would be.
+            Entry::Leaf(leaf) if F::writes_withheld(raw) => {
+                let own = Leaf {
+                    permissions: leaf.permissions | Permissions::WRITE,
+                    ..leaf
+                };
+                visit(
+                    GuestPhysAddr::new_truncate(gpa),
+                    span / PAGE_SIZE,
+                    own,
+                    above - Permissions::WRITE,
+                )
+            }
             Entry::Leaf(leaf) => visit(GuestPhysAddr::new_truncate(gpa), span / PAGE_SIZE, leaf, above),
         }
     }
 }
 
-/// Sets the write permission of every present entry of the table at `table` (of `level`) as
-/// `write` says. Returns whether any entry was present.
-fn set_write_in_table<F: EntryFormat>(
+/// Withholds the write permission of every present entry of the table at `table` (of `level`
+/// ≥ 1: table pointers and 2 MiB leaves). Returns whether any entry was present.
+fn withhold_writes_in_table<F: EntryFormat>(
     memory: &mut impl HostMemory,
     table: HostPhysAddr,
     level: usize,
-    write: bool,
 ) -> bool {
     let mut present = false;
     for index in 0..ENTRIES_PER_TABLE {
         let slot = HostPhysAddr::new_truncate(table.as_u64() + index * 8);
         let raw = memory.read_u64(slot);
         if F::decode(raw, level) != Entry::Absent {
-            memory.write_u64(slot, F::with_write(raw, write));
+            memory.write_u64(slot, F::withhold_write(raw));
             present = true;
         }
     }
@@ -628,8 +743,8 @@ fn grant_writes_below<F: EntryFormat>(memory: &mut impl HostMemory, table: HostP
             Entry::Table(next) if level > 1 => grant_writes_below::<F>(memory, next, level - 1),
             Entry::Table(_) | Entry::Leaf(_) => {}
         }
-        if !F::table_permissions(raw).contains(Permissions::WRITE) {
-            memory.write_u64(slot, F::with_write(raw, true));
+        if F::writes_withheld(raw) {
+            memory.write_u64(slot, F::restore_write(raw));
         }
     }
 }

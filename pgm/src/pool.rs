@@ -146,6 +146,22 @@ impl FramePool {
         Ok(chunk)
     }
 
+    /// Takes a frame for an EPT page table (a split of a 2 MiB block) from the handy pool,
+    /// topping it up first when it is empty: the pool is the small reserve faults leave full.
+    /// Not a guest page, so the limit does not count it. [`PgmError::OutOfFrames`] changes
+    /// nothing.
+    pub fn take_table(&mut self, frames: &mut impl HostFrameAllocator) -> Result<HostPhysAddr, PgmError> {
+        if self.handy.is_empty() {
+            self.refill(frames);
+        }
+        self.handy.pop().ok_or(PgmError::OutOfFrames)
+    }
+
+    /// Gives back a frame [`take_table`](Self::take_table) gave that was not used.
+    pub fn return_table(&mut self, frame: HostPhysAddr) {
+        self.handy.push(frame);
+    }
+
     /// True when the pool is down to [`HANDY_REFILL_AT`] frames.
     pub fn needs_refill(&self) -> bool {
         self.handy.len() <= HANDY_REFILL_AT

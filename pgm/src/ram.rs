@@ -33,6 +33,18 @@ impl RamRange {
         }
     }
 
+    /// A range of `pages` ZERO RAM pages at `base`, its descriptors in zeroed memory (an
+    /// all-zero descriptor is a ZERO RAM page), so no pass writes them. `None` when the heap
+    /// cannot hold them.
+    pub(crate) fn zero_ram(base: GuestPhysAddr, pages: usize, name: &'static str) -> Option<Self> {
+        Some(RamRange {
+            base,
+            pages: zeroed_descriptors(pages)?,
+            name,
+            registration: 0,
+        })
+    }
+
     /// The range as part of RAM registration `id`.
     pub(crate) fn with_registration(mut self, id: u32) -> Self {
         self.registration = id;
@@ -255,6 +267,20 @@ impl RamRanges {
         let base = self.ranges[location.range].base.as_u64();
         GuestPhysAddr::new_truncate(base + location.page as u64 * PAGE_SIZE)
     }
+}
+
+/// `count` all-zero descriptor words from zeroed memory, or `None` when the heap has no room.
+#[cfg(not(loom))]
+fn zeroed_descriptors(count: usize) -> Option<Vec<AtomicU64>> {
+    bytemuck::allocation::try_zeroed_slice_box::<AtomicU64>(count)
+        .ok()
+        .map(|words| words.into_vec())
+}
+
+/// Loom's atomics are not plain words: built one by one (models use a few pages).
+#[cfg(loom)]
+fn zeroed_descriptors(count: usize) -> Option<Vec<AtomicU64>> {
+    Some((0..count).map(|_| AtomicU64::new(0)).collect())
 }
 
 /// A descriptor read outside the lock-free path: whatever a concurrent lock-free fault did to

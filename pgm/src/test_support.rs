@@ -18,7 +18,17 @@ pub fn gpa(addr: u64) -> GuestPhysAddr {
     GuestPhysAddr::new(addr).unwrap()
 }
 
+/// A VM over `frames` simulated frames, with 4 KiB pages only: most tests count frames and
+/// tables page by page. Large pages (the default) have their own tests, and the whole-API
+/// script starts from the default.
 pub fn pgm_with_frames(frames: u64) -> SimPgm {
+    let mut pgm = Pgm::new(SimFrames::new(frames), SimMemory::default()).unwrap();
+    pgm.set_large_pages(false);
+    pgm
+}
+
+/// A VM over `frames` simulated frames as `Pgm::new` makes it: large pages on.
+pub fn pgm_with_defaults(frames: u64) -> SimPgm {
     Pgm::new(SimFrames::new(frames), SimMemory::default()).unwrap()
 }
 

@@ -188,6 +188,12 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         };
         let nowhere = GuestPhysAddr::default();
         hold(self.zero_frame, Holder::ReadOnlyShared, nowhere, true);
+        if let Some(chunk) = self.zero_chunk {
+            for page in 0..crate::frames::FRAMES_PER_LARGE_PAGE {
+                let frame = HostPhysAddr::new_truncate(chunk.as_u64() + page * PAGE_SIZE);
+                hold(frame, Holder::ReadOnlyShared, nowhere, true);
+            }
+        }
         for &frame in self.shared.keys() {
             hold(frame, Holder::ReadOnlyShared, nowhere, true);
         }
@@ -250,7 +256,10 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         if page.page_type() == PageType::Mmio || page.state() == PageState::Ballooned {
             find(Problem::MappedWithoutMemory);
         }
-        if self.expected_leaf(gpa) != Some(*leaf) {
+        if !self
+            .leaf_source()
+            .shows_as_called_for(gpa, *leaf, self.expected_leaf(gpa))
+        {
             find(Problem::OutOfSync);
         }
     }
@@ -319,7 +328,10 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 // Mapped pages were compared in `audit_leaf`; here the missing ones. A page the
                 // A20 gate redirects is mapped on its first fault, so it may be missing.
                 let redirected = self.a20_apply(gpa) != gpa;
-                if !redirected && !mapped.contains_key(&gpa) && self.expected_leaf(gpa).is_some() {
+                // A block left unmapped for want of a page table is mapped at its next access.
+                let unmapped = self.unmapped_blocks.contains(&super::mapping::block_of(gpa));
+                if !redirected && !unmapped && !mapped.contains_key(&gpa) && self.expected_leaf(gpa).is_some()
+                {
                     report.findings.push(Finding {
                         gpa,
                         frame: page.frame(),

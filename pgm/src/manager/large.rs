@@ -1,11 +1,19 @@
-//! 2 MiB large pages: a write fault in an untouched, unhandled 2 MiB block of RAM fills the
-//! whole block from one contiguous host chunk and maps it with a single EPT entry. Whatever
-//! later needs 4 KiB granularity inside the block (a handler, write monitoring, a reset or
-//! balloon of one page, the A20 gate closing) splits it; when that need is gone and the frames
-//! are still the contiguous chunk, the block is merged again.
+//! 2 MiB large pages, on by default. RAM registered meanwhile maps every 2 MiB block wholly
+//! inside it with one read-only leaf on the VM's zero chunk (2 MiB of zeros, taken once): no
+//! page table, so registering 64 GiB writes 32,768 directory entries and a guest pays tables
+//! only for the blocks it needs at 4 KiB. A write fault in an untouched, unhandled block fills
+//! the whole block from one contiguous host chunk and maps it with a single EPT entry.
+//! Whatever later needs 4 KiB granularity inside a block (a handler, write monitoring, a reset
+//! or balloon of one page, the A20 gate closing, a fill that found no chunk) splits it, in a
+//! page table from the handy pool, which faults leave topped up; when none can be had the
+//! block is unmapped instead and mapped again, tables from the host, at its first access (a
+//! fault then reports `OutOfMemory` if even that fails: the VM pauses, the host never panics).
+//! When the need is gone and the frames are still the contiguous chunk, the block is merged
+//! again and its page table retired.
 
 use alloc::vec::Vec;
 
+use super::mapping::block_of;
 use super::Pgm;
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::frames::{HostFrameAllocator, HostMemory, FRAMES_PER_LARGE_PAGE};
@@ -16,10 +24,45 @@ use crate::ram::PageLocation;
 const LARGE_PAGE_SIZE: u64 = FRAMES_PER_LARGE_PAGE * PAGE_SIZE;
 
 impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
-    /// Lets write faults fill whole 2 MiB blocks from contiguous host memory (off by default:
-    /// a block then costs 512 frames at its first write).
+    /// Lets write faults fill whole 2 MiB blocks from contiguous host memory, and RAM
+    /// registered from now on map its untouched blocks on the zero chunk (on by default; off,
+    /// every page is mapped with 4 KiB leaves and a block costs one frame at its first write).
     pub fn set_large_pages(&mut self, enabled: bool) {
         self.large_pages = enabled;
+    }
+
+    /// Takes the zero chunk (2 MiB of zeros) when large pages are on and it is not held yet.
+    /// Without a contiguous chunk from the host, RAM is mapped with 4 KiB leaves.
+    pub(super) fn take_zero_chunk(&mut self) {
+        if !self.large_pages || self.zero_chunk.is_some() {
+            return;
+        }
+        if let Some(chunk) = self.frames.allocate_large() {
+            for page in 0..FRAMES_PER_LARGE_PAGE {
+                self.memory
+                    .zero_frame(HostPhysAddr::new_truncate(chunk.as_u64() + page * PAGE_SIZE));
+            }
+            self.zero_chunk = Some(chunk);
+        }
+    }
+
+    /// Gives the zero chunk back (VM termination).
+    pub(super) fn release_zero_chunk(&mut self) {
+        if let Some(chunk) = self.zero_chunk.take() {
+            for page in 0..FRAMES_PER_LARGE_PAGE {
+                self.frames
+                    .free_frame(HostPhysAddr::new_truncate(chunk.as_u64() + page * PAGE_SIZE));
+            }
+        }
+    }
+
+    /// Frames the zero chunk holds (0 or 512).
+    pub(super) fn zero_chunk_frames(&self) -> u64 {
+        if self.zero_chunk.is_some() {
+            FRAMES_PER_LARGE_PAGE
+        } else {
+            0
+        }
     }
 
     /// True when `gpa` is mapped by a 2 MiB EPT entry.
@@ -62,17 +105,18 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 
     /// Maps the large block holding `location` with 4 KiB entries again; its pages remember
     /// that they were large, so [`merge_large_blocks`](Self::merge_large_blocks) can try later.
-    pub(super) fn split_large_block(&mut self, location: PageLocation) {
-        let Some(pages) = self.block_pages(location) else {
-            return;
-        };
-        for &at in &pages {
+    /// Returns whether the block is now mapped with 4 KiB leaves (`false`: no page table could
+    /// be had and the block was left unmapped).
+    pub(super) fn split_large_block(&mut self, location: PageLocation) -> bool {
+        let block = block_of(self.ranges.gpa_of(location));
+        for at in self.located(block, FRAMES_PER_LARGE_PAGE) {
             let page = self.ranges.page(at);
-            self.ranges
-                .set_page(at, page.with_large_page(LargePageState::Disabled));
+            if page.large_page() == LargePageState::Large {
+                self.ranges
+                    .set_page(at, page.with_large_page(LargePageState::Disabled));
+            }
         }
-        let block = self.ranges.gpa_of(pages[0]);
-        self.map_block_small(block);
+        self.map_block_small(block)
     }
 
     /// Maps every split block large again whose pages are all plain, writable RAM still backed
@@ -146,5 +190,115 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 })
                 .collect(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handlers::HandlerKind;
+    use crate::manager::FaultOutcome;
+    use crate::paging::Access;
+    use crate::test_support::*;
+
+    const GIB: u64 = 1 << 30;
+    const BLOCK: u64 = 2 * MIB;
+
+    #[test]
+    fn registered_ram_maps_its_blocks_on_the_zero_chunk_without_page_tables() {
+        let mut pgm = pgm_with_defaults(1024);
+        let tables = pgm.stats().table_frames;
+        pgm.register_ram(gpa(0), GIB, "ram").unwrap();
+        let stats = pgm.stats();
+        assert_eq!(
+            stats.table_frames - tables,
+            2,
+            "a PDPT and a page directory, no page table"
+        );
+        assert_eq!(stats.zero_chunk_frames, 512);
+        assert!(pgm.is_mapped_large(gpa(0x1234_5000)));
+        assert!(
+            pgm.translate(gpa(0x1234_5678), Access::Write).is_err(),
+            "zeros are read-only"
+        );
+        let zeros = pgm.translate(gpa(0x1234_5678), Access::Read).unwrap();
+        let mut byte = [1u8];
+        pgm.memory().read(zeros, &mut byte);
+        assert_eq!(byte, [0]);
+        assert_isolated(&pgm, "after registering");
+        assert_accounting(&pgm);
+    }
+
+    #[test]
+    fn a_guest_touched_everywhere_takes_one_fault_and_no_page_table_per_2mib() {
+        const GUEST: u64 = 64 * MIB;
+        let mut pgm = pgm_with_defaults(GUEST / PAGE_SIZE + 2048);
+        pgm.register_ram(gpa(0), GUEST, "ram").unwrap();
+        let tables = pgm.stats().table_frames;
+        let mut faults = 0;
+        for page in 0..GUEST / PAGE_SIZE {
+            if let GuestAccess::Done { faults: taken } = guest_write(&mut pgm, gpa(page * PAGE_SIZE), &[1]) {
+                faults += taken;
+            }
+        }
+        assert_eq!(u64::from(faults), GUEST / BLOCK);
+        assert_eq!(pgm.stats().table_frames, tables, "no page table");
+        assert_eq!(pgm.stats().allocated_pages, GUEST / PAGE_SIZE);
+        assert_isolated(&pgm, "after touching everything");
+        assert_accounting(&pgm);
+    }
+
+    #[test]
+    fn registering_64_gib_writes_only_page_directories() {
+        let mut pgm = pgm_with_defaults(1024);
+        pgm.register_ram(gpa(0), 64 * GIB, "ram").unwrap();
+        // Root, one PDPT, 64 page directories.
+        assert_eq!(pgm.stats().table_frames, 1 + 1 + 64);
+        let table_bytes = pgm.stats().table_frames * PAGE_SIZE;
+        assert!(
+            table_bytes * 32 < 64 * GIB / PAGE_SIZE,
+            "under 1/32 B of tables per page"
+        );
+        assert_eq!(pgm.stats().zero_pages, 64 * GIB / PAGE_SIZE);
+    }
+
+    #[test]
+    fn a_split_without_a_page_table_unmaps_the_block_until_an_access_maps_it_again() {
+        let mut pgm = pgm_with_defaults(2048);
+        pgm.register_ram(gpa(0), 8 * MIB, "ram").unwrap();
+        guest_write(&mut pgm, gpa(2 * BLOCK), &[9]);
+        assert!(pgm.is_mapped_large(gpa(2 * BLOCK)), "a large fill");
+        // No frame from the host any more, and the handy pool used up by host writes.
+        pgm.frames_mut().fail_after = Some(0);
+        let mut page = 0;
+        while pgm.write_phys(gpa(page * PAGE_SIZE), &[1]).is_ok() {
+            page += 1;
+        }
+        // A handler on one page needs a page table to split the block: none to be had.
+        pgm.register_handler(HandlerKind::Write, gpa(2 * BLOCK + 0x5000), PAGE_SIZE)
+            .unwrap();
+        assert!(!pgm.is_mapped_large(gpa(2 * BLOCK)));
+        assert!(
+            pgm.translate(gpa(2 * BLOCK), Access::Read).is_err(),
+            "left unmapped"
+        );
+        assert_isolated(&pgm, "with the block unmapped");
+        assert_eq!(
+            pgm.resolve_fault(gpa(2 * BLOCK + 0x6000), Access::Read),
+            FaultOutcome::OutOfMemory,
+            "the VM pauses: no frame for the page table either"
+        );
+        pgm.frames_mut().fail_after = None;
+        assert!(matches!(
+            pgm.resolve_fault(gpa(2 * BLOCK + 0x6000), Access::Read),
+            FaultOutcome::Resolved { .. }
+        ));
+        assert_eq!(guest_read(&pgm, gpa(2 * BLOCK), 1), [9]);
+        assert!(
+            pgm.translate(gpa(2 * BLOCK + 0x5000), Access::Write).is_err(),
+            "the handler's page"
+        );
+        assert_isolated(&pgm, "mapped again");
+        assert_accounting(&pgm);
     }
 }

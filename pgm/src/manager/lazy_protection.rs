@@ -30,6 +30,7 @@
 
 use alloc::vec::Vec;
 
+use super::mapping::block_of;
 use super::Pgm;
 use crate::addr::{GuestPhysAddr, PAGE_SIZE};
 use crate::frames::{HostFrameAllocator, HostMemory, FRAMES_PER_LARGE_PAGE};
@@ -84,7 +85,13 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                     .push_write_protection_down(&mut self.memory, gpa, level)
             } else {
                 self.protect_block(gpa);
-                self.tables.grant_writes_at(&mut self.memory, gpa, 1)
+                // A 2 MiB leaf is rewritten as its pages now call for (or split, the page
+                // table inheriting the withheld permission); a page-directory entry pointing
+                // at a page table gets its permission back.
+                let block = block_of(gpa);
+                self.refresh_large_leaf(block)
+                    || self.tables.grant_writes_at(&mut self.memory, gpa, 1)
+                    || self.unmapped_blocks.contains(&block)
             };
             if !pushed {
                 // Unreachable: the walk just found that entry. Never loop on it.
@@ -112,6 +119,33 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             }
         }
         self.sync_block(block, &protected);
+    }
+
+    /// If `block` is mapped by one 2 MiB leaf: rewrites it as its 512 pages now call for, when
+    /// one leaf can show them all (all write-monitored, say), else splits the block. Returns
+    /// whether the block is still mapped by one leaf.
+    fn refresh_large_leaf(&mut self, block: GuestPhysAddr) -> bool {
+        if self.tables.large_leaf(&self.memory, block).is_none() {
+            return false;
+        }
+        let source = self.leaf_source();
+        let first = source.expected(block);
+        let uniform = first.is_some_and(|large| {
+            (0..FRAMES_PER_LARGE_PAGE).all(|page| {
+                let at = GuestPhysAddr::new_truncate(block.as_u64() + page * PAGE_SIZE);
+                source.large_leaf_shows(large, at, source.expected(at))
+            })
+        });
+        match first {
+            Some(large) if uniform => {
+                let _ = self.tables.make_large(&mut self.memory, block, large);
+                true
+            }
+            _ => {
+                self.map_block_small(block);
+                false
+            }
+        }
     }
 
     /// Before monitoring ends: settles every page (one walk per 2 MiB block and a pass over

@@ -27,7 +27,7 @@ use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::error::PgmError;
 use crate::frames::{HostFrameAllocator, HostMemory, FRAMES_PER_LARGE_PAGE};
 use crate::page::{HandlerState, LargePageState, PageDescriptor, PageState, PageType};
-use crate::paging::{Access, Invalidation, Leaf, MemoryType, Permissions};
+use crate::paging::{Access, Invalidation, LargeMapping, Leaf, MemoryType, Permissions};
 use crate::ram::{PageLocation, RamRange, RamRanges};
 
 /// Where the frames that are not owned by one page alone are mapped, indexed both ways.
@@ -126,6 +126,7 @@ macro_rules! leaf_source {
             ranges: &$pgm.ranges,
             roms: &$pgm.roms,
             zero_frame: $pgm.zero_frame,
+            zero_chunk: $pgm.zero_chunk,
             a20_enabled: $pgm.a20_enabled,
         }
     };
@@ -137,10 +138,58 @@ pub(super) struct LeafSource<'a> {
     ranges: &'a RamRanges,
     roms: &'a [RomRange],
     zero_frame: HostPhysAddr,
+    zero_chunk: Option<HostPhysAddr>,
     a20_enabled: bool,
 }
 
 impl LeafSource<'_> {
+    /// True for the zero frame and the frames of the zero chunk: zeros, never written, never
+    /// freed while the VM lives, so their mappings are not recorded.
+    #[inline]
+    pub(super) fn reads_zeros(&self, frame: HostPhysAddr) -> bool {
+        frame == self.zero_frame || self.zero_chunk.is_some_and(|chunk| chunk_holds(chunk, frame))
+    }
+
+    /// True when `actual`, the 4 KiB view of the leaf mapping `gpa`, shows what `expected`
+    /// calls for: the same mapping, or zeros from the zero chunk where the zero frame is
+    /// called for (a 2 MiB block of ZERO pages mapped on the zero chunk).
+    pub(super) fn shows_as_called_for(
+        &self,
+        gpa: GuestPhysAddr,
+        actual: Leaf,
+        expected: Option<Leaf>,
+    ) -> bool {
+        let Some(expected) = expected else {
+            return false;
+        };
+        let frame_in_block = HostPhysAddr::new_truncate(
+            actual
+                .frame
+                .as_u64()
+                .wrapping_sub(gpa.as_u64() & (LARGE_BLOCK - 1) & !0xFFF),
+        );
+        actual == expected
+            || (expected.frame == self.zero_frame
+                && self.zero_chunk == Some(frame_in_block)
+                && actual.permissions == expected.permissions
+                && actual.memory_type == expected.memory_type)
+    }
+
+    /// True when the 2 MiB leaf `large` shows at `gpa` what `expected` (the 4 KiB mapping the
+    /// page there calls for) does: the same frame at `gpa`'s offset in the block, or zeros from
+    /// the zero chunk where the zero frame is called for.
+    pub(super) fn large_leaf_shows(&self, large: Leaf, gpa: GuestPhysAddr, expected: Option<Leaf>) -> bool {
+        let Some(expected) = expected else {
+            return false;
+        };
+        let frame =
+            HostPhysAddr::new_truncate(large.frame.as_u64() + (gpa.as_u64() & (LARGE_BLOCK - 1) & !0xFFF));
+        let same_frame = frame == expected.frame
+            || (expected.frame == self.zero_frame
+                && self.zero_chunk.is_some_and(|chunk| chunk_holds(chunk, frame)));
+        same_frame && large.permissions == expected.permissions && large.memory_type == expected.memory_type
+    }
+
     /// The page a guest access to `gpa` reaches: through the A20 gate, so with the gate closed
     /// an address with bit 20 set reaches the page 1 MiB below.
     #[inline]
@@ -215,7 +264,7 @@ impl LeafSource<'_> {
     #[inline]
     pub(super) fn recorded_frame(&self, gpa: GuestPhysAddr, leaf: Option<Leaf>) -> Option<HostPhysAddr> {
         let leaf = leaf?;
-        if leaf.frame == self.zero_frame {
+        if self.reads_zeros(leaf.frame) {
             return None;
         }
         let Some(location) = self.shown(gpa) else {
@@ -284,13 +333,24 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 
     /// Rewrites the EPT entry of the page at `location` from its descriptor. With the A20 gate
     /// closed, a page with bit 20 set shows its alias 1 MiB below, and the alias of this page
-    /// (bit 20 set) shows this page, wherever that alias is mapped.
+    /// (bit 20 set) shows this page, wherever that alias is mapped. A page under a 2 MiB leaf
+    /// that no longer shows it as it should has its block split first (or left unmapped when
+    /// no page table can be had: see `large`).
     pub(super) fn sync_leaf(&mut self, location: PageLocation) {
-        if self.ranges.page(location).large_page() == LargePageState::Large {
-            // One page of a 2 MiB mapping changes: map the block with 4 KiB entries first.
-            self.split_large_block(location);
-        }
         let gpa = self.ranges.gpa_of(location);
+        if let Some(large) = self.tables.large_leaf(&self.memory, gpa) {
+            if self.large_leaf_still_shows(large, gpa) {
+                return;
+            }
+            // One page of a 2 MiB mapping changes: map the block with 4 KiB entries first.
+            if !self.split_large_block(location) {
+                return;
+            }
+        }
+        if self.unmapped_blocks.contains(&block_of(gpa)) {
+            // Mapped again, from the descriptors, at the first access.
+            return;
+        }
         if !self.a20_enabled && gpa.as_u64() & A20_BIT != 0 {
             let shown = self.expected_leaf(gpa);
             self.write_leaf(gpa, shown);
@@ -316,12 +376,22 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         }
     }
 
+    /// True when the 2 MiB leaf `large` over `gpa` still shows the page there, and, with the
+    /// A20 gate closed, its alias in the same block, as they call for.
+    fn large_leaf_still_shows(&self, large: Leaf, gpa: GuestPhysAddr) -> bool {
+        let source = self.leaf_source();
+        let shows = |at: GuestPhysAddr| source.large_leaf_shows(large, at, source.expected(at));
+        shows(gpa) && (self.a20_enabled || shows(GuestPhysAddr::new_truncate(gpa.as_u64() ^ A20_BIT)))
+    }
+
     /// Inserts `ranges` (contiguous, in address order, in space that
     /// [`RamRanges::check_free`] accepted) and maps each page as its descriptor calls for,
     /// creating the tables needed; with the A20 gate closed, aliases already mapped 1 MiB above
-    /// the new pages show them. All or nothing: when table frames run out the ranges are taken
-    /// out again and [`PgmError::OutOfFrames`] is returned.
-    pub(super) fn insert_mapped(&mut self, ranges: Vec<RamRange>) -> Result<(), PgmError> {
+    /// the new pages show them. `zero_ram`: the ranges are fresh ZERO RAM, so with large pages
+    /// on every 2 MiB block wholly inside them is mapped by one read-only leaf on the zero
+    /// chunk, without a page table. All or nothing: when table frames run out the ranges are
+    /// taken out again and [`PgmError::OutOfFrames`] is returned.
+    pub(super) fn insert_mapped(&mut self, ranges: Vec<RamRange>, zero_ram: bool) -> Result<(), PgmError> {
         let (Some(first), Some(last)) = (ranges.first(), ranges.last()) else {
             return Ok(());
         };
@@ -332,12 +402,23 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             self.ranges.insert(range);
         }
         let source = leaf_source!(self);
-        let mut records = Vec::new();
-        let mapped = self
-            .tables
-            .map_range(&mut self.frames, &mut self.memory, base, pages, |gpa| {
-                source.expected_noting(gpa, &mut records)
+        let zero_block = self
+            .zero_chunk
+            .filter(|_| zero_ram && self.large_pages && self.a20_enabled)
+            .map(|chunk| Leaf {
+                frame: chunk,
+                permissions: Permissions::READ | Permissions::EXECUTE,
+                memory_type: MemoryType::WriteBack,
             });
+        let mut records = Vec::new();
+        let mapped = self.tables.map_range(
+            &mut self.frames,
+            &mut self.memory,
+            base,
+            pages,
+            |gpa| source.expected_noting(gpa, &mut records),
+            |_| zero_block,
+        );
         if let Err(error) = mapped {
             for base in bases {
                 if let Some(location) = self.ranges.find(base) {
@@ -375,6 +456,15 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// MMIO in unassigned space deregistered); its frames are the caller's to free afterwards.
     pub(super) fn remove_range(&mut self, range: usize) {
         let removed = self.ranges.remove(range);
+        // 2 MiB leaves over it go first: split (its pages now call for nothing), or unmapped.
+        let mut block = block_of(removed.base()).as_u64();
+        while block < removed.end() {
+            let at = GuestPhysAddr::new_truncate(block);
+            if self.tables.large_leaf(&self.memory, at).is_some() {
+                self.map_block_small(at);
+            }
+            block += LARGE_BLOCK;
+        }
         // Its written pages have nothing left to report, and must not be listed twice when
         // a new range takes their addresses.
         self.fold_lock_free_writes();
@@ -424,25 +514,62 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             permissions: Permissions::all(),
             memory_type: MemoryType::WriteBack,
         };
-        let mapped = self.tables.make_large(&mut self.memory, block, leaf);
-        if mapped {
-            self.reverse.forget_range(block, FRAMES_PER_LARGE_PAGE);
+        match self.tables.make_large(&mut self.memory, block, leaf) {
+            LargeMapping::Unreachable => false,
+            LargeMapping::Mapped { detached } => {
+                self.reverse.forget_range(block, FRAMES_PER_LARGE_PAGE);
+                if let Some(page_table) = detached {
+                    // CPUs may still walk it until the flush the caller carries out.
+                    self.pool.discard(page_table);
+                }
+                true
+            }
         }
-        mapped
     }
 
-    /// Maps the large block at `block` with 4 KiB leaves again, each as its page calls for.
-    pub(super) fn map_block_small(&mut self, block: GuestPhysAddr) {
+    /// Maps the large block at `block` with 4 KiB leaves again, each as its page calls for, in
+    /// a page table from the handy pool. With none to be had the block is unmapped instead,
+    /// until its next access maps it again ([`remap_unmapped_block`](Self::remap_unmapped_block)).
+    /// Returns whether the block is now mapped with 4 KiB leaves.
+    pub(super) fn map_block_small(&mut self, block: GuestPhysAddr) -> bool {
+        let Ok(page_table) = self.pool.take_table(&mut self.frames) else {
+            if self.tables.unmap_large(&mut self.memory, block) {
+                self.reverse.forget_range(block, FRAMES_PER_LARGE_PAGE);
+                self.unmapped_blocks.insert(block);
+            }
+            return false;
+        };
         let source = leaf_source!(self);
         let mut records = Vec::new();
-        let split = self.tables.split_large(&mut self.memory, block, |gpa| {
-            source.expected_noting(gpa, &mut records)
-        });
+        let split = self
+            .tables
+            .split_large(&mut self.memory, block, page_table, |gpa| {
+                source.expected_noting(gpa, &mut records)
+            });
         if split {
             for (gpa, frame) in records {
                 self.reverse.set(gpa, Some(frame));
             }
+        } else {
+            self.pool.return_table(page_table);
         }
+        split
+    }
+
+    /// Maps the block around `gpa` again if it was left unmapped for want of a page table:
+    /// tables from the host, every page's leaf from its descriptor. Nothing to do (one set
+    /// lookup when any block is unmapped, none otherwise) for other blocks.
+    pub(super) fn remap_unmapped_block(&mut self, gpa: GuestPhysAddr) -> Result<(), PgmError> {
+        let block = block_of(gpa);
+        if self.unmapped_blocks.is_empty() || !self.unmapped_blocks.contains(&block) {
+            return Ok(());
+        }
+        self.ensure_tables(block, FRAMES_PER_LARGE_PAGE)?;
+        self.unmapped_blocks.remove(&block);
+        for location in self.located(block, FRAMES_PER_LARGE_PAGE) {
+            self.sync_leaf(location);
+        }
+        Ok(())
     }
 
     /// Takes away every mapping of `frame` before it is freed or given another use: each
@@ -484,6 +611,21 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             );
         }
     }
+}
+
+/// The size of a 2 MiB block.
+const LARGE_BLOCK: u64 = FRAMES_PER_LARGE_PAGE * PAGE_SIZE;
+
+/// The first address of the 2 MiB block holding `gpa`.
+#[inline]
+pub(super) fn block_of(gpa: GuestPhysAddr) -> GuestPhysAddr {
+    GuestPhysAddr::new_truncate(gpa.as_u64() & !(LARGE_BLOCK - 1))
+}
+
+/// True when `frame` lies in the 2 MiB chunk at `chunk`.
+#[inline]
+fn chunk_holds(chunk: HostPhysAddr, frame: HostPhysAddr) -> bool {
+    (chunk.as_u64()..chunk.as_u64() + LARGE_BLOCK).contains(&frame.as_u64())
 }
 
 /// True when the frame `page` maps is not its own alone: an MMIO2 frame, an alias's, a shared

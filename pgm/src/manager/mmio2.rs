@@ -152,7 +152,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                     .iter()
                     .map(|&frame| PageDescriptor::allocated(PageType::Mmio2, frame))
                     .collect();
-                self.insert_mapped(alloc::vec![RamRange::new(base, descriptors, "mmio2")])?;
+                self.insert_mapped(alloc::vec![RamRange::new(base, descriptors, "mmio2")], false)?;
                 Invalidation::None
             }
             Some(locations) => {

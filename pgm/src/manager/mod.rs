@@ -130,6 +130,12 @@ pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
     memory: M,
     ranges: RamRanges,
     zero_frame: HostPhysAddr,
+    /// 2 MiB of zeros, mapped read-only by one 2 MiB leaf for every untouched block of RAM
+    /// registered while large pages are on (see `large`); taken at the first such registration.
+    zero_chunk: Option<HostPhysAddr>,
+    /// 2 MiB blocks left unmapped because no page table could be had to split them: the first
+    /// access maps them again (see `large`).
+    unmapped_blocks: alloc::collections::BTreeSet<GuestPhysAddr>,
     tables: NestedTables<Ept>,
     pool: FramePool,
     counts: StateCounts,
@@ -208,6 +214,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             memory,
             ranges: RamRanges::default(),
             zero_frame,
+            zero_chunk: None,
+            unmapped_blocks: alloc::collections::BTreeSet::new(),
             tables,
             pool: FramePool::default(),
             counts: StateCounts::default(),
@@ -220,7 +228,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             a20_aliases: Vec::new(),
             mmio2: Vec::new(),
             next_mmio2: 0,
-            large_pages: false,
+            large_pages: true,
             shared: alloc::collections::BTreeMap::new(),
             registrations: 0,
             reverse: mapping::ReverseMap::default(),
@@ -247,7 +255,6 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     ) -> Result<(), PgmError> {
         let pages = page_count(base, size)?;
         self.ranges.check_free(base, size)?;
-        let zero = PageDescriptor::zero(PageType::Ram);
         // Large RAM becomes several ranges of at most RAM_CHUNK_PAGES, so no descriptor array
         // is a huge allocation; lookups do not care.
         let registration = self.registrations + 1;
@@ -255,16 +262,13 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let mut first = 0;
         while first < pages {
             let count = (pages - first).min(RAM_CHUNK_PAGES);
-            let mut descriptors = Vec::new();
-            if descriptors.try_reserve_exact(count as usize).is_err() {
-                return Err(PgmError::OutOfHeap);
-            }
-            descriptors.resize(count as usize, zero);
             let chunk_base = GuestPhysAddr::new_truncate(base.as_u64() + first * PAGE_SIZE);
-            chunks.push(RamRange::new(chunk_base, descriptors, name).with_registration(registration));
+            let chunk = RamRange::zero_ram(chunk_base, count as usize, name).ok_or(PgmError::OutOfHeap)?;
+            chunks.push(chunk.with_registration(registration));
             first += count;
         }
-        self.insert_mapped(chunks)?;
+        self.take_zero_chunk();
+        self.insert_mapped(chunks, true)?;
         self.registrations = registration;
         self.counts.zero += pages;
         if self.preallocated {
@@ -389,6 +393,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             // Write monitoring's protection withheld above the leaf comes down first, so the
             // descriptor read below says what the page is.
             self.open_write_path(faulting);
+        }
+        if self.remap_unmapped_block(faulting).is_err() {
+            return FaultOutcome::OutOfMemory;
         }
         let gpa = self.a20_apply(faulting);
         let Some(location) = self.ranges.find(gpa) else {
@@ -1040,6 +1047,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         self.release_roms();
         self.tables.destroy(&mut self.frames, &self.memory);
         self.frames.free_frame(self.zero_frame);
+        self.release_zero_chunk();
     }
 
     /// The descriptor of the page holding `gpa`, if it is registered, as the state machine
@@ -1081,6 +1089,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             handy_frames: self.pool.handy() as u64,
             pending_free_frames: self.pool.pending_free() as u64,
             table_frames: self.tables.table_frames() as u64,
+            zero_chunk_frames: self.zero_chunk_frames(),
             private_allocations: self.pool.taken(),
             read_locked_pages: self.locked_pages.read,
             write_locked_pages: self.locked_pages.write,

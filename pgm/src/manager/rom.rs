@@ -221,7 +221,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             }
             None => {
                 let descriptors = alloc::vec![PageDescriptor::zero(page_type); pages as usize];
-                if let Err(error) = self.insert_mapped(alloc::vec![RamRange::new(base, descriptors, "rom")]) {
+                if let Err(error) =
+                    self.insert_mapped(alloc::vec![RamRange::new(base, descriptors, "rom")], false)
+                {
                     if let Some(rom) = self.roms.pop() {
                         self.frames.free_frames(&rom.virgin);
                     }

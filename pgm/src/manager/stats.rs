@@ -34,6 +34,8 @@ pub struct MemoryStats {
     pub pending_free_frames: u64,
     /// Host frames holding EPT tables.
     pub table_frames: u64,
+    /// Frames of the zero chunk (2 MiB of zeros mapping untouched large blocks): 0 or 512.
+    pub zero_chunk_frames: u64,
     /// Private frames handed out since creation.
     pub private_allocations: u64,
     /// Pages holding at least one read map lock (cReadLockedPages).
@@ -58,6 +60,7 @@ impl MemoryStats {
             + self.handy_frames
             + self.pending_free_frames
             + self.table_frames
+            + self.zero_chunk_frames
             + 1
     }
 }
