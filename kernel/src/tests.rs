@@ -53,6 +53,10 @@ const TESTS: &[(&str, TestFn)] = &[
         untouched_ram_reads_zero_without_allocating,
     ),
     (
+        "large_pages_fill_each_block_with_one_fault",
+        large_pages_fill_each_block_with_one_fault,
+    ),
+    (
         "cpu_permissions_match_the_software_walker",
         cpu_permissions_match_the_software_walker,
     ),
@@ -383,7 +387,9 @@ mod violations;
 
 fn new_vm(host: &'static Host, ram: &[(u64, u64)]) -> Result<Vm<'static>, String> {
     let vmx = host.vmx().map_err(|e| format!("{e}"))?;
-    Vm::new(vmx, &host.phys, ram).map_err(|e| format!("VM creation: {e}"))
+    // 4 KiB pages: the tests count pages, frames and faults one by one (large pages, the
+    // default, have a test of their own).
+    Vm::new_with(vmx, &host.phys, ram, false).map_err(|e| format!("VM creation: {e}"))
 }
 
 /// Creates a PC-like VM, loads `program` at [`CODE`] with `regs` and runs it to its stop.
@@ -519,6 +525,49 @@ fn writing_n_pages_allocates_n_frames(host: &'static Host) -> TestResult {
         ensure_eq!(page.state(), PageState::Allocated, "page state");
     }
     Ok(())
+}
+
+/// Large pages, the default: RAM's whole 2 MiB blocks are mapped on the zero chunk without page
+/// tables, and a guest writing every page of them takes one fault per block (a 2 MiB fill).
+fn large_pages_fill_each_block_with_one_fault(host: &'static Host) -> TestResult {
+    const FIRST: u64 = 0x20_0000;
+    const PAGES: u64 = (0x100_0000 - FIRST) / PAGE_SIZE;
+    let vmx = host.vmx().map_err(|e| format!("{e}"))?;
+    let mut vm = Vm::new(vmx, &host.phys, &PC_RAM).map_err(|e| format!("VM creation: {e}"))?;
+    let before = vm.stats();
+    ensure_eq!(before.zero_chunk_frames, 512, "zero chunk frames");
+    let regs = GuestRegisters {
+        rsi: FIRST,
+        rcx: PAGES,
+        rdx: PAGE_SIZE,
+        rdi: 0x1A46_0000,
+        ..Default::default()
+    };
+    vm.start(&programs::write_pages(), CODE, regs)
+        .map_err(|e| format!("{e}"))?;
+    let violations = vm.exits.ept_violations;
+    ensure_eq!(vm.run(), VmStop::Done(0), "stop");
+    let stats = vm.stats();
+    ensure_eq!(vm.exits.ept_violations - violations, PAGES / 512, "write faults");
+    ensure_eq!(stats.table_frames, before.table_frames, "EPT table frames");
+    for page in [0, 511, 512, PAGES - 1] {
+        let mut value = [0u8; 4];
+        vm.pgm()
+            .read_phys(gpa(FIRST + page * PAGE_SIZE), &mut value)
+            .map_err(|e| format!("{e}"))?;
+        ensure_eq!(
+            u64::from(u32::from_le_bytes(value)),
+            0x1A46_0000 + page,
+            "value written"
+        );
+    }
+    crate::println!(
+        "  {PAGES} pages written in {} faults; EPT tables {} frames, zero chunk {} frames",
+        PAGES / 512,
+        stats.table_frames,
+        stats.zero_chunk_frames
+    );
+    hostile::audit_memory(&vm.memory(), "the large fills")
 }
 
 fn untouched_ram_reads_zero_without_allocating(host: &'static Host) -> TestResult {

@@ -89,7 +89,19 @@ impl<'a> Vm<'a> {
     /// Creates a VM whose RAM is the `(base, size)` ranges, with a VMCS ready for [`Vm::start`].
     /// On error every frame taken so far is given back.
     pub fn new(vmx: &'a VmxOn, phys: &'static PhysMap, ram: &[(u64, u64)]) -> Result<Vm<'a>, VmError> {
+        Vm::new_with(vmx, phys, ram, true)
+    }
+
+    /// [`Vm::new`] with 2 MiB pages on (pgm's default) or off (`large_pages`: every page is
+    /// mapped and filled at 4 KiB, as tests that count pages and faults one by one expect).
+    pub fn new_with(
+        vmx: &'a VmxOn,
+        phys: &'static PhysMap,
+        ram: &[(u64, u64)],
+        large_pages: bool,
+    ) -> Result<Vm<'a>, VmError> {
         let mut pgm = Pgm::new(KernelFrames, phys)?;
+        pgm.set_large_pages(large_pages);
         for &(base, size) in ram {
             // On error the manager is dropped here, giving back what it took.
             let base = GuestPhysAddr::new(base).ok_or(PgmError::BeyondAddressWidth)?;
