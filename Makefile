@@ -25,10 +25,11 @@ check: setup
 	cd kernel && cargo clippy --all-targets -- -D warnings
 	cd kernel && cargo clippy --all-targets --features kernel-tests -- -D warnings
 
-## The criterion benchmarks: pgm against rust-vmm's vm-memory, and write-monitor faults from 1
-## and 2 threads (figures in README.md).
+## The benchmarks (figures in README.md): pgm at scale against rust-vmm's vm-memory on a flat
+## direct-mapped host memory (one table, the README's), and write-monitor faults from 1 and 2
+## threads (criterion).
 bench: setup
-	cargo bench -p pgm --features sim --bench lookup_and_harvest
+	cargo bench -p pgm --features sim --bench scale
 	cargo bench -p pgm --features sim --bench write_monitor_threads
 
 ## BIOS and UEFI disk images of the demo kernel.

@@ -1621,7 +1621,8 @@ fn handled_accesses_reach_mmio_handlers_and_default_to_open_bus() {
 fn large_ram_is_registered_as_chunks_that_behave_as_one_range() {
     use crate::manager::RAM_CHUNK_PAGES;
     let chunk = RAM_CHUNK_PAGES * PAGE_SIZE;
-    let mut pgm = pgm_with_frames(8192);
+    // 48 GiB: large pages, so that untouched blocks need no page tables.
+    let mut pgm = pgm_with_defaults(8192);
     let base = 0x1_0000_0000;
     pgm.register_ram(gpa(base), 3 * chunk + 2 * PAGE_SIZE, "above 4 GiB")
         .unwrap();
@@ -1910,6 +1911,8 @@ fn unregistering_ram_gives_its_frames_back_and_unmaps_it() {
     let mut pgm = pc_like();
     let chunk = crate::manager::RAM_CHUNK_PAGES * PAGE_SIZE;
     let base = 0x1_0000_0000;
+    // 16 GiB: large pages, so that untouched blocks need no page tables.
+    pgm.set_large_pages(true);
     pgm.register_ram(gpa(base), chunk + 4 * PAGE_SIZE, "hotplug")
         .unwrap();
     guest_write(&mut pgm, gpa(base + chunk), b"x");

@@ -205,8 +205,16 @@ impl RamRanges {
 
     /// Adds a range that [`check_free`](Self::check_free) accepted, keeping address order.
     pub(crate) fn insert(&mut self, range: RamRange) {
-        let at = self.ranges.partition_point(|r| r.base < range.base);
-        self.ranges.insert(at, range);
+        self.insert_all(core::iter::once(range));
+    }
+
+    /// Adds ranges [`check_free`](Self::check_free) accepted, keeping address order; the
+    /// directory is rebuilt once for all of them.
+    pub(crate) fn insert_all(&mut self, ranges: impl IntoIterator<Item = RamRange>) {
+        for range in ranges {
+            let at = self.ranges.partition_point(|r| r.base < range.base);
+            self.ranges.insert(at, range);
+        }
         self.directory = Directory::of(&self.ranges);
     }
 

@@ -398,9 +398,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let base = first.base();
         let pages = (last.end() - base.as_u64()) / PAGE_SIZE;
         let bases: Vec<GuestPhysAddr> = ranges.iter().map(RamRange::base).collect();
-        for range in ranges {
-            self.ranges.insert(range);
-        }
+        self.ranges.insert_all(ranges);
         let source = leaf_source!(self);
         let zero_block = self
             .zero_chunk

@@ -1416,8 +1416,11 @@ impl<T: Copy> Pieces<T> {
     }
 }
 
-/// Pages per RAM range at most (512 MiB): larger RAM is registered as several ranges.
-pub const RAM_CHUNK_PAGES: u64 = 128 * 1024;
+/// Pages per RAM range at most (16 GiB, 32 MiB of descriptors): larger RAM is registered as
+/// several ranges. Large enough that a host allocator hands each descriptor array out as fresh
+/// zeroed memory it maps lazily (glibc does from 32 MiB on, whatever its heap did before), so
+/// registering RAM writes no descriptor; small enough that no array is a huge allocation.
+pub const RAM_CHUNK_PAGES: u64 = 4 * 1024 * 1024;
 
 /// Bit 20 of a guest-physical address: what the A20 gate masks.
 const A20_BIT: u64 = 1 << 20;
