@@ -291,6 +291,15 @@ pub fn run_all(host: &'static Host) -> ! {
         }
     }
     exit_costs_of_finished_vms().print("every VM of the test run");
+    let (clears, clear_ticks) = crate::arch::memory::frame_clears();
+    let zero_fill = exit_costs_of_finished_vms().of(crate::vm::exits::ExitKind::ZeroFill);
+    let clear_mean = clear_ticks.checked_div(clears).unwrap_or(0);
+    println!(
+        "4 KiB frame clears: {clears}, ticks mean {clear_mean}; zero-fill exits without their \
+         clear: mean {} (with it {})",
+        zero_fill.mean().saturating_sub(clear_mean),
+        zero_fill.mean()
+    );
     let shootdowns = shootdown_costs();
     println!(
         "TLB shootdowns (IPI to the last CPU's flush): {}, ticks mean {}, max {}",

@@ -10,6 +10,7 @@ use x86::vmx::vmcs::guest;
 use emulator::{EmulationError, Machine, MemoryFault, Register};
 
 use super::exits::exit_reason;
+use super::memory::PgmGuard;
 use super::setup::{CS_DEFAULT_32, CS_LONG, EFER_LMA};
 use super::stop::{InstructionBytes, StopCause, VmStop};
 use super::{KernelPgm, Vm};
@@ -20,8 +21,11 @@ impl Vm<'_> {
     /// paging, decodes it, performs its access through pgm and `devices`, and writes back
     /// registers, RFLAGS and RIP. An instruction the emulator does not support stops the VM
     /// with a diagnostic naming its bytes.
+    /// `pgm` is the VM's lock, held from the fault's lookup to the device access and released
+    /// before the flush the access may need.
     pub(super) fn emulate_access(
         &mut self,
+        pgm: PgmGuard<'_>,
         gpa: GuestPhysAddr,
         devices: &mut impl AccessHandlers,
     ) -> Option<VmStop> {
@@ -33,9 +37,11 @@ impl Vm<'_> {
         let Ok(cpu) = self.guest_cpu() else {
             return stop(self, StopCause::UnhandledExit, InstructionBytes::default());
         };
-        let Some(bytes) = self.fetch_instruction(&cpu) else {
+        let Some(bytes) = fetch_instruction(&pgm, &cpu) else {
             return stop(self, StopCause::InstructionFetch, InstructionBytes::default());
         };
+        // Decoding needs no memory: other vCPUs' exits need not wait for it.
+        drop(pgm);
         let Some(instruction) = emulator::decode(cpu.bitness, bytes.as_slice(), cpu.rip) else {
             return stop(self, StopCause::UnsupportedInstruction, bytes);
         };
@@ -112,35 +118,34 @@ impl Vm<'_> {
             cr3: vmcs.read(guest::CR3),
         })
     }
+}
 
-    /// Reads the (up to 15) instruction bytes at RIP through CS and the guest's paging as the
-    /// guest would fetch them. Bytes on a following page that is not mapped are left out (the
-    /// instruction may end before it). `None` when not even the first byte can be read.
-    fn fetch_instruction(&self, cpu: &GuestCpu) -> Option<InstructionBytes> {
-        let code_base = cpu.segment_bases[1];
-        let linear = if cpu.bitness == 64 {
-            cpu.rip
-        } else {
-            code_base.wrapping_add(cpu.rip) & 0xFFFF_FFFF
+/// Reads the (up to 15) instruction bytes at RIP through CS and the guest's paging as the guest
+/// would fetch them. Bytes on a following page that is not mapped are left out (the instruction
+/// may end before it). `None` when not even the first byte can be read.
+fn fetch_instruction(pgm: &KernelPgm, cpu: &GuestCpu) -> Option<InstructionBytes> {
+    let code_base = cpu.segment_bases[1];
+    let linear = if cpu.bitness == 64 {
+        cpu.rip
+    } else {
+        code_base.wrapping_add(cpu.rip) & 0xFFFF_FFFF
+    };
+    let mut fetched = InstructionBytes::default();
+    let mut done = 0;
+    while done < fetched.bytes.len() {
+        let at = linear.wrapping_add(done as u64);
+        let Ok(gpa) = pgm.guest_linear_to_phys(cpu.paging, cpu.cr3, at) else {
+            break;
         };
-        let pgm = self.pgm();
-        let mut fetched = InstructionBytes::default();
-        let mut done = 0;
-        while done < fetched.bytes.len() {
-            let at = linear.wrapping_add(done as u64);
-            let Ok(gpa) = pgm.guest_linear_to_phys(cpu.paging, cpu.cr3, at) else {
-                break;
-            };
-            let gpa = pgm.a20_apply(gpa);
-            let len = (fetched.bytes.len() - done).min((PAGE_SIZE - gpa.page_offset()) as usize);
-            if pgm.read_phys(gpa, &mut fetched.bytes[done..done + len]).is_err() {
-                break;
-            }
-            done += len;
+        let gpa = pgm.a20_apply(gpa);
+        let len = (fetched.bytes.len() - done).min((PAGE_SIZE - gpa.page_offset()) as usize);
+        if pgm.read_phys(gpa, &mut fetched.bytes[done..done + len]).is_err() {
+            break;
         }
-        fetched.len = done as u8;
-        (done > 0).then_some(fetched)
+        done += len;
     }
+    fetched.len = done as u8;
+    (done > 0).then_some(fetched)
 }
 
 /// The guest state an emulated exit needs, read from the VMCS once.

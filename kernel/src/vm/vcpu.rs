@@ -567,7 +567,23 @@ impl<'a> Vm<'a> {
         let lock_free = (access == Access::Write && qualification & EPT_WAS_READABLE != 0)
             .then(|| self.memory.resolve_fault_lock_free(self.vmcs.cpu(), gpa, access))
             .flatten();
-        let outcome = lock_free.unwrap_or_else(|| self.memory.lock().resolve_fault(gpa, access));
+        // An access to emulate keeps the lock from the lookup to the device access: one
+        // acquisition an exit, not three.
+        let memory = Arc::clone(&self.memory);
+        let mut locked = None;
+        let outcome = lock_free.unwrap_or_else(|| {
+            let mut pgm = memory.lock();
+            let outcome = pgm.resolve_fault(gpa, access);
+            locked = Some(pgm);
+            outcome
+        });
+        if !matches!(
+            outcome,
+            FaultOutcome::Handler { .. } | FaultOutcome::WriteIgnored | FaultOutcome::EmulateWrite
+        ) {
+            // Flushes below must not run under the lock.
+            drop(locked.take());
+        }
         let mut invalidation = match outcome {
             FaultOutcome::Resolved {
                 invalidation,
@@ -604,7 +620,8 @@ impl<'a> Vm<'a> {
                     _ => ExitKind::RomWriteShadow,
                 };
                 self.measuring = Some((kind, exit_tick));
-                return self.emulate_access(gpa, devices);
+                let pgm = locked.unwrap_or_else(|| memory.lock());
+                return self.emulate_access(pgm, gpa, devices);
             }
         };
         // The same page faulting again right after a resolution means a translation outlived

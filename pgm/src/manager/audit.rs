@@ -132,9 +132,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             });
         report.mapped_pages = mapped.len() as u64;
         for (&gpa, leaf) in &mapped {
-            self.audit_leaf(gpa, leaf, &held, &mut report);
             let above = granted_above.get(&gpa).copied().unwrap_or(Permissions::all());
-            self.audit_write_protection(gpa, leaf, above, &mut report);
+            self.audit_leaf(gpa, leaf, above, &held, &mut report);
         }
         self.audit_pages(&mapped, &held, &mut report);
         self.audit_reverse_map(&mapped, &mut report);
@@ -225,11 +224,15 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         held
     }
 
-    /// Checks one mapped guest page.
+    /// Checks one mapped guest page (mapped by `leaf`, under table entries that grant
+    /// `above`): the frame, the mapping its page calls for, and what the walk lets the guest
+    /// write — a page write monitoring protects must not be writable, and the entries above
+    /// may withhold writes only while monitoring is on (see `lazy_protection`).
     fn audit_leaf(
         &self,
         gpa: GuestPhysAddr,
         leaf: &Leaf,
+        above: Permissions,
         held: &BTreeMap<HostPhysAddr, Holder>,
         report: &mut AuditReport,
     ) {
@@ -247,6 +250,14 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             }
             Some(_) => {}
         }
+        let may_withhold = if self.monitoring {
+            Permissions::WRITE
+        } else {
+            Permissions::empty()
+        };
+        if !(above | may_withhold).is_all() {
+            find(Problem::TableEntryRestricts);
+        }
         let shown = self.a20_apply(gpa);
         let Some(location) = self.ranges.find(shown) else {
             find(Problem::OutsideRanges);
@@ -262,38 +273,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         {
             find(Problem::OutOfSync);
         }
-    }
-
-    /// Checks what the walk to the page at `gpa` (mapped by `leaf`, under table entries that
-    /// grant `above`) lets the guest write: a page write monitoring protects must not be
-    /// writable, and the entries above may withhold writes only while monitoring is on (see
-    /// `lazy_protection`).
-    fn audit_write_protection(
-        &self,
-        gpa: GuestPhysAddr,
-        leaf: &Leaf,
-        above: Permissions,
-        report: &mut AuditReport,
-    ) {
-        let mut find = |problem| {
-            report.findings.push(Finding {
-                gpa,
-                frame: Some(leaf.frame),
-                problem,
-            })
-        };
-        let may_withhold = if self.monitoring {
-            Permissions::WRITE
-        } else {
-            Permissions::empty()
-        };
-        if !(above | may_withhold).is_all() {
-            find(Problem::TableEntryRestricts);
-        }
         let writable = (above & leaf.permissions).contains(Permissions::WRITE);
-        let Some(location) = self.ranges.find(self.a20_apply(gpa)) else {
-            return;
-        };
         let page = self.logical_page(location);
         // Unwritten and not protected: a write would go unseen (RAM and shadows are protected
         // by monitoring itself, MMIO2 pages by the rule their region's tracking shares).

@@ -479,6 +479,18 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// read as zeros without allocating. Fails with [`PgmError::NotGuestMemory`] (naming the
     /// first address outside RAM) before copying anything.
     pub fn read_phys(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), PgmError> {
+        if gpa.page_offset() + buf.len() as u64 <= PAGE_SIZE {
+            // Within one page (a guest paging entry, an instruction): one lookup, no pieces.
+            let location = self.ranges.find(gpa).ok_or(PgmError::NotGuestMemory(gpa))?;
+            if self.ranges.page(location).page_type() == PageType::Mmio {
+                return Err(PgmError::NotRam(gpa));
+            }
+            match self.read_source(location) {
+                Some(frame) => self.memory.read(frame_offset(frame, gpa.page_offset()), buf),
+                None => buf.fill(0),
+            }
+            return Ok(());
+        }
         let chunks = self.chunks(gpa, buf.len())?;
         let mut done = 0;
         for &(location, offset, len) in chunks.iter() {
