@@ -487,8 +487,7 @@ impl<F: EntryFormat> NestedTables<F> {
     /// Calls `visit(gpa, pages, leaf, above)` for every leaf the CPU can reach from the root, in
     /// address order: 4 KiB leaves (`pages` = 1) and 2 MiB leaves (`pages` = 512, `gpa` the
     /// block); `above` is what the table entries on the way down grant (the CPU grants the
-    /// intersection of `above` and the leaf's permissions). Tables kept in reserve for
-    /// splitting are not reachable and not visited.
+    /// intersection of `above` and the leaf's permissions).
     pub fn for_each_leaf(
         &self,
         memory: &impl HostMemory,

@@ -180,9 +180,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         if !self.a20_enabled {
             return None;
         }
-        // A page with a descriptor has its table (pages are mapped when registered). A write
-        // under an entry that withholds writes is the locked path's: it pushes write
-        // monitoring's protection down first (see `lazy_protection`).
+        // A page under a 2 MiB leaf or in an unmapped block has no page table: the locked
+        // path's, as is a write under an entry that withholds writes (it pushes write
+        // monitoring's protection down first, see `lazy_protection`).
         let entry = self.tables.leaf_entry_addr(&self.memory, gpa, access)?;
         let location = self.ranges.find(gpa)?;
         let word = self.ranges.descriptor(location);

@@ -362,7 +362,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let recorded = leaf
             .filter(|leaf| leaf.frame != self.zero_frame && borrows_frame(page))
             .map(|leaf| leaf.frame);
-        // Tables exist for every mapped page; MMIO in unassigned space has none and needs none.
+        // A page table exists for every page mapped at 4 KiB (a 2 MiB block was split or left
+        // unmapped above); MMIO in unassigned space has none and needs none.
         let present = self.tables.set_leaf(&mut self.memory, gpa, leaf);
         debug_assert!(present || leaf.is_none(), "page {gpa} has no page table");
         if present {
