@@ -20,17 +20,107 @@ pub struct RamRange {
     /// The `register_ram` call this range came from (0 for ranges made otherwise): large RAM
     /// is several ranges of one registration.
     registration: u32,
+    /// Write monitoring's bookkeeping (see `manager::lazy_protection`): one bit per page
+    /// listed written since its 2 MiB block was last settled, and one bit per block settled
+    /// in full since monitoring started. Changed only under `&mut`.
+    settle: SettleBits,
+}
+
+/// Which pages a block settle must look at (see [`RamRange`]'s `settle`).
+#[derive(Default)]
+struct SettleBits {
+    listed: Vec<u64>,
+    scanned: Vec<u64>,
+}
+
+impl SettleBits {
+    /// Bits for `pages` pages from `base`, in zeroed memory.
+    fn new(base: GuestPhysAddr, pages: usize) -> Option<SettleBits> {
+        let blocks = block_index(base, pages.saturating_sub(1)) + 1;
+        let zeroed = |bits: usize| {
+            let mut words = Vec::new();
+            words.try_reserve_exact(bits.div_ceil(64)).ok()?;
+            words.resize(bits.div_ceil(64), 0u64);
+            Some(words)
+        };
+        Some(SettleBits {
+            listed: zeroed(pages)?,
+            scanned: zeroed(blocks)?,
+        })
+    }
+}
+
+/// The index, within its range, of the 2 MiB block of page `page` of a range at `base`.
+fn block_index(base: GuestPhysAddr, page: usize) -> usize {
+    let first = base.page_number() as usize;
+    ((first + page) >> 9) - (first >> 9)
 }
 
 impl RamRange {
     /// A range at `base` made of `pages`; the caller checked alignment and width.
     pub(crate) fn new(base: GuestPhysAddr, pages: Vec<PageDescriptor>, name: &'static str) -> Self {
+        let settle = SettleBits::new(base, pages.len()).unwrap_or_default();
         RamRange {
             base,
             pages: pages.into_iter().map(|page| AtomicU64::new(page.raw())).collect(),
             name,
             registration: 0,
+            settle,
         }
+    }
+
+    /// Notes that page `page` was listed written: the next settle of its block looks at it.
+    pub(crate) fn note_listed(&mut self, page: usize) {
+        if let Some(word) = self.settle.listed.get_mut(page / 64) {
+            *word |= 1 << (page % 64);
+        }
+    }
+
+    /// The pages of `[first, first + count)` (all in one 2 MiB block) a settle of the block
+    /// must look at: all of them the first time since monitoring started, else those listed
+    /// written since the last settle (found a word of bits at a time). Forgets them (the
+    /// caller settles them).
+    pub(crate) fn take_unsettled(&mut self, first: usize, count: usize) -> Vec<usize> {
+        let block = block_index(self.base, first);
+        let scanned = self
+            .settle
+            .scanned
+            .get(block / 64)
+            .is_some_and(|word| word & (1 << (block % 64)) != 0);
+        let end = first + count;
+        let mut pages = Vec::new();
+        let mut page = first;
+        while page < end {
+            let index = page / 64;
+            let Some(word) = self.settle.listed.get_mut(index) else {
+                break;
+            };
+            let (low, high) = (page % 64, (end - index * 64).min(64));
+            let mask = (u64::MAX << low) & (u64::MAX >> (64 - high));
+            let mut bits = if scanned { *word & mask } else { mask };
+            *word &= !mask;
+            while bits != 0 {
+                pages.push(index * 64 + bits.trailing_zeros() as usize);
+                bits &= bits - 1;
+            }
+            page = index * 64 + high;
+        }
+        if let Some(word) = self.settle.scanned.get_mut(block / 64) {
+            *word |= 1 << (block % 64);
+        }
+        pages
+    }
+
+    /// Forgets which blocks were settled: monitoring starts, every block to be looked at in
+    /// full once. O(blocks / 64).
+    pub(crate) fn forget_settled_blocks(&mut self) {
+        self.settle.scanned.fill(0);
+    }
+
+    /// Forgets every settle bit: monitoring ends. O(pages / 64).
+    pub(crate) fn reset_settle_bits(&mut self) {
+        self.settle.listed.fill(0);
+        self.settle.scanned.fill(0);
     }
 
     /// A range of `pages` ZERO RAM pages at `base`, its descriptors in zeroed memory (an
@@ -42,6 +132,7 @@ impl RamRange {
             pages: zeroed_descriptors(pages)?,
             name,
             registration: 0,
+            settle: SettleBits::new(base, pages)?,
         })
     }
 
@@ -216,6 +307,28 @@ impl RamRanges {
             self.ranges.insert(at, range);
         }
         self.directory = Directory::of(&self.ranges);
+    }
+
+    /// The range at `index`, to change its settle bits (see [`RamRange::take_unsettled`]).
+    pub(crate) fn get_mut(&mut self, index: usize) -> Option<&mut RamRange> {
+        self.ranges.get_mut(index)
+    }
+
+    /// The ranges overlapping `[start, end)`, each with the first page index in it and the
+    /// number of its pages there, in address order.
+    pub(crate) fn parts(&self, start: GuestPhysAddr, end: u64) -> Vec<(usize, usize, usize)> {
+        let first = self.ranges.partition_point(|r| r.end() <= start.as_u64());
+        self.ranges[first..]
+            .iter()
+            .take_while(|r| r.base.as_u64() < end)
+            .enumerate()
+            .map(|(i, r)| {
+                let from = start.as_u64().max(r.base.as_u64());
+                let to = end.min(r.end());
+                let page = ((from - r.base.as_u64()) / PAGE_SIZE) as usize;
+                (first + i, page, ((to - from) / PAGE_SIZE) as usize)
+            })
+            .collect()
     }
 
     /// Removes the range at `index` and returns it.

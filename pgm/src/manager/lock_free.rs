@@ -275,8 +275,14 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         }
         self.lock_free.pending.set(false);
         let mut written = 0;
+        let ranges = &mut self.ranges;
         for log in self.lock_free.logs.iter_mut() {
             log.drain(|gpa| {
+                if let Some(location) = ranges.find(gpa) {
+                    if let Some(range) = ranges.get_mut(location.range) {
+                        range.note_listed(location.page);
+                    }
+                }
                 self.written.push(gpa);
                 written += 1;
             });

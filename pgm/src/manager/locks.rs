@@ -192,7 +192,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             self.ranges.set_page(location, written);
             // An ALLOCATED page awaiting protection is not WRITE_MONITORED any more.
             self.recount(page, written);
-            self.written.push(self.ranges.gpa_of(location));
+            self.list_written(location);
         }
     }
 

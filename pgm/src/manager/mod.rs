@@ -755,6 +755,12 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         }
         self.clear_written_flags();
         self.monitoring = true;
+        // Every block is looked at in full at its first settle.
+        for range in 0..self.ranges.len() {
+            if let Some(range) = self.ranges.get_mut(range) {
+                range.forget_settled_blocks();
+            }
+        }
         let locked_allocated = if self.locked_pages.write > 0 {
             self.mark_write_locked_pages()
         } else {
@@ -817,7 +823,12 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         // Reuse the list's memory for the next round.
         self.written = written;
         self.written.clear();
-        self.written.append(&mut still_written);
+        // Written again: listed for the next harvest and for its block's next settle.
+        for gpa in still_written {
+            if let Some(location) = self.ranges.find(gpa) {
+                self.list_written(location);
+            }
+        }
         invalidation
     }
 
@@ -855,6 +866,11 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         }
         self.monitoring = false;
         self.clear_written_flags();
+        for range in 0..self.ranges.len() {
+            if let Some(range) = self.ranges.get_mut(range) {
+                range.reset_settle_bits();
+            }
+        }
         let protection = self.refresh_protection_all();
         protection.max(self.merge_large_blocks())
     }
@@ -1204,7 +1220,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let mut next = step.apply(page, new_frame);
         if self.monitoring && changes_contents(event) && !next.written_to() {
             next = next.with_written_to(true);
-            self.written.push(self.ranges.gpa_of(location));
+            self.list_written(location);
         }
         self.ranges.set_page(location, next);
         if page.page_type() == PageType::Mmio2 && event == PageEvent::Write {
