@@ -294,3 +294,37 @@ impl Pgm<SimFrames, SimMemory> {
         self.audit(|frame| self.frames().inner.is_allocated(frame))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hpa(addr: u64) -> HostPhysAddr {
+        HostPhysAddr::new(addr).unwrap()
+    }
+
+    #[test]
+    fn flat_memory_reads_back_what_was_written_and_zeros_elsewhere() {
+        let mut memory = FlatMemory::new(2);
+        memory.write(hpa(FLAT_BASE + 0xFFD), b"across");
+        let mut back = [0u8; 6];
+        memory.read(hpa(FLAT_BASE + 0xFFD), &mut back);
+        assert_eq!(&back, b"across", "bytes across a frame boundary");
+        memory.write_u64(hpa(FLAT_BASE + 0x1008), 0x1122_3344_5566_7788);
+        assert_eq!(memory.read_u64(hpa(FLAT_BASE + 0x1008)), 0x1122_3344_5566_7788);
+        assert_eq!(
+            memory.compare_exchange_u64(hpa(FLAT_BASE + 0x1008), 1, 2),
+            Err(0x1122_3344_5566_7788)
+        );
+        memory.zero_frame(hpa(FLAT_BASE + 0x1000));
+        assert_eq!(memory.read_u64(hpa(FLAT_BASE + 0x1008)), 0);
+        memory.read(hpa(FLAT_BASE + 0xFFD), &mut back);
+        assert_eq!(&back, b"acr\0\0\0", "the first frame kept its bytes");
+        assert_eq!(
+            memory.read_u64(hpa(FLAT_BASE + 0x2000)),
+            0,
+            "outside reads as zeros"
+        );
+        assert_eq!(memory.read_u64(hpa(0x1000)), 0, "below reads as zeros");
+    }
+}
