@@ -286,7 +286,8 @@ pub enum PageEvent {
     Write,
     /// The page is returned to its power-on state (RAM reset).
     Reset,
-    /// Write monitoring write-protects the page (start, or re-arm after a harvest).
+    /// Write monitoring or dirty tracking write-protects the page one by one (MMIO2 pages; RAM
+    /// is protected all at once and settled through [`monitored_view`]).
     Protect,
     /// Write monitoring ends: the page is writable again.
     Unprotect,

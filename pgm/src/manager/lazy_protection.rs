@@ -12,11 +12,16 @@
 //! Whatever is about to change or act on a pending page first *settles* it: the protection is
 //! pushed down the walk to its address. At each entry that withholds writes, every entry of the
 //! table below loses its write permission first and the entry gets its own back; at the
-//! page-directory entry, every page of its 2 MiB block gets the descriptor `monitored_view`
-//! gave it (and a read-only leaf where it became WRITE_MONITORED), then the entry gets its
-//! write permission back. A guest write fault settles its page before it is resolved, so the
-//! first write under an entry costs at most 512 entries per level and one 2 MiB block; later
-//! ones in the block are ordinary (and lock-free) write-monitor faults.
+//! page-directory entry, the pages of its 2 MiB block get the descriptors `monitored_view`
+//! gives them (and read-only leaves where they became WRITE_MONITORED), then the entry gets its
+//! write permission back (a 2 MiB leaf is rewritten as its pages call for, or split). Which
+//! pages a block settle looks at is kept per range (`RamRange::take_unsettled`): all of them
+//! at the first settle since monitoring started, afterwards only the pages listed written (or
+//! kept writable by a write lock) since the block's last settle, as every other page is as
+//! that settle left it. A guest write fault settles its page before it is resolved, so the
+//! first write under an entry costs at most 512 entries per level and the pages its block's
+//! earlier rounds wrote; later ones in the block are ordinary (and lock-free) write-monitor
+//! faults.
 //!
 //! Invariant (checked by the auditor): while monitoring is on, every page the view calls
 //! WRITE_MONITORED is write-protected on its walk, by its leaf or by an entry above it; an
