@@ -415,18 +415,20 @@ pub fn transition(page: PageDescriptor, event: PageEvent) -> Result<Transition, 
 /// The page as write monitoring sees it. `pending` tells that the protection monitoring armed
 /// at the top of the EPT has not been pushed down to the page's leaf yet (its 2 MiB block's walk
 /// withholds writes), so the descriptor may be behind in two ways, both put right when the
-/// protection comes down: an ALLOCATED page is WRITE_MONITORED, and the written-to flag, left
-/// from a round already harvested, is clear. Write-locked pages are the exception (the host may
-/// write them at any time: they stay ALLOCATED and written), and MMIO2 pages, protected one by
-/// one since their region's dirty tracking shares the leaves, are always what they say. Every
-/// decision of the state machine and every count is taken on this view.
+/// protection comes down: the written-to flag, left from a round already harvested, is clear
+/// (whatever the page is now: an MMIO page that replaced a written RAM page carries its flag
+/// back when RAM returns), and a RAM page or ROM shadow that is ALLOCATED is WRITE_MONITORED.
+/// Write-locked pages are the exception (the host may write them at any time: they stay
+/// ALLOCATED and written), and MMIO2 pages, protected one by one since their region's dirty
+/// tracking shares the leaves, are always what they say. Every decision of the state machine
+/// and every count is taken on this view.
 pub fn monitored_view(page: PageDescriptor, pending: bool) -> PageDescriptor {
-    let lazily_protected = matches!(page.page_type(), PageType::Ram | PageType::RomShadow);
-    if !pending || !lazily_protected || page.write_locks() > 0 {
+    if !pending || page.page_type() == PageType::Mmio2 || page.write_locks() > 0 {
         return page;
     }
     let page = page.with_written_to(false);
-    if page.state() == PageState::Allocated {
+    let lazily_protected = matches!(page.page_type(), PageType::Ram | PageType::RomShadow);
+    if lazily_protected && page.state() == PageState::Allocated {
         page.with_state(PageState::WriteMonitored)
     } else {
         page

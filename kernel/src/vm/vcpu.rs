@@ -567,16 +567,21 @@ impl<'a> Vm<'a> {
         let lock_free = (access == Access::Write && qualification & EPT_WAS_READABLE != 0)
             .then(|| self.memory.resolve_fault_lock_free(self.vmcs.cpu(), gpa, access))
             .flatten();
-        // An access to emulate keeps the lock from the lookup to the device access: one
-        // acquisition an exit, not three.
-        let memory = Arc::clone(&self.memory);
+        // An access to emulate keeps the lock from the lookup to the instruction fetch (see
+        // `emulate_access`). The memory is shared anew only for the locked path, so a
+        // lock-free fault pays for no reference count.
+        let memory: Arc<VmMemory>;
         let mut locked = None;
-        let outcome = lock_free.unwrap_or_else(|| {
-            let mut pgm = memory.lock();
-            let outcome = pgm.resolve_fault(gpa, access);
-            locked = Some(pgm);
-            outcome
-        });
+        let outcome = match lock_free {
+            Some(outcome) => outcome,
+            None => {
+                memory = Arc::clone(&self.memory);
+                let mut pgm = memory.lock();
+                let outcome = pgm.resolve_fault(gpa, access);
+                locked = Some(pgm);
+                outcome
+            }
+        };
         if !matches!(
             outcome,
             FaultOutcome::Handler { .. } | FaultOutcome::WriteIgnored | FaultOutcome::EmulateWrite
@@ -620,7 +625,10 @@ impl<'a> Vm<'a> {
                     _ => ExitKind::RomWriteShadow,
                 };
                 self.measuring = Some((kind, exit_tick));
-                let pgm = locked.unwrap_or_else(|| memory.lock());
+                // The lock-free path resolves nothing that needs emulating.
+                let Some(pgm) = locked else {
+                    return stop(self, StopCause::UnhandledExit);
+                };
                 return self.emulate_access(pgm, gpa, devices);
             }
         };

@@ -202,6 +202,26 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         self.tables.grant_writes_everywhere(&mut self.memory);
     }
 
+    /// The pages under the state machine (RAM and ROM shadows) per state as the state machine
+    /// sees them (zero, allocated, write-monitored, shared, ballooned), counted one by one: the
+    /// oracle of the kept counts. O(pages).
+    #[cfg(any(test, feature = "sim"))]
+    pub fn recount_states(&self) -> [u64; 5] {
+        let mut counts = [0; 5];
+        for (index, range) in self.ranges.iter().enumerate() {
+            for page in 0..range.page_count() {
+                let page = self.logical_page(PageLocation { range: index, page });
+                if matches!(
+                    page.page_type(),
+                    crate::page::PageType::Ram | crate::page::PageType::RomShadow
+                ) {
+                    counts[page.state() as usize] += 1;
+                }
+            }
+        }
+        counts
+    }
+
     /// Moves one settled page's count from the state it had to the state it has. MMIO2 pages
     /// are not counted (their region's frames are).
     pub(super) fn recount(&mut self, before: PageDescriptor, after: PageDescriptor) {
@@ -397,6 +417,25 @@ mod tests {
         assert!(pgm.translate(page_in(0, 5), Access::Write).is_err());
         assert_isolated(&pgm, "after the settle");
         assert_accounting(&pgm);
+    }
+
+    #[test]
+    fn ram_given_back_by_mmio_after_a_harvest_reports_its_next_write() {
+        let mut pgm = written_vm(1);
+        let _ = pgm.start_write_monitoring();
+        guest_write(&mut pgm, page_in(0, 3), &[2]);
+        // MMIO replaces the written page; the harvest reports it and re-arms.
+        let (id, _) = pgm.register_mmio(page_in(0, 3), PAGE_SIZE).unwrap();
+        assert_eq!(harvest(&mut pgm), [page_in(0, 3)]);
+        // A write beside it settles the block while the page is MMIO.
+        guest_write(&mut pgm, page_in(0, 4), &[2]);
+        // RAM comes back (ZERO) and the guest writes it: a new write, reported once.
+        let _ = pgm.deregister_mmio(id).unwrap();
+        guest_write(&mut pgm, page_in(0, 3), &[3]);
+        assert_eq!(harvest(&mut pgm), [page_in(0, 4), page_in(0, 3)]);
+        assert_isolated(&pgm, "after the second harvest");
+        assert_accounting(&pgm);
+        assert_eq!(pgm.stats().state_counts(), pgm.recount_states());
     }
 
     #[test]

@@ -45,6 +45,17 @@ pub struct MemoryStats {
 }
 
 impl MemoryStats {
+    /// The pages per state: zero, allocated, write-monitored, shared, ballooned.
+    pub fn state_counts(&self) -> [u64; 5] {
+        [
+            self.zero_pages,
+            self.allocated_pages,
+            self.write_monitored_pages,
+            self.shared_pages,
+            self.ballooned_pages,
+        ]
+    }
+
     /// Frames backing guest pages.
     pub fn private_frames(&self) -> u64 {
         self.allocated_pages + self.write_monitored_pages
