@@ -193,31 +193,8 @@ impl PhysMap {
 }
 
 // SAFETY: every physical address is mapped at `offset` (`PhysMap::new`'s contract), and a
-// write copies exactly the bytes addressed.
-unsafe impl HostMemory for PhysMap {
-    fn read(&self, addr: HostPhysAddr, buf: &mut [u8]) {
-        PhysMap::read(self, addr, buf)
-    }
-
-    fn write(&mut self, addr: HostPhysAddr, data: &[u8]) {
-        PhysMap::write(self, addr, data)
-    }
-
-    fn read_u64(&self, addr: HostPhysAddr) -> u64 {
-        PhysMap::load_word(self, addr)
-    }
-
-    fn compare_exchange_u64(&self, addr: HostPhysAddr, current: u64, new: u64) -> Result<(), u64> {
-        PhysMap::exchange_word(self, addr, current, new)
-    }
-
-    fn zero_frame(&mut self, frame: HostPhysAddr) {
-        PhysMap::clear(self, frame)
-    }
-}
-
-// SAFETY: as for `PhysMap`: the reference reaches the same mapping. This is what each VM's
-// manager holds (the window is shared, not copied).
+// write copies exactly the bytes addressed. The reference is what each VM's manager holds (the
+// window is shared, not copied).
 unsafe impl HostMemory for &PhysMap {
     fn read(&self, addr: HostPhysAddr, buf: &mut [u8]) {
         PhysMap::read(self, addr, buf)

@@ -50,7 +50,15 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// to it yet. Three table reads while monitoring is on, none otherwise.
     #[inline]
     pub(super) fn is_pending(&self, gpa: GuestPhysAddr) -> bool {
-        self.monitoring && self.tables.withheld_writes_at(&self.memory, gpa).is_some()
+        self.protects_lazily() && self.tables.withheld_writes_at(&self.memory, gpa).is_some()
+    }
+
+    /// True while entries above the leaves may withhold writes: monitoring is on in
+    /// write-protect mode (PML mode and monitoring off arm nothing, and stopping gives every
+    /// entry its permission back). Outside it, no walk is needed to know a page is settled.
+    #[inline]
+    fn protects_lazily(&self) -> bool {
+        self.monitoring && self.dirty_log_mode == super::DirtyLogMode::WriteProtect
     }
 
     /// The descriptor at `location` as the state machine sees it ([`monitored_view`]).
@@ -74,16 +82,18 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// docs. Nothing to do (one walk) for a settled page.
     #[inline]
     pub(super) fn settle(&mut self, location: PageLocation) {
-        if self.monitoring {
-            self.open_write_path(self.ranges.gpa_of(location));
-        }
+        self.open_write_path(self.ranges.gpa_of(location));
     }
 
     /// Pushes every protection withheld above the leaf of `gpa` down to the leaves, so the
     /// pages of its 2 MiB block have the descriptors [`monitored_view`] gives them and the walk
     /// grants what the leaf grants. A guest write fault at `gpa` (the address the CPU walked)
-    /// does this first. A walk that withholds nothing costs three table reads.
+    /// does this first. A walk that withholds nothing costs three table reads, and none is
+    /// made unless monitoring protects lazily.
     pub(crate) fn open_write_path(&mut self, gpa: GuestPhysAddr) {
+        if !self.protects_lazily() {
+            return;
+        }
         while let Some(level) = self.tables.withheld_writes_at(&self.memory, gpa) {
             let pushed = if level >= 2 {
                 self.tables

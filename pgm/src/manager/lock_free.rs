@@ -312,14 +312,19 @@ mod tests {
     /// A VM with `PAGES` pages of RAM at 1 MiB, all written once, under write monitoring with
     /// its protection pushed down to their leaves, with written logs for two vCPUs.
     fn monitored() -> SimPgm {
-        let mut pgm = pgm_with_frames(256);
-        pgm.register_ram(gpa(MIB), PAGES * PAGE, "ram").unwrap();
-        for page in 0..PAGES {
+        monitored_pages(PAGES, 256, 2)
+    }
+
+    /// [`monitored`] with `pages` pages on `frames` frames and logs for `vcpus` vCPUs.
+    fn monitored_pages(pages: u64, frames: u64, vcpus: usize) -> SimPgm {
+        let mut pgm = pgm_with_frames(frames);
+        pgm.register_ram(gpa(MIB), pages * PAGE, "ram").unwrap();
+        for page in 0..pages {
             pgm.write_phys(page_at(page), &[1]).unwrap();
         }
         pgm.start_write_monitoring();
-        push_protection_down(&mut pgm, PAGES);
-        pgm.set_lock_free_vcpus(2);
+        push_protection_down(&mut pgm, pages);
+        pgm.set_lock_free_vcpus(vcpus);
         pgm
     }
 
@@ -523,15 +528,8 @@ mod tests {
 
     #[test]
     fn a_full_log_sends_the_fault_to_the_lock_which_empties_every_log() {
-        let mut pgm = pgm_with_frames(2048);
         let pages = WRITTEN_LOG_ENTRIES as u64 + 1;
-        pgm.register_ram(gpa(MIB), pages * PAGE, "ram").unwrap();
-        for page in 0..pages {
-            pgm.write_phys(page_at(page), &[1]).unwrap();
-        }
-        pgm.start_write_monitoring();
-        push_protection_down(&mut pgm, pages);
-        pgm.set_lock_free_vcpus(1);
+        let mut pgm = monitored_pages(pages, 2048, 1);
         for page in 0..WRITTEN_LOG_ENTRIES as u64 {
             assert_eq!(
                 pgm.resolve_fault_lock_free(0, page_at(page), Access::Write),

@@ -179,15 +179,12 @@ impl LeafSource<'_> {
     /// page there calls for) does: the same frame at `gpa`'s offset in the block, or zeros from
     /// the zero chunk where the zero frame is called for.
     pub(super) fn large_leaf_shows(&self, large: Leaf, gpa: GuestPhysAddr, expected: Option<Leaf>) -> bool {
-        let Some(expected) = expected else {
-            return false;
+        let offset = gpa.as_u64() & (LARGE_BLOCK - 1) & !0xFFF;
+        let view = Leaf {
+            frame: HostPhysAddr::new_truncate(large.frame.as_u64() + offset),
+            ..large
         };
-        let frame =
-            HostPhysAddr::new_truncate(large.frame.as_u64() + (gpa.as_u64() & (LARGE_BLOCK - 1) & !0xFFF));
-        let same_frame = frame == expected.frame
-            || (expected.frame == self.zero_frame
-                && self.zero_chunk.is_some_and(|chunk| chunk_holds(chunk, frame)));
-        same_frame && large.permissions == expected.permissions && large.memory_type == expected.memory_type
+        self.shows_as_called_for(gpa, view, expected)
     }
 
     /// The page a guest access to `gpa` reaches: through the A20 gate, so with the gate closed

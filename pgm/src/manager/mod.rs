@@ -793,20 +793,17 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         if self.dirty_log_mode == DirtyLogMode::Pml {
             return self.harvest_pml(written, out);
         }
+        // Every listed page has its range: a range that goes takes its pages off the list
+        // (`remove_range`).
+        out.extend_from_slice(&written);
         let one_by_one = self.locked_pages.write > 0 || self.mmio2_mapped();
         let mut still_written = Vec::new();
         let mut locked_allocated = 0;
         let mut invalidation = Invalidation::None;
-        out.reserve(written.len());
-        for &gpa in &written {
-            // A page whose range went away since it was written has nothing left to report.
+        for &gpa in written.iter().filter(|_| one_by_one) {
             let Some(location) = self.ranges.find(gpa) else {
                 continue;
             };
-            out.push(gpa);
-            if !one_by_one {
-                continue;
-            }
             let page = self.ranges.page(location);
             if page.write_locks() > 0 {
                 // The host can write it through its mapping at any time: written again.
@@ -834,8 +831,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 
     /// [`harvest_written`](Self::harvest_written) in PML mode: lists `written`, re-arms the
     /// listed pages' dirty flags, and protects MMIO2 pages whose tracking wants it.
-    fn harvest_pml(&mut self, mut written: Vec<GuestPhysAddr>, out: &mut Vec<GuestPhysAddr>) -> Invalidation {
-        written.retain(|&gpa| self.ranges.find(gpa).is_some());
+    fn harvest_pml(&mut self, written: Vec<GuestPhysAddr>, out: &mut Vec<GuestPhysAddr>) -> Invalidation {
         out.extend_from_slice(&written);
         let mut still_written = self.rearm_pml_pages(&written);
         let mut invalidation = Invalidation::None;
