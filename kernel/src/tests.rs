@@ -90,6 +90,10 @@ const TESTS: &[(&str, TestFn)] = &[
         violations::mmio_forms_in_long_mode_through_guest_paging,
     ),
     (
+        "mmio_loop_reuses_its_fetch_until_the_guest_remaps_the_code",
+        violations::mmio_loop_reuses_its_fetch_until_the_guest_remaps_the_code,
+    ),
+    (
         "mmio_instruction_forms_in_real_mode",
         violations::mmio_forms_in_real_mode,
     ),
@@ -274,8 +278,19 @@ static FAILED: AtomicUsize = AtomicUsize::new(0);
 
 /// Runs every test, prints the closing line and stops the emulator.
 pub fn run_all(host: &'static Host) -> ! {
-    println!("running {} kernel tests", TESTS.len());
-    for &(name, test) in TESTS {
+    // A substring filter fixed at build time (`KERNEL_TESTS=mmio cargo xtask run --test`), for
+    // measuring or debugging a few tests without the whole run.
+    let filter = option_env!("KERNEL_TESTS").unwrap_or("");
+    let selected = || TESTS.iter().filter(|(name, _)| name.contains(filter));
+    match filter {
+        "" => println!("running {} kernel tests", TESTS.len()),
+        _ => println!(
+            "running {} of {} kernel tests (KERNEL_TESTS={filter})",
+            selected().count(),
+            TESTS.len()
+        ),
+    }
+    for &(name, test) in selected() {
         let start = ticks();
         let result = run_one(host, name, test, TEST_BUDGET);
         let elapsed = ticks() - start;

@@ -53,6 +53,12 @@ macro_rules! phys_addr_type {
                 self.0 & (PAGE_SIZE - 1)
             }
 
+            /// The address `offset` bytes into this address's page (`offset` is taken modulo
+            /// [`PAGE_SIZE`]).
+            pub const fn at_page_offset(self, offset: u64) -> Self {
+                Self(self.0 & !(PAGE_SIZE - 1) | (offset & (PAGE_SIZE - 1)))
+            }
+
             /// Page (frame) number: the address shifted right by [`PAGE_SHIFT`].
             pub const fn page_number(self) -> u64 {
                 self.0 >> PAGE_SHIFT

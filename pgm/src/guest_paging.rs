@@ -5,7 +5,7 @@
 //! The walk reads the guest's paging structures through the A20 gate, as the guest's MMU
 //! would, and never sets accessed or dirty bits: it is a lookup, not an access.
 
-use crate::addr::GuestPhysAddr;
+use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::frames::{HostFrameAllocator, HostMemory};
 use crate::manager::Pgm;
 
@@ -61,6 +61,8 @@ pub enum GuestWalkError {
     },
     /// A paging structure lies outside guest memory (at this entry address).
     TableOutsideMemory(GuestPhysAddr),
+    /// The code the walk led to is not in readable guest memory (at this address).
+    CodeOutsideMemory(GuestPhysAddr),
 }
 
 /// One level of a walk: where its index sits in the linear address and how wide it is.
@@ -72,6 +74,61 @@ struct Level {
     large_allowed: bool,
 }
 
+/// What one walk read: each paging entry's host address and value, kept when every entry lay
+/// in a frame only an exclusive change of the manager can replace, so the walk can be checked
+/// later by reading the entries again instead of walking.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct WalkTrace {
+    entries: [(HostPhysAddr, u64); 4],
+    len: u8,
+    entry_size: u8,
+}
+
+impl WalkTrace {
+    /// Notes the entry read at `at` (`None`: in a frame that may change under a shared
+    /// manager, so the walk cannot be checked cheaply).
+    fn note(trace: &mut Option<WalkTrace>, at: Option<HostPhysAddr>, value: u64) {
+        match (trace.as_mut(), at) {
+            (Some(kept), Some(at)) => {
+                kept.entries[kept.len as usize] = (at, value);
+                kept.len += 1;
+            }
+            _ => *trace = None,
+        }
+    }
+}
+
+/// Accessed and dirty bits: the CPU sets them in the guest's entries as it walks; they do not
+/// change where a walk leads.
+const ACCESSED_DIRTY: u64 = 0b11 << 5;
+
+/// One code page's translation, remembered by [`Pgm::read_code`] for the next instruction
+/// fetch from the same page (a vCPU keeps one between emulated exits). It holds the host
+/// addresses of the guest's paging entries and code page, so it is used only after checking
+/// that the guest left those entries as they were, and only while the caller's `epoch` says
+/// the manager has not been changed exclusively since (see [`Pgm::read_code`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CodeTranslation {
+    epoch: u64,
+    paging: GuestPaging,
+    cr3: u64,
+    linear_page: u64,
+    code_gpa: GuestPhysAddr,
+    code_frame: HostPhysAddr,
+    walk: WalkTrace,
+}
+
+/// What [`Pgm::read_code`] read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CodeRead {
+    /// Bytes read into the buffer: as many as it holds, up to the end of the code page.
+    pub len: usize,
+    /// The guest-physical address of the first byte (through the A20 gate).
+    pub gpa: GuestPhysAddr,
+    /// True when the remembered translation was still good and no walk was needed.
+    pub reused: bool,
+}
+
 impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// Translates the guest-linear address `linear` through the guest's paging structures
     /// rooted at `cr3`, as the guest's MMU would. Reads guest memory only; changes nothing.
@@ -81,19 +138,118 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         cr3: u64,
         linear: u64,
     ) -> Result<GuestPhysAddr, GuestWalkError> {
+        self.traced_walk(paging, cr3, linear, &mut None)
+    }
+
+    /// Reads the instruction bytes at the guest-linear address `linear` (through the guest's
+    /// paging rooted at `cr3`, and the A20 gate) into `buf`, up to the end of the code page.
+    ///
+    /// `cache` is the caller's remembered translation: used when it is for the same paging
+    /// mode, CR3 and linear page, was made at the same `epoch`, and the guest's paging entries
+    /// it walked still hold what they held (accessed and dirty bits aside); otherwise the walk
+    /// is done and remembered, when its entries and the code page all have frames of their own.
+    ///
+    /// `epoch` is the caller's promise: it changes whenever the manager may have been changed
+    /// exclusively (`&mut self`) since `cache` was made. The kernel uses the count of write
+    /// acquisitions of the VM's lock; the lock-free path changes no page's frame.
+    ///
+    /// Errors: the walk's, or [`GuestWalkError::CodeOutsideMemory`] when the code is not in
+    /// readable guest memory. Changes nothing in the manager.
+    pub fn read_code(
+        &self,
+        paging: GuestPaging,
+        cr3: u64,
+        linear: u64,
+        buf: &mut [u8],
+        cache: &mut Option<CodeTranslation>,
+        epoch: u64,
+    ) -> Result<CodeRead, GuestWalkError> {
+        let offset = linear & (PAGE_SIZE - 1);
+        let len = buf.len().min((PAGE_SIZE - offset) as usize);
+        let buf = &mut buf[..len];
+        let linear_page = linear - offset;
+        let still_good = |kept: &CodeTranslation| {
+            kept.epoch == epoch
+                && kept.paging == paging
+                && kept.cr3 == cr3
+                && kept.linear_page == linear_page
+                && self.walk_holds(&kept.walk)
+        };
+        if let Some(kept) = cache.as_ref().filter(|kept| still_good(kept)) {
+            self.memory().read(kept.code_frame.at_page_offset(offset), buf);
+            return Ok(CodeRead {
+                len,
+                gpa: kept.code_gpa.at_page_offset(offset),
+                reused: true,
+            });
+        }
+        let mut trace = Some(WalkTrace::default());
+        let gpa = self.a20_apply(self.traced_walk(paging, cr3, linear, &mut trace)?);
+        let code_frame = self
+            .read_in_page(gpa, buf)
+            .map_err(|_| GuestWalkError::CodeOutsideMemory(gpa))?;
+        *cache = trace.zip(code_frame).map(|(walk, code_frame)| CodeTranslation {
+            epoch,
+            paging,
+            cr3,
+            linear_page,
+            code_gpa: gpa.page_base(),
+            code_frame,
+            walk,
+        });
+        Ok(CodeRead {
+            len,
+            gpa,
+            reused: false,
+        })
+    }
+
+    /// True when every entry `walk` read still holds the value it read (accessed and dirty
+    /// bits aside).
+    fn walk_holds(&self, walk: &WalkTrace) -> bool {
+        walk.entries[..walk.len as usize].iter().all(|&(at, value)| {
+            let now = match walk.entry_size {
+                8 => self.memory().read_u64(at),
+                _ => {
+                    let mut bytes = [0u8; 4];
+                    self.memory().read(at, &mut bytes);
+                    u64::from(u32::from_le_bytes(bytes))
+                }
+            };
+            (now ^ value) & !ACCESSED_DIRTY == 0
+        })
+    }
+
+    /// [`guest_linear_to_phys`](Self::guest_linear_to_phys), noting in `trace` (when `Some`)
+    /// the entries read.
+    fn traced_walk(
+        &self,
+        paging: GuestPaging,
+        cr3: u64,
+        linear: u64,
+        trace: &mut Option<WalkTrace>,
+    ) -> Result<GuestPhysAddr, GuestWalkError> {
         let level = |number, shift, index_bits, large_allowed| Level {
             number,
             shift,
             index_bits,
             large_allowed,
         };
+        let entry_size = match paging {
+            GuestPaging::Bits32 { .. } => 4,
+            _ => 8,
+        };
+        if let Some(kept) = trace.as_mut() {
+            kept.entry_size = entry_size as u8;
+        }
         match paging {
             GuestPaging::Off => Ok(GuestPhysAddr::new_truncate(linear & 0xFFFF_FFFF)),
             GuestPaging::Bits32 { pse } => self.walk(
                 cr3 & 0xFFFF_F000,
                 linear & 0xFFFF_FFFF,
                 &[level(2, 22, 10, pse), level(1, 12, 10, false)],
-                4,
+                entry_size,
+                trace,
             ),
             GuestPaging::Pae => self.walk(
                 cr3 & 0xFFFF_FFE0,
@@ -103,7 +259,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                     level(2, 21, 9, true),
                     level(1, 12, 9, false),
                 ],
-                8,
+                entry_size,
+                trace,
             ),
             GuestPaging::Level4 => self.walk(
                 cr3 & ADDRESS_MASK_64,
@@ -114,22 +271,26 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                     level(2, 21, 9, true),
                     level(1, 12, 9, false),
                 ],
-                8,
+                entry_size,
+                trace,
             ),
         }
     }
 
-    /// Walks `levels` from the table at `table`, with entries of `entry_size` bytes.
+    /// Walks `levels` from the table at `table`, with entries of `entry_size` bytes, noting
+    /// each entry read in `trace`.
     fn walk(
         &self,
         mut table: u64,
         linear: u64,
         levels: &[Level],
         entry_size: u64,
+        trace: &mut Option<WalkTrace>,
     ) -> Result<GuestPhysAddr, GuestWalkError> {
         for level in levels {
             let index = (linear >> level.shift) & ((1 << level.index_bits) - 1);
-            let entry = self.read_guest_entry(table + index * entry_size, entry_size)?;
+            let (entry, at) = self.read_guest_entry(table + index * entry_size, entry_size)?;
+            WalkTrace::note(trace, at, entry);
             if entry & PRESENT == 0 {
                 return Err(GuestWalkError::NotPresent { level: level.number });
             }
@@ -149,13 +310,16 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         Err(GuestWalkError::NotPresent { level: 1 })
     }
 
-    /// Reads one paging entry of `size` bytes the way the guest's MMU would see it.
-    fn read_guest_entry(&self, at: u64, size: u64) -> Result<u64, GuestWalkError> {
+    /// Reads one paging entry of `size` bytes the way the guest's MMU would see it; also the
+    /// host address it was read at, when its frame is stable (see [`WalkTrace`]).
+    fn read_guest_entry(&self, at: u64, size: u64) -> Result<(u64, Option<HostPhysAddr>), GuestWalkError> {
         let gpa = self.a20_apply(GuestPhysAddr::new_truncate(at));
         let mut bytes = [0u8; 8];
-        self.read_phys(gpa, &mut bytes[..size as usize])
+        let frame = self
+            .read_in_page(gpa, &mut bytes[..size as usize])
             .map_err(|_| GuestWalkError::TableOutsideMemory(gpa))?;
-        Ok(u64::from_le_bytes(bytes))
+        let host = frame.map(|frame| frame.at_page_offset(gpa.page_offset()));
+        Ok((u64::from_le_bytes(bytes), host))
     }
 }
 
@@ -268,6 +432,121 @@ mod tests {
         assert_eq!(
             pgm.guest_linear_to_phys(GuestPaging::Off, 0, 0x1_0000_1234),
             Ok(gpa(0x1234))
+        );
+    }
+
+    /// Long-mode tables at 0x1000..0x4FFF mapping linear 0x40_5000 to the code at `code`.
+    fn code_tables(pgm: &mut crate::test_support::SimPgm, code: u64) -> u64 {
+        let (pml4, pdpt, pd, pt) = (0x1000, 0x2000, 0x3000, 0x4000);
+        put64(pgm, pml4, pdpt | P);
+        put64(pgm, pdpt, pd | P);
+        put64(pgm, pd + 2 * 8, pt | P);
+        put64(pgm, pt + 5 * 8, code | P);
+        pml4
+    }
+
+    const CODE_LINEAR: u64 = 0x40_5000;
+
+    fn read_code(
+        pgm: &crate::test_support::SimPgm,
+        cr3: u64,
+        linear: u64,
+        cache: &mut Option<CodeTranslation>,
+        epoch: u64,
+    ) -> ([u8; 4], CodeRead) {
+        let mut bytes = [0u8; 4];
+        let read = pgm
+            .read_code(GuestPaging::Level4, cr3, linear, &mut bytes, cache, epoch)
+            .unwrap();
+        (bytes, read)
+    }
+
+    #[test]
+    fn code_translation_is_reused_until_the_guest_changes_an_entry() {
+        let mut pgm = pc_like();
+        let cr3 = code_tables(&mut pgm, 0x7000);
+        put32(&mut pgm, 0x7010, 0x1111_1111);
+        put32(&mut pgm, 0x8010, 0x2222_2222);
+        let mut cache = None;
+        let (bytes, first) = read_code(&pgm, cr3, CODE_LINEAR + 0x10, &mut cache, 0);
+        assert_eq!((bytes, first.gpa, first.reused), ([0x11; 4], gpa(0x7010), false));
+        let (bytes, again) = read_code(&pgm, cr3, CODE_LINEAR + 0x10, &mut cache, 0);
+        assert_eq!((bytes, again.gpa, again.reused), ([0x11; 4], gpa(0x7010), true));
+        // The CPU setting accessed and dirty bits changes nothing.
+        put64(&mut pgm, 0x3000 + 2 * 8, 0x4000 | P | ACCESSED_DIRTY);
+        assert!(read_code(&pgm, cr3, CODE_LINEAR + 0x10, &mut cache, 0).1.reused);
+        // The guest maps the linear page elsewhere, with no exit in between: the next fetch
+        // sees it (a cache that skipped the check would return the old bytes).
+        put64(&mut pgm, 0x4000 + 5 * 8, 0x8000 | P);
+        let (bytes, moved) = read_code(&pgm, cr3, CODE_LINEAR + 0x10, &mut cache, 0);
+        assert_eq!((bytes, moved.gpa, moved.reused), ([0x22; 4], gpa(0x8010), false));
+        assert!(read_code(&pgm, cr3, CODE_LINEAR + 0x10, &mut cache, 0).1.reused);
+    }
+
+    #[test]
+    fn code_translation_is_for_one_page_cr3_and_epoch() {
+        let mut pgm = pc_like();
+        let cr3 = code_tables(&mut pgm, 0x7000);
+        put64(&mut pgm, 0x4000 + 6 * 8, 0x9000 | P);
+        put32(&mut pgm, 0x9000, 0x3333_3333);
+        let mut cache = None;
+        read_code(&pgm, cr3, CODE_LINEAR, &mut cache, 0);
+        let (bytes, next_page) = read_code(&pgm, cr3, CODE_LINEAR + 0x1000, &mut cache, 0);
+        assert_eq!((bytes, next_page.reused), ([0x33; 4], false));
+        assert!(read_code(&pgm, cr3, CODE_LINEAR + 0x1000, &mut cache, 0).1.reused);
+        // An exclusive change of the manager may have moved any frame: walk again.
+        assert!(!read_code(&pgm, cr3, CODE_LINEAR + 0x1000, &mut cache, 1).1.reused);
+        // Another address space over the same tables below its PML4.
+        put64(&mut pgm, 0x5000, 0x2000 | P);
+        let (bytes, other_cr3) = read_code(&pgm, 0x5000, CODE_LINEAR + 0x1000, &mut cache, 1);
+        assert_eq!((bytes, other_cr3.reused), ([0x33; 4], false));
+    }
+
+    #[test]
+    fn code_translation_is_not_kept_for_pages_whose_frame_a_write_replaces() {
+        let mut pgm = pc_like();
+        // The code page was never written: it is a ZERO page, whose first write gives it a
+        // frame of its own, so the zero frame must not be remembered.
+        let cr3 = code_tables(&mut pgm, 0x7000);
+        let mut cache = None;
+        let (bytes, read) = read_code(&pgm, cr3, CODE_LINEAR, &mut cache, 0);
+        assert_eq!((bytes, read.reused, cache), ([0; 4], false, None));
+        // The same under paging off, with no entries at all.
+        let mut bytes = [0u8; 2];
+        pgm.read_code(GuestPaging::Off, 0, 0x6000, &mut bytes, &mut cache, 0)
+            .unwrap();
+        assert_eq!(cache, None);
+        put32(&mut pgm, 0x6000, 0x4444_4444);
+        let mut off = |cache: &mut Option<CodeTranslation>| {
+            pgm.read_code(GuestPaging::Off, 0, 0x6000, &mut bytes, cache, 0)
+                .unwrap()
+                .reused
+        };
+        assert!(!off(&mut cache));
+        assert!(off(&mut cache));
+    }
+
+    #[test]
+    fn code_reads_stop_at_the_page_end_and_name_code_outside_memory() {
+        let mut pgm = pc_like();
+        let cr3 = code_tables(&mut pgm, 0x7000);
+        put32(&mut pgm, 0x7FFC, 0x5555_5555);
+        let mut bytes = [0u8; 15];
+        let read = pgm
+            .read_code(
+                GuestPaging::Level4,
+                cr3,
+                CODE_LINEAR + 0xFFE,
+                &mut bytes,
+                &mut None,
+                0,
+            )
+            .unwrap();
+        assert_eq!((read.len, &bytes[..3]), (2, &[0x55, 0x55, 0][..]));
+        put64(&mut pgm, 0x4000 + 5 * 8, 0xFFF0_0000 | P);
+        assert_eq!(
+            pgm.read_code(GuestPaging::Level4, cr3, CODE_LINEAR, &mut bytes, &mut None, 0),
+            Err(GuestWalkError::CodeOutsideMemory(gpa(0xFFF0_0000)))
         );
     }
 }

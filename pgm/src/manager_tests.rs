@@ -1618,6 +1618,58 @@ fn handled_accesses_reach_mmio_handlers_and_default_to_open_bus() {
 }
 
 #[test]
+fn an_mmio_target_found_once_serves_accesses_as_the_handled_paths_do() {
+    let mut pgm = pc_like();
+    let (id, _) = pgm.register_mmio(gpa(0xFEC0_0000), 2 * PAGE_SIZE).unwrap();
+    pgm.register_handler(HandlerKind::All, gpa(0x5000), PAGE_SIZE)
+        .unwrap();
+    // Only MMIO pages are targets: a handled RAM page has memory a write may change.
+    assert_eq!(pgm.mmio_target(gpa(0x5000)), None);
+    assert_eq!(pgm.mmio_target(gpa(0x6000)), None);
+    assert_eq!(pgm.mmio_target(gpa(0xFEC0_2000)), None);
+    let target = pgm.mmio_target(gpa(0xFEC0_1010)).unwrap();
+    assert_eq!((target.handler(), target.page()), (id, gpa(0xFEC0_1000)));
+    // The same calls and results as read_phys_handled / write_phys_handled.
+    for action in [HandlerAction::Handled, HandlerAction::Default] {
+        let (mut by_target, mut by_lookup) = (recorder(action), recorder(action));
+        let (mut read, mut looked_up) = ([0u8; 4], [0u8; 4]);
+        pgm.read_mmio(target, gpa(0xFEC0_1010), &mut read, &mut by_target)
+            .unwrap();
+        pgm.read_phys_handled(gpa(0xFEC0_1010), &mut looked_up, &mut by_lookup)
+            .unwrap();
+        pgm.write_mmio(target, gpa(0xFEC0_1FF8), b"register", &mut by_target)
+            .unwrap();
+        pgm.write_phys_handled(gpa(0xFEC0_1FF8), b"register", &mut by_lookup)
+            .unwrap();
+        assert_eq!(read, looked_up);
+        assert_eq!(by_target.calls, by_lookup.calls);
+    }
+    // Bytes off the target's page are refused before any handler runs.
+    let mut refused = recorder(HandlerAction::Handled);
+    assert_eq!(
+        pgm.write_mmio(target, gpa(0xFEC0_1FFC), b"register", &mut refused),
+        Err(PgmError::NotHandled(gpa(0xFEC0_1FFC)))
+    );
+    assert_eq!(
+        pgm.read_mmio(target, gpa(0xFEC0_0010), &mut [0u8; 4], &mut refused),
+        Err(PgmError::NotHandled(gpa(0xFEC0_0010)))
+    );
+    assert!(refused.calls.is_empty());
+    // With the A20 gate closed, an address with bit 20 set reaches the page below it.
+    let (low, _) = pgm.register_mmio(gpa(0xE000_0000), PAGE_SIZE).unwrap();
+    pgm.set_a20(false);
+    let through_gate = pgm.mmio_target(gpa(0xE010_0010)).unwrap();
+    assert_eq!(
+        (through_gate.handler(), through_gate.page()),
+        (low, gpa(0xE000_0000))
+    );
+    let mut gated = recorder(HandlerAction::Handled);
+    pgm.write_mmio(through_gate, gpa(0xE010_0010), b"a20", &mut gated)
+        .unwrap();
+    assert_eq!(gated.calls, [(low, 0xE000_0010, Access::Write, b"a20".to_vec())]);
+}
+
+#[test]
 fn large_ram_is_registered_as_chunks_that_behave_as_one_range() {
     use crate::manager::RAM_CHUNK_PAGES;
     let chunk = RAM_CHUNK_PAGES * PAGE_SIZE;

@@ -37,13 +37,13 @@ use core::ops::{Deref, DerefMut};
 use loom::{
     cell::UnsafeCell,
     hint::spin_loop,
-    sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering},
+    sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering},
 };
 
 #[cfg(not(loom))]
 use core::{
     hint::spin_loop,
-    sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering},
+    sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering},
 };
 
 /// `core`'s cell with loom's access API, so one body of code serves both.
@@ -79,6 +79,9 @@ struct ReaderSlot(AtomicUsize);
 #[derive(Debug)]
 pub struct BrLock<T> {
     writer: AtomicBool,
+    /// Exclusive accesses so far (see [`ReadGuard::writes`]); changed only by the writer
+    /// inside, so the lock orders it.
+    writes: AtomicU64,
     readers: Box<[ReaderSlot]>,
     data: UnsafeCell<T>,
 }
@@ -99,6 +102,7 @@ impl<T> BrLock<T> {
             .collect();
         BrLock {
             writer: AtomicBool::new(false),
+            writes: AtomicU64::new(0),
             readers: readers.into_boxed_slice(),
             data: UnsafeCell::new(data),
         }
@@ -150,6 +154,12 @@ impl<T> BrLock<T> {
                 spin_loop();
             }
         }
+        self.entered_exclusively()
+    }
+
+    /// Counts an exclusive access that has begun, and hands out its guard.
+    fn entered_exclusively(&self) -> WriteGuard<'_, T> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
         WriteGuard { lock: self }
     }
 
@@ -168,11 +178,12 @@ impl<T> BrLock<T> {
             self.writer.store(false, Ordering::Release);
             return None;
         }
-        Some(WriteGuard { lock: self })
+        Some(self.entered_exclusively())
     }
 
     /// Exclusive access through `&mut self`: no other reference exists, so no waiting.
     pub fn get_mut(&mut self) -> &mut T {
+        self.writes.fetch_add(1, Ordering::Relaxed);
         // SAFETY: `&mut self` excludes every guard, which borrows the lock.
         self.data.with_mut(|data| unsafe { &mut *data })
     }
@@ -188,6 +199,17 @@ impl<T> BrLock<T> {
 pub struct ReadGuard<'a, T> {
     lock: &'a BrLock<T>,
     counter: &'a AtomicUsize,
+}
+
+impl<T> ReadGuard<'_, T> {
+    /// How many times the data has been accessed exclusively (write guards and `get_mut`)
+    /// since the lock was made. It cannot change while this guard lives, so two guards that
+    /// read the same count saw the data with no exclusive access in between: what a reader
+    /// remembered under the first still holds under the second, as far as writers go.
+    pub fn writes(&self) -> u64 {
+        // Relaxed: the writer changed it inside the lock, which this reader's entry ordered.
+        self.lock.writes.load(Ordering::Relaxed)
+    }
 }
 
 impl<T> Deref for ReadGuard<'_, T> {
@@ -279,6 +301,19 @@ mod tests {
             });
         });
         assert_eq!(lock.into_inner(), (2_000, 2_000));
+    }
+
+    #[test]
+    fn readers_see_the_count_of_exclusive_accesses_before_them() {
+        let mut lock = BrLock::new(0u32, 2);
+        let before = lock.read(0).writes();
+        assert_eq!(lock.read(1).writes(), before, "reads count nothing");
+        *lock.write() += 1;
+        let after_write = lock.read(0).writes();
+        assert_eq!(after_write, before + 1);
+        drop(lock.try_write().unwrap());
+        *lock.get_mut() += 1;
+        assert_eq!(lock.read(1).writes(), after_write + 2);
     }
 
     #[test]

@@ -341,6 +341,33 @@ guest_programs! {
         "vmcall",
         "hlt",
     ];
+    // Calls the routine at linear R9 five times, the 2 MiB page there mapped through the page
+    // directory entry at R8 to physical 0x200000 three times, then 0x400000, then 0x200000
+    // again (changed in memory, then INVLPG: no exit), RSI stepping by 4 after each call;
+    // then done(0).
+    mmio_code_remapped: Long64, ".code64", [
+        "mov r10, 0x200083",
+        "mov r11, 0x400083",
+        "mov [r8], r10",
+        "invlpg [r9]",
+        "call r9",
+        "add rsi, 4",
+        "call r9",
+        "add rsi, 4",
+        "call r9",
+        "add rsi, 4",
+        "mov [r8], r11",
+        "invlpg [r9]",
+        "call r9",
+        "add rsi, 4",
+        "mov [r8], r10",
+        "invlpg [r9]",
+        "call r9",
+        "xor eax, eax",
+        "xor ebx, ebx",
+        "vmcall",
+        "hlt",
+    ];
     // Real mode: the test device at segment 0xA000 through DS and ES, results through FS = 0
     // at 0x9000 (words and dwords), then done(0).
     mmio_forms_real: Real, ".code16", [

@@ -261,7 +261,7 @@ impl AccessHandlers for TestDevice {
 pub const PML4: u64 = 0x1_0000;
 pub const HIGH_HALF: u64 = 0xFFFF_8000_0000_0000;
 pub const PDPT: u64 = PML4 + 0x1000;
-const FIRST_PD: u64 = PML4 + 0x2000;
+pub const FIRST_PD: u64 = PML4 + 0x2000;
 const MAPPED_GIB: u64 = 5;
 const PRESENT_WRITABLE: u64 = 0b11;
 const LARGE: u64 = 1 << 7;

@@ -216,6 +216,54 @@ pub fn mmio_forms_in_long_mode_through_guest_paging(host: &'static Host) -> Test
     Ok(())
 }
 
+/// A device driver's loop: the same MMIO store from the same code page, over and over. The
+/// vCPU reuses its code page's translation and its decoded instruction, until the guest maps
+/// another page at the code's address (in its page tables, with no exit): then the emulator
+/// walks again and runs the new instruction, as the CPU does.
+pub fn mmio_loop_reuses_its_fetch_until_the_guest_remaps_the_code(host: &'static Host) -> TestResult {
+    const ROUTINE: u64 = 0x60_0000;
+    const STORE_ECX: [u8; 3] = [0x89, 0x0E, 0xC3]; // mov [rsi], ecx; ret
+    const STORE_EDX: [u8; 3] = [0x89, 0x16, 0xC3]; // mov [rsi], edx; ret
+    const ECX: u32 = 0xC0DE_000C;
+    const EDX: u32 = 0xC0DE_000D;
+    let mut pc = pc(host, Above4G::No)?;
+    let cr3 = pc::build_long_mode_tables(&mut pc.vm)?;
+    for (at, routine) in [(0x20_0000, STORE_ECX), (0x40_0000, STORE_EDX)] {
+        let result = pc.vm.pgm_mut().write_phys(gpa(at), &routine);
+        apply(&mut pc.vm, result)?;
+    }
+    let regs = GuestRegisters {
+        rcx: u64::from(ECX),
+        rdx: u64::from(EDX),
+        rsi: pc::DEVICE_BASE,
+        r8: pc::FIRST_PD + (ROUTINE >> 21) * 8,
+        r9: ROUTINE,
+        ..GuestRegisters::default()
+    };
+    let mut device = TestDevice::new(pc.device, pc::DEVICE_BASE);
+    pc.vm
+        .start_paged(
+            &programs::mmio_code_remapped(),
+            CODE,
+            pc::HIGH_HALF + CODE,
+            cr3,
+            regs,
+        )
+        .map_err(|e| format!("{e}"))?;
+    ensure_eq!(pc.vm.run_with(&mut device), VmStop::Done(0), "stop");
+    let stored: Vec<u32> = device
+        .registers(0, 20)
+        .chunks(4)
+        .map(|dword| u32::from_le_bytes([dword[0], dword[1], dword[2], dword[3]]))
+        .collect();
+    ensure_eq!(stored, [ECX, ECX, ECX, EDX, ECX], "values the device got");
+    // The second and third stores reuse both; the remapped ones walk and decode afresh.
+    ensure_eq!(pc.vm.exits.emulated, 5, "instructions emulated");
+    ensure_eq!(pc.vm.exits.code_fetches_without_walk, 2, "fetches without a walk");
+    ensure_eq!(pc.vm.exits.decodes_reused, 2, "decodes reused");
+    Ok(())
+}
+
 pub fn mmio_forms_in_real_mode(host: &'static Host) -> TestResult {
     let mut pc = pc(host, Above4G::No)?;
     let mut device = TestDevice::new(pc.device, pc::DEVICE_BASE);

@@ -2,30 +2,42 @@
 //! faulting instruction is fetched through the guest's paging, decoded and carried out through
 //! pgm and the VM's devices.
 
-use pgm::guest_paging::GuestPaging;
-use pgm::manager::AccessHandlers;
-use pgm::{GuestPhysAddr, Invalidation, PgmError, PAGE_SIZE};
+use pgm::guest_paging::{CodeTranslation, GuestPaging};
+use pgm::manager::{AccessHandlers, MmioTarget};
+use pgm::{GuestPhysAddr, Invalidation, PgmError};
 use x86::vmx::vmcs::guest;
 
 use emulator::{EmulationError, Machine, MemoryFault, Register};
 
 use super::exits::exit_reason;
-use super::memory::PgmGuard;
+use super::memory::{PgmGuard, SharedPgm};
 use super::setup::{CS_DEFAULT_32, CS_LONG, EFER_LMA};
 use super::stop::{InstructionBytes, StopCause, VmStop};
 use super::{KernelPgm, Vm};
-use crate::arch::vmx::{GuestRegisters, VmxError};
+use crate::arch::vmx::vmcs::CurrentVmcs;
+use crate::arch::vmx::GuestRegisters;
+
+/// The guest memory an emulated access goes through.
+pub(super) enum EmulatedMemory<'a> {
+    /// The manager shared, and the MMIO page the fault fell on, found once: an MMIO page has
+    /// no memory, so nothing the access does changes the manager, and other vCPUs' MMIO
+    /// exits and lock-free faults go on meanwhile.
+    Mmio(SharedPgm<'a>, MmioTarget),
+    /// The manager locked, for accesses that may change it (ROM writes, handlers over RAM).
+    Locked(PgmGuard<'a>),
+}
 
 impl Vm<'_> {
     /// Emulates the instruction whose access to `gpa` faulted: fetches it through the guest's
     /// paging, decodes it, performs its access through pgm and `devices`, and writes back
     /// registers, RFLAGS and RIP. An instruction the emulator does not support stops the VM
     /// with a diagnostic naming its bytes.
-    /// `pgm` is the VM's lock, held from the fault's lookup to the device access and released
-    /// before the flush the access may need.
+    /// `memory` is the VM's lock as the fault's lookup took it: kept shared to the end, or, when
+    /// locked, let go for the decode and taken again for the access, and released before the
+    /// flush the access may need.
     pub(super) fn emulate_access(
         &mut self,
-        pgm: PgmGuard<'_>,
+        memory: EmulatedMemory<'_>,
         gpa: GuestPhysAddr,
         devices: &mut impl AccessHandlers,
     ) -> Option<VmStop> {
@@ -34,32 +46,57 @@ impl Vm<'_> {
             diagnostic.instruction = bytes;
             Some(VmStop::Stopped(diagnostic))
         };
-        let Ok(cpu) = self.guest_cpu() else {
+        let Ok(vmcs) = self.vmcs.current() else {
             return stop(self, StopCause::UnhandledExit, InstructionBytes::default());
         };
-        let Some(bytes) = fetch_instruction(&pgm, &cpu) else {
+        let cpu = GuestCpu::read(&vmcs);
+        let fetched = match &memory {
+            EmulatedMemory::Mmio(pgm, _) => {
+                let cache = (&mut self.code_translation, pgm.writes());
+                fetch_instruction(pgm, &cpu, Some(cache))
+            }
+            EmulatedMemory::Locked(pgm) => fetch_instruction(pgm, &cpu, None),
+        };
+        let Some((bytes, walked)) = fetched else {
             return stop(self, StopCause::InstructionFetch, InstructionBytes::default());
         };
-        // Decoding needs no memory: other vCPUs' exits need not wait for it.
-        drop(pgm);
-        let Some(instruction) = emulator::decode(cpu.bitness, bytes.as_slice(), cpu.rip) else {
+        self.exits.code_fetches_without_walk += u64::from(!walked);
+        // Decoding needs no memory: a locked manager is let go meanwhile, since other vCPUs'
+        // exits need it (a shared one holds up only the host's changes).
+        let mut shared = match memory {
+            EmulatedMemory::Mmio(pgm, target) => Some((pgm, target)),
+            EmulatedMemory::Locked(pgm) => {
+                drop(pgm);
+                None
+            }
+        };
+        let Some((instruction, reused)) = self.decoder.decode(cpu.bitness, bytes.as_slice(), cpu.rip) else {
             return stop(self, StopCause::UnsupportedInstruction, bytes);
         };
+        self.exits.decodes_reused += u64::from(reused);
         let mut used = bytes;
         used.len = instruction.len() as u8;
-        let mut pgm = self.memory.lock();
-        let gpa = pgm.a20_apply(gpa);
+        let mut locked = None;
+        let (memory, gpa) = match &mut shared {
+            Some((pgm, target)) => (MachineMemory::Mmio(pgm, *target), pgm.a20_apply(gpa)),
+            None => {
+                let pgm = locked.insert(self.memory.lock());
+                let gpa = pgm.a20_apply(gpa);
+                (MachineMemory::Locked(pgm), gpa)
+            }
+        };
         let mut machine = VcpuMachine {
             regs: &mut self.regs,
-            rsp: cpu.rsp,
-            segment_bases: cpu.segment_bases,
-            pgm: &mut pgm,
+            vmcs: &vmcs,
+            bitness: cpu.bitness,
+            memory,
             devices,
             invalidation: Invalidation::None,
         };
         let result = emulator::execute(&instruction, gpa, cpu.rflags, &mut machine);
         let invalidation = machine.invalidation;
-        drop(pgm);
+        // The flush below must not run under the lock.
+        drop((shared, locked));
         let outcome = match result {
             Ok(outcome) => outcome,
             Err(EmulationError::Unsupported) => return stop(self, StopCause::UnsupportedInstruction, used),
@@ -73,19 +110,68 @@ impl Vm<'_> {
             }
         };
         self.exits.emulated += 1;
-        let written = self.vmcs.current().and_then(|vmcs| {
-            vmcs.write(guest::RIP, outcome.rip)
-                .and_then(|()| vmcs.write(guest::RFLAGS, outcome.rflags))
-        });
+        let mut written = vmcs.write(guest::RIP, outcome.rip);
+        if outcome.rflags != cpu.rflags {
+            written = written.and_then(|()| vmcs.write(guest::RFLAGS, outcome.rflags));
+        }
         match written.and_then(|()| self.invalidate(invalidation)) {
             Ok(()) => None,
             Err(_) => stop(self, StopCause::UnhandledExit, used),
         }
     }
+}
 
-    /// Reads, once per emulated exit, the guest state the emulator needs.
-    fn guest_cpu(&self) -> Result<GuestCpu, VmxError> {
-        let vmcs = self.vmcs.current()?;
+/// Reads the (up to 15) instruction bytes at RIP through CS and the guest's paging as the guest
+/// would fetch them. Bytes on a following page that is not mapped are left out (the instruction
+/// may end before it). `None` when not even the first byte can be read; else the bytes, and
+/// whether the guest's paging was walked. `cache` is the vCPU's remembered code translation and
+/// the count of exclusive accesses of the VM's lock (see `Pgm::read_code`): given only while
+/// the manager is held shared, so that the count cannot change under the fetch.
+fn fetch_instruction(
+    pgm: &KernelPgm,
+    cpu: &GuestCpu,
+    cache: Option<(&mut Option<CodeTranslation>, u64)>,
+) -> Option<(InstructionBytes, bool)> {
+    let linear = if cpu.bitness == 64 {
+        cpu.rip
+    } else {
+        cpu.code_base.wrapping_add(cpu.rip) & 0xFFFF_FFFF
+    };
+    let mut fetched = InstructionBytes::default();
+    let (mut unkept, mut next_page) = (None, None);
+    let (cache, epoch) = cache.unwrap_or((&mut unkept, 0));
+    let mut walked = false;
+    let mut done = 0;
+    while done < fetched.bytes.len() {
+        let at = linear.wrapping_add(done as u64);
+        let buf = &mut fetched.bytes[done..];
+        // Only the first page is remembered: an instruction rarely crosses into the next.
+        let page_cache = if done == 0 { &mut *cache } else { &mut next_page };
+        let Ok(read) = pgm.read_code(cpu.paging, cpu.cr3, at, buf, page_cache, epoch) else {
+            break;
+        };
+        walked |= !read.reused;
+        done += read.len;
+    }
+    fetched.len = done as u8;
+    (done > 0).then_some((fetched, walked))
+}
+
+/// The guest state every emulated exit needs, read from the VMCS once. The rest (RSP, data
+/// segment bases) is read only by the instructions that use it.
+struct GuestCpu {
+    rip: u64,
+    rflags: u64,
+    /// 16, 32 or 64: the operand and address size of the code segment.
+    bitness: u32,
+    /// The CS base (0 in 64-bit code, where the CPU ignores it).
+    code_base: u64,
+    paging: GuestPaging,
+    cr3: u64,
+}
+
+impl GuestCpu {
+    fn read(vmcs: &CurrentVmcs<'_>) -> GuestCpu {
         let efer = vmcs.read(guest::IA32_EFER_FULL);
         let access_rights = vmcs.read(guest::CS_ACCESS_RIGHTS);
         let bitness = if efer & EFER_LMA != 0 && access_rights & CS_LONG != 0 {
@@ -95,80 +181,35 @@ impl Vm<'_> {
         } else {
             16
         };
-        let mut segment_bases = [
-            guest::ES_BASE,
-            guest::CS_BASE,
-            guest::SS_BASE,
-            guest::DS_BASE,
-            guest::FS_BASE,
-            guest::GS_BASE,
-        ]
-        .map(|field| vmcs.read(field));
-        if bitness == 64 {
-            // The CPU ignores these bases in 64-bit code, whatever the VMCS holds.
-            segment_bases[..4].fill(0);
-        }
-        Ok(GuestCpu {
+        GuestCpu {
             rip: vmcs.read(guest::RIP),
             rflags: vmcs.read(guest::RFLAGS),
-            rsp: vmcs.read(guest::RSP),
             bitness,
-            segment_bases,
+            code_base: if bitness == 64 {
+                0
+            } else {
+                vmcs.read(guest::CS_BASE)
+            },
             paging: GuestPaging::from_registers(vmcs.read(guest::CR0), vmcs.read(guest::CR4), efer),
             cr3: vmcs.read(guest::CR3),
-        })
-    }
-}
-
-/// Reads the (up to 15) instruction bytes at RIP through CS and the guest's paging as the guest
-/// would fetch them. Bytes on a following page that is not mapped are left out (the instruction
-/// may end before it). `None` when not even the first byte can be read.
-fn fetch_instruction(pgm: &KernelPgm, cpu: &GuestCpu) -> Option<InstructionBytes> {
-    let code_base = cpu.segment_bases[1];
-    let linear = if cpu.bitness == 64 {
-        cpu.rip
-    } else {
-        code_base.wrapping_add(cpu.rip) & 0xFFFF_FFFF
-    };
-    let mut fetched = InstructionBytes::default();
-    let mut done = 0;
-    while done < fetched.bytes.len() {
-        let at = linear.wrapping_add(done as u64);
-        let Ok(gpa) = pgm.guest_linear_to_phys(cpu.paging, cpu.cr3, at) else {
-            break;
-        };
-        let gpa = pgm.a20_apply(gpa);
-        let len = (fetched.bytes.len() - done).min((PAGE_SIZE - gpa.page_offset()) as usize);
-        if pgm.read_phys(gpa, &mut fetched.bytes[done..done + len]).is_err() {
-            break;
         }
-        done += len;
     }
-    fetched.len = done as u8;
-    (done > 0).then_some(fetched)
 }
 
-/// The guest state an emulated exit needs, read from the VMCS once.
-struct GuestCpu {
-    rip: u64,
-    rflags: u64,
-    rsp: u64,
-    /// 16, 32 or 64: the operand and address size of the code segment.
-    bitness: u32,
-    /// ES, CS, SS, DS, FS, GS (the first four 0 in 64-bit code).
-    segment_bases: [u64; 6],
-    paging: GuestPaging,
-    cr3: u64,
+/// Guest memory as one emulated access reaches it (see [`EmulatedMemory`]).
+enum MachineMemory<'v> {
+    Mmio(&'v KernelPgm, MmioTarget),
+    Locked(&'v mut KernelPgm),
 }
 
 /// The vCPU and guest memory of one VM as the instruction emulator sees them: registers from
 /// [`Vm::regs`] (RSP read-only from the VMCS), memory through pgm and the VM's devices.
 struct VcpuMachine<'v, H> {
     regs: &'v mut GuestRegisters,
-    rsp: u64,
-    /// ES, CS, SS, DS, FS, GS.
-    segment_bases: [u64; 6],
-    pgm: &'v mut KernelPgm,
+    /// RSP and the segment bases are read from it when an instruction needs them.
+    vmcs: &'v CurrentVmcs<'v>,
+    bitness: u32,
+    memory: MachineMemory<'v>,
     devices: &'v mut H,
     /// The invalidation the emulated writes need.
     invalidation: Invalidation,
@@ -201,7 +242,11 @@ impl<H> VcpuMachine<'_, H> {
 /// What a pgm error during an emulated access means for the guest.
 fn memory_fault(error: PgmError) -> MemoryFault {
     match error {
-        PgmError::NotGuestMemory(_) | PgmError::NotRam(_) => MemoryFault::NotGuestMemory,
+        // NotHandled: an access off the MMIO page found for the fault (the emulator keeps
+        // operands on the faulting page, so this is a guard, not a path).
+        PgmError::NotGuestMemory(_) | PgmError::NotRam(_) | PgmError::NotHandled(_) => {
+            MemoryFault::NotGuestMemory
+        }
         PgmError::PageState { .. } => MemoryFault::Ballooned,
         _ => MemoryFault::OutOfMemory,
     }
@@ -210,21 +255,23 @@ fn memory_fault(error: PgmError) -> MemoryFault {
 impl<H: AccessHandlers> Machine for VcpuMachine<'_, H> {
     fn gpr(&mut self, full: Register) -> u64 {
         if full == Register::RSP {
-            return self.rsp;
+            return self.vmcs.read(guest::RSP);
         }
         self.slot(full).map_or(0, |slot| *slot)
     }
 
     fn segment_base(&mut self, segment: Register) -> u64 {
-        let index = match segment {
-            Register::ES => 0,
-            Register::CS => 1,
-            Register::SS => 2,
-            Register::DS => 3,
-            Register::FS => 4,
-            _ => 5,
+        let field = match segment {
+            Register::FS => guest::FS_BASE,
+            Register::GS => guest::GS_BASE,
+            // The CPU ignores the other bases in 64-bit code, whatever the VMCS holds.
+            _ if self.bitness == 64 => return 0,
+            Register::ES => guest::ES_BASE,
+            Register::CS => guest::CS_BASE,
+            Register::SS => guest::SS_BASE,
+            _ => guest::DS_BASE,
         };
-        self.segment_bases[index]
+        self.vmcs.read(field)
     }
 
     fn set_gpr(&mut self, full: Register, value: u64) {
@@ -235,16 +282,23 @@ impl<H: AccessHandlers> Machine for VcpuMachine<'_, H> {
     }
 
     fn read(&mut self, gpa: GuestPhysAddr, data: &mut [u8]) -> Result<(), MemoryFault> {
-        self.pgm
-            .read_phys_handled(gpa, data, &mut *self.devices)
-            .map_err(memory_fault)
+        let devices = &mut *self.devices;
+        match &mut self.memory {
+            MachineMemory::Mmio(pgm, target) => pgm.read_mmio(*target, gpa, data, devices),
+            MachineMemory::Locked(pgm) => pgm.read_phys_handled(gpa, data, devices),
+        }
+        .map_err(memory_fault)
     }
 
     fn write(&mut self, gpa: GuestPhysAddr, data: &[u8]) -> Result<(), MemoryFault> {
-        let invalidation = self
-            .pgm
-            .write_phys_handled(gpa, data, &mut *self.devices)
-            .map_err(memory_fault)?;
+        let devices = &mut *self.devices;
+        let invalidation = match &mut self.memory {
+            MachineMemory::Mmio(pgm, target) => pgm
+                .write_mmio(*target, gpa, data, devices)
+                .map(|()| Invalidation::None),
+            MachineMemory::Locked(pgm) => pgm.write_phys_handled(gpa, data, devices),
+        }
+        .map_err(memory_fault)?;
         self.invalidation = self.invalidation.max(invalidation);
         Ok(())
     }

@@ -107,6 +107,11 @@ pub struct ExitCounts {
     pub port_io: u64,
     /// Page-modification-log-full exits.
     pub pml_full: u64,
+    /// Emulated exits whose instruction fetch used the vCPU's remembered code translation
+    /// instead of walking the guest's paging.
+    pub code_fetches_without_walk: u64,
+    /// Emulated exits whose instruction was the one decoded last, reused.
+    pub decodes_reused: u64,
 }
 
 /// Entries of a vCPU's page-modification log (one 4 KiB frame of addresses).

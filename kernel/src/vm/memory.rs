@@ -21,7 +21,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use brlock::{BrLock, WriteGuard};
+use brlock::{BrLock, ReadGuard, WriteGuard};
 use spin::Mutex;
 
 use pgm::manager::DirtyLogMode;
@@ -73,6 +73,9 @@ pub struct VmMemory {
 
 /// The VM's memory manager, locked (see [`VmMemory::lock`]).
 pub type PgmGuard<'a> = WriteGuard<'a, KernelPgm>;
+
+/// The VM's memory manager, shared (see [`VmMemory::shared`]).
+pub type SharedPgm<'a> = ReadGuard<'a, KernelPgm>;
 
 /// Shootdowns of every VM so far (count, and the ticks from first IPI to last flush).
 static SHOOTDOWNS: Mutex<ExitCost> = Mutex::new(ExitCost::NONE);
@@ -153,6 +156,14 @@ impl VmMemory {
     /// hold it across [`VmMemory::flush`], [`VmMemory::with_vcpus_parked`] or a vCPU run.
     pub fn lock(&self) -> PgmGuard<'_> {
         self.pgm.write()
+    }
+
+    /// The memory manager, shared with the other vCPUs' lock-free faults and emulated MMIO
+    /// accesses, for work that changes nothing in it (`&KernelPgm`); host changes wait for it.
+    /// Locking: the read side of the VM's lock, with host CPU `cpu`'s slot; never hold it
+    /// across [`VmMemory::lock`], a flush or a vCPU run.
+    pub fn shared(&self, cpu: usize) -> SharedPgm<'_> {
+        self.pgm.read(cpu)
     }
 
     /// Resolves an EPT violation of the vCPU on host CPU `cpu` without the VM's lock when the

@@ -3,17 +3,20 @@
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
-use pgm::manager::AccessHandlers;
+use emulator::DecodeCache;
+use pgm::guest_paging::CodeTranslation;
+use pgm::manager::{AccessHandlers, MmioTarget};
 use pgm::{FaultOutcome, GuestPhysAddr, Invalidation, MemoryStats, Pgm, PgmError, Resolution};
 use x86::vmx::vmcs::{guest, ro};
 
 use super::budget::{self, Budget, Expired, RunClock};
+use super::emulation::EmulatedMemory;
 use super::exits::qualification::{
     is_page_walk, ENTRY_FAILURE, EPT_EXECUTE, EPT_WAS_READABLE, EPT_WRITE, INTERRUPTION_TYPE_MASK,
     INTERRUPTION_TYPE_NMI, INTERRUPTION_VALID, IO_IN, IO_REP, IO_SIZE_MASK, IO_STRING,
 };
 use super::exits::{exit_reason, ExitCost, ExitCosts, ExitCounts, ExitKind, FINISHED_VMS};
-use super::memory::{PgmGuard, VmMemory};
+use super::memory::{PgmGuard, SharedPgm, VmMemory};
 use super::requests::{Request, VcpuRequests};
 use super::setup::EntryControlValues;
 use super::stop::{Diagnostic, InstructionBytes, StopCause, VmStop};
@@ -83,6 +86,11 @@ pub struct Vm<'a> {
     pub(super) pml_buffer: Option<pgm::HostPhysAddr>,
     /// PML is enabled in the VMCS (the VM's monitoring asked for it at the last entry).
     pub(super) pml_on: bool,
+    /// The translation of the code page of the last emulated instruction (see
+    /// `Pgm::read_code`).
+    pub(super) code_translation: Option<CodeTranslation>,
+    /// The last emulated instruction, decoded.
+    pub(super) decoder: DecodeCache,
 }
 
 impl<'a> Vm<'a> {
@@ -144,6 +152,8 @@ impl<'a> Vm<'a> {
             secondary_controls: 0,
             pml_buffer: None,
             pml_on: false,
+            code_translation: None,
+            decoder: DecodeCache::default(),
         };
         vm.write_controls()?;
         vm.set_up_pml()?;
@@ -560,16 +570,26 @@ impl<'a> Vm<'a> {
             Access::Read
         };
         let stop = |vm: &Self, cause| Some(VmStop::Stopped(vm.diagnostic(cause, exit_reason::EPT_VIOLATION)));
-        // Lock-free first where it can help: a write to a page mapped read-only (write
-        // monitoring, or a fault another vCPU resolved meanwhile). A violation on an entry that
-        // was not even readable (MMIO, a ballooned page) goes straight to the lock instead of
-        // paying a lookup twice (about 350 Bochs ticks an MMIO exit).
-        let lock_free = (access == Access::Write && qualification & EPT_WAS_READABLE != 0)
-            .then(|| self.memory.resolve_fault_lock_free(self.vmcs.cpu(), gpa, access))
-            .flatten();
+        // Without the lock first, where that can help. A write to a page mapped read-only
+        // (write monitoring, or a fault another vCPU resolved meanwhile) may be resolved
+        // lock-free; an access to an entry that was not even readable is most likely MMIO,
+        // emulated on the shared manager. Anything else goes to the lock.
+        let lock_free = if qualification & EPT_WAS_READABLE == 0 {
+            // Shared anew (an `Arc` count) so the guard outlives the borrow of `self`; the
+            // lock-free path pays for no count.
+            let memory = Arc::clone(&self.memory);
+            let shared = memory.shared(self.vmcs.cpu());
+            if let Some(target) = shared.mmio_target(gpa) {
+                return self.emulate_mmio(shared, target, gpa, access, qualification, exit_tick, devices);
+            }
+            None
+        } else if access == Access::Write {
+            self.memory.resolve_fault_lock_free(self.vmcs.cpu(), gpa, access)
+        } else {
+            None
+        };
         // An access to emulate keeps the lock from the lookup to the instruction fetch (see
-        // `emulate_access`). The memory is shared anew only for the locked path, so a
-        // lock-free fault pays for no reference count.
+        // `emulate_access`).
         let memory: Arc<VmMemory>;
         let mut locked = None;
         let outcome = match lock_free {
@@ -629,7 +649,7 @@ impl<'a> Vm<'a> {
                 let Some(pgm) = locked else {
                     return stop(self, StopCause::UnhandledExit);
                 };
-                return self.emulate_access(pgm, gpa, devices);
+                return self.emulate_access(EmulatedMemory::Locked(pgm), gpa, devices);
             }
         };
         // The same page faulting again right after a resolution means a translation outlived
@@ -650,6 +670,38 @@ impl<'a> Vm<'a> {
             Ok(()) => None,
             Err(_) => stop(self, StopCause::UnhandledExit),
         }
+    }
+
+    /// Emulates an access to the MMIO page `target` (found on the shared manager `pgm`) that
+    /// faulted at `gpa`: stops the VM for an instruction fetch from it or a guest page walk
+    /// into it, as the locked path would.
+    #[allow(clippy::too_many_arguments)]
+    fn emulate_mmio(
+        &mut self,
+        pgm: SharedPgm<'_>,
+        target: MmioTarget,
+        gpa: GuestPhysAddr,
+        access: Access,
+        qualification: u64,
+        exit_tick: u64,
+        devices: &mut impl AccessHandlers,
+    ) -> Option<VmStop> {
+        let cause = match access {
+            Access::Execute => Some(StopCause::ExecuteFromHandledPage),
+            _ if is_page_walk(qualification) => Some(StopCause::PageWalkOutsideMemory),
+            _ => None,
+        };
+        if let Some(cause) = cause {
+            return Some(VmStop::Stopped(
+                self.diagnostic(cause, exit_reason::EPT_VIOLATION),
+            ));
+        }
+        let kind = match access {
+            Access::Write => ExitKind::MmioWrite,
+            _ => ExitKind::MmioRead,
+        };
+        self.measuring = Some((kind, exit_tick));
+        self.emulate_access(EmulatedMemory::Mmio(pgm, target), gpa, devices)
     }
 
     /// Carries out an invalidation a host-side memory change asked for (pgm returns one from

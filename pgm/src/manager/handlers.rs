@@ -53,7 +53,111 @@ pub trait AccessHandlers {
     ) -> HandlerAction;
 }
 
+/// The MMIO page an emulated access falls on and the handler behind it, found once per exit by
+/// [`Pgm::mmio_target`]. It stays right only while nothing changes the manager, i.e. while the
+/// caller holds it shared from the lookup to the access: that is what lets the access skip a
+/// second lookup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmioTarget {
+    /// The page, through the A20 gate.
+    page: GuestPhysAddr,
+    handler: HandlerId,
+}
+
+impl MmioTarget {
+    /// The handler the page's accesses go to.
+    pub fn handler(&self) -> HandlerId {
+        self.handler
+    }
+
+    /// The page, through the A20 gate.
+    pub fn page(&self) -> GuestPhysAddr {
+        self.page
+    }
+}
+
 impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
+    /// The MMIO page and handler behind a guest access that faulted at `faulting`, when the
+    /// fault is one to emulate on an MMIO page; `None` for every other fault (for
+    /// [`resolve_fault`](Self::resolve_fault)). An MMIO page has no memory, so its accesses
+    /// change nothing in the manager and can be carried out on a shared one
+    /// ([`read_mmio`](Self::read_mmio), [`write_mmio`](Self::write_mmio)).
+    pub fn mmio_target(&self, faulting: GuestPhysAddr) -> Option<MmioTarget> {
+        let gpa = self.a20_apply(faulting);
+        let (_, page) = self.ranges.find_page(gpa)?;
+        if page.page_type() != PageType::Mmio {
+            return None;
+        }
+        // A handler that takes reads takes every access (MMIO regions take all), so the target
+        // serves both halves of a read-modify-write.
+        let handler = self.intercepting_handler(gpa, page, Access::Read)?;
+        Some(MmioTarget {
+            page: gpa.page_base(),
+            handler,
+        })
+    }
+
+    /// Reads `buf.len()` bytes at `gpa` (through the A20 gate) on the page of `target` as
+    /// [`read_phys_handled`](Self::read_phys_handled) would, without looking the page up
+    /// again: the handler fills `buf`, or it reads as all ones when the handler leaves it to
+    /// the default. Fails with [`PgmError::NotHandled`] for bytes outside the target's page.
+    pub fn read_mmio(
+        &self,
+        target: MmioTarget,
+        gpa: GuestPhysAddr,
+        buf: &mut [u8],
+        handlers: &mut impl AccessHandlers,
+    ) -> Result<(), PgmError> {
+        let gpa = self.on_target(target, gpa, buf.len())?;
+        if handlers.access(target.handler, gpa, Access::Read, buf) == HandlerAction::Default {
+            buf.fill(0xFF);
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `gpa` (through the A20 gate) on the page of `target` as
+    /// [`write_phys_handled`](Self::write_phys_handled) would, without looking the page up
+    /// again: the handler gets a copy of the bytes, and a write it leaves to the default is
+    /// dropped. Fails with [`PgmError::NotHandled`] for bytes outside the target's page.
+    pub fn write_mmio(
+        &self,
+        target: MmioTarget,
+        gpa: GuestPhysAddr,
+        data: &[u8],
+        handlers: &mut impl AccessHandlers,
+    ) -> Result<(), PgmError> {
+        let gpa = self.on_target(target, gpa, data.len())?;
+        // A CPU access is at most 8 bytes: copied on the stack, since the handler may change
+        // what it is handed.
+        let mut copy = [0u8; 8];
+        let mut large;
+        let bytes = match copy.get_mut(..data.len()) {
+            Some(small) => small,
+            None => {
+                large = alloc::vec![0u8; data.len()];
+                &mut large[..]
+            }
+        };
+        bytes.copy_from_slice(data);
+        handlers.access(target.handler, gpa, Access::Write, bytes);
+        Ok(())
+    }
+
+    /// `gpa` through the A20 gate, when its `len` bytes lie on the page of `target`.
+    fn on_target(
+        &self,
+        target: MmioTarget,
+        gpa: GuestPhysAddr,
+        len: usize,
+    ) -> Result<GuestPhysAddr, PgmError> {
+        let gpa = self.a20_apply(gpa);
+        let fits = gpa.page_offset() + len as u64 <= PAGE_SIZE;
+        match gpa.page_base() == target.page && fits {
+            true => Ok(gpa),
+            false => Err(PgmError::NotHandled(gpa)),
+        }
+    }
+
     /// Reads guest memory at `gpa` into `buf` as the guest would see it, handing every piece an
     /// access handler intercepts (all-access handlers, MMIO) to `handlers`. Strict about
     /// unassigned space: fails with [`PgmError::NotGuestMemory`] before any handler runs (see

@@ -45,7 +45,7 @@ mod stats;
 
 pub use audit::{AuditReport, Finding, Problem};
 pub use dirty_log::DirtyLogMode;
-pub use handlers::{AccessHandlers, HandlerAction};
+pub use handlers::{AccessHandlers, HandlerAction, MmioTarget};
 use lazy_protection::counted_locked_allocated;
 pub use lock_free::WRITTEN_LOG_ENTRIES;
 pub use locks::{PageMapLock, PageMapping, PAGE_MAX_LOCKS};
@@ -481,15 +481,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     pub fn read_phys(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), PgmError> {
         if gpa.page_offset() + buf.len() as u64 <= PAGE_SIZE {
             // Within one page (a guest paging entry, an instruction): one lookup, no pieces.
-            let location = self.ranges.find(gpa).ok_or(PgmError::NotGuestMemory(gpa))?;
-            if self.ranges.page(location).page_type() == PageType::Mmio {
-                return Err(PgmError::NotRam(gpa));
-            }
-            match self.read_source(location) {
-                Some(frame) => self.memory.read(frame_offset(frame, gpa.page_offset()), buf),
-                None => buf.fill(0),
-            }
-            return Ok(());
+            return self.read_in_page(gpa, buf).map(|_| ());
         }
         let chunks = self.chunks(gpa, buf.len())?;
         let mut done = 0;
@@ -1291,6 +1283,38 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             locations.push(location);
         }
         Ok(locations)
+    }
+
+    /// Copies guest memory at `gpa` into `buf`, which ends within the page of `gpa`, as
+    /// [`read_phys`](Self::read_phys) does. Returns the frame read when only an exclusive change
+    /// of the manager can replace it ([`stable_frame`](Self::stable_frame)), so a caller may
+    /// remember where the bytes came from.
+    pub(crate) fn read_in_page(
+        &self,
+        gpa: GuestPhysAddr,
+        buf: &mut [u8],
+    ) -> Result<Option<HostPhysAddr>, PgmError> {
+        let location = self.ranges.find(gpa).ok_or(PgmError::NotGuestMemory(gpa))?;
+        if self.ranges.page(location).page_type() == PageType::Mmio {
+            return Err(PgmError::NotRam(gpa));
+        }
+        match self.read_source(location) {
+            Some(frame) => self.memory.read(frame_offset(frame, gpa.page_offset()), buf),
+            None => buf.fill(0),
+        }
+        Ok(self.stable_frame(location))
+    }
+
+    /// The frame of the page at `location` if it is one nothing but an exclusive change of the
+    /// manager can replace: a RAM page with a frame of its own (ALLOCATED or WRITE_MONITORED;
+    /// the lock-free path only moves a page between the two, keeping its frame). ZERO and
+    /// SHARED pages get a new frame at their first write, and ROM reads follow its protection.
+    fn stable_frame(&self, location: PageLocation) -> Option<HostPhysAddr> {
+        let page = self.ranges.page(location);
+        let owned = matches!(page.state(), PageState::Allocated | PageState::WriteMonitored);
+        (page.page_type() == PageType::Ram && owned)
+            .then(|| page.frame())
+            .flatten()
     }
 
     /// The frame guest reads of the page at `location` see (`None`: the page reads as zeros).
