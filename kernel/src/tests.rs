@@ -90,8 +90,8 @@ const TESTS: &[(&str, TestFn)] = &[
         violations::mmio_forms_in_long_mode_through_guest_paging,
     ),
     (
-        "mmio_loop_reuses_its_fetch_until_the_guest_remaps_the_code",
-        violations::mmio_loop_reuses_its_fetch_until_the_guest_remaps_the_code,
+        "mmio_loop_reuses_its_lookups_until_the_code_or_the_device_moves",
+        violations::mmio_loop_reuses_its_lookups_until_the_code_or_the_device_moves,
     ),
     (
         "mmio_instruction_forms_in_real_mode",

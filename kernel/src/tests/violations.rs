@@ -216,11 +216,12 @@ pub fn mmio_forms_in_long_mode_through_guest_paging(host: &'static Host) -> Test
     Ok(())
 }
 
-/// A device driver's loop: the same MMIO store from the same code page, over and over. The
-/// vCPU reuses its code page's translation and its decoded instruction, until the guest maps
-/// another page at the code's address (in its page tables, with no exit): then the emulator
-/// walks again and runs the new instruction, as the CPU does.
-pub fn mmio_loop_reuses_its_fetch_until_the_guest_remaps_the_code(host: &'static Host) -> TestResult {
+/// A device driver's loop: the same MMIO store from the same code page to the same device
+/// page, over and over. The vCPU reuses its code page's translation, its decoded instruction
+/// and the device page's lookup, until the guest maps another page at the code's address (in
+/// its page tables, with no exit: the emulator walks again and runs the new instruction, as the
+/// CPU does), or the host moves the device to another handler (the next access reaches it).
+pub fn mmio_loop_reuses_its_lookups_until_the_code_or_the_device_moves(host: &'static Host) -> TestResult {
     const ROUTINE: u64 = 0x60_0000;
     const STORE_ECX: [u8; 3] = [0x89, 0x0E, 0xC3]; // mov [rsi], ecx; ret
     const STORE_EDX: [u8; 3] = [0x89, 0x16, 0xC3]; // mov [rsi], edx; ret
@@ -261,6 +262,28 @@ pub fn mmio_loop_reuses_its_fetch_until_the_guest_remaps_the_code(host: &'static
     ensure_eq!(pc.vm.exits.emulated, 5, "instructions emulated");
     ensure_eq!(pc.vm.exits.code_fetches_without_walk, 2, "fetches without a walk");
     ensure_eq!(pc.vm.exits.decodes_reused, 2, "decodes reused");
+    ensure_eq!(pc.vm.exits.mmio_lookups_reused, 4, "MMIO lookups reused");
+    // The host moves the device to another handler (an exclusive change): the next access must
+    // reach the new one, not the target the vCPU remembered.
+    let mut pgm = pc.vm.pgm_mut();
+    let removed = pgm.deregister_mmio(pc.device).map_err(|e| format!("{e}"))?;
+    let (handler, added) = pgm
+        .register_mmio(gpa(pc::DEVICE_BASE), pc::DEVICE_SIZE)
+        .map_err(|e| format!("{e}"))?;
+    drop(pgm);
+    pc.vm.flush(removed.max(added)).map_err(|e| format!("{e}"))?;
+    let mut moved = TestDevice::new(handler, pc::DEVICE_BASE);
+    pc.vm
+        .enter_at(
+            programs::mmio_code_remapped().mode,
+            pc::HIGH_HALF + CODE,
+            cr3,
+            regs,
+        )
+        .map_err(|e| format!("{e}"))?;
+    ensure_eq!(pc.vm.run_with(&mut moved), VmStop::Done(0), "stop after the move");
+    ensure_eq!(moved.log.len(), 5, "stores the moved device got");
+    ensure_eq!(moved.foreign_calls, 0, "accesses handed to the old handler");
     Ok(())
 }
 

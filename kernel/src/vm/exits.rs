@@ -112,6 +112,9 @@ pub struct ExitCounts {
     pub code_fetches_without_walk: u64,
     /// Emulated exits whose instruction was the one decoded last, reused.
     pub decodes_reused: u64,
+    /// MMIO exits on the same page as the last one, with no change of the memory manager in
+    /// between, which skipped the page's lookup.
+    pub mmio_lookups_reused: u64,
 }
 
 /// Entries of a vCPU's page-modification log (one 4 KiB frame of addresses).

@@ -91,6 +91,9 @@ pub struct Vm<'a> {
     pub(super) code_translation: Option<CodeTranslation>,
     /// The last emulated instruction, decoded.
     pub(super) decoder: DecodeCache,
+    /// The last MMIO page an exit fell on: (faulting page number, the lock's count of
+    /// exclusive accesses then), and its target.
+    last_mmio_target: Option<((u64, u64), MmioTarget)>,
 }
 
 impl<'a> Vm<'a> {
@@ -154,6 +157,7 @@ impl<'a> Vm<'a> {
             pml_on: false,
             code_translation: None,
             decoder: DecodeCache::default(),
+            last_mmio_target: None,
         };
         vm.write_controls()?;
         vm.set_up_pml()?;
@@ -579,7 +583,7 @@ impl<'a> Vm<'a> {
             // lock-free path pays for no count.
             let memory = Arc::clone(&self.memory);
             let shared = memory.shared(self.vmcs.cpu());
-            if let Some(target) = shared.mmio_target(gpa) {
+            if let Some(target) = self.mmio_target(&shared, gpa) {
                 return self.emulate_mmio(shared, target, gpa, access, qualification, exit_tick, devices);
             }
             None
@@ -670,6 +674,23 @@ impl<'a> Vm<'a> {
             Ok(()) => None,
             Err(_) => stop(self, StopCause::UnhandledExit),
         }
+    }
+
+    /// The MMIO page behind a fault at `gpa` (see `Pgm::mmio_target`), looked up again only when
+    /// the fault is on another page than the last one, or the manager may have changed since
+    /// (its lock's count of exclusive accesses moved): a driver's accesses go to the same few
+    /// registers, and nothing but an exclusive change can move or remove a device.
+    fn mmio_target(&mut self, pgm: &SharedPgm<'_>, gpa: GuestPhysAddr) -> Option<MmioTarget> {
+        let key = (gpa.page_number(), pgm.writes());
+        if let Some((last, target)) = self.last_mmio_target {
+            if last == key {
+                self.exits.mmio_lookups_reused += 1;
+                return Some(target);
+            }
+        }
+        let target = pgm.mmio_target(gpa)?;
+        self.last_mmio_target = Some((key, target));
+        Some(target)
     }
 
     /// Emulates an access to the MMIO page `target` (found on the shared manager `pgm`) that

@@ -122,7 +122,26 @@ impl CurrentVmcs<'_> {
 
     /// Reads `field` (0 when the field does not exist).
     pub fn read(&self, field: u32) -> u64 {
-        // SAFETY: this VMCS is current (as above); VMREAD has no side effect.
-        unsafe { vmx::vmread(field) }.unwrap_or(0)
+        let value: u64;
+        let failed: u8;
+        // SAFETY: this VMCS is current (as above); VMREAD has no side effect but on the
+        // destination register and the flags. Written here rather than through `x86::vmread`,
+        // which saves and tests all of RFLAGS: every exit reads a dozen fields, and SETBE (CF or
+        // ZF: VMfailInvalid or VMfailValid) is the whole check.
+        unsafe {
+            core::arch::asm!(
+                "vmread {value}, {field}",
+                "setbe {failed}",
+                field = in(reg) u64::from(field),
+                value = lateout(reg) value,
+                failed = lateout(reg_byte) failed,
+                options(nostack),
+            );
+        }
+        if failed == 0 {
+            value
+        } else {
+            0
+        }
     }
 }
