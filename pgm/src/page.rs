@@ -336,6 +336,7 @@ impl Transition {
 
     /// The descriptor after the transition; `new_frame` is the frame allocated for
     /// [`FrameEffect::AllocateZeroed`] and is ignored otherwise.
+    #[inline]
     pub fn apply(&self, page: PageDescriptor, new_frame: Option<HostPhysAddr>) -> PageDescriptor {
         let frame = match self.effect {
             FrameEffect::None => page.frame(),
@@ -373,6 +374,7 @@ pub struct InvalidTransition {
 ///
 /// MMIO2 pages belong to their device: reset and the balloon do not apply to them. MMIO alias
 /// pages accept no event at all.
+#[inline]
 pub fn transition(page: PageDescriptor, event: PageEvent) -> Result<Transition, InvalidTransition> {
     use PageEvent::*;
     use PageState::*;
