@@ -38,3 +38,16 @@ fn other_bytes_another_address_or_another_mode_are_decoded_afresh() {
     // Too few bytes for the cached instruction: decoded (and refused) afresh.
     assert_eq!(cache.decode(16, &[0x89], IP + 0x10), None);
 }
+
+#[test]
+fn a_driver_loop_of_two_instructions_decodes_each_once() {
+    let mut cache = DecodeCache::default();
+    // A status read and a data write, one after the other, over and over.
+    let status = [0x8B, 0x06]; // mov eax, [rsi]
+    let data = [0x89, 0x5E, 0x04]; // mov [rsi + 4], ebx
+    let reused: Vec<bool> = (0..4)
+        .flat_map(|_| [(&status[..], IP), (&data[..], IP + 0x10)])
+        .map(|(bytes, ip)| cache.decode(64, bytes, ip).unwrap().1)
+        .collect();
+    assert_eq!(reused, [false, false, true, true, true, true, true, true]);
+}

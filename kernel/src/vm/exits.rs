@@ -110,7 +110,7 @@ pub struct ExitCounts {
     /// Emulated exits whose instruction fetch used the vCPU's remembered code translation
     /// instead of walking the guest's paging.
     pub code_fetches_without_walk: u64,
-    /// Emulated exits whose instruction was the one decoded last, reused.
+    /// Emulated exits whose instruction was decoded before at the same address, reused.
     pub decodes_reused: u64,
     /// MMIO exits on the same page as the last one, with no change of the memory manager in
     /// between, which skipped the page's lookup.

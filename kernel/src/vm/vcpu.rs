@@ -89,7 +89,7 @@ pub struct Vm<'a> {
     /// The translation of the code page of the last emulated instruction (see
     /// `Pgm::read_code`).
     pub(super) code_translation: Option<CodeTranslation>,
-    /// The last emulated instruction, decoded.
+    /// The last emulated instructions, decoded.
     pub(super) decoder: DecodeCache,
     /// The last MMIO page an exit fell on: (faulting page number, the lock's count of
     /// exclusive accesses then), and its target.
