@@ -429,7 +429,11 @@ impl<'a> Vm<'a> {
             self.last_fault = None;
         }
         match reason {
-            exit_reason::EPT_VIOLATION => self.handle_ept_violation(exit_tick, devices),
+            exit_reason::EPT_VIOLATION => {
+                let qualification = vmcs.read(ro::EXIT_QUALIFICATION);
+                let gpa = GuestPhysAddr::new_truncate(vmcs.read(ro::GUEST_PHYSICAL_ADDR_FULL));
+                self.handle_ept_violation(qualification, gpa, exit_tick, devices)
+            }
             exit_reason::VMCALL => {
                 self.measuring = Some((ExitKind::Hypercall, exit_tick));
                 self.handle_hypercall()
@@ -555,16 +559,16 @@ impl<'a> Vm<'a> {
     }
 
     /// Hands an EPT violation to `pgm` and carries out the invalidation it asks for; accesses
-    /// pgm cannot map (MMIO, handlers, ROM writes) are emulated through `devices`.
-    fn handle_ept_violation(&mut self, exit_tick: u64, devices: &mut impl AccessHandlers) -> Option<VmStop> {
+    /// pgm cannot map (MMIO, handlers, ROM writes) are emulated through `devices`. The exit
+    /// qualification and guest-physical address are read by the caller, which holds the VMCS.
+    fn handle_ept_violation(
+        &mut self,
+        qualification: u64,
+        gpa: GuestPhysAddr,
+        exit_tick: u64,
+        devices: &mut impl AccessHandlers,
+    ) -> Option<VmStop> {
         self.exits.ept_violations += 1;
-        let Ok(vmcs) = self.vmcs.current() else {
-            return Some(VmStop::Stopped(
-                self.diagnostic(StopCause::UnhandledExit, exit_reason::EPT_VIOLATION),
-            ));
-        };
-        let qualification = vmcs.read(ro::EXIT_QUALIFICATION);
-        let gpa = GuestPhysAddr::new_truncate(vmcs.read(ro::GUEST_PHYSICAL_ADDR_FULL));
         if self.violations.len() < VIOLATION_LOG_LIMIT {
             self.violations.push((gpa, qualification));
         }
