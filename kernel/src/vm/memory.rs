@@ -162,7 +162,7 @@ impl VmMemory {
     /// accesses, for work that changes nothing in it (`&KernelPgm`); host changes wait for it.
     /// Locking: the read side of the VM's lock, with host CPU `cpu`'s slot; never hold it
     /// across [`VmMemory::lock`], a flush or a vCPU run.
-    pub fn shared(&self, cpu: usize) -> SharedPgm<'_> {
+    pub(super) fn shared(&self, cpu: usize) -> SharedPgm<'_> {
         self.pgm.read(cpu)
     }
 

@@ -41,6 +41,26 @@ const FAULT_LOOP_LIMIT: u32 = 4;
 /// cost an MMIO exit 45–90 Bochs ticks on average and up to 1,400.
 const VIOLATION_LOG_LIMIT: usize = 4096;
 
+/// Why an access that reached emulation must not be emulated: an instruction fetch from a
+/// handled page (there is no instruction there to run), or the CPU's own walk of the guest's
+/// page tables (qualification bit 7 set, bit 8 clear) onto a page without memory: walks are
+/// never handed to a device.
+fn emulation_refused(access: Access, qualification: u64) -> Option<StopCause> {
+    match access {
+        Access::Execute => Some(StopCause::ExecuteFromHandledPage),
+        _ if is_page_walk(qualification) => Some(StopCause::PageWalkOutsideMemory),
+        _ => None,
+    }
+}
+
+/// The exit kind an MMIO access is measured as.
+fn mmio_exit_kind(access: Access) -> ExitKind {
+    match access {
+        Access::Write => ExitKind::MmioWrite,
+        _ => ExitKind::MmioRead,
+    }
+}
+
 /// One vCPU of a VM; the first one, made by [`Vm::new`], creates the VM's memory, and
 /// [`Vm::new_vcpu`] adds more that share it. A vCPU runs only on the host CPU it was created
 /// on (its VMCS lives there).
@@ -590,7 +610,11 @@ impl<'a> Vm<'a> {
             let memory = Arc::clone(&self.memory);
             let shared = memory.shared(self.vmcs.cpu());
             if let Some(target) = self.mmio_target(&shared, gpa) {
-                return self.emulate_mmio(shared, target, gpa, access, qualification, exit_tick, devices);
+                if let Some(cause) = emulation_refused(access, qualification) {
+                    return stop(self, cause);
+                }
+                self.measuring = Some((mmio_exit_kind(access), exit_tick));
+                return self.emulate_access(EmulatedMemory::Mmio(shared, target), gpa, devices);
             }
             None
         } else if access == Access::Write {
@@ -637,20 +661,14 @@ impl<'a> Vm<'a> {
             FaultOutcome::NotGuestMemory => return stop(self, StopCause::NotGuestMemory),
             FaultOutcome::OutOfMemory => return stop(self, StopCause::OutOfMemory),
             FaultOutcome::Ballooned => return stop(self, StopCause::BalloonedPage),
-            FaultOutcome::Handler { .. } if access == Access::Execute => {
-                return stop(self, StopCause::ExecuteFromHandledPage);
-            }
-            FaultOutcome::Handler { .. } | FaultOutcome::WriteIgnored | FaultOutcome::EmulateWrite
-                if is_page_walk(qualification) =>
-            {
-                return stop(self, StopCause::PageWalkOutsideMemory);
-            }
             outcome @ (FaultOutcome::Handler { .. }
             | FaultOutcome::WriteIgnored
             | FaultOutcome::EmulateWrite) => {
+                if let Some(cause) = emulation_refused(access, qualification) {
+                    return stop(self, cause);
+                }
                 let kind = match outcome {
-                    FaultOutcome::Handler { .. } if access == Access::Write => ExitKind::MmioWrite,
-                    FaultOutcome::Handler { .. } => ExitKind::MmioRead,
+                    FaultOutcome::Handler { .. } => mmio_exit_kind(access),
                     FaultOutcome::WriteIgnored => ExitKind::RomWriteIgnore,
                     _ => ExitKind::RomWriteShadow,
                 };
@@ -697,38 +715,6 @@ impl<'a> Vm<'a> {
         let target = pgm.mmio_target(gpa)?;
         self.last_mmio_target = Some((key, target));
         Some(target)
-    }
-
-    /// Emulates an access to the MMIO page `target` (found on the shared manager `pgm`) that
-    /// faulted at `gpa`: stops the VM for an instruction fetch from it or a guest page walk
-    /// into it, as the locked path would.
-    #[allow(clippy::too_many_arguments)]
-    fn emulate_mmio(
-        &mut self,
-        pgm: SharedPgm<'_>,
-        target: MmioTarget,
-        gpa: GuestPhysAddr,
-        access: Access,
-        qualification: u64,
-        exit_tick: u64,
-        devices: &mut impl AccessHandlers,
-    ) -> Option<VmStop> {
-        let cause = match access {
-            Access::Execute => Some(StopCause::ExecuteFromHandledPage),
-            _ if is_page_walk(qualification) => Some(StopCause::PageWalkOutsideMemory),
-            _ => None,
-        };
-        if let Some(cause) = cause {
-            return Some(VmStop::Stopped(
-                self.diagnostic(cause, exit_reason::EPT_VIOLATION),
-            ));
-        }
-        let kind = match access {
-            Access::Write => ExitKind::MmioWrite,
-            _ => ExitKind::MmioRead,
-        };
-        self.measuring = Some((kind, exit_tick));
-        self.emulate_access(EmulatedMemory::Mmio(pgm, target), gpa, devices)
     }
 
     /// Carries out an invalidation a host-side memory change asked for (pgm returns one from
