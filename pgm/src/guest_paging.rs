@@ -88,11 +88,13 @@ impl WalkTrace {
     /// Notes the entry read at `at` (`None`: in a frame that may change under a shared
     /// manager, so the walk cannot be checked cheaply).
     fn note(trace: &mut Option<WalkTrace>, at: Option<HostPhysAddr>, value: u64) {
-        match (trace.as_mut(), at) {
-            (Some(kept), Some(at)) => {
-                kept.entries[kept.len as usize] = (at, value);
-                kept.len += 1;
-            }
+        let slot = trace.as_mut().and_then(|kept| {
+            let slot = kept.entries.get_mut(usize::from(kept.len))?;
+            kept.len += 1;
+            Some(slot)
+        });
+        match (slot, at) {
+            (Some(slot), Some(at)) => *slot = (at, value),
             _ => *trace = None,
         }
     }
