@@ -28,6 +28,8 @@ use crate::vm::Vm;
 use crate::Host;
 
 pub const DEVICE_BASE: u64 = 0xA_0000;
+/// Accesses a [`TestDevice`] logs without growing its log.
+const DEVICE_LOG_CAPACITY: usize = 1024;
 pub const DEVICE_SIZE: u64 = 0x2_0000;
 pub const OPTION_ROM_BASE: u64 = 0xC_0000;
 pub const OPTION_ROM_SIZE: u64 = 0x8000;
@@ -208,7 +210,9 @@ impl TestDevice {
             base,
             handler,
             registers: [0; 256],
-            log: Vec::new(),
+            // Room for every test's accesses up front: a log that grew on the exit path would
+            // put the heap's reallocations into the measured MMIO exits.
+            log: Vec::with_capacity(DEVICE_LOG_CAPACITY),
             foreign_calls: 0,
             pass_through: false,
         }
