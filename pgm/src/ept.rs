@@ -117,10 +117,7 @@ pub fn ept_pointer(root: HostPhysAddr, accessed_dirty: bool) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn hpa(addr: u64) -> HostPhysAddr {
-        HostPhysAddr::new(addr).unwrap()
-    }
+    use crate::test_support::hpa;
 
     #[test]
     fn leaf_encoding_matches_the_sdm() {

@@ -328,10 +328,7 @@ unsafe impl<A: HostFrameAllocator + ?Sized> HostFrameAllocator for &mut A {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn hpa(addr: u64) -> HostPhysAddr {
-        HostPhysAddr::new(addr).unwrap()
-    }
+    use crate::test_support::hpa;
 
     #[test]
     fn partial_frames_are_left_out_and_all_frames_are_found() {

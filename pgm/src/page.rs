@@ -441,10 +441,7 @@ pub fn monitored_view(page: PageDescriptor, pending: bool) -> PageDescriptor {
 mod tests {
     use super::*;
     use crate::addr::PAGE_SIZE;
-
-    fn hpa(addr: u64) -> HostPhysAddr {
-        HostPhysAddr::new(addr).unwrap()
-    }
+    use crate::test_support::hpa;
 
     fn allocated(frame: u64) -> PageDescriptor {
         let page = PageDescriptor::zero(PageType::Ram);

@@ -18,6 +18,10 @@ pub fn gpa(addr: u64) -> GuestPhysAddr {
     GuestPhysAddr::new(addr).unwrap()
 }
 
+pub fn hpa(addr: u64) -> HostPhysAddr {
+    HostPhysAddr::new(addr).unwrap()
+}
+
 /// A VM over `frames` simulated frames, with 4 KiB pages only: most tests count frames and
 /// tables page by page. Large pages (the default) have their own tests, and the whole-API
 /// script starts from the default.

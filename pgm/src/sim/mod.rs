@@ -298,10 +298,7 @@ impl Pgm<SimFrames, SimMemory> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn hpa(addr: u64) -> HostPhysAddr {
-        HostPhysAddr::new(addr).unwrap()
-    }
+    use crate::test_support::hpa;
 
     #[test]
     fn flat_memory_reads_back_what_was_written_and_zeros_elsewhere() {
