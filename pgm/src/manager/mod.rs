@@ -1287,34 +1287,22 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 
     /// Copies guest memory at `gpa` into `buf`, which ends within the page of `gpa`, as
     /// [`read_phys`](Self::read_phys) does. Returns the frame read when only an exclusive change
-    /// of the manager can replace it ([`stable_frame`](Self::stable_frame)), so a caller may
+    /// of the manager can replace it ([`stable_frame`]), so a caller may
     /// remember where the bytes came from.
     pub(crate) fn read_in_page(
         &self,
         gpa: GuestPhysAddr,
         buf: &mut [u8],
     ) -> Result<Option<HostPhysAddr>, PgmError> {
-        let location = self.ranges.find(gpa).ok_or(PgmError::NotGuestMemory(gpa))?;
-        if self.ranges.page(location).page_type() == PageType::Mmio {
+        let (location, page) = self.ranges.find_page(gpa).ok_or(PgmError::NotGuestMemory(gpa))?;
+        if page.page_type() == PageType::Mmio {
             return Err(PgmError::NotRam(gpa));
         }
         match self.read_source(location) {
             Some(frame) => self.memory.read(frame_offset(frame, gpa.page_offset()), buf),
             None => buf.fill(0),
         }
-        Ok(self.stable_frame(location))
-    }
-
-    /// The frame of the page at `location` if it is one nothing but an exclusive change of the
-    /// manager can replace: a RAM page with a frame of its own (ALLOCATED or WRITE_MONITORED;
-    /// the lock-free path only moves a page between the two, keeping its frame). ZERO and
-    /// SHARED pages get a new frame at their first write, and ROM reads follow its protection.
-    fn stable_frame(&self, location: PageLocation) -> Option<HostPhysAddr> {
-        let page = self.ranges.page(location);
-        let owned = matches!(page.state(), PageState::Allocated | PageState::WriteMonitored);
-        (page.page_type() == PageType::Ram && owned)
-            .then(|| page.frame())
-            .flatten()
+        Ok(stable_frame(page))
     }
 
     /// The frame guest reads of the page at `location` see (`None`: the page reads as zeros).
@@ -1490,6 +1478,17 @@ fn page_count(base: GuestPhysAddr, size: u64) -> Result<u64, PgmError> {
 /// Deflating is not one: a ballooned page reads as zeros, and so does the ZERO page it becomes.
 fn changes_contents(event: PageEvent) -> bool {
     matches!(event, PageEvent::Write | PageEvent::Reset | PageEvent::Inflate)
+}
+
+/// The frame of `page` if it is one nothing but an exclusive change of the manager can
+/// replace: a RAM page with a frame of its own (ALLOCATED or WRITE_MONITORED; the lock-free
+/// path only moves a page between the two, keeping its frame). ZERO and SHARED pages get a new
+/// frame at their first write, and ROM reads follow its protection.
+fn stable_frame(page: PageDescriptor) -> Option<HostPhysAddr> {
+    let owned = matches!(page.state(), PageState::Allocated | PageState::WriteMonitored);
+    (page.page_type() == PageType::Ram && owned)
+        .then(|| page.frame())
+        .flatten()
 }
 
 fn frame_offset(frame: HostPhysAddr, offset: u64) -> HostPhysAddr {
