@@ -76,6 +76,28 @@ impl MmioTarget {
     }
 }
 
+/// Hands a write of `data` at `at` to `handler` and returns what it did with it. The handler
+/// may change what it is handed, so it gets a copy and the guest's data stays as it was: a CPU
+/// access (at most 8 bytes) is copied on the stack, a larger one on the heap.
+fn hand_write(
+    handlers: &mut impl AccessHandlers,
+    handler: HandlerId,
+    at: GuestPhysAddr,
+    data: &[u8],
+) -> HandlerAction {
+    let mut small = [0u8; 8];
+    let mut large;
+    let bytes = match small.get_mut(..data.len()) {
+        Some(small) => small,
+        None => {
+            large = alloc::vec![0u8; data.len()];
+            &mut large[..]
+        }
+    };
+    bytes.copy_from_slice(data);
+    handlers.access(handler, at, Access::Write, bytes)
+}
+
 impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// The MMIO page and handler behind a guest access that faulted at `faulting`, when the
     /// fault is one to emulate on an MMIO page; `None` for every other fault (for
@@ -127,19 +149,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         handlers: &mut impl AccessHandlers,
     ) -> Result<(), PgmError> {
         let gpa = self.on_target(target, gpa, data.len())?;
-        // A CPU access is at most 8 bytes: copied on the stack, since the handler may change
-        // what it is handed.
-        let mut copy = [0u8; 8];
-        let mut large;
-        let bytes = match copy.get_mut(..data.len()) {
-            Some(small) => small,
-            None => {
-                large = alloc::vec![0u8; data.len()];
-                &mut large[..]
-            }
-        };
-        bytes.copy_from_slice(data);
-        handlers.access(target.handler, gpa, Access::Write, bytes);
+        hand_write(handlers, target.handler, gpa, data);
         Ok(())
     }
 
@@ -255,18 +265,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             };
             let page = self.ranges.page(location);
             if let Some(handler) = self.intercepting_handler(at, page, Access::Write) {
-                // The handler may change what it is handed; the guest's data stays as it was.
-                // A CPU access (at most 8 bytes) is copied on the stack, a larger one on the heap.
-                let mut small = [0u8; 8];
-                let mut large;
-                let bytes = if len <= small.len() {
-                    &mut small[..len]
-                } else {
-                    large = alloc::vec![0u8; len];
-                    &mut large[..]
-                };
-                bytes.copy_from_slice(piece);
-                if handlers.access(handler, at, Access::Write, bytes) == HandlerAction::Handled {
+                if hand_write(handlers, handler, at, piece) == HandlerAction::Handled {
                     continue;
                 }
             }
