@@ -169,6 +169,8 @@ impl VmMemory {
     /// Resolves an EPT violation of the vCPU on host CPU `cpu` without the VM's lock when the
     /// lock-free path can ([`Pgm::resolve_fault_lock_free`]); `None`: take [`VmMemory::lock`]
     /// and call `resolve_fault`. Locking: the read side of the VM's lock, with `cpu`'s slot.
+    /// Inline: it runs on every lock-free write-monitor exit.
+    #[inline]
     pub(super) fn resolve_fault_lock_free(
         &self,
         cpu: usize,

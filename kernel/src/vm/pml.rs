@@ -52,11 +52,20 @@ impl Vm<'_> {
     /// Before an entry: turns logging on or off as the VM's monitoring now asks (secondary
     /// controls and the EPT pointer's accessed/dirty bit), draining the buffer when it goes
     /// off. `Some` stops the run: logging was asked of a CPU without PML.
+    /// Inline, so that the usual case (no change) costs a load and a compare on every exit,
+    /// not a call.
+    #[inline]
     pub(super) fn follow_pml_mode(&mut self) -> Option<VmStop> {
         let wanted = self.memory.pml_logging();
         if wanted == self.pml_on {
             return None;
         }
+        self.switch_pml_mode(wanted)
+    }
+
+    /// [`follow_pml_mode`](Self::follow_pml_mode) when the mode changes.
+    #[inline(never)]
+    fn switch_pml_mode(&mut self, wanted: bool) -> Option<VmStop> {
         if wanted && self.pml_buffer.is_none() {
             return Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit, 0)));
         }
