@@ -362,9 +362,13 @@ impl Layout {
         let descriptors = RANGES * self.range_size / PAGE_SIZE * 8;
         Row {
             measure: format!(
-                "GPA → descriptor (`Pgm::page`), 256 ranges × {} MiB ({} KiB of descriptors), each lookup after the last",
+                "GPA → descriptor (`Pgm::page`), 256 ranges × {} MiB ({} of descriptors), each lookup after the last",
                 self.range_size / MIB,
-                descriptors / 1024
+                if descriptors < MIB {
+                    format!("{} KiB", descriptors / 1024)
+                } else {
+                    format!("{} MiB", descriptors / MIB)
+                }
             ),
             pgm: format!("{page:.1} ns"),
             reference: format!("the descriptor read at its known place {read:.1} ns"),
