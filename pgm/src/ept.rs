@@ -17,10 +17,20 @@ const LARGE_PAGE: u64 = 1 << 7;
 /// Bit 9 of a leaf: dirty, set by the CPU on a write when the EPT pointer enables accessed
 /// and dirty flags (and, with PML on, the write's address logged).
 const DIRTY: u64 = 1 << 9;
-/// Bit 52, ignored by the CPU in every EPT entry: the entry's write permission is withheld
-/// for write monitoring (see `manager::lazy_protection`) and comes back when the protection is
-/// pushed down. Tells a withheld permission from one the entry never granted.
+/// Bit 52, ignored by the CPU in every EPT entry: write monitoring withholds writes here (see
+/// `manager::lazy_protection`): the pages below are protected until the protection is pushed
+/// down. Set on every present entry (and awaiting-tables marker) monitoring arms, whether the
+/// entry granted writes or not, so a read-only 2 MiB leaf keeps its pages pending too.
 const WRITE_WITHHELD: u64 = 1 << 52;
+/// Bit 54, ignored by the CPU: the write permission bit 1 granted was taken by
+/// [`WRITE_WITHHELD`], and comes back with it. Tells a withheld permission from one the entry
+/// never granted.
+const WRITE_TAKEN: u64 = 1 << 54;
+/// Bit 53 of a not-present page-directory entry (bits 0..=2 clear, so the CPU ignores every
+/// other bit, SDM 29.3.2): the 2 MiB block it covers was unmapped for want of a page table and
+/// is mapped again from its descriptors at its next access. Such an entry withholds writes
+/// (bit 52) as a present one would, so write monitoring's pending protection survives it.
+const AWAITING_TABLES: u64 = 1 << 53;
 /// Bits 12..=51: the physical address.
 const ADDRESS_MASK: u64 = ((1 << HOST_PHYS_BITS) - 1) & !0xFFF;
 
@@ -85,16 +95,26 @@ impl EntryFormat for Ept {
 
     fn withhold_write(raw: u64) -> u64 {
         if raw & WRITE == 0 {
-            return raw;
+            // Nothing to take (a read-only leaf, a marker, or withheld already): marked only.
+            return raw | WRITE_WITHHELD;
         }
-        (raw & !WRITE) | WRITE_WITHHELD
+        (raw & !WRITE) | WRITE_WITHHELD | WRITE_TAKEN
     }
 
     fn restore_write(raw: u64) -> u64 {
-        if raw & WRITE_WITHHELD == 0 {
-            return raw;
+        let unmarked = raw & !WRITE_WITHHELD;
+        if unmarked & WRITE_TAKEN == 0 {
+            return unmarked;
         }
-        (raw | WRITE) & !WRITE_WITHHELD
+        (unmarked | WRITE) & !WRITE_TAKEN
+    }
+
+    fn awaiting_tables() -> u64 {
+        AWAITING_TABLES
+    }
+
+    fn awaits_tables(raw: u64) -> bool {
+        raw & PERMISSION_BITS == 0 && raw & AWAITING_TABLES != 0
     }
 
     fn writes_withheld(raw: u64) -> bool {
@@ -148,6 +168,53 @@ mod tests {
         );
         let large = Ept::decode(0x20_0000 | 0b111 | (6 << 3) | LARGE_PAGE, 1);
         assert!(matches!(large, Entry::Leaf(leaf) if leaf.frame == hpa(0x20_0000)));
+    }
+
+    #[test]
+    fn a_block_awaiting_tables_is_not_present_and_carries_withheld_writes() {
+        let marker = Ept::awaiting_tables();
+        assert_eq!(marker & PERMISSION_BITS, 0, "the CPU sees no entry");
+        assert_eq!(Ept::decode(marker, 1), Entry::Absent);
+        assert!(Ept::awaits_tables(marker) && !Ept::awaits_tables(0));
+        assert!(!Ept::writes_withheld(marker));
+        let withheld = Ept::withhold_write(marker);
+        assert!(Ept::writes_withheld(withheld) && Ept::awaits_tables(withheld));
+        assert_eq!(withheld & PERMISSION_BITS, 0, "withholding grants nothing");
+        assert_eq!(
+            Ept::restore_write(withheld),
+            marker,
+            "and restoring grants nothing either"
+        );
+        let table = Ept::encode_table(hpa(0x7000));
+        assert!(!Ept::awaits_tables(table) && !Ept::awaits_tables(Ept::withhold_write(table)));
+    }
+
+    #[test]
+    fn withholding_writes_marks_every_entry_and_restores_only_what_it_took() {
+        let leaf = |permissions| Leaf {
+            frame: hpa(0x20_0000),
+            permissions,
+            memory_type: MemoryType::WriteBack,
+        };
+        let writable = Ept::encode_large_leaf(&leaf(Permissions::all()));
+        let withheld = Ept::withhold_write(writable);
+        assert!(Ept::writes_withheld(withheld) && withheld & WRITE == 0);
+        assert_eq!(
+            Ept::withhold_write(withheld),
+            withheld,
+            "withholding twice changes nothing"
+        );
+        assert_eq!(Ept::restore_write(withheld), writable);
+        // A read-only leaf (the zero chunk) is marked too: its pages are pending as well.
+        let read_only = Ept::encode_large_leaf(&leaf(Permissions::READ | Permissions::EXECUTE));
+        let marked = Ept::withhold_write(read_only);
+        assert!(Ept::writes_withheld(marked));
+        assert_eq!(
+            Ept::restore_write(marked),
+            read_only,
+            "no write permission appears"
+        );
+        assert_eq!(Ept::restore_write(read_only), read_only);
     }
 
     #[test]

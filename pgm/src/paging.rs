@@ -95,14 +95,26 @@ pub trait EntryFormat {
     fn decode(raw: u64, level: usize) -> Entry;
     /// The permissions a non-leaf entry grants to everything below it.
     fn table_permissions(raw: u64) -> Permissions;
-    /// The present entry `raw` (a table pointer or a 2 MiB leaf) with its write permission
-    /// withheld (and marked so) if it grants it; unchanged if it does not.
+    /// The present entry `raw` (a table pointer or a 2 MiB leaf, or an awaiting-tables
+    /// marker) marked as withholding writes for write monitoring, its write permission taken
+    /// if it grants one. Marked whether it grants writes or not: the mark, not the permission,
+    /// tells that the pages below are pending.
     fn withhold_write(raw: u64) -> u64;
-    /// The entry `raw` with a write permission [`withhold_write`](Self::withhold_write) took
-    /// given back; unchanged if none was withheld.
+    /// The entry `raw` unmarked, with the write permission [`withhold_write`](Self::withhold_write)
+    /// took given back (none where it took none); unchanged if it is not marked.
     fn restore_write(raw: u64) -> u64;
-    /// True when `raw`'s write permission is withheld.
+    /// True when `raw` is marked as withholding writes.
     fn writes_withheld(raw: u64) -> bool;
+    /// A not-present page-directory entry that marks its 2 MiB block as awaiting tables:
+    /// unmapped for want of a page table, mapped again from the descriptors at its next
+    /// access. The CPU sees no entry; [`withhold_write`](Self::withhold_write) and
+    /// [`restore_write`](Self::restore_write) mark and unmark it as they do a present entry,
+    /// granting nothing either way. The state lives in the tables, so no side record of it can
+    /// outlive it.
+    fn awaiting_tables() -> u64;
+    /// True when `raw` is the [`awaiting_tables`](Self::awaiting_tables) marker (write
+    /// permission withheld or not).
+    fn awaits_tables(raw: u64) -> bool;
     /// The leaf `raw` with the dirty flag the CPU sets on a write cleared.
     fn without_dirty(raw: u64) -> u64;
     /// True when the CPU set the leaf `raw`'s dirty flag.
@@ -172,7 +184,20 @@ enum Planned {
 /// A table created during one [`NestedTables::map_range`] call, for rollback.
 struct CreatedTable {
     parent_entry: HostPhysAddr,
+    /// What the parent entry held before: absent, or a block's awaiting-tables marker.
+    previous: u64,
+    /// An address the table covers.
+    covers: GuestPhysAddr,
     frame: HostPhysAddr,
+}
+
+/// The 2 MiB blocks among `created` whose page table replaced an awaiting-tables marker.
+fn revived<F: EntryFormat>(created: &[CreatedTable]) -> Vec<GuestPhysAddr> {
+    created
+        .iter()
+        .filter(|table| F::awaits_tables(table.previous))
+        .map(|table| GuestPhysAddr::new_truncate(table.covers.as_u64() & !(LARGE_SIZE - 1)))
+        .collect()
 }
 
 /// Host-physical address of the entry for `gpa` in the table at `table` of `level`.
@@ -208,7 +233,9 @@ impl<F: EntryFormat> NestedTables<F> {
     /// the range, for which `large_of(block)` gives a leaf and no page table exists yet, is
     /// mapped by that one 2 MiB leaf instead (no page table at all). All or nothing: when a
     /// table frame cannot be had, the tables created by this call are freed again and
-    /// [`PgmError::OutOfFrames`] is returned with no entry changed.
+    /// [`PgmError::OutOfFrames`] is returned with no entry changed. Returns the blocks that
+    /// awaited tables ([`unmap_large`](Self::unmap_large)) and now have a page table: their
+    /// pages outside the range are left unmapped, for the caller to map.
     pub fn map_range(
         &mut self,
         frames: &mut impl HostFrameAllocator,
@@ -217,7 +244,7 @@ impl<F: EntryFormat> NestedTables<F> {
         pages: u64,
         mut leaf_of: impl FnMut(GuestPhysAddr) -> Option<Leaf>,
         mut large_of: impl FnMut(GuestPhysAddr) -> Option<Leaf>,
-    ) -> Result<(), PgmError> {
+    ) -> Result<Vec<GuestPhysAddr>, PgmError> {
         let end = base.as_u64() + pages * PAGE_SIZE;
         let mut created = Vec::new();
         let mut plan = Vec::new();
@@ -229,12 +256,15 @@ impl<F: EntryFormat> NestedTables<F> {
             let planned = match large {
                 Some(leaf) => self
                     .ensure_table(frames, memory, gpa, 1, &mut created)
-                    .map(
-                        |directory| match F::decode(memory.read_u64(entry_addr(directory, 1, gpa)), 1) {
+                    .map(|directory| {
+                        match F::decode(
+                            F::restore_write(memory.read_u64(entry_addr(directory, 1, gpa))),
+                            1,
+                        ) {
                             Entry::Absent => Planned::Large(directory, leaf),
                             _ => Planned::Small(None),
-                        },
-                    ),
+                        }
+                    }),
                 None => Some(Planned::Small(None)),
             };
             let planned = match planned {
@@ -268,37 +298,25 @@ impl<F: EntryFormat> NestedTables<F> {
                 }
             }
         }
-        Ok(())
+        Ok(revived::<F>(&created))
     }
 
     /// Creates the tables `[base, base + pages * 4 KiB)` needs for 4 KiB leaves, leaving every
-    /// leaf as it is. All or nothing, as [`map_range`](Self::map_range).
+    /// leaf as it is. All or nothing, as [`map_range`](Self::map_range), and like it returns
+    /// the blocks that awaited tables and now have an empty page table, for the caller to map.
     pub fn ensure_tables(
         &mut self,
         frames: &mut impl HostFrameAllocator,
         memory: &mut impl HostMemory,
         base: GuestPhysAddr,
         pages: u64,
-    ) -> Result<(), PgmError> {
-        self.leaf_tables(frames, memory, base, pages).map(drop)
-    }
-
-    /// The page tables covering `[base, base + pages * 4 KiB)`, one per 2 MiB block in order,
-    /// created where missing; on failure the ones created here are freed again.
-    fn leaf_tables(
-        &mut self,
-        frames: &mut impl HostFrameAllocator,
-        memory: &mut impl HostMemory,
-        base: GuestPhysAddr,
-        pages: u64,
-    ) -> Result<Vec<HostPhysAddr>, PgmError> {
+    ) -> Result<Vec<GuestPhysAddr>, PgmError> {
         let mut created = Vec::new();
-        let mut leaf_tables = Vec::new();
         let mut page = 0;
         while page < pages {
             let gpa = GuestPhysAddr::new_truncate(base.as_u64() + page * PAGE_SIZE);
             match self.ensure_table(frames, memory, gpa, 0, &mut created) {
-                Some(table) => leaf_tables.push(table),
+                Some(_) => {}
                 None => {
                     self.roll_back(frames, memory, created);
                     return Err(PgmError::OutOfFrames);
@@ -308,7 +326,7 @@ impl<F: EntryFormat> NestedTables<F> {
             let in_table = (gpa.as_u64() >> PAGE_SHIFT) % ENTRIES_PER_TABLE;
             page += ENTRIES_PER_TABLE - in_table;
         }
-        Ok(leaf_tables)
+        Ok(revived::<F>(&created))
     }
 
     /// Replaces the leaf of `gpa`, whose tables must already exist (as for every page of a
@@ -461,24 +479,58 @@ impl<F: EntryFormat> NestedTables<F> {
     }
 
     /// Unmaps the 2 MiB block at `block`, mapped by one large leaf, when no page table can be
-    /// had to split it: every access to it faults until it is mapped again. Returns `false`,
-    /// changing nothing, when the block is not mapped large.
+    /// had to split it: every access to it faults until it is mapped again, and its entry says
+    /// so ([`EntryFormat::awaiting_tables`], write protection withheld as the leaf's was).
+    /// Returns `false`, changing nothing, when the block is not mapped large.
     pub fn unmap_large(&mut self, memory: &mut impl HostMemory, block: GuestPhysAddr) -> bool {
         let Some(directory) = self.table_at(memory, block, 1) else {
             return false;
         };
         let slot = entry_addr(directory, 1, block);
-        if !matches!(F::decode(memory.read_u64(slot), 1), Entry::Leaf(_)) {
+        let large = memory.read_u64(slot);
+        if !matches!(F::decode(large, 1), Entry::Leaf(_)) {
             return false;
         }
-        memory.write_u64(slot, 0);
+        let marker = if F::writes_withheld(large) {
+            F::withhold_write(F::awaiting_tables())
+        } else {
+            F::awaiting_tables()
+        };
+        memory.write_u64(slot, marker);
         true
     }
 
-    /// The 2 MiB leaf mapping `gpa`, if one does (whatever the entries above grant).
+    /// Where the page-directory entry of the 2 MiB block holding `gpa` lives, if a page
+    /// directory covers it (for tests that plant entries).
+    #[cfg(test)]
+    pub(crate) fn directory_entry_addr(
+        &self,
+        memory: &impl HostMemory,
+        gpa: GuestPhysAddr,
+    ) -> Option<HostPhysAddr> {
+        self.table_at(memory, gpa, 1)
+            .map(|directory| entry_addr(directory, 1, gpa))
+    }
+
+    /// True when the 2 MiB block holding `gpa` awaits its tables: [`unmap_large`] left it
+    /// unmapped and nothing has mapped it since. Three table reads.
+    ///
+    /// [`unmap_large`]: Self::unmap_large
+    pub fn awaits_tables(&self, memory: &impl HostMemory, gpa: GuestPhysAddr) -> bool {
+        self.table_at(memory, gpa, 1)
+            .is_some_and(|directory| F::awaits_tables(memory.read_u64(entry_addr(directory, 1, gpa))))
+    }
+
+    /// The 2 MiB leaf mapping `gpa`, if one does, with the permissions it grants of its own:
+    /// a write permission write monitoring withholds is counted as granted, as the entries
+    /// above would grant theirs (the protection is monitoring's, layered above, and the
+    /// auditor reads it so). Whatever the entries above grant.
     pub fn large_leaf(&self, memory: &impl HostMemory, gpa: GuestPhysAddr) -> Option<Leaf> {
         let directory = self.table_at(memory, gpa, 1)?;
-        match F::decode(memory.read_u64(entry_addr(directory, 1, gpa)), 1) {
+        match F::decode(
+            F::restore_write(memory.read_u64(entry_addr(directory, 1, gpa))),
+            1,
+        ) {
             Entry::Leaf(leaf) => Some(leaf),
             Entry::Absent | Entry::Table(_) => None,
         }
@@ -516,7 +568,7 @@ impl<F: EntryFormat> NestedTables<F> {
         for level in (1..LEVELS).rev() {
             let raw = memory.read_u64(entry_addr(table, level, gpa));
             let entry = F::decode(raw, level);
-            if entry != Entry::Absent && F::writes_withheld(raw) {
+            if (entry != Entry::Absent || F::awaits_tables(raw)) && F::writes_withheld(raw) {
                 return Some(level);
             }
             match entry {
@@ -569,7 +621,7 @@ impl<F: EntryFormat> NestedTables<F> {
         };
         let slot = entry_addr(table, level, gpa);
         let raw = memory.read_u64(slot);
-        if F::decode(raw, level) == Entry::Absent {
+        if F::decode(raw, level) == Entry::Absent && !F::awaits_tables(raw) {
             return false;
         }
         memory.write_u64(slot, F::restore_write(raw));
@@ -640,9 +692,18 @@ impl<F: EntryFormat> NestedTables<F> {
                 Entry::Absent => {
                     let frame = frames.allocate_frame()?;
                     memory.zero_frame(frame);
-                    memory.write_u64(slot, F::encode_table(frame));
+                    let previous = memory.read_u64(slot);
+                    // A block awaiting tables keeps write monitoring's pending protection.
+                    let entry = if F::awaits_tables(previous) && F::writes_withheld(previous) {
+                        F::withhold_write(F::encode_table(frame))
+                    } else {
+                        F::encode_table(frame)
+                    };
+                    memory.write_u64(slot, entry);
                     created.push(CreatedTable {
                         parent_entry: slot,
+                        previous,
+                        covers: gpa,
                         frame,
                     });
                     self.table_frames += 1;
@@ -661,7 +722,7 @@ impl<F: EntryFormat> NestedTables<F> {
         created: Vec<CreatedTable>,
     ) {
         for table in created.into_iter().rev() {
-            memory.write_u64(table.parent_entry, 0);
+            memory.write_u64(table.parent_entry, table.previous);
             frames.free_frame(table.frame);
             self.table_frames -= 1;
         }
@@ -693,19 +754,17 @@ fn walk_leaves<F: EntryFormat>(
                 let granted = above & F::table_permissions(raw);
                 walk_leaves::<F>(memory, next, level - 1, gpa, granted, visit)
             }
-            // A 2 MiB leaf whose write permission is withheld grants it itself: the
-            // protection is monitoring's, layered above, as a table entry's would be.
-            Entry::Leaf(leaf) if F::writes_withheld(raw) => {
-                let own = Leaf {
-                    permissions: leaf.permissions | Permissions::WRITE,
-                    ..leaf
-                };
-                visit(
-                    GuestPhysAddr::new_truncate(gpa),
-                    span / PAGE_SIZE,
-                    own,
-                    above - Permissions::WRITE,
-                )
+            // A 2 MiB leaf whose writes are withheld grants what it granted before on its
+            // own: the protection is monitoring's, layered above, as a table entry's would be.
+            Entry::Leaf(_) if F::writes_withheld(raw) => {
+                if let Entry::Leaf(own) = F::decode(F::restore_write(raw), level) {
+                    visit(
+                        GuestPhysAddr::new_truncate(gpa),
+                        span / PAGE_SIZE,
+                        own,
+                        above - Permissions::WRITE,
+                    )
+                }
             }
             Entry::Leaf(leaf) => visit(GuestPhysAddr::new_truncate(gpa), span / PAGE_SIZE, leaf, above),
         }
@@ -713,7 +772,8 @@ fn walk_leaves<F: EntryFormat>(
 }
 
 /// Withholds the write permission of every present entry of the table at `table` (of `level`
-/// ≥ 1: table pointers and 2 MiB leaves). Returns whether any entry was present.
+/// ≥ 1: table pointers and 2 MiB leaves), and marks blocks awaiting tables as withholding it.
+/// Returns whether any entry was present.
 fn withhold_writes_in_table<F: EntryFormat>(
     memory: &mut impl HostMemory,
     table: HostPhysAddr,
@@ -726,6 +786,8 @@ fn withhold_writes_in_table<F: EntryFormat>(
         if F::decode(raw, level) != Entry::Absent {
             memory.write_u64(slot, F::withhold_write(raw));
             present = true;
+        } else if F::awaits_tables(raw) {
+            memory.write_u64(slot, F::withhold_write(raw));
         }
     }
     present
@@ -738,7 +800,8 @@ fn grant_writes_below<F: EntryFormat>(memory: &mut impl HostMemory, table: HostP
         let slot = HostPhysAddr::new_truncate(table.as_u64() + index * 8);
         let raw = memory.read_u64(slot);
         match F::decode(raw, level) {
-            Entry::Absent => continue,
+            Entry::Absent if !F::awaits_tables(raw) => continue,
+            Entry::Absent => {}
             Entry::Table(next) if level > 1 => grant_writes_below::<F>(memory, next, level - 1),
             Entry::Table(_) | Entry::Leaf(_) => {}
         }

@@ -68,6 +68,16 @@ impl FramePool {
         self.retired.len()
     }
 
+    /// Every frame the pool holds: the handy ones, the free batch and those awaiting a flush.
+    /// None of them may be held by a page or reached by a leaf (the auditor checks it).
+    pub fn frames(&self) -> impl Iterator<Item = HostPhysAddr> + '_ {
+        self.handy
+            .iter()
+            .chain(&self.pending_free)
+            .copied()
+            .chain(self.retired.iter().map(|&(_, frame)| frame))
+    }
+
     /// True when `frame` is retired and waits for a TLB flush.
     #[cfg(test)]
     pub fn is_awaiting_flush(&self, frame: HostPhysAddr) -> bool {
@@ -206,6 +216,14 @@ impl FramePool {
         frames.free_frames(&self.pending_free);
         self.pending_free.clear();
         self.give_back_when_flushed = !self.retired.is_empty();
+    }
+
+    /// Gives the handy frames and the free batch back to the allocator now (host memory
+    /// pressure); frames awaiting a flush stay until it ends. The next take refills the pool.
+    pub fn give_back_idle(&mut self, frames: &mut impl HostFrameAllocator) {
+        self.flush(frames);
+        frames.free_frames(&self.handy);
+        self.handy.clear();
     }
 
     /// Gives back the handy, pending and retired frames (frames still in use are the

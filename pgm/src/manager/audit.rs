@@ -57,6 +57,19 @@ pub enum Problem {
     /// A table entry above a leaf takes away more than write monitoring may: reads or
     /// fetches, or writes while monitoring is off.
     TableEntryRestricts,
+    /// An A20-alias record (a page outside every range mapped as the alias of the page 1 MiB
+    /// below) that the gate or the ranges no longer justify: the gate is open, the address
+    /// lacks bit 20, a range covers it, or it is recorded twice.
+    StaleA20Alias,
+    /// A written-list entry (a page to report at the next harvest) for an address no range
+    /// covers, or while write monitoring is off.
+    StaleWrittenEntry,
+    /// A frame in the VM's pool (handy, free batch, or awaiting a TLB flush) that a page, ROM,
+    /// MMIO2 region or shared-frame count also holds, or that the host has free.
+    PoolFrameInUse,
+    /// An overflow lock count for a page no range covers, or whose descriptor does not show
+    /// the saturated count that sends its locks to the overflow table.
+    StaleLockCount,
 }
 
 /// One finding: where, which frame, what is wrong.
@@ -100,6 +113,41 @@ impl AuditReport {
     }
 }
 
+/// A map built once and then only read: a vector sorted by key (the auditor builds its maps
+/// of every frame and every leaf anew on each call, where a B-tree's inserts cost most of
+/// the audit).
+struct SortedMap<K, V>(Vec<(K, V)>);
+
+impl<K: Ord + Copy, V> SortedMap<K, V> {
+    /// From `entries` in any order; of equal keys, the last one stays.
+    fn from_unsorted(mut entries: Vec<(K, V)>) -> Self {
+        entries.reverse();
+        // Stable: of equal keys, the one given last comes first, and `dedup` keeps it.
+        entries.sort_by_key(|&(key, _)| key);
+        entries.dedup_by_key(|&mut (key, _)| key);
+        SortedMap(entries)
+    }
+
+    fn get(&self, key: &K) -> Option<&V> {
+        self.0
+            .binary_search_by_key(key, |&(key, _)| key)
+            .ok()
+            .map(|index| &self.0[index].1)
+    }
+
+    fn contains_key(&self, key: &K) -> bool {
+        self.get(key).is_some()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.0.iter().map(|(key, value)| (key, value))
+    }
+}
+
 /// Why the VM holds a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Holder {
@@ -117,32 +165,80 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let mut report = AuditReport::default();
         let held = self.held_frames(&mut report, &host_holds);
         report.held_frames = held.len() as u64;
-        let mut mapped = BTreeMap::new();
-        let mut granted_above = BTreeMap::new();
+        let mut leaves = Vec::new();
         self.tables
             .for_each_leaf(&self.memory, |gpa, pages, leaf, above| {
                 for page in 0..pages {
                     let at = GuestPhysAddr::new_truncate(gpa.as_u64() + page * PAGE_SIZE);
                     let frame = HostPhysAddr::new_truncate(leaf.frame.as_u64() + page * PAGE_SIZE);
-                    mapped.insert(at, Leaf { frame, ..leaf });
-                    if above != Permissions::all() {
-                        granted_above.insert(at, above);
-                    }
+                    leaves.push((at, (Leaf { frame, ..leaf }, above)));
                 }
             });
-        report.mapped_pages = mapped.len() as u64;
-        for (&gpa, leaf) in &mapped {
-            let above = granted_above.get(&gpa).copied().unwrap_or(Permissions::all());
-            self.audit_leaf(gpa, leaf, above, &held, &mut report);
+        let walked = SortedMap::from_unsorted(leaves);
+        report.mapped_pages = walked.len() as u64;
+        for (&gpa, &(leaf, above)) in walked.iter() {
+            self.audit_leaf(gpa, &leaf, above, &held, &mut report);
         }
+        let mapped = SortedMap(walked.0.into_iter().map(|(gpa, (leaf, _))| (gpa, leaf)).collect());
         self.audit_pages(&mapped, &held, &mut report);
         self.audit_reverse_map(&mapped, &mut report);
+        self.audit_side_records(&held, &host_holds, &mut report);
         report
+    }
+
+    /// Checks that every entry of the side lists is justified by the descriptors and the
+    /// gate, each by the rule that ties it to them (see the manager's `Pgm` fields): a stale
+    /// entry is a finding before it ever writes a wrong leaf. The reverse map is checked
+    /// against the leaves in [`audit_reverse_map`](Self::audit_reverse_map), the shared-frame
+    /// counts in `audit_pages`; a block left unmapped for want of a page table is recorded in
+    /// its own directory entry, so it has no side record to drift.
+    fn audit_side_records(
+        &self,
+        held: &SortedMap<HostPhysAddr, Holder>,
+        host_holds: &impl Fn(HostPhysAddr) -> bool,
+        report: &mut AuditReport,
+    ) {
+        let mut find = |gpa, frame, problem| report.findings.push(Finding { gpa, frame, problem });
+        let mut aliases = BTreeSet::new();
+        for &alias in &self.a20_aliases {
+            let justified = !self.a20_enabled
+                && alias.as_u64() & super::A20_BIT != 0
+                && self.ranges.find(alias).is_none()
+                && aliases.insert(alias);
+            if !justified {
+                find(alias, None, Problem::StaleA20Alias);
+            }
+        }
+        for &gpa in &self.written {
+            if !self.monitoring || self.ranges.find(gpa).is_none() {
+                find(gpa, None, Problem::StaleWrittenEntry);
+            }
+        }
+        let nowhere = GuestPhysAddr::default();
+        for frame in self.pool.frames() {
+            if held.contains_key(&frame) || !host_holds(frame) {
+                find(nowhere, Some(frame), Problem::PoolFrameInUse);
+            }
+        }
+        for &(gpa, write) in self.lock_overflow.keys() {
+            let saturated = self.ranges.find(gpa).is_some_and(|location| {
+                let page = self.ranges.page(location);
+                let inline = if write {
+                    page.write_locks()
+                } else {
+                    page.read_locks()
+                };
+                inline >= crate::page::INLINE_LOCKS_MAX
+            });
+            if !saturated {
+                find(gpa, None, Problem::StaleLockCount);
+            }
+        }
     }
 
     /// Checks the reverse map against the leaves: every leaf it must record is recorded with
     /// its frame, every record has its leaf, and the two indexes agree.
-    fn audit_reverse_map(&self, mapped: &BTreeMap<GuestPhysAddr, Leaf>, report: &mut AuditReport) {
+    fn audit_reverse_map(&self, mapped: &SortedMap<GuestPhysAddr, Leaf>, report: &mut AuditReport) {
         report.recorded_mappings = self.reverse.len() as u64;
         let source = self.leaf_source();
         let mut find = |gpa, frame| {
@@ -152,7 +248,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 problem: Problem::ReverseMapWrong,
             })
         };
-        for (&gpa, leaf) in mapped {
+        for (&gpa, leaf) in mapped.iter() {
             if self.reverse.frame_at(gpa) != source.recorded_frame(gpa, Some(*leaf)) {
                 find(gpa, Some(leaf.frame));
             }
@@ -173,8 +269,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         &self,
         report: &mut AuditReport,
         host_holds: &impl Fn(HostPhysAddr) -> bool,
-    ) -> BTreeMap<HostPhysAddr, Holder> {
-        let mut held = BTreeMap::new();
+    ) -> SortedMap<HostPhysAddr, Holder> {
+        let mut held = Vec::new();
         let mut hold = |frame: HostPhysAddr, holder: Holder, gpa: GuestPhysAddr, ask_host: bool| {
             if ask_host && !host_holds(frame) {
                 report.findings.push(Finding {
@@ -183,7 +279,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                     problem: Problem::HeldFrameFreed,
                 });
             }
-            held.insert(frame, holder);
+            held.push((frame, holder));
         };
         let nowhere = GuestPhysAddr::default();
         hold(self.zero_frame, Holder::ReadOnlyShared, nowhere, true);
@@ -221,7 +317,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 }
             }
         }
-        held
+        SortedMap::from_unsorted(held)
     }
 
     /// Checks one mapped guest page (mapped by `leaf`, under table entries that grant
@@ -233,7 +329,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         gpa: GuestPhysAddr,
         leaf: &Leaf,
         above: Permissions,
-        held: &BTreeMap<HostPhysAddr, Holder>,
+        held: &SortedMap<HostPhysAddr, Holder>,
         report: &mut AuditReport,
     ) {
         let mut find = |problem| {
@@ -292,8 +388,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// missing one too), a locked page's frame is held, and shared counts add up.
     fn audit_pages(
         &self,
-        mapped: &BTreeMap<GuestPhysAddr, Leaf>,
-        held: &BTreeMap<HostPhysAddr, Holder>,
+        mapped: &SortedMap<GuestPhysAddr, Leaf>,
+        held: &SortedMap<HostPhysAddr, Holder>,
         report: &mut AuditReport,
     ) {
         let mut sharers: BTreeMap<HostPhysAddr, u64> = BTreeMap::new();
@@ -308,8 +404,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 // Mapped pages were compared in `audit_leaf`; here the missing ones. A page the
                 // A20 gate redirects is mapped on its first fault, so it may be missing.
                 let redirected = self.a20_apply(gpa) != gpa;
-                // A block left unmapped for want of a page table is mapped at its next access.
-                let unmapped = self.unmapped_blocks.contains(&super::mapping::block_of(gpa));
+                // A block awaiting tables is mapped at its next access.
+                let unmapped = self.tables.awaits_tables(&self.memory, gpa);
                 if !redirected && !unmapped && !mapped.contains_key(&gpa) && self.expected_leaf(gpa).is_some()
                 {
                     report.findings.push(Finding {
@@ -359,5 +455,108 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handlers::HandlerKind;
+    use crate::paging::Access;
+    use crate::test_support::*;
+
+    fn problems(pgm: &SimPgm) -> Vec<Problem> {
+        pgm.audit_simulated().findings.iter().map(|f| f.problem).collect()
+    }
+
+    /// A planted record must be the only thing wrong, and found as `problem`.
+    fn only(pgm: &SimPgm, problem: Problem) {
+        let found = problems(pgm);
+        assert!(!found.is_empty(), "the planted {problem:?} went unnoticed");
+        assert!(found.iter().all(|&p| p == problem), "{found:?}");
+    }
+
+    #[test]
+    fn the_auditor_finds_a_planted_a20_alias_record_the_gate_does_not_justify() {
+        let mut pgm = pgm_with_frames(1024);
+        pgm.register_ram(gpa(0), MIB, "low").unwrap();
+        pgm.register_ram(gpa(MIB), MIB, "high").unwrap();
+        assert!(problems(&pgm).is_empty());
+        // Gate open: no alias may be recorded.
+        pgm.a20_aliases.push(gpa(0x30_0000 | MIB));
+        only(&pgm, Problem::StaleA20Alias);
+        // Gate closed, but the address lies in a range (a record that outlived the space it
+        // was made for).
+        pgm.a20_aliases.clear();
+        let _ = pgm.set_a20(false);
+        assert!(problems(&pgm).is_empty());
+        pgm.a20_aliases.push(gpa(MIB + 0x1000));
+        only(&pgm, Problem::StaleA20Alias);
+    }
+
+    #[test]
+    fn the_auditor_finds_a_planted_written_entry_for_space_no_range_covers() {
+        let mut pgm = pgm_with_frames(1024);
+        pgm.register_ram(gpa(0), MIB, "low").unwrap();
+        let _ = pgm.start_write_monitoring();
+        guest_write(&mut pgm, gpa(0x2000), &[1]);
+        assert!(problems(&pgm).is_empty());
+        pgm.written.push(gpa(0x20_0000));
+        only(&pgm, Problem::StaleWrittenEntry);
+        pgm.written.retain(|&gpa| gpa.as_u64() < MIB);
+        let _ = pgm.stop_write_monitoring();
+        assert!(problems(&pgm).is_empty());
+        pgm.written.push(gpa(0x2000));
+        only(&pgm, Problem::StaleWrittenEntry);
+    }
+
+    #[test]
+    fn the_auditor_finds_a_planted_pool_frame_a_page_still_holds() {
+        let mut pgm = pgm_with_frames(1024);
+        pgm.register_ram(gpa(0), MIB, "low").unwrap();
+        guest_write(&mut pgm, gpa(0x3000), &[1]);
+        let frame = pgm.translate(gpa(0x3000), Access::Read).unwrap();
+        assert!(problems(&pgm).is_empty());
+        // As if the frame had been released to the pool while its page kept it.
+        pgm.pool.discard(frame);
+        only(&pgm, Problem::PoolFrameInUse);
+        // Teardown would free the frame twice (the simulated host panics on that).
+        core::mem::forget(pgm);
+    }
+
+    #[test]
+    fn the_auditor_finds_a_planted_overflow_lock_count() {
+        let mut pgm = pgm_with_frames(1024);
+        pgm.register_ram(gpa(0), MIB, "low").unwrap();
+        let lock = pgm.lock_page_for_read(gpa(0x4000)).unwrap().lock;
+        assert!(problems(&pgm).is_empty());
+        pgm.lock_overflow.insert((gpa(0x4000), false), 100);
+        only(&pgm, Problem::StaleLockCount);
+        pgm.lock_overflow.clear();
+        pgm.release_page_lock(lock);
+        assert!(problems(&pgm).is_empty());
+    }
+
+    /// The state the stale "unmapped block" record used to describe now lives in the block's
+    /// directory entry, so it cannot outlive the mapping. A block whose entry is simply
+    /// absent, not marked as awaiting tables, is a mapping lost, and found.
+    #[test]
+    fn the_auditor_tells_a_block_awaiting_tables_from_a_lost_one() {
+        let mut pgm = pgm_with_defaults(2048);
+        pgm.register_ram(gpa(0x60_0000), 2 * MIB, "block").unwrap();
+        pgm.frames_mut().fail_after = Some(0);
+        let _ = pgm
+            .register_handler(HandlerKind::All, gpa(0x60_5000), PAGE_SIZE)
+            .unwrap();
+        assert!(pgm.awaits_tables(gpa(0x60_0000)));
+        assert!(problems(&pgm).is_empty(), "awaiting tables is a sound state");
+        // Clear the marker: the directory entry is now just absent.
+        let marker = pgm
+            .tables
+            .directory_entry_addr(&pgm.memory, gpa(0x60_0000))
+            .unwrap();
+        pgm.memory.write_u64(marker, 0);
+        assert!(!pgm.awaits_tables(gpa(0x60_0000)));
+        only(&pgm, Problem::OutOfSync);
     }
 }

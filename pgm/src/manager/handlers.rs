@@ -422,6 +422,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             let mmio = PageDescriptor::zero(PageType::Mmio).with_handler(HandlerState::All);
             self.ranges
                 .insert(RamRange::new(base, alloc::vec![mmio; pages as usize], "mmio"));
+            self.forget_a20_aliases(base, pages);
             self.counts.mmio += pages;
             let id = self
                 .handlers

@@ -302,3 +302,177 @@ mod tests {
         assert_accounting(&pgm);
     }
 }
+
+/// Regressions: a 2 MiB block left unmapped for want of a page table, then mapped again by a
+/// path other than its next access (re-registration, a merge, a pre-allocation fill). Each
+/// ends with a complete flush, the auditor, and the host allocator asked about every frame the
+/// guest can still reach.
+#[cfg(test)]
+mod unmapped_block_regressions {
+    use super::*;
+    use crate::handlers::HandlerKind;
+    use crate::paging::Access;
+    use crate::test_support::*;
+
+    const BLOCK: u64 = 0x60_0000;
+    const BLOCK_SIZE: u64 = 2 * MIB;
+
+    /// One 2 MiB block of RAM at `BLOCK` on the zero chunk, and a handler registered in it
+    /// while the host refuses every frame: the block is left unmapped. Returns the handler.
+    fn block_left_unmapped(pgm: &mut SimPgm, kind: HandlerKind) -> crate::handlers::HandlerId {
+        pgm.register_ram(gpa(BLOCK), BLOCK_SIZE, "block").unwrap();
+        assert!(pgm.is_mapped_large(gpa(BLOCK)));
+        pgm.frames_mut().fail_after = Some(0);
+        let (id, _) = pgm
+            .register_handler(kind, gpa(BLOCK + 0x5000), PAGE_SIZE)
+            .unwrap();
+        assert!(
+            pgm.translate(gpa(BLOCK), Access::Read).is_err(),
+            "no page table for the split: the block is unmapped"
+        );
+        pgm.frames_mut().fail_after = None;
+        id
+    }
+
+    /// A complete flush, then: the auditor is clean, the accounting agrees, and every frame
+    /// any page of the block reaches, for any access, is allocated at the host.
+    fn assert_sound_after_flush(pgm: &mut SimPgm, context: &str) {
+        flush_every_cpu(pgm);
+        assert_isolated(pgm, context);
+        assert_accounting(pgm);
+        for page in 0..BLOCK_SIZE / PAGE_SIZE {
+            let at = gpa(BLOCK + page * PAGE_SIZE);
+            for access in [Access::Read, Access::Write, Access::Execute] {
+                if let Ok(frame) = pgm.translate(at, access) {
+                    assert!(
+                        pgm.frames().inner.is_allocated(frame.page_base()),
+                        "{context}: {access:?} at {at} reaches {frame}, which the host has free"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_block_unmapped_then_unregistered_and_registered_again_frees_no_reachable_frame() {
+        let mut pgm = pgm_with_defaults(2048);
+        let id = block_left_unmapped(&mut pgm, HandlerKind::All);
+        let _ = pgm.deregister_handler(id).unwrap();
+        let _ = pgm.unregister_ram(gpa(BLOCK), BLOCK_SIZE).unwrap();
+        flush_every_cpu(&mut pgm);
+        pgm.register_ram(gpa(BLOCK), BLOCK_SIZE, "again").unwrap();
+        assert!(pgm.is_mapped_large(gpa(BLOCK)));
+        let _ = pgm.write_phys(gpa(BLOCK + 0x1000), &[7]).unwrap();
+        let _ = pgm.balloon_inflate(&[gpa(BLOCK + 0x1000)]).unwrap();
+        assert!(
+            pgm.translate(gpa(BLOCK + 0x1000), Access::Read).is_err(),
+            "ballooned"
+        );
+        assert_sound_after_flush(&mut pgm, "after the balloon");
+    }
+
+    #[test]
+    fn a_block_unmapped_then_merged_by_deregistering_frees_no_reachable_frame() {
+        let mut pgm = pgm_with_defaults(2048);
+        // The block filled large first, so its frames are one chunk and can merge again.
+        pgm.register_ram(gpa(BLOCK), BLOCK_SIZE, "block").unwrap();
+        guest_write(&mut pgm, gpa(BLOCK), &[1]);
+        assert!(pgm.is_mapped_large(gpa(BLOCK)));
+        pgm.frames_mut().fail_after = Some(0);
+        let mut page = 0;
+        while pgm.write_phys(gpa(page * PAGE_SIZE), &[1]).is_ok() && page < 4096 {
+            page += 1;
+        }
+        let (id, _) = pgm
+            .register_handler(HandlerKind::All, gpa(BLOCK + 0x5000), PAGE_SIZE)
+            .unwrap();
+        assert!(pgm.translate(gpa(BLOCK), Access::Read).is_err(), "unmapped");
+        pgm.frames_mut().fail_after = None;
+        let _ = pgm.deregister_handler(id).unwrap();
+        assert!(pgm.is_mapped_large(gpa(BLOCK)), "merged and mapped large again");
+        let _ = pgm
+            .balloon_inflate(&[gpa(BLOCK + 0x1000), gpa(BLOCK + 0x2000)])
+            .unwrap();
+        assert_sound_after_flush(&mut pgm, "after the balloon");
+    }
+
+    #[test]
+    fn a_block_unmapped_then_filled_by_preallocation_frees_no_reachable_frame() {
+        let mut pgm = pgm_with_defaults(2048);
+        let id = block_left_unmapped(&mut pgm, HandlerKind::All);
+        let _ = pgm.deregister_handler(id).unwrap();
+        let _ = pgm.preallocate_ram().unwrap();
+        assert!(pgm.is_mapped_large(gpa(BLOCK)), "filled with one chunk");
+        let _ = pgm
+            .balloon_inflate(&[gpa(BLOCK + 0x1000), gpa(BLOCK + 0x2000)])
+            .unwrap();
+        assert_sound_after_flush(&mut pgm, "after the balloon");
+    }
+
+    /// The block is filled (by a pre-allocation or a guest write) and mapped by one 2 MiB
+    /// leaf; monitoring starts, and a settle elsewhere in the first GiB pushes its protection
+    /// down onto that leaf. A write handler registered in the block then must split it: the
+    /// leaf's write permission is only withheld by monitoring, not taken away.
+    fn write_handler_in_a_filled_block_while_monitoring(fill: impl FnOnce(&mut SimPgm)) {
+        let mut pgm = pgm_with_defaults(2048);
+        pgm.register_ram(gpa(0), MIB, "low").unwrap();
+        pgm.register_ram(gpa(BLOCK), BLOCK_SIZE, "block").unwrap();
+        fill(&mut pgm);
+        assert!(pgm.is_mapped_large(gpa(BLOCK)));
+        let _ = pgm.start_write_monitoring();
+        // MMIO over a low RAM page settles that page, pushing monitoring's protection down to
+        // the page directory that holds the block's leaf.
+        let _ = pgm.register_mmio(gpa(0x3F000), PAGE_SIZE).unwrap();
+        let _ = pgm
+            .register_handler(HandlerKind::Write, gpa(BLOCK + 0x1000), 2 * PAGE_SIZE)
+            .unwrap();
+        assert_sound_after_flush(&mut pgm, "with the handler");
+        guest_write(&mut pgm, gpa(BLOCK + 0x6000), &[3]);
+        assert_sound_after_flush(&mut pgm, "after a write beside the handler");
+        let _ = pgm.stop_write_monitoring();
+        assert_sound_after_flush(&mut pgm, "after monitoring stopped");
+        assert!(
+            pgm.translate(gpa(BLOCK + 0x1000), Access::Write).is_err(),
+            "still handled"
+        );
+    }
+
+    #[test]
+    fn a_write_handler_in_a_preallocated_block_while_monitoring_splits_it() {
+        write_handler_in_a_filled_block_while_monitoring(|pgm| {
+            let _ = pgm.preallocate_ram().unwrap();
+        });
+    }
+
+    #[test]
+    fn a_write_handler_in_a_block_filled_by_a_write_while_monitoring_splits_it() {
+        write_handler_in_a_filled_block_while_monitoring(|pgm| {
+            guest_write(pgm, gpa(BLOCK + 0x1000), &[1]);
+        });
+    }
+
+    /// A write that fills a page of a block on the zero chunk needs a page table to split it;
+    /// with none to be had the block is left awaiting tables. The fault must not claim it is
+    /// resolved (the retried write would fault again, a loop the kernel stops the VM for): it
+    /// pauses the VM, and the write goes through once frames are back.
+    #[test]
+    fn a_fill_that_leaves_its_block_awaiting_tables_pauses_instead_of_looping() {
+        let mut pgm = pgm_with_defaults(2048);
+        pgm.register_ram(gpa(BLOCK), BLOCK_SIZE, "block").unwrap();
+        pgm.set_large_pages(false);
+        pgm.frames_mut().fail_after = Some(1);
+        assert_eq!(
+            pgm.resolve_fault(gpa(BLOCK), Access::Write),
+            crate::manager::FaultOutcome::OutOfMemory
+        );
+        assert!(pgm.awaits_tables(gpa(BLOCK)));
+        assert_sound_after_flush(&mut pgm, "paused");
+        pgm.frames_mut().fail_after = None;
+        assert_eq!(
+            guest_write(&mut pgm, gpa(BLOCK), &[5]),
+            GuestAccess::Done { faults: 1 }
+        );
+        assert_eq!(guest_read(&pgm, gpa(BLOCK), 1), [5]);
+        assert_sound_after_flush(&mut pgm, "resumed");
+    }
+}

@@ -102,11 +102,10 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 self.protect_block(gpa);
                 // A 2 MiB leaf is rewritten as its pages now call for (or split, the page
                 // table inheriting the withheld permission); a page-directory entry pointing
-                // at a page table gets its permission back.
-                let block = block_of(gpa);
-                self.refresh_large_leaf(block)
+                // at a page table, or marking a block that awaits tables, gets its permission
+                // back.
+                self.refresh_large_leaf(block_of(gpa))
                     || self.tables.grant_writes_at(&mut self.memory, gpa, 1)
-                    || self.unmapped_blocks.contains(&block)
             };
             if !pushed {
                 // Unreachable: the walk just found that entry. Never loop on it.
@@ -299,6 +298,36 @@ mod tests {
 
     fn problems(pgm: &SimPgm) -> Vec<Problem> {
         pgm.audit_simulated().findings.iter().map(|f| f.problem).collect()
+    }
+
+    /// With the A20 gate closed, a block on the zero chunk stays one read-only 2 MiB leaf
+    /// after the host writes pages with bit 20 set (the guest sees the zeros 1 MiB below
+    /// there). Monitoring's protection pushed down onto that read-only leaf must still mark it,
+    /// or its written pages stop being pending without being settled, and the per-state
+    /// counts (taken on the pending view) drift from the descriptors.
+    #[test]
+    fn a_read_only_large_leaf_keeps_its_pages_pending_when_protection_comes_down() {
+        let mut pgm = pgm_with_defaults(3072);
+        pgm.register_ram(gpa(0), 64 * PAGE_SIZE, "low").unwrap();
+        pgm.register_ram(gpa(0x60_0000), 2 * MIB, "block").unwrap();
+        let _ = pgm.set_a20(false);
+        let _ = pgm.write_phys(gpa(0x70_0BD8), &[0x77; 3142]).unwrap();
+        assert!(pgm.is_mapped_large(gpa(0x60_0000)), "zeros seen through the gate");
+        let _ = pgm.start_write_monitoring();
+        let counts = pgm.stats().state_counts();
+        assert_eq!(counts[PageState::WriteMonitored as usize], 2);
+        // A fault in low RAM pushes the protection down through the page directory that holds
+        // the block's leaf.
+        guest_write(&mut pgm, gpa(0x1000), &[1]);
+        assert!(
+            pgm.is_pending(gpa(0x70_0000)),
+            "the block's pages are still pending"
+        );
+        assert_eq!(pgm.stats().state_counts(), pgm.recount_states());
+        assert!(problems(&pgm).is_empty(), "{:?}", problems(&pgm));
+        let _ = pgm.stop_write_monitoring();
+        assert_eq!(pgm.stats().state_counts(), pgm.recount_states());
+        assert!(problems(&pgm).is_empty(), "{:?}", problems(&pgm));
     }
 
     #[test]

@@ -344,10 +344,6 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 return;
             }
         }
-        if self.unmapped_blocks.contains(&block_of(gpa)) {
-            // Mapped again, from the descriptors, at the first access.
-            return;
-        }
         if !self.a20_enabled && gpa.as_u64() & A20_BIT != 0 {
             let shown = self.expected_leaf(gpa);
             self.write_leaf(gpa, shown);
@@ -359,10 +355,14 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         let recorded = leaf
             .filter(|leaf| leaf.frame != self.zero_frame && borrows_frame(page))
             .map(|leaf| leaf.frame);
-        // A page table exists for every page mapped at 4 KiB (a 2 MiB block was split or left
-        // unmapped above); MMIO in unassigned space has none and needs none.
+        // A page table exists for every page mapped at 4 KiB, except in a block left awaiting
+        // tables (mapped from the descriptors at its next access); MMIO in unassigned space
+        // has none and needs none.
         let present = self.tables.set_leaf(&mut self.memory, gpa, leaf);
-        debug_assert!(present || leaf.is_none(), "page {gpa} has no page table");
+        debug_assert!(
+            present || leaf.is_none() || self.tables.awaits_tables(&self.memory, gpa),
+            "page {gpa} has no page table"
+        );
         if present {
             self.reverse.set(gpa, recorded);
         }
@@ -407,7 +407,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 memory_type: MemoryType::WriteBack,
             });
         let mut records = Vec::new();
-        let mapped = self.tables.map_range(
+        let revived = self.tables.map_range(
             &mut self.frames,
             &mut self.memory,
             base,
@@ -415,19 +415,24 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             |gpa| source.expected_noting(gpa, &mut records),
             |_| zero_block,
         );
-        if let Err(error) = mapped {
-            for base in bases {
-                if let Some(location) = self.ranges.find(base) {
-                    self.ranges.remove(location.range);
+        let revived = match revived {
+            Ok(revived) => revived,
+            Err(error) => {
+                for base in bases {
+                    if let Some(location) = self.ranges.find(base) {
+                        self.ranges.remove(location.range);
+                    }
                 }
+                return Err(error);
             }
-            return Err(error);
-        }
+        };
         // Whatever was recorded there (A20 aliases outside every range) was overwritten.
         self.reverse.forget_range(base, pages);
+        self.forget_a20_aliases(base, pages);
         for (gpa, frame) in records {
             self.reverse.set(gpa, Some(frame));
         }
+        self.map_revived_blocks(&revived);
         self.apply_a20_to_new_pages(base, pages);
         Ok(())
     }
@@ -495,10 +500,34 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         Ok(())
     }
 
-    /// Creates the tables `[base, base + pages * 4 KiB)` needs, leaving its leaves as they are.
+    /// Takes `[base, base + pages * 4 KiB)`, which a range now covers, off the list of A20
+    /// aliases outside every range. Their leaves need no record: opening the gate re-syncs
+    /// every page of every range with bit 20 set, as its descriptor calls for.
+    pub(super) fn forget_a20_aliases(&mut self, base: GuestPhysAddr, pages: u64) {
+        let end = base.as_u64() + pages * PAGE_SIZE;
+        self.a20_aliases
+            .retain(|alias| alias.as_u64() < base.as_u64() || alias.as_u64() >= end);
+    }
+
+    /// Creates the tables `[base, base + pages * 4 KiB)` needs, leaving its leaves as they are,
+    /// except in blocks that awaited tables: those are mapped from their descriptors.
     pub(super) fn ensure_tables(&mut self, base: GuestPhysAddr, pages: u64) -> Result<(), PgmError> {
-        self.tables
-            .ensure_tables(&mut self.frames, &mut self.memory, base, pages)
+        let revived = self
+            .tables
+            .ensure_tables(&mut self.frames, &mut self.memory, base, pages)?;
+        self.map_revived_blocks(&revived);
+        Ok(())
+    }
+
+    /// Maps every page of `blocks` from its descriptor: blocks that awaited tables and have
+    /// just been given an empty page table. Every path that gives such a block its table ends
+    /// here, so none is left half mapped.
+    fn map_revived_blocks(&mut self, blocks: &[GuestPhysAddr]) {
+        for &block in blocks {
+            for location in self.located(block, FRAMES_PER_LARGE_PAGE) {
+                self.sync_leaf(location);
+            }
+        }
     }
 
     /// Maps the 2 MiB block at `block` with one leaf to the contiguous chunk at `chunk` (the
@@ -524,14 +553,14 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     }
 
     /// Maps the large block at `block` with 4 KiB leaves again, each as its page calls for, in
-    /// a page table from the handy pool. With none to be had the block is unmapped instead,
-    /// until its next access maps it again ([`remap_unmapped_block`](Self::remap_unmapped_block)).
-    /// Returns whether the block is now mapped with 4 KiB leaves.
+    /// a page table from the handy pool. With none to be had the block is left awaiting tables
+    /// ([`NestedTables::unmap_large`](crate::paging::NestedTables::unmap_large)) until its next
+    /// access maps it again ([`remap_unmapped_block`](Self::remap_unmapped_block)). Returns
+    /// whether the block is now mapped with 4 KiB leaves.
     pub(super) fn map_block_small(&mut self, block: GuestPhysAddr) -> bool {
         let Ok(page_table) = self.pool.take_table(&mut self.frames) else {
             if self.tables.unmap_large(&mut self.memory, block) {
                 self.reverse.forget_range(block, FRAMES_PER_LARGE_PAGE);
-                self.unmapped_blocks.insert(block);
             }
             return false;
         };
@@ -552,20 +581,14 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         split
     }
 
-    /// Maps the block around `gpa` again if it was left unmapped for want of a page table:
-    /// tables from the host, every page's leaf from its descriptor. Nothing to do (one set
-    /// lookup when any block is unmapped, none otherwise) for other blocks.
+    /// Maps the block around `gpa` again if it awaits tables (left unmapped for want of a page
+    /// table): tables from the host, every page's leaf from its descriptor. For other blocks,
+    /// nothing to do but the three table reads that tell.
     pub(super) fn remap_unmapped_block(&mut self, gpa: GuestPhysAddr) -> Result<(), PgmError> {
-        let block = block_of(gpa);
-        if self.unmapped_blocks.is_empty() || !self.unmapped_blocks.contains(&block) {
+        if !self.tables.awaits_tables(&self.memory, gpa) {
             return Ok(());
         }
-        self.ensure_tables(block, FRAMES_PER_LARGE_PAGE)?;
-        self.unmapped_blocks.remove(&block);
-        for location in self.located(block, FRAMES_PER_LARGE_PAGE) {
-            self.sync_leaf(location);
-        }
-        Ok(())
+        self.ensure_tables(block_of(gpa), FRAMES_PER_LARGE_PAGE)
     }
 
     /// Takes away every mapping of `frame` before it is freed or given another use: each

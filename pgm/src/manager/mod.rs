@@ -94,8 +94,9 @@ pub enum FaultOutcome {
         /// The handler or MMIO region.
         handler: HandlerId,
     },
-    /// A frame was needed and none could be had (host exhausted or the VM's limit reached);
-    /// nothing was changed.
+    /// A frame was needed and none could be had (host exhausted or the VM's limit reached).
+    /// The page may have changed state (a write filled it, say), but its mapping could not be
+    /// completed: the VM pauses, and the access is retried once frames are back.
     OutOfMemory,
 }
 
@@ -133,9 +134,6 @@ pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
     /// 2 MiB of zeros, mapped read-only by one 2 MiB leaf for every untouched block of RAM
     /// registered while large pages are on (see `large`); taken at the first such registration.
     zero_chunk: Option<HostPhysAddr>,
-    /// 2 MiB blocks left unmapped because no page table could be had to split them: the first
-    /// access maps them again (see `large`).
-    unmapped_blocks: alloc::collections::BTreeSet<GuestPhysAddr>,
     tables: NestedTables<Ept>,
     pool: FramePool,
     counts: StateCounts,
@@ -215,7 +213,6 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             ranges: RamRanges::default(),
             zero_frame,
             zero_chunk: None,
-            unmapped_blocks: alloc::collections::BTreeSet::new(),
             tables,
             pool: FramePool::default(),
             counts: StateCounts::default(),
@@ -372,6 +369,20 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         self.pool.awaiting_flush()
     }
 
+    /// Gives the frames the VM holds in reserve (the handy pool and the batch waiting to be
+    /// freed) back to the host now, for a host under memory pressure (the seed's GMM can
+    /// reclaim a VM's free pages). Faults and splits refill the pool when they next need a
+    /// frame; frames awaiting a TLB flush stay until it ends. Needs no invalidation.
+    pub fn release_idle_frames(&mut self) {
+        self.pool.give_back_idle(&mut self.frames);
+    }
+
+    /// True when the 2 MiB block holding `gpa` is unmapped, awaiting the page table that could
+    /// not be had to split it: its next access maps it again from the descriptors.
+    pub fn awaits_tables(&self, gpa: GuestPhysAddr) -> bool {
+        self.tables.awaits_tables(&self.memory, gpa)
+    }
+
     /// True when `frame` was taken from the guest and waits for a TLB flush to end.
     #[cfg(test)]
     pub(crate) fn is_awaiting_flush(&self, frame: HostPhysAddr) -> bool {
@@ -456,6 +467,10 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             Ok(()) if gpa != faulting => self.map_a20_alias(faulting.page_base(), location),
             other => other,
         };
+        // A split that found no page table left the block awaiting tables: map it now, or the
+        // retried access would fault again (the VM pauses instead, and resumes once frames
+        // are back).
+        let result = result.and_then(|()| self.remap_unmapped_block(faulting));
         if self.pool.needs_refill() {
             // After the mapping is done: the next faults find frames waiting.
             self.pool.refill(&mut self.frames);
@@ -1459,7 +1474,7 @@ impl<T: Copy> Pieces<T> {
 pub const RAM_CHUNK_PAGES: u64 = 4 * 1024 * 1024;
 
 /// Bit 20 of a guest-physical address: what the A20 gate masks.
-const A20_BIT: u64 = 1 << 20;
+pub(super) const A20_BIT: u64 = 1 << 20;
 
 /// Checks a range for registration: page-aligned, non-empty, inside the guest-physical width.
 /// Returns its page count.

@@ -6,7 +6,16 @@
 //!
 //! The VM has RAM at [0, 256 KiB) and [1 MiB, 1 MiB + 256 KiB), so that with the A20 gate closed
 //! the second range shows the first, unassigned space for MMIO and MMIO2 at 2 MiB and its A20
-//! alias at 3 MiB, and two places for a ROM (one either side of an A20 alias).
+//! alias at 3 MiB, two places for a ROM (one either side of an A20 alias), and one whole 2 MiB
+//! block of RAM at 6 MiB: mapped large on the zero chunk, filled large, split, merged, and left
+//! unmapped for want of a page table when the host refuses frames and the VM's reserve is
+//! given back ([`Op::ReleaseIdle`]). The script completes TLB flushes ([`Op::Flush`]), so
+//! retired frames return to the host and are handed out again, and it unregisters and
+//! registers both the high RAM and the block at the same addresses.
+//!
+//! [`Coverage`] counts, per operation, the states it met (the block large, split or awaiting
+//! tables; monitoring on or off; a page locked; the A20 gate closed; an MMIO alias; frames
+//! awaiting a flush), so a run can show that no state it means to test went unvisited.
 
 use alloc::format;
 use alloc::string::String;
@@ -46,12 +55,17 @@ static PERMANENT_IMAGE: [u8; 6144] = [0xCD; 6144];
 const MMIO2_SLOTS: [u64; 4] = [SPACE[0], SPACE[1], SPACE[2], HIGH_RAM + 0x3_0000];
 /// A device page of the caller's (the APIC-access page) for special aliases.
 const SPECIAL_FRAME: u64 = 0xFEE0_0000;
-/// Host frames the simulated host has.
-const HOST_FRAMES: u64 = 2048;
+/// The 2 MiB block of RAM.
+const BLOCK: u64 = 0x60_0000;
+/// Pages in the block.
+const BLOCK_PAGES: u64 = 512;
+/// Host frames the simulated host has: the zero chunk, a large fill and a pre-allocation of
+/// everything fit.
+const HOST_FRAMES: u64 = 3072;
 
-/// Guest-physical addresses worth touching: RAM, MMIO/MMIO2 slots, A20 aliases, the ROM, and
-/// holes.
-const INTERESTING: [u64; 17] = [
+/// Guest-physical addresses worth touching: RAM, MMIO/MMIO2 slots, A20 aliases, the ROM, the
+/// 2 MiB block and its alias, and holes.
+const INTERESTING: [u64; 22] = [
     0,
     0x1000,
     0x3F000,
@@ -69,6 +83,11 @@ const INTERESTING: [u64; 17] = [
     ROM_BASES[2] + 0x1000,
     0x10_0000 - 0x1000,
     0x4000_0000,
+    BLOCK,
+    BLOCK + 0x1000,
+    BLOCK + 0x5000,
+    BLOCK + 0x1F_F000,
+    BLOCK | MIB,
 ];
 
 fn interesting(index: u8) -> GuestPhysAddr {
@@ -122,11 +141,17 @@ pub enum Op {
     Release(u8),
     UnregisterHighRam,
     RegisterHighRam,
+    /// A complete TLB flush on every CPU (`begin_tlb_flush` / `end_tlb_flush`).
+    Flush,
+    UnregisterBlock,
+    RegisterBlock,
+    /// `release_idle_frames`: the VM's reserve goes back to the host.
+    ReleaseIdle,
 }
 
 /// How often each operation is drawn (out of [`WEIGHT_TOTAL`]): guest accesses most, the
 /// structural changes less, so that sequences build state before they tear it down.
-const WEIGHTS: [(u8, OpKind); 39] = [
+const WEIGHTS: [(u8, OpKind); 43] = [
     (8, OpKind::Guest),
     (3, OpKind::HostWrite),
     (1, OpKind::HostRead),
@@ -166,6 +191,10 @@ const WEIGHTS: [(u8, OpKind); 39] = [
     (2, OpKind::Release),
     (1, OpKind::UnregisterHighRam),
     (1, OpKind::RegisterHighRam),
+    (2, OpKind::Flush),
+    (1, OpKind::UnregisterBlock),
+    (1, OpKind::RegisterBlock),
+    (1, OpKind::ReleaseIdle),
 ];
 
 const WEIGHT_TOTAL: u32 = {
@@ -220,6 +249,10 @@ enum OpKind {
     Release,
     UnregisterHighRam,
     RegisterHighRam,
+    Flush,
+    UnregisterBlock,
+    RegisterBlock,
+    ReleaseIdle,
 }
 
 /// Reads parameters off the byte string; every read fails once it is used up.
@@ -315,6 +348,10 @@ impl Op {
             OpKind::Release => Op::Release(b.byte()?),
             OpKind::UnregisterHighRam => Op::UnregisterHighRam,
             OpKind::RegisterHighRam => Op::RegisterHighRam,
+            OpKind::Flush => Op::Flush,
+            OpKind::UnregisterBlock => Op::UnregisterBlock,
+            OpKind::RegisterBlock => Op::RegisterBlock,
+            OpKind::ReleaseIdle => Op::ReleaseIdle,
         })
     }
 }
@@ -371,8 +408,20 @@ pub fn run(bytes: &[u8]) -> Result<(), Failure> {
 
 /// Runs `ops` on a fresh VM, auditing after every step; the first finding ends the run.
 pub fn run_ops(ops: &[Op]) -> Result<(), Failure> {
+    run_counted(ops, None)
+}
+
+/// [`run`], counting in `coverage` the states each operation met.
+pub fn run_counting(bytes: &[u8], coverage: &mut Coverage) -> Result<(), Failure> {
+    run_counted(&Op::decode_all(bytes), Some(coverage))
+}
+
+fn run_counted(ops: &[Op], mut coverage: Option<&mut Coverage>) -> Result<(), Failure> {
     let mut vm = Scripted::new();
     for (step, op) in ops.iter().enumerate() {
+        if let Some(coverage) = coverage.as_deref_mut() {
+            coverage.count(op, vm.states());
+        }
         vm.step(op).and_then(|()| vm.check()).map_err(|message| Failure {
             step,
             op: Some(*op),
@@ -396,8 +445,12 @@ impl Scripted {
     fn new() -> Self {
         let mut pgm =
             Pgm::new(SimFrames::new(HOST_FRAMES), SimMemory::default()).expect("tables for a new VM");
-        for (base, name) in [(0, "low"), (HIGH_RAM, "high")] {
-            pgm.register_ram(GuestPhysAddr::new_truncate(base), RAM_PAGES * PAGE_SIZE, name)
+        for (base, pages, name) in [
+            (0, RAM_PAGES, "low"),
+            (HIGH_RAM, RAM_PAGES, "high"),
+            (BLOCK, BLOCK_PAGES, "block"),
+        ] {
+            pgm.register_ram(GuestPhysAddr::new_truncate(base), pages * PAGE_SIZE, name)
                 .expect("RAM of a new VM");
         }
         Scripted {
@@ -420,6 +473,13 @@ impl Scripted {
         if allocated != counted {
             return Err(format!(
                 "the allocator has {allocated} frames out, the manager counts {counted}"
+            ));
+        }
+        // The kept per-state counts are a side record too: recounted page by page.
+        let (kept, recounted) = (self.pgm.stats().state_counts(), self.pgm.recount_states());
+        if kept != recounted {
+            return Err(format!(
+                "the manager counts pages per state as {kept:?}, a recount finds {recounted:?}"
             ));
         }
         self.check_views_agree()
@@ -790,8 +850,206 @@ impl Scripted {
             Op::RegisterHighRam => {
                 let _ = pgm.register_ram(gpa(HIGH_RAM), RAM_PAGES * PAGE_SIZE, "high");
             }
+            Op::Flush => {
+                let flush = pgm.begin_tlb_flush();
+                pgm.end_tlb_flush(flush);
+            }
+            Op::UnregisterBlock => {
+                let _ = pgm.unregister_ram(gpa(BLOCK), BLOCK_PAGES * PAGE_SIZE);
+            }
+            Op::RegisterBlock => {
+                let _ = pgm.register_ram(gpa(BLOCK), BLOCK_PAGES * PAGE_SIZE, "block");
+            }
+            Op::ReleaseIdle => pgm.release_idle_frames(),
         }
         Ok(())
+    }
+}
+
+impl Scripted {
+    /// The states of [`State`] the VM is in now.
+    fn states(&self) -> [bool; STATES] {
+        let pgm = &self.pgm;
+        let block = GuestPhysAddr::new_truncate(BLOCK);
+        let large = pgm.is_mapped_large(block);
+        let awaiting = pgm.awaits_tables(block);
+        let registered = pgm
+            .page(block)
+            .is_some_and(|page| page.page_type() == PageType::Ram);
+        let aliased = (0..INTERESTING.len()).any(|index| {
+            pgm.page(watched_page(index))
+                .is_some_and(|page| page.page_type().is_mmio_alias())
+        });
+        let mut states = [false; STATES];
+        states[State::BlockLarge as usize] = large;
+        states[State::BlockSplit as usize] = registered && !large && !awaiting;
+        states[State::BlockAwaitingTables as usize] = awaiting;
+        states[State::MonitoringOn as usize] = pgm.is_write_monitoring();
+        states[State::MonitoringOff as usize] = !pgm.is_write_monitoring();
+        states[State::PageLocked as usize] = !self.held.locks.is_empty();
+        states[State::A20Closed as usize] = !pgm.a20_enabled();
+        states[State::MmioAliased as usize] = aliased;
+        states[State::FramesAwaitingFlush as usize] = pgm.frames_awaiting_flush() > 0;
+        states
+    }
+}
+
+/// The states [`Coverage`] counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// The 2 MiB block is mapped by one 2 MiB leaf (on the zero chunk or its own chunk).
+    BlockLarge,
+    /// The block is registered RAM mapped with 4 KiB leaves.
+    BlockSplit,
+    /// The block is unmapped, awaiting the page table that could not be had.
+    BlockAwaitingTables,
+    /// Write monitoring is on.
+    MonitoringOn,
+    /// Write monitoring is off.
+    MonitoringOff,
+    /// The script holds a page-map lock.
+    PageLocked,
+    /// The A20 gate is closed (addresses with bit 20 set alias the page 1 MiB below).
+    A20Closed,
+    /// A watched page is an MMIO2 or special alias.
+    MmioAliased,
+    /// Frames taken from the guest wait for a TLB flush.
+    FramesAwaitingFlush,
+}
+
+/// How many states [`State`] has.
+pub const STATES: usize = 9;
+
+/// Every state, in the order of [`Coverage`]'s columns.
+pub const ALL_STATES: [State; STATES] = [
+    State::BlockLarge,
+    State::BlockSplit,
+    State::BlockAwaitingTables,
+    State::MonitoringOn,
+    State::MonitoringOff,
+    State::PageLocked,
+    State::A20Closed,
+    State::MmioAliased,
+    State::FramesAwaitingFlush,
+];
+
+/// How often each operation met each state over a run: the proof that a run reached what it
+/// means to test. Merge the counts of several threads with [`Coverage::merge`].
+#[derive(Clone, Debug, Default)]
+pub struct Coverage {
+    /// Per operation name, the number of times it ran in each state.
+    pub counts: alloc::collections::BTreeMap<&'static str, [u64; STATES]>,
+}
+
+impl Coverage {
+    fn count(&mut self, op: &Op, states: [bool; STATES]) {
+        let cells = self.counts.entry(op.name()).or_default();
+        for (cell, met) in cells.iter_mut().zip(states) {
+            *cell += u64::from(met);
+        }
+    }
+
+    /// Adds `other`'s counts to these.
+    pub fn merge(&mut self, other: &Coverage) {
+        for (name, cells) in &other.counts {
+            let mine = self.counts.entry(name).or_default();
+            for (cell, more) in mine.iter_mut().zip(cells) {
+                *cell += more;
+            }
+        }
+    }
+
+    /// How often any operation met `state`.
+    pub fn total(&self, state: State) -> u64 {
+        self.counts.values().map(|cells| cells[state as usize]).sum()
+    }
+
+    /// The (operation, state) pairs never met, for the operations that ran.
+    pub fn unmet(&self) -> Vec<(&'static str, State)> {
+        self.counts
+            .iter()
+            .flat_map(|(&name, cells)| {
+                ALL_STATES
+                    .iter()
+                    .filter(move |&&state| cells[state as usize] == 0)
+                    .map(move |&state| (name, state))
+            })
+            .collect()
+    }
+}
+
+impl fmt::Display for Coverage {
+    /// A table: one row per operation, one column per state.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "| operation |")?;
+        for state in ALL_STATES {
+            write!(f, " {state:?} |")?;
+        }
+        writeln!(f)?;
+        write!(f, "|---|")?;
+        for _ in ALL_STATES {
+            write!(f, "---:|")?;
+        }
+        writeln!(f)?;
+        for (name, cells) in &self.counts {
+            write!(f, "| {name} |")?;
+            for cell in cells {
+                write!(f, " {cell} |")?;
+            }
+            writeln!(f)?;
+        }
+        Ok(())
+    }
+}
+
+impl Op {
+    /// The operation's name (its variant).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Guest(..) => "Guest",
+            Op::HostWrite(..) => "HostWrite",
+            Op::HostRead(..) => "HostRead",
+            Op::Reset => "Reset",
+            Op::Preallocate => "Preallocate",
+            Op::LargePages(_) => "LargePages",
+            Op::Inflate(_) => "Inflate",
+            Op::Deflate(_) => "Deflate",
+            Op::Monitoring(_) => "Monitoring",
+            Op::A20(_) => "A20",
+            Op::Share => "Share",
+            Op::FailAfter(_) => "FailAfter",
+            Op::Limit(_) => "Limit",
+            Op::RegisterMmio(..) => "RegisterMmio",
+            Op::DeregisterMmio(_) => "DeregisterMmio",
+            Op::RegisterHandler(..) => "RegisterHandler",
+            Op::DeregisterHandler(_) => "DeregisterHandler",
+            Op::DisableHandlerPage(..) => "DisableHandlerPage",
+            Op::ResetHandler(_) => "ResetHandler",
+            Op::CreateMmio2(..) => "CreateMmio2",
+            Op::MapMmio2(..) => "MapMmio2",
+            Op::UnmapMmio2(_) => "UnmapMmio2",
+            Op::ReduceMmio2(..) => "ReduceMmio2",
+            Op::DeregisterMmio2(_) => "DeregisterMmio2",
+            Op::Tracking(..) => "Tracking",
+            Op::QueryDirty(..) => "QueryDirty",
+            Op::DeviceWrite(..) => "DeviceWrite",
+            Op::AliasMmio2(..) => "AliasMmio2",
+            Op::AliasHost(..) => "AliasHost",
+            Op::RegisterRom(..) => "RegisterRom",
+            Op::ProtectRom(..) => "ProtectRom",
+            Op::DeregisterRom => "DeregisterRom",
+            Op::ResetModes(..) => "ResetModes",
+            Op::External(..) => "External",
+            Op::DeregisterDevice(_) => "DeregisterDevice",
+            Op::Lock(..) => "Lock",
+            Op::Release(_) => "Release",
+            Op::UnregisterHighRam => "UnregisterHighRam",
+            Op::RegisterHighRam => "RegisterHighRam",
+            Op::Flush => "Flush",
+            Op::UnregisterBlock => "UnregisterBlock",
+            Op::RegisterBlock => "RegisterBlock",
+            Op::ReleaseIdle => "ReleaseIdle",
+        }
     }
 }
 
@@ -824,7 +1082,9 @@ fn preserves_contents(op: &Op) -> bool {
         | Op::ResetModes(..)
         | Op::External(_, false)
         | Op::Lock(..)
-        | Op::Release(_) => true,
+        | Op::Release(_)
+        | Op::Flush
+        | Op::ReleaseIdle => true,
         _ => false,
     }
 }
