@@ -70,6 +70,10 @@ pub enum Problem {
     /// An overflow lock count for a page no range covers, or whose descriptor does not show
     /// the saturated count that sends its locks to the overflow table.
     StaleLockCount,
+    /// A page's handler state disagrees with the registrations: a page under a handler that
+    /// neither shows its kind nor is disabled, a page outside every handler that shows one,
+    /// or a registration over a page no range covers.
+    HandlerStateWrong,
 }
 
 /// One finding: where, which frame, what is wrong.
@@ -220,6 +224,14 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 find(nowhere, Some(frame), Problem::PoolFrameInUse);
             }
         }
+        for registration in self.handlers.iter() {
+            for page in 0..registration.pages {
+                let gpa = GuestPhysAddr::new_truncate(registration.base.as_u64() + page * PAGE_SIZE);
+                if self.ranges.find(gpa).is_none() {
+                    find(gpa, None, Problem::HandlerStateWrong);
+                }
+            }
+        }
         for &(gpa, write) in self.lock_overflow.keys() {
             let saturated = self.ranges.find(gpa).is_some_and(|location| {
                 let page = self.ranges.page(location);
@@ -346,7 +358,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             }
             Some(_) => {}
         }
-        let may_withhold = if self.monitoring {
+        // Only write-protect mode arms protection above the leaves; PML leaves them writable.
+        let may_withhold = if self.monitoring && self.dirty_log_mode == super::DirtyLogMode::WriteProtect {
             Permissions::WRITE
         } else {
             Permissions::empty()
@@ -412,6 +425,21 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                         gpa,
                         frame: page.frame(),
                         problem: Problem::OutOfSync,
+                    });
+                }
+                let handler = page.handler();
+                let agrees = match self.handlers.covering(gpa) {
+                    Some(registration) => {
+                        handler == registration.kind.page_state()
+                            || handler == crate::page::HandlerState::Disabled
+                    }
+                    None => handler == crate::page::HandlerState::None,
+                };
+                if !agrees {
+                    report.findings.push(Finding {
+                        gpa,
+                        frame: page.frame(),
+                        problem: Problem::HandlerStateWrong,
                     });
                 }
                 if page.page_type() == PageType::Mmio2AliasMmio {
@@ -535,6 +563,35 @@ mod tests {
         pgm.lock_overflow.clear();
         pgm.release_page_lock(lock);
         assert!(problems(&pgm).is_empty());
+    }
+
+    #[test]
+    fn the_auditor_finds_page_handler_states_the_registrations_do_not_justify() {
+        let mut pgm = pgm_with_frames(1024);
+        pgm.register_ram(gpa(0), MIB, "low").unwrap();
+        let (id, _) = pgm
+            .register_handler(HandlerKind::Write, gpa(0x5000), 2 * PAGE_SIZE)
+            .unwrap();
+        assert!(problems(&pgm).is_empty());
+        // The registration forgotten, its pages still handled.
+        let registration = pgm.handlers.remove(id).unwrap();
+        only(&pgm, Problem::HandlerStateWrong);
+        // A registration over space no range covers.
+        let _ = pgm.handlers.insert(registration.kind, gpa(0x20_0000), 1, None);
+        assert!(problems(&pgm).contains(&Problem::HandlerStateWrong));
+    }
+
+    #[test]
+    fn the_auditor_finds_protection_armed_above_the_leaves_in_pml_mode() {
+        let mut pgm = pgm_with_frames(1024);
+        pgm.register_ram(gpa(0), MIB, "low").unwrap();
+        guest_write(&mut pgm, gpa(0x2000), &[1]);
+        pgm.set_dirty_log_mode(crate::manager::DirtyLogMode::Pml).unwrap();
+        let _ = pgm.start_write_monitoring();
+        assert!(problems(&pgm).is_empty());
+        // PML leaves every page writable: nothing may be withheld above the leaves.
+        let _ = pgm.tables.withhold_writes_from_root(&mut pgm.memory);
+        assert!(problems(&pgm).contains(&Problem::TableEntryRestricts));
     }
 
     /// The state the stale "unmapped block" record used to describe now lives in the block's
