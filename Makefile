@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: setup run test check image bench fuzz
+.PHONY: setup run test check image bench fuzz soak
 
 setup:
 	@boot/setup.sh
@@ -46,3 +46,15 @@ fuzz: setup
 	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 	cd pgm && cargo fuzz run -s none -O --no-trace-compares api -- -max_total_time=$(FUZZ_SECONDS) -max_len=512
 	cd kernel/emulator && cargo fuzz run -s none instructions -- -max_total_time=$(FUZZ_SECONDS)
+
+## The long runs CI has no time for: the whole-API script (examples/soak.rs: random sequences
+## on every core, the auditor after every step, the state-coverage table at the end) for
+## SOAK_SECONDS (default one hour) or SOAK_CASES sequences, whichever ends first, then the pgm
+## fuzz target for SOAK_SECONDS. Fails on any finding, or on an operation that never met a
+## state the script means to test.
+SOAK_SECONDS ?= 3600
+SOAK_CASES ?=
+soak: setup
+	cargo run --release -p pgm --features sim --example soak -- --seconds $(SOAK_SECONDS) $(if $(SOAK_CASES),--cases $(SOAK_CASES))
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	cd pgm && cargo fuzz run -s none -O --no-trace-compares api -- -max_total_time=$(SOAK_SECONDS) -max_len=512

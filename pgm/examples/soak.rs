@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use pgm::sim::script::{self, Coverage};
+use pgm::sim::script::{self, ByteSource, Coverage};
 
 /// Longest byte string a sequence is decoded from (as the property test's).
 const MAX_BYTES: usize = 400;
@@ -43,21 +43,10 @@ fn parse_args() -> Result<Limits, String> {
     Ok(limits)
 }
 
-/// xorshift64: reproducible sequences from a thread's seed.
-struct Random(u64);
-
-impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn bytes(&mut self) -> Vec<u8> {
-        let len = 1 + (self.next() as usize) % MAX_BYTES;
-        (0..len).map(|_| self.next() as u8).collect()
-    }
+/// A byte string of 1 to [`MAX_BYTES`] bytes from `random`.
+fn sequence(random: &mut ByteSource) -> Vec<u8> {
+    let len = 1 + (random.next_u64() as usize) % MAX_BYTES;
+    random.bytes(len)
 }
 
 fn main() -> ExitCode {
@@ -78,14 +67,14 @@ fn main() -> ExitCode {
             let (done, failed, coverage) = (&done, &failed, &coverage);
             scope.spawn(move || {
                 let mut random =
-                    Random(0x9E37_79B9_7F4A_7C15 ^ ((thread as u64 + 1) * 0x2545_F491_4F6C_DD1D));
+                    ByteSource::new(0x9E37_79B9_7F4A_7C15 ^ ((thread as u64 + 1) * 0x2545_F491_4F6C_DD1D));
                 let mut mine = Coverage::default();
                 while Instant::now() < deadline && !failed.load(Ordering::Relaxed) {
                     if done.fetch_add(1, Ordering::Relaxed) >= limits.cases {
                         done.fetch_sub(1, Ordering::Relaxed);
                         break;
                     }
-                    let bytes = random.bytes();
+                    let bytes = sequence(&mut random);
                     if let Err(failure) = script::run_counting(&bytes, &mut mine) {
                         failed.store(true, Ordering::Relaxed);
                         eprintln!("soak: FINDING {failure}\nsoak: sequence bytes {bytes:?}");

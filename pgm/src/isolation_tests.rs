@@ -263,17 +263,9 @@ mod whole_api {
         assert_eq!(kinds.len(), 43, "{kinds:?}");
     }
 
-    /// `len` pseudo-random bytes from `seed` (xorshift64; never zero).
+    /// `len` pseudo-random bytes from `seed`.
     fn xorshift_bytes(seed: u64, len: usize) -> Vec<u8> {
-        let mut state = 0x2545_F491_4F6C_DD1Du64 ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect()
+        script::ByteSource::new(0x2545_F491_4F6C_DD1D ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)).bytes(len)
     }
 
     /// The script reaches every state it means to test: the 2 MiB block large, split and

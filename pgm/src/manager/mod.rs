@@ -126,6 +126,13 @@ pub struct TlbFlush(u64);
 
 /// The memory manager of one VM, generic over the host's frame allocator `A` and its access to
 /// host-physical memory `M`.
+///
+/// Side records: every field that describes the tables or the descriptors rather than being
+/// them says, in its doc, the rule that ties it to them, and the auditor (`audit`) checks that
+/// rule after every step of the whole-API script: a stale entry is a finding before it writes
+/// a wrong leaf. State that can live in the tables lives there instead (a block unmapped for
+/// want of a page table is marked in its own directory entry; write monitoring's pending
+/// protection is a mark on the entries above the leaves).
 pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
     frames: A,
     memory: M,
@@ -135,21 +142,30 @@ pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
     /// registered while large pages are on (see `large`); taken at the first such registration.
     zero_chunk: Option<HostPhysAddr>,
     tables: NestedTables<Ept>,
+    /// Rule: no frame in the pool (handy, free batch, awaiting a flush) is held by a page, ROM,
+    /// MMIO2 region or shared count, or reached by a leaf; each is allocated at the host.
     pool: FramePool,
+    /// Rule: equal, state by state, to the pages counted one by one through the pending view
+    /// (`recount_states`); the script checks it after every step.
     counts: StateCounts,
     /// Write monitoring is on: content changes mark pages written-to.
     monitoring: bool,
     /// How monitoring learns of guest writes (see `dirty_log`).
     dirty_log_mode: DirtyLogMode,
     /// Pages whose written-to flag was set since the last harvest, in order. Addresses, not
-    /// locations: range indices shift when ranges come and go.
+    /// locations: range indices shift when ranges come and go. Rule: empty while monitoring
+    /// is off; every entry lies in a range (a range that leaves takes its entries along).
     written: Vec<GuestPhysAddr>,
+    /// Rule: registrations do not overlap and lie in ranges; every page under one shows its
+    /// kind or is disabled, every page outside them shows none.
     handlers: Handlers,
     roms: Vec<rom::RomRange>,
     /// The A20 gate: when off, bit 20 of every guest-physical address reads as 0.
     a20_enabled: bool,
     /// Pages outside every range mapped as A20 aliases while the gate was off (unmapped again
-    /// when it opens).
+    /// when it opens). Rule: recorded only while the gate is closed, each once, with bit 20
+    /// set and outside every range (a range that takes an address over drops it: opening the
+    /// gate re-syncs every page of every range with bit 20 set).
     a20_aliases: Vec<GuestPhysAddr>,
     mmio2: Vec<mmio2::Mmio2Region>,
     next_mmio2: u32,
@@ -157,13 +173,17 @@ pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
     large_pages: bool,
     /// RAM registrations made so far (ids of `RamRange::registration`).
     registrations: u32,
-    /// Shared frames and how many pages map each.
+    /// Shared frames and how many pages map each. Rule: each count is the pages whose
+    /// descriptors share the frame plus the read locks pinning it (`share_pins`).
     shared: alloc::collections::BTreeMap<HostPhysAddr, u64>,
-    /// Where frames no single page owns are mapped (see `mapping`).
+    /// Where frames no single page owns are mapped (see `mapping`). Rule: every leaf of such a
+    /// frame and every A20-alias leaf is recorded with its frame, and every record has its
+    /// leaf.
     reverse: mapping::ReverseMap,
     /// References read locks hold on shared frames (counted in `shared` as well).
     share_pins: alloc::collections::BTreeMap<HostPhysAddr, u64>,
-    /// Lock counts too large for their descriptors (see `locks`).
+    /// Lock counts too large for their descriptors (see `locks`). Rule: only for pages in a
+    /// range whose descriptor shows the saturated count.
     lock_overflow: locks::LockOverflow,
     /// Pages holding read locks and pages holding write locks.
     locked_pages: LockedPages,
@@ -173,7 +193,9 @@ pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
     preallocated: bool,
     /// Every frame has gone back to the host (`release_all` ran; only the drop may follow).
     released: bool,
-    /// The vCPUs' written logs of the lock-free fault path (see `lock_free`).
+    /// The vCPUs' written logs of the lock-free fault path (see `lock_free`). Rule: folded
+    /// into `written` before a range leaves and before every harvest, so they follow its rule
+    /// once folded (the auditor, reading only, does not drain them).
     lock_free: lock_free::LockFreeLogs,
 }
 

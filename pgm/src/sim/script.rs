@@ -1053,6 +1053,30 @@ impl Op {
     }
 }
 
+/// Reproducible pseudo-random byte strings for the script (xorshift64): the fixed-seed tests
+/// and the soak draw their sequences from it.
+pub struct ByteSource(u64);
+
+impl ByteSource {
+    /// A source starting from `state` (any value but zero).
+    pub fn new(state: u64) -> Self {
+        ByteSource(state)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// The next `len` random bytes.
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next_u64() as u8).collect()
+    }
+}
+
 /// The page of interesting address number `index` (modulo their count).
 fn watched_page(index: usize) -> GuestPhysAddr {
     GuestPhysAddr::new_truncate(INTERESTING[index % INTERESTING.len()]).page_base()
