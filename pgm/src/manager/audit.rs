@@ -68,8 +68,14 @@ pub enum Problem {
     /// MMIO2 region or shared-frame count also holds, or that the host has free.
     PoolFrameInUse,
     /// An overflow lock count for a page no range covers, or whose descriptor does not show
-    /// the saturated count that sends its locks to the overflow table.
+    /// the saturated count that sends its locks to the overflow table; or a count of locked
+    /// pages that differs from the pages whose descriptors hold locks.
     StaleLockCount,
+    /// A ROM or MMIO2 region record the ranges do not show: a ROM whose pages are not ROM
+    /// pages of a range, or an MMIO2 region recorded as mapped whose pages are not its MMIO2
+    /// pages with its frames. Or a kept count of MMIO or ROM pages that differs from the
+    /// pages the MMIO registrations and ROMs cover.
+    StaleRegionRecord,
     /// A page's handler state disagrees with the registrations: a page under a handler that
     /// neither shows its kind nor is disabled, a page outside every handler that shows one,
     /// or a registration over a page no range covers.
@@ -231,6 +237,49 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                     find(gpa, None, Problem::HandlerStateWrong);
                 }
             }
+        }
+        for rom in &self.roms {
+            for page in 0..rom.pages() {
+                let gpa = GuestPhysAddr::new_truncate(rom.base.as_u64() + page * PAGE_SIZE);
+                let shown = self
+                    .ranges
+                    .find(gpa)
+                    .map(|location| self.ranges.page(location).page_type());
+                if !matches!(shown, Some(PageType::Rom | PageType::RomShadow)) {
+                    find(gpa, None, Problem::StaleRegionRecord);
+                }
+            }
+        }
+        for (base, frames) in self.mmio2_mappings() {
+            for (page, &frame) in frames.iter().enumerate() {
+                let gpa = GuestPhysAddr::new_truncate(base.as_u64() + page as u64 * PAGE_SIZE);
+                let shown = self.ranges.find(gpa).map(|location| self.ranges.page(location));
+                if !shown
+                    .is_some_and(|page| page.page_type() == PageType::Mmio2 && page.frame() == Some(frame))
+                {
+                    find(gpa, Some(frame), Problem::StaleRegionRecord);
+                }
+            }
+        }
+        let mmio_pages: u64 = self
+            .handlers
+            .iter()
+            .filter(|registration| registration.mmio.is_some())
+            .map(|registration| registration.pages)
+            .sum();
+        let rom_pages: u64 = self.roms.iter().map(|rom| rom.pages()).sum();
+        if (mmio_pages, rom_pages) != (self.counts.mmio, self.counts.rom) {
+            find(GuestPhysAddr::default(), None, Problem::StaleRegionRecord);
+        }
+        let (mut read_locked, mut write_locked) = (0, 0);
+        for range in self.ranges.iter() {
+            for page in range.descriptors() {
+                read_locked += u64::from(page.read_locks() > 0);
+                write_locked += u64::from(page.write_locks() > 0);
+            }
+        }
+        if (read_locked, write_locked) != (self.locked_pages.read, self.locked_pages.write) {
+            find(GuestPhysAddr::default(), None, Problem::StaleLockCount);
         }
         for &(gpa, write) in self.lock_overflow.keys() {
             let saturated = self.ranges.find(gpa).is_some_and(|location| {
@@ -563,6 +612,42 @@ mod tests {
         pgm.lock_overflow.clear();
         pgm.release_page_lock(lock);
         assert!(problems(&pgm).is_empty());
+    }
+
+    #[test]
+    fn the_auditor_finds_planted_region_records_and_counts() {
+        let mut pgm = pgm_with_frames(1024);
+        pgm.register_ram(gpa(0), MIB, "low").unwrap();
+        let region = pgm.create_mmio2(mmio2_spec(2 * PAGE_SIZE, 0)).unwrap();
+        pgm.map_mmio2(region, gpa(0x20_0000)).unwrap();
+        let rom = register_rom_copy(&mut pgm, gpa(0x30_0000), &[0xAB; 4096], false).unwrap();
+        assert!(problems(&pgm).is_empty());
+        // A ROM record moved off its pages.
+        let base = pgm.roms[0].base;
+        pgm.roms[0].base = gpa(0x5000);
+        assert!(problems(&pgm).contains(&Problem::StaleRegionRecord));
+        pgm.roms[0].base = base;
+        // A kept MMIO count off by one.
+        pgm.counts.mmio += 1;
+        only(&pgm, Problem::StaleRegionRecord);
+        pgm.counts.mmio -= 1;
+        // A locked-page count with no locked page.
+        pgm.locked_pages.read += 1;
+        only(&pgm, Problem::StaleLockCount);
+        pgm.locked_pages.read -= 1;
+        assert!(problems(&pgm).is_empty());
+        // An MMIO2 region recorded as mapped where its page now names another frame.
+        let location = pgm.ranges.find(gpa(0x20_1000)).unwrap();
+        let page = pgm.ranges.page(location);
+        let other = pgm.translate(gpa(0x20_0000), Access::Read).unwrap();
+        pgm.ranges.set_page(
+            location,
+            crate::page::PageDescriptor::allocated(PageType::Mmio2, other),
+        );
+        assert!(problems(&pgm).contains(&Problem::StaleRegionRecord));
+        pgm.ranges.set_page(location, page);
+        assert!(problems(&pgm).is_empty());
+        let _ = pgm.deregister_rom(rom).unwrap();
     }
 
     #[test]

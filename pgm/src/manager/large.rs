@@ -71,8 +71,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     }
 
     /// Fills the 2 MiB block around the ZERO page at `location` with one contiguous chunk and
-    /// maps it large, when large pages are on and the whole block is untouched, unhandled RAM of
-    /// one range. `None` when the block does not qualify or no chunk could be had; the caller
+    /// maps it large, when large pages are on and the whole block is untouched, unhandled,
+    /// unlocked RAM of one range. `None` when the block does not qualify or no chunk could be had; the caller
     /// then falls back to a 4 KiB page. The other 511 pages lose cached zero-frame translations,
     /// so the fill needs a single-context INVEPT.
     pub(super) fn try_large_fill(&mut self, location: PageLocation) -> Option<Invalidation> {
@@ -80,11 +80,14 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             return None;
         }
         let pages = self.block_pages(location)?;
+        // A locked page keeps its descriptor (its lock counts) through a 4 KiB fill; the
+        // block's fill writes 512 descriptors anew.
         let untouched = pages.iter().all(|&at| {
             let page = self.ranges.page(at);
             page.page_type() == PageType::Ram
                 && page.state() == PageState::Zero
                 && page.handler() == HandlerState::None
+                && !page.is_locked()
         });
         if !untouched {
             return None;
@@ -474,5 +477,32 @@ mod unmapped_block_regressions {
         );
         assert_eq!(guest_read(&pgm, gpa(BLOCK), 1), [5]);
         assert_sound_after_flush(&mut pgm, "resumed");
+    }
+}
+
+/// Regressions found by the auditor's count of locked pages.
+#[cfg(test)]
+mod locked_block_regressions {
+    use crate::paging::Access;
+    use crate::test_support::*;
+
+    /// A read lock on a ZERO page of a block on the zero chunk, then a guest write elsewhere in
+    /// the block: the write fills a 4 KiB page instead of the whole block, whose fill would
+    /// have written 512 descriptors anew and dropped the lock's count.
+    #[test]
+    fn a_read_lock_on_a_zero_page_survives_a_write_elsewhere_in_its_block() {
+        let mut pgm = pgm_with_defaults(2048);
+        pgm.register_ram(gpa(0x60_0000), 2 * MIB, "block").unwrap();
+        let lock = pgm.lock_page_for_read(gpa(0x60_0000)).unwrap().lock;
+        guest_write(&mut pgm, gpa(0x70_0000), &[1]);
+        assert_eq!(pgm.page_lock_count(gpa(0x60_0000), false), 1);
+        flush_every_cpu(&mut pgm);
+        assert_isolated(&pgm, "with the lock held");
+        pgm.release_page_lock(lock);
+        assert_eq!(pgm.page_lock_count(gpa(0x60_0000), false), 0);
+        assert!(pgm.translate(gpa(0x70_0000), Access::Write).is_ok());
+        flush_every_cpu(&mut pgm);
+        assert_isolated(&pgm, "after the release");
+        assert_accounting(&pgm);
     }
 }

@@ -326,8 +326,10 @@ mod tests {
         assert_eq!(pgm.stats().state_counts(), pgm.recount_states());
         assert!(problems(&pgm).is_empty(), "{:?}", problems(&pgm));
         let _ = pgm.stop_write_monitoring();
+        flush_every_cpu(&mut pgm);
         assert_eq!(pgm.stats().state_counts(), pgm.recount_states());
-        assert!(problems(&pgm).is_empty(), "{:?}", problems(&pgm));
+        assert_isolated(&pgm, "after monitoring stopped");
+        assert_accounting(&pgm);
     }
 
     #[test]

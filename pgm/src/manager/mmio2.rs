@@ -455,6 +455,13 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         self.mmio2.iter().flat_map(|region| region.frames.iter().copied())
     }
 
+    /// Where each mapped region is mapped, with its frames in page order.
+    pub(super) fn mmio2_mappings(&self) -> impl Iterator<Item = (GuestPhysAddr, &[HostPhysAddr])> + '_ {
+        self.mmio2
+            .iter()
+            .filter_map(|region| Some((region.mapped_at?, region.frames.as_slice())))
+    }
+
     /// Frames held by MMIO2 regions.
     pub(super) fn mmio2_frames(&self) -> u64 {
         self.mmio2.iter().map(|r| r.frames.len() as u64).sum()
