@@ -62,7 +62,7 @@ pub enum Problem {
     /// lacks bit 20, a range covers it, or it is recorded twice.
     StaleA20Alias,
     /// A written-list entry (a page to report at the next harvest) for an address no range
-    /// covers, or while write monitoring is off.
+    /// covers, listed twice, or listed while write monitoring is off.
     StaleWrittenEntry,
     /// A frame in the VM's pool (handy, free batch, or awaiting a TLB flush) that a page, ROM,
     /// MMIO2 region or shared-frame count also holds, or that the host has free.
@@ -219,8 +219,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 find(alias, None, Problem::StaleA20Alias);
             }
         }
+        let mut listed = BTreeSet::new();
         for &gpa in &self.written {
-            if !self.monitoring || self.ranges.find(gpa).is_none() {
+            if !self.monitoring || self.ranges.find(gpa).is_none() || !listed.insert(gpa) {
                 find(gpa, None, Problem::StaleWrittenEntry);
             }
         }

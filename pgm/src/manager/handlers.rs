@@ -484,7 +484,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             return Invalidation::None;
         }
         let mmio = PageDescriptor::zero(PageType::Mmio).with_handler(HandlerState::All);
-        self.ranges.set_page(location, mmio);
+        self.replace_descriptor(location, mmio);
         self.sync_leaf(location);
         Invalidation::SingleContext
     }
@@ -528,7 +528,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         // MMIO in unassigned space has no tables yet: make them (the only step that can fail)
         // before the descriptor changes; the mapping itself comes from the descriptor.
         self.ensure_tables(page_base, 1)?;
-        self.ranges.set_page(location, alias);
+        self.replace_descriptor(location, alias);
         self.sync_leaf(location);
         Ok(if was_alias {
             Invalidation::SingleContext

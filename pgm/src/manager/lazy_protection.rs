@@ -332,6 +332,38 @@ mod tests {
         assert_accounting(&pgm);
     }
 
+    /// A written page replaced by MMIO stays listed; an MMIO2 alias made and undone on it,
+    /// then RAM restored, must keep its written-to flag throughout, or a write lock taken on
+    /// it lists it a second time and the next harvest counts it twice (the per-state counts
+    /// then wrapped below zero).
+    #[test]
+    fn a_page_aliased_and_restored_while_monitoring_is_listed_once() {
+        let mut pgm = pgm_with_defaults(1024);
+        pgm.register_ram(gpa(0), 64 * PAGE_SIZE, "low").unwrap();
+        guest_write(&mut pgm, gpa(0x1000), &[1]);
+        let region = pgm.create_mmio2(mmio2_spec(3 * PAGE_SIZE, 0)).unwrap();
+        let _ = pgm.start_write_monitoring();
+        let (mmio, _) = pgm.register_mmio(gpa(0x1000), PAGE_SIZE).unwrap();
+        let _ = pgm
+            .alias_mmio_to_mmio2(mmio, gpa(0x1000), region, 2 * PAGE_SIZE)
+            .unwrap();
+        let _ = pgm.deregister_mmio(mmio).unwrap();
+        let lock = pgm.lock_page_for_write(gpa(0x1000)).unwrap().lock;
+        assert_eq!(
+            pgm.written.iter().filter(|&&at| at == gpa(0x1000)).count(),
+            1,
+            "listed once"
+        );
+        assert_eq!(harvest(&mut pgm), [gpa(0x1000)]);
+        assert_eq!(pgm.stats().state_counts(), pgm.recount_states());
+        pgm.release_page_lock(lock);
+        let _ = pgm.stop_write_monitoring();
+        flush_every_cpu(&mut pgm);
+        assert_eq!(pgm.stats().state_counts(), pgm.recount_states());
+        assert_isolated(&pgm, "after monitoring stopped");
+        assert_accounting(&pgm);
+    }
+
     #[test]
     fn starting_monitoring_protects_every_page_without_touching_a_leaf() {
         let mut pgm = written_vm(8);

@@ -1014,22 +1014,28 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     pub(super) fn replace_page(&mut self, location: PageLocation, replacement: PageDescriptor) {
         // Reset cannot fail and leaves a ZERO page without a frame.
         let _ = self.apply(location, PageEvent::Reset);
-        // A page in the written list keeps its flag, so it is listed once.
-        let written = self.ranges.page(location).written_to();
-        self.ranges
-            .set_page(location, replacement.with_written_to(written));
+        self.replace_descriptor(location, replacement);
         if replacement.page_type() != PageType::RomShadow {
             self.counts.zero -= 1;
         }
         self.sync_leaf(location);
     }
 
+    /// Gives the page at `location` the descriptor `replacement` of another type (MMIO over
+    /// RAM, an alias, RAM back), keeping its written-to flag: a page in the written list keeps
+    /// its flag whatever it becomes, so a later write does not list it twice (the harvest
+    /// counts each listed page once).
+    pub(super) fn replace_descriptor(&mut self, location: PageLocation, replacement: PageDescriptor) {
+        let written = self.ranges.page(location).written_to();
+        self.ranges
+            .set_page(location, replacement.with_written_to(written));
+    }
+
     /// Makes the page at `location`, which replaced RAM and holds no frame of its own any more,
     /// a ZERO RAM page again (undoes [`replace_page`](Self::replace_page)), counted and mapped.
     pub(super) fn restore_ram_page(&mut self, location: PageLocation) {
         let page = self.ranges.page(location);
-        let ram = PageDescriptor::zero(PageType::Ram).with_written_to(page.written_to());
-        self.ranges.set_page(location, ram);
+        self.replace_descriptor(location, PageDescriptor::zero(PageType::Ram));
         // A shadow was counted as a ZERO page already.
         if page.page_type() != PageType::RomShadow {
             self.counts.zero += 1;
