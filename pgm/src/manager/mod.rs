@@ -96,7 +96,8 @@ pub enum FaultOutcome {
     },
     /// A frame was needed and none could be had (host exhausted or the VM's limit reached).
     /// The page may have changed state (a write filled it, say), but its mapping could not be
-    /// completed: the VM pauses, and the access is retried once frames are back.
+    /// completed: the VMM pauses the VM; the same access, retried once frames are back,
+    /// resolves (the kernel stops the VM instead, with `StopCause::OutOfMemory`).
     OutOfMemory,
 }
 
