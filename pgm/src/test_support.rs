@@ -128,6 +128,16 @@ pub fn assert_isolated(pgm: &SimPgm, context: &str) {
     );
 }
 
+/// What a test checks after a change that may have taken frames from the guest: a complete
+/// flush on every CPU, then the kept per-state counts against a recount, the EPT audit and the
+/// frame accounting.
+pub fn assert_sound_after_flush(pgm: &mut SimPgm, context: &str) {
+    flush_every_cpu(pgm);
+    assert_eq!(pgm.stats().state_counts(), pgm.recount_states(), "{context}");
+    assert_isolated(pgm, context);
+    assert_accounting(pgm);
+}
+
 /// Registers a ROM whose range is exactly its copied `image` (the common case in tests).
 pub fn register_rom_copy(
     pgm: &mut SimPgm,

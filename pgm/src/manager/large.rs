@@ -337,12 +337,10 @@ mod unmapped_block_regressions {
         id
     }
 
-    /// A complete flush, then: the auditor is clean, the accounting agrees, and every frame
-    /// any page of the block reaches, for any access, is allocated at the host.
-    fn assert_sound_after_flush(pgm: &mut SimPgm, context: &str) {
-        flush_every_cpu(pgm);
-        assert_isolated(pgm, context);
-        assert_accounting(pgm);
+    /// [`assert_sound_after_flush`](crate::test_support::assert_sound_after_flush), and every
+    /// frame any page of the block reaches, for any access, is allocated at the host.
+    fn assert_block_sound_after_flush(pgm: &mut SimPgm, context: &str) {
+        assert_sound_after_flush(pgm, context);
         for page in 0..BLOCK_SIZE / PAGE_SIZE {
             let at = gpa(BLOCK + page * PAGE_SIZE);
             for access in [Access::Read, Access::Write, Access::Execute] {
@@ -371,7 +369,7 @@ mod unmapped_block_regressions {
             pgm.translate(gpa(BLOCK + 0x1000), Access::Read).is_err(),
             "ballooned"
         );
-        assert_sound_after_flush(&mut pgm, "after the balloon");
+        assert_block_sound_after_flush(&mut pgm, "after the balloon");
     }
 
     #[test]
@@ -396,7 +394,7 @@ mod unmapped_block_regressions {
         let _ = pgm
             .balloon_inflate(&[gpa(BLOCK + 0x1000), gpa(BLOCK + 0x2000)])
             .unwrap();
-        assert_sound_after_flush(&mut pgm, "after the balloon");
+        assert_block_sound_after_flush(&mut pgm, "after the balloon");
     }
 
     #[test]
@@ -409,7 +407,7 @@ mod unmapped_block_regressions {
         let _ = pgm
             .balloon_inflate(&[gpa(BLOCK + 0x1000), gpa(BLOCK + 0x2000)])
             .unwrap();
-        assert_sound_after_flush(&mut pgm, "after the balloon");
+        assert_block_sound_after_flush(&mut pgm, "after the balloon");
     }
 
     /// The block is filled (by a pre-allocation or a guest write) and mapped by one 2 MiB
@@ -429,11 +427,11 @@ mod unmapped_block_regressions {
         let _ = pgm
             .register_handler(HandlerKind::Write, gpa(BLOCK + 0x1000), 2 * PAGE_SIZE)
             .unwrap();
-        assert_sound_after_flush(&mut pgm, "with the handler");
+        assert_block_sound_after_flush(&mut pgm, "with the handler");
         guest_write(&mut pgm, gpa(BLOCK + 0x6000), &[3]);
-        assert_sound_after_flush(&mut pgm, "after a write beside the handler");
+        assert_block_sound_after_flush(&mut pgm, "after a write beside the handler");
         let _ = pgm.stop_write_monitoring();
-        assert_sound_after_flush(&mut pgm, "after monitoring stopped");
+        assert_block_sound_after_flush(&mut pgm, "after monitoring stopped");
         assert!(
             pgm.translate(gpa(BLOCK + 0x1000), Access::Write).is_err(),
             "still handled"
@@ -469,14 +467,14 @@ mod unmapped_block_regressions {
             crate::manager::FaultOutcome::OutOfMemory
         );
         assert!(pgm.awaits_tables(gpa(BLOCK)));
-        assert_sound_after_flush(&mut pgm, "paused");
+        assert_block_sound_after_flush(&mut pgm, "paused");
         pgm.frames_mut().fail_after = None;
         assert_eq!(
             guest_write(&mut pgm, gpa(BLOCK), &[5]),
             GuestAccess::Done { faults: 1 }
         );
         assert_eq!(guest_read(&pgm, gpa(BLOCK), 1), [5]);
-        assert_sound_after_flush(&mut pgm, "resumed");
+        assert_block_sound_after_flush(&mut pgm, "resumed");
     }
 }
 

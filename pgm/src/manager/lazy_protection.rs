@@ -326,10 +326,7 @@ mod tests {
         assert_eq!(pgm.stats().state_counts(), pgm.recount_states());
         assert!(problems(&pgm).is_empty(), "{:?}", problems(&pgm));
         let _ = pgm.stop_write_monitoring();
-        flush_every_cpu(&mut pgm);
-        assert_eq!(pgm.stats().state_counts(), pgm.recount_states());
-        assert_isolated(&pgm, "after monitoring stopped");
-        assert_accounting(&pgm);
+        assert_sound_after_flush(&mut pgm, "after monitoring stopped");
     }
 
     /// A written page replaced by MMIO stays listed; an MMIO2 alias made and undone on it,
@@ -358,10 +355,7 @@ mod tests {
         assert_eq!(pgm.stats().state_counts(), pgm.recount_states());
         pgm.release_page_lock(lock);
         let _ = pgm.stop_write_monitoring();
-        flush_every_cpu(&mut pgm);
-        assert_eq!(pgm.stats().state_counts(), pgm.recount_states());
-        assert_isolated(&pgm, "after monitoring stopped");
-        assert_accounting(&pgm);
+        assert_sound_after_flush(&mut pgm, "after monitoring stopped");
     }
 
     #[test]
