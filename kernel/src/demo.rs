@@ -12,7 +12,7 @@ use crate::arch::vmx::GuestRegisters;
 use crate::arch::{idt, ticks};
 use crate::vm::budget::Budget;
 use crate::vm::requests::{kick_on_timer, Request};
-use crate::vm::{Vm, VmStop};
+use crate::vm::{Vcpu, VmStop};
 use crate::{println, Host};
 
 /// Guest RAM: 640 KiB low memory and 15 MiB from 1 MiB up, as a PC has.
@@ -43,7 +43,7 @@ pub fn run(host: &'static Host) -> ! {
 fn demo(host: &'static Host) -> Result<(), String> {
     let vmx = host.vmx().map_err(|e| format!("{e}"))?;
     let before = frame_counts();
-    let mut vm = Vm::new(vmx, &host.phys, &RAM).map_err(|e| format!("{e}"))?;
+    let mut vm = Vcpu::new(vmx, &host.phys, &RAM).map_err(|e| format!("{e}"))?;
     print_stats("after creating the VM", &vm);
     let regs = GuestRegisters {
         rsi: FIRST_PAGE,
@@ -85,7 +85,7 @@ fn demo(host: &'static Host) -> Result<(), String> {
 /// with the host timer, and prints how each run ended.
 fn spinning_guest(host: &'static Host) -> Result<(), String> {
     let vmx = host.vmx().map_err(|e| format!("{e}"))?;
-    let mut vm = Vm::new(vmx, &host.phys, &RAM).map_err(|e| format!("{e}"))?;
+    let mut vm = Vcpu::new(vmx, &host.phys, &RAM).map_err(|e| format!("{e}"))?;
     vm.start(&programs::spin_interrupts_on(), CODE, GuestRegisters::default())
         .map_err(|e| format!("{e}"))?;
     vm.set_budget(Budget::sliced(SLICE, LIMIT));
@@ -117,7 +117,7 @@ fn spinning_guest(host: &'static Host) -> Result<(), String> {
     }
 }
 
-fn print_stats(when: &str, vm: &Vm) {
+fn print_stats(when: &str, vm: &Vcpu) {
     let stats = vm.stats();
     let frames = frame_counts();
     println!(

@@ -53,6 +53,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     let boot_tss = arch::gdt::init();
     arch::idt::init();
     let apic = arch::apic::init();
+    arch::clock::init();
     memory::init_heap();
     let Some(offset) = boot_info.physical_memory_offset.into_option() else {
         exit(ExitCode::Failure, "the bootloader did not map physical memory")
@@ -76,6 +77,10 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         trampoline,
     );
     report_cpus(&smp);
+    println!(
+        "hypervisor: TSC at {} Hz (measured against the PIT)",
+        arch::clock::tsc_hz()
+    );
     match apic {
         Ok(()) => println!("hypervisor: local APIC in x2APIC mode; legacy PICs masked"),
         Err(error) => println!("hypervisor: no host timer to kick vCPUs with: {error:?}"),

@@ -2,6 +2,7 @@
 
 pub mod acpi;
 pub mod apic;
+pub mod clock;
 pub mod gdt;
 // The demo build runs one guest program; the rest are fixtures of the kernel tests.
 #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]

@@ -33,7 +33,7 @@ fn bios_image() -> Vec<u8> {
 }
 
 /// Runs `jump_to` from RAM into `target`; returns the stop.
-fn jump_into(vm: &mut crate::vm::Vm<'static>, target: u64) -> Result<VmStop, String> {
+fn jump_into(vm: &mut crate::vm::Vcpu<'static>, target: u64) -> Result<VmStop, String> {
     let regs = GuestRegisters {
         rsi: target,
         ..Default::default()
@@ -106,7 +106,7 @@ pub fn an_mmio2_framebuffer_mapped_over_ram_and_unmapped_again(host: &'static Ho
     const AT: u64 = 0x80_0000;
     const PAGES: u64 = 16;
     let (mut vm, _) = classic_pc(host, &bios_image())?;
-    let write_pages = |vm: &mut crate::vm::Vm<'static>, first: u64| -> TestResult {
+    let write_pages = |vm: &mut crate::vm::Vcpu<'static>, first: u64| -> TestResult {
         let regs = GuestRegisters {
             rsi: AT,
             rcx: PAGES,
@@ -193,7 +193,7 @@ pub fn a_reset_in_the_middle_of_a_run_clears_ram_and_restores_rom(host: &'static
         VmStop::Preempted { rip: CODE + 1 },
         "the fill is preempted"
     );
-    ensure!(vm.regs.rdi > START, "the fill made progress");
+    ensure!(vm.regs().rdi > START, "the fill made progress");
     ensure_eq!(read_bytes::<1>(&vm, START)?, [0xA5], "filled before the reset");
     let reset = vm.pgm_mut().reset_ram();
     apply(&mut vm, Ok(reset))?;

@@ -21,11 +21,11 @@ use crate::arch::memory::{self, PhysMap};
 use crate::arch::vmx::GuestRegisters;
 use crate::println;
 use crate::vm::budget::Budget;
-use crate::vm::{Diagnostic, StopCause, Vm, VmMemory, VmStop};
+use crate::vm::{Diagnostic, StopCause, Vcpu, VmMemory, VmStop};
 use crate::Host;
 
 /// Audits the VM's EPT against the host's frame allocator; fails the test on any finding.
-pub(super) fn audit(vm: &Vm<'static>, after: &str) -> TestResult {
+pub(super) fn audit(vm: &Vcpu<'static>, after: &str) -> TestResult {
     audit_memory(&vm.memory(), after)
 }
 
@@ -62,7 +62,7 @@ fn device_kept_to_its_range(device: &TestDevice) -> TestResult {
 }
 
 /// Gives the VM `ticks` more to run (its limit counts all runs so far).
-fn allow(vm: &mut Vm<'static>, ticks: u64) {
+fn allow(vm: &mut Vcpu<'static>, ticks: u64) {
     vm.set_budget(Budget::sliced(ticks, vm.ticks_used() + ticks));
 }
 
@@ -375,7 +375,12 @@ pub fn random_bytes_run_against_mmio(host: &'static Host) -> TestResult {
 }
 
 /// Runs the VM to its stop, which must be for `cause` at the guest-physical page `page`.
-fn expect_stop_at(vm: &mut Vm<'static>, device: &mut TestDevice, cause: StopCause, page: u64) -> TestResult {
+fn expect_stop_at(
+    vm: &mut Vcpu<'static>,
+    device: &mut TestDevice,
+    cause: StopCause,
+    page: u64,
+) -> TestResult {
     let diagnostic = super::stopped(vm.run_with(device))?;
     ensure_eq!(diagnostic.cause, cause, "cause");
     ensure_eq!(

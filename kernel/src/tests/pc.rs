@@ -24,7 +24,7 @@ use pgm::manager::{AccessHandlers, DeviceId, HandlerAction, Mmio2Handle, Mmio2Sp
 use pgm::{Access, GuestPhysAddr, Invalidation, PgmError, PAGE_SIZE};
 
 use super::{gpa, new_vm};
-use crate::vm::Vm;
+use crate::vm::Vcpu;
 use crate::Host;
 
 pub const DEVICE_BASE: u64 = 0xA_0000;
@@ -54,7 +54,7 @@ pub enum Above4G {
 
 /// A VM with the PC layout and the handles of its parts.
 pub struct Pc {
-    pub vm: Vm<'static>,
+    pub vm: Vcpu<'static>,
     pub device: HandlerId,
     pub option_rom: RomId,
     pub system_rom: RomId,
@@ -130,7 +130,7 @@ pub const CLASSIC_BIOS_BASE: u64 = 0xE_0000;
 pub const CLASSIC_BIOS_SIZE: u64 = 0x2_0000;
 
 /// Builds the classic PC layout; returns the VM and the BIOS's handle.
-pub fn classic_pc(host: &'static Host, bios: &[u8]) -> Result<(Vm<'static>, RomId), String> {
+pub fn classic_pc(host: &'static Host, bios: &[u8]) -> Result<(Vcpu<'static>, RomId), String> {
     let mut vm = new_vm(host, &[(0, CLASSIC_RAM_SIZE)])?;
     let registered = vm.pgm_mut().register_rom(
         gpa(CLASSIC_BIOS_BASE),
@@ -151,13 +151,13 @@ pub fn rom_image(tag: u32, size: u64) -> Vec<u8> {
 }
 
 /// Carries out the invalidation of a host-side pgm call on `vm`, or reports its error.
-pub fn apply(vm: &mut Vm<'static>, result: Result<Invalidation, PgmError>) -> Result<(), String> {
+pub fn apply(vm: &mut Vcpu<'static>, result: Result<Invalidation, PgmError>) -> Result<(), String> {
     let invalidation = result.map_err(|e| format!("{e}"))?;
     vm.flush(invalidation).map_err(|e| format!("INVEPT: {e}"))
 }
 
 /// Reads a little-endian value of `N` bytes from guest memory as the host sees it.
-pub fn read_bytes<const N: usize>(vm: &Vm<'static>, at: u64) -> Result<[u8; N], String> {
+pub fn read_bytes<const N: usize>(vm: &Vcpu<'static>, at: u64) -> Result<[u8; N], String> {
     let mut bytes = [0u8; N];
     vm.pgm()
         .read_phys(gpa(at), &mut bytes)
@@ -166,17 +166,17 @@ pub fn read_bytes<const N: usize>(vm: &Vm<'static>, at: u64) -> Result<[u8; N], 
 }
 
 /// The dword at `at` as the host sees it.
-pub fn read_u32(vm: &Vm<'static>, at: u64) -> Result<u32, String> {
+pub fn read_u32(vm: &Vcpu<'static>, at: u64) -> Result<u32, String> {
     read_bytes::<4>(vm, at).map(u32::from_le_bytes)
 }
 
 /// The qword at `at` as the host sees it.
-pub fn read_u64(vm: &Vm<'static>, at: u64) -> Result<u64, String> {
+pub fn read_u64(vm: &Vcpu<'static>, at: u64) -> Result<u64, String> {
     read_bytes::<8>(vm, at).map(u64::from_le_bytes)
 }
 
 /// Writes `addresses` as a list of dwords at `at` (the input of the `write_list` program).
-pub fn write_address_list(vm: &mut Vm<'static>, at: u64, addresses: &[u64]) -> Result<(), String> {
+pub fn write_address_list(vm: &mut Vcpu<'static>, at: u64, addresses: &[u64]) -> Result<(), String> {
     let bytes: Vec<u8> = addresses
         .iter()
         .flat_map(|&address| (address as u32).to_le_bytes())
@@ -271,7 +271,7 @@ const PRESENT_WRITABLE: u64 = 0b11;
 const LARGE: u64 = 1 << 7;
 
 /// Writes the long-mode guest's page tables; returns the CR3 value.
-pub fn build_long_mode_tables(vm: &mut Vm<'static>) -> Result<u64, String> {
+pub fn build_long_mode_tables(vm: &mut Vcpu<'static>) -> Result<u64, String> {
     let table = |entries: &mut dyn Iterator<Item = u64>| -> Vec<u8> {
         let mut bytes: Vec<u8> = entries.flat_map(u64::to_le_bytes).collect();
         bytes.resize(PAGE_SIZE as usize, 0);

@@ -18,12 +18,12 @@ use crate::arch::guests::{programs, GuestMode, GuestProgram};
 use crate::arch::idt;
 use crate::arch::memory::{self, frame_counts};
 use crate::arch::ticks;
+use crate::arch::vmx::exits::exit_reason;
 use crate::arch::vmx::GuestRegisters;
 use crate::println;
 use crate::vm::budget::{host_deadline_hit, Budget, DEFAULT_LIMIT};
-use crate::vm::exits::exit_reason;
 use crate::vm::requests::{kick_on_timer, Request, VcpuRequests};
-use crate::vm::{StopCause, Vm, VmStop};
+use crate::vm::{StopCause, Vcpu, VmStop};
 use crate::Host;
 
 /// The VMX-preemption timer's basic exit reason.
@@ -59,7 +59,7 @@ fn marked_registers() -> GuestRegisters {
 
 /// A VM whose guest spins on `jmp $` in `mode`, with marked registers; returns the VM and the
 /// RIP it spins at.
-fn spinning_vm(host: &'static Host, mode: GuestMode) -> Result<(Vm<'static>, u64), String> {
+fn spinning_vm(host: &'static Host, mode: GuestMode) -> Result<(Vcpu<'static>, u64), String> {
     let mut vm = new_vm(host, &PC_RAM)?;
     let regs = marked_registers();
     let rip = match mode {
@@ -104,7 +104,7 @@ fn spinning_guest_is_preempted_then_stopped(host: &'static Host, mode: GuestMode
         let before = vm.ticks_used();
         let stop = vm.run();
         ensure!(stop == VmStop::Preempted { rip }, "run {run}: {stop:x?}");
-        ensure_eq!(vm.regs, marked_registers(), "registers after the preemption");
+        ensure_eq!(*vm.regs(), marked_registers(), "registers after the preemption");
         within(vm.ticks_used() - before, SLICE, "a sliced run")?;
     }
     let diagnostic = stopped(vm.run())?;
@@ -141,7 +141,7 @@ pub fn spinning_long_mode_guest_is_preempted_then_stopped(host: &'static Host) -
 
 /// Runs `vm` again after every preemption (at most `most` times); returns how the last run
 /// ended and how many preemptions there were.
-fn run_through_preemptions(vm: &mut Vm<'static>, most: u64) -> Result<(VmStop, u64), String> {
+fn run_through_preemptions(vm: &mut Vcpu<'static>, most: u64) -> Result<(VmStop, u64), String> {
     for preemptions in 0..most {
         match vm.run() {
             VmStop::Preempted { .. } => {}
@@ -156,7 +156,7 @@ fn run_through_preemptions(vm: &mut Vm<'static>, most: u64) -> Result<(VmStop, u
 pub fn counting_guest_preempted_100_times_ends_with_the_exact_count(host: &'static Host) -> TestResult {
     const COUNT: u64 = 1_000_000;
     const COUNT_SLICE: u64 = 20_000;
-    let start = |vm: &mut Vm<'static>| {
+    let start = |vm: &mut Vcpu<'static>| {
         let regs = GuestRegisters {
             rcx: COUNT,
             ..marked_registers()
@@ -181,7 +181,11 @@ pub fn counting_guest_preempted_100_times_ends_with_the_exact_count(host: &'stat
     );
     ensure!(preemptions >= 100, "only {preemptions} preemptions");
     ensure_eq!(stop, VmStop::Done(u64::from(expected_ebx)), "preempted run");
-    ensure_eq!(sliced.regs, straight.regs, "registers, preempted vs straight");
+    ensure_eq!(
+        *sliced.regs(),
+        *straight.regs(),
+        "registers, preempted vs straight"
+    );
     ensure_eq!(
         sliced.guest_rip(),
         straight.guest_rip(),
@@ -234,16 +238,16 @@ pub fn rep_stosb_longer_than_its_budget_is_preempted_then_stopped(host: &'static
             break stop;
         }
         preemptions += 1;
-        ensure_eq!(vm.regs.rdi + vm.regs.rcx, START + BYTES, "RDI + RCX");
-        ensure!(vm.regs.rdi > last_rdi, "no progress in a slice");
-        last_rdi = vm.regs.rdi;
+        ensure_eq!(vm.regs().rdi + vm.regs().rcx, START + BYTES, "RDI + RCX");
+        ensure!(vm.regs().rdi > last_rdi, "no progress in a slice");
+        last_rdi = vm.regs().rdi;
     };
     let diagnostic = stopped(stop)?;
     ensure_eq!(diagnostic.cause, StopCause::TimeBudget, "cause");
     ensure_eq!(diagnostic.rip, rep_rip, "RIP");
     within(diagnostic.ticks, FILL_LIMIT, "the fill")?;
     ensure!(preemptions >= 2, "only {preemptions} preemptions");
-    let (rdi, rcx) = (vm.regs.rdi, vm.regs.rcx);
+    let (rdi, rcx) = (vm.regs().rdi, vm.regs().rcx);
     println!("  stopped after {} of {BYTES} bytes", rdi - START);
     ensure!(rcx > 0, "the fill finished within its budget");
     ensure_eq!(rdi + rcx, START + BYTES, "RDI + RCX at the stop");
@@ -258,7 +262,7 @@ pub fn rep_stosb_longer_than_its_budget_is_preempted_then_stopped(host: &'static
 
 /// Runs `vm` again and again until it stops, which must be at its time limit of `limit` ticks
 /// (within [`LATENESS`]); returns how many runs that took.
-fn runs_to_the_time_limit(vm: &mut Vm<'static>, limit: u64, what: &str) -> Result<u64, String> {
+fn runs_to_the_time_limit(vm: &mut Vcpu<'static>, limit: u64, what: &str) -> Result<u64, String> {
     const MOST: u64 = 10_000;
     for runs in 1..=MOST {
         let stop = vm.run();
@@ -327,7 +331,7 @@ pub fn monitor_mwait_loop_is_bounded_by_its_budget(host: &'static Host) -> TestR
     let stop = vm.run();
     ensure!(matches!(stop, VmStop::Preempted { .. }), "first run: {stop:?}");
     within(vm.ticks_used(), WAIT_SLICE, "the first slice")?;
-    let wakeups = vm.regs.rbx;
+    let wakeups = vm.regs().rbx;
     ensure!(wakeups >= 2, "MWAIT returned {wakeups} times");
     ensure!(
         vm.exits.monitor_mwait.abs_diff(2 * wakeups) <= 2,
@@ -368,7 +372,7 @@ pub fn host_timer_kicks_a_running_vcpu(host: &'static Host) -> TestResult {
     ensure!(took < LONG_SLICE / 10, "the kick took {took} ticks");
     ensure_eq!(idt::timer_interrupts(), interrupts + 1, "host timer interrupts");
     ensure_eq!(vm.exits.external_interrupts, 1, "external-interrupt exits");
-    ensure_eq!(vm.regs, marked_registers(), "registers");
+    ensure_eq!(*vm.regs(), marked_registers(), "registers");
     let invepts = vm.exits.invepts;
     vm.set_budget(Budget::sliced(2 * u64::from(KICK_AFTER), DEFAULT_LIMIT));
     kick_after(&requests, Request::FLUSH, KICK_AFTER)?;
@@ -398,7 +402,7 @@ pub fn a_kick_is_taken_by_the_end_of_the_slice_at_the_latest(host: &'static Host
     );
     ensure!(took <= slice + LATENESS, "the kick took {took} ticks");
     ensure_eq!(idt::timer_interrupts(), interrupts + 1, "host timer interrupts");
-    ensure_eq!(vm.regs, marked_registers(), "registers");
+    ensure_eq!(*vm.regs(), marked_registers(), "registers");
     Ok(())
 }
 
@@ -482,6 +486,9 @@ pub(super) fn outcome_name(stop: &VmStop) -> String {
         VmStop::Halted { .. } => "Halted".into(),
         VmStop::Preempted { .. } => "Preempted".into(),
         VmStop::StopRequested { .. } => "StopRequested".into(),
+        VmStop::TestExit(_) => "TestExit".into(),
+        VmStop::PowerOff => "PowerOff".into(),
+        VmStop::Reset => "Reset".into(),
     }
 }
 

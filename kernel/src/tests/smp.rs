@@ -23,7 +23,7 @@ use crate::arch::ticks;
 use crate::arch::vmx::GuestRegisters;
 use crate::vm::budget::{Budget, DEFAULT_LIMIT};
 use crate::vm::exits::{ExitCosts, ExitKind};
-use crate::vm::{NoDevices, StopCause, Vm, VmMemory, VmStop};
+use crate::vm::{NoDevices, StopCause, Vcpu, VmMemory, VmStop};
 use crate::Host;
 
 /// Ticks a test waits for the other CPU to get somewhere before it gives up.
@@ -52,7 +52,7 @@ fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> Result<T, St
 }
 
 /// Runs the vCPU until it stops for a reason other than the end of a time slice.
-fn run_to_stop(vm: &mut Vm<'_>) -> VmStop {
+fn run_to_stop(vm: &mut Vcpu<'_>) -> VmStop {
     loop {
         match vm.run() {
             VmStop::Preempted { .. } => continue,
@@ -133,9 +133,9 @@ pub fn a_vcpu_refuses_to_run_on_another_cpu(host: &'static Host) -> TestResult {
         .map_err(|e| format!("start: {e}"))?;
     let memory = vm.memory();
     // A vCPU made on CPU 1 and handed back to CPU 0 must not run there.
-    let task = smp::spawn_on(cpu, move || -> Result<Vm<'static>, String> {
+    let task = smp::spawn_on(cpu, move || -> Result<Vcpu<'static>, String> {
         let vmx = host.vmx().map_err(|e| format!("{e}"))?;
-        Vm::new_vcpu(vmx, memory, &host.phys).map_err(|e| format!("second vCPU: {e}"))
+        Vcpu::new_vcpu(vmx, memory, &host.phys).map_err(|e| format!("second vCPU: {e}"))
     })
     .map_err(|e| format!("{e}"))?;
     let mut foreign = task.join()?;
@@ -285,7 +285,7 @@ fn run_vcpu_on(
 ) -> Result<VcpuTask, String> {
     smp::spawn_on(cpu, move || {
         let vmx = host.vmx().map_err(|e| format!("{e}"))?;
-        let mut vcpu = Vm::new_vcpu(vmx, memory, &host.phys).map_err(|e| format!("second vCPU: {e}"))?;
+        let mut vcpu = Vcpu::new_vcpu(vmx, memory, &host.phys).map_err(|e| format!("second vCPU: {e}"))?;
         vcpu.start(&(what.program)(), what.at, what.regs)
             .map_err(|e| format!("start: {e}"))?;
         rendezvous(&start)?;
@@ -624,7 +624,7 @@ fn dirty_log(host: &'static Host, setup: DirtyLog) -> TestResult {
     }
     let writes = || read_u32(&memory, CONTROL + 4).unwrap_or(0);
     wait_for("the first writes", || (writes() > 0).then_some(()))?;
-    let write_slice = |vm: &mut Vm<'_>| -> TestResult {
+    let write_slice = |vm: &mut Vcpu<'_>| -> TestResult {
         if local_writer {
             match vm.run() {
                 VmStop::Preempted { .. } => {}
@@ -766,7 +766,7 @@ pub fn reset_of_a_two_vcpu_vm_parks_both_and_they_run_on(host: &'static Host) ->
     let ready = Arc::clone(&published);
     let other = smp::spawn_on(cpu, move || -> Result<VmStop, String> {
         let vmx = host.vmx().map_err(|e| format!("{e}"))?;
-        let mut vcpu = Vm::new_vcpu(vmx, memory, &host.phys).map_err(|e| format!("second vCPU: {e}"))?;
+        let mut vcpu = Vcpu::new_vcpu(vmx, memory, &host.phys).map_err(|e| format!("second vCPU: {e}"))?;
         vcpu.enter_at(GuestMode::Flat32, ROM_BASE, 0, setup.regs(0x1234_5678, 0))
             .map_err(|e| format!("entry: {e}"))?;
         ready.call_once(|| ());

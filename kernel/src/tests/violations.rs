@@ -17,7 +17,7 @@ use super::{gpa, stopped, TestResult, XorShift, CODE};
 use crate::arch::guests::{programs, GuestProgram};
 use crate::arch::memory::frame_counts;
 use crate::arch::vmx::GuestRegisters;
-use crate::vm::{StopCause, Vm, VmStop};
+use crate::vm::{StopCause, Vcpu, VmStop};
 use crate::Host;
 
 /// Where the MMIO guests store what they loaded, and where address lists go.
@@ -102,7 +102,7 @@ fn mmio_regs() -> GuestRegisters {
 }
 
 /// The first `count` result dwords the MMIO guests stored.
-fn results(vm: &Vm<'static>, count: usize) -> Result<Vec<u32>, String> {
+fn results(vm: &Vcpu<'static>, count: usize) -> Result<Vec<u32>, String> {
     (0..count).map(|k| read_u32(vm, RESULTS + 4 * k as u64)).collect()
 }
 
@@ -439,7 +439,7 @@ pub fn first_write_to_a_zero_page_allocates_once(host: &'static Host) -> TestRes
 }
 
 /// Runs `rom_probe` at `address` writing `value`; returns the two values the guest read.
-fn probe_rom(vm: &mut Vm<'static>, address: u64, value: u32) -> Result<Vec<u64>, String> {
+fn probe_rom(vm: &mut Vcpu<'static>, address: u64, value: u32) -> Result<Vec<u64>, String> {
     let regs = GuestRegisters {
         rsi: address,
         rdi: u64::from(value),
@@ -654,7 +654,7 @@ pub fn write_monitoring_keeps_a_mirror_in_step(host: &'static Host) -> TestResul
 }
 
 /// Runs `load` at `address` in a fresh start of the VM; returns how it stopped.
-fn guest_load(vm: &mut Vm<'static>, address: u64) -> Result<VmStop, String> {
+fn guest_load(vm: &mut Vcpu<'static>, address: u64) -> Result<VmStop, String> {
     let regs = GuestRegisters {
         rsi: address,
         ..Default::default()
@@ -665,7 +665,7 @@ fn guest_load(vm: &mut Vm<'static>, address: u64) -> Result<VmStop, String> {
 }
 
 /// Puts `addresses` in the list page and starts `write_list` over them with `value`.
-fn start_write_list(vm: &mut Vm<'static>, addresses: &[u64], value: u64) -> TestResult {
+fn start_write_list(vm: &mut Vcpu<'static>, addresses: &[u64], value: u64) -> TestResult {
     write_address_list(vm, LIST, addresses)?;
     let regs = GuestRegisters {
         rsi: LIST,
@@ -678,7 +678,7 @@ fn start_write_list(vm: &mut Vm<'static>, addresses: &[u64], value: u64) -> Test
 }
 
 /// Runs `write_list` over `addresses` with `value` (no devices) to its end.
-fn guest_write(vm: &mut Vm<'static>, addresses: &[u64], value: u64) -> TestResult {
+fn guest_write(vm: &mut Vcpu<'static>, addresses: &[u64], value: u64) -> TestResult {
     start_write_list(vm, addresses, value)?;
     ensure_eq!(vm.run(), VmStop::Done(0), "stop");
     Ok(())

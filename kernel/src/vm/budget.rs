@@ -23,7 +23,7 @@ pub const DEFAULT_EXITS: u64 = 1_000_000;
 /// The CPU time and exits a VM may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Budget {
-    /// Ticks one call of `Vm::run_with` may take before it returns `Preempted`.
+    /// Ticks one call of `Vcpu::run_with` may take before it returns `Preempted`.
     pub slice: u64,
     /// Ticks the VM may take over all its runs before it is stopped with `TimeBudget`.
     pub limit: u64,
@@ -92,13 +92,13 @@ pub struct RunClock {
     slice_end: u64,
     limit_end: u64,
     host_deadline: u64,
-    /// The preemption timer's rate: it counts once every 2^rate ticks.
+    /// The backend timer's granularity: it counts once every 2^rate ticks.
     rate: u32,
 }
 
 impl RunClock {
     /// The deadlines of a run starting at `now` for a VM that has used `used` ticks, with a
-    /// preemption timer of rate `rate` (IA32_VMX_MISC).
+    /// backend timer of granularity `rate` (VT-x: the preemption timer's rate, IA32_VMX_MISC).
     pub fn start(budget: &Budget, used: u64, now: u64, rate: u32) -> RunClock {
         let host_deadline = HOST_DEADLINE.load(Ordering::Relaxed);
         RunClock {
@@ -131,12 +131,5 @@ impl RunClock {
         } else {
             None
         }
-    }
-
-    /// The VMX-preemption timer value that expires at the earliest deadline, seen from `now`
-    /// (capped at the field's 32 bits: the run then goes on after an early timer exit).
-    pub fn timer_value(&self, now: u64) -> u32 {
-        let left = self.deadline().saturating_sub(now) >> self.rate;
-        left.min(u64::from(u32::MAX)) as u32
     }
 }

@@ -5,17 +5,14 @@
 use pgm::guest_paging::{CodeTranslation, GuestPaging};
 use pgm::manager::{AccessHandlers, MmioTarget};
 use pgm::{GuestPhysAddr, Invalidation, PgmError};
-use x86::vmx::vmcs::guest;
 
 use emulator::{EmulationError, Machine, MemoryFault, Register};
 
-use super::exits::exit_reason;
+use super::backend::{CpuState, Segment, VirtualCpu};
 use super::memory::{PgmGuard, SharedPgm};
-use super::setup::{CS_DEFAULT_32, CS_LONG, EFER_LMA};
 use super::stop::{InstructionBytes, StopCause, VmStop};
-use super::{KernelPgm, Vm};
-use crate::arch::vmx::vmcs::CurrentVmcs;
-use crate::arch::vmx::GuestRegisters;
+use super::vcpu::Backend;
+use super::{KernelPgm, Vcpu};
 
 /// The guest memory an emulated access goes through.
 pub(super) enum EmulatedMemory<'a> {
@@ -27,7 +24,7 @@ pub(super) enum EmulatedMemory<'a> {
     Locked(PgmGuard<'a>),
 }
 
-impl Vm<'_> {
+impl Vcpu<'_> {
     /// Emulates the instruction whose access to `gpa` faulted: fetches it through the guest's
     /// paging, decodes it, performs its access through pgm and `devices`, and writes back
     /// registers, RFLAGS and RIP. An instruction the emulator does not support stops the VM
@@ -41,15 +38,15 @@ impl Vm<'_> {
         gpa: GuestPhysAddr,
         devices: &mut impl AccessHandlers,
     ) -> Option<VmStop> {
-        let stop = |vm: &Self, cause, bytes| {
-            let mut diagnostic = vm.diagnostic(cause, exit_reason::EPT_VIOLATION);
+        let stop = |vcpu: &Self, cause, bytes| {
+            let mut diagnostic = vcpu.diagnostic(cause);
             diagnostic.instruction = bytes;
             Some(VmStop::Stopped(diagnostic))
         };
-        let Ok(vmcs) = self.vmcs.current() else {
+        let Ok(state) = self.cpu.cpu_state() else {
             return stop(self, StopCause::UnhandledExit, InstructionBytes::default());
         };
-        let cpu = GuestCpu::read(&vmcs);
+        let cpu = GuestCpu::from(state);
         let fetched = match &memory {
             EmulatedMemory::Mmio(pgm, _) => {
                 let cache = (&mut self.code_translation, pgm.writes());
@@ -86,8 +83,7 @@ impl Vm<'_> {
             }
         };
         let mut machine = VcpuMachine {
-            regs: &mut self.regs,
-            vmcs: &vmcs,
+            cpu: &mut self.cpu,
             bitness: cpu.bitness,
             memory,
             devices,
@@ -110,11 +106,11 @@ impl Vm<'_> {
             }
         };
         self.exits.emulated += 1;
-        let mut written = vmcs.write(guest::RIP, outcome.rip);
-        if outcome.rflags != cpu.rflags {
-            written = written.and_then(|()| vmcs.write(guest::RFLAGS, outcome.rflags));
-        }
-        match written.and_then(|()| self.invalidate(invalidation)) {
+        let written = self.cpu.set_rip_and_flags(outcome.rip, outcome.rflags);
+        match written
+            .map_err(Into::into)
+            .and_then(|()| self.invalidate(invalidation))
+        {
             Ok(()) => None,
             Err(_) => stop(self, StopCause::UnhandledExit, used),
         }
@@ -157,8 +153,8 @@ fn fetch_instruction(
     (done > 0).then_some((fetched, walked))
 }
 
-/// The guest state every emulated exit needs, read from the VMCS once. The rest (RSP, data
-/// segment bases) is read only by the instructions that use it.
+/// The guest state every emulated exit needs, read from the backend once. The rest (RSP,
+/// data segment bases) is read only by the instructions that use it.
 struct GuestCpu {
     rip: u64,
     rflags: u64,
@@ -170,28 +166,15 @@ struct GuestCpu {
     cr3: u64,
 }
 
-impl GuestCpu {
-    fn read(vmcs: &CurrentVmcs<'_>) -> GuestCpu {
-        let efer = vmcs.read(guest::IA32_EFER_FULL);
-        let access_rights = vmcs.read(guest::CS_ACCESS_RIGHTS);
-        let bitness = if efer & EFER_LMA != 0 && access_rights & CS_LONG != 0 {
-            64
-        } else if access_rights & CS_DEFAULT_32 != 0 {
-            32
-        } else {
-            16
-        };
+impl From<CpuState> for GuestCpu {
+    fn from(state: CpuState) -> GuestCpu {
         GuestCpu {
-            rip: vmcs.read(guest::RIP),
-            rflags: vmcs.read(guest::RFLAGS),
-            bitness,
-            code_base: if bitness == 64 {
-                0
-            } else {
-                vmcs.read(guest::CS_BASE)
-            },
-            paging: GuestPaging::from_registers(vmcs.read(guest::CR0), vmcs.read(guest::CR4), efer),
-            cr3: vmcs.read(guest::CR3),
+            rip: state.rip,
+            rflags: state.rflags,
+            bitness: state.bitness,
+            code_base: state.code_base,
+            paging: GuestPaging::from_registers(state.cr0, state.cr4, state.efer),
+            cr3: state.cr3,
         }
     }
 }
@@ -203,11 +186,11 @@ enum MachineMemory<'v> {
 }
 
 /// The vCPU and guest memory of one VM as the instruction emulator sees them: registers from
-/// [`Vm::regs`] (RSP read-only from the VMCS), memory through pgm and the VM's devices.
-struct VcpuMachine<'v, H> {
-    regs: &'v mut GuestRegisters,
-    /// RSP and the segment bases are read from it when an instruction needs them.
-    vmcs: &'v CurrentVmcs<'v>,
+/// the backend (RSP read-only), memory through pgm and the VM's devices.
+struct VcpuMachine<'v, 'a, H> {
+    /// The registers; RSP and the segment bases are read from it when an instruction needs
+    /// them.
+    cpu: &'v mut Backend<'a>,
     bitness: u32,
     memory: MachineMemory<'v>,
     devices: &'v mut H,
@@ -215,9 +198,9 @@ struct VcpuMachine<'v, H> {
     invalidation: Invalidation,
 }
 
-impl<H> VcpuMachine<'_, H> {
+impl<H> VcpuMachine<'_, '_, H> {
     fn slot(&mut self, full: Register) -> Option<&mut u64> {
-        let regs = &mut *self.regs;
+        let regs = self.cpu.regs_mut();
         Some(match full {
             Register::RAX => &mut regs.rax,
             Register::RBX => &mut regs.rbx,
@@ -252,26 +235,26 @@ fn memory_fault(error: PgmError) -> MemoryFault {
     }
 }
 
-impl<H: AccessHandlers> Machine for VcpuMachine<'_, H> {
+impl<H: AccessHandlers> Machine for VcpuMachine<'_, '_, H> {
     fn gpr(&mut self, full: Register) -> u64 {
         if full == Register::RSP {
-            return self.vmcs.read(guest::RSP);
+            return self.cpu.rsp();
         }
         self.slot(full).map_or(0, |slot| *slot)
     }
 
     fn segment_base(&mut self, segment: Register) -> u64 {
-        let field = match segment {
-            Register::FS => guest::FS_BASE,
-            Register::GS => guest::GS_BASE,
-            // The CPU ignores the other bases in 64-bit code, whatever the VMCS holds.
+        let segment = match segment {
+            Register::FS => Segment::Fs,
+            Register::GS => Segment::Gs,
+            // The CPU ignores the other bases in 64-bit code, whatever the backend holds.
             _ if self.bitness == 64 => return 0,
-            Register::ES => guest::ES_BASE,
-            Register::CS => guest::CS_BASE,
-            Register::SS => guest::SS_BASE,
-            _ => guest::DS_BASE,
+            Register::ES => Segment::Es,
+            Register::CS => Segment::Cs,
+            Register::SS => Segment::Ss,
+            _ => Segment::Ds,
         };
-        self.vmcs.read(field)
+        self.cpu.segment_base(segment)
     }
 
     fn set_gpr(&mut self, full: Register, value: u64) {

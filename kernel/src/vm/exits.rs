@@ -1,84 +1,9 @@
-//! VM exits: the exit-reason and qualification encodings (defined here once, for the vCPU loop
-//! and the tests), their names for diagnostics, and what each vCPU counts and measures of them.
+//! What each vCPU counts and measures of its exits (the encodings are the backend's: see
+//! `arch::vmx::exits`).
 
 use spin::Mutex;
 
 use crate::println;
-
-/// Basic exit reasons this hypervisor handles or names (SDM Vol. 3D, Appendix C).
-pub mod exit_reason {
-    pub const EXCEPTION_OR_NMI: u32 = 0;
-    pub const EXTERNAL_INTERRUPT: u32 = 1;
-    pub const TRIPLE_FAULT: u32 = 2;
-    pub const HLT: u32 = 12;
-    pub const VMCALL: u32 = 18;
-    pub const IO_INSTRUCTION: u32 = 30;
-    pub const INVALID_GUEST_STATE: u32 = 33;
-    pub const MWAIT: u32 = 36;
-    pub const MONITOR: u32 = 39;
-    pub const PAUSE: u32 = 40;
-    pub const EPT_VIOLATION: u32 = 48;
-    pub const EPT_MISCONFIGURATION: u32 = 49;
-    pub const PREEMPTION_TIMER: u32 = 52;
-    pub const PML_FULL: u32 = 62;
-}
-
-/// Exit-qualification and exit-information bits (SDM Vol. 3C, 28.2).
-pub mod qualification {
-    /// Exit-reason bit 31: the VM entry failed.
-    pub const ENTRY_FAILURE: u64 = 1 << 31;
-    /// VM-exit interruption information: valid bit, and the NMI type in bits 10:8.
-    pub const INTERRUPTION_VALID: u64 = 1 << 31;
-    pub const INTERRUPTION_TYPE_NMI: u64 = 2 << 8;
-    pub const INTERRUPTION_TYPE_MASK: u64 = 7 << 8;
-    /// I/O-instruction exit: size - 1 in bits 2:0, IN in bit 3, string and REP in bits 4 and
-    /// 5, the port in bits 31:16.
-    pub const IO_SIZE_MASK: u64 = 0b111;
-    pub const IO_IN: u64 = 1 << 3;
-    pub const IO_STRING: u64 = 1 << 4;
-    pub const IO_REP: u64 = 1 << 5;
-    /// EPT violation: the access was a read, a write, an instruction fetch.
-    #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
-    pub const EPT_READ: u64 = 1 << 0;
-    pub const EPT_WRITE: u64 = 1 << 1;
-    pub const EPT_EXECUTE: u64 = 1 << 2;
-    /// EPT violation: the guest-physical address was readable (its entries all grant read).
-    pub const EPT_WAS_READABLE: u64 = 1 << 3;
-    /// EPT violation: bit 7, the guest-linear address is valid; bit 8 (then), the access was
-    /// the translation of it rather than the CPU's access to a paging-structure entry.
-    pub const EPT_LINEAR_VALID: u64 = 1 << 7;
-    pub const EPT_TRANSLATED: u64 = 1 << 8;
-
-    /// True when an EPT violation was the CPU's own access to the guest's page tables.
-    pub fn is_page_walk(qualification: u64) -> bool {
-        qualification & EPT_LINEAR_VALID != 0 && qualification & EPT_TRANSLATED == 0
-    }
-}
-
-/// The name of a basic exit reason, for diagnostics.
-pub(super) fn exit_name(reason: u32) -> &'static str {
-    match reason {
-        exit_reason::EXCEPTION_OR_NMI => "exception or NMI",
-        exit_reason::EXTERNAL_INTERRUPT => "external interrupt",
-        exit_reason::TRIPLE_FAULT => "triple fault",
-        9 => "task switch",
-        10 => "CPUID",
-        exit_reason::HLT => "HLT",
-        exit_reason::VMCALL => "VMCALL",
-        28 => "control-register access",
-        exit_reason::IO_INSTRUCTION => "I/O instruction",
-        31 => "RDMSR",
-        32 => "WRMSR",
-        exit_reason::INVALID_GUEST_STATE => "VM-entry failure: invalid guest state",
-        exit_reason::MWAIT => "MWAIT",
-        exit_reason::MONITOR => "MONITOR",
-        exit_reason::PAUSE => "PAUSE",
-        exit_reason::EPT_VIOLATION => "EPT violation",
-        exit_reason::EPT_MISCONFIGURATION => "EPT misconfiguration",
-        exit_reason::PREEMPTION_TIMER => "VMX-preemption timer",
-        _ => "unnamed",
-    }
-}
 
 /// Exit counts of one VM, by kind.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -103,8 +28,18 @@ pub struct ExitCounts {
     pub pause_loops: u64,
     /// MONITOR and MWAIT exits (both are no-ops for the guest).
     pub monitor_mwait: u64,
-    /// Port I/O the hypervisor handled (the A20 gate at port 0x92).
+    /// Port I/O through the VM's port bus.
     pub port_io: u64,
+    /// CPUID exits.
+    pub cpuid: u64,
+    /// RDMSR and WRMSR exits.
+    pub msr: u64,
+    /// Events injected into the guest (#GP for a refused MSR, interrupts).
+    pub injected: u64,
+    /// HLT exits.
+    pub halts: u64,
+    /// Interrupt-window exits (an interrupt waited for the guest to enable them).
+    pub interrupt_windows: u64,
     /// Page-modification-log-full exits.
     pub pml_full: u64,
     /// Emulated exits whose instruction fetch used the vCPU's remembered code translation
@@ -263,7 +198,7 @@ pub fn exit_costs_of_finished_vms() -> ExitCosts {
 }
 
 /// How far past their deadline the runs of every VM destroyed since boot ended (see
-/// [`Vm::overrun`]).
+/// [`Vcpu::overrun`](super::Vcpu::overrun)).
 #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
 pub fn overrun_of_finished_vms() -> ExitCost {
     FINISHED_VMS.lock().1

@@ -19,7 +19,7 @@
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use brlock::{BrLock, ReadGuard, WriteGuard};
 use spin::Mutex;
@@ -27,6 +27,7 @@ use spin::Mutex;
 use pgm::manager::DirtyLogMode;
 use pgm::{Access, FaultOutcome, GuestPhysAddr, Invalidation, Pgm, PgmError};
 
+use super::devices::VmDevices;
 use super::exits::ExitCost;
 use super::requests::{Request, VcpuRequests};
 use crate::arch::memory::{KernelFrames, PhysMap};
@@ -69,6 +70,10 @@ pub struct VmMemory {
     /// Write monitoring takes its writes from the vCPUs' page-modification logs: each vCPU
     /// logs from its next entry (see [`VmMemory::start_dirty_log`]).
     pml_logging: AtomicBool,
+    /// The VM's devices (port bus, CPUID policy, console).
+    pub(super) devices: VmDevices,
+    /// vCPUs ever added: the next one's index (its APIC ID).
+    vcpus_added: AtomicU32,
 }
 
 /// The VM's memory manager, locked (see [`VmMemory::lock`]).
@@ -98,8 +103,8 @@ pub struct RendezvousCost {
 }
 
 impl VmMemory {
-    /// The shared state of a new VM whose memory is `pgm`.
-    pub(super) fn new(mut pgm: KernelPgm) -> VmMemory {
+    /// The shared state of a new VM whose memory is `pgm` and whose devices are `devices`.
+    pub(super) fn new(mut pgm: KernelPgm, devices: VmDevices) -> VmMemory {
         let cpus = smp::cpus().len();
         pgm.set_lock_free_vcpus(cpus);
         VmMemory {
@@ -113,6 +118,8 @@ impl VmMemory {
             rendezvous_owner: Mutex::new(()),
             parked: AtomicUsize::new(0),
             pml_logging: AtomicBool::new(false),
+            devices,
+            vcpus_added: AtomicU32::new(0),
         }
     }
 
@@ -120,7 +127,7 @@ impl VmMemory {
     /// writes from its next entry; the returned invalidation, carried out with
     /// [`VmMemory::flush`], makes every running vCPU exit and enter again first, so a copy
     /// taken after the flush misses no write. The caller checks that the CPUs support PML
-    /// (`Vm::pml_supported`). Fails, changing nothing, while monitoring is on in another mode.
+    /// (`Vcpu::pml_supported`). Fails, changing nothing, while monitoring is on in another mode.
     /// Locking: takes the VM's lock.
     #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
     pub fn start_dirty_log(&self, mode: DirtyLogMode) -> Result<Invalidation, PgmError> {
@@ -256,8 +263,10 @@ impl VmMemory {
     }
 
     /// Adds a vCPU living on host CPU `cpu` with request word `requests`.
-    pub(super) fn add_vcpu(&self, cpu: usize, requests: &Arc<VcpuRequests>) {
+    /// Returns the vCPU's index in the VM (0 for the first: the bootstrap processor).
+    pub(super) fn add_vcpu(&self, cpu: usize, requests: &Arc<VcpuRequests>) -> u32 {
         self.vcpus.lock().push((cpu, Arc::clone(requests)));
+        self.vcpus_added.fetch_add(1, Ordering::SeqCst)
     }
 
     /// Removes the vCPU whose request word is `requests`.

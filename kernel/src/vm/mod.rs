@@ -1,21 +1,22 @@
 //! One virtual machine: the memory its vCPUs share ([`VmMemory`]: the memory manager `pgm`,
-//! the EPT, the vCPU list, the rendezvous) and its vCPUs ([`Vm`]: a VMCS each and the loop that
-//! handles their exits). A guest can only stop its own VM: every exit the hypervisor cannot
+//! the EPT, the vCPU list, the rendezvous) and its vCPUs ([`Vcpu`]: a backend each (a VMCS on
+//! VT-x, behind [`backend::VirtualCpu`]) and the loop that handles their exits). A guest can only stop its own VM: every exit the hypervisor cannot
 //! handle ends the run with a [`Diagnostic`], never a host panic, and stops the VM's other
 //! vCPUs too; no guest keeps the CPU longer than its time budget ([`budget`]); the host can
 //! kick a running vCPU out ([`requests`]) or stop them all ([`VmMemory::with_vcpus_parked`]).
 //!
-//! Files: `memory.rs` per-VM state, `vcpu.rs` the per-vCPU state and run loop, `exits.rs` the
-//! exit encodings and statistics, `stop.rs` how runs end, `emulation.rs` the emulated
-//! accesses, `setup.rs` the VMCS set-up.
+//! Files: `backend.rs` the backend-neutral exit vocabulary and vCPU trait, `memory.rs` per-VM
+//! state, `vcpu.rs` the per-vCPU state and run loop, `exits.rs` exit statistics, `stop.rs` how
+//! runs end, `emulation.rs` the emulated accesses, `pml.rs` the dirty log's vCPU side.
 
+pub mod backend;
 pub mod budget;
+pub mod devices;
 mod emulation;
 pub mod exits;
 mod memory;
 mod pml;
 pub mod requests;
-mod setup;
 mod stop;
 mod vcpu;
 
@@ -25,6 +26,7 @@ use pgm::manager::{AccessHandlers, HandlerAction};
 use pgm::{Access, GuestPhysAddr, PgmError};
 
 use crate::arch::vmx::VmxError;
+use backend::BackendError;
 #[cfg_attr(not(feature = "kernel-tests"), allow(unused_imports))]
 pub use exits::{exit_costs_of_finished_vms, overrun_of_finished_vms};
 #[cfg_attr(not(feature = "kernel-tests"), allow(unused_imports))]
@@ -32,13 +34,13 @@ pub use memory::{shootdown_costs, KernelPgm, VmMemory};
 pub use requests::host_timer_fired;
 #[cfg_attr(not(feature = "kernel-tests"), allow(unused_imports))]
 pub use stop::{Diagnostic, StopCause, VmStop};
-pub use vcpu::Vm;
+pub use vcpu::Vcpu;
 
 /// Hypercall numbers (guest RAX at VMCALL).
 pub mod hypercall {
     /// The guest is finished; RBX is its result. Ends the run with [`super::VmStop::Done`].
     pub const DONE: u64 = 0;
-    /// Record RBX in [`super::Vm::reports`] and continue.
+    /// Record RBX in [`super::Vcpu::reports`] and continue.
     pub const REPORT: u64 = 1;
     /// What RAX holds after an unknown hypercall.
     pub const UNKNOWN: u64 = u64::MAX;
@@ -65,10 +67,13 @@ impl AccessHandlers for NoDevices {
 pub enum VmError {
     /// The memory manager refused (bad range, no frames).
     Memory(PgmError),
-    /// A VMX instruction failed or a control is unsupported.
+    /// The virtualization backend could not make the vCPU (a VMX instruction failed, a control
+    /// is unsupported).
     Vmx(VmxError),
-    /// The CPU cannot set a VMX control this VM needs.
-    Control { which: &'static str, missing: u32 },
+    /// The backend failed a request for the new vCPU.
+    Backend(BackendError),
+    /// A device could not be placed on the VM's bus.
+    Devices(::devices::bus::BusError),
 }
 
 impl fmt::Display for VmError {
@@ -76,9 +81,8 @@ impl fmt::Display for VmError {
         match self {
             VmError::Memory(error) => write!(f, "memory: {error}"),
             VmError::Vmx(error) => write!(f, "{error}"),
-            VmError::Control { which, missing } => {
-                write!(f, "the CPU cannot set {which} control bits {missing:#x}")
-            }
+            VmError::Backend(error) => write!(f, "{error}"),
+            VmError::Devices(error) => write!(f, "devices: {error}"),
         }
     }
 }
@@ -86,6 +90,12 @@ impl fmt::Display for VmError {
 impl From<PgmError> for VmError {
     fn from(error: PgmError) -> Self {
         VmError::Memory(error)
+    }
+}
+
+impl From<BackendError> for VmError {
+    fn from(error: BackendError) -> Self {
+        VmError::Backend(error)
     }
 }
 

@@ -4,7 +4,6 @@ use core::fmt;
 
 use pgm::GuestPhysAddr;
 
-use super::exits::exit_name;
 /// Why a VM stopped without finishing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StopCause {
@@ -70,11 +69,14 @@ impl StopCause {
 pub struct Diagnostic {
     /// Why the VM stopped.
     pub cause: StopCause,
-    /// The basic exit reason (or the VM-instruction error for a failed VMLAUNCH/VMRESUME).
+    /// The backend's exit reason (VMX: the basic exit reason, or the VM-instruction error for
+    /// a failed VMLAUNCH/VMRESUME).
     pub exit_reason: u32,
-    /// The exit qualification.
+    /// The backend's name for it.
+    pub exit_name: &'static str,
+    /// The exit qualification (VMX) or EXITINFO1 (SVM).
     pub qualification: u64,
-    /// The guest-physical address of an EPT exit.
+    /// The guest-physical address of a nested-paging exit.
     pub gpa: Option<GuestPhysAddr>,
     /// The guest RIP at the exit.
     pub rip: u64,
@@ -113,10 +115,7 @@ impl fmt::Display for Diagnostic {
         write!(
             f,
             "VM stopped ({:?}): exit reason {} ({}), qualification {:#x}, guest-physical ",
-            self.cause,
-            self.exit_reason,
-            exit_name(self.exit_reason),
-            self.qualification
+            self.cause, self.exit_reason, self.exit_name, self.qualification
         )?;
         match self.gpa {
             Some(gpa) => write!(f, "{gpa}")?,
@@ -142,6 +141,12 @@ pub enum VmStop {
     Preempted { rip: u64 },
     /// The host posted [`Request::STOP`]. Resumable like `Preempted`.
     StopRequested { rip: u64 },
+    /// The guest wrote this code to the test-exit port (0xF4).
+    TestExit(u32),
+    /// The guest powered the machine off (ACPI sleep state S5).
+    PowerOff,
+    /// The guest reset the machine (port 0x92 bit 0, port 0xCF9).
+    Reset,
     /// The hypervisor stopped the VM.
     Stopped(Diagnostic),
 }

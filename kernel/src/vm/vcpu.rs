@@ -3,52 +3,48 @@
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
+use devices::msr::MsrState;
 use emulator::DecodeCache;
 use pgm::guest_paging::CodeTranslation;
 use pgm::manager::{AccessHandlers, MmioTarget};
-use pgm::{FaultOutcome, GuestPhysAddr, Invalidation, MemoryStats, Pgm, PgmError, Resolution};
-use x86::vmx::vmcs::{guest, ro};
+use pgm::{Access, FaultOutcome, GuestPhysAddr, Invalidation, MemoryStats, Pgm, PgmError, Resolution};
 
+use super::backend::{GuestRegisters, VirtualCpu, VmExit};
 use super::budget::{self, Budget, Expired, RunClock};
+use super::devices::{MachineSpec, VmDevices};
 use super::emulation::EmulatedMemory;
-use super::exits::qualification::{
-    is_page_walk, ENTRY_FAILURE, EPT_EXECUTE, EPT_WAS_READABLE, EPT_WRITE, INTERRUPTION_TYPE_MASK,
-    INTERRUPTION_TYPE_NMI, INTERRUPTION_VALID, IO_IN, IO_REP, IO_SIZE_MASK, IO_STRING,
-};
-use super::exits::{exit_reason, ExitCost, ExitCosts, ExitCounts, ExitKind, FINISHED_VMS};
+use super::exits::{ExitCost, ExitCosts, ExitCounts, ExitKind, FINISHED_VMS};
 use super::memory::{PgmGuard, SharedPgm, VmMemory};
 use super::requests::{Request, VcpuRequests};
-use super::setup::EntryControlValues;
 use super::stop::{Diagnostic, InstructionBytes, StopCause, VmStop};
 use super::{hypercall, NoDevices, VmError};
 use crate::arch::guests::{GuestMode, GuestProgram};
+use crate::arch::idt;
 use crate::arch::memory::{KernelFrames, PhysMap};
 use crate::arch::smp::this_cpu;
-use crate::arch::vmx::{self, vmcs::Vmcs, GuestRegisters, VmxError, VmxOn};
-use crate::arch::{idt, ticks};
-use pgm::Access;
+use crate::arch::ticks;
+use crate::arch::vmx::{VmxOn, VmxVcpu};
 
-/// System Control Port A: bit 1 the A20 gate, bit 0 a fast reset.
-const PORT_A20: u16 = 0x92;
-const A20_GATE_BIT: u64 = 1 << 1;
-const FAST_RESET_BIT: u64 = 1 << 0;
-/// Guest interruptibility state, bit 3: blocking by NMI.
-const BLOCKING_BY_NMI: u64 = 1 << 3;
-/// Consecutive EPT violations at the same page before the VM is stopped as a fault loop.
+/// The backend a vCPU runs on.
+pub(super) type Backend<'a> = VmxVcpu<'a>;
+
+/// RFLAGS.IF.
+const RFLAGS_IF: u64 = 1 << 9;
+/// Consecutive nested-paging faults at the same page before the VM is stopped as a fault loop.
 const FAULT_LOOP_LIMIT: u32 = 4;
-/// EPT violations kept in [`Vm::violations`] (the first ones; later ones are only counted).
-/// The log is allocated whole with the vCPU (64 KiB): grown on the exit path, its reallocations
-/// cost an MMIO exit 45–90 Bochs ticks on average and up to 1,400.
+/// Nested-paging faults kept in [`Vcpu::violations`] (the first ones; later ones are only
+/// counted). The log is allocated whole with the vCPU (64 KiB): grown on the exit path, its
+/// reallocations cost an MMIO exit 45–90 Bochs ticks on average and up to 1,400.
 const VIOLATION_LOG_LIMIT: usize = 4096;
 
 /// Why an access that reached emulation must not be emulated: an instruction fetch from a
 /// handled page (there is no instruction there to run), or the CPU's own walk of the guest's
-/// page tables (qualification bit 7 set, bit 8 clear) onto a page without memory: walks are
-/// never handed to a device.
-fn emulation_refused(access: Access, qualification: u64) -> Option<StopCause> {
+/// page tables (which includes its delivery of an event through the IDT) onto a page without
+/// memory: walks are never handed to a device.
+fn emulation_refused(access: Access, page_walk: bool) -> Option<StopCause> {
     match access {
         Access::Execute => Some(StopCause::ExecuteFromHandledPage),
-        _ if is_page_walk(qualification) => Some(StopCause::PageWalkOutsideMemory),
+        _ if page_walk => Some(StopCause::PageWalkOutsideMemory),
         _ => None,
     }
 }
@@ -61,26 +57,26 @@ fn mmio_exit_kind(access: Access) -> ExitKind {
     }
 }
 
-/// One vCPU of a VM; the first one, made by [`Vm::new`], creates the VM's memory, and
-/// [`Vm::new_vcpu`] adds more that share it. A vCPU runs only on the host CPU it was created
-/// on (its VMCS lives there).
-pub struct Vm<'a> {
-    pub(super) vmx: &'a VmxOn,
-    /// Active on the host CPU that made the vCPU; dropped (VMCLEAR there) before the memory.
-    pub(super) vmcs: Vmcs,
+/// One vCPU of a VM; the first one, made by [`Vcpu::new`], creates the VM's memory, and
+/// [`Vcpu::new_vcpu`] adds more that share it. A vCPU runs only on the host CPU it was created
+/// on (its backend's control structure lives there).
+pub struct Vcpu<'a> {
+    /// The virtualization backend: registers, entry, exit decoding. Dropped (VMCLEAR on its
+    /// CPU) before the memory.
+    pub(super) cpu: Backend<'a>,
     pub(super) memory: Arc<VmMemory>,
-    launched: bool,
-    /// The guest's general-purpose registers (RSP and RIP live in the VMCS).
-    pub regs: GuestRegisters,
+    /// The vCPU's index in its VM, which is also its APIC ID (0: the bootstrap processor).
+    pub(super) index: u32,
+    /// The MSRs this vCPU's device layer emulates.
+    pub(super) msrs: MsrState,
     /// Values the guest passed with the REPORT hypercall, in order.
     pub reports: Vec<u64>,
     /// Exit counts since creation.
     pub exits: ExitCounts,
-    /// The first EPT violations as (guest-physical address, exit qualification), oldest first.
+    /// The first nested-paging faults as (guest-physical address, the backend's raw exit
+    /// qualification), oldest first.
     pub violations: Vec<(GuestPhysAddr, u64)>,
     last_fault: Option<(u64, u32)>,
-    /// VM-entry controls for a guest outside and inside IA-32e mode.
-    pub(super) entry_controls: EntryControlValues,
     /// The kind and exit time of the exit being handled, when its cost is measured.
     pub(super) measuring: Option<(ExitKind, u64)>,
     /// What this VM's exits cost so far.
@@ -91,8 +87,6 @@ pub struct Vm<'a> {
     ticks_used: u64,
     /// When the current run started.
     run_started: u64,
-    /// The basic reason of the last exit.
-    last_exit_reason: u32,
     /// How far past its deadline each run that ended at one returned, in ticks.
     pub overrun: ExitCost,
     /// Requests posted to this VM's vCPU, taken before every entry.
@@ -100,14 +94,10 @@ pub struct Vm<'a> {
     /// The kind and host ticks so far of an exit whose handling the last (resumable) run left
     /// unfinished: the next run's entry completes its cost.
     carried: Option<(ExitKind, u64)>,
-    /// The host's physical memory window (the page-modification log is read through it).
-    pub(super) phys: &'static PhysMap,
-    /// The secondary processor-based controls without PML (see `pml`).
-    pub(super) secondary_controls: u64,
-    /// This vCPU's page-modification log, when the CPU supports PML.
-    pub(super) pml_buffer: Option<pgm::HostPhysAddr>,
-    /// PML is enabled in the VMCS (the VM's monitoring asked for it at the last entry).
-    pub(super) pml_on: bool,
+    /// The guest executed HLT with interrupts enabled and waits for one (RIP still at the HLT).
+    halted: bool,
+    /// The CPU logs written pages (the VM's monitoring asked for it at the last entry).
+    pub(super) dirty_logging: bool,
     /// The translation of the code page of the last emulated instruction (see
     /// `Pgm::read_code`).
     pub(super) code_translation: Option<CodeTranslation>,
@@ -118,21 +108,33 @@ pub struct Vm<'a> {
     last_mmio_target: Option<((u64, u64), MmioTarget)>,
 }
 
-impl<'a> Vm<'a> {
-    /// Creates a VM whose RAM is the `(base, size)` ranges, with a VMCS ready for [`Vm::start`].
-    /// On error every frame taken so far is given back.
-    pub fn new(vmx: &'a VmxOn, phys: &'static PhysMap, ram: &[(u64, u64)]) -> Result<Vm<'a>, VmError> {
-        Vm::new_with(vmx, phys, ram, true)
+impl<'a> Vcpu<'a> {
+    /// Creates a VM whose RAM is the `(base, size)` ranges, and its first vCPU on the calling
+    /// CPU, ready for [`Vcpu::start`]. On error every frame taken so far is given back.
+    pub fn new(vmx: &'a VmxOn, phys: &'static PhysMap, ram: &[(u64, u64)]) -> Result<Vcpu<'a>, VmError> {
+        Vcpu::new_with(vmx, phys, ram, true)
     }
 
-    /// [`Vm::new`] with 2 MiB pages on (pgm's default) or off (`large_pages`: every page is
+    /// [`Vcpu::new`] with 2 MiB pages on (pgm's default) or off (`large_pages`: every page is
     /// mapped and filled at 4 KiB, as tests that count pages and faults one by one expect).
     pub fn new_with(
         vmx: &'a VmxOn,
         phys: &'static PhysMap,
         ram: &[(u64, u64)],
         large_pages: bool,
-    ) -> Result<Vm<'a>, VmError> {
+    ) -> Result<Vcpu<'a>, VmError> {
+        Vcpu::new_machine(vmx, phys, ram, large_pages, &MachineSpec::default())
+    }
+
+    /// [`Vcpu::new_with`] for a machine described by `spec` (its name and vCPU count, which
+    /// its devices report).
+    pub fn new_machine(
+        vmx: &'a VmxOn,
+        phys: &'static PhysMap,
+        ram: &[(u64, u64)],
+        large_pages: bool,
+        spec: &MachineSpec,
+    ) -> Result<Vcpu<'a>, VmError> {
         let mut pgm = Pgm::new(KernelFrames, phys)?;
         pgm.set_large_pages(large_pages);
         for &(base, size) in ram {
@@ -140,54 +142,56 @@ impl<'a> Vm<'a> {
             let base = GuestPhysAddr::new(base).ok_or(PgmError::BeyondAddressWidth)?;
             pgm.register_ram(base, size, "ram")?;
         }
-        Vm::new_vcpu(vmx, Arc::new(VmMemory::new(pgm)), phys)
+        let ram_bytes = ram.iter().map(|&(_, size)| size).sum();
+        let devices = VmDevices::new(spec, ram_bytes)?;
+        Vcpu::new_vcpu(vmx, Arc::new(VmMemory::new(pgm, devices)), phys)
     }
 
-    /// Adds a vCPU on the calling CPU to the VM whose memory is `memory` (see [`Vm::memory`]).
+    /// Adds a vCPU on the calling CPU to the VM whose memory is `memory` (see
+    /// [`Vcpu::memory`]).
     pub fn new_vcpu(
         vmx: &'a VmxOn,
         memory: Arc<VmMemory>,
         phys: &'static PhysMap,
-    ) -> Result<Vm<'a>, VmError> {
-        let vmcs = Vmcs::new(vmx, &mut { phys })?;
+    ) -> Result<Vcpu<'a>, VmError> {
+        let cpu = VmxVcpu::new(vmx, phys, memory.eptp())?;
         let requests = Arc::new(VcpuRequests::default());
-        memory.add_vcpu(vmcs.cpu(), &requests);
+        let index = memory.add_vcpu(cpu.host_cpu(), &requests);
+        let msrs = MsrState::new(index, memory.devices.phys_bits);
         // From here on Drop gives everything back on error.
-        let mut vm = Vm {
-            vmx,
-            vmcs,
+        let mut vcpu = Vcpu {
+            cpu,
             memory,
-            launched: false,
-            regs: GuestRegisters::default(),
+            index,
+            msrs,
             reports: Vec::new(),
             exits: ExitCounts::default(),
             violations: Vec::with_capacity(VIOLATION_LOG_LIMIT),
             last_fault: None,
-            entry_controls: EntryControlValues::default(),
             measuring: None,
             exit_costs: ExitCosts::NONE,
             budget: Budget::DEFAULT,
             ticks_used: 0,
             run_started: 0,
-            last_exit_reason: 0,
             overrun: ExitCost::NONE,
             requests,
             carried: None,
-            phys,
-            secondary_controls: 0,
-            pml_buffer: None,
-            pml_on: false,
+            halted: false,
+            dirty_logging: false,
             code_translation: None,
             decoder: DecodeCache::default(),
             last_mmio_target: None,
         };
-        vm.write_controls()?;
-        vm.set_up_pml()?;
-        vm.write_host_state(&vmx::host::current())?;
         // The root frame may have served an earlier VM with the same EPTP value and VPID: drop
         // whatever the CPU still caches for it.
-        vm.invalidate(Invalidation::SingleContext)?;
-        Ok(vm)
+        vcpu.invalidate(Invalidation::SingleContext)?;
+        Ok(vcpu)
+    }
+
+    /// The guest's general-purpose registers (RSP and RIP aside).
+    #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
+    pub fn regs(&self) -> &GuestRegisters {
+        self.cpu.regs()
     }
 
     /// The memory manager, locked (see [`VmMemory::lock`]).
@@ -201,7 +205,7 @@ impl<'a> Vm<'a> {
         self.memory.lock()
     }
 
-    /// The VM's shared memory, for [`Vm::new_vcpu`] or for host work on another CPU.
+    /// The VM's shared memory, for [`Vcpu::new_vcpu`] or for host work on another CPU.
     #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
     pub fn memory(&self) -> Arc<VmMemory> {
         Arc::clone(&self.memory)
@@ -214,7 +218,7 @@ impl<'a> Vm<'a> {
 
     /// Copies `program` into guest RAM at `at` and sets the guest up to start there in the
     /// program's mode with the given registers (RSP points just below `at`). Not for
-    /// [`GuestMode::Long64`] programs, which need page tables: see [`Vm::start_paged`].
+    /// [`GuestMode::Long64`] programs, which need page tables: see [`Vcpu::start_paged`].
     pub fn start(&mut self, program: &GuestProgram, at: u64, regs: GuestRegisters) -> Result<(), VmError> {
         self.start_paged(program, at, at, 0, regs)
     }
@@ -246,8 +250,8 @@ impl<'a> Vm<'a> {
         cr3: u64,
         regs: GuestRegisters,
     ) -> Result<(), VmError> {
-        self.write_guest_state(mode, rip, cr3)?;
-        self.regs = regs;
+        self.cpu.reset_to(mode, rip, cr3)?;
+        *self.cpu.regs_mut() = regs;
         Ok(())
     }
 
@@ -255,8 +259,7 @@ impl<'a> Vm<'a> {
     /// code).
     #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
     pub fn set_stack_pointer(&mut self, rsp: u64) -> Result<(), VmError> {
-        let vmcs = self.vmcs.current()?;
-        Ok(vmcs.write(guest::RSP, rsp)?)
+        Ok(self.cpu.set_rsp(rsp)?)
     }
 
     /// Sets the time and exits this VM may use from now on (ticks already used count against
@@ -275,7 +278,7 @@ impl<'a> Vm<'a> {
         Arc::clone(&self.requests)
     }
 
-    /// Runs the vCPU with no devices behind MMIO pages; see [`Vm::run_with`].
+    /// Runs the vCPU with no devices behind MMIO pages; see [`Vcpu::run_with`].
     pub fn run(&mut self) -> VmStop {
         self.run_with(&mut NoDevices)
     }
@@ -290,15 +293,15 @@ impl<'a> Vm<'a> {
     /// across the guest's run; waits in a rendezvous before an entry while one is under way.
     pub fn run_with(&mut self, devices: &mut impl AccessHandlers) -> VmStop {
         self.run_started = ticks();
-        if this_cpu().index != self.vmcs.cpu() {
-            return VmStop::Stopped(self.diagnostic(StopCause::WrongCpu, self.last_exit_reason));
+        if this_cpu().index != self.cpu.host_cpu() {
+            return VmStop::Stopped(self.diagnostic(StopCause::WrongCpu));
         }
-        self.memory.set_running(self.vmcs.cpu(), true);
+        self.memory.set_running(self.cpu.host_cpu(), true);
         let mut stop = self.run_loop(devices);
-        self.memory.set_running(self.vmcs.cpu(), false);
+        self.memory.set_running(self.cpu.host_cpu(), false);
         // Out of its run, the vCPU has handed every address it logged to the host.
-        if self.drain_pml().is_err() && !matches!(stop, VmStop::Stopped(_)) {
-            stop = VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit, exit_reason::PML_FULL));
+        if self.drain_dirty_log().is_err() && !matches!(stop, VmStop::Stopped(_)) {
+            stop = VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit));
         }
         if let VmStop::Stopped(diagnostic) = &stop {
             if diagnostic.cause.stops_vm() {
@@ -309,9 +312,9 @@ impl<'a> Vm<'a> {
         stop
     }
 
-    /// The body of [`Vm::run_with`], on the vCPU's own CPU, counted as running.
+    /// The body of [`Vcpu::run_with`], on the vCPU's own CPU, counted as running.
     fn run_loop(&mut self, devices: &mut impl AccessHandlers) -> VmStop {
-        let rate = self.vmx.caps().preemption_timer_rate();
+        let rate = self.cpu.timer_granularity();
         let clock = RunClock::start(&self.budget, self.ticks_used, self.run_started, rate);
         if let Some((kind, host_ticks)) = self.carried.take() {
             // Measured as if the exit had happened `host_ticks` before this run started.
@@ -325,7 +328,7 @@ impl<'a> Vm<'a> {
             if let Some(stop) = self.take_requests() {
                 break stop;
             }
-            if let Some(stop) = self.follow_pml_mode() {
+            if let Some(stop) = self.follow_dirty_log_mode() {
                 break stop;
             }
             let parked = self.memory.park_if_asked();
@@ -339,7 +342,20 @@ impl<'a> Vm<'a> {
                 break self.out_of_time(expired);
             }
             if self.exits.total >= exit_budget_end {
-                break VmStop::Stopped(self.diagnostic(StopCause::ExitBudget, self.last_exit_reason));
+                break VmStop::Stopped(self.diagnostic(StopCause::ExitBudget));
+            }
+            if self.halted {
+                match self.stay_halted(now) {
+                    Ok(true) => {
+                        core::hint::spin_loop();
+                        continue;
+                    }
+                    Ok(false) => {}
+                    Err(stop) => break stop,
+                }
+            }
+            if let Some(stop) = self.deliver_interrupts() {
+                break stop;
             }
             if let Some(stop) = self.enter_and_handle_exit(devices, &clock) {
                 break stop;
@@ -369,14 +385,10 @@ impl<'a> Vm<'a> {
     #[inline(never)]
     fn carry_out(&mut self, request: Request) -> Option<VmStop> {
         if request.contains(Request::FLUSH) && self.invalidate(Invalidation::SingleContext).is_err() {
-            return Some(VmStop::Stopped(
-                self.diagnostic(StopCause::UnhandledExit, self.last_exit_reason),
-            ));
+            return Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit)));
         }
         if request.contains(Request::VM_STOPPED) {
-            return Some(VmStop::Stopped(
-                self.diagnostic(StopCause::VmStopped, self.last_exit_reason),
-            ));
+            return Some(VmStop::Stopped(self.diagnostic(StopCause::VmStopped)));
         }
         request.contains(Request::STOP).then(|| VmStop::StopRequested {
             rip: self.guest_rip(),
@@ -397,229 +409,199 @@ impl<'a> Vm<'a> {
                 StopCause::HostDeadline
             }
         };
-        VmStop::Stopped(self.diagnostic(cause, self.last_exit_reason))
+        VmStop::Stopped(self.diagnostic(cause))
     }
 
-    /// The guest's RIP as the VMCS holds it (where a resumable run continues).
+    /// The guest's RIP (where a resumable run continues).
     pub fn guest_rip(&self) -> u64 {
-        self.vmcs.current().map_or(0, |vmcs| vmcs.read(guest::RIP))
+        self.cpu.cpu_state().map_or(0, |state| state.rip)
     }
 
-    /// Enters the guest once, with the preemption timer set for `clock`'s earliest deadline,
+    /// Enters the guest once, with the backend's timer set for `clock`'s earliest deadline,
     /// and handles the exit; `Some` when the run is over.
     fn enter_and_handle_exit(
         &mut self,
         devices: &mut impl AccessHandlers,
         clock: &RunClock,
     ) -> Option<VmStop> {
-        let vmcs = match self.vmcs.current() {
-            Ok(vmcs) => vmcs,
-            Err(error) => {
-                log::error!("{error}");
-                return Some(VmStop::Stopped(self.diagnostic(StopCause::EntryFailed, 0)));
-            }
-        };
         if let Some((kind, exit_tick)) = self.measuring.take() {
             self.exit_costs.0[kind as usize].add(ticks() - exit_tick);
         }
-        // Armed last, so the host work above does not eat into the guest's time.
-        let timer = clock.timer_value(ticks());
-        if vmcs
-            .write(guest::VMX_PREEMPTION_TIMER_VALUE, u64::from(timer))
-            .is_err()
-        {
-            return Some(VmStop::Stopped(self.diagnostic(StopCause::EntryFailed, 0)));
+        if self.memory.entering_on(self.cpu.host_cpu()).is_err() {
+            return Some(VmStop::Stopped(self.diagnostic(StopCause::EntryFailed)));
         }
-        if self.memory.entering_on(self.vmcs.cpu()).is_err() {
-            return Some(VmStop::Stopped(self.diagnostic(StopCause::EntryFailed, 0)));
-        }
-        // SAFETY: `write_host_state` wrote this CPU's host state with RIP at the exit entry
-        // point when the VM was created; the EPT pointer names this VM's tables, which map only
-        // frames it holds; `launched` is set after the first successful entry and the VMCS is
-        // VMCLEARed only when the VM is dropped.
-        let entered = unsafe { vmx::run_guest(&vmcs, &mut self.regs, self.launched) };
+        // Read last, so the host work above does not eat into the guest's time. The guest is
+        // back by the next device interrupt, to take it.
+        let deadline = clock.deadline().min(self.next_interrupt());
+        let left = deadline.saturating_sub(ticks());
+        let exit = self.cpu.run(left);
         let exit_tick = ticks();
-        if entered.is_err() {
-            let error = vmcs.read(ro::VM_INSTRUCTION_ERROR) as u32;
-            let mut diagnostic = self.diagnostic(StopCause::EntryFailed, 0);
-            diagnostic.exit_reason = error;
-            log::error!("VMLAUNCH/VMRESUME failed with VM-instruction error {error}");
-            return Some(VmStop::Stopped(diagnostic));
-        }
-        self.launched = true;
+        let exit = match exit {
+            Ok(exit) => exit,
+            Err(failure) => {
+                let mut diagnostic = self.diagnostic(StopCause::EntryFailed);
+                if !failure.invalid_guest_state {
+                    diagnostic.exit_reason = failure.code;
+                    diagnostic.exit_name = "entry instruction error";
+                    log::error!("guest entry failed with error {}", failure.code);
+                }
+                return Some(VmStop::Stopped(diagnostic));
+            }
+        };
         self.exits.total += 1;
-        let raw_reason = vmcs.read(ro::EXIT_REASON);
-        let reason = (raw_reason & 0xFFFF) as u32;
-        self.last_exit_reason = reason;
-        if raw_reason & ENTRY_FAILURE != 0 {
-            return Some(VmStop::Stopped(self.diagnostic(StopCause::EntryFailed, reason)));
-        }
-        if reason != exit_reason::EPT_VIOLATION {
+        if !matches!(exit, VmExit::NestedFault { .. }) {
             self.last_fault = None;
         }
-        match reason {
-            exit_reason::EPT_VIOLATION => {
-                let qualification = vmcs.read(ro::EXIT_QUALIFICATION);
-                let gpa = GuestPhysAddr::new_truncate(vmcs.read(ro::GUEST_PHYSICAL_ADDR_FULL));
-                self.handle_ept_violation(qualification, gpa, exit_tick, devices)
-            }
-            exit_reason::VMCALL => {
+        self.handle_exit(exit, exit_tick, devices)
+    }
+
+    /// Carries out the exit policy for `exit`, which happened at `exit_tick`.
+    fn handle_exit(
+        &mut self,
+        exit: VmExit,
+        exit_tick: u64,
+        devices: &mut impl AccessHandlers,
+    ) -> Option<VmStop> {
+        match exit {
+            VmExit::NestedFault {
+                gpa,
+                access,
+                was_readable,
+                page_walk,
+            } => self.handle_nested_fault(gpa, access, was_readable, page_walk, exit_tick, devices),
+            VmExit::Hypercall => {
                 self.measuring = Some((ExitKind::Hypercall, exit_tick));
                 self.handle_hypercall()
             }
-            exit_reason::PREEMPTION_TIMER => {
+            VmExit::Preemption => {
                 // The run loop decides whether a deadline passed (the timer may have been
                 // capped short of it).
                 self.exits.preemption_timer += 1;
                 self.measuring = Some((ExitKind::Preemption, exit_tick));
                 None
             }
-            exit_reason::EXTERNAL_INTERRUPT => {
+            VmExit::ExternalInterrupt => {
                 // Not acknowledged by the exit: the run loop lets the host take it, then takes
                 // whatever requests its handler posted.
                 self.exits.external_interrupts += 1;
                 None
             }
-            exit_reason::EXCEPTION_OR_NMI if self.exit_was_nmi() => {
+            VmExit::Nmi => {
                 self.exits.nmis += 1;
                 idt::deliver_nmi();
-                match self.unblock_host_nmis() {
-                    Ok(()) => None,
-                    Err(_) => Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit, reason))),
-                }
+                None
             }
-            exit_reason::PAUSE => {
+            VmExit::Pause => {
                 // A PAUSE loop longer than the window: the guest waits for something only
                 // another vCPU or the host could give it, so it yields its slice.
                 self.exits.pause_loops += 1;
                 Some(VmStop::Preempted {
-                    rip: vmcs.read(guest::RIP),
+                    rip: self.guest_rip(),
                 })
             }
-            exit_reason::MONITOR | exit_reason::MWAIT => {
+            VmExit::MonitorMwait => {
                 // Both may complete at once architecturally (MWAIT may wake for any reason),
                 // so the guest never sleeps on the CPU; its budget bounds a wait loop.
                 self.exits.monitor_mwait += 1;
-                match self.skip_instruction() {
-                    Ok(()) => None,
-                    Err(_) => Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit, reason))),
-                }
+                self.skip_or_stop()
             }
-            exit_reason::IO_INSTRUCTION => self.handle_port_io(reason),
-            exit_reason::PML_FULL => self.handle_pml_full(exit_tick),
-            exit_reason::HLT => Some(VmStop::Halted {
-                rip: vmcs.read(guest::RIP),
-            }),
-            exit_reason::TRIPLE_FAULT => {
-                Some(VmStop::Stopped(self.diagnostic(StopCause::TripleFault, reason)))
+            VmExit::PortIo(io) => self.handle_port_io(io),
+            VmExit::DirtyLogFull => self.handle_dirty_log_full(exit_tick),
+            VmExit::Hlt => self.handle_hlt(),
+            VmExit::Shutdown => Some(VmStop::Stopped(self.diagnostic(StopCause::TripleFault))),
+            VmExit::Cpuid => self.handle_cpuid(),
+            VmExit::MsrRead { msr } => self.handle_msr_read(msr),
+            VmExit::MsrWrite { msr, value } => self.handle_msr_write(msr, value),
+            VmExit::InterruptWindow => {
+                // The interrupt waiting for it is delivered before the next entry.
+                self.exits.interrupt_windows += 1;
+                None
             }
-            _ => Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit, reason))),
+            // The exception bitmap is empty: an exception exit is unexpected.
+            VmExit::Exception { .. } | VmExit::Fatal { .. } => {
+                Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit)))
+            }
         }
     }
 
-    /// Clears blocking by NMI in the guest's interruptibility state after an NMI exit. NMIs
-    /// belong to the host (NMI exiting, no virtual NMIs), yet Bochs saves the blocking its NMI
-    /// exit set as the guest's and restores it at the next entry: the guest, which never
-    /// executes the IRET that would end it, would then hold back every later NMI, and with it
-    /// every flush request and kick sent to this CPU.
-    fn unblock_host_nmis(&self) -> Result<(), VmxError> {
-        let vmcs = self.vmcs.current()?;
-        let state = vmcs.read(guest::INTERRUPTIBILITY_STATE);
-        if state & BLOCKING_BY_NMI != 0 {
-            vmcs.write(guest::INTERRUPTIBILITY_STATE, state & !BLOCKING_BY_NMI)?;
+    /// HLT. With interrupts enabled the vCPU waits for the next one (see
+    /// [`stay_halted`](Self::stay_halted)); with them disabled nothing can wake it, and the run
+    /// ends as `Halted` at the HLT.
+    fn handle_hlt(&mut self) -> Option<VmStop> {
+        self.exits.halts += 1;
+        let interrupts_on = self
+            .cpu
+            .cpu_state()
+            .is_ok_and(|state| state.rflags & RFLAGS_IF != 0);
+        if !interrupts_on {
+            return Some(VmStop::Halted {
+                rip: self.guest_rip(),
+            });
         }
-        Ok(())
+        self.halted = true;
+        None
     }
 
-    /// True when the current exception-or-NMI exit was an NMI (the exception bitmap is empty,
-    /// so any other exception exit is unexpected).
-    fn exit_was_nmi(&self) -> bool {
-        let info = self
-            .vmcs
-            .current()
-            .map_or(0, |vmcs| vmcs.read(ro::VMEXIT_INTERRUPTION_INFO));
-        info & INTERRUPTION_VALID != 0 && info & INTERRUPTION_TYPE_MASK == INTERRUPTION_TYPE_NMI
+    /// A halted vCPU before an entry: `Ok(true)` while it keeps waiting (the run loop goes
+    /// round again, taking requests and deadlines); `Ok(false)` once an interrupt woke it (RIP
+    /// past the HLT, the interrupt delivered next); `Err` ends the run as `Halted` when no
+    /// interrupt is armed that could wake it.
+    fn stay_halted(&mut self, now: u64) -> Result<bool, VmStop> {
+        if self.interrupt_waiting(now) {
+            self.halted = false;
+            return match self.cpu.skip_instruction() {
+                Ok(()) => Ok(false),
+                Err(_) => Err(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit))),
+            };
+        }
+        if self.next_interrupt() == u64::MAX {
+            self.halted = false;
+            return Err(VmStop::Halted {
+                rip: self.guest_rip(),
+            });
+        }
+        Ok(true)
     }
 
-    /// Port I/O. The one port the hypervisor answers itself is System Control Port A (0x92),
-    /// whose bit 1 is the A20 gate: a byte OUT opens or closes the gate through pgm (with the
-    /// INVEPT that needs), a byte IN reads it back. Every other port, string or REP form, and
-    /// the fast-reset bit (bit 0) stop the VM with the exit's diagnostic: there is no device.
-    fn handle_port_io(&mut self, reason: u32) -> Option<VmStop> {
-        let Ok(vmcs) = self.vmcs.current() else {
-            return Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit, reason)));
-        };
-        let qualification = vmcs.read(ro::EXIT_QUALIFICATION);
-        let port = (qualification >> 16) as u16;
-        let byte_sized = qualification & IO_SIZE_MASK == 0;
-        let plain = qualification & (IO_STRING | IO_REP) == 0;
-        let unhandled = |vm: &Self| Some(VmStop::Stopped(vm.diagnostic(StopCause::UnhandledExit, reason)));
-        if port != PORT_A20 || !byte_sized || !plain {
-            return unhandled(self);
-        }
-        let mut pgm = self.memory.lock();
-        let invalidation = if qualification & IO_IN != 0 {
-            let gate = if pgm.a20_enabled() { A20_GATE_BIT } else { 0 };
-            self.regs.rax = (self.regs.rax & !0xFF) | gate;
-            Invalidation::None
-        } else {
-            let value = self.regs.rax & 0xFF;
-            if value & FAST_RESET_BIT != 0 {
-                return unhandled(self);
-            }
-            pgm.set_a20(value & A20_GATE_BIT != 0)
-        };
-        drop(pgm);
-        self.exits.port_io += 1;
-        match self
-            .skip_instruction()
-            .and_then(|()| self.invalidate(invalidation))
-        {
+    /// Moves the guest past the instruction that exited; a backend failure stops the VM.
+    pub(super) fn skip_or_stop(&mut self) -> Option<VmStop> {
+        match self.cpu.skip_instruction() {
             Ok(()) => None,
-            Err(_) => unhandled(self),
+            Err(_) => Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit))),
         }
     }
 
-    /// Moves the guest's RIP past the instruction that caused the current exit.
-    fn skip_instruction(&self) -> Result<(), VmxError> {
-        let vmcs = self.vmcs.current()?;
-        let next_rip = vmcs.read(guest::RIP) + vmcs.read(ro::VMEXIT_INSTRUCTION_LEN);
-        vmcs.write(guest::RIP, next_rip)
-    }
-
-    /// Hands an EPT violation to `pgm` and carries out the invalidation it asks for; accesses
-    /// pgm cannot map (MMIO, handlers, ROM writes) are emulated through `devices`. The exit
-    /// qualification and guest-physical address are read by the caller, which holds the VMCS.
-    fn handle_ept_violation(
+    /// Hands a nested-paging fault (`access` to `gpa`; `was_readable` and `page_walk` as in
+    /// [`VmExit::NestedFault`]) to `pgm` and carries out the invalidation it asks for; accesses
+    /// pgm cannot map (MMIO, handlers, ROM writes) are emulated through `devices`.
+    fn handle_nested_fault(
         &mut self,
-        qualification: u64,
         gpa: GuestPhysAddr,
+        access: Access,
+        was_readable: bool,
+        page_walk: bool,
         exit_tick: u64,
         devices: &mut impl AccessHandlers,
     ) -> Option<VmStop> {
         self.exits.ept_violations += 1;
         if self.violations.len() < VIOLATION_LOG_LIMIT {
-            self.violations.push((gpa, qualification));
+            self.violations.push((gpa, self.cpu.raw_exit().qualification));
         }
-        let access = if qualification & EPT_WRITE != 0 {
-            Access::Write
-        } else if qualification & EPT_EXECUTE != 0 {
-            Access::Execute
-        } else {
-            Access::Read
-        };
-        let stop = |vm: &Self, cause| Some(VmStop::Stopped(vm.diagnostic(cause, exit_reason::EPT_VIOLATION)));
+        // An exit in the middle of delivering an event (the backend queued it again) is the
+        // CPU's own access, like a page walk: there is no instruction to emulate.
+        let page_walk = page_walk || self.cpu.event_pending();
+        let stop = |vcpu: &Self, cause| Some(VmStop::Stopped(vcpu.diagnostic(cause)));
         // Without the lock first, where that can help. A write to a page mapped read-only
         // (write monitoring, or a fault another vCPU resolved meanwhile) may be resolved
         // lock-free; an access to an entry that was not even readable is most likely MMIO,
         // emulated on the shared manager. Anything else goes to the lock.
-        let lock_free = if qualification & EPT_WAS_READABLE == 0 {
+        let lock_free = if !was_readable {
             // Shared anew (an `Arc` count) so the guard outlives the borrow of `self`; the
             // lock-free path pays for no count.
             let memory = Arc::clone(&self.memory);
-            let shared = memory.shared(self.vmcs.cpu());
+            let shared = memory.shared(self.cpu.host_cpu());
             if let Some(target) = self.mmio_target(&shared, gpa) {
-                if let Some(cause) = emulation_refused(access, qualification) {
+                if let Some(cause) = emulation_refused(access, page_walk) {
                     return stop(self, cause);
                 }
                 self.measuring = Some((mmio_exit_kind(access), exit_tick));
@@ -627,7 +609,8 @@ impl<'a> Vm<'a> {
             }
             None
         } else if access == Access::Write {
-            self.memory.resolve_fault_lock_free(self.vmcs.cpu(), gpa, access)
+            self.memory
+                .resolve_fault_lock_free(self.cpu.host_cpu(), gpa, access)
         } else {
             None
         };
@@ -673,7 +656,7 @@ impl<'a> Vm<'a> {
             outcome @ (FaultOutcome::Handler { .. }
             | FaultOutcome::WriteIgnored
             | FaultOutcome::EmulateWrite) => {
-                if let Some(cause) = emulation_refused(access, qualification) {
+                if let Some(cause) = emulation_refused(access, page_walk) {
                     return stop(self, cause);
                 }
                 let kind = match outcome {
@@ -730,66 +713,55 @@ impl<'a> Vm<'a> {
     /// every call that changes mappings the CPU may cache).
     #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
     pub fn flush(&mut self, invalidation: Invalidation) -> Result<(), VmError> {
-        Ok(self.invalidate(invalidation)?)
+        self.invalidate(invalidation)
     }
 
-    /// Executes the INVEPT that `invalidation` names.
-    pub(super) fn invalidate(&mut self, invalidation: Invalidation) -> Result<(), VmxError> {
+    /// Carries out `invalidation` for the VM (see [`VmMemory::flush`]).
+    pub(super) fn invalidate(&mut self, invalidation: Invalidation) -> Result<(), VmError> {
         if invalidation != Invalidation::None {
             self.exits.invepts += 1;
         }
-        self.memory.flush(invalidation)
+        Ok(self.memory.flush(invalidation)?)
     }
 
     /// Handles VMCALL: DONE ends the run, REPORT records RBX, anything else returns
     /// [`hypercall::UNKNOWN`] in RAX. RIP moves past the VMCALL.
     fn handle_hypercall(&mut self) -> Option<VmStop> {
         self.exits.hypercalls += 1;
-        if self.skip_instruction().is_err() {
-            return Some(VmStop::Stopped(
-                self.diagnostic(StopCause::UnhandledExit, exit_reason::VMCALL),
-            ));
+        if let Some(stop) = self.skip_or_stop() {
+            return Some(stop);
         }
-        match self.regs.rax {
-            hypercall::DONE => return Some(VmStop::Done(self.regs.rbx)),
-            hypercall::REPORT => self.reports.push(self.regs.rbx),
-            _ => self.regs.rax = hypercall::UNKNOWN,
+        let regs = self.cpu.regs_mut();
+        match regs.rax {
+            hypercall::DONE => return Some(VmStop::Done(regs.rbx)),
+            hypercall::REPORT => self.reports.push(regs.rbx),
+            _ => regs.rax = hypercall::UNKNOWN,
         }
         None
     }
 
-    /// Collects what the VMCS says about the current exit.
-    pub(super) fn diagnostic(&self, cause: StopCause, exit_reason: u32) -> Diagnostic {
-        let mut diagnostic = Diagnostic {
+    /// Collects what the backend says about the last exit.
+    pub(super) fn diagnostic(&self, cause: StopCause) -> Diagnostic {
+        let raw = self.cpu.raw_exit();
+        Diagnostic {
             cause,
-            exit_reason,
-            qualification: 0,
-            gpa: None,
-            rip: 0,
+            exit_reason: raw.reason,
+            exit_name: raw.name,
+            qualification: raw.qualification,
+            gpa: raw.gpa,
+            rip: raw.rip,
             instruction: InstructionBytes::default(),
             ticks: self.ticks_used + ticks().saturating_sub(self.run_started),
-        };
-        // Without a VMCS to read, the diagnostic says only why and when.
-        if let Ok(vmcs) = self.vmcs.current() {
-            diagnostic.qualification = vmcs.read(ro::EXIT_QUALIFICATION);
-            diagnostic.rip = vmcs.read(guest::RIP);
-            diagnostic.gpa = matches!(
-                exit_reason,
-                exit_reason::EPT_VIOLATION | exit_reason::EPT_MISCONFIGURATION
-            )
-            .then(|| GuestPhysAddr::new_truncate(vmcs.read(ro::GUEST_PHYSICAL_ADDR_FULL)));
         }
-        diagnostic
     }
 }
 
-impl Drop for Vm<'_> {
+impl Drop for Vcpu<'_> {
     /// Leaves the VM's vCPU list and adds this vCPU's exit statistics to the totals; the
     /// VMCS (cleared on its own CPU) and, with the last vCPU, the VM's memory go with the
     /// fields.
     fn drop(&mut self) {
         self.memory.remove_vcpu(&self.requests);
-        self.release_pml();
         let mut finished = FINISHED_VMS.lock();
         finished.0.merge(&self.exit_costs);
         finished.1.merge(&self.overrun);

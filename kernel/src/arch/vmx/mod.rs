@@ -3,7 +3,9 @@
 
 pub mod caps;
 mod entry;
+pub mod exits;
 pub mod host;
+mod vcpu;
 pub mod vmcs;
 
 use core::fmt;
@@ -15,6 +17,7 @@ use x86_64::registers::control::{Cr0, Cr4};
 
 pub use caps::{Unavailable, VmxCaps};
 pub use entry::{run_guest, GuestRegisters};
+pub use vcpu::VmxVcpu;
 
 /// IA32_FEATURE_CONTROL: lock bit and "VMX outside SMX" enable bit.
 const FEATURE_CONTROL_LOCKED: u64 = 1 << 0;
@@ -33,6 +36,13 @@ pub enum VmxError {
     NotStarted,
     /// A VMCS was used on a CPU other than the one it is active on.
     WrongCpu,
+    /// The CPU cannot set VMX control bits `missing` of the `which` controls that a vCPU needs.
+    Control {
+        /// Which controls: pin-based, primary or secondary processor-based, VM-exit, VM-entry.
+        which: &'static str,
+        /// The bits the CPU does not allow.
+        missing: u32,
+    },
     /// `instruction` failed (VMfailInvalid when `error` is `None`).
     Failed {
         /// The instruction's mnemonic.
@@ -49,6 +59,9 @@ impl fmt::Display for VmxError {
             VmxError::OutOfFrames => write!(f, "no host frame for a VMX structure"),
             VmxError::NotStarted => write!(f, "the CPU has not been started"),
             VmxError::WrongCpu => write!(f, "the VMCS is active on another CPU"),
+            VmxError::Control { which, missing } => {
+                write!(f, "the CPU cannot set {which} control bits {missing:#x}")
+            }
             VmxError::Failed {
                 instruction,
                 error: Some(error),

@@ -1,0 +1,934 @@
+//! The VT-x backend of one vCPU: its VMCS (execution controls, host and guest state), guest
+//! entry, the decoding of every exit into the neutral [`VmExit`], event injection, and the
+//! page-modification log. Exit policy lives in `crate::vm` and reaches this only through
+//! [`VirtualCpu`].
+
+use alloc::vec::Vec;
+
+use pgm::frames::{HostFrameAllocator, HostMemory};
+use pgm::{Access, GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
+use x86::vmx::vmcs::control::{
+    self, EntryControls, ExitControls, PinbasedControls, PrimaryControls, SecondaryControls, EPTP_FULL,
+    EXCEPTION_BITMAP, PINBASED_EXEC_CONTROLS, PLE_GAP, PLE_WINDOW, PML_ADDR_FULL,
+    PRIMARY_PROCBASED_EXEC_CONTROLS, SECONDARY_PROCBASED_EXEC_CONTROLS, VMENTRY_CONTROLS,
+    VMENTRY_EXCEPTION_ERR_CODE, VMENTRY_INSTRUCTION_LEN, VMENTRY_INTERRUPTION_INFO_FIELD,
+    VMENTRY_MSR_LOAD_ADDR_FULL, VMENTRY_MSR_LOAD_COUNT, VMEXIT_CONTROLS, VMEXIT_MSR_STORE_ADDR_FULL,
+    VMEXIT_MSR_STORE_COUNT, VPID,
+};
+use x86::vmx::vmcs::{guest, host, ro};
+
+use super::exits::qualification::{
+    is_page_walk, ENTRY_FAILURE, EPT_EXECUTE, EPT_WAS_READABLE, EPT_WRITE, INTERRUPTION_ERROR_CODE,
+    INTERRUPTION_TYPE_EXTERNAL, INTERRUPTION_TYPE_HARD_EXCEPTION, INTERRUPTION_TYPE_MASK,
+    INTERRUPTION_TYPE_NMI, INTERRUPTION_VALID, IO_IN, IO_REP, IO_SIZE_MASK, IO_STRING,
+};
+use super::exits::{exit_name, exit_reason};
+use super::host::HostState;
+use super::vmcs::{CurrentVmcs, Vmcs};
+use super::{GuestRegisters, VmxError, VmxOn};
+use devices::msr::index as msr;
+
+use crate::arch::guests::GuestMode;
+use crate::arch::memory::{KernelFrames, PhysMap};
+use crate::vm::backend::{
+    BackendError, CpuState, Direction, EntryFailure, Event, PortIo, RawExit, Segment, VirtualCpu, VmExit,
+};
+
+/// PAUSE-loop exiting: PAUSEs at most this many ticks apart belong to one loop, and a loop
+/// longer than the window exits (the values KVM uses).
+const PAUSE_LOOP_GAP: u64 = 128;
+const PAUSE_LOOP_WINDOW: u64 = 4096;
+/// VPID of every vCPU; 0 is reserved for the host. One value serves all: each CPU tags its own
+/// TLB, and two vCPUs of one VM on one CPU share the EPT the tags are combined with.
+const GUEST_VPID: u64 = 1;
+/// Guest CR0 bits: ET (bit 4) and NE (bit 5); PE is added for protected mode.
+const CR0_PE: u64 = 1 << 0;
+const CR0_ET_NE: u64 = (1 << 4) | (1 << 5);
+const CR0_PG: u64 = 1 << 31;
+const CR4_VMXE: u64 = 1 << 13;
+const CR4_PAE: u64 = 1 << 5;
+/// IA32_EFER: long mode enabled and active.
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+/// Code-segment access rights: L (64-bit code) and D/B (32-bit default size).
+const CS_LONG: u64 = 1 << 13;
+const CS_DEFAULT_32: u64 = 1 << 14;
+
+/// Guest interruptibility state: blocking by STI (bit 0), by MOV SS (bit 1), by NMI (bit 3).
+const BLOCKING_BY_STI_OR_MOV_SS: u64 = 0b11;
+const BLOCKING_BY_NMI: u64 = 1 << 3;
+/// RFLAGS.IF.
+const RFLAGS_IF: u64 = 1 << 9;
+/// Page-modification log: entries per buffer, and the index the CPU logs the next address at
+/// (the buffer's last entry).
+const PML_ENTRIES: u64 = 512;
+const PML_FIRST_INDEX: u64 = PML_ENTRIES - 1;
+/// EPT pointer bit 6: the CPU sets accessed and dirty flags in EPT entries.
+const EPTP_ACCESSED_DIRTY: u64 = 1 << 6;
+/// EFER bits a guest may set: SYSCALL (0), long mode enable (8) and active (10, read-only),
+/// no-execute (11).
+const EFER_SCE: u64 = 1 << 0;
+const EFER_NXE: u64 = 1 << 11;
+/// CR0.PG (LME may not change while it is set).
+const CR0_PAGING: u64 = 1 << 31;
+/// The guest MSRs outside the VMCS's guest-state area, swapped by the VM-entry MSR-load area
+/// and the VM-exit MSR-store area (one frame, 16 bytes an entry: index, reserved, value). The
+/// host does not use SYSCALL or SWAPGS, so nothing restores its values at exit.
+const SWAPPED_MSRS: [u32; 5] = [
+    msr::STAR,
+    msr::LSTAR,
+    msr::CSTAR,
+    msr::SFMASK,
+    msr::KERNEL_GS_BASE,
+];
+/// MSRs whose value is an address the CPU checks for canonical form (WRMSR #GP, VM entry).
+const ADDRESS_MSRS: [u32; 6] = [
+    msr::LSTAR,
+    msr::CSTAR,
+    msr::KERNEL_GS_BASE,
+    msr::FS_BASE,
+    msr::GS_BASE,
+    msr::SYSENTER_ESP,
+];
+
+/// True when `address` is canonical for 48-bit linear addresses.
+fn canonical(address: u64) -> bool {
+    let top = address >> 47;
+    top == 0 || top == 0x1_FFFF
+}
+
+/// The VM-entry control values for the two kinds of guest.
+#[derive(Clone, Copy, Default)]
+struct EntryControlValues {
+    legacy: u64,
+    long_mode: u64,
+}
+
+/// One vCPU on VT-x: a VMCS active on the host CPU that made it.
+pub struct VmxVcpu<'a> {
+    vmx: &'a VmxOn,
+    /// Dropped (VMCLEAR on its CPU) with the vCPU.
+    vmcs: Vmcs,
+    launched: bool,
+    /// The guest's general-purpose registers (RSP and RIP live in the VMCS).
+    regs: GuestRegisters,
+    /// The EPT pointer of the VM's tables.
+    eptp: u64,
+    entry_controls: EntryControlValues,
+    /// The primary processor-based controls without interrupt-window exiting.
+    primary_controls: u64,
+    /// The secondary processor-based controls without PML.
+    secondary_controls: u64,
+    /// The host's physical memory window (the page-modification log is read through it).
+    phys: &'static PhysMap,
+    /// This vCPU's page-modification log, when the CPU supports PML.
+    pml_buffer: Option<HostPhysAddr>,
+    /// PML is enabled in the VMCS.
+    pml_on: bool,
+    /// Interrupt-window exiting is on.
+    window_exiting: bool,
+    /// The VM-entry controls name IA-32e mode (kept equal to the guest's EFER.LMA).
+    ia32e_entry: bool,
+    /// The frame of the guest MSRs swapped at entry and exit ([`SWAPPED_MSRS`]).
+    msr_area: HostPhysAddr,
+    /// The basic reason of the last exit.
+    last_reason: u32,
+}
+
+impl<'a> VmxVcpu<'a> {
+    /// Makes a VMCS on the calling CPU for a guest whose EPT pointer is `eptp`: controls, host
+    /// state and the page-modification log (when the CPU has PML). On error everything taken
+    /// is given back.
+    pub fn new(vmx: &'a VmxOn, phys: &'static PhysMap, eptp: u64) -> Result<VmxVcpu<'a>, VmxError> {
+        let msr_area = KernelFrames.allocate_frame().ok_or(VmxError::OutOfFrames)?;
+        let vmcs = match Vmcs::new(vmx, &mut { phys }) {
+            Ok(vmcs) => vmcs,
+            Err(error) => {
+                KernelFrames.free_frame(msr_area);
+                return Err(error);
+            }
+        };
+        let mut vcpu = VmxVcpu {
+            vmx,
+            vmcs,
+            launched: false,
+            regs: GuestRegisters::default(),
+            eptp,
+            entry_controls: EntryControlValues::default(),
+            primary_controls: 0,
+            secondary_controls: 0,
+            phys,
+            pml_buffer: None,
+            pml_on: false,
+            window_exiting: false,
+            ia32e_entry: false,
+            msr_area,
+            last_reason: 0,
+        };
+        vcpu.write_controls(eptp)?;
+        vcpu.set_up_msr_area()?;
+        vcpu.set_up_pml()?;
+        vcpu.write_host_state(&super::host::current())?;
+        Ok(vcpu)
+    }
+
+    /// Sets the guest up to start at `rip` in `mode` (see [`GuestMode`]) with CR3 `cr3` and the
+    /// stack just below `rip`.
+    pub fn reset_to(&mut self, mode: GuestMode, rip: u64, cr3: u64) -> Result<(), BackendError> {
+        Ok(self.write_guest_state(mode, rip, cr3)?)
+    }
+
+    /// VM-execution, exit and entry controls: HLT, MONITOR, MWAIT and all port I/O exit, and
+    /// so do long PAUSE loops where the CPU offers it; host interrupts and NMIs exit (not
+    /// acknowledged: the host takes them itself); the VMX-preemption timer bounds every entry;
+    /// EPT, VPID and unrestricted guest on; EFER switched on entry and exit; 64-bit host.
+    fn write_controls(&mut self, eptp: u64) -> Result<(), VmxError> {
+        let caps = self.vmx.caps();
+        let adjust = |which, caps: &super::caps::ControlCaps, wanted: u32| {
+            caps.adjust(wanted)
+                .map(u64::from)
+                .map_err(|missing| VmxError::Control { which, missing })
+        };
+        let pin = adjust(
+            "pin-based",
+            &caps.pin,
+            (PinbasedControls::EXTERNAL_INTERRUPT_EXITING
+                | PinbasedControls::NMI_EXITING
+                | PinbasedControls::VMX_PREEMPTION_TIMER)
+                .bits(),
+        )?;
+        let primary = adjust(
+            "primary processor-based",
+            &caps.primary,
+            (PrimaryControls::HLT_EXITING
+                | PrimaryControls::UNCOND_IO_EXITING
+                | PrimaryControls::MWAIT_EXITING
+                | PrimaryControls::MONITOR_EXITING
+                | PrimaryControls::SECONDARY_CONTROLS)
+                .bits(),
+        )?;
+        let pause_loop_exiting = caps.pause_loop_exiting();
+        let pause_loop = if pause_loop_exiting {
+            SecondaryControls::PAUSE_LOOP_EXITING
+        } else {
+            SecondaryControls::empty()
+        };
+        let secondary = adjust(
+            "secondary processor-based",
+            &caps.secondary,
+            (SecondaryControls::ENABLE_EPT
+                | SecondaryControls::ENABLE_VPID
+                | SecondaryControls::UNRESTRICTED_GUEST
+                | pause_loop)
+                .bits(),
+        )?;
+        let exit = adjust(
+            "VM-exit",
+            &caps.exit,
+            (ExitControls::HOST_ADDRESS_SPACE_SIZE
+                | ExitControls::SAVE_IA32_EFER
+                | ExitControls::LOAD_IA32_EFER)
+                .bits(),
+        )?;
+        let entry = adjust("VM-entry", &caps.entry, EntryControls::LOAD_IA32_EFER.bits())?;
+        let entry_long_mode = adjust(
+            "VM-entry",
+            &caps.entry,
+            (EntryControls::LOAD_IA32_EFER | EntryControls::IA32E_MODE_GUEST).bits(),
+        )?;
+        self.primary_controls = primary;
+        self.secondary_controls = secondary;
+        self.entry_controls = EntryControlValues {
+            legacy: entry,
+            long_mode: entry_long_mode,
+        };
+        let vmcs = self.vmcs.current()?;
+        for (field, value) in [
+            (PINBASED_EXEC_CONTROLS, pin),
+            (PRIMARY_PROCBASED_EXEC_CONTROLS, primary),
+            (SECONDARY_PROCBASED_EXEC_CONTROLS, secondary),
+            (VMEXIT_CONTROLS, exit),
+            (VMENTRY_CONTROLS, entry),
+            (EXCEPTION_BITMAP, 0),
+            (VPID, GUEST_VPID),
+            (EPTP_FULL, eptp),
+            (control::CR3_TARGET_COUNT, 0),
+            (control::CR0_GUEST_HOST_MASK, 0),
+            // The guest sees CR4.VMXE (required by VMX) as clear.
+            (control::CR4_GUEST_HOST_MASK, CR4_VMXE),
+            (control::CR4_READ_SHADOW, 0),
+        ] {
+            vmcs.write(field, value)?;
+        }
+        if pause_loop_exiting {
+            vmcs.write(PLE_GAP, PAUSE_LOOP_GAP)?;
+            vmcs.write(PLE_WINDOW, PAUSE_LOOP_WINDOW)?;
+        }
+        Ok(())
+    }
+
+    /// The host-state area: exits return to `vmx_exit` on the kernel's own state.
+    fn write_host_state(&mut self, state: &HostState) -> Result<(), VmxError> {
+        let vmcs = self.vmcs.current()?;
+        for (field, value) in [
+            (host::CR0, state.cr0),
+            (host::CR3, state.cr3),
+            (host::CR4, state.cr4),
+            (host::CS_SELECTOR, u64::from(state.code_selector)),
+            (host::SS_SELECTOR, u64::from(state.data_selector)),
+            (host::DS_SELECTOR, u64::from(state.data_selector)),
+            (host::ES_SELECTOR, u64::from(state.data_selector)),
+            (host::FS_SELECTOR, 0),
+            (host::GS_SELECTOR, 0),
+            (host::TR_SELECTOR, u64::from(state.tr_selector)),
+            (host::FS_BASE, state.fs_base),
+            (host::GS_BASE, state.gs_base),
+            (host::TR_BASE, state.tr_base),
+            (host::GDTR_BASE, state.gdtr_base),
+            (host::IDTR_BASE, state.idtr_base),
+            (host::IA32_SYSENTER_CS, state.sysenter_cs),
+            (host::IA32_SYSENTER_ESP, state.sysenter_esp),
+            (host::IA32_SYSENTER_EIP, state.sysenter_eip),
+            (host::IA32_EFER_FULL, state.efer),
+            (host::RIP, state.rip),
+        ] {
+            vmcs.write(field, value)?;
+        }
+        Ok(())
+    }
+
+    /// Guest state for entering `mode` at `rip`: flat segments (protected and long mode) or
+    /// real-mode segments with CS = 0; paging only in long mode (tables at `cr3`); an empty IDT
+    /// (any exception triple-faults) and the stack just below `rip`.
+    fn write_guest_state(&mut self, mode: GuestMode, rip: u64, cr3: u64) -> Result<(), VmxError> {
+        let caps = self.vmx.caps();
+        let (cr0_fixed0, cr0_fixed1) = caps.cr0_fixed;
+        let (cr4_fixed0, cr4_fixed1) = caps.cr4_fixed;
+        let (mode_cr0, mode_cr4, efer) = match mode {
+            GuestMode::Real => (0, 0, 0),
+            GuestMode::Flat32 => (CR0_PE, 0, 0),
+            GuestMode::Long64 => (CR0_PE | CR0_PG, CR4_PAE, EFER_LME | EFER_LMA),
+        };
+        // Unrestricted guest lets PE and PG be clear whatever CR0_FIXED0 says.
+        let cr0 = (CR0_ET_NE | mode_cr0 | (cr0_fixed0 & !(CR0_PE | CR0_PG))) & cr0_fixed1;
+        let cr4 = (cr4_fixed0 | CR4_VMXE | mode_cr4) & cr4_fixed1;
+        let segments = match mode {
+            GuestMode::Flat32 => SegmentSetup {
+                code: (0x08, 0xFFFF_FFFF, 0xC09B),
+                data: (0x10, 0xFFFF_FFFF, 0xC093),
+            },
+            GuestMode::Long64 => SegmentSetup {
+                code: (0x08, 0xFFFF_FFFF, 0xA09B),
+                data: (0x10, 0xFFFF_FFFF, 0xC093),
+            },
+            GuestMode::Real => SegmentSetup {
+                code: (0, 0xFFFF, 0x9B),
+                data: (0, 0xFFFF, 0x93),
+            },
+        };
+        self.ia32e_entry = mode == GuestMode::Long64;
+        let entry_controls = if self.ia32e_entry {
+            self.entry_controls.long_mode
+        } else {
+            self.entry_controls.legacy
+        };
+        let vmcs = self.vmcs.current()?;
+        for (field, value) in [
+            (VMENTRY_CONTROLS, entry_controls),
+            (guest::CR0, cr0),
+            (guest::CR3, cr3),
+            (guest::CR4, cr4),
+            (control::CR0_READ_SHADOW, cr0),
+            (guest::DR7, 0x400),
+            (guest::RFLAGS, 0x2),
+            (guest::RIP, rip),
+            (guest::RSP, rip.saturating_sub(0x10)),
+            (guest::IA32_EFER_FULL, efer),
+            (guest::IA32_DEBUGCTL_FULL, 0),
+            (guest::LINK_PTR_FULL, u64::MAX),
+            (guest::INTERRUPTIBILITY_STATE, 0),
+            (guest::ACTIVITY_STATE, 0),
+            (guest::PENDING_DBG_EXCEPTIONS, 0),
+            (guest::IA32_SYSENTER_CS, 0),
+            (guest::IA32_SYSENTER_ESP, 0),
+            (guest::IA32_SYSENTER_EIP, 0),
+            (guest::GDTR_BASE, 0),
+            (guest::GDTR_LIMIT, 0xFFFF),
+            (guest::IDTR_BASE, 0),
+            (guest::IDTR_LIMIT, 0),
+            // 32-bit busy TSS and an unusable LDT: the minimum VM entry accepts.
+            (guest::TR_SELECTOR, 0),
+            (guest::TR_BASE, 0),
+            (guest::TR_LIMIT, 0xFF),
+            (guest::TR_ACCESS_RIGHTS, 0x8B),
+            (guest::LDTR_SELECTOR, 0),
+            (guest::LDTR_BASE, 0),
+            (guest::LDTR_LIMIT, 0),
+            (guest::LDTR_ACCESS_RIGHTS, 0x1_0000),
+        ] {
+            vmcs.write(field, value)?;
+        }
+        let (selector, limit, access) = segments.code;
+        write_segment(&vmcs, SegmentFields::CS, selector, limit, access)?;
+        let (selector, limit, access) = segments.data;
+        for fields in [
+            SegmentFields::SS,
+            SegmentFields::DS,
+            SegmentFields::ES,
+            SegmentFields::FS,
+            SegmentFields::GS,
+        ] {
+            write_segment(&vmcs, fields, selector, limit, access)?;
+        }
+        Ok(())
+    }
+
+    /// Lists the swapped MSRs (all 0, their reset value) in the MSR area and points the
+    /// VM-entry load and VM-exit store lists at it.
+    fn set_up_msr_area(&mut self) -> Result<(), VmxError> {
+        let mut phys = self.phys;
+        phys.zero_frame(self.msr_area);
+        for (slot, &index) in SWAPPED_MSRS.iter().enumerate() {
+            let at = HostPhysAddr::new_truncate(self.msr_area.as_u64() + 16 * slot as u64);
+            phys.write(at, &u64::from(index).to_le_bytes());
+        }
+        let vmcs = self.vmcs.current()?;
+        let count = SWAPPED_MSRS.len() as u64;
+        vmcs.write(VMENTRY_MSR_LOAD_ADDR_FULL, self.msr_area.as_u64())?;
+        vmcs.write(VMENTRY_MSR_LOAD_COUNT, count)?;
+        vmcs.write(VMEXIT_MSR_STORE_ADDR_FULL, self.msr_area.as_u64())?;
+        vmcs.write(VMEXIT_MSR_STORE_COUNT, count)
+    }
+
+    /// The MSR area's value slot for `index`, if it is a swapped MSR.
+    fn msr_slot(&self, index: u32) -> Option<HostPhysAddr> {
+        let slot = SWAPPED_MSRS.iter().position(|&swapped| swapped == index)?;
+        Some(HostPhysAddr::new_truncate(
+            self.msr_area.as_u64() + 16 * slot as u64 + 8,
+        ))
+    }
+
+    /// The VMCS guest-state field holding `index`, for the MSRs that have one.
+    fn msr_field(index: u32) -> Option<u32> {
+        Some(match index {
+            msr::EFER => guest::IA32_EFER_FULL,
+            msr::FS_BASE => guest::FS_BASE,
+            msr::GS_BASE => guest::GS_BASE,
+            msr::SYSENTER_CS => guest::IA32_SYSENTER_CS,
+            msr::SYSENTER_ESP => guest::IA32_SYSENTER_ESP,
+            msr::SYSENTER_EIP => guest::IA32_SYSENTER_EIP,
+            _ => return None,
+        })
+    }
+
+    /// The EFER a WRMSR of `value` leaves, or `None` when the CPU would refuse it: a bit
+    /// other than SCE, LME, LMA and NXE, or LME changed while paging is on. LMA is the CPU's
+    /// and keeps its value.
+    fn checked_efer(&self, vmcs: &CurrentVmcs<'_>, value: u64) -> Option<u64> {
+        let current = vmcs.read(guest::IA32_EFER_FULL);
+        if value & !(EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE) != 0 {
+            return None;
+        }
+        if vmcs.read(guest::CR0) & CR0_PAGING != 0 && (value ^ current) & EFER_LME != 0 {
+            return None;
+        }
+        Some((value & !EFER_LMA) | (current & EFER_LMA))
+    }
+
+    /// Before an entry: the IA-32e mode entry control follows the guest's EFER.LMA, which the
+    /// guest sets itself by turning paging on with LME set (no exit), so VM entry accepts the
+    /// state the last exit saved.
+    /// Returns whether the controls now name IA-32e mode.
+    fn follow_long_mode(&self, vmcs: &CurrentVmcs<'_>) -> Result<bool, VmxError> {
+        let lma = vmcs.read(guest::IA32_EFER_FULL) & EFER_LMA != 0;
+        if lma != self.ia32e_entry {
+            let controls = if lma {
+                self.entry_controls.long_mode
+            } else {
+                self.entry_controls.legacy
+            };
+            vmcs.write(VMENTRY_CONTROLS, controls)?;
+        }
+        Ok(lma)
+    }
+
+    /// Gives the vCPU its log buffer and points the VMCS at it, when the CPU supports PML
+    /// (logging itself is enabled only while the VM's monitoring asks for it).
+    fn set_up_pml(&mut self) -> Result<(), VmxError> {
+        if !self.vmx.caps().pml() {
+            return Ok(());
+        }
+        let frame = KernelFrames.allocate_frame().ok_or(VmxError::OutOfFrames)?;
+        let mut phys = self.phys;
+        phys.zero_frame(frame);
+        self.pml_buffer = Some(frame);
+        let vmcs = self.vmcs.current()?;
+        vmcs.write(PML_ADDR_FULL, frame.as_u64())?;
+        vmcs.write(guest::PML_INDEX, PML_FIRST_INDEX)
+    }
+
+    /// Decodes the exit that just happened, whose raw exit-reason field is `raw_reason`.
+    fn decode_exit(&self, vmcs: &CurrentVmcs<'_>, raw_reason: u64) -> Result<VmExit, EntryFailure> {
+        let reason = (raw_reason & 0xFFFF) as u32;
+        if raw_reason & ENTRY_FAILURE != 0 {
+            return Err(EntryFailure {
+                code: reason,
+                invalid_guest_state: true,
+            });
+        }
+        self.requeue_interrupted_event(vmcs);
+        let qualification = || vmcs.read(ro::EXIT_QUALIFICATION);
+        Ok(match reason {
+            exit_reason::EPT_VIOLATION => {
+                let qualification = qualification();
+                let access = if qualification & EPT_WRITE != 0 {
+                    Access::Write
+                } else if qualification & EPT_EXECUTE != 0 {
+                    Access::Execute
+                } else {
+                    Access::Read
+                };
+                VmExit::NestedFault {
+                    gpa: GuestPhysAddr::new_truncate(vmcs.read(ro::GUEST_PHYSICAL_ADDR_FULL)),
+                    access,
+                    was_readable: qualification & EPT_WAS_READABLE != 0,
+                    page_walk: is_page_walk(qualification),
+                }
+            }
+            exit_reason::IO_INSTRUCTION => {
+                let qualification = qualification();
+                VmExit::PortIo(PortIo {
+                    port: (qualification >> 16) as u16,
+                    size: (qualification & IO_SIZE_MASK) as u8 + 1,
+                    direction: if qualification & IO_IN != 0 {
+                        Direction::In
+                    } else {
+                        Direction::Out
+                    },
+                    string: qualification & IO_STRING != 0,
+                    rep: qualification & IO_REP != 0,
+                })
+            }
+            exit_reason::CPUID => VmExit::Cpuid,
+            exit_reason::RDMSR => VmExit::MsrRead {
+                msr: self.regs.rcx as u32,
+            },
+            exit_reason::WRMSR => VmExit::MsrWrite {
+                msr: self.regs.rcx as u32,
+                value: (self.regs.rdx << 32) | (self.regs.rax & 0xFFFF_FFFF),
+            },
+            exit_reason::VMCALL => VmExit::Hypercall,
+            exit_reason::HLT => VmExit::Hlt,
+            exit_reason::INTERRUPT_WINDOW => VmExit::InterruptWindow,
+            exit_reason::PREEMPTION_TIMER => VmExit::Preemption,
+            exit_reason::EXTERNAL_INTERRUPT => VmExit::ExternalInterrupt,
+            exit_reason::EXCEPTION_OR_NMI => self.decode_exception_or_nmi(vmcs),
+            exit_reason::PAUSE => VmExit::Pause,
+            exit_reason::MONITOR | exit_reason::MWAIT => VmExit::MonitorMwait,
+            exit_reason::PML_FULL => VmExit::DirtyLogFull,
+            exit_reason::TRIPLE_FAULT => VmExit::Shutdown,
+            reason => VmExit::Fatal { reason },
+        })
+    }
+
+    /// An exception-or-NMI exit. After an NMI, clears blocking by NMI in the guest's
+    /// interruptibility state: NMIs belong to the host (NMI exiting, no virtual NMIs), yet
+    /// Bochs saves the blocking its NMI exit set as the guest's and restores it at the next
+    /// entry; the guest, which never executes the IRET that would end it, would then hold back
+    /// every later NMI, and with it every flush request and kick sent to this CPU.
+    fn decode_exception_or_nmi(&self, vmcs: &CurrentVmcs<'_>) -> VmExit {
+        let info = vmcs.read(ro::VMEXIT_INTERRUPTION_INFO);
+        if info & INTERRUPTION_VALID != 0 && info & INTERRUPTION_TYPE_MASK == INTERRUPTION_TYPE_NMI {
+            let state = vmcs.read(guest::INTERRUPTIBILITY_STATE);
+            if state & BLOCKING_BY_NMI != 0
+                && vmcs
+                    .write(guest::INTERRUPTIBILITY_STATE, state & !BLOCKING_BY_NMI)
+                    .is_err()
+            {
+                return VmExit::Fatal {
+                    reason: exit_reason::EXCEPTION_OR_NMI,
+                };
+            }
+            return VmExit::Nmi;
+        }
+        VmExit::Exception {
+            vector: info as u8,
+            error_code: (info & INTERRUPTION_ERROR_CODE != 0)
+                .then(|| vmcs.read(ro::VMEXIT_INTERRUPTION_ERR_CODE) as u32),
+        }
+    }
+
+    /// An exit that interrupted the delivery of an event (an EPT violation on the guest's IDT
+    /// or stack while it took an interrupt) leaves the event undelivered: it is queued again
+    /// for the next entry, as the CPU reports it in the IDT-vectoring information.
+    fn requeue_interrupted_event(&self, vmcs: &CurrentVmcs<'_>) {
+        let info = vmcs.read(ro::IDT_VECTORING_INFO);
+        if info & INTERRUPTION_VALID == 0 {
+            return;
+        }
+        if info & INTERRUPTION_ERROR_CODE != 0 {
+            let _ = vmcs.write(VMENTRY_EXCEPTION_ERR_CODE, vmcs.read(ro::IDT_VECTORING_ERR_CODE));
+        }
+        // Software interrupts and exceptions need their instruction's length again. A failed
+        // write leaves the field as the CPU cleared it: the event is lost, as it would be
+        // without this.
+        let _ = vmcs.write(VMENTRY_INSTRUCTION_LEN, vmcs.read(ro::VMEXIT_INSTRUCTION_LEN));
+        // Bit 12 is undefined in the vectoring information and must be clear at entry.
+        let _ = vmcs.write(VMENTRY_INTERRUPTION_INFO_FIELD, info & !(1 << 12));
+    }
+
+    fn write_pml_controls(&self, on: bool) -> Result<(), VmxError> {
+        let vmcs = self.vmcs.current()?;
+        let (pml, accessed_dirty) = if on {
+            (SecondaryControls::ENABLE_PML.bits().into(), EPTP_ACCESSED_DIRTY)
+        } else {
+            (0, 0)
+        };
+        vmcs.write(SECONDARY_PROCBASED_EXEC_CONTROLS, self.secondary_controls | pml)?;
+        vmcs.write(EPTP_FULL, self.eptp | accessed_dirty)?;
+        vmcs.write(guest::PML_INDEX, PML_FIRST_INDEX)
+    }
+}
+
+impl VirtualCpu for VmxVcpu<'_> {
+    fn host_cpu(&self) -> usize {
+        self.vmcs.cpu()
+    }
+
+    fn timer_granularity(&self) -> u32 {
+        self.vmx.caps().preemption_timer_rate()
+    }
+
+    fn run(&mut self, ticks: u64) -> Result<VmExit, EntryFailure> {
+        let failed = |code| EntryFailure {
+            code,
+            invalid_guest_state: false,
+        };
+        let vmcs = self.vmcs.current().map_err(|_| failed(0))?;
+        // Capped at the field's 32 bits: the run then goes on after an early timer exit.
+        let timer = (ticks >> self.timer_granularity()).min(u64::from(u32::MAX));
+        vmcs.write(guest::VMX_PREEMPTION_TIMER_VALUE, timer)
+            .map_err(|_| failed(0))?;
+        self.ia32e_entry = self.follow_long_mode(&vmcs).map_err(|_| failed(0))?;
+        // SAFETY: `write_host_state` wrote this CPU's host state with RIP at the exit entry
+        // point when the vCPU was made; the EPT pointer names the VM's tables, which map only
+        // frames it holds; `launched` is set after the first successful entry and the VMCS is
+        // VMCLEARed only when the vCPU is dropped.
+        let entered = unsafe { super::run_guest(&vmcs, &mut self.regs, self.launched) };
+        if entered.is_err() {
+            return Err(failed(vmcs.read(ro::VM_INSTRUCTION_ERROR) as u32));
+        }
+        self.launched = true;
+        let raw_reason = vmcs.read(ro::EXIT_REASON);
+        self.last_reason = (raw_reason & 0xFFFF) as u32;
+        self.decode_exit(&vmcs, raw_reason)
+    }
+
+    fn regs(&self) -> &GuestRegisters {
+        &self.regs
+    }
+
+    fn regs_mut(&mut self) -> &mut GuestRegisters {
+        &mut self.regs
+    }
+
+    fn cpu_state(&self) -> Result<CpuState, BackendError> {
+        let vmcs = self.vmcs.current()?;
+        let efer = vmcs.read(guest::IA32_EFER_FULL);
+        let access_rights = vmcs.read(guest::CS_ACCESS_RIGHTS);
+        let bitness = if efer & EFER_LMA != 0 && access_rights & CS_LONG != 0 {
+            64
+        } else if access_rights & CS_DEFAULT_32 != 0 {
+            32
+        } else {
+            16
+        };
+        Ok(CpuState {
+            rip: vmcs.read(guest::RIP),
+            rflags: vmcs.read(guest::RFLAGS),
+            bitness,
+            code_base: if bitness == 64 {
+                0
+            } else {
+                vmcs.read(guest::CS_BASE)
+            },
+            cr0: vmcs.read(guest::CR0),
+            cr3: vmcs.read(guest::CR3),
+            cr4: vmcs.read(guest::CR4),
+            efer,
+        })
+    }
+
+    fn rsp(&self) -> u64 {
+        self.vmcs.current().map_or(0, |vmcs| vmcs.read(guest::RSP))
+    }
+
+    fn set_rsp(&mut self, rsp: u64) -> Result<(), BackendError> {
+        Ok(self.vmcs.current()?.write(guest::RSP, rsp)?)
+    }
+
+    fn segment_base(&self, segment: Segment) -> u64 {
+        let field = match segment {
+            Segment::Es => guest::ES_BASE,
+            Segment::Cs => guest::CS_BASE,
+            Segment::Ss => guest::SS_BASE,
+            Segment::Ds => guest::DS_BASE,
+            Segment::Fs => guest::FS_BASE,
+            Segment::Gs => guest::GS_BASE,
+        };
+        self.vmcs.current().map_or(0, |vmcs| vmcs.read(field))
+    }
+
+    fn set_rip_and_flags(&mut self, rip: u64, rflags: u64) -> Result<(), BackendError> {
+        let vmcs = self.vmcs.current()?;
+        vmcs.write(guest::RIP, rip)?;
+        if vmcs.read(guest::RFLAGS) != rflags {
+            vmcs.write(guest::RFLAGS, rflags)?;
+        }
+        Ok(())
+    }
+
+    fn skip_instruction(&mut self) -> Result<(), BackendError> {
+        let vmcs = self.vmcs.current()?;
+        let next_rip = vmcs.read(guest::RIP) + vmcs.read(ro::VMEXIT_INSTRUCTION_LEN);
+        vmcs.write(guest::RIP, next_rip)?;
+        // The instruction is done: an STI or MOV SS shadow before it is over.
+        let state = vmcs.read(guest::INTERRUPTIBILITY_STATE);
+        if state & BLOCKING_BY_STI_OR_MOV_SS != 0 {
+            vmcs.write(guest::INTERRUPTIBILITY_STATE, state & !BLOCKING_BY_STI_OR_MOV_SS)?;
+        }
+        Ok(())
+    }
+
+    fn inject(&mut self, event: Event) -> Result<(), BackendError> {
+        let vmcs = self.vmcs.current()?;
+        let (kind, vector, error_code) = match event {
+            Event::Exception { vector, error_code } => (INTERRUPTION_TYPE_HARD_EXCEPTION, vector, error_code),
+            Event::Interrupt(vector) => (INTERRUPTION_TYPE_EXTERNAL, vector, None),
+        };
+        let mut info = INTERRUPTION_VALID | kind | u64::from(vector);
+        if let Some(code) = error_code {
+            info |= INTERRUPTION_ERROR_CODE;
+            vmcs.write(VMENTRY_EXCEPTION_ERR_CODE, u64::from(code))?;
+        }
+        Ok(vmcs.write(VMENTRY_INTERRUPTION_INFO_FIELD, info)?)
+    }
+
+    fn event_pending(&self) -> bool {
+        self.vmcs
+            .current()
+            .is_ok_and(|vmcs| vmcs.read(VMENTRY_INTERRUPTION_INFO_FIELD) & INTERRUPTION_VALID != 0)
+    }
+
+    fn interruptible(&self) -> bool {
+        self.vmcs.current().is_ok_and(|vmcs| {
+            vmcs.read(guest::RFLAGS) & RFLAGS_IF != 0
+                && vmcs.read(guest::INTERRUPTIBILITY_STATE) & BLOCKING_BY_STI_OR_MOV_SS == 0
+        })
+    }
+
+    fn set_interrupt_window_exiting(&mut self, on: bool) -> Result<(), BackendError> {
+        if on == self.window_exiting {
+            return Ok(());
+        }
+        let window = u64::from(PrimaryControls::INTERRUPT_WINDOW_EXITING.bits());
+        let controls = if on {
+            self.primary_controls | window
+        } else {
+            self.primary_controls
+        };
+        self.vmcs
+            .current()?
+            .write(PRIMARY_PROCBASED_EXEC_CONTROLS, controls)?;
+        self.window_exiting = on;
+        Ok(())
+    }
+
+    fn read_msr(&self, index: u32) -> Option<u64> {
+        if let Some(slot) = self.msr_slot(index) {
+            return Some(self.phys.read_u64(slot));
+        }
+        let field = VmxVcpu::msr_field(index)?;
+        Some(self.vmcs.current().ok()?.read(field))
+    }
+
+    fn write_msr(&mut self, index: u32, value: u64) -> bool {
+        if ADDRESS_MSRS.contains(&index) && !canonical(value) {
+            return false;
+        }
+        if let Some(slot) = self.msr_slot(index) {
+            let mut phys = self.phys;
+            phys.write(slot, &value.to_le_bytes());
+            return true;
+        }
+        let (Some(field), Ok(vmcs)) = (VmxVcpu::msr_field(index), self.vmcs.current()) else {
+            return false;
+        };
+        let value = match index {
+            msr::EFER => match self.checked_efer(&vmcs, value) {
+                Some(efer) => efer,
+                None => return false,
+            },
+            msr::SYSENTER_CS => value & 0xFFFF_FFFF,
+            _ => value,
+        };
+        vmcs.write(field, value).is_ok()
+    }
+
+    fn raw_exit(&self) -> RawExit {
+        let mut raw = RawExit {
+            reason: self.last_reason,
+            name: exit_name(self.last_reason),
+            ..RawExit::default()
+        };
+        // Without a VMCS to read, only the reason.
+        if let Ok(vmcs) = self.vmcs.current() {
+            raw.qualification = vmcs.read(ro::EXIT_QUALIFICATION);
+            raw.rip = vmcs.read(guest::RIP);
+            raw.gpa = matches!(
+                self.last_reason,
+                exit_reason::EPT_VIOLATION | exit_reason::EPT_MISCONFIGURATION
+            )
+            .then(|| GuestPhysAddr::new_truncate(vmcs.read(ro::GUEST_PHYSICAL_ADDR_FULL)));
+        }
+        raw
+    }
+
+    fn dirty_log_supported(&self) -> bool {
+        self.pml_buffer.is_some()
+    }
+
+    fn set_dirty_logging(&mut self, on: bool) -> Result<(), BackendError> {
+        if on && self.pml_buffer.is_none() {
+            return Err(BackendError {
+                what: "PML (the CPU has none)",
+                code: None,
+            });
+        }
+        self.write_pml_controls(on)?;
+        self.pml_on = on;
+        Ok(())
+    }
+
+    fn drain_dirty_log(&mut self, into: &mut Vec<GuestPhysAddr>) -> Result<(), BackendError> {
+        let (Some(buffer), true) = (self.pml_buffer, self.pml_on) else {
+            return Ok(());
+        };
+        let vmcs = self.vmcs.current()?;
+        let index = vmcs.read(guest::PML_INDEX) & 0xFFFF;
+        // Entries above the index are filled; an index past 511 (it wrapped below 0) means all.
+        let first = if index > PML_FIRST_INDEX { 0 } else { index + 1 };
+        into.extend((first..PML_ENTRIES).map(|entry| {
+            let at = HostPhysAddr::new_truncate(buffer.as_u64() + entry * 8);
+            GuestPhysAddr::new_truncate(self.phys.read_u64(at) & !(PAGE_SIZE - 1))
+        }));
+        Ok(vmcs.write(guest::PML_INDEX, PML_FIRST_INDEX)?)
+    }
+}
+
+impl Drop for VmxVcpu<'_> {
+    /// Gives the log buffer and the MSR area back. The VMCS that names them is still active
+    /// here (it is VMCLEARed when the field drops, after this body), but the vCPU never runs
+    /// again, so the CPU no longer reads or writes them.
+    fn drop(&mut self) {
+        if let Some(frame) = self.pml_buffer.take() {
+            KernelFrames.free_frame(frame);
+        }
+        KernelFrames.free_frame(self.msr_area);
+    }
+}
+
+impl From<VmxError> for BackendError {
+    fn from(error: VmxError) -> Self {
+        match error {
+            VmxError::Failed { instruction, error } => BackendError {
+                what: instruction,
+                code: error,
+            },
+            VmxError::WrongCpu => BackendError {
+                what: "VMCS access on another CPU",
+                code: None,
+            },
+            _ => BackendError {
+                what: "VMX",
+                code: None,
+            },
+        }
+    }
+}
+
+/// Selector, limit and access rights of the code segment and of the data segments.
+struct SegmentSetup {
+    code: (u64, u64, u64),
+    data: (u64, u64, u64),
+}
+
+/// The four VMCS fields of one guest segment register.
+struct SegmentFields {
+    selector: u32,
+    base: u32,
+    limit: u32,
+    access: u32,
+}
+
+impl SegmentFields {
+    const CS: Self = Self::of(
+        guest::CS_SELECTOR,
+        guest::CS_BASE,
+        guest::CS_LIMIT,
+        guest::CS_ACCESS_RIGHTS,
+    );
+    const SS: Self = Self::of(
+        guest::SS_SELECTOR,
+        guest::SS_BASE,
+        guest::SS_LIMIT,
+        guest::SS_ACCESS_RIGHTS,
+    );
+    const DS: Self = Self::of(
+        guest::DS_SELECTOR,
+        guest::DS_BASE,
+        guest::DS_LIMIT,
+        guest::DS_ACCESS_RIGHTS,
+    );
+    const ES: Self = Self::of(
+        guest::ES_SELECTOR,
+        guest::ES_BASE,
+        guest::ES_LIMIT,
+        guest::ES_ACCESS_RIGHTS,
+    );
+    const FS: Self = Self::of(
+        guest::FS_SELECTOR,
+        guest::FS_BASE,
+        guest::FS_LIMIT,
+        guest::FS_ACCESS_RIGHTS,
+    );
+    const GS: Self = Self::of(
+        guest::GS_SELECTOR,
+        guest::GS_BASE,
+        guest::GS_LIMIT,
+        guest::GS_ACCESS_RIGHTS,
+    );
+
+    const fn of(selector: u32, base: u32, limit: u32, access: u32) -> Self {
+        SegmentFields {
+            selector,
+            base,
+            limit,
+            access,
+        }
+    }
+}
+
+/// Writes one guest segment register with base 0 (real mode: selector 0 means base 0 too).
+fn write_segment(
+    vmcs: &CurrentVmcs,
+    fields: SegmentFields,
+    selector: u64,
+    limit: u64,
+    access: u64,
+) -> Result<(), VmxError> {
+    vmcs.write(fields.selector, selector)?;
+    vmcs.write(fields.base, 0)?;
+    vmcs.write(fields.limit, limit)?;
+    vmcs.write(fields.access, access)
+}

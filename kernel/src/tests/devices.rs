@@ -1,0 +1,142 @@
+//! The virtual PC seen from a guest: CPUID, the MSR policy (#GP for what it refuses), the
+//! port bus (UART, fw_cfg, ACPI PM timer, A20 port, an unclaimed port) and the test exit.
+
+use alloc::format;
+use alloc::vec::Vec;
+
+use devices::cpuid::SIGNATURE;
+
+use super::{gpa, new_vm, TestResult, CODE};
+use crate::arch::guests::programs;
+use crate::arch::vmx::GuestRegisters;
+use crate::vm::VmStop;
+use crate::Host;
+
+/// Where the host puts the guest's GDT, its pseudo-descriptors, the IDT and the results.
+const GDT: u64 = 0x1000;
+const GDTR: u64 = 0x1800;
+const IDT: u64 = 0x2000;
+const RESULTS: u64 = 0x3000;
+/// The vector whose gate the programs' handler (at offset 2) is: #GP in `pc_devices`, the
+/// PIC's IRQ 0 in `pic_timer`.
+const GP_VECTOR: u64 = 13;
+const IRQ0_VECTOR: u64 = 0x20;
+const HANDLER_OFFSET: u64 = 2;
+
+/// A flat GDT (null, 32-bit code at 0x08, data at 0x10), its pseudo-descriptor and the IDT's
+/// (at GDTR + 8), and an IDT whose only present gate is `vector`'s, to the program's handler.
+fn descriptor_tables(vector: u64) -> Vec<(u64, Vec<u8>)> {
+    let gdt: [u64; 3] = [0, 0x00CF_9B00_0000_FFFF, 0x00CF_9300_0000_FFFF];
+    let gdt_bytes = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
+    let idt_limit = (vector + 1) * 8 - 1;
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&(gdt.len() as u16 * 8 - 1).to_le_bytes());
+    pseudo.extend_from_slice(&(GDT as u32).to_le_bytes());
+    pseudo.extend_from_slice(&[0, 0]);
+    pseudo.extend_from_slice(&(idt_limit as u16).to_le_bytes());
+    pseudo.extend_from_slice(&(IDT as u32).to_le_bytes());
+    let handler = CODE + HANDLER_OFFSET;
+    // A present 32-bit interrupt gate to CS 0x08.
+    let gate = (handler & 0xFFFF) | (0x08 << 16) | ((0x8E00 | (handler & 0xFFFF_0000)) << 32);
+    Vec::from([
+        (IDT + vector * 8, gate.to_le_bytes().to_vec()),
+        (GDT, gdt_bytes),
+        (GDTR, pseudo),
+    ])
+}
+
+/// A PC-like VM with `program` loaded, the descriptor tables for `vector` written, and EDI at
+/// the results.
+fn prepared_vm(
+    host: &'static Host,
+    program: crate::arch::guests::GuestProgram<'static>,
+    vector: u64,
+) -> Result<crate::vm::Vcpu<'static>, alloc::string::String> {
+    let mut vm = new_vm(host, &super::PC_RAM)?;
+    for (at, bytes) in descriptor_tables(vector) {
+        let invalidation = vm
+            .pgm_mut()
+            .write_phys(gpa(at), &bytes)
+            .map_err(|e| format!("{e}"))?;
+        vm.flush(invalidation).map_err(|e| format!("{e}"))?;
+    }
+    let regs = GuestRegisters {
+        rdi: RESULTS,
+        ..GuestRegisters::default()
+    };
+    vm.start(&program, CODE, regs)
+        .map_err(|e| format!("start: {e}"))?;
+    Ok(vm)
+}
+
+/// The PIT's channel 0 raises IRQ 0 through the PIC: a guest halted with interrupts on wakes
+/// for each one, and an interrupt that comes while they are off waits (interrupt-window
+/// exit) and is taken right after STI.
+pub fn the_pit_interrupts_a_halted_guest_through_the_pic(host: &'static Host) -> TestResult {
+    let mut vm = prepared_vm(host, programs::pic_timer(), IRQ0_VECTOR)?;
+    let started = crate::arch::ticks();
+    let stop = vm.run();
+    let elapsed = crate::arch::ticks() - started;
+    let VmStop::TestExit(after) = stop else {
+        return Err(format!("stop: {stop:?}"));
+    };
+    let mut before = [0u8; 4];
+    vm.pgm()
+        .read_phys(gpa(RESULTS), &mut before)
+        .map_err(|e| format!("{e}"))?;
+    let before = u32::from_le_bytes(before);
+    ensure!(before >= 10, "interrupts before the spin: {before}");
+    // At least the one that waited; another may follow if a period ran out meanwhile.
+    ensure!(
+        after > before,
+        "no interrupt after STI: {before} before, {after} after"
+    );
+    ensure!(vm.exits.interrupt_windows >= 1, "no interrupt-window exit");
+    ensure!(vm.exits.halts >= 10, "HLT exits: {}", vm.exits.halts);
+    ensure_eq!(vm.exits.injected, u64::from(after), "interrupts injected");
+    // Ten periods of 1193 PIT clocks (10 ms) at least.
+    let period = crate::arch::clock::tsc_hz() / 1000;
+    ensure!(
+        elapsed >= 10 * period,
+        "ran {elapsed} ticks, 10 periods are {}",
+        10 * period
+    );
+    Ok(())
+}
+
+pub fn cpuid_msrs_and_ports_behave_as_the_policy_and_devices_say(host: &'static Host) -> TestResult {
+    let mut vm = prepared_vm(host, programs::pc_devices(), GP_VECTOR)?;
+    let stop = vm.run();
+    ensure_eq!(stop, VmStop::TestExit(0x11), "stop");
+    let mut results = [0u8; 60];
+    vm.pgm()
+        .read_phys(gpa(RESULTS), &mut results)
+        .map_err(|e| format!("{e}"))?;
+    let dword = |i: usize| u32::from_le_bytes(results[4 * i..4 * i + 4].try_into().unwrap());
+    let signature: Vec<u8> = (0..3).flat_map(|i| dword(i).to_le_bytes()).collect();
+    ensure_eq!(&signature[..], &SIGNATURE[..], "hypervisor signature");
+    ensure!(dword(3) & (1 << 31) != 0, "CPUID.1:ECX.hypervisor set");
+    ensure!(dword(3) & (1 << 5) == 0, "CPUID.1:ECX.VMX clear");
+    ensure!(dword(3) & (1 << 21) != 0, "CPUID.1:ECX.x2APIC offered");
+    ensure_eq!(dword(4) >> 24, 0, "APIC ID of vCPU 0");
+    ensure_eq!(dword(5), 0xFEE0_0900, "APIC base: enabled, BSP");
+    ensure_eq!(dword(6), 0x0606_0606, "PAT read back");
+    ensure_eq!(dword(7), 0, "EFER of a 32-bit guest");
+    ensure_eq!(dword(8), 0x1234_5678, "LSTAR read back");
+    ensure_eq!(
+        dword(9),
+        3,
+        "#GPs: SPEC_CTRL, an undefined PAT type, a non-canonical LSTAR"
+    );
+    let line = vm.devices().last_console_line();
+    ensure_eq!(line.as_str(), "ok", "console line");
+    ensure_eq!(dword(10), 1, "fw_cfg CPU count");
+    ensure_eq!(dword(11), 0xFF, "an unclaimed port");
+    ensure!(dword(13) != dword(12), "the PM timer moves");
+    ensure_eq!(dword(14), 0x02, "port 0x92: A20 open");
+    ensure_eq!(vm.devices().unclaimed_ports(), [(0x80, 1)], "unclaimed ports");
+    ensure_eq!(vm.exits.cpuid, 2, "CPUID exits");
+    ensure_eq!(vm.exits.msr, 9, "MSR exits");
+    ensure_eq!(vm.exits.injected, 3, "events injected");
+    Ok(())
+}

@@ -1,0 +1,274 @@
+//! The seam between exit policy and a virtualization backend. A backend (VT-x in
+//! `arch::vmx`; AMD SVM can sit beside it) owns its control structure (the VMCS), enters the
+//! guest, and decodes every exit once into a [`VmExit`]. The vCPU loop, budgets, stops,
+//! requests, emulation and devices speak only this vocabulary and the [`VirtualCpu`] trait:
+//! none of them reads a VMCS field or knows an exit-reason number. Flushing the nested
+//! translations is the VM's business, not one vCPU's: see `VmMemory::flush`.
+
+use core::fmt;
+
+use pgm::{Access, GuestPhysAddr};
+
+pub use crate::arch::vmx::GuestRegisters;
+
+/// Which way a port access goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// IN / INS: the guest reads the port.
+    In,
+    /// OUT / OUTS: the guest writes the port.
+    Out,
+}
+
+/// A port access that exited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortIo {
+    /// The port number.
+    pub port: u16,
+    /// The access size in bytes: 1, 2 or 4.
+    pub size: u8,
+    /// IN or OUT.
+    pub direction: Direction,
+    /// INS or OUTS (the data is in memory at RDI / RSI, not in RAX).
+    pub string: bool,
+    /// With a REP prefix (RCX counts the repetitions).
+    pub rep: bool,
+}
+
+/// Why the guest stopped running, decoded by the backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The nested page tables refused an access (EPT violation, NPT fault).
+    NestedFault {
+        /// The guest-physical address accessed.
+        gpa: GuestPhysAddr,
+        /// What the access was.
+        access: Access,
+        /// The entries the walk went through all granted read.
+        was_readable: bool,
+        /// The access was the CPU's own walk of the guest's page tables, not the guest's access.
+        page_walk: bool,
+    },
+    /// IN, OUT, INS or OUTS.
+    PortIo(PortIo),
+    /// CPUID; the leaf is in RAX and the subleaf in RCX.
+    Cpuid,
+    /// RDMSR of the MSR in RCX.
+    MsrRead {
+        /// The MSR number.
+        msr: u32,
+    },
+    /// WRMSR of `value` (EDX:EAX) to the MSR in RCX.
+    MsrWrite {
+        /// The MSR number.
+        msr: u32,
+        /// The value written.
+        value: u64,
+    },
+    /// The hypercall instruction (VMCALL, VMMCALL).
+    Hypercall,
+    /// HLT.
+    Hlt,
+    /// The guest can take an interrupt now (asked for with
+    /// [`VirtualCpu::set_interrupt_window_exiting`]).
+    InterruptWindow,
+    /// The run's time is up (the backend's timer fired).
+    Preemption,
+    /// A host interrupt arrived while the guest ran; the host takes it after the exit.
+    ExternalInterrupt,
+    /// A host NMI arrived while the guest ran.
+    Nmi,
+    /// A PAUSE loop longer than the backend's window.
+    Pause,
+    /// MONITOR or MWAIT.
+    MonitorMwait,
+    /// A guest exception the backend intercepts.
+    Exception {
+        /// The vector.
+        vector: u8,
+        /// The error code, for the vectors that push one.
+        error_code: Option<u32>,
+    },
+    /// The CPU's log of written pages is full (see [`VirtualCpu::drain_dirty_log`]).
+    DirtyLogFull,
+    /// The guest shut down (triple fault).
+    Shutdown,
+    /// An exit this vocabulary has no word for: the raw reason, for the diagnostic.
+    Fatal {
+        /// The backend's exit reason.
+        reason: u32,
+    },
+}
+
+/// An event to deliver to the guest at the next entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A hardware exception (#GP, #UD, #PF, …) with its error code if the vector has one.
+    Exception {
+        /// The vector (0–31).
+        vector: u8,
+        /// The error code.
+        error_code: Option<u32>,
+    },
+    /// An external interrupt (maskable: deliver only when [`VirtualCpu::interruptible`]).
+    Interrupt(u8),
+}
+
+/// Exception vectors the exit policy injects.
+pub mod vector {
+    /// General protection.
+    pub const GP: u8 = 13;
+}
+
+/// The guest state instruction emulation needs, read once per emulated exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuState {
+    /// RIP.
+    pub rip: u64,
+    /// RFLAGS.
+    pub rflags: u64,
+    /// 16, 32 or 64: the operand and address size of the code segment.
+    pub bitness: u32,
+    /// The CS base (0 in 64-bit code, where the CPU ignores it).
+    pub code_base: u64,
+    /// CR0, CR3, CR4 and EFER as the guest set them.
+    pub cr0: u64,
+    /// See `cr0`.
+    pub cr3: u64,
+    /// See `cr0`.
+    pub cr4: u64,
+    /// See `cr0`.
+    pub efer: u64,
+}
+
+/// A segment register whose base an emulated instruction may need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Segment {
+    /// ES.
+    Es,
+    /// CS.
+    Cs,
+    /// SS.
+    Ss,
+    /// DS.
+    Ds,
+    /// FS.
+    Fs,
+    /// GS.
+    Gs,
+}
+
+/// What the backend knows of the last exit in its own terms, for a stop's diagnostic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawExit {
+    /// The backend's exit reason (VMX basic exit reason, SVM exit code).
+    pub reason: u32,
+    /// The backend's name for it.
+    pub name: &'static str,
+    /// The exit qualification (VMX) or EXITINFO1 (SVM).
+    pub qualification: u64,
+    /// The guest-physical address of a nested-paging exit.
+    pub gpa: Option<GuestPhysAddr>,
+    /// The guest's RIP.
+    pub rip: u64,
+}
+
+/// A backend's failure to do what was asked (a VMX instruction failed, a field is missing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendError {
+    /// What failed, for the log.
+    pub what: &'static str,
+    /// The backend's error number, when it gave one.
+    pub code: Option<u64>,
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.code {
+            Some(code) => write!(f, "{} failed (error {code})", self.what),
+            None => write!(f, "{} failed", self.what),
+        }
+    }
+}
+
+/// How a guest entry failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryFailure {
+    /// The backend's error number (the VM-instruction error, the VMRUN exit code).
+    pub code: u32,
+    /// The entry was refused for the guest's state (checked after the instruction started).
+    pub invalid_guest_state: bool,
+}
+
+/// One virtual CPU as the exit policy drives it. Every method works on the vCPU's own host CPU
+/// only (its control structure lives there); a call elsewhere fails.
+pub trait VirtualCpu {
+    /// The host CPU this vCPU runs on.
+    fn host_cpu(&self) -> usize;
+
+    /// Deadlines are kept to 2^this ticks (the granularity of the backend's run timer).
+    fn timer_granularity(&self) -> u32;
+
+    /// Enters the guest for at most `ticks` TSC ticks and returns how it exited.
+    fn run(&mut self, ticks: u64) -> Result<VmExit, EntryFailure>;
+
+    /// The general-purpose registers (RSP aside).
+    fn regs(&self) -> &GuestRegisters;
+
+    /// The general-purpose registers, for a change.
+    fn regs_mut(&mut self) -> &mut GuestRegisters;
+
+    /// The guest state emulation needs.
+    fn cpu_state(&self) -> Result<CpuState, BackendError>;
+
+    /// RSP.
+    fn rsp(&self) -> u64;
+
+    /// Sets RSP.
+    fn set_rsp(&mut self, rsp: u64) -> Result<(), BackendError>;
+
+    /// The base of `segment`.
+    fn segment_base(&self, segment: Segment) -> u64;
+
+    /// Sets RIP and RFLAGS (after an emulated instruction).
+    fn set_rip_and_flags(&mut self, rip: u64, rflags: u64) -> Result<(), BackendError>;
+
+    /// Moves RIP past the instruction that exited.
+    fn skip_instruction(&mut self) -> Result<(), BackendError>;
+
+    /// Delivers `event` at the next entry. Only one event is delivered per entry.
+    fn inject(&mut self, event: Event) -> Result<(), BackendError>;
+
+    /// True when an event injected at the next entry is still pending delivery (injection
+    /// after an exit that interrupted a delivery re-delivers it first).
+    fn event_pending(&self) -> bool;
+
+    /// True when the guest would take a maskable interrupt now (RFLAGS.IF set, no STI or MOV
+    /// SS shadow).
+    fn interruptible(&self) -> bool;
+
+    /// Asks for (or stops asking for) [`VmExit::InterruptWindow`] as soon as the guest can take
+    /// an interrupt.
+    fn set_interrupt_window_exiting(&mut self, on: bool) -> Result<(), BackendError>;
+
+    /// RDMSR of an MSR the backend holds in the guest state it loads and saves around each
+    /// run (`devices::msr::BACKEND_HELD`); `None` for any other.
+    fn read_msr(&self, msr: u32) -> Option<u64>;
+
+    /// WRMSR of such an MSR; false (nothing changed) for another MSR or a value the CPU would
+    /// refuse with #GP (reserved bits, a non-canonical address, a forbidden EFER change).
+    fn write_msr(&mut self, msr: u32, value: u64) -> bool;
+
+    /// The last exit in the backend's terms, for a diagnostic.
+    fn raw_exit(&self) -> RawExit;
+
+    /// True when the CPU can log the guest-physical addresses the guest writes.
+    fn dirty_log_supported(&self) -> bool;
+
+    /// Turns the CPU's write logging on or off (the nested root's accessed and dirty flags with
+    /// it). Turning it on without support fails.
+    fn set_dirty_logging(&mut self, on: bool) -> Result<(), BackendError>;
+
+    /// Moves the addresses logged since the last drain into `into` and empties the log.
+    fn drain_dirty_log(&mut self, into: &mut alloc::vec::Vec<GuestPhysAddr>) -> Result<(), BackendError>;
+}

@@ -1,0 +1,458 @@
+//! A VM's virtual PC on the kernel side: the device layer's port bus and CPUID policy (crate
+//! `devices`), the [`Platform`] they reach the VM through on each exit, and the exit policy
+//! for port I/O, CPUID and MSRs. Everything the guest can touch is checked in the device
+//! layer; this file only connects it to the memory manager, the host clock and the console.
+//!
+//! Locking: the port bus has its own lock, taken per port exit; a device on it may take the
+//! VM's memory lock inside it (the A20 gate), never the other way round. MMIO devices, which
+//! run under the memory lock, never take the bus.
+
+use alloc::boxed::Box;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use devices::bus::DeviceIndex;
+use devices::cpuid::{AskingVcpu, CpuidPolicy, CpuidRegs};
+use devices::msr::MsrOutcome;
+use devices::{cmos, debug_exit, fw_cfg, pci, pic, pit, pm, port92, testdev, uart};
+use devices::{Platform, PortBus, StopRequest};
+use pgm::Invalidation;
+use spin::Mutex;
+
+use super::backend::{vector, Direction, Event, PortIo, VirtualCpu};
+use super::memory::VmMemory;
+use super::stop::{StopCause, VmStop};
+use super::{Vcpu, VmError};
+use crate::arch::{clock, ticks};
+use crate::println;
+
+/// What a VM's devices are made from.
+#[derive(Clone, Debug)]
+pub struct MachineSpec {
+    /// The VM's name: its console lines are prefixed with it.
+    pub name: String,
+    /// The vCPUs the VM will have (CPUID and fw_cfg report it).
+    pub vcpus: u32,
+}
+
+impl Default for MachineSpec {
+    fn default() -> Self {
+        MachineSpec {
+            name: String::from("vm"),
+            vcpus: 1,
+        }
+    }
+}
+
+/// The devices of one VM, shared by its vCPUs.
+pub struct VmDevices {
+    name: String,
+    /// The legacy PC's ports.
+    bus: Mutex<PortBus>,
+    /// The CPUID every vCPU sees.
+    pub(super) cpuid: CpuidPolicy,
+    /// The guest's physical-address width (CPUID 0x8000_0008), for the MSR checks.
+    pub(super) phys_bits: u32,
+    /// When the VM was made (the devices' clocks start there).
+    created: u64,
+    /// The PIC pair and the PIT on the bus.
+    pic: DeviceIndex,
+    pit: DeviceIndex,
+    /// When the PIT's channel 0 next raises IRQ 0 (TSC; `u64::MAX`: it does not run), and its
+    /// period in ticks.
+    next_irq0: AtomicU64,
+    irq0_period: AtomicU64,
+    /// The PIC may have an interrupt to deliver (a request was raised, or its registers were
+    /// written): the bootstrap vCPU looks before its next entry.
+    pic_changed: AtomicBool,
+    /// The console line being written, and the last one printed.
+    line: Mutex<(Vec<u8>, String)>,
+}
+
+/// The longest console line kept before it is printed anyway.
+const LINE_LIMIT: usize = 512;
+
+impl VmDevices {
+    /// The devices of a VM with `ram_bytes` of RAM, as `spec` says: the PC's legacy ports
+    /// (A20 gate, UART, PIC, PIT, CMOS, PCI configuration, ACPI PM, the test exit, fw_cfg and
+    /// the test device's ports).
+    pub fn new(spec: &MachineSpec, ram_bytes: u64) -> Result<VmDevices, VmError> {
+        let (bus, pic, pit) = legacy_pc(spec, ram_bytes).map_err(VmError::Devices)?;
+        let extended_max = host_cpuid(0x8000_0000, 0).eax;
+        Ok(VmDevices {
+            name: spec.name.clone(),
+            bus: Mutex::new(bus),
+            cpuid: CpuidPolicy {
+                vcpus: spec.vcpus.max(1),
+                tsc_hz: clock::tsc_hz(),
+                apic_timer_hz: clock::tsc_hz(),
+            },
+            phys_bits: devices::msr::phys_bits(host_cpuid(0x8000_0008, 0), extended_max),
+            created: ticks(),
+            pic,
+            pit,
+            next_irq0: AtomicU64::new(u64::MAX),
+            irq0_period: AtomicU64::new(0),
+            pic_changed: AtomicBool::new(false),
+            line: Mutex::new((Vec::new(), String::new())),
+        })
+    }
+
+    /// After a guest write to `port`: a PIT write may have started or stopped channel 0's
+    /// periodic interrupt, a PIC write may have unmasked a request or ended one in service.
+    fn after_write(&self, bus: &mut PortBus, port: u16) {
+        match port {
+            pit::CHANNEL0..=pit::CONTROL => {
+                let period_ns = bus
+                    .device_mut::<pit::Pit>(self.pit)
+                    .and_then(|pit| pit.channel0_period_ns());
+                let period = period_ns.map_or(0, |ns| {
+                    (u128::from(ns) * u128::from(clock::tsc_hz()) / 1_000_000_000) as u64
+                });
+                self.irq0_period.store(period, Ordering::Relaxed);
+                let next = if period == 0 { u64::MAX } else { ticks() + period };
+                self.next_irq0.store(next, Ordering::Relaxed);
+            }
+            0x20 | 0x21 | 0xA0 | 0xA1 => self.pic_changed.store(true, Ordering::Relaxed),
+            _ => {}
+        }
+    }
+
+    /// The TSC at which a device next raises an interrupt (`u64::MAX`: none is armed): a
+    /// running guest exits by then, a halted one wakes.
+    pub(super) fn next_interrupt(&self) -> u64 {
+        self.next_irq0.load(Ordering::Relaxed)
+    }
+
+    /// True when the PIC may have an interrupt for the bootstrap vCPU at `now`.
+    fn pic_may_interrupt(&self, now: u64) -> bool {
+        self.pic_changed.load(Ordering::Relaxed) || now >= self.next_irq0.load(Ordering::Relaxed)
+    }
+
+    /// Raises IRQ 0 if the PIT's period ran out by `now` (once, however many periods passed:
+    /// edges coalesce as on a real PIC) and returns the vector the PIC would deliver, taking
+    /// it (interrupt acknowledge) when `take`.
+    fn pic_vector(&self, now: u64, take: bool) -> Option<u8> {
+        let mut bus = self.bus.lock();
+        let next = self.next_irq0.load(Ordering::Relaxed);
+        if now >= next {
+            let period = self.irq0_period.load(Ordering::Relaxed).max(1);
+            let missed = (now - next) / period;
+            self.next_irq0
+                .store(next + (missed + 1) * period, Ordering::Relaxed);
+            if let Some(pic) = bus.device_mut::<pic::Pic>(self.pic) {
+                pic.raise(0);
+            }
+            // Until the PIC has nothing to deliver, every entry looks.
+            self.pic_changed.store(true, Ordering::Relaxed);
+        }
+        let pic = bus.device_mut::<pic::Pic>(self.pic)?;
+        let vector = if take {
+            pic.acknowledge()
+        } else {
+            pic.pending_vector()
+        };
+        if vector.is_none() {
+            self.pic_changed.store(false, Ordering::Relaxed);
+        }
+        vector
+    }
+
+    /// Accesses to unclaimed ports so far, as (port, count).
+    #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
+    pub fn unclaimed_ports(&self) -> Vec<(u16, u64)> {
+        self.bus.lock().unclaimed().collect()
+    }
+
+    /// One byte of the guest's console: lines go to the host's serial, prefixed with the VM's
+    /// name.
+    fn console(&self, byte: u8) {
+        let mut guard = self.line.lock();
+        let (line, last) = &mut *guard;
+        match byte {
+            b'\r' => return,
+            b'\n' => {}
+            _ => {
+                line.push(byte);
+                if line.len() < LINE_LIMIT {
+                    return;
+                }
+            }
+        }
+        *last = String::from_utf8_lossy(line).into_owned();
+        line.clear();
+        println!("[{}] {}", self.name, last);
+    }
+
+    /// The last line the guest printed on its console.
+    #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
+    pub fn last_console_line(&self) -> String {
+        self.line.lock().1.clone()
+    }
+}
+
+/// The port bus of a PC, and where its PIC pair and PIT are on it.
+fn legacy_pc(
+    spec: &MachineSpec,
+    ram_bytes: u64,
+) -> Result<(PortBus, DeviceIndex, DeviceIndex), devices::bus::BusError> {
+    let mut bus = PortBus::new();
+    bus.add(port92::PORT, 1, Box::new(port92::Port92))?;
+    bus.add(uart::COM1, 8, Box::new(uart::Uart::new(uart::COM1)))?;
+    let pic = bus.add(pic::MASTER, 2, Box::new(pic::Pic::default()))?;
+    bus.add_range(pic, pic::SLAVE, 2)?;
+    let pit = bus.add(pit::CHANNEL0, 4, Box::new(pit::Pit::default()))?;
+    bus.add_range(pit, pit::PORT_B, 1)?;
+    bus.add(cmos::INDEX, 2, Box::new(cmos::Cmos::default()))?;
+    bus.add(pci::ADDRESS, 8, Box::new(pci::PciConfig::default()))?;
+    bus.add(pm::PM1A_EVENT, pm::PORTS, Box::new(pm::AcpiPm::default()))?;
+    bus.add(debug_exit::PORT, 1, Box::new(debug_exit::DebugExit))?;
+    let vcpus = u16::try_from(spec.vcpus.max(1)).unwrap_or(u16::MAX);
+    bus.add(
+        fw_cfg::SELECTOR,
+        2,
+        Box::new(fw_cfg::FwCfg::new(vcpus, ram_bytes)),
+    )?;
+    bus.add(testdev::DATA_PORT, 8, Box::new(testdev::TestDev::default()))?;
+    Ok((bus, pic, pit))
+}
+
+/// The host's CPUID.
+fn host_cpuid(leaf: u32, subleaf: u32) -> CpuidRegs {
+    let regs = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    CpuidRegs {
+        eax: regs.eax,
+        ebx: regs.ebx,
+        ecx: regs.ecx,
+        edx: regs.edx,
+    }
+}
+
+/// The [`Platform`] of one port exit: the VM's memory, clock and console, and what the access
+/// asked of the VM (an invalidation to carry out, a stop).
+struct ExitPlatform<'a> {
+    memory: &'a VmMemory,
+    invalidation: Invalidation,
+    stop: Option<StopRequest>,
+}
+
+impl Platform for ExitPlatform<'_> {
+    fn now_ns(&self) -> u64 {
+        clock::ticks_to_ns(self.memory.devices.created, ticks())
+    }
+
+    fn a20(&self) -> bool {
+        self.memory.lock().a20_enabled()
+    }
+
+    fn set_a20(&mut self, open: bool) {
+        let invalidation = self.memory.lock().set_a20(open);
+        self.invalidation = self.invalidation.max(invalidation);
+    }
+
+    fn console(&mut self, byte: u8) {
+        self.memory.devices.console(byte);
+    }
+
+    fn stop(&mut self, why: StopRequest) {
+        self.stop.get_or_insert(why);
+    }
+
+    fn wall_clock(&self) -> u64 {
+        clock::wall_clock()
+    }
+
+    /// pgm has no call that drops one page's mapping and keeps its state, so the whole VM's
+    /// translations are flushed instead: the page's next access walks the EPT again, but does
+    /// not fault into the hypervisor as it would under QEMU.
+    fn evict_page(&mut self, _gpa: u64) {
+        self.invalidation = self.invalidation.max(Invalidation::SingleContext);
+    }
+}
+
+/// RAX with its low `size` bytes replaced by `value`, as IN leaves it (a 32-bit IN zeroes the
+/// upper half, like every 32-bit register write).
+fn merge_in(rax: u64, size: u8, value: u32) -> u64 {
+    match size {
+        1 => (rax & !0xFF) | u64::from(value & 0xFF),
+        2 => (rax & !0xFFFF) | u64::from(value & 0xFFFF),
+        _ => u64::from(value),
+    }
+}
+
+impl Vcpu<'_> {
+    /// Port I/O through the VM's port bus. IN and OUT of 1, 2 or 4 bytes go to the device
+    /// holding the port (an unclaimed port reads all ones and drops writes); a device's
+    /// request to stop ends the run as that stop. The string forms (INS, OUTS) stop the VM
+    /// with the exit's diagnostic: they are not emulated yet.
+    pub(super) fn handle_port_io(&mut self, io: PortIo) -> Option<VmStop> {
+        if io.string || io.rep {
+            return Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit)));
+        }
+        let memory = alloc::sync::Arc::clone(&self.memory);
+        let mut platform = ExitPlatform {
+            memory: &memory,
+            invalidation: Invalidation::None,
+            stop: None,
+        };
+        {
+            let mut bus = memory.devices.bus.lock();
+            match io.direction {
+                Direction::In => {
+                    let value = bus.read(io.port, io.size, &mut platform);
+                    let regs = self.cpu.regs_mut();
+                    regs.rax = merge_in(regs.rax, io.size, value);
+                }
+                Direction::Out => {
+                    let value = self.cpu.regs().rax as u32;
+                    bus.write(io.port, io.size, value, &mut platform);
+                    memory.devices.after_write(&mut bus, io.port);
+                }
+            }
+        }
+        self.exits.port_io += 1;
+        let done = self
+            .cpu
+            .skip_instruction()
+            .map_err(VmError::from)
+            .and_then(|()| self.invalidate(platform.invalidation));
+        if done.is_err() {
+            return Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit)));
+        }
+        platform.stop.map(|why| match why {
+            StopRequest::TestExit(code) => VmStop::TestExit(code),
+            StopRequest::PowerOff => VmStop::PowerOff,
+            StopRequest::Reset => VmStop::Reset,
+        })
+    }
+
+    /// CPUID: the VM's policy over the host's values, for this vCPU's APIC ID and CR4.
+    pub(super) fn handle_cpuid(&mut self) -> Option<VmStop> {
+        self.exits.cpuid += 1;
+        let cr4 = self.cpu.cpu_state().map_or(0, |state| state.cr4);
+        let regs = self.cpu.regs();
+        let (leaf, subleaf) = (regs.rax as u32, regs.rcx as u32);
+        let asking = AskingVcpu {
+            apic_id: self.index,
+            cr4,
+        };
+        let answer = self
+            .memory
+            .devices
+            .cpuid
+            .answer(leaf, subleaf, asking, &host_cpuid);
+        let regs = self.cpu.regs_mut();
+        regs.rax = u64::from(answer.eax);
+        regs.rbx = u64::from(answer.ebx);
+        regs.rcx = u64::from(answer.ecx);
+        regs.rdx = u64::from(answer.edx);
+        self.skip_or_stop()
+    }
+
+    /// RDMSR: emulated, the backend's, or refused with #GP(0).
+    pub(super) fn handle_msr_read(&mut self, msr: u32) -> Option<VmStop> {
+        self.exits.msr += 1;
+        let value = match self.msrs.read(msr, ticks()) {
+            MsrOutcome::Done(value) => Some(value),
+            MsrOutcome::Backend => self.cpu.read_msr(msr),
+            MsrOutcome::Refused => None,
+        };
+        let Some(value) = value else {
+            return self.inject_or_stop(Event::Exception {
+                vector: vector::GP,
+                error_code: Some(0),
+            });
+        };
+        let regs = self.cpu.regs_mut();
+        regs.rax = value & 0xFFFF_FFFF;
+        regs.rdx = value >> 32;
+        self.skip_or_stop()
+    }
+
+    /// WRMSR: emulated, the backend's, or refused with #GP(0) (a refused write changes
+    /// nothing).
+    pub(super) fn handle_msr_write(&mut self, msr: u32, value: u64) -> Option<VmStop> {
+        self.exits.msr += 1;
+        let accepted = match self.msrs.write(msr, value) {
+            MsrOutcome::Done(_) => true,
+            MsrOutcome::Backend => self.cpu.write_msr(msr, value),
+            MsrOutcome::Refused => false,
+        };
+        if !accepted {
+            return self.inject_or_stop(Event::Exception {
+                vector: vector::GP,
+                error_code: Some(0),
+            });
+        }
+        self.skip_or_stop()
+    }
+
+    /// Before an entry: delivers the interrupt the VM's interrupt controller has for this vCPU
+    /// if the guest can take it now, or asks the backend to exit as soon as it can. Only the
+    /// bootstrap vCPU takes the PIC's interrupts (its LINT0). An event the backend is still
+    /// delivering goes first. Inline: with nothing pending it costs two loads.
+    #[inline]
+    pub(super) fn deliver_interrupts(&mut self) -> Option<VmStop> {
+        if self.index != 0 || !self.memory.devices.pic_may_interrupt(ticks()) {
+            return None;
+        }
+        self.deliver_pic_interrupt()
+    }
+
+    #[inline(never)]
+    fn deliver_pic_interrupt(&mut self) -> Option<VmStop> {
+        let memory = alloc::sync::Arc::clone(&self.memory);
+        if self.cpu.event_pending() {
+            return None;
+        }
+        let can_take = self.cpu.interruptible();
+        let vector = memory.devices.pic_vector(ticks(), can_take);
+        let result = match (vector, can_take) {
+            (None, _) => self.cpu.set_interrupt_window_exiting(false),
+            (Some(vector), true) => {
+                self.exits.injected += 1;
+                self.cpu
+                    .set_interrupt_window_exiting(false)
+                    .and_then(|()| self.cpu.inject(Event::Interrupt(vector)))
+            }
+            (Some(_), false) => self.cpu.set_interrupt_window_exiting(true),
+        };
+        match result {
+            Ok(()) => None,
+            Err(_) => Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit))),
+        }
+    }
+
+    /// True when an interrupt is waiting for this vCPU at `now` (a halted vCPU wakes).
+    pub(super) fn interrupt_waiting(&self, now: u64) -> bool {
+        self.index == 0
+            && self.memory.devices.pic_may_interrupt(now)
+            && self.memory.devices.pic_vector(now, false).is_some()
+    }
+
+    /// The TSC by which this vCPU must be back in the hypervisor for an interrupt.
+    pub(super) fn next_interrupt(&self) -> u64 {
+        if self.index == 0 {
+            self.memory.devices.next_interrupt()
+        } else {
+            u64::MAX
+        }
+    }
+
+    /// Delivers `event` at the next entry (the instruction that exited does not complete); a
+    /// backend failure stops the VM.
+    pub(super) fn inject_or_stop(&mut self, event: Event) -> Option<VmStop> {
+        self.exits.injected += 1;
+        match self.cpu.inject(event) {
+            Ok(()) => None,
+            Err(_) => Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit))),
+        }
+    }
+
+    /// The VM's devices.
+    #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
+    pub fn devices(&self) -> &VmDevices {
+        &self.memory.devices
+    }
+}
