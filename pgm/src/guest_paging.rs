@@ -339,6 +339,7 @@ fn leaf_base(entry: u64, entry_size: u64, shift: u32) -> u64 {
 }
 
 #[cfg(test)]
+#[allow(unused_must_use)] // no TLB to flush in the simulation (see lib.rs)
 mod tests {
     use super::*;
     use crate::test_support::{gpa, pc_like};

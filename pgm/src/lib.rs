@@ -36,17 +36,25 @@ pub(crate) mod sync;
 
 #[cfg(test)]
 extern crate std;
+// The tests below drop most `Invalidation`s: the simulated host has no TLB, and the tests that
+// check flushing end their scenarios with a complete flush (`test_support`).
 #[cfg(test)]
+#[allow(unused_must_use)]
 mod fidelity_tests;
 #[cfg(test)]
+#[allow(unused_must_use)]
 mod isolation_tests;
 #[cfg(all(test, loom))]
+#[allow(unused_must_use)]
 mod loom_model_tests;
 #[cfg(test)]
+#[allow(unused_must_use)]
 mod manager_tests;
 #[cfg(test)]
+#[allow(unused_must_use)]
 mod model_tests;
 #[cfg(test)]
+#[allow(unused_must_use)]
 mod smp_stress_tests;
 #[cfg(test)]
 mod test_support;

@@ -126,6 +126,7 @@ pub trait EntryFormat {
 /// is as stale as the local one. Frames the change took from the guest are reused only after
 /// that flush ([`Pgm::begin_tlb_flush`](crate::Pgm::begin_tlb_flush)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[must_use = "the guest may still use a stale translation until this invalidation is carried out"]
 pub enum Invalidation {
     /// Nothing is cached that the change made stale.
     None,

@@ -55,10 +55,11 @@ fn run_rounds(host: &'static Host, mode: DirtyLogMode) -> Result<Rounds, String>
     // Every page of the area has a frame before monitoring starts: each round's first write
     // to a page is a write-monitor fault or a logged address, never a zero-fill.
     for page in 0..u64::from(AREA_PAGES) {
-        memory
+        let invalidation = memory
             .lock()
             .write_phys(gpa(AREA + page * PAGE_SIZE), &[1])
             .map_err(|e| format!("{e}"))?;
+        memory.flush(invalidation).map_err(|e| format!("{e}"))?;
     }
     let regs = |seed: u32| GuestRegisters {
         rsi: AREA,

@@ -197,6 +197,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 }
 
 #[cfg(test)]
+#[allow(unused_must_use)] // no TLB to flush in the simulation (see lib.rs)
 mod tests {
     use super::*;
     use crate::handlers::HandlerKind;

@@ -259,6 +259,7 @@ pub(super) fn counted_locked_allocated(page: PageDescriptor) -> bool {
 }
 
 #[cfg(test)]
+#[allow(unused_must_use)] // no TLB to flush in the simulation (see lib.rs)
 mod tests {
     use std::vec::Vec;
 

@@ -713,6 +713,7 @@ pub(super) fn leaf_for(page: PageDescriptor, zero_frame: HostPhysAddr) -> Option
 }
 
 #[cfg(test)]
+#[allow(unused_must_use)] // no TLB to flush in the simulation (see lib.rs)
 mod tests {
     use super::*;
     use crate::manager::Problem;

@@ -168,7 +168,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         region.over_ram = replaces_ram;
         region.note_untracked_mapping();
         // Newly mapped: protection can only be added here, to pages nobody has cached.
-        self.refresh_region_protection(handle);
+        let _: Invalidation = self.refresh_region_protection(handle);
         Ok(invalidation)
     }
 

@@ -696,7 +696,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         match page.state() {
             // New mappings of the zero frame only: nothing cached to flush.
             PageState::Zero | PageState::Ballooned => {
-                self.reset_to_zero(location);
+                let _: Invalidation = self.reset_to_zero(location);
                 Invalidation::None
             }
             // A shared frame is never cleared in place: the page gets a copy first.
@@ -1265,7 +1265,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             FrameEffect::Free(frame) => {
                 // The page's own entry changed above, so the invalidation its caller reports
                 // covers whatever else mapped the frame.
-                self.unmap_frame(frame, Some(self.ranges.gpa_of(location)));
+                let _: Invalidation = self.unmap_frame(frame, Some(self.ranges.gpa_of(location)));
                 self.pool.release(frame)
             }
             FrameEffect::AllocateCopyOf(shared) | FrameEffect::DropShare(shared) => self.drop_share(shared),

@@ -98,7 +98,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             // The frame stays, no longer private.
             self.pool.forget();
         } else {
-            self.unmap_frame(own, Some(self.ranges.gpa_of(location)));
+            // The page's own entry changed in the caller, whose invalidation covers the rest
+            // (and the pool keeps the frame until the next complete flush).
+            let _: Invalidation = self.unmap_frame(own, Some(self.ranges.gpa_of(location)));
             self.pool.release(own);
         }
     }
@@ -111,7 +113,9 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         *count -= 1;
         if *count == 0 {
             self.shared.remove(&frame);
-            self.unmap_frame(frame, None);
+            // The last sharer's entry changed in the caller, whose invalidation covers the
+            // rest (and the pool keeps the frame until the next complete flush).
+            let _: Invalidation = self.unmap_frame(frame, None);
             self.pool.discard(frame);
         }
     }

@@ -634,7 +634,9 @@ impl Scripted {
                 let _ = pgm.read_phys_handled(interesting(at), &mut buf, &mut Devices);
             }
             Op::Reset => {
-                pgm.reset_ram();
+                // Invalidations are the script's `Flush` operation's business: a sequence that
+                // never flushes must still keep every frame it retired out of reuse.
+                let _ = pgm.reset_ram();
             }
             Op::Preallocate => {
                 let _ = pgm.preallocate_ram();
@@ -647,17 +649,17 @@ impl Scripted {
                 let _ = pgm.balloon_deflate(&[page_at(at)]);
             }
             Op::Monitoring(what) => {
-                match what % 3 {
+                let _ = match what % 3 {
                     0 => pgm.start_write_monitoring(),
                     1 => pgm.harvest_written(&mut Vec::new()),
                     _ => pgm.stop_write_monitoring(),
                 };
             }
             Op::A20(on) => {
-                pgm.set_a20(on);
+                let _ = pgm.set_a20(on);
             }
             Op::Share => {
-                pgm.share_identical_pages();
+                let _ = pgm.share_identical_pages();
             }
             Op::FailAfter(n) => pgm.frames_mut().fail_after = n.map(u64::from),
             Op::Limit(limit) => pgm.set_frame_limit(limit.map(u64::from)),
@@ -668,7 +670,7 @@ impl Scripted {
             }
             Op::DeregisterMmio(index) => {
                 if let Some(id) = pick(&held.mmio, index) {
-                    pgm.deregister_mmio(id).expect("a live MMIO range deregisters");
+                    let _ = pgm.deregister_mmio(id).expect("a live MMIO range deregisters");
                     held.mmio.retain(|&other| other != id);
                 }
             }
@@ -684,7 +686,7 @@ impl Scripted {
             }
             Op::DeregisterHandler(index) => {
                 if let Some(id) = pick(&held.handlers, index) {
-                    pgm.deregister_handler(id).expect("a live handler deregisters");
+                    let _ = pgm.deregister_handler(id).expect("a live handler deregisters");
                     held.handlers.retain(|&other| other != id);
                 }
             }
@@ -696,7 +698,7 @@ impl Scripted {
             Op::ResetHandler(index) => {
                 let all: Vec<HandlerId> = held.handlers.iter().chain(&held.mmio).copied().collect();
                 if let Some(id) = pick(&all, index) {
-                    pgm.reset_handler(id).expect("a live handler resets");
+                    let _ = pgm.reset_handler(id).expect("a live handler resets");
                 }
             }
             Op::CreateMmio2(pages, trackable) => {
@@ -785,7 +787,8 @@ impl Scripted {
                     ][mode as usize % 4];
                     // From a page before the ROM to one past it: the rest is skipped.
                     let start = gpa((base.as_u64() + u64::from(first) * PAGE_SIZE).saturating_sub(PAGE_SIZE));
-                    pgm.protect_rom_range(start, u64::from(pages) * PAGE_SIZE, protection)
+                    let _ = pgm
+                        .protect_rom_range(start, u64::from(pages) * PAGE_SIZE, protection)
                         .expect("any page-aligned range protects");
                 }
             }
