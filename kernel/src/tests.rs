@@ -259,6 +259,14 @@ const TESTS: &[(&str, TestFn)] = &[
         devices::the_pit_interrupts_a_halted_guest_through_the_pic,
     ),
     (
+        "devices_the_local_apic_timer_and_self_ipis_interrupt_the_guest",
+        devices::the_local_apic_timer_and_self_ipis_interrupt_the_guest,
+    ),
+    (
+        "smp_init_and_startup_ipis_start_an_application_processor",
+        smp::init_and_startup_ipis_start_an_application_processor,
+    ),
+    (
         "hostile_a20_gate_flipped_through_port_0x92_while_writing_across_1_mib",
         hostile::a20_gate_flipped_through_port_0x92_while_writing_across_1_mib,
     ),

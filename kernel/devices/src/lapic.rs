@@ -164,6 +164,8 @@ struct TimerArm {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalApic {
     id: u32,
+    /// Enabled in the APIC base MSR (hardware enable); a disabled APIC does not answer.
+    hardware_enabled: bool,
     x2apic: bool,
     tpr: u32,
     ldr: u32,
@@ -201,6 +203,7 @@ impl LocalApic {
     pub fn new(id: u32) -> LocalApic {
         LocalApic {
             id,
+            hardware_enabled: true,
             x2apic: false,
             tpr: 0,
             ldr: 0,
@@ -235,13 +238,35 @@ impl LocalApic {
         self.svr & SVR_ENABLED != 0
     }
 
-    /// Switches between xAPIC and x2APIC mode (the APIC base MSR's EXTD bit changed). Entering
-    /// x2APIC mode makes the LDR the one derived from the ID (SDM 11.12.10.2).
-    pub fn set_x2apic(&mut self, on: bool) {
-        if on && !self.x2apic {
+    /// Follows the APIC base MSR: `enabled` (bit 11) and `x2apic` (bit 10). Entering x2APIC
+    /// mode makes the LDR the one derived from the ID (SDM 11.12.10.2); disabling the APIC
+    /// resets it to its power-up state but for its ID (SDM 11.4.3).
+    pub fn set_mode(&mut self, enabled: bool, x2apic: bool) {
+        if !enabled {
+            *self = LocalApic {
+                hardware_enabled: false,
+                ..LocalApic::new(self.id)
+            };
+            return;
+        }
+        if x2apic && !self.x2apic {
             self.ldr = ((self.id >> 4) << 16) | (1 << (self.id & 0xF));
         }
-        self.x2apic = on;
+        self.hardware_enabled = true;
+        self.x2apic = x2apic;
+    }
+
+    /// True when the PIC's interrupts reach this CPU through LINT0: the APIC is disabled
+    /// (hardware or software), or LINT0 is unmasked with delivery mode ExtINT (virtual-wire
+    /// mode).
+    pub fn accepts_pic(&self) -> bool {
+        let lint0 = self.lvt[LVT_LINT0];
+        !self.hardware_enabled || !self.enabled() || (lint0 & LVT_MASKED == 0 && (lint0 >> 8) & 7 == 7)
+    }
+
+    /// True when an NMI, INIT or startup message waits for the vCPU.
+    pub fn message_pending(&self) -> bool {
+        self.nmi_pending || self.init_pending || self.startup_vector.is_some()
     }
 
     /// True in x2APIC mode.
@@ -607,7 +632,7 @@ impl LocalApic {
     /// A 32-bit read of the xAPIC page at `offset` (misaligned or absent registers read 0;
     /// in x2APIC mode the page is not the APIC: all ones).
     pub fn mmio_read(&self, offset: u64, now: u64) -> u32 {
-        if self.x2apic {
+        if self.x2apic || !self.hardware_enabled {
             return u32::MAX;
         }
         let offset = (offset & 0xFF0) as u32;
@@ -617,7 +642,7 @@ impl LocalApic {
     /// A 32-bit write to the xAPIC page at `offset` (writes to read-only or absent registers
     /// are dropped; in x2APIC mode the page is not the APIC).
     pub fn mmio_write(&mut self, offset: u64, value: u32, now: u64) -> Effect {
-        if self.x2apic {
+        if self.x2apic || !self.hardware_enabled {
             return Effect::None;
         }
         let offset = (offset & 0xFF0) as u32;
@@ -924,7 +949,7 @@ mod tests {
     fn x2apic_mode_moves_the_registers_to_msrs() {
         let mut apic = enabled(0x23);
         assert_eq!(apic.msr_read(msr(reg::ID), 0), Err(X2apicFault), "xAPIC mode");
-        apic.set_x2apic(true);
+        apic.set_mode(true, true);
         assert_eq!(apic.msr_read(msr(reg::ID), 0), Ok(0x23));
         assert_eq!(apic.msr_read(msr(reg::LDR), 0), Ok((2 << 16) | (1 << 3)));
         assert_eq!(apic.msr_write(msr(reg::ID), 5, 0), Err(X2apicFault));
@@ -950,5 +975,22 @@ mod tests {
         assert_eq!(apic.pending_vector(), Some(0x77));
         assert_eq!(apic.msr_read(0x900, 0), Err(X2apicFault));
         assert_eq!(apic.mmio_read(u64::from(reg::ID), 0), u32::MAX);
+    }
+
+    #[test]
+    fn a_hardware_disabled_apic_answers_nothing_and_comes_back_reset() {
+        let mut apic = enabled(4);
+        apic.accept(0x40, false);
+        assert!(!apic.accepts_pic(), "enabled, LINT0 masked");
+        apic.set_mode(false, false);
+        assert_eq!(apic.mmio_read(u64::from(reg::ID), 0), u32::MAX);
+        assert!(apic.accepts_pic());
+        apic.set_mode(true, false);
+        assert_eq!(apic.mmio_read(u64::from(reg::ID), 0), 4 << 24);
+        assert_eq!(apic.pending_vector(), None, "reset");
+        assert!(!apic.enabled(), "software-disabled after the reset");
+        apic.mmio_write(u64::from(reg::SVR), SVR_ENABLED, 0);
+        apic.mmio_write(u64::from(reg::LVT_LINT0), 7 << 8, 0);
+        assert!(apic.accepts_pic(), "virtual wire through LINT0");
     }
 }

@@ -1,10 +1,11 @@
 //! The MSR policy: what RDMSR and WRMSR of each MSR do in a guest. Every MSR access exits
 //! (no MSR bitmap yet), and each MSR is one of:
 //! - **emulated** here, per vCPU: the APIC base (with the xAPIC/x2APIC mode transitions of
-//!   SDM Vol. 3A 11.12.5), the TSC-deadline value, PAT, the MTRRs (capabilities, default type,
+//!   SDM Vol. 3A 11.12.5), PAT, the MTRRs (capabilities, default type,
 //!   8 variable and 11 fixed ranges, held for the guest: EPT maps RAM write-back whatever they
 //!   say), MISC_ENABLE, FEATURE_CONTROL (locked, VMX off), the microcode signature and
 //!   platform ID, and a read of the TSC;
+//! - **the local APIC's** (`lapic`): the TSC deadline and the x2APIC registers 0x800–0x8FF;
 //! - **held by the backend** in the guest state it loads at entry and saves at exit (EFER,
 //!   the FS and GS bases, the SYSENTER MSRs, and the SYSCALL MSRs with the swap-GS base);
 //! - **refused**: every other MSR, which injects #GP as a CPU does for an MSR it lacks (and as
@@ -113,6 +114,8 @@ pub enum MsrOutcome {
     Done(u64),
     /// The MSR lives in the backend's guest state: read or write it there.
     Backend,
+    /// The MSR is the vCPU's local APIC's (the TSC deadline, the x2APIC registers).
+    Apic,
     /// Inject #GP(0).
     Refused,
 }
@@ -122,8 +125,6 @@ pub enum MsrOutcome {
 pub struct MsrState {
     /// The APIC base MSR.
     pub apic_base: u64,
-    /// The TSC deadline (0: disarmed).
-    pub tsc_deadline: u64,
     pat: u64,
     mtrr_def_type: u64,
     mtrr_variable: [u64; 16],
@@ -145,7 +146,6 @@ impl MsrState {
         let bsp = if index == 0 { APIC_BSP } else { 0 };
         MsrState {
             apic_base: APIC_DEFAULT_BASE | APIC_ENABLED | bsp,
-            tsc_deadline: 0,
             pat: PAT_RESET,
             mtrr_def_type: 0,
             mtrr_variable: [0; 16],
@@ -183,7 +183,7 @@ impl MsrState {
             0x200..=0x20F => self.mtrr_variable[(msr - index::MTRR_PHYS_BASE0) as usize],
             index::PAT => self.pat,
             index::MTRR_DEF_TYPE => self.mtrr_def_type,
-            index::TSC_DEADLINE => self.tsc_deadline,
+            _ if is_apic_msr(msr) => return MsrOutcome::Apic,
             _ if BACKEND_HELD.contains(&msr) => return MsrOutcome::Backend,
             _ => match MsrState::fixed_slot(msr) {
                 Some(slot) => self.mtrr_fixed[slot],
@@ -233,10 +233,7 @@ impl MsrState {
                 }
                 accepted
             }
-            index::TSC_DEADLINE => {
-                self.tsc_deadline = value;
-                true
-            }
+            _ if is_apic_msr(msr) => return MsrOutcome::Apic,
             _ if BACKEND_HELD.contains(&msr) => return MsrOutcome::Backend,
             _ => match MsrState::fixed_slot(msr) {
                 Some(slot) => {
@@ -286,6 +283,11 @@ impl MsrState {
     }
 }
 
+/// True for the MSRs of the local APIC: the TSC deadline and the x2APIC registers.
+pub fn is_apic_msr(msr: u32) -> bool {
+    msr == index::TSC_DEADLINE || (0x800..=0x8FF).contains(&msr)
+}
+
 /// The physical-address width a guest sees: CPUID 0x8000_0008 EAX bits 7:0, where the host
 /// answers that leaf, else 36.
 pub fn phys_bits(extended: CpuidRegs, extended_max: u32) -> u32 {
@@ -307,7 +309,7 @@ mod tests {
     #[test]
     fn unknown_msrs_are_refused_and_backend_ones_are_sent_there() {
         let mut msrs = state();
-        for msr in [0x48, 0x179, 0xC000_0103, 0x4000_0000, 0x800] {
+        for msr in [0x48, 0x179, 0xC000_0103, 0x4000_0000, 0x900] {
             assert_eq!(msrs.read(msr, 0), MsrOutcome::Refused, "{msr:#x}");
             assert_eq!(msrs.write(msr, 0), MsrOutcome::Refused, "{msr:#x}");
         }
@@ -419,8 +421,10 @@ mod tests {
         );
         assert_eq!(msrs.read(index::TSC, 1234), MsrOutcome::Done(1234));
         assert_eq!(msrs.write(index::TSC, 0), MsrOutcome::Refused);
-        assert_eq!(msrs.write(index::TSC_DEADLINE, 99), MsrOutcome::Done(0));
-        assert_eq!(msrs.read(index::TSC_DEADLINE, 0), MsrOutcome::Done(99));
+        for msr in [index::TSC_DEADLINE, 0x802, 0x830, 0x8FF] {
+            assert_eq!(msrs.write(msr, 99), MsrOutcome::Apic);
+            assert_eq!(msrs.read(msr, 0), MsrOutcome::Apic);
+        }
         assert_eq!(msrs.write(index::BIOS_SIGN_ID, 0), MsrOutcome::Done(0));
     }
 

@@ -18,9 +18,10 @@ const GDTR: u64 = 0x1800;
 const IDT: u64 = 0x2000;
 const RESULTS: u64 = 0x3000;
 /// The vector whose gate the programs' handler (at offset 2) is: #GP in `pc_devices`, the
-/// PIC's IRQ 0 in `pic_timer`.
+/// PIC's IRQ 0 in `pic_timer`, the APIC's vector in `apic_timer`.
 const GP_VECTOR: u64 = 13;
 const IRQ0_VECTOR: u64 = 0x20;
+const APIC_VECTOR: u64 = 0x40;
 const HANDLER_OFFSET: u64 = 2;
 
 /// A flat GDT (null, 32-bit code at 0x08, data at 0x10), its pseudo-descriptor and the IDT's
@@ -101,6 +102,29 @@ pub fn the_pit_interrupts_a_halted_guest_through_the_pic(host: &'static Host) ->
         "ran {elapsed} ticks, 10 periods are {}",
         10 * period
     );
+    Ok(())
+}
+
+/// The local APIC's timer in one-shot, periodic and TSC-deadline modes, self IPIs through the
+/// xAPIC ICR and the x2APIC SELF IPI MSR, EOI through the page and the MSR: each interrupt
+/// wakes the halted guest once.
+pub fn the_local_apic_timer_and_self_ipis_interrupt_the_guest(host: &'static Host) -> TestResult {
+    let mut vm = prepared_vm(host, programs::apic_timer(), APIC_VECTOR)?;
+    let stop = vm.run();
+    ensure_eq!(
+        stop,
+        VmStop::TestExit(9),
+        "stop (the exit code counts the interrupts)"
+    );
+    let mut versions = [0u8; 8];
+    vm.pgm()
+        .read_phys(gpa(RESULTS), &mut versions)
+        .map_err(|e| format!("{e}"))?;
+    let version = devices::lapic::VERSION.to_le_bytes();
+    ensure_eq!(&versions[..4], &version[..], "xAPIC version");
+    ensure_eq!(&versions[4..], &version[..], "x2APIC version");
+    ensure_eq!(vm.exits.injected, 9, "interrupts injected");
+    ensure!(vm.exits.halts >= 7, "HLT exits: {}", vm.exits.halts);
     Ok(())
 }
 

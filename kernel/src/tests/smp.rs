@@ -947,3 +947,53 @@ pub fn a_cpu_that_left_the_vm_is_flushed_once(host: &'static Host) -> TestResult
     );
     Ok(())
 }
+
+/// INIT and a startup message through the bootstrap vCPU's APIC start a second vCPU, waiting
+/// on another CPU, in real mode at the startup page (CS 0x900, IP 0): it writes its marker,
+/// which the bootstrap vCPU waits for.
+pub fn init_and_startup_ipis_start_an_application_processor(host: &'static Host) -> TestResult {
+    let cpu = second_cpu()?;
+    let mut vm = new_vm(host, &PC_RAM)?;
+    let ap_code = programs::start_ap_ap();
+    let invalidation = vm
+        .pgm_mut()
+        .write_phys(gpa(SECOND_CODE), ap_code.code)
+        .map_err(|e| format!("{e}"))?;
+    vm.flush(invalidation).map_err(|e| format!("{e}"))?;
+    vm.start(&programs::start_ap_bsp(), CODE, GuestRegisters::default())
+        .map_err(|e| format!("start: {e}"))?;
+    let memory = vm.memory();
+    let ready = Arc::new(AtomicUsize::new(0));
+    let arrived = Arc::clone(&ready);
+    let ap = smp::spawn_on(cpu, move || {
+        let vmx = host.vmx().map_err(|e| format!("{e}"))?;
+        let mut vcpu = Vcpu::new_vcpu(vmx, memory, &host.phys).map_err(|e| format!("AP: {e}"))?;
+        vcpu.wait_for_startup();
+        rendezvous(&arrived)?;
+        loop {
+            match vcpu.run() {
+                VmStop::Preempted { .. } => continue,
+                stop => break Ok::<VmStop, String>(stop),
+            }
+        }
+    })
+    .map_err(|e| format!("{e}"))?;
+    rendezvous(&ready)?;
+    let stop = loop {
+        match vm.run() {
+            VmStop::Preempted { .. } => continue,
+            stop => break stop,
+        }
+    };
+    let ap_stop = ap.join()?;
+    ensure!(
+        matches!(ap_stop, VmStop::Halted { .. }),
+        "the AP's stop: {ap_stop:?}"
+    );
+    ensure_eq!(
+        stop,
+        VmStop::TestExit(0x900),
+        "the bootstrap vCPU's stop (the AP's CS)"
+    );
+    Ok(())
+}

@@ -112,6 +112,8 @@ pub enum Event {
     },
     /// An external interrupt (maskable: deliver only when [`VirtualCpu::interruptible`]).
     Interrupt(u8),
+    /// A non-maskable interrupt (deliver only when [`VirtualCpu::nmi_allowed`]).
+    Nmi,
 }
 
 /// Exception vectors the exit policy injects.
@@ -246,6 +248,14 @@ pub trait VirtualCpu {
     /// True when the guest would take a maskable interrupt now (RFLAGS.IF set, no STI or MOV
     /// SS shadow).
     fn interruptible(&self) -> bool;
+
+    /// True when the guest would take an NMI now (no NMI handler running, no MOV SS or STI
+    /// shadow).
+    fn nmi_allowed(&self) -> bool;
+
+    /// Puts the vCPU where a startup message (SIPI) after INIT leaves a CPU: real mode, CS
+    /// selector `page << 8` (base `page << 12`), IP 0, the general-purpose registers cleared.
+    fn start_at_page(&mut self, page: u8) -> Result<(), BackendError>;
 
     /// Asks for (or stops asking for) [`VmExit::InterruptWindow`] as soon as the guest can take
     /// an interrupt.

@@ -17,9 +17,11 @@ use devices::cpuid::{AskingVcpu, CpuidPolicy, CpuidRegs};
 use devices::msr::MsrOutcome;
 use devices::{cmos, debug_exit, fw_cfg, pci, pic, pit, pm, port92, testdev, uart};
 use devices::{Platform, PortBus, StopRequest};
+use pgm::handlers::HandlerId;
 use pgm::Invalidation;
 use spin::Mutex;
 
+use super::apic::VmApics;
 use super::backend::{vector, Direction, Event, PortIo, VirtualCpu};
 use super::memory::VmMemory;
 use super::stop::{StopCause, VmStop};
@@ -66,6 +68,8 @@ pub struct VmDevices {
     /// The PIC may have an interrupt to deliver (a request was raised, or its registers were
     /// written): the bootstrap vCPU looks before its next entry.
     pic_changed: AtomicBool,
+    /// The vCPUs' local APICs.
+    pub(super) apics: VmApics,
     /// The console line being written, and the last one printed.
     line: Mutex<(Vec<u8>, String)>,
 }
@@ -77,7 +81,8 @@ impl VmDevices {
     /// The devices of a VM with `ram_bytes` of RAM, as `spec` says: the PC's legacy ports
     /// (A20 gate, UART, PIC, PIT, CMOS, PCI configuration, ACPI PM, the test exit, fw_cfg and
     /// the test device's ports).
-    pub fn new(spec: &MachineSpec, ram_bytes: u64) -> Result<VmDevices, VmError> {
+    /// `apic_page` is the pgm MMIO handler of the xAPIC page.
+    pub fn new(spec: &MachineSpec, ram_bytes: u64, apic_page: HandlerId) -> Result<VmDevices, VmError> {
         let (bus, pic, pit) = legacy_pc(spec, ram_bytes).map_err(VmError::Devices)?;
         let extended_max = host_cpuid(0x8000_0000, 0).eax;
         Ok(VmDevices {
@@ -95,6 +100,7 @@ impl VmDevices {
             next_irq0: AtomicU64::new(u64::MAX),
             irq0_period: AtomicU64::new(0),
             pic_changed: AtomicBool::new(false),
+            apics: VmApics::new(apic_page),
             line: Mutex::new((Vec::new(), String::new())),
         })
     }
@@ -271,6 +277,16 @@ impl Platform for ExitPlatform<'_> {
     }
 }
 
+/// What one interrupt controller's delivery did.
+pub(super) enum Delivery {
+    /// An interrupt was injected.
+    Injected,
+    /// One is pending but the guest cannot take it now.
+    Waiting,
+    /// Nothing to deliver.
+    Nothing,
+}
+
 /// RAX with its low `size` bytes replaced by `value`, as IN leaves it (a 32-bit IN zeroes the
 /// upper half, like every 32-bit register write).
 fn merge_in(rax: u64, size: u8, value: u32) -> u64 {
@@ -356,6 +372,7 @@ impl Vcpu<'_> {
         let value = match self.msrs.read(msr, ticks()) {
             MsrOutcome::Done(value) => Some(value),
             MsrOutcome::Backend => self.cpu.read_msr(msr),
+            MsrOutcome::Apic => self.read_apic_msr(msr),
             MsrOutcome::Refused => None,
         };
         let Some(value) = value else {
@@ -375,8 +392,14 @@ impl Vcpu<'_> {
     pub(super) fn handle_msr_write(&mut self, msr: u32, value: u64) -> Option<VmStop> {
         self.exits.msr += 1;
         let accepted = match self.msrs.write(msr, value) {
-            MsrOutcome::Done(_) => true,
+            MsrOutcome::Done(_) => {
+                if msr == devices::msr::index::APIC_BASE {
+                    self.follow_apic_base();
+                }
+                true
+            }
             MsrOutcome::Backend => self.cpu.write_msr(msr, value),
+            MsrOutcome::Apic => self.write_apic_msr(msr, value),
             MsrOutcome::Refused => false,
         };
         if !accepted {
@@ -388,56 +411,144 @@ impl Vcpu<'_> {
         self.skip_or_stop()
     }
 
-    /// Before an entry: delivers the interrupt the VM's interrupt controller has for this vCPU
-    /// if the guest can take it now, or asks the backend to exit as soon as it can. Only the
-    /// bootstrap vCPU takes the PIC's interrupts (its LINT0). An event the backend is still
-    /// delivering goes first. Inline: with nothing pending it costs two loads.
+    /// Before an entry: delivers the interrupt this vCPU's local APIC or (on the bootstrap
+    /// vCPU, through LINT0) the PIC has for it if the guest can take it now, or asks the
+    /// backend to exit as soon as it can. An event the backend is still delivering goes
+    /// first. Inline: with nothing pending it costs a few loads and compares.
     #[inline]
     pub(super) fn deliver_interrupts(&mut self) -> Option<VmStop> {
-        if self.index != 0 || !self.memory.devices.pic_may_interrupt(ticks()) {
+        let now = ticks();
+        let apic = self.apic_may_interrupt(now);
+        let pic = self.index == 0 && self.memory.devices.pic_may_interrupt(now);
+        if !apic && !pic {
             return None;
         }
-        self.deliver_pic_interrupt()
+        self.deliver(apic, pic).err()
     }
 
     #[inline(never)]
-    fn deliver_pic_interrupt(&mut self) -> Option<VmStop> {
+    fn deliver(&mut self, apic: bool, pic: bool) -> Result<(), VmStop> {
+        let mut waiting = false;
+        if apic {
+            match self.deliver_apic()? {
+                Delivery::Injected => return Ok(()),
+                Delivery::Waiting => waiting = true,
+                Delivery::Nothing => {}
+            }
+        }
+        if pic && !self.waiting_for_startup && self.accepts_pic() {
+            match self.deliver_pic()? {
+                Delivery::Injected => return Ok(()),
+                Delivery::Waiting => waiting = true,
+                Delivery::Nothing => {}
+            }
+        }
+        // Only a blocked interrupt keeps the window open: an open window with nothing behind
+        // it would exit at every instruction boundary.
+        self.window_or_fail(waiting)
+    }
+
+    /// True when the PIC's interrupts reach this vCPU (see `LocalApic::accepts_pic`).
+    fn accepts_pic(&self) -> bool {
+        self.memory
+            .devices
+            .apics
+            .with(self.index, |apic| apic.accepts_pic())
+            .unwrap_or(true)
+    }
+
+    /// The PIC's part of [`deliver`](Self::deliver).
+    fn deliver_pic(&mut self) -> Result<Delivery, VmStop> {
         let memory = alloc::sync::Arc::clone(&self.memory);
         if self.cpu.event_pending() {
-            return None;
+            return Ok(Delivery::Nothing);
         }
         let can_take = self.cpu.interruptible();
-        let vector = memory.devices.pic_vector(ticks(), can_take);
-        let result = match (vector, can_take) {
-            (None, _) => self.cpu.set_interrupt_window_exiting(false),
+        match (memory.devices.pic_vector(ticks(), can_take), can_take) {
+            (None, _) => Ok(Delivery::Nothing),
             (Some(vector), true) => {
                 self.exits.injected += 1;
                 self.cpu
                     .set_interrupt_window_exiting(false)
                     .and_then(|()| self.cpu.inject(Event::Interrupt(vector)))
+                    .map_err(|_| VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit)))?;
+                Ok(Delivery::Injected)
             }
-            (Some(_), false) => self.cpu.set_interrupt_window_exiting(true),
-        };
-        match result {
-            Ok(()) => None,
-            Err(_) => Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit))),
+            (Some(_), false) => Ok(Delivery::Waiting),
         }
     }
 
-    /// True when an interrupt is waiting for this vCPU at `now` (a halted vCPU wakes).
+    /// True when an interrupt or message is waiting for this vCPU at `now` (a halted vCPU
+    /// wakes).
     pub(super) fn interrupt_waiting(&self, now: u64) -> bool {
+        if self.apic_waiting(now) {
+            return true;
+        }
         self.index == 0
+            && !self.waiting_for_startup
             && self.memory.devices.pic_may_interrupt(now)
+            && self.accepts_pic()
             && self.memory.devices.pic_vector(now, false).is_some()
     }
 
-    /// The TSC by which this vCPU must be back in the hypervisor for an interrupt.
+    /// The TSC by which this vCPU must be back in the hypervisor for a timer interrupt.
     pub(super) fn next_interrupt(&self) -> u64 {
-        if self.index == 0 {
+        let pic = if self.index == 0 {
             self.memory.devices.next_interrupt()
         } else {
             u64::MAX
+        };
+        pic.min(self.apic_timer)
+    }
+
+    /// RDMSR of the TSC deadline or an x2APIC register (`None`: #GP).
+    fn read_apic_msr(&self, msr: u32) -> Option<u64> {
+        let now = ticks();
+        self.memory
+            .devices
+            .apics
+            .with(self.index, |apic| {
+                if msr == devices::msr::index::TSC_DEADLINE {
+                    Some(apic.tsc_deadline())
+                } else {
+                    apic.msr_read(msr, now).ok()
+                }
+            })
+            .flatten()
+    }
+
+    /// WRMSR of the TSC deadline or an x2APIC register (`false`: #GP); a message written to
+    /// the ICR is routed at once.
+    fn write_apic_msr(&mut self, msr: u32, value: u64) -> bool {
+        let now = ticks();
+        let effect = self.memory.devices.apics.with(self.index, |apic| {
+            if msr == devices::msr::index::TSC_DEADLINE {
+                apic.set_tsc_deadline(value);
+                Ok(devices::lapic::Effect::None)
+            } else {
+                apic.msr_write(msr, value, now)
+            }
+        });
+        let mut sent = Vec::new();
+        match effect {
+            Some(Ok(devices::lapic::Effect::Ipi(ipi))) => sent.push(ipi),
+            Some(Ok(devices::lapic::Effect::None)) => {}
+            _ => return false,
         }
+        self.after_apic_access(&mut sent);
+        true
+    }
+
+    /// The APIC base MSR changed: the APIC follows its enable and x2APIC bits.
+    fn follow_apic_base(&mut self) {
+        let base = self.msrs.apic_base;
+        let enabled = base & devices::msr::APIC_ENABLED != 0;
+        let x2apic = base & devices::msr::APIC_X2APIC != 0;
+        self.memory
+            .devices
+            .apics
+            .with(self.index, |apic| apic.set_mode(enabled, x2apic));
+        self.after_apic_access(&mut Vec::new());
     }
 
     /// Delivers `event` at the next entry (the instruction that exited does not complete); a

@@ -269,6 +269,11 @@ impl VmMemory {
         self.vcpus_added.fetch_add(1, Ordering::SeqCst)
     }
 
+    /// The vCPUs the VM has now.
+    pub(super) fn vcpus_in_vm(&self) -> usize {
+        self.vcpus.lock().len()
+    }
+
     /// Removes the vCPU whose request word is `requests`.
     pub(super) fn remove_vcpu(&self, requests: &Arc<VcpuRequests>) {
         self.vcpus

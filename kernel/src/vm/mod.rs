@@ -9,6 +9,7 @@
 //! state, `vcpu.rs` the per-vCPU state and run loop, `exits.rs` exit statistics, `stop.rs` how
 //! runs end, `emulation.rs` the emulated accesses, `pml.rs` the dirty log's vCPU side.
 
+mod apic;
 pub mod backend;
 pub mod budget;
 pub mod devices;
@@ -74,6 +75,8 @@ pub enum VmError {
     Backend(BackendError),
     /// A device could not be placed on the VM's bus.
     Devices(::devices::bus::BusError),
+    /// The VM has as many vCPUs as it can have (64).
+    TooManyVcpus,
 }
 
 impl fmt::Display for VmError {
@@ -83,6 +86,7 @@ impl fmt::Display for VmError {
             VmError::Vmx(error) => write!(f, "{error}"),
             VmError::Backend(error) => write!(f, "{error}"),
             VmError::Devices(error) => write!(f, "devices: {error}"),
+            VmError::TooManyVcpus => write!(f, "the VM has its 64 vCPUs already"),
         }
     }
 }

@@ -9,6 +9,7 @@ use pgm::guest_paging::CodeTranslation;
 use pgm::manager::{AccessHandlers, MmioTarget};
 use pgm::{Access, FaultOutcome, GuestPhysAddr, Invalidation, MemoryStats, Pgm, PgmError, Resolution};
 
+use super::apic::VcpuHandlers;
 use super::backend::{GuestRegisters, VirtualCpu, VmExit};
 use super::budget::{self, Budget, Expired, RunClock};
 use super::devices::{MachineSpec, VmDevices};
@@ -95,7 +96,14 @@ pub struct Vcpu<'a> {
     /// unfinished: the next run's entry completes its cost.
     carried: Option<(ExitKind, u64)>,
     /// The guest executed HLT with interrupts enabled and waits for one (RIP still at the HLT).
-    halted: bool,
+    pub(super) halted: bool,
+    /// The vCPU took INIT and waits for a startup message (an application processor before
+    /// the bootstrap processor starts it).
+    pub(super) waiting_for_startup: bool,
+    /// When this vCPU's APIC timer next expires (TSC; `u64::MAX`: not armed).
+    pub(super) apic_timer: u64,
+    /// The APIC may have something to deliver: the next entry looks.
+    pub(super) apic_changed: bool,
     /// The CPU logs written pages (the VM's monitoring asked for it at the last entry).
     pub(super) dirty_logging: bool,
     /// The translation of the code page of the last emulated instruction (see
@@ -143,7 +151,10 @@ impl<'a> Vcpu<'a> {
             pgm.register_ram(base, size, "ram")?;
         }
         let ram_bytes = ram.iter().map(|&(_, size)| size).sum();
-        let devices = VmDevices::new(spec, ram_bytes)?;
+        let apic_base = GuestPhysAddr::new_truncate(devices::lapic::XAPIC_BASE);
+        // Nothing has run yet: no translation to invalidate.
+        let (apic_page, _) = pgm.register_mmio(apic_base, pgm::PAGE_SIZE)?;
+        let devices = VmDevices::new(spec, ram_bytes, apic_page)?;
         Vcpu::new_vcpu(vmx, Arc::new(VmMemory::new(pgm, devices)), phys)
     }
 
@@ -158,6 +169,7 @@ impl<'a> Vcpu<'a> {
         let requests = Arc::new(VcpuRequests::default());
         let index = memory.add_vcpu(cpu.host_cpu(), &requests);
         let msrs = MsrState::new(index, memory.devices.phys_bits);
+        let has_apic = memory.devices.apics.add(index, cpu.host_cpu());
         // From here on Drop gives everything back on error.
         let mut vcpu = Vcpu {
             cpu,
@@ -177,11 +189,17 @@ impl<'a> Vcpu<'a> {
             requests,
             carried: None,
             halted: false,
+            waiting_for_startup: false,
+            apic_timer: u64::MAX,
+            apic_changed: false,
             dirty_logging: false,
             code_translation: None,
             decoder: DecodeCache::default(),
             last_mmio_target: None,
         };
+        if !has_apic {
+            return Err(VmError::TooManyVcpus);
+        }
         // The root frame may have served an earlier VM with the same EPTP value and VPID: drop
         // whatever the CPU still caches for it.
         vcpu.invalidate(Invalidation::SingleContext)?;
@@ -255,6 +273,13 @@ impl<'a> Vcpu<'a> {
         Ok(())
     }
 
+    /// Leaves the vCPU waiting for INIT and a startup message from another vCPU's APIC, as an
+    /// application processor waits after power-on.
+    #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
+    pub fn wait_for_startup(&mut self) {
+        self.waiting_for_startup = true;
+    }
+
     /// Sets the guest's RSP (after [`start`](Self::start), which puts the stack just below the
     /// code).
     #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
@@ -297,7 +322,14 @@ impl<'a> Vcpu<'a> {
             return VmStop::Stopped(self.diagnostic(StopCause::WrongCpu));
         }
         self.memory.set_running(self.cpu.host_cpu(), true);
-        let mut stop = self.run_loop(devices);
+        let mut handlers = VcpuHandlers {
+            caller: devices,
+            memory: Arc::clone(&self.memory),
+            index: self.index,
+            sent: Vec::new(),
+            touched: false,
+        };
+        let mut stop = self.run_loop(&mut handlers);
         self.memory.set_running(self.cpu.host_cpu(), false);
         // Out of its run, the vCPU has handed every address it logged to the host.
         if self.drain_dirty_log().is_err() && !matches!(stop, VmStop::Stopped(_)) {
@@ -313,7 +345,7 @@ impl<'a> Vcpu<'a> {
     }
 
     /// The body of [`Vcpu::run_with`], on the vCPU's own CPU, counted as running.
-    fn run_loop(&mut self, devices: &mut impl AccessHandlers) -> VmStop {
+    fn run_loop<H: AccessHandlers>(&mut self, handlers: &mut VcpuHandlers<'_, H>) -> VmStop {
         let rate = self.cpu.timer_granularity();
         let clock = RunClock::start(&self.budget, self.ticks_used, self.run_started, rate);
         if let Some((kind, host_ticks)) = self.carried.take() {
@@ -344,6 +376,10 @@ impl<'a> Vcpu<'a> {
             if self.exits.total >= exit_budget_end {
                 break VmStop::Stopped(self.diagnostic(StopCause::ExitBudget));
             }
+            if self.waiting_for_startup && !self.apic_waiting(now) {
+                core::hint::spin_loop();
+                continue;
+            }
             if self.halted {
                 match self.stay_halted(now) {
                     Ok(true) => {
@@ -357,7 +393,19 @@ impl<'a> Vcpu<'a> {
             if let Some(stop) = self.deliver_interrupts() {
                 break stop;
             }
-            if let Some(stop) = self.enter_and_handle_exit(devices, &clock) {
+            if self.waiting_for_startup {
+                // INIT came, the startup message not yet: nothing to run.
+                core::hint::spin_loop();
+                continue;
+            }
+            let stop = self.enter_and_handle_exit(handlers, &clock);
+            if handlers.touched {
+                handlers.touched = false;
+                let mut sent = core::mem::take(&mut handlers.sent);
+                self.after_apic_access(&mut sent);
+                handlers.sent = sent;
+            }
+            if let Some(stop) = stop {
                 break stop;
             }
         };
@@ -554,7 +602,8 @@ impl<'a> Vcpu<'a> {
                 Err(_) => Err(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit))),
             };
         }
-        if self.next_interrupt() == u64::MAX {
+        // Alone in its VM with no timer armed, nothing can wake it.
+        if self.next_interrupt() == u64::MAX && self.memory.vcpus_in_vm() == 1 {
             self.halted = false;
             return Err(VmStop::Halted {
                 rip: self.guest_rip(),

@@ -705,6 +705,7 @@ impl VirtualCpu for VmxVcpu<'_> {
         let (kind, vector, error_code) = match event {
             Event::Exception { vector, error_code } => (INTERRUPTION_TYPE_HARD_EXCEPTION, vector, error_code),
             Event::Interrupt(vector) => (INTERRUPTION_TYPE_EXTERNAL, vector, None),
+            Event::Nmi => (INTERRUPTION_TYPE_NMI, 2, None),
         };
         let mut info = INTERRUPTION_VALID | kind | u64::from(vector);
         if let Some(code) = error_code {
@@ -725,6 +726,22 @@ impl VirtualCpu for VmxVcpu<'_> {
             vmcs.read(guest::RFLAGS) & RFLAGS_IF != 0
                 && vmcs.read(guest::INTERRUPTIBILITY_STATE) & BLOCKING_BY_STI_OR_MOV_SS == 0
         })
+    }
+
+    fn nmi_allowed(&self) -> bool {
+        self.vmcs.current().is_ok_and(|vmcs| {
+            vmcs.read(guest::INTERRUPTIBILITY_STATE) & (BLOCKING_BY_STI_OR_MOV_SS | BLOCKING_BY_NMI) == 0
+        })
+    }
+
+    fn start_at_page(&mut self, page: u8) -> Result<(), BackendError> {
+        self.write_guest_state(GuestMode::Real, 0, 0)?;
+        let vmcs = self.vmcs.current()?;
+        vmcs.write(guest::CS_SELECTOR, u64::from(page) << 8)?;
+        vmcs.write(guest::CS_BASE, u64::from(page) << 12)?;
+        vmcs.write(guest::RSP, 0)?;
+        self.regs = GuestRegisters::default();
+        Ok(())
     }
 
     fn set_interrupt_window_exiting(&mut self, on: bool) -> Result<(), BackendError> {

@@ -1,0 +1,305 @@
+//! The local APICs of a VM's vCPUs (the device layer's `LocalApic`, one per vCPU) and what
+//! connects them to the vCPU loop: the xAPIC page as a pgm MMIO range whose accesses go to the
+//! accessing vCPU's APIC, the x2APIC MSRs, interrupt messages routed between vCPUs (a message
+//! to a vCPU running on another CPU kicks that CPU), the APIC timer's deadline, and INIT and
+//! startup messages, which stop a vCPU and start it in real mode at the startup page.
+//!
+//! Locking: all APICs of the VM sit under one lock, held for a register access or a delivery
+//! and never across another lock; an xAPIC access takes it inside the memory manager's (it is
+//! an MMIO access), so nothing holds it while taking the manager's.
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use devices::lapic::{Effect, Ipi, LocalApic, XAPIC_BASE};
+use pgm::handlers::HandlerId;
+use pgm::manager::{AccessHandlers, HandlerAction};
+use pgm::{Access, GuestPhysAddr};
+use spin::Mutex;
+
+use super::backend::{Event, VirtualCpu};
+use super::devices::Delivery;
+use super::memory::VmMemory;
+use super::stop::{StopCause, VmStop};
+use super::Vcpu;
+use crate::arch::{smp, ticks};
+
+/// vCPUs a VM can have (host CPU sets are 64-bit masks).
+pub const MAX_VCPUS: usize = 64;
+
+/// One vCPU's APIC and the host CPU the vCPU runs on.
+struct Slot {
+    apic: LocalApic,
+    cpu: usize,
+}
+
+/// The APICs of one VM.
+pub struct VmApics {
+    slots: Mutex<Vec<Slot>>,
+    /// Something arrived for vCPU `i` from elsewhere (a message): it looks before its next
+    /// entry, or wakes if halted.
+    poked: [AtomicBool; MAX_VCPUS],
+    /// The xAPIC page's MMIO handler.
+    page: HandlerId,
+}
+
+impl VmApics {
+    /// The APICs of a VM whose xAPIC page is pgm MMIO handler `page`.
+    pub fn new(page: HandlerId) -> VmApics {
+        VmApics {
+            slots: Mutex::new(Vec::new()),
+            poked: [const { AtomicBool::new(false) }; MAX_VCPUS],
+            page,
+        }
+    }
+
+    /// Gives vCPU `index` (the next one) its APIC, with ID `index`; it runs on host CPU `cpu`.
+    /// `false` past [`MAX_VCPUS`].
+    pub(super) fn add(&self, index: u32, cpu: usize) -> bool {
+        let mut slots = self.slots.lock();
+        if index as usize != slots.len() || slots.len() >= MAX_VCPUS {
+            return false;
+        }
+        slots.push(Slot {
+            apic: LocalApic::new(index),
+            cpu,
+        });
+        true
+    }
+
+    /// Runs `op` on vCPU `index`'s APIC (`None` if it has none).
+    pub(super) fn with<R>(&self, index: u32, op: impl FnOnce(&mut LocalApic) -> R) -> Option<R> {
+        self.slots
+            .lock()
+            .get_mut(index as usize)
+            .map(|slot| op(&mut slot.apic))
+    }
+
+    /// True when something was sent to vCPU `index` since it last looked.
+    fn poked(&self, index: u32) -> bool {
+        self.poked
+            .get(index as usize)
+            .is_some_and(|flag| flag.load(Ordering::Acquire))
+    }
+
+    fn take_poke(&self, index: u32) -> bool {
+        self.poked
+            .get(index as usize)
+            .is_some_and(|flag| flag.swap(false, Ordering::AcqRel))
+    }
+
+    /// Delivers `ipi`, sent by vCPU `sender`, to every APIC it names; pokes each receiver and
+    /// kicks the host CPUs of those running elsewhere so that they take it now. Returns how
+    /// many APICs received it.
+    pub(super) fn route(&self, sender: u32, ipi: &Ipi) -> usize {
+        let mut kicks = 0u64;
+        let mut received = 0;
+        {
+            let mut slots = self.slots.lock();
+            for (index, slot) in slots.iter_mut().enumerate() {
+                if !slot.apic.is_destination(ipi, index as u32 == sender) {
+                    continue;
+                }
+                slot.apic.receive(ipi);
+                received += 1;
+                self.poked[index].store(true, Ordering::Release);
+                if slot.cpu != smp::this_cpu().index {
+                    kicks |= 1 << slot.cpu;
+                }
+            }
+        }
+        for cpu in (0..MAX_VCPUS).filter(|cpu| kicks & (1 << cpu) != 0) {
+            smp::kick(cpu);
+        }
+        received
+    }
+}
+
+/// The access handlers of one vCPU's run: the vCPU's own xAPIC page, then the caller's.
+pub(super) struct VcpuHandlers<'h, H> {
+    pub(super) caller: &'h mut H,
+    pub(super) memory: Arc<VmMemory>,
+    pub(super) index: u32,
+    /// Messages the guest wrote to its ICR during the exit, to route after it.
+    pub(super) sent: Vec<Ipi>,
+    /// The guest accessed its APIC during the exit.
+    pub(super) touched: bool,
+}
+
+impl<H: AccessHandlers> AccessHandlers for VcpuHandlers<'_, H> {
+    fn access(
+        &mut self,
+        handler: HandlerId,
+        gpa: GuestPhysAddr,
+        access: Access,
+        data: &mut [u8],
+    ) -> HandlerAction {
+        if handler != self.memory.devices.apics.page {
+            return self.caller.access(handler, gpa, access, data);
+        }
+        self.touched = true;
+        let offset = gpa.as_u64().wrapping_sub(XAPIC_BASE) & 0xFFF;
+        let now = ticks();
+        let apics = &self.memory.devices.apics;
+        match access {
+            Access::Write => {
+                // The registers take aligned dword writes; anything else is dropped.
+                let Ok(bytes) = <[u8; 4]>::try_from(&*data) else {
+                    return HandlerAction::Handled;
+                };
+                if !offset.is_multiple_of(4) {
+                    return HandlerAction::Handled;
+                }
+                let value = u32::from_le_bytes(bytes);
+                let effect = apics.with(self.index, |apic| apic.mmio_write(offset, value, now));
+                if let Some(Effect::Ipi(ipi)) = effect {
+                    self.sent.push(ipi);
+                }
+            }
+            _ => {
+                let value = apics
+                    .with(self.index, |apic| apic.mmio_read(offset & !3, now))
+                    .unwrap_or(u32::MAX);
+                let bytes = value.to_le_bytes();
+                let start = (offset & 3) as usize;
+                for (i, byte) in data.iter_mut().enumerate() {
+                    *byte = bytes.get(start + i).copied().unwrap_or(0);
+                }
+            }
+        }
+        HandlerAction::Handled
+    }
+}
+
+impl Vcpu<'_> {
+    /// After an exit that touched the APIC: routes the messages it sent and has the next
+    /// entry look at the APIC again (an EOI or a TPR write may let a waiting interrupt in; a
+    /// timer write moves its deadline).
+    pub(super) fn after_apic_access(&mut self, sent: &mut Vec<Ipi>) {
+        self.apic_changed = true;
+        for ipi in sent.drain(..) {
+            self.memory.devices.apics.route(self.index, &ipi);
+        }
+        self.refresh_apic_timer();
+    }
+
+    /// Re-reads when this vCPU's APIC timer next expires.
+    pub(super) fn refresh_apic_timer(&mut self) {
+        self.apic_timer = self
+            .memory
+            .devices
+            .apics
+            .with(self.index, |apic| apic.next_timer())
+            .flatten()
+            .unwrap_or(u64::MAX);
+    }
+
+    /// True when this vCPU's APIC may have something to deliver at `now`.
+    #[inline]
+    pub(super) fn apic_may_interrupt(&self, now: u64) -> bool {
+        self.apic_changed || now >= self.apic_timer || self.memory.devices.apics.poked(self.index)
+    }
+
+    /// The APIC part of the delivery before an entry: fires the timer if due, takes INIT and
+    /// startup messages (`Some` ends the run only on a backend failure), then an NMI, then the
+    /// highest fixed interrupt if the guest can take it now (else it is `Waiting`, for an
+    /// interrupt-window exit).
+    pub(super) fn deliver_apic(&mut self) -> Result<Delivery, VmStop> {
+        let now = ticks();
+        let apics = Arc::clone(&self.memory);
+        let apics = &apics.devices.apics;
+        apics.take_poke(self.index);
+        self.apic_changed = false;
+        let Some((init, startup)) = apics.with(self.index, |apic| {
+            apic.fire_timer(now);
+            (apic.take_init(), apic.take_startup())
+        }) else {
+            return Ok(Delivery::Nothing);
+        };
+        self.refresh_apic_timer();
+        if init {
+            self.waiting_for_startup = true;
+            self.halted = false;
+        }
+        if let Some(page) = startup.filter(|_| self.waiting_for_startup) {
+            self.start_at_page(page)?;
+        }
+        if self.waiting_for_startup {
+            return Ok(Delivery::Nothing);
+        }
+        if self.cpu.event_pending() {
+            // Looked at again after the event is in.
+            self.apic_changed = true;
+            return Ok(Delivery::Nothing);
+        }
+        if self.cpu.nmi_allowed() && apics.with(self.index, LocalApic::take_nmi) == Some(true) {
+            self.inject_or_fail(Event::Nmi)?;
+            self.apic_changed = true;
+            return Ok(Delivery::Injected);
+        }
+        let interruptible = self.cpu.interruptible();
+        let vector = apics
+            .with(self.index, |apic| {
+                if interruptible {
+                    apic.acknowledge()
+                } else {
+                    apic.pending_vector()
+                }
+            })
+            .flatten();
+        let still_waiting = apics
+            .with(self.index, |apic| {
+                apic.pending_vector().is_some() || apic.message_pending()
+            })
+            .unwrap_or(false);
+        // A message or a masked request keeps the next entry looking.
+        self.apic_changed = still_waiting;
+        match vector {
+            Some(vector) if interruptible => {
+                self.inject_or_fail(Event::Interrupt(vector))?;
+                Ok(Delivery::Injected)
+            }
+            Some(_) => Ok(Delivery::Waiting),
+            None => Ok(Delivery::Nothing),
+        }
+    }
+
+    /// Starts the vCPU in real mode at `page << 12` (a startup message after INIT).
+    fn start_at_page(&mut self, page: u8) -> Result<(), VmStop> {
+        self.waiting_for_startup = false;
+        self.cpu
+            .start_at_page(page)
+            .map_err(|_| VmStop::Stopped(self.diagnostic(StopCause::EntryFailed)))
+    }
+
+    fn inject_or_fail(&mut self, event: Event) -> Result<(), VmStop> {
+        self.exits.injected += 1;
+        self.cpu
+            .set_interrupt_window_exiting(false)
+            .and_then(|()| self.cpu.inject(event))
+            .map_err(|_| VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit)))
+    }
+
+    pub(super) fn window_or_fail(&mut self, on: bool) -> Result<(), VmStop> {
+        self.cpu
+            .set_interrupt_window_exiting(on)
+            .map_err(|_| VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit)))
+    }
+
+    /// True when an interrupt or message waits for this vCPU at `now` (a halted vCPU wakes;
+    /// one waiting for a startup message wakes only for INIT or startup).
+    pub(super) fn apic_waiting(&self, now: u64) -> bool {
+        if !self.apic_may_interrupt(now) {
+            return false;
+        }
+        self.memory
+            .devices
+            .apics
+            .with(self.index, |apic| {
+                apic.fire_timer(now);
+                apic.message_pending() || (!self.waiting_for_startup && apic.pending_vector().is_some())
+            })
+            .unwrap_or(false)
+    }
+}
