@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: setup run test check image bench fuzz soak
+.PHONY: setup run test check image bench fuzz soak kut
 
 setup:
 	@boot/setup.sh
@@ -12,7 +12,8 @@ setup:
 run: setup
 	cargo xtask run
 
-## Lints, host tests and the in-kernel tests under Bochs; ends with `N passed, N failed`.
+## Lints, host tests, the in-kernel tests under Bochs and a subset of kvm-unit-tests inside the
+## hypervisor; ends with `N passed, N failed`.
 test: setup check
 	cargo xtask test
 
@@ -36,8 +37,9 @@ bench: setup
 image: setup
 	cargo xtask image
 
-## The two fuzz targets (cargo fuzz, libFuzzer), FUZZ_SECONDS each (default 60): the whole pgm API
-## with the EPT auditor as oracle, and the instruction emulator against a fake device. Both
+## The three fuzz targets (cargo fuzz, libFuzzer), FUZZ_SECONDS each (default 60): the whole pgm
+## API with the EPT auditor as oracle, the instruction emulator against a fake device, and the
+## virtual PC's devices under random port, MMIO and MSR sequences. Both
 ## crates are safe Rust, so no sanitizer; the pgm target is built without debug assertions
 ## (its oracle is the audit after every step) and without compare tracing (its bytes pick
 ## operations modulo their count, so comparisons guide nothing), which makes it 3x faster.
@@ -46,6 +48,7 @@ fuzz: setup
 	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 	cd pgm && cargo fuzz run -s none -O --no-trace-compares api -- -max_total_time=$(FUZZ_SECONDS) -max_len=512
 	cd kernel/emulator && cargo fuzz run -s none instructions -- -max_total_time=$(FUZZ_SECONDS)
+	cd kernel/devices && cargo fuzz run -s none devices -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096
 
 ## The long runs CI has no time for: the whole-API script (examples/soak.rs: random sequences
 ## on every core, the auditor after every step, the state-coverage table at the end) for
@@ -58,3 +61,10 @@ soak: setup
 	cargo run --release -p pgm --features sim --example soak -- --seconds $(SOAK_SECONDS) $(if $(SOAK_CASES),--cases $(SOAK_CASES))
 	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 	cd pgm && cargo fuzz run -s none -O --no-trace-compares api -- -max_total_time=$(SOAK_SECONDS) -max_len=512
+
+## Every x86_64 entry of kvm-unit-tests inside the hypervisor in Bochs, each in a VM of its own:
+## a line per entry and `kvm-unit-tests: P passed, F failed, S skipped` (README, *kvm-unit-tests*
+## for the time it takes). KUT_TESTS names a few entries instead of all.
+KUT_TESTS ?=
+kut: setup
+	cargo xtask kut $(KUT_TESTS) --timeout 14400

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(bochs bochsbios vgabios bochs-x xvfb xauth qemu-system-x86 ovmf)
+packages=(bochs bochsbios vgabios bochs-x xvfb xauth qemu-system-x86 ovmf gcc make git)
 components=(rust-src llvm-tools-preview rustfmt clippy)
 target=x86_64-unknown-none
 
@@ -44,4 +44,30 @@ if ((need_toolchain)); then
     echo "setup: installing Rust $toolchain with ${components[*]} and $target"
     rustup toolchain install "$toolchain" --profile minimal \
         --component "$(IFS=,; echo "${components[*]}")" --target "$target"
+fi
+
+# kvm-unit-tests, pinned: built from the tarball in ../shared/third_party when it is there
+# (checked against its sha256), else fetched with git at the same commit. About 6 s.
+kut_commit=1da1819e49fc4938985edca67df669099b4c87a7
+kut_tarball=../shared/third_party/kvm-unit-tests-${kut_commit:0:12}.tar.gz
+kut_sha256=c161fa1bd3ef3815d6669ab2038d62149bfa65ac5f08d494867adc5b41c80cd9
+kut_dir=target/kvm-unit-tests
+if [ ! -f "$kut_dir/.built-$kut_commit" ]; then
+    echo "setup: building kvm-unit-tests ${kut_commit:0:12} in $kut_dir"
+    rm -rf "$kut_dir"
+    mkdir -p "$kut_dir"
+    if [ -f "$kut_tarball" ]; then
+        echo "$kut_sha256  $kut_tarball" | sha256sum --check --quiet
+        tar xzf "$kut_tarball" -C "$kut_dir" --strip-components=1
+    else
+        echo "setup: $kut_tarball is absent; fetching the same commit with git"
+        git clone --quiet https://gitlab.com/kvm-unit-tests/kvm-unit-tests "$kut_dir"
+        git -C "$kut_dir" checkout --quiet "$kut_commit"
+    fi
+    if ! (cd "$kut_dir" && ./configure --arch=x86_64 && make -j2) >"$kut_dir.log" 2>&1; then
+        cat "$kut_dir.log"
+        echo "setup: kvm-unit-tests did not build (log above)"
+        exit 1
+    fi
+    touch "$kut_dir/.built-$kut_commit"
 fi

@@ -41,6 +41,9 @@ pub struct RunOptions {
     pub cpus: u32,
     /// Where the guest's serial output is saved.
     pub serial_log: PathBuf,
+    /// The emulator's working directory under `target/` (its disk copy, config and logs), so
+    /// that two runs (the kernel tests and kvm-unit-tests) can go on at once.
+    pub work_dir: &'static str,
 }
 
 /// How an emulator run ended.
@@ -65,7 +68,7 @@ impl Emulator {
     /// Boots `options.image`, streams serial output until the emulator exits or the timeout
     /// passes, and returns how it ended. `Err` only when the emulator could not be started.
     pub fn run(self, options: &RunOptions) -> Result<Outcome, String> {
-        let dir = target_dir().join(self.name());
+        let dir = target_dir().join(options.work_dir);
         fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         let _ = fs::remove_file(&options.serial_log);
         fs::write(&options.serial_log, b"").map_err(|e| format!("serial log: {e}"))?;
@@ -241,6 +244,7 @@ mod tests {
             timeout_secs: 1,
             cpus: 2,
             serial_log: PathBuf::from("serial.log"),
+            work_dir: "qemu",
         };
         let command = qemu_command(Path::new("."), &options, false, false, gdb).unwrap();
         command

@@ -27,6 +27,7 @@ pub fn build_kernel(variant: Variant) -> Result<PathBuf, String> {
     if variant == Variant::Test {
         build.args(["--features", "kernel-tests"]);
     }
+    // The kvm-unit-tests variant is the demo kernel: it runs what the ramdisk's manifest lists.
     let status = build
         .status()
         .map_err(|e| format!("cannot run cargo build: {e}"))?;
@@ -39,23 +40,29 @@ pub fn build_kernel(variant: Variant) -> Result<PathBuf, String> {
     Ok(copy)
 }
 
-/// Builds the kernel and makes `target/images/<variant>/{bios,uefi}.img`.
-pub fn make_images(variant: Variant) -> Result<Images, String> {
+/// Builds the kernel and makes `target/images/<variant>/{bios,uefi}.img`, with `ramdisk` (the
+/// guest images' archive) loaded beside the kernel when given.
+/// `tag` names the images' directory (`target/images/<tag>`).
+pub fn make_images(variant: Variant, ramdisk: Option<&std::path::Path>, tag: &str) -> Result<Images, String> {
     let kernel = build_kernel(variant)?;
-    let dir = target_dir().join("images").join(variant.name());
+    let dir = target_dir().join("images").join(tag);
     std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     let images = Images {
         bios: dir.join("bios.img"),
         uefi: dir.join("uefi.img"),
     };
     let config = boot_config();
-    BiosBoot::new(&kernel)
-        .set_boot_config(&config)
-        .create_disk_image(&images.bios)
+    let mut bios = BiosBoot::new(&kernel);
+    bios.set_boot_config(&config);
+    let mut uefi = UefiBoot::new(&kernel);
+    uefi.set_boot_config(&config);
+    if let Some(ramdisk) = ramdisk {
+        bios.set_ramdisk(ramdisk);
+        uefi.set_ramdisk(ramdisk);
+    }
+    bios.create_disk_image(&images.bios)
         .map_err(|e| format!("BIOS image: {e:#}"))?;
-    UefiBoot::new(&kernel)
-        .set_boot_config(&config)
-        .create_disk_image(&images.uefi)
+    uefi.create_disk_image(&images.uefi)
         .map_err(|e| format!("UEFI image: {e:#}"))?;
     Ok(images)
 }

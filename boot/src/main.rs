@@ -10,9 +10,13 @@
 //!   localhost:1234.
 //! - `test [--cpus N] [--timeout S]`: run the workspace's host tests, the `loom` models and the in-kernel tests under Bochs, then
 //!   print one combined closing line `N passed, N failed`.
+//! - `kut [NAME...] [--cpus N] [--timeout S]`: run kvm-unit-tests (every entry of
+//!   `x86/unittests.cfg`, or those named) inside the hypervisor in Bochs: a line per entry and
+//!   `kvm-unit-tests: P passed, F failed, S skipped`.
 
 mod emulator;
 mod image;
+mod kut;
 mod report;
 
 use std::path::PathBuf;
@@ -28,6 +32,8 @@ pub enum Variant {
     Run,
     /// Runs the kernel-level tests and prints `N passed, N failed`.
     Test,
+    /// The demo kernel with kvm-unit-tests in its ramdisk (`kut`).
+    Kut,
 }
 
 impl Variant {
@@ -36,6 +42,7 @@ impl Variant {
         match self {
             Variant::Run => "run",
             Variant::Test => "test",
+            Variant::Kut => "kut",
         }
     }
 }
@@ -50,13 +57,15 @@ struct Args {
     test: bool,
     cpus: u32,
     timeout_secs: u64,
+    /// Positional arguments after the command (`kut`'s test names).
+    names: Vec<String>,
 }
 
 /// CPUs the emulator gives the machine unless `--cpus` says otherwise (CI runs with two).
 const DEFAULT_CPUS: u32 = 2;
 
 const USAGE: &str = "usage: cargo xtask <build|image|run|test> [--test] [--qemu] [--uefi] [--kvm] \
-                     [--gdb] [--cpus N] [--timeout SECONDS]";
+                     [--gdb] [--cpus N] [--timeout SECONDS]\n       cargo xtask kut [NAME...] [--cpus N] [--timeout SECONDS]";
 
 /// Why `--gdb` needs `--qemu`.
 const NO_BOCHS_GDB: &str = "--gdb needs --qemu: Debian's Bochs 2.7 is built without its GDB stub \
@@ -76,6 +85,7 @@ fn parse_args() -> Result<Args, String> {
         test: false,
         cpus: DEFAULT_CPUS,
         timeout_secs: 600,
+        names: Vec::new(),
     };
     while let Some(flag) = argv.next() {
         match flag.as_str() {
@@ -98,6 +108,7 @@ fn parse_args() -> Result<Args, String> {
                     .parse()
                     .map_err(|_| format!("--timeout: not a number of seconds: {value}"))?;
             }
+            other if args.command == "kut" && !other.starts_with('-') => args.names.push(other.to_string()),
             other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
         }
     }
@@ -126,12 +137,13 @@ fn main() -> ExitCode {
     };
     let result = match args.command.as_str() {
         "build" => image::build_kernel(variant).map(|elf| println!("{}", elf.display())),
-        "image" => image::make_images(variant).map(|images| {
+        "image" => image::make_images(variant, None, variant.name()).map(|images| {
             println!("{}", images.bios.display());
             println!("{}", images.uefi.display());
         }),
         "run" => run(&args, variant).map(|_| ()),
         "test" => test(&args),
+        "kut" => kvm_unit_tests(&args),
         other => Err(format!("unknown command `{other}`\n{USAGE}")),
     };
     match result {
@@ -146,7 +158,7 @@ fn main() -> ExitCode {
 /// Builds the images for `variant`, boots the one `args` selects and returns what the kernel
 /// reported; `Err` when the kernel did not report success (the message says why).
 fn run(args: &Args, variant: Variant) -> Result<KernelRun, String> {
-    let images = image::make_images(variant)?;
+    let images = image::make_images(variant, None, variant.name())?;
     let emulator = if args.qemu {
         Emulator::Qemu {
             uefi: args.uefi,
@@ -162,6 +174,7 @@ fn run(args: &Args, variant: Variant) -> Result<KernelRun, String> {
         timeout_secs: args.timeout_secs,
         cpus: args.cpus,
         serial_log: target_dir().join(format!("serial-{}-{}.log", variant.name(), emulator.name())),
+        work_dir: emulator.name(),
     };
     if args.gdb {
         let elf = image::build_kernel(variant)?;
@@ -194,6 +207,32 @@ fn run(args: &Args, variant: Variant) -> Result<KernelRun, String> {
     }
 }
 
+/// Runs kvm-unit-tests in the hypervisor (all entries, or those named), prints a line per entry
+/// and the summary; fails when an entry failed.
+fn kvm_unit_tests(args: &Args) -> Result<(), String> {
+    let verdicts = kut::run(&args.names, args.cpus, args.timeout_secs, "kut")?;
+    let (_, failed) = report_kut(&verdicts);
+    if failed > 0 {
+        return Err(format!("{failed} kvm-unit-tests entries failed"));
+    }
+    Ok(())
+}
+
+/// Prints a line per kvm-unit-tests entry and the summary; returns (passed, failed).
+fn report_kut(verdicts: &[kut::Verdict]) -> (usize, usize) {
+    let count = |status: &str| verdicts.iter().filter(|v| v.status == status).count();
+    for verdict in verdicts {
+        match verdict.status.as_str() {
+            "PASS" if verdict.detail.is_empty() => println!("PASS {}", verdict.name),
+            "PASS" => println!("PASS {} ({})", verdict.name, verdict.detail),
+            status => println!("{status} {} ({})", verdict.name, verdict.detail),
+        }
+    }
+    let (passed, failed, skipped) = (count("PASS"), count("FAIL"), count("SKIP"));
+    println!("kvm-unit-tests: {passed} passed, {failed} failed, {skipped} skipped");
+    (passed, failed)
+}
+
 /// Runs the host tests of the workspace, then the kernel tests under Bochs, and prints the
 /// combined closing line. Fails when any test failed or either run did not complete.
 fn test(args: &Args) -> Result<(), String> {
@@ -209,11 +248,20 @@ fn test(args: &Args) -> Result<(), String> {
             (partial.passed, partial.failed.max(1), Some(message.clone()))
         }
     };
-    let passed = host.passed + kernel_passed;
-    let failed = host.failed + kernel_failed;
+    let subset: Vec<String> = kut::CI_SUBSET.iter().map(|name| name.to_string()).collect();
+    let (kut_passed, kut_failed) = match kut::run(&subset, args.cpus, args.timeout_secs, "kut-ci") {
+        Ok(verdicts) => report_kut(&verdicts),
+        Err(message) => {
+            eprintln!("xtask: kvm-unit-tests: {message}");
+            (0, 1)
+        }
+    };
+    let passed = host.passed + kernel_passed + kut_passed;
+    let failed = host.failed + kernel_failed + kut_failed;
     println!(
-        "host tests: {} passed, {} failed; kernel tests (Bochs, VT-x + EPT): {} passed, {} failed",
-        host.passed, host.failed, kernel_passed, kernel_failed
+        "host tests: {} passed, {} failed; kernel tests (Bochs, VT-x + EPT): {} passed, {} failed; \
+         kvm-unit-tests subset: {} passed, {} failed",
+        host.passed, host.failed, kernel_passed, kernel_failed, kut_passed, kut_failed
     );
     println!("{passed} passed, {failed} failed");
     match kernel_error {

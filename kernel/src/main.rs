@@ -1,6 +1,7 @@
 //! The hypervisor kernel: boots through `bootloader_api`, sets up serial, GDT/IDT, heap and the
-//! host frame allocator, enters VMX root operation and then runs either the demo (`make run`)
-//! or the kernel-level tests (`--features kernel-tests`, `cargo xtask test`).
+//! host frame allocator, enters VMX root operation and then runs the demo (`make run`), the
+//! kvm-unit-tests the ramdisk carries (`cargo xtask kut`), or the kernel-level tests
+//! (`--features kernel-tests`, `cargo xtask test`).
 #![no_std]
 #![no_main]
 #![feature(abi_x86_interrupt)]
@@ -10,6 +11,8 @@ extern crate alloc;
 mod arch;
 #[cfg(not(feature = "kernel-tests"))]
 mod demo;
+#[cfg(not(feature = "kernel-tests"))]
+mod kut;
 #[cfg(feature = "kernel-tests")]
 mod tests;
 mod vm;
@@ -89,7 +92,14 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     #[cfg(feature = "kernel-tests")]
     tests::run_all(host);
     #[cfg(not(feature = "kernel-tests"))]
-    demo::run(host);
+    {
+        // Guest images in the ramdisk with a kvm-unit-tests manifest: run those instead.
+        let archive = memory::ramdisk(boot_info).map(loader::archive::Archive::new);
+        if let Some(archive) = archive.filter(|archive| archive.file(kut::MANIFEST).is_some()) {
+            kut::run(host, archive);
+        }
+        demo::run(host);
+    }
 }
 
 /// Prints what the CPU start-up found: every CPU's state and VMX capabilities.

@@ -267,6 +267,10 @@ const TESTS: &[(&str, TestFn)] = &[
         smp::init_and_startup_ipis_start_an_application_processor,
     ),
     (
+        "devices_a_multiboot_image_starts_with_its_boot_information",
+        devices::a_multiboot_image_starts_with_its_boot_information,
+    ),
+    (
         "hostile_a20_gate_flipped_through_port_0x92_while_writing_across_1_mib",
         hostile::a20_gate_flipped_through_port_0x92_while_writing_across_1_mib,
     ),

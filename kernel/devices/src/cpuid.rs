@@ -1,7 +1,7 @@
 //! The CPUID a guest sees: the host's values, filtered to what this hypervisor gives a guest.
 //! Features the guest could not use safely or that nothing here emulates are hidden (VMX,
-//! SVM, MONITOR/MWAIT, XSAVE and AVX until XSETBV is handled, RDTSCP and INVPCID whose VMX
-//! controls are off, machine checks, performance monitoring, the speculation-control MSRs);
+//! SVM, MONITOR/MWAIT, XSAVE and AVX until XSETBV is handled, INVPCID whose VMX control is
+//! off, RDTSCP and RDPID where the backend cannot run them, machine checks, performance monitoring, the speculation-control MSRs);
 //! the hypervisor bit is set with a signature at leaf 0x4000_0000; x2APIC and the TSC-deadline
 //! timer are offered; each vCPU gets its own APIC ID (leaves 1 and 0xB); and the TSC frequency
 //! is published (leaves 0x15, 0x16 and 0x4000_0010) so that a guest need not calibrate.
@@ -79,9 +79,10 @@ const LEAF7_EBX_KEPT: u32 = (1 << 0)
     | (1 << 23)
     | (1 << 24)
     | (1 << 29);
-/// ECX kept: PREFETCHWT1, UMIP, PKU, GFNI-free plain bits, RDPID, LA57, PKS (not WAITPKG,
-/// SGX launch control or the AVX-512 extensions). OSPKE (bit 4) follows the guest's CR4.PKE.
-const LEAF7_ECX_KEPT: u32 = (1 << 0) | (1 << 2) | (1 << 3) | (1 << 16) | (1 << 22) | (1 << 31);
+/// ECX kept: PREFETCHWT1, UMIP, PKU, LA57, PKS (not WAITPKG, SGX launch control or the
+/// AVX-512 extensions); RDPID only with RDTSCP. OSPKE (bit 4) follows the guest's CR4.PKE.
+const LEAF7_ECX_KEPT: u32 = (1 << 0) | (1 << 2) | (1 << 3) | (1 << 16) | (1 << 31);
+const LEAF7_ECX_RDPID: u32 = 1 << 22;
 const LEAF7_ECX_OSPKE: u32 = 1 << 4;
 /// EDX kept: fast short REP MOV, MD_CLEAR, SERIALIZE (not the speculation-control MSRs or
 /// IA32_ARCH_CAPABILITIES, which nothing here emulates).
@@ -104,6 +105,8 @@ pub struct CpuidPolicy {
     pub tsc_hz: u64,
     /// The local APIC timer's input clock in Hz (before its divider).
     pub apic_timer_hz: u64,
+    /// The backend lets a guest run RDTSCP and RDPID (else both are hidden: they would #UD).
+    pub rdtscp: bool,
 }
 
 /// The state of the asking vCPU that CPUID reports.
@@ -148,10 +151,11 @@ impl CpuidPolicy {
                 } else {
                     0
                 };
+                let rdpid = if self.rdtscp { LEAF7_ECX_RDPID } else { 0 };
                 CpuidRegs {
                     eax: 0,
                     ebx: regs.ebx & LEAF7_EBX_KEPT,
-                    ecx: (regs.ecx & LEAF7_ECX_KEPT) | ospke,
+                    ecx: (regs.ecx & (LEAF7_ECX_KEPT | rdpid)) | ospke,
                     edx: regs.edx & LEAF7_EDX_KEPT,
                 }
             }
@@ -263,7 +267,11 @@ impl CpuidPolicy {
         match leaf {
             0x8000_0001 => CpuidRegs {
                 ecx: regs.ecx & !EXT1_ECX_SVM,
-                edx: regs.edx & !EXT1_EDX_RDTSCP,
+                edx: if self.rdtscp {
+                    regs.edx
+                } else {
+                    regs.edx & !EXT1_EDX_RDTSCP
+                },
                 ..regs
             },
             0x8000_0007 => CpuidRegs {
@@ -321,6 +329,7 @@ mod tests {
         vcpus: 2,
         tsc_hz: 2_100_000_000,
         apic_timer_hz: 1_000_000_000,
+        rdtscp: false,
     };
 
     fn ask(leaf: u32, subleaf: u32, apic_id: u32) -> CpuidRegs {
@@ -411,6 +420,17 @@ mod tests {
         let ext1 = ask(0x8000_0001, 0, 0);
         assert_eq!(ext1.ecx & EXT1_ECX_SVM, 0);
         assert_eq!(ext1.edx & EXT1_EDX_RDTSCP, 0);
+        assert_eq!(ask(7, 0, 0).ecx & LEAF7_ECX_RDPID, 0, "RDPID goes with RDTSCP");
+        let with = CpuidPolicy {
+            rdtscp: true,
+            ..POLICY
+        };
+        let asking = AskingVcpu::default();
+        assert_ne!(
+            with.answer(0x8000_0001, 0, asking, &host).edx & EXT1_EDX_RDTSCP,
+            0
+        );
+        assert_ne!(with.answer(7, 0, asking, &host).ecx & LEAF7_ECX_RDPID, 0);
         assert_eq!(ask(0x8000_0007, 0, 0).edx, EXT7_EDX_INVARIANT_TSC);
         assert_eq!(ask(0x8000_0008, 0, 0).eax, 0xFFFF);
         assert_eq!(ask(0x8000_000A, 0, 0), CpuidRegs::default(), "SVM's leaf");

@@ -290,6 +290,17 @@ impl LocalApic {
         })
     }
 
+    /// The task priority register.
+    pub fn task_priority(&self) -> u8 {
+        self.tpr as u8
+    }
+
+    /// Sets the task priority register (MOV to CR8 writes it too); `_now` for symmetry with
+    /// the register interface.
+    pub fn set_task_priority(&mut self, tpr: u8, _now: u64) {
+        self.tpr = u32::from(tpr);
+    }
+
     /// The processor priority: the task priority, or the class of the highest vector in
     /// service if that is higher.
     pub fn ppr(&self) -> u32 {

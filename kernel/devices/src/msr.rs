@@ -4,10 +4,11 @@
 //!   SDM Vol. 3A 11.12.5), PAT, the MTRRs (capabilities, default type,
 //!   8 variable and 11 fixed ranges, held for the guest: EPT maps RAM write-back whatever they
 //!   say), MISC_ENABLE, FEATURE_CONTROL (locked, VMX off), the microcode signature and
-//!   platform ID, and a read of the TSC;
+//!   platform ID;
 //! - **the local APIC's** (`lapic`): the TSC deadline and the x2APIC registers 0x800–0x8FF;
 //! - **held by the backend** in the guest state it loads at entry and saves at exit (EFER,
-//!   the FS and GS bases, the SYSENTER MSRs, and the SYSCALL MSRs with the swap-GS base);
+//!   the FS and GS bases, the SYSENTER MSRs, the SYSCALL MSRs with the swap-GS base, TSC_AUX,
+//!   and the TSC as an offset from the host's);
 //! - **refused**: every other MSR, which injects #GP as a CPU does for an MSR it lacks (and as
 //!   KVM does by default). The VM does not stop.
 //!
@@ -70,10 +71,15 @@ pub mod index {
     pub const GS_BASE: u32 = 0xC000_0101;
     /// The GS base SWAPGS exchanges with.
     pub const KERNEL_GS_BASE: u32 = 0xC000_0102;
+    /// The value RDTSCP and RDPID return.
+    pub const TSC_AUX: u32 = 0xC000_0103;
 }
 
-/// The MSRs the backend holds in the guest state it loads and saves around each run.
-pub const BACKEND_HELD: [u32; 11] = [
+/// The MSRs the backend holds in the guest state it loads and saves around each run (the TSC
+/// as its offset from the host's).
+pub const BACKEND_HELD: [u32; 13] = [
+    index::TSC,
+    index::TSC_AUX,
     index::EFER,
     index::FS_BASE,
     index::GS_BASE,
@@ -171,10 +177,9 @@ impl MsrState {
         }
     }
 
-    /// RDMSR of `msr`; `tsc` is the guest's TSC now.
-    pub fn read(&self, msr: u32, tsc: u64) -> MsrOutcome {
+    /// RDMSR of `msr`.
+    pub fn read(&self, msr: u32) -> MsrOutcome {
         let value = match msr {
-            index::TSC => tsc,
             index::PLATFORM_ID | index::BIOS_SIGN_ID => 0,
             index::APIC_BASE => self.apic_base,
             index::FEATURE_CONTROL => FEATURE_CONTROL_LOCKED,
@@ -309,12 +314,12 @@ mod tests {
     #[test]
     fn unknown_msrs_are_refused_and_backend_ones_are_sent_there() {
         let mut msrs = state();
-        for msr in [0x48, 0x179, 0xC000_0103, 0x4000_0000, 0x900] {
-            assert_eq!(msrs.read(msr, 0), MsrOutcome::Refused, "{msr:#x}");
+        for msr in [0x48, 0x179, 0xC000_0104, 0x4000_0000, 0x900] {
+            assert_eq!(msrs.read(msr), MsrOutcome::Refused, "{msr:#x}");
             assert_eq!(msrs.write(msr, 0), MsrOutcome::Refused, "{msr:#x}");
         }
         for msr in BACKEND_HELD {
-            assert_eq!(msrs.read(msr, 0), MsrOutcome::Backend);
+            assert_eq!(msrs.read(msr), MsrOutcome::Backend);
             assert_eq!(msrs.write(msr, 1), MsrOutcome::Backend);
         }
         assert_eq!(msrs, state(), "nothing changed");
@@ -322,9 +327,9 @@ mod tests {
 
     #[test]
     fn the_apic_base_starts_enabled_at_its_address_with_bsp_on_vcpu_0_only() {
-        assert_eq!(state().read(index::APIC_BASE, 0), MsrOutcome::Done(0xFEE0_0900));
+        assert_eq!(state().read(index::APIC_BASE), MsrOutcome::Done(0xFEE0_0900));
         assert_eq!(
-            MsrState::new(1, 39).read(index::APIC_BASE, 0),
+            MsrState::new(1, 39).read(index::APIC_BASE),
             MsrOutcome::Done(0xFEE0_0800)
         );
     }
@@ -371,20 +376,20 @@ mod tests {
         ] {
             assert_eq!(msrs.write(index::APIC_BASE, bad), MsrOutcome::Refused, "{bad:#x}");
         }
-        assert_eq!(msrs.read(index::APIC_BASE, 0), MsrOutcome::Done(now));
+        assert_eq!(msrs.read(index::APIC_BASE), MsrOutcome::Done(now));
     }
 
     #[test]
     fn pat_and_mtrrs_hold_valid_values_and_refuse_undefined_types() {
         let mut msrs = state();
-        assert_eq!(msrs.read(index::PAT, 0), MsrOutcome::Done(PAT_RESET));
+        assert_eq!(msrs.read(index::PAT), MsrOutcome::Done(PAT_RESET));
         assert_eq!(msrs.write(index::PAT, 0x0606_0606_0606_0606), MsrOutcome::Done(0));
         assert_eq!(
             msrs.write(index::PAT, 0x0606_0606_0606_0602),
             MsrOutcome::Refused,
             "type 2"
         );
-        assert_eq!(msrs.read(index::PAT, 0), MsrOutcome::Done(0x0606_0606_0606_0606));
+        assert_eq!(msrs.read(index::PAT), MsrOutcome::Done(0x0606_0606_0606_0606));
         assert_eq!(msrs.write(index::MTRR_DEF_TYPE, 0xC06), MsrOutcome::Done(0));
         assert_eq!(msrs.write(index::MTRR_DEF_TYPE, 0x1006), MsrOutcome::Refused);
         assert_eq!(msrs.write(0x200, 0x8000_0006), MsrOutcome::Done(0));
@@ -395,17 +400,17 @@ mod tests {
             MsrOutcome::Refused,
             "UC- is PAT-only"
         );
-        assert_eq!(msrs.read(0x201, 0), MsrOutcome::Done(0x7F_8000_0800));
+        assert_eq!(msrs.read(0x201), MsrOutcome::Done(0x7F_8000_0800));
         assert_eq!(msrs.write(0x26F, 0x0606_0606_0606_0606), MsrOutcome::Done(0));
-        assert_eq!(msrs.read(0x26F, 0), MsrOutcome::Done(0x0606_0606_0606_0606));
-        assert_eq!(msrs.read(index::MTRR_CAP, 0), MsrOutcome::Done(MTRR_CAPABILITIES));
+        assert_eq!(msrs.read(0x26F), MsrOutcome::Done(0x0606_0606_0606_0606));
+        assert_eq!(msrs.read(index::MTRR_CAP), MsrOutcome::Done(MTRR_CAPABILITIES));
         assert_eq!(msrs.write(index::MTRR_CAP, 0), MsrOutcome::Refused, "read-only");
     }
 
     #[test]
     fn misc_enable_feature_control_and_the_tsc() {
         let mut msrs = state();
-        assert_eq!(msrs.read(index::FEATURE_CONTROL, 0), MsrOutcome::Done(1));
+        assert_eq!(msrs.read(index::FEATURE_CONTROL), MsrOutcome::Done(1));
         assert_eq!(
             msrs.write(index::FEATURE_CONTROL, 5),
             MsrOutcome::Refused,
@@ -419,11 +424,11 @@ mod tests {
             msrs.write(index::MISC_ENABLE, MISC_ENABLE_RESET | (1 << 18)),
             MsrOutcome::Refused
         );
-        assert_eq!(msrs.read(index::TSC, 1234), MsrOutcome::Done(1234));
-        assert_eq!(msrs.write(index::TSC, 0), MsrOutcome::Refused);
+        assert_eq!(msrs.read(index::TSC), MsrOutcome::Backend);
+        assert_eq!(msrs.write(index::TSC, 0), MsrOutcome::Backend);
         for msr in [index::TSC_DEADLINE, 0x802, 0x830, 0x8FF] {
             assert_eq!(msrs.write(msr, 99), MsrOutcome::Apic);
-            assert_eq!(msrs.read(msr, 0), MsrOutcome::Apic);
+            assert_eq!(msrs.read(msr), MsrOutcome::Apic);
         }
         assert_eq!(msrs.write(index::BIOS_SIGN_ID, 0), MsrOutcome::Done(0));
     }

@@ -4,6 +4,8 @@
 //! - ports 0xE4–0xE7: a 32-bit write names a guest-physical page whose mapping is dropped, so
 //!   that the guest's next access to it faults into the hypervisor (`eventinj` makes an
 //!   interrupt's delivery fault this way);
+//! - ports 0x2000–0x2017: a write to port 0x2000 + n drives ISA interrupt line n (up to 15)
+//!   high (non-zero) or low (`realmode` raises IRQ 11 this way);
 //! - [`IoRam`]: 64 KiB at 0xFF00_0000 that read back what was written, reached through MMIO
 //!   exits (the `emulator` test runs its instructions on it).
 
@@ -16,6 +18,10 @@ use crate::{all_ones, Platform, PortDevice};
 pub const DATA_PORT: u16 = 0xE0;
 /// The page-eviction port.
 pub const EVICT_PORT: u16 = 0xE4;
+/// The first interrupt-line port, and how many there are.
+pub const IRQ_PORTS: u16 = 0x2000;
+/// See [`IRQ_PORTS`].
+pub const IRQ_PORT_COUNT: u32 = 24;
 /// The guest-physical base of the MMIO "ioram".
 pub const IORAM_BASE: u64 = 0xFF00_0000;
 /// Its size.
@@ -48,6 +54,10 @@ impl PortDevice for TestDev {
     }
 
     fn write(&mut self, port: u16, size: u8, value: u32, platform: &mut dyn Platform) {
+        if let Some(line) = port.checked_sub(IRQ_PORTS).filter(|&line| line < 16) {
+            platform.set_irq(line as u8, value != 0);
+            return;
+        }
         if port & !3 == DATA_PORT {
             let (mask, shift) = lane(port, size);
             self.data = (self.data & !mask) | ((value << shift) & mask);
@@ -130,6 +140,20 @@ mod tests {
         dev.write(EVICT_PORT, 1, 0x8000, &mut platform);
         assert_eq!(platform.evicted, [0x7000]);
         assert_eq!(dev.read(EVICT_PORT, 4, &mut platform), 0xFFFF_FFFF);
+    }
+
+    #[test]
+    fn the_irq_ports_drive_the_isa_lines() {
+        let mut dev = TestDev::default();
+        let mut platform = TestPlatform::default();
+        dev.write(IRQ_PORTS + 11, 4, 1, &mut platform);
+        dev.write(IRQ_PORTS + 11, 4, 0, &mut platform);
+        dev.write(IRQ_PORTS + 20, 4, 1, &mut platform);
+        assert_eq!(
+            platform.irqs,
+            [(11, true), (11, false)],
+            "lines 16 and up are not ISA"
+        );
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub struct TestPlatform {
     pub wall_clock: u64,
     /// Every page evicted, in order.
     pub evicted: Vec<u64>,
+    /// Every interrupt line change, in order.
+    pub irqs: Vec<(u8, bool)>,
 }
 
 impl Platform for TestPlatform {
@@ -43,5 +45,8 @@ impl Platform for TestPlatform {
     }
     fn evict_page(&mut self, gpa: u64) {
         self.evicted.push(gpa);
+    }
+    fn set_irq(&mut self, line: u8, level: bool) {
+        self.irqs.push((line, level));
     }
 }

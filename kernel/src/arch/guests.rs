@@ -483,6 +483,28 @@ guest_programs! {
         "cli",
         "hlt",
     ];
+    // A Multiboot kernel's first look at its boot information (the kernel test wraps it in an
+    // ELF image): EAX must hold the bootloader magic; mem_upper, the command line's first
+    // byte and the module count go to 0x3000, 0x3004 and 0x3008; the test exit's code is 0x2a,
+    // or 1 for a wrong magic.
+    multiboot_probe: Flat32, ".code32", [
+        "cmp eax, 0x2badb002",
+        "jne 1f",
+        "mov ecx, [ebx + 8]",
+        "mov [0x3000], ecx",
+        "mov esi, [ebx + 16]",
+        "movzx ecx, byte ptr [esi]",
+        "mov [0x3004], ecx",
+        "mov ecx, [ebx + 20]",
+        "mov [0x3008], ecx",
+        "mov eax, 0x2a",
+        "out 0xf4, eax",
+        "hlt",
+        "1:",
+        "mov eax, 1",
+        "out 0xf4, eax",
+        "hlt",
+    ];
     // The virtual PC's CPUID, MSRs and ports, seen from a guest. The host has written a GDT
     // (pseudo-descriptor at 0x1800) and an IDT (0x1808) whose #GP gate is `gp_handler`, at
     // offset 2. Results go to dwords at EDI (see the kernel test `devices`); EBP counts the

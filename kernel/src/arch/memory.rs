@@ -216,3 +216,18 @@ unsafe impl HostMemory for &PhysMap {
         PhysMap::clear(self, frame)
     }
 }
+
+/// The ramdisk the bootloader loaded with the kernel (`cargo xtask` packs guest images into
+/// it), if there is one.
+#[cfg_attr(feature = "kernel-tests", allow(dead_code))]
+pub fn ramdisk(boot_info: &bootloader_api::BootInfo) -> Option<&'static [u8]> {
+    let start = boot_info.ramdisk_addr.into_option()?;
+    let len = usize::try_from(boot_info.ramdisk_len).ok()?;
+    if len == 0 {
+        return None;
+    }
+    // SAFETY: the bootloader mapped the ramdisk's `len` bytes at `start` in the kernel's
+    // address space for the kernel's whole life, and reported its frames as used (not
+    // `Usable`), so the frame allocator never hands them out and nothing writes them.
+    Some(unsafe { core::slice::from_raw_parts(start as *const u8, len) })
+}

@@ -164,3 +164,64 @@ pub fn cpuid_msrs_and_ports_behave_as_the_policy_and_devices_say(host: &'static 
     ensure_eq!(vm.exits.injected, 3, "events injected");
     Ok(())
 }
+
+/// `program` as an i386 ELF executable with a Multiboot header: one segment at `at` holding
+/// the header (12 bytes) and then the code, entered just after the header.
+fn multiboot_image(program: &[u8], at: u32) -> Vec<u8> {
+    const HEADER: usize = 0x60;
+    let mut elf = alloc::vec![0u8; HEADER];
+    elf[..7].copy_from_slice(&[0x7F, b'E', b'L', b'F', 1, 1, 1]);
+    elf[16..18].copy_from_slice(&2u16.to_le_bytes());
+    elf[18..20].copy_from_slice(&3u16.to_le_bytes());
+    elf[24..28].copy_from_slice(&(at + 12).to_le_bytes());
+    elf[28..32].copy_from_slice(&52u32.to_le_bytes());
+    elf[42..44].copy_from_slice(&32u16.to_le_bytes());
+    elf[44..46].copy_from_slice(&1u16.to_le_bytes());
+    let size = (12 + program.len()) as u32;
+    for (i, value) in [1, HEADER as u32, at, at, size, size].iter().enumerate() {
+        elf[52 + 4 * i..56 + 4 * i].copy_from_slice(&value.to_le_bytes());
+    }
+    let magic = loader::multiboot::HEADER_MAGIC;
+    elf.extend_from_slice(&magic.to_le_bytes());
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    elf.extend_from_slice(&0u32.wrapping_sub(magic).to_le_bytes());
+    elf.extend_from_slice(program);
+    elf
+}
+
+/// The Multiboot loader through pgm: the image's segment lands at its address, the guest
+/// starts in 32-bit protected mode with the magic in EAX and the boot information in EBX, and
+/// reads its memory size, command line and module from it. A truncated image is refused and
+/// loads nothing.
+pub fn a_multiboot_image_starts_with_its_boot_information(host: &'static Host) -> TestResult {
+    const AT: u32 = 0x20_0000;
+    let image = multiboot_image(programs::multiboot_probe().code, AT);
+    let mut vm = new_vm(host, &super::PC_RAM)?;
+    let truncated = vm.load_multiboot(&image[..image.len() - 8], "x", None);
+    ensure!(truncated.is_err(), "a truncated image loaded");
+    ensure_eq!(
+        vm.stats().allocated_pages,
+        0,
+        "pages allocated by the refused load"
+    );
+    let environment = crate::vm::load::kvm_unit_tests_environment(1, 16);
+    vm.load_multiboot(&image, "quiet", Some(("env", environment.as_bytes())))
+        .map_err(|e| format!("load: {e}"))?;
+    let stop = vm.run();
+    ensure_eq!(stop, VmStop::TestExit(0x2a), "stop");
+    let mut seen = [0u8; 12];
+    vm.pgm()
+        .read_phys(gpa(RESULTS), &mut seen)
+        .map_err(|e| format!("{e}"))?;
+    let dword = |i: usize| u32::from_le_bytes(seen[4 * i..4 * i + 4].try_into().unwrap());
+    ensure_eq!(dword(0), 15 * 1024, "mem_upper in KiB (15 MiB from 1 MiB)");
+    ensure_eq!(dword(1), u32::from(b'q'), "the command line");
+    ensure_eq!(dword(2), 1, "modules");
+    let map = vm.memory_map();
+    ensure_eq!(
+        map.len(),
+        2,
+        "memory map entries (RAM below 640 KiB and from 1 MiB)"
+    );
+    Ok(())
+}

@@ -22,6 +22,7 @@ use crate::arch::vmx::exits::exit_reason;
 use crate::arch::vmx::GuestRegisters;
 use crate::println;
 use crate::vm::budget::{host_deadline_hit, Budget, DEFAULT_LIMIT};
+use crate::vm::exits::ExitCounts;
 use crate::vm::requests::{kick_on_timer, Request, VcpuRequests};
 use crate::vm::{StopCause, Vcpu, VmStop};
 use crate::Host;
@@ -492,13 +493,27 @@ pub(super) fn outcome_name(stop: &VmStop) -> String {
     }
 }
 
-/// 400 programs of random bytes, half in real and half in protected mode, with registers
+/// 600 programs of random bytes, half in real and half in protected mode, with registers
 /// pointing into RAM, MMIO, ROM, MMIO2 and unassigned space, each in a fresh PC: every one
 /// ends within its budget (any outcome), the host never panics, no frame leaks, and the EPT
 /// audit (on real memory, against the host's frame bitmap) finds nothing after every 8th.
+/// Four instructions of the virtual PC (CPUID, RDMSR, WRMSR, HLT, STI, IN, OUT) are dropped
+/// into each program at random places; the exits they make (port I/O, CPUID, MSRs, injected
+/// faults, HLT) are counted over all programs, and each is reached.
 pub fn random_instruction_bytes_end_within_budget(host: &'static Host) -> TestResult {
-    const PROGRAMS: u64 = 400;
+    const PROGRAMS: u64 = 600;
     const PROGRAM_BYTES: usize = 128;
+    /// CPUID, RDMSR, WRMSR, HLT, STI; IN and OUT through DX.
+    const DICTIONARY: [&[u8]; 7] = [
+        &[0x0F, 0xA2],
+        &[0x0F, 0x32],
+        &[0x0F, 0x30],
+        &[0xF4],
+        &[0xFB],
+        &[0xEC],
+        &[0xEE],
+    ];
+    const DICTIONARY_INSERTS: usize = 4;
     const RANDOM_BUDGET: u64 = 400_000;
     const SEED: u64 = 0x0BAD_C0DE_5EED_1234;
     // An audit of the 16 MiB PC costs a few million ticks: every 8th program is audited.
@@ -506,9 +521,17 @@ pub fn random_instruction_bytes_end_within_budget(host: &'static Host) -> TestRe
     let mut random = XorShift(SEED);
     let mut tally: BTreeMap<String, u64> = BTreeMap::new();
     let mut audited_pages = 0;
+    let mut reached = ExitCounts::default();
     for index in 0..PROGRAMS {
         let frames = frame_counts().used();
-        let code: Vec<u8> = (0..PROGRAM_BYTES).map(|_| random.next() as u8).collect();
+        let mut code: Vec<u8> = (0..PROGRAM_BYTES).map(|_| random.next() as u8).collect();
+        // A few instructions of the virtual PC dropped in at random places (as a fuzzer's
+        // dictionary does): two-byte opcodes are rare in random bytes.
+        for _ in 0..DICTIONARY_INSERTS {
+            let word = DICTIONARY[random.next() as usize % DICTIONARY.len()];
+            let at = random.next() as usize % (PROGRAM_BYTES - word.len());
+            code[at..at + word.len()].copy_from_slice(word);
+        }
         let mode = if index % 2 == 0 {
             GuestMode::Real
         } else {
@@ -532,6 +555,20 @@ pub fn random_instruction_bytes_end_within_budget(host: &'static Host) -> TestRe
             "program {index} ({mode:?}, bytes {code:02x?}) ran {took} ticks: {stop:?}"
         );
         *tally.entry(outcome_name(&stop)).or_default() += 1;
+        // The guest's input may not reach a state VM entry refuses: that would be ours.
+        if let VmStop::Stopped(diagnostic) = &stop {
+            ensure!(
+                diagnostic.cause != crate::vm::StopCause::EntryFailed,
+                "program {index} ({mode:?}, bytes {code:02x?}): {diagnostic}"
+            );
+        }
+        let exits = pc.vm.exits;
+        reached.port_io += exits.port_io;
+        reached.cpuid += exits.cpuid;
+        reached.msr += exits.msr;
+        reached.injected += exits.injected;
+        reached.halts += exits.halts;
+        reached.tpr += exits.tpr;
         if index % AUDIT_EVERY == 0 {
             let audit = pc.vm.pgm().audit(memory::is_allocated);
             ensure!(
@@ -546,6 +583,18 @@ pub fn random_instruction_bytes_end_within_budget(host: &'static Host) -> TestRe
         ensure!(leaked == 0, "program {index} leaked {leaked} host frames");
     }
     println!("  outcomes of {PROGRAMS} programs (seed {SEED:#x}): {tally:?}");
+    println!(
+        "  virtual-PC exits reached: port I/O {}, CPUID {}, MSR {}, injected {}, HLT {}, CR8 {}",
+        reached.port_io, reached.cpuid, reached.msr, reached.injected, reached.halts, reached.tpr
+    );
+    ensure!(
+        reached.port_io > 0
+            && reached.cpuid > 0
+            && reached.msr > 0
+            && reached.injected > 0
+            && reached.halts > 0,
+        "an exit of the virtual PC was never reached: {reached:?}"
+    );
     println!(
         "  EPT audits after {} programs: clean, {audited_pages} mapped pages checked",
         PROGRAMS.div_ceil(AUDIT_EVERY)

@@ -116,7 +116,8 @@ impl VmApics {
     }
 }
 
-/// The access handlers of one vCPU's run: the vCPU's own xAPIC page, then the caller's.
+/// The access handlers of one vCPU's run: the test device's memory, the vCPU's own xAPIC
+/// page, then the caller's.
 pub(super) struct VcpuHandlers<'h, H> {
     pub(super) caller: &'h mut H,
     pub(super) memory: Arc<VmMemory>,
@@ -135,6 +136,16 @@ impl<H: AccessHandlers> AccessHandlers for VcpuHandlers<'_, H> {
         access: Access,
         data: &mut [u8],
     ) -> HandlerAction {
+        if let Some((ioram_handler, ioram)) = &self.memory.devices.ioram {
+            if handler == *ioram_handler {
+                let offset = gpa.as_u64().wrapping_sub(devices::testdev::IORAM_BASE);
+                match access {
+                    Access::Write => ioram.lock().write(offset, data),
+                    _ => ioram.lock().read(offset, data),
+                }
+                return HandlerAction::Handled;
+            }
+        }
         if handler != self.memory.devices.apics.page {
             return self.caller.access(handler, gpa, access, data);
         }
@@ -182,6 +193,41 @@ impl Vcpu<'_> {
             self.memory.devices.apics.route(self.index, &ipi);
         }
         self.refresh_apic_timer();
+    }
+
+    /// MOV to CR8: the APIC's task priority is the value's low four bits, shifted into bits
+    /// 7:4 (SDM 10.8.6.1); setting bits 63:4 is #GP.
+    pub(super) fn handle_tpr_write(&mut self, register: u8) -> Option<VmStop> {
+        self.exits.tpr += 1;
+        let value = self.cpu.gpr(register);
+        if value >> 4 != 0 {
+            return self.inject_or_stop(Event::Exception {
+                vector: super::backend::vector::GP,
+                error_code: Some(0),
+            });
+        }
+        let now = ticks();
+        self.memory.devices.apics.with(self.index, |apic| {
+            apic.set_task_priority((value as u8) << 4, now);
+        });
+        // A lower priority may let a waiting interrupt in.
+        self.apic_changed = true;
+        self.skip_or_stop()
+    }
+
+    /// MOV from CR8: the task priority's class.
+    pub(super) fn handle_tpr_read(&mut self, register: u8) -> Option<VmStop> {
+        self.exits.tpr += 1;
+        let tpr = self
+            .memory
+            .devices
+            .apics
+            .with(self.index, |apic| apic.task_priority())
+            .unwrap_or(0);
+        if self.cpu.set_gpr(register, u64::from(tpr >> 4)).is_err() {
+            return Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit)));
+        }
+        self.skip_or_stop()
     }
 
     /// Re-reads when this vCPU's APIC timer next expires.

@@ -67,6 +67,20 @@ pub enum VmExit {
     },
     /// The hypercall instruction (VMCALL, VMMCALL).
     Hypercall,
+    /// MOV to CR8 of the value in general-purpose register `register` (the task priority:
+    /// the local APIC's, which the hypervisor emulates).
+    TprWrite {
+        /// The source register (0 = RAX … 15 = R15).
+        register: u8,
+    },
+    /// MOV from CR8 into general-purpose register `register`.
+    TprRead {
+        /// The destination register.
+        register: u8,
+    },
+    /// The backend handled an exit of its own (a control-register write it emulates): the
+    /// loop goes round again.
+    Absorbed,
     /// HLT.
     Hlt,
     /// The guest can take an interrupt now (asked for with
@@ -226,6 +240,12 @@ pub trait VirtualCpu {
     /// RSP.
     fn rsp(&self) -> u64;
 
+    /// General-purpose register `index` (0 = RAX … 15 = R15, 4 = RSP).
+    fn gpr(&self, index: u8) -> u64;
+
+    /// Sets general-purpose register `index`.
+    fn set_gpr(&mut self, index: u8, value: u64) -> Result<(), BackendError>;
+
     /// Sets RSP.
     fn set_rsp(&mut self, rsp: u64) -> Result<(), BackendError>;
 
@@ -268,6 +288,9 @@ pub trait VirtualCpu {
     /// WRMSR of such an MSR; false (nothing changed) for another MSR or a value the CPU would
     /// refuse with #GP (reserved bits, a non-canonical address, a forbidden EFER change).
     fn write_msr(&mut self, msr: u32, value: u64) -> bool;
+
+    /// What the guest's TSC adds to the host's (wrapping): the guest set its TSC.
+    fn tsc_offset(&self) -> u64;
 
     /// The last exit in the backend's terms, for a diagnostic.
     fn raw_exit(&self) -> RawExit;

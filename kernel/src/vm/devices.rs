@@ -8,6 +8,7 @@
 //! run under the memory lock, never take the bus.
 
 use alloc::boxed::Box;
+use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,6 +37,14 @@ pub struct MachineSpec {
     pub name: String,
     /// The vCPUs the VM will have (CPUID and fw_cfg report it).
     pub vcpus: u32,
+    /// QEMU's `pc-testdev` MMIO memory ("ioram", 64 KiB at 0xFF00_0000), which kvm-unit-tests
+    /// expects (its ports are always there).
+    pub test_device: bool,
+    /// The ACPI tables (RSDP, XSDT, FADT, DSDT, FACS, MADT) as ROM in the BIOS area
+    /// (0xE0000–0xFFFFF), where a guest looks for them.
+    pub acpi_tables: bool,
+    /// The backend runs RDTSCP and RDPID (set from its capabilities when the VM is made).
+    pub rdtscp: bool,
 }
 
 impl Default for MachineSpec {
@@ -43,6 +52,9 @@ impl Default for MachineSpec {
         MachineSpec {
             name: String::from("vm"),
             vcpus: 1,
+            test_device: false,
+            acpi_tables: false,
+            rdtscp: false,
         }
     }
 }
@@ -68,21 +80,33 @@ pub struct VmDevices {
     /// The PIC may have an interrupt to deliver (a request was raised, or its registers were
     /// written): the bootstrap vCPU looks before its next entry.
     pic_changed: AtomicBool,
+    /// The ISA interrupt lines' levels (bit n: line n), for edge detection.
+    irq_levels: core::sync::atomic::AtomicU32,
     /// The vCPUs' local APICs.
     pub(super) apics: VmApics,
-    /// The console line being written, and the last one printed.
-    line: Mutex<(Vec<u8>, String)>,
+    /// The test device's MMIO memory and its pgm handler, when the machine has it.
+    pub(super) ioram: Option<(HandlerId, Mutex<testdev::IoRam>)>,
+    /// The console line being written, and the last lines printed (oldest first).
+    line: Mutex<(Vec<u8>, VecDeque<String>)>,
 }
 
 /// The longest console line kept before it is printed anyway.
 const LINE_LIMIT: usize = 512;
+/// Console lines a VM keeps for its stop report.
+pub const KEPT_LINES: usize = 8;
 
 impl VmDevices {
     /// The devices of a VM with `ram_bytes` of RAM, as `spec` says: the PC's legacy ports
     /// (A20 gate, UART, PIC, PIT, CMOS, PCI configuration, ACPI PM, the test exit, fw_cfg and
     /// the test device's ports).
-    /// `apic_page` is the pgm MMIO handler of the xAPIC page.
-    pub fn new(spec: &MachineSpec, ram_bytes: u64, apic_page: HandlerId) -> Result<VmDevices, VmError> {
+    /// `apic_page` is the pgm MMIO handler of the xAPIC page, `ioram` that of the test
+    /// device's memory (if the machine has it).
+    pub fn new(
+        spec: &MachineSpec,
+        ram_bytes: u64,
+        apic_page: HandlerId,
+        ioram: Option<HandlerId>,
+    ) -> Result<VmDevices, VmError> {
         let (bus, pic, pit) = legacy_pc(spec, ram_bytes).map_err(VmError::Devices)?;
         let extended_max = host_cpuid(0x8000_0000, 0).eax;
         Ok(VmDevices {
@@ -92,6 +116,7 @@ impl VmDevices {
                 vcpus: spec.vcpus.max(1),
                 tsc_hz: clock::tsc_hz(),
                 apic_timer_hz: clock::tsc_hz(),
+                rdtscp: spec.rdtscp,
             },
             phys_bits: devices::msr::phys_bits(host_cpuid(0x8000_0008, 0), extended_max),
             created: ticks(),
@@ -100,8 +125,10 @@ impl VmDevices {
             next_irq0: AtomicU64::new(u64::MAX),
             irq0_period: AtomicU64::new(0),
             pic_changed: AtomicBool::new(false),
+            irq_levels: core::sync::atomic::AtomicU32::new(0),
             apics: VmApics::new(apic_page),
-            line: Mutex::new((Vec::new(), String::new())),
+            ioram: ioram.map(|handler| (handler, Mutex::new(testdev::IoRam::default()))),
+            line: Mutex::new((Vec::new(), VecDeque::new())),
         })
     }
 
@@ -122,6 +149,23 @@ impl VmDevices {
             }
             0x20 | 0x21 | 0xA0 | 0xA1 => self.pic_changed.store(true, Ordering::Relaxed),
             _ => {}
+        }
+    }
+
+    /// Drives ISA line `line` to `level`: a rising edge raises the PIC's request.
+    fn drive_irq(&self, bus: &mut PortBus, line: u8, level: bool) {
+        let bit = 1u32 << (line & 15);
+        let was = if level {
+            self.irq_levels.fetch_or(bit, Ordering::Relaxed)
+        } else {
+            self.irq_levels.fetch_and(!bit, Ordering::Relaxed)
+        };
+        let rising = level && was & bit == 0;
+        if rising {
+            if let Some(pic) = bus.device_mut::<pic::Pic>(self.pic) {
+                pic.raise(line);
+            }
+            self.pic_changed.store(true, Ordering::Relaxed);
         }
     }
 
@@ -186,15 +230,25 @@ impl VmDevices {
                 }
             }
         }
-        *last = String::from_utf8_lossy(line).into_owned();
+        let text = String::from_utf8_lossy(line).into_owned();
         line.clear();
-        println!("[{}] {}", self.name, last);
+        println!("[{}] {}", self.name, text);
+        if last.len() == KEPT_LINES {
+            last.pop_front();
+        }
+        last.push_back(text);
     }
 
     /// The last line the guest printed on its console.
     #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
     pub fn last_console_line(&self) -> String {
-        self.line.lock().1.clone()
+        self.line.lock().1.back().cloned().unwrap_or_default()
+    }
+
+    /// The last lines the guest printed (at most [`KEPT_LINES`]), oldest first.
+    #[cfg_attr(feature = "kernel-tests", allow(dead_code))]
+    pub fn recent_console_lines(&self) -> Vec<String> {
+        self.line.lock().1.iter().cloned().collect()
     }
 }
 
@@ -220,7 +274,8 @@ fn legacy_pc(
         2,
         Box::new(fw_cfg::FwCfg::new(vcpus, ram_bytes)),
     )?;
-    bus.add(testdev::DATA_PORT, 8, Box::new(testdev::TestDev::default()))?;
+    let testdev = bus.add(testdev::DATA_PORT, 8, Box::new(testdev::TestDev::default()))?;
+    bus.add_range(testdev, testdev::IRQ_PORTS, testdev::IRQ_PORT_COUNT)?;
     Ok((bus, pic, pit))
 }
 
@@ -241,6 +296,9 @@ struct ExitPlatform<'a> {
     memory: &'a VmMemory,
     invalidation: Invalidation,
     stop: Option<StopRequest>,
+    /// Interrupt lines the access drove, applied to the PIC after it (the PIC is on the bus
+    /// the access holds).
+    irqs: Vec<(u8, bool)>,
 }
 
 impl Platform for ExitPlatform<'_> {
@@ -267,6 +325,10 @@ impl Platform for ExitPlatform<'_> {
 
     fn wall_clock(&self) -> u64 {
         clock::wall_clock()
+    }
+
+    fn set_irq(&mut self, line: u8, level: bool) {
+        self.irqs.push((line, level));
     }
 
     /// pgm has no call that drops one page's mapping and keeps its state, so the whole VM's
@@ -311,6 +373,7 @@ impl Vcpu<'_> {
             memory: &memory,
             invalidation: Invalidation::None,
             stop: None,
+            irqs: Vec::new(),
         };
         {
             let mut bus = memory.devices.bus.lock();
@@ -325,6 +388,9 @@ impl Vcpu<'_> {
                     bus.write(io.port, io.size, value, &mut platform);
                     memory.devices.after_write(&mut bus, io.port);
                 }
+            }
+            for &(line, level) in &platform.irqs {
+                memory.devices.drive_irq(&mut bus, line, level);
             }
         }
         self.exits.port_io += 1;
@@ -369,7 +435,7 @@ impl Vcpu<'_> {
     /// RDMSR: emulated, the backend's, or refused with #GP(0).
     pub(super) fn handle_msr_read(&mut self, msr: u32) -> Option<VmStop> {
         self.exits.msr += 1;
-        let value = match self.msrs.read(msr, ticks()) {
+        let value = match self.msrs.read(msr) {
             MsrOutcome::Done(value) => Some(value),
             MsrOutcome::Backend => self.cpu.read_msr(msr),
             MsrOutcome::Apic => self.read_apic_msr(msr),
@@ -504,12 +570,19 @@ impl Vcpu<'_> {
     /// RDMSR of the TSC deadline or an x2APIC register (`None`: #GP).
     fn read_apic_msr(&self, msr: u32) -> Option<u64> {
         let now = ticks();
+        let offset = self.cpu.tsc_offset();
         self.memory
             .devices
             .apics
             .with(self.index, |apic| {
                 if msr == devices::msr::index::TSC_DEADLINE {
-                    Some(apic.tsc_deadline())
+                    // The APIC keeps host time; the guest reads its own.
+                    let deadline = apic.tsc_deadline();
+                    Some(if deadline == 0 {
+                        0
+                    } else {
+                        deadline.wrapping_add(offset)
+                    })
                 } else {
                     apic.msr_read(msr, now).ok()
                 }
@@ -521,9 +594,17 @@ impl Vcpu<'_> {
     /// the ICR is routed at once.
     fn write_apic_msr(&mut self, msr: u32, value: u64) -> bool {
         let now = ticks();
+        let offset = self.cpu.tsc_offset();
         let effect = self.memory.devices.apics.with(self.index, |apic| {
             if msr == devices::msr::index::TSC_DEADLINE {
-                apic.set_tsc_deadline(value);
+                // The guest's deadline is in its TSC; the APIC keeps host time. A deadline
+                // the host's TSC has passed already fires at once.
+                let host = if value == 0 {
+                    0
+                } else {
+                    value.wrapping_sub(offset).max(1)
+                };
+                apic.set_tsc_deadline(host);
                 Ok(devices::lapic::Effect::None)
             } else {
                 apic.msr_write(msr, value, now)

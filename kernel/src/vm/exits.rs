@@ -34,6 +34,8 @@ pub struct ExitCounts {
     pub cpuid: u64,
     /// RDMSR and WRMSR exits.
     pub msr: u64,
+    /// MOV to or from CR8 (the APIC's task priority).
+    pub tpr: u64,
     /// Events injected into the guest (#GP for a refused MSR, interrupts).
     pub injected: u64,
     /// HLT exits.

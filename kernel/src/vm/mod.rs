@@ -15,6 +15,7 @@ pub mod budget;
 pub mod devices;
 mod emulation;
 pub mod exits;
+pub mod load;
 mod memory;
 mod pml;
 pub mod requests;

@@ -143,6 +143,10 @@ impl<'a> Vcpu<'a> {
         large_pages: bool,
         spec: &MachineSpec,
     ) -> Result<Vcpu<'a>, VmError> {
+        let spec = &MachineSpec {
+            rdtscp: vmx.caps().rdtscp(),
+            ..spec.clone()
+        };
         let mut pgm = Pgm::new(KernelFrames, phys)?;
         pgm.set_large_pages(large_pages);
         for &(base, size) in ram {
@@ -154,7 +158,20 @@ impl<'a> Vcpu<'a> {
         let apic_base = GuestPhysAddr::new_truncate(devices::lapic::XAPIC_BASE);
         // Nothing has run yet: no translation to invalidate.
         let (apic_page, _) = pgm.register_mmio(apic_base, pgm::PAGE_SIZE)?;
-        let devices = VmDevices::new(spec, ram_bytes, apic_page)?;
+        let ioram = if spec.test_device {
+            let base = GuestPhysAddr::new_truncate(devices::testdev::IORAM_BASE);
+            Some(pgm.register_mmio(base, devices::testdev::IORAM_SIZE as u64)?.0)
+        } else {
+            None
+        };
+        if spec.acpi_tables {
+            let image = devices::acpi::bios_area(spec.vcpus);
+            let base = GuestPhysAddr::new_truncate(devices::acpi::BIOS_AREA);
+            let size = devices::acpi::BIOS_AREA_SIZE;
+            // Nothing has run yet: no translation to invalidate.
+            let _ = pgm.register_rom(base, size, pgm::manager::RomImage::Copy(&image), false)?;
+        }
+        let devices = VmDevices::new(spec, ram_bytes, apic_page, ioram)?;
         Vcpu::new_vcpu(vmx, Arc::new(VmMemory::new(pgm, devices)), phys)
     }
 
@@ -352,7 +369,7 @@ impl<'a> Vcpu<'a> {
             // Measured as if the exit had happened `host_ticks` before this run started.
             self.measuring = Some((kind, self.run_started - host_ticks));
         }
-        let exit_budget_end = self.exits.total + self.budget.exits;
+        let exit_budget_end = self.exits.total.saturating_add(self.budget.exits);
         let stop = loop {
             // Host interrupts pending since the last exit (a kick among them) are taken before
             // the requests they may have posted are looked at.
@@ -558,6 +575,9 @@ impl<'a> Vcpu<'a> {
             VmExit::Hlt => self.handle_hlt(),
             VmExit::Shutdown => Some(VmStop::Stopped(self.diagnostic(StopCause::TripleFault))),
             VmExit::Cpuid => self.handle_cpuid(),
+            VmExit::TprWrite { register } => self.handle_tpr_write(register),
+            VmExit::TprRead { register } => self.handle_tpr_read(register),
+            VmExit::Absorbed => None,
             VmExit::MsrRead { msr } => self.handle_msr_read(msr),
             VmExit::MsrWrite { msr, value } => self.handle_msr_write(msr, value),
             VmExit::InterruptWindow => {

@@ -197,6 +197,11 @@ impl VmxCaps {
         self.secondary.allows(SECONDARY_PML) && self.ept_accessed_dirty()
     }
 
+    /// True when RDTSCP (and RDPID) may run in a guest ("enable RDTSCP").
+    pub fn rdtscp(&self) -> bool {
+        self.secondary.allows(SecondaryControls::ENABLE_RDTSCP.bits())
+    }
+
     /// True when EPT can set accessed/dirty flags.
     pub fn ept_accessed_dirty(&self) -> bool {
         self.ept_vpid & EPT_ACCESSED_DIRTY != 0

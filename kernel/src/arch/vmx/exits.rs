@@ -10,6 +10,7 @@ pub mod exit_reason {
     pub const CPUID: u32 = 10;
     pub const HLT: u32 = 12;
     pub const INVD: u32 = 13;
+    pub const CONTROL_REGISTER: u32 = 28;
     pub const VMCALL: u32 = 18;
     pub const IO_INSTRUCTION: u32 = 30;
     pub const RDMSR: u32 = 31;
@@ -73,7 +74,7 @@ pub fn exit_name(reason: u32) -> &'static str {
         exit_reason::HLT => "HLT",
         exit_reason::INVD => "INVD",
         exit_reason::VMCALL => "VMCALL",
-        28 => "control-register access",
+        exit_reason::CONTROL_REGISTER => "control-register access",
         exit_reason::IO_INSTRUCTION => "I/O instruction",
         exit_reason::RDMSR => "RDMSR",
         exit_reason::WRMSR => "WRMSR",

@@ -69,17 +69,16 @@ const EPTP_ACCESSED_DIRTY: u64 = 1 << 6;
 /// no-execute (11).
 const EFER_SCE: u64 = 1 << 0;
 const EFER_NXE: u64 = 1 << 11;
-/// CR0.PG (LME may not change while it is set).
-const CR0_PAGING: u64 = 1 << 31;
 /// The guest MSRs outside the VMCS's guest-state area, swapped by the VM-entry MSR-load area
 /// and the VM-exit MSR-store area (one frame, 16 bytes an entry: index, reserved, value). The
 /// host does not use SYSCALL or SWAPGS, so nothing restores its values at exit.
-const SWAPPED_MSRS: [u32; 5] = [
+const SWAPPED_MSRS: [u32; 6] = [
     msr::STAR,
     msr::LSTAR,
     msr::CSTAR,
     msr::SFMASK,
     msr::KERNEL_GS_BASE,
+    msr::TSC_AUX,
 ];
 /// MSRs whose value is an address the CPU checks for canonical form (WRMSR #GP, VM entry).
 const ADDRESS_MSRS: [u32; 6] = [
@@ -90,6 +89,58 @@ const ADDRESS_MSRS: [u32; 6] = [
     msr::GS_BASE,
     msr::SYSENTER_ESP,
 ];
+
+/// CR4 bits of features the guest's CPUID hides (VMX, SMX, XSAVE until XSETBV is handled):
+/// setting one exits and is refused with #GP, as on a CPU without the feature. They read as
+/// the guest wrote them (0).
+const CR4_REFUSED: u64 = CR4_VMXE | (1 << 14) | (1 << 18);
+
+/// A write the CPU would refuse with #GP.
+struct Refused;
+
+/// The slot of general-purpose register `index` (0 = RAX … 15 = R15) but RSP, which the VMCS
+/// holds.
+fn register_slot(regs: &GuestRegisters, index: u8) -> Option<&u64> {
+    Some(match index {
+        0 => &regs.rax,
+        1 => &regs.rcx,
+        2 => &regs.rdx,
+        3 => &regs.rbx,
+        5 => &regs.rbp,
+        6 => &regs.rsi,
+        7 => &regs.rdi,
+        8 => &regs.r8,
+        9 => &regs.r9,
+        10 => &regs.r10,
+        11 => &regs.r11,
+        12 => &regs.r12,
+        13 => &regs.r13,
+        14 => &regs.r14,
+        15 => &regs.r15,
+        _ => return None,
+    })
+}
+
+fn register_slot_mut(regs: &mut GuestRegisters, index: u8) -> Option<&mut u64> {
+    Some(match index {
+        0 => &mut regs.rax,
+        1 => &mut regs.rcx,
+        2 => &mut regs.rdx,
+        3 => &mut regs.rbx,
+        5 => &mut regs.rbp,
+        6 => &mut regs.rsi,
+        7 => &mut regs.rdi,
+        8 => &mut regs.r8,
+        9 => &mut regs.r9,
+        10 => &mut regs.r10,
+        11 => &mut regs.r11,
+        12 => &mut regs.r12,
+        13 => &mut regs.r13,
+        14 => &mut regs.r14,
+        15 => &mut regs.r15,
+        _ => return None,
+    })
+}
 
 /// True when `address` is canonical for 48-bit linear addresses.
 fn canonical(address: u64) -> bool {
@@ -131,6 +182,8 @@ pub struct VmxVcpu<'a> {
     ia32e_entry: bool,
     /// The frame of the guest MSRs swapped at entry and exit ([`SWAPPED_MSRS`]).
     msr_area: HostPhysAddr,
+    /// The VMCS TSC offset: the guest's TSC minus the host's.
+    tsc_offset: u64,
     /// The basic reason of the last exit.
     last_reason: u32,
 }
@@ -163,6 +216,7 @@ impl<'a> VmxVcpu<'a> {
             window_exiting: false,
             ia32e_entry: false,
             msr_area,
+            tsc_offset: 0,
             last_reason: 0,
         };
         vcpu.write_controls(eptp)?;
@@ -201,6 +255,9 @@ impl<'a> VmxVcpu<'a> {
             "primary processor-based",
             &caps.primary,
             (PrimaryControls::HLT_EXITING
+                | PrimaryControls::USE_TSC_OFFSETTING
+                | PrimaryControls::CR8_LOAD_EXITING
+                | PrimaryControls::CR8_STORE_EXITING
                 | PrimaryControls::UNCOND_IO_EXITING
                 | PrimaryControls::MWAIT_EXITING
                 | PrimaryControls::MONITOR_EXITING
@@ -213,13 +270,19 @@ impl<'a> VmxVcpu<'a> {
         } else {
             SecondaryControls::empty()
         };
+        let rdtscp = if caps.rdtscp() {
+            SecondaryControls::ENABLE_RDTSCP
+        } else {
+            SecondaryControls::empty()
+        };
         let secondary = adjust(
             "secondary processor-based",
             &caps.secondary,
             (SecondaryControls::ENABLE_EPT
                 | SecondaryControls::ENABLE_VPID
                 | SecondaryControls::UNRESTRICTED_GUEST
-                | pause_loop)
+                | pause_loop
+                | rdtscp)
                 .bits(),
         )?;
         let exit = adjust(
@@ -250,12 +313,15 @@ impl<'a> VmxVcpu<'a> {
             (VMEXIT_CONTROLS, exit),
             (VMENTRY_CONTROLS, entry),
             (EXCEPTION_BITMAP, 0),
+            (control::TSC_OFFSET_FULL, 0),
             (VPID, GUEST_VPID),
             (EPTP_FULL, eptp),
             (control::CR3_TARGET_COUNT, 0),
-            (control::CR0_GUEST_HOST_MASK, 0),
+            // CR0 bits VMX requires set (NE) belong to the host: a guest clearing them exits
+            // and sees its own value in the read shadow (`write_cr0`).
+            (control::CR0_GUEST_HOST_MASK, self.cr0_host_owned()),
             // The guest sees CR4.VMXE (required by VMX) as clear.
-            (control::CR4_GUEST_HOST_MASK, CR4_VMXE),
+            (control::CR4_GUEST_HOST_MASK, CR4_REFUSED),
             (control::CR4_READ_SHADOW, 0),
         ] {
             vmcs.write(field, value)?;
@@ -429,7 +495,7 @@ impl<'a> VmxVcpu<'a> {
         if value & !(EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE) != 0 {
             return None;
         }
-        if vmcs.read(guest::CR0) & CR0_PAGING != 0 && (value ^ current) & EFER_LME != 0 {
+        if vmcs.read(guest::CR0) & CR0_PG != 0 && (value ^ current) & EFER_LME != 0 {
             return None;
         }
         Some((value & !EFER_LMA) | (current & EFER_LMA))
@@ -510,6 +576,7 @@ impl<'a> VmxVcpu<'a> {
                 })
             }
             exit_reason::CPUID => VmExit::Cpuid,
+            exit_reason::CONTROL_REGISTER => self.control_register_access(vmcs, qualification()),
             exit_reason::RDMSR => VmExit::MsrRead {
                 msr: self.regs.rcx as u32,
             },
@@ -529,6 +596,136 @@ impl<'a> VmxVcpu<'a> {
             exit_reason::TRIPLE_FAULT => VmExit::Shutdown,
             reason => VmExit::Fatal { reason },
         })
+    }
+
+    /// CR0 bits that are the host's: those VMX fixes to 1 (but PE and PG, which unrestricted
+    /// guest frees).
+    fn cr0_host_owned(&self) -> u64 {
+        self.vmx.caps().cr0_fixed.0 & !(CR0_PE | CR0_PG)
+    }
+
+    /// A control-register access exit (SDM 28.2.1, table 28-3): CR8 goes to the exit policy
+    /// (the APIC's TPR); writes to CR0 and CR4 are emulated here (they exit only for the bits
+    /// the host owns), with #GP for what the CPU would refuse.
+    fn control_register_access(&self, vmcs: &CurrentVmcs<'_>, qualification: u64) -> VmExit {
+        let cr = qualification & 0xF;
+        let kind = (qualification >> 4) & 3;
+        let register = ((qualification >> 8) & 0xF) as u8;
+        match (cr, kind) {
+            (8, 0) => VmExit::TprWrite { register },
+            (8, 1) => VmExit::TprRead { register },
+            (0 | 4, 0) => {
+                let value = self.gpr_in(vmcs, register);
+                let done = if cr == 0 {
+                    self.write_cr0(vmcs, value)
+                } else {
+                    self.write_cr4(vmcs, value)
+                };
+                let done = match done {
+                    Ok(()) => self.skip_in(vmcs),
+                    Err(Refused) => self.inject_in(
+                        vmcs,
+                        Event::Exception {
+                            vector: 13,
+                            error_code: Some(0),
+                        },
+                    ),
+                };
+                match done {
+                    Ok(()) => VmExit::Absorbed,
+                    Err(_) => VmExit::Fatal {
+                        reason: exit_reason::CONTROL_REGISTER,
+                    },
+                }
+            }
+            _ => VmExit::Fatal {
+                reason: exit_reason::CONTROL_REGISTER,
+            },
+        }
+    }
+
+    /// MOV to CR0 of `value`: refused (#GP) as the CPU refuses it (high bits, PG without PE,
+    /// NW without CD, paging in long mode without PAE); else the guest's value goes to the read
+    /// shadow and CR0 gets it with the host's bits, and EFER.LMA follows CR0.PG and EFER.LME.
+    fn write_cr0(&self, vmcs: &CurrentVmcs<'_>, value: u64) -> Result<(), Refused> {
+        const CR0_NW: u64 = 1 << 29;
+        const CR0_CD: u64 = 1 << 30;
+        if value >> 32 != 0
+            || (value & CR0_PG != 0 && value & CR0_PE == 0)
+            || (value & CR0_NW != 0 && value & CR0_CD == 0)
+        {
+            return Err(Refused);
+        }
+        let efer = vmcs.read(guest::IA32_EFER_FULL);
+        let paging_now = vmcs.read(guest::CR0) & CR0_PG != 0;
+        let paging_next = value & CR0_PG != 0;
+        let mut new_efer = efer;
+        if paging_next && !paging_now && efer & EFER_LME != 0 {
+            if vmcs.read(guest::CR4) & CR4_PAE == 0 {
+                return Err(Refused);
+            }
+            new_efer |= EFER_LMA;
+        }
+        if !paging_next {
+            new_efer &= !EFER_LMA;
+        }
+        let (fixed0, fixed1) = self.vmx.caps().cr0_fixed;
+        let actual = (value | (1 << 4) | (fixed0 & !(CR0_PE | CR0_PG))) & fixed1;
+        let written = vmcs
+            .write(guest::CR0, actual)
+            .and_then(|()| vmcs.write(control::CR0_READ_SHADOW, value))
+            .and_then(|()| vmcs.write(guest::IA32_EFER_FULL, new_efer));
+        written.map_err(|_| Refused)
+    }
+
+    /// MOV to CR4 of `value` (it exits only when the guest tries to set a bit of a feature
+    /// it does not have: [`CR4_REFUSED`]): #GP for those and for bits the CPU does not
+    /// allow; else CR4 keeps VMXE and the read shadow the guest's value.
+    fn write_cr4(&self, vmcs: &CurrentVmcs<'_>, value: u64) -> Result<(), Refused> {
+        let (fixed0, fixed1) = self.vmx.caps().cr4_fixed;
+        if value & CR4_REFUSED != 0 || value & !fixed1 != 0 {
+            return Err(Refused);
+        }
+        let actual = value | fixed0 | CR4_VMXE;
+        vmcs.write(guest::CR4, actual)
+            .and_then(|()| vmcs.write(control::CR4_READ_SHADOW, value))
+            .map_err(|_| Refused)
+    }
+
+    /// General-purpose register `index` (RSP from the VMCS).
+    fn gpr_in(&self, vmcs: &CurrentVmcs<'_>, index: u8) -> u64 {
+        if index == 4 {
+            return vmcs.read(guest::RSP);
+        }
+        register_slot(&self.regs, index).map_or(0, |value| *value)
+    }
+
+    fn skip_in(&self, vmcs: &CurrentVmcs<'_>) -> Result<(), VmxError> {
+        let next_rip = vmcs.read(guest::RIP) + vmcs.read(ro::VMEXIT_INSTRUCTION_LEN);
+        vmcs.write(guest::RIP, next_rip)
+    }
+
+    /// Queues `event` for the next entry. A real-mode guest (CR0.PE clear) takes exceptions
+    /// without error codes, as a CPU in real mode delivers them (and as VM entry requires).
+    fn inject_in(&self, vmcs: &CurrentVmcs<'_>, event: Event) -> Result<(), VmxError> {
+        let event = match event {
+            Event::Exception { vector, .. } if vmcs.read(guest::CR0) & CR0_PE == 0 => Event::Exception {
+                vector,
+                error_code: None,
+            },
+            event => event,
+        };
+        let (kind, vector, error_code) = match event {
+            Event::Exception { vector, error_code } => (INTERRUPTION_TYPE_HARD_EXCEPTION, vector, error_code),
+            Event::Interrupt(vector) => (INTERRUPTION_TYPE_EXTERNAL, vector, None),
+            Event::Nmi => (INTERRUPTION_TYPE_NMI, 2, None),
+        };
+        let mut info = INTERRUPTION_VALID | kind | u64::from(vector);
+        if let Some(code) = error_code {
+            info |= INTERRUPTION_ERROR_CODE;
+            vmcs.write(VMENTRY_EXCEPTION_ERR_CODE, u64::from(code))?;
+        }
+        vmcs.write(VMENTRY_INTERRUPTION_INFO_FIELD, info)
     }
 
     /// An exception-or-NMI exit. After an NMI, clears blocking by NMI in the guest's
@@ -566,6 +763,13 @@ impl<'a> VmxVcpu<'a> {
         if info & INTERRUPTION_VALID == 0 {
             return;
         }
+        // A real-mode guest takes no error code (VM entry refuses one); Bochs reports the
+        // error-code bit of #GP and the like whatever the mode.
+        let info = if vmcs.read(guest::CR0) & CR0_PE == 0 {
+            info & !INTERRUPTION_ERROR_CODE
+        } else {
+            info
+        };
         if info & INTERRUPTION_ERROR_CODE != 0 {
             let _ = vmcs.write(VMENTRY_EXCEPTION_ERR_CODE, vmcs.read(ro::IDT_VECTORING_ERR_CODE));
         }
@@ -663,6 +867,20 @@ impl VirtualCpu for VmxVcpu<'_> {
         self.vmcs.current().map_or(0, |vmcs| vmcs.read(guest::RSP))
     }
 
+    fn gpr(&self, index: u8) -> u64 {
+        self.vmcs.current().map_or(0, |vmcs| self.gpr_in(&vmcs, index))
+    }
+
+    fn set_gpr(&mut self, index: u8, value: u64) -> Result<(), BackendError> {
+        if index == 4 {
+            return self.set_rsp(value);
+        }
+        if let Some(slot) = register_slot_mut(&mut self.regs, index) {
+            *slot = value;
+        }
+        Ok(())
+    }
+
     fn set_rsp(&mut self, rsp: u64) -> Result<(), BackendError> {
         Ok(self.vmcs.current()?.write(guest::RSP, rsp)?)
     }
@@ -702,17 +920,7 @@ impl VirtualCpu for VmxVcpu<'_> {
 
     fn inject(&mut self, event: Event) -> Result<(), BackendError> {
         let vmcs = self.vmcs.current()?;
-        let (kind, vector, error_code) = match event {
-            Event::Exception { vector, error_code } => (INTERRUPTION_TYPE_HARD_EXCEPTION, vector, error_code),
-            Event::Interrupt(vector) => (INTERRUPTION_TYPE_EXTERNAL, vector, None),
-            Event::Nmi => (INTERRUPTION_TYPE_NMI, 2, None),
-        };
-        let mut info = INTERRUPTION_VALID | kind | u64::from(vector);
-        if let Some(code) = error_code {
-            info |= INTERRUPTION_ERROR_CODE;
-            vmcs.write(VMENTRY_EXCEPTION_ERR_CODE, u64::from(code))?;
-        }
-        Ok(vmcs.write(VMENTRY_INTERRUPTION_INFO_FIELD, info)?)
+        Ok(self.inject_in(&vmcs, event)?)
     }
 
     fn event_pending(&self) -> bool {
@@ -761,7 +969,14 @@ impl VirtualCpu for VmxVcpu<'_> {
         Ok(())
     }
 
+    fn tsc_offset(&self) -> u64 {
+        self.tsc_offset
+    }
+
     fn read_msr(&self, index: u32) -> Option<u64> {
+        if index == msr::TSC {
+            return Some(crate::arch::ticks().wrapping_add(self.tsc_offset));
+        }
         if let Some(slot) = self.msr_slot(index) {
             return Some(self.phys.read_u64(slot));
         }
@@ -772,6 +987,21 @@ impl VirtualCpu for VmxVcpu<'_> {
     fn write_msr(&mut self, index: u32, value: u64) -> bool {
         if ADDRESS_MSRS.contains(&index) && !canonical(value) {
             return false;
+        }
+        if index == msr::TSC_AUX && value >> 32 != 0 {
+            return false;
+        }
+        if index == msr::TSC {
+            // The guest's TSC reads `value` now: the offset is what it adds to the host's.
+            let offset = value.wrapping_sub(crate::arch::ticks());
+            let Ok(vmcs) = self.vmcs.current() else {
+                return false;
+            };
+            if vmcs.write(control::TSC_OFFSET_FULL, offset).is_err() {
+                return false;
+            }
+            self.tsc_offset = offset;
+            return true;
         }
         if let Some(slot) = self.msr_slot(index) {
             let mut phys = self.phys;
