@@ -133,6 +133,7 @@ fn run_entry(
         vcpus: entry.vcpus,
         test_device: true,
         acpi_tables: true,
+        test_hypercalls: false,
         ..MachineSpec::default()
     };
     let mut bsp = Vcpu::new_machine(vmx, &host.phys, &ram, true, &spec).map_err(|e| format!("VM: {e}"))?;
@@ -149,11 +150,23 @@ fn run_entry(
     bsp.set_budget(budget);
     let memory = bsp.memory();
     let aps = start_application_processors(host, &memory, entry.vcpus, budget)?;
-    let stop = run_to_end(&mut bsp, &aps.done);
+    let mut stop = run_to_end(&mut bsp, &aps.done);
     aps.done.store(true, Ordering::SeqCst);
     memory.stop_all_vcpus();
+    let mut ap_stops = Vec::new();
     for worker in aps.workers {
-        worker.join()?;
+        ap_stops.extend(worker.join()?);
+    }
+    // Stopped by another vCPU: that vCPU's diagnostic says why.
+    if let VmStop::Stopped(diagnostic) = &stop {
+        if diagnostic.cause == crate::vm::StopCause::VmStopped {
+            if let Some(cause) = ap_stops
+                .into_iter()
+                .find(|s| matches!(s, VmStop::Stopped(d) if d.cause.stops_vm()))
+            {
+                stop = cause;
+            }
+        }
     }
     let lines = memory_lines(&bsp);
     let report = bsp.pgm().audit(is_allocated);
@@ -210,7 +223,7 @@ fn run_to_end(bsp: &mut Vcpu<'_>, done: &AtomicBool) -> VmStop {
 
 /// The application processors' host threads.
 struct ApWorkers {
-    workers: Vec<smp::Task<Result<(), String>>>,
+    workers: Vec<smp::Task<Result<Vec<VmStop>, String>>>,
     /// Set when the VM's run is over: the workers return.
     done: Arc<AtomicBool>,
 }
@@ -257,7 +270,7 @@ fn start_application_processors(
 }
 
 /// One host CPU's application processors: made in index order, then run in turns until the
-/// VM's run is over.
+/// VM's run is over. Returns how each one's run ended for good.
 fn ap_worker(
     host: &'static Host,
     memory: Arc<VmMemory>,
@@ -265,7 +278,7 @@ fn ap_worker(
     next: Arc<AtomicU32>,
     done: Arc<AtomicBool>,
     budget: Budget,
-) -> Result<(), String> {
+) -> Result<Vec<VmStop>, String> {
     let vmx = host.vmx().map_err(|e| format!("{e}"))?;
     let mut vcpus = Vec::new();
     for index in mine {
@@ -277,20 +290,20 @@ fn ap_worker(
         let mut vcpu = made.map_err(|e| format!("vCPU {index}: {e}"))?;
         vcpu.wait_for_startup();
         vcpu.set_budget(budget);
-        vcpus.push((vcpu, false));
+        vcpus.push((vcpu, None));
     }
     while !done.load(Ordering::SeqCst) {
-        for (vcpu, finished) in vcpus.iter_mut().filter(|(_, finished)| !*finished) {
+        for (vcpu, finished) in vcpus.iter_mut().filter(|(_, finished)| finished.is_none()) {
             match vcpu.run() {
                 VmStop::Preempted { .. } | VmStop::StopRequested { .. } => {}
                 // An AP that halted for good or stopped leaves the others running; a stop of
                 // the whole VM reaches the bootstrap vCPU through its requests.
-                _ => *finished = true,
+                stop => *finished = Some(stop),
             }
         }
-        if vcpus.iter().all(|(_, finished)| *finished) {
+        if vcpus.iter().all(|(_, finished)| finished.is_some()) {
             break;
         }
     }
-    Ok(())
+    Ok(vcpus.into_iter().filter_map(|(_, stop)| stop).collect())
 }

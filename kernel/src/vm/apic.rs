@@ -54,6 +54,11 @@ impl VmApics {
         }
     }
 
+    /// The xAPIC page's MMIO handler.
+    pub(super) fn page(&self) -> HandlerId {
+        self.page
+    }
+
     /// Gives vCPU `index` (the next one) its APIC, with ID `index`; it runs on host CPU `cpu`.
     /// `false` past [`MAX_VCPUS`].
     pub(super) fn add(&self, index: u32, cpu: usize) -> bool {

@@ -48,6 +48,9 @@ pub enum VmExit {
         was_readable: bool,
         /// The access was the CPU's own walk of the guest's page tables, not the guest's access.
         page_walk: bool,
+        /// The backend's own description of the fault (VMX: the exit qualification), for
+        /// logs and backend-specific tests.
+        detail: u64,
     },
     /// IN, OUT, INS or OUTS.
     PortIo(PortIo),
@@ -252,8 +255,9 @@ pub trait VirtualCpu {
     /// The base of `segment`.
     fn segment_base(&self, segment: Segment) -> u64;
 
-    /// Sets RIP and RFLAGS (after an emulated instruction).
-    fn set_rip_and_flags(&mut self, rip: u64, rflags: u64) -> Result<(), BackendError>;
+    /// Sets RIP, and RFLAGS when `rflags` is `Some` (after an emulated instruction; most
+    /// leave the flags as they were).
+    fn set_rip_and_flags(&mut self, rip: u64, rflags: Option<u64>) -> Result<(), BackendError>;
 
     /// Moves RIP past the instruction that exited.
     fn skip_instruction(&mut self) -> Result<(), BackendError>;

@@ -45,6 +45,9 @@ pub struct MachineSpec {
     pub acpi_tables: bool,
     /// The backend runs RDTSCP and RDPID (set from its capabilities when the VM is made).
     pub rdtscp: bool,
+    /// VMCALL is the test harness's (`vm::hypercall`: DONE ends the run, REPORT records);
+    /// without it every VMCALL returns KVM's "no such hypercall", as third-party guests expect.
+    pub test_hypercalls: bool,
 }
 
 impl Default for MachineSpec {
@@ -55,6 +58,7 @@ impl Default for MachineSpec {
             test_device: false,
             acpi_tables: false,
             rdtscp: false,
+            test_hypercalls: true,
         }
     }
 }
@@ -82,6 +86,8 @@ pub struct VmDevices {
     pic_changed: AtomicBool,
     /// The ISA interrupt lines' levels (bit n: line n), for edge detection.
     irq_levels: core::sync::atomic::AtomicU32,
+    /// See [`MachineSpec::test_hypercalls`].
+    pub(super) test_hypercalls: bool,
     /// The vCPUs' local APICs.
     pub(super) apics: VmApics,
     /// The test device's MMIO memory and its pgm handler, when the machine has it.
@@ -126,6 +132,7 @@ impl VmDevices {
             irq0_period: AtomicU64::new(0),
             pic_changed: AtomicBool::new(false),
             irq_levels: core::sync::atomic::AtomicU32::new(0),
+            test_hypercalls: spec.test_hypercalls,
             apics: VmApics::new(apic_page),
             ioram: ioram.map(|handler| (handler, Mutex::new(testdev::IoRam::default()))),
             line: Mutex::new((Vec::new(), VecDeque::new())),

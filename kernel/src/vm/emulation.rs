@@ -106,7 +106,8 @@ impl Vcpu<'_> {
             }
         };
         self.exits.emulated += 1;
-        let written = self.cpu.set_rip_and_flags(outcome.rip, outcome.rflags);
+        let changed_flags = (outcome.rflags != cpu.rflags).then_some(outcome.rflags);
+        let written = self.cpu.set_rip_and_flags(outcome.rip, changed_flags);
         match written
             .map_err(Into::into)
             .and_then(|()| self.invalidate(invalidation))

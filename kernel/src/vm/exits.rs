@@ -82,11 +82,22 @@ pub enum ExitKind {
     Preemption,
     /// The page-modification log is full: its 512 addresses go to the memory manager.
     PmlFull,
+    /// CPUID, answered by the VM's policy.
+    Cpuid,
+    /// RDMSR or WRMSR (emulated, the backend's, or refused with #GP).
+    Msr,
+    /// IN or OUT through the VM's port bus.
+    PortIo,
+    /// A read or write of the xAPIC page, emulated to the vCPU's local APIC.
+    ApicAccess,
+    /// An interrupt waited for the guest to take interrupts: the interrupt-window exit, to
+    /// the entry that delivers it.
+    InterruptWindow,
 }
 
 impl ExitKind {
     /// Every kind, in table order.
-    pub const ALL: [ExitKind; 10] = [
+    pub const ALL: [ExitKind; 15] = [
         ExitKind::ZeroFill,
         ExitKind::WriteMonitor,
         ExitKind::WriteMonitorLockFree,
@@ -97,6 +108,11 @@ impl ExitKind {
         ExitKind::Hypercall,
         ExitKind::Preemption,
         ExitKind::PmlFull,
+        ExitKind::Cpuid,
+        ExitKind::Msr,
+        ExitKind::PortIo,
+        ExitKind::ApicAccess,
+        ExitKind::InterruptWindow,
     ];
 
     /// The table name.
@@ -112,6 +128,11 @@ impl ExitKind {
             ExitKind::Hypercall => "hypercall",
             ExitKind::Preemption => "preemption (exit, return, run, entry)",
             ExitKind::PmlFull => "PML full (512 addresses logged)",
+            ExitKind::Cpuid => "CPUID",
+            ExitKind::Msr => "RDMSR/WRMSR",
+            ExitKind::PortIo => "port I/O",
+            ExitKind::ApicAccess => "xAPIC access",
+            ExitKind::InterruptWindow => "interrupt window (exit to injection)",
         }
     }
 }

@@ -46,6 +46,9 @@ pub mod hypercall {
     pub const REPORT: u64 = 1;
     /// What RAX holds after an unknown hypercall.
     pub const UNKNOWN: u64 = u64::MAX;
+    /// What RAX holds after any VMCALL on a machine without the test hypercalls: KVM's
+    /// -KVM_ENOSYS.
+    pub const NO_SUCH_HYPERCALL: u64 = (-1000i64) as u64;
 }
 
 /// Access handlers for a VM without devices: handler pages behave as pgm's default (MMIO reads

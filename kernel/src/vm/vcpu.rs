@@ -533,7 +533,13 @@ impl<'a> Vcpu<'a> {
                 access,
                 was_readable,
                 page_walk,
-            } => self.handle_nested_fault(gpa, access, was_readable, page_walk, exit_tick, devices),
+                detail,
+            } => {
+                if self.violations.len() < VIOLATION_LOG_LIMIT {
+                    self.violations.push((gpa, detail));
+                }
+                self.handle_nested_fault(gpa, access, was_readable, page_walk, exit_tick, devices)
+            }
             VmExit::Hypercall => {
                 self.measuring = Some((ExitKind::Hypercall, exit_tick));
                 self.handle_hypercall()
@@ -570,19 +576,32 @@ impl<'a> Vcpu<'a> {
                 self.exits.monitor_mwait += 1;
                 self.skip_or_stop()
             }
-            VmExit::PortIo(io) => self.handle_port_io(io),
+            VmExit::PortIo(io) => {
+                self.measuring = Some((ExitKind::PortIo, exit_tick));
+                self.handle_port_io(io)
+            }
             VmExit::DirtyLogFull => self.handle_dirty_log_full(exit_tick),
             VmExit::Hlt => self.handle_hlt(),
             VmExit::Shutdown => Some(VmStop::Stopped(self.diagnostic(StopCause::TripleFault))),
-            VmExit::Cpuid => self.handle_cpuid(),
+            VmExit::Cpuid => {
+                self.measuring = Some((ExitKind::Cpuid, exit_tick));
+                self.handle_cpuid()
+            }
             VmExit::TprWrite { register } => self.handle_tpr_write(register),
             VmExit::TprRead { register } => self.handle_tpr_read(register),
             VmExit::Absorbed => None,
-            VmExit::MsrRead { msr } => self.handle_msr_read(msr),
-            VmExit::MsrWrite { msr, value } => self.handle_msr_write(msr, value),
+            VmExit::MsrRead { msr } => {
+                self.measuring = Some((ExitKind::Msr, exit_tick));
+                self.handle_msr_read(msr)
+            }
+            VmExit::MsrWrite { msr, value } => {
+                self.measuring = Some((ExitKind::Msr, exit_tick));
+                self.handle_msr_write(msr, value)
+            }
             VmExit::InterruptWindow => {
                 // The interrupt waiting for it is delivered before the next entry.
                 self.exits.interrupt_windows += 1;
+                self.measuring = Some((ExitKind::InterruptWindow, exit_tick));
                 None
             }
             // The exception bitmap is empty: an exception exit is unexpected.
@@ -653,9 +672,6 @@ impl<'a> Vcpu<'a> {
         devices: &mut impl AccessHandlers,
     ) -> Option<VmStop> {
         self.exits.ept_violations += 1;
-        if self.violations.len() < VIOLATION_LOG_LIMIT {
-            self.violations.push((gpa, self.cpu.raw_exit().qualification));
-        }
         // An exit in the middle of delivering an event (the backend queued it again) is the
         // CPU's own access, like a page walk: there is no instruction to emulate.
         let page_walk = page_walk || self.cpu.event_pending();
@@ -673,7 +689,12 @@ impl<'a> Vcpu<'a> {
                 if let Some(cause) = emulation_refused(access, page_walk) {
                     return stop(self, cause);
                 }
-                self.measuring = Some((mmio_exit_kind(access), exit_tick));
+                let kind = if target.handler() == self.memory.devices.apics.page() {
+                    ExitKind::ApicAccess
+                } else {
+                    mmio_exit_kind(access)
+                };
+                self.measuring = Some((kind, exit_tick));
                 return self.emulate_access(EmulatedMemory::Mmio(shared, target), gpa, devices);
             }
             None
@@ -794,13 +815,19 @@ impl<'a> Vcpu<'a> {
     }
 
     /// Handles VMCALL: DONE ends the run, REPORT records RBX, anything else returns
-    /// [`hypercall::UNKNOWN`] in RAX. RIP moves past the VMCALL.
+    /// [`hypercall::UNKNOWN`] in RAX. RIP moves past the VMCALL. A machine without the test
+    /// hypercalls ([`MachineSpec::test_hypercalls`]) answers every VMCALL as KVM answers an
+    /// unknown one: -1000 (-KVM_ENOSYS) in RAX.
     fn handle_hypercall(&mut self) -> Option<VmStop> {
         self.exits.hypercalls += 1;
         if let Some(stop) = self.skip_or_stop() {
             return Some(stop);
         }
         let regs = self.cpu.regs_mut();
+        if !self.memory.devices.test_hypercalls {
+            regs.rax = hypercall::NO_SUCH_HYPERCALL;
+            return None;
+        }
         match regs.rax {
             hypercall::DONE => return Some(VmStop::Done(regs.rbx)),
             hypercall::REPORT => self.reports.push(regs.rbx),

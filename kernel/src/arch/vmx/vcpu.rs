@@ -4,6 +4,7 @@
 //! [`VirtualCpu`].
 
 use alloc::vec::Vec;
+use core::cell::Cell;
 
 use pgm::frames::{HostFrameAllocator, HostMemory};
 use pgm::{Access, GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
@@ -178,8 +179,12 @@ pub struct VmxVcpu<'a> {
     pml_on: bool,
     /// Interrupt-window exiting is on.
     window_exiting: bool,
-    /// The VM-entry controls name IA-32e mode (kept equal to the guest's EFER.LMA).
-    ia32e_entry: bool,
+    /// The VM-entry controls name IA-32e mode (kept equal to the guest's EFER.LMA by the CR0
+    /// writes that change it: CR0.PG is the host's).
+    ia32e_entry: Cell<bool>,
+    /// An event is queued in the VM-entry interruption information (injected, or requeued
+    /// after an exit that interrupted its delivery); the entry consumes it.
+    event_queued: Cell<bool>,
     /// The frame of the guest MSRs swapped at entry and exit ([`SWAPPED_MSRS`]).
     msr_area: HostPhysAddr,
     /// The VMCS TSC offset: the guest's TSC minus the host's.
@@ -214,7 +219,8 @@ impl<'a> VmxVcpu<'a> {
             pml_buffer: None,
             pml_on: false,
             window_exiting: false,
-            ia32e_entry: false,
+            ia32e_entry: Cell::new(false),
+            event_queued: Cell::new(false),
             msr_area,
             tsc_offset: 0,
             last_reason: 0,
@@ -392,8 +398,8 @@ impl<'a> VmxVcpu<'a> {
                 data: (0, 0xFFFF, 0x93),
             },
         };
-        self.ia32e_entry = mode == GuestMode::Long64;
-        let entry_controls = if self.ia32e_entry {
+        self.ia32e_entry.set(mode == GuestMode::Long64);
+        let entry_controls = if self.ia32e_entry.get() {
             self.entry_controls.long_mode
         } else {
             self.entry_controls.legacy
@@ -501,23 +507,6 @@ impl<'a> VmxVcpu<'a> {
         Some((value & !EFER_LMA) | (current & EFER_LMA))
     }
 
-    /// Before an entry: the IA-32e mode entry control follows the guest's EFER.LMA, which the
-    /// guest sets itself by turning paging on with LME set (no exit), so VM entry accepts the
-    /// state the last exit saved.
-    /// Returns whether the controls now name IA-32e mode.
-    fn follow_long_mode(&self, vmcs: &CurrentVmcs<'_>) -> Result<bool, VmxError> {
-        let lma = vmcs.read(guest::IA32_EFER_FULL) & EFER_LMA != 0;
-        if lma != self.ia32e_entry {
-            let controls = if lma {
-                self.entry_controls.long_mode
-            } else {
-                self.entry_controls.legacy
-            };
-            vmcs.write(VMENTRY_CONTROLS, controls)?;
-        }
-        Ok(lma)
-    }
-
     /// Gives the vCPU its log buffer and points the VMCS at it, when the CPU supports PML
     /// (logging itself is enabled only while the VM's monitoring asks for it).
     fn set_up_pml(&mut self) -> Result<(), VmxError> {
@@ -542,7 +531,26 @@ impl<'a> VmxVcpu<'a> {
                 invalid_guest_state: true,
             });
         }
-        self.requeue_interrupted_event(vmcs);
+        // An instruction's own exit cannot interrupt an event's delivery: only the others
+        // pay for the look at the IDT-vectoring information.
+        let instruction_exit = matches!(
+            reason,
+            exit_reason::CPUID
+                | exit_reason::HLT
+                | exit_reason::INVD
+                | exit_reason::VMCALL
+                | exit_reason::CONTROL_REGISTER
+                | exit_reason::IO_INSTRUCTION
+                | exit_reason::RDMSR
+                | exit_reason::WRMSR
+                | exit_reason::PAUSE
+                | exit_reason::MONITOR
+                | exit_reason::MWAIT
+                | exit_reason::INTERRUPT_WINDOW
+        );
+        if !instruction_exit {
+            self.requeue_interrupted_event(vmcs);
+        }
         let qualification = || vmcs.read(ro::EXIT_QUALIFICATION);
         Ok(match reason {
             exit_reason::EPT_VIOLATION => {
@@ -559,6 +567,7 @@ impl<'a> VmxVcpu<'a> {
                     access,
                     was_readable: qualification & EPT_WAS_READABLE != 0,
                     page_walk: is_page_walk(qualification),
+                    detail: qualification,
                 }
             }
             exit_reason::IO_INSTRUCTION => {
@@ -599,9 +608,10 @@ impl<'a> VmxVcpu<'a> {
     }
 
     /// CR0 bits that are the host's: those VMX fixes to 1 (but PE and PG, which unrestricted
-    /// guest frees).
+    /// guest frees), and PG, whose changes switch EFER.LMA and with it the IA-32e entry
+    /// control (`write_cr0`): so no entry needs to look at EFER first.
     fn cr0_host_owned(&self) -> u64 {
-        self.vmx.caps().cr0_fixed.0 & !(CR0_PE | CR0_PG)
+        (self.vmx.caps().cr0_fixed.0 & !(CR0_PE | CR0_PG)) | CR0_PG
     }
 
     /// A control-register access exit (SDM 28.2.1, table 28-3): CR8 goes to the exit policy
@@ -671,11 +681,20 @@ impl<'a> VmxVcpu<'a> {
         }
         let (fixed0, fixed1) = self.vmx.caps().cr0_fixed;
         let actual = (value | (1 << 4) | (fixed0 & !(CR0_PE | CR0_PG))) & fixed1;
+        let lma = new_efer & EFER_LMA != 0;
+        let controls = if lma {
+            self.entry_controls.long_mode
+        } else {
+            self.entry_controls.legacy
+        };
         let written = vmcs
             .write(guest::CR0, actual)
             .and_then(|()| vmcs.write(control::CR0_READ_SHADOW, value))
-            .and_then(|()| vmcs.write(guest::IA32_EFER_FULL, new_efer));
-        written.map_err(|_| Refused)
+            .and_then(|()| vmcs.write(guest::IA32_EFER_FULL, new_efer))
+            .and_then(|()| vmcs.write(VMENTRY_CONTROLS, controls));
+        written.map_err(|_| Refused)?;
+        self.ia32e_entry.set(lma);
+        Ok(())
     }
 
     /// MOV to CR4 of `value` (it exits only when the guest tries to set a bit of a feature
@@ -725,7 +744,9 @@ impl<'a> VmxVcpu<'a> {
             info |= INTERRUPTION_ERROR_CODE;
             vmcs.write(VMENTRY_EXCEPTION_ERR_CODE, u64::from(code))?;
         }
-        vmcs.write(VMENTRY_INTERRUPTION_INFO_FIELD, info)
+        vmcs.write(VMENTRY_INTERRUPTION_INFO_FIELD, info)?;
+        self.event_queued.set(true);
+        Ok(())
     }
 
     /// An exception-or-NMI exit. After an NMI, clears blocking by NMI in the guest's
@@ -778,7 +799,8 @@ impl<'a> VmxVcpu<'a> {
         // without this.
         let _ = vmcs.write(VMENTRY_INSTRUCTION_LEN, vmcs.read(ro::VMEXIT_INSTRUCTION_LEN));
         // Bit 12 is undefined in the vectoring information and must be clear at entry.
-        let _ = vmcs.write(VMENTRY_INTERRUPTION_INFO_FIELD, info & !(1 << 12));
+        let requeued = vmcs.write(VMENTRY_INTERRUPTION_INFO_FIELD, info & !(1 << 12));
+        self.event_queued.set(requeued.is_ok());
     }
 
     fn write_pml_controls(&self, on: bool) -> Result<(), VmxError> {
@@ -813,7 +835,6 @@ impl VirtualCpu for VmxVcpu<'_> {
         let timer = (ticks >> self.timer_granularity()).min(u64::from(u32::MAX));
         vmcs.write(guest::VMX_PREEMPTION_TIMER_VALUE, timer)
             .map_err(|_| failed(0))?;
-        self.ia32e_entry = self.follow_long_mode(&vmcs).map_err(|_| failed(0))?;
         // SAFETY: `write_host_state` wrote this CPU's host state with RIP at the exit entry
         // point when the vCPU was made; the EPT pointer names the VM's tables, which map only
         // frames it holds; `launched` is set after the first successful entry and the VMCS is
@@ -823,6 +844,8 @@ impl VirtualCpu for VmxVcpu<'_> {
             return Err(failed(vmcs.read(ro::VM_INSTRUCTION_ERROR) as u32));
         }
         self.launched = true;
+        // The entry delivered what was queued; a requeue below may queue it again.
+        self.event_queued.set(false);
         let raw_reason = vmcs.read(ro::EXIT_REASON);
         self.last_reason = (raw_reason & 0xFFFF) as u32;
         self.decode_exit(&vmcs, raw_reason)
@@ -897,10 +920,10 @@ impl VirtualCpu for VmxVcpu<'_> {
         self.vmcs.current().map_or(0, |vmcs| vmcs.read(field))
     }
 
-    fn set_rip_and_flags(&mut self, rip: u64, rflags: u64) -> Result<(), BackendError> {
+    fn set_rip_and_flags(&mut self, rip: u64, rflags: Option<u64>) -> Result<(), BackendError> {
         let vmcs = self.vmcs.current()?;
         vmcs.write(guest::RIP, rip)?;
-        if vmcs.read(guest::RFLAGS) != rflags {
+        if let Some(rflags) = rflags {
             vmcs.write(guest::RFLAGS, rflags)?;
         }
         Ok(())
@@ -924,9 +947,7 @@ impl VirtualCpu for VmxVcpu<'_> {
     }
 
     fn event_pending(&self) -> bool {
-        self.vmcs
-            .current()
-            .is_ok_and(|vmcs| vmcs.read(VMENTRY_INTERRUPTION_INFO_FIELD) & INTERRUPTION_VALID != 0)
+        self.event_queued.get()
     }
 
     fn interruptible(&self) -> bool {
