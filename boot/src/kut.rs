@@ -288,10 +288,7 @@ fn boot_with(
         timeout_secs,
         cpus,
         serial_log: target_dir().join(format!("serial-{tag}-bochs.log")),
-        work_dir: match tag {
-            "kut" => "bochs-kut",
-            _ => "bochs-kut-ci",
-        },
+        work_dir: Box::leak(format!("bochs-{tag}").into_boxed_str()),
     };
     let outcome = Emulator::Bochs.run(&options)?;
     eprintln!("xtask: serial output saved in {}", options.serial_log.display());

@@ -210,7 +210,14 @@ fn run(args: &Args, variant: Variant) -> Result<KernelRun, String> {
 /// Runs kvm-unit-tests in the hypervisor (all entries, or those named), prints a line per entry
 /// and the summary; fails when an entry failed.
 fn kvm_unit_tests(args: &Args) -> Result<(), String> {
-    let verdicts = kut::run(&args.names, args.cpus, args.timeout_secs, "kut")?;
+    // KUT_TAG names the run's files (`kut` unless set), so that runs of disjoint lists can go
+    // on at once, one Bochs per host core.
+    let tag: &'static str = Box::leak(
+        std::env::var("KUT_TAG")
+            .unwrap_or_else(|_| "kut".into())
+            .into_boxed_str(),
+    );
+    let verdicts = kut::run(&args.names, args.cpus, args.timeout_secs, tag)?;
     let (_, failed) = report_kut(&verdicts);
     if failed > 0 {
         return Err(format!("{failed} kvm-unit-tests entries failed"));
