@@ -23,6 +23,7 @@ pub mod debug_exit;
 pub mod fw_cfg;
 pub mod lapic;
 pub mod msr;
+pub mod pc;
 pub mod pci;
 pub mod pic;
 pub mod pit;
@@ -31,7 +32,7 @@ pub mod port92;
 pub mod testdev;
 pub mod uart;
 
-#[cfg(test)]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use bus::{PortBus, PortDevice};

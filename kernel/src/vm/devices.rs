@@ -7,7 +7,6 @@
 //! VM's memory lock inside it (the A20 gate), never the other way round. MMIO devices, which
 //! run under the memory lock, never take the bus.
 
-use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -16,7 +15,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use devices::bus::DeviceIndex;
 use devices::cpuid::{AskingVcpu, CpuidPolicy, CpuidRegs};
 use devices::msr::MsrOutcome;
-use devices::{cmos, debug_exit, fw_cfg, pci, pic, pit, pm, port92, testdev, uart};
+use devices::{pic, pit, testdev};
 use devices::{Platform, PortBus, StopRequest};
 use pgm::handlers::HandlerId;
 use pgm::Invalidation;
@@ -113,7 +112,9 @@ impl VmDevices {
         apic_page: HandlerId,
         ioram: Option<HandlerId>,
     ) -> Result<VmDevices, VmError> {
-        let (bus, pic, pit) = legacy_pc(spec, ram_bytes).map_err(VmError::Devices)?;
+        let vcpus = u16::try_from(spec.vcpus.max(1)).unwrap_or(u16::MAX);
+        let devices::pc::LegacyPc { bus, pic, pit } =
+            devices::pc::legacy_pc(vcpus, ram_bytes).map_err(VmError::Devices)?;
         let extended_max = host_cpuid(0x8000_0000, 0).eax;
         Ok(VmDevices {
             name: spec.name.clone(),
@@ -257,33 +258,6 @@ impl VmDevices {
     pub fn recent_console_lines(&self) -> Vec<String> {
         self.line.lock().1.iter().cloned().collect()
     }
-}
-
-/// The port bus of a PC, and where its PIC pair and PIT are on it.
-fn legacy_pc(
-    spec: &MachineSpec,
-    ram_bytes: u64,
-) -> Result<(PortBus, DeviceIndex, DeviceIndex), devices::bus::BusError> {
-    let mut bus = PortBus::new();
-    bus.add(port92::PORT, 1, Box::new(port92::Port92))?;
-    bus.add(uart::COM1, 8, Box::new(uart::Uart::new(uart::COM1)))?;
-    let pic = bus.add(pic::MASTER, 2, Box::new(pic::Pic::default()))?;
-    bus.add_range(pic, pic::SLAVE, 2)?;
-    let pit = bus.add(pit::CHANNEL0, 4, Box::new(pit::Pit::default()))?;
-    bus.add_range(pit, pit::PORT_B, 1)?;
-    bus.add(cmos::INDEX, 2, Box::new(cmos::Cmos::default()))?;
-    bus.add(pci::ADDRESS, 8, Box::new(pci::PciConfig::default()))?;
-    bus.add(pm::PM1A_EVENT, pm::PORTS, Box::new(pm::AcpiPm::default()))?;
-    bus.add(debug_exit::PORT, 1, Box::new(debug_exit::DebugExit))?;
-    let vcpus = u16::try_from(spec.vcpus.max(1)).unwrap_or(u16::MAX);
-    bus.add(
-        fw_cfg::SELECTOR,
-        2,
-        Box::new(fw_cfg::FwCfg::new(vcpus, ram_bytes)),
-    )?;
-    let testdev = bus.add(testdev::DATA_PORT, 8, Box::new(testdev::TestDev::default()))?;
-    bus.add_range(testdev, testdev::IRQ_PORTS, testdev::IRQ_PORT_COUNT)?;
-    Ok((bus, pic, pit))
 }
 
 /// The host's CPUID.

@@ -7,60 +7,13 @@
 
 use devices::lapic::{Effect, LocalApic};
 use devices::msr::{MsrOutcome, MsrState};
-use devices::{cmos, debug_exit, fw_cfg, pci, pic, pit, pm, port92, testdev, uart};
-use devices::{Platform, PortBus, StopRequest};
+use devices::pc::legacy_pc;
+use devices::testing::TestPlatform;
 use libfuzzer_sys::fuzz_target;
 
-/// A platform with a clock the input advances.
-#[derive(Default)]
-struct Fuzzed {
-    now: u64,
-    a20: bool,
-    stops: usize,
-}
-
-impl Platform for Fuzzed {
-    fn now_ns(&self) -> u64 {
-        self.now
-    }
-    fn a20(&self) -> bool {
-        self.a20
-    }
-    fn set_a20(&mut self, open: bool) {
-        self.a20 = open;
-    }
-    fn console(&mut self, _: u8) {}
-    fn stop(&mut self, _: StopRequest) {
-        self.stops += 1;
-    }
-    fn wall_clock(&self) -> u64 {
-        self.now / 1_000_000_000
-    }
-    fn evict_page(&mut self, _: u64) {}
-    fn set_irq(&mut self, _: u8, _: bool) {}
-}
-
-fn bus() -> PortBus {
-    let mut bus = PortBus::new();
-    bus.add(port92::PORT, 1, Box::new(port92::Port92)).unwrap();
-    bus.add(uart::COM1, 8, Box::new(uart::Uart::new(uart::COM1))).unwrap();
-    let p = bus.add(pic::MASTER, 2, Box::new(pic::Pic::default())).unwrap();
-    bus.add_range(p, pic::SLAVE, 2).unwrap();
-    let t = bus.add(pit::CHANNEL0, 4, Box::new(pit::Pit::default())).unwrap();
-    bus.add_range(t, pit::PORT_B, 1).unwrap();
-    bus.add(cmos::INDEX, 2, Box::new(cmos::Cmos::default())).unwrap();
-    bus.add(pci::ADDRESS, 8, Box::new(pci::PciConfig::default())).unwrap();
-    bus.add(pm::PM1A_EVENT, pm::PORTS, Box::new(pm::AcpiPm::default())).unwrap();
-    bus.add(debug_exit::PORT, 1, Box::new(debug_exit::DebugExit)).unwrap();
-    bus.add(fw_cfg::SELECTOR, 2, Box::new(fw_cfg::FwCfg::new(2, 1 << 27))).unwrap();
-    let d = bus.add(testdev::DATA_PORT, 8, Box::new(testdev::TestDev::default())).unwrap();
-    bus.add_range(d, testdev::IRQ_PORTS, testdev::IRQ_PORT_COUNT).unwrap();
-    bus
-}
-
 fuzz_target!(|data: &[u8]| {
-    let mut bus = bus();
-    let mut platform = Fuzzed::default();
+    let mut bus = legacy_pc(2, 1 << 27).expect("the PC's ranges are disjoint").bus;
+    let mut platform = TestPlatform::default();
     let mut apic = LocalApic::new(1);
     let mut msrs = MsrState::new(0, 39);
     for op in data.chunks_exact(12) {
