@@ -134,6 +134,7 @@ fn run_entry(
         test_device: true,
         acpi_tables: true,
         test_hypercalls: false,
+        unassigned_reads_ones: true,
         ..MachineSpec::default()
     };
     let mut bsp = Vcpu::new_machine(vmx, &host.phys, &ram, true, &spec).map_err(|e| format!("VM: {e}"))?;

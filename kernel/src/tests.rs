@@ -271,6 +271,10 @@ const TESTS: &[(&str, TestFn)] = &[
         devices::a_multiboot_image_starts_with_its_boot_information,
     ),
     (
+        "devices_unassigned_space_reads_all_ones_on_a_pc",
+        devices::unassigned_space_reads_all_ones_on_a_pc,
+    ),
+    (
         "hostile_a20_gate_flipped_through_port_0x92_while_writing_across_1_mib",
         hostile::a20_gate_flipped_through_port_0x92_while_writing_across_1_mib,
     ),

@@ -56,6 +56,7 @@ mod leaf1_ecx {
 /// Leaf 1 EDX bits.
 mod leaf1_edx {
     pub const MCE: u32 = 1 << 7;
+    pub const APIC: u32 = 1 << 9;
     pub const MCA: u32 = 1 << 14;
     pub const DS: u32 = 1 << 21;
     pub const ACPI: u32 = 1 << 22;
@@ -116,6 +117,8 @@ pub struct AskingVcpu {
     pub apic_id: u32,
     /// Its CR4.
     pub cr4: u64,
+    /// Its local APIC is enabled in the APIC base MSR (CPUID.1:EDX.APIC follows it).
+    pub apic_enabled: bool,
 }
 
 impl CpuidPolicy {
@@ -224,7 +227,10 @@ impl CpuidPolicy {
         if vcpu.cr4 & CR4_OSXSAVE != 0 && host.ecx & XSAVE != 0 && ecx & XSAVE != 0 {
             ecx |= OSXSAVE;
         }
-        let mut edx = host.edx & !(MCE | MCA | DS | ACPI | TM | PBE | HTT);
+        let mut edx = host.edx & !(MCE | MCA | DS | ACPI | TM | PBE | HTT | APIC);
+        if vcpu.apic_enabled {
+            edx |= APIC;
+        }
         if self.vcpus > 1 {
             edx |= HTT;
         }
@@ -333,7 +339,12 @@ mod tests {
     };
 
     fn ask(leaf: u32, subleaf: u32, apic_id: u32) -> CpuidRegs {
-        POLICY.answer(leaf, subleaf, AskingVcpu { apic_id, cr4: 0 }, &host)
+        let asking = AskingVcpu {
+            apic_id,
+            cr4: 0,
+            apic_enabled: true,
+        };
+        POLICY.answer(leaf, subleaf, asking, &host)
     }
 
     #[test]
@@ -350,6 +361,13 @@ mod tests {
         assert_eq!((regs.ebx >> 16) & 0xFF, 2, "logical processors");
         assert_ne!(regs.edx & leaf1_edx::HTT, 0);
         assert_eq!(regs.edx & (leaf1_edx::MCE | leaf1_edx::MCA), 0);
+        assert_ne!(regs.edx & leaf1_edx::APIC, 0);
+        let disabled = AskingVcpu::default();
+        assert_eq!(
+            POLICY.answer(1, 0, disabled, &host).edx & leaf1_edx::APIC,
+            0,
+            "APIC disabled"
+        );
     }
 
     #[test]
@@ -401,15 +419,11 @@ mod tests {
         assert_eq!(regs.ebx & (1 << 2), 0, "SGX");
         assert_eq!(regs.edx & (1 << 29), 0, "IA32_ARCH_CAPABILITIES");
         assert_eq!(regs.ecx & LEAF7_ECX_OSPKE, 0, "CR4.PKE is clear");
-        let with_pke = POLICY.answer(
-            7,
-            0,
-            AskingVcpu {
-                apic_id: 0,
-                cr4: CR4_PKE,
-            },
-            &host,
-        );
+        let pke = AskingVcpu {
+            cr4: CR4_PKE,
+            ..AskingVcpu::default()
+        };
+        let with_pke = POLICY.answer(7, 0, pke, &host);
         assert_ne!(with_pke.ecx & LEAF7_ECX_OSPKE, 0);
         assert_eq!(ask(7, 1, 0), CpuidRegs::default());
     }

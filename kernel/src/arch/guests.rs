@@ -505,6 +505,16 @@ guest_programs! {
         "out 0xf4, eax",
         "hlt",
     ];
+    // A read and a write of unassigned space at 0x3000000 (above the PC's RAM): the read's
+    // value goes to [EDI], and the test exit's code is 0x55.
+    touch_unassigned: Flat32, ".code32", [
+        "mov eax, dword ptr [0x3000000]",
+        "mov [edi], eax",
+        "mov dword ptr [0x3000000], 0x12345678",
+        "mov eax, 0x55",
+        "out 0xf4, eax",
+        "hlt",
+    ];
     // The virtual PC's CPUID, MSRs and ports, seen from a guest. The host has written a GDT
     // (pseudo-descriptor at 0x1800) and an IDT (0x1808) whose #GP gate is `gp_handler`, at
     // offset 2. Results go to dwords at EDI (see the kernel test `devices`); EBP counts the

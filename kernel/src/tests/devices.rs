@@ -225,3 +225,38 @@ pub fn a_multiboot_image_starts_with_its_boot_information(host: &'static Host) -
     );
     Ok(())
 }
+
+/// On a machine that models a PC's unassigned space, a read there gives all ones and a write
+/// goes nowhere, and the guest runs on; on the memory core's test machines (the default) the
+/// same access stops the VM, as their tests want.
+pub fn unassigned_space_reads_all_ones_on_a_pc(host: &'static Host) -> TestResult {
+    let vmx = host.vmx().map_err(|e| format!("{e}"))?;
+    let spec = crate::vm::devices::MachineSpec {
+        unassigned_reads_ones: true,
+        ..crate::vm::devices::MachineSpec::default()
+    };
+    let mut vm = crate::vm::Vcpu::new_machine(vmx, &host.phys, &super::PC_RAM, false, &spec)
+        .map_err(|e| format!("VM: {e}"))?;
+    let regs = GuestRegisters {
+        rdi: RESULTS,
+        ..GuestRegisters::default()
+    };
+    vm.start(&programs::touch_unassigned(), CODE, regs)
+        .map_err(|e| format!("start: {e}"))?;
+    ensure_eq!(vm.run(), VmStop::TestExit(0x55), "stop");
+    let mut value = [0u8; 4];
+    vm.pgm()
+        .read_phys(gpa(RESULTS), &mut value)
+        .map_err(|e| format!("{e}"))?;
+    ensure_eq!(u32::from_le_bytes(value), u32::MAX, "the read");
+    let mut strict = new_vm(host, &super::PC_RAM)?;
+    strict
+        .start(&programs::touch_unassigned(), CODE, regs)
+        .map_err(|e| format!("start: {e}"))?;
+    let stop = strict.run();
+    ensure!(
+        matches!(stop, VmStop::Stopped(d) if d.cause == crate::vm::StopCause::NotGuestMemory),
+        "the memory core's machine: {stop:?}"
+    );
+    Ok(())
+}

@@ -47,6 +47,9 @@ pub struct MachineSpec {
     /// VMCALL is the test harness's (`vm::hypercall`: DONE ends the run, REPORT records);
     /// without it every VMCALL returns KVM's "no such hypercall", as third-party guests expect.
     pub test_hypercalls: bool,
+    /// Unassigned guest-physical space reads all ones and drops writes, as on a PC, instead
+    /// of stopping the VM (which the memory core's own tests want: they probe for it).
+    pub unassigned_reads_ones: bool,
 }
 
 impl Default for MachineSpec {
@@ -58,6 +61,7 @@ impl Default for MachineSpec {
             acpi_tables: false,
             rdtscp: false,
             test_hypercalls: true,
+            unassigned_reads_ones: false,
         }
     }
 }
@@ -87,6 +91,8 @@ pub struct VmDevices {
     irq_levels: core::sync::atomic::AtomicU32,
     /// See [`MachineSpec::test_hypercalls`].
     pub(super) test_hypercalls: bool,
+    /// See [`MachineSpec::unassigned_reads_ones`].
+    pub(super) unassigned_reads_ones: bool,
     /// The vCPUs' local APICs.
     pub(super) apics: VmApics,
     /// The test device's MMIO memory and its pgm handler, when the machine has it.
@@ -134,6 +140,7 @@ impl VmDevices {
             pic_changed: AtomicBool::new(false),
             irq_levels: core::sync::atomic::AtomicU32::new(0),
             test_hypercalls: spec.test_hypercalls,
+            unassigned_reads_ones: spec.unassigned_reads_ones,
             apics: VmApics::new(apic_page),
             ioram: ioram.map(|handler| (handler, Mutex::new(testdev::IoRam::default()))),
             line: Mutex::new((Vec::new(), VecDeque::new())),
@@ -399,6 +406,7 @@ impl Vcpu<'_> {
         let asking = AskingVcpu {
             apic_id: self.index,
             cr4,
+            apic_enabled: self.msrs.apic_base & devices::msr::APIC_ENABLED != 0,
         };
         let answer = self
             .memory

@@ -22,6 +22,10 @@ pub(super) enum EmulatedMemory<'a> {
     Mmio(SharedPgm<'a>, MmioTarget),
     /// The manager locked, for accesses that may change it (ROM writes, handlers over RAM).
     Locked(PgmGuard<'a>),
+    /// Unassigned guest-physical space, on a machine where it reads all ones and drops
+    /// writes as on a PC (`MachineSpec::unassigned_reads_ones`); the manager shared, for the
+    /// instruction fetch only.
+    Unassigned(SharedPgm<'a>),
 }
 
 impl Vcpu<'_> {
@@ -53,6 +57,7 @@ impl Vcpu<'_> {
                 fetch_instruction(pgm, &cpu, Some(cache))
             }
             EmulatedMemory::Locked(pgm) => fetch_instruction(pgm, &cpu, None),
+            EmulatedMemory::Unassigned(pgm) => fetch_instruction(pgm, &cpu, None),
         };
         let Some((bytes, walked)) = fetched else {
             return stop(self, StopCause::InstructionFetch, InstructionBytes::default());
@@ -60,9 +65,14 @@ impl Vcpu<'_> {
         self.exits.code_fetches_without_walk += u64::from(!walked);
         // Decoding needs no memory: a locked manager is let go meanwhile, since other vCPUs'
         // exits need it (a shared one holds up only the host's changes).
+        let unassigned = matches!(memory, EmulatedMemory::Unassigned(_));
         let mut shared = match memory {
             EmulatedMemory::Mmio(pgm, target) => Some((pgm, target)),
             EmulatedMemory::Locked(pgm) => {
+                drop(pgm);
+                None
+            }
+            EmulatedMemory::Unassigned(pgm) => {
                 drop(pgm);
                 None
             }
@@ -76,6 +86,7 @@ impl Vcpu<'_> {
         let mut locked = None;
         let (memory, gpa) = match &mut shared {
             Some((pgm, target)) => (MachineMemory::Mmio(pgm, *target), pgm.a20_apply(gpa)),
+            None if unassigned => (MachineMemory::Unassigned, gpa),
             None => {
                 let pgm = locked.insert(self.memory.lock());
                 let gpa = pgm.a20_apply(gpa);
@@ -184,6 +195,8 @@ impl From<CpuState> for GuestCpu {
 enum MachineMemory<'v> {
     Mmio(&'v KernelPgm, MmioTarget),
     Locked(&'v mut KernelPgm),
+    /// Nothing there: reads are all ones, writes go nowhere.
+    Unassigned,
 }
 
 /// The vCPU and guest memory of one VM as the instruction emulator sees them: registers from
@@ -270,6 +283,10 @@ impl<H: AccessHandlers> Machine for VcpuMachine<'_, '_, H> {
         match &mut self.memory {
             MachineMemory::Mmio(pgm, target) => pgm.read_mmio(*target, gpa, data, devices),
             MachineMemory::Locked(pgm) => pgm.read_phys_handled(gpa, data, devices),
+            MachineMemory::Unassigned => {
+                data.fill(0xFF);
+                Ok(())
+            }
         }
         .map_err(memory_fault)
     }
@@ -281,6 +298,7 @@ impl<H: AccessHandlers> Machine for VcpuMachine<'_, '_, H> {
                 .write_mmio(*target, gpa, data, devices)
                 .map(|()| Invalidation::None),
             MachineMemory::Locked(pgm) => pgm.write_phys_handled(gpa, data, devices),
+            MachineMemory::Unassigned => Ok(Invalidation::None),
         }
         .map_err(memory_fault)?;
         self.invalidation = self.invalidation.max(invalidation);

@@ -740,6 +740,14 @@ impl<'a> Vcpu<'a> {
                 };
                 invalidation
             }
+            FaultOutcome::NotGuestMemory if self.memory.devices.unassigned_reads_ones => {
+                if let Some(cause) = emulation_refused(access, page_walk) {
+                    return stop(self, cause);
+                }
+                let memory = Arc::clone(&self.memory);
+                let shared = memory.shared(self.cpu.host_cpu());
+                return self.emulate_access(EmulatedMemory::Unassigned(shared), gpa, devices);
+            }
             FaultOutcome::NotGuestMemory => return stop(self, StopCause::NotGuestMemory),
             FaultOutcome::OutOfMemory => return stop(self, StopCause::OutOfMemory),
             FaultOutcome::Ballooned => return stop(self, StopCause::BalloonedPage),
