@@ -342,6 +342,11 @@ impl LocalApic {
         Some(vector)
     }
 
+    /// True when an NMI waits for the vCPU.
+    pub fn nmi_pending(&self) -> bool {
+        self.nmi_pending
+    }
+
     /// Takes a pending NMI.
     pub fn take_nmi(&mut self) -> bool {
         core::mem::take(&mut self.nmi_pending)

@@ -284,10 +284,21 @@ impl Vcpu<'_> {
             self.apic_changed = true;
             return Ok(Delivery::Nothing);
         }
-        if self.cpu.nmi_allowed() && apics.with(self.index, LocalApic::take_nmi) == Some(true) {
+        let nmi_waiting = apics.with(self.index, |apic| apic.nmi_pending()).unwrap_or(false);
+        if nmi_waiting && self.cpu.nmi_allowed() {
+            apics.with(self.index, LocalApic::take_nmi);
+            self.cpu
+                .set_nmi_window_exiting(false)
+                .map_err(|_| VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit)))?;
             self.inject_or_fail(Event::Nmi)?;
             self.apic_changed = true;
             return Ok(Delivery::Injected);
+        }
+        if nmi_waiting {
+            // Blocked by the NMI handler still running: the window says when it returned.
+            self.cpu
+                .set_nmi_window_exiting(true)
+                .map_err(|_| VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit)))?;
         }
         let interruptible = self.cpu.interruptible();
         let vector = apics

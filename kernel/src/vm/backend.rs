@@ -86,8 +86,8 @@ pub enum VmExit {
     Absorbed,
     /// HLT.
     Hlt,
-    /// The guest can take an interrupt now (asked for with
-    /// [`VirtualCpu::set_interrupt_window_exiting`]).
+    /// The guest can take an interrupt (or an NMI) now (asked for with
+    /// [`VirtualCpu::set_interrupt_window_exiting`] or [`VirtualCpu::set_nmi_window_exiting`]).
     InterruptWindow,
     /// The run's time is up (the backend's timer fired).
     Preemption,
@@ -280,6 +280,10 @@ pub trait VirtualCpu {
     /// Puts the vCPU where a startup message (SIPI) after INIT leaves a CPU: real mode, CS
     /// selector `page << 8` (base `page << 12`), IP 0, the general-purpose registers cleared.
     fn start_at_page(&mut self, page: u8) -> Result<(), BackendError>;
+
+    /// Asks for (or stops asking for) [`VmExit::InterruptWindow`] as soon as the guest can take
+    /// an NMI (where the backend can tell; elsewhere the next exit looks again).
+    fn set_nmi_window_exiting(&mut self, on: bool) -> Result<(), BackendError>;
 
     /// Asks for (or stops asking for) [`VmExit::InterruptWindow`] as soon as the guest can take
     /// an interrupt.

@@ -7,6 +7,7 @@ pub mod exit_reason {
     pub const EXTERNAL_INTERRUPT: u32 = 1;
     pub const TRIPLE_FAULT: u32 = 2;
     pub const INTERRUPT_WINDOW: u32 = 7;
+    pub const NMI_WINDOW: u32 = 8;
     pub const CPUID: u32 = 10;
     pub const HLT: u32 = 12;
     pub const INVD: u32 = 13;
@@ -69,6 +70,7 @@ pub fn exit_name(reason: u32) -> &'static str {
         exit_reason::EXTERNAL_INTERRUPT => "external interrupt",
         exit_reason::TRIPLE_FAULT => "triple fault",
         exit_reason::INTERRUPT_WINDOW => "interrupt window",
+        exit_reason::NMI_WINDOW => "NMI window",
         9 => "task switch",
         exit_reason::CPUID => "CPUID",
         exit_reason::HLT => "HLT",

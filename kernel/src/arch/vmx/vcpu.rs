@@ -179,6 +179,10 @@ pub struct VmxVcpu<'a> {
     pml_on: bool,
     /// Interrupt-window exiting is on.
     window_exiting: bool,
+    /// NMI-window exiting is on.
+    nmi_window_exiting: bool,
+    /// The CPU has virtual NMIs and NMI-window exiting (in use when it has).
+    nmi_window_available: bool,
     /// The VM-entry controls name IA-32e mode (kept equal to the guest's EFER.LMA by the CR0
     /// writes that change it: CR0.PG is the host's).
     ia32e_entry: Cell<bool>,
@@ -219,6 +223,8 @@ impl<'a> VmxVcpu<'a> {
             pml_buffer: None,
             pml_on: false,
             window_exiting: false,
+            nmi_window_exiting: false,
+            nmi_window_available: false,
             ia32e_entry: Cell::new(false),
             event_queued: Cell::new(false),
             msr_area,
@@ -249,11 +255,23 @@ impl<'a> VmxVcpu<'a> {
                 .map(u64::from)
                 .map_err(|missing| VmxError::Control { which, missing })
         };
+        // Virtual NMIs: an NMI injected into the guest blocks the guest's NMIs until its IRET
+        // (without them IRET unblocks nothing while NMI exiting is on, and a second NMI would
+        // wait for ever), and NMI-window exiting tells when the next one may go in.
+        let virtual_nmis = if caps.pin.allows(PinbasedControls::VIRTUAL_NMIS.bits())
+            && caps.primary.allows(PrimaryControls::NMI_WINDOW_EXITING.bits())
+        {
+            PinbasedControls::VIRTUAL_NMIS
+        } else {
+            PinbasedControls::empty()
+        };
+        self.nmi_window_available = !virtual_nmis.is_empty();
         let pin = adjust(
             "pin-based",
             &caps.pin,
             (PinbasedControls::EXTERNAL_INTERRUPT_EXITING
                 | PinbasedControls::NMI_EXITING
+                | virtual_nmis
                 | PinbasedControls::VMX_PREEMPTION_TIMER)
                 .bits(),
         )?;
@@ -455,6 +473,21 @@ impl<'a> VmxVcpu<'a> {
         Ok(())
     }
 
+    /// The primary controls with the interrupt and NMI windows as asked.
+    fn write_window_controls(&self) -> Result<(), BackendError> {
+        let mut controls = self.primary_controls;
+        if self.window_exiting {
+            controls |= u64::from(PrimaryControls::INTERRUPT_WINDOW_EXITING.bits());
+        }
+        if self.nmi_window_exiting {
+            controls |= u64::from(PrimaryControls::NMI_WINDOW_EXITING.bits());
+        }
+        Ok(self
+            .vmcs
+            .current()?
+            .write(PRIMARY_PROCBASED_EXEC_CONTROLS, controls)?)
+    }
+
     /// Lists the swapped MSRs (all 0, their reset value) in the MSR area and points the
     /// VM-entry load and VM-exit store lists at it.
     fn set_up_msr_area(&mut self) -> Result<(), VmxError> {
@@ -547,6 +580,7 @@ impl<'a> VmxVcpu<'a> {
                 | exit_reason::MONITOR
                 | exit_reason::MWAIT
                 | exit_reason::INTERRUPT_WINDOW
+                | exit_reason::NMI_WINDOW
         );
         if !instruction_exit {
             self.requeue_interrupted_event(vmcs);
@@ -595,7 +629,7 @@ impl<'a> VmxVcpu<'a> {
             },
             exit_reason::VMCALL => VmExit::Hypercall,
             exit_reason::HLT => VmExit::Hlt,
-            exit_reason::INTERRUPT_WINDOW => VmExit::InterruptWindow,
+            exit_reason::INTERRUPT_WINDOW | exit_reason::NMI_WINDOW => VmExit::InterruptWindow,
             exit_reason::PREEMPTION_TIMER => VmExit::Preemption,
             exit_reason::EXTERNAL_INTERRUPT => VmExit::ExternalInterrupt,
             exit_reason::EXCEPTION_OR_NMI => self.decode_exception_or_nmi(vmcs),
@@ -977,17 +1011,17 @@ impl VirtualCpu for VmxVcpu<'_> {
         if on == self.window_exiting {
             return Ok(());
         }
-        let window = u64::from(PrimaryControls::INTERRUPT_WINDOW_EXITING.bits());
-        let controls = if on {
-            self.primary_controls | window
-        } else {
-            self.primary_controls
-        };
-        self.vmcs
-            .current()?
-            .write(PRIMARY_PROCBASED_EXEC_CONTROLS, controls)?;
         self.window_exiting = on;
-        Ok(())
+        self.write_window_controls()
+    }
+
+    fn set_nmi_window_exiting(&mut self, on: bool) -> Result<(), BackendError> {
+        let on = on && self.nmi_window_available;
+        if on == self.nmi_window_exiting {
+            return Ok(());
+        }
+        self.nmi_window_exiting = on;
+        self.write_window_controls()
     }
 
     fn tsc_offset(&self) -> u64 {
