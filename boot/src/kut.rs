@@ -163,6 +163,11 @@ pub fn build_dir() -> PathBuf {
     target_dir().join("kvm-unit-tests")
 }
 
+/// True when setup built kvm-unit-tests (it could not without the tarball or a network).
+pub fn is_built() -> bool {
+    build_dir().join("x86/unittests.cfg").is_file()
+}
+
 /// A result line, as printed.
 pub struct Verdict {
     /// PASS, FAIL or SKIP.
