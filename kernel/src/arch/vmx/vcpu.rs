@@ -48,6 +48,8 @@ const CR0_ET_NE: u64 = (1 << 4) | (1 << 5);
 const CR0_PG: u64 = 1 << 31;
 const CR4_VMXE: u64 = 1 << 13;
 const CR4_PAE: u64 = 1 << 5;
+/// CR4.PCIDE.
+const CR4_PCIDE: u64 = 1 << 17;
 /// IA32_EFER: long mode enabled and active.
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
@@ -689,7 +691,7 @@ impl<'a> VmxVcpu<'a> {
     }
 
     /// MOV to CR0 of `value`: refused (#GP) as the CPU refuses it (high bits, PG without PE,
-    /// NW without CD, paging in long mode without PAE); else the guest's value goes to the read
+    /// NW without CD, paging in long mode without PAE, paging off with PCIDs on); else the guest's value goes to the read
     /// shadow and CR0 gets it with the host's bits, and EFER.LMA follows CR0.PG and EFER.LME.
     fn write_cr0(&self, vmcs: &CurrentVmcs<'_>, value: u64) -> Result<(), Refused> {
         const CR0_NW: u64 = 1 << 29;
@@ -703,6 +705,10 @@ impl<'a> VmxVcpu<'a> {
         let efer = vmcs.read(guest::IA32_EFER_FULL);
         let paging_now = vmcs.read(guest::CR0) & CR0_PG != 0;
         let paging_next = value & CR0_PG != 0;
+        // Leaving paging with PCIDs on is #GP (SDM, MOV to CR0), and VM entry would refuse it.
+        if paging_now && !paging_next && vmcs.read(guest::CR4) & CR4_PCIDE != 0 {
+            return Err(Refused);
+        }
         let mut new_efer = efer;
         if paging_next && !paging_now && efer & EFER_LME != 0 {
             if vmcs.read(guest::CR4) & CR4_PAE == 0 {
