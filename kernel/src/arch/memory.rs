@@ -22,6 +22,12 @@ static HEAP: LockedHeap = LockedHeap::empty();
 static FRAMES: Mutex<Option<BitmapFrameAllocator>> = Mutex::new(None);
 
 /// Hands the heap its memory. Call once at boot, before anything allocates.
+/// Bytes of the kernel heap free now (fragmented: the largest block may be smaller).
+#[cfg_attr(feature = "kernel-tests", allow(dead_code))]
+pub fn heap_free() -> usize {
+    HEAP.lock().free()
+}
+
 pub fn init_heap() {
     static mut HEAP_SPACE: [u8; HEAP_SIZE] = [0; HEAP_SIZE];
     // SAFETY: HEAP_SPACE is used by nothing else, and init_heap runs once, before any allocation.
