@@ -173,14 +173,15 @@ fn run_entry(
             }
         }
     }
-    let lines = memory_lines(&bsp);
+    let lines = bsp.devices().recent_console_lines();
     // The audit's bookkeeping lives on the kernel heap, whose exhaustion would stop the host:
     // a VM too large for it goes unaudited, and the result says so.
     let pages = bsp.stats().ram_pages;
     let audit_needs = usize::try_from(pages)
         .unwrap_or(usize::MAX)
         .saturating_mul(AUDIT_BYTES_PER_PAGE);
-    let unaudited = memory::heap_free() < audit_needs.saturating_add(AUDIT_HEAP_RESERVE);
+    let heap_free = memory::heap_free();
+    let unaudited = heap_free < audit_needs.saturating_add(AUDIT_HEAP_RESERVE);
     if !unaudited {
         let report = bsp.pgm().audit(is_allocated);
         if !report.is_clean() {
@@ -191,8 +192,7 @@ fn run_entry(
     let (verdict, mut detail) = judge(stop, &lines);
     if unaudited {
         detail.push_str(&format!(
-            " [EPT audit skipped: {pages} pages need more than the kernel heap's {} free bytes]",
-            memory::heap_free()
+            " [EPT audit skipped: {pages} pages need more than the kernel heap's {heap_free} free bytes]"
         ));
     }
     Ok((verdict, detail))
@@ -208,11 +208,6 @@ fn pc_ram(bytes: u64) -> Vec<(u64, u64)> {
         ram.push((0x1_0000_0000, bytes - LOW_END));
     }
     ram
-}
-
-/// The last console lines of the VM, for the result's detail.
-fn memory_lines(vcpu: &Vcpu<'_>) -> Vec<String> {
-    vcpu.devices().recent_console_lines()
 }
 
 /// PASS, FAIL or SKIP for how the VM ended, with the SUMMARY line or the last line printed

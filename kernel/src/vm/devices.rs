@@ -632,7 +632,6 @@ impl Vcpu<'_> {
     }
 
     /// The VM's devices.
-    #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
     pub fn devices(&self) -> &VmDevices {
         &self.memory.devices
     }
