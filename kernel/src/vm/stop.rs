@@ -42,7 +42,7 @@ pub enum StopCause {
     TimeBudget,
     /// The host's deadline for the work in progress passed ([`budget::set_host_deadline`]).
     HostDeadline,
-    /// The vCPU was asked to run on a CPU other than the one its VMCS lives on.
+    /// The vCPU was asked to run on a CPU other than the one its backend state lives on.
     WrongCpu,
     /// Another vCPU of the VM stopped it (its own diagnostic says why).
     VmStopped,

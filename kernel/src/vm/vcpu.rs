@@ -1,4 +1,5 @@
-//! One vCPU: its VMCS, registers and the loop that enters the guest and handles its exits.
+//! One vCPU: its backend (registers, entry, exit decoding), the loop that enters the guest and
+//! handles its exits through the backend-neutral `VmExit`, and what the vCPU keeps between runs.
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
