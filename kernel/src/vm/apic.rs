@@ -335,7 +335,9 @@ impl Vcpu<'_> {
             .map_err(|_| VmStop::Stopped(self.diagnostic(StopCause::EntryFailed)))
     }
 
-    fn inject_or_fail(&mut self, event: Event) -> Result<(), VmStop> {
+    /// Injects `event` at the next entry with the interrupt window closed (it is what the
+    /// window waited for); a backend failure stops the VM.
+    pub(super) fn inject_or_fail(&mut self, event: Event) -> Result<(), VmStop> {
         self.exits.injected += 1;
         self.cpu
             .set_interrupt_window_exiting(false)

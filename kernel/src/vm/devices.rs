@@ -514,19 +514,14 @@ impl Vcpu<'_> {
 
     /// The PIC's part of [`deliver`](Self::deliver).
     fn deliver_pic(&mut self) -> Result<Delivery, VmStop> {
-        let memory = alloc::sync::Arc::clone(&self.memory);
         if self.cpu.event_pending() {
             return Ok(Delivery::Nothing);
         }
         let can_take = self.cpu.interruptible();
-        match (memory.devices.pic_vector(ticks(), can_take), can_take) {
+        match (self.memory.devices.pic_vector(ticks(), can_take), can_take) {
             (None, _) => Ok(Delivery::Nothing),
             (Some(vector), true) => {
-                self.exits.injected += 1;
-                self.cpu
-                    .set_interrupt_window_exiting(false)
-                    .and_then(|()| self.cpu.inject(Event::Interrupt(vector)))
-                    .map_err(|_| VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit)))?;
+                self.inject_or_fail(Event::Interrupt(vector))?;
                 Ok(Delivery::Injected)
             }
             (Some(_), false) => Ok(Delivery::Waiting),

@@ -29,6 +29,38 @@ pub struct GuestRegisters {
 
 const _: () = assert!(core::mem::size_of::<GuestRegisters>() == 15 * 8);
 
+impl GuestRegisters {
+    /// The register numbered `index` as instruction encodings number them (0 = RAX, 1 = RCX,
+    /// 2 = RDX, 3 = RBX, 5 = RBP … 15 = R15); `None` for 4 (RSP, which the VMCS holds) and past
+    /// 15.
+    pub fn by_number_mut(&mut self, index: u8) -> Option<&mut u64> {
+        Some(match index {
+            0 => &mut self.rax,
+            1 => &mut self.rcx,
+            2 => &mut self.rdx,
+            3 => &mut self.rbx,
+            5 => &mut self.rbp,
+            6 => &mut self.rsi,
+            7 => &mut self.rdi,
+            8 => &mut self.r8,
+            9 => &mut self.r9,
+            10 => &mut self.r10,
+            11 => &mut self.r11,
+            12 => &mut self.r12,
+            13 => &mut self.r13,
+            14 => &mut self.r14,
+            15 => &mut self.r15,
+            _ => return None,
+        })
+    }
+
+    /// The value of register `index` (see [`by_number_mut`](Self::by_number_mut)).
+    pub fn by_number(&self, index: u8) -> Option<u64> {
+        let mut copy = *self;
+        copy.by_number_mut(index).map(|value| *value)
+    }
+}
+
 // vmx_enter(regs: *mut GuestRegisters /* rdi */, launched: u64 /* rsi */) -> u64
 //   Saves the host's callee-saved registers, stores RSP as the VMCS host RSP, loads the guest's
 //   registers and enters the guest. Returns 0 through vmx_exit after a VM exit, or 1 when

@@ -101,50 +101,6 @@ const CR4_REFUSED: u64 = CR4_VMXE | (1 << 14) | (1 << 18);
 /// A write the CPU would refuse with #GP.
 struct Refused;
 
-/// The slot of general-purpose register `index` (0 = RAX … 15 = R15) but RSP, which the VMCS
-/// holds.
-fn register_slot(regs: &GuestRegisters, index: u8) -> Option<&u64> {
-    Some(match index {
-        0 => &regs.rax,
-        1 => &regs.rcx,
-        2 => &regs.rdx,
-        3 => &regs.rbx,
-        5 => &regs.rbp,
-        6 => &regs.rsi,
-        7 => &regs.rdi,
-        8 => &regs.r8,
-        9 => &regs.r9,
-        10 => &regs.r10,
-        11 => &regs.r11,
-        12 => &regs.r12,
-        13 => &regs.r13,
-        14 => &regs.r14,
-        15 => &regs.r15,
-        _ => return None,
-    })
-}
-
-fn register_slot_mut(regs: &mut GuestRegisters, index: u8) -> Option<&mut u64> {
-    Some(match index {
-        0 => &mut regs.rax,
-        1 => &mut regs.rcx,
-        2 => &mut regs.rdx,
-        3 => &mut regs.rbx,
-        5 => &mut regs.rbp,
-        6 => &mut regs.rsi,
-        7 => &mut regs.rdi,
-        8 => &mut regs.r8,
-        9 => &mut regs.r9,
-        10 => &mut regs.r10,
-        11 => &mut regs.r11,
-        12 => &mut regs.r12,
-        13 => &mut regs.r13,
-        14 => &mut regs.r14,
-        15 => &mut regs.r15,
-        _ => return None,
-    })
-}
-
 /// True when `address` is canonical for 48-bit linear addresses.
 fn canonical(address: u64) -> bool {
     let top = address >> 47;
@@ -756,7 +712,7 @@ impl<'a> VmxVcpu<'a> {
         if index == 4 {
             return vmcs.read(guest::RSP);
         }
-        register_slot(&self.regs, index).map_or(0, |value| *value)
+        self.regs.by_number(index).unwrap_or(0)
     }
 
     fn skip_in(&self, vmcs: &CurrentVmcs<'_>) -> Result<(), VmxError> {
@@ -938,7 +894,7 @@ impl VirtualCpu for VmxVcpu<'_> {
         if index == 4 {
             return self.set_rsp(value);
         }
-        if let Some(slot) = register_slot_mut(&mut self.regs, index) {
+        if let Some(slot) = self.regs.by_number_mut(index) {
             *slot = value;
         }
         Ok(())
