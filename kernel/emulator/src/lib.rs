@@ -1,14 +1,18 @@
-//! Instruction emulation for guest accesses the EPT cannot simply map: MMIO and access-handler
-//! pages, ROM writes that are ignored or go to the shadow. The vCPU loop decodes the faulting
-//! instruction with iced-x86, and [`execute`] performs its one memory access through a
-//! [`Machine`] (which routes it to `pgm` and the device handlers), updates registers and flags
-//! as the CPU would, and says where the guest continues.
+//! Instruction emulation for guest accesses the nested paging cannot simply map: MMIO and
+//! access-handler pages, ROM writes that are ignored or go to the shadow, and the string port
+//! I/O instructions. The vCPU loop decodes the instruction with iced-x86, and [`execute`]
+//! carries it out through a [`Machine`] (which translates guest-linear addresses and routes
+//! each access to `pgm` and the device handlers), updates registers and flags as the CPU
+//! would, and says where the guest continues.
 //!
-//! Supported: MOV loads and stores of 1/2/4/8 bytes (register and immediate forms),
-//! MOVZX, MOVSX, MOVSXD, OR/AND/XOR in both directions (memory destination is a
-//! read-modify-write), and STOS with or without REP (one element per exit, as the CPU would
-//! restart it). Anything else is [`EmulationError::Unsupported`]: the VM stops, the host does
-//! not.
+//! Supported (see [`execute`] for the list): the data moves, the ALU group, INC/DEC/NEG/NOT,
+//! XCHG, XADD, CMPXCHG, the bit tests and scans, SHLD/SHRD, the multiplies and divides,
+//! CMOVcc and SETcc, PUSH/POP/CALL/RET/ENTER/LEAVE/JMP through memory, the string
+//! instructions with their REP prefixes (one element per call, as the CPU restarts them),
+//! INS/OUTS, SMSW, LTR, segment-register loads and stores, far JMP through memory, and the
+//! SSE/MMX register moves. Anything else is [`EmulationError::Unsupported`]: the VM stops, the
+//! host does not. What the CPU would fault on ([`EmulationError::Exception`], a page fault in
+//! [`MemoryFault::PageFault`]) is the guest's to take.
 //!
 //! The crate is `no_std` and has no unsafe code, so it builds into the bare-metal kernel and is
 //! tested on the host: unit tests per form, a differential test against the host CPU
@@ -17,52 +21,88 @@
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
+mod exec;
+mod flags;
+mod system;
+
 use iced_x86::{Decoder, DecoderOptions, Mnemonic};
-pub use iced_x86::{Instruction, OpKind, Register};
-use pgm::GuestPhysAddr;
+pub use iced_x86::{FlowControl, Instruction, OpKind, Register};
 
-/// RFLAGS bits the emulated instructions read or change.
-pub mod rflags {
-    /// Carry.
-    pub const CF: u64 = 1 << 0;
-    /// Parity (of the low byte).
-    pub const PF: u64 = 1 << 2;
-    /// Auxiliary carry.
-    pub const AF: u64 = 1 << 4;
-    /// Zero.
-    pub const ZF: u64 = 1 << 6;
-    /// Sign.
-    pub const SF: u64 = 1 << 7;
-    /// Direction (string instructions step down when set).
-    pub const DF: u64 = 1 << 10;
-    /// Overflow.
-    pub const OF: u64 = 1 << 11;
-}
-use rflags::{AF, CF, DF, OF, PF, SF, ZF};
+pub use flags::rflags;
+pub use system::{SegmentRegister, SegmentState};
 
-/// The vCPU and guest memory as the emulator sees them.
+/// The vCPU and guest memory as the emulator sees them. Memory is addressed by guest-linear
+/// address (segment base included): the machine translates through the guest's paging and
+/// reports what the guest's MMU would fault on. The optional parts say `None`/`false` when the
+/// machine does not offer them, and the instructions that need them are then unsupported.
 pub trait Machine {
     /// The 64-bit general-purpose register `full` (RAX ... R15, RSP).
     fn gpr(&mut self, full: Register) -> u64;
+    /// Sets the 64-bit general-purpose register `full` (RSP included).
+    fn set_gpr(&mut self, full: Register, value: u64);
     /// The base address of segment register `segment` (0 for ES, CS, SS and DS in 64-bit code).
     fn segment_base(&mut self, segment: Register) -> u64;
-    /// Sets the 64-bit general-purpose register `full`.
-    fn set_gpr(&mut self, full: Register, value: u64);
-    /// Reads guest memory (devices included) at `gpa` into `data`.
-    fn read(&mut self, gpa: GuestPhysAddr, data: &mut [u8]) -> Result<(), MemoryFault>;
-    /// Writes `data` to guest memory (devices included) at `gpa`.
-    fn write(&mut self, gpa: GuestPhysAddr, data: &[u8]) -> Result<(), MemoryFault>;
+    /// Reads guest memory (devices included) at the guest-linear address `linear` into
+    /// `data`. An access that spans two pages is translated in full before either is touched.
+    fn read(&mut self, linear: u64, data: &mut [u8]) -> Result<(), MemoryFault>;
+    /// Writes `data` to guest memory (devices included) at the guest-linear address `linear`,
+    /// translated in full first as [`read`](Self::read) is.
+    fn write(&mut self, linear: u64, data: &[u8]) -> Result<(), MemoryFault>;
+    /// Reads `data.len()` (1, 2 or 4) bytes from I/O port `port` (INS).
+    fn port_read(&mut self, _port: u16, _data: &mut [u8]) -> Result<(), EmulationError> {
+        Err(EmulationError::Unsupported)
+    }
+    /// Writes `data` to I/O port `port` (OUTS).
+    fn port_write(&mut self, _port: u16, _data: &[u8]) -> Result<(), EmulationError> {
+        Err(EmulationError::Unsupported)
+    }
+    /// CR0 as the guest reads it (SMSW).
+    fn cr0(&mut self) -> Option<u64> {
+        None
+    }
+    /// The 128-bit value of XMM register `reg`, or the 64-bit value of MMX register `reg`.
+    fn vector(&mut self, _reg: Register) -> Option<u128> {
+        None
+    }
+    /// Sets XMM register `reg` (all 128 bits) or MMX register `reg` (the low 64); false when
+    /// not offered.
+    fn set_vector(&mut self, _reg: Register, _value: u128) -> bool {
+        false
+    }
+    /// The state of segment register `segment`.
+    fn segment(&mut self, _segment: SegmentRegister) -> Option<SegmentState> {
+        None
+    }
+    /// Loads segment register `segment`; false when not offered.
+    fn set_segment(&mut self, _segment: SegmentRegister, _state: SegmentState) -> bool {
+        false
+    }
+    /// The GDTR: base and limit.
+    fn gdt(&mut self) -> Option<(u64, u16)> {
+        None
+    }
 }
 
-/// A memory access of an emulated instruction that failed; the VM stops with this cause.
+/// A memory access of an emulated instruction that failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MemoryFault {
-    /// The access left guest memory.
+    /// The access left guest memory; the VM stops.
     NotGuestMemory,
-    /// A page needed a frame and none could be had.
+    /// A page needed a frame and none could be had; the VM stops.
     OutOfMemory,
-    /// The access reached a page the guest gave to the balloon.
+    /// The access reached a page the guest gave to the balloon; the VM stops.
     Ballooned,
+    /// The guest's paging does not map the address: the guest takes #PF with this address
+    /// (CR2) and error code.
+    PageFault {
+        /// The guest-linear address that faulted.
+        linear: u64,
+        /// The #PF error code (present, write, user bits).
+        error_code: u32,
+    },
+    /// The machine cannot reach this address in its present state (it holds only the page
+    /// the exit named); nothing was accessed, and the caller may emulate again with more.
+    Retry,
 }
 
 /// Why an instruction was not emulated.
@@ -70,8 +110,15 @@ pub enum MemoryFault {
 pub enum EmulationError {
     /// The instruction (or this form of it) is not supported.
     Unsupported,
-    /// Its memory access failed.
+    /// A memory access failed.
     Memory(MemoryFault),
+    /// The CPU would raise this exception: the guest takes it at the instruction.
+    Exception {
+        /// The vector (#DE 0, #UD 6, #SS 12, #GP 13, ...).
+        vector: u8,
+        /// The error code, for the vectors that push one.
+        error_code: Option<u32>,
+    },
 }
 
 impl From<MemoryFault> for EmulationError {
@@ -87,6 +134,38 @@ pub struct Outcome {
     pub rip: u64,
     /// The guest's RFLAGS afterwards.
     pub rflags: u64,
+}
+
+/// Emulates `instruction` (decoded at the guest's RIP) on `machine`. `rflags` is the guest's
+/// RFLAGS before. Returns the new RIP and RFLAGS; register, segment and vector-register
+/// writes are made only when the whole instruction succeeded (memory written before a later
+/// step failed stays written, as on the CPU).
+pub fn execute(
+    instruction: &Instruction,
+    rflags: u64,
+    machine: &mut impl Machine,
+) -> Result<Outcome, EmulationError> {
+    exec::execute(instruction, rflags, machine)
+}
+
+/// True when the only memory `instruction` touches is its one memory operand (read, written or
+/// both; STOS, LODS and SCAS count): no stack, no second string operand, no bit string beyond the operand, no
+/// descriptor table. Such an instruction faulting on a device page can be emulated holding
+/// just that page; anything else may reach other memory.
+pub fn touches_only_its_operand(instruction: &Instruction) -> bool {
+    let memory_operands = (0..instruction.op_count())
+        .filter(|&op| exec::is_memory(instruction.op_kind(op)))
+        .count();
+    let bit_string = matches!(
+        instruction.mnemonic(),
+        Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc
+    ) && instruction.op1_kind() == OpKind::Register;
+    let system = matches!(
+        instruction.mnemonic(),
+        Mnemonic::Ltr | Mnemonic::Jmp | Mnemonic::Call
+    ) || instruction.op0_kind() == OpKind::Register
+        && instruction.op0_register().is_segment_register();
+    memory_operands == 1 && !bit_string && !system && instruction.stack_pointer_increment() == 0
 }
 
 /// Builds iced-x86's decoder tables (built lazily on first use, a few million ticks) at boot, so
@@ -162,272 +241,4 @@ impl DecodeCache {
         });
         Some((instruction, false))
     }
-}
-
-/// Emulates `instruction`, whose memory operand is at `gpa` (from the EPT violation), on
-/// `machine`. `rflags` is the guest's RFLAGS before. Returns the new RIP and RFLAGS; on error
-/// nothing was written back to registers (a device may have seen a read).
-///
-/// An operand that crosses a page boundary is [`EmulationError::Unsupported`]: its two halves
-/// may lie on unrelated guest-physical pages, and the exit names only the one that faulted.
-pub fn execute(
-    instruction: &Instruction,
-    gpa: GuestPhysAddr,
-    rflags: u64,
-    machine: &mut impl Machine,
-) -> Result<Outcome, EmulationError> {
-    let size = instruction.memory_size().size();
-    let linear = operand_linear_address(instruction, machine).ok_or(EmulationError::Unsupported)?;
-    let offset = linear % pgm::PAGE_SIZE;
-    // The faulting byte must be the operand's first (else the operand crossed into this page).
-    let starts_here = offset == gpa.page_offset();
-    if !matches!(size, 1 | 2 | 4 | 8) || !starts_here || offset as usize + size > pgm::PAGE_SIZE as usize {
-        return Err(EmulationError::Unsupported);
-    }
-    let next = Outcome {
-        rip: instruction.next_ip(),
-        rflags,
-    };
-    match instruction.mnemonic() {
-        Mnemonic::Mov => mov(instruction, gpa, size, machine).map(|()| next),
-        Mnemonic::Movzx | Mnemonic::Movsx | Mnemonic::Movsxd => {
-            let destination = gpr_operand(instruction, 0)?;
-            let value = load(machine, gpa, size)?;
-            let signed = instruction.mnemonic() != Mnemonic::Movzx;
-            let value = if signed { sign_extend(value, size) } else { value };
-            set_register(machine, destination, value);
-            Ok(next)
-        }
-        Mnemonic::Or | Mnemonic::And | Mnemonic::Xor => logic(instruction, gpa, size, rflags, machine),
-        Mnemonic::Stosb | Mnemonic::Stosw | Mnemonic::Stosd | Mnemonic::Stosq => {
-            stos(instruction, gpa, size, rflags, machine)
-        }
-        _ => Err(EmulationError::Unsupported),
-    }
-}
-
-/// MOV between memory and a general-purpose register or an immediate.
-fn mov(
-    instruction: &Instruction,
-    gpa: GuestPhysAddr,
-    size: usize,
-    machine: &mut impl Machine,
-) -> Result<(), EmulationError> {
-    if is_memory(instruction.op0_kind()) {
-        let value = source_value(instruction, 1, machine)?;
-        Ok(store(machine, gpa, size, value)?)
-    } else {
-        let destination = gpr_operand(instruction, 0)?;
-        let value = load(machine, gpa, size)?;
-        set_register(machine, destination, value);
-        Ok(())
-    }
-}
-
-/// OR, AND and XOR with memory as destination (read-modify-write) or as source.
-fn logic(
-    instruction: &Instruction,
-    gpa: GuestPhysAddr,
-    size: usize,
-    rflags: u64,
-    machine: &mut impl Machine,
-) -> Result<Outcome, EmulationError> {
-    let memory_is_destination = is_memory(instruction.op0_kind());
-    let other = if memory_is_destination {
-        source_value(instruction, 1, machine)?
-    } else {
-        let destination = gpr_operand(instruction, 0)?;
-        register(machine, destination)
-    };
-    let memory = load(machine, gpa, size)?;
-    let result = match instruction.mnemonic() {
-        Mnemonic::Or => memory | other,
-        Mnemonic::And => memory & other,
-        _ => memory ^ other,
-    } & mask(size);
-    if memory_is_destination {
-        store(machine, gpa, size, result)?;
-    } else {
-        set_register(machine, instruction.op0_register(), result);
-    }
-    Ok(Outcome {
-        rip: instruction.next_ip(),
-        rflags: logic_flags(rflags, result, size),
-    })
-}
-
-/// One element of STOS: store AL/AX/EAX/RAX, step RDI by the direction flag and, under REP,
-/// count RCX down; an unfinished REP resumes at the same instruction (the CPU re-executes it).
-fn stos(
-    instruction: &Instruction,
-    gpa: GuestPhysAddr,
-    size: usize,
-    rflags: u64,
-    machine: &mut impl Machine,
-) -> Result<Outcome, EmulationError> {
-    let address_mask = match instruction.op0_kind() {
-        OpKind::MemoryESDI => mask(2),
-        OpKind::MemoryESEDI => mask(4),
-        _ => mask(8),
-    };
-    let rep = instruction.has_rep_prefix();
-    let count = machine.gpr(Register::RCX) & address_mask;
-    let outcome = |rip| Outcome { rip, rflags };
-    if rep && count == 0 {
-        return Ok(outcome(instruction.next_ip()));
-    }
-    let value = machine.gpr(Register::RAX);
-    store(machine, gpa, size, value)?;
-    let step = if rflags & DF != 0 {
-        (size as u64).wrapping_neg()
-    } else {
-        size as u64
-    };
-    let rdi = machine.gpr(Register::RDI);
-    machine.set_gpr(Register::RDI, merge(rdi, rdi.wrapping_add(step), address_mask));
-    if !rep {
-        return Ok(outcome(instruction.next_ip()));
-    }
-    let rcx = machine.gpr(Register::RCX);
-    machine.set_gpr(Register::RCX, merge(rcx, count - 1, address_mask));
-    let rip = if count == 1 {
-        instruction.next_ip()
-    } else {
-        instruction.ip()
-    };
-    Ok(outcome(rip))
-}
-
-/// The value of operand `operand` (a register or an immediate, sign-extended as the CPU does).
-fn source_value(
-    instruction: &Instruction,
-    operand: u32,
-    machine: &mut impl Machine,
-) -> Result<u64, EmulationError> {
-    match instruction.op_kind(operand) {
-        OpKind::Register => Ok(register(machine, gpr_operand(instruction, operand)?)),
-        OpKind::Immediate8
-        | OpKind::Immediate16
-        | OpKind::Immediate32
-        | OpKind::Immediate64
-        | OpKind::Immediate8to16
-        | OpKind::Immediate8to32
-        | OpKind::Immediate8to64
-        | OpKind::Immediate32to64 => Ok(instruction.immediate(operand)),
-        _ => Err(EmulationError::Unsupported),
-    }
-}
-
-/// Operand `operand` as a general-purpose register; anything else (a segment, control or
-/// vector register) is not emulated.
-fn gpr_operand(instruction: &Instruction, operand: u32) -> Result<Register, EmulationError> {
-    let reg = instruction.op_register(operand);
-    if instruction.op_kind(operand) == OpKind::Register && reg.is_gpr() {
-        Ok(reg)
-    } else {
-        Err(EmulationError::Unsupported)
-    }
-}
-
-/// True for an explicit memory operand (`[base + index * scale + displacement]`).
-fn is_memory(kind: OpKind) -> bool {
-    kind == OpKind::Memory
-}
-
-/// The guest-linear address of the instruction's memory operand (explicit, or the implicit
-/// one of a string instruction), segment base included.
-fn operand_linear_address(instruction: &Instruction, machine: &mut impl Machine) -> Option<u64> {
-    let operand = (0..instruction.op_count()).find(|&operand| {
-        matches!(
-            instruction.op_kind(operand),
-            OpKind::Memory | OpKind::MemoryESDI | OpKind::MemoryESEDI | OpKind::MemoryESRDI
-        )
-    })?;
-    // Only general-purpose registers address memory here: a vector index (VSIB, as gathers
-    // use) makes the form unsupported rather than a question the machine cannot answer.
-    instruction.virtual_address(operand, 0, |reg, _, _| {
-        if reg.is_segment_register() {
-            Some(machine.segment_base(reg))
-        } else if reg.is_gpr() {
-            Some(register(machine, reg))
-        } else {
-            None
-        }
-    })
-}
-
-/// Reads `size` bytes at `gpa` as a little-endian value.
-fn load(machine: &mut impl Machine, gpa: GuestPhysAddr, size: usize) -> Result<u64, MemoryFault> {
-    let mut bytes = [0u8; 8];
-    machine.read(gpa, &mut bytes[..size])?;
-    Ok(u64::from_le_bytes(bytes))
-}
-
-/// Writes the low `size` bytes of `value` at `gpa`.
-fn store(machine: &mut impl Machine, gpa: GuestPhysAddr, size: usize, value: u64) -> Result<(), MemoryFault> {
-    machine.write(gpa, &value.to_le_bytes()[..size])
-}
-
-/// True for AH, CH, DH and BH: bits 15:8 of their full register.
-fn is_high_byte(reg: Register) -> bool {
-    matches!(reg, Register::AH | Register::CH | Register::DH | Register::BH)
-}
-
-/// The value of a general-purpose register of any width.
-fn register(machine: &mut impl Machine, reg: Register) -> u64 {
-    let full = machine.gpr(reg.full_register());
-    if is_high_byte(reg) {
-        (full >> 8) & 0xFF
-    } else {
-        full & mask(reg.size())
-    }
-}
-
-/// Writes a general-purpose register of any width as the CPU does: 8- and 16-bit writes keep
-/// the other bits, 32-bit writes clear bits 63:32.
-fn set_register(machine: &mut impl Machine, reg: Register, value: u64) {
-    let full = reg.full_register();
-    let old = machine.gpr(full);
-    let new = match reg.size() {
-        1 if is_high_byte(reg) => merge(old, value << 8, 0xFF00),
-        4 => value & 0xFFFF_FFFF,
-        size => merge(old, value, mask(size)),
-    };
-    machine.set_gpr(full, new);
-}
-
-/// `old` with the bits under `mask` taken from `new`.
-fn merge(old: u64, new: u64, mask: u64) -> u64 {
-    (old & !mask) | (new & mask)
-}
-
-/// The low `size` bytes.
-fn mask(size: usize) -> u64 {
-    if size >= 8 {
-        u64::MAX
-    } else {
-        (1u64 << (size * 8)) - 1
-    }
-}
-
-/// `value`'s low `size` bytes, sign-extended to 64 bits.
-fn sign_extend(value: u64, size: usize) -> u64 {
-    let shift = 64 - size as u32 * 8;
-    (((value << shift) as i64) >> shift) as u64
-}
-
-/// RFLAGS after OR/AND/XOR: CF and OF clear, SF, ZF and PF from the result, AF (undefined)
-/// cleared.
-fn logic_flags(rflags: u64, result: u64, size: usize) -> u64 {
-    let mut flags = rflags & !(CF | OF | AF | SF | ZF | PF);
-    if result == 0 {
-        flags |= ZF;
-    }
-    if result >> (size * 8 - 1) & 1 != 0 {
-        flags |= SF;
-    }
-    if (result as u8).count_ones().is_multiple_of(2) {
-        flags |= PF;
-    }
-    flags
 }

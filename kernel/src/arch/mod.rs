@@ -12,6 +12,7 @@ pub mod memory;
 pub mod power;
 pub mod serial;
 pub mod smp;
+pub mod vector;
 pub mod vmx;
 
 /// Reads the time-stamp counter (deterministic in Bochs with `clock: sync=none`).

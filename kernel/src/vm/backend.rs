@@ -48,6 +48,9 @@ pub enum VmExit {
         was_readable: bool,
         /// The access was the CPU's own walk of the guest's page tables, not the guest's access.
         page_walk: bool,
+        /// The guest-linear address of the access, when the backend reports it (VMX does for
+        /// an access to a translated address): emulation then needs no guest walk for it.
+        linear: Option<u64>,
         /// The backend's own description of the fault (VMX: the exit qualification), for
         /// logs and backend-specific tests.
         detail: u64,
@@ -137,7 +140,11 @@ pub enum Event {
 pub mod vector {
     /// General protection.
     pub const GP: u8 = 13;
+    /// Page fault.
+    pub const PF: u8 = 14;
 }
+
+pub use emulator::SegmentState;
 
 /// The guest state instruction emulation needs, read once per emulated exit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,6 +182,8 @@ pub enum Segment {
     Fs,
     /// GS.
     Gs,
+    /// The task register.
+    Tr,
 }
 
 /// What the backend knows of the last exit in its own terms, for a stop's diagnostic.
@@ -254,6 +263,21 @@ pub trait VirtualCpu {
 
     /// The base of `segment`.
     fn segment_base(&self, segment: Segment) -> u64;
+
+    /// The whole of `segment`: selector, base, limit and attributes.
+    fn segment(&self, segment: Segment) -> Result<SegmentState, BackendError>;
+
+    /// Loads `segment` (an emulated segment load, LTR or far jump).
+    fn set_segment(&mut self, segment: Segment, state: SegmentState) -> Result<(), BackendError>;
+
+    /// The GDTR: base and limit.
+    fn gdt(&self) -> Result<(u64, u16), BackendError>;
+
+    /// CR0 as the guest reads it: the bits the host owns shown as the guest last wrote them.
+    fn visible_cr0(&self) -> Result<u64, BackendError>;
+
+    /// Sets CR2, for a page fault the exit policy injects.
+    fn set_fault_address(&mut self, linear: u64) -> Result<(), BackendError>;
 
     /// Sets RIP, and RFLAGS when `rflags` is `Some` (after an emulated instruction; most
     /// leave the flags as they were).

@@ -18,6 +18,7 @@ use devices::msr::MsrOutcome;
 use devices::{pic, pit, testdev};
 use devices::{Platform, PortBus, StopRequest};
 use pgm::handlers::HandlerId;
+use pgm::manager::AccessHandlers;
 use pgm::Invalidation;
 use spin::Mutex;
 
@@ -347,54 +348,84 @@ fn merge_in(rax: u64, size: u8, value: u32) -> u64 {
     }
 }
 
+/// The VM's port bus as the accesses of one exit reach it (one IN or OUT, or the elements of
+/// an emulated INS or OUTS): what they asked of the VM is gathered for the end of the exit.
+pub(super) struct Ports<'a> {
+    platform: ExitPlatform<'a>,
+}
+
+impl<'a> Ports<'a> {
+    /// The bus of the VM whose memory is `memory`.
+    pub(super) fn new(memory: &'a VmMemory) -> Ports<'a> {
+        Ports {
+            platform: ExitPlatform {
+                memory,
+                invalidation: Invalidation::None,
+                stop: None,
+                irqs: Vec::new(),
+            },
+        }
+    }
+
+    /// One access of `size` (1, 2 or 4) bytes to `port`: reads when `direction` is in (the
+    /// value returned), else writes `value`. An unclaimed port reads all ones and drops
+    /// writes. Locking: the VM's bus lock, for the access; never call it holding the VM's
+    /// memory lock (port 0x92 takes it).
+    pub(super) fn access(&mut self, port: u16, size: u8, direction: Direction, value: u32) -> u32 {
+        let memory = self.platform.memory;
+        let mut bus = memory.devices.bus.lock();
+        let read = match direction {
+            Direction::In => bus.read(port, size, &mut self.platform),
+            Direction::Out => {
+                bus.write(port, size, value, &mut self.platform);
+                memory.devices.after_write(&mut bus, port);
+                0
+            }
+        };
+        for (line, level) in core::mem::take(&mut self.platform.irqs) {
+            memory.devices.drive_irq(&mut bus, line, level);
+        }
+        read
+    }
+
+    /// What the accesses asked of the VM: an invalidation to carry out, and a stop.
+    pub(super) fn finish(self) -> (Invalidation, Option<VmStop>) {
+        let stop = self.platform.stop.map(|why| match why {
+            StopRequest::TestExit(code) => VmStop::TestExit(code),
+            StopRequest::PowerOff => VmStop::PowerOff,
+            StopRequest::Reset => VmStop::Reset,
+        });
+        (self.platform.invalidation, stop)
+    }
+}
+
 impl Vcpu<'_> {
     /// Port I/O through the VM's port bus. IN and OUT of 1, 2 or 4 bytes go to the device
     /// holding the port (an unclaimed port reads all ones and drops writes); a device's
-    /// request to stop ends the run as that stop. The string forms (INS, OUTS) stop the VM
-    /// with the exit's diagnostic: they are not emulated yet.
-    pub(super) fn handle_port_io(&mut self, io: PortIo) -> Option<VmStop> {
-        if io.string || io.rep {
-            return Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit)));
+    /// request to stop ends the run as that stop. The string forms (INS, OUTS) are emulated,
+    /// one element per exit, their memory reached through pgm and `devices`.
+    pub(super) fn handle_port_io(&mut self, io: PortIo, devices: &mut impl AccessHandlers) -> Option<VmStop> {
+        self.exits.port_io += 1;
+        if io.string {
+            return self.emulate_string_io(devices);
         }
         let memory = alloc::sync::Arc::clone(&self.memory);
-        let mut platform = ExitPlatform {
-            memory: &memory,
-            invalidation: Invalidation::None,
-            stop: None,
-            irqs: Vec::new(),
-        };
-        {
-            let mut bus = memory.devices.bus.lock();
-            match io.direction {
-                Direction::In => {
-                    let value = bus.read(io.port, io.size, &mut platform);
-                    let regs = self.cpu.regs_mut();
-                    regs.rax = merge_in(regs.rax, io.size, value);
-                }
-                Direction::Out => {
-                    let value = self.cpu.regs().rax as u32;
-                    bus.write(io.port, io.size, value, &mut platform);
-                    memory.devices.after_write(&mut bus, io.port);
-                }
-            }
-            for &(line, level) in &platform.irqs {
-                memory.devices.drive_irq(&mut bus, line, level);
-            }
+        let mut ports = Ports::new(&memory);
+        let value = ports.access(io.port, io.size, io.direction, self.cpu.regs().rax as u32);
+        if io.direction == Direction::In {
+            let regs = self.cpu.regs_mut();
+            regs.rax = merge_in(regs.rax, io.size, value);
         }
-        self.exits.port_io += 1;
+        let (invalidation, stop) = ports.finish();
         let done = self
             .cpu
             .skip_instruction()
             .map_err(VmError::from)
-            .and_then(|()| self.invalidate(platform.invalidation));
+            .and_then(|()| self.invalidate(invalidation));
         if done.is_err() {
             return Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit)));
         }
-        platform.stop.map(|why| match why {
-            StopRequest::TestExit(code) => VmStop::TestExit(code),
-            StopRequest::PowerOff => VmStop::PowerOff,
-            StopRequest::Reset => VmStop::Reset,
-        })
+        stop
     }
 
     /// CPUID: the VM's policy over the host's values, for this vCPU's APIC ID and CR4.

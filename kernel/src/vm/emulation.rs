@@ -1,20 +1,30 @@
-//! Instruction emulation for the accesses pgm cannot map (MMIO, handlers, ROM writes): the
-//! faulting instruction is fetched through the guest's paging, decoded and carried out through
-//! pgm and the VM's devices.
+//! Instruction emulation for the accesses pgm cannot map (MMIO, handlers, ROM writes) and for
+//! string port I/O: the instruction is fetched through the guest's paging, decoded, and carried
+//! out through pgm, the VM's devices and its port bus.
+//!
+//! An instruction whose one memory operand lies on the device page the exit named is emulated
+//! holding just that page, on the shared manager (the fast path every MMIO register access
+//! takes). Anything that reaches further (a second operand, the stack, an operand crossing
+//! into another page, a descriptor table) goes through the guest's paging to pgm, locking the
+//! VM's memory for each access.
 
-use pgm::guest_paging::{CodeTranslation, GuestPaging};
+use alloc::sync::Arc;
+
+use pgm::guest_paging::{CodeTranslation, GuestPaging, GuestWalkError};
 use pgm::manager::{AccessHandlers, MmioTarget};
-use pgm::{GuestPhysAddr, Invalidation, PgmError};
+use pgm::{GuestPhysAddr, Invalidation, PgmError, PAGE_SIZE};
 
-use emulator::{EmulationError, Machine, MemoryFault, Register};
+use emulator::{EmulationError, Instruction, Machine, MemoryFault, Register, SegmentRegister, SegmentState};
 
-use super::backend::{CpuState, Segment, VirtualCpu};
-use super::memory::{PgmGuard, SharedPgm};
+use super::backend::{vector, CpuState, Direction, Event, Segment, VirtualCpu};
+use super::devices::Ports;
+use super::memory::{PgmGuard, SharedPgm, VmMemory};
 use super::stop::{InstructionBytes, StopCause, VmStop};
 use super::vcpu::Backend;
 use super::{KernelPgm, Vcpu};
+use crate::arch::vector as vector_registers;
 
-/// The guest memory an emulated access goes through.
+/// The guest memory an emulated access goes through, as the fault's lookup left it.
 pub(super) enum EmulatedMemory<'a> {
     /// The manager shared, and the MMIO page the fault fell on, found once: an MMIO page has
     /// no memory, so nothing the access does changes the manager, and other vCPUs' MMIO
@@ -28,27 +38,40 @@ pub(super) enum EmulatedMemory<'a> {
     Unassigned(SharedPgm<'a>),
 }
 
+/// The page an exit named: its guest-linear address (when the backend reported it) and
+/// guest-physical address.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct FaultPage {
+    linear: Option<u64>,
+    gpa: GuestPhysAddr,
+}
+
+impl FaultPage {
+    /// The page of an access to `gpa` at the guest-linear address `linear`.
+    pub(super) fn new(gpa: GuestPhysAddr, linear: Option<u64>) -> FaultPage {
+        FaultPage {
+            linear: linear.map(|linear| linear & !(PAGE_SIZE - 1)),
+            gpa: gpa.page_base(),
+        }
+    }
+}
+
 impl Vcpu<'_> {
-    /// Emulates the instruction whose access to `gpa` faulted: fetches it through the guest's
-    /// paging, decodes it, performs its access through pgm and `devices`, and writes back
-    /// registers, RFLAGS and RIP. An instruction the emulator does not support stops the VM
-    /// with a diagnostic naming its bytes.
-    /// `memory` is the VM's lock as the fault's lookup took it: kept shared to the end, or, when
-    /// locked, let go for the decode and taken again for the access, and released before the
-    /// flush the access may need.
+    /// Emulates the instruction whose access to `fault` faulted: fetches it through the guest's
+    /// paging, decodes it, performs its accesses through pgm and `devices`, and writes back
+    /// registers, RFLAGS and RIP. What the CPU would fault on is injected; an instruction the
+    /// emulator does not support stops the VM with a diagnostic naming its bytes.
+    /// `memory` is the VM's lock as the fault's lookup took it: kept shared to the end on the
+    /// fast path, else let go after the fetch (each access then locks for itself), and
+    /// released before the flush the accesses may need.
     pub(super) fn emulate_access(
         &mut self,
         memory: EmulatedMemory<'_>,
-        gpa: GuestPhysAddr,
+        fault: FaultPage,
         devices: &mut impl AccessHandlers,
     ) -> Option<VmStop> {
-        let stop = |vcpu: &Self, cause, bytes| {
-            let mut diagnostic = vcpu.diagnostic(cause);
-            diagnostic.instruction = bytes;
-            Some(VmStop::Stopped(diagnostic))
-        };
         let Ok(state) = self.cpu.cpu_state() else {
-            return stop(self, StopCause::UnhandledExit, InstructionBytes::default());
+            return self.stop_emulation(StopCause::UnhandledExit, InstructionBytes::default());
         };
         let cpu = GuestCpu::from(state);
         let fetched = match &memory {
@@ -60,72 +83,170 @@ impl Vcpu<'_> {
             EmulatedMemory::Unassigned(pgm) => fetch_instruction(pgm, &cpu, None),
         };
         let Some((bytes, walked)) = fetched else {
-            return stop(self, StopCause::InstructionFetch, InstructionBytes::default());
+            return self.stop_emulation(StopCause::InstructionFetch, InstructionBytes::default());
         };
         self.exits.code_fetches_without_walk += u64::from(!walked);
-        // Decoding needs no memory: a locked manager is let go meanwhile, since other vCPUs'
-        // exits need it (a shared one holds up only the host's changes).
-        let unassigned = matches!(memory, EmulatedMemory::Unassigned(_));
-        let mut shared = match memory {
-            EmulatedMemory::Mmio(pgm, target) => Some((pgm, target)),
-            EmulatedMemory::Locked(pgm) => {
-                drop(pgm);
-                None
-            }
-            EmulatedMemory::Unassigned(pgm) => {
-                drop(pgm);
-                None
-            }
+        // Decoding needs no memory: a locked manager is let go, since other vCPUs' exits need it
+        // (a shared one holds up only the host's changes).
+        let fast = match memory {
+            EmulatedMemory::Mmio(pgm, target) => Some(FastMemory::Mmio(pgm, target)),
+            EmulatedMemory::Unassigned(_) => Some(FastMemory::Unassigned),
+            EmulatedMemory::Locked(_) => None,
         };
-        let Some((instruction, reused)) = self.decoder.decode(cpu.bitness, bytes.as_slice(), cpu.rip) else {
-            return stop(self, StopCause::UnsupportedInstruction, bytes);
+        let Some(instruction) = self.decode(&cpu, &bytes) else {
+            return self.stop_emulation(StopCause::UnsupportedInstruction, bytes);
         };
-        self.exits.decodes_reused += u64::from(reused);
         let mut used = bytes;
         used.len = instruction.len() as u8;
-        let mut locked = None;
-        let (memory, gpa) = match &mut shared {
-            Some((pgm, target)) => (MachineMemory::Mmio(pgm, *target), pgm.a20_apply(gpa)),
-            None if unassigned => (MachineMemory::Unassigned, gpa),
-            None => {
-                let pgm = locked.insert(self.memory.lock());
-                let gpa = pgm.a20_apply(gpa);
-                (MachineMemory::Locked(pgm), gpa)
+        // The fast path only for an instruction that reaches nothing but its operand; when the
+        // operand turns out to lie elsewhere it is refused before any access, and emulated
+        // again through the guest's paging.
+        let fast = fast.filter(|_| emulator::touches_only_its_operand(&instruction));
+        let result = match fast {
+            Some(fast) => {
+                let result = self.execute(&instruction, &cpu, Some(fault), fast_memory(&fast), devices, None);
+                drop(fast);
+                match result {
+                    (Err(EmulationError::Memory(MemoryFault::Retry)), _) => self.execute(
+                        &instruction,
+                        &cpu,
+                        Some(fault),
+                        MachineMemory::PerAccess,
+                        devices,
+                        None,
+                    ),
+                    result => result,
+                }
             }
+            None => self.execute(
+                &instruction,
+                &cpu,
+                Some(fault),
+                MachineMemory::PerAccess,
+                devices,
+                None,
+            ),
         };
+        self.finish_emulation(result, &cpu, used)
+    }
+
+    /// Emulates the string port I/O instruction (INS or OUTS) at RIP: one element, its memory
+    /// operand reached through the guest's paging, pgm and `devices`.
+    pub(super) fn emulate_string_io(&mut self, devices: &mut impl AccessHandlers) -> Option<VmStop> {
+        let Ok(state) = self.cpu.cpu_state() else {
+            return self.stop_emulation(StopCause::UnhandledExit, InstructionBytes::default());
+        };
+        let cpu = GuestCpu::from(state);
+        let memory = Arc::clone(&self.memory);
+        let fetched = fetch_instruction(&memory.shared(self.cpu.host_cpu()), &cpu, None);
+        let Some((bytes, _)) = fetched else {
+            return self.stop_emulation(StopCause::InstructionFetch, InstructionBytes::default());
+        };
+        let Some(instruction) = self.decode(&cpu, &bytes) else {
+            return self.stop_emulation(StopCause::UnsupportedInstruction, bytes);
+        };
+        let mut used = bytes;
+        used.len = instruction.len() as u8;
+        let mut ports = Ports::new(&memory);
+        let result = self.execute(
+            &instruction,
+            &cpu,
+            None,
+            MachineMemory::PerAccess,
+            devices,
+            Some(&mut ports),
+        );
+        let (invalidation, stop) = ports.finish();
+        if let Some(stop) = self.finish_emulation((result.0, result.1.max(invalidation)), &cpu, used) {
+            return Some(stop);
+        }
+        stop
+    }
+
+    /// Decodes `bytes` as the instruction at the guest's RIP, through the vCPU's decode cache.
+    fn decode(&mut self, cpu: &GuestCpu, bytes: &InstructionBytes) -> Option<Instruction> {
+        let (instruction, reused) = self.decoder.decode(cpu.bitness, bytes.as_slice(), cpu.rip)?;
+        self.exits.decodes_reused += u64::from(reused);
+        Some(instruction)
+    }
+
+    /// Runs the emulator over `memory`; returns its result and the invalidation its writes
+    /// need (not yet carried out: the caller has let every lock go first).
+    fn execute<H: AccessHandlers>(
+        &mut self,
+        instruction: &Instruction,
+        cpu: &GuestCpu,
+        fault: Option<FaultPage>,
+        memory: MachineMemory<'_>,
+        devices: &mut H,
+        ports: Option<&mut Ports<'_>>,
+    ) -> (Result<emulator::Outcome, EmulationError>, Invalidation) {
+        let vm = Arc::clone(&self.memory);
         let mut machine = VcpuMachine {
             cpu: &mut self.cpu,
-            bitness: cpu.bitness,
+            guest: cpu,
+            fault,
+            vm: &vm,
             memory,
             devices,
+            ports,
             invalidation: Invalidation::None,
         };
-        let result = emulator::execute(&instruction, gpa, cpu.rflags, &mut machine);
-        let invalidation = machine.invalidation;
-        // The flush below must not run under the lock.
-        drop((shared, locked));
-        let outcome = match result {
-            Ok(outcome) => outcome,
-            Err(EmulationError::Unsupported) => return stop(self, StopCause::UnsupportedInstruction, used),
+        let result = emulator::execute(instruction, cpu.rflags, &mut machine);
+        (result, machine.invalidation)
+    }
+
+    /// Carries out what the emulator decided: the new RIP and RFLAGS, an exception or page
+    /// fault for the guest, or a stop naming the instruction `used`; then the invalidation.
+    fn finish_emulation(
+        &mut self,
+        (result, invalidation): (Result<emulator::Outcome, EmulationError>, Invalidation),
+        cpu: &GuestCpu,
+        used: InstructionBytes,
+    ) -> Option<VmStop> {
+        let done = match result {
+            Ok(outcome) => {
+                self.exits.emulated += 1;
+                let changed_flags = (outcome.rflags != cpu.rflags).then_some(outcome.rflags);
+                self.cpu.set_rip_and_flags(outcome.rip, changed_flags)
+            }
+            Err(EmulationError::Exception { vector, error_code }) => {
+                self.cpu.inject(Event::Exception { vector, error_code })
+            }
+            Err(EmulationError::Memory(MemoryFault::PageFault { linear, error_code })) => {
+                self.cpu.set_fault_address(linear).and_then(|()| {
+                    self.cpu.inject(Event::Exception {
+                        vector: vector::PF,
+                        error_code: Some(error_code),
+                    })
+                })
+            }
+            Err(EmulationError::Unsupported) => {
+                return self.stop_emulation(StopCause::UnsupportedInstruction, used)
+            }
             Err(EmulationError::Memory(fault)) => {
                 let cause = match fault {
-                    MemoryFault::NotGuestMemory => StopCause::NotGuestMemory,
                     MemoryFault::OutOfMemory => StopCause::OutOfMemory,
                     MemoryFault::Ballooned => StopCause::BalloonedPage,
+                    _ => StopCause::NotGuestMemory,
                 };
-                return stop(self, cause, used);
+                return self.stop_emulation(cause, used);
             }
         };
-        self.exits.emulated += 1;
-        let changed_flags = (outcome.rflags != cpu.rflags).then_some(outcome.rflags);
-        let written = self.cpu.set_rip_and_flags(outcome.rip, changed_flags);
-        match written
+        match done
             .map_err(Into::into)
             .and_then(|()| self.invalidate(invalidation))
         {
             Ok(()) => None,
-            Err(_) => stop(self, StopCause::UnhandledExit, used),
+            Err(_) => self.stop_emulation(StopCause::UnhandledExit, used),
         }
+    }
+
+    /// Stops the VM for `cause`, naming the instruction `bytes`.
+    fn stop_emulation(&self, cause: StopCause, bytes: InstructionBytes) -> Option<VmStop> {
+        let mut diagnostic = self.diagnostic(cause);
+        diagnostic.instruction = bytes;
+        Some(VmStop::Stopped(diagnostic))
     }
 }
 
@@ -166,7 +287,7 @@ fn fetch_instruction(
 }
 
 /// The guest state every emulated exit needs, read from the backend once. The rest (RSP,
-/// data segment bases) is read only by the instructions that use it.
+/// segments) is read only by the instructions that use it.
 struct GuestCpu {
     rip: u64,
     rflags: u64,
@@ -191,56 +312,51 @@ impl From<CpuState> for GuestCpu {
     }
 }
 
-/// Guest memory as one emulated access reaches it (see [`EmulatedMemory`]).
-enum MachineMemory<'v> {
-    Mmio(&'v KernelPgm, MmioTarget),
-    Locked(&'v mut KernelPgm),
-    /// Nothing there: reads are all ones, writes go nowhere.
+/// The fast path's hold on memory: the shared manager and the MMIO page, or nothing for
+/// unassigned space.
+enum FastMemory<'a> {
+    Mmio(SharedPgm<'a>, MmioTarget),
     Unassigned,
 }
 
-/// The vCPU and guest memory of one VM as the instruction emulator sees them: registers from
-/// the backend (RSP read-only), memory through pgm and the VM's devices.
-struct VcpuMachine<'v, 'a, H> {
-    /// The registers; RSP and the segment bases are read from it when an instruction needs
-    /// them.
-    cpu: &'v mut Backend<'a>,
-    bitness: u32,
-    memory: MachineMemory<'v>,
-    devices: &'v mut H,
-    /// The invalidation the emulated writes need.
-    invalidation: Invalidation,
+/// The machine memory of the fast path `fast`.
+fn fast_memory<'v>(fast: &'v FastMemory<'_>) -> MachineMemory<'v> {
+    match fast {
+        FastMemory::Mmio(pgm, target) => MachineMemory::Mmio(pgm, *target),
+        FastMemory::Unassigned => MachineMemory::Unassigned,
+    }
 }
 
-impl<H> VcpuMachine<'_, '_, H> {
-    fn slot(&mut self, full: Register) -> Option<&mut u64> {
-        let regs = self.cpu.regs_mut();
-        Some(match full {
-            Register::RAX => &mut regs.rax,
-            Register::RBX => &mut regs.rbx,
-            Register::RCX => &mut regs.rcx,
-            Register::RDX => &mut regs.rdx,
-            Register::RSI => &mut regs.rsi,
-            Register::RDI => &mut regs.rdi,
-            Register::RBP => &mut regs.rbp,
-            Register::R8 => &mut regs.r8,
-            Register::R9 => &mut regs.r9,
-            Register::R10 => &mut regs.r10,
-            Register::R11 => &mut regs.r11,
-            Register::R12 => &mut regs.r12,
-            Register::R13 => &mut regs.r13,
-            Register::R14 => &mut regs.r14,
-            Register::R15 => &mut regs.r15,
-            _ => return None,
-        })
-    }
+/// Guest memory as one emulated instruction reaches it.
+enum MachineMemory<'v> {
+    /// Only the MMIO page the exit named, on the shared manager.
+    Mmio(&'v KernelPgm, MmioTarget),
+    /// Only the unassigned page the exit named: reads are all ones, writes go nowhere.
+    Unassigned,
+    /// Anywhere, through the guest's paging; the VM's lock is taken for each access.
+    PerAccess,
+}
+
+/// The vCPU and guest memory of one VM as the instruction emulator sees them: registers from
+/// the backend, memory through the guest's paging, pgm and the VM's devices, ports through
+/// the VM's bus.
+struct VcpuMachine<'v, 'a, 'p, H> {
+    cpu: &'v mut Backend<'a>,
+    guest: &'v GuestCpu,
+    /// The page the exit named, reached without a walk.
+    fault: Option<FaultPage>,
+    vm: &'v VmMemory,
+    memory: MachineMemory<'v>,
+    devices: &'v mut H,
+    /// The port bus, for INS and OUTS.
+    ports: Option<&'v mut Ports<'p>>,
+    /// The invalidation the emulated writes need.
+    invalidation: Invalidation,
 }
 
 /// What a pgm error during an emulated access means for the guest.
 fn memory_fault(error: PgmError) -> MemoryFault {
     match error {
-        // NotHandled: an access off the MMIO page found for the fault (the emulator keeps
-        // operands on the faulting page, so this is a guard, not a path).
         PgmError::NotGuestMemory(_) | PgmError::NotRam(_) | PgmError::NotHandled(_) => {
             MemoryFault::NotGuestMemory
         }
@@ -249,7 +365,176 @@ fn memory_fault(error: PgmError) -> MemoryFault {
     }
 }
 
-impl<H: AccessHandlers> Machine for VcpuMachine<'_, '_, H> {
+/// #PF error-code bits.
+const PF_WRITE: u32 = 1 << 1;
+const PF_USER: u32 = 1 << 2;
+
+/// At most two pieces: an access crossing a page boundary.
+type Pieces = [(GuestPhysAddr, usize); 2];
+
+impl<H: AccessHandlers> VcpuMachine<'_, '_, '_, H> {
+    /// The guest-physical address of the guest-linear `linear`: the exit's own page without a
+    /// walk, else through the guest's paging (a page the guest does not map is its #PF).
+    fn translate(&self, pgm: &KernelPgm, linear: u64, write: bool) -> Result<GuestPhysAddr, MemoryFault> {
+        if let Some(fault) = self.fault {
+            if fault.linear == Some(linear & !(PAGE_SIZE - 1)) {
+                return Ok(fault.gpa.at_page_offset(linear & (PAGE_SIZE - 1)));
+            }
+        }
+        let walked = pgm.guest_linear_to_phys(self.guest.paging, self.guest.cr3, linear);
+        match walked {
+            Ok(gpa) => Ok(pgm.a20_apply(gpa)),
+            Err(GuestWalkError::NotPresent { .. }) => {
+                let user = self.cpu.segment(Segment::Ss).is_ok_and(|ss| ss.dpl() == 3);
+                let error_code = if write { PF_WRITE } else { 0 } | if user { PF_USER } else { 0 };
+                Err(MemoryFault::PageFault { linear, error_code })
+            }
+            Err(_) => Err(MemoryFault::NotGuestMemory),
+        }
+    }
+
+    /// The guest-physical pieces of `len` bytes at `linear` (two when they cross a page).
+    fn pieces(
+        &self,
+        pgm: &KernelPgm,
+        linear: u64,
+        len: usize,
+        write: bool,
+    ) -> Result<(Pieces, usize), MemoryFault> {
+        let first = len.min((PAGE_SIZE - (linear & (PAGE_SIZE - 1))) as usize);
+        let mut pieces = [
+            (self.translate(pgm, linear, write)?, first),
+            (GuestPhysAddr::new_truncate(0), 0),
+        ];
+        if first == len {
+            return Ok((pieces, 1));
+        }
+        let rest = linear.wrapping_add(first as u64);
+        let rest = if self.guest.bitness == 64 {
+            rest
+        } else {
+            rest & 0xFFFF_FFFF
+        };
+        pieces[1] = (self.translate(pgm, rest, write)?, len - first);
+        Ok((pieces, 2))
+    }
+
+    /// True when the fast path holds `gpa`'s page.
+    fn on_fault_page(&self, gpa: GuestPhysAddr) -> bool {
+        self.fault.is_some_and(|fault| fault.gpa == gpa.page_base())
+    }
+
+    /// Reads or writes (`data` given) `len` bytes at `linear`: every piece translated first,
+    /// then accessed.
+    fn access(
+        &mut self,
+        linear: u64,
+        read: Option<&mut [u8]>,
+        write: Option<&[u8]>,
+    ) -> Result<(), MemoryFault> {
+        let len = read
+            .as_ref()
+            .map_or_else(|| write.map_or(0, <[u8]>::len), |buf| buf.len());
+        let is_write = write.is_some();
+        match self.memory {
+            MachineMemory::Mmio(pgm, target) => {
+                let (pieces, count) = self.pieces(pgm, linear, len, is_write)?;
+                if !pieces[..count].iter().all(|&(gpa, _)| self.on_fault_page(gpa)) {
+                    return Err(MemoryFault::Retry);
+                }
+                let devices = &mut *self.devices;
+                let mut done = 0;
+                let mut read = read;
+                for &(gpa, size) in &pieces[..count] {
+                    let result = match (&mut read, write) {
+                        (Some(buf), _) => pgm.read_mmio(target, gpa, &mut buf[done..done + size], devices),
+                        (None, Some(data)) => pgm.write_mmio(target, gpa, &data[done..done + size], devices),
+                        _ => Ok(()),
+                    };
+                    result.map_err(memory_fault)?;
+                    done += size;
+                }
+                Ok(())
+            }
+            MachineMemory::Unassigned => {
+                // Only the named page is held; anything else is tried again with more.
+                let fault = self.fault.ok_or(MemoryFault::Retry)?;
+                let offset = linear & (PAGE_SIZE - 1);
+                if fault.linear != Some(linear & !(PAGE_SIZE - 1))
+                    || offset as usize + len > PAGE_SIZE as usize
+                {
+                    return Err(MemoryFault::Retry);
+                }
+                if let Some(buf) = read {
+                    buf.fill(0xFF);
+                }
+                Ok(())
+            }
+            MachineMemory::PerAccess => {
+                let vm = self.vm;
+                let reads_ones = vm.devices.unassigned_reads_ones;
+                let mut pgm = vm.lock();
+                let (pieces, count) = self.pieces(&pgm, linear, len, is_write)?;
+                let devices = &mut *self.devices;
+                let mut done = 0;
+                let mut read = read;
+                for &(gpa, size) in &pieces[..count] {
+                    match (&mut read, write) {
+                        (Some(buf), _) => {
+                            let buf = &mut buf[done..done + size];
+                            if reads_ones {
+                                pgm.read_phys_external(gpa, buf, devices)
+                            } else {
+                                pgm.read_phys_handled(gpa, buf, devices)
+                            }
+                            .map_err(memory_fault)?;
+                        }
+                        (None, Some(data)) => {
+                            let data = &data[done..done + size];
+                            let invalidation = if reads_ones {
+                                pgm.write_phys_external(gpa, data, devices)
+                            } else {
+                                pgm.write_phys_handled(gpa, data, devices)
+                            }
+                            .map_err(memory_fault)?;
+                            self.invalidation = self.invalidation.max(invalidation);
+                        }
+                        _ => {}
+                    }
+                    done += size;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The general-purpose register slot of `full` (RSP aside, which the backend keeps).
+    fn slot(&mut self, full: Register) -> Option<&mut u64> {
+        let index = gpr_number(full)?;
+        self.cpu.regs_mut().by_number_mut(index)
+    }
+}
+
+/// The encoding number (0 = RAX ... 15 = R15) of a 64-bit general-purpose register.
+fn gpr_number(full: Register) -> Option<u8> {
+    let number = (full as u32).checked_sub(Register::RAX as u32)?;
+    (number < 16).then_some(number as u8)
+}
+
+/// The backend's name for an emulator's segment register.
+fn backend_segment(segment: SegmentRegister) -> Segment {
+    match segment {
+        SegmentRegister::Es => Segment::Es,
+        SegmentRegister::Cs => Segment::Cs,
+        SegmentRegister::Ss => Segment::Ss,
+        SegmentRegister::Ds => Segment::Ds,
+        SegmentRegister::Fs => Segment::Fs,
+        SegmentRegister::Gs => Segment::Gs,
+        SegmentRegister::Tr => Segment::Tr,
+    }
+}
+
+impl<H: AccessHandlers> Machine for VcpuMachine<'_, '_, '_, H> {
     fn gpr(&mut self, full: Register) -> u64 {
         if full == Register::RSP {
             return self.cpu.rsp();
@@ -258,50 +543,87 @@ impl<H: AccessHandlers> Machine for VcpuMachine<'_, '_, H> {
     }
 
     fn segment_base(&mut self, segment: Register) -> u64 {
-        let segment = match segment {
-            Register::FS => Segment::Fs,
-            Register::GS => Segment::Gs,
+        match SegmentRegister::from_register(segment) {
+            Some(SegmentRegister::Fs) => self.cpu.segment_base(Segment::Fs),
+            Some(SegmentRegister::Gs) => self.cpu.segment_base(Segment::Gs),
             // The CPU ignores the other bases in 64-bit code, whatever the backend holds.
-            _ if self.bitness == 64 => return 0,
-            Register::ES => Segment::Es,
-            Register::CS => Segment::Cs,
-            Register::SS => Segment::Ss,
-            _ => Segment::Ds,
-        };
-        self.cpu.segment_base(segment)
+            _ if self.guest.bitness == 64 => 0,
+            Some(other) => self.cpu.segment_base(backend_segment(other)),
+            None => 0,
+        }
     }
 
     fn set_gpr(&mut self, full: Register, value: u64) {
-        // RSP is never the destination of a supported instruction.
-        if let Some(slot) = self.slot(full) {
+        if full == Register::RSP {
+            // A failed write leaves RSP as it was; the VMCS write fails only if the VMCS is
+            // not current, which the next entry reports.
+            let _ = self.cpu.set_rsp(value);
+        } else if let Some(slot) = self.slot(full) {
             *slot = value;
         }
     }
 
-    fn read(&mut self, gpa: GuestPhysAddr, data: &mut [u8]) -> Result<(), MemoryFault> {
-        let devices = &mut *self.devices;
-        match &mut self.memory {
-            MachineMemory::Mmio(pgm, target) => pgm.read_mmio(*target, gpa, data, devices),
-            MachineMemory::Locked(pgm) => pgm.read_phys_handled(gpa, data, devices),
-            MachineMemory::Unassigned => {
-                data.fill(0xFF);
-                Ok(())
-            }
-        }
-        .map_err(memory_fault)
+    fn read(&mut self, linear: u64, data: &mut [u8]) -> Result<(), MemoryFault> {
+        self.access(linear, Some(data), None)
     }
 
-    fn write(&mut self, gpa: GuestPhysAddr, data: &[u8]) -> Result<(), MemoryFault> {
-        let devices = &mut *self.devices;
-        let invalidation = match &mut self.memory {
-            MachineMemory::Mmio(pgm, target) => pgm
-                .write_mmio(*target, gpa, data, devices)
-                .map(|()| Invalidation::None),
-            MachineMemory::Locked(pgm) => pgm.write_phys_handled(gpa, data, devices),
-            MachineMemory::Unassigned => Ok(Invalidation::None),
-        }
-        .map_err(memory_fault)?;
-        self.invalidation = self.invalidation.max(invalidation);
+    fn write(&mut self, linear: u64, data: &[u8]) -> Result<(), MemoryFault> {
+        self.access(linear, None, Some(data))
+    }
+
+    fn port_read(&mut self, port: u16, data: &mut [u8]) -> Result<(), EmulationError> {
+        let ports = self.ports.as_deref_mut().ok_or(EmulationError::Unsupported)?;
+        let value = ports.access(port, data.len() as u8, Direction::In, 0);
+        data.copy_from_slice(&value.to_le_bytes()[..data.len()]);
         Ok(())
+    }
+
+    fn port_write(&mut self, port: u16, data: &[u8]) -> Result<(), EmulationError> {
+        let ports = self.ports.as_deref_mut().ok_or(EmulationError::Unsupported)?;
+        let mut value = [0u8; 4];
+        value[..data.len()].copy_from_slice(data);
+        ports.access(port, data.len() as u8, Direction::Out, u32::from_le_bytes(value));
+        Ok(())
+    }
+
+    fn cr0(&mut self) -> Option<u64> {
+        self.cpu.visible_cr0().ok()
+    }
+
+    fn vector(&mut self, reg: Register) -> Option<u128> {
+        if reg.is_xmm() {
+            Some(vector_registers::read_xmm(
+                (reg as u32 - Register::XMM0 as u32) as u8,
+            ))
+        } else if reg.is_mm() {
+            Some(u128::from(vector_registers::read_mm(
+                (reg as u32 - Register::MM0 as u32) as u8,
+            )))
+        } else {
+            None
+        }
+    }
+
+    fn set_vector(&mut self, reg: Register, value: u128) -> bool {
+        if reg.is_xmm() {
+            vector_registers::write_xmm((reg as u32 - Register::XMM0 as u32) as u8, value);
+        } else if reg.is_mm() {
+            vector_registers::write_mm((reg as u32 - Register::MM0 as u32) as u8, value as u64);
+        } else {
+            return false;
+        }
+        true
+    }
+
+    fn segment(&mut self, segment: SegmentRegister) -> Option<SegmentState> {
+        self.cpu.segment(backend_segment(segment)).ok()
+    }
+
+    fn set_segment(&mut self, segment: SegmentRegister, state: SegmentState) -> bool {
+        self.cpu.set_segment(backend_segment(segment), state).is_ok()
+    }
+
+    fn gdt(&mut self) -> Option<(u64, u16)> {
+        self.cpu.gdt().ok()
     }
 }

@@ -14,7 +14,7 @@ use super::apic::VcpuHandlers;
 use super::backend::{GuestRegisters, VirtualCpu, VmExit};
 use super::budget::{self, Budget, Expired, RunClock};
 use super::devices::{MachineSpec, VmDevices};
-use super::emulation::EmulatedMemory;
+use super::emulation::{EmulatedMemory, FaultPage};
 use super::exits::{ExitCost, ExitCosts, ExitCounts, ExitKind, FINISHED_VMS};
 use super::memory::{PgmGuard, SharedPgm, VmMemory};
 use super::requests::{Request, VcpuRequests};
@@ -534,12 +534,13 @@ impl<'a> Vcpu<'a> {
                 access,
                 was_readable,
                 page_walk,
+                linear,
                 detail,
             } => {
                 if self.violations.len() < VIOLATION_LOG_LIMIT {
                     self.violations.push((gpa, detail));
                 }
-                self.handle_nested_fault(gpa, access, was_readable, page_walk, exit_tick, devices)
+                self.handle_nested_fault((gpa, linear), access, was_readable, page_walk, exit_tick, devices)
             }
             VmExit::Hypercall => {
                 self.measuring = Some((ExitKind::Hypercall, exit_tick));
@@ -579,7 +580,7 @@ impl<'a> Vcpu<'a> {
             }
             VmExit::PortIo(io) => {
                 self.measuring = Some((ExitKind::PortIo, exit_tick));
-                self.handle_port_io(io)
+                self.handle_port_io(io, devices)
             }
             VmExit::DirtyLogFull => self.handle_dirty_log_full(exit_tick),
             VmExit::Hlt => self.handle_hlt(),
@@ -660,12 +661,12 @@ impl<'a> Vcpu<'a> {
         }
     }
 
-    /// Hands a nested-paging fault (`access` to `gpa`; `was_readable` and `page_walk` as in
-    /// [`VmExit::NestedFault`]) to `pgm` and carries out the invalidation it asks for; accesses
+    /// Hands a nested-paging fault (`access` to `gpa`, at the guest-linear `linear` when known;
+    /// `was_readable` and `page_walk` as in [`VmExit::NestedFault`]) to `pgm` and carries out the invalidation it asks for; accesses
     /// pgm cannot map (MMIO, handlers, ROM writes) are emulated through `devices`.
     fn handle_nested_fault(
         &mut self,
-        gpa: GuestPhysAddr,
+        (gpa, linear): (GuestPhysAddr, Option<u64>),
         access: Access,
         was_readable: bool,
         page_walk: bool,
@@ -696,7 +697,11 @@ impl<'a> Vcpu<'a> {
                     mmio_exit_kind(access)
                 };
                 self.measuring = Some((kind, exit_tick));
-                return self.emulate_access(EmulatedMemory::Mmio(shared, target), gpa, devices);
+                return self.emulate_access(
+                    EmulatedMemory::Mmio(shared, target),
+                    FaultPage::new(gpa, linear),
+                    devices,
+                );
             }
             None
         } else if access == Access::Write {
@@ -747,7 +752,11 @@ impl<'a> Vcpu<'a> {
                 }
                 let memory = Arc::clone(&self.memory);
                 let shared = memory.shared(self.cpu.host_cpu());
-                return self.emulate_access(EmulatedMemory::Unassigned(shared), gpa, devices);
+                return self.emulate_access(
+                    EmulatedMemory::Unassigned(shared),
+                    FaultPage::new(gpa, linear),
+                    devices,
+                );
             }
             FaultOutcome::NotGuestMemory => return stop(self, StopCause::NotGuestMemory),
             FaultOutcome::OutOfMemory => return stop(self, StopCause::OutOfMemory),
@@ -768,7 +777,11 @@ impl<'a> Vcpu<'a> {
                 let Some(pgm) = locked else {
                     return stop(self, StopCause::UnhandledExit);
                 };
-                return self.emulate_access(EmulatedMemory::Locked(pgm), gpa, devices);
+                return self.emulate_access(
+                    EmulatedMemory::Locked(pgm),
+                    FaultPage::new(gpa, linear),
+                    devices,
+                );
             }
         };
         // The same page faulting again right after a resolution means a translation outlived

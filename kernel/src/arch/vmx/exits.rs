@@ -57,6 +57,12 @@ pub mod qualification {
     pub const EPT_LINEAR_VALID: u64 = 1 << 7;
     pub const EPT_TRANSLATED: u64 = 1 << 8;
 
+    /// True when an EPT violation was an access to a translated guest-linear address (the
+    /// guest-linear address field holds it).
+    pub fn has_translated_linear(qualification: u64) -> bool {
+        qualification & EPT_LINEAR_VALID != 0 && qualification & EPT_TRANSLATED != 0
+    }
+
     /// True when an EPT violation was the CPU's own access to the guest's page tables.
     pub fn is_page_walk(qualification: u64) -> bool {
         qualification & EPT_LINEAR_VALID != 0 && qualification & EPT_TRANSLATED == 0

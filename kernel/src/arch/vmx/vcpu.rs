@@ -19,9 +19,10 @@ use x86::vmx::vmcs::control::{
 use x86::vmx::vmcs::{guest, host, ro};
 
 use super::exits::qualification::{
-    is_page_walk, ENTRY_FAILURE, EPT_EXECUTE, EPT_WAS_READABLE, EPT_WRITE, INTERRUPTION_ERROR_CODE,
-    INTERRUPTION_TYPE_EXTERNAL, INTERRUPTION_TYPE_HARD_EXCEPTION, INTERRUPTION_TYPE_MASK,
-    INTERRUPTION_TYPE_NMI, INTERRUPTION_VALID, IO_IN, IO_REP, IO_SIZE_MASK, IO_STRING,
+    has_translated_linear, is_page_walk, ENTRY_FAILURE, EPT_EXECUTE, EPT_WAS_READABLE, EPT_WRITE,
+    INTERRUPTION_ERROR_CODE, INTERRUPTION_TYPE_EXTERNAL, INTERRUPTION_TYPE_HARD_EXCEPTION,
+    INTERRUPTION_TYPE_MASK, INTERRUPTION_TYPE_NMI, INTERRUPTION_VALID, IO_IN, IO_REP, IO_SIZE_MASK,
+    IO_STRING,
 };
 use super::exits::{exit_name, exit_reason};
 use super::host::HostState;
@@ -32,7 +33,8 @@ use devices::msr::index as msr;
 use crate::arch::guests::GuestMode;
 use crate::arch::memory::{KernelFrames, PhysMap};
 use crate::vm::backend::{
-    BackendError, CpuState, Direction, EntryFailure, Event, PortIo, RawExit, Segment, VirtualCpu, VmExit,
+    BackendError, CpuState, Direction, EntryFailure, Event, PortIo, RawExit, Segment, SegmentState,
+    VirtualCpu, VmExit,
 };
 
 /// PAUSE-loop exiting: PAUSEs at most this many ticks apart belong to one loop, and a loop
@@ -559,6 +561,7 @@ impl<'a> VmxVcpu<'a> {
                     access,
                     was_readable: qualification & EPT_WAS_READABLE != 0,
                     page_walk: is_page_walk(qualification),
+                    linear: has_translated_linear(qualification).then(|| vmcs.read(ro::GUEST_LINEAR_ADDR)),
                     detail: qualification,
                 }
             }
@@ -905,15 +908,56 @@ impl VirtualCpu for VmxVcpu<'_> {
     }
 
     fn segment_base(&self, segment: Segment) -> u64 {
-        let field = match segment {
-            Segment::Es => guest::ES_BASE,
-            Segment::Cs => guest::CS_BASE,
-            Segment::Ss => guest::SS_BASE,
-            Segment::Ds => guest::DS_BASE,
-            Segment::Fs => guest::FS_BASE,
-            Segment::Gs => guest::GS_BASE,
-        };
-        self.vmcs.current().map_or(0, |vmcs| vmcs.read(field))
+        self.vmcs
+            .current()
+            .map_or(0, |vmcs| vmcs.read(segment_fields(segment).base))
+    }
+
+    fn segment(&self, segment: Segment) -> Result<SegmentState, BackendError> {
+        let vmcs = self.vmcs.current()?;
+        let fields = segment_fields(segment);
+        let access_rights = vmcs.read(fields.access);
+        Ok(SegmentState {
+            selector: vmcs.read(fields.selector) as u16,
+            base: vmcs.read(fields.base),
+            limit: vmcs.read(fields.limit) as u32,
+            attributes: access_rights as u16 & ACCESS_RIGHTS_ATTRIBUTES,
+            usable: access_rights & ACCESS_RIGHTS_UNUSABLE == 0,
+        })
+    }
+
+    fn set_segment(&mut self, segment: Segment, state: SegmentState) -> Result<(), BackendError> {
+        let vmcs = self.vmcs.current()?;
+        let fields = segment_fields(segment);
+        let unusable = if state.usable { 0 } else { ACCESS_RIGHTS_UNUSABLE };
+        vmcs.write(fields.selector, u64::from(state.selector))?;
+        vmcs.write(fields.base, state.base)?;
+        vmcs.write(fields.limit, u64::from(state.limit))?;
+        vmcs.write(
+            fields.access,
+            u64::from(state.attributes & ACCESS_RIGHTS_ATTRIBUTES) | unusable,
+        )?;
+        Ok(())
+    }
+
+    fn gdt(&self) -> Result<(u64, u16), BackendError> {
+        let vmcs = self.vmcs.current()?;
+        Ok((vmcs.read(guest::GDTR_BASE), vmcs.read(guest::GDTR_LIMIT) as u16))
+    }
+
+    fn visible_cr0(&self) -> Result<u64, BackendError> {
+        let vmcs = self.vmcs.current()?;
+        let mask = vmcs.read(control::CR0_GUEST_HOST_MASK);
+        Ok(vmcs.read(guest::CR0) & !mask | vmcs.read(control::CR0_READ_SHADOW) & mask)
+    }
+
+    fn set_fault_address(&mut self, linear: u64) -> Result<(), BackendError> {
+        self.vmcs.current()?;
+        // SAFETY: VMX keeps no CR2 of the guest's: the register itself is the guest's while
+        // its vCPU is on this CPU, and the host takes no page faults that would change it
+        // before the next entry.
+        unsafe { core::arch::asm!("mov cr2, {}", in(reg) linear, options(nomem, nostack, preserves_flags)) };
+        Ok(())
     }
 
     fn set_rip_and_flags(&mut self, rip: u64, rflags: Option<u64>) -> Result<(), BackendError> {
@@ -1195,4 +1239,27 @@ fn write_segment(
     vmcs.write(fields.base, 0)?;
     vmcs.write(fields.limit, limit)?;
     vmcs.write(fields.access, access)
+}
+
+/// The access-rights bits a segment's attributes occupy (VMX's layout is the descriptor's).
+const ACCESS_RIGHTS_ATTRIBUTES: u16 = 0xF0FF;
+/// The access-rights bit of a segment register holding a null selector.
+const ACCESS_RIGHTS_UNUSABLE: u64 = 1 << 16;
+
+/// The VMCS fields of `segment`.
+fn segment_fields(segment: Segment) -> SegmentFields {
+    match segment {
+        Segment::Es => SegmentFields::ES,
+        Segment::Cs => SegmentFields::CS,
+        Segment::Ss => SegmentFields::SS,
+        Segment::Ds => SegmentFields::DS,
+        Segment::Fs => SegmentFields::FS,
+        Segment::Gs => SegmentFields::GS,
+        Segment::Tr => SegmentFields::of(
+            guest::TR_SELECTOR,
+            guest::TR_BASE,
+            guest::TR_LIMIT,
+            guest::TR_ACCESS_RIGHTS,
+        ),
+    }
 }
