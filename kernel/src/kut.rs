@@ -46,12 +46,14 @@ struct Entry<'a> {
     vcpus: u32,
     memory_mib: u64,
     limit_ticks: u64,
+    /// The CPU vendor string the guest sees (empty: the host's).
+    vendor: &'a str,
     cmdline: &'a str,
 }
 
 impl<'a> Entry<'a> {
     fn parse(line: &'a str) -> Option<Entry<'a>> {
-        let mut fields = line.splitn(6, '\t');
+        let mut fields = line.splitn(7, '\t');
         Some(Entry {
             name: fields.next()?,
             file: fields.next()?,
@@ -62,6 +64,9 @@ impl<'a> Entry<'a> {
                 .ok()
                 .filter(|&m| (2..=1 << 20).contains(&m))?,
             limit_ticks: fields.next()?.parse().ok()?,
+            vendor: fields
+                .next()
+                .filter(|vendor| vendor.is_empty() || vendor.len() == 12)?,
             cmdline: fields.next().unwrap_or(""),
         })
     }
@@ -139,6 +144,7 @@ fn run_entry(
         acpi_tables: true,
         test_hypercalls: false,
         unassigned_reads_ones: true,
+        vendor: entry.vendor.as_bytes().try_into().ok(),
         ..MachineSpec::default()
     };
     let mut bsp = Vcpu::new_machine(vmx, &host.phys, &ram, true, &spec).map_err(|e| format!("VM: {e}"))?;

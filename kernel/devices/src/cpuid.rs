@@ -108,6 +108,9 @@ pub struct CpuidPolicy {
     pub apic_timer_hz: u64,
     /// The backend lets a guest run RDTSCP and RDPID (else both are hidden: they would #UD).
     pub rdtscp: bool,
+    /// The vendor string leaf 0 reports instead of the host's (QEMU's `-cpu …,vendor=`), for
+    /// a guest that takes another vendor's paths.
+    pub vendor: Option<[u8; 12]>,
 }
 
 /// The state of the asking vCPU that CPUID reports.
@@ -135,10 +138,19 @@ impl CpuidPolicy {
         let basic_max = host_basic_max.clamp(MIN_BASIC_MAX, 0x1F);
         let zero = CpuidRegs::default();
         match leaf {
-            0 => CpuidRegs {
-                eax: basic_max,
-                ..host(0, 0)
-            },
+            0 => {
+                let mut regs = CpuidRegs {
+                    eax: basic_max,
+                    ..host(0, 0)
+                };
+                if let Some(vendor) = self.vendor {
+                    let word = |at: usize| {
+                        u32::from_le_bytes([vendor[at], vendor[at + 1], vendor[at + 2], vendor[at + 3]])
+                    };
+                    (regs.ebx, regs.edx, regs.ecx) = (word(0), word(4), word(8));
+                }
+                regs
+            }
             1 => self.leaf1(host(1, 0), vcpu),
             2 if leaf <= host_basic_max => host(2, 0),
             4 if leaf <= host_basic_max => {
@@ -336,6 +348,7 @@ mod tests {
         tsc_hz: 2_100_000_000,
         apic_timer_hz: 1_000_000_000,
         rdtscp: false,
+        vendor: None,
     };
 
     fn ask(leaf: u32, subleaf: u32, apic_id: u32) -> CpuidRegs {
@@ -454,5 +467,25 @@ mod tests {
     fn leaf_4_reports_the_vcpu_count_as_cores() {
         assert_eq!(ask(4, 1, 0).eax >> 26, 1);
         assert_eq!(ask(4, 1, 0).eax & 0x3FFF, 0x0122);
+    }
+
+    #[test]
+    fn a_vendor_string_replaces_the_hosts_in_leaf_0_and_nothing_else() {
+        let amd = CpuidPolicy {
+            vendor: Some(*b"AuthenticAMD"),
+            ..POLICY
+        };
+        let asking = AskingVcpu::default();
+        let leaf0 = amd.answer(0, 0, asking, &host);
+        let text: Vec<u8> = [leaf0.ebx, leaf0.edx, leaf0.ecx]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        assert_eq!(text, b"AuthenticAMD");
+        assert_eq!(leaf0.eax, ask(0, 0, 0).eax);
+        assert_eq!(
+            amd.answer(1, 0, asking, &host),
+            POLICY.answer(1, 0, asking, &host)
+        );
     }
 }

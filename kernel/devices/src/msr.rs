@@ -5,6 +5,10 @@
 //!   8 variable and 11 fixed ranges, held for the guest: EPT maps RAM write-back whatever they
 //!   say), MISC_ENABLE, FEATURE_CONTROL (locked, VMX off), the microcode signature and
 //!   platform ID;
+//! - **absent counters**: AMD's four legacy performance counters and their event selects
+//!   (0xC001_0000–0xC001_0007), which every AMD CPU has and no CPUID bit announces, read 0
+//!   and drop writes, as KVM does for a guest without a virtual PMU (an AMD-vendor guest
+//!   resets them at boot);
 //! - **the local APIC's** (`lapic`): the TSC deadline and the x2APIC registers 0x800–0x8FF;
 //! - **held by the backend** in the guest state it loads at entry and saves at exit (EFER,
 //!   the FS and GS bases, the SYSENTER MSRs, the SYSCALL MSRs with the swap-GS base, TSC_AUX,
@@ -105,6 +109,10 @@ pub const APIC_ENABLED: u64 = 1 << 11;
 pub const PAT_RESET: u64 = 0x0007_0406_0007_0406;
 /// MTRR capabilities: 8 variable ranges, fixed ranges (bit 8), write-combining (bit 10).
 pub const MTRR_CAPABILITIES: u64 = 8 | (1 << 8) | (1 << 10);
+/// AMD's legacy event selects (0xC001_0000–3) and counters (0xC001_0004–7).
+const AMD_LEGACY_COUNTERS_FIRST: u32 = 0xC001_0000;
+const AMD_LEGACY_COUNTERS_LAST: u32 = 0xC001_0007;
+
 /// MISC_ENABLE as read: fast strings (bit 0), branch trace and PEBS unavailable (bits 11,
 /// 12).
 const MISC_ENABLE_RESET: u64 = 1 | (1 << 11) | (1 << 12);
@@ -188,6 +196,7 @@ impl MsrState {
             0x200..=0x20F => self.mtrr_variable[(msr - index::MTRR_PHYS_BASE0) as usize],
             index::PAT => self.pat,
             index::MTRR_DEF_TYPE => self.mtrr_def_type,
+            AMD_LEGACY_COUNTERS_FIRST..=AMD_LEGACY_COUNTERS_LAST => 0,
             _ if is_apic_msr(msr) => return MsrOutcome::Apic,
             _ if BACKEND_HELD.contains(&msr) => return MsrOutcome::Backend,
             _ => match MsrState::fixed_slot(msr) {
@@ -238,6 +247,7 @@ impl MsrState {
                 }
                 accepted
             }
+            AMD_LEGACY_COUNTERS_FIRST..=AMD_LEGACY_COUNTERS_LAST => true,
             _ if is_apic_msr(msr) => return MsrOutcome::Apic,
             _ if BACKEND_HELD.contains(&msr) => return MsrOutcome::Backend,
             _ => match MsrState::fixed_slot(msr) {
@@ -311,6 +321,16 @@ mod tests {
 
     fn state() -> MsrState {
         MsrState::new(0, 39)
+    }
+
+    #[test]
+    fn amd_legacy_counters_read_zero_and_drop_writes() {
+        let mut msrs = state();
+        for msr in 0xC001_0000..=0xC001_0007 {
+            assert_eq!(msrs.write(msr, 0x43_0076), MsrOutcome::Done(0), "{msr:#x}");
+            assert_eq!(msrs.read(msr), MsrOutcome::Done(0), "{msr:#x}");
+        }
+        assert_eq!(msrs.read(0xC001_0008), MsrOutcome::Refused);
     }
 
     #[test]

@@ -25,8 +25,8 @@ mod exec;
 mod flags;
 mod system;
 
-use iced_x86::{Decoder, DecoderOptions, Mnemonic};
-pub use iced_x86::{FlowControl, Instruction, OpKind, Register};
+use iced_x86::{Decoder, DecoderOptions};
+pub use iced_x86::{FlowControl, Instruction, Mnemonic, OpKind, Register};
 
 pub use flags::rflags;
 pub use system::{SegmentRegister, SegmentState};

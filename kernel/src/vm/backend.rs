@@ -140,6 +140,8 @@ pub enum Event {
 pub mod vector {
     /// General protection.
     pub const GP: u8 = 13;
+    /// Invalid opcode.
+    pub const UD: u8 = 6;
     /// Page fault.
     pub const PF: u8 = 14;
 }
@@ -275,6 +277,9 @@ pub trait VirtualCpu {
 
     /// CR0 as the guest reads it: the bits the host owns shown as the guest last wrote them.
     fn visible_cr0(&self) -> Result<u64, BackendError>;
+
+    /// Makes exception `vector` exit (`on`) or go to the guest as usual.
+    fn set_exception_exiting(&mut self, vector: u8, on: bool) -> Result<(), BackendError>;
 
     /// Sets CR2, for a page fault the exit policy injects.
     fn set_fault_address(&mut self, linear: u64) -> Result<(), BackendError>;

@@ -51,6 +51,10 @@ pub struct MachineSpec {
     /// Unassigned guest-physical space reads all ones and drops writes, as on a PC, instead
     /// of stopping the VM (which the memory core's own tests want: they probe for it).
     pub unassigned_reads_ones: bool,
+    /// The CPU vendor string the guest sees instead of the host's (QEMU's `-cpu …,vendor=`).
+    /// An AMD guest on an Intel host gets SYSCALL in compatibility mode, which Intel CPUs
+    /// refuse with #UD: the hypervisor emulates it, as KVM does.
+    pub vendor: Option<[u8; 12]>,
 }
 
 impl Default for MachineSpec {
@@ -63,6 +67,7 @@ impl Default for MachineSpec {
             rdtscp: false,
             test_hypercalls: true,
             unassigned_reads_ones: false,
+            vendor: None,
         }
     }
 }
@@ -94,6 +99,9 @@ pub struct VmDevices {
     pub(super) test_hypercalls: bool,
     /// See [`MachineSpec::unassigned_reads_ones`].
     pub(super) unassigned_reads_ones: bool,
+    /// The guest is told it runs on AMD while the host is Intel: SYSCALL outside 64-bit code
+    /// #UDs on the CPU and is emulated (see [`MachineSpec::vendor`]).
+    pub(super) emulates_syscall: bool,
     /// The vCPUs' local APICs.
     pub(super) apics: VmApics,
     /// The test device's MMIO memory and its pgm handler, when the machine has it.
@@ -131,6 +139,7 @@ impl VmDevices {
                 tsc_hz: clock::tsc_hz(),
                 apic_timer_hz: clock::tsc_hz(),
                 rdtscp: spec.rdtscp,
+                vendor: spec.vendor,
             },
             phys_bits: devices::msr::phys_bits(host_cpuid(0x8000_0008, 0), extended_max),
             created: ticks(),
@@ -142,6 +151,7 @@ impl VmDevices {
             irq_levels: core::sync::atomic::AtomicU32::new(0),
             test_hypercalls: spec.test_hypercalls,
             unassigned_reads_ones: spec.unassigned_reads_ones,
+            emulates_syscall: spec.vendor == Some(*b"AuthenticAMD") && is_intel(host_cpuid(0, 0)),
             apics: VmApics::new(apic_page),
             ioram: ioram.map(|handler| (handler, Mutex::new(testdev::IoRam::default()))),
             line: Mutex::new((Vec::new(), VecDeque::new())),
@@ -661,4 +671,14 @@ impl Vcpu<'_> {
     pub fn devices(&self) -> &VmDevices {
         &self.memory.devices
     }
+}
+
+/// True when leaf 0 names Intel.
+fn is_intel(leaf0: CpuidRegs) -> bool {
+    (leaf0.ebx, leaf0.edx, leaf0.ecx)
+        == (
+            u32::from_le_bytes(*b"Genu"),
+            u32::from_le_bytes(*b"ineI"),
+            u32::from_le_bytes(*b"ntel"),
+        )
 }

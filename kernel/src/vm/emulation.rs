@@ -163,6 +163,84 @@ impl Vcpu<'_> {
         stop
     }
 
+    /// A #UD the guest raised, intercepted because the guest is told it runs on AMD while the
+    /// host is Intel (`MachineSpec::vendor`): a SYSCALL outside 64-bit code, which AMD CPUs run
+    /// and Intel CPUs refuse, is carried out as AMD's would; anything else gets its #UD.
+    pub(super) fn handle_invalid_opcode(&mut self) -> Option<VmStop> {
+        let Ok(state) = self.cpu.cpu_state() else {
+            return self.stop_emulation(StopCause::UnhandledExit, InstructionBytes::default());
+        };
+        let cpu = GuestCpu::from(state);
+        let memory = Arc::clone(&self.memory);
+        let fetched = fetch_instruction(&memory.shared(self.cpu.host_cpu()), &cpu, None);
+        let instruction = fetched.and_then(|(bytes, _)| self.decode(&cpu, &bytes));
+        let is_syscall = instruction.is_some_and(|i| i.mnemonic() == emulator::Mnemonic::Syscall);
+        let done = if is_syscall && state.efer & EFER_SCE != 0 {
+            let next = instruction.map_or(cpu.rip, |i| i.next_ip());
+            self.emulate_syscall(&state, next)
+        } else {
+            self.cpu.inject(Event::Exception {
+                vector: vector::UD,
+                error_code: None,
+            })
+        };
+        match done {
+            Ok(()) => None,
+            Err(_) => self.stop_emulation(StopCause::UnhandledExit, InstructionBytes::default()),
+        }
+    }
+
+    /// SYSCALL as an AMD CPU runs it (APM vol. 3): RCX takes the next RIP and R11 RFLAGS; CS
+    /// and SS become flat ring-0 segments from STAR[47:32]; RIP comes from LSTAR (64-bit
+    /// code), CSTAR (compatibility mode) or STAR[31:0] (legacy mode); RFLAGS is masked by
+    /// SFMASK (legacy mode: IF, VM and RF cleared).
+    fn emulate_syscall(
+        &mut self,
+        state: &CpuState,
+        next_rip: u64,
+    ) -> Result<(), super::backend::BackendError> {
+        let msr = |vcpu: &Self, index| vcpu.cpu.read_msr(index).unwrap_or(0);
+        let star = msr(self, devices::msr::index::STAR);
+        let long_mode = state.efer & EFER_LMA != 0;
+        let (target, rflags) = if long_mode {
+            let target = if state.bitness == 64 {
+                msr(self, devices::msr::index::LSTAR)
+            } else {
+                msr(self, devices::msr::index::CSTAR)
+            };
+            (
+                target,
+                state.rflags & !msr(self, devices::msr::index::SFMASK) & !RFLAGS_RF,
+            )
+        } else {
+            (
+                star & 0xFFFF_FFFF,
+                state.rflags & !(RFLAGS_IF | RFLAGS_VM | RFLAGS_RF),
+            )
+        };
+        let selector = (star >> 32) as u16 & 0xFFFC;
+        let flat = |selector, attributes| SegmentState {
+            selector,
+            base: 0,
+            limit: u32::MAX,
+            attributes,
+            usable: true,
+        };
+        let code = if long_mode { CODE_64 } else { CODE_32 };
+        let regs = self.cpu.regs_mut();
+        regs.rcx = if long_mode {
+            next_rip
+        } else {
+            next_rip & 0xFFFF_FFFF
+        };
+        if long_mode {
+            regs.r11 = state.rflags & !RFLAGS_RF;
+        }
+        self.cpu.set_segment(Segment::Cs, flat(selector, code))?;
+        self.cpu.set_segment(Segment::Ss, flat(selector + 8, DATA_32))?;
+        self.cpu.set_rip_and_flags(target, Some(rflags))
+    }
+
     /// Decodes `bytes` as the instruction at the guest's RIP, through the vCPU's decode cache.
     fn decode(&mut self, cpu: &GuestCpu, bytes: &InstructionBytes) -> Option<Instruction> {
         let (instruction, reused) = self.decoder.decode(cpu.bitness, bytes.as_slice(), cpu.rip)?;
@@ -364,6 +442,20 @@ fn memory_fault(error: PgmError) -> MemoryFault {
         _ => MemoryFault::OutOfMemory,
     }
 }
+
+/// EFER.SCE: SYSCALL enabled.
+const EFER_SCE: u64 = 1 << 0;
+/// EFER.LMA: long mode active.
+const EFER_LMA: u64 = 1 << 10;
+const RFLAGS_IF: u64 = 1 << 9;
+const RFLAGS_RF: u64 = 1 << 16;
+const RFLAGS_VM: u64 = 1 << 17;
+/// Segment attributes (descriptor bits 40–47, 52–55) of the flat segments SYSCALL loads:
+/// present ring-0 execute/read code, 64-bit (L) or 32-bit (D/B), 4 KiB granular; and
+/// read/write data.
+const CODE_64: u16 = 0xA09B;
+const CODE_32: u16 = 0xC09B;
+const DATA_32: u16 = 0xC093;
 
 /// #PF error-code bits.
 const PF_WRITE: u32 = 1 << 1;

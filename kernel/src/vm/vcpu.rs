@@ -11,7 +11,7 @@ use pgm::manager::{AccessHandlers, MmioTarget};
 use pgm::{Access, FaultOutcome, GuestPhysAddr, Invalidation, MemoryStats, Pgm, PgmError, Resolution};
 
 use super::apic::VcpuHandlers;
-use super::backend::{GuestRegisters, VirtualCpu, VmExit};
+use super::backend::{vector, GuestRegisters, VirtualCpu, VmExit};
 use super::budget::{self, Budget, Expired, RunClock};
 use super::devices::{MachineSpec, VmDevices};
 use super::emulation::{EmulatedMemory, FaultPage};
@@ -217,6 +217,9 @@ impl<'a> Vcpu<'a> {
         };
         if !has_apic {
             return Err(VmError::TooManyVcpus);
+        }
+        if vcpu.memory.devices.emulates_syscall {
+            vcpu.cpu.set_exception_exiting(vector::UD, true)?;
         }
         // The root frame may have served an earlier VM with the same EPTP value and VPID: drop
         // whatever the CPU still caches for it.
@@ -607,6 +610,9 @@ impl<'a> Vcpu<'a> {
                 None
             }
             // The exception bitmap is empty: an exception exit is unexpected.
+            VmExit::Exception {
+                vector: vector::UD, ..
+            } if self.memory.devices.emulates_syscall => self.handle_invalid_opcode(),
             VmExit::Exception { .. } | VmExit::Fatal { .. } => {
                 Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit)))
             }

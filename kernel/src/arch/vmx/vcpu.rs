@@ -951,6 +951,13 @@ impl VirtualCpu for VmxVcpu<'_> {
         Ok(vmcs.read(guest::CR0) & !mask | vmcs.read(control::CR0_READ_SHADOW) & mask)
     }
 
+    fn set_exception_exiting(&mut self, vector: u8, on: bool) -> Result<(), BackendError> {
+        let vmcs = self.vmcs.current()?;
+        let bitmap = vmcs.read(EXCEPTION_BITMAP);
+        let bit = 1u64 << (vector & 31);
+        Ok(vmcs.write(EXCEPTION_BITMAP, if on { bitmap | bit } else { bitmap & !bit })?)
+    }
+
     fn set_fault_address(&mut self, linear: u64) -> Result<(), BackendError> {
         self.vmcs.current()?;
         // SAFETY: VMX keeps no CR2 of the guest's: the register itself is the guest's while
