@@ -169,24 +169,8 @@ pub struct CpuState {
     pub efer: u64,
 }
 
-/// A segment register whose base an emulated instruction may need.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Segment {
-    /// ES.
-    Es,
-    /// CS.
-    Cs,
-    /// SS.
-    Ss,
-    /// DS.
-    Ds,
-    /// FS.
-    Fs,
-    /// GS.
-    Gs,
-    /// The task register.
-    Tr,
-}
+/// A segment register (ES … GS, and the task register): the emulator's word for it.
+pub use emulator::SegmentRegister as Segment;
 
 /// What the backend knows of the last exit in its own terms, for a stop's diagnostic.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

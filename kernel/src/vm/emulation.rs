@@ -14,7 +14,7 @@ use pgm::guest_paging::{CodeTranslation, GuestPaging, GuestWalkError};
 use pgm::manager::{AccessHandlers, MmioTarget};
 use pgm::{GuestPhysAddr, Invalidation, PgmError, PAGE_SIZE};
 
-use emulator::{EmulationError, Instruction, Machine, MemoryFault, Register, SegmentRegister, SegmentState};
+use emulator::{EmulationError, Instruction, Machine, MemoryFault, Register, SegmentState};
 
 use super::backend::{vector, CpuState, Direction, Event, Segment, VirtualCpu};
 use super::devices::Ports;
@@ -102,23 +102,12 @@ impl Vcpu<'_> {
         // operand turns out to lie elsewhere it is refused before any access, and emulated
         // again through the guest's paging.
         let fast = fast.filter(|_| emulator::touches_only_its_operand(&instruction));
-        let result = match fast {
-            Some(fast) => {
-                let result = self.execute(&instruction, &cpu, Some(fault), fast_memory(&fast), devices, None);
-                drop(fast);
-                match result {
-                    (Err(EmulationError::Memory(MemoryFault::Retry)), _) => self.execute(
-                        &instruction,
-                        &cpu,
-                        Some(fault),
-                        MachineMemory::PerAccess,
-                        devices,
-                        None,
-                    ),
-                    result => result,
-                }
-            }
-            None => self.execute(
+        // The fast path's hold on the shared manager ends with its closure: before the retry
+        // (which locks) and the flush.
+        let first =
+            fast.map(|fast| self.execute(&instruction, &cpu, Some(fault), fast_memory(&fast), devices, None));
+        let result = match first {
+            Some((Err(EmulationError::Memory(MemoryFault::Retry)), _)) | None => self.execute(
                 &instruction,
                 &cpu,
                 Some(fault),
@@ -126,6 +115,7 @@ impl Vcpu<'_> {
                 devices,
                 None,
             ),
+            Some(result) => result,
         };
         self.finish_emulation(result, &cpu, used)
     }
@@ -613,19 +603,6 @@ fn gpr_number(full: Register) -> Option<u8> {
     (number < 16).then_some(number as u8)
 }
 
-/// The backend's name for an emulator's segment register.
-fn backend_segment(segment: SegmentRegister) -> Segment {
-    match segment {
-        SegmentRegister::Es => Segment::Es,
-        SegmentRegister::Cs => Segment::Cs,
-        SegmentRegister::Ss => Segment::Ss,
-        SegmentRegister::Ds => Segment::Ds,
-        SegmentRegister::Fs => Segment::Fs,
-        SegmentRegister::Gs => Segment::Gs,
-        SegmentRegister::Tr => Segment::Tr,
-    }
-}
-
 impl<H: AccessHandlers> Machine for VcpuMachine<'_, '_, '_, H> {
     fn gpr(&mut self, full: Register) -> u64 {
         if full == Register::RSP {
@@ -635,12 +612,12 @@ impl<H: AccessHandlers> Machine for VcpuMachine<'_, '_, '_, H> {
     }
 
     fn segment_base(&mut self, segment: Register) -> u64 {
-        match SegmentRegister::from_register(segment) {
-            Some(SegmentRegister::Fs) => self.cpu.segment_base(Segment::Fs),
-            Some(SegmentRegister::Gs) => self.cpu.segment_base(Segment::Gs),
+        match Segment::from_register(segment) {
+            Some(Segment::Fs) => self.cpu.segment_base(Segment::Fs),
+            Some(Segment::Gs) => self.cpu.segment_base(Segment::Gs),
             // The CPU ignores the other bases in 64-bit code, whatever the backend holds.
             _ if self.guest.bitness == 64 => 0,
-            Some(other) => self.cpu.segment_base(backend_segment(other)),
+            Some(other) => self.cpu.segment_base(other),
             None => 0,
         }
     }
@@ -707,12 +684,12 @@ impl<H: AccessHandlers> Machine for VcpuMachine<'_, '_, '_, H> {
         true
     }
 
-    fn segment(&mut self, segment: SegmentRegister) -> Option<SegmentState> {
-        self.cpu.segment(backend_segment(segment)).ok()
+    fn segment(&mut self, segment: Segment) -> Option<SegmentState> {
+        self.cpu.segment(segment).ok()
     }
 
-    fn set_segment(&mut self, segment: SegmentRegister, state: SegmentState) -> bool {
-        self.cpu.set_segment(backend_segment(segment), state).is_ok()
+    fn set_segment(&mut self, segment: Segment, state: SegmentState) -> bool {
+        self.cpu.set_segment(segment, state).is_ok()
     }
 
     fn gdt(&mut self) -> Option<(u64, u16)> {
