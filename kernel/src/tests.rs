@@ -102,8 +102,8 @@ const TESTS: &[(&str, TestFn)] = &[
         violations::unsupported_mmio_instruction_stops_the_vm,
     ),
     (
-        "mmio_access_crossing_a_page_stops_the_vm",
-        violations::mmio_access_crossing_a_page_stops_the_vm,
+        "mmio_access_crossing_a_page_is_emulated_in_both_halves",
+        violations::mmio_access_crossing_a_page_is_emulated_in_both_halves,
     ),
     (
         "executing_from_mmio_stops_the_vm",
@@ -253,6 +253,14 @@ const TESTS: &[(&str, TestFn)] = &[
     (
         "devices_cpuid_msrs_and_ports_behave_as_the_policy_and_devices_say",
         devices::cpuid_msrs_and_ports_behave_as_the_policy_and_devices_say,
+    ),
+    (
+        "devices_string_port_io_moves_each_element_between_memory_and_the_port",
+        devices::string_port_io_moves_each_element_between_memory_and_the_port,
+    ),
+    (
+        "devices_syscall_outside_64_bit_code_is_emulated_for_an_amd_guest",
+        devices::syscall_outside_64_bit_code_is_emulated_for_an_amd_guest,
     ),
     (
         "devices_the_pit_interrupts_a_halted_guest_through_the_pic",

@@ -374,6 +374,64 @@ guest_programs! {
         "out 0xf4, eax",
         "hlt",
     ];
+    // String port I/O (EDI at the results, a line of text 0x100 after them): REP OUTSB of the
+    // line to the UART, REP INSW of two words from the unclaimed port 0x80 to EDI, one OUTSD
+    // stepping down (DF set) to it, then the test exit with ECX (0 when every REP ran out).
+    string_io: Flat32, ".code32", [
+        "mov esi, edi",
+        "add esi, 0x100",
+        "cld",
+        "mov dx, 0x3f8",
+        "mov ecx, 6",
+        "rep outsb",
+        "mov dx, 0x80",
+        "mov ecx, 2",
+        "rep insw",
+        "std",
+        "mov esi, edi",
+        "sub esi, 4",
+        "outsd",
+        "cld",
+        "mov [edi], esi",
+        "mov eax, ecx",
+        "out 0xf4, eax",
+        "hlt",
+    ];
+    // SYSCALL in legacy protected mode, which Intel CPUs refuse with #UD and AMD's run
+    // (`#UD` handler at offset 2 counts in EBP and steps over a 2-byte UD2). EFER.SCE on, STAR
+    // pointing at the block after the CALL (its address is what the CALL pushes) with CS 0x08;
+    // there ECX (the SYSCALL's return address, at a HLT) and EFLAGS go to the results, then a
+    // UD2 (reinjected: counted), then the test exit with EBP.
+    syscall_legacy: Flat32, ".code32", [
+        "jmp 3f",
+        "inc ebp",
+        "add dword ptr [esp], 2",
+        "iretd",
+        "3:",
+        "lgdt [0x1800]",
+        "lidt [0x1808]",
+        "xor ebp, ebp",
+        "mov ecx, 0xC0000080",
+        "rdmsr",
+        "or eax, 1",
+        "wrmsr",
+        "call 5f",
+        "mov [edi], ecx",
+        "pushfd",
+        "pop dword ptr [edi + 4]",
+        "ud2",
+        "mov eax, ebp",
+        "out 0xf4, eax",
+        "hlt",
+        "5:",
+        "pop eax",
+        "mov edx, 0x00100008",
+        "mov ecx, 0xC0000081",
+        "wrmsr",
+        "sti",
+        "syscall",
+        "hlt",
+    ];
     // The local APIC seen from a guest, vector 0x40 throughout, `apic_handler` at offset 2
     // (EBX counts; EOI through the xAPIC page, or the x2APIC MSR once ESI is 1). In order: a
     // one-shot timer, five periodic ones, a self IPI through the ICR, the version register;
@@ -705,17 +763,17 @@ guest_programs! {
     jump_to: Flat32, ".code32", [
         "jmp esi",
     ];
-    // INC to memory, which the emulator does not support: against MMIO it stops the VM.
-    inc_mmio: Flat32, ".code32", [
-        "inc dword ptr [esi]",
+    // LGDT from memory, which the emulator does not support: against MMIO it stops the VM.
+    lgdt_mmio: Flat32, ".code32", [
+        "lgdt [esi]",
         "xor eax, eax",
         "xor ebx, ebx",
         "vmcall",
         "hlt",
     ];
-    // A segment-register load from memory, which the emulator does not support either.
-    segment_load_mmio: Flat32, ".code32", [
-        "mov ds, word ptr [esi]",
+    // CMPXCHG8B on memory, which the emulator does not support either.
+    cmpxchg8b_mmio: Flat32, ".code32", [
+        "cmpxchg8b qword ptr [esi]",
         "xor eax, eax",
         "xor ebx, ebx",
         "vmcall",

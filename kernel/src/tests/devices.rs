@@ -9,6 +9,7 @@ use devices::cpuid::SIGNATURE;
 use super::{gpa, new_vm, TestResult, CODE};
 use crate::arch::guests::programs;
 use crate::arch::vmx::GuestRegisters;
+use crate::vm::devices::MachineSpec;
 use crate::vm::VmStop;
 use crate::Host;
 
@@ -53,7 +54,30 @@ fn prepared_vm(
     program: crate::arch::guests::GuestProgram<'static>,
     vector: u64,
 ) -> Result<crate::vm::Vcpu<'static>, alloc::string::String> {
-    let mut vm = new_vm(host, &super::PC_RAM)?;
+    let vm = new_vm(host, &super::PC_RAM)?;
+    with_tables(vm, program, vector)
+}
+
+/// [`prepared_vm`] for a machine described by `spec`.
+fn vm_with_tables(
+    host: &'static Host,
+    program: crate::arch::guests::GuestProgram<'static>,
+    vector: u64,
+    spec: &MachineSpec,
+) -> Result<crate::vm::Vcpu<'static>, alloc::string::String> {
+    let vmx = host.vmx().map_err(|e| format!("{e}"))?;
+    let vm = crate::vm::Vcpu::new_machine(vmx, &host.phys, &super::PC_RAM, false, spec)
+        .map_err(|e| format!("VM creation: {e}"))?;
+    with_tables(vm, program, vector)
+}
+
+/// `vm` with the descriptor tables for `vector` written and `program` loaded, EDI at the
+/// results.
+fn with_tables(
+    mut vm: crate::vm::Vcpu<'static>,
+    program: crate::arch::guests::GuestProgram<'static>,
+    vector: u64,
+) -> Result<crate::vm::Vcpu<'static>, alloc::string::String> {
     for (at, bytes) in descriptor_tables(vector) {
         let invalidation = vm
             .pgm_mut()
@@ -162,6 +186,72 @@ pub fn cpuid_msrs_and_ports_behave_as_the_policy_and_devices_say(host: &'static 
     ensure_eq!(vm.exits.cpuid, 2, "CPUID exits");
     ensure_eq!(vm.exits.msr, 9, "MSR exits");
     ensure_eq!(vm.exits.injected, 3, "events injected");
+    Ok(())
+}
+
+/// INS and OUTS with and without REP, up and down: each element is one exit, emulated through
+/// the port bus and guest memory, and REP resumes the instruction until RCX runs out.
+pub fn string_port_io_moves_each_element_between_memory_and_the_port(host: &'static Host) -> TestResult {
+    const LINE: u64 = RESULTS + 0x100;
+    let mut vm = prepared_vm(host, programs::string_io(), GP_VECTOR)?;
+    let invalidation = vm
+        .pgm_mut()
+        .write_phys(gpa(LINE), b"hello\n")
+        .map_err(|e| format!("{e}"))?;
+    vm.flush(invalidation).map_err(|e| format!("{e}"))?;
+    let stop = vm.run();
+    ensure_eq!(stop, VmStop::TestExit(0), "stop (ECX after the REPs)");
+    let mut results = [0u8; 8];
+    vm.pgm()
+        .read_phys(gpa(RESULTS), &mut results)
+        .map_err(|e| format!("{e}"))?;
+    ensure_eq!(&results[..4], &[0xFF; 4][..], "REP INSW from an unclaimed port");
+    let esi = u32::from_le_bytes(results[4..].try_into().unwrap());
+    ensure_eq!(u64::from(esi), RESULTS - 4, "ESI after OUTSD stepped down");
+    let line = vm.devices().last_console_line();
+    ensure_eq!(line.as_str(), "hello", "console line");
+    ensure_eq!(
+        vm.devices().unclaimed_ports(),
+        [(0x80, 3)],
+        "unclaimed port accesses: two words in, one dword out"
+    );
+    ensure_eq!(vm.exits.emulated, 9, "emulated elements: 6 + 2 + 1");
+    Ok(())
+}
+
+/// A guest told it runs on AMD (`MachineSpec::vendor`) on this Intel CPU: its SYSCALL outside
+/// 64-bit code raises #UD on the CPU, and the hypervisor carries it out as AMD's CPUs do
+/// (legacy mode: EIP from STAR, CS from STAR[47:32], ECX the return address, IF cleared); a
+/// #UD of another instruction still reaches the guest.
+pub fn syscall_outside_64_bit_code_is_emulated_for_an_amd_guest(host: &'static Host) -> TestResult {
+    const UD_VECTOR: u64 = 6;
+    let spec = MachineSpec {
+        vendor: Some(*b"AuthenticAMD"),
+        ..MachineSpec::default()
+    };
+    let mut vm = vm_with_tables(host, programs::syscall_legacy(), UD_VECTOR, &spec)?;
+    let stop = vm.run();
+    ensure_eq!(
+        stop,
+        VmStop::TestExit(1),
+        "stop (the exit code counts the guest's #UDs)"
+    );
+    let mut results = [0u8; 8];
+    vm.pgm()
+        .read_phys(gpa(RESULTS), &mut results)
+        .map_err(|e| format!("{e}"))?;
+    let dword = |i: usize| u32::from_le_bytes(results[4 * i..4 * i + 4].try_into().unwrap());
+    let mut around = [0u8; 3];
+    vm.pgm()
+        .read_phys(gpa(u64::from(dword(0)) - 2), &mut around)
+        .map_err(|e| format!("{e}"))?;
+    ensure_eq!(
+        around,
+        [0x0F, 0x05, 0xF4],
+        "ECX: just after the SYSCALL, at the HLT"
+    );
+    ensure_eq!(dword(1) & (1 << 9), 0, "IF cleared by the SYSCALL");
+    ensure_eq!(vm.exits.injected, 1, "the UD2's #UD reinjected");
     Ok(())
 }
 

@@ -88,10 +88,18 @@ impl Vcpu<'_> {
         self.exits.code_fetches_without_walk += u64::from(!walked);
         // Decoding needs no memory: a locked manager is let go, since other vCPUs' exits need it
         // (a shared one holds up only the host's changes).
+        // (A guard let go must be dropped by name: a `_` pattern would keep it alive to the end
+        // of the function, and the accesses below take the lock again.)
         let fast = match memory {
             EmulatedMemory::Mmio(pgm, target) => Some(FastMemory::Mmio(pgm, target)),
-            EmulatedMemory::Unassigned(_) => Some(FastMemory::Unassigned),
-            EmulatedMemory::Locked(_) => None,
+            EmulatedMemory::Unassigned(pgm) => {
+                drop(pgm);
+                Some(FastMemory::Unassigned)
+            }
+            EmulatedMemory::Locked(pgm) => {
+                drop(pgm);
+                None
+            }
         };
         let Some(instruction) = self.decode(&cpu, &bytes) else {
             return self.stop_emulation(StopCause::UnsupportedInstruction, bytes);
@@ -169,6 +177,7 @@ impl Vcpu<'_> {
             let next = instruction.map_or(cpu.rip, |i| i.next_ip());
             self.emulate_syscall(&state, next)
         } else {
+            self.exits.injected += 1;
             self.cpu.inject(Event::Exception {
                 vector: vector::UD,
                 error_code: None,
@@ -279,9 +288,11 @@ impl Vcpu<'_> {
                 self.cpu.set_rip_and_flags(outcome.rip, changed_flags)
             }
             Err(EmulationError::Exception { vector, error_code }) => {
+                self.exits.injected += 1;
                 self.cpu.inject(Event::Exception { vector, error_code })
             }
             Err(EmulationError::Memory(MemoryFault::PageFault { linear, error_code })) => {
+                self.exits.injected += 1;
                 self.cpu.set_fault_address(linear).and_then(|()| {
                     self.cpu.inject(Event::Exception {
                         vector: vector::PF,
