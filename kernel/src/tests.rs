@@ -102,6 +102,10 @@ const TESTS: &[(&str, TestFn)] = &[
         violations::unsupported_mmio_instruction_stops_the_vm,
     ),
     (
+        "an_emulated_write_the_guest_tables_refuse_is_its_page_fault",
+        violations::an_emulated_write_the_guest_tables_refuse_is_its_page_fault,
+    ),
+    (
         "mmio_access_crossing_a_page_is_emulated_in_both_halves",
         violations::mmio_access_crossing_a_page_is_emulated_in_both_halves,
     ),

@@ -8,6 +8,7 @@
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::frames::{HostFrameAllocator, HostMemory};
 use crate::manager::Pgm;
+use crate::{Invalidation, PgmError};
 
 const CR0_PG: u64 = 1 << 31;
 const CR4_PSE: u64 = 1 << 4;
@@ -15,6 +16,10 @@ const CR4_PAE: u64 = 1 << 5;
 const EFER_LMA: u64 = 1 << 10;
 const PRESENT: u64 = 1 << 0;
 const PAGE_SIZE_BIT: u64 = 1 << 7;
+const WRITABLE: u64 = 1 << 1;
+const USER: u64 = 1 << 2;
+const ACCESSED: u64 = 1 << 5;
+const DIRTY: u64 = 1 << 6;
 /// Address bits 51:12 of an 8-byte paging entry.
 const ADDRESS_MASK_64: u64 = 0x000F_FFFF_FFFF_F000;
 
@@ -63,6 +68,42 @@ pub enum GuestWalkError {
     TableOutsideMemory(GuestPhysAddr),
     /// The code the walk led to is not in readable guest memory (at this address).
     CodeOutsideMemory(GuestPhysAddr),
+    /// Every entry is present but they refuse the access: a write to a read-only page (by
+    /// user code, or by the supervisor under CR0.WP), or a user access to a supervisor page.
+    Protection,
+}
+
+/// A data access as the guest's MMU checks it (see [`Pgm::guest_translate_access`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuestAccess {
+    /// A write (else a read).
+    pub write: bool,
+    /// Made at CPL 3.
+    pub user: bool,
+    /// CR0.WP: supervisor writes honour read-only entries too.
+    pub write_protect: bool,
+}
+
+/// The accessed and dirty bits a checked walk found clear and the MMU would set: each entry's
+/// guest-physical address, its size (4 or 8 bytes) and its value with the bits set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EntryUpdates {
+    entries: [(u64, u8, u64); 4],
+    len: u8,
+}
+
+impl EntryUpdates {
+    /// True when every entry already had its bits.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn push(&mut self, at: u64, size: u8, value: u64) {
+        if let Some(slot) = self.entries.get_mut(usize::from(self.len)) {
+            *slot = (at, size, value);
+            self.len += 1;
+        }
+    }
 }
 
 /// One level of a walk: where its index sits in the linear address and how wide it is.
@@ -72,6 +113,57 @@ struct Level {
     index_bits: u32,
     /// A page-size bit here maps a large page.
     large_allowed: bool,
+}
+
+/// Where a walk starts and the levels it goes through.
+struct WalkPlan {
+    table: u64,
+    /// The linear address as the paging mode sees it (32 bits outside 4-level paging).
+    linear: u64,
+    levels: &'static [Level],
+    entry_size: u64,
+}
+
+const fn level(number: u8, shift: u32, index_bits: u32, large_allowed: bool) -> Level {
+    Level {
+        number,
+        shift,
+        index_bits,
+        large_allowed,
+    }
+}
+
+const LEVELS_32: [Level; 2] = [level(2, 22, 10, false), level(1, 12, 10, false)];
+const LEVELS_32_PSE: [Level; 2] = [level(2, 22, 10, true), level(1, 12, 10, false)];
+const LEVELS_PAE: [Level; 3] = [
+    level(3, 30, 2, false),
+    level(2, 21, 9, true),
+    level(1, 12, 9, false),
+];
+const LEVELS_4: [Level; 4] = [
+    level(4, 39, 9, false),
+    level(3, 30, 9, true),
+    level(2, 21, 9, true),
+    level(1, 12, 9, false),
+];
+
+impl WalkPlan {
+    /// The walk of `linear` under `paging` rooted at `cr3`; `None` with paging off.
+    fn of(paging: GuestPaging, cr3: u64, linear: u64) -> Option<WalkPlan> {
+        let (table, linear, levels, entry_size): (u64, u64, &'static [Level], u64) = match paging {
+            GuestPaging::Off => return None,
+            GuestPaging::Bits32 { pse: true } => (cr3 & 0xFFFF_F000, linear & 0xFFFF_FFFF, &LEVELS_32_PSE, 4),
+            GuestPaging::Bits32 { pse: false } => (cr3 & 0xFFFF_F000, linear & 0xFFFF_FFFF, &LEVELS_32, 4),
+            GuestPaging::Pae => (cr3 & 0xFFFF_FFE0, linear & 0xFFFF_FFFF, &LEVELS_PAE, 8),
+            GuestPaging::Level4 => (cr3 & ADDRESS_MASK_64, linear, &LEVELS_4, 8),
+        };
+        Some(WalkPlan {
+            table,
+            linear,
+            levels,
+            entry_size,
+        })
+    }
 }
 
 /// What one walk read: each paging entry's host address and value, kept when every entry lay
@@ -141,6 +233,97 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         linear: u64,
     ) -> Result<GuestPhysAddr, GuestWalkError> {
         self.traced_walk(paging, cr3, linear, &mut None)
+    }
+
+    /// Translates the guest-linear address `linear` for a data `access` as the guest's MMU
+    /// would (SDM vol. 3, 4.6): every entry present, the page writable for a write (by user
+    /// code always; by the supervisor under CR0.WP) and user-accessible for a user access
+    /// (PAE's PDPT entries carry no such rights). Returns the guest-physical address (through
+    /// the A20 gate) and the accessed bits, and the leaf's dirty bit for a write, that the MMU
+    /// would set: [`set_accessed_dirty`](Self::set_accessed_dirty) sets them. Reads guest memory
+    /// only; changes nothing. SMAP and protection keys are not checked.
+    pub fn guest_translate_access(
+        &self,
+        paging: GuestPaging,
+        cr3: u64,
+        linear: u64,
+        access: GuestAccess,
+    ) -> Result<(GuestPhysAddr, EntryUpdates), GuestWalkError> {
+        let Some(plan) = WalkPlan::of(paging, cr3, linear) else {
+            let gpa = GuestPhysAddr::new_truncate(linear & 0xFFFF_FFFF);
+            return Ok((self.a20_apply(gpa), EntryUpdates::default()));
+        };
+        let WalkPlan {
+            table,
+            linear,
+            levels,
+            entry_size,
+        } = plan;
+        let mut table = table;
+        let (mut writable, mut user) = (true, true);
+        let mut updates = EntryUpdates::default();
+        for &Level {
+            number,
+            shift,
+            index_bits,
+            large_allowed,
+        } in levels
+        {
+            let index = (linear >> shift) & ((1 << index_bits) - 1);
+            let at = self
+                .a20_apply(GuestPhysAddr::new_truncate(table + index * entry_size))
+                .as_u64();
+            let (entry, _) = self.read_guest_entry(at, entry_size)?;
+            if entry & PRESENT == 0 {
+                return Err(GuestWalkError::NotPresent { level: number });
+            }
+            // PAE's PDPT entries have no rights bits (and no accessed bit to set).
+            let pae_pdpt = paging == GuestPaging::Pae && number == 3;
+            if !pae_pdpt {
+                writable &= entry & WRITABLE != 0;
+                user &= entry & USER != 0;
+            }
+            let leaf = number == 1 || (large_allowed && entry & PAGE_SIZE_BIT != 0);
+            let mut wanted = if pae_pdpt { 0 } else { ACCESSED };
+            if leaf && access.write {
+                wanted |= DIRTY;
+            }
+            if entry & wanted != wanted {
+                updates.push(at, entry_size as u8, entry | wanted);
+            }
+            if leaf {
+                let refused = (access.user && !user)
+                    || (access.write && !writable && (access.user || access.write_protect));
+                if refused {
+                    return Err(GuestWalkError::Protection);
+                }
+                let offset_mask = (1u64 << shift) - 1;
+                let base = leaf_base(entry, entry_size, shift);
+                return Ok((
+                    self.a20_apply(GuestPhysAddr::new_truncate(base | (linear & offset_mask))),
+                    updates,
+                ));
+            }
+            table = if entry_size == 4 {
+                entry & 0xFFFF_F000
+            } else {
+                entry & ADDRESS_MASK_64
+            };
+        }
+        // Every list of levels ends with level 1, which returns above.
+        Err(GuestWalkError::NotPresent { level: 1 })
+    }
+
+    /// Sets the accessed and dirty bits a checked walk found clear ([`EntryUpdates`]), as the
+    /// guest's MMU sets them after a walk. Returns the invalidation the writes need.
+    pub fn set_accessed_dirty(&mut self, updates: &EntryUpdates) -> Result<Invalidation, PgmError> {
+        let mut invalidation = Invalidation::None;
+        for &(at, size, value) in &updates.entries[..usize::from(updates.len)] {
+            let bytes = value.to_le_bytes();
+            invalidation = invalidation
+                .max(self.write_phys(GuestPhysAddr::new_truncate(at), &bytes[..usize::from(size)])?);
+        }
+        Ok(invalidation)
     }
 
     /// Reads the instruction bytes at the guest-linear address `linear` (through the guest's
@@ -231,52 +414,13 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         linear: u64,
         trace: &mut Option<WalkTrace>,
     ) -> Result<GuestPhysAddr, GuestWalkError> {
-        let level = |number, shift, index_bits, large_allowed| Level {
-            number,
-            shift,
-            index_bits,
-            large_allowed,
-        };
-        let entry_size = match paging {
-            GuestPaging::Bits32 { .. } => 4,
-            _ => 8,
+        let Some(plan) = WalkPlan::of(paging, cr3, linear) else {
+            return Ok(GuestPhysAddr::new_truncate(linear & 0xFFFF_FFFF));
         };
         if let Some(kept) = trace.as_mut() {
-            kept.entry_size = entry_size as u8;
+            kept.entry_size = plan.entry_size as u8;
         }
-        match paging {
-            GuestPaging::Off => Ok(GuestPhysAddr::new_truncate(linear & 0xFFFF_FFFF)),
-            GuestPaging::Bits32 { pse } => self.walk(
-                cr3 & 0xFFFF_F000,
-                linear & 0xFFFF_FFFF,
-                &[level(2, 22, 10, pse), level(1, 12, 10, false)],
-                entry_size,
-                trace,
-            ),
-            GuestPaging::Pae => self.walk(
-                cr3 & 0xFFFF_FFE0,
-                linear & 0xFFFF_FFFF,
-                &[
-                    level(3, 30, 2, false),
-                    level(2, 21, 9, true),
-                    level(1, 12, 9, false),
-                ],
-                entry_size,
-                trace,
-            ),
-            GuestPaging::Level4 => self.walk(
-                cr3 & ADDRESS_MASK_64,
-                linear,
-                &[
-                    level(4, 39, 9, false),
-                    level(3, 30, 9, true),
-                    level(2, 21, 9, true),
-                    level(1, 12, 9, false),
-                ],
-                entry_size,
-                trace,
-            ),
-        }
+        self.walk(plan.table, plan.linear, plan.levels, plan.entry_size, trace)
     }
 
     /// Walks `levels` from the table at `table`, with entries of `entry_size` bytes, noting
@@ -551,5 +695,105 @@ mod tests {
             pgm.read_code(GuestPaging::Level4, cr3, CODE_LINEAR, &mut bytes, &mut None, 0),
             Err(GuestWalkError::CodeOutsideMemory(gpa(0xFFF0_0000)))
         );
+    }
+
+    /// Long-mode tables mapping linear 0x40_5000 to 0x7000 with `leaf` rights (and every upper
+    /// level writable and user): the PML4 at 0x1000.
+    fn data_tables(pgm: &mut crate::test_support::SimPgm, leaf: u64) -> u64 {
+        let (pml4, pdpt, pd, pt) = (0x1000, 0x2000, 0x3000, 0x4000);
+        put64(pgm, pml4, pdpt | P | USER);
+        put64(pgm, pdpt, pd | P | USER);
+        put64(pgm, pd + 2 * 8, pt | P | USER);
+        put64(pgm, pt + 5 * 8, 0x7000 | PRESENT | leaf);
+        pml4
+    }
+
+    #[test]
+    fn a_checked_walk_refuses_what_the_entries_refuse() {
+        let mut pgm = pc_like();
+        let access = |write, user, write_protect| GuestAccess {
+            write,
+            user,
+            write_protect,
+        };
+        let translate = |pgm: &crate::test_support::SimPgm, cr3, access| {
+            pgm.guest_translate_access(GuestPaging::Level4, cr3, 0x40_5123, access)
+                .map(|(gpa, _)| gpa)
+        };
+        let read_only_supervisor = data_tables(&mut pgm, 0);
+        assert_eq!(
+            translate(&pgm, read_only_supervisor, access(false, false, true)),
+            Ok(gpa(0x7123))
+        );
+        assert_eq!(
+            translate(&pgm, read_only_supervisor, access(false, true, true)),
+            Err(GuestWalkError::Protection),
+            "a user read of a supervisor page"
+        );
+        assert_eq!(
+            translate(&pgm, read_only_supervisor, access(true, false, true)),
+            Err(GuestWalkError::Protection),
+            "a supervisor write to a read-only page under CR0.WP"
+        );
+        assert_eq!(
+            translate(&pgm, read_only_supervisor, access(true, false, false)),
+            Ok(gpa(0x7123)),
+            "without CR0.WP the supervisor writes anyway"
+        );
+        let user_writable = data_tables(&mut pgm, WRITABLE | USER);
+        assert_eq!(
+            translate(&pgm, user_writable, access(true, true, true)),
+            Ok(gpa(0x7123))
+        );
+        // A read-only upper level makes the whole walk read-only.
+        put64(&mut pgm, 0x3000 + 2 * 8, 0x4000 | PRESENT | USER);
+        assert_eq!(
+            translate(&pgm, user_writable, access(true, true, true)),
+            Err(GuestWalkError::Protection)
+        );
+        assert_eq!(
+            translate(&pgm, user_writable, access(false, true, true)).map(|_| ()),
+            Ok(()),
+        );
+        assert_eq!(
+            pgm.guest_translate_access(
+                GuestPaging::Level4,
+                user_writable,
+                0x80_0000,
+                access(false, false, false)
+            ),
+            Err(GuestWalkError::NotPresent { level: 2 })
+        );
+    }
+
+    #[test]
+    fn a_checked_walk_sets_accessed_bits_and_dirty_for_a_write() {
+        let mut pgm = pc_like();
+        let cr3 = data_tables(&mut pgm, WRITABLE);
+        let write = GuestAccess {
+            write: true,
+            ..GuestAccess::default()
+        };
+        let (_, updates) = pgm
+            .guest_translate_access(GuestPaging::Level4, cr3, 0x40_5000, write)
+            .unwrap();
+        assert!(!updates.is_empty());
+        pgm.set_accessed_dirty(&updates).unwrap();
+        for entry in [0x1000, 0x2000, 0x3000 + 2 * 8] {
+            assert_eq!(
+                pgm.read_phys_u64(gpa(entry)).unwrap() & (ACCESSED | DIRTY),
+                ACCESSED,
+                "{entry:#x}"
+            );
+        }
+        assert_eq!(
+            pgm.read_phys_u64(gpa(0x4000 + 5 * 8)).unwrap() & (ACCESSED | DIRTY),
+            ACCESSED | DIRTY
+        );
+        // Nothing left to set: the next walk asks for nothing.
+        let (_, again) = pgm
+            .guest_translate_access(GuestPaging::Level4, cr3, 0x40_5000, write)
+            .unwrap();
+        assert!(again.is_empty());
     }
 }

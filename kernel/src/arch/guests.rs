@@ -698,6 +698,19 @@ guest_programs! {
         "vmcall",
         "hlt",
     ];
+    // Sets CR0.WP, then MOVSQ from RSI (the device) to RDI (a read-only page the test
+    // chose): the emulated store is refused by the guest's own page tables. Done(0) only if
+    // the store went through.
+    movs_to_read_only_long64: Long64, ".code64", [
+        "mov rax, cr0",
+        "or rax, 0x10000",
+        "mov cr0, rax",
+        "movsq",
+        "xor eax, eax",
+        "xor ebx, ebx",
+        "vmcall",
+        "hlt",
+    ];
     // Calls the routine at linear R9 five times, the 2 MiB page there mapped through the page
     // directory entry at R8 to physical 0x200000 three times, then 0x400000, then 0x200000
     // again (changed in memory, then INVLPG: no exit), RSI stepping by 4 after each call;

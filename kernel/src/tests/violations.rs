@@ -360,6 +360,48 @@ pub fn unsupported_mmio_instruction_stops_the_vm(host: &'static Host) -> TestRes
     Ok(())
 }
 
+/// An emulated instruction's access that the guest's own page tables refuse (MOVSQ from the
+/// device to a read-only 2 MiB page, CR0.WP set) is the guest's page fault, not a write: the
+/// guest, which has no IDT, takes the #PF and shuts down at the MOVSQ, and the page keeps
+/// what it held.
+pub fn an_emulated_write_the_guest_tables_refuse_is_its_page_fault(host: &'static Host) -> TestResult {
+    const READ_ONLY: u64 = 0x40_0000;
+    let mut pc = pc(host, Above4G::No)?;
+    let cr3 = pc::build_long_mode_tables(&mut pc.vm)?;
+    // The first GiB's third 2 MiB entry: present, large, not writable.
+    let result = pc
+        .vm
+        .pgm_mut()
+        .write_phys(gpa(pc::FIRST_PD + 2 * 8), &(READ_ONLY | 0x81).to_le_bytes());
+    apply(&mut pc.vm, result)?;
+    let result = pc
+        .vm
+        .pgm_mut()
+        .write_phys(gpa(READ_ONLY), &0x5AFE_u64.to_le_bytes());
+    apply(&mut pc.vm, result)?;
+    let mut device = TestDevice::new(pc.device, pc::DEVICE_BASE);
+    let regs = GuestRegisters {
+        rsi: pc::DEVICE_BASE,
+        rdi: READ_ONLY,
+        ..Default::default()
+    };
+    pc.vm
+        .start_paged(
+            &programs::movs_to_read_only_long64(),
+            CODE,
+            pc::HIGH_HALF + CODE,
+            cr3,
+            regs,
+        )
+        .map_err(|e| format!("{e}"))?;
+    let diagnostic = stopped(pc.vm.run_with(&mut device))?;
+    ensure_eq!(diagnostic.cause, StopCause::TripleFault, "cause");
+    ensure_eq!(pc.vm.exits.injected, 1, "events injected (the #PF)");
+    ensure_eq!(read_u64(&pc.vm, READ_ONLY)?, 0x5AFE, "the read-only page");
+    ensure_eq!(device.log, [(R, 0x00, 8)], "device accesses (the MOVSQ's load)");
+    Ok(())
+}
+
 /// A store that starts in RAM and ends in the device is emulated in both halves: the exit
 /// names the device page, the operand starts on the page before (reached through the guest's
 /// paging), and each half lands where it belongs.

@@ -10,7 +10,7 @@
 
 use alloc::sync::Arc;
 
-use pgm::guest_paging::{CodeTranslation, GuestPaging, GuestWalkError};
+use pgm::guest_paging::{CodeTranslation, EntryUpdates, GuestAccess, GuestPaging, GuestWalkError};
 use pgm::manager::{AccessHandlers, MmioTarget};
 use pgm::{GuestPhysAddr, Invalidation, PgmError, PAGE_SIZE};
 
@@ -376,6 +376,8 @@ struct GuestCpu {
     code_base: u64,
     paging: GuestPaging,
     cr3: u64,
+    /// CR0 (for CR0.WP).
+    cr0: u64,
 }
 
 impl From<CpuState> for GuestCpu {
@@ -387,6 +389,7 @@ impl From<CpuState> for GuestCpu {
             code_base: state.code_base,
             paging: GuestPaging::from_registers(state.cr0, state.cr4, state.efer),
             cr3: state.cr3,
+            cr0: state.cr0,
         }
     }
 }
@@ -458,7 +461,11 @@ const CODE_64: u16 = 0xA09B;
 const CODE_32: u16 = 0xC09B;
 const DATA_32: u16 = 0xC093;
 
+/// CR0.WP: supervisor writes honour read-only pages.
+const CR0_WP: u64 = 1 << 16;
+
 /// #PF error-code bits.
+const PF_PRESENT: u32 = 1 << 0;
 const PF_WRITE: u32 = 1 << 1;
 const PF_USER: u32 = 1 << 2;
 
@@ -467,21 +474,39 @@ type Pieces = [(GuestPhysAddr, usize); 2];
 
 impl<H: AccessHandlers> VcpuMachine<'_, '_, '_, H> {
     /// The guest-physical address of the guest-linear `linear`: the exit's own page without a
-    /// walk, else through the guest's paging (a page the guest does not map is its #PF).
-    fn translate(&self, pgm: &KernelPgm, linear: u64, write: bool) -> Result<GuestPhysAddr, MemoryFault> {
+    /// walk (the CPU checked and marked it), else through the guest's paging with its rights
+    /// checked (what they refuse, or a page not mapped, is the guest's #PF); the accessed and
+    /// dirty bits the walk found clear go to `updates`, for the caller to set.
+    fn translate(
+        &self,
+        pgm: &KernelPgm,
+        linear: u64,
+        write: bool,
+        updates: &mut [EntryUpdates; 2],
+    ) -> Result<GuestPhysAddr, MemoryFault> {
         if let Some(fault) = self.fault {
             if fault.linear == Some(linear & !(PAGE_SIZE - 1)) {
                 return Ok(fault.gpa.at_page_offset(linear & (PAGE_SIZE - 1)));
             }
         }
-        let walked = pgm.guest_linear_to_phys(self.guest.paging, self.guest.cr3, linear);
-        match walked {
-            Ok(gpa) => Ok(pgm.a20_apply(gpa)),
-            Err(GuestWalkError::NotPresent { .. }) => {
-                let user = self.cpu.segment(Segment::Ss).is_ok_and(|ss| ss.dpl() == 3);
-                let error_code = if write { PF_WRITE } else { 0 } | if user { PF_USER } else { 0 };
-                Err(MemoryFault::PageFault { linear, error_code })
+        let user = self.cpu.segment(Segment::Ss).is_ok_and(|ss| ss.dpl() == 3);
+        let access = GuestAccess {
+            write,
+            user,
+            write_protect: self.guest.cr0 & CR0_WP != 0,
+        };
+        let error_code = if write { PF_WRITE } else { 0 } | if user { PF_USER } else { 0 };
+        match pgm.guest_translate_access(self.guest.paging, self.guest.cr3, linear, access) {
+            Ok((gpa, found)) => {
+                let slot = if updates[0].is_empty() { 0 } else { 1 };
+                updates[slot] = found;
+                Ok(gpa)
             }
+            Err(GuestWalkError::NotPresent { .. }) => Err(MemoryFault::PageFault { linear, error_code }),
+            Err(GuestWalkError::Protection) => Err(MemoryFault::PageFault {
+                linear,
+                error_code: error_code | PF_PRESENT,
+            }),
             Err(_) => Err(MemoryFault::NotGuestMemory),
         }
     }
@@ -493,10 +518,11 @@ impl<H: AccessHandlers> VcpuMachine<'_, '_, '_, H> {
         linear: u64,
         len: usize,
         write: bool,
+        updates: &mut [EntryUpdates; 2],
     ) -> Result<(Pieces, usize), MemoryFault> {
         let first = len.min((PAGE_SIZE - (linear & (PAGE_SIZE - 1))) as usize);
         let mut pieces = [
-            (self.translate(pgm, linear, write)?, first),
+            (self.translate(pgm, linear, write, updates)?, first),
             (GuestPhysAddr::new_truncate(0), 0),
         ];
         if first == len {
@@ -508,7 +534,7 @@ impl<H: AccessHandlers> VcpuMachine<'_, '_, '_, H> {
         } else {
             rest & 0xFFFF_FFFF
         };
-        pieces[1] = (self.translate(pgm, rest, write)?, len - first);
+        pieces[1] = (self.translate(pgm, rest, write, updates)?, len - first);
         Ok((pieces, 2))
     }
 
@@ -531,7 +557,9 @@ impl<H: AccessHandlers> VcpuMachine<'_, '_, '_, H> {
         let is_write = write.is_some();
         match self.memory {
             MachineMemory::Mmio(pgm, target) => {
-                let (pieces, count) = self.pieces(pgm, linear, len, is_write)?;
+                // The walk's bits are not set here: the shared manager writes nothing, and the
+                // only page this path reaches is the one the CPU itself walked to.
+                let (pieces, count) = self.pieces(pgm, linear, len, is_write, &mut Default::default())?;
                 if !pieces[..count].iter().all(|&(gpa, _)| self.on_fault_page(gpa)) {
                     return Err(MemoryFault::Retry);
                 }
@@ -567,7 +595,12 @@ impl<H: AccessHandlers> VcpuMachine<'_, '_, '_, H> {
                 let vm = self.vm;
                 let reads_ones = vm.devices.unassigned_reads_ones;
                 let mut pgm = vm.lock();
-                let (pieces, count) = self.pieces(&pgm, linear, len, is_write)?;
+                let mut updates = <[EntryUpdates; 2]>::default();
+                let (pieces, count) = self.pieces(&pgm, linear, len, is_write, &mut updates)?;
+                for found in updates.iter().filter(|found| !found.is_empty()) {
+                    let invalidation = pgm.set_accessed_dirty(found).map_err(memory_fault)?;
+                    self.invalidation = self.invalidation.max(invalidation);
+                }
                 let devices = &mut *self.devices;
                 let mut done = 0;
                 let mut read = read;
