@@ -78,7 +78,8 @@ pub(crate) fn execute<M: Machine>(
 impl<M: Machine> Exec<'_, M> {
     /// Carries the staged writes out: the segment and vector registers first (the machine may
     /// not offer them), then the general-purpose registers.
-    fn commit(self) -> Result<Outcome, EmulationError> {
+    #[inline]
+    fn commit(&mut self) -> Result<Outcome, EmulationError> {
         if let Some((segment, state)) = self.segment {
             if !self.machine.set_segment(segment, state) {
                 return Err(EmulationError::Unsupported);
@@ -101,6 +102,10 @@ impl<M: Machine> Exec<'_, M> {
     /// Dispatches on the instruction.
     fn run(&mut self) -> Result<(), EmulationError> {
         let i = self.instruction;
+        // The device-register access of every driver first, before the general dispatch.
+        if i.mnemonic() == Mnemonic::Mov {
+            return self.mov();
+        }
         if (0..i.op_count()).any(|op| is_memory(i.op_kind(op)) && i.op_kind(op) != OpKind::Memory)
             || matches!(i.mnemonic(), Mnemonic::Insb | Mnemonic::Insw | Mnemonic::Insd)
             || matches!(i.mnemonic(), Mnemonic::Outsb | Mnemonic::Outsw | Mnemonic::Outsd)
@@ -157,6 +162,7 @@ impl<M: Machine> Exec<'_, M> {
     // ---- Registers, operands, memory ----
 
     /// 16, 32 or 64.
+    #[inline]
     fn bitness(&self) -> u32 {
         match self.instruction.code_size() {
             CodeSize::Code16 => 16,
@@ -166,6 +172,7 @@ impl<M: Machine> Exec<'_, M> {
     }
 
     /// The full register's value, with this instruction's earlier writes.
+    #[inline]
     fn full(&mut self, full: Register) -> u64 {
         match self.written[..self.writes]
             .iter()
@@ -178,6 +185,7 @@ impl<M: Machine> Exec<'_, M> {
     }
 
     /// Stages a write of the full register.
+    #[inline]
     fn set_full(&mut self, full: Register, value: u64) {
         if let Some(slot) = self.written[..self.writes]
             .iter_mut()
@@ -192,6 +200,7 @@ impl<M: Machine> Exec<'_, M> {
     }
 
     /// A general-purpose register of any width.
+    #[inline]
     pub(crate) fn reg(&mut self, reg: Register) -> u64 {
         let full = self.full(reg.full_register());
         if is_high_byte(reg) {
@@ -203,6 +212,7 @@ impl<M: Machine> Exec<'_, M> {
 
     /// Writes a general-purpose register as the CPU does: 8- and 16-bit writes keep the other
     /// bits, 32-bit writes clear bits 63:32.
+    #[inline]
     pub(crate) fn set_reg(&mut self, reg: Register, value: u64) {
         let full = reg.full_register();
         let old = self.full(full);
@@ -216,12 +226,13 @@ impl<M: Machine> Exec<'_, M> {
 
     /// Masks an effective address to the code's address width (64-bit addresses are checked
     /// for canonical form: #GP(0), or #SS(0) through SS).
-    fn linear(&mut self, address: u64, through_stack: bool) -> Result<u64, EmulationError> {
+    #[inline]
+    fn linear(&mut self, address: u64, through_stack: impl FnOnce() -> bool) -> Result<u64, EmulationError> {
         if self.bitness() != 64 {
             return Ok(address & 0xFFFF_FFFF);
         }
         if sign_extend(address, 6) != address {
-            let vector = if through_stack {
+            let vector = if through_stack() {
                 STACK_FAULT
             } else {
                 GENERAL_PROTECTION
@@ -232,6 +243,7 @@ impl<M: Machine> Exec<'_, M> {
     }
 
     /// The guest-linear address of memory operand `op` (element 0 of a string operand).
+    #[inline]
     pub(crate) fn address(&mut self, op: u32) -> Result<u64, EmulationError> {
         let i = self.instruction;
         let address = i
@@ -245,8 +257,7 @@ impl<M: Machine> Exec<'_, M> {
                 }
             })
             .ok_or(EmulationError::Unsupported)?;
-        let through_stack = i.memory_segment() == Register::SS;
-        self.linear(address, through_stack)
+        self.linear(address, || i.memory_segment() == Register::SS)
     }
 
     /// The index of the explicit memory operand.
@@ -258,6 +269,7 @@ impl<M: Machine> Exec<'_, M> {
     }
 
     /// Reads `size` (at most 8) bytes at `linear`.
+    #[inline]
     pub(crate) fn load(&mut self, linear: u64, size: usize) -> Result<u64, EmulationError> {
         let mut bytes = [0u8; 8];
         self.machine.read(linear, &mut bytes[..size])?;
@@ -265,11 +277,13 @@ impl<M: Machine> Exec<'_, M> {
     }
 
     /// Writes the low `size` bytes of `value` at `linear`.
+    #[inline]
     pub(crate) fn store(&mut self, linear: u64, size: usize, value: u64) -> Result<(), EmulationError> {
         Ok(self.machine.write(linear, &value.to_le_bytes()[..size])?)
     }
 
     /// The size in bytes of operand `op`.
+    #[inline]
     fn size_of(&self, op: u32) -> usize {
         let i = self.instruction;
         match i.op_kind(op) {
@@ -281,6 +295,7 @@ impl<M: Machine> Exec<'_, M> {
 
     /// The value of operand `op`: a register, an immediate (sign-extended as the CPU does) or
     /// memory.
+    #[inline]
     fn get(&mut self, op: u32) -> Result<u64, EmulationError> {
         let i = self.instruction;
         match i.op_kind(op) {
@@ -303,19 +318,35 @@ impl<M: Machine> Exec<'_, M> {
             | OpKind::Immediate8to32
             | OpKind::Immediate8to64
             | OpKind::Immediate32to64 => Ok(i.immediate(op)),
-            OpKind::Memory => {
-                let size = self.size_of(op);
-                if !matches!(size, 1 | 2 | 4 | 8) {
-                    return Err(EmulationError::Unsupported);
-                }
-                let linear = self.address(op)?;
-                self.load(linear, size)
-            }
+            OpKind::Memory => self.load_operand(op),
             _ => Err(EmulationError::Unsupported),
         }
     }
 
+    /// Reads the explicit memory operand `op` (1, 2, 4 or 8 bytes).
+    #[inline]
+    fn load_operand(&mut self, op: u32) -> Result<u64, EmulationError> {
+        let size = self.instruction.memory_size().size();
+        if !matches!(size, 1 | 2 | 4 | 8) {
+            return Err(EmulationError::Unsupported);
+        }
+        let linear = self.address(op)?;
+        self.load(linear, size)
+    }
+
+    /// Writes `value` to the explicit memory operand `op` (1, 2, 4 or 8 bytes).
+    #[inline]
+    fn store_operand(&mut self, op: u32, value: u64) -> Result<(), EmulationError> {
+        let size = self.instruction.memory_size().size();
+        if !matches!(size, 1 | 2 | 4 | 8) {
+            return Err(EmulationError::Unsupported);
+        }
+        let linear = self.address(op)?;
+        self.store(linear, size, value)
+    }
+
     /// Writes `value` to operand `op` (a general-purpose register or memory).
+    #[inline]
     fn put(&mut self, op: u32, value: u64) -> Result<(), EmulationError> {
         let i = self.instruction;
         match i.op_kind(op) {
@@ -323,14 +354,7 @@ impl<M: Machine> Exec<'_, M> {
                 self.set_reg(i.op_register(op), value);
                 Ok(())
             }
-            OpKind::Memory => {
-                let size = self.size_of(op);
-                if !matches!(size, 1 | 2 | 4 | 8) {
-                    return Err(EmulationError::Unsupported);
-                }
-                let linear = self.address(op)?;
-                self.store(linear, size, value)
-            }
+            OpKind::Memory => self.store_operand(op, value),
             _ => Err(EmulationError::Unsupported),
         }
     }
@@ -346,12 +370,26 @@ impl<M: Machine> Exec<'_, M> {
     /// (a store of the selector, or a segment load).
     fn mov(&mut self) -> Result<(), EmulationError> {
         let i = self.instruction;
-        if i.op0_kind() == OpKind::Register && i.op0_register().is_segment_register() {
-            let selector = self.get(1)? as u16;
-            return system::load_segment(self, i.op0_register(), selector);
+        match (i.op0_kind(), i.op1_kind()) {
+            // A device register's store and load: the commonest exit, spelled out.
+            (OpKind::Memory, OpKind::Register) if i.op1_register().is_gpr() => {
+                let value = self.reg(i.op1_register());
+                self.store_operand(0, value)
+            }
+            (OpKind::Register, OpKind::Memory) if i.op0_register().is_gpr() => {
+                let value = self.load_operand(1)?;
+                self.set_reg(i.op0_register(), value);
+                Ok(())
+            }
+            (OpKind::Register, _) if i.op0_register().is_segment_register() => {
+                let selector = self.get(1)? as u16;
+                system::load_segment(self, i.op0_register(), selector)
+            }
+            _ => {
+                let value = self.get(1)?;
+                self.put(0, value)
+            }
         }
-        let value = self.get(1)?;
-        self.put(0, value)
     }
 
     /// MOVZX, MOVSX, MOVSXD.
@@ -444,7 +482,7 @@ impl<M: Machine> Exec<'_, M> {
                 let unit = signed.div_euclid(bits as i64);
                 let at = base.wrapping_add((unit * size as i64) as u64);
                 (
-                    Some(self.linear(at, false)?),
+                    Some(self.linear(at, || false)?),
                     signed.rem_euclid(bits as i64) as u64,
                 )
             } else {
@@ -687,7 +725,7 @@ impl<M: Machine> Exec<'_, M> {
     /// The linear address of stack offset `rsp` (SS base added outside 64-bit code).
     fn stack_linear(&mut self, rsp: u64) -> Result<u64, EmulationError> {
         let base = self.machine.segment_base(Register::SS);
-        self.linear(base.wrapping_add(rsp), true)
+        self.linear(base.wrapping_add(rsp), || true)
     }
 
     /// Pushes the low `size` bytes of `value`.
@@ -824,7 +862,7 @@ impl<M: Machine> Exec<'_, M> {
         let pointer = self.address(op)?;
         let offset_size = self.instruction.memory_size().size() - 2;
         let offset = self.load(pointer, offset_size)?;
-        let selector_at = self.linear(pointer.wrapping_add(offset_size as u64), false)?;
+        let selector_at = self.linear(pointer.wrapping_add(offset_size as u64), || false)?;
         let selector = self.load(selector_at, 2)? as u16;
         system::load_segment(self, Register::CS, selector)?;
         let long = self.segment.is_some_and(|(_, state)| state.long());

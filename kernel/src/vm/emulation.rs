@@ -258,12 +258,11 @@ impl Vcpu<'_> {
         devices: &mut H,
         ports: Option<&mut Ports<'_>>,
     ) -> (Result<emulator::Outcome, EmulationError>, Invalidation) {
-        let vm = Arc::clone(&self.memory);
         let mut machine = VcpuMachine {
             cpu: &mut self.cpu,
             guest: cpu,
             fault,
-            vm: &vm,
+            vm: &self.memory,
             memory,
             devices,
             ports,
@@ -489,6 +488,10 @@ impl<H: AccessHandlers> VcpuMachine<'_, '_, '_, H> {
                 return Ok(fault.gpa.at_page_offset(linear & (PAGE_SIZE - 1)));
             }
         }
+        if self.guest.paging == GuestPaging::Off {
+            // Linear is physical: no walk, and no rights to check (nor CPL to read for them).
+            return Ok(pgm.a20_apply(GuestPhysAddr::new_truncate(linear & 0xFFFF_FFFF)));
+        }
         let user = self.cpu.segment(Segment::Ss).is_ok_and(|ss| ss.dpl() == 3);
         let access = GuestAccess {
             write,
@@ -538,6 +541,15 @@ impl<H: AccessHandlers> VcpuMachine<'_, '_, '_, H> {
         Ok((pieces, 2))
     }
 
+    /// The guest-physical address of `len` bytes at `linear` when they lie on the page the exit
+    /// named, at the linear address it reported: the fast path's every access, with no walk.
+    fn on_named_page(&self, linear: u64, len: usize) -> Option<GuestPhysAddr> {
+        let fault = self.fault?;
+        let offset = linear & (PAGE_SIZE - 1);
+        let fits = offset as usize + len <= PAGE_SIZE as usize;
+        (fault.linear == Some(linear - offset) && fits).then(|| fault.gpa.at_page_offset(offset))
+    }
+
     /// True when the fast path holds `gpa`'s page.
     fn on_fault_page(&self, gpa: GuestPhysAddr) -> bool {
         self.fault.is_some_and(|fault| fault.gpa == gpa.page_base())
@@ -557,35 +569,32 @@ impl<H: AccessHandlers> VcpuMachine<'_, '_, '_, H> {
         let is_write = write.is_some();
         match self.memory {
             MachineMemory::Mmio(pgm, target) => {
-                // The walk's bits are not set here: the shared manager writes nothing, and the
-                // only page this path reaches is the one the CPU itself walked to.
-                let (pieces, count) = self.pieces(pgm, linear, len, is_write, &mut Default::default())?;
-                if !pieces[..count].iter().all(|&(gpa, _)| self.on_fault_page(gpa)) {
-                    return Err(MemoryFault::Retry);
-                }
+                let gpa = match self.on_named_page(linear, len) {
+                    Some(gpa) => gpa,
+                    // A backend that reports no linear address: a walk finds the page (its
+                    // bits are not set here: the shared manager writes nothing, and the CPU
+                    // walked to this page itself).
+                    None if self.fault.is_some_and(|fault| fault.linear.is_none()) => {
+                        let (pieces, count) =
+                            self.pieces(pgm, linear, len, is_write, &mut Default::default())?;
+                        if count != 1 || !self.on_fault_page(pieces[0].0) {
+                            return Err(MemoryFault::Retry);
+                        }
+                        pieces[0].0
+                    }
+                    None => return Err(MemoryFault::Retry),
+                };
                 let devices = &mut *self.devices;
-                let mut done = 0;
-                let mut read = read;
-                for &(gpa, size) in &pieces[..count] {
-                    let result = match (&mut read, write) {
-                        (Some(buf), _) => pgm.read_mmio(target, gpa, &mut buf[done..done + size], devices),
-                        (None, Some(data)) => pgm.write_mmio(target, gpa, &data[done..done + size], devices),
-                        _ => Ok(()),
-                    };
-                    result.map_err(memory_fault)?;
-                    done += size;
+                match (read, write) {
+                    (Some(buf), _) => pgm.read_mmio(target, gpa, buf, devices),
+                    (None, Some(data)) => pgm.write_mmio(target, gpa, data, devices),
+                    _ => Ok(()),
                 }
-                Ok(())
+                .map_err(memory_fault)
             }
             MachineMemory::Unassigned => {
                 // Only the named page is held; anything else is tried again with more.
-                let fault = self.fault.ok_or(MemoryFault::Retry)?;
-                let offset = linear & (PAGE_SIZE - 1);
-                if fault.linear != Some(linear & !(PAGE_SIZE - 1))
-                    || offset as usize + len > PAGE_SIZE as usize
-                {
-                    return Err(MemoryFault::Retry);
-                }
+                self.on_named_page(linear, len).ok_or(MemoryFault::Retry)?;
                 if let Some(buf) = read {
                     buf.fill(0xFF);
                 }
