@@ -644,16 +644,28 @@ impl<H: AccessHandlers> VcpuMachine<'_, '_, '_, H> {
     }
 
     /// The general-purpose register slot of `full` (RSP aside, which the backend keeps).
+    #[inline]
     fn slot(&mut self, full: Register) -> Option<&mut u64> {
-        let index = gpr_number(full)?;
-        self.cpu.regs_mut().by_number_mut(index)
+        let regs = self.cpu.regs_mut();
+        Some(match full {
+            Register::RAX => &mut regs.rax,
+            Register::RCX => &mut regs.rcx,
+            Register::RDX => &mut regs.rdx,
+            Register::RBX => &mut regs.rbx,
+            Register::RBP => &mut regs.rbp,
+            Register::RSI => &mut regs.rsi,
+            Register::RDI => &mut regs.rdi,
+            Register::R8 => &mut regs.r8,
+            Register::R9 => &mut regs.r9,
+            Register::R10 => &mut regs.r10,
+            Register::R11 => &mut regs.r11,
+            Register::R12 => &mut regs.r12,
+            Register::R13 => &mut regs.r13,
+            Register::R14 => &mut regs.r14,
+            Register::R15 => &mut regs.r15,
+            _ => return None,
+        })
     }
-}
-
-/// The encoding number (0 = RAX ... 15 = R15) of a 64-bit general-purpose register.
-fn gpr_number(full: Register) -> Option<u8> {
-    let number = (full as u32).checked_sub(Register::RAX as u32)?;
-    (number < 16).then_some(number as u8)
 }
 
 impl<H: AccessHandlers> Machine for VcpuMachine<'_, '_, '_, H> {
