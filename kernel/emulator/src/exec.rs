@@ -53,6 +53,9 @@ pub(crate) struct Exec<'a, M> {
     writes: usize,
     vector: Option<(Register, u128)>,
     pub(crate) segment: Option<(SegmentRegister, SegmentState)>,
+    /// The explicit memory operand's linear address, once computed (a read-modify-write
+    /// reads and writes the same operand).
+    explicit: Option<u64>,
 }
 
 /// See [`crate::execute`].
@@ -61,6 +64,14 @@ pub(crate) fn execute<M: Machine>(
     rflags: u64,
     machine: &mut M,
 ) -> Result<Outcome, EmulationError> {
+    if matches!(
+        instruction.mnemonic(),
+        Mnemonic::Mov | Mnemonic::Movzx | Mnemonic::Movsx | Mnemonic::Movsxd
+    ) {
+        if let Some(done) = register_move(instruction, rflags, machine) {
+            return done;
+        }
+    }
     let mut exec = Exec {
         instruction,
         machine,
@@ -70,6 +81,7 @@ pub(crate) fn execute<M: Machine>(
         writes: 0,
         vector: None,
         segment: None,
+        explicit: None,
     };
     exec.run()?;
     exec.commit()
@@ -249,6 +261,20 @@ impl<M: Machine> Exec<'_, M> {
     #[inline]
     pub(crate) fn address(&mut self, op: u32) -> Result<u64, EmulationError> {
         let i = self.instruction;
+        let explicit = i.op_kind(op) == OpKind::Memory;
+        if let Some(linear) = self.explicit.filter(|_| explicit) {
+            return Ok(linear);
+        }
+        let linear = self.compute_address(op)?;
+        if explicit {
+            self.explicit = Some(linear);
+        }
+        Ok(linear)
+    }
+
+    /// [`address`](Self::address), computed.
+    fn compute_address(&mut self, op: u32) -> Result<u64, EmulationError> {
+        let i = self.instruction;
         if let Some(address) = self.plain_address(op) {
             return self.linear(address, || i.memory_segment() == Register::SS);
         }
@@ -266,47 +292,15 @@ impl<M: Machine> Exec<'_, M> {
         self.linear(address, || i.memory_segment() == Register::SS)
     }
 
-    /// The effective address of explicit memory operand `op` in its commonest shape, computed
-    /// here rather than by iced-x86's general `virtual_address` (which serves every operand
-    /// kind and costs an MMIO exit about a hundred ticks more): 32- or 64-bit code, a base
-    /// and/or index register of the code's width (or RIP), no address-size override. `None`
-    /// for anything else.
+    /// [`plain_address`] with this instruction's staged register writes.
     #[inline]
     fn plain_address(&mut self, op: u32) -> Option<u64> {
-        let i = self.instruction;
-        let width = match i.code_size() {
-            CodeSize::Code64 => 8,
-            CodeSize::Code32 => 4,
-            _ => return None,
-        };
-        let (base, index) = (i.memory_base(), i.memory_index());
-        let plain = |reg: Register| reg == Register::None || (reg.is_gpr() && reg.size() == width);
-        let rip_relative = matches!(base, Register::RIP | Register::EIP);
-        if i.op_kind(op) != OpKind::Memory || (base == Register::None && index == Register::None) {
-            return None;
-        }
-        if !(plain(base) || (rip_relative && width == 8 && base == Register::RIP)) || !plain(index) {
-            return None;
-        }
-        // iced-x86 folds RIP into a RIP-relative operand's displacement.
-        let mut address = i.memory_displacement64();
-        if base != Register::None && !rip_relative {
-            address = address.wrapping_add(self.reg(base));
-        }
-        if index != Register::None {
-            address = address.wrapping_add(self.reg(index) << i.memory_index_scale().trailing_zeros());
-        }
-        let segment = i.memory_segment();
-        let segment_base = if width == 8 && !matches!(segment, Register::FS | Register::GS) {
-            0
-        } else {
-            self.machine.segment_base(segment)
-        };
-        let address = address.wrapping_add(segment_base);
-        Some(if width == 4 {
-            address & 0xFFFF_FFFF
-        } else {
-            address
+        plain_address(self.instruction, op, &mut |reg| {
+            if reg.is_segment_register() {
+                self.machine.segment_base(reg)
+            } else {
+                self.reg(reg)
+            }
         })
     }
 
@@ -1096,6 +1090,132 @@ impl<M: Machine> Exec<'_, M> {
     }
 }
 
+/// The guest-linear address of explicit memory operand `op` in its commonest shape, computed
+/// here rather than by iced-x86's general `virtual_address` (which serves every operand kind
+/// and costs an MMIO exit about a hundred ticks more): 32- or 64-bit code, a base and/or index
+/// register of the code's width (or RIP), no address-size override. `value` reads a
+/// general-purpose register (at its own width) or a segment register's base. `None` for any
+/// other shape; the 64-bit canonical check is the caller's.
+#[inline]
+pub(crate) fn plain_address(i: &Instruction, op: u32, value: &mut dyn FnMut(Register) -> u64) -> Option<u64> {
+    let width = match i.code_size() {
+        CodeSize::Code64 => 8,
+        CodeSize::Code32 => 4,
+        _ => return None,
+    };
+    let (base, index) = (i.memory_base(), i.memory_index());
+    let plain = |reg: Register| reg == Register::None || (reg.is_gpr() && reg.size() == width);
+    let rip_relative = matches!(base, Register::RIP | Register::EIP);
+    if i.op_kind(op) != OpKind::Memory || (base == Register::None && index == Register::None) {
+        return None;
+    }
+    if !(plain(base) || (rip_relative && width == 8 && base == Register::RIP)) || !plain(index) {
+        return None;
+    }
+    // iced-x86 folds RIP into a RIP-relative operand's displacement.
+    let mut address = i.memory_displacement64();
+    if base != Register::None && !rip_relative {
+        address = address.wrapping_add(value(base));
+    }
+    if index != Register::None {
+        address = address.wrapping_add(value(index) << i.memory_index_scale().trailing_zeros());
+    }
+    let segment = i.memory_segment();
+    if width == 4 || matches!(segment, Register::FS | Register::GS) {
+        address = address.wrapping_add(value(segment));
+    }
+    Some(if width == 4 {
+        address & 0xFFFF_FFFF
+    } else {
+        address
+    })
+}
+
+/// MOV between a general-purpose register or an immediate and a plainly addressed memory
+/// operand ([`plain_address`]), and MOVZX, MOVSX, MOVSXD from one: a device driver's every
+/// register access, carried out without the general machinery of [`Exec`] (the register write
+/// comes after the one access, so a failed access still changes nothing). `None` for any
+/// other form, or an address that is not canonical (the general path raises the fault).
+#[inline]
+pub(crate) fn register_move<M: Machine>(
+    i: &Instruction,
+    rflags: u64,
+    machine: &mut M,
+) -> Option<Result<Outcome, EmulationError>> {
+    let store = i.op0_kind() == OpKind::Memory;
+    if store && i.mnemonic() != Mnemonic::Mov {
+        return None;
+    }
+    let (memory, other) = if store {
+        (0, 1)
+    } else if i.op1_kind() == OpKind::Memory {
+        (1, 0)
+    } else {
+        return None;
+    };
+    let reg = i.op_register(other);
+    let from_register = i.op_kind(other) == OpKind::Register && reg.is_gpr();
+    let immediate = store
+        && matches!(
+            i.op_kind(other),
+            OpKind::Immediate8 | OpKind::Immediate16 | OpKind::Immediate32 | OpKind::Immediate32to64
+        );
+    let size = i.memory_size().size();
+    if !(from_register || immediate) || !matches!(size, 1 | 2 | 4 | 8) {
+        return None;
+    }
+    let read = |machine: &mut M, reg: Register| {
+        let full = machine.gpr(reg.full_register());
+        if is_high_byte(reg) {
+            (full >> 8) & 0xFF
+        } else {
+            full & mask(reg.size())
+        }
+    };
+    let linear = plain_address(i, memory, &mut |r| {
+        if r.is_segment_register() {
+            machine.segment_base(r)
+        } else {
+            read(machine, r)
+        }
+    })?;
+    if i.code_size() == CodeSize::Code64 && sign_extend(linear, 6) != linear {
+        return None;
+    }
+    let done = if store {
+        let value = if immediate {
+            i.immediate(other)
+        } else {
+            read(machine, reg)
+        };
+        machine.write(linear, &value.to_le_bytes()[..size])
+    } else {
+        let mut bytes = [0u8; 8];
+        machine.read(linear, &mut bytes[..size]).map(|()| {
+            let value = u64::from_le_bytes(bytes);
+            let value = match i.mnemonic() {
+                Mnemonic::Movsx | Mnemonic::Movsxd => sign_extend(value, size),
+                _ => value,
+            };
+            let full = reg.full_register();
+            let old = machine.gpr(full);
+            let new = match reg.size() {
+                1 if is_high_byte(reg) => merge(old, value << 8, 0xFF00),
+                4 => value & 0xFFFF_FFFF,
+                size => merge(old, value, mask(size)),
+            };
+            machine.set_gpr(full, new);
+        })
+    };
+    Some(
+        done.map(|()| Outcome {
+            rip: i.next_ip(),
+            rflags,
+        })
+        .map_err(EmulationError::from),
+    )
+}
+
 /// AL, AX, EAX or RAX.
 fn accumulator(size: usize) -> Register {
     match size {
@@ -1209,6 +1329,7 @@ mod tests {
                     writes: 0,
                     vector: None,
                     segment: None,
+                    explicit: None,
                 };
                 let Some(plain) = exec.plain_address(op) else {
                     continue;
