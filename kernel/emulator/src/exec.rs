@@ -295,7 +295,7 @@ impl<M: Machine> Exec<'_, M> {
     /// [`plain_address`] with this instruction's staged register writes.
     #[inline]
     fn plain_address(&mut self, op: u32) -> Option<u64> {
-        plain_address(self.instruction, op, &mut |reg| {
+        plain_address(self.instruction, op, |reg| {
             if reg.is_segment_register() {
                 self.machine.segment_base(reg)
             } else {
@@ -1097,7 +1097,7 @@ impl<M: Machine> Exec<'_, M> {
 /// general-purpose register (at its own width) or a segment register's base. `None` for any
 /// other shape; the 64-bit canonical check is the caller's.
 #[inline]
-pub(crate) fn plain_address(i: &Instruction, op: u32, value: &mut dyn FnMut(Register) -> u64) -> Option<u64> {
+pub(crate) fn plain_address(i: &Instruction, op: u32, mut value: impl FnMut(Register) -> u64) -> Option<u64> {
     let width = match i.code_size() {
         CodeSize::Code64 => 8,
         CodeSize::Code32 => 4,
@@ -1172,7 +1172,7 @@ pub(crate) fn register_move<M: Machine>(
             full & mask(reg.size())
         }
     };
-    let linear = plain_address(i, memory, &mut |r| {
+    let linear = plain_address(i, memory, |r| {
         if r.is_segment_register() {
             machine.segment_base(r)
         } else {

@@ -153,6 +153,22 @@ pub fn execute(
 /// descriptor table. Such an instruction faulting on a device page can be emulated holding
 /// just that page; anything else may reach other memory.
 pub fn touches_only_its_operand(instruction: &Instruction) -> bool {
+    // The device-register moves first, cheaply: one explicit operand and a register or an
+    // immediate (segment-register moves excluded).
+    if matches!(
+        instruction.mnemonic(),
+        Mnemonic::Mov | Mnemonic::Movzx | Mnemonic::Movsx | Mnemonic::Movsxd
+    ) {
+        let register_side = |op| match instruction.op_kind(op) {
+            OpKind::Register => instruction.op_register(op).is_gpr(),
+            kind => kind != OpKind::Memory && !exec::is_memory(kind),
+        };
+        return match (instruction.op0_kind(), instruction.op1_kind()) {
+            (OpKind::Memory, _) => register_side(1),
+            (_, OpKind::Memory) => register_side(0),
+            _ => false,
+        };
+    }
     let memory_operands = (0..instruction.op_count())
         .filter(|&op| exec::is_memory(instruction.op_kind(op)))
         .count();

@@ -398,3 +398,20 @@ fn ltr_marks_the_tss_busy_and_a_far_jump_loads_cs() {
     let cs = fake.segments[segment_index(SegmentRegister::Cs)];
     assert_eq!((cs.selector, cs.long()), (0x8, true));
 }
+
+#[test]
+fn only_single_operand_forms_may_run_holding_just_the_named_page() {
+    let touches_only = |bytes: &[u8]| emulator::touches_only_its_operand(&decode(64, bytes, IP).unwrap());
+    assert!(touches_only(&[0x89, 0x03]), "mov [rbx], eax");
+    assert!(touches_only(&[0x8B, 0x03]), "mov eax, [rbx]");
+    assert!(touches_only(&[0xC7, 0x03, 1, 0, 0, 0]), "mov dword [rbx], 1");
+    assert!(touches_only(&[0x0F, 0xB6, 0x03]), "movzx eax, byte [rbx]");
+    assert!(touches_only(&[0x09, 0x03]), "or [rbx], eax");
+    assert!(touches_only(&[0xAA]), "stosb");
+    assert!(!touches_only(&[0x8E, 0x1B]), "mov ds, [rbx]: a descriptor table");
+    assert!(!touches_only(&[0x8C, 0x1B]), "mov [rbx], ds: a segment register");
+    assert!(!touches_only(&[0xFF, 0x33]), "push qword [rbx]: the stack");
+    assert!(!touches_only(&[0xA4]), "movsb: two operands");
+    assert!(!touches_only(&[0x0F, 0xAB, 0x0B]), "bts [rbx], ecx: a bit string");
+    assert!(!touches_only(&[0x89, 0xD8]), "mov eax, ebx: no memory");
+}
