@@ -267,6 +267,10 @@ const TESTS: &[(&str, TestFn)] = &[
         devices::syscall_outside_64_bit_code_is_emulated_for_an_amd_guest,
     ),
     (
+        "devices_vector_registers_stay_with_their_vm",
+        devices::vector_registers_stay_with_their_vm,
+    ),
+    (
         "devices_the_pit_interrupts_a_halted_guest_through_the_pic",
         devices::the_pit_interrupts_a_halted_guest_through_the_pic,
     ),

@@ -432,6 +432,28 @@ guest_programs! {
         "syscall",
         "hlt",
     ];
+    // Enables SSE (CR4.OSFXSR) and loads XMM0 from ESI, then done(0).
+    xmm_load: Flat32, ".code32", [
+        "mov eax, cr4",
+        "or eax, 0x200",
+        "mov cr4, eax",
+        "movdqu xmm0, [esi]",
+        "xor eax, eax",
+        "xor ebx, ebx",
+        "vmcall",
+        "hlt",
+    ];
+    // Enables SSE and stores XMM0 at EDI, then done(0).
+    xmm_store: Flat32, ".code32", [
+        "mov eax, cr4",
+        "or eax, 0x200",
+        "mov cr4, eax",
+        "movdqu [edi], xmm0",
+        "xor eax, eax",
+        "xor ebx, ebx",
+        "vmcall",
+        "hlt",
+    ];
     // The local APIC seen from a guest, vector 0x40 throughout, `apic_handler` at offset 2
     // (EBX counts; EOI through the xAPIC page, or the x2APIC MSR once ESI is 1). In order: a
     // one-shot timer, five periodic ones, a self IPI through the ICR, the version register;

@@ -113,3 +113,36 @@ pub fn write_mm(n: u8, value: u64) {
     }
     write!(0, 1, 2, 3, 4, 5, 6, 7);
 }
+
+/// A vCPU's x87, MMX and SSE registers while it does not hold its host CPU, as FXSAVE lays them
+/// out (512 bytes). Neither VMX nor SVM switches these registers, so a vCPU loads its own when
+/// it starts running and keeps them when it stops: another VM's vCPU on the same CPU must not
+/// see them. (Guests cannot enable XSAVE here (CR4.OSXSAVE is refused), so FXSAVE's image is
+/// all the state a guest can have.)
+#[repr(C, align(16))]
+pub struct VectorState([u8; 512]);
+
+impl VectorState {
+    /// The state after RESET: x87 control word 0x037F, MXCSR 0x1F80, every register zero.
+    pub fn reset() -> alloc::boxed::Box<VectorState> {
+        let mut state = alloc::boxed::Box::new(VectorState([0; 512]));
+        state.0[..2].copy_from_slice(&0x037Fu16.to_le_bytes());
+        state.0[24..28].copy_from_slice(&0x1F80u32.to_le_bytes());
+        state
+    }
+
+    /// Loads these registers into the CPU.
+    pub fn load(&self) {
+        allow_vector_instructions();
+        // SAFETY: the image is 512 bytes, 16-byte aligned, and holds a valid MXCSR (written by
+        // `reset` or by FXSAVE); FXRSTOR only loads the x87/MMX/SSE registers from it.
+        unsafe { asm!("fxrstor64 [{}]", in(reg) self.0.as_ptr(), options(nostack, preserves_flags)) };
+    }
+
+    /// Stores the CPU's registers here.
+    pub fn store(&mut self) {
+        allow_vector_instructions();
+        // SAFETY: FXSAVE writes exactly the 512 bytes of this 16-byte-aligned image.
+        unsafe { asm!("fxsave64 [{}]", in(reg) self.0.as_mut_ptr(), options(nostack, preserves_flags)) };
+    }
+}

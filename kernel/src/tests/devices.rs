@@ -255,6 +255,52 @@ pub fn syscall_outside_64_bit_code_is_emulated_for_an_amd_guest(host: &'static H
     Ok(())
 }
 
+/// Neither VMX nor SVM switches the x87/SSE registers: a VM loads XMM0 with a pattern and
+/// stops, a second VM on the same CPU stores its XMM0, and finds its own (reset) zeros, not
+/// the first VM's pattern; the first VM, run again, still has it.
+pub fn vector_registers_stay_with_their_vm(host: &'static Host) -> TestResult {
+    const PATTERN: u64 = 0x4000;
+    let mut first = new_vm(host, &super::PC_RAM)?;
+    let invalidation = first
+        .pgm_mut()
+        .write_phys(gpa(PATTERN), &[0xA5; 16])
+        .map_err(|e| format!("{e}"))?;
+    first.flush(invalidation).map_err(|e| format!("{e}"))?;
+    let load = GuestRegisters {
+        rsi: PATTERN,
+        ..GuestRegisters::default()
+    };
+    first
+        .start(&programs::xmm_load(), CODE, load)
+        .map_err(|e| format!("start: {e}"))?;
+    ensure_eq!(first.run(), VmStop::Done(0), "the first VM's stop");
+    let store = GuestRegisters {
+        rdi: RESULTS,
+        ..GuestRegisters::default()
+    };
+    let mut second = new_vm(host, &super::PC_RAM)?;
+    second
+        .start(&programs::xmm_store(), CODE, store)
+        .map_err(|e| format!("start: {e}"))?;
+    ensure_eq!(second.run(), VmStop::Done(0), "the second VM's stop");
+    let mut seen = [0u8; 16];
+    second
+        .pgm()
+        .read_phys(gpa(RESULTS), &mut seen)
+        .map_err(|e| format!("{e}"))?;
+    ensure_eq!(seen, [0; 16], "the second VM's XMM0");
+    first
+        .start(&programs::xmm_store(), CODE, store)
+        .map_err(|e| format!("start: {e}"))?;
+    ensure_eq!(first.run(), VmStop::Done(0), "the first VM's second stop");
+    first
+        .pgm()
+        .read_phys(gpa(RESULTS), &mut seen)
+        .map_err(|e| format!("{e}"))?;
+    ensure_eq!(seen, [0xA5; 16], "the first VM's XMM0, kept");
+    Ok(())
+}
+
 /// `program` as an i386 ELF executable with a Multiboot header: one segment at `at` holding
 /// the header (12 bytes) and then the code, entered just after the header.
 fn multiboot_image(program: &[u8], at: u32) -> Vec<u8> {

@@ -25,6 +25,7 @@ use crate::arch::idt;
 use crate::arch::memory::{KernelFrames, PhysMap};
 use crate::arch::smp::this_cpu;
 use crate::arch::ticks;
+use crate::arch::vector::VectorState;
 use crate::arch::vmx::{VmxOn, VmxVcpu};
 
 /// The backend a vCPU runs on.
@@ -115,6 +116,9 @@ pub struct Vcpu<'a> {
     /// The last MMIO page an exit fell on: (faulting page number, the lock's count of
     /// exclusive accesses then), and its target.
     last_mmio_target: Option<((u64, u64), MmioTarget)>,
+    /// The guest's x87/MMX/SSE registers while the vCPU is not running (see
+    /// [`VectorState`]).
+    vector_state: alloc::boxed::Box<VectorState>,
 }
 
 impl<'a> Vcpu<'a> {
@@ -214,6 +218,7 @@ impl<'a> Vcpu<'a> {
             code_translation: None,
             decoder: DecodeCache::default(),
             last_mmio_target: None,
+            vector_state: VectorState::reset(),
         };
         if !has_apic {
             return Err(VmError::TooManyVcpus);
@@ -343,6 +348,8 @@ impl<'a> Vcpu<'a> {
             return VmStop::Stopped(self.diagnostic(StopCause::WrongCpu));
         }
         self.memory.set_running(self.cpu.host_cpu(), true);
+        // The CPU's x87/SSE registers may hold another vCPU's (of this VM or another).
+        self.vector_state.load();
         let mut handlers = VcpuHandlers {
             caller: devices,
             memory: Arc::clone(&self.memory),
@@ -351,6 +358,7 @@ impl<'a> Vcpu<'a> {
             touched: false,
         };
         let mut stop = self.run_loop(&mut handlers);
+        self.vector_state.store();
         self.memory.set_running(self.cpu.host_cpu(), false);
         // Out of its run, the vCPU has handed every address it logged to the host.
         if self.drain_dirty_log().is_err() && !matches!(stop, VmStop::Stopped(_)) {
