@@ -14,7 +14,7 @@ use pgm::guest_paging::{CodeTranslation, EntryUpdates, GuestAccess, GuestPaging,
 use pgm::manager::{AccessHandlers, MmioTarget};
 use pgm::{GuestPhysAddr, Invalidation, PgmError, PAGE_SIZE};
 
-use emulator::{EmulationError, Instruction, Machine, MemoryFault, Register, SegmentState};
+use emulator::{EmulationError, Instruction, Machine, MemoryFault, Mnemonic, Register, SegmentState};
 
 use super::backend::{vector, CpuState, Direction, Event, Segment, VirtualCpu};
 use super::devices::Ports;
@@ -143,6 +143,20 @@ impl Vcpu<'_> {
         let Some(instruction) = self.decode(&cpu, &bytes) else {
             return self.stop_emulation(StopCause::UnsupportedInstruction, bytes);
         };
+        // Another vCPU may have rewritten the instruction since it exited: the CPU runs
+        // whatever is there now.
+        let string_io = matches!(
+            instruction.mnemonic(),
+            Mnemonic::Insb
+                | Mnemonic::Insw
+                | Mnemonic::Insd
+                | Mnemonic::Outsb
+                | Mnemonic::Outsw
+                | Mnemonic::Outsd
+        );
+        if !string_io {
+            return None;
+        }
         let mut used = bytes;
         used.len = instruction.len() as u8;
         let mut ports = Ports::new(&memory);
@@ -172,7 +186,7 @@ impl Vcpu<'_> {
         let memory = Arc::clone(&self.memory);
         let fetched = fetch_instruction(&memory.shared(self.cpu.host_cpu()), &cpu, None);
         let instruction = fetched.and_then(|(bytes, _)| self.decode(&cpu, &bytes));
-        let is_syscall = instruction.is_some_and(|i| i.mnemonic() == emulator::Mnemonic::Syscall);
+        let is_syscall = instruction.is_some_and(|i| i.mnemonic() == Mnemonic::Syscall);
         let done = if is_syscall && state.efer & EFER_SCE != 0 {
             let next = instruction.map_or(cpu.rip, |i| i.next_ip());
             self.emulate_syscall(&state, next)
