@@ -313,14 +313,17 @@ impl Vcpu<'_> {
                     })
                 })
             }
-            Err(EmulationError::Unsupported) => {
-                return self.stop_emulation(StopCause::UnsupportedInstruction, used)
-            }
-            Err(EmulationError::Memory(fault)) => {
-                let cause = match fault {
-                    MemoryFault::OutOfMemory => StopCause::OutOfMemory,
-                    MemoryFault::Ballooned => StopCause::BalloonedPage,
-                    _ => StopCause::NotGuestMemory,
+            Err(error) => {
+                let cause = match error {
+                    EmulationError::Memory(MemoryFault::OutOfMemory) => StopCause::OutOfMemory,
+                    EmulationError::Memory(MemoryFault::Ballooned) => StopCause::BalloonedPage,
+                    EmulationError::Memory(_) => StopCause::NotGuestMemory,
+                    _ => StopCause::UnsupportedInstruction,
+                };
+                // What the instruction wrote before it failed may still need its flush.
+                let cause = match self.invalidate(invalidation) {
+                    Ok(()) => cause,
+                    Err(_) => StopCause::UnhandledExit,
                 };
                 return self.stop_emulation(cause, used);
             }
