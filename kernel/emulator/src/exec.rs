@@ -209,9 +209,15 @@ impl<M: Machine> Exec<'_, M> {
             slot.1 = value;
             return;
         }
-        // Every instruction here writes at most MAX_REGISTER_WRITES distinct registers.
-        self.written[self.writes] = (full, value);
-        self.writes += 1;
+        // Every instruction here writes at most MAX_REGISTER_WRITES distinct registers; should
+        // one ever write more, the rest go straight to the machine rather than panic the host.
+        match self.written.get_mut(self.writes) {
+            Some(slot) => {
+                *slot = (full, value);
+                self.writes += 1;
+            }
+            None => self.machine.set_gpr(full, value),
+        }
     }
 
     /// A general-purpose register of any width.
@@ -524,7 +530,7 @@ impl<M: Machine> Exec<'_, M> {
             if i.op1_kind() == OpKind::Register {
                 let signed = sign_extend(offset, size) as i64;
                 let unit = signed.div_euclid(bits as i64);
-                let at = base.wrapping_add((unit * size as i64) as u64);
+                let at = base.wrapping_add(unit.wrapping_mul(size as i64) as u64);
                 (
                     Some(self.linear(at, || false)?),
                     signed.rem_euclid(bits as i64) as u64,
@@ -904,7 +910,11 @@ impl<M: Machine> Exec<'_, M> {
     fn far_jump(&mut self) -> Result<(), EmulationError> {
         let op = self.memory_operand()?;
         let pointer = self.address(op)?;
-        let offset_size = self.instruction.memory_size().size() - 2;
+        // m16:16, m16:32 or m16:64: the offset, then the selector.
+        let offset_size = match self.instruction.memory_size().size().checked_sub(2) {
+            Some(size @ (2 | 4 | 8)) => size,
+            _ => return Err(EmulationError::Unsupported),
+        };
         let offset = self.load(pointer, offset_size)?;
         let selector_at = self.linear(pointer.wrapping_add(offset_size as u64), || false)?;
         let selector = self.load(selector_at, 2)? as u16;
