@@ -161,7 +161,7 @@ pub fn touches_only_its_operand(instruction: &Instruction) -> bool {
     ) {
         let register_side = |op| match instruction.op_kind(op) {
             OpKind::Register => instruction.op_register(op).is_gpr(),
-            kind => kind != OpKind::Memory && !exec::is_memory(kind),
+            kind => !exec::is_memory(kind),
         };
         return match (instruction.op0_kind(), instruction.op1_kind()) {
             (OpKind::Memory, _) => register_side(1),

@@ -131,18 +131,11 @@ impl Vcpu<'_> {
     /// Emulates the string port I/O instruction (INS or OUTS) at RIP: one element, its memory
     /// operand reached through the guest's paging, pgm and `devices`.
     pub(super) fn emulate_string_io(&mut self, devices: &mut impl AccessHandlers) -> Option<VmStop> {
-        let Ok(state) = self.cpu.cpu_state() else {
-            return self.stop_emulation(StopCause::UnhandledExit, InstructionBytes::default());
+        let (state, instruction, bytes) = match self.instruction_at_rip() {
+            Ok(found) => found,
+            Err((cause, bytes)) => return self.stop_emulation(cause, bytes),
         };
         let cpu = GuestCpu::from(state);
-        let memory = Arc::clone(&self.memory);
-        let fetched = fetch_instruction(&memory.shared(self.cpu.host_cpu()), &cpu, None);
-        let Some((bytes, _)) = fetched else {
-            return self.stop_emulation(StopCause::InstructionFetch, InstructionBytes::default());
-        };
-        let Some(instruction) = self.decode(&cpu, &bytes) else {
-            return self.stop_emulation(StopCause::UnsupportedInstruction, bytes);
-        };
         // Another vCPU may have rewritten the instruction since it exited: the CPU runs
         // whatever is there now.
         let string_io = matches!(
@@ -159,6 +152,7 @@ impl Vcpu<'_> {
         }
         let mut used = bytes;
         used.len = instruction.len() as u8;
+        let memory = Arc::clone(&self.memory);
         let mut ports = Ports::new(&memory);
         let result = self.execute(
             &instruction,
@@ -179,23 +173,23 @@ impl Vcpu<'_> {
     /// host is Intel (`MachineSpec::vendor`): a SYSCALL outside 64-bit code, which AMD CPUs run
     /// and Intel CPUs refuse, is carried out as AMD's would; anything else gets its #UD.
     pub(super) fn handle_invalid_opcode(&mut self) -> Option<VmStop> {
-        let Ok(state) = self.cpu.cpu_state() else {
-            return self.stop_emulation(StopCause::UnhandledExit, InstructionBytes::default());
-        };
-        let cpu = GuestCpu::from(state);
-        let memory = Arc::clone(&self.memory);
-        let fetched = fetch_instruction(&memory.shared(self.cpu.host_cpu()), &cpu, None);
-        let instruction = fetched.and_then(|(bytes, _)| self.decode(&cpu, &bytes));
-        let is_syscall = instruction.is_some_and(|i| i.mnemonic() == Mnemonic::Syscall);
-        let done = if is_syscall && state.efer & EFER_SCE != 0 {
-            let next = instruction.map_or(cpu.rip, |i| i.next_ip());
-            self.emulate_syscall(&state, next)
-        } else {
-            self.exits.injected += 1;
-            self.cpu.inject(Event::Exception {
-                vector: vector::UD,
-                error_code: None,
-            })
+        let done = match self.instruction_at_rip() {
+            Err((StopCause::UnhandledExit, bytes)) => {
+                return self.stop_emulation(StopCause::UnhandledExit, bytes)
+            }
+            Ok((state, instruction, _))
+                if instruction.mnemonic() == Mnemonic::Syscall && state.efer & EFER_SCE != 0 =>
+            {
+                self.emulate_syscall(&state, instruction.next_ip())
+            }
+            // Anything else, or an instruction that cannot be read or decoded: its #UD.
+            _ => {
+                self.exits.injected += 1;
+                self.cpu.inject(Event::Exception {
+                    vector: vector::UD,
+                    error_code: None,
+                })
+            }
         };
         match done {
             Ok(()) => None,
@@ -252,6 +246,28 @@ impl Vcpu<'_> {
         self.cpu.set_segment(Segment::Cs, flat(selector, code))?;
         self.cpu.set_segment(Segment::Ss, flat(selector + 8, DATA_32))?;
         self.cpu.set_rip_and_flags(target, Some(rflags))
+    }
+
+    /// The guest's state and the instruction at its RIP, fetched through its paging on the
+    /// shared manager and decoded, with its bytes; or why not: the backend failed
+    /// (`UnhandledExit`), nothing could be read (`InstructionFetch`) or the bytes are no
+    /// instruction (`UnsupportedInstruction`, with the bytes).
+    fn instruction_at_rip(
+        &mut self,
+    ) -> Result<(CpuState, Instruction, InstructionBytes), (StopCause, InstructionBytes)> {
+        let none = InstructionBytes::default();
+        let state = self
+            .cpu
+            .cpu_state()
+            .map_err(|_| (StopCause::UnhandledExit, none))?;
+        let cpu = GuestCpu::from(state);
+        let memory = Arc::clone(&self.memory);
+        let fetched = fetch_instruction(&memory.shared(self.cpu.host_cpu()), &cpu, None);
+        let (bytes, _) = fetched.ok_or((StopCause::InstructionFetch, none))?;
+        let instruction = self
+            .decode(&cpu, &bytes)
+            .ok_or((StopCause::UnsupportedInstruction, bytes))?;
+        Ok((state, instruction, bytes))
     }
 
     /// Decodes `bytes` as the instruction at the guest's RIP, through the vCPU's decode cache.
