@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: setup run test check image bench fuzz soak kut
+.PHONY: setup run test check image bench fuzz soak kut linux
 
 setup:
 	@boot/setup.sh
@@ -68,3 +68,10 @@ soak: setup
 KUT_TESTS ?=
 kut: setup
 	cargo xtask kut $(KUT_TESTS) --timeout 14400
+
+## Debian's cloud kernel (pinned in boot/setup.sh) with a busybox initramfs inside the
+## hypervisor in Bochs, with 1 vCPU and then 2: each boots to /init, runs the memory workload
+## and powers off (README, *Linux guest*). `make test` runs the 1-vCPU boot.
+linux: setup
+	cargo xtask run --linux
+	cargo xtask run --linux --cpus 2

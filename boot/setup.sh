@@ -87,3 +87,27 @@ if [ ! -f "$kut_dir/.built-$kut_commit" ]; then
         touch "$kut_dir/.built-$kut_commit"
     fi
 fi
+
+# The Linux guest: Debian's cloud kernel and a static busybox, pinned here and nowhere else,
+# fetched with apt-get download and unpacked into target/linux/root (kernel at
+# boot/vmlinuz-*, busybox at bin/busybox). Without a network it warns; the Linux boot is then
+# reported as not run.
+linux_packages=(linux-image-6.1.0-57-cloud-amd64=6.1.192-3 busybox-static=1:1.35.0-4+deb12u1+b1)
+linux_dir=target/linux
+linux_stamp="$linux_dir/.fetched-$(echo "${linux_packages[*]}" | sha256sum | cut -c1-16)"
+if [ ! -f "$linux_stamp" ]; then
+    echo "setup: fetching the Linux guest's packages: ${linux_packages[*]}"
+    rm -rf "$linux_dir"
+    mkdir -p "$linux_dir/debs" "$linux_dir/root"
+    # apt-get download runs its fetch as the _apt user, which needs to write here.
+    chmod 777 "$linux_dir/debs"
+    if (cd "$linux_dir/debs" && apt-get download -qq "${linux_packages[@]}" 2>/dev/null); then
+        for deb in "$linux_dir"/debs/*.deb; do
+            dpkg-deb -x "$deb" "$linux_dir/root"
+        done
+        touch "$linux_stamp"
+    else
+        rm -rf "$linux_dir"
+        echo "setup: WARNING: the Linux guest's packages could not be fetched (no network?); the Linux boot is not run"
+    fi
+fi

@@ -21,6 +21,10 @@ const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 /// The I/O port and size of QEMU's `isa-debug-exit` device; the kernel writes its exit code there.
 const QEMU_DEBUG_EXIT: &str = "isa-debug-exit,iobase=0xf4,iosize=0x04";
 
+/// Bochs's pace for the kernel tests and kvm-unit-tests: the TSC counts 4·10^6 a second of
+/// emulated time (budgets are in ticks, so the tests do not depend on it).
+pub const DEFAULT_IPS: u64 = 4_000_000;
+
 /// Which emulator boots the image.
 #[derive(Clone, Copy, Debug)]
 pub enum Emulator {
@@ -39,6 +43,10 @@ pub struct RunOptions {
     pub timeout_secs: u64,
     /// Processors of the emulated machine.
     pub cpus: u32,
+    /// Its memory in MiB.
+    pub megs: u64,
+    /// Bochs's instructions per emulated second, which the guest's TSC follows.
+    pub ips: u64,
     /// Where the guest's serial output is saved.
     pub serial_log: PathBuf,
     /// The emulator's working directory under `target/` (its disk copy, config and logs), so
@@ -98,8 +106,8 @@ fn bochs_command(dir: &Path, options: &RunOptions) -> Result<Command, String> {
     // A killed Bochs leaves the lock behind and the next run cannot open the image.
     let _ = fs::remove_file(dir.join("disk.img.lock"));
     let config = format!(
-        "megs: 256\n\
-         cpu: model=corei7_skylake_x, count={cpus}, ips=4000000, reset_on_triple_fault=0\n\
+        "megs: {megs}\n\
+         cpu: model=corei7_skylake_x, count={cpus}, ips={ips}, reset_on_triple_fault=0\n\
          clock: sync=none, time0=946684800\n\
          romimage: file=/usr/share/bochs/BIOS-bochs-latest\n\
          vgaromimage: file=/usr/share/bochs/VGABIOS-lgpl-latest\n\
@@ -117,6 +125,8 @@ fn bochs_command(dir: &Path, options: &RunOptions) -> Result<Command, String> {
          log: \"{log}\"\n",
         disk = disk.display(),
         cpus = options.cpus,
+        megs = options.megs,
+        ips = options.ips,
         serial = options.serial_log.display(),
         log = dir.join("bochs.log").display(),
     );
@@ -165,7 +175,7 @@ fn qemu_command(
             "none",
             "-no-reboot",
             "-m",
-            "256M",
+            &format!("{}M", options.megs),
             "-smp",
             &options.cpus.to_string(),
             "-device",
@@ -243,6 +253,8 @@ mod tests {
             image: PathBuf::from("bios.img"),
             timeout_secs: 1,
             cpus: 2,
+            megs: 256,
+            ips: DEFAULT_IPS,
             serial_log: PathBuf::from("serial.log"),
             work_dir: "qemu",
         };

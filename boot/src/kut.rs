@@ -30,6 +30,9 @@ const DEFAULT_TIMEOUT_S: u64 = 90;
 /// one round takes 2^30 ticks, get the 2.2–4.3·10^9 ticks they need (where in that range
 /// depends on where the doubling lands for the exit's cost).
 pub const TICKS_PER_TIMEOUT_SECOND: u64 = 100_000_000;
+/// The fewest TSC ticks Bochs emulates per wall second in any entry here (vmexit_cr0_wp's
+/// pace, measured from its Bochs log's timestamps); the wall-clock bound of a run assumes it.
+const SLOWEST_TICKS_PER_WALL_SECOND: u64 = 1_000_000;
 
 /// One `[section]` of `unittests.cfg`.
 #[derive(Debug, Default, Clone)]
@@ -249,12 +252,12 @@ pub fn run(
     }
     let mut results: BTreeMap<String, Verdict> = BTreeMap::new();
     if !files.is_empty() {
-        // Every test may use its whole limit: at Bochs's slowest pace here (3·10^6 ticks a wall
-        // second: two vCPUs that exit every few hundred instructions, as vmexit_cr0_wp's do,
-        // with other emulators on the cores) that is 33 wall seconds per upstream second, plus
-        // the boot; the caller's bound, when shorter, wins. A run that ends sooner is not
-        // held up by it.
-        let bound = timeout_secs.min(wall_seconds * (TICKS_PER_TIMEOUT_SECOND / 3_000_000) + 120);
+        // Every test may use its whole limit: at Bochs's slowest pace here (10^6 ticks a wall
+        // second, vmexit_cr0_wp's: every toggle of CR0.WP flushes Bochs's TLB) that is 100 wall
+        // seconds per upstream second, plus the boot; the caller's bound, when shorter, wins.
+        // A run that ends sooner is not held up by it.
+        let bound =
+            timeout_secs.min(wall_seconds * (TICKS_PER_TIMEOUT_SECOND / SLOWEST_TICKS_PER_WALL_SECOND) + 120);
         let serial = boot_with(&manifest, &files, cpus, bound, tag)?;
         for line in serial.lines() {
             let mut fields = line.trim_end_matches('\r').split('\t');
@@ -314,6 +317,8 @@ fn boot_with(
         image: images.bios,
         timeout_secs,
         cpus,
+        megs: 256,
+        ips: crate::emulator::DEFAULT_IPS,
         serial_log: target_dir().join(format!("serial-{tag}-bochs.log")),
         work_dir: Box::leak(format!("bochs-{tag}").into_boxed_str()),
     };

@@ -13,6 +13,10 @@ mod arch;
 mod demo;
 #[cfg(not(feature = "kernel-tests"))]
 mod kut;
+#[cfg(not(feature = "kernel-tests"))]
+mod linux;
+#[cfg(not(feature = "kernel-tests"))]
+mod machine;
 #[cfg(feature = "kernel-tests")]
 mod tests;
 mod vm;
@@ -95,8 +99,13 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     {
         // Guest images in the ramdisk with a kvm-unit-tests manifest: run those instead.
         let archive = memory::ramdisk(boot_info).map(loader::archive::Archive::new);
-        if let Some(archive) = archive.filter(|archive| archive.file(kut::MANIFEST).is_some()) {
-            kut::run(host, archive);
+        if let Some(archive) = archive {
+            if archive.file(kut::MANIFEST).is_some() {
+                kut::run(host, archive);
+            }
+            if archive.file(linux::MANIFEST).is_some() {
+                linux::run(host, archive);
+            }
         }
         demo::run(host);
     }

@@ -2,20 +2,22 @@
 //! `acpi_tables`: an RSDP at the start of the BIOS area (0xE0000, where a guest scans for
 //! "RSD PTR "), the XSDT, a FADT naming the PM1a event and control blocks and the PM timer
 //! ([`crate::pm`]), a DSDT whose only object is `\_S5` (the sleep type that powers off), a
-//! FACS, and a MADT listing every vCPU's local APIC (the dual 8259s are present:
-//! PCAT_COMPAT). The caller places the returned image as ROM at [`BIOS_AREA`].
+//! FACS, and a MADT listing every vCPU's local APIC, the I/O APIC ([`crate::ioapic`]) with
+//! ISA IRQ 0 on its pin 2 (an interrupt source override, as on every PC), and the dual 8259s
+//! (PCAT_COMPAT). The caller places the returned image as ROM at [`BIOS_AREA`].
 
 use alloc::vec::Vec;
 
 use acpi_tables::aml::{Name, Package, Path, ZERO};
 use acpi_tables::facs::FACS;
 use acpi_tables::fadt::FADTBuilder;
-use acpi_tables::madt::{EnabledStatus, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 
+use crate::ioapic::IOAPIC_BASE;
 use crate::lapic::XAPIC_BASE;
 use crate::pm;
 
@@ -23,6 +25,24 @@ use crate::pm;
 pub const BIOS_AREA: u64 = 0xE_0000;
 /// Its size.
 pub const BIOS_AREA_SIZE: u64 = 0x2_0000;
+/// The I/O APIC's ID (QEMU's choice: its ID space is the I/O APICs', apart from the CPUs').
+pub const IOAPIC_ID: u8 = 0;
+/// The I/O APIC pin the PIT's ISA IRQ 0 is wired to (the MADT's interrupt source override).
+const TIMER_PIN: u8 = 2;
+/// The MADT's interrupt source override structure (ACPI 6.5, 5.2.12.5): type 2, 10 bytes.
+const INTERRUPT_SOURCE_OVERRIDE: u8 = 2;
+/// Its MPS INTI flags for an active-high (polarity 01), level-triggered (trigger 11) line.
+const ACTIVE_HIGH_LEVEL: u16 = 0b1101;
+
+/// The I/O APIC pin ISA IRQ `irq` is wired to: IRQ 0 on pin 2, the others on their own.
+pub fn isa_irq_pin(irq: u8) -> u8 {
+    if irq == 0 {
+        TIMER_PIN
+    } else {
+        irq
+    }
+}
+
 /// The OEM identity the tables carry.
 const OEM_ID: [u8; 6] = *b"PGMHV ";
 const OEM_TABLE_ID: [u8; 8] = *b"PGMHVTBL";
@@ -118,8 +138,23 @@ fn madt(vcpus: u32) -> Vec<u8> {
             EnabledStatus::Enabled,
         ));
     }
+    madt.add_structure(IoApic::new(IOAPIC_ID, IOAPIC_BASE as u32, 0));
     let mut table = bytes(&madt);
     table[MADT_FLAGS] |= PCAT_COMPAT;
+    // acpi_tables has no type for the override. ISA (bus 0) IRQ 0 is GSI 2, polarity and
+    // trigger as the bus says (flags 0); the SCI is active-high and level-triggered, as the
+    // PIIX4's is (without the override ACPI's default for the SCI is active-low, and an
+    // undriven line would then be asserted for ever).
+    for (irq, gsi, flags) in [
+        (0, TIMER_PIN, 0u16),
+        (SCI_IRQ as u8, SCI_IRQ as u8, ACTIVE_HIGH_LEVEL),
+    ] {
+        table.extend_from_slice(&[INTERRUPT_SOURCE_OVERRIDE, 10, 0, irq]);
+        table.extend_from_slice(&u32::from(gsi).to_le_bytes());
+        table.extend_from_slice(&flags.to_le_bytes());
+    }
+    let length = table.len() as u32;
+    table[4..8].copy_from_slice(&length.to_le_bytes());
     fix_checksum(&mut table);
     table
 }
@@ -184,6 +219,26 @@ mod tests {
             acpi::InterruptModel::Apic(apic) => {
                 assert_eq!(apic.local_apic_address, XAPIC_BASE);
                 assert!(apic.also_has_legacy_pics, "PCAT_COMPAT");
+                let ioapics: Vec<(u8, u32, u32)> = apic
+                    .io_apics
+                    .iter()
+                    .map(|io| (io.id, io.address, io.global_system_interrupt_base))
+                    .collect();
+                assert_eq!(ioapics, [(IOAPIC_ID, IOAPIC_BASE as u32, 0)]);
+                let overrides: Vec<(u8, u32)> = apic
+                    .interrupt_source_overrides
+                    .iter()
+                    .map(|o| (o.isa_source, o.global_system_interrupt))
+                    .collect();
+                assert_eq!(overrides, [(0, 2), (9, 9)], "the PIT on pin 2, the SCI");
+                let sci = &apic.interrupt_source_overrides[1];
+                assert_eq!(
+                    (sci.polarity, sci.trigger_mode),
+                    (
+                        acpi::platform::interrupt::Polarity::ActiveHigh,
+                        acpi::platform::interrupt::TriggerMode::Level
+                    )
+                );
             }
             _ => panic!("no APIC interrupt model"),
         }

@@ -65,10 +65,13 @@ mod leaf1_edx {
     pub const PBE: u32 = 1 << 31;
 }
 
-/// Leaf 7 subleaf 0: the EBX bits kept (FSGSBASE, BMI1, SMEP, BMI2, ERMS, SMAP, ADX,
-/// CLFLUSHOPT, CLWB, SHA and the other plain instructions; not SGX, TSX, INVPCID, AVX2,
-/// AVX-512, MPX, resource monitoring, processor trace or TSC_ADJUST).
+/// Leaf 7 subleaf 0: the EBX bits kept (FSGSBASE, TSC_ADJUST (the backend emulates the
+/// MSR), BMI1, SMEP, BMI2, ERMS, SMAP, ADX, CLFLUSHOPT, CLWB, SHA and the other plain
+/// instructions; not SGX, TSX, INVPCID, AVX2, AVX-512, MPX, resource monitoring or processor
+/// trace). With TSC_ADJUST beside the invariant TSC, Linux trusts the TSC without checking
+/// it against a slower clock (`check_system_tsc_reliable`), as on hardware.
 const LEAF7_EBX_KEPT: u32 = (1 << 0)
+    | (1 << 1)
     | (1 << 3)
     | (1 << 7)
     | (1 << 8)
@@ -430,6 +433,7 @@ mod tests {
         assert_ne!(regs.ebx & (1 << 7), 0, "SMEP");
         assert_eq!(regs.ebx & (1 << 10), 0, "INVPCID");
         assert_eq!(regs.ebx & (1 << 2), 0, "SGX");
+        assert_ne!(regs.ebx & (1 << 1), 0, "TSC_ADJUST: the backend holds the MSR");
         assert_eq!(regs.edx & (1 << 29), 0, "IA32_ARCH_CAPABILITIES");
         assert_eq!(regs.ecx & LEAF7_ECX_OSPKE, 0, "CR4.PKE is clear");
         let pke = AskingVcpu {

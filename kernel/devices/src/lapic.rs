@@ -138,6 +138,9 @@ pub struct Ipi {
     pub destination: Destination,
     /// The sender was in x2APIC mode (a physical all-ones broadcast is 32 bits wide then).
     pub x2apic: bool,
+    /// A level-triggered interrupt (from an I/O APIC pin): the receiver sets its TMR bit and
+    /// broadcasts its EOI ([`Effect::LevelEoi`]).
+    pub level: bool,
 }
 
 /// Why an x2APIC MSR access is refused with #GP.
@@ -151,6 +154,8 @@ pub enum Effect {
     None,
     /// Route this message.
     Ipi(Ipi),
+    /// The guest ended a level-triggered interrupt at this vector: the I/O APIC takes the EOI.
+    LevelEoi(u8),
 }
 
 /// The timer's arming: when it next expires (TSC) and, periodic, its period.
@@ -283,6 +288,10 @@ impl LocalApic {
         }
     }
 
+    fn bit(words: &[u32; 8], vector: u8) -> bool {
+        words[usize::from(vector >> 5)] & (1 << (vector & 31)) != 0
+    }
+
     fn highest(words: &[u32; 8]) -> Option<u8> {
         (0..8).rev().find_map(|i| {
             let word = words[i];
@@ -365,7 +374,7 @@ impl LocalApic {
     /// A message routed to this APIC arrives.
     pub fn receive(&mut self, ipi: &Ipi) {
         match ipi.mode {
-            DeliveryMode::Fixed | DeliveryMode::LowestPriority => self.accept(ipi.vector, false),
+            DeliveryMode::Fixed | DeliveryMode::LowestPriority => self.accept(ipi.vector, ipi.level),
             DeliveryMode::Nmi => self.nmi_pending = true,
             DeliveryMode::Init => self.init_pending = true,
             DeliveryMode::Startup => self.startup_vector = Some(ipi.vector),
@@ -534,7 +543,7 @@ impl LocalApic {
         match offset {
             reg::ID if !self.x2apic => self.id = value >> 24,
             reg::TPR => self.tpr = value & 0xFF,
-            reg::EOI => self.end_of_interrupt(),
+            reg::EOI => return Ok(self.end_of_interrupt()),
             reg::LDR if !self.x2apic => self.ldr = value & 0xFF00_0000,
             reg::DFR if !self.x2apic => self.dfr = value | 0x0FFF_FFFF,
             reg::SVR => {
@@ -597,10 +606,17 @@ impl LocalApic {
         self.lvt[index] = value;
     }
 
-    fn end_of_interrupt(&mut self) {
-        if let Some(vector) = Self::highest(&self.isr) {
-            Self::set_bit(&mut self.isr, vector, false);
+    /// Retires the highest vector in service; a level-triggered one is broadcast.
+    fn end_of_interrupt(&mut self) -> Effect {
+        let Some(vector) = Self::highest(&self.isr) else {
+            return Effect::None;
+        };
+        Self::set_bit(&mut self.isr, vector, false);
+        if Self::bit(&self.tmr, vector) {
+            Self::set_bit(&mut self.tmr, vector, false);
+            return Effect::LevelEoi(vector);
         }
+        Effect::None
     }
 
     /// The message the ICR value `icr` sends (level de-assert INITs send nothing).
@@ -642,6 +658,7 @@ impl LocalApic {
             mode,
             destination,
             x2apic: self.x2apic,
+            level: false,
         })
     }
 
@@ -728,6 +745,20 @@ mod tests {
         X2APIC_MSR_BASE + (offset >> 4)
     }
 
+    /// A level-triggered interrupt sets its TMR bit; its EOI is broadcast for the I/O APIC.
+    #[test]
+    fn the_eoi_of_a_level_triggered_vector_is_broadcast() {
+        let mut apic = enabled(0);
+        apic.accept(0x41, true);
+        apic.accept(0x32, false);
+        assert_eq!(apic.mmio_read(u64::from(reg::TMR) + 0x20, 0), 1 << 1);
+        assert_eq!(apic.acknowledge(), Some(0x41));
+        assert_eq!(apic.mmio_write(u64::from(reg::EOI), 0, 0), Effect::LevelEoi(0x41));
+        assert_eq!(apic.mmio_read(u64::from(reg::TMR) + 0x20, 0), 0);
+        assert_eq!(apic.acknowledge(), Some(0x32));
+        assert_eq!(apic.mmio_write(u64::from(reg::EOI), 0, 0), Effect::None, "edge");
+    }
+
     #[test]
     fn reset_state_id_version_and_masked_lvts() {
         let apic = LocalApic::new(3);
@@ -800,6 +831,7 @@ mod tests {
                 mode,
                 destination,
                 x2apic: false,
+                level: false,
             })
         };
         assert_eq!(
@@ -838,6 +870,7 @@ mod tests {
             mode,
             destination: Destination::All,
             x2apic: false,
+            level: false,
         };
         apic.receive(&message(DeliveryMode::Fixed, 0x61));
         apic.receive(&message(DeliveryMode::Nmi, 0));
@@ -860,6 +893,7 @@ mod tests {
             mode: DeliveryMode::Fixed,
             destination,
             x2apic: false,
+            level: false,
         };
         assert!(apic.is_destination(&to(Destination::Physical(2)), false));
         assert!(!apic.is_destination(&to(Destination::Physical(3)), false));
@@ -984,6 +1018,7 @@ mod tests {
                 mode: DeliveryMode::Fixed,
                 destination: Destination::Physical(7),
                 x2apic: true,
+                level: false,
             }))
         );
         assert_eq!(apic.msr_read(msr(reg::ICR_LOW), 0), Ok((7u64 << 32) | 0x4041));

@@ -21,6 +21,7 @@ pub mod cmos;
 pub mod cpuid;
 pub mod debug_exit;
 pub mod fw_cfg;
+pub mod ioapic;
 pub mod lapic;
 pub mod msr;
 pub mod pc;

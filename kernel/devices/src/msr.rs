@@ -25,6 +25,8 @@ use crate::cpuid::CpuidRegs;
 pub mod index {
     /// Time-stamp counter.
     pub const TSC: u32 = 0x10;
+    /// The TSC's adjustment (SDM 17.17.3): written, it moves the TSC by the change.
+    pub const TSC_ADJUST: u32 = 0x3B;
     /// Platform ID.
     pub const PLATFORM_ID: u32 = 0x17;
     /// Local APIC base and mode.
@@ -80,9 +82,10 @@ pub mod index {
 }
 
 /// The MSRs the backend holds in the guest state it loads and saves around each run (the TSC
-/// as its offset from the host's).
-pub const BACKEND_HELD: [u32; 13] = [
+/// as its offset from the host's, and TSC_ADJUST beside it).
+pub const BACKEND_HELD: [u32; 14] = [
     index::TSC,
+    index::TSC_ADJUST,
     index::TSC_AUX,
     index::EFER,
     index::FS_BASE,

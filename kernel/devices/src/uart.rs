@@ -5,7 +5,8 @@
 //! loopback mode they come back to the receiver instead.
 //!
 //! The interrupt state (IIR's identification, [`Uart::interrupt_pending`]) follows the data
-//! sheet's priorities; the line is gated by MCR.OUT2 as on a PC.
+//! sheet's priorities; the line is gated by MCR.OUT2 as on a PC, and drives ISA IRQ 4
+//! ([`COM1_IRQ`]) through the [`Platform`] whenever an access changes it.
 
 use alloc::collections::VecDeque;
 
@@ -13,6 +14,8 @@ use crate::{all_ones, Platform, PortDevice};
 
 /// COM1's base port.
 pub const COM1: u16 = 0x3F8;
+/// COM1's ISA interrupt line.
+pub const COM1_IRQ: u8 = 4;
 /// The registers' offsets from the base.
 pub mod reg {
     /// Receive buffer (read), transmit holding (write); divisor latch low with LCR.DLAB.
@@ -188,6 +191,16 @@ impl Uart {
     }
 }
 
+impl Uart {
+    /// Drives the interrupt line to its new level when an access changed it from `was`.
+    fn follow_line(&self, was: bool, platform: &mut dyn Platform) {
+        let now = self.interrupt_pending();
+        if now != was {
+            platform.set_irq(COM1_IRQ, now);
+        }
+    }
+}
+
 impl PortDevice for Uart {
     fn name(&self) -> &'static str {
         "16550A UART"
@@ -195,7 +208,8 @@ impl PortDevice for Uart {
 
     /// Byte registers: a wider access reads consecutive registers (as an 8-bit ISA device
     /// answers a 16-bit IN), past the last one all ones.
-    fn read(&mut self, port: u16, size: u8, _: &mut dyn Platform) -> u32 {
+    fn read(&mut self, port: u16, size: u8, platform: &mut dyn Platform) -> u32 {
+        let line = self.interrupt_pending();
         let mut value = all_ones(size);
         for byte in 0..u16::from(size) {
             let offset = port.wrapping_sub(self.base).wrapping_add(byte);
@@ -204,16 +218,19 @@ impl PortDevice for Uart {
                 value = (value & !(0xFF << shift)) | (u32::from(self.read_register(offset)) << shift);
             }
         }
+        self.follow_line(line, platform);
         value
     }
 
     fn write(&mut self, port: u16, size: u8, value: u32, platform: &mut dyn Platform) {
+        let line = self.interrupt_pending();
         for byte in 0..u16::from(size) {
             let offset = port.wrapping_sub(self.base).wrapping_add(byte);
             if offset <= reg::SCR {
                 self.write_register(offset, (value >> (8 * u32::from(byte))) as u8, platform);
             }
         }
+        self.follow_line(line, platform);
     }
 }
 
@@ -307,6 +324,28 @@ mod tests {
         assert_eq!(inb(&mut uart, &mut platform, reg::IIR_FCR), IIR_NO_INT);
         outb(&mut uart, &mut platform, reg::DATA, b'x');
         assert_eq!(inb(&mut uart, &mut platform, reg::IIR_FCR), IIR_THRI);
+    }
+
+    /// The line follows the interrupt state: raised when the transmitter interrupt is enabled
+    /// with OUT2 set, lowered when reading IIR clears it, raised again by the next byte.
+    #[test]
+    fn the_interrupt_line_follows_the_interrupt_state() {
+        let (mut uart, mut platform) = uart();
+        outb(&mut uart, &mut platform, reg::MCR, MCR_OUT2);
+        outb(&mut uart, &mut platform, reg::IER, IER_THRI);
+        assert_eq!(platform.irqs, [(COM1_IRQ, true)]);
+        inb(&mut uart, &mut platform, reg::IIR_FCR);
+        assert_eq!(platform.irqs, [(COM1_IRQ, true), (COM1_IRQ, false)]);
+        inb(&mut uart, &mut platform, reg::LSR);
+        assert_eq!(platform.irqs.len(), 2, "no change, no edge");
+        outb(&mut uart, &mut platform, reg::DATA, b'x');
+        assert_eq!(platform.irqs.last(), Some(&(COM1_IRQ, true)));
+        outb(&mut uart, &mut platform, reg::MCR, 0);
+        assert_eq!(
+            platform.irqs.last(),
+            Some(&(COM1_IRQ, false)),
+            "OUT2 disconnects the line"
+        );
     }
 
     #[test]

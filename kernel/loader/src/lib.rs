@@ -13,4 +13,6 @@
 extern crate alloc;
 
 pub mod archive;
+pub mod layout;
+pub mod linux;
 pub mod multiboot;

@@ -12,6 +12,9 @@
 use alloc::vec::Vec;
 use core::fmt;
 
+use crate::layout::in_ram;
+pub use crate::layout::{MemoryRange, Placement, RangeKind};
+
 /// The header's magic.
 pub const HEADER_MAGIC: u32 = 0x1BAD_B002;
 /// What EAX holds at the kernel's entry.
@@ -90,43 +93,6 @@ impl fmt::Display for LoadError {
 }
 
 impl core::error::Error for LoadError {}
-
-/// What a range of the VM's guest-physical space is, for the memory map.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RangeKind {
-    /// RAM the kernel may use (map type 1).
-    Available,
-    /// Present but not for the kernel (ROM, firmware tables: map type 2).
-    Reserved,
-}
-
-/// One range of the VM's layout.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MemoryRange {
-    /// First guest-physical address.
-    pub base: u64,
-    /// Size in bytes.
-    pub size: u64,
-    /// What it is.
-    pub kind: RangeKind,
-}
-
-impl MemoryRange {
-    fn end(&self) -> u64 {
-        self.base.saturating_add(self.size)
-    }
-}
-
-/// Bytes to put at a guest-physical address, followed by `zeros` zero bytes (a segment's BSS).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Placement<'a> {
-    /// Where.
-    pub gpa: u64,
-    /// The bytes.
-    pub bytes: &'a [u8],
-    /// Zero bytes after them.
-    pub zeros: u64,
-}
 
 /// Everything the caller writes into guest RAM, and the entry state.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -209,16 +175,6 @@ fn elf_segments(image: &[u8]) -> Result<(u32, Vec<Segment<'_>>), LoadError> {
         segments.push((u64::from(paddr), bytes, u64::from(mem_size)));
     }
     Ok((entry, segments))
-}
-
-/// True when `len` bytes at `gpa` lie in one available range.
-fn in_ram(ranges: &[MemoryRange], gpa: u64, len: u64) -> bool {
-    let Some(end) = gpa.checked_add(len) else {
-        return false;
-    };
-    ranges
-        .iter()
-        .any(|r| r.kind == RangeKind::Available && r.base <= gpa && end <= r.end())
 }
 
 /// Plans the load of `image` with command line `cmdline` and module `module` (named

@@ -585,6 +585,24 @@ guest_programs! {
         "out 0xf4, eax",
         "hlt",
     ];
+    // Entered as the Linux boot protocol's 64-bit entry: stores CS, DS, SS, RSI (the zero
+    // page), the zero page's e820 entry count and CR3 at 0x3000, then exits with 0x2b.
+    linux_entry_probe: Long64, ".code64", [
+        "mov eax, cs",
+        "mov [0x3000], eax",
+        "mov eax, ds",
+        "mov [0x3004], eax",
+        "mov eax, ss",
+        "mov [0x3008], eax",
+        "mov [0x300c], esi",
+        "movzx eax, byte ptr [rsi + 0x1e8]",
+        "mov [0x3010], eax",
+        "mov rax, cr3",
+        "mov [0x3014], eax",
+        "mov eax, 0x2b",
+        "out 0xf4, eax",
+        "hlt",
+    ];
     // A read and a write of unassigned space at 0x3000000 (above the PC's RAM): the read's
     // value goes to [EDI], and the test exit's code is 0x55.
     touch_unassigned: Flat32, ".code32", [

@@ -3,7 +3,7 @@
 use core::fmt::{self, Write};
 
 use spin::Mutex;
-use uart_16550::{backend::PioBackend, Config, Uart16550};
+use uart_16550::{backend::PioBackend, BaudRate, Config, Uart16550};
 use x86_64::instructions::port::Port;
 
 /// I/O base of COM1.
@@ -35,7 +35,15 @@ pub fn init() {
     // SAFETY: COM1's eight ports belong to this kernel alone; nothing else drives the UART.
     let uart = unsafe { Uart16550::new_port(COM1) };
     if let Ok(mut uart) = uart {
-        if uart.init(Config::default()).is_ok() {
+        // The crate's default is 9600 baud. Emulators pace a UART in emulated time, so at
+        // 9600 a character costs 1 ms of it: 2·10^5 ticks at a Linux guest's Bochs pace, which
+        // froze a vCPU printing a console line (inside its port exit) for several of the
+        // guest's timer ticks.
+        let config = Config {
+            baud_rate: BaudRate::Baud115200,
+            ..Config::default()
+        };
+        if uart.init(config).is_ok() {
             *SERIAL.lock() = Some(Serial(uart));
         }
     }

@@ -362,6 +362,86 @@ pub fn a_multiboot_image_starts_with_its_boot_information(host: &'static Host) -
     Ok(())
 }
 
+/// A bzImage as the kernel's build lays it out, small: one setup sector after the boot
+/// sector, then the protected-mode part: `program` at its 64-bit entry (offset 0x200). It
+/// decompresses (so its header says) to 2 MiB and needs 1 MiB there.
+fn bzimage(program: &[u8]) -> Vec<u8> {
+    let mut payload = alloc::vec![0u8; 0x200];
+    payload.extend_from_slice(program);
+    payload.resize(payload.len().next_multiple_of(16), 0);
+    let mut image = alloc::vec![0u8; 1024];
+    let mut put = |at: usize, bytes: &[u8]| image[at..at + bytes.len()].copy_from_slice(bytes);
+    put(0x1F1, &[1]);
+    put(0x1F4, &((payload.len() / 16) as u32).to_le_bytes());
+    put(0x1FE, &0xAA55u16.to_le_bytes());
+    put(0x200, &[0xEB, 0x6A]);
+    put(0x202, b"HdrS");
+    put(0x206, &0x020Fu16.to_le_bytes());
+    put(0x22C, &0x7FFF_FFFFu32.to_le_bytes());
+    put(0x230, &0x20_0000u32.to_le_bytes());
+    put(0x234, &[1]);
+    put(0x236, &1u16.to_le_bytes());
+    put(0x238, &255u32.to_le_bytes());
+    put(0x258, &0x20_0000u64.to_le_bytes());
+    put(0x260, &0x10_0000u32.to_le_bytes());
+    image.extend_from_slice(&payload);
+    image
+}
+
+/// The Linux loader through pgm: a bzImage's 64-bit entry runs in long mode on the loader's
+/// identity map, with CS = __BOOT_CS, DS and SS = __BOOT_DS and RSI = the zero page, whose
+/// e820 table is the VM's memory map and which names the initrd where it was written. A
+/// truncated image and a command line past the kernel's limit are refused and load nothing.
+pub fn a_linux_bzimage_starts_at_its_64_bit_entry(host: &'static Host) -> TestResult {
+    use loader::linux::{BOOT_CS, BOOT_DS, PAGE_TABLES, ZERO_PAGE};
+    let image = bzimage(programs::linux_entry_probe().code);
+    let mut vm = new_vm(host, &super::PC_RAM)?;
+    let truncated = vm.load_linux(&image[..image.len() - 16], "", None);
+    ensure!(truncated.is_err(), "a truncated image loaded");
+    let long = "x".repeat(256);
+    ensure!(
+        vm.load_linux(&image, &long, None).is_err(),
+        "an overlong command line loaded"
+    );
+    ensure_eq!(
+        vm.stats().allocated_pages,
+        0,
+        "pages allocated by the refused loads"
+    );
+    let initrd = [0x5Au8; 100];
+    vm.load_linux(&image, "console=ttyS0", Some(&initrd))
+        .map_err(|e| format!("load: {e}"))?;
+    let stop = vm.run();
+    ensure_eq!(stop, VmStop::TestExit(0x2b), "stop");
+    let mut seen = [0u8; 24];
+    vm.pgm()
+        .read_phys(gpa(RESULTS), &mut seen)
+        .map_err(|e| format!("{e}"))?;
+    let dword = |i: usize| u32::from_le_bytes(seen[4 * i..4 * i + 4].try_into().unwrap());
+    ensure_eq!(dword(0), u32::from(BOOT_CS), "CS");
+    ensure_eq!(dword(1), u32::from(BOOT_DS), "DS");
+    ensure_eq!(dword(2), u32::from(BOOT_DS), "SS");
+    ensure_eq!(u64::from(dword(3)), ZERO_PAGE, "RSI");
+    ensure_eq!(dword(4) as usize, vm.memory_map().len(), "e820 entries");
+    ensure_eq!(u64::from(dword(5)), PAGE_TABLES, "CR3");
+    let mut ramdisk = [0u8; 8];
+    vm.pgm()
+        .read_phys(gpa(ZERO_PAGE + 0x218), &mut ramdisk)
+        .map_err(|e| format!("{e}"))?;
+    let at = u64::from(u32::from_le_bytes(ramdisk[..4].try_into().unwrap()));
+    ensure_eq!(
+        u32::from_le_bytes(ramdisk[4..].try_into().unwrap()),
+        100,
+        "initrd size"
+    );
+    let mut written = [0u8; 100];
+    vm.pgm()
+        .read_phys(gpa(at), &mut written)
+        .map_err(|e| format!("{e}"))?;
+    ensure_eq!(written, initrd, "the initrd where the zero page says");
+    Ok(())
+}
+
 /// On a machine that models a PC's unassigned space, a read there gives all ones and a write
 /// goes nowhere, and the guest runs on; on the memory core's test machines (the default) the
 /// same access stops the VM, as their tests want.

@@ -12,7 +12,8 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use devices::lapic::{Effect, Ipi, LocalApic, XAPIC_BASE};
+use devices::ioapic::IOAPIC_BASE;
+use devices::lapic::{Ipi, LocalApic, XAPIC_BASE};
 use pgm::handlers::HandlerId;
 use pgm::manager::{AccessHandlers, HandlerAction};
 use pgm::{Access, GuestPhysAddr};
@@ -151,6 +152,10 @@ impl<H: AccessHandlers> AccessHandlers for VcpuHandlers<'_, H> {
                 return HandlerAction::Handled;
             }
         }
+        if handler == self.memory.devices.ioapic.0 {
+            self.ioapic_access(gpa, access, data);
+            return HandlerAction::Handled;
+        }
         if handler != self.memory.devices.apics.page {
             return self.caller.access(handler, gpa, access, data);
         }
@@ -169,8 +174,8 @@ impl<H: AccessHandlers> AccessHandlers for VcpuHandlers<'_, H> {
                 }
                 let value = u32::from_le_bytes(bytes);
                 let effect = apics.with(self.index, |apic| apic.mmio_write(offset, value, now));
-                if let Some(Effect::Ipi(ipi)) = effect {
-                    self.sent.push(ipi);
+                if let Some(effect) = effect {
+                    self.memory.devices.apic_effect(effect, &mut self.sent);
                 }
             }
             _ => {
@@ -185,6 +190,29 @@ impl<H: AccessHandlers> AccessHandlers for VcpuHandlers<'_, H> {
             }
         }
         HandlerAction::Handled
+    }
+}
+
+impl<H> VcpuHandlers<'_, H> {
+    /// An access to the I/O APIC's page: its registers take aligned dword accesses (others
+    /// read 0 and are dropped, as the chip ignores them); a message a write sends is routed
+    /// after the exit.
+    fn ioapic_access(&mut self, gpa: GuestPhysAddr, access: Access, data: &mut [u8]) {
+        let offset = gpa.as_u64().wrapping_sub(IOAPIC_BASE) & 0xFFF;
+        let dword = offset.is_multiple_of(4) && data.len() == 4;
+        let ioapic = &self.memory.devices.ioapic.1;
+        match access {
+            Access::Write if dword => {
+                let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+                if let Some(ipi) = ioapic.lock().mmio_write(offset, value) {
+                    self.sent.push(ipi);
+                    self.touched = true;
+                }
+            }
+            Access::Write => {}
+            _ if dword => data.copy_from_slice(&ioapic.lock().mmio_read(offset).to_le_bytes()),
+            _ => data.fill(0),
+        }
     }
 }
 

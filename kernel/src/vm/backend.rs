@@ -259,6 +259,9 @@ pub trait VirtualCpu {
     /// The GDTR: base and limit.
     fn gdt(&self) -> Result<(u64, u16), BackendError>;
 
+    /// Loads the GDTR (a loader's entry state: the guest's own LGDT runs natively).
+    fn set_gdt(&mut self, base: u64, limit: u16) -> Result<(), BackendError>;
+
     /// CR0 as the guest reads it: the bits the host owns shown as the guest last wrote them.
     fn visible_cr0(&self) -> Result<u64, BackendError>;
 

@@ -14,6 +14,8 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use devices::bus::DeviceIndex;
 use devices::cpuid::{AskingVcpu, CpuidPolicy, CpuidRegs};
+use devices::ioapic::IoApic;
+use devices::lapic::{Effect, Ipi};
 use devices::msr::MsrOutcome;
 use devices::{pic, pit, testdev};
 use devices::{Platform, PortBus, StopRequest};
@@ -106,6 +108,8 @@ pub struct VmDevices {
     pub(super) apics: VmApics,
     /// The test device's MMIO memory and its pgm handler, when the machine has it.
     pub(super) ioram: Option<(HandlerId, Mutex<testdev::IoRam>)>,
+    /// The I/O APIC and the pgm handler of its page.
+    pub(super) ioapic: (HandlerId, Mutex<IoApic>),
     /// The console line being written, and the last lines printed (oldest first).
     line: Mutex<(Vec<u8>, VecDeque<String>)>,
 }
@@ -119,12 +123,13 @@ impl VmDevices {
     /// The devices of a VM with `ram_bytes` of RAM, as `spec` says: the PC's legacy ports
     /// (A20 gate, UART, PIC, PIT, CMOS, PCI configuration, ACPI PM, the test exit, fw_cfg and
     /// the test device's ports).
-    /// `apic_page` is the pgm MMIO handler of the xAPIC page, `ioram` that of the test
-    /// device's memory (if the machine has it).
+    /// `apic_page` is the pgm MMIO handler of the xAPIC page, `ioapic_page` that of the I/O
+    /// APIC's, `ioram` that of the test device's memory (if the machine has it).
     pub fn new(
         spec: &MachineSpec,
         ram_bytes: u64,
         apic_page: HandlerId,
+        ioapic_page: HandlerId,
         ioram: Option<HandlerId>,
     ) -> Result<VmDevices, VmError> {
         let vcpus = u16::try_from(spec.vcpus.max(1)).unwrap_or(u16::MAX);
@@ -154,6 +159,7 @@ impl VmDevices {
             emulates_syscall: spec.vendor == Some(*b"AuthenticAMD") && is_intel(host_cpuid(0, 0)),
             apics: VmApics::new(apic_page),
             ioram: ioram.map(|handler| (handler, Mutex::new(testdev::IoRam::default()))),
+            ioapic: (ioapic_page, Mutex::new(IoApic::new(devices::acpi::IOAPIC_ID))),
             line: Mutex::new((Vec::new(), VecDeque::new())),
         })
     }
@@ -193,6 +199,29 @@ impl VmDevices {
             }
             self.pic_changed.store(true, Ordering::Relaxed);
         }
+        self.drive_ioapic(line, level);
+    }
+
+    /// Drives the I/O APIC pin ISA line `line` is wired to (the MADT's interrupt source
+    /// override puts IRQ 0 on pin 2; the others on their own number) and routes the message
+    /// it sends, if any.
+    fn drive_ioapic(&self, line: u8, level: bool) {
+        let pin = devices::acpi::isa_irq_pin(line);
+        let sent = self.ioapic.1.lock().set_line(usize::from(pin), level);
+        if let Some(ipi) = sent {
+            self.apics.route(u32::MAX, &ipi);
+        }
+    }
+
+    /// What an APIC register write asks of the VM, added to the messages `sent` to route
+    /// after the exit: the message written to the ICR, or the I/O APIC's messages after the
+    /// EOI of a level-triggered vector.
+    pub(super) fn apic_effect(&self, effect: Effect, sent: &mut Vec<Ipi>) {
+        match effect {
+            Effect::None => {}
+            Effect::Ipi(ipi) => sent.push(ipi),
+            Effect::LevelEoi(vector) => sent.extend(self.ioapic.1.lock().end_of_interrupt(vector)),
+        }
     }
 
     /// The TSC at which a device next raises an interrupt (`u64::MAX`: none is armed): a
@@ -211,6 +240,22 @@ impl VmDevices {
     /// it (interrupt acknowledge) when `take`.
     fn pic_vector(&self, now: u64, take: bool) -> Option<u8> {
         let mut bus = self.bus.lock();
+        self.raise_due_irq0(&mut bus, now);
+        let pic = bus.device_mut::<pic::Pic>(self.pic)?;
+        let vector = if take {
+            pic.acknowledge()
+        } else {
+            pic.pending_vector()
+        };
+        if vector.is_none() {
+            self.pic_changed.store(false, Ordering::Relaxed);
+        }
+        vector
+    }
+
+    /// Raises IRQ 0 on the PIC if the PIT's period ran out by `now`, and moves the PIT's next
+    /// edge past `now`.
+    fn raise_due_irq0(&self, bus: &mut PortBus, now: u64) {
         let next = self.next_irq0.load(Ordering::Relaxed);
         if now >= next {
             let period = self.irq0_period.load(Ordering::Relaxed).max(1);
@@ -222,17 +267,20 @@ impl VmDevices {
             }
             // Until the PIC has nothing to deliver, every entry looks.
             self.pic_changed.store(true, Ordering::Relaxed);
+            // The same edge on the I/O APIC's pin.
+            self.drive_ioapic(0, true);
+            self.drive_ioapic(0, false);
         }
-        let pic = bus.device_mut::<pic::Pic>(self.pic)?;
-        let vector = if take {
-            pic.acknowledge()
-        } else {
-            pic.pending_vector()
-        };
-        if vector.is_none() {
-            self.pic_changed.store(false, Ordering::Relaxed);
-        }
-        vector
+    }
+
+    /// The PIT's edges when the PIC reaches no vCPU (the bootstrap vCPU's LINT0 masked, as an
+    /// OS using the I/O APIC leaves it): each edge still latches in the PIC as on a PC, and
+    /// goes no further; no entry looks at the PIC again until its next edge. (Without this the
+    /// PIT's past deadline would bound every entry: an exit at each one.)
+    fn latch_pic_edges(&self, now: u64) {
+        let mut bus = self.bus.lock();
+        self.raise_due_irq0(&mut bus, now);
+        self.pic_changed.store(false, Ordering::Relaxed);
     }
 
     /// Accesses to unclaimed ports so far, as (port, count).
@@ -525,6 +573,14 @@ impl Vcpu<'_> {
     #[inline(never)]
     fn deliver(&mut self, apic: bool, pic: bool) -> Result<(), VmStop> {
         let mut waiting = false;
+        // The PIT's edges first when the PIC does not reach this vCPU: the I/O APIC may route
+        // them here, for the APIC below to deliver.
+        let pic = pic && !self.waiting_for_startup;
+        let through_pic = pic && self.accepts_pic();
+        if pic && !through_pic {
+            self.memory.devices.latch_pic_edges(ticks());
+        }
+        let apic = apic || self.apic_may_interrupt(ticks());
         if apic {
             match self.deliver_apic()? {
                 Delivery::Injected => return Ok(()),
@@ -532,7 +588,7 @@ impl Vcpu<'_> {
                 Delivery::Nothing => {}
             }
         }
-        if pic && !self.waiting_for_startup && self.accepts_pic() {
+        if through_pic {
             match self.deliver_pic()? {
                 Delivery::Injected => return Ok(()),
                 Delivery::Waiting => waiting = true,
@@ -637,8 +693,7 @@ impl Vcpu<'_> {
         });
         let mut sent = Vec::new();
         match effect {
-            Some(Ok(devices::lapic::Effect::Ipi(ipi))) => sent.push(ipi),
-            Some(Ok(devices::lapic::Effect::None)) => {}
+            Some(Ok(effect)) => self.memory.devices.apic_effect(effect, &mut sent),
             _ => return false,
         }
         self.after_apic_access(&mut sent);

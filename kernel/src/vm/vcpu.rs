@@ -163,6 +163,8 @@ impl<'a> Vcpu<'a> {
         let apic_base = GuestPhysAddr::new_truncate(devices::lapic::XAPIC_BASE);
         // Nothing has run yet: no translation to invalidate.
         let (apic_page, _) = pgm.register_mmio(apic_base, pgm::PAGE_SIZE)?;
+        let ioapic_base = GuestPhysAddr::new_truncate(devices::ioapic::IOAPIC_BASE);
+        let (ioapic_page, _) = pgm.register_mmio(ioapic_base, pgm::PAGE_SIZE)?;
         let ioram = if spec.test_device {
             let base = GuestPhysAddr::new_truncate(devices::testdev::IORAM_BASE);
             Some(pgm.register_mmio(base, devices::testdev::IORAM_SIZE as u64)?.0)
@@ -176,7 +178,7 @@ impl<'a> Vcpu<'a> {
             // Nothing has run yet: no translation to invalidate.
             let _ = pgm.register_rom(base, size, pgm::manager::RomImage::Copy(&image), false)?;
         }
-        let devices = VmDevices::new(spec, ram_bytes, apic_page, ioram)?;
+        let devices = VmDevices::new(spec, ram_bytes, apic_page, ioapic_page, ioram)?;
         Vcpu::new_vcpu(vmx, Arc::new(VmMemory::new(pgm, devices)), phys)
     }
 
@@ -317,6 +319,12 @@ impl<'a> Vcpu<'a> {
     /// the new limit).
     pub fn set_budget(&mut self, budget: Budget) {
         self.budget = budget;
+    }
+
+    /// The time and exits this vCPU may use.
+    #[cfg_attr(feature = "kernel-tests", allow(dead_code))]
+    pub fn budget(&self) -> Budget {
+        self.budget
     }
 
     /// Ticks this VM has run, over all its finished runs.

@@ -153,6 +153,8 @@ pub struct VmxVcpu<'a> {
     msr_area: HostPhysAddr,
     /// The VMCS TSC offset: the guest's TSC minus the host's.
     tsc_offset: u64,
+    /// The guest's IA32_TSC_ADJUST.
+    tsc_adjust: u64,
     /// The basic reason of the last exit.
     last_reason: u32,
 }
@@ -189,6 +191,7 @@ impl<'a> VmxVcpu<'a> {
             event_queued: Cell::new(false),
             msr_area,
             tsc_offset: 0,
+            tsc_adjust: 0,
             last_reason: 0,
         };
         vcpu.write_controls(eptp)?;
@@ -605,6 +608,19 @@ impl<'a> VmxVcpu<'a> {
     /// CR0 bits that are the host's: those VMX fixes to 1 (but PE and PG, which unrestricted
     /// guest frees), and PG, whose changes switch EFER.LMA and with it the IA-32e entry
     /// control (`write_cr0`): so no entry needs to look at EFER first.
+    /// Makes the guest's TSC the host's plus `offset`; `false` if the VMCS refused it.
+    fn set_tsc_offset(&mut self, offset: u64) -> bool {
+        let written = self
+            .vmcs
+            .current()
+            .and_then(|vmcs| vmcs.write(control::TSC_OFFSET_FULL, offset));
+        if written.is_err() {
+            return false;
+        }
+        self.tsc_offset = offset;
+        true
+    }
+
     fn cr0_host_owned(&self) -> u64 {
         (self.vmx.caps().cr0_fixed.0 & !(CR0_PE | CR0_PG)) | CR0_PG
     }
@@ -945,6 +961,12 @@ impl VirtualCpu for VmxVcpu<'_> {
         Ok((vmcs.read(guest::GDTR_BASE), vmcs.read(guest::GDTR_LIMIT) as u16))
     }
 
+    fn set_gdt(&mut self, base: u64, limit: u16) -> Result<(), BackendError> {
+        let vmcs = self.vmcs.current()?;
+        vmcs.write(guest::GDTR_BASE, base)?;
+        Ok(vmcs.write(guest::GDTR_LIMIT, u64::from(limit))?)
+    }
+
     fn visible_cr0(&self) -> Result<u64, BackendError> {
         let vmcs = self.vmcs.current()?;
         let mask = vmcs.read(control::CR0_GUEST_HOST_MASK);
@@ -1045,6 +1067,9 @@ impl VirtualCpu for VmxVcpu<'_> {
         if index == msr::TSC {
             return Some(crate::arch::ticks().wrapping_add(self.tsc_offset));
         }
+        if index == msr::TSC_ADJUST {
+            return Some(self.tsc_adjust);
+        }
         if let Some(slot) = self.msr_slot(index) {
             return Some(self.phys.read_u64(slot));
         }
@@ -1061,14 +1086,22 @@ impl VirtualCpu for VmxVcpu<'_> {
         }
         if index == msr::TSC {
             // The guest's TSC reads `value` now: the offset is what it adds to the host's.
+            // TSC_ADJUST moves by as much as the TSC (SDM 17.17.3).
             let offset = value.wrapping_sub(crate::arch::ticks());
-            let Ok(vmcs) = self.vmcs.current() else {
-                return false;
-            };
-            if vmcs.write(control::TSC_OFFSET_FULL, offset).is_err() {
+            let moved = offset.wrapping_sub(self.tsc_offset);
+            if !self.set_tsc_offset(offset) {
                 return false;
             }
-            self.tsc_offset = offset;
+            self.tsc_adjust = self.tsc_adjust.wrapping_add(moved);
+            return true;
+        }
+        if index == msr::TSC_ADJUST {
+            // The TSC moves by the adjustment's change.
+            let moved = value.wrapping_sub(self.tsc_adjust);
+            if !self.set_tsc_offset(self.tsc_offset.wrapping_add(moved)) {
+                return false;
+            }
+            self.tsc_adjust = value;
             return true;
         }
         if let Some(slot) = self.msr_slot(index) {
