@@ -71,7 +71,7 @@ kut: setup
 
 ## Debian's cloud kernel (pinned in boot/setup.sh) with a busybox initramfs inside the
 ## hypervisor in Bochs, with 1 vCPU and then 2: each boots to /init, runs the memory workload
-## and powers off (README, *Linux guest*). `make test` runs the 1-vCPU boot.
+## and powers off (README, *Linux guest*); `make test` runs both too.
 linux: setup
 	cargo xtask run --linux
 	cargo xtask run --linux --cpus 2

@@ -30,8 +30,9 @@ const DEFAULT_TIMEOUT_S: u64 = 90;
 /// one round takes 2^30 ticks, get the 2.2–4.3·10^9 ticks they need (where in that range
 /// depends on where the doubling lands for the exit's cost).
 pub const TICKS_PER_TIMEOUT_SECOND: u64 = 100_000_000;
-/// The fewest TSC ticks Bochs emulates per wall second in any entry here (vmexit_cr0_wp's
-/// pace, measured from its Bochs log's timestamps); the wall-clock bound of a run assumes it.
+/// The fewest TSC ticks Bochs emulates per wall second in any entry here (vmexit_cr4_pge ran
+/// 2.25·10^9 ticks in 47.6 minutes, 0.8·10^6 a second, sharing the cores); the wall-clock
+/// bound of a run assumes it.
 const SLOWEST_TICKS_PER_WALL_SECOND: u64 = 1_000_000;
 
 /// One `[section]` of `unittests.cfg`.
@@ -253,9 +254,9 @@ pub fn run(
     let mut results: BTreeMap<String, Verdict> = BTreeMap::new();
     if !files.is_empty() {
         // Every test may use its whole limit: at Bochs's slowest pace here (10^6 ticks a wall
-        // second, vmexit_cr0_wp's: every toggle of CR0.WP flushes Bochs's TLB) that is 100 wall
-        // seconds per upstream second, plus the boot; the caller's bound, when shorter, wins.
-        // A run that ends sooner is not held up by it.
+        // second, vmexit_cr4_pge's and vmexit_cr0_wp's beside another emulator) that is 100
+        // wall seconds per upstream second, plus the boot; the caller's bound, when shorter,
+        // wins. A run that ends sooner is not held up by it.
         let bound =
             timeout_secs.min(wall_seconds * (TICKS_PER_TIMEOUT_SECOND / SLOWEST_TICKS_PER_WALL_SECOND) + 120);
         let serial = boot_with(&manifest, &files, cpus, bound, tag)?;
