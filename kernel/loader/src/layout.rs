@@ -48,3 +48,27 @@ pub(crate) fn in_ram(ranges: &[MemoryRange], gpa: u64, len: u64) -> bool {
         .iter()
         .any(|r| r.kind == RangeKind::Available && r.base <= gpa && end <= r.end())
 }
+
+/// A PC's layout with `ram_mib` MiB of RAM, for the loaders' tests: low memory, the BIOS
+/// area as ROM, RAM from 1 MiB.
+#[cfg(test)]
+pub(crate) fn pc_layout(ram_mib: u64) -> alloc::vec::Vec<MemoryRange> {
+    const MIB: u64 = 1 << 20;
+    alloc::vec![
+        MemoryRange {
+            base: 0,
+            size: 0xA_0000,
+            kind: RangeKind::Available,
+        },
+        MemoryRange {
+            base: 0xE_0000,
+            size: 0x2_0000,
+            kind: RangeKind::Reserved,
+        },
+        MemoryRange {
+            base: MIB,
+            size: (ram_mib - 1) * MIB,
+            kind: RangeKind::Available,
+        },
+    ]
+}

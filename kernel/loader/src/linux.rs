@@ -465,25 +465,8 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
-    /// A PC's layout with `ram_mib` of RAM: low memory, the BIOS ROM, RAM from 1 MiB.
     fn pc(ram_mib: u64) -> Vec<MemoryRange> {
-        alloc::vec![
-            MemoryRange {
-                base: 0,
-                size: 0xA_0000,
-                kind: RangeKind::Available
-            },
-            MemoryRange {
-                base: 0xE_0000,
-                size: 0x2_0000,
-                kind: RangeKind::Reserved
-            },
-            MemoryRange {
-                base: MIB,
-                size: (ram_mib - 1) * MIB,
-                kind: RangeKind::Available
-            },
-        ]
+        crate::layout::pc_layout(ram_mib)
     }
 
     /// A bzImage as the kernel's build makes it: `setup_sects` sectors of setup after the boot

@@ -354,23 +354,7 @@ mod tests {
     }
 
     fn pc(ram_mib: u64) -> Vec<MemoryRange> {
-        alloc::vec![
-            MemoryRange {
-                base: 0,
-                size: 0xA_0000,
-                kind: RangeKind::Available
-            },
-            MemoryRange {
-                base: 0xE_0000,
-                size: 0x2_0000,
-                kind: RangeKind::Reserved
-            },
-            MemoryRange {
-                base: 0x10_0000,
-                size: (ram_mib << 20) - 0x10_0000,
-                kind: RangeKind::Available
-            },
-        ]
+        crate::layout::pc_layout(ram_mib)
     }
 
     fn u32_in(info: &[u8], at: usize) -> u32 {
