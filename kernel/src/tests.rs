@@ -287,6 +287,10 @@ const TESTS: &[(&str, TestFn)] = &[
         devices::a_multiboot_image_starts_with_its_boot_information,
     ),
     (
+        "devices_tsc_adjust_moves_with_the_tsc",
+        devices::tsc_adjust_moves_with_the_tsc,
+    ),
+    (
         "devices_a_linux_bzimage_starts_at_its_64_bit_entry",
         devices::a_linux_bzimage_starts_at_its_64_bit_entry,
     ),

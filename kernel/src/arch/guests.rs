@@ -585,6 +585,43 @@ guest_programs! {
         "out 0xf4, eax",
         "hlt",
     ];
+    // IA32_TSC_ADJUST from the guest: its first value at [EDI]; the TSC's move across a
+    // write of 2^32 to it at [EDI + 8]; then, across a write of 0 to the TSC, the adjustment
+    // plus the TSC read just before that write at [EDI + 16] (2^32 less the ticks between).
+    tsc_adjust_probe: Flat32, ".code32", [
+        "mov ecx, 0x3b",
+        "rdmsr",
+        "mov [edi], eax",
+        "mov [edi + 4], edx",
+        "rdtsc",
+        "mov esi, eax",
+        "mov ebp, edx",
+        "mov ecx, 0x3b",
+        "xor eax, eax",
+        "mov edx, 1",
+        "wrmsr",
+        "rdtsc",
+        "sub eax, esi",
+        "sbb edx, ebp",
+        "mov [edi + 8], eax",
+        "mov [edi + 12], edx",
+        "rdtsc",
+        "mov esi, eax",
+        "mov ebp, edx",
+        "mov ecx, 0x10",
+        "xor eax, eax",
+        "xor edx, edx",
+        "wrmsr",
+        "mov ecx, 0x3b",
+        "rdmsr",
+        "add eax, esi",
+        "adc edx, ebp",
+        "mov [edi + 16], eax",
+        "mov [edi + 20], edx",
+        "mov eax, 0x3b",
+        "out 0xf4, eax",
+        "hlt",
+    ];
     // Entered as the Linux boot protocol's 64-bit entry: stores CS, DS, SS, RSI (the zero
     // page), the zero page's e820 entry count and CR3 at 0x3000, then exits with 0x2b.
     linux_entry_probe: Long64, ".code64", [

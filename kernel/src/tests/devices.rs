@@ -362,6 +362,32 @@ pub fn a_multiboot_image_starts_with_its_boot_information(host: &'static Host) -
     Ok(())
 }
 
+/// IA32_TSC_ADJUST (SDM 17.17.3), which CPUID offers: it reads 0 at first, writing it moves
+/// the TSC by the change, and writing the TSC moves it by as much as the TSC moved.
+pub fn tsc_adjust_moves_with_the_tsc(host: &'static Host) -> TestResult {
+    const CLOSE: u64 = 1_000_000;
+    let mut vm = prepared_vm(host, programs::tsc_adjust_probe(), GP_VECTOR)?;
+    let stop = vm.run();
+    ensure_eq!(stop, VmStop::TestExit(0x3b), "stop");
+    let mut results = [0u8; 24];
+    vm.pgm()
+        .read_phys(gpa(RESULTS), &mut results)
+        .map_err(|e| format!("{e}"))?;
+    let qword = |i: usize| u64::from_le_bytes(results[8 * i..8 * i + 8].try_into().unwrap());
+    ensure_eq!(qword(0), 0, "TSC_ADJUST at first");
+    let moved = qword(1);
+    ensure!(
+        (1 << 32..(1 << 32) + CLOSE).contains(&moved),
+        "the TSC moved by {moved:#x} across TSC_ADJUST = 2^32"
+    );
+    let sum = qword(2);
+    ensure!(
+        ((1 << 32) - CLOSE..=1 << 32).contains(&sum),
+        "TSC_ADJUST + TSC before zeroing the TSC: {sum:#x}, not just under 2^32"
+    );
+    Ok(())
+}
+
 /// A bzImage as the kernel's build lays it out, small: one setup sector after the boot
 /// sector, then the protected-mode part: `program` at its 64-bit entry (offset 0x200). It
 /// decompresses (so its header says) to 2 MiB and needs 1 MiB there.
