@@ -176,6 +176,9 @@ pub const CI_SUBSET: &[&str] = &[
     "pks",
     // The MMIO instruction emulator's yardstick (about 9·10^7 ticks, 25 s of Bochs).
     "emulator",
+    // The I/O APIC: edge and level pins, remote IRR, TMR, both destination modes, 4 vCPUs
+    // (about 8·10^7 ticks).
+    "ioapic",
 ];
 
 /// Where setup builds kvm-unit-tests.

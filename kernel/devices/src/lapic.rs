@@ -606,14 +606,15 @@ impl LocalApic {
         self.lvt[index] = value;
     }
 
-    /// Retires the highest vector in service; a level-triggered one is broadcast.
+    /// Retires the highest vector in service; a level-triggered one (its TMR bit set: TMR
+    /// keeps the trigger mode of the vector's last accepted interrupt, EOI leaves it) is
+    /// broadcast.
     fn end_of_interrupt(&mut self) -> Effect {
         let Some(vector) = Self::highest(&self.isr) else {
             return Effect::None;
         };
         Self::set_bit(&mut self.isr, vector, false);
         if Self::bit(&self.tmr, vector) {
-            Self::set_bit(&mut self.tmr, vector, false);
             return Effect::LevelEoi(vector);
         }
         Effect::None
@@ -754,9 +755,16 @@ mod tests {
         assert_eq!(apic.mmio_read(u64::from(reg::TMR) + 0x20, 0), 1 << 1);
         assert_eq!(apic.acknowledge(), Some(0x41));
         assert_eq!(apic.mmio_write(u64::from(reg::EOI), 0, 0), Effect::LevelEoi(0x41));
-        assert_eq!(apic.mmio_read(u64::from(reg::TMR) + 0x20, 0), 0);
+        assert_eq!(
+            apic.mmio_read(u64::from(reg::TMR) + 0x20, 0),
+            1 << 1,
+            "TMR keeps the last trigger mode past the EOI"
+        );
         assert_eq!(apic.acknowledge(), Some(0x32));
         assert_eq!(apic.mmio_write(u64::from(reg::EOI), 0, 0), Effect::None, "edge");
+        // The next edge-triggered interrupt at the vector clears its TMR bit.
+        apic.accept(0x41, false);
+        assert_eq!(apic.mmio_read(u64::from(reg::TMR) + 0x20, 0), 0);
     }
 
     #[test]
