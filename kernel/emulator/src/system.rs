@@ -62,6 +62,12 @@ pub struct SegmentState {
 }
 
 impl SegmentState {
+    /// The segment register's state after loading `selector` whose descriptor is `raw` (the
+    /// eight bytes as the GDT holds them).
+    pub fn from_descriptor(selector: u16, raw: u64) -> SegmentState {
+        Descriptor::parse(raw).state(selector)
+    }
+
     /// The descriptor privilege level.
     pub fn dpl(&self) -> u8 {
         (self.attributes >> 5) as u8 & 3
@@ -297,4 +303,30 @@ pub(crate) fn load_task_register<M: Machine>(
     descriptor.base |= (high & 0xFFFF_FFFF) << 32;
     exec.segment = Some((SegmentRegister::Tr, descriptor.state(selector)));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flat 64-bit code descriptor and a flat data descriptor, as a GDT holds them: the
+    /// access byte and flags become VMX's attribute layout, the 4 KiB-granular limit is in
+    /// bytes.
+    #[test]
+    fn a_descriptor_gives_the_state_a_load_would() {
+        let code = SegmentState::from_descriptor(0x10, 0x00AF_9B00_0000_FFFF);
+        assert_eq!(
+            (code.selector, code.base, code.limit, code.attributes),
+            (0x10, 0, u32::MAX, 0xA09B)
+        );
+        assert!(code.long() && code.usable);
+        let data = SegmentState::from_descriptor(0x18, 0x00CF_9300_0000_FFFF);
+        assert_eq!((data.limit, data.attributes, data.dpl()), (u32::MAX, 0xC093, 0));
+        let based = SegmentState::from_descriptor(8, 0xAB40_9312_3456_0FFF);
+        assert_eq!(
+            (based.base, based.limit),
+            (0xAB12_3456, 0xFFF),
+            "byte-granular, base in three parts"
+        );
+    }
 }

@@ -40,6 +40,10 @@ pub const COMMAND_LINE: u64 = 0x2_0000;
 pub const BOOT_CS: u16 = 0x10;
 /// The data selector the protocol asks for (`__BOOT_DS`).
 pub const BOOT_DS: u16 = 0x18;
+/// `__BOOT_CS`'s descriptor: flat 64-bit code (L, G; present, DPL 0, execute/read, accessed).
+pub const BOOT_CODE_DESCRIPTOR: u64 = 0x00AF_9B00_0000_FFFF;
+/// `__BOOT_DS`'s descriptor: flat data (D/B, G; present, DPL 0, read/write, accessed).
+pub const BOOT_DATA_DESCRIPTOR: u64 = 0x00CF_9300_0000_FFFF;
 /// How much of guest-physical space the boot page tables map.
 const IDENTITY_GIB: u64 = 4;
 /// The most e820 entries the zero page holds.
@@ -437,7 +441,7 @@ fn zero_page(
 
 /// The GDT: two null descriptors, then `__BOOT_CS` (64-bit code) and `__BOOT_DS` (flat data).
 fn gdt() -> Vec<u8> {
-    let descriptors: [u64; 4] = [0, 0, 0x00AF_9B00_0000_FFFF, 0x00CF_9300_0000_FFFF];
+    let descriptors: [u64; 4] = [0, 0, BOOT_CODE_DESCRIPTOR, BOOT_DATA_DESCRIPTOR];
     descriptors.iter().flat_map(|d| d.to_le_bytes()).collect()
 }
 

@@ -577,10 +577,11 @@ impl Vcpu<'_> {
         // them here, for the APIC below to deliver.
         let pic = pic && !self.waiting_for_startup;
         let through_pic = pic && self.accepts_pic();
-        if pic && !through_pic {
+        let latched = pic && !through_pic;
+        if latched {
             self.memory.devices.latch_pic_edges(ticks());
         }
-        let apic = apic || self.apic_may_interrupt(ticks());
+        let apic = apic || (latched && self.apic_may_interrupt(ticks()));
         if apic {
             match self.deliver_apic()? {
                 Delivery::Injected => return Ok(()),

@@ -5,7 +5,7 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use loader::linux::{self, LinuxError, BOOT_CS, BOOT_DS};
+use loader::linux::{self, LinuxError, BOOT_CODE_DESCRIPTOR, BOOT_CS, BOOT_DATA_DESCRIPTOR, BOOT_DS};
 use loader::multiboot::{self, LoadError, MemoryRange, RangeKind};
 use pgm::page::PageType;
 use pgm::GuestPhysAddr;
@@ -114,15 +114,10 @@ impl Vcpu<'_> {
             ..GuestRegisters::default()
         };
         self.enter_at(GuestMode::Long64, plan.entry, plan.cr3, regs)?;
-        let flat = |selector: u16, attributes: u16| SegmentState {
-            selector,
-            base: 0,
-            limit: u32::MAX,
-            attributes,
-            usable: true,
-        };
-        let code = flat(BOOT_CS, 0xA09B);
-        let data = flat(BOOT_DS, 0xC093);
+        // The segment registers hold what the loader's GDT says, as if the guest had loaded
+        // them.
+        let code = SegmentState::from_descriptor(BOOT_CS, BOOT_CODE_DESCRIPTOR);
+        let data = SegmentState::from_descriptor(BOOT_DS, BOOT_DATA_DESCRIPTOR);
         let cpu = &mut self.cpu;
         cpu.set_segment(Segment::Cs, code).map_err(VmError::from)?;
         for segment in [Segment::Ds, Segment::Es, Segment::Ss] {

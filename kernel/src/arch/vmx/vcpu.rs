@@ -605,9 +605,6 @@ impl<'a> VmxVcpu<'a> {
         })
     }
 
-    /// CR0 bits that are the host's: those VMX fixes to 1 (but PE and PG, which unrestricted
-    /// guest frees), and PG, whose changes switch EFER.LMA and with it the IA-32e entry
-    /// control (`write_cr0`): so no entry needs to look at EFER first.
     /// Makes the guest's TSC the host's plus `offset`; `false` if the VMCS refused it.
     fn set_tsc_offset(&mut self, offset: u64) -> bool {
         let written = self
@@ -621,6 +618,9 @@ impl<'a> VmxVcpu<'a> {
         true
     }
 
+    /// CR0 bits that are the host's: those VMX fixes to 1 (but PE and PG, which unrestricted
+    /// guest frees), and PG, whose changes switch EFER.LMA and with it the IA-32e entry
+    /// control (`write_cr0`): so no entry needs to look at EFER first.
     fn cr0_host_owned(&self) -> u64 {
         (self.vmx.caps().cr0_fixed.0 & !(CR0_PE | CR0_PG)) | CR0_PG
     }
