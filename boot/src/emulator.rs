@@ -98,6 +98,11 @@ impl Emulator {
     }
 }
 
+/// The most memory Bochs 2.7 allocates for the emulated machine. A larger machine (a 4 GiB
+/// Linux guest's host) keeps this much in the emulator's memory and the rest of its blocks in a
+/// swap file, which only blocks written beyond this size ever reach.
+const BOCHS_MAX_HOST_MEGS: u64 = 2048;
+
 /// Writes the Bochs configuration and a padded copy of the image, and returns the command that
 /// runs Bochs headless under Xvfb, bounded by `timeout`.
 fn bochs_command(dir: &Path, options: &RunOptions) -> Result<Command, String> {
@@ -106,7 +111,7 @@ fn bochs_command(dir: &Path, options: &RunOptions) -> Result<Command, String> {
     // A killed Bochs leaves the lock behind and the next run cannot open the image.
     let _ = fs::remove_file(dir.join("disk.img.lock"));
     let config = format!(
-        "megs: {megs}\n\
+        "memory: guest={megs}, host={host_megs}\n\
          cpu: model=corei7_skylake_x, count={cpus}, ips={ips}, reset_on_triple_fault=0\n\
          clock: sync=none, time0=946684800\n\
          romimage: file=/usr/share/bochs/BIOS-bochs-latest\n\
@@ -126,6 +131,7 @@ fn bochs_command(dir: &Path, options: &RunOptions) -> Result<Command, String> {
         disk = disk.display(),
         cpus = options.cpus,
         megs = options.megs,
+        host_megs = options.megs.min(BOCHS_MAX_HOST_MEGS),
         ips = options.ips,
         serial = options.serial_log.display(),
         log = dir.join("bochs.log").display(),

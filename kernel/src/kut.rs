@@ -13,7 +13,7 @@ use alloc::string::{String, ToString};
 
 use loader::archive::Archive;
 
-use crate::arch::memory::{self, frame_counts, is_allocated};
+use crate::arch::memory::{self, frames_in_use_outside_heap, is_allocated};
 use crate::arch::power::{exit, ExitCode};
 use crate::arch::ticks;
 use crate::machine;
@@ -82,7 +82,7 @@ pub fn run(host: &'static Host, archive: Archive<'_>) -> ! {
         exit(ExitCode::Failure, "kut: no manifest in the ramdisk")
     };
     let manifest = String::from_utf8_lossy(manifest);
-    let frames_before = frame_counts().free;
+    let frames_before = frames_in_use_outside_heap();
     for line in manifest
         .lines()
         .filter(|line| !line.is_empty() && !line.starts_with('#'))
@@ -112,7 +112,7 @@ pub fn run(host: &'static Host, archive: Archive<'_>) -> ! {
             ticks() - start
         );
     }
-    let leaked = frames_before.saturating_sub(frame_counts().free);
+    let leaked = frames_in_use_outside_heap().saturating_sub(frames_before);
     if leaked > 0 {
         exit(
             ExitCode::Failure,
@@ -164,7 +164,7 @@ fn run_entry(
     let audit_needs = usize::try_from(pages)
         .unwrap_or(usize::MAX)
         .saturating_mul(AUDIT_BYTES_PER_PAGE);
-    let heap_free = memory::heap_free();
+    let heap_free = memory::heap_available();
     let unaudited = heap_free < audit_needs.saturating_add(AUDIT_HEAP_RESERVE);
     if !unaudited {
         let report = bsp.pgm().audit(is_allocated);

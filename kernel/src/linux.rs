@@ -12,14 +12,15 @@ use alloc::string::{String, ToString};
 
 use loader::archive::Archive;
 
-use crate::arch::memory::{frame_counts, is_allocated};
+use crate::arch::memory::{frames_in_use_outside_heap, heap_stats, is_allocated};
 use crate::arch::power::{exit, ExitCode};
 use crate::arch::ticks;
 use crate::machine;
 use crate::vm::budget::Budget;
 use crate::vm::devices::MachineSpec;
-use crate::vm::{Vcpu, VmStop};
+use crate::vm::{exit_costs_of_finished_vms, Vcpu, VmStop};
 use crate::{println, Host};
+use pgm::GuestPhysAddr;
 
 /// The manifest's path in the ramdisk.
 pub const MANIFEST: &str = "linux/manifest";
@@ -87,13 +88,13 @@ impl Manifest {
 /// Boots the ramdisk's Linux guest, reports how it ended and ends the machine: success when
 /// the guest powered off.
 pub fn run(host: &'static Host, archive: Archive<'_>) -> ! {
-    let frames_before = frame_counts().free;
+    let frames_before = frames_in_use_outside_heap();
     let outcome = archive
         .file(MANIFEST)
         .ok_or_else(|| "no manifest in the ramdisk".to_string())
         .and_then(|text| Manifest::parse(&String::from_utf8_lossy(text)))
         .and_then(|manifest| boot(host, &archive, &manifest));
-    let leaked = frames_before.saturating_sub(frame_counts().free);
+    let leaked = frames_in_use_outside_heap().saturating_sub(frames_before);
     match outcome {
         Err(message) => exit(ExitCode::Failure, &format!("linux: {message}")),
         Ok(_) if leaked > 0 => exit(
@@ -123,7 +124,9 @@ fn boot(host: &'static Host, archive: &Archive<'_>, manifest: &Manifest) -> Resu
         ..MachineSpec::default()
     };
     let ram = machine::pc_ram(manifest.memory_mib << 20);
+    let heap_before = heap_stats().allocated;
     let mut bsp = Vcpu::new_machine(vmx, &host.phys, &ram, true, &spec).map_err(|e| format!("VM: {e}"))?;
+    let heap_for_vm = heap_stats().allocated.saturating_sub(heap_before);
     bsp.load_linux(kernel, &manifest.cmdline, initrd)
         .map_err(|e| format!("load: {e}"))?;
     println!(
@@ -143,13 +146,58 @@ fn boot(host: &'static Host, archive: &Archive<'_>, manifest: &Manifest) -> Resu
     });
     let start = ticks();
     let stop = machine::run_to_end(host, &mut bsp, manifest.vcpus)?;
-    println!("linux: the run ended after {} ticks: {stop:?}", ticks() - start);
+    let run_ticks = ticks() - start;
+    println!("linux: the run ended after {run_ticks} ticks: {stop:?}");
     println!("linux: exits of the bootstrap vCPU: {:?}", bsp.exits);
-    bsp.exit_costs.print("the Linux guest's bootstrap vCPU");
+    // The application processors' vCPUs have ended, and added their costs to the finished
+    // VMs' table (the only VM this boot runs).
+    let costs = bsp.exit_costs.with(&exit_costs_of_finished_vms());
+    costs.print("the Linux guest, every vCPU");
+    let vcpu_ticks = run_ticks * u64::from(manifest.vcpus);
+    println!(
+        "linux: exit handling took {} of {vcpu_ticks} vCPU ticks ({} per mille)",
+        costs.total_ticks(),
+        costs.total_ticks() * 1000 / vcpu_ticks.max(1)
+    );
+    print_memory(&bsp, &ram, heap_for_vm);
     let report = bsp.pgm().audit(is_allocated);
     if !report.is_clean() {
         return Err(format!("EPT audit: {:?}", report.findings));
     }
     println!("linux: EPT audit clean");
     Ok(stop)
+}
+
+/// Prints what the VM holds at its end (pages, large blocks, EPT tables, host frames) and what
+/// its descriptors took of the kernel heap.
+fn print_memory(bsp: &Vcpu<'_>, ram: &[(u64, u64)], heap_for_vm: usize) {
+    const LARGE: u64 = 2 << 20;
+    let stats = bsp.stats();
+    let pgm = bsp.pgm();
+    let large_blocks = ram
+        .iter()
+        .flat_map(|&(start, size)| (start.next_multiple_of(LARGE)..start + size).step_by(LARGE as usize))
+        .filter(|&block| GuestPhysAddr::new(block).is_some_and(|gpa| pgm.is_mapped_large(gpa)))
+        .count();
+    drop(pgm);
+    println!(
+        "linux: memory at the end: {} RAM pages, {} with a private frame, {} zero; {} 2 MiB \
+         blocks mapped large; {} EPT table frames; {} host frames in all ({} MiB)",
+        stats.ram_pages,
+        stats.private_frames(),
+        stats.zero_pages,
+        large_blocks,
+        stats.table_frames,
+        stats.host_frames(),
+        stats.host_frames() / 256
+    );
+    let registered: u64 = ram.iter().map(|&(_, size)| size).sum();
+    let per_gib = (heap_for_vm as u128 * (1 << 30)) / u128::from(registered.max(1));
+    let heap = heap_stats();
+    println!(
+        "linux: kernel heap: {heap_for_vm} bytes for the VM's creation ({per_gib} per GiB \
+         registered); at most {} bytes allocated, {} bytes of chunks held beside the {} byte \
+         seed",
+        heap.peak_allocated, heap.peak_chunk_bytes, heap.seed_bytes
+    );
 }

@@ -76,6 +76,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     // where: at `offset`, for the kernel's whole life.
     let phys = unsafe { PhysMap::new(offset) };
     let host = HOST.call_once(|| Host { phys });
+    memory::grow_heap_from(&host.phys);
     let trampoline = memory::trampoline_frame(&boot_info.memory_regions);
     let smp = smp::init(
         &host.phys,

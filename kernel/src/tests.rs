@@ -16,7 +16,7 @@ use pgm::{Access, GuestPhysAddr, PgmError, PAGE_SIZE};
 use spin::Mutex;
 
 use crate::arch::guests::{programs, GuestProgram};
-use crate::arch::memory::frame_counts;
+use crate::arch::memory::{frame_counts, frames_in_use_outside_heap, heap_stats};
 use crate::arch::power::{exit, ExitCode};
 use crate::arch::ticks;
 use crate::arch::vmx::exits::{exit_reason, qualification};
@@ -80,6 +80,10 @@ const TESTS: &[(&str, TestFn)] = &[
     (
         "bad_ram_layout_is_refused_without_leaking",
         bad_ram_layout_is_refused_without_leaking,
+    ),
+    (
+        "heap_grows_for_a_large_guest_and_shrinks_when_it_goes",
+        heap_grows_for_a_large_guest_and_shrinks_when_it_goes,
     ),
     (
         "mmio_instruction_forms_in_protected_mode",
@@ -401,13 +405,13 @@ pub fn report_abort(reason: &str) {
 /// Restores the deadline and the running test's name it found (tests may nest).
 fn run_one(host: &'static Host, name: &'static str, test: TestFn, budget: u64) -> TestResult {
     let outer_name = CURRENT.lock().replace(name);
-    let frames_before = frame_counts().used();
+    let frames_before = frames_in_use_outside_heap();
     let outer_deadline = set_host_deadline(Some(ticks() + budget));
     let mut result = test(host);
     let out_of_time = host_deadline_hit();
     set_host_deadline(outer_deadline);
     *CURRENT.lock() = outer_name;
-    let leaked = frame_counts().used() as i64 - frames_before as i64;
+    let leaked = frames_in_use_outside_heap() as i64 - frames_before as i64;
     if out_of_time {
         let detail = result.err().map(|e| format!(" ({e})")).unwrap_or_default();
         result = Err(format!(
@@ -563,7 +567,7 @@ fn writing_n_pages_allocates_n_frames(host: &'static Host) -> TestResult {
     };
     vm.start(&programs::write_pages(), CODE, regs)
         .map_err(|e| format!("{e}"))?;
-    let (stats_before, used_before) = (vm.stats(), frame_counts().used());
+    let (stats_before, used_before) = (vm.stats(), frames_in_use_outside_heap());
     let stop = vm.run();
     ensure_eq!(stop, VmStop::Done(0), "stop");
     let stats = vm.stats();
@@ -575,7 +579,7 @@ fn writing_n_pages_allocates_n_frames(host: &'static Host) -> TestResult {
     // The handy pool takes frames from the host in batches, so host and VM counts move
     // together but not one by one: check they agree.
     ensure_eq!(
-        frame_counts().used() - used_before,
+        frames_in_use_outside_heap() - used_before,
         stats.host_frames() - stats_before.host_frames(),
         "host allocator frames vs the VM's accounting"
     );
@@ -793,7 +797,7 @@ fn bad_ram_layout_is_refused_without_leaking(host: &'static Host) -> TestResult 
         (&[(0x10_0000, 0)], PgmError::ZeroSize),
     ];
     for (ram, expected) in cases {
-        let used = frame_counts().used();
+        let used = frames_in_use_outside_heap();
         let vmx = host.vmx().map_err(|e| format!("{e}"))?;
         match Vcpu::new(vmx, &host.phys, ram) {
             Err(VmError::Memory(error)) => ensure_eq!(error, expected, "error"),
@@ -801,10 +805,48 @@ fn bad_ram_layout_is_refused_without_leaking(host: &'static Host) -> TestResult 
             Ok(_) => return Err(format!("layout {ram:x?} was accepted")),
         }
         ensure_eq!(
-            frame_counts().used(),
+            frames_in_use_outside_heap(),
             used,
             "host frames in use after the refusal"
         );
     }
+    Ok(())
+}
+
+/// A VM whose page descriptors outgrow the heap's 8 MiB seed (6 GiB of RAM, 12 MiB of
+/// descriptors) gets them from heap chunks of host frames, and its destruction gives the chunks
+/// back to the frame allocator, all but one 2 MiB spare.
+fn heap_grows_for_a_large_guest_and_shrinks_when_it_goes(host: &'static Host) -> TestResult {
+    const GIB: u64 = 1 << 30;
+    const MIB: usize = 1 << 20;
+    let ram = [
+        (0, 0xA_0000),
+        (0x10_0000, 3 * GIB - 0x10_0000),
+        (4 * GIB, 3 * GIB),
+    ];
+    let before = heap_stats();
+    let vm = new_vm(host, &ram)?;
+    let grown = heap_stats();
+    ensure!(
+        grown.chunk_bytes >= before.chunk_bytes + 6 * MIB,
+        "the heap did not grow for 6 GiB of descriptors: {before:?} -> {grown:?}"
+    );
+    let mut top = [0xFFu8; 8];
+    vm.pgm()
+        .read_phys(gpa(7 * GIB - 8), &mut top)
+        .map_err(|e| format!("reading the last RAM page: {e}"))?;
+    ensure_eq!(top, [0u8; 8], "the last RAM page (never written)");
+    let frames_with_vm = frame_counts().used();
+    drop(vm);
+    let after = heap_stats();
+    ensure!(
+        after.chunk_bytes <= heap::CHUNK_GRAIN && after.returns > grown.returns,
+        "the chunks were not given back: {grown:?} -> {after:?}"
+    );
+    let returned = ((grown.chunk_bytes - after.chunk_bytes) / MIB) as u64 * 256;
+    ensure!(
+        frame_counts().used() + returned <= frames_with_vm,
+        "the frame allocator did not get the chunks' {returned} frames back"
+    );
     Ok(())
 }

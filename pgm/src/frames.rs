@@ -213,26 +213,45 @@ impl BitmapFrameAllocator {
 
     /// Takes 512 free frames in a row starting at a 2 MiB-aligned address.
     pub fn allocate_large(&mut self) -> Option<HostPhysAddr> {
-        let region = self.regions.iter().find_map(|region| {
-            let first = region.first_frame.next_multiple_of(FRAMES_PER_LARGE_PAGE);
-            let end = region.first_frame + region.frame_count;
-            let mut start = first;
-            while start + FRAMES_PER_LARGE_PAGE <= end {
-                let first_bit = region.first_bit + start - region.first_frame;
-                if (first_bit..first_bit + FRAMES_PER_LARGE_PAGE).all(|bit| !self.bit(bit)) {
-                    return Some((first_bit, start));
-                }
-                start += FRAMES_PER_LARGE_PAGE;
-            }
-            None
-        });
-        let (first_bit, start) = region?;
-        for bit in first_bit..first_bit + FRAMES_PER_LARGE_PAGE {
+        self.allocate_run(FRAMES_PER_LARGE_PAGE)
+    }
+
+    /// Takes `count` free frames in a row starting at a 2 MiB-aligned address (the kernel
+    /// heap grows by such runs; a large page is a run of 512). Each frame is freed on its own
+    /// with [`free`](Self::free). `None` when no region has such a run, or `count` is 0.
+    pub fn allocate_run(&mut self, count: u64) -> Option<HostPhysAddr> {
+        if count == 0 || count > self.counts.free {
+            return None;
+        }
+        let (first_bit, start) = self
+            .regions
+            .iter()
+            .find_map(|region| self.free_run_in(region, count))?;
+        for bit in first_bit..first_bit + count {
             self.bitmap[(bit / 64) as usize] |= 1 << (bit % 64);
         }
-        self.counts.free -= FRAMES_PER_LARGE_PAGE;
-        self.counts.allocations += FRAMES_PER_LARGE_PAGE;
+        self.counts.free -= count;
+        self.counts.allocations += count;
         HostPhysAddr::new(start * PAGE_SIZE)
+    }
+
+    /// The first bit and frame number of `count` free frames in a row in `region`, starting
+    /// at a 2 MiB-aligned frame. A used frame moves the search to the next aligned start past
+    /// it.
+    fn free_run_in(&self, region: &Region, count: u64) -> Option<(u64, u64)> {
+        let end = region.first_frame + region.frame_count;
+        let mut start = region.first_frame.next_multiple_of(FRAMES_PER_LARGE_PAGE);
+        while start + count <= end {
+            let first_bit = region.first_bit + start - region.first_frame;
+            match (first_bit..first_bit + count).rev().find(|&bit| self.bit(bit)) {
+                None => return Some((first_bit, start)),
+                Some(used) => {
+                    let used_frame = region.first_frame + used - region.first_bit;
+                    start = (used_frame + 1).next_multiple_of(FRAMES_PER_LARGE_PAGE);
+                }
+            }
+        }
+        None
     }
 
     fn bit(&self, bit: u64) -> bool {
@@ -396,6 +415,33 @@ mod tests {
         frames.free(hpa(0x40_0000)).unwrap();
         assert_eq!(frames.allocate_large(), Some(hpa(0x40_0000)));
         assert_eq!(frames.counts().used(), 1024);
+    }
+
+    #[test]
+    fn runs_longer_than_a_large_page_skip_past_used_frames() {
+        // 8 MiB from 2 MiB: a 3 MiB run cannot start at 2 MiB once 4 MiB + 4 KiB is used, nor
+        // at 4 MiB; it starts at 6 MiB and reaches 9 MiB.
+        let mut frames = BitmapFrameAllocator::new([(hpa(0x20_0000), hpa(0xA0_0000))]);
+        let mut taken = Vec::new();
+        while let Some(frame) = frames.allocate() {
+            taken.push(frame);
+            if frame == hpa(0x40_1000) {
+                break;
+            }
+        }
+        for &frame in &taken[..taken.len() - 1] {
+            frames.free(frame).unwrap();
+        }
+        assert_eq!(frames.allocate_run(768), Some(hpa(0x60_0000)));
+        assert!(frames.is_allocated(hpa(0x8F_F000)) && !frames.is_allocated(hpa(0x90_0000)));
+        assert_eq!(frames.counts().used(), 769);
+        assert_eq!(
+            frames.allocate_run(768),
+            None,
+            "only 2 MiB from an aligned start is left"
+        );
+        assert_eq!(frames.allocate_run(0), None);
+        assert_eq!(frames.counts().used(), 769, "a refused run takes nothing");
     }
 
     #[test]

@@ -4,34 +4,116 @@
 use alloc::vec::Vec;
 
 use bootloader_api::info::{MemoryRegionKind, MemoryRegions};
+use core::alloc::{GlobalAlloc, Layout};
+use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};
-use linked_list_allocator::LockedHeap;
+use heap::{ChunkSource, GrowingHeap, HeapStats};
 use pgm::frames::{BitmapFrameAllocator, FrameCounts, HostFrameAllocator, HostMemory};
 use pgm::{HostPhysAddr, PAGE_SIZE};
 use spin::Mutex;
 
-/// Kernel heap size: descriptors, the frame bitmap and test bookkeeping live here.
-const HEAP_SIZE: usize = 8 * 1024 * 1024;
+/// The heap's static seed: what the kernel allocates before the frame allocator exists (its
+/// own bitmap among it), and the first region every allocation tries.
+const HEAP_SEED_SIZE: usize = 8 * 1024 * 1024;
 /// Frames below 1 MiB are left to firmware and real-mode structures.
 const LOWEST_FRAME: u64 = 0x10_0000;
 
-#[global_allocator]
-static HEAP: LockedHeap = LockedHeap::empty();
+/// The kernel heap: descriptors, the frame bitmap and test bookkeeping live here. It grows by
+/// runs of host frames once [`grow_heap_from`] has run (the `heap` crate).
+static HEAP: Mutex<GrowingHeap<FrameChunks>> = Mutex::new(GrowingHeap::new(FrameChunks));
 
-/// The host's frames, shared by every VM (the counterpart of VirtualBox's GMM).
+/// Where the physical-memory mapping is (0 until [`grow_heap_from`]): heap chunks are frames
+/// reached through it.
+static PHYS_OFFSET: AtomicU64 = AtomicU64::new(0);
+
+/// The host frames, shared by every VM (the counterpart of VirtualBox's GMM).
+///
+/// Lock order: `HEAP` before `FRAMES` (a heap that grows takes frames). Nothing allocates on
+/// the heap while holding `FRAMES`.
 static FRAMES: Mutex<Option<BitmapFrameAllocator>> = Mutex::new(None);
 
-/// Hands the heap its memory. Call once at boot, before anything allocates.
-/// Bytes of the kernel heap free now (fragmented: the largest block may be smaller).
-#[cfg_attr(feature = "kernel-tests", allow(dead_code))]
-pub fn heap_free() -> usize {
-    HEAP.lock().free()
+/// The global allocator: [`HEAP`] behind its lock.
+struct KernelHeap;
+
+#[global_allocator]
+static ALLOCATOR: KernelHeap = KernelHeap;
+
+// SAFETY: `GrowingHeap` hands out blocks of the seed (the kernel's alone) and of frame runs
+// taken from the frame allocator (taken out of it until given back), never one block twice; a
+// null result reports failure, and `dealloc` returns a block to the region it came from.
+unsafe impl GlobalAlloc for KernelHeap {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        HEAP.lock()
+            .allocate(layout)
+            .map_or(core::ptr::null_mut(), NonNull::as_ptr)
+    }
+
+    unsafe fn dealloc(&self, block: *mut u8, layout: Layout) {
+        if let Some(block) = NonNull::new(block) {
+            // SAFETY: `block` came from `alloc` with `layout` (GlobalAlloc's contract).
+            unsafe { HEAP.lock().deallocate(block, layout) }
+        }
+    }
 }
 
+/// Heap chunks: runs of host frames, reached through the physical-memory mapping.
+#[derive(Debug)]
+struct FrameChunks;
+
+// SAFETY: a chunk is a run of frames the frame allocator hands out once (they stay allocated
+// until `give_back` frees them), reached through the mapping of all physical memory at
+// PHYS_OFFSET (`PhysMap::new`'s contract, stored by `grow_heap_from`): readable, writable,
+// 4 KiB aligned and used by nothing else.
+unsafe impl ChunkSource for FrameChunks {
+    fn take(&mut self, bytes: usize) -> Option<NonNull<u8>> {
+        let offset = PHYS_OFFSET.load(Ordering::Acquire);
+        if offset == 0 {
+            return None;
+        }
+        let start = FRAMES.lock().as_mut()?.allocate_run(bytes as u64 / PAGE_SIZE)?;
+        NonNull::new((offset + start.as_u64()) as *mut u8)
+    }
+
+    fn give_back(&mut self, start: NonNull<u8>, bytes: usize) {
+        let first = start.as_ptr() as u64 - PHYS_OFFSET.load(Ordering::Acquire);
+        let mut guard = FRAMES.lock();
+        let Some(frames) = guard.as_mut() else {
+            return;
+        };
+        for frame in (first..first + bytes as u64).step_by(PAGE_SIZE as usize) {
+            if let Err(error) = frames.free(HostPhysAddr::new_truncate(frame)) {
+                log::error!("frame allocator refused a heap chunk's frame: {error:?}");
+            }
+        }
+    }
+}
+
+/// Hands the heap its seed. Call once at boot, before anything allocates.
 pub fn init_heap() {
-    static mut HEAP_SPACE: [u8; HEAP_SIZE] = [0; HEAP_SIZE];
-    // SAFETY: HEAP_SPACE is used by nothing else, and init_heap runs once, before any allocation.
-    unsafe { HEAP.lock().init((&raw mut HEAP_SPACE).cast(), HEAP_SIZE) };
+    static mut HEAP_SEED: [u8; HEAP_SEED_SIZE] = [0; HEAP_SEED_SIZE];
+    // SAFETY: HEAP_SEED is used by nothing else, and init_heap runs once, before any allocation.
+    unsafe { HEAP.lock().seed((&raw mut HEAP_SEED).cast(), HEAP_SEED_SIZE) };
+}
+
+/// Lets the heap grow by frames of the allocator [`init_frames`] built, reached through
+/// `phys` (which lives as long as the kernel: the heap keeps using the mapping).
+pub fn grow_heap_from(phys: &'static PhysMap) {
+    PHYS_OFFSET.store(phys.offset, Ordering::Release);
+}
+
+/// Bytes the heap could still hand out: what its regions have free (fragmented: the largest
+/// block may be smaller) and the free frames it could grow by.
+#[cfg_attr(feature = "kernel-tests", allow(dead_code))]
+pub fn heap_available() -> usize {
+    let free_frames = frame_counts().free;
+    let growth = usize::try_from(free_frames * PAGE_SIZE).unwrap_or(usize::MAX);
+    HEAP.lock().free_bytes().saturating_add(growth)
+}
+
+/// The heap's counters: its seed, the chunks it holds and has held, the bytes allocated now
+/// and at most.
+pub fn heap_stats() -> HeapStats {
+    HEAP.lock().stats()
 }
 
 /// Builds the host frame allocator from the usable regions of the boot memory map.
@@ -61,7 +143,6 @@ pub fn trampoline_frame(regions: &MemoryRegions) -> Option<HostPhysAddr> {
         .map(HostPhysAddr::new_truncate)
 }
 
-/// The allocator's counters (all zero before [`init_frames`]).
 /// Frames cleared through the physical window, and the ticks the clears took.
 static CLEARS: AtomicU64 = AtomicU64::new(0);
 static CLEAR_TICKS: AtomicU64 = AtomicU64::new(0);
@@ -76,8 +157,16 @@ pub fn frame_clears() -> (u64, u64) {
     )
 }
 
+/// The allocator's counters (all zero before [`init_frames`]).
 pub fn frame_counts() -> FrameCounts {
     FRAMES.lock().as_ref().map(|f| f.counts()).unwrap_or_default()
+}
+
+/// Frames in use by everything but the heap (its chunks come and go with the kernel's own
+/// allocations): what a VM's frames are counted against, and what the leak checks compare.
+pub fn frames_in_use_outside_heap() -> u64 {
+    let heap_frames = heap_stats().chunk_bytes as u64 / PAGE_SIZE;
+    frame_counts().used() - heap_frames
 }
 
 /// True when `frame` is allocated at the host (what the EPT auditor asks of every frame a VM
@@ -108,6 +197,8 @@ unsafe impl HostFrameAllocator for KernelFrames {
     }
 
     fn allocate_frames(&mut self, count: usize, out: &mut Vec<HostPhysAddr>) -> usize {
+        // Grow `out` before taking the frame lock: the heap may need frames to grow it.
+        out.reserve(count);
         let mut guard = FRAMES.lock();
         let Some(frames) = guard.as_mut() else {
             return 0;

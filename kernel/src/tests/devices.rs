@@ -491,6 +491,11 @@ pub fn unassigned_space_reads_all_ones_on_a_pc(host: &'static Host) -> TestResul
         .read_phys(gpa(RESULTS), &mut value)
         .map_err(|e| format!("{e}"))?;
     ensure_eq!(u32::from_le_bytes(value), u32::MAX, "the read");
+    ensure_eq!(
+        vm.exit_costs.of(crate::vm::exits::ExitKind::Unassigned).count,
+        2,
+        "unassigned-space exits measured (the read and the write)"
+    );
     let mut strict = new_vm(host, &super::PC_RAM)?;
     strict
         .start(&programs::touch_unassigned(), CODE, regs)

@@ -16,7 +16,7 @@ use super::pc::{self, pc, read_bytes, Above4G, TestDevice};
 use super::{gpa, new_vm, run_one, run_program, stopped, TestResult, XorShift, CODE, PC_RAM};
 use crate::arch::guests::{programs, GuestMode, GuestProgram};
 use crate::arch::idt;
-use crate::arch::memory::{self, frame_counts};
+use crate::arch::memory::{self, frames_in_use_outside_heap};
 use crate::arch::ticks;
 use crate::arch::vmx::exits::exit_reason;
 use crate::arch::vmx::GuestRegisters;
@@ -523,7 +523,7 @@ pub fn random_instruction_bytes_end_within_budget(host: &'static Host) -> TestRe
     let mut audited_pages = 0;
     let mut reached = ExitCounts::default();
     for index in 0..PROGRAMS {
-        let frames = frame_counts().used();
+        let frames = frames_in_use_outside_heap();
         let mut code: Vec<u8> = (0..PROGRAM_BYTES).map(|_| random.next() as u8).collect();
         // A few instructions of the virtual PC dropped in at random places (as a fuzzer's
         // dictionary does): two-byte opcodes are rare in random bytes.
@@ -579,7 +579,7 @@ pub fn random_instruction_bytes_end_within_budget(host: &'static Host) -> TestRe
             audited_pages += audit.mapped_pages;
         }
         drop(pc);
-        let leaked = frame_counts().used() as i64 - frames as i64;
+        let leaked = frames_in_use_outside_heap() as i64 - frames as i64;
         ensure!(leaked == 0, "program {index} leaked {leaked} host frames");
     }
     println!("  outcomes of {PROGRAMS} programs (seed {SEED:#x}): {tally:?}");

@@ -93,11 +93,14 @@ pub enum ExitKind {
     /// An interrupt waited for the guest to take interrupts: the interrupt-window exit, to
     /// the entry that delivers it.
     InterruptWindow,
+    /// An access to guest-physical space nothing claims, emulated as a PC's open bus (reads
+    /// all ones, writes dropped) in VMs that ask for it.
+    Unassigned,
 }
 
 impl ExitKind {
     /// Every kind, in table order.
-    pub const ALL: [ExitKind; 15] = [
+    pub const ALL: [ExitKind; 16] = [
         ExitKind::ZeroFill,
         ExitKind::WriteMonitor,
         ExitKind::WriteMonitorLockFree,
@@ -113,6 +116,7 @@ impl ExitKind {
         ExitKind::PortIo,
         ExitKind::ApicAccess,
         ExitKind::InterruptWindow,
+        ExitKind::Unassigned,
     ];
 
     /// The table name.
@@ -133,6 +137,7 @@ impl ExitKind {
             ExitKind::PortIo => "port I/O",
             ExitKind::ApicAccess => "xAPIC access",
             ExitKind::InterruptWindow => "interrupt window (exit to injection)",
+            ExitKind::Unassigned => "unassigned space (all ones)",
         }
     }
 }
@@ -185,6 +190,19 @@ impl ExitCosts {
         self.0[kind as usize]
     }
 
+    /// Ticks spent handling every kind of exit.
+    #[cfg_attr(feature = "kernel-tests", allow(dead_code))]
+    pub fn total_ticks(&self) -> u64 {
+        self.0.iter().map(|cost| cost.total).sum()
+    }
+
+    /// These costs and `other`'s together (one table for several vCPUs).
+    #[cfg_attr(feature = "kernel-tests", allow(dead_code))]
+    pub fn with(mut self, other: &ExitCosts) -> ExitCosts {
+        self.merge(other);
+        self
+    }
+
     /// Prints the table (Markdown, as the README shows it) under `title`.
     pub fn print(&self, title: &str) {
         println!("exit costs, {title} (TSC ticks from VM exit to the next VM entry):");
@@ -215,7 +233,6 @@ impl ExitCosts {
 pub(super) static FINISHED_VMS: Mutex<(ExitCosts, ExitCost)> = Mutex::new((ExitCosts::NONE, ExitCost::NONE));
 
 /// The exit costs of every VM destroyed since boot.
-#[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
 pub fn exit_costs_of_finished_vms() -> ExitCosts {
     FINISHED_VMS.lock().0
 }

@@ -772,6 +772,7 @@ impl<'a> Vcpu<'a> {
                 if let Some(cause) = emulation_refused(access, page_walk) {
                     return stop(self, cause);
                 }
+                self.measuring = Some((ExitKind::Unassigned, exit_tick));
                 let memory = Arc::clone(&self.memory);
                 let shared = memory.shared(self.cpu.host_cpu());
                 return self.emulate_access(
