@@ -158,14 +158,15 @@ fn run_entry(
     bsp.set_budget(budget);
     let stop = machine::run_to_end(host, &mut bsp, entry.vcpus)?;
     let lines = bsp.devices().recent_console_lines();
-    // The audit's bookkeeping lives on the kernel heap, whose exhaustion would stop the host:
-    // a VM too large for it goes unaudited, and the result says so.
+    // The audit's bookkeeping lives on the kernel heap (which grows by free host frames), whose
+    // exhaustion would stop the host: a VM too large for it goes unaudited, and the result
+    // says so.
     let pages = bsp.stats().ram_pages;
     let audit_needs = usize::try_from(pages)
         .unwrap_or(usize::MAX)
         .saturating_mul(AUDIT_BYTES_PER_PAGE);
-    let heap_free = memory::heap_available();
-    let unaudited = heap_free < audit_needs.saturating_add(AUDIT_HEAP_RESERVE);
+    let heap_available = memory::heap_available();
+    let unaudited = heap_available < audit_needs.saturating_add(AUDIT_HEAP_RESERVE);
     if !unaudited {
         let report = bsp.pgm().audit(is_allocated);
         if !report.is_clean() {
@@ -176,7 +177,7 @@ fn run_entry(
     let (verdict, mut detail) = judge(stop, &lines);
     if unaudited {
         detail.push_str(&format!(
-            " [EPT audit skipped: {pages} pages need more than the kernel heap's {heap_free} free bytes]"
+            " [EPT audit skipped: {pages} pages need more than the {heap_available} bytes the kernel heap has and can grow by]"
         ));
     }
     Ok((verdict, detail))

@@ -168,11 +168,51 @@ fn ratio(name: &str, round: &dyn Fn(u64) -> Duration) -> f64 {
     one
 }
 
+/// Splits one thread's round in two: the first write fault of each 2 MiB block, which
+/// settles the block under the write side (the harvest re-armed monitoring at the root; see
+/// pgm's `lazy_protection`), and every other fault. Prints the settles' share of the round
+/// (medians of 101 rounds) and the 2-thread ratio that share allows when it stays serial
+/// (Amdahl: 1 / (s + (1 - s) / 2)).
+fn block_settle_share(vm: &BrLock<SimPgm>) {
+    const PAGES_PER_BLOCK: u64 = 512;
+    let mut settles = Vec::new();
+    let mut others = Vec::new();
+    for _ in 0..101 {
+        vm.rearm();
+        let mut settling = Duration::ZERO;
+        let start = Instant::now();
+        for page in 0..PAGES_PER_THREAD {
+            let first_in_block = page % PAGES_PER_BLOCK == 0;
+            let fault_start = first_in_block.then(Instant::now);
+            vm.write_fault(0, page_address(0, page));
+            if let Some(fault_start) = fault_start {
+                settling += fault_start.elapsed();
+            }
+        }
+        others.push(start.elapsed() - settling);
+        settles.push(settling);
+    }
+    settles.sort();
+    others.sort();
+    let (settle, other) = (settles[50].as_secs_f64(), others[50].as_secs_f64());
+    let share = settle / (settle + other);
+    println!(
+        "block settles: {:.0} us of a one-thread round ({} faults), the other faults {:.0} us: \
+         {:.0}% serial under the write side, so 2 threads reach at most {:.2}x",
+        settle * 1e6,
+        PAGES_PER_THREAD,
+        other * 1e6,
+        share * 100.0,
+        1.0 / (share + (1.0 - share) / 2.0)
+    );
+}
+
 fn lock_free_write_monitor_faults(c: &mut Criterion) {
     let vm = BrLock::new(monitored_pgm(), MAX_THREADS as usize);
     measure(c, "lock-free, brlock (per-vCPU reader slots)", &|threads| {
         round(&vm, threads)
     });
+    block_settle_share(&vm);
     // The same path behind `std`'s reader-writer lock, whose one reader count moves between
     // the cores at every fault.
     let shared_count = RwLock::new(monitored_pgm());
