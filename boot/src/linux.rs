@@ -55,11 +55,25 @@ pub fn is_fetched() -> bool {
     pinned_kernel().is_ok() && packages_root().join("bin/busybox").is_file()
 }
 
+/// The pre-copies the kernel runs during the boot, by the name its verdict line gives each.
+const PRECOPY_MODES: [&str; 2] = ["write-protect", "PML"];
+
 /// The boot test's verdict on a run's serial output: it passes only when the guest reached
-/// `/init`, the workload reported success after that, and the hypervisor saw the guest power
-/// off afterwards. `Ok` carries the run's ticks; `Err` says what is missing.
+/// `/init`, the workload reported success after that, the hypervisor saw the guest power
+/// off afterwards, and both pre-copies found no page differing from their copy. `Ok` carries
+/// the run's ticks; `Err` says what is missing.
 pub fn judge(serial: &str) -> Result<u64, String> {
     let lines: Vec<&str> = serial.lines().map(|line| line.trim_end_matches('\r')).collect();
+    for mode in PRECOPY_MODES {
+        let verdict = format!("precopy: {mode}: ");
+        let line = lines
+            .iter()
+            .find(|line| line.starts_with(&verdict) && line.contains(" pages differ"))
+            .ok_or_else(|| format!("no {mode} pre-copy finished"))?;
+        if !line.ends_with("; 0 pages differ") {
+            return Err(format!("the {mode} pre-copy lost writes: {line}"));
+        }
+    }
     let position = |what: &str, from: usize| {
         lines[from..]
             .iter()
@@ -287,18 +301,29 @@ mod tests {
 
     #[test]
     fn the_boot_test_passes_only_on_power_off_after_the_workload() {
-        let good = "[linux] [ 36.3] Run /init as init process\n[linux] init: reached /init\n\
-                    [linux] workload: ok: wrote\r\n[linux] cpus: 1\n\
-                    linux: the run ended after 4312749685 ticks: PowerOff\n";
-        assert_eq!(judge(good), Ok(4_312_749_685));
+        let precopies = "precopy: write-protect: converged after 9 rounds; 1 vCPUs parked for \
+                         the last round; 0 pages differ\n\
+                         precopy: PML: round limit reached after 41 rounds; 1 vCPUs parked for \
+                         the last round; 0 pages differ\n";
+        let good = format!(
+            "{precopies}[linux] [ 36.3] Run /init as init process\n[linux] init: reached /init\n\
+             [linux] workload: ok: wrote\r\n[linux] cpus: 1\n\
+             linux: the run ended after 4312749685 ticks: PowerOff\n"
+        );
+        assert_eq!(judge(&good), Ok(4_312_749_685));
         let without = |line: &str| good.replace(line, "");
         assert!(judge(&without("[linux] init: reached /init\n")).is_err());
         assert!(judge(&without("[linux] workload: ok: wrote\r\n")).is_err());
         assert!(judge(&good.replace("PowerOff", "Reset")).is_err());
+        // Both pre-copies must have finished, each with no page differing.
+        assert!(judge(&good.replacen("0 pages differ", "3 pages differ", 1)).is_err());
+        assert!(judge(&good.replace("precopy: PML: ", "precopy: PML round 3: ")).is_err());
         // The workload's line must come after /init, and the power-off after the workload.
-        let reordered = "[linux] workload: ok\n[linux] init: reached /init\n\
-                         linux: the run ended after 5 ticks: PowerOff\n";
-        assert!(judge(reordered).is_err());
+        let reordered = format!(
+            "{precopies}[linux] workload: ok\n[linux] init: reached /init\n\
+             linux: the run ended after 5 ticks: PowerOff\n"
+        );
+        assert!(judge(&reordered).is_err());
     }
 
     #[test]

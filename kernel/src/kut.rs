@@ -156,7 +156,7 @@ fn run_entry(
         exits: EXITS,
     };
     bsp.set_budget(budget);
-    let stop = machine::run_to_end(host, &mut bsp, entry.vcpus)?;
+    let stop = machine::run_to_end(host, &mut bsp, entry.vcpus, &mut |_| Ok(()))?;
     let lines = bsp.devices().recent_console_lines();
     // The audit's bookkeeping lives on the kernel heap (which grows by free host frames), whose
     // exhaustion would stop the host: a VM too large for it goes unaudited, and the result

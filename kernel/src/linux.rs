@@ -16,10 +16,12 @@ use crate::arch::memory::{frames_in_use_outside_heap, heap_stats, is_allocated};
 use crate::arch::power::{exit, ExitCode};
 use crate::arch::ticks;
 use crate::machine;
+use crate::precopy::PreCopy;
 use crate::vm::budget::Budget;
 use crate::vm::devices::MachineSpec;
 use crate::vm::{exit_costs_of_finished_vms, Vcpu, VmStop};
 use crate::{println, Host};
+use pgm::manager::DirtyLogMode;
 use pgm::GuestPhysAddr;
 
 /// The manifest's path in the ramdisk.
@@ -28,8 +30,15 @@ pub const MANIFEST: &str = "linux/manifest";
 const KERNEL: &str = "linux/kernel";
 /// The initrd's path in the ramdisk (optional).
 const INITRD: &str = "linux/initrd";
-/// Ticks a vCPU runs before another one sharing its host CPU gets a turn.
+/// Ticks a vCPU runs before another one sharing its host CPU gets a turn (and the host
+/// takes a pre-copy's next step).
 const SLICE: u64 = 2_000_000;
+/// Ticks from the start of the run to the write-protect pre-copy: 10 s of guest time at
+/// 40·10⁶ ticks a second, while the kernel boots (`/init` comes at about 1.5·10⁹).
+const WRITE_PROTECT_PRECOPY_AFTER: u64 = 400_000_000;
+/// Ticks from the start of the run to the PML pre-copy (or the end of the write-protect one,
+/// if that is later): while `/init`'s workload writes.
+const PML_PRECOPY_AFTER: u64 = 2_000_000_000;
 
 /// What the manifest asks for.
 struct Manifest {
@@ -144,8 +153,23 @@ fn boot(host: &'static Host, archive: &Archive<'_>, manifest: &Manifest) -> Resu
         limit: manifest.limit_ticks,
         exits: u64::MAX,
     });
+    // The pre-copies run one after the other while the guest boots and runs its workload.
+    let now = ticks();
+    let mut precopies = [
+        PreCopy::new(
+            DirtyLogMode::WriteProtect,
+            &ram,
+            now + WRITE_PROTECT_PRECOPY_AFTER,
+            &host.phys,
+        ),
+        PreCopy::new(DirtyLogMode::Pml, &ram, now + PML_PRECOPY_AFTER, &host.phys),
+    ];
+    let mut between_slices = |bsp: &Vcpu<'_>| match precopies.iter_mut().find(|p| !p.is_done()) {
+        Some(precopy) => precopy.step(bsp),
+        None => Ok(()),
+    };
     let start = ticks();
-    let stop = machine::run_to_end(host, &mut bsp, manifest.vcpus)?;
+    let stop = machine::run_to_end(host, &mut bsp, manifest.vcpus, &mut between_slices)?;
     let run_ticks = ticks() - start;
     println!("linux: the run ended after {run_ticks} ticks: {stop:?}");
     println!("linux: exits of the bootstrap vCPU: {:?}", bsp.exits);
@@ -160,6 +184,13 @@ fn boot(host: &'static Host, archive: &Archive<'_>, manifest: &Manifest) -> Resu
         costs.total_ticks() * 1000 / vcpu_ticks.max(1)
     );
     print_memory(&bsp, &ram, heap_for_vm);
+    for precopy in &precopies {
+        match precopy.differing_pages() {
+            Some(0) => {}
+            Some(differing) => return Err(format!("pre-copy: {differing} pages differ from the copy")),
+            None => println!("precopy: one pre-copy had not finished when the guest stopped"),
+        }
+    }
     let report = bsp.pgm().audit(is_allocated);
     if !report.is_clean() {
         return Err(format!("EPT audit: {:?}", report.findings));

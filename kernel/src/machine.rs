@@ -25,20 +25,31 @@ pub fn pc_ram(bytes: u64) -> Vec<(u64, u64)> {
     ram
 }
 
+/// What the host does between two slices of the bootstrap vCPU (which is not in a run then;
+/// the other vCPUs may be): an error ends the VM's run with it.
+pub type BetweenSlices<'a> = &'a mut dyn FnMut(&Vcpu<'_>) -> Result<(), String>;
+
 /// Runs the VM of `bsp` (its bootstrap vCPU, loaded and with its budget set) with `vcpus`
-/// vCPUs in all until its run is over, and returns how it ended: the bootstrap vCPU's stop, or
-/// when that is only "stopped by another vCPU", that vCPU's own. Every vCPU has ended when it
-/// returns; `bsp` (and its VM) remain for the caller to inspect.
-pub fn run_to_end(host: &'static Host, bsp: &mut Vcpu<'_>, vcpus: u32) -> Result<VmStop, String> {
+/// vCPUs in all until its run is over, calling `between_slices` after each slice of `bsp`, and
+/// returns how it ended: the bootstrap vCPU's stop, or when that is only "stopped by another
+/// vCPU", that vCPU's own. Every vCPU has ended when it returns; `bsp` (and its VM) remain for
+/// the caller to inspect.
+pub fn run_to_end(
+    host: &'static Host,
+    bsp: &mut Vcpu<'_>,
+    vcpus: u32,
+    between_slices: BetweenSlices<'_>,
+) -> Result<VmStop, String> {
     let memory = bsp.memory();
     let aps = start_application_processors(host, &memory, vcpus, bsp.budget())?;
-    let mut stop = run_bootstrap(bsp, &aps.done);
+    let outcome = run_bootstrap(bsp, &aps.done, between_slices);
     aps.done.store(true, Ordering::SeqCst);
     memory.stop_all_vcpus();
     let mut ap_stops = Vec::new();
     for worker in aps.workers {
         ap_stops.extend(worker.join()?);
     }
+    let mut stop = outcome?;
     if let VmStop::Stopped(diagnostic) = &stop {
         if diagnostic.cause == StopCause::VmStopped {
             if let Some(cause) = ap_stops
@@ -52,14 +63,19 @@ pub fn run_to_end(host: &'static Host, bsp: &mut Vcpu<'_>, vcpus: u32) -> Result
     Ok(stop)
 }
 
-/// Runs the bootstrap vCPU until the VM's run is over: a stop that is not a slice's end.
-fn run_bootstrap(bsp: &mut Vcpu<'_>, done: &AtomicBool) -> VmStop {
+/// Runs the bootstrap vCPU until the VM's run is over (a stop that is not a slice's end), with
+/// `between_slices` after each slice.
+fn run_bootstrap(
+    bsp: &mut Vcpu<'_>,
+    done: &AtomicBool,
+    between_slices: BetweenSlices<'_>,
+) -> Result<VmStop, String> {
     loop {
         match bsp.run() {
             VmStop::Preempted { .. } | VmStop::StopRequested { .. } if !done.load(Ordering::SeqCst) => {
-                continue
+                between_slices(bsp)?
             }
-            stop => break stop,
+            stop => break Ok(stop),
         }
     }
 }

@@ -17,6 +17,8 @@ mod kut;
 mod linux;
 #[cfg(not(feature = "kernel-tests"))]
 mod machine;
+#[cfg(not(feature = "kernel-tests"))]
+mod precopy;
 #[cfg(feature = "kernel-tests")]
 mod tests;
 mod vm;

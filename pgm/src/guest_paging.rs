@@ -469,6 +469,33 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     }
 }
 
+/// True when the page `now` differs from `before` (both whole pages) only as a CPU walking
+/// them as 64-bit paging entries would change them: in present entries whose accessed and
+/// dirty flags `now` has set and `before` had clear, and in nothing else (equal pages too).
+///
+/// A migration's comparison uses it to tell such walker updates apart from lost writes on an
+/// emulator whose walker sets those flags without an EPT write (Bochs 2.7: its walk
+/// translates an entry's address for a read, then writes the flags to memory; on hardware the
+/// update is an EPT write that dirty logging sees).
+pub fn differs_only_in_walker_flags(now: &[u8], before: &[u8]) -> bool {
+    let words = |bytes: &[u8]| -> alloc::vec::Vec<u64> {
+        bytes
+            .as_chunks::<8>()
+            .0
+            .iter()
+            .map(|word| u64::from_le_bytes(*word))
+            .collect()
+    };
+    if now.len() != before.len() {
+        return false;
+    }
+    words(now).iter().zip(&words(before)).all(|(&now, &before)| {
+        let changed = now ^ before;
+        let walker_set = now & PRESENT != 0 && changed & !(ACCESSED | DIRTY) == 0 && now & changed == changed;
+        changed == 0 || walker_set
+    })
+}
+
 /// The physical base of the page an entry at the level with `shift` maps.
 fn leaf_base(entry: u64, entry_size: u64, shift: u32) -> u64 {
     let offset_mask = (1u64 << shift) - 1;
@@ -487,6 +514,34 @@ fn leaf_base(entry: u64, entry_size: u64, shift: u32) -> u64 {
 mod tests {
     use super::*;
     use crate::test_support::{gpa, pc_like};
+
+    #[test]
+    fn only_set_accessed_and_dirty_flags_of_present_entries_count_as_walker_updates() {
+        let page = |entries: &[(usize, u64)]| {
+            let mut bytes = alloc::vec![0u8; PAGE_SIZE as usize];
+            for &(index, value) in entries {
+                bytes[index * 8..index * 8 + 8].copy_from_slice(&value.to_le_bytes());
+            }
+            bytes
+        };
+        let before = page(&[(1, 0x20_0083), (26, 0x340_0083), (40, 0x1234)]);
+        let walked = page(&[(1, 0x20_00A3), (26, 0x340_00E3), (40, 0x1234)]);
+        assert!(differs_only_in_walker_flags(&walked, &before));
+        assert!(differs_only_in_walker_flags(&before, &before));
+        // A flag cleared, another bit changed, a flag in a non-present word, a byte anywhere
+        // else: lost writes, not the walker's.
+        assert!(!differs_only_in_walker_flags(&before, &walked));
+        assert!(!differs_only_in_walker_flags(
+            &page(&[(1, 0x20_00A7)]),
+            &page(&[(1, 0x20_0083)])
+        ));
+        assert!(!differs_only_in_walker_flags(
+            &page(&[(3, 0x60)]),
+            &page(&[(3, 0)])
+        ));
+        assert!(!differs_only_in_walker_flags(&page(&[(40, 0x1235)]), &before));
+        assert!(!differs_only_in_walker_flags(&walked[..8], &before));
+    }
 
     const P: u64 = PRESENT | 0b10;
 

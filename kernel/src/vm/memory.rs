@@ -322,8 +322,10 @@ impl VmMemory {
 
     /// Stops every vCPU of the VM that is in a run, runs `op`, and lets them go on: the seed's
     /// rendezvous (`VMMR3EmtRendezvous`) for changes that must not happen under a running
-    /// guest (a VM reset). A vCPU parks in the host before its next VM entry, outside the VM's
-    /// lock, answering flush requests; vCPUs not in a run park if they start one meanwhile.
+    /// guest (a VM reset, a migration's last round). A vCPU parks in the host before its next
+    /// VM entry, outside the VM's lock, answering flush requests, with its page-modification
+    /// log handed to pgm (so a harvest in `op` misses no write); vCPUs not in a run park if
+    /// they start one meanwhile.
     /// Locking: call without the VM's lock (`op` may take it) and not from a vCPU's own run;
     /// rendezvous callers are serialised.
     #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
@@ -364,6 +366,11 @@ impl VmMemory {
     pub fn vcpus_running(&self) -> usize {
         // A CPU runs one vCPU at a time.
         self.running_on.load(Ordering::SeqCst).count_ones() as usize
+    }
+
+    /// True while a rendezvous asks the vCPUs to park.
+    pub(super) fn rendezvous_asked(&self) -> bool {
+        self.rendezvous.load(Ordering::SeqCst)
     }
 
     /// Called by a vCPU before each VM entry: waits while a rendezvous is under way. Returns

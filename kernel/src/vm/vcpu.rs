@@ -400,6 +400,11 @@ impl<'a> Vcpu<'a> {
             if let Some(stop) = self.follow_dirty_log_mode() {
                 break stop;
             }
+            // A vCPU parks with its page-modification log handed over, so that what the host
+            // does while every vCPU is parked (the last round of a pre-copy) sees every write.
+            if self.memory.rendezvous_asked() && self.drain_dirty_log().is_err() {
+                break VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit));
+            }
             let parked = self.memory.park_if_asked();
             if let Some((_, exit_tick)) = self.measuring.as_mut() {
                 // Waiting in a rendezvous is not part of handling the exit.
