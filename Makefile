@@ -71,7 +71,8 @@ kut: setup
 
 ## Debian's cloud kernel (pinned in boot/setup.sh) with a busybox initramfs inside the
 ## hypervisor in Bochs, with 1 vCPU and then 2: each boots to /init, runs the memory workload
-## and powers off (README, *Linux guest*); `make test` runs both too.
+## and powers off, with a live migration's pre-copy in each dirty-logging mode on the way
+## (README, *Linux guest*); `make test` runs both too. The 2-vCPU boot takes about 6 minutes.
 linux: setup
-	cargo xtask run --linux
-	cargo xtask run --linux --cpus 2
+	cargo xtask run --linux --timeout 900
+	cargo xtask run --linux --cpus 2 --timeout 900
