@@ -381,6 +381,22 @@ impl<'a> Vcpu<'a> {
         stop
     }
 
+    /// Waits while a rendezvous asks the vCPUs to park, with this vCPU's page-modification log
+    /// handed to pgm first, so that what the host does while every vCPU is parked (the last
+    /// round of a pre-copy) sees every write. Only a flag seen raised leads to the park, and it
+    /// is looked at again after each park, so no park skips the hand-over. Returns the ticks
+    /// it waited; `Err` stops the run when the log cannot be read.
+    fn park_if_asked(&mut self) -> Result<u64, VmStop> {
+        let mut waited = 0;
+        while self.memory.rendezvous_asked() {
+            if self.drain_dirty_log().is_err() {
+                return Err(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit)));
+            }
+            waited += self.memory.park_if_asked();
+        }
+        Ok(waited)
+    }
+
     /// The body of [`Vcpu::run_with`], on the vCPU's own CPU, counted as running.
     fn run_loop<H: AccessHandlers>(&mut self, handlers: &mut VcpuHandlers<'_, H>) -> VmStop {
         let rate = self.cpu.timer_granularity();
@@ -400,12 +416,10 @@ impl<'a> Vcpu<'a> {
             if let Some(stop) = self.follow_dirty_log_mode() {
                 break stop;
             }
-            // A vCPU parks with its page-modification log handed over, so that what the host
-            // does while every vCPU is parked (the last round of a pre-copy) sees every write.
-            if self.memory.rendezvous_asked() && self.drain_dirty_log().is_err() {
-                break VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit));
-            }
-            let parked = self.memory.park_if_asked();
+            let parked = match self.park_if_asked() {
+                Ok(waited) => waited,
+                Err(stop) => break stop,
+            };
             if let Some((_, exit_tick)) = self.measuring.as_mut() {
                 // Waiting in a rendezvous is not part of handling the exit.
                 *exit_tick += parked;
