@@ -19,7 +19,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use pgm::frames::{HostFrameAllocator, HostMemory};
-use pgm::guest_paging::differs_only_in_walker_flags;
+use pgm::guest_paging::{differs_only_in_walker_flags, entries_64};
 use pgm::manager::DirtyLogMode;
 use pgm::page::PageState;
 use pgm::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
@@ -339,20 +339,16 @@ impl PreCopy {
     /// Prints how the guest's page at `gpa` (in `self.page`) differs from its copy: how many
     /// 8-byte words, and the first few with both values.
     fn print_difference(&self, gpa: GuestPhysAddr, copy: &[u8]) {
-        let words = |bytes: &[u8]| -> Vec<u64> {
-            bytes
-                .as_chunks::<8>()
-                .0
-                .iter()
-                .map(|word| u64::from_le_bytes(*word))
-                .collect()
-        };
-        let (guest, copied) = (words(&self.page), words(copy));
-        let differing: Vec<usize> = (0..guest.len()).filter(|&i| guest[i] != copied[i]).collect();
+        let differing: Vec<(usize, u64, u64)> = entries_64(&self.page)
+            .zip(entries_64(copy))
+            .enumerate()
+            .filter(|(_, (guest, copied))| guest != copied)
+            .map(|(index, (guest, copied))| (index * 8, guest, copied))
+            .collect();
         let first: Vec<String> = differing
             .iter()
             .take(4)
-            .map(|&i| format!("+{:#x}: {:#x} (copy {:#x})", i * 8, guest[i], copied[i]))
+            .map(|(offset, guest, copied)| format!("+{offset:#x}: {guest:#x} (copy {copied:#x})"))
             .collect();
         println!(
             "precopy: {}: page {gpa} differs from its copy in {} words: {}",

@@ -469,6 +469,16 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     }
 }
 
+/// The little-endian 64-bit words of `bytes` (a page of 64-bit paging entries), in order; a
+/// tail shorter than 8 bytes is left out.
+pub fn entries_64(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    bytes
+        .as_chunks::<8>()
+        .0
+        .iter()
+        .map(|word| u64::from_le_bytes(*word))
+}
+
 /// True when the page `now` differs from `before` (both whole pages) only as a CPU walking
 /// them as 64-bit paging entries would change them: in present entries whose accessed and
 /// dirty flags `now` has set and `before` had clear, and in nothing else (equal pages too).
@@ -478,22 +488,13 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
 /// translates an entry's address for a read, then writes the flags to memory; on hardware the
 /// update is an EPT write that dirty logging sees).
 pub fn differs_only_in_walker_flags(now: &[u8], before: &[u8]) -> bool {
-    let words = |bytes: &[u8]| -> alloc::vec::Vec<u64> {
-        bytes
-            .as_chunks::<8>()
-            .0
-            .iter()
-            .map(|word| u64::from_le_bytes(*word))
-            .collect()
-    };
-    if now.len() != before.len() {
-        return false;
-    }
-    words(now).iter().zip(&words(before)).all(|(&now, &before)| {
-        let changed = now ^ before;
-        let walker_set = now & PRESENT != 0 && changed & !(ACCESSED | DIRTY) == 0 && now & changed == changed;
-        changed == 0 || walker_set
-    })
+    now.len() == before.len()
+        && entries_64(now).zip(entries_64(before)).all(|(now, before)| {
+            let changed = now ^ before;
+            let walker_set =
+                now & PRESENT != 0 && changed & !(ACCESSED | DIRTY) == 0 && now & changed == changed;
+            changed == 0 || walker_set
+        })
 }
 
 /// The physical base of the page an entry at the level with `shift` maps.

@@ -129,7 +129,6 @@ impl VmMemory {
     /// taken after the flush misses no write. The caller checks that the CPUs support PML
     /// (`Vcpu::pml_supported`). Fails, changing nothing, while monitoring is on in another mode.
     /// Locking: takes the VM's lock.
-    #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
     pub fn start_dirty_log(&self, mode: DirtyLogMode) -> Result<Invalidation, PgmError> {
         let mut pgm = self.lock();
         pgm.set_dirty_log_mode(mode)?;
@@ -140,7 +139,6 @@ impl VmMemory {
     }
 
     /// Ends write monitoring (and the vCPUs' logging with it). Locking: takes the VM's lock.
-    #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
     pub fn stop_dirty_log(&self) -> Invalidation {
         let mut pgm = self.lock();
         let invalidation = pgm.stop_write_monitoring();
@@ -328,7 +326,6 @@ impl VmMemory {
     /// they start one meanwhile.
     /// Locking: call without the VM's lock (`op` may take it) and not from a vCPU's own run;
     /// rendezvous callers are serialised.
-    #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
     pub fn with_vcpus_parked<R>(&self, op: impl FnOnce() -> R) -> (R, RendezvousCost) {
         let _owner = self.rendezvous_owner.lock();
         let start = ticks();
@@ -362,7 +359,6 @@ impl VmMemory {
     }
 
     /// vCPUs inside a run now.
-    #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
     pub fn vcpus_running(&self) -> usize {
         // A CPU runs one vCPU at a time.
         self.running_on.load(Ordering::SeqCst).count_ones() as usize

@@ -16,7 +16,6 @@ use super::Vcpu;
 impl Vcpu<'_> {
     /// True when this vCPU's CPU can log written addresses, as `VmMemory::start_dirty_log` in
     /// PML mode needs.
-    #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
     pub fn pml_supported(&self) -> bool {
         self.cpu.dirty_log_supported()
     }
