@@ -58,6 +58,15 @@ fn prepared_vm(
     with_tables(vm, program, vector)
 }
 
+/// The `N` bytes the guest program left at [`RESULTS`].
+fn guest_results<const N: usize>(vm: &crate::vm::Vcpu<'_>) -> Result<[u8; N], alloc::string::String> {
+    let mut bytes = [0u8; N];
+    vm.pgm()
+        .read_phys(gpa(RESULTS), &mut bytes)
+        .map_err(|e| format!("{e}"))?;
+    Ok(bytes)
+}
+
 /// [`prepared_vm`] for a machine described by `spec`.
 fn vm_with_tables(
     host: &'static Host,
@@ -105,10 +114,7 @@ pub fn the_pit_interrupts_a_halted_guest_through_the_pic(host: &'static Host) ->
     let VmStop::TestExit(after) = stop else {
         return Err(format!("stop: {stop:?}"));
     };
-    let mut before = [0u8; 4];
-    vm.pgm()
-        .read_phys(gpa(RESULTS), &mut before)
-        .map_err(|e| format!("{e}"))?;
+    let before: [u8; 4] = guest_results(&vm)?;
     let before = u32::from_le_bytes(before);
     ensure!(before >= 10, "interrupts before the spin: {before}");
     // At least the one that waited; another may follow if a period ran out meanwhile.
@@ -140,10 +146,7 @@ pub fn the_local_apic_timer_and_self_ipis_interrupt_the_guest(host: &'static Hos
         VmStop::TestExit(9),
         "stop (the exit code counts the interrupts)"
     );
-    let mut versions = [0u8; 8];
-    vm.pgm()
-        .read_phys(gpa(RESULTS), &mut versions)
-        .map_err(|e| format!("{e}"))?;
+    let versions: [u8; 8] = guest_results(&vm)?;
     let version = devices::lapic::VERSION.to_le_bytes();
     ensure_eq!(&versions[..4], &version[..], "xAPIC version");
     ensure_eq!(&versions[4..], &version[..], "x2APIC version");
@@ -156,10 +159,7 @@ pub fn cpuid_msrs_and_ports_behave_as_the_policy_and_devices_say(host: &'static 
     let mut vm = prepared_vm(host, programs::pc_devices(), GP_VECTOR)?;
     let stop = vm.run();
     ensure_eq!(stop, VmStop::TestExit(0x11), "stop");
-    let mut results = [0u8; 60];
-    vm.pgm()
-        .read_phys(gpa(RESULTS), &mut results)
-        .map_err(|e| format!("{e}"))?;
+    let results: [u8; 60] = guest_results(&vm)?;
     let dword = |i: usize| u32::from_le_bytes(results[4 * i..4 * i + 4].try_into().unwrap());
     let signature: Vec<u8> = (0..3).flat_map(|i| dword(i).to_le_bytes()).collect();
     ensure_eq!(&signature[..], &SIGNATURE[..], "hypervisor signature");
@@ -201,10 +201,7 @@ pub fn string_port_io_moves_each_element_between_memory_and_the_port(host: &'sta
     vm.flush(invalidation).map_err(|e| format!("{e}"))?;
     let stop = vm.run();
     ensure_eq!(stop, VmStop::TestExit(0), "stop (ECX after the REPs)");
-    let mut results = [0u8; 8];
-    vm.pgm()
-        .read_phys(gpa(RESULTS), &mut results)
-        .map_err(|e| format!("{e}"))?;
+    let results: [u8; 8] = guest_results(&vm)?;
     ensure_eq!(&results[..4], &[0xFF; 4][..], "REP INSW from an unclaimed port");
     let esi = u32::from_le_bytes(results[4..].try_into().unwrap());
     ensure_eq!(u64::from(esi), RESULTS - 4, "ESI after OUTSD stepped down");
@@ -236,10 +233,7 @@ pub fn syscall_outside_64_bit_code_is_emulated_for_an_amd_guest(host: &'static H
         VmStop::TestExit(1),
         "stop (the exit code counts the guest's #UDs)"
     );
-    let mut results = [0u8; 8];
-    vm.pgm()
-        .read_phys(gpa(RESULTS), &mut results)
-        .map_err(|e| format!("{e}"))?;
+    let results: [u8; 8] = guest_results(&vm)?;
     let dword = |i: usize| u32::from_le_bytes(results[4 * i..4 * i + 4].try_into().unwrap());
     let mut around = [0u8; 3];
     vm.pgm()
@@ -283,20 +277,13 @@ pub fn vector_registers_stay_with_their_vm(host: &'static Host) -> TestResult {
         .start(&programs::xmm_store(), CODE, store)
         .map_err(|e| format!("start: {e}"))?;
     ensure_eq!(second.run(), VmStop::Done(0), "the second VM's stop");
-    let mut seen = [0u8; 16];
-    second
-        .pgm()
-        .read_phys(gpa(RESULTS), &mut seen)
-        .map_err(|e| format!("{e}"))?;
+    let seen: [u8; 16] = guest_results(&second)?;
     ensure_eq!(seen, [0; 16], "the second VM's XMM0");
     first
         .start(&programs::xmm_store(), CODE, store)
         .map_err(|e| format!("start: {e}"))?;
     ensure_eq!(first.run(), VmStop::Done(0), "the first VM's second stop");
-    first
-        .pgm()
-        .read_phys(gpa(RESULTS), &mut seen)
-        .map_err(|e| format!("{e}"))?;
+    let seen: [u8; 16] = guest_results(&first)?;
     ensure_eq!(seen, [0xA5; 16], "the first VM's XMM0, kept");
     Ok(())
 }
@@ -345,10 +332,7 @@ pub fn a_multiboot_image_starts_with_its_boot_information(host: &'static Host) -
         .map_err(|e| format!("load: {e}"))?;
     let stop = vm.run();
     ensure_eq!(stop, VmStop::TestExit(0x2a), "stop");
-    let mut seen = [0u8; 12];
-    vm.pgm()
-        .read_phys(gpa(RESULTS), &mut seen)
-        .map_err(|e| format!("{e}"))?;
+    let seen: [u8; 12] = guest_results(&vm)?;
     let dword = |i: usize| u32::from_le_bytes(seen[4 * i..4 * i + 4].try_into().unwrap());
     ensure_eq!(dword(0), 15 * 1024, "mem_upper in KiB (15 MiB from 1 MiB)");
     ensure_eq!(dword(1), u32::from(b'q'), "the command line");
@@ -369,10 +353,7 @@ pub fn tsc_adjust_moves_with_the_tsc(host: &'static Host) -> TestResult {
     let mut vm = prepared_vm(host, programs::tsc_adjust_probe(), GP_VECTOR)?;
     let stop = vm.run();
     ensure_eq!(stop, VmStop::TestExit(0x3b), "stop");
-    let mut results = [0u8; 24];
-    vm.pgm()
-        .read_phys(gpa(RESULTS), &mut results)
-        .map_err(|e| format!("{e}"))?;
+    let results: [u8; 24] = guest_results(&vm)?;
     let qword = |i: usize| u64::from_le_bytes(results[8 * i..8 * i + 8].try_into().unwrap());
     ensure_eq!(qword(0), 0, "TSC_ADJUST at first");
     let moved = qword(1);
@@ -439,10 +420,7 @@ pub fn a_linux_bzimage_starts_at_its_64_bit_entry(host: &'static Host) -> TestRe
         .map_err(|e| format!("load: {e}"))?;
     let stop = vm.run();
     ensure_eq!(stop, VmStop::TestExit(0x2b), "stop");
-    let mut seen = [0u8; 24];
-    vm.pgm()
-        .read_phys(gpa(RESULTS), &mut seen)
-        .map_err(|e| format!("{e}"))?;
+    let seen: [u8; 24] = guest_results(&vm)?;
     let dword = |i: usize| u32::from_le_bytes(seen[4 * i..4 * i + 4].try_into().unwrap());
     ensure_eq!(dword(0), u32::from(BOOT_CS), "CS");
     ensure_eq!(dword(1), u32::from(BOOT_DS), "DS");
@@ -486,10 +464,7 @@ pub fn unassigned_space_reads_all_ones_on_a_pc(host: &'static Host) -> TestResul
     vm.start(&programs::touch_unassigned(), CODE, regs)
         .map_err(|e| format!("start: {e}"))?;
     ensure_eq!(vm.run(), VmStop::TestExit(0x55), "stop");
-    let mut value = [0u8; 4];
-    vm.pgm()
-        .read_phys(gpa(RESULTS), &mut value)
-        .map_err(|e| format!("{e}"))?;
+    let value: [u8; 4] = guest_results(&vm)?;
     ensure_eq!(u32::from_le_bytes(value), u32::MAX, "the read");
     ensure_eq!(
         vm.exit_costs.of(crate::vm::exits::ExitKind::Unassigned).count,
