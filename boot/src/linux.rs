@@ -80,10 +80,15 @@ pub fn judge(serial: &str) -> Result<u64, String> {
             .position(|line| line.contains(what))
             .map(|at| at + from)
     };
+    let migrated = position("migration: the source VM is gone; the guest resumed", 0)
+        .ok_or("the guest was not migrated to a second VM")?;
     let init = position("] init: reached /init", 0).ok_or("the guest never reached /init")?;
     let workload = position("] workload: ok", init).ok_or("no workload success line after /init")?;
     let end =
         position("linux: the run ended after ", workload).ok_or("the run did not end after the workload")?;
+    if migrated > end {
+        return Err("the migration came after the run's end".into());
+    }
     let ended = lines[end];
     if !ended.ends_with(": PowerOff") {
         return Err(format!("the guest did not power off: {ended}"));
@@ -303,11 +308,13 @@ mod tests {
     fn the_boot_test_passes_only_on_power_off_after_the_workload() {
         let precopies = "precopy: write-protect: converged after 9 rounds; 1 vCPUs parked for \
                          the last round; 0 pages differ\n\
-                         precopy: PML: round limit reached after 41 rounds; 1 vCPUs parked for \
+                         precopy: PML: round limit reached after 41 rounds; 1 vCPUs stopped for \
                          the last round; 0 pages differ\n";
+        let migration = "migration: the source VM is gone; the guest resumed in a second VM on \
+                         its copy: 29000 pages\n";
         let good = format!(
-            "{precopies}[linux] [ 36.3] Run /init as init process\n[linux] init: reached /init\n\
-             [linux] workload: ok: wrote\r\n[linux] cpus: 1\n\
+            "[linux] [ 36.3] Run /init as init process\n[linux] init: reached /init\n\
+             {precopies}{migration}[linux] workload: ok: wrote\r\n[linux] cpus: 1\n\
              linux: the run ended after 4312749685 ticks: PowerOff\n"
         );
         assert_eq!(judge(&good), Ok(4_312_749_685));
@@ -318,9 +325,13 @@ mod tests {
         // Both pre-copies must have finished, each with no page differing.
         assert!(judge(&good.replacen("0 pages differ", "3 pages differ", 1)).is_err());
         assert!(judge(&good.replace("precopy: PML: ", "precopy: PML round 3: ")).is_err());
+        // The guest must have moved to a second VM before its run ended.
+        assert!(judge(&without(migration)).is_err());
+        let late = good.replace(migration, "") + migration;
+        assert!(judge(&late).is_err());
         // The workload's line must come after /init, and the power-off after the workload.
         let reordered = format!(
-            "{precopies}[linux] workload: ok\n[linux] init: reached /init\n\
+            "{precopies}{migration}[linux] workload: ok\n[linux] init: reached /init\n\
              linux: the run ended after 5 ticks: PowerOff\n"
         );
         assert!(judge(&reordered).is_err());

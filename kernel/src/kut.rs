@@ -10,6 +10,7 @@
 
 use alloc::format;
 use alloc::string::{String, ToString};
+use alloc::vec::Vec;
 
 use loader::archive::Archive;
 
@@ -156,7 +157,10 @@ fn run_entry(
         exits: EXITS,
     };
     bsp.set_budget(budget);
-    let stop = machine::run_to_end(host, &mut bsp, entry.vcpus, &mut |_| Ok(()))?;
+    let stop = machine::run_to_end(host, &mut bsp, entry.vcpus, Vec::new(), &mut |_| {
+        Ok(machine::Next::Run)
+    })?
+    .into_stop(entry.name)?;
     let lines = bsp.devices().recent_console_lines();
     // The audit's bookkeeping lives on the kernel heap (which grows by free host frames), whose
     // exhaustion would stop the host: a VM too large for it goes unaudited, and the result

@@ -2,21 +2,25 @@
 //! boot image's ramdisk; this makes a PC-like VM of the manifest's size and vCPU count (ACPI
 //! tables, the legacy devices, the local APICs), loads the kernel through the boot protocol's
 //! 64-bit entry (`loader::linux`), runs every vCPU until the guest powers off, resets or is
-//! stopped, audits the VM's EPT and prints how the run ended with the VM's exit counts.
+//! stopped, audits the VM's EPT and prints how the run ended with the VM's exit counts. On the
+//! way two pre-copies of its RAM prove dirty logging (`crate::precopy`); the second ends in
+//! the guest's migration to a second VM (`crate::migration`), which runs it to its end.
 //!
 //! Manifest lines, `key=value`: `name` (the console prefix), `vcpus`, `memory_mib`,
 //! `limit_ticks` (the TSC ticks the VM may run) and `cmdline`.
 
 use alloc::format;
 use alloc::string::{String, ToString};
+use alloc::vec::Vec;
 
 use loader::archive::Archive;
 
-use crate::arch::memory::{frames_in_use_outside_heap, heap_stats, is_allocated};
+use crate::arch::memory::{frames_in_use_outside_heap, heap_stats};
 use crate::arch::power::{exit, ExitCode};
 use crate::arch::ticks;
-use crate::machine;
-use crate::precopy::PreCopy;
+use crate::machine::{self, Next, RunEnd};
+use crate::migration::{self, Source, Target};
+use crate::precopy::{Ending, PreCopy};
 use crate::vm::budget::Budget;
 use crate::vm::devices::MachineSpec;
 use crate::vm::{exit_costs_of_finished_vms, Vcpu, VmStop};
@@ -148,28 +152,68 @@ fn boot(host: &'static Host, archive: &Archive<'_>, manifest: &Manifest) -> Resu
         manifest.memory_mib,
         manifest.cmdline
     );
-    bsp.set_budget(Budget {
+    let budget = Budget {
         slice: SLICE,
         limit: manifest.limit_ticks,
         exits: u64::MAX,
-    });
-    // The pre-copies run one after the other while the guest boots and runs its workload.
+    };
+    bsp.set_budget(budget);
+    // The pre-copies run one after the other while the guest boots and runs its workload; the
+    // second ends in the guest's migration to a second VM.
     let now = ticks();
     let mut precopies = [
         PreCopy::new(
             DirtyLogMode::WriteProtect,
+            Ending::Rendezvous,
             &ram,
             now + WRITE_PROTECT_PRECOPY_AFTER,
             &host.phys,
         ),
-        PreCopy::new(DirtyLogMode::Pml, &ram, now + PML_PRECOPY_AFTER, &host.phys),
+        PreCopy::new(
+            DirtyLogMode::Pml,
+            Ending::Migrate,
+            &ram,
+            now + PML_PRECOPY_AFTER,
+            &host.phys,
+        ),
     ];
-    let mut between_slices = |bsp: &Vcpu<'_>| match precopies.iter_mut().find(|p| !p.is_done()) {
-        Some(precopy) => precopy.step(bsp),
-        None => Ok(()),
-    };
     let start = ticks();
-    let stop = machine::run_to_end(host, &mut bsp, manifest.vcpus, &mut between_slices)?;
+    let end = machine::run_to_end(
+        host,
+        &mut bsp,
+        manifest.vcpus,
+        Vec::new(),
+        &mut |bsp| match precopies.iter_mut().find(|p| !p.is_done()) {
+            Some(precopy) => precopy.step(bsp),
+            None => Ok(Next::Run),
+        },
+    )?;
+    let (bsp, stop) = match end {
+        RunEnd::Stopped(stop) => (bsp, stop),
+        RunEnd::Paused(aps) => {
+            let precopy = precopies
+                .iter_mut()
+                .find(|p| p.is_pausing())
+                .ok_or("the VM was paused with no pre-copy asking for it")?;
+            let source = Source { bsp, aps, precopy };
+            let target = Target {
+                ram: &ram,
+                spec: &spec,
+                large_pages: true,
+                budget,
+            };
+            let mut destination = migration::migrate(host, source, &target)?;
+            let stop = machine::run_to_end(
+                host,
+                &mut destination.bsp,
+                manifest.vcpus,
+                destination.aps,
+                &mut |_| Ok(Next::Run),
+            )?
+            .into_stop("the migrated guest")?;
+            (destination.bsp, stop)
+        }
+    };
     let run_ticks = ticks() - start;
     println!("linux: the run ended after {run_ticks} ticks: {stop:?}");
     println!("linux: exits of the bootstrap vCPU: {:?}", bsp.exits);
@@ -191,11 +235,7 @@ fn boot(host: &'static Host, archive: &Archive<'_>, manifest: &Manifest) -> Resu
             None => println!("precopy: one pre-copy had not finished when the guest stopped"),
         }
     }
-    let report = bsp.pgm().audit(is_allocated);
-    if !report.is_clean() {
-        return Err(format!("EPT audit: {:?}", report.findings));
-    }
-    println!("linux: EPT audit clean");
+    migration::audit(&bsp, "linux")?;
     Ok(stop)
 }
 

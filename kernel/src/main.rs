@@ -15,9 +15,8 @@ mod demo;
 mod kut;
 #[cfg(not(feature = "kernel-tests"))]
 mod linux;
-#[cfg(not(feature = "kernel-tests"))]
 mod machine;
-#[cfg(not(feature = "kernel-tests"))]
+mod migration;
 mod precopy;
 #[cfg(feature = "kernel-tests")]
 mod tests;

@@ -10,6 +10,11 @@
 //! differs is a write dirty logging lost. Monitoring then stops, the mirror's frames go back,
 //! and the guest runs on.
 //!
+//! A pre-copy that ends in a migration ([`Ending::Migrate`]) asks instead for the VM to be
+//! paused ([`Next::Pause`]: every vCPU stops for good and its state is saved), takes the last
+//! round and the comparison on the stopped VM ([`PreCopy::finish_paused`]), and keeps the
+//! mirror, which becomes the RAM of the VM that goes on ([`PreCopy::load_into`]).
+//!
 //! Locking: the VM's lock per page copied (the vCPUs' faults interleave with the copy), never
 //! across a flush or the rendezvous.
 
@@ -26,6 +31,7 @@ use pgm::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 
 use crate::arch::memory::{KernelFrames, PhysMap};
 use crate::arch::ticks;
+use crate::machine::Next;
 use crate::println;
 use crate::vm::{Vcpu, VmMemory};
 
@@ -52,13 +58,26 @@ enum Phase {
     Waiting { start: u64 },
     /// Monitoring is on; the full copy and this many rounds are done.
     Copying { rounds: u32 },
+    /// The pre-copy asked for the VM to be paused for its last round.
+    Pausing { converged: bool },
     /// Compared and finished.
     Done,
+}
+
+/// How a pre-copy's last round is taken, and what happens after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// With the vCPUs parked for a moment; the guest then runs on and the copy is dropped.
+    #[cfg_attr(feature = "kernel-tests", allow(dead_code))]
+    Rendezvous,
+    /// On the paused VM, whose vCPUs never run again: the copy is a migration's RAM.
+    Migrate,
 }
 
 /// A pre-copy of one VM's RAM in one dirty-logging mode (see the module docs).
 pub struct PreCopy {
     mode: DirtyLogMode,
+    ending: Ending,
     /// The RAM ranges as `(start, pages, index of their first page in the mirror)`.
     ranges: Vec<(u64, u64, usize)>,
     /// A frame per RAM page, `None` for a page never copied (zeros).
@@ -76,9 +95,15 @@ pub struct PreCopy {
 
 impl PreCopy {
     /// A pre-copy of the RAM `ram` (`(start, size)` ranges, page-aligned) in `mode`, starting
-    /// at its first step once the host's tick count reaches `start`, with mirror frames
-    /// reached through `phys`.
-    pub fn new(mode: DirtyLogMode, ram: &[(u64, u64)], start: u64, phys: &'static PhysMap) -> Self {
+    /// at its first step once the host's tick count reaches `start` and ending as `ending`
+    /// says, with mirror frames reached through `phys`.
+    pub fn new(
+        mode: DirtyLogMode,
+        ending: Ending,
+        ram: &[(u64, u64)],
+        start: u64,
+        phys: &'static PhysMap,
+    ) -> Self {
         let mut ranges = Vec::new();
         let mut pages = 0usize;
         for &(start, size) in ram {
@@ -87,6 +112,7 @@ impl PreCopy {
         }
         PreCopy {
             mode,
+            ending,
             ranges,
             mirror: vec![None; pages],
             phys,
@@ -107,6 +133,7 @@ impl PreCopy {
     }
 
     /// True once the comparison is done.
+    #[cfg_attr(feature = "kernel-tests", allow(dead_code))]
     pub fn is_done(&self) -> bool {
         matches!(self.phase, Phase::Done)
     }
@@ -116,34 +143,49 @@ impl PreCopy {
         self.differing
     }
 
+    /// True once the pre-copy has asked for the VM to be paused, until
+    /// [`finish_paused`](Self::finish_paused).
+    #[cfg_attr(feature = "kernel-tests", allow(dead_code))]
+    pub fn is_pausing(&self) -> bool {
+        matches!(self.phase, Phase::Pausing { .. })
+    }
+
     /// Takes the pre-copy's next step between two slices of `bsp` (not in a run): the start
-    /// and full copy, a round, or the parked last round and the comparison. An error is a
-    /// failure of the VM's memory or of a flush; a differing page is not an error (see
+    /// and full copy, a round, or the parked last round and the comparison; or, ending in a
+    /// migration, asks for the pause ([`Next::Pause`]). An error is a failure of the VM's
+    /// memory or of a flush; a differing page is not an error (see
     /// [`differing_pages`](Self::differing_pages)).
-    pub fn step(&mut self, bsp: &Vcpu<'_>) -> Result<(), String> {
+    pub fn step(&mut self, bsp: &Vcpu<'_>) -> Result<Next, String> {
         let memory = bsp.memory();
         match self.phase {
-            Phase::Waiting { start } if ticks() < start => Ok(()),
+            Phase::Waiting { start } if ticks() < start => Ok(Next::Run),
             Phase::Waiting { .. } => {
                 if self.mode == DirtyLogMode::Pml && !bsp.pml_supported() {
                     println!("precopy: PML: the CPU has no page-modification log; not run");
                     self.phase = Phase::Done;
-                    return Ok(());
+                    return Ok(Next::Run);
                 }
-                self.start(&memory)
+                self.start(&memory)?;
+                Ok(Next::Run)
             }
             Phase::Copying { rounds } => {
                 let last = self.rounds.last().map_or(usize::MAX, |round| round.pages);
                 let converged = last <= CONVERGED_PAGES && rounds >= MIN_ROUNDS;
                 if converged || rounds >= MAX_ROUNDS {
-                    return self.finish(&memory, converged);
+                    return match self.ending {
+                        Ending::Rendezvous => self.finish(&memory, converged).map(|()| Next::Run),
+                        Ending::Migrate => {
+                            self.phase = Phase::Pausing { converged };
+                            Ok(Next::Pause)
+                        }
+                    };
                 }
                 let round = self.round(&memory)?;
                 self.report(rounds + 1, round);
                 self.phase = Phase::Copying { rounds: rounds + 1 };
-                Ok(())
+                Ok(Next::Run)
             }
-            Phase::Done => Ok(()),
+            Phase::Pausing { .. } | Phase::Done => Ok(Next::Run),
         }
     }
 
@@ -190,19 +232,53 @@ impl PreCopy {
         })
     }
 
-    /// The last round with every vCPU parked, the comparison, and the end of monitoring.
+    /// The last round with every vCPU parked, the comparison, and the end of monitoring; the
+    /// mirror goes back.
     fn finish(&mut self, memory: &VmMemory, converged: bool) -> Result<(), String> {
-        let (outcome, rendezvous) = memory.with_vcpus_parked(|| -> Result<(Round, u64), String> {
-            let round = self.round(memory)?;
-            Ok((round, self.compare(memory)?))
-        });
+        let (outcome, rendezvous) = memory.with_vcpus_parked(|| self.last_round(memory));
         let (round, differing) = outcome?;
+        let stopped = format!("{} vCPUs parked for the last round", rendezvous.parked);
+        self.conclude(memory, converged, round, differing, &stopped)?;
+        self.free_mirror();
+        Ok(())
+    }
+
+    /// After [`Next::Pause`]: the last round and the comparison on the VM of `memory`, whose
+    /// `vcpus` vCPUs have all stopped for good, and the end of monitoring. The mirror stays
+    /// for [`load_into`](Self::load_into).
+    pub fn finish_paused(&mut self, memory: &VmMemory, vcpus: u32) -> Result<(), String> {
+        let Phase::Pausing { converged } = self.phase else {
+            return Err("precopy: finish_paused without a pause asked for".into());
+        };
+        if memory.vcpus_running() != 0 {
+            return Err("precopy: a vCPU still runs in the paused VM".into());
+        }
+        let (round, differing) = self.last_round(memory)?;
+        let stopped = format!("{vcpus} vCPUs stopped for the last round");
+        self.conclude(memory, converged, round, differing, &stopped)
+    }
+
+    /// The last round and the comparison, with no vCPU running.
+    fn last_round(&mut self, memory: &VmMemory) -> Result<(Round, u64), String> {
+        let round = self.round(memory)?;
+        Ok((round, self.compare(memory)?))
+    }
+
+    /// Reports the last round and the pre-copy's outcome (`stopped`: how the vCPUs were
+    /// held for it) and stops monitoring.
+    fn conclude(
+        &mut self,
+        memory: &VmMemory,
+        converged: bool,
+        round: Round,
+        differing: u64,
+        stopped: &str,
+    ) -> Result<(), String> {
         self.report(self.rounds.len() as u32, round);
         let invalidation = memory.stop_dirty_log();
         memory
             .flush(invalidation)
             .map_err(|e| format!("precopy: flush: {e:?}"))?;
-        self.free_mirror();
         if self.walker_updates > 0 {
             println!(
                 "precopy: {}: {} pages differ only in the accessed and dirty flags of paging \
@@ -215,7 +291,7 @@ impl PreCopy {
         let copy_ticks: u64 = self.rounds.iter().map(|round| round.ticks).sum();
         println!(
             "precopy: {}: {} after {} rounds; {copied} pages copied in {copy_ticks} ticks; \
-             {} vCPUs parked for the last round; {differing} pages differ",
+             {stopped}; {differing} pages differ",
             self.mode_name(),
             if converged {
                 "converged"
@@ -223,11 +299,32 @@ impl PreCopy {
                 "round limit reached"
             },
             self.rounds.len(),
-            rendezvous.parked
         );
         self.differing = Some(differing);
         self.phase = Phase::Done;
         Ok(())
+    }
+
+    /// Writes the mirror into the RAM of `memory` (a new VM with the same RAM ranges, not yet
+    /// run: a migration's destination) and gives the mirror's frames back. Pages never copied
+    /// stay as the new VM has them (zero). Returns how many pages were written.
+    pub fn load_into(&mut self, memory: &VmMemory) -> Result<usize, String> {
+        let mut loaded = 0;
+        for index in 0..self.mirror.len() {
+            let Some(frame) = self.mirror[index] else {
+                continue;
+            };
+            HostMemory::read(&self.phys, frame, &mut self.page);
+            let gpa = self.gpa_of(index);
+            // The VM has not run: nothing caches a translation to invalidate.
+            let _ = memory
+                .lock()
+                .write_phys(gpa, &self.page)
+                .map_err(|e| format!("migration: write {gpa}: {e}"))?;
+            loaded += 1;
+        }
+        self.free_mirror();
+        Ok(loaded)
     }
 
     /// Gives the mirror's frames back.

@@ -239,6 +239,10 @@ const TESTS: &[(&str, TestFn)] = &[
         dirty_log::pml_harvests_equal_write_protect_harvests,
     ),
     (
+        "migration_a_guest_moved_mid_run_ends_as_it_would_have",
+        migration::a_guest_moved_mid_run_ends_as_it_would_have,
+    ),
+    (
         "smp_dirty_log_with_the_writer_on_another_cpu",
         smp::dirty_log_with_the_writer_on_another_cpu,
     ),
@@ -457,6 +461,7 @@ mod devices;
 mod dirty_log;
 mod fidelity;
 mod hostile;
+mod migration;
 mod pc;
 mod preemption;
 mod smp;

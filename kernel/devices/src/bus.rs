@@ -13,14 +13,28 @@ use crate::{all_ones, Platform};
 
 /// A device on the port bus. Accesses come with the absolute port (a device may claim several
 /// ranges) and a size of 1, 2 or 4 bytes; the device answers every port of its ranges, with
-/// all ones for what it does not model.
-pub trait PortDevice: Send + Any {
+/// all ones for what it does not model. A device is `Clone` (see [`CloneDevice`]): its state
+/// is what a snapshot of the bus copies.
+pub trait PortDevice: Send + Any + CloneDevice {
     /// The device's name, for diagnostics.
     fn name(&self) -> &'static str;
     /// An IN of `size` bytes from `port`.
     fn read(&mut self, port: u16, size: u8, platform: &mut dyn Platform) -> u32;
     /// An OUT of `size` bytes of `value` to `port`.
     fn write(&mut self, port: u16, size: u8, value: u32, platform: &mut dyn Platform);
+}
+
+/// A copy of a device as it is now, for [`PortBus`]'s `Clone` (a VM's snapshot). Every
+/// `Clone` device has it.
+pub trait CloneDevice {
+    /// The copy.
+    fn clone_device(&self) -> Box<dyn PortDevice>;
+}
+
+impl<T: PortDevice + Clone> CloneDevice for T {
+    fn clone_device(&self) -> Box<dyn PortDevice> {
+        Box::new(self.clone())
+    }
 }
 
 /// Why a device could not be added.
@@ -70,6 +84,18 @@ pub struct PortBus {
     devices: Vec<Box<dyn PortDevice>>,
     /// Accesses to unclaimed ports, per port.
     unclaimed: BTreeMap<u16, u64>,
+}
+
+impl Clone for PortBus {
+    /// A bus with the same ranges and a copy of each device in its present state (a VM's
+    /// snapshot: the copy answers as the original would from here on).
+    fn clone(&self) -> PortBus {
+        PortBus {
+            ranges: self.ranges.clone(),
+            devices: self.devices.iter().map(|device| device.clone_device()).collect(),
+            unclaimed: self.unclaimed.clone(),
+        }
+    }
 }
 
 impl fmt::Debug for PortBus {
@@ -199,6 +225,7 @@ mod tests {
     use crate::testing::TestPlatform;
 
     /// Remembers the last write and answers reads with the port number.
+    #[derive(Clone)]
     struct Echo(&'static str, Option<(u16, u8, u32)>);
 
     impl PortDevice for Echo {

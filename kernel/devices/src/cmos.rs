@@ -44,7 +44,7 @@ const B_BINARY: u8 = 1 << 2;
 const D_VALID: u8 = 1 << 7;
 
 /// The RTC and its RAM.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Cmos {
     index: u8,
     ram: [u8; 128],

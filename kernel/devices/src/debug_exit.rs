@@ -8,7 +8,7 @@ use crate::{all_ones, Platform, PortDevice, StopRequest};
 pub const PORT: u16 = 0xF4;
 
 /// The test-exit device.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct DebugExit;
 
 impl DebugExit {

@@ -28,7 +28,7 @@ pub mod key {
 }
 
 /// The device, with its items fixed when the VM is made.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct FwCfg {
     selected: u16,
     offset: usize,

@@ -72,4 +72,24 @@ mod tests {
         pc.bus.write(0x510, 2, 5, &mut platform);
         assert_eq!(pc.bus.read(0x511, 1, &mut platform), 2, "fw_cfg's CPU count");
     }
+
+    #[test]
+    fn a_cloned_bus_answers_as_the_original_did_and_then_goes_its_own_way() {
+        let mut pc = legacy_pc(1, 64 << 20).unwrap();
+        let mut platform = TestPlatform::default();
+        // The UART's scratch register, the master PIC's mask, an unclaimed port.
+        pc.bus.write(0x3FF, 1, 0x5A, &mut platform);
+        pc.bus.write(0x21, 1, 0xFB, &mut platform);
+        pc.bus.read(0x80, 1, &mut platform);
+        let mut copy = pc.bus.clone();
+        for port in [0x3FF, 0x21] {
+            let original = pc.bus.read(port, 1, &mut platform);
+            assert_eq!(copy.read(port, 1, &mut platform), original, "{port:#x}");
+        }
+        assert_eq!(pc.bus.read(0x3FF, 1, &mut platform), 0x5A);
+        assert!(copy.unclaimed().eq(pc.bus.unclaimed()));
+        copy.write(0x3FF, 1, 0x11, &mut platform);
+        assert_eq!(pc.bus.read(0x3FF, 1, &mut platform), 0x5A);
+        assert_eq!(copy.read(0x3FF, 1, &mut platform), 0x11);
+    }
 }

@@ -27,7 +27,7 @@ const HOST_BRIDGE: [u8; 16] = [
 ];
 
 /// The configuration-space access ports.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct PciConfig {
     address: u32,
     reset_control: u8,

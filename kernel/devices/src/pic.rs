@@ -130,7 +130,7 @@ impl Chip {
 }
 
 /// The master and slave 8259A.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Pic {
     chips: [Chip; 2],
 }

@@ -158,7 +158,7 @@ impl Channel {
 }
 
 /// The PIT and port 0x61.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Pit {
     channels: [Channel; 3],
     port_b: u8,

@@ -24,7 +24,7 @@ const SLP_TYP_SHIFT: u16 = 10;
 const SLP_EN: u16 = 1 << 13;
 
 /// The PM1a blocks and the PM timer.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct AcpiPm {
     status: u16,
     enable: u16,

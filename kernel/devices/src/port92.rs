@@ -12,7 +12,7 @@ pub const A20_GATE: u32 = 1 << 1;
 pub const FAST_RESET: u32 = 1 << 0;
 
 /// System Control Port A.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Port92;
 
 impl PortDevice for Port92 {

@@ -28,7 +28,7 @@ pub const IORAM_BASE: u64 = 0xFF00_0000;
 pub const IORAM_SIZE: usize = 0x1_0000;
 
 /// The port half of the test device.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct TestDev {
     data: u32,
 }
@@ -68,7 +68,7 @@ impl PortDevice for TestDev {
 }
 
 /// The test device's 64 KiB MMIO memory.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct IoRam {
     bytes: Vec<u8>,
 }

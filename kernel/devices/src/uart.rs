@@ -65,7 +65,7 @@ const MSR_CONNECTED: u8 = 0xB0;
 const RX_DEPTH: usize = 16;
 
 /// One 16550A.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Uart {
     base: u16,
     ier: u8,

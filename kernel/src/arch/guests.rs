@@ -933,6 +933,58 @@ guest_programs! {
         "vmcall",
         "hlt",
     ];
+    // A guest with state in every place a migration must carry: ECX rounds of a xorshift32
+    // (13, 17, 5) in EBX, each adding EBX to the dword of the area at ESI that its low bits
+    // masked by EDX (dwords - 1) pick and to the sum in XMM0; before them the UART's scratch
+    // register gets 0xA5 and the APIC's TPR 0x20. Then it reports EBX, XMM0's low dword, the
+    // scratch register and the TPR, and ends with done(0).
+    migration_workload: Flat32, ".code32", [
+        "mov eax, cr4",
+        "or eax, 0x200",
+        "mov cr4, eax",
+        "pxor xmm0, xmm0",
+        "mov ebp, edx",
+        "mov dx, 0x3FF",
+        "mov al, 0xA5",
+        "out dx, al",
+        "mov edx, ebp",
+        "mov dword ptr [0xFEE00080], 0x20",
+        "1:",
+        "mov eax, ebx",
+        "shl eax, 13",
+        "xor ebx, eax",
+        "mov eax, ebx",
+        "shr eax, 17",
+        "xor ebx, eax",
+        "mov eax, ebx",
+        "shl eax, 5",
+        "xor ebx, eax",
+        "mov eax, ebx",
+        "and eax, edx",
+        "add dword ptr [esi + eax * 4], ebx",
+        "movd xmm2, ebx",
+        "paddd xmm0, xmm2",
+        "dec ecx",
+        "jnz 1b",
+        "mov eax, 1",
+        "vmcall",
+        "movd ebx, xmm0",
+        "mov eax, 1",
+        "vmcall",
+        "mov dx, 0x3FF",
+        "xor eax, eax",
+        "in al, dx",
+        "mov ebx, eax",
+        "mov eax, 1",
+        "vmcall",
+        "mov ebx, dword ptr [0xFEE00080]",
+        "mov eax, 1",
+        "vmcall",
+        "xor eax, eax",
+        "xor ebx, ebx",
+        "vmcall",
+        "hlt",
+    ];
     // Halts with interrupts off: nothing can ever wake it.
     hlt_interrupts_off: Flat32, ".code32", [
         "cli",

@@ -120,6 +120,7 @@ pub fn write_mm(n: u8, value: u64) {
 /// see them. (Guests cannot enable XSAVE here (CR4.OSXSAVE is refused), so FXSAVE's image is
 /// all the state a guest can have.)
 #[repr(C, align(16))]
+#[derive(Clone)]
 pub struct VectorState([u8; 512]);
 
 impl VectorState {

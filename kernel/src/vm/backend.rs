@@ -214,6 +214,118 @@ pub struct EntryFailure {
     pub invalid_guest_state: bool,
 }
 
+/// How an event the backend had queued for the next entry is delivered (the kinds VMX and SVM
+/// both name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// An external interrupt.
+    Interrupt,
+    /// A non-maskable interrupt.
+    Nmi,
+    /// A hardware exception.
+    Exception,
+    /// INT n.
+    SoftwareInterrupt,
+    /// INT1 (ICEBP).
+    PrivilegedSoftwareException,
+    /// INT3 or INTO.
+    SoftwareException,
+}
+
+/// An event queued for delivery at the next entry and not yet delivered when the vCPU's state
+/// was saved (an exit interrupted its delivery, or the policy injected it before the run ended).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingEvent {
+    /// How it is delivered.
+    pub kind: EventKind,
+    /// The vector.
+    pub vector: u8,
+    /// The error code, for the exceptions that push one.
+    pub error_code: Option<u32>,
+    /// The length of the instruction that raised a software event (its return address).
+    pub instruction_len: u32,
+}
+
+/// MSRs a [`CpuSnapshot`] carries by value, beside EFER, the FS and GS bases (in their
+/// segments) and the TSC (as its offset): the rest of [`devices::msr::BACKEND_HELD`].
+pub const SNAPSHOT_MSRS: [u32; 9] = [
+    devices::msr::index::SYSENTER_CS,
+    devices::msr::index::SYSENTER_ESP,
+    devices::msr::index::SYSENTER_EIP,
+    devices::msr::index::STAR,
+    devices::msr::index::LSTAR,
+    devices::msr::index::CSTAR,
+    devices::msr::index::SFMASK,
+    devices::msr::index::KERNEL_GS_BASE,
+    devices::msr::index::TSC_AUX,
+];
+
+/// Everything of one vCPU's architectural state that its backend holds, in neutral terms, so
+/// that a vCPU of another VM (a migration's destination) can go on where it stopped. The
+/// vCPU layer adds what it holds itself (its APIC, emulated MSRs, x87/SSE registers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuSnapshot {
+    /// The general-purpose registers but RSP.
+    pub regs: GuestRegisters,
+    /// RSP.
+    pub rsp: u64,
+    /// RIP.
+    pub rip: u64,
+    /// RFLAGS.
+    pub rflags: u64,
+    /// CR0 as the guest reads it.
+    pub cr0: u64,
+    /// CR2.
+    pub cr2: u64,
+    /// CR3.
+    pub cr3: u64,
+    /// CR4 as the guest reads it.
+    pub cr4: u64,
+    /// DR7.
+    pub dr7: u64,
+    /// EFER (LMA included).
+    pub efer: u64,
+    /// ES, CS, SS, DS, FS, GS and TR, in [`Segment`]'s order.
+    pub segments: [SegmentState; 7],
+    /// The LDT register.
+    pub ldtr: SegmentState,
+    /// GDTR base and limit.
+    pub gdt: (u64, u16),
+    /// IDTR base and limit.
+    pub idt: (u64, u16),
+    /// The values of [`SNAPSHOT_MSRS`], in its order.
+    pub msrs: [u64; SNAPSHOT_MSRS.len()],
+    /// What the guest's TSC adds to the host's, and TSC_ADJUST.
+    pub tsc_offset: u64,
+    /// See `tsc_offset`.
+    pub tsc_adjust: u64,
+    /// An STI or MOV SS shadow holds back interrupts for one instruction.
+    pub interrupt_shadow: u8,
+    /// The guest runs an NMI handler: NMIs wait for its IRET.
+    pub nmi_blocked: bool,
+    /// Debug exceptions the CPU has recognised and not yet delivered.
+    pub pending_debug: u64,
+    /// An event queued for the next entry.
+    pub pending_event: Option<PendingEvent>,
+    /// The vCPU asked for an interrupt window and an NMI window.
+    pub interrupt_window: bool,
+    /// See `interrupt_window`.
+    pub nmi_window: bool,
+    /// Exception vectors that exit (bit n: vector n).
+    pub exception_exits: u32,
+}
+
+/// The segment registers a [`CpuSnapshot`] holds, in its order.
+pub const SNAPSHOT_SEGMENTS: [Segment; 7] = [
+    Segment::Es,
+    Segment::Cs,
+    Segment::Ss,
+    Segment::Ds,
+    Segment::Fs,
+    Segment::Gs,
+    Segment::Tr,
+];
+
 /// One virtual CPU as the exit policy drives it. Every method works on the vCPU's own host CPU
 /// only (its control structure lives there); a call elsewhere fails.
 pub trait VirtualCpu {
@@ -328,4 +440,13 @@ pub trait VirtualCpu {
 
     /// Moves the addresses logged since the last drain into `into` and empties the log.
     fn drain_dirty_log(&mut self, into: &mut alloc::vec::Vec<GuestPhysAddr>) -> Result<(), BackendError>;
+
+    /// The vCPU's architectural state, between runs (for a migration). The CPU's log of
+    /// written pages is not part of it: drain it first.
+    fn save_state(&self) -> Result<CpuSnapshot, BackendError>;
+
+    /// Loads `state`, saved by [`save_state`](Self::save_state) on a vCPU of this backend
+    /// (of any VM), into this vCPU, which has not run yet. A value the CPU would refuse fails
+    /// the load.
+    fn load_state(&mut self, state: &CpuSnapshot) -> Result<(), BackendError>;
 }

@@ -78,25 +78,25 @@ impl Default for MachineSpec {
 pub struct VmDevices {
     name: String,
     /// The legacy PC's ports.
-    bus: Mutex<PortBus>,
+    pub(super) bus: Mutex<PortBus>,
     /// The CPUID every vCPU sees.
     pub(super) cpuid: CpuidPolicy,
     /// The guest's physical-address width (CPUID 0x8000_0008), for the MSR checks.
     pub(super) phys_bits: u32,
     /// When the VM was made (the devices' clocks start there).
-    created: u64,
+    pub(super) created: u64,
     /// The PIC pair and the PIT on the bus.
     pic: DeviceIndex,
     pit: DeviceIndex,
     /// When the PIT's channel 0 next raises IRQ 0 (TSC; `u64::MAX`: it does not run), and its
     /// period in ticks.
-    next_irq0: AtomicU64,
-    irq0_period: AtomicU64,
+    pub(super) next_irq0: AtomicU64,
+    pub(super) irq0_period: AtomicU64,
     /// The PIC may have an interrupt to deliver (a request was raised, or its registers were
     /// written): the bootstrap vCPU looks before its next entry.
-    pic_changed: AtomicBool,
+    pub(super) pic_changed: AtomicBool,
     /// The ISA interrupt lines' levels (bit n: line n), for edge detection.
-    irq_levels: core::sync::atomic::AtomicU32,
+    pub(super) irq_levels: core::sync::atomic::AtomicU32,
     /// See [`MachineSpec::test_hypercalls`].
     pub(super) test_hypercalls: bool,
     /// See [`MachineSpec::unassigned_reads_ones`].
@@ -111,7 +111,7 @@ pub struct VmDevices {
     /// The I/O APIC and the pgm handler of its page.
     pub(super) ioapic: (HandlerId, Mutex<IoApic>),
     /// The console line being written, and the last lines printed (oldest first).
-    line: Mutex<(Vec<u8>, VecDeque<String>)>,
+    pub(super) line: Mutex<(Vec<u8>, VecDeque<String>)>,
 }
 
 /// The longest console line kept before it is printed anyway.

@@ -7,7 +7,7 @@
 //!
 //! Files: `backend.rs` the backend-neutral exit vocabulary and vCPU trait, `memory.rs` per-VM
 //! state, `vcpu.rs` the per-vCPU state and run loop, `exits.rs` exit statistics, `stop.rs` how
-//! runs end, `emulation.rs` the emulated accesses, `pml.rs` the dirty log's vCPU side.
+//! runs end, `emulation.rs` the emulated accesses, `pml.rs` the dirty log's vCPU side, `snapshot.rs` the state a migration moves.
 
 mod apic;
 pub mod backend;
@@ -19,6 +19,7 @@ pub mod load;
 mod memory;
 mod pml;
 pub mod requests;
+pub mod snapshot;
 mod stop;
 mod vcpu;
 

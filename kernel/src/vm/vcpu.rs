@@ -18,6 +18,7 @@ use super::emulation::{EmulatedMemory, FaultPage};
 use super::exits::{ExitCost, ExitCosts, ExitCounts, ExitKind, FINISHED_VMS};
 use super::memory::{PgmGuard, SharedPgm, VmMemory};
 use super::requests::{Request, VcpuRequests};
+use super::snapshot::MachineSnapshot;
 use super::stop::{Diagnostic, InstructionBytes, StopCause, VmStop};
 use super::{hypercall, NoDevices, VmError};
 use crate::arch::guests::{GuestMode, GuestProgram};
@@ -87,7 +88,7 @@ pub struct Vcpu<'a> {
     /// The time and exits this VM may use.
     budget: Budget,
     /// Ticks this VM has run, over all finished runs.
-    ticks_used: u64,
+    pub(super) ticks_used: u64,
     /// When the current run started.
     run_started: u64,
     /// How far past its deadline each run that ended at one returned, in ticks.
@@ -118,7 +119,7 @@ pub struct Vcpu<'a> {
     last_mmio_target: Option<((u64, u64), MmioTarget)>,
     /// The guest's x87/MMX/SSE registers while the vCPU is not running (see
     /// [`VectorState`]).
-    vector_state: alloc::boxed::Box<VectorState>,
+    pub(super) vector_state: alloc::boxed::Box<VectorState>,
 }
 
 impl<'a> Vcpu<'a> {
@@ -147,6 +148,20 @@ impl<'a> Vcpu<'a> {
         ram: &[(u64, u64)],
         large_pages: bool,
         spec: &MachineSpec,
+    ) -> Result<Vcpu<'a>, VmError> {
+        Vcpu::new_machine_from(vmx, phys, ram, large_pages, spec, None)
+    }
+
+    /// [`Vcpu::new_machine`] whose devices (and A20 gate) take the state `saved` of a VM made
+    /// from the same `spec` and `ram` (a migration's destination; its vCPUs then take their
+    /// own with [`Vcpu::restore`]).
+    pub fn new_machine_from(
+        vmx: &'a VmxOn,
+        phys: &'static PhysMap,
+        ram: &[(u64, u64)],
+        large_pages: bool,
+        spec: &MachineSpec,
+        saved: Option<MachineSnapshot>,
     ) -> Result<Vcpu<'a>, VmError> {
         let spec = &MachineSpec {
             rdtscp: vmx.caps().rdtscp(),
@@ -178,7 +193,12 @@ impl<'a> Vcpu<'a> {
             // Nothing has run yet: no translation to invalidate.
             let _ = pgm.register_rom(base, size, pgm::manager::RomImage::Copy(&image), false)?;
         }
-        let devices = VmDevices::new(spec, ram_bytes, apic_page, ioapic_page, ioram)?;
+        let mut devices = VmDevices::new(spec, ram_bytes, apic_page, ioapic_page, ioram)?;
+        if let Some(saved) = saved {
+            let a20 = devices.restore(saved);
+            // Nothing has run yet: no translation to invalidate.
+            let _ = pgm.set_a20(a20);
+        }
         Vcpu::new_vcpu(vmx, Arc::new(VmMemory::new(pgm, devices)), phys)
     }
 
@@ -238,6 +258,11 @@ impl<'a> Vcpu<'a> {
     #[cfg_attr(not(feature = "kernel-tests"), allow(dead_code))]
     pub fn regs(&self) -> &GuestRegisters {
         self.cpu.regs()
+    }
+
+    /// The vCPU's index in its VM, which is also its APIC ID (0: the bootstrap processor).
+    pub fn index(&self) -> u32 {
+        self.index
     }
 
     /// The memory manager, locked (see [`VmMemory::lock`]).

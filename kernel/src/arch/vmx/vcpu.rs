@@ -17,6 +17,7 @@ use x86::vmx::vmcs::control::{
     VMEXIT_MSR_STORE_COUNT, VPID,
 };
 use x86::vmx::vmcs::{guest, host, ro};
+use x86_64::registers::control::Cr2;
 
 use super::exits::qualification::{
     has_translated_linear, is_page_walk, ENTRY_FAILURE, EPT_EXECUTE, EPT_WAS_READABLE, EPT_WRITE,
@@ -33,8 +34,8 @@ use devices::msr::index as msr;
 use crate::arch::guests::GuestMode;
 use crate::arch::memory::{KernelFrames, PhysMap};
 use crate::vm::backend::{
-    BackendError, CpuState, Direction, EntryFailure, Event, PortIo, RawExit, Segment, SegmentState,
-    VirtualCpu, VmExit,
+    BackendError, CpuSnapshot, CpuState, Direction, EntryFailure, Event, EventKind, PendingEvent, PortIo,
+    RawExit, Segment, SegmentState, VirtualCpu, VmExit, SNAPSHOT_MSRS, SNAPSHOT_SEGMENTS,
 };
 
 /// PAUSE-loop exiting: PAUSEs at most this many ticks apart belong to one loop, and a loop
@@ -153,6 +154,9 @@ pub struct VmxVcpu<'a> {
     msr_area: HostPhysAddr,
     /// The VMCS TSC offset: the guest's TSC minus the host's.
     tsc_offset: u64,
+    /// The guest's CR2, which VMX does not switch: put in the register before each entry
+    /// when another vCPU's is there, and taken from it after each exit.
+    cr2: u64,
     /// The guest's IA32_TSC_ADJUST.
     tsc_adjust: u64,
     /// The basic reason of the last exit.
@@ -191,6 +195,7 @@ impl<'a> VmxVcpu<'a> {
             event_queued: Cell::new(false),
             msr_area,
             tsc_offset: 0,
+            cr2: 0,
             tsc_adjust: 0,
             last_reason: 0,
         };
@@ -850,6 +855,10 @@ impl VirtualCpu for VmxVcpu<'_> {
         let timer = (ticks >> self.timer_granularity()).min(u64::from(u32::MAX));
         vmcs.write(guest::VMX_PREEMPTION_TIMER_VALUE, timer)
             .map_err(|_| failed(0))?;
+        // Another vCPU that ran on this CPU since may have left its own CR2 there.
+        if Cr2::read_raw() != self.cr2 {
+            write_cr2(self.cr2);
+        }
         // SAFETY: `write_host_state` wrote this CPU's host state with RIP at the exit entry
         // point when the vCPU was made; the EPT pointer names the VM's tables, which map only
         // frames it holds; `launched` is set after the first successful entry and the VMCS is
@@ -859,6 +868,7 @@ impl VirtualCpu for VmxVcpu<'_> {
             return Err(failed(vmcs.read(ro::VM_INSTRUCTION_ERROR) as u32));
         }
         self.launched = true;
+        self.cr2 = Cr2::read_raw();
         // The entry delivered what was queued; a requeue below may queue it again.
         self.event_queued.set(false);
         let raw_reason = vmcs.read(ro::EXIT_REASON);
@@ -931,29 +941,12 @@ impl VirtualCpu for VmxVcpu<'_> {
 
     fn segment(&self, segment: Segment) -> Result<SegmentState, BackendError> {
         let vmcs = self.vmcs.current()?;
-        let fields = segment_fields(segment);
-        let access_rights = vmcs.read(fields.access);
-        Ok(SegmentState {
-            selector: vmcs.read(fields.selector) as u16,
-            base: vmcs.read(fields.base),
-            limit: vmcs.read(fields.limit) as u32,
-            attributes: access_rights as u16 & ACCESS_RIGHTS_ATTRIBUTES,
-            usable: access_rights & ACCESS_RIGHTS_UNUSABLE == 0,
-        })
+        Ok(read_segment_state(&vmcs, segment_fields(segment)))
     }
 
     fn set_segment(&mut self, segment: Segment, state: SegmentState) -> Result<(), BackendError> {
         let vmcs = self.vmcs.current()?;
-        let fields = segment_fields(segment);
-        let unusable = if state.usable { 0 } else { ACCESS_RIGHTS_UNUSABLE };
-        vmcs.write(fields.selector, u64::from(state.selector))?;
-        vmcs.write(fields.base, state.base)?;
-        vmcs.write(fields.limit, u64::from(state.limit))?;
-        vmcs.write(
-            fields.access,
-            u64::from(state.attributes & ACCESS_RIGHTS_ATTRIBUTES) | unusable,
-        )?;
-        Ok(())
+        Ok(write_segment_state(&vmcs, segment_fields(segment), state)?)
     }
 
     fn gdt(&self) -> Result<(u64, u16), BackendError> {
@@ -982,10 +975,8 @@ impl VirtualCpu for VmxVcpu<'_> {
 
     fn set_fault_address(&mut self, linear: u64) -> Result<(), BackendError> {
         self.vmcs.current()?;
-        // SAFETY: VMX keeps no CR2 of the guest's: the register itself is the guest's while
-        // its vCPU is on this CPU, and the host takes no page faults that would change it
-        // before the next entry.
-        unsafe { core::arch::asm!("mov cr2, {}", in(reg) linear, options(nomem, nostack, preserves_flags)) };
+        // The next entry puts it in the register.
+        self.cr2 = linear;
         Ok(())
     }
 
@@ -1172,6 +1163,156 @@ impl VirtualCpu for VmxVcpu<'_> {
         }));
         Ok(vmcs.write(guest::PML_INDEX, PML_FIRST_INDEX)?)
     }
+
+    fn save_state(&self) -> Result<CpuSnapshot, BackendError> {
+        let vmcs = self.vmcs.current()?;
+        let mut segments = [SegmentState::default(); SNAPSHOT_SEGMENTS.len()];
+        for (slot, &segment) in segments.iter_mut().zip(SNAPSHOT_SEGMENTS.iter()) {
+            *slot = read_segment_state(&vmcs, segment_fields(segment));
+        }
+        let mut msrs = [0; SNAPSHOT_MSRS.len()];
+        for (slot, &index) in msrs.iter_mut().zip(SNAPSHOT_MSRS.iter()) {
+            *slot = self.read_msr(index).ok_or(BackendError {
+                what: "reading a held MSR",
+                code: Some(u64::from(index)),
+            })?;
+        }
+        let cr4_mask = vmcs.read(control::CR4_GUEST_HOST_MASK);
+        let interruptibility = vmcs.read(guest::INTERRUPTIBILITY_STATE);
+        Ok(CpuSnapshot {
+            regs: self.regs,
+            rsp: vmcs.read(guest::RSP),
+            rip: vmcs.read(guest::RIP),
+            rflags: vmcs.read(guest::RFLAGS),
+            cr0: self.visible_cr0()?,
+            cr2: self.cr2,
+            cr3: vmcs.read(guest::CR3),
+            cr4: vmcs.read(guest::CR4) & !cr4_mask | vmcs.read(control::CR4_READ_SHADOW) & cr4_mask,
+            dr7: vmcs.read(guest::DR7),
+            efer: vmcs.read(guest::IA32_EFER_FULL),
+            segments,
+            ldtr: read_segment_state(&vmcs, SegmentFields::LDTR),
+            gdt: (vmcs.read(guest::GDTR_BASE), vmcs.read(guest::GDTR_LIMIT) as u16),
+            idt: (vmcs.read(guest::IDTR_BASE), vmcs.read(guest::IDTR_LIMIT) as u16),
+            msrs,
+            tsc_offset: self.tsc_offset,
+            tsc_adjust: self.tsc_adjust,
+            interrupt_shadow: (interruptibility & BLOCKING_BY_STI_OR_MOV_SS) as u8,
+            nmi_blocked: interruptibility & BLOCKING_BY_NMI != 0,
+            pending_debug: vmcs.read(guest::PENDING_DBG_EXCEPTIONS),
+            pending_event: queued_event(&vmcs),
+            interrupt_window: self.window_exiting,
+            nmi_window: self.nmi_window_exiting,
+            exception_exits: vmcs.read(EXCEPTION_BITMAP) as u32,
+        })
+    }
+
+    fn load_state(&mut self, state: &CpuSnapshot) -> Result<(), BackendError> {
+        let refused = |what| BackendError { what, code: None };
+        let caps = self.vmx.caps();
+        let (cr4_fixed0, cr4_fixed1) = caps.cr4_fixed;
+        if state.cr4 & CR4_REFUSED != 0 || state.cr4 & !cr4_fixed1 != 0 {
+            return Err(refused("loading CR4"));
+        }
+        let (cr0_fixed0, cr0_fixed1) = caps.cr0_fixed;
+        let cr0 = (state.cr0 | (1 << 4) | (cr0_fixed0 & !(CR0_PE | CR0_PG))) & cr0_fixed1;
+        let long_mode = state.efer & EFER_LMA != 0;
+        let entry_controls = if long_mode {
+            self.entry_controls.long_mode
+        } else {
+            self.entry_controls.legacy
+        };
+        let interruptibility = u64::from(state.interrupt_shadow) & BLOCKING_BY_STI_OR_MOV_SS
+            | if state.nmi_blocked { BLOCKING_BY_NMI } else { 0 };
+        {
+            let vmcs = self.vmcs.current()?;
+            for (field, value) in [
+                (VMENTRY_CONTROLS, entry_controls),
+                (guest::CR0, cr0),
+                (control::CR0_READ_SHADOW, state.cr0),
+                (guest::CR3, state.cr3),
+                (guest::CR4, state.cr4 | cr4_fixed0 | CR4_VMXE),
+                (control::CR4_READ_SHADOW, state.cr4),
+                (guest::DR7, state.dr7),
+                (guest::RSP, state.rsp),
+                (guest::RIP, state.rip),
+                (guest::RFLAGS, state.rflags),
+                (guest::IA32_EFER_FULL, state.efer),
+                (guest::GDTR_BASE, state.gdt.0),
+                (guest::GDTR_LIMIT, u64::from(state.gdt.1)),
+                (guest::IDTR_BASE, state.idt.0),
+                (guest::IDTR_LIMIT, u64::from(state.idt.1)),
+                (guest::INTERRUPTIBILITY_STATE, interruptibility),
+                (guest::ACTIVITY_STATE, 0),
+                (guest::PENDING_DBG_EXCEPTIONS, state.pending_debug),
+                (EXCEPTION_BITMAP, u64::from(state.exception_exits)),
+                // As `write_guest_state` sets them: no shadow VMCS, no debug controls.
+                (guest::LINK_PTR_FULL, u64::MAX),
+                (guest::IA32_DEBUGCTL_FULL, 0),
+            ] {
+                vmcs.write(field, value)?;
+            }
+            for (&segment, &saved) in SNAPSHOT_SEGMENTS.iter().zip(state.segments.iter()) {
+                write_segment_state(&vmcs, segment_fields(segment), saved)?;
+            }
+            write_segment_state(&vmcs, SegmentFields::LDTR, state.ldtr)?;
+            if let Some(event) = state.pending_event {
+                queue_event(&vmcs, event)?;
+            }
+            self.event_queued.set(state.pending_event.is_some());
+        }
+        self.ia32e_entry.set(long_mode);
+        for (&index, &value) in SNAPSHOT_MSRS.iter().zip(state.msrs.iter()) {
+            if !self.write_msr(index, value) {
+                return Err(BackendError {
+                    what: "loading a held MSR",
+                    code: Some(u64::from(index)),
+                });
+            }
+        }
+        if !self.set_tsc_offset(state.tsc_offset) {
+            return Err(refused("loading the TSC offset"));
+        }
+        self.tsc_adjust = state.tsc_adjust;
+        self.regs = state.regs;
+        self.cr2 = state.cr2;
+        self.window_exiting = state.interrupt_window;
+        self.nmi_window_exiting = state.nmi_window && self.nmi_window_available;
+        self.write_window_controls()
+    }
+}
+
+/// The event queued in the VM-entry interruption information, if any (an exit clears its
+/// valid bit, so a queued event there is one not yet delivered).
+fn queued_event(vmcs: &CurrentVmcs<'_>) -> Option<PendingEvent> {
+    let info = vmcs.read(VMENTRY_INTERRUPTION_INFO_FIELD);
+    if info & INTERRUPTION_VALID == 0 {
+        return None;
+    }
+    let kind_bits = (info & INTERRUPTION_TYPE_MASK) >> 8;
+    let &(_, kind) = EVENT_KINDS.iter().find(|(bits, _)| *bits == kind_bits)?;
+    Some(PendingEvent {
+        kind,
+        vector: info as u8,
+        error_code: (info & INTERRUPTION_ERROR_CODE != 0)
+            .then(|| vmcs.read(VMENTRY_EXCEPTION_ERR_CODE) as u32),
+        instruction_len: vmcs.read(VMENTRY_INSTRUCTION_LEN) as u32,
+    })
+}
+
+/// Queues `event` in the VM-entry interruption information as it was saved.
+fn queue_event(vmcs: &CurrentVmcs<'_>, event: PendingEvent) -> Result<(), VmxError> {
+    let kind_bits = EVENT_KINDS
+        .iter()
+        .find(|(_, kind)| *kind == event.kind)
+        .map_or(0, |&(bits, _)| bits);
+    let mut info = INTERRUPTION_VALID | kind_bits << 8 | u64::from(event.vector);
+    if let Some(code) = event.error_code {
+        info |= INTERRUPTION_ERROR_CODE;
+        vmcs.write(VMENTRY_EXCEPTION_ERR_CODE, u64::from(code))?;
+    }
+    vmcs.write(VMENTRY_INSTRUCTION_LEN, u64::from(event.instruction_len))?;
+    vmcs.write(VMENTRY_INTERRUPTION_INFO_FIELD, info)
 }
 
 impl Drop for VmxVcpu<'_> {
@@ -1257,6 +1398,13 @@ impl SegmentFields {
         guest::GS_ACCESS_RIGHTS,
     );
 
+    const LDTR: Self = Self::of(
+        guest::LDTR_SELECTOR,
+        guest::LDTR_BASE,
+        guest::LDTR_LIMIT,
+        guest::LDTR_ACCESS_RIGHTS,
+    );
+
     const fn of(selector: u32, base: u32, limit: u32, access: u32) -> Self {
         SegmentFields {
             selector,
@@ -1285,6 +1433,51 @@ fn write_segment(
 const ACCESS_RIGHTS_ATTRIBUTES: u16 = 0xF0FF;
 /// The access-rights bit of a segment register holding a null selector.
 const ACCESS_RIGHTS_UNUSABLE: u64 = 1 << 16;
+
+/// A segment register's state from its VMCS fields.
+fn read_segment_state(vmcs: &CurrentVmcs<'_>, fields: SegmentFields) -> SegmentState {
+    let access_rights = vmcs.read(fields.access);
+    SegmentState {
+        selector: vmcs.read(fields.selector) as u16,
+        base: vmcs.read(fields.base),
+        limit: vmcs.read(fields.limit) as u32,
+        attributes: access_rights as u16 & ACCESS_RIGHTS_ATTRIBUTES,
+        usable: access_rights & ACCESS_RIGHTS_UNUSABLE == 0,
+    }
+}
+
+/// Writes a segment register's state to its VMCS fields.
+fn write_segment_state(
+    vmcs: &CurrentVmcs<'_>,
+    fields: SegmentFields,
+    state: SegmentState,
+) -> Result<(), VmxError> {
+    let unusable = if state.usable { 0 } else { ACCESS_RIGHTS_UNUSABLE };
+    vmcs.write(fields.selector, u64::from(state.selector))?;
+    vmcs.write(fields.base, state.base)?;
+    vmcs.write(fields.limit, u64::from(state.limit))?;
+    vmcs.write(
+        fields.access,
+        u64::from(state.attributes & ACCESS_RIGHTS_ATTRIBUTES) | unusable,
+    )
+}
+
+/// Puts `value` in CR2 (the guest's, before an entry).
+fn write_cr2(value: u64) {
+    // SAFETY: CR2 only reports the address of the last page fault; the host reads it nowhere
+    // (its own page faults are fatal), so only the guest's view of it changes.
+    unsafe { core::arch::asm!("mov cr2, {}", in(reg) value, options(nomem, nostack, preserves_flags)) };
+}
+
+/// VMX interruption types (SDM 24.8.3) of the neutral event kinds.
+const EVENT_KINDS: [(u64, EventKind); 6] = [
+    (0, EventKind::Interrupt),
+    (2, EventKind::Nmi),
+    (3, EventKind::Exception),
+    (4, EventKind::SoftwareInterrupt),
+    (5, EventKind::PrivilegedSoftwareException),
+    (6, EventKind::SoftwareException),
+];
 
 /// The VMCS fields of `segment`.
 fn segment_fields(segment: Segment) -> SegmentFields {
