@@ -262,7 +262,9 @@ pub const SNAPSHOT_MSRS: [u32; 9] = [
 
 /// Everything of one vCPU's architectural state that its backend holds, in neutral terms, so
 /// that a vCPU of another VM (a migration's destination) can go on where it stopped. The
-/// vCPU layer adds what it holds itself (its APIC, emulated MSRs, x87/SSE registers).
+/// vCPU layer adds what it holds itself (its APIC, emulated MSRs, x87/SSE registers). Not
+/// carried: DR0–DR3 and DR6, which the guest reads and writes without an exit and no backend
+/// switches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CpuSnapshot {
     /// The general-purpose registers but RSP.
