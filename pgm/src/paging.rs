@@ -580,6 +580,44 @@ impl<F: EntryFormat> NestedTables<F> {
         None
     }
 
+    /// The page-directory entry on the walk to `gpa` when it alone withholds writes and points
+    /// at a page table (the one case a settle through `&self` takes on: see pgm's
+    /// `lazy_protection`): its address and the page table's. `None` when an entry above it
+    /// withholds writes or is missing, or when it grants writes, maps 2 MiB or awaits tables.
+    pub(crate) fn withheld_directory_entry(
+        &self,
+        memory: &impl HostMemory,
+        gpa: GuestPhysAddr,
+    ) -> Option<(HostPhysAddr, HostPhysAddr)> {
+        let mut table = self.root;
+        for level in (2..LEVELS).rev() {
+            let raw = memory.read_u64(entry_addr(table, level, gpa));
+            match F::decode(raw, level) {
+                Entry::Table(next) if !F::writes_withheld(raw) => table = next,
+                _ => return None,
+            }
+        }
+        let slot = entry_addr(table, 1, gpa);
+        let raw = memory.read_u64(slot);
+        match F::decode(raw, 1) {
+            Entry::Table(page_table) if F::writes_withheld(raw) => Some((slot, page_table)),
+            _ => None,
+        }
+    }
+
+    /// Gives the entry at `slot` the write permission it withholds back (as
+    /// [`grant_writes_at`](Self::grant_writes_at)) through `&self`: a compare-exchange,
+    /// retried while the CPU changes the entry's accessed flag.
+    pub(crate) fn grant_withheld_writes(&self, memory: &impl HostMemory, slot: HostPhysAddr) {
+        let mut raw = memory.read_u64(slot);
+        while F::writes_withheld(raw) {
+            match memory.compare_exchange_u64(slot, raw, F::restore_write(raw)) {
+                Ok(()) => return,
+                Err(now) => raw = now,
+            }
+        }
+    }
+
     /// Moves the write protection of the table entry at `level` (2 or 3) on the walk to `gpa`
     /// one level down: every present entry of the table it points to loses its write permission
     /// first, then the entry gets its own back. No translation gains a permission it lacked

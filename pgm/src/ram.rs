@@ -21,33 +21,38 @@ pub struct RamRange {
     /// is several ranges of one registration.
     registration: u32,
     /// Write monitoring's bookkeeping (see `manager::lazy_protection`): one bit per page
-    /// listed written since its 2 MiB block was last settled, and one bit per block settled
-    /// in full since monitoring started. Changed only under `&mut`.
+    /// listed written since its 2 MiB block was last settled, one bit per block settled in
+    /// full since monitoring started, and one bit per block a lock-free settle has claimed.
+    /// Changed under `&mut`, except by a lock-free settle of a claimed block.
     settle: SettleBits,
 }
 
 /// Which pages a block settle must look at (see [`RamRange`]'s `settle`).
 #[derive(Default)]
 struct SettleBits {
-    listed: Vec<u64>,
-    scanned: Vec<u64>,
+    listed: Vec<AtomicU64>,
+    scanned: Vec<AtomicU64>,
+    claimed: Vec<AtomicU64>,
 }
 
 impl SettleBits {
     /// Bits for `pages` pages from `base`, in zeroed memory.
     fn new(base: GuestPhysAddr, pages: usize) -> Option<SettleBits> {
         let blocks = block_index(base, pages.saturating_sub(1)) + 1;
-        let zeroed = |bits: usize| {
-            let mut words = Vec::new();
-            words.try_reserve_exact(bits.div_ceil(64)).ok()?;
-            words.resize(bits.div_ceil(64), 0u64);
-            Some(words)
-        };
+        let zeroed = |bits: usize| zeroed_descriptors(bits.div_ceil(64));
         Some(SettleBits {
             listed: zeroed(pages)?,
             scanned: zeroed(blocks)?,
+            claimed: zeroed(blocks)?,
         })
     }
+}
+
+/// The mask of the bits of `[page, end)` in word `index` (pages `64 * index` on), and the page
+/// after them.
+fn word_mask(index: usize, page: usize, end: usize) -> (u64, usize) {
+    let (low, high) = (page % 64, (end - index * 64).min(64));
+    ((u64::MAX << low) & (u64::MAX >> (64 - high)), index * 64 + high)
 }
 
 /// The index, within its range, of the 2 MiB block of page `page` of a range at `base`.
@@ -72,7 +77,8 @@ impl RamRange {
     /// Notes that page `page` was listed written: the next settle of its block looks at it.
     pub(crate) fn note_listed(&mut self, page: usize) {
         if let Some(word) = self.settle.listed.get_mut(page / 64) {
-            *word |= 1 << (page % 64);
+            let bits = word.get();
+            word.set(bits | 1 << (page % 64));
         }
     }
 
@@ -82,11 +88,7 @@ impl RamRange {
     /// caller settles them).
     pub(crate) fn take_unsettled(&mut self, first: usize, count: usize) -> Vec<usize> {
         let block = block_index(self.base, first);
-        let scanned = self
-            .settle
-            .scanned
-            .get(block / 64)
-            .is_some_and(|word| word & (1 << (block % 64)) != 0);
+        let scanned = self.block_scanned(block);
         let end = first + count;
         let mut pages = Vec::new();
         let mut page = first;
@@ -95,32 +97,113 @@ impl RamRange {
             let Some(word) = self.settle.listed.get_mut(index) else {
                 break;
             };
-            let (low, high) = (page % 64, (end - index * 64).min(64));
-            let mask = (u64::MAX << low) & (u64::MAX >> (64 - high));
-            let mut bits = if scanned { *word & mask } else { mask };
-            *word &= !mask;
+            let (mask, next) = word_mask(index, page, end);
+            let listed = word.get();
+            let mut bits = if scanned { listed & mask } else { mask };
+            word.set(listed & !mask);
             while bits != 0 {
                 pages.push(index * 64 + bits.trailing_zeros() as usize);
                 bits &= bits - 1;
             }
-            page = index * 64 + high;
+            page = next;
         }
         if let Some(word) = self.settle.scanned.get_mut(block / 64) {
-            *word |= 1 << (block % 64);
+            let bits = word.get();
+            word.set(bits | 1 << (block % 64));
         }
         pages
+    }
+
+    /// True when block `block` (its index in the range) was settled in full since monitoring
+    /// started.
+    fn block_scanned(&self, block: usize) -> bool {
+        self.settle
+            .scanned
+            .get(block / 64)
+            .is_some_and(|word| word.load(Ordering::Relaxed) & (1 << (block % 64)) != 0)
+    }
+
+    /// Claims the 2 MiB block whose first page in the range is `first`, for a settle through
+    /// `&self` (the lock-free fault path's): true when this caller now holds it. Refused for a
+    /// block never settled in full since monitoring started (the locked settle looks at all of
+    /// its pages) and for one another caller holds.
+    pub(crate) fn claim_block(&self, first: usize) -> bool {
+        let block = block_index(self.base, first);
+        let Some(word) = self.settle.claimed.get(block / 64) else {
+            return false;
+        };
+        let bit = 1 << (block % 64);
+        self.block_scanned(block) && word.fetch_or(bit, Ordering::Acquire) & bit == 0
+    }
+
+    /// Gives back the claim of [`claim_block`](Self::claim_block).
+    pub(crate) fn release_block(&self, first: usize) {
+        let block = block_index(self.base, first);
+        if let Some(word) = self.settle.claimed.get(block / 64) {
+            word.fetch_and(!(1 << (block % 64)), Ordering::Release);
+        }
+    }
+
+    /// Calls `visit` with each page of `[first, first + count)` (a block the caller claimed)
+    /// listed written since the block's last settle; stops at the first `false` and returns
+    /// it. Leaves the bits as they are.
+    pub(crate) fn each_listed(
+        &self,
+        first: usize,
+        count: usize,
+        mut visit: impl FnMut(usize) -> bool,
+    ) -> bool {
+        let end = first + count;
+        let mut page = first;
+        while page < end {
+            let index = page / 64;
+            let Some(word) = self.settle.listed.get(index) else {
+                break;
+            };
+            let (mask, next) = word_mask(index, page, end);
+            let mut bits = word.load(Ordering::Relaxed) & mask;
+            while bits != 0 {
+                if !visit(index * 64 + bits.trailing_zeros() as usize) {
+                    return false;
+                }
+                bits &= bits - 1;
+            }
+            page = next;
+        }
+        true
+    }
+
+    /// Forgets the listed bits of `[first, first + count)` (a block the caller claimed and
+    /// settled). Other blocks' bits in the same words may change meanwhile: an atomic AND.
+    pub(crate) fn clear_listed(&self, first: usize, count: usize) {
+        let end = first + count;
+        let mut page = first;
+        while page < end {
+            let index = page / 64;
+            let Some(word) = self.settle.listed.get(index) else {
+                break;
+            };
+            let (mask, next) = word_mask(index, page, end);
+            word.fetch_and(!mask, Ordering::Relaxed);
+            page = next;
+        }
+    }
+
+    /// The descriptor word of page `page` (for a lock-free settle of its claimed block).
+    pub(crate) fn descriptor_word(&self, page: usize) -> Option<&AtomicU64> {
+        self.pages.get(page)
     }
 
     /// Forgets which blocks were settled: monitoring starts, every block to be looked at in
     /// full once. O(blocks / 64).
     pub(crate) fn forget_settled_blocks(&mut self) {
-        self.settle.scanned.fill(0);
+        self.settle.scanned.iter_mut().for_each(|word| word.set(0));
     }
 
     /// Forgets every settle bit: monitoring ends. O(pages / 64).
     pub(crate) fn reset_settle_bits(&mut self) {
-        self.settle.listed.fill(0);
-        self.settle.scanned.fill(0);
+        self.settle.listed.iter_mut().for_each(|word| word.set(0));
+        self.settle.scanned.iter_mut().for_each(|word| word.set(0));
     }
 
     /// A range of `pages` ZERO RAM pages at `base`, its descriptors in zeroed memory (an

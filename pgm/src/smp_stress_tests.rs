@@ -21,9 +21,14 @@ use crate::manager::FaultOutcome;
 use crate::paging::{Access, Invalidation};
 use crate::test_support::{assert_accounting, assert_isolated, gpa, pgm_with_frames, SimPgm, MIB};
 
-/// Guest RAM of the stress VM: few pages, so that threads collide on them.
+/// Guest RAM of the stress VM: few pages, so that threads collide on them, in part of one
+/// 2 MiB block (whose settles take the lock).
 const RAM_BASE: u64 = MIB;
 const RAM_PAGES: u64 = 64;
+/// Guest RAM of the second stress VM: two whole 2 MiB blocks, which lock-free faults settle
+/// after each harvest (see pgm's `lazy_protection`).
+const BLOCKS_BASE: u64 = 2 * MIB;
+const BLOCKS_PAGES: u64 = 1024;
 const VCPUS: usize = 2;
 const ACCESSES_PER_VCPU: u64 = 250_000;
 const HOST_OPERATIONS: u64 = 30_000;
@@ -45,6 +50,8 @@ struct VcpuShared {
 
 struct World {
     pgm: BrLock<SimPgm>,
+    /// The first RAM page's number, and the number of RAM pages.
+    ram: (u64, u64),
     vcpus: Vec<VcpuShared>,
     /// Set while the host wants every vCPU parked.
     park: AtomicBool,
@@ -177,8 +184,10 @@ impl Rng {
         self.0
     }
 
-    fn page(&mut self) -> u64 {
-        RAM_BASE / PAGE_SIZE + self.next() % RAM_PAGES
+    /// A random RAM page of `world`.
+    fn page(&mut self, world: &World) -> u64 {
+        let (first, pages) = world.ram;
+        first + self.next() % pages
     }
 }
 
@@ -258,7 +267,7 @@ fn vcpu_thread(world: &World, vcpu: usize) {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((vcpu as u64 + 1) * 0x1234_5678));
     for n in 0..ACCESSES_PER_VCPU {
         world.park_if_asked(vcpu);
-        let page = rng.page();
+        let page = rng.page(world);
         if rng.next().is_multiple_of(BALLOON_ONE_IN) {
             balloon_from_guest(world, vcpu, page);
             continue;
@@ -287,7 +296,7 @@ fn host_operation(world: &World, rng: &mut Rng, ballooned: &mut Vec<GuestPhysAdd
                 pgm.harvest_written(&mut written)
             }
             3 | 4 => {
-                let at = gpa(rng.page() * PAGE_SIZE);
+                let at = gpa(rng.page(world) * PAGE_SIZE);
                 match pgm.balloon_inflate(&[at]) {
                     Ok(invalidation) => {
                         ballooned.push(at);
@@ -303,7 +312,7 @@ fn host_operation(world: &World, rng: &mut Rng, ballooned: &mut Vec<GuestPhysAdd
                 pgm.balloon_deflate(&[at]).unwrap_or(Invalidation::None)
             }
             _ => {
-                let at = gpa(rng.page() * PAGE_SIZE + 8);
+                let at = gpa(rng.page(world) * PAGE_SIZE + 8);
                 // A ballooned page refuses the write; nothing changes then.
                 pgm.write_phys(at, &rng.next().to_le_bytes())
                     .unwrap_or(Invalidation::None)
@@ -329,14 +338,21 @@ fn quiescent_check(world: &World, context: &str) {
 
 /// A VM with [`RAM_PAGES`] pages of RAM under write monitoring and `vcpus` vCPUs.
 fn world(vcpus: usize) -> World {
-    let mut pgm = pgm_with_frames(512);
-    pgm.register_ram(gpa(RAM_BASE), RAM_PAGES * PAGE_SIZE, "ram")
-        .unwrap();
+    world_with(vcpus, RAM_BASE, RAM_PAGES)
+}
+
+/// A VM with `pages` pages of RAM from `base` under write monitoring (4 KiB mappings) and
+/// `vcpus` vCPUs.
+fn world_with(vcpus: usize, base: u64, pages: u64) -> World {
+    let mut pgm = pgm_with_frames(pages + 448);
+    pgm.set_large_pages(false);
+    pgm.register_ram(gpa(base), pages * PAGE_SIZE, "ram").unwrap();
     // No vCPU has run yet: nothing cached to flush.
     let _ = pgm.start_write_monitoring();
     pgm.set_lock_free_vcpus(VCPUS);
     World {
         pgm: BrLock::new(pgm, VCPUS),
+        ram: (base / PAGE_SIZE, pages),
         vcpus: (0..vcpus).map(|_| VcpuShared::default()).collect(),
         park: AtomicBool::new(false),
         parked: AtomicUsize::new(0),
@@ -380,7 +396,26 @@ fn a_flush_that_skips_the_faulting_cpu_releases_nothing_that_cpu_may_reach() {
 
 #[test]
 fn threads_faulting_harvesting_and_ballooning_never_reach_a_reused_frame() {
-    let world = world(VCPUS);
+    finish(stress(world(VCPUS)));
+}
+
+/// The same over two whole 2 MiB blocks, so that after each harvest the vCPUs settle blocks
+/// on the read side while the other faults in them (and the auditor checks what they left).
+#[test]
+fn threads_settling_blocks_on_the_read_side_never_reach_a_reused_frame() {
+    let world = world_with(VCPUS, BLOCKS_BASE, BLOCKS_PAGES);
+    let world = stress(world);
+    let settles = world.pgm.read(0).shared_settles();
+    assert!(
+        settles > 100,
+        "only {settles} blocks were settled on the read side"
+    );
+    finish(world);
+}
+
+/// Runs the vCPU threads and the host's operations on `world`, with quiescent checks, and
+/// checks the oracle ran; returns the world for more checks.
+fn stress(world: World) -> World {
     thread::scope(|scope| {
         for vcpu in 0..VCPUS {
             let world = &world;
@@ -408,7 +443,11 @@ fn threads_faulting_harvesting_and_ballooning_never_reach_a_reused_frame() {
         lock_free > 1_000,
         "only {lock_free} faults were resolved lock-free"
     );
-    let pgm = world.pgm.into_inner();
-    let frames = pgm.terminate();
+    world
+}
+
+/// Ends the VM of `world`: every frame must go back.
+fn finish(world: World) {
+    let frames = world.pgm.into_inner().terminate();
     assert_eq!(frames.inner.counts().used(), 0, "frames leaked");
 }

@@ -28,22 +28,35 @@
 //! entry above the leaves withholds writes only while monitoring is on; and a page whose walk
 //! grants writes down to its leaf has the descriptor the view gives (it is settled).
 //!
-//! Locking: everything here runs under `&mut self`. The lock-free fault path never resolves a
-//! write under an entry that withholds writes (`NestedTables::leaf_entry_addr` declines it), so
-//! settling is the locked path's alone. No push-down gives a translation a permission another
-//! CPU may not already use, so none needs a TLB flush; arming does.
+//! Locking: everything here runs under `&mut self` but one case, [`Pgm::settle_block_shared`],
+//! which the lock-free fault path takes through `&self` so that vCPUs settle their blocks in
+//! parallel: a page-directory entry alone withholding writes above a page table, its block in
+//! one range, settled in full once since monitoring started, every page listed since plain
+//! RAM the lock-free path may handle. The settler claims the block first (a bit per block in
+//! its range), so no two settle it at once; no other change to the block's descriptors runs
+//! meanwhile (the lock-free path resolves no write under an entry that withholds writes,
+//! `NestedTables::leaf_entry_addr` declines it, and its read remaps change no descriptor and
+//! never replace a leaf that grants reads). The entry gets its write permission back only after
+//! every descriptor and leaf is settled, by a compare-exchange whose release the lock-free
+//! path's walk acquires. Everything else is the locked path's. No push-down gives a
+//! translation a permission another CPU may not already use, so none needs a TLB flush; arming
+//! does.
 
 use alloc::vec::Vec;
 
-use super::mapping::block_of;
+use super::lock_free::takes_lock_free_faults;
+use super::mapping::{block_of, leaf_for};
 use super::Pgm;
-use crate::addr::{GuestPhysAddr, PAGE_SIZE};
+use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
+use crate::ept::Ept;
 use crate::frames::{HostFrameAllocator, HostMemory, FRAMES_PER_LARGE_PAGE};
 use crate::page::{monitored_view, PageDescriptor, PageState};
-use crate::paging::Invalidation;
-use crate::ram::PageLocation;
+use crate::paging::{encode, Invalidation, Leaf};
+use crate::ram::{PageLocation, RamRange};
+use crate::sync::Ordering;
 
 const BLOCK_SIZE: u64 = FRAMES_PER_LARGE_PAGE * PAGE_SIZE;
+const BLOCK_PAGES: usize = FRAMES_PER_LARGE_PAGE as usize;
 
 impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// True when write monitoring's protection armed above the leaf of `gpa` has not come down
@@ -111,6 +124,96 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                 // Unreachable: the walk just found that entry. Never loop on it.
                 debug_assert!(false, "no entry at level {level} above {gpa}");
                 return;
+            }
+        }
+    }
+
+    /// Settles the 2 MiB block of `gpa` through `&self`, when the case is the one the read side
+    /// may take (see the module docs): the pages listed written since the block's last settle
+    /// get the descriptors [`monitored_view`] gives them and read-only leaves where they became
+    /// WRITE_MONITORED, then the page-directory entry gets its write permission back, as
+    /// [`open_write_path`](Self::open_write_path) would leave them. Returns false, having
+    /// changed nothing, for every other case (the caller takes the lock) and when another vCPU
+    /// is settling the block.
+    ///
+    /// Locking: shared (the read side of the VM's lock), with lock-free faults running.
+    pub(super) fn settle_block_shared(&self, gpa: GuestPhysAddr) -> bool {
+        if !self.protects_lazily() || !self.a20_enabled {
+            return false;
+        }
+        let Some((slot, page_table)) = self.tables.withheld_directory_entry(&self.memory, gpa) else {
+            return false;
+        };
+        let block = GuestPhysAddr::new_truncate(gpa.as_u64() & !(BLOCK_SIZE - 1));
+        let Some(location) = self.ranges.find(block) else {
+            return false;
+        };
+        let Some(range) = self.ranges.get(location.range) else {
+            return false;
+        };
+        if range.end() < block.as_u64() + BLOCK_SIZE || !range.claim_block(location.page) {
+            return false;
+        }
+        let settled = self.protect_claimed_block(range, location.page, page_table);
+        if settled {
+            range.clear_listed(location.page, BLOCK_PAGES);
+            self.tables.grant_withheld_writes(&self.memory, slot);
+            self.shared_settles.fetch_add(1, Ordering::Relaxed);
+        }
+        range.release_block(location.page);
+        settled
+    }
+
+    /// How many 2 MiB blocks lock-free faults settled through `&self` so far (the rest took
+    /// the lock).
+    pub fn shared_settles(&self) -> u64 {
+        self.shared_settles.load(Ordering::Relaxed)
+    }
+
+    /// The descriptors and leaves of [`settle_block_shared`](Self::settle_block_shared), for
+    /// the block from page `first` of `range` that the caller claimed, whose page table is at
+    /// `page_table`. False, changing nothing, when a page listed is one the read side may not
+    /// change.
+    fn protect_claimed_block(&self, range: &RamRange, first: usize, page_table: HostPhysAddr) -> bool {
+        let descriptor = |page: usize| {
+            range
+                .descriptor_word(page)
+                .map(|word| (word, PageDescriptor::from_raw(word.load(Ordering::Acquire))))
+        };
+        let all_plain = range.each_listed(first, BLOCK_PAGES, |page| {
+            descriptor(page).is_some_and(|(_, current)| takes_lock_free_faults(current))
+        });
+        if !all_plain {
+            return false;
+        }
+        range.each_listed(first, BLOCK_PAGES, |page| {
+            let Some((word, current)) = descriptor(page) else {
+                return true;
+            };
+            let settled = monitored_view(current, true);
+            if settled != current {
+                // The block is claimed and its entry withholds writes: no other thread
+                // changes this descriptor now (see the module docs).
+                word.store(settled.raw(), Ordering::Release);
+            }
+            if settled.state() != current.state() {
+                let entry = HostPhysAddr::new_truncate(page_table.as_u64() + (page - first) as u64 * 8);
+                self.replace_leaf(entry, leaf_for(settled, self.zero_frame));
+            }
+            true
+        });
+        true
+    }
+
+    /// Makes the leaf at `entry` exactly `leaf`, through `&self`: a compare-exchange, retried
+    /// while the leaf changes (a read remap, the CPU's accessed flag).
+    fn replace_leaf(&self, entry: HostPhysAddr, leaf: Option<Leaf>) {
+        let wanted = encode::<Ept>(leaf);
+        let mut raw = self.memory.read_u64(entry);
+        while raw != wanted {
+            match self.memory.compare_exchange_u64(entry, raw, wanted) {
+                Ok(()) => return,
+                Err(now) => raw = now,
             }
         }
     }
@@ -299,6 +402,109 @@ mod tests {
 
     fn problems(pgm: &SimPgm) -> Vec<Problem> {
         pgm.audit_simulated().findings.iter().map(|f| f.problem).collect()
+    }
+
+    /// RAM of two 2 MiB blocks at 2 MiB, every page written, under monitoring settled in full
+    /// once (a write in each block), then pages `again` of each block written and harvested:
+    /// the root withholds writes again, and each block's next settle looks at those pages.
+    fn rearmed_vm(again: &[u64]) -> SimPgm {
+        let mut pgm = pgm_with_frames(2048);
+        pgm.register_ram(gpa(BLOCK_SIZE), 2 * BLOCK_SIZE, "ram").unwrap();
+        pgm.set_large_pages(false);
+        for page in 0..2 * BLOCK_PAGES as u64 {
+            guest_write(&mut pgm, page_in(1, page), &[1]);
+        }
+        let _ = pgm.start_write_monitoring();
+        pgm.set_lock_free_vcpus(2);
+        for block in 1..3 {
+            guest_write(&mut pgm, page_in(block, 0), &[2]);
+            for &page in again {
+                guest_write(&mut pgm, page_in(block, page), &[3]);
+            }
+        }
+        harvest(&mut pgm);
+        pgm
+    }
+
+    /// What a block shows: each page's descriptor and EPT entry, and whether it is pending.
+    fn block_state(pgm: &SimPgm, block: u64) -> Vec<(Option<PageDescriptor>, Entry, bool)> {
+        (0..BLOCK_PAGES as u64)
+            .map(|page| page_in(block, page))
+            .map(|at| (pgm.page(at), pgm.ept_entry(at), pgm.is_pending(at)))
+            .collect()
+    }
+
+    /// The lock-free fault path settles a block on the read side, and leaves it exactly as
+    /// the locked settle does: the same descriptors, leaves and pending state for all 512
+    /// pages, the same harvest after, the auditor and the counts content.
+    #[test]
+    fn a_settle_on_the_read_side_leaves_what_the_locked_settle_leaves() {
+        let again = [0, 5, 63, 64, 200, 511];
+        let (mut shared, mut locked) = (rearmed_vm(&again), rearmed_vm(&again));
+        // The round's first write takes the lock in both: it pushes the protection down from
+        // the root, and settles its own block.
+        for pgm in [&mut shared, &mut locked] {
+            guest_write(pgm, page_in(1, 9), &[4]);
+        }
+        let at = page_in(2, 7);
+        assert!(shared.is_pending(at), "the second block is still pending");
+        let outcome = shared.resolve_fault_lock_free(0, at, Access::Write);
+        assert!(
+            matches!(
+                outcome,
+                Some(FaultOutcome::Resolved {
+                    resolution: Resolution::WriteMonitor,
+                    ..
+                })
+            ),
+            "{outcome:?}"
+        );
+        assert_eq!(shared.shared_settles(), 1);
+        let _ = locked.resolve_fault(at, Access::Write);
+        assert_eq!(locked.shared_settles(), 0);
+        assert!(
+            block_state(&shared, 2) == block_state(&locked, 2),
+            "the block differs"
+        );
+        for &page in &again {
+            let at = page_in(2, page);
+            assert_eq!(
+                leaf_permissions(&shared, at),
+                Permissions::READ | Permissions::EXECUTE
+            );
+        }
+        assert!(problems(&shared).is_empty(), "{:?}", problems(&shared));
+        let (mut from_shared, mut from_locked) = (harvest(&mut shared), harvest(&mut locked));
+        from_shared.sort();
+        from_locked.sort();
+        assert_eq!(from_shared, from_locked);
+        assert_eq!(from_shared, [page_in(1, 9), at]);
+        assert_eq!(shared.stats().state_counts(), shared.recount_states());
+    }
+
+    /// A block the read side may not settle (a page listed is write-locked: the last settle
+    /// kept it writable and listed) is left as it was for the locked path, which then settles
+    /// it.
+    #[test]
+    fn a_settle_the_read_side_may_not_take_changes_nothing() {
+        let mut pgm = rearmed_vm(&[]);
+        guest_write(&mut pgm, page_in(1, 9), &[4]);
+        guest_write(&mut pgm, page_in(2, 0), &[4]);
+        let lock = pgm.lock_page_for_write(page_in(2, 5)).unwrap().lock;
+        harvest(&mut pgm);
+        guest_write(&mut pgm, page_in(1, 9), &[4]);
+        let before = block_state(&pgm, 2);
+        assert!(pgm.is_pending(page_in(2, 7)));
+        assert_eq!(pgm.resolve_fault_lock_free(0, page_in(2, 7), Access::Write), None);
+        assert!(block_state(&pgm, 2) == before, "the block changed");
+        assert_eq!(pgm.shared_settles(), 0);
+        assert!(matches!(
+            guest_write(&mut pgm, page_in(2, 7), &[5]),
+            GuestAccess::Done { .. }
+        ));
+        assert!(!pgm.is_pending(page_in(2, 7)));
+        assert!(problems(&pgm).is_empty(), "{:?}", problems(&pgm));
+        pgm.release_page_lock(lock);
     }
 
     /// With the A20 gate closed, a block on the zero chunk stays one read-only 2 MiB leaf

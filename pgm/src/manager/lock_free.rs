@@ -43,7 +43,7 @@ use crate::page::{
     transition, FrameEffect, HandlerState, LargePageState, PageDescriptor, PageEvent, PageState, PageType,
 };
 use crate::paging::{encode, Access, Entry, EntryFormat, Invalidation, Leaf};
-use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Exclusive, Ordering};
+use crate::sync::{fence, AtomicBool, AtomicU64, AtomicUsize, Exclusive, Ordering};
 
 use super::mapping::leaf_for;
 
@@ -140,7 +140,7 @@ impl LockFreeLogs {
 /// True for a page the lock-free path may resolve: plain RAM mapped by its own 4 KiB leaf —
 /// no handler, no map lock (whose bookkeeping the lock keeps), no shared frame (which the
 /// reverse map records), no 2 MiB mapping (which a change must split).
-fn takes_lock_free_faults(page: PageDescriptor) -> bool {
+pub(super) fn takes_lock_free_faults(page: PageDescriptor) -> bool {
     page.page_type() == PageType::Ram
         && page.handler() == HandlerState::None
         && page.large_page() != LargePageState::Large
@@ -182,8 +182,18 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         }
         // A page under a 2 MiB leaf or in an unmapped block has no page table: the locked
         // path's, as is a write under an entry that withholds writes (it pushes write
-        // monitoring's protection down first, see `lazy_protection`).
-        let entry = self.tables.leaf_entry_addr(&self.memory, gpa, access)?;
+        // monitoring's protection down first, see `lazy_protection`), unless the first write
+        // in a block since a harvest can settle the block here.
+        let entry = match self.tables.leaf_entry_addr(&self.memory, gpa, access) {
+            Some(entry) => entry,
+            None if access == Access::Write && self.settle_block_shared(gpa) => {
+                self.tables.leaf_entry_addr(&self.memory, gpa, access)?
+            }
+            None => return None,
+        };
+        // Whatever a settle on another CPU did before it gave a table entry on this walk its
+        // write permission back is seen from here on (the entry's compare-exchange releases).
+        fence(Ordering::Acquire);
         let location = self.ranges.find(gpa)?;
         let word = self.ranges.descriptor(location);
         let mut page = PageDescriptor::from_raw(word.load(Ordering::Acquire));

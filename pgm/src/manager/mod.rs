@@ -198,6 +198,9 @@ pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
     /// into `written` before a range leaves and before every harvest, so they follow its rule
     /// once folded (the auditor, reading only, does not drain them).
     lock_free: lock_free::LockFreeLogs,
+    /// 2 MiB blocks the lock-free fault path settled (see `lazy_protection`), for the
+    /// statistics.
+    shared_settles: crate::sync::AtomicU64,
 }
 
 impl<A: HostFrameAllocator, M: HostMemory> Drop for Pgm<A, M> {
@@ -259,6 +262,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
             preallocated: false,
             released: false,
             lock_free: lock_free::LockFreeLogs::default(),
+            shared_settles: crate::sync::AtomicU64::new(0),
         })
     }
 
