@@ -66,8 +66,8 @@ impl RunEnd {
 /// Runs the VM of `bsp` (its bootstrap vCPU, loaded and with its budget set) with `vcpus`
 /// vCPUs in all until its run is over or the host pauses it, calling `between_slices` after
 /// each slice of `bsp`. The application processors start waiting for INIT and a startup
-/// message, or with the states `saved` (vCPUs 1.., of a VM paused on another host's memory
-/// copy: a migration's destination). Every vCPU has ended when it returns; `bsp` (and its VM)
+/// message, or with the states `saved` (of vCPUs 1.. of a paused VM whose guest this one
+/// takes over: a migration's destination). Every vCPU has ended when it returns; `bsp` (and its VM)
 /// remain for the caller to inspect or save.
 pub fn run_to_end(
     host: &'static Host,

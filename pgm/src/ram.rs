@@ -153,14 +153,7 @@ impl RamRange {
         count: usize,
         mut visit: impl FnMut(usize) -> bool,
     ) -> bool {
-        let end = first + count;
-        let mut page = first;
-        while page < end {
-            let index = page / 64;
-            let Some(word) = self.settle.listed.get(index) else {
-                break;
-            };
-            let (mask, next) = word_mask(index, page, end);
+        for (index, word, mask) in self.listed_words(first, count) {
             let mut bits = word.load(Ordering::Relaxed) & mask;
             while bits != 0 {
                 if !visit(index * 64 + bits.trailing_zeros() as usize) {
@@ -168,7 +161,6 @@ impl RamRange {
                 }
                 bits &= bits - 1;
             }
-            page = next;
         }
         true
     }
@@ -176,17 +168,30 @@ impl RamRange {
     /// Forgets the listed bits of `[first, first + count)` (a block the caller claimed and
     /// settled). Other blocks' bits in the same words may change meanwhile: an atomic AND.
     pub(crate) fn clear_listed(&self, first: usize, count: usize) {
+        for (_, word, mask) in self.listed_words(first, count) {
+            word.fetch_and(!mask, Ordering::Relaxed);
+        }
+    }
+
+    /// The words of listed bits that `[first, first + count)` covers, each with its index and
+    /// the mask of the span's bits in it.
+    fn listed_words(
+        &self,
+        first: usize,
+        count: usize,
+    ) -> impl Iterator<Item = (usize, &AtomicU64, u64)> + '_ {
         let end = first + count;
         let mut page = first;
-        while page < end {
+        core::iter::from_fn(move || {
+            if page >= end {
+                return None;
+            }
             let index = page / 64;
-            let Some(word) = self.settle.listed.get(index) else {
-                break;
-            };
+            let word = self.settle.listed.get(index)?;
             let (mask, next) = word_mask(index, page, end);
-            word.fetch_and(!mask, Ordering::Relaxed);
             page = next;
-        }
+            Some((index, word, mask))
+        })
     }
 
     /// The descriptor word of page `page` (for a lock-free settle of its claimed block).
