@@ -764,6 +764,9 @@ impl<'a> VmxVcpu<'a> {
             info |= INTERRUPTION_ERROR_CODE;
             vmcs.write(VMENTRY_EXCEPTION_ERR_CODE, u64::from(code))?;
         }
+        if kind == INTERRUPTION_TYPE_HARD_EXCEPTION {
+            mark_fault_resumable(vmcs, vector)?;
+        }
         vmcs.write(VMENTRY_INTERRUPTION_INFO_FIELD, info)?;
         self.event_queued.set(true);
         Ok(())
@@ -818,6 +821,10 @@ impl<'a> VmxVcpu<'a> {
         // write leaves the field as the CPU cleared it: the event is lost, as it would be
         // without this.
         let _ = vmcs.write(VMENTRY_INSTRUCTION_LEN, vmcs.read(ro::VMEXIT_INSTRUCTION_LEN));
+        if info & INTERRUPTION_TYPE_MASK == INTERRUPTION_TYPE_HARD_EXCEPTION {
+            // As at its first delivery. A failed write leaves RF as it was.
+            let _ = mark_fault_resumable(vmcs, info as u8);
+        }
         // Bit 12 is undefined in the vectoring information and must be clear at entry.
         let requeued = vmcs.write(VMENTRY_INTERRUPTION_INFO_FIELD, info & !(1 << 12));
         self.event_queued.set(requeued.is_ok());
@@ -1460,6 +1467,26 @@ fn write_segment_state(
         fields.access,
         u64::from(state.attributes & ACCESS_RIGHTS_ATTRIBUTES) | unusable,
     )
+}
+
+/// RFLAGS.RF: the instruction at RIP takes no instruction breakpoint when it runs again.
+const RFLAGS_RF: u64 = 1 << 16;
+
+/// Exception vectors that are traps (#DB is one here, as KVM counts it: a data breakpoint
+/// or single step) or aborts (#DF, #MC), and NMI: the others are faults.
+const NOT_FAULTS: [u8; 6] = [1, 2, 3, 4, 8, 18];
+
+/// Before hardware exception `vector` is injected: when it is a fault, sets RF in the guest's
+/// RFLAGS, so that the image its handler finds has RF set, as the CPU's own delivery of a
+/// fault leaves it (the SDM on EFLAGS.RF: a fault's handler returns to the faulting
+/// instruction without a breakpoint firing again). VM entry does not set it; delivery then
+/// clears it in RFLAGS itself.
+fn mark_fault_resumable(vmcs: &CurrentVmcs<'_>, vector: u8) -> Result<(), VmxError> {
+    if NOT_FAULTS.contains(&vector) {
+        return Ok(());
+    }
+    let rflags = vmcs.read(guest::RFLAGS);
+    vmcs.write(guest::RFLAGS, rflags | RFLAGS_RF)
 }
 
 /// Puts `value` in CR2 (the guest's, before an entry).
