@@ -385,11 +385,7 @@ impl<'a> VmxVcpu<'a> {
             },
         };
         self.ia32e_entry.set(mode == GuestMode::Long64);
-        let entry_controls = if self.ia32e_entry.get() {
-            self.entry_controls.long_mode
-        } else {
-            self.entry_controls.legacy
-        };
+        let entry_controls = self.entry_controls_for(self.ia32e_entry.get());
         let vmcs = self.vmcs.current()?;
         for (field, value) in [
             (VMENTRY_CONTROLS, entry_controls),
@@ -670,6 +666,33 @@ impl<'a> VmxVcpu<'a> {
         }
     }
 
+    /// The VM-entry controls for a guest in IA-32e mode (`long_mode`) or not.
+    fn entry_controls_for(&self, long_mode: bool) -> u64 {
+        if long_mode {
+            self.entry_controls.long_mode
+        } else {
+            self.entry_controls.legacy
+        }
+    }
+
+    /// The CR0 the CPU runs the guest with when the guest's own value is `visible`: with ET,
+    /// and the bits VMX requires set (PE and PG as the guest has them: unrestricted guest).
+    fn hardware_cr0(&self, visible: u64) -> u64 {
+        let (fixed0, fixed1) = self.vmx.caps().cr0_fixed;
+        (visible | (1 << 4) | (fixed0 & !(CR0_PE | CR0_PG))) & fixed1
+    }
+
+    /// The CR4 the CPU runs the guest with when the guest's own value is `visible` (VMXE and
+    /// the bits VMX requires set), or `Refused` for a bit of a feature the guest lacks or one
+    /// the CPU does not allow.
+    fn hardware_cr4(&self, visible: u64) -> Result<u64, Refused> {
+        let (fixed0, fixed1) = self.vmx.caps().cr4_fixed;
+        if visible & CR4_REFUSED != 0 || visible & !fixed1 != 0 {
+            return Err(Refused);
+        }
+        Ok(visible | fixed0 | CR4_VMXE)
+    }
+
     /// MOV to CR0 of `value`: refused (#GP) as the CPU refuses it (high bits, PG without PE,
     /// NW without CD, paging in long mode without PAE, paging off with PCIDs on); else the guest's value goes to the read
     /// shadow and CR0 gets it with the host's bits, and EFER.LMA follows CR0.PG and EFER.LME.
@@ -699,16 +722,10 @@ impl<'a> VmxVcpu<'a> {
         if !paging_next {
             new_efer &= !EFER_LMA;
         }
-        let (fixed0, fixed1) = self.vmx.caps().cr0_fixed;
-        let actual = (value | (1 << 4) | (fixed0 & !(CR0_PE | CR0_PG))) & fixed1;
         let lma = new_efer & EFER_LMA != 0;
-        let controls = if lma {
-            self.entry_controls.long_mode
-        } else {
-            self.entry_controls.legacy
-        };
+        let controls = self.entry_controls_for(lma);
         let written = vmcs
-            .write(guest::CR0, actual)
+            .write(guest::CR0, self.hardware_cr0(value))
             .and_then(|()| vmcs.write(control::CR0_READ_SHADOW, value))
             .and_then(|()| vmcs.write(guest::IA32_EFER_FULL, new_efer))
             .and_then(|()| vmcs.write(VMENTRY_CONTROLS, controls));
@@ -721,11 +738,7 @@ impl<'a> VmxVcpu<'a> {
     /// it does not have: [`CR4_REFUSED`]): #GP for those and for bits the CPU does not
     /// allow; else CR4 keeps VMXE and the read shadow the guest's value.
     fn write_cr4(&self, vmcs: &CurrentVmcs<'_>, value: u64) -> Result<(), Refused> {
-        let (fixed0, fixed1) = self.vmx.caps().cr4_fixed;
-        if value & CR4_REFUSED != 0 || value & !fixed1 != 0 {
-            return Err(Refused);
-        }
-        let actual = value | fixed0 | CR4_VMXE;
+        let actual = self.hardware_cr4(value)?;
         vmcs.write(guest::CR4, actual)
             .and_then(|()| vmcs.write(control::CR4_READ_SHADOW, value))
             .map_err(|_| Refused)
@@ -747,27 +760,23 @@ impl<'a> VmxVcpu<'a> {
     /// Queues `event` for the next entry. A real-mode guest (CR0.PE clear) takes exceptions
     /// without error codes, as a CPU in real mode delivers them (and as VM entry requires).
     fn inject_in(&self, vmcs: &CurrentVmcs<'_>, event: Event) -> Result<(), VmxError> {
-        let event = match event {
-            Event::Exception { vector, .. } if vmcs.read(guest::CR0) & CR0_PE == 0 => Event::Exception {
-                vector,
-                error_code: None,
-            },
-            event => event,
-        };
+        let real_mode = vmcs.read(guest::CR0) & CR0_PE == 0;
         let (kind, vector, error_code) = match event {
-            Event::Exception { vector, error_code } => (INTERRUPTION_TYPE_HARD_EXCEPTION, vector, error_code),
-            Event::Interrupt(vector) => (INTERRUPTION_TYPE_EXTERNAL, vector, None),
-            Event::Nmi => (INTERRUPTION_TYPE_NMI, 2, None),
+            Event::Exception { vector, error_code } => {
+                (EventKind::Exception, vector, error_code.filter(|_| !real_mode))
+            }
+            Event::Interrupt(vector) => (EventKind::Interrupt, vector, None),
+            Event::Nmi => (EventKind::Nmi, 2, None),
         };
-        let mut info = INTERRUPTION_VALID | kind | u64::from(vector);
-        if let Some(code) = error_code {
-            info |= INTERRUPTION_ERROR_CODE;
-            vmcs.write(VMENTRY_EXCEPTION_ERR_CODE, u64::from(code))?;
-        }
-        if kind == INTERRUPTION_TYPE_HARD_EXCEPTION {
-            mark_fault_resumable(vmcs, vector)?;
-        }
-        vmcs.write(VMENTRY_INTERRUPTION_INFO_FIELD, info)?;
+        queue_event(
+            vmcs,
+            PendingEvent {
+                kind,
+                vector,
+                error_code,
+                instruction_len: 0,
+            },
+        )?;
         self.event_queued.set(true);
         Ok(())
     }
@@ -804,30 +813,19 @@ impl<'a> VmxVcpu<'a> {
     /// for the next entry, as the CPU reports it in the IDT-vectoring information.
     fn requeue_interrupted_event(&self, vmcs: &CurrentVmcs<'_>) {
         let info = vmcs.read(ro::IDT_VECTORING_INFO);
-        if info & INTERRUPTION_VALID == 0 {
+        let Some(mut event) =
+            decode_event(vmcs, info, ro::IDT_VECTORING_ERR_CODE, ro::VMEXIT_INSTRUCTION_LEN)
+        else {
             return;
-        }
+        };
         // A real-mode guest takes no error code (VM entry refuses one); Bochs reports the
         // error-code bit of #GP and the like whatever the mode.
-        let info = if vmcs.read(guest::CR0) & CR0_PE == 0 {
-            info & !INTERRUPTION_ERROR_CODE
-        } else {
-            info
-        };
-        if info & INTERRUPTION_ERROR_CODE != 0 {
-            let _ = vmcs.write(VMENTRY_EXCEPTION_ERR_CODE, vmcs.read(ro::IDT_VECTORING_ERR_CODE));
+        if vmcs.read(guest::CR0) & CR0_PE == 0 {
+            event.error_code = None;
         }
-        // Software interrupts and exceptions need their instruction's length again. A failed
-        // write leaves the field as the CPU cleared it: the event is lost, as it would be
-        // without this.
-        let _ = vmcs.write(VMENTRY_INSTRUCTION_LEN, vmcs.read(ro::VMEXIT_INSTRUCTION_LEN));
-        if info & INTERRUPTION_TYPE_MASK == INTERRUPTION_TYPE_HARD_EXCEPTION {
-            // As at its first delivery. A failed write leaves RF as it was.
-            let _ = mark_fault_resumable(vmcs, info as u8);
-        }
-        // Bit 12 is undefined in the vectoring information and must be clear at entry.
-        let requeued = vmcs.write(VMENTRY_INTERRUPTION_INFO_FIELD, info & !(1 << 12));
-        self.event_queued.set(requeued.is_ok());
+        // A failed write leaves the field as the CPU cleared it: the event is lost, as it
+        // would be without this.
+        self.event_queued.set(queue_event(vmcs, event).is_ok());
     }
 
     fn write_pml_controls(&self, on: bool) -> Result<(), VmxError> {
@@ -969,8 +967,12 @@ impl VirtualCpu for VmxVcpu<'_> {
 
     fn visible_cr0(&self) -> Result<u64, BackendError> {
         let vmcs = self.vmcs.current()?;
-        let mask = vmcs.read(control::CR0_GUEST_HOST_MASK);
-        Ok(vmcs.read(guest::CR0) & !mask | vmcs.read(control::CR0_READ_SHADOW) & mask)
+        Ok(guest_view(
+            &vmcs,
+            guest::CR0,
+            control::CR0_GUEST_HOST_MASK,
+            control::CR0_READ_SHADOW,
+        ))
     }
 
     fn set_exception_exiting(&mut self, vector: u8, on: bool) -> Result<(), BackendError> {
@@ -1184,7 +1186,6 @@ impl VirtualCpu for VmxVcpu<'_> {
                 code: Some(u64::from(index)),
             })?;
         }
-        let cr4_mask = vmcs.read(control::CR4_GUEST_HOST_MASK);
         let interruptibility = vmcs.read(guest::INTERRUPTIBILITY_STATE);
         Ok(CpuSnapshot {
             regs: self.regs,
@@ -1194,7 +1195,12 @@ impl VirtualCpu for VmxVcpu<'_> {
             cr0: self.visible_cr0()?,
             cr2: self.cr2,
             cr3: vmcs.read(guest::CR3),
-            cr4: vmcs.read(guest::CR4) & !cr4_mask | vmcs.read(control::CR4_READ_SHADOW) & cr4_mask,
+            cr4: guest_view(
+                &vmcs,
+                guest::CR4,
+                control::CR4_GUEST_HOST_MASK,
+                control::CR4_READ_SHADOW,
+            ),
             dr7: vmcs.read(guest::DR7),
             efer: vmcs.read(guest::IA32_EFER_FULL),
             segments,
@@ -1216,29 +1222,21 @@ impl VirtualCpu for VmxVcpu<'_> {
 
     fn load_state(&mut self, state: &CpuSnapshot) -> Result<(), BackendError> {
         let refused = |what| BackendError { what, code: None };
-        let caps = self.vmx.caps();
-        let (cr4_fixed0, cr4_fixed1) = caps.cr4_fixed;
-        if state.cr4 & CR4_REFUSED != 0 || state.cr4 & !cr4_fixed1 != 0 {
-            return Err(refused("loading CR4"));
-        }
-        let (cr0_fixed0, cr0_fixed1) = caps.cr0_fixed;
-        let cr0 = (state.cr0 | (1 << 4) | (cr0_fixed0 & !(CR0_PE | CR0_PG))) & cr0_fixed1;
+        let cr4 = self
+            .hardware_cr4(state.cr4)
+            .map_err(|Refused| refused("loading CR4"))?;
         let long_mode = state.efer & EFER_LMA != 0;
-        let entry_controls = if long_mode {
-            self.entry_controls.long_mode
-        } else {
-            self.entry_controls.legacy
-        };
+        let entry_controls = self.entry_controls_for(long_mode);
         let interruptibility = u64::from(state.interrupt_shadow) & BLOCKING_BY_STI_OR_MOV_SS
             | if state.nmi_blocked { BLOCKING_BY_NMI } else { 0 };
         {
             let vmcs = self.vmcs.current()?;
             for (field, value) in [
                 (VMENTRY_CONTROLS, entry_controls),
-                (guest::CR0, cr0),
+                (guest::CR0, self.hardware_cr0(state.cr0)),
                 (control::CR0_READ_SHADOW, state.cr0),
                 (guest::CR3, state.cr3),
-                (guest::CR4, state.cr4 | cr4_fixed0 | CR4_VMXE),
+                (guest::CR4, cr4),
                 (control::CR4_READ_SHADOW, state.cr4),
                 (guest::DR7, state.dr7),
                 (guest::RSP, state.rsp),
@@ -1293,32 +1291,57 @@ impl VirtualCpu for VmxVcpu<'_> {
 /// valid bit, so a queued event there is one not yet delivered).
 fn queued_event(vmcs: &CurrentVmcs<'_>) -> Option<PendingEvent> {
     let info = vmcs.read(VMENTRY_INTERRUPTION_INFO_FIELD);
+    decode_event(vmcs, info, VMENTRY_EXCEPTION_ERR_CODE, VMENTRY_INSTRUCTION_LEN)
+}
+
+/// The event an interruption-information value `info` describes (the VM-entry field's or the
+/// IDT-vectoring information's layout), its error code and instruction length read from the
+/// fields `error_field` and `length_field`; `None` when `info` is not valid.
+fn decode_event(
+    vmcs: &CurrentVmcs<'_>,
+    info: u64,
+    error_field: u32,
+    length_field: u32,
+) -> Option<PendingEvent> {
     if info & INTERRUPTION_VALID == 0 {
         return None;
     }
-    let kind_bits = (info & INTERRUPTION_TYPE_MASK) >> 8;
-    let &(_, kind) = EVENT_KINDS.iter().find(|(bits, _)| *bits == kind_bits)?;
+    let &(_, kind) = EVENT_KINDS
+        .iter()
+        .find(|(bits, _)| *bits == info & INTERRUPTION_TYPE_MASK)?;
     Some(PendingEvent {
         kind,
         vector: info as u8,
-        error_code: (info & INTERRUPTION_ERROR_CODE != 0)
-            .then(|| vmcs.read(VMENTRY_EXCEPTION_ERR_CODE) as u32),
-        instruction_len: vmcs.read(VMENTRY_INSTRUCTION_LEN) as u32,
+        error_code: (info & INTERRUPTION_ERROR_CODE != 0).then(|| vmcs.read(error_field) as u32),
+        instruction_len: vmcs.read(length_field) as u32,
     })
 }
 
-/// Queues `event` in the VM-entry interruption information as it was saved.
+/// Queues `event` for the next entry in the VM-entry interruption information: its error
+/// code, its instruction's length for the software kinds (the only ones that use it), and RF
+/// in the guest's RFLAGS for a fault (see [`mark_fault_resumable`]). The one way every event
+/// goes in: injected, re-queued after an exit interrupted its delivery, or restored.
 fn queue_event(vmcs: &CurrentVmcs<'_>, event: PendingEvent) -> Result<(), VmxError> {
     let kind_bits = EVENT_KINDS
         .iter()
         .find(|(_, kind)| *kind == event.kind)
-        .map_or(0, |&(bits, _)| bits);
-    let mut info = INTERRUPTION_VALID | kind_bits << 8 | u64::from(event.vector);
+        .map_or(INTERRUPTION_TYPE_EXTERNAL, |&(bits, _)| bits);
+    // Bit 12 of the IDT-vectoring information, undefined there, must be clear at entry: the
+    // value is built anew.
+    let mut info = INTERRUPTION_VALID | kind_bits | u64::from(event.vector);
     if let Some(code) = event.error_code {
         info |= INTERRUPTION_ERROR_CODE;
         vmcs.write(VMENTRY_EXCEPTION_ERR_CODE, u64::from(code))?;
     }
-    vmcs.write(VMENTRY_INSTRUCTION_LEN, u64::from(event.instruction_len))?;
+    match event.kind {
+        EventKind::SoftwareInterrupt
+        | EventKind::PrivilegedSoftwareException
+        | EventKind::SoftwareException => {
+            vmcs.write(VMENTRY_INSTRUCTION_LEN, u64::from(event.instruction_len))?
+        }
+        EventKind::Exception => mark_fault_resumable(vmcs, event.vector)?,
+        EventKind::Interrupt | EventKind::Nmi => {}
+    }
     vmcs.write(VMENTRY_INTERRUPTION_INFO_FIELD, info)
 }
 
@@ -1489,6 +1512,13 @@ fn mark_fault_resumable(vmcs: &CurrentVmcs<'_>, vector: u8) -> Result<(), VmxErr
     vmcs.write(guest::RFLAGS, rflags | RFLAGS_RF)
 }
 
+/// A control register as the guest reads it: the bits the host owns (set in the mask field
+/// `mask`) from the read shadow `shadow`, the rest from the register's guest field `value`.
+fn guest_view(vmcs: &CurrentVmcs<'_>, value: u32, mask: u32, shadow: u32) -> u64 {
+    let mask = vmcs.read(mask);
+    vmcs.read(value) & !mask | vmcs.read(shadow) & mask
+}
+
 /// Puts `value` in CR2 (the guest's, before an entry).
 fn write_cr2(value: u64) {
     // SAFETY: CR2 only reports the address of the last page fault; the host reads it nowhere
@@ -1496,16 +1526,16 @@ fn write_cr2(value: u64) {
     unsafe { core::arch::asm!("mov cr2, {}", in(reg) value, options(nomem, nostack, preserves_flags)) };
 }
 
-/// VMX interruption types (SDM 24.8.3) of the neutral event kinds.
+/// VMX interruption types (SDM 24.8.3, bits 10:8 of the interruption information) of the
+/// neutral event kinds.
 const EVENT_KINDS: [(u64, EventKind); 6] = [
-    (0, EventKind::Interrupt),
-    (2, EventKind::Nmi),
-    (3, EventKind::Exception),
-    (4, EventKind::SoftwareInterrupt),
-    (5, EventKind::PrivilegedSoftwareException),
-    (6, EventKind::SoftwareException),
+    (INTERRUPTION_TYPE_EXTERNAL, EventKind::Interrupt),
+    (INTERRUPTION_TYPE_NMI, EventKind::Nmi),
+    (INTERRUPTION_TYPE_HARD_EXCEPTION, EventKind::Exception),
+    (4 << 8, EventKind::SoftwareInterrupt),
+    (5 << 8, EventKind::PrivilegedSoftwareException),
+    (6 << 8, EventKind::SoftwareException),
 ];
-
 /// The VMCS fields of `segment`.
 fn segment_fields(segment: Segment) -> SegmentFields {
     match segment {
