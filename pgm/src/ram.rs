@@ -89,23 +89,16 @@ impl RamRange {
     pub(crate) fn take_unsettled(&mut self, first: usize, count: usize) -> Vec<usize> {
         let block = block_index(self.base, first);
         let scanned = self.block_scanned(block);
-        let end = first + count;
         let mut pages = Vec::new();
-        let mut page = first;
-        while page < end {
-            let index = page / 64;
-            let Some(word) = self.settle.listed.get_mut(index) else {
-                break;
-            };
-            let (mask, next) = word_mask(index, page, end);
-            let listed = word.get();
+        for (index, word, mask) in self.listed_words(first, count) {
+            // Under `&mut`: a plain load and store, no read-modify-write.
+            let listed = word.load(Ordering::Relaxed);
             let mut bits = if scanned { listed & mask } else { mask };
-            word.set(listed & !mask);
+            word.store(listed & !mask, Ordering::Relaxed);
             while bits != 0 {
                 pages.push(index * 64 + bits.trailing_zeros() as usize);
                 bits &= bits - 1;
             }
-            page = next;
         }
         if let Some(word) = self.settle.scanned.get_mut(block / 64) {
             let bits = word.get();

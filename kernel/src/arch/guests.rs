@@ -80,6 +80,24 @@ macro_rules! paste_symbols {
     }};
 }
 
+/// One step of the xorshift32 generator (shifts 13, 17, 5) on EBX, through EAX: the guests
+/// that write pseudo-random places share it (the kernel tests replay it to know the places).
+macro_rules! xorshift32_ebx {
+    () => {
+        "
+        mov eax, ebx
+        shl eax, 13
+        xor ebx, eax
+        mov eax, ebx
+        shr eax, 17
+        xor ebx, eax
+        mov eax, ebx
+        shl eax, 5
+        xor ebx, eax
+        "
+    };
+}
+
 /// The MMIO instruction forms the 32-bit and the 64-bit MMIO guests share (the same text
 /// assembles in both modes; in 64-bit mode `[esi]` is a 32-bit address, the device lies below
 /// 4 GiB). ESI is the test device, EDI a RAM area for results: dword k at EDI + 4k. The
@@ -185,15 +203,7 @@ guest_programs! {
     // (pages - 1) pick the page. Then done(EBX), the next round's seed.
     random_writes: Flat32, ".code32", [
         "1:",
-        "mov eax, ebx",
-        "shl eax, 13",
-        "xor ebx, eax",
-        "mov eax, ebx",
-        "shr eax, 17",
-        "xor ebx, eax",
-        "mov eax, ebx",
-        "shl eax, 5",
-        "xor ebx, eax",
+        xorshift32_ebx!(),
         "mov eax, ebx",
         "and eax, edx",
         "shl eax, 12",
@@ -950,15 +960,7 @@ guest_programs! {
         "mov edx, ebp",
         "mov dword ptr [0xFEE00080], 0x20",
         "1:",
-        "mov eax, ebx",
-        "shl eax, 13",
-        "xor ebx, eax",
-        "mov eax, ebx",
-        "shr eax, 17",
-        "xor ebx, eax",
-        "mov eax, ebx",
-        "shl eax, 5",
-        "xor ebx, eax",
+        xorshift32_ebx!(),
         "mov eax, ebx",
         "and eax, edx",
         "add dword ptr [esi + eax * 4], ebx",

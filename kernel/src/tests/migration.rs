@@ -28,8 +28,11 @@ const AREA_BYTES: u64 = 64 * 4096;
 /// full copy and its rounds take at one slice each.
 const ITERATIONS: u64 = 300_000;
 const SEED: u64 = 0x2545_F491;
-/// Ticks per slice: the pre-copy takes a step between two.
-const SLICE: u64 = 100_000;
+/// Each vCPU's budget: slices of 10^5 ticks, the pre-copy taking a step between two.
+const BUDGET: Budget = Budget {
+    slice: 100_000,
+    ..Budget::DEFAULT
+};
 
 /// What a run of the guest left: its reports (final xorshift state, XMM0's sum, the UART's
 /// scratch register, the TPR) and its area.
@@ -53,10 +56,7 @@ fn loaded_vm(host: &'static Host) -> Result<Vcpu<'static>, String> {
     };
     vm.start(&programs::migration_workload(), CODE, regs)
         .map_err(|e| format!("start: {e}"))?;
-    vm.set_budget(Budget {
-        slice: SLICE,
-        ..Budget::DEFAULT
-    });
+    vm.set_budget(BUDGET);
     Ok(vm)
 }
 
@@ -102,10 +102,7 @@ fn run_migrated(host: &'static Host, mode: DirtyLogMode) -> Result<Option<Outcom
         ram: &PC_RAM,
         spec: &MachineSpec::default(),
         large_pages: false,
-        budget: Budget {
-            slice: SLICE,
-            ..Budget::DEFAULT
-        },
+        budget: BUDGET,
     };
     let mut destination = migration::migrate(host, source, &target)?;
     ensure_eq!(
