@@ -114,7 +114,9 @@ impl PreCopy {
             mode,
             ending,
             ranges,
-            mirror: vec![None; pages],
+            // Made when the pre-copy starts: at 16 bytes a RAM page, it need not wait on the
+            // heap meanwhile.
+            mirror: Vec::new(),
             phys,
             phase: Phase::Waiting { start },
             rounds: Vec::new(),
@@ -198,6 +200,7 @@ impl PreCopy {
         memory
             .flush(invalidation)
             .map_err(|e| format!("precopy: flush: {e:?}"))?;
+        self.mirror = vec![None; self.ram_pages()];
         let mut copied = 0;
         for index in 0..self.mirror.len() {
             let gpa = self.gpa_of(index);
@@ -327,10 +330,18 @@ impl PreCopy {
         Ok(loaded)
     }
 
-    /// Gives the mirror's frames back.
+    /// Gives the mirror's frames back, and the heap its table took.
     fn free_mirror(&mut self) {
-        let frames: Vec<HostPhysAddr> = self.mirror.iter_mut().filter_map(Option::take).collect();
+        let frames: Vec<HostPhysAddr> = self.mirror.iter().filter_map(|&frame| frame).collect();
         KernelFrames.free_frames(&frames);
+        self.mirror = Vec::new();
+    }
+
+    /// The pages of the RAM ranges, in all.
+    fn ram_pages(&self) -> usize {
+        self.ranges
+            .last()
+            .map_or(0, |&(_, pages, first)| first + pages as usize)
     }
 
     /// Prints round `number` and keeps it.
