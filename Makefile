@@ -23,6 +23,7 @@ check: setup
 	cargo fmt --all --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy -p pgm --all-targets --features sim -- -D warnings
+	cargo clippy -p pgm --all-targets --features sim-npt -- -D warnings
 	cd kernel && cargo clippy --all-targets -- -D warnings
 	cd kernel && cargo clippy --all-targets --features kernel-tests -- -D warnings
 
@@ -38,7 +39,7 @@ image: setup
 	cargo xtask image
 
 ## The three fuzz targets (cargo fuzz, libFuzzer), FUZZ_SECONDS each (default 60): the whole pgm
-## API with the EPT auditor as oracle, the instruction emulator against a fake device, and the
+## API with the auditor as oracle (on EPT tables, then on NPT ones), the instruction emulator against a fake device, and the
 ## virtual PC's devices under random port, MMIO and MSR sequences. Both
 ## crates are safe Rust, so no sanitizer; the pgm target is built without debug assertions
 ## (its oracle is the audit after every step) and without compare tracing (its bytes pick
@@ -47,6 +48,7 @@ FUZZ_SECONDS ?= 60
 fuzz: setup
 	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 	cd pgm && cargo fuzz run -s none -O --no-trace-compares api -- -max_total_time=$(FUZZ_SECONDS) -max_len=512
+	cd pgm && cargo fuzz run -s none -O --no-trace-compares --features npt api -- -max_total_time=$(FUZZ_SECONDS) -max_len=512
 	cd kernel/emulator && cargo fuzz run -s none instructions -- -max_total_time=$(FUZZ_SECONDS)
 	cd kernel/devices && cargo fuzz run -s none devices -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096
 

@@ -400,6 +400,8 @@ const LINUX_TEST_WALL_SECONDS: u64 = 900;
 /// test binary.
 fn run_host_tests() -> Result<HostTestCounts, String> {
     let tests = cargo_test(Command::new(cargo()).args(["test", "--workspace", "--exclude", "kernel"]))?;
+    // pgm's suites a second time, on AMD NPT tables (`sim::SimFormat`).
+    let npt = cargo_test(Command::new(cargo()).args(["test", "-p", "pgm", "--features", "sim-npt"]))?;
     // The models of the VM lock and of pgm's lock-free fault path: built with `--cfg loom`
     // (which swaps their atomics for loom's) in a target directory of their own, so that the
     // two builds do not invalidate each other.
@@ -421,8 +423,8 @@ fn run_host_tests() -> Result<HostTestCounts, String> {
             .env("CARGO_TARGET_DIR", target_dir().join("loom")),
     )?;
     Ok(HostTestCounts {
-        passed: tests.passed + models.passed,
-        failed: tests.failed + models.failed,
+        passed: tests.passed + npt.passed + models.passed,
+        failed: tests.failed + npt.failed + models.failed,
     })
 }
 

@@ -13,12 +13,12 @@ use std::hint::black_box;
 use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
-use pgm::sim::{FlatMemory, SimFrames};
+use pgm::sim::{FlatMemory, SimFormat, SimFrames};
 use pgm::{Access, GuestPhysAddr, Pgm, PAGE_SIZE};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-type FlatPgm = Pgm<SimFrames, FlatMemory>;
+type FlatPgm = Pgm<SimFrames, FlatMemory, SimFormat>;
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
@@ -70,7 +70,7 @@ fn median(rounds: usize, mut one: impl FnMut() -> Duration) -> Duration {
 fn flat_vm(guest: u64, frames_for_pages: u64) -> FlatPgm {
     let tables = guest / (2 * MIB) + guest / GIB + 16;
     let frames = tables + frames_for_pages + 4096;
-    let mut pgm = Pgm::new(SimFrames::new(frames), FlatMemory::new(frames)).unwrap();
+    let mut pgm: FlatPgm = Pgm::new(SimFrames::new(frames), FlatMemory::new(frames)).unwrap();
     pgm.set_large_pages(false);
     pgm.register_ram(gpa(0), guest, "ram").unwrap();
     pgm
@@ -193,7 +193,7 @@ fn protect_all_and_register_rows() -> Vec<Row> {
     let mut large_tables = 0;
     let register = median(SLOW_ROUNDS, || {
         let frames = 1024;
-        let mut pgm = Pgm::new(SimFrames::new(frames), FlatMemory::new(frames)).unwrap();
+        let mut pgm: FlatPgm = Pgm::new(SimFrames::new(frames), FlatMemory::new(frames)).unwrap();
         let start = Instant::now();
         pgm.register_ram(gpa(0), guest, "ram").unwrap();
         let time = start.elapsed();

@@ -16,7 +16,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use pgm::sim::{SimFrames, SimMemory};
+use pgm::sim::{SimFrames, SimMemory, SimPgm};
 use pgm::{Access, FaultOutcome, GuestPhysAddr, Pgm, Resolution, PAGE_SIZE};
 
 /// Pages each thread faults on per round.
@@ -24,12 +24,10 @@ const PAGES_PER_THREAD: u64 = 4096;
 const RAM_BASE: u64 = 1 << 30;
 const MAX_THREADS: u64 = 2;
 
-type SimPgm = Pgm<SimFrames, SimMemory>;
-
 /// A VM whose pages all have frames, under write monitoring, with a written log per thread.
 fn monitored_pgm() -> SimPgm {
     let pages = PAGES_PER_THREAD * MAX_THREADS;
-    let mut pgm = Pgm::new(SimFrames::new(pages + 4096), SimMemory::default()).unwrap();
+    let mut pgm: SimPgm = Pgm::new(SimFrames::new(pages + 4096), SimMemory::default()).unwrap();
     let base = GuestPhysAddr::new(RAM_BASE).unwrap();
     pgm.register_ram(base, pages * PAGE_SIZE, "ram").unwrap();
     pgm.set_large_pages(false);

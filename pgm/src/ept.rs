@@ -39,9 +39,12 @@ const UNCACHEABLE: u64 = 0;
 const WRITE_BACK: u64 = 6;
 
 /// The Intel EPT format.
+#[derive(Debug)]
 pub struct Ept;
 
 impl EntryFormat for Ept {
+    const CPU_WRITE_LOG: bool = true;
+
     fn encode_table(table: HostPhysAddr) -> u64 {
         table.as_u64() | PERMISSION_BITS
     }
@@ -129,7 +132,7 @@ const EPTP_ACCESSED_DIRTY: u64 = 1 << 6;
 
 /// The VMCS EPT-pointer value for tables rooted at `root`: write-back paging structures,
 /// 4-level walk, accessed/dirty flags on when `accessed_dirty` (the CPU must support them).
-pub fn ept_pointer(root: HostPhysAddr, accessed_dirty: bool) -> u64 {
+pub fn pointer(root: HostPhysAddr, accessed_dirty: bool) -> u64 {
     let ad = if accessed_dirty { EPTP_ACCESSED_DIRTY } else { 0 };
     root.as_u64() | WRITE_BACK | EPTP_WALK_LENGTH_4 | ad
 }
@@ -219,7 +222,7 @@ mod tests {
 
     #[test]
     fn ept_pointer_fields() {
-        assert_eq!(ept_pointer(hpa(0x5000), false), 0x5000 | 6 | (3 << 3));
-        assert_eq!(ept_pointer(hpa(0x5000), true), 0x5000 | 6 | (3 << 3) | (1 << 6));
+        assert_eq!(pointer(hpa(0x5000), false), 0x5000 | 6 | (3 << 3));
+        assert_eq!(pointer(hpa(0x5000), true), 0x5000 | 6 | (3 << 3) | (1 << 6));
     }
 }

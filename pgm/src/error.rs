@@ -77,6 +77,9 @@ pub enum PgmError {
     RomImageTooLarge,
     /// Write monitoring is on: the change must wait until it stops.
     MonitoringActive,
+    /// The nested-paging format has no CPU write log (AMD NPT): write monitoring can only
+    /// write-protect.
+    NoCpuWriteLog,
 }
 
 impl fmt::Display for PgmError {
@@ -116,6 +119,12 @@ impl fmt::Display for PgmError {
             }
             PgmError::RomImageTooLarge => write!(f, "the ROM image is larger than its range"),
             PgmError::MonitoringActive => write!(f, "write monitoring is on"),
+            PgmError::NoCpuWriteLog => {
+                write!(
+                    f,
+                    "this nested-paging format has no CPU write log: use write-protect mode"
+                )
+            }
         }
     }
 }

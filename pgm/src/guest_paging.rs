@@ -8,6 +8,7 @@
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::frames::{HostFrameAllocator, HostMemory};
 use crate::manager::Pgm;
+use crate::paging::EntryFormat;
 use crate::{Invalidation, PgmError};
 
 const CR0_PG: u64 = 1 << 31;
@@ -223,7 +224,7 @@ pub struct CodeRead {
     pub reused: bool,
 }
 
-impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Translates the guest-linear address `linear` through the guest's paging structures
     /// rooted at `cr3`, as the guest's MMU would. Reads guest memory only; changes nothing.
     pub fn guest_linear_to_phys(

@@ -19,13 +19,14 @@
 extern crate alloc;
 
 pub mod addr;
-pub(crate) mod ept;
+pub mod ept;
 pub(crate) mod error;
 pub mod frames;
 pub mod guest_paging;
 pub mod handlers;
 pub mod handles;
 pub mod manager;
+pub mod npt;
 pub mod page;
 pub mod paging;
 pub(crate) mod pool;
@@ -60,7 +61,9 @@ mod smp_stress_tests;
 mod test_support;
 
 pub use addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
+pub use ept::Ept;
 pub use error::PgmError;
 pub use manager::{FaultOutcome, MemoryStats, Pgm, Resolution, TlbFlush};
-pub use paging::{Access, Invalidation};
+pub use npt::Npt;
+pub use paging::{Access, EntryFormat, Invalidation};
 pub use ram::{PageLocation, RamRange, RamRanges};

@@ -23,7 +23,7 @@ fn dropping_the_manager_gives_every_frame_back() {
     let mut frames = SimFrames::new(8192);
     {
         // The manager borrows the allocator, so the test can look at it once the manager is gone.
-        let mut pgm = Pgm::new(&mut frames, SimMemory::default()).unwrap();
+        let mut pgm = Pgm::<_, _, SimFormat>::new(&mut frames, SimMemory::default()).unwrap();
         pgm.set_large_pages(true);
         pgm.register_ram(gpa(0), 16 * MIB, "ram").unwrap();
         for page in 0..40 {
@@ -101,7 +101,7 @@ fn zero_page_is_mapped_read_execute_and_the_first_write_faults_with_that_permiss
     let violation = pgm.translate(gpa(0x5000), Access::Write).unwrap_err();
     assert_eq!(violation.permitted, Permissions::READ | Permissions::EXECUTE);
     assert!(pgm.translate(gpa(0x5000), Access::Execute).is_ok());
-    match pgm.ept_entry(gpa(0x5000)) {
+    match pgm.nested_entry(gpa(0x5000)) {
         Entry::Leaf(leaf) => assert_eq!(leaf.memory_type, MemoryType::WriteBack),
         other => panic!("no leaf: {other:?}"),
     }
@@ -303,7 +303,7 @@ fn a_read_fault_on_ram_rewrites_a_lost_entry() {
     let mut pgm = pc_like();
     guest_write(&mut pgm, gpa(0x7000), b"kept");
     // Simulate a lost entry by clearing it behind the manager's back.
-    let root = pgm.ept_pointer(false) & !0xFFF;
+    let root = pgm.nested_root().as_u64();
     let entry = pte_address(&pgm, HostPhysAddr::new(root).unwrap(), gpa(0x7000));
     write_host(&mut pgm, entry, &0u64.to_le_bytes());
     assert!(pgm.translate(gpa(0x7000), Access::Read).is_err());
@@ -2011,7 +2011,7 @@ fn a_special_alias_is_mapped_uncacheable() {
     let (apic, _) = pgm.register_mmio(gpa(0xFEE0_0000), PAGE_SIZE).unwrap();
     let page = pgm.frames_mut().inner.allocate().unwrap();
     pgm.alias_mmio_to_host(apic, gpa(0xFEE0_0000), page).unwrap();
-    match pgm.ept_entry(gpa(0xFEE0_0000)) {
+    match pgm.nested_entry(gpa(0xFEE0_0000)) {
         Entry::Leaf(leaf) => assert_eq!(leaf.memory_type, MemoryType::Uncacheable),
         other => panic!("not mapped: {other:?}"),
     }

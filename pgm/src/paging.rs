@@ -1,6 +1,6 @@
 //! Format-independent 4-level nested page tables kept in host frames, and a software walker
 //! that translates the way the CPU does. The bit encoding of entries comes from an
-//! [`EntryFormat`]: `Ept` (the internal `ept` module) for Intel EPT; an AMD NPT encoder can sit beside it.
+//! [`EntryFormat`]: [`crate::Ept`] for Intel EPT, [`crate::Npt`] for AMD nested paging.
 
 use alloc::vec::Vec;
 use core::marker::PhantomData;
@@ -85,6 +85,11 @@ pub enum Entry {
 
 /// The bit encoding of one nested-paging format.
 pub trait EntryFormat {
+    /// The CPU can log the guest-physical addresses of the pages the guest writes through this
+    /// format's tables (Intel's page-modification log, PML, for EPT), so write monitoring can
+    /// take its writes from that log ([`crate::manager::DirtyLogMode::Pml`]) instead of write
+    /// faults. Whether a given CPU offers it is the backend's to check as well.
+    const CPU_WRITE_LOG: bool;
     /// Encodes an entry pointing at the next-level table at `table`.
     fn encode_table(table: HostPhysAddr) -> u64;
     /// Encodes a 4 KiB leaf.

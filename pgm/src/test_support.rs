@@ -8,7 +8,7 @@ use crate::addr::{GuestPhysAddr, HostPhysAddr};
 use crate::frames::HostMemory;
 use crate::manager::{DeviceId, FaultOutcome, Mmio2Spec, Pgm, Resolution, RomId, RomImage};
 use crate::paging::{Access, Invalidation};
-pub use crate::sim::SimPgm;
+pub use crate::sim::{SimFormat, SimPgm};
 use crate::sim::{SimFrames, SimMemory};
 use crate::PgmError;
 

@@ -108,7 +108,7 @@ impl VmMemory {
         let cpus = smp::cpus().len();
         pgm.set_lock_free_vcpus(cpus);
         VmMemory {
-            eptp: pgm.ept_pointer(false),
+            eptp: pgm::ept::pointer(pgm.nested_root(), false),
             pgm: BrLock::new(pgm, cpus),
             ran_on: AtomicU64::new(0),
             running_on: AtomicU64::new(0),

@@ -18,6 +18,7 @@ use super::Pgm;
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::frames::{HostFrameAllocator, HostMemory};
 use crate::page::{PageState, PageType};
+use crate::paging::EntryFormat;
 use crate::paging::{Leaf, Permissions};
 use crate::ram::PageLocation;
 
@@ -167,7 +168,7 @@ enum Holder {
     Owned,
 }
 
-impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Audits the VM's EPT against its ownership records. `host_holds(frame)` tells whether the
     /// host's allocator has `frame` allocated (the simulated or kernel bitmap); special-alias
     /// frames are the caller's and are not asked about. Reads only.
@@ -669,6 +670,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(not(feature = "sim-npt"))] // PML is EPT's
     fn the_auditor_finds_protection_armed_above_the_leaves_in_pml_mode() {
         let mut pgm = pgm_with_frames(1024);
         pgm.register_ram(gpa(0), MIB, "low").unwrap();

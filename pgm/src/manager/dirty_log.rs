@@ -18,6 +18,7 @@ use super::Pgm;
 use crate::addr::GuestPhysAddr;
 use crate::error::PgmError;
 use crate::frames::{HostFrameAllocator, HostMemory};
+use crate::paging::EntryFormat;
 use crate::paging::Invalidation;
 
 /// How write monitoring learns of guest writes (see the module docs).
@@ -32,12 +33,17 @@ pub enum DirtyLogMode {
     Pml,
 }
 
-impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
-    /// Chooses how the next write monitoring learns of writes. Fails with
-    /// [`PgmError::MonitoringActive`], changing nothing, while monitoring is on.
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
+    /// Chooses how the next write monitoring learns of writes. Fails, changing nothing, with
+    /// [`PgmError::MonitoringActive`] while monitoring is on, and with
+    /// [`PgmError::NoCpuWriteLog`] for [`DirtyLogMode::Pml`] on a format without a CPU write
+    /// log ([`EntryFormat::CPU_WRITE_LOG`]).
     pub fn set_dirty_log_mode(&mut self, mode: DirtyLogMode) -> Result<(), PgmError> {
         if self.monitoring && mode != self.dirty_log_mode {
             return Err(PgmError::MonitoringActive);
+        }
+        if mode == DirtyLogMode::Pml && !F::CPU_WRITE_LOG {
+            return Err(PgmError::NoCpuWriteLog);
         }
         self.dirty_log_mode = mode;
         Ok(())
@@ -105,7 +111,8 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     }
 }
 
-#[cfg(test)]
+/// PML is EPT's: these tests simulate Intel's log and run in the EPT suite only.
+#[cfg(all(test, not(feature = "sim-npt")))]
 mod tests {
     use std::vec::Vec;
 
@@ -233,5 +240,24 @@ mod tests {
         let _ = pgm.stop_write_monitoring();
         assert_eq!(pgm.log_written(&[gpa(MIB)]), 0, "monitoring is off");
         pgm.set_dirty_log_mode(DirtyLogMode::WriteProtect).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod format_tests {
+    use super::*;
+    use crate::sim::{SimFrames, SimMemory};
+    use crate::{Ept, Npt};
+
+    #[test]
+    fn pml_is_refused_where_the_format_has_no_cpu_write_log() {
+        let mut npt = Pgm::<_, _, Npt>::new(SimFrames::new(64), SimMemory::default()).unwrap();
+        assert_eq!(
+            npt.set_dirty_log_mode(DirtyLogMode::Pml),
+            Err(PgmError::NoCpuWriteLog)
+        );
+        assert_eq!(npt.dirty_log_mode(), DirtyLogMode::WriteProtect, "unchanged");
+        let mut ept = Pgm::<_, _, Ept>::new(SimFrames::new(64), SimMemory::default()).unwrap();
+        assert_eq!(ept.set_dirty_log_mode(DirtyLogMode::Pml), Ok(()));
     }
 }

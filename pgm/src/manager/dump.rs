@@ -11,6 +11,7 @@ use crate::addr::PAGE_SIZE;
 use crate::frames::{HostFrameAllocator, HostMemory};
 use crate::handlers::{HandlerId, HandlerKind};
 use crate::page::{PageState, PageType};
+use crate::paging::EntryFormat;
 use crate::ram::PageLocation;
 
 /// What a run of pages is: consecutive pages with the same kind form one line.
@@ -45,7 +46,7 @@ struct Run {
     aliased: u64,
 }
 
-impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// The guest-physical map, one line per run of pages of one kind in address order
     /// (unassigned space is left out), after a header line with the A20 gate and write
     /// monitoring. Costs one pass over every page: a debugging aid, not for the fault path.

@@ -13,6 +13,7 @@ use crate::error::PgmError;
 use crate::frames::{HostFrameAllocator, HostMemory};
 use crate::handlers::{HandlerId, HandlerKind, MmioPlacement, Registration};
 use crate::page::{HandlerState, PageDescriptor, PageType};
+use crate::paging::EntryFormat;
 use crate::paging::{Access, Invalidation};
 use crate::ram::{PageLocation, RamRange};
 
@@ -98,7 +99,7 @@ fn hand_write(
     handlers.access(handler, at, Access::Write, bytes)
 }
 
-impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// The MMIO page and handler behind a guest access that faulted at `faulting`, when the
     /// fault is one to emulate on an MMIO page; `None` for every other fault (for
     /// [`resolve_fault`](Self::resolve_fault)). An MMIO page has no memory, so its accesses

@@ -18,12 +18,13 @@ use super::Pgm;
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::frames::{HostFrameAllocator, HostMemory, FRAMES_PER_LARGE_PAGE};
 use crate::page::{HandlerState, LargePageState, PageDescriptor, PageState, PageType};
+use crate::paging::EntryFormat;
 use crate::paging::Invalidation;
 use crate::ram::PageLocation;
 
 const LARGE_PAGE_SIZE: u64 = FRAMES_PER_LARGE_PAGE * PAGE_SIZE;
 
-impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Lets write faults fill whole 2 MiB blocks from contiguous host memory, and RAM
     /// registered from now on map its untouched blocks on the zero chunk (on by default; off,
     /// every page is mapped with 4 KiB leaves and a block costs one frame at its first write).

@@ -48,9 +48,9 @@ use super::lock_free::takes_lock_free_faults;
 use super::mapping::{block_of, leaf_for};
 use super::Pgm;
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
-use crate::ept::Ept;
 use crate::frames::{HostFrameAllocator, HostMemory, FRAMES_PER_LARGE_PAGE};
 use crate::page::{monitored_view, PageDescriptor, PageState};
+use crate::paging::EntryFormat;
 use crate::paging::{encode, Invalidation, Leaf};
 use crate::ram::{PageLocation, RamRange};
 use crate::sync::Ordering;
@@ -58,7 +58,7 @@ use crate::sync::Ordering;
 const BLOCK_SIZE: u64 = FRAMES_PER_LARGE_PAGE * PAGE_SIZE;
 const BLOCK_PAGES: usize = FRAMES_PER_LARGE_PAGE as usize;
 
-impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// True when write monitoring's protection armed above the leaf of `gpa` has not come down
     /// to it yet. Three table reads while monitoring is on, none otherwise.
     #[inline]
@@ -208,7 +208,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// Makes the leaf at `entry` exactly `leaf`, through `&self`: a compare-exchange, retried
     /// while the leaf changes (a read remap, the CPU's accessed flag).
     fn replace_leaf(&self, entry: HostPhysAddr, leaf: Option<Leaf>) {
-        let wanted = encode::<Ept>(leaf);
+        let wanted = encode::<F>(leaf);
         let mut raw = self.memory.read_u64(entry);
         while raw != wanted {
             match self.memory.compare_exchange_u64(entry, raw, wanted) {
@@ -394,7 +394,7 @@ mod tests {
     }
 
     fn leaf_permissions(pgm: &SimPgm, at: GuestPhysAddr) -> Permissions {
-        match pgm.ept_entry(at) {
+        match pgm.nested_entry(at) {
             Entry::Leaf(leaf) => leaf.permissions,
             other => panic!("{at} has no leaf: {other:?}"),
         }
@@ -430,7 +430,7 @@ mod tests {
     fn block_state(pgm: &SimPgm, block: u64) -> Vec<(Option<PageDescriptor>, Entry, bool)> {
         (0..BLOCK_PAGES as u64)
             .map(|page| page_in(block, page))
-            .map(|at| (pgm.page(at), pgm.ept_entry(at), pgm.is_pending(at)))
+            .map(|at| (pgm.page(at), pgm.nested_entry(at), pgm.is_pending(at)))
             .collect()
     }
 

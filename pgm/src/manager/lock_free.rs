@@ -37,7 +37,6 @@ use alloc::vec::Vec;
 
 use super::{FaultOutcome, Pgm, Resolution};
 use crate::addr::{GuestPhysAddr, HostPhysAddr};
-use crate::ept::Ept;
 use crate::frames::{HostFrameAllocator, HostMemory};
 use crate::page::{
     transition, FrameEffect, HandlerState, LargePageState, PageDescriptor, PageEvent, PageState, PageType,
@@ -151,7 +150,7 @@ pub(super) fn takes_lock_free_faults(page: PageDescriptor) -> bool {
         )
 }
 
-impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Gives each of `vcpus` vCPUs (numbered from 0) a written log, so that they can take
     /// write-monitor faults without the lock; with none (the default) every such fault takes
     /// it. Costs 4 KiB per vCPU. Locking: exclusive.
@@ -262,10 +261,10 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
     /// compare-exchange, retried if the leaf changed meanwhile (another vCPU, or the
     /// processor's accessed and dirty bits).
     fn install_leaf(&self, entry: HostPhysAddr, leaf: Leaf, access: Access) {
-        let wanted = encode::<Ept>(Some(leaf));
+        let wanted = encode::<F>(Some(leaf));
         loop {
             let raw = self.memory.read_u64(entry);
-            if let Entry::Leaf(current) = Ept::decode(raw, 0) {
+            if let Entry::Leaf(current) = F::decode(raw, 0) {
                 if current.frame == leaf.frame && current.permissions.contains(access.needs()) {
                     return;
                 }
@@ -358,7 +357,7 @@ mod tests {
     }
 
     fn permissions(pgm: &SimPgm, at: GuestPhysAddr) -> Option<Permissions> {
-        match pgm.ept_entry(at) {
+        match pgm.nested_entry(at) {
             Entry::Leaf(leaf) => Some(leaf.permissions),
             _ => None,
         }
@@ -480,14 +479,14 @@ mod tests {
     fn a_write_under_protection_armed_above_the_leaf_is_the_locks() {
         let mut pgm = monitored();
         let _ = harvest(&mut pgm);
-        let before = (pgm.stats(), pgm.page(page_at(4)), pgm.ept_entry(page_at(4)));
+        let before = (pgm.stats(), pgm.page(page_at(4)), pgm.nested_entry(page_at(4)));
         assert_eq!(
             pgm.resolve_fault_lock_free(0, page_at(4), Access::Write),
             None,
             "declined: the root entry withholds writes"
         );
         assert_eq!(
-            (pgm.stats(), pgm.page(page_at(4)), pgm.ept_entry(page_at(4))),
+            (pgm.stats(), pgm.page(page_at(4)), pgm.nested_entry(page_at(4))),
             before
         );
         assert!(matches!(
@@ -509,7 +508,7 @@ mod tests {
     #[test]
     fn faults_the_lock_free_path_cannot_take_change_nothing() {
         let mut pgm = monitored();
-        let untouched = |pgm: &SimPgm| (pgm.stats(), pgm.page(page_at(0)), pgm.ept_entry(page_at(0)));
+        let untouched = |pgm: &SimPgm| (pgm.stats(), pgm.page(page_at(0)), pgm.nested_entry(page_at(0)));
         let before = untouched(&pgm);
         // A vCPU without a log.
         assert_eq!(pgm.resolve_fault_lock_free(2, page_at(0), Access::Write), None);

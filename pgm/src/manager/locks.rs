@@ -23,6 +23,7 @@ use crate::addr::{GuestPhysAddr, HostPhysAddr};
 use crate::error::PgmError;
 use crate::frames::{HostFrameAllocator, HostMemory};
 use crate::page::{PageEvent, PageState, PageType, INLINE_LOCKS_MAX};
+use crate::paging::EntryFormat;
 use crate::paging::Invalidation;
 use crate::ram::PageLocation;
 
@@ -68,7 +69,7 @@ impl PageMapLock {
     }
 }
 
-impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Locks the page holding `gpa` for writing and returns the host-physical address of `gpa`
     /// in its frame. The page gets a frame if it had none and counts as written. Only RAM and
     /// MMIO2 pages without an active handler can be write-locked.

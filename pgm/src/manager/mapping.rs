@@ -27,6 +27,7 @@ use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::error::PgmError;
 use crate::frames::{HostFrameAllocator, HostMemory, FRAMES_PER_LARGE_PAGE};
 use crate::page::{HandlerState, LargePageState, PageDescriptor, PageState, PageType};
+use crate::paging::EntryFormat;
 use crate::paging::{Access, Invalidation, LargeMapping, Leaf, MemoryType, Permissions};
 use crate::ram::{PageLocation, RamRange, RamRanges};
 
@@ -273,7 +274,7 @@ impl LeafSource<'_> {
     }
 }
 
-impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     pub(super) fn leaf_source(&self) -> LeafSource<'_> {
         leaf_source!(self)
     }
@@ -320,8 +321,7 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
                     let index = (gpa.as_u64() - block.as_u64()) / PAGE_SIZE;
                     let entry = HostPhysAddr::new_truncate(first.as_u64() + index * 8);
                     let leaf = leaf_for(page, self.zero_frame);
-                    self.memory
-                        .write_u64(entry, crate::paging::encode::<crate::ept::Ept>(leaf));
+                    self.memory.write_u64(entry, crate::paging::encode::<F>(leaf));
                 }
                 _ => self.sync_leaf(location),
             }

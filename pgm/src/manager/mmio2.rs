@@ -11,6 +11,7 @@ use crate::error::PgmError;
 use crate::frames::{HostFrameAllocator, HostMemory};
 pub use crate::handles::{DeviceId, Mmio2Handle};
 use crate::page::{PageDescriptor, PageType};
+use crate::paging::EntryFormat;
 use crate::paging::Invalidation;
 use crate::ram::{PageLocation, RamRange};
 
@@ -91,7 +92,7 @@ impl Mmio2Region {
     }
 }
 
-impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Creates an unmapped MMIO2 region for `spec.device`, its memory allocated and zeroed now.
     /// Refused, changing nothing, when the device already has region `spec.region_no`
     /// ([`PgmError::Mmio2RegionExists`]), the VM has [`MMIO2_MAX_REGIONS`] regions, or the size

@@ -18,13 +18,14 @@
 use alloc::vec::Vec;
 
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
-use crate::ept::{ept_pointer, Ept};
+use crate::ept::Ept;
 use crate::error::PgmError;
 use crate::frames::{HostFrameAllocator, HostMemory};
 use crate::handlers::{HandlerId, Handlers};
 use crate::page::{
     transition, FrameEffect, HandlerState, LargePageState, PageDescriptor, PageEvent, PageState, PageType,
 };
+use crate::paging::EntryFormat;
 use crate::paging::{self, Access, Invalidation, NestedTables, Violation};
 use crate::pool::FramePool;
 use crate::ram::{PageLocation, RamRange, RamRanges};
@@ -134,7 +135,7 @@ pub struct TlbFlush(u64);
 /// a wrong leaf. State that can live in the tables lives there instead (a block unmapped for
 /// want of a page table is marked in its own directory entry; write monitoring's pending
 /// protection is a mark on the entries above the leaves).
-pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
+pub struct Pgm<A: HostFrameAllocator, M: HostMemory, F: EntryFormat = Ept> {
     frames: A,
     memory: M,
     ranges: RamRanges,
@@ -142,7 +143,7 @@ pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
     /// 2 MiB of zeros, mapped read-only by one 2 MiB leaf for every untouched block of RAM
     /// registered while large pages are on (see `large`); taken at the first such registration.
     zero_chunk: Option<HostPhysAddr>,
-    tables: NestedTables<Ept>,
+    tables: NestedTables<F>,
     /// Rule: no frame in the pool (handy, free batch, awaiting a flush) is held by a page, ROM,
     /// MMIO2 region or shared count, or reached by a leaf; each is allocated at the host.
     pool: FramePool,
@@ -203,7 +204,7 @@ pub struct Pgm<A: HostFrameAllocator, M: HostMemory> {
     shared_settles: crate::sync::AtomicU64,
 }
 
-impl<A: HostFrameAllocator, M: HostMemory> Drop for Pgm<A, M> {
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Drop for Pgm<A, M, F> {
     /// Gives back every frame the VM's memory holds — RAM, ROM images and shadows, MMIO2
     /// regions, shared frames, the pool, the EPT tables and the zero frame — so that a manager
     /// cannot leak frames by being forgotten. The caller must first make sure no CPU can still
@@ -220,7 +221,7 @@ struct LockedPages {
     write: u64,
 }
 
-impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Creates an empty manager: allocates the shared zero frame and the EPT root table.
     /// Fails with [`PgmError::OutOfFrames`], holding no frame.
     pub fn new(mut frames: A, mut memory: M) -> Result<Self, PgmError> {
@@ -1165,19 +1166,20 @@ impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
         self.zero_frame
     }
 
-    /// The EPT pointer for the VMCS (A/D flags enabled when `accessed_dirty`).
-    pub fn ept_pointer(&self, accessed_dirty: bool) -> u64 {
-        ept_pointer(self.tables.root(), accessed_dirty)
+    /// The host-physical address of the nested tables' top-level table: what the backend
+    /// points the CPU at (VMX: the EPT pointer, see [`crate::ept::pointer`]; SVM: nCR3).
+    pub fn nested_root(&self) -> HostPhysAddr {
+        self.tables.root()
     }
 
-    /// The 4 KiB EPT entry mapping `gpa`, decoded.
-    pub fn ept_entry(&self, gpa: GuestPhysAddr) -> paging::Entry {
+    /// The 4 KiB nested-table entry mapping `gpa`, decoded.
+    pub fn nested_entry(&self, gpa: GuestPhysAddr) -> paging::Entry {
         self.tables.entry(&self.memory, gpa)
     }
 
-    /// Translates a guest access through the EPT tables exactly as the CPU would.
+    /// Translates a guest access through the nested tables exactly as the CPU would.
     pub fn translate(&self, gpa: GuestPhysAddr, access: Access) -> Result<HostPhysAddr, Violation> {
-        paging::translate::<Ept>(&self.memory, self.tables.root(), gpa, access)
+        paging::translate::<F>(&self.memory, self.tables.root(), gpa, access)
     }
 
     /// The frame allocator (for its counters).

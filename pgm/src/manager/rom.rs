@@ -15,6 +15,7 @@ use crate::error::PgmError;
 use crate::frames::{HostFrameAllocator, HostMemory};
 pub use crate::handles::RomId;
 use crate::page::{PageDescriptor, PageEvent, PageType};
+use crate::paging::EntryFormat;
 use crate::paging::{Access, Invalidation};
 use crate::ram::RamRange;
 
@@ -158,7 +159,7 @@ pub(super) fn covering(roms: &[RomRange], gpa: GuestPhysAddr) -> Option<&RomRang
     roms.iter().find(|rom| rom.contains(gpa))
 }
 
-impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Registers a ROM of `size` bytes at `base` holding `image` (at most `size` bytes; the rest
     /// of the ROM reads as zeros, as in the seed). The ROM lies in space no range covers, or
     /// wholly over registered RAM pages without handlers or map locks, which it replaces (their

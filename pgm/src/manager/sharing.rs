@@ -9,6 +9,7 @@ use super::Pgm;
 use crate::addr::{HostPhysAddr, PAGE_SIZE};
 use crate::frames::{HostFrameAllocator, HostMemory};
 use crate::page::{HandlerState, LargePageState, PageEvent, PageState, PageType};
+use crate::paging::EntryFormat;
 use crate::paging::Invalidation;
 use crate::ram::PageLocation;
 
@@ -25,7 +26,7 @@ pub struct SharingReport {
 /// privately (`None` once it is a shared frame).
 type Candidate = (HostPhysAddr, Option<PageLocation>);
 
-impl<A: HostFrameAllocator, M: HostMemory> Pgm<A, M> {
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Shares the frames of RAM pages whose contents are identical: every ALLOCATED or
     /// WRITE_MONITORED page without a handler, a map lock or a 2 MiB mapping takes part. Returns
     /// what the pass did and the invalidation its remapping needs. Costs one read of each page.

@@ -13,7 +13,7 @@ use crate::addr::{HostPhysAddr, PAGE_SIZE};
 use crate::frames::{BitmapFrameAllocator, HostFrameAllocator, HostMemory};
 use crate::manager::{AuditReport, Pgm};
 
-pub use script::SimPgm;
+pub use script::{SimFormat, SimPgm};
 
 /// Host-physical memory that exists only where it was written; unwritten bytes read as zero.
 /// Frames below [`DENSE_PAGES`] (where [`SimFrames`] hands frames out) are found by index, so
@@ -280,7 +280,7 @@ unsafe impl HostFrameAllocator for SimFrames {
     }
 }
 
-impl Pgm<SimFrames, SimMemory> {
+impl<F: crate::paging::EntryFormat> Pgm<SimFrames, SimMemory, F> {
     /// Gives every frame back, as dropping the manager does, and returns the simulated
     /// allocator, for a test to check that nothing leaked.
     pub fn terminate(mut self) -> SimFrames {

@@ -35,8 +35,18 @@ use crate::page::{PageState, PageType};
 use crate::paging::Access;
 use crate::PgmError;
 
-/// The manager over the simulated host.
-pub type SimPgm = Pgm<SimFrames, SimMemory>;
+/// The nested-paging format of [`SimPgm`]: Intel EPT, or AMD NPT with the feature `sim-npt`.
+/// The host suites (unit tests, the whole-API script, the auditor, the model tests, the fuzz
+/// target, the benchmarks) are written against this one name, so one suite runs on each
+/// format: `cargo test -p pgm --features sim` and `cargo test -p pgm --features sim-npt`.
+#[cfg(not(feature = "sim-npt"))]
+pub type SimFormat = crate::Ept;
+/// See the EPT variant.
+#[cfg(feature = "sim-npt")]
+pub type SimFormat = crate::Npt;
+
+/// The manager over the simulated host, with [`SimFormat`]'s tables.
+pub type SimPgm = Pgm<SimFrames, SimMemory, SimFormat>;
 
 const MIB: u64 = 1 << 20;
 /// RAM pages in each of the two ranges.
