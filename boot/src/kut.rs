@@ -319,7 +319,7 @@ fn boot_with(
     let borrowed: Vec<(&str, &[u8])> = archive_files.iter().map(|(n, b)| (n.as_str(), *b)).collect();
     let ramdisk = target_dir().join(format!("{tag}-ramdisk.tar"));
     std::fs::write(&ramdisk, loader::archive::build(&borrowed)).map_err(|e| format!("ramdisk: {e}"))?;
-    let images = image::make_images(Variant::Kut, Some(&ramdisk), tag)?;
+    let images = image::make_images(Variant::Kut, crate::Backend::Vmx, Some(&ramdisk), tag)?;
     let options = RunOptions {
         image: images.bios,
         timeout_secs,

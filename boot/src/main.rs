@@ -52,6 +52,43 @@ impl Variant {
     }
 }
 
+/// The virtualization backend a kernel is built with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// VT-x with EPT: Bochs (`corei7_skylake_x`), or QEMU with KVM on an Intel host.
+    Vmx,
+    /// AMD SVM with nested paging: QEMU's TCG (`-cpu max`, which offers SVM and NPT), or QEMU
+    /// with KVM on an AMD host.
+    Svm,
+}
+
+impl Backend {
+    /// What the names of its kernel files and image directories end with.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Backend::Vmx => "",
+            Backend::Svm => "-svm",
+        }
+    }
+
+    /// The backend the machine `args` selects runs: SVM under QEMU's TCG; under KVM the host
+    /// CPU's own (SVM when /proc/cpuinfo lists it); VMX in Bochs.
+    fn for_args(args: &Args) -> Backend {
+        if !args.qemu {
+            return Backend::Vmx;
+        }
+        if !args.kvm {
+            return Backend::Svm;
+        }
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        if cpuinfo.split_whitespace().any(|flag| flag == "svm") {
+            Backend::Svm
+        } else {
+            Backend::Vmx
+        }
+    }
+}
+
 /// Parsed command line of one `cargo xtask` invocation.
 struct Args {
     command: String,
@@ -177,11 +214,15 @@ fn main() -> ExitCode {
         Variant::Run
     };
     let result = match args.command.as_str() {
-        "build" => image::build_kernel(variant).map(|elf| println!("{}", elf.display())),
-        "image" => image::make_images(variant, None, variant.name()).map(|images| {
-            println!("{}", images.bios.display());
-            println!("{}", images.uefi.display());
-        }),
+        "build" => {
+            image::build_kernel(variant, Backend::for_args(&args)).map(|elf| println!("{}", elf.display()))
+        }
+        "image" => {
+            image::make_images(variant, Backend::for_args(&args), None, variant.name()).map(|images| {
+                println!("{}", images.bios.display());
+                println!("{}", images.uefi.display());
+            })
+        }
         "run" => run(&args, variant).map(|_| ()),
         "test" => test(&args),
         "kut" => kvm_unit_tests(&args),
@@ -208,7 +249,8 @@ fn run(args: &Args, variant: Variant) -> Result<KernelRun, String> {
         ),
         None => (None, variant.name(), 256, emulator::DEFAULT_IPS),
     };
-    let images = image::make_images(variant, ramdisk.as_deref(), tag)?;
+    let backend = Backend::for_args(args);
+    let images = image::make_images(variant, backend, ramdisk.as_deref(), tag)?;
     let emulator = if args.qemu {
         Emulator::Qemu {
             uefi: args.uefi,
@@ -233,7 +275,7 @@ fn run(args: &Args, variant: Variant) -> Result<KernelRun, String> {
         },
     };
     if args.gdb {
-        let elf = image::build_kernel(variant)?;
+        let elf = image::build_kernel(variant, backend)?;
         eprintln!(
             "xtask: QEMU waits for GDB on localhost:1234; in another terminal:\n  \
              gdb {} -ex 'target remote :1234'",
@@ -296,21 +338,19 @@ fn report_kut(verdicts: &[kut::Verdict]) -> (usize, usize) {
     (passed, failed)
 }
 
-/// Runs the host tests of the workspace, then the kernel tests under Bochs, and prints the
-/// combined closing line. Fails when any test failed or either run did not complete.
+/// Runs the host tests of the workspace, then the kernel tests on each backend (VMX in Bochs,
+/// SVM in QEMU's TCG; with `--qemu` only the latter), and prints the combined closing line.
+/// Fails when any test failed or a run did not complete.
 fn test(args: &Args) -> Result<(), String> {
     let host = run_host_tests()?;
-    let kernel = run(args, Variant::Test);
-    let (kernel_passed, kernel_failed, kernel_error) = match &kernel {
-        Ok(run) => (run.passed, run.failed, None),
-        Err(message) => {
-            let partial = KernelRun::parse(
-                &std::fs::read_to_string(target_dir().join("serial-test-bochs.log")).unwrap_or_default(),
-            );
-            // A run that never reached its closing line counts as one failure at least.
-            (partial.passed, partial.failed.max(1), Some(message.clone()))
-        }
-    };
+    let mut suites = Vec::new();
+    if !args.qemu {
+        suites.push(kernel_suite(args, false));
+    }
+    suites.push(kernel_suite(args, true));
+    let kernel_passed: usize = suites.iter().map(|suite| suite.passed).sum();
+    let kernel_failed: usize = suites.iter().map(|suite| suite.failed).sum();
+    let kernel_error = suites.iter().find_map(|suite| suite.error.clone());
     let subset: Vec<String> = kut::CI_SUBSET.iter().map(|name| name.to_string()).collect();
     let (kut_passed, kut_failed) = if !kut::is_built() {
         // setup.sh said why (no tarball, no network); the other suites still count.
@@ -341,13 +381,16 @@ fn test(args: &Args) -> Result<(), String> {
     }
     let passed = host.passed + kernel_passed + kut_passed + linux_passed;
     let failed = host.failed + kernel_failed + kut_failed + linux_failed;
+    let kernel_lines: Vec<String> = suites
+        .iter()
+        .map(|suite| format!("kernel tests ({}): {} passed, {} failed", suite.name, suite.passed, suite.failed))
+        .collect();
     println!(
-        "host tests: {} passed, {} failed; kernel tests (Bochs, VT-x + EPT): {} passed, {} failed; \
-         kvm-unit-tests subset: {} passed, {} failed; Linux boot: {} passed, {} failed",
+        "host tests: {} passed, {} failed; {}; kvm-unit-tests subset: {} passed, {} failed; \
+         Linux boot: {} passed, {} failed",
         host.passed,
         host.failed,
-        kernel_passed,
-        kernel_failed,
+        kernel_lines.join("; "),
         kut_passed,
         kut_failed,
         linux_passed,
@@ -359,6 +402,62 @@ fn test(args: &Args) -> Result<(), String> {
         None if failed > 0 => Err(format!("{failed} test(s) failed")),
         None => Ok(()),
     }
+}
+
+/// One backend's kernel-test run.
+struct KernelSuite {
+    /// The backend and its emulator, for the summary.
+    name: &'static str,
+    passed: usize,
+    failed: usize,
+    skipped: usize,
+    /// Why the run did not complete, if it did not.
+    error: Option<String>,
+}
+
+/// Runs the kernel tests on VMX in Bochs, or (`qemu`) on SVM in QEMU's TCG, and prints the
+/// suite's own summary line. A run that never reached its closing line counts as one failure
+/// at least.
+fn kernel_suite(args: &Args, qemu: bool) -> KernelSuite {
+    let name = if qemu { "QEMU TCG, SVM + NPT" } else { "Bochs, VT-x + EPT" };
+    let suite_args = Args {
+        command: "test".into(),
+        qemu,
+        uefi: false,
+        kvm: false,
+        gdb: false,
+        test: true,
+        cpus: args.cpus,
+        timeout_secs: args.timeout_secs,
+        names: Vec::new(),
+        linux: None,
+    };
+    let emulator = if qemu { "qemu" } else { "bochs" };
+    let suite = match run(&suite_args, Variant::Test) {
+        Ok(run) => KernelSuite {
+            name,
+            passed: run.passed,
+            failed: run.failed,
+            skipped: run.skipped.len(),
+            error: None,
+        },
+        Err(message) => {
+            let log = target_dir().join(format!("serial-test-{emulator}.log"));
+            let partial = KernelRun::parse(&std::fs::read_to_string(log).unwrap_or_default());
+            KernelSuite {
+                name,
+                passed: partial.passed,
+                failed: partial.failed.max(1),
+                skipped: partial.skipped.len(),
+                error: Some(format!("{name}: {message}")),
+            }
+        }
+    };
+    println!(
+        "kernel tests ({name}): {} passed, {} failed, {} skipped (named above with the reason)",
+        suite.passed, suite.failed, suite.skipped
+    );
+    suite
 }
 
 /// The Linux boot test: the pinned kernel with the repo's `/init` and `vcpus` vCPUs, in

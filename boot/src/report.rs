@@ -19,6 +19,8 @@ pub struct KernelRun {
     pub passed: usize,
     /// Tests whose line said `FAILED`.
     pub failed: usize,
+    /// Tests the backend skips (`skipped: REASON`), each with its reason.
+    pub skipped: Vec<String>,
     /// The exit line, if the kernel got that far.
     pub exit: Option<KernelExit>,
 }
@@ -34,6 +36,8 @@ impl KernelRun {
                     run.passed += 1;
                 } else if result.1.starts_with("FAILED") {
                     run.failed += 1;
+                } else if result.1.starts_with("skipped") {
+                    run.skipped.push(line.to_string());
                 }
             } else if let Some(exit) = line.strip_prefix(EXIT_MARKER) {
                 run.exit = Some(match exit.strip_prefix("failure: ") {

@@ -8,7 +8,7 @@ use alloc::string::String;
 use crate::arch::guests::programs;
 use crate::arch::memory::frame_counts;
 use crate::arch::power::{exit, ExitCode};
-use crate::arch::vmx::GuestRegisters;
+use crate::arch::registers::GuestRegisters;
 use crate::arch::{idt, ticks};
 use crate::vm::budget::Budget;
 use crate::vm::requests::{kick_on_timer, Request};
@@ -27,7 +27,7 @@ const STRIDE: u64 = 3 * 4096;
 /// The spinning guest's slice and limit, and when the host timer kicks it.
 const SLICE: u64 = 1_000_000;
 const LIMIT: u64 = 3_500_000;
-const KICK_AFTER: u32 = 250_000;
+const KICK_AFTER: u64 = 250_000;
 
 /// Runs the demo guest and ends the machine.
 pub fn run(host: &'static Host) -> ! {
@@ -41,7 +41,7 @@ pub fn run(host: &'static Host) -> ! {
 }
 
 fn demo(host: &'static Host) -> Result<(), String> {
-    let vmx = host.vmx().map_err(|e| format!("{e}"))?;
+    let vmx = host.virt().map_err(|e| format!("{e}"))?;
     let before = frame_counts();
     let mut vm = Vcpu::new(vmx, &host.phys, &RAM).map_err(|e| format!("{e}"))?;
     print_stats("after creating the VM", &vm);
@@ -84,7 +84,7 @@ fn demo(host: &'static Host) -> Result<(), String> {
 /// Runs `jmp $` with a slice of [`SLICE`] ticks and a limit of [`LIMIT`], kicking it out once
 /// with the host timer, and prints how each run ended.
 fn spinning_guest(host: &'static Host) -> Result<(), String> {
-    let vmx = host.vmx().map_err(|e| format!("{e}"))?;
+    let vmx = host.virt().map_err(|e| format!("{e}"))?;
     let mut vm = Vcpu::new(vmx, &host.phys, &RAM).map_err(|e| format!("{e}"))?;
     vm.start(&programs::spin_interrupts_on(), CODE, GuestRegisters::default())
         .map_err(|e| format!("{e}"))?;

@@ -133,7 +133,7 @@ fn run_entry(
     let image = archive
         .file(&format!("kut/{}", entry.file))
         .ok_or_else(|| format!("{} is not in the ramdisk", entry.file))?;
-    let vmx = host.vmx().map_err(|e| format!("{e}"))?;
+    let vmx = host.virt().map_err(|e| format!("{e}"))?;
     let ram = machine::pc_ram(entry.memory_mib << 20);
     let spec = MachineSpec {
         name: entry.name.to_string(),

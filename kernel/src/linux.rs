@@ -127,7 +127,7 @@ pub fn run(host: &'static Host, archive: Archive<'_>) -> ! {
 fn boot(host: &'static Host, archive: &Archive<'_>, manifest: &Manifest) -> Result<VmStop, String> {
     let kernel = archive.file(KERNEL).ok_or("no kernel in the ramdisk")?;
     let initrd = archive.file(INITRD);
-    let vmx = host.vmx().map_err(|e| format!("{e}"))?;
+    let vmx = host.virt().map_err(|e| format!("{e}"))?;
     let spec = MachineSpec {
         name: manifest.name.clone(),
         vcpus: manifest.vcpus,

@@ -214,7 +214,7 @@ fn ap_worker(
     budget: Budget,
 ) -> Result<ApOutcome, String> {
     let (done, pause) = ends;
-    let vmx = host.vmx().map_err(|e| format!("{e}"))?;
+    let vmx = host.virt().map_err(|e| format!("{e}"))?;
     let mut vcpus = Vec::new();
     for (index, saved) in mine {
         while next.load(Ordering::SeqCst) != index {

@@ -28,7 +28,7 @@ use spin::Once;
 use arch::memory::{self, PhysMap};
 use arch::power::{exit, ExitCode};
 use arch::smp::{self, CpuState};
-use arch::vmx::{VmxError, VmxOn};
+use arch::virt;
 
 /// Asks the bootloader to map all physical memory, so host frames (EPT tables, guest RAM) can be
 /// reached at `physical_memory_offset + address`.
@@ -48,9 +48,10 @@ pub struct Host {
 }
 
 impl Host {
-    /// VMX root operation on the calling CPU, or why it could not be entered.
-    pub fn vmx(&self) -> Result<&'static VmxOn, VmxError> {
-        smp::this_cpu().vmx()
+    /// Virtualization enabled on the calling CPU (VMX root operation, or SVM), or why it
+    /// could not be.
+    pub fn virt(&self) -> Result<&'static virt::On, virt::Error> {
+        smp::this_cpu().virt()
     }
 }
 
@@ -60,12 +61,12 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     arch::serial::init();
     let boot_tss = arch::gdt::init();
     arch::idt::init();
-    let apic = arch::apic::init();
     arch::clock::init();
     memory::init_heap();
     let Some(offset) = boot_info.physical_memory_offset.into_option() else {
         exit(ExitCode::Failure, "the bootloader did not map physical memory")
     };
+    let apic = arch::apic::init(offset);
     memory::init_frames(&boot_info.memory_regions);
     let frames = memory::frame_counts();
     println!(
@@ -91,7 +92,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         arch::clock::tsc_hz()
     );
     match apic {
-        Ok(()) => println!("hypervisor: local APIC in x2APIC mode; legacy PICs masked"),
+        Ok(mode) => println!("hypervisor: local APIC in {mode} mode; legacy PICs masked"),
         Err(error) => println!("hypervisor: no host timer to kick vCPUs with: {error:?}"),
     }
     emulator::warm_up();
@@ -130,13 +131,14 @@ fn report_cpus(report: &smp::SmpReport) {
         );
     }
     for cpu in smp::cpus() {
-        match (cpu.state(), cpu.vmx()) {
-            (CpuState::Ready, Ok(vmx)) => {
+        match (cpu.state(), cpu.virt()) {
+            (CpuState::Ready, Ok(on)) => {
                 println!(
-                    "hypervisor: CPU {} (APIC {}): VMX on: {}",
+                    "hypervisor: CPU {} (APIC {}): {} on: {}",
                     cpu.index,
                     cpu.apic_id,
-                    vmx.caps()
+                    virt::NAME,
+                    on.caps()
                 )
             }
             (_, Err(error)) if cpu.state() != CpuState::Absent => {

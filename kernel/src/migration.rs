@@ -83,7 +83,7 @@ pub fn migrate<'a>(
     println!("migration: exits of the source's bootstrap vCPU: {:?}", bsp.exits);
     drop(memory);
     drop(bsp);
-    let vmx = host.vmx().map_err(|e| format!("{e}"))?;
+    let vmx = host.virt().map_err(|e| format!("{e}"))?;
     let mut destination = Vcpu::new_machine_from(
         vmx,
         &host.phys,

@@ -11,16 +11,15 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use pgm::page::PageState;
-use pgm::paging::Permissions;
+
 use pgm::{Access, GuestPhysAddr, PgmError, PAGE_SIZE};
 use spin::Mutex;
 
 use crate::arch::guests::{programs, GuestProgram};
 use crate::arch::memory::{frame_counts, frames_in_use_outside_heap, heap_stats};
 use crate::arch::power::{exit, ExitCode};
+use crate::arch::registers::GuestRegisters;
 use crate::arch::ticks;
-use crate::arch::vmx::exits::{exit_reason, qualification};
-use crate::arch::vmx::{GuestRegisters, VmxCaps};
 use crate::vm::budget::{host_deadline_hit, set_host_deadline};
 use crate::vm::{
     exit_costs_of_finished_vms, hypercall, overrun_of_finished_vms, shootdown_costs, Diagnostic, StopCause,
@@ -32,13 +31,13 @@ type TestResult = Result<(), String>;
 type TestFn = fn(&'static Host) -> TestResult;
 
 /// Ticks each test may take (the slowest takes about a tenth of this).
-const TEST_BUDGET: u64 = 1_500_000_000;
+const TEST_BUDGET: u64 = 1_500_000_000 * backend::TICK_SCALE;
 /// Guest RAM of most tests: 640 KiB low memory and 15 MiB from 1 MiB up.
 const PC_RAM: [(u64, u64); 2] = [(0, 0xA_0000), (0x10_0000, 0xF0_0000)];
 /// Where test programs are loaded and entered (the stack grows down from just below).
 const CODE: u64 = 0x8000;
 const TESTS: &[(&str, TestFn)] = &[
-    ("vmx_capabilities_reported", vmx_capabilities_reported),
+    ("virtualization_capabilities_reported", backend::capabilities),
     ("guest_returns_through_vmcall", guest_returns_through_vmcall),
     (
         "real_mode_guest_runs_and_reports",
@@ -331,6 +330,7 @@ const TESTS: &[(&str, TestFn)] = &[
 static CURRENT: Mutex<Option<&'static str>> = Mutex::new(None);
 static PASSED: AtomicUsize = AtomicUsize::new(0);
 static FAILED: AtomicUsize = AtomicUsize::new(0);
+static SKIPPED: AtomicUsize = AtomicUsize::new(0);
 
 /// Runs every test, prints the closing line and stops the emulator.
 pub fn run_all(host: &'static Host) -> ! {
@@ -347,6 +347,11 @@ pub fn run_all(host: &'static Host) -> ! {
         ),
     }
     for &(name, test) in selected() {
+        if let Some(reason) = backend::skipped(name) {
+            SKIPPED.fetch_add(1, Ordering::Relaxed);
+            println!("test {name} ... skipped: {reason}");
+            continue;
+        }
         let start = ticks();
         let result = run_one(host, name, test, TEST_BUDGET);
         let elapsed = ticks() - start;
@@ -430,6 +435,10 @@ fn run_one(host: &'static Host, name: &'static str, test: TestFn, budget: u64) -
 
 fn print_summary() -> usize {
     let (passed, failed) = (PASSED.load(Ordering::Relaxed), FAILED.load(Ordering::Relaxed));
+    let skipped = SKIPPED.load(Ordering::Relaxed);
+    if skipped > 0 {
+        println!("{skipped} skipped on this backend (reasons above)");
+    }
     println!("{passed} passed, {failed} failed");
     failed
 }
@@ -457,6 +466,7 @@ macro_rules! ensure_eq {
 }
 
 // After the macros: the scenario modules use them.
+mod backend;
 mod devices;
 mod dirty_log;
 mod fidelity;
@@ -468,7 +478,7 @@ mod smp;
 mod violations;
 
 fn new_vm(host: &'static Host, ram: &[(u64, u64)]) -> Result<Vcpu<'static>, String> {
-    let vmx = host.vmx().map_err(|e| format!("{e}"))?;
+    let vmx = host.virt().map_err(|e| format!("{e}"))?;
     // 4 KiB pages: the tests count pages, frames and faults one by one (large pages, the
     // default, have a test of their own).
     Vcpu::new_with(vmx, &host.phys, ram, false).map_err(|e| format!("VM creation: {e}"))
@@ -516,22 +526,6 @@ impl XorShift {
 
 fn gpa(addr: u64) -> GuestPhysAddr {
     GuestPhysAddr::new_truncate(addr)
-}
-
-fn vmx_capabilities_reported(host: &'static Host) -> TestResult {
-    let vmx = host.vmx().map_err(|e| format!("{e}"))?;
-    let again = VmxCaps::probe().map_err(|e| format!("{e}"))?;
-    ensure!(vmx.caps().revision != 0, "VMCS revision identifier is 0");
-    ensure_eq!(again.revision, vmx.caps().revision, "revision on a second probe");
-    let report = format!("{}", vmx.caps());
-    println!("  {report}");
-    ensure!(
-        report.contains("EPT 4-level WB yes"),
-        "report lacks EPT: {report}"
-    );
-    let cr4 = x86_64::registers::control::Cr4::read_raw();
-    ensure!(cr4 & (1 << 13) != 0, "CR4.VMXE is clear while VMX is on");
-    Ok(())
 }
 
 fn guest_returns_through_vmcall(host: &'static Host) -> TestResult {
@@ -614,7 +608,7 @@ fn writing_n_pages_allocates_n_frames(host: &'static Host) -> TestResult {
 fn large_pages_fill_each_block_with_one_fault(host: &'static Host) -> TestResult {
     const FIRST: u64 = 0x20_0000;
     const PAGES: u64 = (0x100_0000 - FIRST) / PAGE_SIZE;
-    let vmx = host.vmx().map_err(|e| format!("{e}"))?;
+    let vmx = host.virt().map_err(|e| format!("{e}"))?;
     let mut vm = Vcpu::new(vmx, &host.phys, &PC_RAM).map_err(|e| format!("VM creation: {e}"))?;
     let before = vm.stats();
     ensure_eq!(before.zero_chunk_frames, 512, "zero chunk frames");
@@ -706,12 +700,7 @@ fn cpu_permissions_match_the_software_walker(host: &'static Host) -> TestResult 
     let observed: Vec<_> = vm
         .violations
         .iter()
-        .map(|&(gpa, qualification)| {
-            (
-                gpa,
-                Permissions::from_bits_truncate(((qualification >> 3) & 0b111) as u8),
-            )
-        })
+        .map(|&(gpa, detail)| (gpa, backend::permitted(detail)))
         .collect();
     ensure_eq!(
         observed,
@@ -719,9 +708,7 @@ fn cpu_permissions_match_the_software_walker(host: &'static Host) -> TestResult 
         "(GPA, permitted) per violation, CPU vs walker"
     );
     ensure!(
-        vm.violations
-            .iter()
-            .all(|&(_, q)| q & qualification::EPT_WRITE != 0),
+        vm.violations.iter().all(|&(_, detail)| backend::is_write(detail)),
         "a violation was not reported as a write"
     );
     Ok(())
@@ -736,13 +723,13 @@ fn access_outside_ram_stops_the_vm(host: &'static Host) -> TestResult {
     let (vm, stop) = run_program(host, programs::load(), regs)?;
     let diagnostic = stopped(stop)?;
     ensure_eq!(diagnostic.cause, StopCause::NotGuestMemory, "cause");
-    ensure_eq!(diagnostic.exit_reason, exit_reason::EPT_VIOLATION, "exit reason");
+    ensure_eq!(diagnostic.exit_reason, backend::NESTED_FAULT, "exit reason");
     ensure_eq!(diagnostic.gpa, Some(gpa(OUTSIDE)), "guest-physical address");
     ensure_eq!(diagnostic.rip, CODE, "RIP of the faulting load");
-    ensure_eq!(
-        diagnostic.qualification & 0b11_1111,
-        qualification::EPT_READ,
-        "read access, nothing permitted"
+    ensure!(
+        backend::is_read_of_nothing(diagnostic.qualification),
+        "not a read with nothing permitted: {:#x}",
+        diagnostic.qualification
     );
     ensure_eq!(
         vm.stats().allocated_pages,
@@ -763,7 +750,7 @@ fn triple_fault_stops_the_vm(host: &'static Host) -> TestResult {
     let (_, stop) = run_program(host, programs::triple_fault(), GuestRegisters::default())?;
     let diagnostic = stopped(stop)?;
     ensure_eq!(diagnostic.cause, StopCause::TripleFault, "cause");
-    ensure_eq!(diagnostic.exit_reason, exit_reason::TRIPLE_FAULT, "exit reason");
+    ensure_eq!(diagnostic.exit_reason, backend::SHUTDOWN, "exit reason");
     Ok(())
 }
 
@@ -773,7 +760,7 @@ fn unhandled_exit_stops_the_vm(host: &'static Host) -> TestResult {
     let (_, stop) = run_program(host, programs::invd(), GuestRegisters::default())?;
     let diagnostic = stopped(stop)?;
     ensure_eq!(diagnostic.cause, StopCause::UnhandledExit, "cause");
-    ensure_eq!(diagnostic.exit_reason, exit_reason::INVD, "exit reason");
+    ensure_eq!(diagnostic.exit_reason, backend::INVD, "exit reason");
     ensure_eq!(diagnostic.rip, CODE + 2, "RIP of the INVD (after the 2-byte MOV)");
     Ok(())
 }
@@ -803,7 +790,7 @@ fn bad_ram_layout_is_refused_without_leaking(host: &'static Host) -> TestResult 
     ];
     for (ram, expected) in cases {
         let used = frames_in_use_outside_heap();
-        let vmx = host.vmx().map_err(|e| format!("{e}"))?;
+        let vmx = host.virt().map_err(|e| format!("{e}"))?;
         match Vcpu::new(vmx, &host.phys, ram) {
             Err(VmError::Memory(error)) => ensure_eq!(error, expected, "error"),
             Err(other) => return Err(format!("wrong error for {ram:x?}: {other}")),

@@ -325,10 +325,11 @@ guest_programs! {
     ];
     // The PIC and PIT drive a guest's timer interrupt: IRQ 0 at about 1 kHz, vector 0x20,
     // handled by `irq0_handler` (offset 2: EBX counts, EOI to the master PIC). The guest halts
-    // until 10 have come, then spins with interrupts off for longer than a period and turns
-    // them on for one instruction: the interrupt that waited comes then. Dword 0 at EDI: the
-    // count before that STI; the test exit's code: the count after it. Descriptor tables as
-    // for `pc_devices`.
+    // until 10 have come, then spins with interrupts off for EBP TSC ticks (longer than a
+    // period: the test says how long that is on this machine) and turns them on for one
+    // instruction: the interrupt that waited comes then. Dword 0 at EDI: the count before
+    // that STI; the test exit's code: the count after it. Descriptor tables as for
+    // `pc_devices`.
     pic_timer: Flat32, ".code32", [
         "jmp 3f",
         "inc ebx",
@@ -372,9 +373,13 @@ guest_programs! {
         "cmp ebx, 10",
         "jb 4b",
         "cli",
-        "mov ecx, 20000",
+        "rdtsc",
+        "mov ecx, eax",
         "5:",
-        "loop 5b",
+        "rdtsc",
+        "sub eax, ecx",
+        "cmp eax, ebp",
+        "jb 5b",
         "mov esi, ebx",
         "sti",
         "nop",
@@ -468,8 +473,10 @@ guest_programs! {
     // (EBX counts; EOI through the xAPIC page, or the x2APIC MSR once ESI is 1). In order: a
     // one-shot timer, five periodic ones, a self IPI through the ICR, the version register;
     // then x2APIC mode: the version MSR, a TSC-deadline timer, a self IPI through the
-    // SELF IPI MSR. Dword 0 at EDI: the xAPIC version; dword 1: the x2APIC version. Ends with
-    // the test exit, code EBX (9). Descriptor tables as for `pc_devices`.
+    // SELF IPI MSR. Every timer is armed for EBP counts (or TSC ticks): longer than the
+    // handler takes on this machine, which the test knows. Dword 0 at EDI: the xAPIC version;
+    // dword 1: the x2APIC version. Ends with the test exit, code EBX (9). Descriptor tables as
+    // for `pc_devices`.
     apic_timer: Flat32, ".code32", [
         "jmp 3f",
         "push eax",
@@ -498,14 +505,14 @@ guest_programs! {
         "mov dword ptr [0xfee000f0], 0x1ff",
         "mov dword ptr [0xfee003e0], 0xb",
         "mov dword ptr [0xfee00320], 0x40",
-        "mov dword ptr [0xfee00380], 10000",
+        "mov dword ptr [0xfee00380], ebp",
         "sti",
         "4:",
         "hlt",
         "cmp ebx, 1",
         "jb 4b",
         "mov dword ptr [0xfee00320], 0x20040",
-        "mov dword ptr [0xfee00380], 10000",
+        "mov dword ptr [0xfee00380], ebp",
         "5:",
         "hlt",
         "cmp ebx, 6",
@@ -528,7 +535,9 @@ guest_programs! {
         "xor edx, edx",
         "wrmsr",
         "rdtsc",
-        "add eax, 20000",
+        "add eax, ebp",
+        "adc edx, 0",
+        "add eax, ebp",
         "adc edx, 0",
         "mov ecx, 0x6e0",
         "wrmsr",

@@ -180,6 +180,15 @@ pub fn is_allocated(frame: HostPhysAddr) -> bool {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct KernelFrames;
 
+impl KernelFrames {
+    /// `count` physically contiguous frames (the first one's address), for structures the CPU
+    /// reads as one block (SVM's I/O and MSR permission maps).
+    #[cfg_attr(not(feature = "svm"), allow(dead_code))]
+    pub fn allocate_run(count: u64) -> Option<HostPhysAddr> {
+        FRAMES.lock().as_mut()?.allocate_run(count)
+    }
+}
+
 // SAFETY: the allocator was built from the usable regions of the boot memory map above 1 MiB
 // (RAM the firmware and the bootloader left free: not the kernel image, heap or stacks), and
 // the bitmap hands out each frame once until it is freed.

@@ -10,10 +10,24 @@ pub mod guests;
 pub mod idt;
 pub mod memory;
 pub mod power;
+pub mod registers;
 pub mod serial;
 pub mod smp;
+#[cfg(feature = "svm")]
+pub mod svm;
 pub mod vector;
+#[cfg(not(feature = "svm"))]
 pub mod vmx;
+
+/// See the VMX variant.
+#[cfg(feature = "svm")]
+pub use svm as virt;
+/// The virtualization backend this kernel is built for: VT-x with EPT (`vmx`), or AMD SVM
+/// with nested paging (`svm`, with the cargo feature `svm`), as KVM builds `kvm-intel` and
+/// `kvm-amd`. Each offers the same names: `On` (proof that this CPU has it enabled), `Error`,
+/// `Vcpu`, `Format` (its nested-table encoding), `enable_this_cpu` and `flush_this_cpu`.
+#[cfg(not(feature = "svm"))]
+pub use vmx as virt;
 
 /// Reads the time-stamp counter (deterministic in Bochs with `clock: sync=none`).
 pub fn ticks() -> u64 {

@@ -25,7 +25,7 @@ use x86_64::structures::paging::{
 use x86_64::{PhysAddr, VirtAddr};
 
 use super::memory::{KernelFrames, PhysMap};
-use super::vmx::{self, VmxCaps, VmxError, VmxOn};
+use super::virt;
 use super::{acpi, apic, gdt, idt, ticks};
 
 /// Stack of each application processor (the boot processor's comes from the bootloader).
@@ -49,7 +49,7 @@ pub enum CpuState {
     Arrived = 1,
     /// Set up, with VMX on: takes work.
     Ready = 2,
-    /// Started but unusable (no x2APIC or no VMX): reported and left out.
+    /// Started but unusable (no local APIC or no virtualization): reported and left out.
     Failed = 3,
 }
 
@@ -61,14 +61,15 @@ type Job = Box<dyn FnOnce() + Send>;
 pub struct PerCpu {
     /// Position in [`cpus`] (0 is the boot processor).
     pub index: usize,
-    /// x2APIC ID (from the MADT).
+    /// APIC ID (from the MADT).
     pub apic_id: u32,
     state: AtomicU8,
     /// Why the CPU is [`CpuState::Failed`], or VMX root operation on it.
-    vmx: Once<Result<VmxOn, VmxError>>,
+    virt: Once<Result<virt::On, virt::Error>>,
     /// Address of the CPU's TSS (the VMCS host TR base).
     tss_base: AtomicU64,
     /// The VMCS current on this CPU (0: none), so VMPTRLD is skipped when it already is.
+    #[cfg_attr(feature = "svm", allow(dead_code))]
     pub current_vmcs: AtomicU64,
     /// Work waiting to run here, in order.
     jobs: Mutex<VecDeque<Job>>,
@@ -87,7 +88,7 @@ impl PerCpu {
             index,
             apic_id,
             state: AtomicU8::new(CpuState::Absent as u8),
-            vmx: Once::new(),
+            virt: Once::new(),
             tss_base: AtomicU64::new(0),
             current_vmcs: AtomicU64::new(0),
             jobs: Mutex::new(VecDeque::new()),
@@ -113,16 +114,17 @@ impl PerCpu {
         }
     }
 
-    /// VMX root operation on this CPU, or why there is none.
-    pub fn vmx(&self) -> Result<&VmxOn, VmxError> {
-        match self.vmx.get() {
-            Some(Ok(vmx)) => Ok(vmx),
+    /// Virtualization (VMX root operation, or SVM) enabled on this CPU, or why it is not.
+    pub fn virt(&self) -> Result<&virt::On, virt::Error> {
+        match self.virt.get() {
+            Some(Ok(on)) => Ok(on),
             Some(Err(error)) => Err(*error),
-            None => Err(VmxError::NotStarted),
+            None => Err(virt::Error::NotStarted),
         }
     }
 
-    /// Address of this CPU's TSS.
+    /// Address of this CPU's TSS (VMX's host state names it).
+    #[cfg_attr(feature = "svm", allow(dead_code))]
     pub fn tss_base(&self) -> u64 {
         self.tss_base.load(Ordering::Relaxed)
     }
@@ -131,14 +133,10 @@ impl PerCpu {
         self.state.store(state as u8, Ordering::Release);
     }
 
-    /// Enables VMX on the calling CPU (which must be this one) and records the outcome.
-    fn enable_vmx(&self, phys: &'static PhysMap) -> bool {
-        let vmx = self.vmx.call_once(|| {
-            VmxCaps::probe()
-                .map_err(VmxError::Unavailable)
-                .and_then(|caps| vmx::enable(caps, &mut KernelFrames, &mut { phys }))
-        });
-        vmx.is_ok()
+    /// Enables virtualization on the calling CPU (which must be this one) and records the
+    /// outcome.
+    fn enable_virt(&self, phys: &'static PhysMap) -> bool {
+        self.virt.call_once(|| virt::enable_this_cpu(phys)).is_ok()
     }
 }
 
@@ -233,7 +231,7 @@ pub fn init(
     boot.tss_base.store(boot_tss, Ordering::Relaxed);
     set_gs_base(boot);
     boot.set_state(CpuState::Arrived);
-    let ready = boot.enable_vmx(phys);
+    let ready = boot.enable_virt(phys);
     boot.set_state(if ready { CpuState::Ready } else { CpuState::Failed });
     let start_error = if list.len() == 1 {
         None
@@ -377,9 +375,12 @@ fn serve_flush_requests() {
     if cpu.flushes_done.load(Ordering::Acquire) >= requested {
         return;
     }
-    if let Ok(vmx) = cpu.vmx() {
-        if let Err(error) = vmx::invept(vmx, vmx::InveptType::AllContexts, 0) {
-            log::error!("CPU {}: requested INVEPT failed: {error}", cpu.index);
+    if let Ok(on) = cpu.virt() {
+        if let Err(error) = virt::flush_this_cpu(on, None) {
+            log::error!(
+                "CPU {}: requested nested-translation flush failed: {error}",
+                cpu.index
+            );
         }
     }
     cpu.flushes_served.fetch_add(1, Ordering::AcqRel);
@@ -411,7 +412,7 @@ fn start_application_processors(
     trampoline: Option<HostPhysAddr>,
 ) -> Result<(), &'static str> {
     if !apic::available() {
-        return Err("no x2APIC to send start-up IPIs with");
+        return Err("no local APIC to send start-up IPIs with");
     }
     let page = trampoline.ok_or("no free frame below 1 MiB for the start-up trampoline")?;
     let (cr3, _) = Cr3::read_raw();
@@ -482,7 +483,7 @@ extern "C" fn application_processor_main(index: u64) -> ! {
     let phys = PHYS
         .get()
         .expect("smp::init keeps the window before starting CPUs");
-    let ready = apic::enable_local().is_ok() && cpu.enable_vmx(phys);
+    let ready = apic::enable_local().is_ok() && cpu.enable_virt(phys);
     cpu.set_state(if ready { CpuState::Ready } else { CpuState::Failed });
     if !ready {
         halt_forever();

@@ -8,7 +8,7 @@ use devices::cpuid::SIGNATURE;
 
 use super::{gpa, new_vm, TestResult, CODE};
 use crate::arch::guests::programs;
-use crate::arch::vmx::GuestRegisters;
+use crate::arch::registers::GuestRegisters;
 use crate::vm::devices::MachineSpec;
 use crate::vm::VmStop;
 use crate::Host;
@@ -74,7 +74,7 @@ fn vm_with_tables(
     vector: u64,
     spec: &MachineSpec,
 ) -> Result<crate::vm::Vcpu<'static>, alloc::string::String> {
-    let vmx = host.vmx().map_err(|e| format!("{e}"))?;
+    let vmx = host.virt().map_err(|e| format!("{e}"))?;
     let vm = crate::vm::Vcpu::new_machine(vmx, &host.phys, &super::PC_RAM, false, spec)
         .map_err(|e| format!("VM creation: {e}"))?;
     with_tables(vm, program, vector)
@@ -83,9 +83,19 @@ fn vm_with_tables(
 /// `vm` with the descriptor tables for `vector` written and `program` loaded, EDI at the
 /// results.
 fn with_tables(
+    vm: crate::vm::Vcpu<'static>,
+    program: crate::arch::guests::GuestProgram<'static>,
+    vector: u64,
+) -> Result<crate::vm::Vcpu<'static>, alloc::string::String> {
+    with_tables_and(vm, program, vector, GuestRegisters::default())
+}
+
+/// [`with_tables`] with the registers `regs` (RDI aside, which points at the results).
+fn with_tables_and(
     mut vm: crate::vm::Vcpu<'static>,
     program: crate::arch::guests::GuestProgram<'static>,
     vector: u64,
+    regs: GuestRegisters,
 ) -> Result<crate::vm::Vcpu<'static>, alloc::string::String> {
     for (at, bytes) in descriptor_tables(vector) {
         let invalidation = vm
@@ -94,10 +104,7 @@ fn with_tables(
             .map_err(|e| format!("{e}"))?;
         vm.flush(invalidation).map_err(|e| format!("{e}"))?;
     }
-    let regs = GuestRegisters {
-        rdi: RESULTS,
-        ..GuestRegisters::default()
-    };
+    let regs = GuestRegisters { rdi: RESULTS, ..regs };
     vm.start(&program, CODE, regs)
         .map_err(|e| format!("start: {e}"))?;
     Ok(vm)
@@ -107,7 +114,13 @@ fn with_tables(
 /// for each one, and an interrupt that comes while they are off waits (interrupt-window
 /// exit) and is taken right after STI.
 pub fn the_pit_interrupts_a_halted_guest_through_the_pic(host: &'static Host) -> TestResult {
-    let mut vm = prepared_vm(host, programs::pic_timer(), IRQ0_VECTOR)?;
+    // The spin with interrupts off lasts two periods of the PIT (1 ms each), in TSC ticks.
+    let spin = GuestRegisters {
+        rbp: crate::arch::clock::tsc_hz() / 500,
+        ..GuestRegisters::default()
+    };
+    let vm = new_vm(host, &super::PC_RAM)?;
+    let mut vm = with_tables_and(vm, programs::pic_timer(), IRQ0_VECTOR, spin)?;
     let started = crate::arch::ticks();
     let stop = vm.run();
     let elapsed = crate::arch::ticks() - started;
@@ -139,7 +152,14 @@ pub fn the_pit_interrupts_a_halted_guest_through_the_pic(host: &'static Host) ->
 /// xAPIC ICR and the x2APIC SELF IPI MSR, EOI through the page and the MSR: each interrupt
 /// wakes the halted guest once.
 pub fn the_local_apic_timer_and_self_ipis_interrupt_the_guest(host: &'static Host) -> TestResult {
-    let mut vm = prepared_vm(host, programs::apic_timer(), APIC_VECTOR)?;
+    // Timer periods of 10,000 counts in Bochs, where that is thousands of instructions; as
+    // many more as the backend's timer tests scale by elsewhere.
+    let period = GuestRegisters {
+        rbp: 10_000 * super::backend::TICK_SCALE,
+        ..GuestRegisters::default()
+    };
+    let vm = new_vm(host, &super::PC_RAM)?;
+    let mut vm = with_tables_and(vm, programs::apic_timer(), APIC_VECTOR, period)?;
     let stop = vm.run();
     ensure_eq!(
         stop,
@@ -450,7 +470,7 @@ pub fn a_linux_bzimage_starts_at_its_64_bit_entry(host: &'static Host) -> TestRe
 /// goes nowhere, and the guest runs on; on the memory core's test machines (the default) the
 /// same access stops the VM, as their tests want.
 pub fn unassigned_space_reads_all_ones_on_a_pc(host: &'static Host) -> TestResult {
-    let vmx = host.vmx().map_err(|e| format!("{e}"))?;
+    let vmx = host.virt().map_err(|e| format!("{e}"))?;
     let spec = crate::vm::devices::MachineSpec {
         unassigned_reads_ones: true,
         ..crate::vm::devices::MachineSpec::default()

@@ -14,7 +14,7 @@ use pgm::{GuestPhysAddr, PAGE_SIZE};
 use super::hostile::audit_memory;
 use super::{gpa, new_vm, TestResult, CODE, PC_RAM};
 use crate::arch::guests::{programs, GuestMode};
-use crate::arch::vmx::GuestRegisters;
+use crate::arch::registers::GuestRegisters;
 use crate::vm::exits::{ExitCosts, ExitCounts, ExitKind};
 use crate::vm::VmStop;
 use crate::Host;

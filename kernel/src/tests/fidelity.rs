@@ -14,7 +14,7 @@ use super::hostile::audit;
 use super::pc::{self, apply, classic_pc, read_bytes, read_u32};
 use super::{gpa, TestResult, CODE};
 use crate::arch::guests::programs;
-use crate::arch::vmx::GuestRegisters;
+use crate::arch::registers::GuestRegisters;
 use crate::vm::budget::Budget;
 use crate::vm::VmStop;
 use crate::Host;

@@ -18,7 +18,7 @@ use super::preemption::outcome_name;
 use super::{gpa, new_vm, TestResult, XorShift, CODE};
 use crate::arch::guests::{programs, GuestMode, GuestProgram};
 use crate::arch::memory::{self, PhysMap};
-use crate::arch::vmx::GuestRegisters;
+use crate::arch::registers::GuestRegisters;
 use crate::println;
 use crate::vm::budget::Budget;
 use crate::vm::{Diagnostic, StopCause, Vcpu, VmMemory, VmStop};
@@ -133,8 +133,8 @@ const PROBE_PROGRESS: u64 = 0x1F_F000;
 const PROBE_WINDOW_ENTRY: u64 = pc::PDPT + 5 * 8;
 /// Ticks one run of the probe list may take before it is preempted (and resumed), and ticks a
 /// run may take at most: a call into arbitrary bytes ends at this limit.
-const PROBE_SLICE: u64 = 50_000_000;
-const CALL_LIMIT: u64 = 3_000_000;
+const PROBE_SLICE: u64 = 50_000_000 * super::backend::TICK_SCALE;
+const CALL_LIMIT: u64 = 3_000_000 * super::backend::TICK_SCALE;
 
 /// The guest-physical address width of this CPU (the guest's too: CPUID is not virtualized).
 fn physical_address_bits() -> u32 {

@@ -12,7 +12,7 @@ use pgm::manager::DirtyLogMode;
 
 use super::{gpa, TestResult, CODE, PC_RAM};
 use crate::arch::guests::programs;
-use crate::arch::vmx::GuestRegisters;
+use crate::arch::registers::GuestRegisters;
 use crate::machine::{self, Next, RunEnd};
 use crate::migration::{self, Source, Target};
 use crate::precopy::{Ending, PreCopy};
@@ -26,11 +26,11 @@ const AREA: u64 = 0x20_0000;
 const AREA_BYTES: u64 = 64 * 4096;
 /// Rounds of the guest's loop (about 19 instructions each): several times what the pre-copy's
 /// full copy and its rounds take at one slice each.
-const ITERATIONS: u64 = 300_000;
+const ITERATIONS: u64 = 300_000 * super::backend::TICK_SCALE;
 const SEED: u64 = 0x2545_F491;
 /// Each vCPU's budget: slices of 10^5 ticks, the pre-copy taking a step between two.
 const BUDGET: Budget = Budget {
-    slice: 100_000,
+    slice: 100_000 * super::backend::TICK_SCALE,
     ..Budget::DEFAULT
 };
 
@@ -44,7 +44,7 @@ struct Outcome {
 
 /// A VM with the guest loaded, its budget set.
 fn loaded_vm(host: &'static Host) -> Result<Vcpu<'static>, String> {
-    let vmx = host.vmx().map_err(|e| format!("{e}"))?;
+    let vmx = host.virt().map_err(|e| format!("{e}"))?;
     let mut vm = Vcpu::new_machine(vmx, &host.phys, &PC_RAM, false, &MachineSpec::default())
         .map_err(|e| format!("VM creation: {e}"))?;
     let regs = GuestRegisters {

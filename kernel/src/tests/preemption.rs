@@ -17,9 +17,8 @@ use super::{gpa, new_vm, run_one, run_program, stopped, TestResult, XorShift, CO
 use crate::arch::guests::{programs, GuestMode, GuestProgram};
 use crate::arch::idt;
 use crate::arch::memory::{self, frames_in_use_outside_heap};
+use crate::arch::registers::GuestRegisters;
 use crate::arch::ticks;
-use crate::arch::vmx::exits::exit_reason;
-use crate::arch::vmx::GuestRegisters;
 use crate::println;
 use crate::vm::budget::{host_deadline_hit, Budget, DEFAULT_LIMIT};
 use crate::vm::exits::ExitCounts;
@@ -27,14 +26,18 @@ use crate::vm::requests::{kick_on_timer, Request, VcpuRequests};
 use crate::vm::{StopCause, Vcpu, VmStop};
 use crate::Host;
 
-/// The VMX-preemption timer's basic exit reason.
+/// What the tests' slices, limits and kick delays (set for Bochs, whose TSC counts
+/// instructions) are multiplied by on this backend, so that each stays well above the run
+/// timer's lateness there ([`LATENESS`]).
+const SCALE: u64 = super::backend::TICK_SCALE;
 /// The slice of the spinning guests, and how often they are resumed before their limit.
-const SLICE: u64 = 200_000;
+const SLICE: u64 = 200_000 * SCALE;
 const RESUMES: u64 = 3;
-/// How far past a deadline a run may end: the exit that notices it and the way back out.
-const LATENESS: u64 = 20_000;
-/// APIC timer ticks after which the kick tests' timer fires.
-const KICK_AFTER: u32 = 300_000;
+/// How far past a deadline a run may end: the exit that notices it and the way back out, and
+/// the run timer's own lateness on this backend.
+const LATENESS: u64 = super::backend::RUN_LATENESS;
+/// TSC ticks after which the kick tests' timer fires.
+const KICK_AFTER: u64 = 300_000 * SCALE;
 
 /// Registers no spinning guest touches: each a different 64-bit pattern.
 fn marked_registers() -> GuestRegisters {
@@ -111,11 +114,7 @@ fn spinning_guest_is_preempted_then_stopped(host: &'static Host, mode: GuestMode
     let diagnostic = stopped(vm.run())?;
     ensure_eq!(diagnostic.cause, StopCause::TimeBudget, "cause");
     ensure_eq!(diagnostic.rip, rip, "RIP");
-    ensure_eq!(
-        diagnostic.exit_reason,
-        exit_reason::PREEMPTION_TIMER,
-        "exit reason"
-    );
+    ensure_eq!(diagnostic.exit_reason, super::backend::RUN_TIMER, "exit reason");
     within(diagnostic.ticks, limit, "the VM")?;
     ensure_eq!(
         vm.exits.total,
@@ -155,8 +154,8 @@ fn run_through_preemptions(vm: &mut Vcpu<'static>, most: u64) -> Result<(VmStop,
 /// A guest counting in registers ends with the same registers and RIP whether it runs
 /// straight through or is preempted more than 100 times.
 pub fn counting_guest_preempted_100_times_ends_with_the_exact_count(host: &'static Host) -> TestResult {
-    const COUNT: u64 = 1_000_000;
-    const COUNT_SLICE: u64 = 20_000;
+    const COUNT: u64 = 1_000_000 * SCALE;
+    const COUNT_SLICE: u64 = 20_000 * SCALE;
     let start = |vm: &mut Vcpu<'static>| {
         let regs = GuestRegisters {
             rcx: COUNT,
@@ -218,8 +217,11 @@ pub fn rep_stosb_longer_than_its_budget_is_preempted_then_stopped(host: &'static
     const START: u64 = 0x20_0000;
     const BYTES: u64 = 8 << 20;
     const VALUE: u8 = 0xA5;
-    const FILL_SLICE: u64 = 1_000_000;
-    const FILL_LIMIT: u64 = 4_000_000;
+    // Scaled less than the other tests: the fill (8 MiB, all the RAM there is) must outlast
+    // its limit on this backend too.
+    const FILL_SCALE: u64 = SCALE.div_ceil(20);
+    const FILL_SLICE: u64 = 1_000_000 * FILL_SCALE;
+    const FILL_LIMIT: u64 = 4_000_000 * FILL_SCALE;
     let mut vm = new_vm(host, &PC_RAM)?;
     let regs = GuestRegisters {
         rax: u64::from(VALUE),
@@ -281,9 +283,9 @@ fn runs_to_the_time_limit(vm: &mut Vcpu<'static>, limit: u64, what: &str) -> Res
 /// A PAUSE loop gives up its slice (PAUSE-loop exiting) where the CPU offers it, and is
 /// stopped at its limit in any case.
 pub fn pause_loop_yields_and_is_stopped_at_its_limit(host: &'static Host) -> TestResult {
-    const PAUSE_SLICE: u64 = 2_000_000;
-    const PAUSE_LIMIT: u64 = 1_000_000;
-    let vmx = host.vmx().map_err(|e| format!("{e}"))?;
+    const PAUSE_SLICE: u64 = 2_000_000 * SCALE;
+    const PAUSE_LIMIT: u64 = 1_000_000 * SCALE;
+    let vmx = host.virt().map_err(|e| format!("{e}"))?;
     let mut vm = new_vm(host, &PC_RAM)?;
     vm.start(&programs::pause_loop(), CODE, GuestRegisters::default())
         .map_err(|e| format!("{e}"))?;
@@ -307,8 +309,10 @@ pub fn pause_loop_yields_and_is_stopped_at_its_limit(host: &'static Host) -> Tes
             "the PAUSE loop without PAUSE-loop exiting",
         )?;
     }
-    vm.set_budget(Budget::sliced(PAUSE_SLICE, PAUSE_LIMIT));
-    let runs = runs_to_the_time_limit(&mut vm, PAUSE_LIMIT, "the PAUSE loop")?;
+    // The limit counts from here (without PAUSE-loop exiting the first run took a slice).
+    let limit = vm.ticks_used() + PAUSE_LIMIT;
+    vm.set_budget(Budget::sliced(PAUSE_SLICE, limit));
+    let runs = runs_to_the_time_limit(&mut vm, limit, "the PAUSE loop")?;
     println!(
         "  {runs} more runs to the limit, {} PAUSE-loop exits",
         vm.exits.pause_loops
@@ -319,8 +323,8 @@ pub fn pause_loop_yields_and_is_stopped_at_its_limit(host: &'static Host) -> Tes
 /// MONITOR and MWAIT exit and complete at once, so a wait loop spins through its slice and is
 /// stopped at its limit.
 pub fn monitor_mwait_loop_is_bounded_by_its_budget(host: &'static Host) -> TestResult {
-    const WAIT_SLICE: u64 = 500_000;
-    const WAIT_LIMIT: u64 = 1_250_000;
+    const WAIT_SLICE: u64 = 500_000 * SCALE;
+    const WAIT_LIMIT: u64 = 1_250_000 * SCALE;
     let mut vm = new_vm(host, &PC_RAM)?;
     let regs = GuestRegisters {
         rsi: 0x9000,
@@ -343,11 +347,21 @@ pub fn monitor_mwait_loop_is_bounded_by_its_budget(host: &'static Host) -> TestR
     Ok(())
 }
 
-/// Arms the host timer to post `request` to `requests` after `count` APIC timer ticks.
-fn kick_after(requests: &Arc<VcpuRequests>, request: Request, count: u32) -> TestResult {
+/// The host timer interrupts `vm`'s preemptions took so far: none where the backend has a
+/// timer of its own (VMX), one each where the run timer is the host's (SVM).
+fn run_timer_interrupts(vm: &Vcpu<'_>) -> u64 {
+    if super::backend::RUN_TIMER_IS_THE_HOSTS {
+        vm.exits.preemption_timer
+    } else {
+        0
+    }
+}
+
+/// Arms the host timer to post `request` to `requests` after `ticks` TSC ticks.
+fn kick_after(requests: &Arc<VcpuRequests>, request: Request, ticks: u64) -> TestResult {
     ensure!(
-        kick_on_timer(requests, request, count),
-        "the host has no local APIC timer (x2APIC)"
+        kick_on_timer(requests, request, ticks),
+        "the host has no local APIC timer"
     );
     Ok(())
 }
@@ -358,7 +372,7 @@ fn kick_after(requests: &Arc<VcpuRequests>, request: Request, count: u32) -> Tes
 /// keeps host interrupts masked for a guest entered with IF clear (it decides the masking
 /// before it marks the CPU as in the guest), which hardware does not (see the next test).
 pub fn host_timer_kicks_a_running_vcpu(host: &'static Host) -> TestResult {
-    const LONG_SLICE: u64 = 50_000_000;
+    const LONG_SLICE: u64 = 50_000_000 * SCALE;
     let mut vm = new_vm(host, &PC_RAM)?;
     vm.start(&programs::spin_interrupts_on(), CODE, marked_registers())
         .map_err(|e| format!("{e}"))?;
@@ -371,16 +385,28 @@ pub fn host_timer_kicks_a_running_vcpu(host: &'static Host) -> TestResult {
     let took = vm.ticks_used();
     println!("  kicked out after {took} ticks (timer armed for {KICK_AFTER})");
     ensure!(took < LONG_SLICE / 10, "the kick took {took} ticks");
-    ensure_eq!(idt::timer_interrupts(), interrupts + 1, "host timer interrupts");
+    ensure_eq!(
+        idt::timer_interrupts(),
+        interrupts + 1 + run_timer_interrupts(&vm),
+        "host timer interrupts"
+    );
     ensure_eq!(vm.exits.external_interrupts, 1, "external-interrupt exits");
     ensure_eq!(*vm.regs(), marked_registers(), "registers");
     let invepts = vm.exits.invepts;
-    vm.set_budget(Budget::sliced(2 * u64::from(KICK_AFTER), DEFAULT_LIMIT));
+    vm.set_budget(Budget::sliced(2 * KICK_AFTER, DEFAULT_LIMIT));
     kick_after(&requests, Request::FLUSH, KICK_AFTER)?;
     ensure_eq!(vm.run(), VmStop::Preempted { rip }, "after a flush request");
     ensure_eq!(vm.exits.invepts, invepts + 1, "INVEPTs");
-    ensure_eq!(vm.exits.external_interrupts, 2, "external-interrupt exits");
-    ensure_eq!(idt::timer_interrupts(), interrupts + 2, "host timer interrupts");
+    ensure!(
+        vm.exits.external_interrupts == 2,
+        "external-interrupt exits: {:?}",
+        vm.exits
+    );
+    ensure_eq!(
+        idt::timer_interrupts(),
+        interrupts + 2 + run_timer_interrupts(&vm),
+        "host timer interrupts"
+    );
     ensure!(requests.take().is_none(), "a request was left over");
     Ok(())
 }
@@ -390,7 +416,7 @@ pub fn host_timer_kicks_a_running_vcpu(host: &'static Host) -> TestResult {
 /// request ends the run no later than the slice would have.
 pub fn a_kick_is_taken_by_the_end_of_the_slice_at_the_latest(host: &'static Host) -> TestResult {
     let (mut vm, rip) = spinning_vm(host, GuestMode::Flat32)?;
-    let slice = 4 * u64::from(KICK_AFTER);
+    let slice = 4 * KICK_AFTER;
     vm.set_budget(Budget::sliced(slice, DEFAULT_LIMIT));
     let interrupts = idt::timer_interrupts();
     kick_after(&vm.requests(), Request::STOP, KICK_AFTER)?;
@@ -402,7 +428,11 @@ pub fn a_kick_is_taken_by_the_end_of_the_slice_at_the_latest(host: &'static Host
         vm.exits.external_interrupts
     );
     ensure!(took <= slice + LATENESS, "the kick took {took} ticks");
-    ensure_eq!(idt::timer_interrupts(), interrupts + 1, "host timer interrupts");
+    ensure_eq!(
+        idt::timer_interrupts(),
+        interrupts + 1 + run_timer_interrupts(&vm),
+        "host timer interrupts"
+    );
     ensure_eq!(*vm.regs(), marked_registers(), "registers");
     Ok(())
 }
@@ -417,7 +447,7 @@ fn waits_for_a_spinning_guest(host: &'static Host) -> TestResult {
 /// The harness stops a test's guest at the test's budget, fails the test by name with that
 /// reason, and goes on with the outer test's own deadline intact.
 pub fn a_test_that_outlives_its_budget_is_failed_and_the_run_goes_on(host: &'static Host) -> TestResult {
-    const INNER_BUDGET: u64 = 3_000_000;
+    const INNER_BUDGET: u64 = 3_000_000 * SCALE;
     let start = ticks();
     let result = run_one(
         host,
@@ -436,7 +466,7 @@ pub fn a_test_that_outlives_its_budget_is_failed_and_the_run_goes_on(host: &'sta
     );
     // The inner test's VM is torn down after the deadline stopped it.
     ensure!(
-        took < INNER_BUDGET + INNER_BUDGET / 10,
+        took < INNER_BUDGET + INNER_BUDGET / 10 + LATENESS,
         "the inner test took {took} ticks"
     );
     ensure!(!host_deadline_hit(), "the outer deadline was reported hit");
@@ -514,7 +544,7 @@ pub fn random_instruction_bytes_end_within_budget(host: &'static Host) -> TestRe
         &[0xEE],
     ];
     const DICTIONARY_INSERTS: usize = 4;
-    const RANDOM_BUDGET: u64 = 400_000;
+    const RANDOM_BUDGET: u64 = 400_000 * SCALE;
     const SEED: u64 = 0x0BAD_C0DE_5EED_1234;
     // An audit of the 16 MiB PC costs a few million ticks: every 8th program is audited.
     const AUDIT_EVERY: u64 = 8;
@@ -551,8 +581,9 @@ pub fn random_instruction_bytes_end_within_budget(host: &'static Host) -> TestRe
         let stop = pc.vm.run_with(&mut device);
         let took = pc.vm.ticks_used();
         ensure!(
-            took <= RANDOM_BUDGET + LATENESS,
-            "program {index} ({mode:?}, bytes {code:02x?}) ran {took} ticks: {stop:?}"
+            took <= RANDOM_BUDGET + super::backend::RANDOM_CODE_LATENESS,
+            "program {index} ({mode:?}, bytes {code:02x?}) ran {took} ticks: {stop:?}; exits {:?}",
+            pc.vm.exits
         );
         *tally.entry(outcome_name(&stop)).or_default() += 1;
         // The guest's input may not reach a state VM entry refuses: that would be ours.

@@ -18,9 +18,9 @@ use super::hostile::audit_memory;
 use super::{gpa, new_vm, run_program, stopped, TestResult, CODE, PC_RAM};
 use crate::arch::guests::{programs, GuestMode, GuestProgram};
 use crate::arch::memory::is_allocated;
+use crate::arch::registers::GuestRegisters;
 use crate::arch::smp::{self, this_cpu, Task};
 use crate::arch::ticks;
-use crate::arch::vmx::GuestRegisters;
 use crate::vm::budget::{Budget, DEFAULT_LIMIT};
 use crate::vm::exits::{ExitCosts, ExitKind};
 use crate::vm::{NoDevices, StopCause, Vcpu, VmMemory, VmStop};
@@ -134,7 +134,7 @@ pub fn a_vcpu_refuses_to_run_on_another_cpu(host: &'static Host) -> TestResult {
     let memory = vm.memory();
     // A vCPU made on CPU 1 and handed back to CPU 0 must not run there.
     let task = smp::spawn_on(cpu, move || -> Result<Vcpu<'static>, String> {
-        let vmx = host.vmx().map_err(|e| format!("{e}"))?;
+        let vmx = host.virt().map_err(|e| format!("{e}"))?;
         Vcpu::new_vcpu(vmx, memory, &host.phys).map_err(|e| format!("second vCPU: {e}"))
     })
     .map_err(|e| format!("{e}"))?;
@@ -284,7 +284,7 @@ fn run_vcpu_on(
     mut devices: impl AccessHandlers + Send + 'static,
 ) -> Result<VcpuTask, String> {
     smp::spawn_on(cpu, move || {
-        let vmx = host.vmx().map_err(|e| format!("{e}"))?;
+        let vmx = host.virt().map_err(|e| format!("{e}"))?;
         let mut vcpu = Vcpu::new_vcpu(vmx, memory, &host.phys).map_err(|e| format!("second vCPU: {e}"))?;
         vcpu.start(&(what.program)(), what.at, what.regs)
             .map_err(|e| format!("start: {e}"))?;
@@ -765,7 +765,7 @@ pub fn reset_of_a_two_vcpu_vm_parks_both_and_they_run_on(host: &'static Host) ->
     let published: Arc<Once<()>> = Arc::new(Once::new());
     let ready = Arc::clone(&published);
     let other = smp::spawn_on(cpu, move || -> Result<VmStop, String> {
-        let vmx = host.vmx().map_err(|e| format!("{e}"))?;
+        let vmx = host.virt().map_err(|e| format!("{e}"))?;
         let mut vcpu = Vcpu::new_vcpu(vmx, memory, &host.phys).map_err(|e| format!("second vCPU: {e}"))?;
         vcpu.enter_at(GuestMode::Flat32, ROM_BASE, 0, setup.regs(0x1234_5678, 0))
             .map_err(|e| format!("entry: {e}"))?;
@@ -966,7 +966,7 @@ pub fn init_and_startup_ipis_start_an_application_processor(host: &'static Host)
     let ready = Arc::new(AtomicUsize::new(0));
     let arrived = Arc::clone(&ready);
     let ap = smp::spawn_on(cpu, move || {
-        let vmx = host.vmx().map_err(|e| format!("{e}"))?;
+        let vmx = host.virt().map_err(|e| format!("{e}"))?;
         let mut vcpu = Vcpu::new_vcpu(vmx, memory, &host.phys).map_err(|e| format!("AP: {e}"))?;
         vcpu.wait_for_startup();
         rendezvous(&arrived)?;

@@ -16,7 +16,7 @@ use super::pc::{self, apply, pc, read_u32, read_u64, write_address_list, Above4G
 use super::{gpa, stopped, TestResult, XorShift, CODE};
 use crate::arch::guests::{programs, GuestProgram};
 use crate::arch::memory::frames_in_use_outside_heap;
-use crate::arch::vmx::GuestRegisters;
+use crate::arch::registers::GuestRegisters;
 use crate::vm::{StopCause, Vcpu, VmStop};
 use crate::Host;
 

@@ -9,7 +9,7 @@ use core::fmt;
 
 use pgm::{Access, GuestPhysAddr};
 
-pub use crate::arch::vmx::GuestRegisters;
+pub use crate::arch::registers::GuestRegisters;
 
 /// Which way a port access goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,11 +75,13 @@ pub enum VmExit {
     Hypercall,
     /// MOV to CR8 of the value in general-purpose register `register` (the task priority:
     /// the local APIC's, which the hypervisor emulates).
+    #[cfg_attr(feature = "svm", allow(dead_code))] // VMX's only
     TprWrite {
         /// The source register (0 = RAX … 15 = R15).
         register: u8,
     },
     /// MOV from CR8 into general-purpose register `register`.
+    #[cfg_attr(feature = "svm", allow(dead_code))] // VMX's only
     TprRead {
         /// The destination register.
         register: u8,
@@ -110,6 +112,7 @@ pub enum VmExit {
         error_code: Option<u32>,
     },
     /// The CPU's log of written pages is full (see [`VirtualCpu::drain_dirty_log`]).
+    #[cfg_attr(feature = "svm", allow(dead_code))] // VMX's only
     DirtyLogFull,
     /// The guest shut down (triple fault).
     Shutdown,
@@ -227,6 +230,7 @@ pub enum EventKind {
     /// INT n.
     SoftwareInterrupt,
     /// INT1 (ICEBP).
+    #[cfg_attr(feature = "svm", allow(dead_code))] // VMX's only
     PrivilegedSoftwareException,
     /// INT3 or INTO.
     SoftwareException,

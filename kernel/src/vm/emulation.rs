@@ -169,18 +169,32 @@ impl Vcpu<'_> {
         stop
     }
 
-    /// A #UD the guest raised, intercepted because the guest is told it runs on AMD while the
-    /// host is Intel (`MachineSpec::vendor`): a SYSCALL outside 64-bit code, which AMD CPUs run
-    /// and Intel CPUs refuse, is carried out as AMD's would; anything else gets its #UD.
+    /// A #UD the guest raised (always intercepted). Carried out instead: the other vendor's
+    /// hypercall instruction, and, when the guest is told it runs on AMD while the host is
+    /// Intel (`MachineSpec::vendor`), a SYSCALL outside 64-bit code, which AMD CPUs run and
+    /// Intel CPUs refuse, as AMD's would. Anything else gets its #UD.
     pub(super) fn handle_invalid_opcode(&mut self) -> Option<VmStop> {
         let done = match self.instruction_at_rip() {
             Err((StopCause::UnhandledExit, bytes)) => {
                 return self.stop_emulation(StopCause::UnhandledExit, bytes)
             }
             Ok((state, instruction, _))
-                if instruction.mnemonic() == Mnemonic::Syscall && state.efer & EFER_SCE != 0 =>
+                if instruction.mnemonic() == Mnemonic::Syscall
+                    && state.efer & EFER_SCE != 0
+                    && self.memory.devices.emulates_syscall =>
             {
                 self.emulate_syscall(&state, instruction.next_ip())
+            }
+            // The other vendor's hypercall instruction (VMCALL on AMD, VMMCALL on Intel), which
+            // the CPU refuses: a hypercall all the same, as KVM answers it, so that a guest
+            // need not know which CPU runs it.
+            Ok((_, instruction, _))
+                if matches!(instruction.mnemonic(), Mnemonic::Vmcall | Mnemonic::Vmmcall) =>
+            {
+                return match self.cpu.set_rip_and_flags(instruction.next_ip(), None) {
+                    Ok(()) => self.hypercall(),
+                    Err(_) => self.stop_emulation(StopCause::UnhandledExit, InstructionBytes::default()),
+                };
             }
             // Anything else, or an instruction that cannot be read or decoded: its #UD.
             _ => {

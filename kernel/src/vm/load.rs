@@ -13,7 +13,7 @@ use pgm::GuestPhysAddr;
 use super::backend::{Segment, SegmentState, VirtualCpu};
 use super::{Vcpu, VmError};
 use crate::arch::guests::GuestMode;
-use crate::arch::vmx::GuestRegisters;
+use crate::arch::registers::GuestRegisters;
 
 /// Why a guest could not be loaded.
 #[derive(Debug)]

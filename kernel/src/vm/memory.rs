@@ -25,18 +25,18 @@ use brlock::{BrLock, ReadGuard, WriteGuard};
 use spin::Mutex;
 
 use pgm::manager::DirtyLogMode;
-use pgm::{Access, FaultOutcome, GuestPhysAddr, Invalidation, Pgm, PgmError};
+use pgm::{Access, FaultOutcome, GuestPhysAddr, HostPhysAddr, Invalidation, Pgm, PgmError};
 
 use super::devices::VmDevices;
 use super::exits::ExitCost;
 use super::requests::{Request, VcpuRequests};
 use crate::arch::memory::{KernelFrames, PhysMap};
 use crate::arch::smp::{self, this_cpu};
-use crate::arch::vmx::{self, InveptType, VmxError};
+use crate::arch::virt;
 use crate::arch::{idt, ticks};
 
 /// The memory manager type of a kernel VM.
-pub type KernelPgm = Pgm<KernelFrames, &'static PhysMap>;
+pub type KernelPgm = Pgm<KernelFrames, &'static PhysMap, virt::Format>;
 
 /// Ticks between two kicks of a vCPU that has not yet parked for a rendezvous: a kick that
 /// reached its CPU just before a VM entry was taken in the host and did not make the guest
@@ -49,7 +49,8 @@ pub struct VmMemory {
     /// Gives its frames back when dropped, after `Drop for VmMemory` flushed every CPU.
     /// One reader slot and one written log per host CPU (a vCPU uses its CPU's).
     pgm: BrLock<KernelPgm>,
-    eptp: u64,
+    /// The root of the VM's nested tables (what the EPT pointer or nCR3 names).
+    nested_root: HostPhysAddr,
     /// Bit `i`: host CPU `i` may cache translations of this VM: it entered a vCPU of the VM
     /// (set before the entry) and has not been flushed since while not running one. A CPU
     /// whose bit is clear flushes before its next entry.
@@ -108,7 +109,7 @@ impl VmMemory {
         let cpus = smp::cpus().len();
         pgm.set_lock_free_vcpus(cpus);
         VmMemory {
-            eptp: pgm::ept::pointer(pgm.nested_root(), false),
+            nested_root: pgm.nested_root(),
             pgm: BrLock::new(pgm, cpus),
             ran_on: AtomicU64::new(0),
             running_on: AtomicU64::new(0),
@@ -151,9 +152,9 @@ impl VmMemory {
         self.pml_logging.load(Ordering::Relaxed)
     }
 
-    /// The EPT pointer every vCPU of the VM uses.
-    pub(super) fn eptp(&self) -> u64 {
-        self.eptp
+    /// The root of the nested tables every vCPU of the VM uses.
+    pub(super) fn nested_root(&self) -> HostPhysAddr {
+        self.nested_root
     }
 
     /// Locks the memory manager. Locking: the VM's one lock; taken by a vCPU for each EPT
@@ -193,18 +194,18 @@ impl VmMemory {
     /// the next complete one, since this CPU may still cache their translations. Locking: the
     /// VM's flushes are serialised; takes the VM's lock twice, briefly; never call it with the
     /// lock held.
-    pub fn flush(&self, invalidation: Invalidation) -> Result<(), VmxError> {
+    pub fn flush(&self, invalidation: Invalidation) -> Result<(), virt::Error> {
         let local = match invalidation {
             Invalidation::None => return Ok(()),
             Invalidation::OtherCpus => None,
-            Invalidation::SingleContext => Some(InveptType::SingleContext),
-            Invalidation::AllContexts => Some(InveptType::AllContexts),
+            Invalidation::SingleContext => Some(Some(self.nested_root)),
+            Invalidation::AllContexts => Some(None),
         };
         let _serial = self.flushing.lock();
         let ticket = local.map(|_| self.lock().begin_tlb_flush());
         let me = this_cpu();
         let flushed_here = match local {
-            Some(kind) => me.vmx().and_then(|vmx| vmx::invept(vmx, kind, self.eptp)),
+            Some(root) => me.virt().and_then(|on| virt::flush_this_cpu(on, root)),
             None => Ok(()),
         };
         let others = self.ran_on.load(Ordering::SeqCst) & !(1 << me.index);
@@ -241,7 +242,7 @@ impl VmMemory {
     /// Records that the calling CPU `cpu` is about to enter a vCPU of this VM, before the
     /// entry, so that a change made after this flushes it too. A CPU that was not in the set
     /// may still cache translations from before it left it: it flushes them first.
-    pub(super) fn entering_on(&self, cpu: usize) -> Result<(), VmxError> {
+    pub(super) fn entering_on(&self, cpu: usize) -> Result<(), virt::Error> {
         let bit = 1 << cpu;
         if self.ran_on.load(Ordering::Relaxed) & bit != 0 {
             return Ok(());
@@ -250,8 +251,8 @@ impl VmMemory {
             return Ok(());
         }
         this_cpu()
-            .vmx()
-            .and_then(|vmx| vmx::invept(vmx, InveptType::SingleContext, self.eptp))
+            .virt()
+            .and_then(|on| virt::flush_this_cpu(on, Some(self.nested_root)))
     }
 
     /// The host CPUs that may cache the VM's translations (see `ran_on`).
@@ -403,8 +404,8 @@ impl Drop for VmMemory {
     /// then gives back every frame its memory used.
     fn drop(&mut self) {
         let everywhere = self.ran_on.load(Ordering::SeqCst);
-        if let Ok(vmx) = this_cpu().vmx() {
-            let _ = vmx::invept(vmx, InveptType::SingleContext, self.eptp);
+        if let Ok(on) = this_cpu().virt() {
+            let _ = virt::flush_this_cpu(on, Some(self.nested_root));
         }
         if everywhere & !(1 << this_cpu().index) != 0 {
             smp::flush_ept_on(everywhere);

@@ -28,7 +28,7 @@ use core::fmt;
 use pgm::manager::{AccessHandlers, HandlerAction};
 use pgm::{Access, GuestPhysAddr, PgmError};
 
-use crate::arch::vmx::VmxError;
+use crate::arch::virt;
 use backend::BackendError;
 #[cfg_attr(not(feature = "kernel-tests"), allow(unused_imports))]
 pub use exits::{exit_costs_of_finished_vms, overrun_of_finished_vms};
@@ -73,9 +73,9 @@ impl AccessHandlers for NoDevices {
 pub enum VmError {
     /// The memory manager refused (bad range, no frames).
     Memory(PgmError),
-    /// The virtualization backend could not make the vCPU (a VMX instruction failed, a control
-    /// is unsupported).
-    Vmx(VmxError),
+    /// The virtualization backend could not make the vCPU (a VMX or SVM instruction failed, a
+    /// control is unsupported).
+    Virt(virt::Error),
     /// The backend failed a request for the new vCPU.
     Backend(BackendError),
     /// A device could not be placed on the VM's bus.
@@ -88,7 +88,7 @@ impl fmt::Display for VmError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             VmError::Memory(error) => write!(f, "memory: {error}"),
-            VmError::Vmx(error) => write!(f, "{error}"),
+            VmError::Virt(error) => write!(f, "{error}"),
             VmError::Backend(error) => write!(f, "{error}"),
             VmError::Devices(error) => write!(f, "devices: {error}"),
             VmError::TooManyVcpus => write!(f, "the VM has its 64 vCPUs already"),
@@ -108,8 +108,8 @@ impl From<BackendError> for VmError {
     }
 }
 
-impl From<VmxError> for VmError {
-    fn from(error: VmxError) -> Self {
-        VmError::Vmx(error)
+impl From<virt::Error> for VmError {
+    fn from(error: virt::Error) -> Self {
+        VmError::Virt(error)
     }
 }

@@ -52,20 +52,23 @@ impl VcpuRequests {
 /// What the host timer posts, and to whom, when it fires.
 static TIMER_KICK: Mutex<Option<(Arc<VcpuRequests>, Request)>> = Mutex::new(None);
 
-/// Arms the host's one-shot timer to post `request` to `target` after `count` APIC timer ticks
-/// and so kick the vCPU out of the guest if it is running. `false` when the host has no usable
+/// Arms the host's one-shot timer to post `request` to `target` after `ticks` TSC ticks and
+/// so kick the vCPU out of the guest if it is running. `false` when the host has no usable
 /// local APIC timer (nothing is armed).
-pub fn kick_on_timer(target: &Arc<VcpuRequests>, request: Request, count: u32) -> bool {
+pub fn kick_on_timer(target: &Arc<VcpuRequests>, request: Request, ticks: u64) -> bool {
     if !apic::available() {
         return false;
     }
     *TIMER_KICK.lock() = Some((Arc::clone(target), request));
-    apic::arm_timer(count);
-    true
+    apic::arm_kick(ticks)
 }
 
-/// Called by the host timer's interrupt handler: posts the armed request once.
+/// Called by the host timer's interrupt handler: posts the armed request once, when the kick
+/// is due (the interrupt may be a run timer's).
 pub fn host_timer_fired() {
+    if !apic::kick_due() {
+        return;
+    }
     // The handler runs only where the host opened an interrupt window, never while this lock
     // is held; `try_lock` keeps even a mistaken window from deadlocking.
     if let Some(mut kick) = TIMER_KICK.try_lock() {

@@ -27,10 +27,10 @@ use crate::arch::memory::{KernelFrames, PhysMap};
 use crate::arch::smp::this_cpu;
 use crate::arch::ticks;
 use crate::arch::vector::VectorState;
-use crate::arch::vmx::{VmxOn, VmxVcpu};
+use crate::arch::virt;
 
 /// The backend a vCPU runs on.
-pub(super) type Backend<'a> = VmxVcpu<'a>;
+pub(super) type Backend<'a> = virt::Vcpu<'a>;
 
 /// RFLAGS.IF.
 const RFLAGS_IF: u64 = 1 << 9;
@@ -125,14 +125,14 @@ pub struct Vcpu<'a> {
 impl<'a> Vcpu<'a> {
     /// Creates a VM whose RAM is the `(base, size)` ranges, and its first vCPU on the calling
     /// CPU, ready for [`Vcpu::start`]. On error every frame taken so far is given back.
-    pub fn new(vmx: &'a VmxOn, phys: &'static PhysMap, ram: &[(u64, u64)]) -> Result<Vcpu<'a>, VmError> {
+    pub fn new(vmx: &'a virt::On, phys: &'static PhysMap, ram: &[(u64, u64)]) -> Result<Vcpu<'a>, VmError> {
         Vcpu::new_with(vmx, phys, ram, true)
     }
 
     /// [`Vcpu::new`] with 2 MiB pages on (pgm's default) or off (`large_pages`: every page is
     /// mapped and filled at 4 KiB, as tests that count pages and faults one by one expect).
     pub fn new_with(
-        vmx: &'a VmxOn,
+        vmx: &'a virt::On,
         phys: &'static PhysMap,
         ram: &[(u64, u64)],
         large_pages: bool,
@@ -143,7 +143,7 @@ impl<'a> Vcpu<'a> {
     /// [`Vcpu::new_with`] for a machine described by `spec` (its name and vCPU count, which
     /// its devices report).
     pub fn new_machine(
-        vmx: &'a VmxOn,
+        vmx: &'a virt::On,
         phys: &'static PhysMap,
         ram: &[(u64, u64)],
         large_pages: bool,
@@ -156,7 +156,7 @@ impl<'a> Vcpu<'a> {
     /// from the same `spec` and `ram` (a migration's destination; its vCPUs then take their
     /// own with [`Vcpu::restore`]).
     pub fn new_machine_from(
-        vmx: &'a VmxOn,
+        vmx: &'a virt::On,
         phys: &'static PhysMap,
         ram: &[(u64, u64)],
         large_pages: bool,
@@ -205,11 +205,11 @@ impl<'a> Vcpu<'a> {
     /// Adds a vCPU on the calling CPU to the VM whose memory is `memory` (see
     /// [`Vcpu::memory`]).
     pub fn new_vcpu(
-        vmx: &'a VmxOn,
+        vmx: &'a virt::On,
         memory: Arc<VmMemory>,
         phys: &'static PhysMap,
     ) -> Result<Vcpu<'a>, VmError> {
-        let cpu = VmxVcpu::new(vmx, phys, memory.eptp())?;
+        let cpu = virt::Vcpu::new(vmx, phys, memory.nested_root())?;
         let requests = Arc::new(VcpuRequests::default());
         let index = memory.add_vcpu(cpu.host_cpu(), &requests);
         let msrs = MsrState::new(index, memory.devices.phys_bits);
@@ -245,9 +245,9 @@ impl<'a> Vcpu<'a> {
         if !has_apic {
             return Err(VmError::TooManyVcpus);
         }
-        if vcpu.memory.devices.emulates_syscall {
-            vcpu.cpu.set_exception_exiting(vector::UD, true)?;
-        }
+        // #UD exits: the other vendor's hypercall instruction, and SYSCALL where the CPU
+        // refuses what the guest's vendor allows, are carried out (see `handle_invalid_opcode`).
+        vcpu.cpu.set_exception_exiting(vector::UD, true)?;
         // The root frame may have served an earlier VM with the same EPTP value and VPID: drop
         // whatever the CPU still caches for it.
         vcpu.invalidate(Invalidation::SingleContext)?;
@@ -672,7 +672,7 @@ impl<'a> Vcpu<'a> {
             // The exception bitmap is empty: an exception exit is unexpected.
             VmExit::Exception {
                 vector: vector::UD, ..
-            } if self.memory.devices.emulates_syscall => self.handle_invalid_opcode(),
+            } => self.handle_invalid_opcode(),
             VmExit::Exception { .. } | VmExit::Fatal { .. } => {
                 Some(VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit)))
             }
@@ -908,10 +908,16 @@ impl<'a> Vcpu<'a> {
     /// hypercalls ([`MachineSpec::test_hypercalls`]) answers every VMCALL as KVM answers an
     /// unknown one: -1000 (-KVM_ENOSYS) in RAX.
     fn handle_hypercall(&mut self) -> Option<VmStop> {
-        self.exits.hypercalls += 1;
         if let Some(stop) = self.skip_or_stop() {
             return Some(stop);
         }
+        self.hypercall()
+    }
+
+    /// The hypercall whose instruction is done (RIP past it): see
+    /// [`handle_hypercall`](Self::handle_hypercall).
+    pub(super) fn hypercall(&mut self) -> Option<VmStop> {
+        self.exits.hypercalls += 1;
         let regs = self.cpu.regs_mut();
         if !self.memory.devices.test_hypercalls {
             regs.rax = hypercall::NO_SUCH_HYPERCALL;

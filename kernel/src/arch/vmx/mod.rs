@@ -19,6 +19,34 @@ pub use caps::{Unavailable, VmxCaps};
 pub use entry::{run_guest, GuestRegisters};
 pub use vcpu::VmxVcpu;
 
+/// The backend's name for messages.
+pub const NAME: &str = "VMX";
+
+/// The backend contract's names (see `arch::virt`).
+pub type On = VmxOn;
+/// See [`On`].
+pub type Error = VmxError;
+/// See [`On`].
+pub type Vcpu<'a> = VmxVcpu<'a>;
+/// See [`On`].
+pub type Format = pgm::Ept;
+
+/// Probes VT-x and enters VMX root operation on the calling CPU (see [`enable`]).
+pub fn enable_this_cpu(phys: &'static crate::arch::memory::PhysMap) -> Result<VmxOn, VmxError> {
+    VmxCaps::probe()
+        .map_err(VmxError::Unavailable)
+        .and_then(|caps| enable(caps, &mut crate::arch::memory::KernelFrames, &mut { phys }))
+}
+
+/// Drops the calling CPU's cached nested translations: those of the tables rooted at `root`
+/// (INVEPT single-context), or of every VM when `root` is `None` (all-context).
+pub fn flush_this_cpu(vmx: &VmxOn, root: Option<HostPhysAddr>) -> Result<(), VmxError> {
+    match root {
+        Some(root) => invept(vmx, InveptType::SingleContext, pgm::ept::pointer(root, false)),
+        None => invept(vmx, InveptType::AllContexts, 0),
+    }
+}
+
 /// IA32_FEATURE_CONTROL: lock bit and "VMX outside SMX" enable bit.
 const FEATURE_CONTROL_LOCKED: u64 = 1 << 0;
 const FEATURE_CONTROL_VMX_OUTSIDE_SMX: u64 = 1 << 2;

@@ -164,10 +164,15 @@ pub struct VmxVcpu<'a> {
 }
 
 impl<'a> VmxVcpu<'a> {
-    /// Makes a VMCS on the calling CPU for a guest whose EPT pointer is `eptp`: controls, host
+    /// Makes a VMCS on the calling CPU for a guest whose EPT tables are rooted at `nested_root`: controls, host
     /// state and the page-modification log (when the CPU has PML). On error everything taken
     /// is given back.
-    pub fn new(vmx: &'a VmxOn, phys: &'static PhysMap, eptp: u64) -> Result<VmxVcpu<'a>, VmxError> {
+    pub fn new(
+        vmx: &'a VmxOn,
+        phys: &'static PhysMap,
+        nested_root: HostPhysAddr,
+    ) -> Result<VmxVcpu<'a>, VmxError> {
+        let eptp = pgm::ept::pointer(nested_root, false);
         let msr_area = KernelFrames.allocate_frame().ok_or(VmxError::OutOfFrames)?;
         let vmcs = match Vmcs::new(vmx, &mut { phys }) {
             Ok(vmcs) => vmcs,
