@@ -34,6 +34,10 @@ pub const TICKS_PER_TIMEOUT_SECOND: u64 = 100_000_000;
 /// 2.25·10^9 ticks in 47.6 minutes, 0.8·10^6 a second, sharing the cores); the wall-clock
 /// bound of a run assumes it.
 const SLOWEST_TICKS_PER_WALL_SECOND: u64 = 1_000_000;
+/// Under QEMU's TCG (`--qemu`, the SVM backend) the TSC follows the host's clock (2.1·10^9 a
+/// second here): each upstream second of timeout is this many ticks, a little more than one
+/// wall second, and the run's wall bound allows twice the timeouts.
+pub const QEMU_TICKS_PER_TIMEOUT_SECOND: u64 = 3_000_000_000;
 
 /// One `[section]` of `unittests.cfg`.
 #[derive(Debug, Default, Clone)]
@@ -214,7 +218,13 @@ pub fn run(
     cpus: u32,
     timeout_secs: u64,
     tag: &'static str,
+    qemu: bool,
 ) -> Result<Vec<Verdict>, String> {
+    let ticks_per_second = if qemu {
+        QEMU_TICKS_PER_TIMEOUT_SECOND
+    } else {
+        TICKS_PER_TIMEOUT_SECOND
+    };
     let built = build_dir();
     let cfg = std::fs::read_to_string(built.join("x86/unittests.cfg")).map_err(|e| {
         format!(
@@ -252,7 +262,7 @@ pub fn run(
             file,
             entry.vcpus(),
             entry.memory_mib(),
-            entry.timeout_s() * TICKS_PER_TIMEOUT_SECOND,
+            entry.timeout_s() * ticks_per_second,
             entry.vendor(),
             entry.cmdline()
         );
@@ -263,9 +273,13 @@ pub fn run(
         // second, vmexit_cr4_pge's and vmexit_cr0_wp's beside another emulator) that is 100
         // wall seconds per upstream second, plus the boot; the caller's bound, when shorter,
         // wins. A run that ends sooner is not held up by it.
-        let bound =
-            timeout_secs.min(wall_seconds * (TICKS_PER_TIMEOUT_SECOND / SLOWEST_TICKS_PER_WALL_SECOND) + 120);
-        let serial = boot_with(&manifest, &files, cpus, bound, tag)?;
+        let pace = if qemu {
+            2
+        } else {
+            TICKS_PER_TIMEOUT_SECOND / SLOWEST_TICKS_PER_WALL_SECOND
+        };
+        let bound = timeout_secs.min(wall_seconds * pace + 120);
+        let serial = boot_with(&manifest, &files, cpus, bound, tag, qemu)?;
         for line in serial.lines() {
             let mut fields = line.trim_end_matches('\r').split('\t');
             if fields.next() != Some("kut-result") {
@@ -304,13 +318,15 @@ pub fn run(
         .collect())
 }
 
-/// Packs the ramdisk, boots the kernel in Bochs and returns its serial output.
+/// Packs the ramdisk, boots the kernel in Bochs (VMX) or QEMU's TCG (`qemu`: SVM) and
+/// returns its serial output.
 fn boot_with(
     manifest: &str,
     files: &BTreeMap<String, Vec<u8>>,
     cpus: u32,
     timeout_secs: u64,
     tag: &'static str,
+    qemu: bool,
 ) -> Result<String, String> {
     let mut archive_files: Vec<(String, &[u8])> = vec![("kut/manifest".into(), manifest.as_bytes())];
     for (name, bytes) in files {
@@ -319,20 +335,35 @@ fn boot_with(
     let borrowed: Vec<(&str, &[u8])> = archive_files.iter().map(|(n, b)| (n.as_str(), *b)).collect();
     let ramdisk = target_dir().join(format!("{tag}-ramdisk.tar"));
     std::fs::write(&ramdisk, loader::archive::build(&borrowed)).map_err(|e| format!("ramdisk: {e}"))?;
-    let images = image::make_images(Variant::Kut, crate::Backend::Vmx, Some(&ramdisk), tag)?;
+    let (backend, emulator) = if qemu {
+        (
+            crate::Backend::Svm,
+            Emulator::Qemu {
+                uefi: false,
+                kvm: false,
+                gdb: false,
+            },
+        )
+    } else {
+        (crate::Backend::Vmx, Emulator::Bochs)
+    };
+    let images = image::make_images(Variant::Kut, backend, Some(&ramdisk), tag)?;
     let options = RunOptions {
         image: images.bios,
         timeout_secs,
         cpus,
         megs: 256,
         ips: crate::emulator::DEFAULT_IPS,
-        serial_log: target_dir().join(format!("serial-{tag}-bochs.log")),
-        work_dir: Box::leak(format!("bochs-{tag}").into_boxed_str()),
+        serial_log: target_dir().join(format!("serial-{tag}-{}.log", emulator.name())),
+        work_dir: Box::leak(format!("{}-{tag}", emulator.name()).into_boxed_str()),
     };
-    let outcome = Emulator::Bochs.run(&options)?;
+    let outcome = emulator.run(&options)?;
     eprintln!("xtask: serial output saved in {}", options.serial_log.display());
     if outcome.timed_out {
-        eprintln!("xtask: Bochs did not finish within {timeout_secs} s; the tests without a result fail");
+        eprintln!(
+            "xtask: {} did not finish within {timeout_secs} s; the tests without a result fail",
+            emulator.name()
+        );
     }
     Ok(outcome.serial)
 }

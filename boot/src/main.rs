@@ -315,7 +315,7 @@ fn kvm_unit_tests(args: &Args) -> Result<(), String> {
             .unwrap_or_else(|_| "kut".into())
             .into_boxed_str(),
     );
-    let verdicts = kut::run(&args.names, args.cpus, args.timeout_secs, tag)?;
+    let verdicts = kut::run(&args.names, args.cpus, args.timeout_secs, tag, args.qemu)?;
     let (_, failed) = report_kut(&verdicts);
     if failed > 0 {
         return Err(format!("{failed} kvm-unit-tests entries failed"));
@@ -357,7 +357,7 @@ fn test(args: &Args) -> Result<(), String> {
         println!("kvm-unit-tests: not built here (see setup's warning): the subset is not run");
         (0, 0)
     } else {
-        match kut::run(&subset, args.cpus, args.timeout_secs, "kut-ci") {
+        match kut::run(&subset, args.cpus, args.timeout_secs, "kut-ci", false) {
             Ok(verdicts) => report_kut(&verdicts),
             Err(message) => {
                 eprintln!("xtask: kvm-unit-tests: {message}");
@@ -383,7 +383,12 @@ fn test(args: &Args) -> Result<(), String> {
     let failed = host.failed + kernel_failed + kut_failed + linux_failed;
     let kernel_lines: Vec<String> = suites
         .iter()
-        .map(|suite| format!("kernel tests ({}): {} passed, {} failed", suite.name, suite.passed, suite.failed))
+        .map(|suite| {
+            format!(
+                "kernel tests ({}): {} passed, {} failed",
+                suite.name, suite.passed, suite.failed
+            )
+        })
         .collect();
     println!(
         "host tests: {} passed, {} failed; {}; kvm-unit-tests subset: {} passed, {} failed; \
@@ -419,7 +424,11 @@ struct KernelSuite {
 /// suite's own summary line. A run that never reached its closing line counts as one failure
 /// at least.
 fn kernel_suite(args: &Args, qemu: bool) -> KernelSuite {
-    let name = if qemu { "QEMU TCG, SVM + NPT" } else { "Bochs, VT-x + EPT" };
+    let name = if qemu {
+        "QEMU TCG, SVM + NPT"
+    } else {
+        "Bochs, VT-x + EPT"
+    };
     let suite_args = Args {
         command: "test".into(),
         qemu,

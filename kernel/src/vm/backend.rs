@@ -86,6 +86,17 @@ pub enum VmExit {
         /// The destination register.
         register: u8,
     },
+    /// MOV to or from control register `cr` that the backend could not decode (SVM without
+    /// decode assists: the exit names the register but neither the general-purpose register
+    /// nor the instruction's length). The policy decodes the instruction, tells the backend
+    /// its length ([`VirtualCpu::note_instruction_length`]) and carries it out.
+    #[cfg_attr(not(feature = "svm"), allow(dead_code))] // SVM's only
+    UndecodedControlRegister {
+        /// The control register (4 or 8).
+        cr: u8,
+        /// A write (MOV to CRn), not a read.
+        write: bool,
+    },
     /// The backend handled an exit of its own (a control-register write it emulates): the
     /// loop goes round again.
     Absorbed,
@@ -395,6 +406,15 @@ pub trait VirtualCpu {
 
     /// Moves RIP past the instruction that exited.
     fn skip_instruction(&mut self) -> Result<(), BackendError>;
+
+    /// Tells the backend the length of the instruction that exited, for the exits whose
+    /// length it could not learn itself ([`VmExit::UndecodedControlRegister`]); a backend that
+    /// always knows ignores it.
+    fn note_instruction_length(&mut self, length: u64);
+
+    /// MOV to CR4 of `value`, carried out as the CPU would: `Ok(false)` (nothing changed) for
+    /// a value the CPU refuses with #GP.
+    fn write_cr4(&mut self, value: u64) -> Result<bool, BackendError>;
 
     /// Delivers `event` at the next entry. Only one event is delivered per entry.
     fn inject(&mut self, event: Event) -> Result<(), BackendError>;

@@ -169,6 +169,42 @@ impl Vcpu<'_> {
         stop
     }
 
+    /// A MOV to or from CR`cr` the backend could not decode: the instruction at RIP names the
+    /// general-purpose register and its length; CR8 is the APIC's task priority, a CR4 write
+    /// is checked by the backend (#GP where the CPU would refuse it).
+    pub(super) fn handle_undecoded_control_register(&mut self, cr: u8, write: bool) -> Option<VmStop> {
+        let (state, instruction, bytes) = match self.instruction_at_rip() {
+            Ok(decoded) => decoded,
+            Err((cause, bytes)) => return self.stop_emulation(cause, bytes),
+        };
+        // MOV CRn, r64 (write) or MOV r64, CRn (read): the other operand is the register.
+        let general = if write {
+            instruction.op1_register()
+        } else {
+            instruction.op0_register()
+        };
+        let is_mov = instruction.mnemonic() == Mnemonic::Mov && (general.is_gpr64() || general.is_gpr32());
+        if !is_mov {
+            return self.stop_emulation(StopCause::UnsupportedInstruction, bytes);
+        }
+        let register = (general.full_register() as usize - Register::RAX as usize) as u8;
+        self.cpu
+            .note_instruction_length(instruction.next_ip().wrapping_sub(state.rip));
+        match (cr, write) {
+            (8, true) => self.handle_tpr_write(register),
+            (8, false) => self.handle_tpr_read(register),
+            (4, true) => match self.cpu.write_cr4(self.cpu.gpr(register)) {
+                Ok(true) => self.skip_or_stop(),
+                Ok(false) => self.inject_or_stop(Event::Exception {
+                    vector: vector::GP,
+                    error_code: Some(0),
+                }),
+                Err(_) => self.stop_emulation(StopCause::UnhandledExit, bytes),
+            },
+            _ => self.stop_emulation(StopCause::UnhandledExit, bytes),
+        }
+    }
+
     /// A #UD the guest raised (always intercepted). Carried out instead: the other vendor's
     /// hypercall instruction, and, when the guest is told it runs on AMD while the host is
     /// Intel (`MachineSpec::vendor`), a SYSCALL outside 64-bit code, which AMD CPUs run and

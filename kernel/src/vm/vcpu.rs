@@ -653,6 +653,9 @@ impl<'a> Vcpu<'a> {
                 self.handle_cpuid()
             }
             VmExit::TprWrite { register } => self.handle_tpr_write(register),
+            VmExit::UndecodedControlRegister { cr, write } => {
+                self.handle_undecoded_control_register(cr, write)
+            }
             VmExit::TprRead { register } => self.handle_tpr_read(register),
             VmExit::Absorbed => None,
             VmExit::MsrRead { msr } => {

@@ -45,6 +45,9 @@ mod code {
     pub const INTR: u64 = 0x60;
     pub const NMI: u64 = 0x61;
     pub const VINTR: u64 = 0x64;
+    pub const READ_CR8: u64 = 0x08;
+    pub const WRITE_CR4: u64 = 0x14;
+    pub const WRITE_CR8: u64 = 0x18;
     pub const CPUID: u64 = 0x72;
     pub const IRET: u64 = 0x74;
     pub const PAUSE: u64 = 0x77;
@@ -84,6 +87,14 @@ const INTERCEPT_SHUTDOWN: u32 = 1 << 31;
 /// which a guest (whose EFER.SVME must be set) could otherwise run; VMMCALL; MONITOR, MWAIT
 /// and XSETBV.
 const INTERCEPTS_4: u32 = 0b111_1111 | (1 << 10) | (1 << 11) | (1 << 13);
+
+/// CR intercepts: reads of CR8 (bit 8) and writes of CR4 and CR8 (bits 20, 24). CR8 is the
+/// emulated APIC's task priority; CR4 writes are checked here against what the guest's CPUID
+/// offers (a native write could set a bit of a feature the guest is told it lacks).
+const CR_INTERCEPTS: u32 = (1 << 8) | (1 << 20) | (1 << 24);
+/// CR4 bits a guest may set: VME … UMIP (0–11), FSGSBASE (16), PCIDE (17), SMEP (20), SMAP
+/// (21). Not VMXE, SMXE or OSXSAVE (features the guest's CPUID hides), nor LA57, PKE or CET.
+const CR4_ALLOWED: u64 = 0xFFF | (1 << 16) | (1 << 17) | (1 << 20) | (1 << 21);
 
 /// Virtual interrupt control bits.
 const V_IRQ: u64 = 1 << 8;
@@ -261,7 +272,7 @@ impl<'a> SvmVcpu<'a> {
                 | pause,
         );
         v.write32(control::INTERCEPTS_4, INTERCEPTS_4);
-        v.write32(control::CR_INTERCEPTS, 0);
+        v.write32(control::CR_INTERCEPTS, CR_INTERCEPTS);
         v.write32(control::EXCEPTION_INTERCEPTS, 0);
         v.write64(control::IOPM_BASE, iopm.as_u64());
         v.write64(control::MSRPM_BASE, msrpm.as_u64());
@@ -359,7 +370,8 @@ impl<'a> SvmVcpu<'a> {
     fn decode_exit(&self, exit_code: u64) -> Result<VmExit, EntryFailure> {
         let v = &self.vmcb;
         self.exit_length.set(0);
-        if exit_code == code::INVALID {
+        // VMEXIT_INVALID is -1; QEMU's TCG stores it as a 32-bit value.
+        if exit_code as u32 == code::INVALID as u32 {
             return Err(EntryFailure {
                 code: u32::MAX,
                 invalid_guest_state: true,
@@ -411,6 +423,9 @@ impl<'a> SvmVcpu<'a> {
                 length(2);
                 VmExit::Cpuid
             }
+            code::READ_CR8 => VmExit::UndecodedControlRegister { cr: 8, write: false },
+            code::WRITE_CR8 => VmExit::UndecodedControlRegister { cr: 8, write: true },
+            code::WRITE_CR4 => VmExit::UndecodedControlRegister { cr: 4, write: true },
             code::MSR => {
                 length(2);
                 if info1 & 1 == 0 {
@@ -846,6 +861,29 @@ impl VirtualCpu for SvmVcpu<'_> {
 
     fn inject(&mut self, event: Event) -> Result<(), BackendError> {
         self.queue(event)
+    }
+
+    fn note_instruction_length(&mut self, length: u64) {
+        self.exit_length.set(length);
+    }
+
+    fn write_cr4(&mut self, value: u64) -> Result<bool, BackendError> {
+        const CR4_PCIDE: u64 = 1 << 17;
+        let current = self.vmcb.read64(save::CR4);
+        let long_mode = self.vmcb.read64(save::EFER) & EFER_LMA != 0;
+        let refused = value & !CR4_ALLOWED != 0
+            || (long_mode && value & CR4_PAE == 0)
+            || (value & CR4_PCIDE != 0 && current & CR4_PCIDE == 0 && !long_mode)
+            || (value & CR4_PCIDE != 0
+                && current & CR4_PCIDE == 0
+                && self.vmcb.read64(save::CR3) & 0xFFF != 0);
+        if refused {
+            return Ok(false);
+        }
+        self.vmcb.write64(save::CR4, value);
+        // The CPU flushes the guest's TLB on such a write; emulated, it must be asked to.
+        super::flush_this_cpu(self.on, None)?;
+        Ok(true)
     }
 
     fn event_pending(&self) -> bool {

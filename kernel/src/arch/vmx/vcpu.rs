@@ -646,7 +646,7 @@ impl<'a> VmxVcpu<'a> {
                 let done = if cr == 0 {
                     self.write_cr0(vmcs, value)
                 } else {
-                    self.write_cr4(vmcs, value)
+                    self.write_cr4_in(vmcs, value)
                 };
                 let done = match done {
                     Ok(()) => self.skip_in(vmcs),
@@ -742,7 +742,7 @@ impl<'a> VmxVcpu<'a> {
     /// MOV to CR4 of `value` (it exits only when the guest tries to set a bit of a feature
     /// it does not have: [`CR4_REFUSED`]): #GP for those and for bits the CPU does not
     /// allow; else CR4 keeps VMXE and the read shadow the guest's value.
-    fn write_cr4(&self, vmcs: &CurrentVmcs<'_>, value: u64) -> Result<(), Refused> {
+    fn write_cr4_in(&self, vmcs: &CurrentVmcs<'_>, value: u64) -> Result<(), Refused> {
         let actual = self.hardware_cr4(value)?;
         vmcs.write(guest::CR4, actual)
             .and_then(|()| vmcs.write(control::CR4_READ_SHADOW, value))
@@ -1018,6 +1018,15 @@ impl VirtualCpu for VmxVcpu<'_> {
     fn inject(&mut self, event: Event) -> Result<(), BackendError> {
         let vmcs = self.vmcs.current()?;
         Ok(self.inject_in(&vmcs, event)?)
+    }
+
+    fn note_instruction_length(&mut self, _length: u64) {
+        // The exit's own instruction-length field always says.
+    }
+
+    fn write_cr4(&mut self, value: u64) -> Result<bool, BackendError> {
+        let vmcs = self.vmcs.current()?;
+        Ok(self.write_cr4_in(&vmcs, value).is_ok())
     }
 
     fn event_pending(&self) -> bool {
