@@ -55,21 +55,29 @@ pub fn is_fetched() -> bool {
     pinned_kernel().is_ok() && packages_root().join("bin/busybox").is_file()
 }
 
-/// The pre-copies the kernel runs during the boot, by the name its verdict line gives each.
-const PRECOPY_MODES: [&str; 2] = ["write-protect", "PML"];
+/// The pre-copies the kernel runs during the boot, by the name its verdict line gives each,
+/// in order: on VMX the second takes its writes from PML; SVM has no CPU write log, and both
+/// write-protect.
+pub const VMX_PRECOPY_MODES: [&str; 2] = ["write-protect", "PML"];
+/// See [`VMX_PRECOPY_MODES`].
+pub const SVM_PRECOPY_MODES: [&str; 2] = ["write-protect", "write-protect"];
 
 /// The boot test's verdict on a run's serial output: it passes only when the guest reached
 /// `/init`, the workload reported success after that, the hypervisor saw the guest power
-/// off afterwards, and both pre-copies found no page differing from their copy. `Ok` carries
-/// the run's ticks; `Err` says what is missing.
-pub fn judge(serial: &str) -> Result<u64, String> {
+/// off afterwards, and the pre-copies (`modes`, in order) found no page differing from their
+/// copy. `Ok` carries the run's ticks; `Err` says what is missing.
+pub fn judge(serial: &str, modes: &[&str]) -> Result<u64, String> {
     let lines: Vec<&str> = serial.lines().map(|line| line.trim_end_matches('\r')).collect();
-    for mode in PRECOPY_MODES {
-        let verdict = format!("precopy: {mode}: ");
-        let line = lines
-            .iter()
-            .find(|line| line.starts_with(&verdict) && line.contains(" pages differ"))
-            .ok_or_else(|| format!("no {mode} pre-copy finished"))?;
+    let verdicts: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|line| line.starts_with("precopy: ") && line.contains(" pages differ"))
+        .collect();
+    for (index, mode) in modes.iter().enumerate() {
+        let line = verdicts
+            .get(index)
+            .filter(|line| line.starts_with(&format!("precopy: {mode}: ")))
+            .ok_or_else(|| format!("no {mode} pre-copy finished (pre-copy {})", index + 1))?;
         if !line.ends_with("; 0 pages differ") {
             return Err(format!("the {mode} pre-copy lost writes: {line}"));
         }
@@ -272,6 +280,10 @@ impl Cpio {
 mod tests {
     use super::*;
 
+    fn judge_vmx(serial: &str) -> Result<u64, String> {
+        judge(serial, &VMX_PRECOPY_MODES)
+    }
+
     /// One entry read back: name, mode, device (major, minor), data.
     type Entry = (String, u32, (u32, u32), Vec<u8>);
 
@@ -317,24 +329,29 @@ mod tests {
              {precopies}{migration}[linux] workload: ok: wrote\r\n[linux] cpus: 1\n\
              linux: the run ended after 4312749685 ticks: PowerOff\n"
         );
-        assert_eq!(judge(&good), Ok(4_312_749_685));
+        assert_eq!(judge_vmx(&good), Ok(4_312_749_685));
         let without = |line: &str| good.replace(line, "");
-        assert!(judge(&without("[linux] init: reached /init\n")).is_err());
-        assert!(judge(&without("[linux] workload: ok: wrote\r\n")).is_err());
-        assert!(judge(&good.replace("PowerOff", "Reset")).is_err());
+        assert!(judge_vmx(&without("[linux] init: reached /init\n")).is_err());
+        assert!(judge_vmx(&without("[linux] workload: ok: wrote\r\n")).is_err());
+        assert!(judge_vmx(&good.replace("PowerOff", "Reset")).is_err());
         // Both pre-copies must have finished, each with no page differing.
-        assert!(judge(&good.replacen("0 pages differ", "3 pages differ", 1)).is_err());
-        assert!(judge(&good.replace("precopy: PML: ", "precopy: PML round 3: ")).is_err());
+        assert!(judge_vmx(&good.replacen("0 pages differ", "3 pages differ", 1)).is_err());
+        assert!(judge_vmx(&good.replace("precopy: PML: ", "precopy: PML round 3: ")).is_err());
+        // On SVM both pre-copies write-protect; each backend's list is what it is judged by.
+        let svm = good.replace("precopy: PML: ", "precopy: write-protect: ");
+        assert_eq!(judge(&svm, &SVM_PRECOPY_MODES), Ok(4_312_749_685));
+        assert!(judge_vmx(&svm).is_err());
+        assert!(judge(&good, &SVM_PRECOPY_MODES).is_err());
         // The guest must have moved to a second VM before its run ended.
-        assert!(judge(&without(migration)).is_err());
+        assert!(judge_vmx(&without(migration)).is_err());
         let late = good.replace(migration, "") + migration;
-        assert!(judge(&late).is_err());
+        assert!(judge_vmx(&late).is_err());
         // The workload's line must come after /init, and the power-off after the workload.
         let reordered = format!(
             "{precopies}{migration}[linux] workload: ok\n[linux] init: reached /init\n\
              linux: the run ended after 5 ticks: PowerOff\n"
         );
-        assert!(judge(&reordered).is_err());
+        assert!(judge_vmx(&reordered).is_err());
     }
 
     #[test]

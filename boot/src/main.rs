@@ -268,10 +268,10 @@ fn run(args: &Args, variant: Variant) -> Result<KernelRun, String> {
         megs,
         ips,
         serial_log: target_dir().join(format!("serial-{tag}-{}.log", emulator.name())),
-        work_dir: if args.linux.is_some() {
-            "bochs-linux"
-        } else {
-            emulator.name()
+        work_dir: match (args.linux.is_some(), args.qemu) {
+            (true, false) => "bochs-linux",
+            (true, true) => "qemu-linux",
+            (false, _) => emulator.name(),
         },
     };
     if args.gdb {
@@ -493,7 +493,7 @@ fn linux_boot_test(args: &Args, vcpus: u32) -> Result<(), String> {
     run(&boot, Variant::Run)?;
     let serial = std::fs::read_to_string(target_dir().join("serial-linux-bochs.log"))
         .map_err(|e| format!("serial log: {e}"))?;
-    let ticks = linux::judge(&serial)?;
+    let ticks = linux::judge(&serial, &linux::VMX_PRECOPY_MODES)?;
     println!(
         "linux boot: PASS ({vcpus} vCPUs: /init, the workload and power-off in {ticks} ticks, {} s of wall time)",
         started.elapsed().as_secs()

@@ -161,6 +161,13 @@ fn boot(host: &'static Host, archive: &Archive<'_>, manifest: &Manifest) -> Resu
     // The pre-copies run one after the other while the guest boots and runs its workload; the
     // second ends in the guest's migration to a second VM.
     let now = ticks();
+    // The second pre-copy takes its writes from the CPU's log where there is one (PML, on
+    // VT-x); elsewhere (SVM) it write-protects as the first does.
+    let second_mode = if bsp.pml_supported() {
+        DirtyLogMode::Pml
+    } else {
+        DirtyLogMode::WriteProtect
+    };
     let mut precopies = [
         PreCopy::new(
             DirtyLogMode::WriteProtect,
@@ -170,7 +177,7 @@ fn boot(host: &'static Host, archive: &Archive<'_>, manifest: &Manifest) -> Resu
             &host.phys,
         ),
         PreCopy::new(
-            DirtyLogMode::Pml,
+            second_mode,
             Ending::Migrate,
             &ram,
             now + PML_PRECOPY_AFTER,

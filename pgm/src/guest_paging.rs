@@ -14,6 +14,7 @@ use crate::{Invalidation, PgmError};
 const CR0_PG: u64 = 1 << 31;
 const CR4_PSE: u64 = 1 << 4;
 const CR4_PAE: u64 = 1 << 5;
+const CR4_LA57: u64 = 1 << 12;
 const EFER_LMA: u64 = 1 << 10;
 const PRESENT: u64 = 1 << 0;
 const PAGE_SIZE_BIT: u64 = 1 << 7;
@@ -38,6 +39,8 @@ pub enum GuestPaging {
     Pae,
     /// 4-level paging (IA-32e mode).
     Level4,
+    /// 5-level paging (IA-32e mode with CR4.LA57: 57-bit linear addresses).
+    Level5,
 }
 
 impl GuestPaging {
@@ -45,6 +48,8 @@ impl GuestPaging {
     pub fn from_registers(cr0: u64, cr4: u64, efer: u64) -> GuestPaging {
         if cr0 & CR0_PG == 0 {
             GuestPaging::Off
+        } else if efer & EFER_LMA != 0 && cr4 & CR4_LA57 != 0 {
+            GuestPaging::Level5
         } else if efer & EFER_LMA != 0 {
             GuestPaging::Level4
         } else if cr4 & CR4_PAE != 0 {
@@ -141,6 +146,13 @@ const LEVELS_PAE: [Level; 3] = [
     level(2, 21, 9, true),
     level(1, 12, 9, false),
 ];
+const LEVELS_5: [Level; 5] = [
+    level(5, 48, 9, false),
+    level(4, 39, 9, false),
+    level(3, 30, 9, true),
+    level(2, 21, 9, true),
+    level(1, 12, 9, false),
+];
 const LEVELS_4: [Level; 4] = [
     level(4, 39, 9, false),
     level(3, 30, 9, true),
@@ -157,6 +169,7 @@ impl WalkPlan {
             GuestPaging::Bits32 { pse: false } => (cr3 & 0xFFFF_F000, linear & 0xFFFF_FFFF, &LEVELS_32, 4),
             GuestPaging::Pae => (cr3 & 0xFFFF_FFE0, linear & 0xFFFF_FFFF, &LEVELS_PAE, 8),
             GuestPaging::Level4 => (cr3 & ADDRESS_MASK_64, linear, &LEVELS_4, 8),
+            GuestPaging::Level5 => (cr3 & ADDRESS_MASK_64, linear, &LEVELS_5, 8),
         };
         Some(WalkPlan {
             table,
@@ -570,6 +583,34 @@ mod tests {
             GuestPaging::from_registers(CR0_PG | 1, CR4_PAE, EFER_LMA | (1 << 8)),
             GuestPaging::Level4
         );
+        assert_eq!(
+            GuestPaging::from_registers(CR0_PG | 1, CR4_PAE | CR4_LA57, EFER_LMA | (1 << 8)),
+            GuestPaging::Level5
+        );
+    }
+
+    #[test]
+    fn five_level_walk_starts_at_the_pml5() {
+        let mut pgm = pc_like();
+        let (pml5, pml4, pdpt, pd, pt) = (0x1000, 0x2000, 0x3000, 0x4000, 0x5000);
+        // Linear 0xFF11_0000_0000_0000 + 0x5123: PML5 index 0x1F1 (bits 48..57), then 0s.
+        let high = 0xFF11_0000_0000_0000u64;
+        let pml5_index = (high >> 48) & 0x1FF;
+        put64(&mut pgm, pml5 + pml5_index * 8, pml4 | P);
+        put64(&mut pgm, pml4, pdpt | P);
+        put64(&mut pgm, pdpt, pd | P);
+        put64(&mut pgm, pd, pt | P);
+        put64(&mut pgm, pt + 5 * 8, 0x7000 | P);
+        let walk = |pgm: &crate::test_support::SimPgm, paging, linear| {
+            pgm.guest_linear_to_phys(paging, pml5, linear)
+        };
+        assert_eq!(walk(&pgm, GuestPaging::Level5, high + 0x5123), Ok(gpa(0x7123)));
+        assert_eq!(
+            walk(&pgm, GuestPaging::Level5, 0x5123),
+            Err(GuestWalkError::NotPresent { level: 5 })
+        );
+        // The same root read as a PML4 names other tables: the levels differ.
+        assert_ne!(walk(&pgm, GuestPaging::Level4, high + 0x5123), Ok(gpa(0x7123)));
     }
 
     #[test]

@@ -245,6 +245,13 @@ impl<M: Machine> Exec<'_, M> {
         self.set_full(full, new);
     }
 
+    /// True when `address` is canonical: its bits above the machine's linear-address width
+    /// repeat the top one.
+    fn canonical(&mut self, address: u64) -> bool {
+        let unused = 64 - self.machine.linear_address_bits();
+        ((address << unused) as i64 >> unused) as u64 == address
+    }
+
     /// Masks an effective address to the code's address width (64-bit addresses are checked
     /// for canonical form: #GP(0), or #SS(0) through SS).
     #[inline]
@@ -252,7 +259,7 @@ impl<M: Machine> Exec<'_, M> {
         if self.bitness() != 64 {
             return Ok(address & 0xFFFF_FFFF);
         }
-        if sign_extend(address, 6) != address {
+        if !self.canonical(address) {
             let vector = if through_stack() {
                 STACK_FAULT
             } else {
@@ -828,7 +835,7 @@ impl<M: Machine> Exec<'_, M> {
             32 => target & 0xFFFF_FFFF,
             _ => target & 0xFFFF,
         };
-        if sign_extend(target, 6) != target {
+        if self.bitness() == 64 && !self.canonical(target) {
             return Err(exception(GENERAL_PROTECTION, Some(0)));
         }
         self.rip = target;

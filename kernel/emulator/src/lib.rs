@@ -60,6 +60,11 @@ pub trait Machine {
     fn cr0(&mut self) -> Option<u64> {
         None
     }
+    /// The width of a canonical linear address in 64-bit code: 48 with 4-level paging, 57
+    /// with 5-level paging (CR4.LA57).
+    fn linear_address_bits(&mut self) -> u32 {
+        48
+    }
     /// The 128-bit value of XMM register `reg`, or the 64-bit value of MMX register `reg`.
     fn vector(&mut self, _reg: Register) -> Option<u128> {
         None

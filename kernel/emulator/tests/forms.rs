@@ -226,6 +226,24 @@ fn a_jump_to_a_non_canonical_address_is_a_general_protection_fault() {
 }
 
 #[test]
+fn an_address_canonical_only_with_five_level_paging_faults_with_four() {
+    // 0xFF11_0000_0000_0000 + x: bits 48..56 are not copies of bit 47, but bits 57..63 are
+    // copies of bit 56. A jump there is #GP(0) with 48-bit linear addresses only.
+    let target = 0xFF11_0000_0000_0000u64;
+    let mut fake = fake();
+    fake.memory[0x100..0x108].copy_from_slice(&target.to_le_bytes());
+    let general_protection = Err(EmulationError::Exception {
+        vector: 13,
+        error_code: Some(0),
+    });
+    assert_eq!(step(&mut fake, &[0xFF, 0x23], IP, 0x2), general_protection); // jmp qword [rbx]
+    fake.linear_bits = 57;
+    assert_eq!(step(&mut fake, &[0xFF, 0x23], IP, 0x2).map(|o| o.rip), Ok(target));
+    fake.memory[0x100..0x108].copy_from_slice(&(target ^ (1 << 62)).to_le_bytes());
+    assert_eq!(step(&mut fake, &[0xFF, 0x23], IP, 0x2), general_protection);
+}
+
+#[test]
 fn a_division_by_zero_or_overflow_is_a_divide_error_and_changes_no_register() {
     let mut fake = fake();
     fake.set(Register::RAX, 1);

@@ -261,6 +261,24 @@ pub struct PendingEvent {
     pub instruction_len: u32,
 }
 
+/// MSRs whose value is an address the CPU checks for canonical form (WRMSR's #GP).
+pub const ADDRESS_MSRS: [u32; 6] = [
+    devices::msr::index::LSTAR,
+    devices::msr::index::CSTAR,
+    devices::msr::index::KERNEL_GS_BASE,
+    devices::msr::index::FS_BASE,
+    devices::msr::index::GS_BASE,
+    devices::msr::index::SYSENTER_ESP,
+];
+
+/// True when `address` is canonical for a guest whose CR4 is `cr4`: its bits above the
+/// linear-address width (57 with 5-level paging, CR4.LA57; else 48) repeat the top one.
+pub fn canonical(address: u64, cr4: u64) -> bool {
+    const CR4_LA57: u64 = 1 << 12;
+    let unused = if cr4 & CR4_LA57 != 0 { 64 - 57 } else { 64 - 48 };
+    ((address << unused) as i64 >> unused) as u64 == address
+}
+
 /// MSRs a [`CpuSnapshot`] carries by value, beside EFER, the FS and GS bases (in their
 /// segments) and the TSC (as its offset): the rest of [`devices::msr::BACKEND_HELD`].
 pub const SNAPSHOT_MSRS: [u32; 9] = [

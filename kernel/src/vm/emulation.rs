@@ -807,6 +807,14 @@ impl<H: AccessHandlers> Machine for VcpuMachine<'_, '_, '_, H> {
         self.cpu.visible_cr0().ok()
     }
 
+    fn linear_address_bits(&mut self) -> u32 {
+        if self.guest.paging == GuestPaging::Level5 {
+            57
+        } else {
+            48
+        }
+    }
+
     fn vector(&mut self, reg: Register) -> Option<u128> {
         if reg.is_xmm() {
             Some(vector_registers::read_xmm(

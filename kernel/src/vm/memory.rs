@@ -197,8 +197,11 @@ impl VmMemory {
     pub fn flush(&self, invalidation: Invalidation) -> Result<(), virt::Error> {
         let local = match invalidation {
             Invalidation::None => return Ok(()),
-            Invalidation::OtherCpus => None,
-            Invalidation::SingleContext => Some(Some(self.nested_root)),
+            // Only where the backend's fault left the faulting CPU without a stale translation
+            // (an EPT violation does, SDM 29.4.3.1); an NPT fault does not, and the frame
+            // behind a present entry changed: this CPU flushes too.
+            Invalidation::OtherCpus if virt::FAULT_FLUSHES_FAULTING_CPU => None,
+            Invalidation::OtherCpus | Invalidation::SingleContext => Some(Some(self.nested_root)),
             Invalidation::AllContexts => Some(None),
         };
         let _serial = self.flushing.lock();

@@ -51,6 +51,8 @@ pub struct Fake {
     /// Accesses fail with this fault when set.
     pub fault: Option<MemoryFault>,
     pub cr0: u64,
+    /// The linear-address width (48; 57 with 5-level paging).
+    pub linear_bits: u32,
     pub segments: [SegmentState; 7],
     pub gdt: (u64, u16),
     pub vectors: [u128; 16],
@@ -73,6 +75,7 @@ impl Fake {
             log: Vec::new(),
             fault: None,
             cr0: 0x8000_0011,
+            linear_bits: 48,
             segments: [SegmentState::default(); 7],
             gdt: (0, 0),
             vectors: [0; 16],
@@ -171,6 +174,10 @@ impl Machine for Fake {
 
     fn cr0(&mut self) -> Option<u64> {
         Some(self.cr0)
+    }
+
+    fn linear_address_bits(&mut self) -> u32 {
+        self.linear_bits
     }
 
     fn vector(&mut self, reg: Register) -> Option<u128> {

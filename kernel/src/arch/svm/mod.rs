@@ -29,6 +29,10 @@ pub type Error = SvmError;
 pub type Vcpu<'a> = SvmVcpu<'a>;
 /// See [`On`].
 pub type Format = pgm::Npt;
+/// A nested page fault leaves the faulting CPU's cached translations as they were (AMD
+/// documents no flush; QEMU's TCG keeps its TLB until told): a fault's resolution that
+/// changed a present entry's frame flushes the faulting CPU too.
+pub const FAULT_FLUSHES_FAULTING_CPU: bool = false;
 
 /// EFER.SVME (bit 12): SVM instructions enabled.
 const EFER_SVME: u64 = 1 << 12;

@@ -34,6 +34,7 @@ use crate::arch::guests::GuestMode;
 use crate::arch::memory::{KernelFrames, PhysMap};
 use crate::arch::smp::this_cpu;
 use crate::arch::{apic, ticks};
+use crate::vm::backend::{canonical, ADDRESS_MSRS};
 use crate::vm::backend::{
     BackendError, CpuSnapshot, CpuState, Direction, EntryFailure, Event, EventKind, PendingEvent, PortIo,
     RawExit, Segment, SegmentState, VirtualCpu, VmExit, SNAPSHOT_MSRS, SNAPSHOT_SEGMENTS,
@@ -92,9 +93,36 @@ const INTERCEPTS_4: u32 = 0b111_1111 | (1 << 10) | (1 << 11) | (1 << 13);
 /// emulated APIC's task priority; CR4 writes are checked here against what the guest's CPUID
 /// offers (a native write could set a bit of a feature the guest is told it lacks).
 const CR_INTERCEPTS: u32 = (1 << 8) | (1 << 20) | (1 << 24);
-/// CR4 bits a guest may set: VME … UMIP (0–11), FSGSBASE (16), PCIDE (17), SMEP (20), SMAP
-/// (21). Not VMXE, SMXE or OSXSAVE (features the guest's CPUID hides), nor LA57, PKE or CET.
-const CR4_ALLOWED: u64 = 0xFFF | (1 << 16) | (1 << 17) | (1 << 20) | (1 << 21);
+/// CR4 bits of features the guest's CPUID hides (VMX, SMX, XSAVE until XSETBV is handled):
+/// a write setting one is refused with #GP, as on a CPU without the feature (as the VMX
+/// backend refuses them).
+const CR4_REFUSED: u64 = (1 << 13) | (1 << 14) | (1 << 18);
+const CR4_LA57: u64 = 1 << 12;
+const CR4_PCIDE: u64 = 1 << 17;
+
+/// The CR4 bits this CPU accepts (SDM/APM: each needs its feature): VME … OSXMMEXCPT always,
+/// the others as CPUID reports their features.
+fn host_cr4_bits() -> u64 {
+    let leaf1 = x86::cpuid::cpuid!(1);
+    let leaf7 = x86::cpuid::cpuid!(7, 0);
+    let has = |register: u32, bit: u32| register & (1 << bit) != 0;
+    let mut bits = 0x7FF;
+    for (present, cr4_bit) in [
+        (has(leaf7.ecx, 2), 11),  // UMIP
+        (has(leaf7.ecx, 16), 12), // LA57
+        (has(leaf7.ebx, 0), 16),  // FSGSBASE
+        (has(leaf1.ecx, 17), 17), // PCID
+        (has(leaf1.ecx, 26), 18), // XSAVE
+        (has(leaf7.ebx, 7), 20),  // SMEP
+        (has(leaf7.ebx, 20), 21), // SMAP
+        (has(leaf7.ecx, 3), 22),  // PKU
+    ] {
+        if present {
+            bits |= 1 << cr4_bit;
+        }
+    }
+    bits
+}
 
 /// Virtual interrupt control bits.
 const V_IRQ: u64 = 1 << 8;
@@ -149,15 +177,6 @@ const FLUSH_ALL: u8 = 1;
 const MSR_TSC_AUX: u32 = 0xC000_0103;
 /// Vectors that are not faults (no RF in the frame a delivery pushes).
 const NOT_FAULTS: [u8; 6] = [1, 2, 3, 4, 8, 18];
-/// MSRs whose value is an address the CPU checks for canonical form.
-const ADDRESS_MSRS: [u32; 6] = [
-    msr::LSTAR,
-    msr::CSTAR,
-    msr::KERNEL_GS_BASE,
-    msr::FS_BASE,
-    msr::GS_BASE,
-    msr::SYSENTER_ESP,
-];
 
 /// The I/O and MSR permission maps every vCPU shares: all ones, so every port access and every
 /// RDMSR/WRMSR exits (the device layer and the MSR policy decide). One run of five frames
@@ -178,12 +197,6 @@ pub(super) fn permission_maps(phys: &'static PhysMap) -> Option<(HostPhysAddr, H
     })
 }
 
-/// True when `address` is canonical for 48-bit linear addresses.
-fn canonical(address: u64) -> bool {
-    let top = address >> 47;
-    top == 0 || top == 0x1_FFFF
-}
-
 /// One vCPU on SVM: a VMCB made on the host CPU that runs it.
 pub struct SvmVcpu<'a> {
     on: &'a SvmOn,
@@ -194,6 +207,8 @@ pub struct SvmVcpu<'a> {
     regs: GuestRegisters,
     nested_root: HostPhysAddr,
     next_rip_save: bool,
+    /// The CR4 bits the CPU accepts ([`host_cr4_bits`]).
+    cr4_bits: u64,
     /// The length of the instruction the last exit was for (0: not an instruction's exit).
     exit_length: Cell<u64>,
     /// An event is queued in EVENTINJ.
@@ -229,6 +244,7 @@ impl<'a> SvmVcpu<'a> {
             regs: GuestRegisters::default(),
             nested_root,
             next_rip_save: on.caps().next_rip_save(),
+            cr4_bits: host_cr4_bits(),
             exit_length: Cell::new(0),
             event_queued: Cell::new(false),
             nmi_blocked: Cell::new(false),
@@ -868,15 +884,14 @@ impl VirtualCpu for SvmVcpu<'_> {
     }
 
     fn write_cr4(&mut self, value: u64) -> Result<bool, BackendError> {
-        const CR4_PCIDE: u64 = 1 << 17;
         let current = self.vmcb.read64(save::CR4);
         let long_mode = self.vmcb.read64(save::EFER) & EFER_LMA != 0;
-        let refused = value & !CR4_ALLOWED != 0
+        let enabling_pcid = value & CR4_PCIDE != 0 && current & CR4_PCIDE == 0;
+        // The checks of MOV to CR4 (SDM vol. 2B, MOV—Move to/from Control Registers).
+        let refused = value & (CR4_REFUSED | !self.cr4_bits) != 0
             || (long_mode && value & CR4_PAE == 0)
-            || (value & CR4_PCIDE != 0 && current & CR4_PCIDE == 0 && !long_mode)
-            || (value & CR4_PCIDE != 0
-                && current & CR4_PCIDE == 0
-                && self.vmcb.read64(save::CR3) & 0xFFF != 0);
+            || (long_mode && (value ^ current) & CR4_LA57 != 0)
+            || (enabling_pcid && (!long_mode || self.vmcb.read64(save::CR3) & 0xFFF != 0));
         if refused {
             return Ok(false);
         }
@@ -940,7 +955,7 @@ impl VirtualCpu for SvmVcpu<'_> {
     }
 
     fn write_msr(&mut self, index: u32, value: u64) -> bool {
-        if ADDRESS_MSRS.contains(&index) && !canonical(value) {
+        if ADDRESS_MSRS.contains(&index) && !canonical(value, self.vmcb.read64(save::CR4)) {
             return false;
         }
         match index {

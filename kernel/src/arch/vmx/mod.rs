@@ -30,6 +30,9 @@ pub type Error = VmxError;
 pub type Vcpu<'a> = VmxVcpu<'a>;
 /// See [`On`].
 pub type Format = pgm::Ept;
+/// An EPT violation drops the faulting CPU's translations of the address (SDM 29.4.3.1), so
+/// a fault's resolution flushes only the other CPUs (pgm's `Invalidation::OtherCpus`).
+pub const FAULT_FLUSHES_FAULTING_CPU: bool = true;
 
 /// Probes VT-x and enters VMX root operation on the calling CPU (see [`enable`]).
 pub fn enable_this_cpu(phys: &'static crate::arch::memory::PhysMap) -> Result<VmxOn, VmxError> {

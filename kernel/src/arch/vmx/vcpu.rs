@@ -33,6 +33,7 @@ use devices::msr::index as msr;
 
 use crate::arch::guests::GuestMode;
 use crate::arch::memory::{KernelFrames, PhysMap};
+use crate::vm::backend::{canonical, ADDRESS_MSRS};
 use crate::vm::backend::{
     BackendError, CpuSnapshot, CpuState, Direction, EntryFailure, Event, EventKind, PendingEvent, PortIo,
     RawExit, Segment, SegmentState, VirtualCpu, VmExit, SNAPSHOT_MSRS, SNAPSHOT_SEGMENTS,
@@ -86,15 +87,6 @@ const SWAPPED_MSRS: [u32; 6] = [
     msr::KERNEL_GS_BASE,
     msr::TSC_AUX,
 ];
-/// MSRs whose value is an address the CPU checks for canonical form (WRMSR #GP, VM entry).
-const ADDRESS_MSRS: [u32; 6] = [
-    msr::LSTAR,
-    msr::CSTAR,
-    msr::KERNEL_GS_BASE,
-    msr::FS_BASE,
-    msr::GS_BASE,
-    msr::SYSENTER_ESP,
-];
 
 /// CR4 bits of features the guest's CPUID hides (VMX, SMX, XSAVE until XSETBV is handled):
 /// setting one exits and is refused with #GP, as on a CPU without the feature. They read as
@@ -103,12 +95,6 @@ const CR4_REFUSED: u64 = CR4_VMXE | (1 << 14) | (1 << 18);
 
 /// A write the CPU would refuse with #GP.
 struct Refused;
-
-/// True when `address` is canonical for 48-bit linear addresses.
-fn canonical(address: u64) -> bool {
-    let top = address >> 47;
-    top == 0 || top == 0x1_FFFF
-}
 
 /// The VM-entry control values for the two kinds of guest.
 #[derive(Clone, Copy, Default)]
@@ -1092,7 +1078,8 @@ impl VirtualCpu for VmxVcpu<'_> {
     }
 
     fn write_msr(&mut self, index: u32, value: u64) -> bool {
-        if ADDRESS_MSRS.contains(&index) && !canonical(value) {
+        let cr4 = self.vmcs.current().map_or(0, |vmcs| vmcs.read(guest::CR4));
+        if ADDRESS_MSRS.contains(&index) && !canonical(value, cr4) {
             return false;
         }
         if index == msr::TSC_AUX && value >> 32 != 0 {
