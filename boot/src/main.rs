@@ -343,70 +343,82 @@ fn report_kut(verdicts: &[kut::Verdict]) -> (usize, usize) {
 /// Fails when any test failed or a run did not complete.
 fn test(args: &Args) -> Result<(), String> {
     let host = run_host_tests()?;
-    let mut suites = Vec::new();
-    if !args.qemu {
-        suites.push(kernel_suite(args, false));
+    let backends: &[bool] = if args.qemu { &[true] } else { &[false, true] };
+    let mut passed = host.passed;
+    let mut failed = host.failed;
+    let mut lines = vec![format!(
+        "host tests: {} passed, {} failed",
+        host.passed, host.failed
+    )];
+    let mut kernel_error = None;
+    for &qemu in backends {
+        let suite = kernel_suite(args, qemu);
+        let (kut_passed, kut_failed) = kut_subset(args, qemu);
+        let (linux_passed, linux_failed) = linux_boots(args, qemu);
+        lines.push(format!(
+            "{}: kernel tests {} passed, {} failed, {} skipped; kvm-unit-tests subset {} passed, \
+             {} failed; Linux boot {} passed, {} failed",
+            suite.name,
+            suite.passed,
+            suite.failed,
+            suite.skipped,
+            kut_passed,
+            kut_failed,
+            linux_passed,
+            linux_failed
+        ));
+        passed += suite.passed + kut_passed + linux_passed;
+        failed += suite.failed + kut_failed + linux_failed;
+        kernel_error = kernel_error.or(suite.error);
     }
-    suites.push(kernel_suite(args, true));
-    let kernel_passed: usize = suites.iter().map(|suite| suite.passed).sum();
-    let kernel_failed: usize = suites.iter().map(|suite| suite.failed).sum();
-    let kernel_error = suites.iter().find_map(|suite| suite.error.clone());
-    let subset: Vec<String> = kut::CI_SUBSET.iter().map(|name| name.to_string()).collect();
-    let (kut_passed, kut_failed) = if !kut::is_built() {
-        // setup.sh said why (no tarball, no network); the other suites still count.
-        println!("kvm-unit-tests: not built here (see setup's warning): the subset is not run");
-        (0, 0)
-    } else {
-        match kut::run(&subset, args.cpus, args.timeout_secs, "kut-ci", false) {
-            Ok(verdicts) => report_kut(&verdicts),
-            Err(message) => {
-                eprintln!("xtask: kvm-unit-tests: {message}");
-                (0, 1)
-            }
-        }
-    };
-    let (mut linux_passed, mut linux_failed) = (0, 0);
-    if !linux::is_fetched() {
-        println!("linux boot: the pinned kernel and busybox are not here (see setup's warning): not run");
-    } else {
-        for vcpus in [1, 2] {
-            match linux_boot_test(args, vcpus) {
-                Ok(()) => linux_passed += 1,
-                Err(message) => {
-                    println!("linux boot ({vcpus} vCPUs): FAILED: {message}");
-                    linux_failed += 1;
-                }
-            }
-        }
+    for line in &lines {
+        println!("{line}");
     }
-    let passed = host.passed + kernel_passed + kut_passed + linux_passed;
-    let failed = host.failed + kernel_failed + kut_failed + linux_failed;
-    let kernel_lines: Vec<String> = suites
-        .iter()
-        .map(|suite| {
-            format!(
-                "kernel tests ({}): {} passed, {} failed",
-                suite.name, suite.passed, suite.failed
-            )
-        })
-        .collect();
-    println!(
-        "host tests: {} passed, {} failed; {}; kvm-unit-tests subset: {} passed, {} failed; \
-         Linux boot: {} passed, {} failed",
-        host.passed,
-        host.failed,
-        kernel_lines.join("; "),
-        kut_passed,
-        kut_failed,
-        linux_passed,
-        linux_failed
-    );
     println!("{passed} passed, {failed} failed");
     match kernel_error {
         Some(message) => Err(message),
         None if failed > 0 => Err(format!("{failed} test(s) failed")),
         None => Ok(()),
     }
+}
+
+/// The kvm-unit-tests subset ([`kut::CI_SUBSET`]) on VMX in Bochs, or (`qemu`) on SVM in
+/// QEMU's TCG; returns (passed, failed).
+fn kut_subset(args: &Args, qemu: bool) -> (usize, usize) {
+    if !kut::is_built() {
+        // setup.sh said why (no tarball, no network); the other suites still count.
+        println!("kvm-unit-tests: not built here (see setup's warning): the subset is not run");
+        return (0, 0);
+    }
+    let subset: Vec<String> = kut::CI_SUBSET.iter().map(|name| name.to_string()).collect();
+    let tag = if qemu { "kut-ci-svm" } else { "kut-ci" };
+    match kut::run(&subset, args.cpus, args.timeout_secs, tag, qemu) {
+        Ok(verdicts) => report_kut(&verdicts),
+        Err(message) => {
+            eprintln!("xtask: kvm-unit-tests: {message}");
+            (0, 1)
+        }
+    }
+}
+
+/// The Linux boot test with 1 and 2 vCPUs on VMX in Bochs, or (`qemu`) on SVM in QEMU's
+/// TCG; returns (passed, failed).
+fn linux_boots(args: &Args, qemu: bool) -> (usize, usize) {
+    if !linux::is_fetched() {
+        println!("linux boot: the pinned kernel and busybox are not here (see setup's warning): not run");
+        return (0, 0);
+    }
+    let (mut passed, mut failed) = (0, 0);
+    for vcpus in [1, 2] {
+        match linux_boot_test(args, vcpus, qemu) {
+            Ok(()) => passed += 1,
+            Err(message) => {
+                println!("linux boot ({vcpus} vCPUs): FAILED: {message}");
+                failed += 1;
+            }
+        }
+    }
+    (passed, failed)
 }
 
 /// One backend's kernel-test run.
@@ -470,12 +482,12 @@ fn kernel_suite(args: &Args, qemu: bool) -> KernelSuite {
 }
 
 /// The Linux boot test: the pinned kernel with the repo's `/init` and `vcpus` vCPUs, in
-/// Bochs; it passes only when the guest powers off after its workload's success line.
-fn linux_boot_test(args: &Args, vcpus: u32) -> Result<(), String> {
+/// Bochs (VMX) or QEMU's TCG (`qemu`: SVM); it passes only when the guest powers off after its workload's success line.
+fn linux_boot_test(args: &Args, vcpus: u32, qemu: bool) -> Result<(), String> {
     let started = std::time::Instant::now();
     let boot = Args {
         command: "run".into(),
-        qemu: false,
+        qemu,
         uefi: false,
         kvm: false,
         gdb: false,
@@ -491,11 +503,16 @@ fn linux_boot_test(args: &Args, vcpus: u32) -> Result<(), String> {
     // The kernel's own verdict (success: the guest powered off) comes first, then the
     // markers in order.
     run(&boot, Variant::Run)?;
-    let serial = std::fs::read_to_string(target_dir().join("serial-linux-bochs.log"))
-        .map_err(|e| format!("serial log: {e}"))?;
-    let ticks = linux::judge(&serial, &linux::VMX_PRECOPY_MODES)?;
+    let (log, modes) = if qemu {
+        ("serial-linux-qemu.log", linux::SVM_PRECOPY_MODES)
+    } else {
+        ("serial-linux-bochs.log", linux::VMX_PRECOPY_MODES)
+    };
+    let serial = std::fs::read_to_string(target_dir().join(log)).map_err(|e| format!("serial log: {e}"))?;
+    let ticks = linux::judge(&serial, &modes)?;
     println!(
-        "linux boot: PASS ({vcpus} vCPUs: /init, the workload and power-off in {ticks} ticks, {} s of wall time)",
+        "linux boot: PASS ({}, {vcpus} vCPUs: /init, the workload and power-off in {ticks} ticks, {} s of wall time)",
+        if qemu { "SVM in QEMU" } else { "VMX in Bochs" },
         started.elapsed().as_secs()
     );
     Ok(())

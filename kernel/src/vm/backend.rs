@@ -271,11 +271,20 @@ pub const ADDRESS_MSRS: [u32; 6] = [
     devices::msr::index::SYSENTER_ESP,
 ];
 
-/// True when `address` is canonical for a guest whose CR4 is `cr4`: its bits above the
-/// linear-address width (57 with 5-level paging, CR4.LA57; else 48) repeat the top one.
-pub fn canonical(address: u64, cr4: u64) -> bool {
-    const CR4_LA57: u64 = 1 << 12;
-    let unused = if cr4 & CR4_LA57 != 0 { 64 - 57 } else { 64 - 48 };
+/// True when `address`, written to an MSR, is canonical: its bits above the CPU's widest
+/// linear address (57 where it has 5-level paging, else 48) repeat the top one. The CPU checks
+/// MSR values against that width whatever CR4.LA57 says (kvm-unit-tests' `la57` checks it).
+pub fn canonical(address: u64) -> bool {
+    static BITS: spin::Once<u32> = spin::Once::new();
+    let bits = *BITS.call_once(|| {
+        // CPUID.(7,0):ECX.LA57 (bit 16).
+        if x86::cpuid::cpuid!(7, 0).ecx & (1 << 16) != 0 {
+            57
+        } else {
+            48
+        }
+    });
+    let unused = 64 - bits;
     ((address << unused) as i64 >> unused) as u64 == address
 }
 

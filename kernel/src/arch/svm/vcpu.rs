@@ -955,7 +955,7 @@ impl VirtualCpu for SvmVcpu<'_> {
     }
 
     fn write_msr(&mut self, index: u32, value: u64) -> bool {
-        if ADDRESS_MSRS.contains(&index) && !canonical(value, self.vmcb.read64(save::CR4)) {
+        if ADDRESS_MSRS.contains(&index) && !canonical(value) {
             return false;
         }
         match index {

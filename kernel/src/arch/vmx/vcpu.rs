@@ -1078,8 +1078,7 @@ impl VirtualCpu for VmxVcpu<'_> {
     }
 
     fn write_msr(&mut self, index: u32, value: u64) -> bool {
-        let cr4 = self.vmcs.current().map_or(0, |vmcs| vmcs.read(guest::CR4));
-        if ADDRESS_MSRS.contains(&index) && !canonical(value, cr4) {
+        if ADDRESS_MSRS.contains(&index) && !canonical(value) {
             return false;
         }
         if index == msr::TSC_AUX && value >> 32 != 0 {
