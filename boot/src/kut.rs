@@ -188,6 +188,27 @@ pub const CI_SUBSET: &[&str] = &[
     "idt_test",
 ];
 
+/// The entries `make test` runs on SVM in QEMU's TCG: [`CI_SUBSET`] without `emulator`, two of
+/// whose 151 checks fail in QEMU's own CPU (a non-canonical stack access, run natively, raises
+/// #GP where it must raise #SS; QEMU TCG fails `emulator` by itself too), and with `syscall`,
+/// which needs the single-step trap right after a SYSRET that sets TF: QEMU raises it, Bochs
+/// raises it an instruction late.
+pub const SVM_CI_SUBSET: &[&str] = &[
+    "smptest",
+    "smptest3",
+    "smap",
+    "memory",
+    "setjmp",
+    "rmap_chain",
+    "rdpru",
+    "umip",
+    "pku",
+    "pks",
+    "ioapic",
+    "idt_test",
+    "syscall",
+];
+
 /// Where setup builds kvm-unit-tests.
 pub fn build_dir() -> PathBuf {
     target_dir().join("kvm-unit-tests")

@@ -83,9 +83,10 @@ const LEAF7_EBX_KEPT: u32 = (1 << 0)
     | (1 << 23)
     | (1 << 24)
     | (1 << 29);
-/// ECX kept: PREFETCHWT1, UMIP, PKU, LA57, PKS (not WAITPKG, SGX launch control or the
-/// AVX-512 extensions); RDPID only with RDTSCP. OSPKE (bit 4) follows the guest's CR4.PKE.
-const LEAF7_ECX_KEPT: u32 = (1 << 0) | (1 << 2) | (1 << 3) | (1 << 16) | (1 << 31);
+/// ECX kept: PREFETCHWT1, UMIP, PKU, LA57 (not PKS, whose IA32_PKRS no backend switches,
+/// WAITPKG, SGX launch control or the AVX-512 extensions); RDPID only with RDTSCP. OSPKE
+/// (bit 4) follows the guest's CR4.PKE.
+const LEAF7_ECX_KEPT: u32 = (1 << 0) | (1 << 2) | (1 << 3) | (1 << 16);
 const LEAF7_ECX_RDPID: u32 = 1 << 22;
 const LEAF7_ECX_OSPKE: u32 = 1 << 4;
 /// EDX kept: fast short REP MOV, MD_CLEAR, SERIALIZE (not the speculation-control MSRs or
@@ -436,6 +437,8 @@ mod tests {
         assert_ne!(regs.ebx & (1 << 1), 0, "TSC_ADJUST: the backend holds the MSR");
         assert_eq!(regs.edx & (1 << 29), 0, "IA32_ARCH_CAPABILITIES");
         assert_eq!(regs.ecx & LEAF7_ECX_OSPKE, 0, "CR4.PKE is clear");
+        assert_eq!(regs.ecx & (1 << 31), 0, "PKS: IA32_PKRS is not switched");
+        assert_ne!(regs.ecx & (1 << 16), 0, "LA57: the guest walker has 5 levels");
         let pke = AskingVcpu {
             cr4: CR4_PKE,
             ..AskingVcpu::default()

@@ -93,10 +93,10 @@ const INTERCEPTS_4: u32 = 0b111_1111 | (1 << 10) | (1 << 11) | (1 << 13);
 /// emulated APIC's task priority; CR4 writes are checked here against what the guest's CPUID
 /// offers (a native write could set a bit of a feature the guest is told it lacks).
 const CR_INTERCEPTS: u32 = (1 << 8) | (1 << 20) | (1 << 24);
-/// CR4 bits of features the guest's CPUID hides (VMX, SMX, XSAVE until XSETBV is handled):
-/// a write setting one is refused with #GP, as on a CPU without the feature (as the VMX
+/// CR4 bits of features the guest's CPUID hides (VMX, SMX, XSAVE until XSETBV is handled,
+/// PKS): a write setting one is refused with #GP, as on a CPU without the feature (as the VMX
 /// backend refuses them).
-const CR4_REFUSED: u64 = (1 << 13) | (1 << 14) | (1 << 18);
+const CR4_REFUSED: u64 = (1 << 13) | (1 << 14) | (1 << 18) | (1 << 24);
 const CR4_LA57: u64 = 1 << 12;
 const CR4_PCIDE: u64 = 1 << 17;
 
