@@ -21,6 +21,12 @@ const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 /// The I/O port and size of QEMU's `isa-debug-exit` device; the kernel writes its exit code there.
 const QEMU_DEBUG_EXIT: &str = "isa-debug-exit,iobase=0xf4,iosize=0x04";
 
+/// Bochs's CPU models: VT-x with EPT, unrestricted guest, VPID and PML; and AMD's with SVM and
+/// nested paging (no x2APIC: the host uses its xAPIC).
+pub const VMX_MODEL: &str = "corei7_skylake_x";
+/// See [`VMX_MODEL`].
+pub const SVM_MODEL: &str = "ryzen";
+
 /// Bochs's pace for the kernel tests and kvm-unit-tests: the TSC counts 4·10^6 a second of
 /// emulated time (budgets are in ticks, so the tests do not depend on it).
 pub const DEFAULT_IPS: u64 = 4_000_000;
@@ -47,6 +53,9 @@ pub struct RunOptions {
     pub megs: u64,
     /// Bochs's instructions per emulated second, which the guest's TSC follows.
     pub ips: u64,
+    /// Bochs's CPU model: `corei7_skylake_x` (VT-x with EPT) or `ryzen` (SVM with nested
+    /// paging, for the SVM kernel's second opinion).
+    pub bochs_model: &'static str,
     /// Where the guest's serial output is saved.
     pub serial_log: PathBuf,
     /// The emulator's working directory under `target/` (its disk copy, config and logs), so
@@ -112,7 +121,7 @@ fn bochs_command(dir: &Path, options: &RunOptions) -> Result<Command, String> {
     let _ = fs::remove_file(dir.join("disk.img.lock"));
     let config = format!(
         "memory: guest={megs}, host={host_megs}\n\
-         cpu: model=corei7_skylake_x, count={cpus}, ips={ips}, reset_on_triple_fault=0\n\
+         cpu: model={model}, count={cpus}, ips={ips}, reset_on_triple_fault=0\n\
          clock: sync=none, time0=946684800\n\
          romimage: file=/usr/share/bochs/BIOS-bochs-latest\n\
          vgaromimage: file=/usr/share/bochs/VGABIOS-lgpl-latest\n\
@@ -129,6 +138,7 @@ fn bochs_command(dir: &Path, options: &RunOptions) -> Result<Command, String> {
          error: action=report\n\
          log: \"{log}\"\n",
         disk = disk.display(),
+        model = options.bochs_model,
         cpus = options.cpus,
         megs = options.megs,
         host_megs = options.megs.min(BOCHS_MAX_HOST_MEGS),
@@ -265,6 +275,7 @@ mod tests {
             cpus: 2,
             megs: 256,
             ips: DEFAULT_IPS,
+            bochs_model: VMX_MODEL,
             serial_log: PathBuf::from("serial.log"),
             work_dir: "qemu",
         };

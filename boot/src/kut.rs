@@ -375,6 +375,7 @@ fn boot_with(
         cpus,
         megs: 256,
         ips: crate::emulator::DEFAULT_IPS,
+        bochs_model: crate::emulator::VMX_MODEL,
         serial_log: target_dir().join(format!("serial-{tag}-{}.log", emulator.name())),
         work_dir: Box::leak(format!("{}-{tag}", emulator.name()).into_boxed_str()),
     };

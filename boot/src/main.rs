@@ -74,6 +74,9 @@ impl Backend {
     /// The backend the machine `args` selects runs: SVM under QEMU's TCG; under KVM the host
     /// CPU's own (SVM when /proc/cpuinfo lists it); VMX in Bochs.
     fn for_args(args: &Args) -> Backend {
+        if args.bochs_svm {
+            return Backend::Svm;
+        }
         if !args.qemu {
             return Backend::Vmx;
         }
@@ -97,6 +100,9 @@ struct Args {
     kvm: bool,
     gdb: bool,
     test: bool,
+    /// Bochs with its SVM CPU model (`ryzen`) and the SVM kernel: a second opinion on the SVM
+    /// backend beside QEMU's.
+    bochs_svm: bool,
     cpus: u32,
     timeout_secs: u64,
     /// Positional arguments after the command (`kut`'s test names).
@@ -108,7 +114,7 @@ struct Args {
 /// CPUs the emulator gives the machine unless `--cpus` says otherwise (CI runs with two).
 const DEFAULT_CPUS: u32 = 2;
 
-const USAGE: &str = "usage: cargo xtask <build|image|run|test> [--test] [--qemu] [--uefi] [--kvm] \
+const USAGE: &str = "usage: cargo xtask <build|image|run|test> [--test] [--qemu | --bochs-svm] [--uefi] [--kvm] \
                      [--gdb] [--cpus N] [--timeout SECONDS]\n       cargo xtask run --linux [--kernel PATH] \
                      [--initrd PATH] [--append CMDLINE] [--mem MIB] [--cpus N] [--timeout SECONDS]\n       cargo xtask kut [NAME...] [--cpus N] [--timeout SECONDS]";
 
@@ -128,6 +134,7 @@ fn parse_args() -> Result<Args, String> {
         kvm: false,
         gdb: false,
         test: false,
+        bochs_svm: false,
         cpus: DEFAULT_CPUS,
         timeout_secs: 600,
         names: Vec::new(),
@@ -141,6 +148,7 @@ fn parse_args() -> Result<Args, String> {
             "--kvm" => args.kvm = true,
             "--gdb" => args.gdb = true,
             "--test" => args.test = true,
+            "--bochs-svm" => args.bochs_svm = true,
             "--cpus" => {
                 let value = argv.next().ok_or("--cpus needs a number of CPUs")?;
                 cpus_given = true;
@@ -267,11 +275,21 @@ fn run(args: &Args, variant: Variant) -> Result<KernelRun, String> {
         cpus: args.cpus,
         megs,
         ips,
-        serial_log: target_dir().join(format!("serial-{tag}-{}.log", emulator.name())),
-        work_dir: match (args.linux.is_some(), args.qemu) {
-            (true, false) => "bochs-linux",
-            (true, true) => "qemu-linux",
-            (false, _) => emulator.name(),
+        bochs_model: if args.bochs_svm {
+            emulator::SVM_MODEL
+        } else {
+            emulator::VMX_MODEL
+        },
+        serial_log: target_dir().join(format!(
+            "serial-{tag}-{}{}.log",
+            emulator.name(),
+            if args.bochs_svm { "-svm" } else { "" }
+        )),
+        work_dir: match (args.linux.is_some(), args.qemu, args.bochs_svm) {
+            (true, false, _) => "bochs-linux",
+            (true, true, _) => "qemu-linux",
+            (false, false, true) => "bochs-svm",
+            (false, _, _) => emulator.name(),
         },
     };
     if args.gdb {
@@ -452,6 +470,7 @@ fn kernel_suite(args: &Args, qemu: bool) -> KernelSuite {
         kvm: false,
         gdb: false,
         test: true,
+        bochs_svm: false,
         cpus: args.cpus,
         timeout_secs: args.timeout_secs,
         names: Vec::new(),
@@ -496,6 +515,7 @@ fn linux_boot_test(args: &Args, vcpus: u32, qemu: bool) -> Result<(), String> {
         kvm: false,
         gdb: false,
         test: false,
+        bochs_svm: false,
         cpus: vcpus,
         timeout_secs: args.timeout_secs.max(LINUX_TEST_WALL_SECONDS),
         names: Vec::new(),

@@ -219,7 +219,7 @@ fn protect_all_and_register_rows() -> Vec<Row> {
         Row {
             measure: "metadata per 4 KiB page, 64 GiB registered".into(),
             pgm: format!(
-                "descriptor 8 B + EPT {:.3} B (2 MiB pages); 8 B + {:.2} B mapped 4 KiB",
+                "descriptor 8 B + nested tables {:.3} B (2 MiB pages); 8 B + {:.2} B mapped 4 KiB",
                 per_page(large_tables),
                 per_page(small_tables)
             ),
@@ -261,7 +261,7 @@ fn touched_everywhere_row() -> Row {
     let (small_faults, small_tables, small_time) = touch(false);
     Row {
         measure: "4 GiB guest written in every 4 KiB page".into(),
-        pgm: format!("{faults} write faults, {tables} KiB of EPT tables, {time:.0} ms"),
+        pgm: format!("{faults} write faults, {tables} KiB of nested tables, {time:.0} ms"),
         reference: format!("4 KiB pages: {small_faults} faults, {small_tables} KiB, {small_time:.0} ms"),
         ratio: format!("{:.0}× fewer faults", small_faults as f64 / faults as f64),
         goal: "≤ 2,048 faults, ≤ 24 KiB",

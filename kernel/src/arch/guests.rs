@@ -713,10 +713,11 @@ guest_programs! {
         "mov ecx, 0xc0000080",
         "rdmsr",
         "mov [edi + 28], eax",
-        // Refused: a non-canonical LSTAR; then a canonical one, read back.
+        // Refused: a non-canonical LSTAR (bit 63 alone: non-canonical with 48-bit and with
+        // 57-bit linear addresses); then a canonical one, read back.
         "mov ecx, 0xc0000082",
         "mov eax, 0x12345678",
-        "mov edx, 0x8000",
+        "mov edx, 0x80000000",
         "wrmsr",
         "xor edx, edx",
         "wrmsr",

@@ -84,6 +84,14 @@ unsafe extern "sysv64" {
     fn svm_enter(regs: *mut GuestRegisters, vmcb: u64, host_area: u64);
 }
 
+/// CLGI: interrupts and NMIs wait until the next VMRUN (which sets GIF in the guest) or STGI.
+/// [`run_guest`] clears it again and sets it after the guest's exit.
+pub fn clear_global_interrupt_flag() {
+    // SAFETY: SVM is on (only SVM vCPUs call this, on their CPU); CLGI only holds interrupts
+    // and NMIs pending, and the entry that follows sets GIF again on every path.
+    unsafe { core::arch::asm!("clgi", options(nomem, nostack)) };
+}
+
 /// Runs the guest of the VMCB at `vmcb` with `regs` (RAX aside, which the VMCB holds) until
 /// its next #VMEXIT, with the host's extra state kept in `host_area`; the guest's registers are
 /// in `regs` afterwards. A VMRUN the CPU refuses exits at once with VMEXIT_INVALID.

@@ -735,6 +735,11 @@ impl VirtualCpu for SvmVcpu<'_> {
         }
         let v = &self.vmcb;
         v.write64(save::RAX, self.regs.rax);
+        // From here to VMRUN no NMI may run the host's flush handler: one that marked this CPU
+        // after the look below, and acknowledged the flush, would let the guest run on
+        // translations the flush was for while their frames go back. With GIF clear the NMI
+        // waits; VMRUN then takes it as an exit at once, and the next entry flushes.
+        super::entry::clear_global_interrupt_flag();
         let flush = self.on.take_flush(self.nested_root);
         v.write8(control::TLB_CONTROL, if flush { FLUSH_ALL } else { 0 });
         v.write32(control::CLEAN_BITS, 0);
