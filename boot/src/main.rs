@@ -400,20 +400,16 @@ fn test(args: &Args) -> Result<(), String> {
     }
 }
 
-/// The kvm-unit-tests subset on VMX in Bochs ([`kut::CI_SUBSET`]), or (`qemu`) on SVM in
-/// QEMU's TCG ([`kut::SVM_CI_SUBSET`]); returns (passed, failed).
+/// The kvm-unit-tests subset ([`kut::ci_subset`]) on VMX in Bochs, or (`qemu`) on SVM in
+/// QEMU's TCG; returns (passed, failed).
 fn kut_subset(args: &Args, qemu: bool) -> (usize, usize) {
     if !kut::is_built() {
         // setup.sh said why (no tarball, no network); the other suites still count.
         println!("kvm-unit-tests: not built here (see setup's warning): the subset is not run");
         return (0, 0);
     }
-    let (list, tag) = if qemu {
-        (kut::SVM_CI_SUBSET, "kut-ci-svm")
-    } else {
-        (kut::CI_SUBSET, "kut-ci")
-    };
-    let subset: Vec<String> = list.iter().map(|name| name.to_string()).collect();
+    let tag = if qemu { "kut-ci-svm" } else { "kut-ci" };
+    let subset: Vec<String> = kut::ci_subset(qemu).iter().map(|name| name.to_string()).collect();
     match kut::run(&subset, args.cpus, args.timeout_secs, tag, qemu) {
         Ok(verdicts) => report_kut(&verdicts),
         Err(message) => {

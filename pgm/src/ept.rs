@@ -2,7 +2,7 @@
 //! EPT's bit layout; the tables themselves are format-independent ([`crate::paging`]).
 
 use crate::addr::{HostPhysAddr, HOST_PHYS_BITS};
-use crate::paging::{Entry, EntryFormat, Leaf, MemoryType, Permissions};
+use crate::paging::{Entry, EntryFormat, Leaf, MemoryType, Permissions, WithheldWriteBits};
 
 /// Bits 0..=2: read, write, execute (for supervisor-mode linear addresses).
 const PERMISSION_BITS: u64 = 0b111;
@@ -31,6 +31,12 @@ const WRITE_TAKEN: u64 = 1 << 54;
 /// is mapped again from its descriptors at its next access. Such an entry withholds writes
 /// (bit 52) as a present one would, so write monitoring's pending protection survives it.
 const AWAITING_TABLES: u64 = 1 << 53;
+/// Write monitoring's marks in EPT entries.
+const WITHHELD_WRITE_BITS: WithheldWriteBits = WithheldWriteBits {
+    write: WRITE,
+    withheld: WRITE_WITHHELD,
+    taken: WRITE_TAKEN,
+};
 /// Bits 12..=51: the physical address.
 const ADDRESS_MASK: u64 = ((1 << HOST_PHYS_BITS) - 1) & !0xFFF;
 
@@ -97,19 +103,11 @@ impl EntryFormat for Ept {
     }
 
     fn withhold_write(raw: u64) -> u64 {
-        if raw & WRITE == 0 {
-            // Nothing to take (a read-only leaf, a marker, or withheld already): marked only.
-            return raw | WRITE_WITHHELD;
-        }
-        (raw & !WRITE) | WRITE_WITHHELD | WRITE_TAKEN
+        WITHHELD_WRITE_BITS.withhold(raw)
     }
 
     fn restore_write(raw: u64) -> u64 {
-        let unmarked = raw & !WRITE_WITHHELD;
-        if unmarked & WRITE_TAKEN == 0 {
-            return unmarked;
-        }
-        (unmarked | WRITE) & !WRITE_TAKEN
+        WITHHELD_WRITE_BITS.restore(raw)
     }
 
     fn awaiting_tables() -> u64 {

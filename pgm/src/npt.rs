@@ -21,7 +21,7 @@
 //! (and every bit but P of a not-present one).
 
 use crate::addr::{HostPhysAddr, HOST_PHYS_BITS};
-use crate::paging::{Entry, EntryFormat, Leaf, MemoryType, Permissions};
+use crate::paging::{Entry, EntryFormat, Leaf, MemoryType, Permissions, WithheldWriteBits};
 
 /// Bit 0: present (the page is readable).
 const PRESENT: u64 = 1 << 0;
@@ -45,6 +45,12 @@ const WRITE_WITHHELD: u64 = 1 << 52;
 const AWAITING_TABLES: u64 = 1 << 53;
 /// Bit 54, available to software: the R/W bit [`WRITE_WITHHELD`] took, to give back.
 const WRITE_TAKEN: u64 = 1 << 54;
+/// Write monitoring's marks in NPT entries.
+const WITHHELD_WRITE_BITS: WithheldWriteBits = WithheldWriteBits {
+    write: WRITE,
+    withheld: WRITE_WITHHELD,
+    taken: WRITE_TAKEN,
+};
 /// Bits 12..=51: the physical address.
 const ADDRESS_MASK: u64 = ((1 << HOST_PHYS_BITS) - 1) & !0xFFF;
 
@@ -141,18 +147,11 @@ impl EntryFormat for Npt {
     }
 
     fn withhold_write(raw: u64) -> u64 {
-        if raw & WRITE == 0 {
-            return raw | WRITE_WITHHELD;
-        }
-        (raw & !WRITE) | WRITE_WITHHELD | WRITE_TAKEN
+        WITHHELD_WRITE_BITS.withhold(raw)
     }
 
     fn restore_write(raw: u64) -> u64 {
-        let unmarked = raw & !WRITE_WITHHELD;
-        if unmarked & WRITE_TAKEN == 0 {
-            return unmarked;
-        }
-        (unmarked | WRITE) & !WRITE_TAKEN
+        WITHHELD_WRITE_BITS.restore(raw)
     }
 
     fn awaiting_tables() -> u64 {

@@ -126,6 +126,37 @@ pub trait EntryFormat {
     fn is_dirty(raw: u64) -> bool;
 }
 
+/// Where a format keeps write monitoring's marks: the bit that grants writes, the bit that
+/// marks an entry as withholding them, and the bit that remembers the grant was taken. One
+/// rule over these serves every format's [`EntryFormat::withhold_write`] and
+/// [`EntryFormat::restore_write`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WithheldWriteBits {
+    pub(crate) write: u64,
+    pub(crate) withheld: u64,
+    pub(crate) taken: u64,
+}
+
+impl WithheldWriteBits {
+    /// `raw` marked as withholding writes, its write grant taken if it had one.
+    pub(crate) fn withhold(self, raw: u64) -> u64 {
+        if raw & self.write == 0 {
+            // Nothing to take (a read-only leaf, a marker, or withheld already): marked only.
+            return raw | self.withheld;
+        }
+        (raw & !self.write) | self.withheld | self.taken
+    }
+
+    /// `raw` unmarked, with the write grant [`withhold`](Self::withhold) took given back.
+    pub(crate) fn restore(self, raw: u64) -> u64 {
+        let unmarked = raw & !self.withheld;
+        if unmarked & self.taken == 0 {
+            return unmarked;
+        }
+        (unmarked | self.write) & !self.taken
+    }
+}
+
 /// Which TLB invalidation a change to the tables needs before the guest runs again. Every
 /// kind but `None` is a flush on every CPU that ran the VM: a translation another CPU cached
 /// is as stale as the local one. Frames the change took from the guest are reused only after

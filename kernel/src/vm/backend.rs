@@ -359,6 +359,36 @@ pub struct CpuSnapshot {
     pub exception_exits: u32,
 }
 
+/// The values of [`SNAPSHOT_MSRS`] as `cpu` reads them ([`VirtualCpu::read_msr`]), for its
+/// [`CpuSnapshot`]; an MSR the backend does not hold fails, naming it.
+pub fn snapshot_msrs(cpu: &impl VirtualCpu) -> Result<[u64; SNAPSHOT_MSRS.len()], BackendError> {
+    let mut msrs = [0; SNAPSHOT_MSRS.len()];
+    for (slot, &index) in msrs.iter_mut().zip(SNAPSHOT_MSRS.iter()) {
+        *slot = cpu.read_msr(index).ok_or(BackendError {
+            what: "reading a held MSR",
+            code: Some(u64::from(index)),
+        })?;
+    }
+    Ok(msrs)
+}
+
+/// Writes a snapshot's `values` of [`SNAPSHOT_MSRS`] through [`VirtualCpu::write_msr`]; a value
+/// the CPU would refuse fails, naming its MSR.
+pub fn load_snapshot_msrs(
+    cpu: &mut impl VirtualCpu,
+    values: &[u64; SNAPSHOT_MSRS.len()],
+) -> Result<(), BackendError> {
+    for (&index, &value) in SNAPSHOT_MSRS.iter().zip(values.iter()) {
+        if !cpu.write_msr(index, value) {
+            return Err(BackendError {
+                what: "loading a held MSR",
+                code: Some(u64::from(index)),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The segment registers a [`CpuSnapshot`] holds, in its order.
 pub const SNAPSHOT_SEGMENTS: [Segment; 7] = [
     Segment::Es,

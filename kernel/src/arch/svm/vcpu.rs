@@ -34,10 +34,10 @@ use crate::arch::guests::GuestMode;
 use crate::arch::memory::{KernelFrames, PhysMap};
 use crate::arch::smp::this_cpu;
 use crate::arch::{apic, ticks};
-use crate::vm::backend::{canonical, ADDRESS_MSRS};
+use crate::vm::backend::{canonical, load_snapshot_msrs, snapshot_msrs, ADDRESS_MSRS};
 use crate::vm::backend::{
     BackendError, CpuSnapshot, CpuState, Direction, EntryFailure, Event, EventKind, PendingEvent, PortIo,
-    RawExit, Segment, SegmentState, VirtualCpu, VmExit, SNAPSHOT_MSRS, SNAPSHOT_SEGMENTS,
+    RawExit, Segment, SegmentState, VirtualCpu, VmExit, SNAPSHOT_SEGMENTS,
 };
 
 /// Exit codes (APM vol. 2, appendix C).
@@ -1043,13 +1043,7 @@ impl VirtualCpu for SvmVcpu<'_> {
         for (slot, &segment) in segments.iter_mut().zip(SNAPSHOT_SEGMENTS.iter()) {
             *slot = read_segment(v, segment_field(segment));
         }
-        let mut msrs = [0; SNAPSHOT_MSRS.len()];
-        for (slot, &index) in msrs.iter_mut().zip(SNAPSHOT_MSRS.iter()) {
-            *slot = self.read_msr(index).ok_or(BackendError {
-                what: "reading a held MSR",
-                code: Some(u64::from(index)),
-            })?;
-        }
+        let msrs = snapshot_msrs(self)?;
         let injection = v.read64(control::EVENT_INJECTION);
         Ok(CpuSnapshot {
             regs: self.regs,
@@ -1104,14 +1098,7 @@ impl VirtualCpu for SvmVcpu<'_> {
             v.write64(control::INTERRUPT_SHADOW, u64::from(state.interrupt_shadow != 0));
             v.write32(control::EXCEPTION_INTERCEPTS, state.exception_exits);
         }
-        for (&index, &value) in SNAPSHOT_MSRS.iter().zip(state.msrs.iter()) {
-            if !self.write_msr(index, value) {
-                return Err(BackendError {
-                    what: "loading a held MSR",
-                    code: Some(u64::from(index)),
-                });
-            }
-        }
+        load_snapshot_msrs(self, &state.msrs)?;
         self.tsc_offset = state.tsc_offset;
         self.tsc_adjust = state.tsc_adjust;
         self.regs = state.regs;

@@ -33,10 +33,10 @@ use devices::msr::index as msr;
 
 use crate::arch::guests::GuestMode;
 use crate::arch::memory::{KernelFrames, PhysMap};
-use crate::vm::backend::{canonical, ADDRESS_MSRS};
+use crate::vm::backend::{canonical, load_snapshot_msrs, snapshot_msrs, ADDRESS_MSRS};
 use crate::vm::backend::{
     BackendError, CpuSnapshot, CpuState, Direction, EntryFailure, Event, EventKind, PendingEvent, PortIo,
-    RawExit, Segment, SegmentState, VirtualCpu, VmExit, SNAPSHOT_MSRS, SNAPSHOT_SEGMENTS,
+    RawExit, Segment, SegmentState, VirtualCpu, VmExit, SNAPSHOT_SEGMENTS,
 };
 
 /// PAUSE-loop exiting: PAUSEs at most this many ticks apart belong to one loop, and a loop
@@ -1179,13 +1179,7 @@ impl VirtualCpu for VmxVcpu<'_> {
         for (slot, &segment) in segments.iter_mut().zip(SNAPSHOT_SEGMENTS.iter()) {
             *slot = read_segment_state(&vmcs, segment_fields(segment));
         }
-        let mut msrs = [0; SNAPSHOT_MSRS.len()];
-        for (slot, &index) in msrs.iter_mut().zip(SNAPSHOT_MSRS.iter()) {
-            *slot = self.read_msr(index).ok_or(BackendError {
-                what: "reading a held MSR",
-                code: Some(u64::from(index)),
-            })?;
-        }
+        let msrs = snapshot_msrs(self)?;
         let interruptibility = vmcs.read(guest::INTERRUPTIBILITY_STATE);
         Ok(CpuSnapshot {
             regs: self.regs,
@@ -1267,14 +1261,7 @@ impl VirtualCpu for VmxVcpu<'_> {
             self.event_queued.set(state.pending_event.is_some());
         }
         self.ia32e_entry.set(long_mode);
-        for (&index, &value) in SNAPSHOT_MSRS.iter().zip(state.msrs.iter()) {
-            if !self.write_msr(index, value) {
-                return Err(BackendError {
-                    what: "loading a held MSR",
-                    code: Some(u64::from(index)),
-                });
-            }
-        }
+        load_snapshot_msrs(self, &state.msrs)?;
         if !self.set_tsc_offset(state.tsc_offset) {
             return Err(refused("loading the TSC offset"));
         }
