@@ -152,9 +152,9 @@ fn pinned_kernel() -> Result<PathBuf, String> {
         .ok_or_else(|| format!("no vmlinuz-* in {} (run boot/setup.sh)", boot.display()))
 }
 
-/// Packs the ramdisk for `options` (kernel, initrd, manifest) into `target/linux-ramdisk.tar`
-/// and returns its path. `limit_ticks` bounds the guest's run in TSC ticks.
-pub fn ramdisk(options: &LinuxOptions, limit_ticks: u64) -> Result<PathBuf, String> {
+/// Packs the ramdisk for `options` (kernel, initrd, manifest) into `target/<file>` and
+/// returns its path. `limit_ticks` bounds the guest's run in TSC ticks.
+pub fn ramdisk(options: &LinuxOptions, limit_ticks: u64, file: &str) -> Result<PathBuf, String> {
     let kernel_path = match &options.kernel {
         Some(path) => path.clone(),
         None => pinned_kernel()?,
@@ -176,7 +176,7 @@ pub fn ramdisk(options: &LinuxOptions, limit_ticks: u64) -> Result<PathBuf, Stri
         ("linux/kernel", &kernel),
         ("linux/initrd", &initrd),
     ];
-    let path = target_dir().join("linux-ramdisk.tar");
+    let path = target_dir().join(file);
     std::fs::write(&path, loader::archive::build(&files)).map_err(|e| format!("ramdisk: {e}"))?;
     Ok(path)
 }

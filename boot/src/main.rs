@@ -250,7 +250,11 @@ fn main() -> ExitCode {
 fn run(args: &Args, variant: Variant) -> Result<KernelRun, String> {
     let (ramdisk, tag, megs, ips) = match &args.linux {
         Some(options) => (
-            Some(linux::ramdisk(options, linux::limit_ticks()?)?),
+            Some(linux::ramdisk(
+                options,
+                linux::limit_ticks()?,
+                &format!("linux-ramdisk{}.tar", Backend::for_args(args).suffix()),
+            )?),
             "linux",
             linux::host_memory_mib(options.memory_mib),
             linux::IPS,
@@ -369,10 +373,24 @@ fn test(args: &Args) -> Result<(), String> {
         host.passed, host.failed
     )];
     let mut kernel_error = None;
-    for &qemu in backends {
-        let suite = kernel_suite(args, qemu);
-        let (kut_passed, kut_failed) = kut_subset(args, qemu);
-        let (linux_passed, linux_failed) = linux_boots(args, qemu);
+    // The backends run side by side: Bochs emulates on one core, QEMU's vCPU threads take the
+    // rest (each has its own work directories, images, logs and ramdisks).
+    let runs: Vec<BackendRun> = std::thread::scope(|scope| {
+        let handles: Vec<_> = backends
+            .iter()
+            .map(|&qemu| {
+                scope.spawn(move || {
+                    let suite = kernel_suite(args, qemu);
+                    (suite, kut_subset(args, qemu), linux_boots(args, qemu))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().expect("a backend's test run panicked"))
+            .collect()
+    });
+    for (suite, (kut_passed, kut_failed), (linux_passed, linux_failed)) in runs {
         lines.push(format!(
             "{}: kernel tests {} passed, {} failed, {} skipped; kvm-unit-tests subset {} passed, \
              {} failed; Linux boot {} passed, {} failed",
@@ -438,6 +456,10 @@ fn linux_boots(args: &Args, qemu: bool) -> (usize, usize) {
     }
     (passed, failed)
 }
+
+/// One backend's part of `cargo xtask test`: its kernel tests, and the (passed, failed) of its
+/// kvm-unit-tests subset and of its Linux boots.
+type BackendRun = (KernelSuite, (usize, usize), (usize, usize));
 
 /// One backend's kernel-test run.
 struct KernelSuite {
