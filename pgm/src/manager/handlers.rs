@@ -527,8 +527,12 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         let was_alias = self.ranges.page(location).page_type().is_mmio_alias();
         let alias = PageDescriptor::allocated(page_type, frame).with_handler(HandlerState::Disabled);
         // MMIO in unassigned space has no tables yet: make them (the only step that can fail)
-        // before the descriptor changes; the mapping itself comes from the descriptor.
-        self.ensure_tables(page_base, 1)?;
+        // before the descriptor changes; the mapping itself comes from the descriptor. A block
+        // mapped by one 2 MiB leaf gets its page table from the split in `sync_leaf` (or
+        // awaits it there, unmapped, when none can be had).
+        if !self.tables.is_large(&self.memory, page_base) {
+            self.ensure_tables(page_base, 1)?;
+        }
         self.replace_descriptor(location, alias);
         self.sync_leaf(location);
         Ok(if was_alias {
