@@ -136,7 +136,9 @@ pub fn the_pit_interrupts_a_halted_guest_through_the_pic(host: &'static Host) ->
         "no interrupt after STI: {before} before, {after} after"
     );
     ensure!(vm.exits.interrupt_windows >= 1, "no interrupt-window exit");
-    ensure!(vm.exits.halts >= 10, "HLT exits: {}", vm.exits.halts);
+    // Each interrupt wakes a halted guest, but one that comes before the guest halts again is
+    // taken without a halt (QEMU's TCG runs the guest's loop slowly against the 1 ms period).
+    ensure!(vm.exits.halts >= 1, "HLT exits: {}", vm.exits.halts);
     ensure_eq!(vm.exits.injected, u64::from(after), "interrupts injected");
     // Ten periods of 1193 PIT clocks (10 ms) at least.
     let period = crate::arch::clock::tsc_hz() / 1000;
