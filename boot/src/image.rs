@@ -20,10 +20,6 @@ pub struct Images {
 /// and copies the ELF to `target/kernel-<variant>[-svm].elf`, so the variants never overwrite
 /// each other. Returns the copied path, or the reason the build failed.
 pub fn build_kernel(variant: Variant, backend: Backend) -> Result<PathBuf, String> {
-    // Every variant is built to the same path and copied from there: one build and copy at a
-    // time (the backends' test runs go on side by side).
-    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one_at_a_time = BUILDING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let mut build = Command::new(cargo());
     build
         .args(["build", "--release", "-p", "kernel"])
