@@ -113,6 +113,10 @@ const TESTS: &[(&str, TestFn)] = &[
         violations::mmio_access_crossing_a_page_is_emulated_in_both_halves,
     ),
     (
+        "an_exit_carrying_the_hosts_own_state_stops_the_vm",
+        violations::an_exit_carrying_the_hosts_own_state_stops_the_vm,
+    ),
+    (
         "executing_from_mmio_stops_the_vm",
         violations::executing_from_mmio_stops_the_vm,
     ),

@@ -191,11 +191,14 @@ pub struct LocalApic {
     timer_start: u64,
     timer: Option<TimerArm>,
     tsc_deadline: u64,
-    /// An NMI, an INIT or a startup vector waiting for the vCPU.
-    nmi_pending: bool,
+    /// NMIs waiting for the vCPU (at most [`NMI_LATCH`]), an INIT, a startup vector.
+    nmis_pending: u8,
     init_pending: bool,
     startup_vector: Option<u8>,
 }
+
+/// The NMIs a vCPU holds when it runs no NMI handler: the one it takes and the one it latches.
+pub const NMI_LATCH: u8 = 2;
 
 /// The LVT entries in register order from [`reg::LVT_TIMER`].
 const LVT_TIMER: usize = 0;
@@ -227,7 +230,7 @@ impl LocalApic {
             timer_start: 0,
             timer: None,
             tsc_deadline: 0,
-            nmi_pending: false,
+            nmis_pending: 0,
             init_pending: false,
             startup_vector: None,
         }
@@ -271,7 +274,7 @@ impl LocalApic {
 
     /// True when an NMI, INIT or startup message waits for the vCPU.
     pub fn message_pending(&self) -> bool {
-        self.nmi_pending || self.init_pending || self.startup_vector.is_some()
+        self.nmis_pending != 0 || self.init_pending || self.startup_vector.is_some()
     }
 
     /// True in x2APIC mode.
@@ -353,12 +356,20 @@ impl LocalApic {
 
     /// True when an NMI waits for the vCPU.
     pub fn nmi_pending(&self) -> bool {
-        self.nmi_pending
+        self.nmis_pending != 0
     }
 
     /// Takes a pending NMI.
     pub fn take_nmi(&mut self) -> bool {
-        core::mem::take(&mut self.nmi_pending)
+        let pending = self.nmis_pending != 0;
+        self.nmis_pending = self.nmis_pending.saturating_sub(1);
+        pending
+    }
+
+    /// The vCPU runs an NMI handler: a CPU then holds one more NMI, latched until the handler's
+    /// IRET, and drops the rest (SDM 6.7.1). The vCPU calls this while NMIs are blocked.
+    pub fn nmi_blocked(&mut self) {
+        self.nmis_pending = self.nmis_pending.min(1);
     }
 
     /// Takes a pending INIT: the vCPU resets and waits for a startup IPI.
@@ -375,7 +386,9 @@ impl LocalApic {
     pub fn receive(&mut self, ipi: &Ipi) {
         match ipi.mode {
             DeliveryMode::Fixed | DeliveryMode::LowestPriority => self.accept(ipi.vector, ipi.level),
-            DeliveryMode::Nmi => self.nmi_pending = true,
+            // One NMI the CPU takes now and one it latches: two NMIs sent at once both arrive
+            // (KVM's limit too).
+            DeliveryMode::Nmi => self.nmis_pending = (self.nmis_pending + 1).min(NMI_LATCH),
             DeliveryMode::Init => self.init_pending = true,
             DeliveryMode::Startup => self.startup_vector = Some(ipi.vector),
         }
@@ -890,6 +903,36 @@ mod tests {
         assert!(apic.take_init());
         assert_eq!(apic.take_startup(), Some(0x9A));
         assert_eq!(apic.take_startup(), None);
+    }
+
+    /// SDM 6.7.1: of NMIs sent at once, the CPU takes one and latches one; while its NMI
+    /// handler runs it latches one and drops the others.
+    #[test]
+    fn nmis_sent_at_once_latch_one_behind_the_one_taken() {
+        let mut apic = enabled(1);
+        let nmi = Ipi {
+            vector: 0,
+            mode: DeliveryMode::Nmi,
+            destination: Destination::All,
+            x2apic: false,
+            level: false,
+        };
+        for _ in 0..3 {
+            apic.receive(&nmi);
+        }
+        assert!(apic.take_nmi());
+        assert!(apic.take_nmi());
+        assert!(!apic.take_nmi());
+        assert!(!apic.message_pending());
+
+        apic.receive(&nmi);
+        assert!(apic.take_nmi());
+        for _ in 0..10 {
+            apic.receive(&nmi);
+            apic.nmi_blocked();
+        }
+        assert!(apic.take_nmi());
+        assert!(!apic.take_nmi());
     }
 
     /// SDM 11.6.2: physical (with the 0xFF broadcast), flat and cluster logical destinations.

@@ -798,6 +798,10 @@ guest_programs! {
     // Sets CR0.WP, then MOVSQ from RSI (the device) to RDI (a read-only page the test
     // chose): the emulated store is refused by the guest's own page tables. Done(0) only if
     // the store went through.
+    // Jumps to RAX.
+    jump_to_rax_long64: Long64, ".code64", [
+        "jmp rax",
+    ];
     movs_to_read_only_long64: Long64, ".code64", [
         "mov rax, cr0",
         "or rax, 0x10000",

@@ -443,6 +443,32 @@ pub fn executing_from_mmio_stops_the_vm(host: &'static Host) -> TestResult {
     Ok(())
 }
 
+/// An exit whose saved guest state is the host's own (the RIP after the entry's VMRUN) stops
+/// the VM instead of entering with it, which would hand the guest host addresses. The guest
+/// jumps to that address itself (unmapped in its tables: its triple fault saves it as RIP).
+pub fn an_exit_carrying_the_hosts_own_state_stops_the_vm(host: &'static Host) -> TestResult {
+    let address = super::backend::host_resume_address().ok_or("this backend has no host resume address")?;
+    let mut pc = pc(host, Above4G::No)?;
+    let cr3 = pc::build_long_mode_tables(&mut pc.vm)?;
+    let regs = GuestRegisters {
+        rax: address,
+        ..Default::default()
+    };
+    pc.vm
+        .start_paged(
+            &programs::jump_to_rax_long64(),
+            CODE,
+            pc::HIGH_HALF + CODE,
+            cr3,
+            regs,
+        )
+        .map_err(|e| format!("{e}"))?;
+    let diagnostic = stopped(pc.vm.run())?;
+    ensure_eq!(diagnostic.cause, StopCause::EntryFailed, "cause");
+    ensure_eq!(diagnostic.rip, address, "RIP");
+    Ok(())
+}
+
 /// Untouched pages read as zero without a frame; the first write allocates once, later writes
 /// to the same page do not exit.
 pub fn first_write_to_a_zero_page_allocates_once(host: &'static Host) -> TestResult {

@@ -323,7 +323,11 @@ impl Vcpu<'_> {
             return Ok(Delivery::Injected);
         }
         if nmi_waiting {
-            // Blocked by the NMI handler still running: the window says when it returned.
+            if self.cpu.nmi_handler_running() {
+                // The CPU latches one NMI behind the running handler and drops the rest.
+                apics.with(self.index, LocalApic::nmi_blocked);
+            }
+            // Blocked by the NMI handler still running (or a shadow): the window says when.
             self.cpu
                 .set_nmi_window_exiting(true)
                 .map_err(|_| VmStop::Stopped(self.diagnostic(StopCause::UnhandledExit)))?;

@@ -488,6 +488,9 @@ pub trait VirtualCpu {
     /// shadow).
     fn nmi_allowed(&self) -> bool;
 
+    /// True while the guest runs an NMI handler: NMIs wait for its IRET.
+    fn nmi_handler_running(&self) -> bool;
+
     /// Puts the vCPU where a startup message (SIPI) after INIT leaves a CPU: real mode, CS
     /// selector `page << 8` (base `page << 12`), IP 0, the general-purpose registers cleared.
     fn start_at_page(&mut self, page: u8) -> Result<(), BackendError>;

@@ -45,6 +45,8 @@ global_asm!(
     "mov r15, [rdi + 112]",
     "mov rdi, [rdi + 40]",
     "vmrun rax",
+    ".global svm_after_vmrun",
+    "svm_after_vmrun:",
     // #VMEXIT: GIF is clear; RSP is the host's again, RAX is not the guest's (that is in the
     // VMCB), so the VMCB's address comes back from the stack.
     "mov rax, [rsp]",
@@ -82,6 +84,14 @@ global_asm!(
 
 unsafe extern "sysv64" {
     fn svm_enter(regs: *mut GuestRegisters, vmcb: u64, host_area: u64);
+    /// The instruction after the entry's VMRUN (only its address is used).
+    static svm_after_vmrun: u8;
+}
+
+/// The address VMRUN saves as the host's RIP: the instruction after it in [`run_guest`].
+pub fn host_resume_address() -> u64 {
+    // Only the label's address is taken; nothing reads through it.
+    core::ptr::addr_of!(svm_after_vmrun) as u64
 }
 
 /// CLGI: interrupts and NMIs wait until the next VMRUN (which sets GIF in the guest) or STGI.

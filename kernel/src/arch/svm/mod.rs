@@ -17,6 +17,7 @@ use x86::msr::{rdmsr, wrmsr};
 use crate::arch::memory::{KernelFrames, PhysMap};
 
 pub use crate::arch::registers::GuestRegisters;
+pub use entry::host_resume_address;
 pub use vcpu::SvmVcpu;
 
 /// The backend's name for messages.

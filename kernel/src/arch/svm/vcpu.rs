@@ -12,9 +12,11 @@
 //! - **Flushes.** SVM cannot flush a guest's translations from the host: a flush marks the
 //!   CPU, and its next entry flushes the whole TLB (TLB_CONTROL), as does an entry into another
 //!   VM than the CPU's last (every vCPU uses ASID 1).
-//! - **NMI windows.** SVM has no NMI-window exit: after an NMI is injected, the guest's IRET
-//!   exits, and the NMI counts as handled from then on (KVM steps over that IRET first; an NMI
-//!   injected at once may nest in the handler's last instruction).
+//! - **NMI windows.** SVM has no NMI-window exit (QEMU 7.2's TCG has no vNMI). After an NMI
+//!   is injected, the guest's IRET exits before it runs; NMIs stay blocked until the guest is
+//!   seen past that IRET (any later exit at another RIP). When an NMI waits, the backend
+//!   single-steps the IRET (RFLAGS.TF and the #DB intercept, as KVM does) so that the NMI
+//!   arrives right after it, not inside the handler it ends.
 //! - **CR8.** Writes reach the VMCB's virtual TPR, not the emulated APIC's TPR: without decode
 //!   assists an intercepted MOV CR8 does not name its register.
 
@@ -43,6 +45,7 @@ use crate::vm::backend::{
 /// Exit codes (APM vol. 2, appendix C).
 mod code {
     pub const EXCEPTION_BASE: u64 = 0x40;
+    pub const DEBUG_EXCEPTION: u64 = 0x41;
     pub const INTR: u64 = 0x60;
     pub const NMI: u64 = 0x61;
     pub const VINTR: u64 = 0x64;
@@ -161,6 +164,20 @@ const EFER_LMA: u64 = 1 << 10;
 const EFER_NXE: u64 = 1 << 11;
 const RFLAGS_IF: u64 = 1 << 9;
 const RFLAGS_RF: u64 = 1 << 16;
+const RFLAGS_TF: u64 = 1 << 8;
+/// DR6.BS: the #DB is a single-step trap.
+const DR6_SINGLE_STEP: u64 = 1 << 14;
+/// The exception intercept bit of #DB.
+const DEBUG_INTERCEPT: u32 = 1 << 1;
+
+/// What [`SvmVcpu::begin_single_step`] changed, to be undone at the next exit.
+#[derive(Clone, Copy)]
+struct SingleStep {
+    /// The guest's own RFLAGS.TF and RF.
+    guest_flags: u64,
+    /// The guest's exception intercepts had #DB already.
+    debug_intercepted: bool,
+}
 /// VMCB segment attributes: L (bit 9) and D/B (bit 10).
 const ATTRIBUTE_LONG: u16 = 1 << 9;
 const ATTRIBUTE_DEFAULT_32: u16 = 1 << 10;
@@ -213,8 +230,16 @@ pub struct SvmVcpu<'a> {
     exit_length: Cell<u64>,
     /// An event is queued in EVENTINJ.
     event_queued: Cell<bool>,
-    /// An injected NMI's handler runs (until its IRET exits).
+    /// An injected NMI's handler runs (until the guest is past its IRET).
     nmi_blocked: Cell<bool>,
+    /// The RIP of the instruction an STI or MOV SS shadow covers, kept until the guest is
+    /// past it ([`Self::note_interrupt_shadow`]).
+    shadow_at: Cell<Option<u64>>,
+    /// The RIP of the NMI handler's IRET that exited and has yet to complete.
+    iret_at: Cell<Option<u64>>,
+    /// The backend set RFLAGS.TF to step over that IRET: the guest's own TF and RF, and
+    /// whether the guest's exception intercepts already had #DB.
+    stepping: Cell<Option<SingleStep>>,
     window_exiting: bool,
     nmi_window_exiting: bool,
     tsc_offset: u64,
@@ -248,6 +273,9 @@ impl<'a> SvmVcpu<'a> {
             exit_length: Cell::new(0),
             event_queued: Cell::new(false),
             nmi_blocked: Cell::new(false),
+            shadow_at: Cell::new(None),
+            iret_at: Cell::new(None),
+            stepping: Cell::new(None),
             window_exiting: false,
             nmi_window_exiting: false,
             tsc_offset: 0,
@@ -380,6 +408,8 @@ impl<'a> SvmVcpu<'a> {
         );
         self.event_queued.set(false);
         self.nmi_blocked.set(false);
+        self.iret_at.set(None);
+        self.shadow_at.set(None);
     }
 
     /// Decodes the #VMEXIT whose code is `exit_code`.
@@ -393,7 +423,25 @@ impl<'a> SvmVcpu<'a> {
                 invalid_guest_state: true,
             });
         }
+        if v.read64(save::RIP) == super::host_resume_address() {
+            // The exit saved the host's own state (RIP after VMRUN, host stack, IDT, CR3) where
+            // the guest's belongs: QEMU 7.2's TCG now and then takes a second #VMEXIT right
+            // after one, whose first host instruction fetch still walks the nested tables.
+            // The guest's state is gone; entering with this one would hand the guest host
+            // addresses. Stop instead.
+            log::error!(
+                "SVM: exit {exit_code:#x} saved the host's state as the guest's (RIP {:#x})",
+                v.read64(save::RIP)
+            );
+            return Err(EntryFailure {
+                code: exit_code as u32,
+                invalid_guest_state: true,
+            });
+        }
         self.requeue_interrupted_event();
+        let stepped_over_iret = self.end_single_step(exit_code);
+        self.note_iret_progress();
+        self.note_interrupt_shadow();
         let info1 = v.read64(control::EXIT_INFO_1);
         let length = |len: u64| {
             self.exit_length.set(len);
@@ -492,8 +540,12 @@ impl<'a> SvmVcpu<'a> {
             // intercept keeps it from ever being delivered.
             code::VINTR => VmExit::InterruptWindow,
             code::IRET => {
-                self.nmi_blocked.set(false);
+                // The IRET has not run yet: NMIs stay blocked until it has.
                 self.set_intercept(INTERCEPT_IRET, false);
+                self.iret_at.set(Some(v.read64(save::RIP)));
+                VmExit::Absorbed
+            }
+            code::DEBUG_EXCEPTION if stepped_over_iret => {
                 if self.nmi_window_exiting {
                     VmExit::InterruptWindow
                 } else {
@@ -513,6 +565,73 @@ impl<'a> SvmVcpu<'a> {
             }
             other => VmExit::Fatal { reason: other as u32 },
         })
+    }
+
+    /// Remembers an STI or MOV SS shadow until the guest is past the instruction it covers.
+    /// A CPU that drops the VMCB's shadow at VMRUN (QEMU 7.2's TCG does) may exit again before
+    /// that instruction runs and report the guest there without the shadow; an NMI injected
+    /// then would arrive inside it. Only NMIs wait for the remembered shadow: a maskable
+    /// interrupt's window would exit at once on such a CPU, before the instruction, for ever.
+    fn note_interrupt_shadow(&self) {
+        let v = &self.vmcb;
+        let rip = v.read64(save::RIP);
+        if v.read64(control::INTERRUPT_SHADOW) & 1 != 0 {
+            self.shadow_at.set(Some(rip));
+        } else if self.shadow_at.get() != Some(rip) {
+            self.shadow_at.set(None);
+        }
+    }
+
+    /// Unblocks NMIs once the guest is seen past the NMI handler's IRET that exited.
+    fn note_iret_progress(&self) {
+        if let Some(rip) = self.iret_at.get() {
+            if self.vmcb.read64(save::RIP) != rip {
+                self.iret_at.set(None);
+                self.nmi_blocked.set(false);
+            }
+        }
+    }
+
+    /// Sets RFLAGS.TF (and RF, so that a breakpoint on the IRET does not fire again) before an
+    /// entry, when an NMI waits for the handler's IRET that exited and no event goes in at this
+    /// entry (its delivery would push the TF the guest did not set).
+    fn begin_single_step(&self) {
+        if self.iret_at.get().is_none() || !self.nmi_window_exiting || self.event_queued.get() {
+            return;
+        }
+        let v = &self.vmcb;
+        let rflags = v.read64(save::RFLAGS);
+        let intercepts = v.read32(control::EXCEPTION_INTERCEPTS);
+        self.stepping.set(Some(SingleStep {
+            guest_flags: rflags & (RFLAGS_TF | RFLAGS_RF),
+            debug_intercepted: intercepts & DEBUG_INTERCEPT != 0,
+        }));
+        v.write64(save::RFLAGS, rflags | RFLAGS_TF | RFLAGS_RF);
+        v.write32(control::EXCEPTION_INTERCEPTS, intercepts | DEBUG_INTERCEPT);
+    }
+
+    /// Undoes [`Self::begin_single_step`] after the exit `exit_code`: the guest gets back its
+    /// own TF and RF and its #DB intercept. Returns true when the exit is the step's own
+    /// single-step trap, which the guest does not see (unless it was stepping itself).
+    fn end_single_step(&self, exit_code: u64) -> bool {
+        let Some(step) = self.stepping.take() else {
+            return false;
+        };
+        let v = &self.vmcb;
+        let rflags = v.read64(save::RFLAGS) & !(RFLAGS_TF | RFLAGS_RF);
+        v.write64(save::RFLAGS, rflags | step.guest_flags);
+        if !step.debug_intercepted {
+            let intercepts = v.read32(control::EXCEPTION_INTERCEPTS);
+            v.write32(control::EXCEPTION_INTERCEPTS, intercepts & !DEBUG_INTERCEPT);
+        }
+        let dr6 = v.read64(save::DR6);
+        let ours = exit_code == code::DEBUG_EXCEPTION
+            && dr6 & DR6_SINGLE_STEP != 0
+            && step.guest_flags & RFLAGS_TF == 0;
+        if ours {
+            v.write64(save::DR6, dr6 & !DR6_SINGLE_STEP);
+        }
+        ours
     }
 
     /// Runs `op` for an exit the backend handles itself: [`VmExit::Absorbed`], or a fatal exit
@@ -569,6 +688,7 @@ impl<'a> SvmVcpu<'a> {
         self.vmcb.write64(save::RIP, next);
         // The instruction is done: an STI or MOV SS shadow before it is over.
         self.vmcb.write64(control::INTERRUPT_SHADOW, 0);
+        self.shadow_at.set(None);
         Ok(())
     }
 
@@ -747,6 +867,7 @@ impl VirtualCpu for SvmVcpu<'_> {
         // SAFETY: TSC_AUX exists on every CPU with RDTSCP (every CPU with SVM); the host does
         // not read it.
         unsafe { wrmsr(MSR_TSC_AUX, self.tsc_aux) };
+        self.begin_single_step();
         self.deadline = ticks().saturating_add(ticks_allowed);
         apic::arm_run_timer(self.deadline);
         // SAFETY: SVM is on for this CPU (`self.on`, made here: checked above) and the vCPU
@@ -916,7 +1037,13 @@ impl VirtualCpu for SvmVcpu<'_> {
     }
 
     fn nmi_allowed(&self) -> bool {
-        !self.nmi_blocked.get() && self.vmcb.read64(control::INTERRUPT_SHADOW) & 1 == 0
+        let in_shadow = self.vmcb.read64(control::INTERRUPT_SHADOW) & 1 != 0
+            || self.shadow_at.get() == Some(self.vmcb.read64(save::RIP));
+        !self.nmi_blocked.get() && !in_shadow
+    }
+
+    fn nmi_handler_running(&self) -> bool {
+        self.nmi_blocked.get()
     }
 
     fn start_at_page(&mut self, page: u8) -> Result<(), BackendError> {
@@ -1102,7 +1229,11 @@ impl VirtualCpu for SvmVcpu<'_> {
         self.tsc_offset = state.tsc_offset;
         self.tsc_adjust = state.tsc_adjust;
         self.regs = state.regs;
+        // A snapshot is taken at an exit, where an IRET that exited has not completed yet:
+        // its intercept goes back on and it exits again.
         self.nmi_blocked.set(state.nmi_blocked);
+        self.iret_at.set(None);
+        self.shadow_at.set(None);
         self.set_intercept(INTERCEPT_IRET, state.nmi_blocked);
         self.nmi_window_exiting = state.nmi_window;
         self.window_exiting = state.interrupt_window;

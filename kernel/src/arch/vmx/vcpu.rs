@@ -1032,6 +1032,12 @@ impl VirtualCpu for VmxVcpu<'_> {
         })
     }
 
+    fn nmi_handler_running(&self) -> bool {
+        self.vmcs
+            .current()
+            .is_ok_and(|vmcs| vmcs.read(guest::INTERRUPTIBILITY_STATE) & BLOCKING_BY_NMI != 0)
+    }
+
     fn start_at_page(&mut self, page: u8) -> Result<(), BackendError> {
         self.write_guest_state(GuestMode::Real, 0, 0)?;
         let vmcs = self.vmcs.current()?;
