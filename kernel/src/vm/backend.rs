@@ -271,6 +271,18 @@ pub const ADDRESS_MSRS: [u32; 6] = [
     devices::msr::index::SYSENTER_ESP,
 ];
 
+/// The access a nested-paging fault reports through its write and fetch bits (EPT's exit
+/// qualification and NPT's EXITINFO1 both have them): a write, else a fetch, else a read.
+pub fn fault_access(write: bool, fetch: bool) -> Access {
+    if write {
+        Access::Write
+    } else if fetch {
+        Access::Execute
+    } else {
+        Access::Read
+    }
+}
+
 /// True when `address`, written to an MSR, is canonical: its bits above the CPU's widest
 /// linear address (57 where it has 5-level paging, else 48) repeat the top one. The CPU checks
 /// MSR values against that width whatever CR4.LA57 says (kvm-unit-tests' `la57` checks it).

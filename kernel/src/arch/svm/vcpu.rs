@@ -24,7 +24,7 @@ use alloc::vec::Vec;
 use core::cell::Cell;
 
 use pgm::frames::{HostFrameAllocator, HostMemory};
-use pgm::{Access, GuestPhysAddr, HostPhysAddr};
+use pgm::{GuestPhysAddr, HostPhysAddr};
 use spin::Once;
 use x86::msr::wrmsr;
 
@@ -36,7 +36,7 @@ use crate::arch::guests::GuestMode;
 use crate::arch::memory::{KernelFrames, PhysMap};
 use crate::arch::smp::this_cpu;
 use crate::arch::{apic, ticks};
-use crate::vm::backend::{canonical, load_snapshot_msrs, snapshot_msrs, ADDRESS_MSRS};
+use crate::vm::backend::{canonical, fault_access, load_snapshot_msrs, snapshot_msrs, ADDRESS_MSRS};
 use crate::vm::backend::{
     BackendError, CpuSnapshot, CpuState, Direction, EntryFailure, Event, EventKind, PendingEvent, PortIo,
     RawExit, Segment, SegmentState, VirtualCpu, VmExit, SNAPSHOT_SEGMENTS,
@@ -448,13 +448,7 @@ impl<'a> SvmVcpu<'a> {
         };
         Ok(match exit_code {
             code::NPF => {
-                let access = if info1 & NPF_WRITE != 0 {
-                    Access::Write
-                } else if info1 & NPF_FETCH != 0 {
-                    Access::Execute
-                } else {
-                    Access::Read
-                };
+                let access = fault_access(info1 & NPF_WRITE != 0, info1 & NPF_FETCH != 0);
                 VmExit::NestedFault {
                     gpa: GuestPhysAddr::new_truncate(v.read64(control::EXIT_INFO_2)),
                     access,

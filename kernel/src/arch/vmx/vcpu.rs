@@ -7,7 +7,7 @@ use alloc::vec::Vec;
 use core::cell::Cell;
 
 use pgm::frames::{HostFrameAllocator, HostMemory};
-use pgm::{Access, GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
+use pgm::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use x86::vmx::vmcs::control::{
     self, EntryControls, ExitControls, PinbasedControls, PrimaryControls, SecondaryControls, EPTP_FULL,
     EXCEPTION_BITMAP, PINBASED_EXEC_CONTROLS, PLE_GAP, PLE_WINDOW, PML_ADDR_FULL,
@@ -33,7 +33,7 @@ use devices::msr::index as msr;
 
 use crate::arch::guests::GuestMode;
 use crate::arch::memory::{KernelFrames, PhysMap};
-use crate::vm::backend::{canonical, load_snapshot_msrs, snapshot_msrs, ADDRESS_MSRS};
+use crate::vm::backend::{canonical, fault_access, load_snapshot_msrs, snapshot_msrs, ADDRESS_MSRS};
 use crate::vm::backend::{
     BackendError, CpuSnapshot, CpuState, Direction, EntryFailure, Event, EventKind, PendingEvent, PortIo,
     RawExit, Segment, SegmentState, VirtualCpu, VmExit, SNAPSHOT_SEGMENTS,
@@ -544,13 +544,7 @@ impl<'a> VmxVcpu<'a> {
         Ok(match reason {
             exit_reason::EPT_VIOLATION => {
                 let qualification = qualification();
-                let access = if qualification & EPT_WRITE != 0 {
-                    Access::Write
-                } else if qualification & EPT_EXECUTE != 0 {
-                    Access::Execute
-                } else {
-                    Access::Read
-                };
+                let access = fault_access(qualification & EPT_WRITE != 0, qualification & EPT_EXECUTE != 0);
                 VmExit::NestedFault {
                     gpa: GuestPhysAddr::new_truncate(vmcs.read(ro::GUEST_PHYSICAL_ADDR_FULL)),
                     access,
