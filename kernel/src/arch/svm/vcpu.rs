@@ -605,27 +605,37 @@ impl<'a> SvmVcpu<'a> {
     }
 
     /// Undoes [`Self::begin_single_step`] after the exit `exit_code`: the guest gets back its
-    /// own TF and RF and its #DB intercept. Returns true when the exit is the step's own
-    /// single-step trap, which the guest does not see (unless it was stepping itself).
+    /// #DB intercept, and its own TF and RF where the IRET has not run (an IRET that ran loaded
+    /// the guest's RFLAGS from its stack). Returns true when the exit is the step's
+    /// single-step trap, which the guest does not see; when the guest was stepping itself, the
+    /// trap is its own too and goes in as the #DB it would have taken.
     fn end_single_step(&self, exit_code: u64) -> bool {
         let Some(step) = self.stepping.take() else {
             return false;
         };
         let v = &self.vmcb;
-        let rflags = v.read64(save::RFLAGS) & !(RFLAGS_TF | RFLAGS_RF);
-        v.write64(save::RFLAGS, rflags | step.guest_flags);
+        if self.iret_at.get() == Some(v.read64(save::RIP)) {
+            let rflags = v.read64(save::RFLAGS) & !(RFLAGS_TF | RFLAGS_RF);
+            v.write64(save::RFLAGS, rflags | step.guest_flags);
+        }
         if !step.debug_intercepted {
             let intercepts = v.read32(control::EXCEPTION_INTERCEPTS);
             v.write32(control::EXCEPTION_INTERCEPTS, intercepts & !DEBUG_INTERCEPT);
         }
         let dr6 = v.read64(save::DR6);
-        let ours = exit_code == code::DEBUG_EXCEPTION
-            && dr6 & DR6_SINGLE_STEP != 0
-            && step.guest_flags & RFLAGS_TF == 0;
-        if ours {
-            v.write64(save::DR6, dr6 & !DR6_SINGLE_STEP);
+        if exit_code != code::DEBUG_EXCEPTION || dr6 & DR6_SINGLE_STEP == 0 {
+            return false;
         }
-        ours
+        if step.guest_flags & RFLAGS_TF == 0 {
+            v.write64(save::DR6, dr6 & !DR6_SINGLE_STEP);
+        } else {
+            // Queuing needs no more than EVENTINJ, which cannot fail.
+            let _ = self.queue(Event::Exception {
+                vector: 1,
+                error_code: None,
+            });
+        }
+        true
     }
 
     /// Runs `op` for an exit the backend handles itself: [`VmExit::Absorbed`], or a fatal exit
