@@ -85,7 +85,7 @@ kut-svm: setup
 ## and powers off, with a live migration's pre-copy in each dirty-logging mode on the way
 ## (README, *Linux guest*); then the same on SVM in QEMU's TCG (about a minute each, both
 ## pre-copies write-protecting: SVM has no PML). `make test` runs three: not the 2-vCPU boot on
-## SVM, which now and then ends in a triple fault (README, *AMD SVM*). The 2-vCPU boot in Bochs
+## SVM, which often fails through a flaw of QEMU's TCG (README, *Linux guest*). The 2-vCPU boot in Bochs
 ## takes about 6 minutes.
 linux: setup
 	cargo xtask run --linux --timeout 900

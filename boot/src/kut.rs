@@ -193,14 +193,17 @@ pub const CI_SUBSET: &[&str] = &[
 /// #GP where it must raise #SS; QEMU TCG fails `emulator` by itself too), and with `syscall`,
 /// which needs the single-step trap right after a SYSRET that sets TF: QEMU raises it, Bochs
 /// raises it an instruction late; and with `eventinj`, whose NMIs sent from NMI handlers check
-/// the SVM backend's NMI window (the single step over the handler's IRET).
+/// the SVM backend's NMI window (the single step over the handler's IRET). `ioapic` is left out
+/// too: its four vCPUs' stream of exits meets, now and then, a flaw of QEMU 7.2's TCG with
+/// several vCPUs (a second #VMEXIT right after one, which saves the host's state as the
+/// guest's; the backend stops the VM: README, *Linux guest*).
 pub fn ci_subset(qemu: bool) -> Vec<&'static str> {
-    const SVM_LEAVES_OUT: &str = "emulator";
+    const SVM_LEAVES_OUT: [&str; 2] = ["emulator", "ioapic"];
     const SVM_ADDS: [&str; 2] = ["syscall", "eventinj"];
     let mut list: Vec<&'static str> = CI_SUBSET
         .iter()
         .copied()
-        .filter(|&name| !qemu || name != SVM_LEAVES_OUT)
+        .filter(|name| !qemu || !SVM_LEAVES_OUT.contains(name))
         .collect();
     if qemu {
         list.extend(SVM_ADDS);
@@ -459,11 +462,12 @@ check = /sys/module/kvm/parameters/x=Y
     }
 
     #[test]
-    fn the_svm_subset_trades_emulator_for_syscall_and_eventinj() {
+    fn the_svm_subset_trades_emulator_and_ioapic_for_syscall_and_eventinj() {
         assert_eq!(ci_subset(false), CI_SUBSET);
         let svm = ci_subset(true);
-        assert!(svm.contains(&"syscall") && svm.contains(&"eventinj") && !svm.contains(&"emulator"));
-        assert_eq!(svm.len(), CI_SUBSET.len() + 1);
+        assert!(svm.contains(&"syscall") && svm.contains(&"eventinj"));
+        assert!(!svm.contains(&"emulator") && !svm.contains(&"ioapic"));
+        assert_eq!(svm.len(), CI_SUBSET.len());
     }
 
     #[test]

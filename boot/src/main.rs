@@ -431,7 +431,7 @@ fn kut_subset(args: &Args, qemu: bool) -> (usize, usize) {
 
 /// The Linux boot test with 1 and 2 vCPUs on VMX in Bochs, or (`qemu`) with 1 vCPU on SVM in
 /// QEMU's TCG; returns (passed, failed). The 2-vCPU boot on SVM is left to `make linux`: it
-/// ends in a triple fault now and then (see the README's *AMD SVM*).
+/// often fails there, through a flaw of QEMU's TCG (see the README's *Linux guest*).
 fn linux_boots(args: &Args, qemu: bool) -> (usize, usize) {
     if !linux::is_fetched() {
         println!("linux boot: the pinned kernel and busybox are not here (see setup's warning): not run");
