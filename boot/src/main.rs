@@ -429,16 +429,18 @@ fn kut_subset(args: &Args, qemu: bool) -> (usize, usize) {
     }
 }
 
-/// The Linux boot test with 1 and 2 vCPUs on VMX in Bochs, or (`qemu`) with 1 vCPU on SVM in
-/// QEMU's TCG; returns (passed, failed). The 2-vCPU boot on SVM is left to `make linux`: it
-/// often fails there, through a flaw of QEMU's TCG (see the README's *Linux guest*).
+/// The Linux boot test with 2 vCPUs on VMX in Bochs, or (`qemu`) with 1 vCPU on SVM in QEMU's
+/// TCG; returns (passed, failed). The others are left to `make linux`: the 1-vCPU boot in Bochs
+/// for CI's time (about 5 minutes; 1 vCPU runs on SVM, and the 2-vCPU boot takes the same
+/// pre-copies), the 2-vCPU boot on SVM as it often fails there, through a flaw of QEMU's TCG
+/// (see the README's *Linux guest*).
 fn linux_boots(args: &Args, qemu: bool) -> (usize, usize) {
     if !linux::is_fetched() {
         println!("linux boot: the pinned kernel and busybox are not here (see setup's warning): not run");
         return (0, 0);
     }
     let (mut passed, mut failed) = (0, 0);
-    let vcpu_counts: &[u32] = if qemu { &[1] } else { &[1, 2] };
+    let vcpu_counts: &[u32] = if qemu { &[1] } else { &[2] };
     for &vcpus in vcpu_counts {
         match linux_boot_test(args, vcpus, qemu) {
             Ok(()) => passed += 1,
