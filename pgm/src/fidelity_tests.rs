@@ -7,6 +7,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use crate::addr::PAGE_SIZE;
+use crate::error::{AccessError, Mmio2Error, PageError, RangeError, RomError};
 use crate::frames::HostMemory;
 use crate::handlers::{HandlerId, HandlerKind};
 use crate::manager::{
@@ -16,7 +17,7 @@ use crate::manager::{
 use crate::page::PageState;
 use crate::paging::{Access, Invalidation};
 use crate::test_support::*;
-use crate::{GuestPhysAddr, PgmError};
+use crate::GuestPhysAddr;
 
 const BIOS: u64 = 0xE_0000;
 const BIOS_SIZE: u64 = 0x2_0000;
@@ -89,7 +90,7 @@ fn a_rom_over_ram_replaces_the_pages_and_removing_it_gives_them_back_as_zero_ram
     assert_eq!(memory_frames(&pgm), used, "image and shadow frames went back");
     assert_accounting(&pgm);
     assert_isolated(&pgm, "after the BIOS went");
-    assert_eq!(pgm.deregister_rom(id), Err(PgmError::UnknownRom(id)));
+    assert_eq!(pgm.deregister_rom(id), Err(RomError::Unknown(id)));
 }
 
 #[test]
@@ -102,13 +103,13 @@ fn a_rom_over_ram_is_refused_under_a_handler_a_lock_or_partly_over_unassigned_sp
     let used = memory_frames(&pgm);
     assert_eq!(
         pgm.register_rom(gpa(BIOS), BIOS_SIZE, RomImage::Copy(&bios), false),
-        Err(PgmError::HandlerPresent(gpa(BIOS + 0x3000)))
+        Err(RomError::Page(PageError::HandlerPresent(gpa(BIOS + 0x3000))))
     );
     pgm.deregister_handler(handler).unwrap();
     let lock = pgm.lock_page_for_read(gpa(BIOS + 0x5000)).unwrap().lock;
     assert_eq!(
         pgm.register_rom(gpa(BIOS), BIOS_SIZE, RomImage::Copy(&bios), false),
-        Err(PgmError::PageLocked(gpa(BIOS + 0x5000)))
+        Err(RomError::Page(PageError::Locked(gpa(BIOS + 0x5000))))
     );
     pgm.release_page_lock(lock);
     assert!(matches!(
@@ -118,7 +119,7 @@ fn a_rom_over_ram_is_refused_under_a_handler_a_lock_or_partly_over_unassigned_sp
             RomImage::Copy(&bios[..0x2000]),
             false
         ),
-        Err(PgmError::Overlap { .. })
+        Err(RomError::Range(RangeError::Overlap { .. }))
     ));
     assert_eq!(memory_frames(&pgm), used, "nothing was kept");
     assert_isolated(&pgm, "after the refusals");
@@ -142,7 +143,10 @@ fn a_rom_image_shorter_than_its_range_reads_zeros_after_it_even_after_reset() {
     assert_eq!(pgm.rom_image(id).map(<[u8]>::len), Some(5000));
     assert_eq!(
         pgm.register_rom(gpa(0x4000), PAGE_SIZE, RomImage::Copy(&short), false),
-        Err(PgmError::RomImageTooLarge)
+        Err(RomError::ImageTooLarge {
+            image: 5000,
+            range: PAGE_SIZE
+        })
     );
     assert_isolated(&pgm, "after the reset");
 }
@@ -244,7 +248,7 @@ fn protecting_part_of_a_rom_changes_only_those_pages_and_skips_what_is_not_shado
     );
     assert_eq!(
         pgm.protect_rom_range(gpa(BIOS + 1), PAGE_SIZE, RomProtection::ReadRamWriteRam),
-        Err(PgmError::Misaligned)
+        Err(RomError::Range(RangeError::Misaligned(BIOS + 1)))
     );
     assert_isolated(&pgm, "after the partial protections");
 }
@@ -376,11 +380,11 @@ fn a_region_created_without_dirty_tracking_refuses_it() {
     let plain = pgm.create_mmio2(spec).unwrap();
     assert_eq!(
         pgm.set_mmio2_dirty_tracking(plain, true),
-        Err(PgmError::Mmio2NotTrackable(plain))
+        Err(Mmio2Error::NotTrackable(plain))
     );
     assert_eq!(
         pgm.query_and_reset_mmio2_dirty(plain, None),
-        Err(PgmError::Mmio2NotTrackable(plain))
+        Err(Mmio2Error::NotTrackable(plain))
     );
 }
 
@@ -398,7 +402,7 @@ fn mmio2_region_numbers_are_unique_per_device_and_the_seed_limits_hold() {
     let first = pgm.create_mmio2(spec(1, 0)).unwrap();
     assert_eq!(
         pgm.create_mmio2(spec(1, 0)),
-        Err(PgmError::Mmio2RegionExists {
+        Err(Mmio2Error::RegionExists {
             device: DeviceId(1),
             region_no: 0
         })
@@ -407,7 +411,7 @@ fn mmio2_region_numbers_are_unique_per_device_and_the_seed_limits_hold() {
     pgm.create_mmio2(spec(2, 0)).unwrap();
     assert_eq!(
         pgm.change_mmio2_region_no(second, 0),
-        Err(PgmError::Mmio2RegionExists {
+        Err(Mmio2Error::RegionExists {
             device: DeviceId(1),
             region_no: 0
         })
@@ -420,13 +424,13 @@ fn mmio2_region_numbers_are_unique_per_device_and_the_seed_limits_hold() {
             size: (MMIO2_MAX_PAGES + 1) * PAGE_SIZE,
             ..spec(3, 0)
         }),
-        Err(PgmError::Mmio2TooLarge)
+        Err(Mmio2Error::TooLarge((MMIO2_MAX_PAGES + 1) * PAGE_SIZE))
     );
     for region_no in 0..(MMIO2_MAX_REGIONS - 3) as u32 {
         pgm.create_mmio2(spec(4, region_no)).unwrap();
     }
     let used = memory_frames(&pgm);
-    assert_eq!(pgm.create_mmio2(spec(5, 0)), Err(PgmError::TooManyMmio2Regions));
+    assert_eq!(pgm.create_mmio2(spec(5, 0)), Err(Mmio2Error::TooManyRegions));
     assert_eq!(memory_frames(&pgm), used, "refusals allocate nothing");
 }
 
@@ -449,7 +453,7 @@ fn deregistering_a_device_removes_all_its_regions_at_once_or_none() {
     let lock = pgm.lock_page_for_read(gpa(0x10_1000)).unwrap().lock;
     assert_eq!(
         pgm.deregister_device_mmio2(device),
-        Err(PgmError::PageLocked(gpa(0x10_1000)))
+        Err(Mmio2Error::Page(PageError::Locked(gpa(0x10_1000))))
     );
     assert!(pgm.is_mmio2_handle(a) && pgm.is_mmio2_handle(b), "all or none");
     pgm.release_page_lock(lock);
@@ -474,7 +478,7 @@ fn reducing_an_mmio2_region_shrinks_its_next_mapping_and_gives_the_tail_back() {
     let fb = pgm.create_mmio2(mmio2_spec(4 * PAGE_SIZE, 0)).unwrap();
     let used = memory_frames(&pgm);
     pgm.map_mmio2(fb, gpa(0xE000_0000)).unwrap();
-    assert_eq!(pgm.reduce_mmio2(fb, PAGE_SIZE), Err(PgmError::Mmio2Mapped(true)));
+    assert_eq!(pgm.reduce_mmio2(fb, PAGE_SIZE), Err(Mmio2Error::Mapped(fb)));
     pgm.unmap_mmio2(fb).unwrap();
     pgm.reduce_mmio2(fb, PAGE_SIZE).unwrap();
     assert_eq!(memory_frames(&pgm), used - 3, "the tail's three frames went back");
@@ -484,11 +488,11 @@ fn reducing_an_mmio2_region_shrinks_its_next_mapping_and_gives_the_tail_back() {
         pgm.page(gpa(0xE000_1000)).is_none(),
         "the mapping is one page now"
     );
-    assert_eq!(pgm.mmio2_write(fb, PAGE_SIZE, b"x"), Err(PgmError::OutOfRange));
     assert_eq!(
-        pgm.reduce_mmio2(fb, 2 * PAGE_SIZE),
-        Err(PgmError::Mmio2Mapped(true))
+        pgm.mmio2_write(fb, PAGE_SIZE, b"x"),
+        Err(Mmio2Error::OutOfRange(fb))
     );
+    assert_eq!(pgm.reduce_mmio2(fb, 2 * PAGE_SIZE), Err(Mmio2Error::Mapped(fb)));
     assert_isolated(&pgm, "after reducing");
 }
 
@@ -589,7 +593,7 @@ fn external_reads_of_unassigned_space_return_all_ones_and_writes_are_dropped() {
     assert_eq!(&buf, b"ram!\xFF\xFF\xFF\xFF");
     assert_eq!(
         pgm.read_phys_handled(gpa(edge), &mut buf, &mut NoDevices),
-        Err(PgmError::NotGuestMemory(gpa(640 * 1024))),
+        Err(AccessError::Page(PageError::NotGuestMemory(gpa(640 * 1024)))),
         "the strict variant names the first unassigned address"
     );
     let used = memory_frames(&pgm);
@@ -600,7 +604,7 @@ fn external_reads_of_unassigned_space_return_all_ones_and_writes_are_dropped() {
     assert_eq!(memory_frames(&pgm), used);
     assert_eq!(
         pgm.write_phys_handled(gpa(edge), b"12345678", &mut NoDevices),
-        Err(PgmError::NotGuestMemory(gpa(640 * 1024)))
+        Err(AccessError::Page(PageError::NotGuestMemory(gpa(640 * 1024))))
     );
     assert_isolated(&pgm, "after the external accesses");
 }

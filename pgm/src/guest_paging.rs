@@ -6,10 +6,11 @@
 //! would, and never sets accessed or dirty bits: it is a lookup, not an access.
 
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
+use crate::error::AccessError;
 use crate::frames::{HostFrameAllocator, HostMemory};
 use crate::manager::Pgm;
 use crate::paging::EntryFormat;
-use crate::{Invalidation, PgmError};
+use crate::Invalidation;
 
 const CR0_PG: u64 = 1 << 31;
 const CR4_PSE: u64 = 1 << 4;
@@ -330,7 +331,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
 
     /// Sets the accessed and dirty bits a checked walk found clear ([`EntryUpdates`]), as the
     /// guest's MMU sets them after a walk. Returns the invalidation the writes need.
-    pub fn set_accessed_dirty(&mut self, updates: &EntryUpdates) -> Result<Invalidation, PgmError> {
+    pub fn set_accessed_dirty(&mut self, updates: &EntryUpdates) -> Result<Invalidation, AccessError> {
         let mut invalidation = Invalidation::None;
         for &(at, size, value) in &updates.entries[..usize::from(updates.len)] {
             let bytes = value.to_le_bytes();
@@ -561,11 +562,11 @@ mod tests {
     const P: u64 = PRESENT | 0b10;
 
     fn put64(pgm: &mut crate::test_support::SimPgm, at: u64, value: u64) {
-        pgm.write_phys_u64(gpa(at), value).unwrap();
+        pgm.write_phys_u64_bypassing_handlers(gpa(at), value).unwrap();
     }
 
     fn put32(pgm: &mut crate::test_support::SimPgm, at: u64, value: u32) {
-        pgm.write_phys_u32(gpa(at), value).unwrap();
+        pgm.write_phys_u32_bypassing_handlers(gpa(at), value).unwrap();
     }
 
     #[test]
@@ -879,13 +880,13 @@ mod tests {
         pgm.set_accessed_dirty(&updates).unwrap();
         for entry in [0x1000, 0x2000, 0x3000 + 2 * 8] {
             assert_eq!(
-                pgm.read_phys_u64(gpa(entry)).unwrap() & (ACCESSED | DIRTY),
+                pgm.read_phys_u64_bypassing_handlers(gpa(entry)).unwrap() & (ACCESSED | DIRTY),
                 ACCESSED,
                 "{entry:#x}"
             );
         }
         assert_eq!(
-            pgm.read_phys_u64(gpa(0x4000 + 5 * 8)).unwrap() & (ACCESSED | DIRTY),
+            pgm.read_phys_u64_bypassing_handlers(gpa(0x4000 + 5 * 8)).unwrap() & (ACCESSED | DIRTY),
             ACCESSED | DIRTY
         );
         // Nothing left to set: the next walk asks for nothing.

@@ -4,7 +4,7 @@
 
 use crate::addr::GuestPhysAddr;
 use crate::addr::PAGE_SIZE;
-use crate::error::PgmError;
+use crate::error::{Mmio2Error, PageError};
 use crate::handlers::HandlerId;
 use crate::manager::Mmio2Handle;
 use crate::paging::Access;
@@ -78,11 +78,11 @@ fn deregistering_mmio2_is_refused_while_a_page_lock_holds_it() {
     let frame = mapping.host.page_base();
     assert_eq!(
         pgm.deregister_mmio2(region),
-        Err(PgmError::PageLocked(gpa(0xE000_1000)))
+        Err(Mmio2Error::Page(PageError::Locked(gpa(0xE000_1000))))
     );
     assert_eq!(
         pgm.unmap_mmio2(region),
-        Err(PgmError::PageLocked(gpa(0xE000_1000)))
+        Err(Mmio2Error::Page(PageError::Locked(gpa(0xE000_1000))))
     );
     assert!(
         pgm.frames().inner.is_allocated(frame),

@@ -20,7 +20,7 @@ extern crate alloc;
 
 pub mod addr;
 pub mod ept;
-pub(crate) mod error;
+pub mod error;
 pub mod frames;
 pub mod guest_paging;
 pub mod handlers;
@@ -62,7 +62,10 @@ mod test_support;
 
 pub use addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 pub use ept::Ept;
-pub use error::PgmError;
+pub use error::{
+    AccessError, DirtyLogError, HandlerError, LockError, Mmio2Error, NoMemory, PageError, PgmError, RamError,
+    RangeError, RomError,
+};
 pub use manager::{FaultOutcome, MemoryStats, Pgm, Resolution, TlbFlush};
 pub use npt::Npt;
 pub use paging::{Access, EntryFormat, Invalidation};

@@ -5,7 +5,9 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
-use crate::error::PgmError;
+use crate::error::{
+    AccessError, HandlerError, LockError, Mmio2Error, NoMemory, PageError, RamError, RangeError, RomError,
+};
 use crate::frames::HostMemory;
 use crate::manager::{FaultOutcome, Resolution};
 use crate::page::PageState;
@@ -50,20 +52,36 @@ fn registration_rejects_bad_ranges_and_changes_nothing() {
     let mut pgm = pc_like();
     let before = (pgm.stats(), frames_used(&pgm), pgm.ranges().len());
     let cases = [
-        (gpa(0x10_0000 * 32), 0, PgmError::ZeroSize),
-        (gpa(0x2000_0800), PAGE_SIZE, PgmError::Misaligned),
-        (gpa(0x2000_0000), 100, PgmError::Misaligned),
+        (
+            gpa(0x10_0000 * 32),
+            0,
+            RamError::Range(RangeError::ZeroSize(gpa(0x10_0000 * 32))),
+        ),
+        (
+            gpa(0x2000_0800),
+            PAGE_SIZE,
+            RamError::Range(RangeError::Misaligned(0x2000_0800)),
+        ),
+        (
+            gpa(0x2000_0000),
+            100,
+            RamError::Range(RangeError::Misaligned(100)),
+        ),
         (
             gpa((1 << 48) - PAGE_SIZE),
             2 * PAGE_SIZE,
-            PgmError::BeyondAddressWidth,
+            RamError::Range(RangeError::BeyondAddressWidth((1 << 48) - PAGE_SIZE)),
         ),
         (
             gpa(0x9_F000),
             2 * PAGE_SIZE,
-            PgmError::Overlap { existing: gpa(0) },
+            RamError::Range(RangeError::Overlap { existing: gpa(0) }),
         ),
-        (gpa(0x80_0000), MIB, PgmError::Overlap { existing: gpa(MIB) }),
+        (
+            gpa(0x80_0000),
+            MIB,
+            RamError::Range(RangeError::Overlap { existing: gpa(MIB) }),
+        ),
     ];
     for (base, size, expected) in cases {
         assert_eq!(
@@ -201,7 +219,7 @@ fn registration_that_runs_out_of_table_frames_frees_what_it_took() {
     // 64 MiB above 4 GiB needs a PDPT, a PD and 32 page tables; allow only 10.
     pgm.frames_mut().fail_after = Some(10);
     let result = pgm.register_ram(gpa(0x1_0000_0000), 64 * MIB, "big");
-    assert_eq!(result, Err(PgmError::OutOfFrames));
+    assert_eq!(result, Err(RamError::NoMemory(NoMemory::OutOfFrames)));
     assert_eq!(frames_used(&pgm), used);
     assert_eq!(pgm.ranges().len(), 0);
     assert_eq!(pgm.stats().table_frames, 1);
@@ -243,14 +261,14 @@ fn host_access_outside_ram_fails_before_touching_anything() {
     let used = frames_used(&pgm);
     assert_eq!(
         pgm.write_phys(gpa(0x1000), &[1; 0x1800]),
-        Err(PgmError::NotGuestMemory(gpa(0x2000)))
+        Err(AccessError::Page(PageError::NotGuestMemory(gpa(0x2000))))
     );
     assert_eq!(frames_used(&pgm), used);
     assert_eq!(pgm.page(gpa(0x1000)).unwrap().state(), PageState::Zero);
     let mut buf = [0; 16];
     assert_eq!(
         pgm.read_phys(gpa(0x1FF8), &mut buf),
-        Err(PgmError::NotGuestMemory(gpa(0x2000)))
+        Err(AccessError::Page(PageError::NotGuestMemory(gpa(0x2000))))
     );
 }
 
@@ -263,7 +281,7 @@ fn host_write_that_runs_out_of_frames_rolls_back() {
     pgm.set_frame_limit(Some(2));
     assert_eq!(
         pgm.write_phys(gpa(0), &[7; 3 * PAGE_SIZE as usize]),
-        Err(PgmError::FrameLimit)
+        Err(AccessError::NoMemory(NoMemory::FrameLimit))
     );
     assert_accounting(&pgm);
     assert_eq!(pgm.stats().allocated_pages, 1);
@@ -463,13 +481,9 @@ fn ballooning_frees_frames_and_deflating_makes_pages_usable_again() {
     let mut buf = [0xFF; 4];
     pgm.read_phys(gpa(0x3000), &mut buf).unwrap();
     assert_eq!(buf, [0; 4], "a ballooned page reads as zeros");
-    assert_eq!(
-        pgm.write_phys(gpa(0x3000), b"no"),
-        Err(PgmError::PageState {
-            gpa: gpa(0x3000),
-            state: PageState::Ballooned
-        })
-    );
+    assert_eq!(pgm.write_phys(gpa(0x3000), b"no"), Ok(Invalidation::None));
+    pgm.read_phys(gpa(0x3000), &mut buf).unwrap();
+    assert_eq!(buf, [0; 4], "the host's write was dropped");
     assert_eq!(pgm.balloon_deflate(&pages), Ok(Invalidation::None));
     assert_eq!(pgm.stats().ballooned_pages, 0);
     assert_eq!(guest_read(&pgm, gpa(0x3000), 4), [0; 4]);
@@ -486,32 +500,35 @@ fn balloon_requests_with_a_bad_page_change_nothing() {
     guest_write(&mut pgm, gpa(0x3000), b"data");
     pgm.balloon_inflate(&[gpa(0x6000)]).unwrap();
     let before = pgm.stats();
-    let bad: [(&[GuestPhysAddr], PgmError); 5] = [
-        (&[gpa(0x3000), gpa(0x7800)], PgmError::Misaligned),
+    let bad: [(&[GuestPhysAddr], RamError); 5] = [
+        (
+            &[gpa(0x3000), gpa(0x7800)],
+            RamError::Range(RangeError::Misaligned(0x7800)),
+        ),
         (
             &[gpa(0x3000), gpa(0xA_0000)],
-            PgmError::NotGuestMemory(gpa(0xA_0000)),
+            RamError::Page(PageError::NotGuestMemory(gpa(0xA_0000))),
         ),
         (
             &[gpa(0x3000), gpa(0x6000)],
-            PgmError::PageState {
+            RamError::Page(PageError::State {
                 gpa: gpa(0x6000),
                 state: PageState::Ballooned,
-            },
+            }),
         ),
         (
             &[gpa(0x3000), gpa(0x3000)],
-            PgmError::PageState {
+            RamError::Page(PageError::State {
                 gpa: gpa(0x3000),
                 state: PageState::Allocated,
-            },
+            }),
         ),
         (
             &[gpa(0x3000)],
-            PgmError::PageState {
+            RamError::Page(PageError::State {
                 gpa: gpa(0x3000),
                 state: PageState::Allocated,
-            },
+            }),
         ),
     ];
     for (i, (pages, expected)) in bad.into_iter().enumerate() {
@@ -607,7 +624,7 @@ fn a_write_handler_intercepts_writes_only_until_deregistered() {
         guest_write(&mut pgm, gpa(0x10_1000), b"free"),
         GuestAccess::Done { faults: 0 }
     );
-    assert_eq!(pgm.deregister_handler(id), Err(PgmError::UnknownHandler(id)));
+    assert_eq!(pgm.deregister_handler(id), Err(HandlerError::Unknown(id)));
     assert_accounting(&pgm);
 }
 
@@ -644,7 +661,7 @@ fn an_all_handler_intercepts_reads_too_and_a_page_can_be_turned_off_and_reset() 
     );
     assert_eq!(
         pgm.disable_handler_page(id, gpa(0x7000)),
-        Err(PgmError::NotHandled(gpa(0x7000)))
+        Err(HandlerError::NotHandled(gpa(0x7000)))
     );
     assert_eq!(pgm.reset_handler(id), Ok(Invalidation::SingleContext));
     assert_eq!(
@@ -665,15 +682,23 @@ fn bad_handler_registrations_change_nothing() {
         (
             gpa(0x9000),
             2 * PAGE_SIZE,
-            PgmError::HandlerOverlap { existing: first },
+            HandlerError::Overlap { existing: first },
         ),
         (
             gpa(0x9F000),
             2 * PAGE_SIZE,
-            PgmError::NotGuestMemory(gpa(0xA_0000)),
+            HandlerError::Page(PageError::NotGuestMemory(gpa(0xA_0000))),
         ),
-        (gpa(0x1800), PAGE_SIZE, PgmError::Misaligned),
-        (gpa(0x1000), 0, PgmError::ZeroSize),
+        (
+            gpa(0x1800),
+            PAGE_SIZE,
+            HandlerError::Range(RangeError::Misaligned(0x1800)),
+        ),
+        (
+            gpa(0x1000),
+            0,
+            HandlerError::Range(RangeError::ZeroSize(gpa(0x1000))),
+        ),
     ];
     for (base, size, expected) in cases {
         assert_eq!(pgm.register_handler(HandlerKind::All, base, size), Err(expected));
@@ -682,7 +707,7 @@ fn bad_handler_registrations_change_nothing() {
     assert_eq!(before, after);
     assert_eq!(
         pgm.balloon_inflate(&[gpa(0x8000)]),
-        Err(PgmError::HandlerPresent(gpa(0x8000)))
+        Err(RamError::Page(PageError::HandlerPresent(gpa(0x8000))))
     );
 }
 
@@ -703,19 +728,19 @@ fn mmio_in_unassigned_space_faults_to_its_handler_and_goes_away_cleanly() {
     let mut buf = [0; 4];
     assert_eq!(
         pgm.read_phys(gpa(0xFEC0_0000), &mut buf),
-        Err(PgmError::NotRam(gpa(0xFEC0_0000)))
+        Err(AccessError::Page(PageError::NotRam(gpa(0xFEC0_0000))))
     );
     assert_eq!(
         pgm.write_phys(gpa(0xFEC0_0000), &buf),
-        Err(PgmError::NotRam(gpa(0xFEC0_0000)))
+        Err(AccessError::Page(PageError::NotRam(gpa(0xFEC0_0000))))
     );
     assert_eq!(
         pgm.register_mmio(gpa(0xFEC0_1000), PAGE_SIZE),
-        Err(PgmError::HandlerOverlap { existing: id })
+        Err(HandlerError::Overlap { existing: id })
     );
     assert_eq!(
         pgm.deregister_handler(id),
-        Err(PgmError::UnknownHandler(id)),
+        Err(HandlerError::Unknown(id)),
         "MMIO is not a plain handler"
     );
     assert_eq!(pgm.deregister_mmio(id), Ok(Invalidation::None));
@@ -757,7 +782,7 @@ fn mmio_over_ram_returns_its_frames_and_leaves_zero_ram_when_removed() {
     // Part RAM, part hole: refused.
     assert_eq!(
         pgm.register_mmio(gpa(0x9_F000), 2 * PAGE_SIZE),
-        Err(PgmError::NotGuestMemory(gpa(0xA_0000)))
+        Err(HandlerError::Page(PageError::NotGuestMemory(gpa(0xA_0000))))
     );
     assert_accounting(&pgm);
 }
@@ -795,7 +820,7 @@ fn unshadowed_rom_reads_its_image_and_ignores_writes() {
     assert_eq!(back, image[..7]);
     assert_eq!(
         pgm.protect_rom(id, RomProtection::ReadRamWriteRam),
-        Err(PgmError::RomNotShadowed(id))
+        Err(RomError::NotShadowed(id))
     );
     assert_eq!(
         pgm.rom_protection_at(gpa(ROM_BASE)),
@@ -904,26 +929,26 @@ fn bad_rom_registrations_change_nothing_and_termination_frees_rom_frames() {
     let image = rom_image();
     assert_eq!(
         register_rom_copy(&mut pgm, gpa(0x9_F000), &image, true),
-        Err(PgmError::Overlap { existing: gpa(0) })
+        Err(RomError::Range(RangeError::Overlap { existing: gpa(0) }))
     );
     assert_eq!(
         register_rom_copy(&mut pgm, gpa(ROM_BASE), &image[..100], false),
-        Err(PgmError::Misaligned)
+        Err(RomError::Range(RangeError::Misaligned(100)))
     );
     assert_eq!(
         register_rom_copy(&mut pgm, gpa(ROM_BASE), &[], false),
-        Err(PgmError::ZeroSize)
+        Err(RomError::Range(RangeError::ZeroSize(gpa(ROM_BASE))))
     );
     pgm.frames_mut().fail_after = Some(1);
     assert_eq!(
         register_rom_copy(&mut pgm, gpa(ROM_BASE), &image, false),
-        Err(PgmError::OutOfFrames)
+        Err(RomError::NoMemory(NoMemory::OutOfFrames))
     );
     pgm.frames_mut().fail_after = None;
     assert_eq!(frames_used(&pgm), used);
     assert_eq!(
         pgm.protect_rom(RomId(7), RomProtection::ReadRamWriteRam),
-        Err(PgmError::UnknownRom(RomId(7)))
+        Err(RomError::Unknown(RomId(7)))
     );
     let id = register_rom_copy(&mut pgm, gpa(ROM_BASE), &image, true).unwrap();
     pgm.protect_rom(id, RomProtection::ReadRamWriteRam).unwrap();
@@ -1139,26 +1164,29 @@ fn mmio2_region_management_and_bad_requests() {
     assert!(!pgm.is_mmio2_handle(Mmio2Handle(99)));
     assert_eq!(
         pgm.map_mmio2(Mmio2Handle(99), gpa(FB)),
-        Err(PgmError::UnknownMmio2(Mmio2Handle(99)))
+        Err(Mmio2Error::Unknown(Mmio2Handle(99)))
     );
     assert_eq!(
         pgm.map_mmio2(fb, gpa(0x9_F000)),
-        Err(PgmError::Overlap { existing: gpa(0) })
+        Err(Mmio2Error::Range(RangeError::Overlap { existing: gpa(0) }))
     );
-    assert_eq!(pgm.map_mmio2(fb, gpa(FB + 0x800)), Err(PgmError::Misaligned));
+    assert_eq!(
+        pgm.map_mmio2(fb, gpa(FB + 0x800)),
+        Err(Mmio2Error::Range(RangeError::Misaligned(FB + 0x800)))
+    );
     assert_eq!(
         pgm.mmio2_write(fb, 8 * PAGE_SIZE - 1, b"xy"),
-        Err(PgmError::OutOfRange)
+        Err(Mmio2Error::OutOfRange(fb))
     );
     pgm.map_mmio2(fb, gpa(FB)).unwrap();
-    assert_eq!(pgm.map_mmio2(fb, gpa(FB + MIB)), Err(PgmError::Mmio2Mapped(true)));
-    assert_eq!(
-        pgm.reduce_mmio2(fb, 4 * PAGE_SIZE),
-        Err(PgmError::Mmio2Mapped(true))
-    );
+    assert_eq!(pgm.map_mmio2(fb, gpa(FB + MIB)), Err(Mmio2Error::Mapped(fb)));
+    assert_eq!(pgm.reduce_mmio2(fb, 4 * PAGE_SIZE), Err(Mmio2Error::Mapped(fb)));
     pgm.unmap_mmio2(fb).unwrap();
-    assert_eq!(pgm.unmap_mmio2(fb), Err(PgmError::Mmio2Mapped(false)));
-    assert_eq!(pgm.reduce_mmio2(fb, 16 * PAGE_SIZE), Err(PgmError::OutOfRange));
+    assert_eq!(pgm.unmap_mmio2(fb), Err(Mmio2Error::NotMapped(fb)));
+    assert_eq!(
+        pgm.reduce_mmio2(fb, 16 * PAGE_SIZE),
+        Err(Mmio2Error::OutOfRange(fb))
+    );
     pgm.reduce_mmio2(fb, 3 * PAGE_SIZE).unwrap();
     assert_eq!(pgm.stats().mmio2_frames, 3);
     assert_accounting(&pgm);
@@ -1377,7 +1405,10 @@ fn preallocation_gives_every_zero_page_a_frame_or_nothing_at_all() {
     // Room for the 4 KiB pages and the block at 2 MiB, not for the block at 4 MiB.
     pgm.set_frame_limit(Some(1000));
     let before = pgm.stats();
-    assert_eq!(pgm.preallocate_ram(), Err(PgmError::FrameLimit));
+    assert_eq!(
+        pgm.preallocate_ram(),
+        Err(RamError::NoMemory(NoMemory::FrameLimit))
+    );
     assert_eq!(
         pgm.stats().allocated_pages,
         before.allocated_pages,
@@ -1426,11 +1457,11 @@ fn a_write_lock_gives_the_host_the_guest_page_and_pins_its_frame() {
     assert_eq!(guest_read(&pgm, gpa(0x5010), 8), [0; 8]);
     assert_eq!(
         pgm.balloon_inflate(&[gpa(0x5000)]),
-        Err(PgmError::PageLocked(gpa(0x5000)))
+        Err(RamError::Page(PageError::Locked(gpa(0x5000))))
     );
     assert_eq!(
         pgm.register_mmio(gpa(0x5000), PAGE_SIZE),
-        Err(PgmError::PageLocked(gpa(0x5000)))
+        Err(HandlerError::Page(PageError::Locked(gpa(0x5000))))
     );
     pgm.release_page_lock(lock);
     assert!(!pgm.page(gpa(0x5000)).unwrap().is_locked());
@@ -1462,7 +1493,7 @@ fn a_read_lock_maps_what_the_guest_reads() {
     pgm.release_page_lock(lock);
     assert_eq!(
         pgm.lock_page_for_write(gpa(ROM_BASE)),
-        Err(PgmError::NotRam(gpa(ROM_BASE)))
+        Err(LockError::Page(PageError::NotRam(gpa(ROM_BASE))))
     );
 }
 
@@ -1500,7 +1531,7 @@ fn bulk_locking_is_all_or_nothing_and_refuses_what_cannot_be_locked() {
     let pages = [gpa(0x1000), gpa(0x2000), gpa(0xA_0000)];
     assert_eq!(
         pgm.lock_pages(&pages, true),
-        Err(PgmError::NotGuestMemory(gpa(0xA_0000)))
+        Err(LockError::Page(PageError::NotGuestMemory(gpa(0xA_0000))))
     );
     for at in &pages[..2] {
         assert!(!pgm.page(*at).unwrap().is_locked(), "no lock left behind at {at}");
@@ -1516,7 +1547,7 @@ fn bulk_locking_is_all_or_nothing_and_refuses_what_cannot_be_locked() {
     pgm.balloon_inflate(&[gpa(0x9000)]).unwrap();
     assert_eq!(
         pgm.lock_page_for_read(gpa(0xFEC0_0000)),
-        Err(PgmError::NotRam(gpa(0xFEC0_0000)))
+        Err(LockError::Page(PageError::NotRam(gpa(0xFEC0_0000))))
     );
     assert!(
         pgm.lock_page_for_write(gpa(0x8000)).is_ok(),
@@ -1524,10 +1555,10 @@ fn bulk_locking_is_all_or_nothing_and_refuses_what_cannot_be_locked() {
     );
     assert_eq!(
         pgm.lock_page_for_write(gpa(0x9000)),
-        Err(PgmError::PageState {
+        Err(LockError::Page(PageError::State {
             gpa: gpa(0x9000),
             state: PageState::Ballooned
-        })
+        }))
     );
 }
 
@@ -1612,7 +1643,7 @@ fn handled_accesses_reach_mmio_handlers_and_default_to_open_bus() {
     );
     assert_eq!(
         pgm.write_phys_handled(gpa(0xFEBF_FFFE), b"xx", &mut handled),
-        Err(PgmError::NotGuestMemory(gpa(0xFEBF_FFFE)))
+        Err(AccessError::Page(PageError::NotGuestMemory(gpa(0xFEBF_FFFE))))
     );
     assert_eq!(handled.calls.len(), 2, "no handler ran for a refused access");
 }
@@ -1648,11 +1679,11 @@ fn an_mmio_target_found_once_serves_accesses_as_the_handled_paths_do() {
     let mut refused = recorder(HandlerAction::Handled);
     assert_eq!(
         pgm.write_mmio(target, gpa(0xFEC0_1FFC), b"register", &mut refused),
-        Err(PgmError::NotHandled(gpa(0xFEC0_1FFC)))
+        Err(AccessError::OutsideTarget(gpa(0xFEC0_1FFC)))
     );
     assert_eq!(
         pgm.read_mmio(target, gpa(0xFEC0_0010), &mut [0u8; 4], &mut refused),
-        Err(PgmError::NotHandled(gpa(0xFEC0_0010)))
+        Err(AccessError::OutsideTarget(gpa(0xFEC0_0010)))
     );
     assert!(refused.calls.is_empty());
     // With the A20 gate closed, an address with bit 20 set reaches the page below it.
@@ -1691,32 +1722,41 @@ fn large_ram_is_registered_as_chunks_that_behave_as_one_range() {
     );
     assert_eq!(
         pgm.register_ram(gpa(base + chunk), PAGE_SIZE, "inside"),
-        Err(PgmError::Overlap {
+        Err(RamError::Range(RangeError::Overlap {
             existing: gpa(base + chunk)
-        })
+        }))
     );
     assert_accounting(&pgm);
 }
 
 #[test]
-fn typed_accessors_are_little_endian_and_straddle_pages() {
+fn typed_accessors_bypassing_handlers_are_little_endian_and_straddle_pages() {
     let mut pgm = pc_like();
-    pgm.write_phys_u64(gpa(0x1FFC), 0x1122_3344_5566_7788).unwrap();
-    assert_eq!(pgm.read_phys_u64(gpa(0x1FFC)), Ok(0x1122_3344_5566_7788));
-    assert_eq!(pgm.read_phys_u32(gpa(0x2000)), Ok(0x1122_3344));
-    assert_eq!(pgm.read_phys_u16(gpa(0x1FFC)), Ok(0x7788));
-    assert_eq!(pgm.read_phys_u8(gpa(0x1FFF)), Ok(0x55));
-    pgm.write_phys_u8(gpa(0x2003), 0xAA).unwrap();
-    pgm.write_phys_u16(gpa(0x3000), 0xBEEF).unwrap();
-    pgm.write_phys_u32(gpa(0x4000), 0xDEAD_BEEF).unwrap();
-    assert_eq!(pgm.read_phys_u32(gpa(0x2000)), Ok(0xAA22_3344));
+    pgm.write_phys_u64_bypassing_handlers(gpa(0x1FFC), 0x1122_3344_5566_7788)
+        .unwrap();
     assert_eq!(
-        (pgm.read_phys_u16(gpa(0x3000)), pgm.read_phys_u32(gpa(0x4000))),
+        pgm.read_phys_u64_bypassing_handlers(gpa(0x1FFC)),
+        Ok(0x1122_3344_5566_7788)
+    );
+    assert_eq!(pgm.read_phys_u32_bypassing_handlers(gpa(0x2000)), Ok(0x1122_3344));
+    assert_eq!(pgm.read_phys_u16_bypassing_handlers(gpa(0x1FFC)), Ok(0x7788));
+    assert_eq!(pgm.read_phys_u8_bypassing_handlers(gpa(0x1FFF)), Ok(0x55));
+    pgm.write_phys_u8_bypassing_handlers(gpa(0x2003), 0xAA).unwrap();
+    pgm.write_phys_u16_bypassing_handlers(gpa(0x3000), 0xBEEF)
+        .unwrap();
+    pgm.write_phys_u32_bypassing_handlers(gpa(0x4000), 0xDEAD_BEEF)
+        .unwrap();
+    assert_eq!(pgm.read_phys_u32_bypassing_handlers(gpa(0x2000)), Ok(0xAA22_3344));
+    assert_eq!(
+        (
+            pgm.read_phys_u16_bypassing_handlers(gpa(0x3000)),
+            pgm.read_phys_u32_bypassing_handlers(gpa(0x4000))
+        ),
         (Ok(0xBEEF), Ok(0xDEAD_BEEF))
     );
     assert_eq!(
-        pgm.read_phys_u16(gpa(0x9_FFFF)),
-        Err(PgmError::NotGuestMemory(gpa(0xA_0000)))
+        pgm.read_phys_u16_bypassing_handlers(gpa(0x9_FFFF)),
+        Err(AccessError::Page(PageError::NotGuestMemory(gpa(0xA_0000))))
     );
 }
 
@@ -1844,23 +1884,25 @@ fn bad_alias_requests_are_refused() {
     let bank = pgm.create_mmio2(mmio2_spec(PAGE_SIZE, 0)).unwrap();
     assert_eq!(
         pgm.alias_mmio_to_mmio2(plain, gpa(0x1000), bank, 0),
-        Err(PgmError::UnknownHandler(plain))
+        Err(HandlerError::Unknown(plain))
     );
     assert_eq!(
         pgm.alias_mmio_to_mmio2(vga, gpa(VGA + PAGE_SIZE), bank, 0),
-        Err(PgmError::NotHandled(gpa(VGA + PAGE_SIZE)))
+        Err(HandlerError::NotHandled(gpa(VGA + PAGE_SIZE)))
     );
     assert_eq!(
         pgm.alias_mmio_to_mmio2(vga, gpa(VGA), bank, 0x800),
-        Err(PgmError::Misaligned)
+        Err(HandlerError::Mmio2(Mmio2Error::Range(RangeError::Misaligned(
+            0x800
+        ))))
     );
     assert_eq!(
         pgm.alias_mmio_to_mmio2(vga, gpa(VGA), bank, PAGE_SIZE),
-        Err(PgmError::OutOfRange)
+        Err(HandlerError::Mmio2(Mmio2Error::OutOfRange(bank)))
     );
     assert_eq!(
         pgm.alias_mmio_to_host(vga, gpa(VGA), HostPhysAddr::new(0x1234).unwrap()),
-        Err(PgmError::Misaligned)
+        Err(HandlerError::Range(RangeError::Misaligned(0x1234)))
     );
     assert_eq!(
         pgm.resolve_fault(gpa(VGA), Access::Read),
@@ -1972,17 +2014,17 @@ fn unregistering_ram_gives_its_frames_back_and_unmaps_it() {
     let (stats, used) = (pgm.stats(), frames_used(&pgm));
     assert_eq!(
         pgm.unregister_ram(gpa(base), chunk),
-        Err(PgmError::Overlap { existing: gpa(base) }),
+        Err(RamError::Range(RangeError::Overlap { existing: gpa(base) })),
         "part of it"
     );
     assert_eq!(
         pgm.unregister_ram(gpa(0x9_F000), PAGE_SIZE),
-        Err(PgmError::Overlap { existing: gpa(0) })
+        Err(RamError::Range(RangeError::Overlap { existing: gpa(0) }))
     );
     let lock = pgm.lock_page_for_read(gpa(base + 0x1000)).unwrap().lock;
     assert_eq!(
         pgm.unregister_ram(gpa(base), chunk + 4 * PAGE_SIZE),
-        Err(PgmError::HandlerPresent(gpa(base + 0x1000)))
+        Err(RamError::Page(PageError::Locked(gpa(base + 0x1000))))
     );
     pgm.release_page_lock(lock);
     assert_eq!(

@@ -12,7 +12,7 @@ use std::vec::Vec;
 use proptest::prelude::*;
 
 use crate::addr::{GuestPhysAddr, PAGE_SIZE};
-use crate::error::PgmError;
+use crate::error::{AccessError, NoMemory, PageError, RamError};
 use crate::manager::FaultOutcome;
 use crate::page::PageState;
 use crate::paging::{Access, Permissions};
@@ -110,19 +110,10 @@ impl Model {
     }
 
     /// What a host write of `len` bytes at `addr` must fail with, if anything, before
-    /// allocation: the first address outside RAM, then the first ballooned page.
-    fn host_write_refusal(&self, addr: u64, len: usize) -> Option<PgmError> {
-        let hole = (addr..addr + len as u64).find(|&a| model_page(a).is_none());
-        if let Some(hole) = hole {
-            return Some(PgmError::NotGuestMemory(gpa(hole)));
-        }
-        (addr..addr + len as u64).step_by(1).find_map(|a| {
-            let (page, _) = model_page(a)?;
-            self.ballooned[page].then(|| PgmError::PageState {
-                gpa: gpa(page_gpa(page)),
-                state: PageState::Ballooned,
-            })
-        })
+    /// allocation: the first address outside RAM. (Bytes for ballooned pages are dropped.)
+    fn host_write_refusal(&self, addr: u64, len: usize) -> Option<AccessError> {
+        let hole = (addr..addr + len as u64).find(|&a| model_page(a).is_none())?;
+        Some(AccessError::Page(PageError::NotGuestMemory(gpa(hole))))
     }
 }
 
@@ -184,11 +175,15 @@ fn apply(pgm: &mut SimPgm, model: &mut Model, op: &Op) {
                     assert_eq!(refusal, None);
                     for a in addr..addr + len as u64 {
                         let (page, offset) = model_page(a).unwrap();
-                        model.contents[page][offset] = value;
-                        model.mark(page);
+                        if !model.ballooned[page] {
+                            model.contents[page][offset] = value;
+                            model.mark(page);
+                        }
                     }
                 }
-                Err(PgmError::OutOfFrames | PgmError::FrameLimit) => assert_eq!(refusal, None),
+                Err(AccessError::NoMemory(NoMemory::OutOfFrames | NoMemory::FrameLimit)) => {
+                    assert_eq!(refusal, None)
+                }
                 Err(error) => assert_eq!(Some(error), refusal),
             }
         }
@@ -209,10 +204,10 @@ fn apply(pgm: &mut SimPgm, model: &mut Model, op: &Op) {
                 model.contents[page].fill(0);
                 model.mark(page);
             }
-            Err(PgmError::PageState {
+            Err(RamError::Page(PageError::State {
                 state: PageState::Ballooned,
                 ..
-            }) => assert!(model.ballooned[page]),
+            })) => assert!(model.ballooned[page]),
             Err(error) => panic!("inflate: {error}"),
         },
         Op::Deflate(page) => match pgm.balloon_deflate(&[gpa(page_gpa(page))]) {
@@ -220,7 +215,7 @@ fn apply(pgm: &mut SimPgm, model: &mut Model, op: &Op) {
                 assert!(model.ballooned[page]);
                 model.ballooned[page] = false;
             }
-            Err(PgmError::PageState { .. }) => assert!(!model.ballooned[page]),
+            Err(RamError::Page(PageError::State { .. })) => assert!(!model.ballooned[page]),
             Err(error) => panic!("deflate: {error}"),
         },
         Op::StartMonitoring => {

@@ -8,7 +8,7 @@ use core::marker::PhantomData;
 use bitflags::bitflags;
 
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SHIFT, PAGE_SIZE};
-use crate::error::PgmError;
+use crate::error::NoMemory;
 use crate::frames::{HostFrameAllocator, HostMemory};
 
 /// Number of table levels (PML4, PDPT, PD, PT); level 0 holds 4 KiB leaves.
@@ -244,9 +244,9 @@ fn entry_addr(table: HostPhysAddr, level: usize, gpa: GuestPhysAddr) -> HostPhys
 }
 
 impl<F: EntryFormat> NestedTables<F> {
-    /// Allocates an empty root table. Fails with [`PgmError::OutOfFrames`].
-    pub fn new(frames: &mut impl HostFrameAllocator, memory: &mut impl HostMemory) -> Result<Self, PgmError> {
-        let root = frames.allocate_frame().ok_or(PgmError::OutOfFrames)?;
+    /// Allocates an empty root table. Fails with [`NoMemory::OutOfFrames`].
+    pub fn new(frames: &mut impl HostFrameAllocator, memory: &mut impl HostMemory) -> Result<Self, NoMemory> {
+        let root = frames.allocate_frame().ok_or(NoMemory::OutOfFrames)?;
         memory.zero_frame(root);
         Ok(NestedTables {
             root,
@@ -270,7 +270,7 @@ impl<F: EntryFormat> NestedTables<F> {
     /// the range, for which `large_of(block)` gives a leaf and no page table exists yet, is
     /// mapped by that one 2 MiB leaf instead (no page table at all). All or nothing: when a
     /// table frame cannot be had, the tables created by this call are freed again and
-    /// [`PgmError::OutOfFrames`] is returned with no entry changed. Returns the blocks that
+    /// [`NoMemory::OutOfFrames`] is returned with no entry changed. Returns the blocks that
     /// awaited tables ([`unmap_large`](Self::unmap_large)) and now have a page table: their
     /// pages outside the range are left unmapped, for the caller to map.
     pub fn map_range(
@@ -281,7 +281,7 @@ impl<F: EntryFormat> NestedTables<F> {
         pages: u64,
         mut leaf_of: impl FnMut(GuestPhysAddr) -> Option<Leaf>,
         mut large_of: impl FnMut(GuestPhysAddr) -> Option<Leaf>,
-    ) -> Result<Vec<GuestPhysAddr>, PgmError> {
+    ) -> Result<Vec<GuestPhysAddr>, NoMemory> {
         let end = base.as_u64() + pages * PAGE_SIZE;
         let mut created = Vec::new();
         let mut plan = Vec::new();
@@ -314,7 +314,7 @@ impl<F: EntryFormat> NestedTables<F> {
                 Some(planned) => plan.push((gpa, planned)),
                 None => {
                     self.roll_back(frames, memory, created);
-                    return Err(PgmError::OutOfFrames);
+                    return Err(NoMemory::OutOfFrames);
                 }
             }
             block += LARGE_SIZE;
@@ -347,7 +347,7 @@ impl<F: EntryFormat> NestedTables<F> {
         memory: &mut impl HostMemory,
         base: GuestPhysAddr,
         pages: u64,
-    ) -> Result<Vec<GuestPhysAddr>, PgmError> {
+    ) -> Result<Vec<GuestPhysAddr>, NoMemory> {
         let mut created = Vec::new();
         let mut page = 0;
         while page < pages {
@@ -356,7 +356,7 @@ impl<F: EntryFormat> NestedTables<F> {
                 Some(_) => {}
                 None => {
                     self.roll_back(frames, memory, created);
-                    return Err(PgmError::OutOfFrames);
+                    return Err(NoMemory::OutOfFrames);
                 }
             }
             // The next page that needs another leaf table starts the next 2 MiB block.

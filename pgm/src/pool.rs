@@ -12,7 +12,7 @@
 use alloc::vec::Vec;
 
 use crate::addr::HostPhysAddr;
-use crate::error::PgmError;
+use crate::error::NoMemory;
 use crate::frames::HostFrameAllocator;
 
 /// Frames the pool holds when full.
@@ -128,29 +128,29 @@ impl FramePool {
     }
 
     /// Takes a frame for a guest page: from the handy pool, topping it up first when it is
-    /// empty. [`PgmError::FrameLimit`] or [`PgmError::OutOfFrames`] change nothing.
-    pub fn take(&mut self, frames: &mut impl HostFrameAllocator) -> Result<HostPhysAddr, PgmError> {
+    /// empty. [`NoMemory::FrameLimit`] or [`NoMemory::OutOfFrames`] change nothing.
+    pub fn take(&mut self, frames: &mut impl HostFrameAllocator) -> Result<HostPhysAddr, NoMemory> {
         if self.at_limit() {
-            return Err(PgmError::FrameLimit);
+            return Err(NoMemory::FrameLimit);
         }
         if self.handy.is_empty() {
             self.refill(frames);
         }
-        let frame = self.handy.pop().ok_or(PgmError::OutOfFrames)?;
+        let frame = self.handy.pop().ok_or(NoMemory::OutOfFrames)?;
         self.in_use += 1;
         self.taken += 1;
         Ok(frame)
     }
 
     /// Takes a 2 MiB chunk (512 contiguous frames) for a large page straight from the host;
-    /// the limit counts all 512. [`PgmError::FrameLimit`] or [`PgmError::OutOfFrames`] change
+    /// the limit counts all 512. [`NoMemory::FrameLimit`] or [`NoMemory::OutOfFrames`] change
     /// nothing.
-    pub fn take_large(&mut self, frames: &mut impl HostFrameAllocator) -> Result<HostPhysAddr, PgmError> {
+    pub fn take_large(&mut self, frames: &mut impl HostFrameAllocator) -> Result<HostPhysAddr, NoMemory> {
         let count = crate::frames::FRAMES_PER_LARGE_PAGE;
         if self.limit.is_some_and(|limit| self.in_use + count > limit) {
-            return Err(PgmError::FrameLimit);
+            return Err(NoMemory::FrameLimit);
         }
-        let chunk = frames.allocate_large().ok_or(PgmError::OutOfFrames)?;
+        let chunk = frames.allocate_large().ok_or(NoMemory::OutOfFrames)?;
         self.in_use += count;
         self.taken += count;
         Ok(chunk)
@@ -158,13 +158,13 @@ impl FramePool {
 
     /// Takes a frame for an EPT page table (a split of a 2 MiB block) from the handy pool,
     /// topping it up first when it is empty: the pool is the small reserve faults leave full.
-    /// Not a guest page, so the limit does not count it. [`PgmError::OutOfFrames`] changes
+    /// Not a guest page, so the limit does not count it. [`NoMemory::OutOfFrames`] changes
     /// nothing.
-    pub fn take_table(&mut self, frames: &mut impl HostFrameAllocator) -> Result<HostPhysAddr, PgmError> {
+    pub fn take_table(&mut self, frames: &mut impl HostFrameAllocator) -> Result<HostPhysAddr, NoMemory> {
         if self.handy.is_empty() {
             self.refill(frames);
         }
-        self.handy.pop().ok_or(PgmError::OutOfFrames)
+        self.handy.pop().ok_or(NoMemory::OutOfFrames)
     }
 
     /// Gives back a frame [`take_table`](Self::take_table) gave that was not used.
@@ -330,11 +330,11 @@ mod tests {
         pool.set_limit(Some(2));
         pool.take(&mut frames).unwrap();
         pool.take(&mut frames).unwrap();
-        assert_eq!(pool.take(&mut frames), Err(PgmError::FrameLimit));
+        assert_eq!(pool.take(&mut frames), Err(NoMemory::FrameLimit));
         assert_eq!(pool.in_use(), 2);
         let mut empty = SimFrames::new(0);
         let mut pool = FramePool::default();
-        assert_eq!(pool.take(&mut empty), Err(PgmError::OutOfFrames));
+        assert_eq!(pool.take(&mut empty), Err(NoMemory::OutOfFrames));
         assert_eq!((pool.in_use(), pool.handy()), (0, 0));
     }
 }

@@ -8,7 +8,7 @@
 use alloc::vec::Vec;
 
 use crate::addr::{GuestPhysAddr, PAGE_SIZE};
-use crate::error::PgmError;
+use crate::error::RangeError;
 use crate::page::PageDescriptor;
 use crate::sync::{AtomicU64, Exclusive, Ordering};
 
@@ -361,14 +361,14 @@ impl RamRanges {
     }
 
     /// Checks that `[base, base + size)` overlaps no registered range.
-    pub fn check_free(&self, base: GuestPhysAddr, size: u64) -> Result<(), PgmError> {
+    pub fn check_free(&self, base: GuestPhysAddr, size: u64) -> Result<(), RangeError> {
         let end = base.as_u64() + size;
         match self
             .ranges
             .iter()
             .find(|r| base.as_u64() < r.end() && r.base.as_u64() < end)
         {
-            Some(existing) => Err(PgmError::Overlap {
+            Some(existing) => Err(RangeError::Overlap {
                 existing: existing.base,
             }),
             None => Ok(()),
@@ -599,11 +599,11 @@ mod tests {
         let ranges = ranges();
         assert_eq!(
             ranges.check_free(gpa(0x9_F000), 0x2000),
-            Err(PgmError::Overlap { existing: gpa(0) })
+            Err(RangeError::Overlap { existing: gpa(0) })
         );
         assert_eq!(
             ranges.check_free(gpa(0xF_F000), 0x2000),
-            Err(PgmError::Overlap {
+            Err(RangeError::Overlap {
                 existing: gpa(0x10_0000)
             })
         );

@@ -10,7 +10,7 @@ use crate::manager::{DeviceId, FaultOutcome, Mmio2Spec, Pgm, Resolution, RomId, 
 use crate::paging::{Access, Invalidation};
 pub use crate::sim::{SimFormat, SimPgm};
 use crate::sim::{SimFrames, SimMemory};
-use crate::PgmError;
+use crate::RomError;
 
 pub const MIB: u64 = 1 << 20;
 
@@ -144,7 +144,7 @@ pub fn register_rom_copy(
     base: GuestPhysAddr,
     image: &[u8],
     shadowed: bool,
-) -> Result<RomId, PgmError> {
+) -> Result<RomId, RomError> {
     pgm.register_rom(base, image.len() as u64, RomImage::Copy(image), shadowed)
         .map(|(id, _)| id)
 }

@@ -11,7 +11,7 @@ use pgm::page::PageState;
 use pgm::PAGE_SIZE;
 
 use super::hostile::audit;
-use super::pc::{self, apply, classic_pc, read_bytes, read_u32};
+use super::pc::{self, apply, classic_pc, flush, read_bytes, read_u32};
 use super::{gpa, TestResult, CODE};
 use crate::arch::guests::programs;
 use crate::arch::registers::GuestRegisters;
@@ -196,7 +196,7 @@ pub fn a_reset_in_the_middle_of_a_run_clears_ram_and_restores_rom(host: &'static
     ensure!(vm.regs().rdi > START, "the fill made progress");
     ensure_eq!(read_bytes::<1>(&vm, START)?, [0xA5], "filled before the reset");
     let reset = vm.pgm_mut().reset_ram();
-    apply(&mut vm, Ok(reset))?;
+    flush(&mut vm, reset)?;
     let stats = vm.pgm().stats();
     ensure_eq!(stats.allocated_pages, 0, "private frames after the reset");
     ensure_eq!(read_bytes::<1>(&vm, START)?, [0], "RAM reads zeros");

@@ -68,7 +68,9 @@ pub fn pc(host: &'static Host, above_4g: Above4G) -> Result<Pc, String> {
         ram.push((ABOVE_4G_BASE, ABOVE_4G_SIZE));
     }
     let mut vm = new_vm(host, &ram)?;
-    let fail = |what: &str, error: PgmError| format!("{what}: {error}");
+    fn fail(what: &str, error: impl core::fmt::Display) -> String {
+        format!("{what}: {error}")
+    }
     let mut pgm = vm.pgm_mut();
     let (device, invalidation) = pgm
         .register_mmio(gpa(DEVICE_BASE), DEVICE_SIZE)
@@ -151,9 +153,18 @@ pub fn rom_image(tag: u32, size: u64) -> Vec<u8> {
 }
 
 /// Carries out the invalidation of a host-side pgm call on `vm`, or reports its error.
-pub fn apply(vm: &mut Vcpu<'static>, result: Result<Invalidation, PgmError>) -> Result<(), String> {
+pub fn apply(
+    vm: &mut Vcpu<'static>,
+    result: Result<Invalidation, impl Into<PgmError>>,
+) -> Result<(), String> {
+    let result = result.map_err(Into::into);
     let invalidation = result.map_err(|e| format!("{e}"))?;
     vm.flush(invalidation).map_err(|e| format!("INVEPT: {e}"))
+}
+
+/// Carries out an invalidation a host-side pgm call returned on `vm`.
+pub fn flush(vm: &mut Vcpu<'static>, invalidation: Invalidation) -> Result<(), String> {
+    apply(vm, Ok::<_, PgmError>(invalidation))
 }
 
 /// Reads a little-endian value of `N` bytes from guest memory as the host sees it.

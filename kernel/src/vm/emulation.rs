@@ -12,7 +12,7 @@ use alloc::sync::Arc;
 
 use pgm::guest_paging::{CodeTranslation, EntryUpdates, GuestAccess, GuestPaging, GuestWalkError};
 use pgm::manager::{AccessHandlers, MmioTarget};
-use pgm::{GuestPhysAddr, Invalidation, PgmError, PAGE_SIZE};
+use pgm::{AccessError, GuestPhysAddr, Invalidation, PageError, PAGE_SIZE};
 
 use emulator::{EmulationError, Instruction, Machine, MemoryFault, Mnemonic, Register, SegmentState};
 
@@ -519,13 +519,13 @@ struct VcpuMachine<'v, 'a, 'p, H> {
 }
 
 /// What a pgm error during an emulated access means for the guest.
-fn memory_fault(error: PgmError) -> MemoryFault {
+fn memory_fault(error: AccessError) -> MemoryFault {
     match error {
-        PgmError::NotGuestMemory(_) | PgmError::NotRam(_) | PgmError::NotHandled(_) => {
+        AccessError::NoMemory(_) => MemoryFault::OutOfMemory,
+        AccessError::Page(PageError::State { .. }) => MemoryFault::Ballooned,
+        AccessError::Page(_) | AccessError::Range(_) | AccessError::OutsideTarget(_) => {
             MemoryFault::NotGuestMemory
         }
-        PgmError::PageState { .. } => MemoryFault::Ballooned,
-        _ => MemoryFault::OutOfMemory,
     }
 }
 

@@ -96,11 +96,14 @@ pub enum ExitKind {
     /// An access to guest-physical space nothing claims, emulated as a PC's open bus (reads
     /// all ones, writes dropped) in VMs that ask for it.
     Unassigned,
+    /// An access to a page the guest gave to the balloon, emulated as the seed does (reads
+    /// zeros, writes dropped).
+    Ballooned,
 }
 
 impl ExitKind {
     /// Every kind, in table order.
-    pub const ALL: [ExitKind; 16] = [
+    pub const ALL: [ExitKind; 17] = [
         ExitKind::ZeroFill,
         ExitKind::WriteMonitor,
         ExitKind::WriteMonitorLockFree,
@@ -117,6 +120,7 @@ impl ExitKind {
         ExitKind::ApicAccess,
         ExitKind::InterruptWindow,
         ExitKind::Unassigned,
+        ExitKind::Ballooned,
     ];
 
     /// The table name.
@@ -138,6 +142,7 @@ impl ExitKind {
             ExitKind::ApicAccess => "xAPIC access",
             ExitKind::InterruptWindow => "interrupt window (exit to injection)",
             ExitKind::Unassigned => "unassigned space (all ones)",
+            ExitKind::Ballooned => "ballooned page (zeros, writes dropped)",
         }
     }
 }

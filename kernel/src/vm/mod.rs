@@ -96,11 +96,28 @@ impl fmt::Display for VmError {
     }
 }
 
-impl From<PgmError> for VmError {
-    fn from(error: PgmError) -> Self {
-        VmError::Memory(error)
-    }
+/// Every pgm error converts, through pgm's umbrella [`PgmError`].
+macro_rules! memory_errors {
+    ($($error:ty),*) => {$(
+        impl From<$error> for VmError {
+            fn from(error: $error) -> Self {
+                VmError::Memory(error.into())
+            }
+        }
+    )*};
 }
+
+memory_errors!(
+    PgmError,
+    pgm::NoMemory,
+    pgm::RamError,
+    pgm::AccessError,
+    pgm::HandlerError,
+    pgm::RomError,
+    pgm::Mmio2Error,
+    pgm::LockError,
+    pgm::DirtyLogError
+);
 
 impl From<BackendError> for VmError {
     fn from(error: BackendError) -> Self {

@@ -10,8 +10,12 @@ pub enum StopCause {
     /// The guest touched a guest-physical address outside its memory.
     NotGuestMemory,
     /// The guest needed a page and the host had no frame for it (or the VM's limit was reached).
+    /// A pause, as the seed's VM_FF_PGM_NO_MEMORY: the guest's state is as before the access,
+    /// and once frames are back (freed, or the limit raised) running the vCPU again retries it.
     OutOfMemory,
-    /// The guest touched a page it had given to the balloon.
+    /// The CPU's walk of the guest's page tables reached a page the guest had given to the
+    /// balloon (instructions that touch such a page are emulated: reads see zeros, writes
+    /// are dropped).
     BalloonedPage,
     /// The access needed the faulting instruction emulated (MMIO or handler access, ROM write
     /// to ignore or to route to the shadow) and the emulator does not support it; the

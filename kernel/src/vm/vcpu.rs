@@ -8,7 +8,10 @@ use devices::msr::MsrState;
 use emulator::DecodeCache;
 use pgm::guest_paging::CodeTranslation;
 use pgm::manager::{AccessHandlers, MmioTarget};
-use pgm::{Access, FaultOutcome, GuestPhysAddr, Invalidation, MemoryStats, Pgm, PgmError, Resolution};
+use pgm::{
+    Access, AccessError, FaultOutcome, GuestPhysAddr, Invalidation, MemoryStats, Pgm, RamError, RangeError,
+    Resolution,
+};
 
 use super::apic::VcpuHandlers;
 use super::backend::{vector, GuestRegisters, VirtualCpu, VmExit};
@@ -171,7 +174,8 @@ impl<'a> Vcpu<'a> {
         pgm.set_large_pages(large_pages);
         for &(base, size) in ram {
             // On error the manager is dropped here, giving back what it took.
-            let base = GuestPhysAddr::new(base).ok_or(PgmError::BeyondAddressWidth)?;
+            let base =
+                GuestPhysAddr::new(base).ok_or(RamError::Range(RangeError::BeyondAddressWidth(base)))?;
             pgm.register_ram(base, size, "ram")?;
         }
         let ram_bytes = ram.iter().map(|&(_, size)| size).sum();
@@ -305,7 +309,8 @@ impl<'a> Vcpu<'a> {
         cr3: u64,
         regs: GuestRegisters,
     ) -> Result<(), VmError> {
-        let gpa = GuestPhysAddr::new(load_at).ok_or(PgmError::BeyondAddressWidth)?;
+        let gpa =
+            GuestPhysAddr::new(load_at).ok_or(AccessError::Range(RangeError::BeyondAddressWidth(load_at)))?;
         let invalidation = self.pgm_mut().write_phys(gpa, program.code)?;
         self.invalidate(invalidation)?;
         self.enter_at(program.mode, rip, cr3, regs)
@@ -795,7 +800,10 @@ impl<'a> Vcpu<'a> {
         };
         if !matches!(
             outcome,
-            FaultOutcome::Handler { .. } | FaultOutcome::WriteIgnored | FaultOutcome::EmulateWrite
+            FaultOutcome::Handler { .. }
+                | FaultOutcome::WriteIgnored
+                | FaultOutcome::EmulateWrite
+                | FaultOutcome::Ballooned
         ) {
             // Flushes below must not run under the lock.
             drop(locked.take());
@@ -830,16 +838,21 @@ impl<'a> Vcpu<'a> {
             }
             FaultOutcome::NotGuestMemory => return stop(self, StopCause::NotGuestMemory),
             FaultOutcome::OutOfMemory => return stop(self, StopCause::OutOfMemory),
-            FaultOutcome::Ballooned => return stop(self, StopCause::BalloonedPage),
+            // The CPU's own walk of the guest's tables has no instruction to emulate.
+            FaultOutcome::Ballooned if page_walk => return stop(self, StopCause::BalloonedPage),
             outcome @ (FaultOutcome::Handler { .. }
             | FaultOutcome::WriteIgnored
-            | FaultOutcome::EmulateWrite) => {
+            | FaultOutcome::EmulateWrite
+            | FaultOutcome::Ballooned) => {
                 if let Some(cause) = emulation_refused(access, page_walk) {
                     return stop(self, cause);
                 }
                 let kind = match outcome {
                     FaultOutcome::Handler { .. } => mmio_exit_kind(access),
                     FaultOutcome::WriteIgnored => ExitKind::RomWriteIgnore,
+                    // Emulated as the seed does: reads see zeros, writes are dropped (pgm's
+                    // `read_phys` / `write_phys` on a ballooned page).
+                    FaultOutcome::Ballooned => ExitKind::Ballooned,
                     _ => ExitKind::RomWriteShadow,
                 };
                 self.measuring = Some((kind, exit_tick));

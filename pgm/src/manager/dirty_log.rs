@@ -16,7 +16,7 @@ use alloc::vec::Vec;
 
 use super::Pgm;
 use crate::addr::GuestPhysAddr;
-use crate::error::PgmError;
+use crate::error::DirtyLogError;
 use crate::frames::{HostFrameAllocator, HostMemory};
 use crate::paging::EntryFormat;
 use crate::paging::Invalidation;
@@ -35,15 +35,15 @@ pub enum DirtyLogMode {
 
 impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Chooses how the next write monitoring learns of writes. Fails, changing nothing, with
-    /// [`PgmError::MonitoringActive`] while monitoring is on, and with
-    /// [`PgmError::NoCpuWriteLog`] for [`DirtyLogMode::Pml`] on a format without a CPU write
+    /// [`DirtyLogError::MonitoringActive`] while monitoring is on, and with
+    /// [`DirtyLogError::NoCpuWriteLog`] for [`DirtyLogMode::Pml`] on a format without a CPU write
     /// log ([`EntryFormat::CPU_WRITE_LOG`]).
-    pub fn set_dirty_log_mode(&mut self, mode: DirtyLogMode) -> Result<(), PgmError> {
+    pub fn set_dirty_log_mode(&mut self, mode: DirtyLogMode) -> Result<(), DirtyLogError> {
         if self.monitoring && mode != self.dirty_log_mode {
-            return Err(PgmError::MonitoringActive);
+            return Err(DirtyLogError::MonitoringActive);
         }
         if mode == DirtyLogMode::Pml && !F::CPU_WRITE_LOG {
-            return Err(PgmError::NoCpuWriteLog);
+            return Err(DirtyLogError::NoCpuWriteLog);
         }
         self.dirty_log_mode = mode;
         Ok(())
@@ -235,7 +235,7 @@ mod tests {
         assert_eq!(pgm.stats().write_monitored_pages, 0, "nothing is write-protected");
         assert_eq!(
             pgm.set_dirty_log_mode(DirtyLogMode::WriteProtect),
-            Err(PgmError::MonitoringActive)
+            Err(DirtyLogError::MonitoringActive)
         );
         let _ = pgm.stop_write_monitoring();
         assert_eq!(pgm.log_written(&[gpa(MIB)]), 0, "monitoring is off");
@@ -254,7 +254,7 @@ mod format_tests {
         let mut npt = Pgm::<_, _, Npt>::new(SimFrames::new(64), SimMemory::default()).unwrap();
         assert_eq!(
             npt.set_dirty_log_mode(DirtyLogMode::Pml),
-            Err(PgmError::NoCpuWriteLog)
+            Err(DirtyLogError::NoCpuWriteLog)
         );
         assert_eq!(npt.dirty_log_mode(), DirtyLogMode::WriteProtect, "unchanged");
         let mut ept = Pgm::<_, _, Ept>::new(SimFrames::new(64), SimMemory::default()).unwrap();

@@ -9,7 +9,7 @@ use alloc::vec::Vec;
 use super::Mmio2Handle;
 use super::{page_count, Pgm, Pieces};
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
-use crate::error::PgmError;
+use crate::error::{AccessError, HandlerError, PageError, RangeError};
 use crate::frames::{HostFrameAllocator, HostMemory};
 use crate::handlers::{HandlerId, HandlerKind, MmioPlacement, Registration};
 use crate::page::{HandlerState, PageDescriptor, PageType};
@@ -123,14 +123,15 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Reads `buf.len()` bytes at `gpa` (through the A20 gate) on the page of `target` as
     /// [`read_phys_handled`](Self::read_phys_handled) would, without looking the page up
     /// again: the handler fills `buf`, or it reads as all ones when the handler leaves it to
-    /// the default. Fails with [`PgmError::NotHandled`] for bytes outside the target's page.
+    /// the default. Fails with [`AccessError::OutsideTarget`] for bytes outside the target's
+    /// page.
     pub fn read_mmio(
         &self,
         target: MmioTarget,
         gpa: GuestPhysAddr,
         buf: &mut [u8],
         handlers: &mut impl AccessHandlers,
-    ) -> Result<(), PgmError> {
+    ) -> Result<(), AccessError> {
         let gpa = self.on_target(target, gpa, buf.len())?;
         if handlers.access(target.handler, gpa, Access::Read, buf) == HandlerAction::Default {
             buf.fill(0xFF);
@@ -141,14 +142,14 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Writes `data` at `gpa` (through the A20 gate) on the page of `target` as
     /// [`write_phys_handled`](Self::write_phys_handled) would, without looking the page up
     /// again: the handler gets a copy of the bytes, and a write it leaves to the default is
-    /// dropped. Fails with [`PgmError::NotHandled`] for bytes outside the target's page.
+    /// dropped. Fails with [`AccessError::OutsideTarget`] for bytes outside the target's page.
     pub fn write_mmio(
         &self,
         target: MmioTarget,
         gpa: GuestPhysAddr,
         data: &[u8],
         handlers: &mut impl AccessHandlers,
-    ) -> Result<(), PgmError> {
+    ) -> Result<(), AccessError> {
         let gpa = self.on_target(target, gpa, data.len())?;
         hand_write(handlers, target.handler, gpa, data);
         Ok(())
@@ -160,25 +161,25 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         target: MmioTarget,
         gpa: GuestPhysAddr,
         len: usize,
-    ) -> Result<GuestPhysAddr, PgmError> {
+    ) -> Result<GuestPhysAddr, AccessError> {
         let gpa = self.a20_apply(gpa);
         let fits = gpa.page_offset() + len as u64 <= PAGE_SIZE;
         match gpa.page_base() == target.page && fits {
             true => Ok(gpa),
-            false => Err(PgmError::NotHandled(gpa)),
+            false => Err(AccessError::OutsideTarget(gpa)),
         }
     }
 
     /// Reads guest memory at `gpa` into `buf` as the guest would see it, handing every piece an
     /// access handler intercepts (all-access handlers, MMIO) to `handlers`. Strict about
-    /// unassigned space: fails with [`PgmError::NotGuestMemory`] before any handler runs (see
+    /// unassigned space: fails with [`PageError::NotGuestMemory`] before any handler runs (see
     /// [`read_phys_external`](Self::read_phys_external) for the seed's lenient reads).
     pub fn read_phys_handled(
         &self,
         gpa: GuestPhysAddr,
         buf: &mut [u8],
         handlers: &mut impl AccessHandlers,
-    ) -> Result<(), PgmError> {
+    ) -> Result<(), AccessError> {
         self.read_spans(&self.spans(gpa, buf.len(), Unassigned::Refused)?, buf, handlers)
     }
 
@@ -190,7 +191,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         gpa: GuestPhysAddr,
         buf: &mut [u8],
         handlers: &mut impl AccessHandlers,
-    ) -> Result<(), PgmError> {
+    ) -> Result<(), AccessError> {
         self.read_spans(&self.spans(gpa, buf.len(), Unassigned::Skipped)?, buf, handlers)
     }
 
@@ -199,7 +200,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         spans: &Pieces<Span>,
         buf: &mut [u8],
         handlers: &mut impl AccessHandlers,
-    ) -> Result<(), PgmError> {
+    ) -> Result<(), AccessError> {
         let mut done = 0;
         for &(location, at, len) in spans.iter() {
             let out = &mut buf[done..done + len];
@@ -225,7 +226,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
 
     /// Writes `data` to guest memory at `gpa` as a guest store would land, handing every piece
     /// an access handler intercepts (write and all-access handlers, MMIO) to `handlers`.
-    /// Strict about unassigned space: fails with [`PgmError::NotGuestMemory`] before any
+    /// Strict about unassigned space: fails with [`PageError::NotGuestMemory`] before any
     /// handler runs (see [`write_phys_external`](Self::write_phys_external)); a later failure
     /// (no frame) leaves the pieces before it written, as the handlers already saw them.
     pub fn write_phys_handled(
@@ -233,7 +234,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         gpa: GuestPhysAddr,
         data: &[u8],
         handlers: &mut impl AccessHandlers,
-    ) -> Result<Invalidation, PgmError> {
+    ) -> Result<Invalidation, AccessError> {
         let spans = self.spans(gpa, data.len(), Unassigned::Refused)?;
         self.write_spans(&spans, data, handlers)
     }
@@ -245,7 +246,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         gpa: GuestPhysAddr,
         data: &[u8],
         handlers: &mut impl AccessHandlers,
-    ) -> Result<Invalidation, PgmError> {
+    ) -> Result<Invalidation, AccessError> {
         let spans = self.spans(gpa, data.len(), Unassigned::Skipped)?;
         self.write_spans(&spans, data, handlers)
     }
@@ -255,7 +256,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         spans: &Pieces<Span>,
         data: &[u8],
         handlers: &mut impl AccessHandlers,
-    ) -> Result<Invalidation, PgmError> {
+    ) -> Result<Invalidation, AccessError> {
         let mut invalidation = Invalidation::None;
         let mut done = 0;
         for &(location, at, len) in spans.iter() {
@@ -284,14 +285,16 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         gpa: GuestPhysAddr,
         len: usize,
         unassigned: Unassigned,
-    ) -> Result<Pieces<Span>, PgmError> {
+    ) -> Result<Pieces<Span>, AccessError> {
         let mut spans = Pieces::default();
         let mut done = 0usize;
         while done < len {
-            let at = gpa.checked_add(done as u64).ok_or(PgmError::BeyondAddressWidth)?;
+            let at = gpa
+                .checked_add(done as u64)
+                .ok_or(RangeError::BeyondAddressWidth(gpa.as_u64()))?;
             let location = self.ranges.find(at);
             if location.is_none() && unassigned == Unassigned::Refused {
-                return Err(PgmError::NotGuestMemory(at));
+                return Err(PageError::NotGuestMemory(at).into());
             }
             let piece = ((PAGE_SIZE - at.page_offset()) as usize).min(len - done);
             spans.push((location, at, piece));
@@ -308,7 +311,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         kind: HandlerKind,
         base: GuestPhysAddr,
         size: u64,
-    ) -> Result<(HandlerId, Invalidation), PgmError> {
+    ) -> Result<(HandlerId, Invalidation), HandlerError> {
         let pages = page_count(base, size)?;
         self.check_no_handler(base, pages)?;
         let locations = self.ram_pages(base, pages)?;
@@ -321,7 +324,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
 
     /// Removes the handler `id`; its pages map as plain RAM again. Permissions only grow, so no
     /// invalidation is needed. MMIO regions go through [`deregister_mmio`](Self::deregister_mmio).
-    pub fn deregister_handler(&mut self, id: HandlerId) -> Result<Invalidation, PgmError> {
+    pub fn deregister_handler(&mut self, id: HandlerId) -> Result<Invalidation, HandlerError> {
         let registration = self.plain_handler(id)?;
         self.handlers.remove(id);
         for location in self.registered_pages(&registration) {
@@ -337,13 +340,16 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         &mut self,
         id: HandlerId,
         gpa: GuestPhysAddr,
-    ) -> Result<Invalidation, PgmError> {
+    ) -> Result<Invalidation, HandlerError> {
         let registration = self.plain_handler(id)?;
         let page_base = gpa.page_base();
         if !registration.contains(page_base) {
-            return Err(PgmError::NotHandled(gpa));
+            return Err(HandlerError::NotHandled(gpa));
         }
-        let location = self.ranges.find(page_base).ok_or(PgmError::NotGuestMemory(gpa))?;
+        let location = self
+            .ranges
+            .find(page_base)
+            .ok_or(PageError::NotGuestMemory(gpa))?;
         self.set_handler_state(location, HandlerState::Disabled);
         Ok(Invalidation::None)
     }
@@ -357,7 +363,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         gpa: GuestPhysAddr,
         region: Mmio2Handle,
         offset: u64,
-    ) -> Result<Invalidation, PgmError> {
+    ) -> Result<Invalidation, HandlerError> {
         let frame = self.mmio2_frame(region, offset)?;
         self.alias_mmio_page(mmio, gpa, PageType::Mmio2AliasMmio, frame)
     }
@@ -370,17 +376,17 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         mmio: HandlerId,
         gpa: GuestPhysAddr,
         frame: HostPhysAddr,
-    ) -> Result<Invalidation, PgmError> {
+    ) -> Result<Invalidation, HandlerError> {
         if !frame.is_page_aligned() {
-            return Err(PgmError::Misaligned);
+            return Err(RangeError::Misaligned(frame.as_u64()).into());
         }
         self.alias_mmio_page(mmio, gpa, PageType::SpecialAliasMmio, frame)
     }
 
     /// Turns the handler `id` back on for every page it was turned off for; for an MMIO region,
     /// undoes every alias so all its pages trap again.
-    pub fn reset_handler(&mut self, id: HandlerId) -> Result<Invalidation, PgmError> {
-        let registration = *self.handlers.get(id).ok_or(PgmError::UnknownHandler(id))?;
+    pub fn reset_handler(&mut self, id: HandlerId) -> Result<Invalidation, HandlerError> {
+        let registration = *self.handlers.get(id).ok_or(HandlerError::Unknown(id))?;
         if registration.mmio.is_some() {
             let mut invalidation = Invalidation::None;
             for location in self.registered_pages(&registration) {
@@ -416,7 +422,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         &mut self,
         base: GuestPhysAddr,
         size: u64,
-    ) -> Result<(HandlerId, Invalidation), PgmError> {
+    ) -> Result<(HandlerId, Invalidation), HandlerError> {
         let pages = page_count(base, size)?;
         self.check_no_handler(base, pages)?;
         if self.ranges.check_free(base, size).is_ok() {
@@ -447,9 +453,9 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Removes the MMIO region `id`: a region of its own disappears with every alias mapped in
     /// it; a region over RAM leaves ZERO RAM pages behind. Returns the invalidation the removed
     /// aliases need.
-    pub fn deregister_mmio(&mut self, id: HandlerId) -> Result<Invalidation, PgmError> {
-        let registration = *self.handlers.get(id).ok_or(PgmError::UnknownHandler(id))?;
-        let placement = registration.mmio.ok_or(PgmError::UnknownHandler(id))?;
+    pub fn deregister_mmio(&mut self, id: HandlerId) -> Result<Invalidation, HandlerError> {
+        let registration = *self.handlers.get(id).ok_or(HandlerError::Unknown(id))?;
+        let placement = registration.mmio.ok_or(HandlerError::Unknown(id))?;
         let locations = self.registered_pages(&registration);
         let had_alias = locations
             .iter()
@@ -514,16 +520,19 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         gpa: GuestPhysAddr,
         page_type: PageType,
         frame: HostPhysAddr,
-    ) -> Result<Invalidation, PgmError> {
-        let registration = *self.handlers.get(mmio).ok_or(PgmError::UnknownHandler(mmio))?;
+    ) -> Result<Invalidation, HandlerError> {
+        let registration = *self.handlers.get(mmio).ok_or(HandlerError::Unknown(mmio))?;
         if registration.mmio.is_none() {
-            return Err(PgmError::UnknownHandler(mmio));
+            return Err(HandlerError::Unknown(mmio));
         }
         let page_base = gpa.page_base();
         if !registration.contains(page_base) {
-            return Err(PgmError::NotHandled(gpa));
+            return Err(HandlerError::NotHandled(gpa));
         }
-        let location = self.ranges.find(page_base).ok_or(PgmError::NotGuestMemory(gpa))?;
+        let location = self
+            .ranges
+            .find(page_base)
+            .ok_or(PageError::NotGuestMemory(gpa))?;
         let was_alias = self.ranges.page(location).page_type().is_mmio_alias();
         let alias = PageDescriptor::allocated(page_type, frame).with_handler(HandlerState::Disabled);
         // MMIO in unassigned space has no tables yet: make them (the only step that can fail)
@@ -566,16 +575,16 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     }
 
     /// A handler that is not an MMIO region.
-    fn plain_handler(&self, id: HandlerId) -> Result<Registration, PgmError> {
+    fn plain_handler(&self, id: HandlerId) -> Result<Registration, HandlerError> {
         match self.handlers.get(id) {
             Some(registration) if registration.mmio.is_none() => Ok(*registration),
-            _ => Err(PgmError::UnknownHandler(id)),
+            _ => Err(HandlerError::Unknown(id)),
         }
     }
 
-    fn check_no_handler(&self, base: GuestPhysAddr, pages: u64) -> Result<(), PgmError> {
+    fn check_no_handler(&self, base: GuestPhysAddr, pages: u64) -> Result<(), HandlerError> {
         match self.handlers.overlapping(base, pages) {
-            Some(existing) => Err(PgmError::HandlerOverlap {
+            Some(existing) => Err(HandlerError::Overlap {
                 existing: existing.id,
             }),
             None => Ok(()),
@@ -583,11 +592,11 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     }
 
     /// Locates every page of `[base, base + pages)`, which must all be registered RAM.
-    pub(super) fn ram_pages(&self, base: GuestPhysAddr, pages: u64) -> Result<Vec<PageLocation>, PgmError> {
+    pub(super) fn ram_pages(&self, base: GuestPhysAddr, pages: u64) -> Result<Vec<PageLocation>, PageError> {
         (0..pages)
             .map(|page| {
                 let gpa = GuestPhysAddr::new_truncate(base.as_u64() + page * PAGE_SIZE);
-                let location = self.ranges.find(gpa).ok_or(PgmError::NotGuestMemory(gpa))?;
+                let location = self.ranges.find(gpa).ok_or(PageError::NotGuestMemory(gpa))?;
                 match self.ranges.page(location).page_type() {
                     PageType::Ram => Ok(location),
                     PageType::Mmio
@@ -595,7 +604,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
                     | PageType::Mmio2AliasMmio
                     | PageType::SpecialAliasMmio
                     | PageType::Rom
-                    | PageType::RomShadow => Err(PgmError::NotRam(gpa)),
+                    | PageType::RomShadow => Err(PageError::NotRam(gpa)),
                 }
             })
             .collect()

@@ -20,7 +20,7 @@ use alloc::vec::Vec;
 use super::lazy_protection::counted_locked_allocated;
 use super::Pgm;
 use crate::addr::{GuestPhysAddr, HostPhysAddr};
-use crate::error::PgmError;
+use crate::error::{LockError, PageError};
 use crate::frames::{HostFrameAllocator, HostMemory};
 use crate::page::{PageEvent, PageState, PageType, INLINE_LOCKS_MAX};
 use crate::paging::EntryFormat;
@@ -71,22 +71,23 @@ impl PageMapLock {
 
 impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Locks the page holding `gpa` for writing and returns the host-physical address of `gpa`
-    /// in its frame. The page gets a frame if it had none and counts as written. Only RAM and
-    /// MMIO2 pages without an active handler can be write-locked.
-    pub fn lock_page_for_write(&mut self, gpa: GuestPhysAddr) -> Result<PageMapping, PgmError> {
+    /// in its frame. The page gets a frame if it had none and counts as written. RAM and MMIO2
+    /// pages can be write-locked whatever handler covers them: the lock's holder acts for the
+    /// handler, as with the seed's PGMPhysGCPhys2CCPtr (ROM and MMIO pages cannot).
+    pub fn lock_page_for_write(&mut self, gpa: GuestPhysAddr) -> Result<PageMapping, LockError> {
         let location = self.lockable(gpa, true)?;
         let remapped = self.apply_remapping(location, PageEvent::Write)?;
         if self.monitoring {
             self.mark_written(location);
         }
-        let frame = self.ranges.page(location).frame().ok_or(PgmError::NotRam(gpa))?;
+        let frame = self.ranges.page(location).frame().ok_or(PageError::NotRam(gpa))?;
         Ok(self.mapping(location, frame, gpa, true, remapped))
     }
 
     /// Locks the page holding `gpa` for reading and returns the host-physical address of `gpa`
     /// in the frame guest reads see (the shared zero frame for a ZERO page). A SHARED page
     /// stays shared: the lock holds a reference on its frame until released.
-    pub fn lock_page_for_read(&mut self, gpa: GuestPhysAddr) -> Result<PageMapping, PgmError> {
+    pub fn lock_page_for_read(&mut self, gpa: GuestPhysAddr) -> Result<PageMapping, LockError> {
         let location = self.lockable(gpa, false)?;
         let page = self.ranges.page(location);
         let frame = self.read_source(location).unwrap_or(self.zero_frame);
@@ -100,7 +101,11 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
 
     /// Locks every page in `pages` for reading (or for writing with `write`). All or nothing: on
     /// an error no page stays locked by this call.
-    pub fn lock_pages(&mut self, pages: &[GuestPhysAddr], write: bool) -> Result<Vec<PageMapping>, PgmError> {
+    pub fn lock_pages(
+        &mut self,
+        pages: &[GuestPhysAddr],
+        write: bool,
+    ) -> Result<Vec<PageMapping>, LockError> {
         let mut locked = Vec::with_capacity(pages.len());
         for &gpa in pages {
             let result = if write {
@@ -213,8 +218,8 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
 
     /// Locates the page holding `gpa` if it can be locked: RAM, MMIO2 and (for reading) ROM
     /// pages that are not ballooned, whatever handler covers them.
-    fn lockable(&self, gpa: GuestPhysAddr, write: bool) -> Result<PageLocation, PgmError> {
-        let location = self.ranges.find(gpa).ok_or(PgmError::NotGuestMemory(gpa))?;
+    fn lockable(&self, gpa: GuestPhysAddr, write: bool) -> Result<PageLocation, PageError> {
+        let location = self.ranges.find(gpa).ok_or(PageError::NotGuestMemory(gpa))?;
         let page = self.ranges.page(location);
         let type_ok = match page.page_type() {
             PageType::Ram | PageType::Mmio2 => true,
@@ -222,10 +227,10 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
             PageType::Mmio | PageType::Mmio2AliasMmio | PageType::SpecialAliasMmio => false,
         };
         if !type_ok {
-            return Err(PgmError::NotRam(gpa));
+            return Err(PageError::NotRam(gpa));
         }
         if page.state() == PageState::Ballooned {
-            return Err(PgmError::PageState {
+            return Err(PageError::State {
                 gpa,
                 state: page.state(),
             });

@@ -24,7 +24,7 @@ use alloc::vec::Vec;
 use super::rom::{self, RomRange, RomTarget};
 use super::{Pgm, A20_BIT};
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
-use crate::error::PgmError;
+use crate::error::NoMemory;
 use crate::frames::{HostFrameAllocator, HostMemory, FRAMES_PER_LARGE_PAGE};
 use crate::page::{HandlerState, LargePageState, PageDescriptor, PageState, PageType};
 use crate::paging::EntryFormat;
@@ -388,8 +388,8 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// the new pages show them. `zero_ram`: the ranges are fresh ZERO RAM, so with large pages
     /// on every 2 MiB block wholly inside them is mapped by one read-only leaf on the zero
     /// chunk, without a page table. All or nothing: when table frames run out the ranges are
-    /// taken out again and [`PgmError::OutOfFrames`] is returned.
-    pub(super) fn insert_mapped(&mut self, ranges: Vec<RamRange>, zero_ram: bool) -> Result<(), PgmError> {
+    /// taken out again and [`NoMemory::OutOfFrames`] is returned.
+    pub(super) fn insert_mapped(&mut self, ranges: Vec<RamRange>, zero_ram: bool) -> Result<(), NoMemory> {
         let (Some(first), Some(last)) = (ranges.first(), ranges.last()) else {
             return Ok(());
         };
@@ -490,7 +490,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         &mut self,
         alias: GuestPhysAddr,
         location: PageLocation,
-    ) -> Result<(), PgmError> {
+    ) -> Result<(), NoMemory> {
         if self.ranges.find(alias).is_none() && !self.a20_aliases.contains(&alias) {
             self.ensure_tables(alias, 1)?;
             self.a20_aliases.push(alias);
@@ -511,7 +511,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
 
     /// Creates the tables `[base, base + pages * 4 KiB)` needs, leaving its leaves as they are,
     /// except in blocks that awaited tables: those are mapped from their descriptors.
-    pub(super) fn ensure_tables(&mut self, base: GuestPhysAddr, pages: u64) -> Result<(), PgmError> {
+    pub(super) fn ensure_tables(&mut self, base: GuestPhysAddr, pages: u64) -> Result<(), NoMemory> {
         let revived = self
             .tables
             .ensure_tables(&mut self.frames, &mut self.memory, base, pages)?;
@@ -584,7 +584,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Maps the block around `gpa` again if it awaits tables (left unmapped for want of a page
     /// table): tables from the host, every page's leaf from its descriptor. For other blocks,
     /// nothing to do but the three table reads that tell.
-    pub(super) fn remap_unmapped_block(&mut self, gpa: GuestPhysAddr) -> Result<(), PgmError> {
+    pub(super) fn remap_unmapped_block(&mut self, gpa: GuestPhysAddr) -> Result<(), NoMemory> {
         if !self.tables.awaits_tables(&self.memory, gpa) {
             return Ok(());
         }

@@ -7,7 +7,7 @@ use alloc::vec::Vec;
 
 use super::{page_count, Pgm};
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
-use crate::error::PgmError;
+use crate::error::{Mmio2Error, NoMemory, RangeError};
 use crate::frames::{HostFrameAllocator, HostMemory};
 pub use crate::handles::{DeviceId, Mmio2Handle};
 use crate::page::{PageDescriptor, PageType};
@@ -95,22 +95,22 @@ impl Mmio2Region {
 impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Creates an unmapped MMIO2 region for `spec.device`, its memory allocated and zeroed now.
     /// Refused, changing nothing, when the device already has region `spec.region_no`
-    /// ([`PgmError::Mmio2RegionExists`]), the VM has [`MMIO2_MAX_REGIONS`] regions, or the size
+    /// ([`Mmio2Error::RegionExists`]), the VM has [`MMIO2_MAX_REGIONS`] regions, or the size
     /// is not a whole number of pages up to [`MMIO2_MAX_PAGES`].
-    pub fn create_mmio2(&mut self, spec: Mmio2Spec) -> Result<Mmio2Handle, PgmError> {
+    pub fn create_mmio2(&mut self, spec: Mmio2Spec) -> Result<Mmio2Handle, Mmio2Error> {
         let pages = page_count(GuestPhysAddr::default(), spec.size)?;
         if pages > MMIO2_MAX_PAGES {
-            return Err(PgmError::Mmio2TooLarge);
+            return Err(Mmio2Error::TooLarge(spec.size));
         }
         if self.mmio2.len() >= MMIO2_MAX_REGIONS {
-            return Err(PgmError::TooManyMmio2Regions);
+            return Err(Mmio2Error::TooManyRegions);
         }
         self.check_region_no_free(spec.device, spec.region_no)?;
         let pages = pages as usize;
         let mut frames = Vec::with_capacity(pages);
         if self.frames.allocate_frames(pages, &mut frames) < pages {
             self.frames.free_frames(&frames);
-            return Err(PgmError::OutOfFrames);
+            return Err(NoMemory::OutOfFrames.into());
         }
         for &frame in &frames {
             self.memory.zero_frame(frame);
@@ -137,15 +137,19 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// mapped — their frames go back to the host, and [`unmap_mmio2`](Self::unmap_mmio2) gives
     /// them back as ZERO pages. The pages map like RAM (write-protected where dirty tracking or
     /// write monitoring wants their next write). Returns the invalidation replacing RAM needs.
-    pub fn map_mmio2(&mut self, handle: Mmio2Handle, base: GuestPhysAddr) -> Result<Invalidation, PgmError> {
+    pub fn map_mmio2(
+        &mut self,
+        handle: Mmio2Handle,
+        base: GuestPhysAddr,
+    ) -> Result<Invalidation, Mmio2Error> {
         let region = self.region(handle)?;
         if region.mapped_at.is_some() {
-            return Err(PgmError::Mmio2Mapped(true));
+            return Err(Mmio2Error::Mapped(handle));
         }
         let size = region.size();
         let pages = page_count(base, size)?;
         let frames = region.frames.clone();
-        let over_ram = self.placement(base, size, pages)?;
+        let over_ram = self.placement::<Mmio2Error>(base, size, pages)?;
         let replaces_ram = over_ram.is_some();
         let invalidation = match over_ram {
             None => {
@@ -175,11 +179,11 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
 
     /// Unmaps the region; its memory and dirty bits stay with it. RAM it replaced becomes ZERO
     /// RAM again. Refused, changing nothing, while a page-map lock holds one of its pages
-    /// ([`PgmError::PageLocked`]): the host's pointer into device memory must be released
+    /// ([`PageError::Locked`](crate::error::PageError::Locked)): the host's pointer into device memory must be released
     /// before the memory can go.
-    pub fn unmap_mmio2(&mut self, handle: Mmio2Handle) -> Result<Invalidation, PgmError> {
+    pub fn unmap_mmio2(&mut self, handle: Mmio2Handle) -> Result<Invalidation, Mmio2Error> {
         let region = self.region(handle)?;
-        let base = region.mapped_at.ok_or(PgmError::Mmio2Mapped(false))?;
+        let base = region.mapped_at.ok_or(Mmio2Error::NotMapped(handle))?;
         let over_ram = region.over_ram;
         let locations = self.located(base, region.frames.len() as u64);
         self.check_unlocked(&locations)?;
@@ -200,14 +204,14 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// covers only that much. Unlike the seed, which keeps the tail's memory allocated, the
     /// tail's frames go back to the host now; MMIO pages aliased to them trap again (the
     /// invalidation that needs is returned), and the tail's dirty bits are dropped.
-    pub fn reduce_mmio2(&mut self, handle: Mmio2Handle, size: u64) -> Result<Invalidation, PgmError> {
+    pub fn reduce_mmio2(&mut self, handle: Mmio2Handle, size: u64) -> Result<Invalidation, Mmio2Error> {
         let pages = page_count(GuestPhysAddr::default(), size)? as usize;
         let region = self.region(handle)?;
         if region.mapped_at.is_some() {
-            return Err(PgmError::Mmio2Mapped(true));
+            return Err(Mmio2Error::Mapped(handle));
         }
         if pages > region.frames.len() {
-            return Err(PgmError::OutOfRange);
+            return Err(Mmio2Error::OutOfRange(handle));
         }
         let tail = self.region(handle)?.frames[pages..].to_vec();
         let invalidation = self.unmap_frames(&tail);
@@ -223,7 +227,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
 
     /// Unmaps the region if mapped and frees its memory; refused, changing nothing, where
     /// [`unmap_mmio2`](Self::unmap_mmio2) is.
-    pub fn deregister_mmio2(&mut self, handle: Mmio2Handle) -> Result<Invalidation, PgmError> {
+    pub fn deregister_mmio2(&mut self, handle: Mmio2Handle) -> Result<Invalidation, Mmio2Error> {
         let invalidation = match self.region(handle)?.mapped_at {
             Some(_) => self.unmap_mmio2(handle)?,
             None => Invalidation::None,
@@ -234,7 +238,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
             .mmio2
             .iter()
             .position(|r| r.handle == handle)
-            .ok_or(PgmError::UnknownMmio2(handle))?;
+            .ok_or(Mmio2Error::Unknown(handle))?;
         let region = self.mmio2.remove(index);
         self.pool.retire_all(&region.frames);
         Ok(invalidation)
@@ -243,7 +247,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Deregisters every MMIO2 region of `device` (PGMR3PhysMmio2Deregister with no handle, as
     /// a device's destruction does). All or nothing: refused, changing nothing, while a
     /// page-map lock holds a page of any of them.
-    pub fn deregister_device_mmio2(&mut self, device: DeviceId) -> Result<Invalidation, PgmError> {
+    pub fn deregister_device_mmio2(&mut self, device: DeviceId) -> Result<Invalidation, Mmio2Error> {
         let handles: Vec<Mmio2Handle> = self
             .mmio2
             .iter()
@@ -276,13 +280,13 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     }
 
     /// The frame holding the page at `offset` (page-aligned) of the region.
-    pub(super) fn mmio2_frame(&self, handle: Mmio2Handle, offset: u64) -> Result<HostPhysAddr, PgmError> {
+    pub(super) fn mmio2_frame(&self, handle: Mmio2Handle, offset: u64) -> Result<HostPhysAddr, Mmio2Error> {
         let region = self.region(handle)?;
         if !offset.is_multiple_of(PAGE_SIZE) {
-            return Err(PgmError::Misaligned);
+            return Err(RangeError::Misaligned(offset).into());
         }
         if offset >= region.size() {
-            return Err(PgmError::OutOfRange);
+            return Err(Mmio2Error::OutOfRange(handle));
         }
         Ok(region.frame_at(offset).0)
     }
@@ -309,7 +313,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
 
     /// Changes the device's region number (PGMR3PhysMmio2ChangeRegionNo); refused when the
     /// device has another region with that number.
-    pub fn change_mmio2_region_no(&mut self, handle: Mmio2Handle, region_no: u32) -> Result<(), PgmError> {
+    pub fn change_mmio2_region_no(&mut self, handle: Mmio2Handle, region_no: u32) -> Result<(), Mmio2Error> {
         let region = self.region(handle)?;
         if region.region_no != region_no {
             self.check_region_no_free(region.device, region_no)?;
@@ -318,21 +322,23 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         Ok(())
     }
 
-    fn check_region_no_free(&self, device: DeviceId, region_no: u32) -> Result<(), PgmError> {
+    fn check_region_no_free(&self, device: DeviceId, region_no: u32) -> Result<(), Mmio2Error> {
         let taken = self
             .mmio2
             .iter()
             .any(|region| region.device == device && region.region_no == region_no);
         if taken {
-            return Err(PgmError::Mmio2RegionExists { device, region_no });
+            return Err(Mmio2Error::RegionExists { device, region_no });
         }
         Ok(())
     }
 
     /// The device reads its memory at `offset` (never tracked).
-    pub fn mmio2_read(&self, handle: Mmio2Handle, offset: u64, buf: &mut [u8]) -> Result<(), PgmError> {
+    pub fn mmio2_read(&self, handle: Mmio2Handle, offset: u64, buf: &mut [u8]) -> Result<(), Mmio2Error> {
         let region = self.region(handle)?;
-        for (at, range) in device_pieces(region.size(), offset, buf.len())? {
+        for (at, range) in
+            device_pieces(region.size(), offset, buf.len()).ok_or(Mmio2Error::OutOfRange(handle))?
+        {
             let (frame, within) = region.frame_at(at);
             self.memory.read(
                 HostPhysAddr::new_truncate(frame.as_u64() + within),
@@ -343,8 +349,9 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     }
 
     /// The device writes its memory at `offset` (never tracked: only guest writes are).
-    pub fn mmio2_write(&mut self, handle: Mmio2Handle, offset: u64, data: &[u8]) -> Result<(), PgmError> {
-        let pieces = device_pieces(self.region(handle)?.size(), offset, data.len())?;
+    pub fn mmio2_write(&mut self, handle: Mmio2Handle, offset: u64, data: &[u8]) -> Result<(), Mmio2Error> {
+        let pieces = device_pieces(self.region(handle)?.size(), offset, data.len())
+            .ok_or(Mmio2Error::OutOfRange(handle))?;
         for (at, range) in pieces {
             let (frame, within) = self.region(handle)?.frame_at(at);
             self.memory
@@ -363,7 +370,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         &mut self,
         handle: Mmio2Handle,
         enabled: bool,
-    ) -> Result<Invalidation, PgmError> {
+    ) -> Result<Invalidation, Mmio2Error> {
         let region = self.trackable_region(handle)?;
         region.tracking = enabled;
         region.note_untracked_mapping();
@@ -386,7 +393,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         &mut self,
         handle: Mmio2Handle,
         out: Option<&mut Vec<u64>>,
-    ) -> Result<Invalidation, PgmError> {
+    ) -> Result<Invalidation, Mmio2Error> {
         let region = self.trackable_region(handle)?;
         let bits = if region.unseen_writes {
             region.all_dirty()
@@ -403,10 +410,10 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         Ok(self.refresh_region_protection(handle))
     }
 
-    fn trackable_region(&mut self, handle: Mmio2Handle) -> Result<&mut Mmio2Region, PgmError> {
+    fn trackable_region(&mut self, handle: Mmio2Handle) -> Result<&mut Mmio2Region, Mmio2Error> {
         let region = self.region_mut(handle)?;
         if !region.trackable {
-            return Err(PgmError::Mmio2NotTrackable(handle));
+            return Err(Mmio2Error::NotTrackable(handle));
         }
         Ok(region)
     }
@@ -496,18 +503,18 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         invalidation
     }
 
-    fn region(&self, handle: Mmio2Handle) -> Result<&Mmio2Region, PgmError> {
+    fn region(&self, handle: Mmio2Handle) -> Result<&Mmio2Region, Mmio2Error> {
         self.mmio2
             .iter()
             .find(|r| r.handle == handle)
-            .ok_or(PgmError::UnknownMmio2(handle))
+            .ok_or(Mmio2Error::Unknown(handle))
     }
 
-    fn region_mut(&mut self, handle: Mmio2Handle) -> Result<&mut Mmio2Region, PgmError> {
+    fn region_mut(&mut self, handle: Mmio2Handle) -> Result<&mut Mmio2Region, Mmio2Error> {
         self.mmio2
             .iter_mut()
             .find(|r| r.handle == handle)
-            .ok_or(PgmError::UnknownMmio2(handle))
+            .ok_or(Mmio2Error::Unknown(handle))
     }
 }
 
@@ -520,15 +527,11 @@ fn last_word_mask(pages: usize) -> u64 {
 }
 
 /// Splits a device access of `len` bytes at `offset` into per-page pieces (region offset,
-/// buffer range); fails when it would leave a region of `size` bytes.
-fn device_pieces(
-    size: u64,
-    offset: u64,
-    len: usize,
-) -> Result<Vec<(u64, core::ops::Range<usize>)>, PgmError> {
-    let end = offset.checked_add(len as u64).ok_or(PgmError::OutOfRange)?;
+/// buffer range); `None` when it would leave a region of `size` bytes.
+fn device_pieces(size: u64, offset: u64, len: usize) -> Option<Vec<(u64, core::ops::Range<usize>)>> {
+    let end = offset.checked_add(len as u64)?;
     if end > size {
-        return Err(PgmError::OutOfRange);
+        return None;
     }
     let mut pieces = Vec::new();
     let mut done = 0usize;
@@ -538,5 +541,5 @@ fn device_pieces(
         pieces.push((at, done..done + piece));
         done += piece;
     }
-    Ok(pieces)
+    Some(pieces)
 }

@@ -19,7 +19,7 @@ use alloc::vec::Vec;
 
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::ept::Ept;
-use crate::error::PgmError;
+use crate::error::{AccessError, Failure, NoMemory, PageError, RamError, RangeError};
 use crate::frames::{HostFrameAllocator, HostMemory};
 use crate::handlers::{HandlerId, Handlers};
 use crate::page::{
@@ -82,7 +82,10 @@ pub enum FaultOutcome {
     },
     /// The address lies in no registered range.
     NotGuestMemory,
-    /// The guest touched a page it gave to the balloon.
+    /// The guest touched a page it gave to the balloon. The page stays unmapped (it has no
+    /// frame); the VMM emulates the access as the seed does (PGMAllBth.h 840-849: "emulate
+    /// reads from ballooned pages"): [`Pgm::read_phys`] reads it as zeros and
+    /// [`Pgm::write_phys`] drops what is written to it.
     Ballooned,
     /// A write to ROM whose protection ignores writes: the VMM skips the instruction.
     WriteIgnored,
@@ -102,19 +105,54 @@ pub enum FaultOutcome {
     OutOfMemory,
 }
 
-/// Little-endian 1/2/4/8-byte accessors over `read_phys`/`write_phys` (PGMR3PhysReadU8..U64,
-/// PGMR3PhysWriteU8..U64); a value may straddle pages and ranges.
+/// Little-endian 1/2/4/8-byte accessors, each in two variants (a value may straddle pages and
+/// ranges):
+/// - `read_phys_uN` / `write_phys_uN` are the seed's PGMR3PhysReadU8..U64 and
+///   PGMR3PhysWriteU8..U64, which go through PGMPhysRead/PGMPhysWrite: bytes an access handler
+///   or MMIO region intercepts go to `handlers`, unassigned space reads as all ones and drops
+///   writes (see [`Pgm::read_phys_external`]).
+/// - `read_phys_uN_bypassing_handlers` / `write_phys_uN_bypassing_handlers` touch memory only,
+///   as [`Pgm::read_phys`] / [`Pgm::write_phys`] do (the seed's PGMPhysSimpleReadGCPhys).
 macro_rules! typed_phys_access {
-    ($($read:ident, $write:ident, $ty:ty;)*) => {$(
-        #[doc = concat!("Reads a little-endian `", stringify!($ty), "` at `gpa` (see `read_phys`).")]
-        pub fn $read(&self, gpa: GuestPhysAddr) -> Result<$ty, PgmError> {
+    ($($read:ident, $write:ident, $read_raw:ident, $write_raw:ident, $ty:ty;)*) => {$(
+        #[doc = concat!("Reads a little-endian `", stringify!($ty), "` at `gpa` as the guest \
+            would see it, handlers and MMIO included (see `read_phys_external`).")]
+        pub fn $read(
+            &self,
+            gpa: GuestPhysAddr,
+            handlers: &mut impl AccessHandlers,
+        ) -> Result<$ty, AccessError> {
+            let mut bytes = [0u8; core::mem::size_of::<$ty>()];
+            self.read_phys_external(gpa, &mut bytes, handlers)?;
+            Ok(<$ty>::from_le_bytes(bytes))
+        }
+
+        #[doc = concat!("Writes a little-endian `", stringify!($ty), "` at `gpa` as a guest \
+            store would land, handlers and MMIO included (see `write_phys_external`).")]
+        pub fn $write(
+            &mut self,
+            gpa: GuestPhysAddr,
+            value: $ty,
+            handlers: &mut impl AccessHandlers,
+        ) -> Result<Invalidation, AccessError> {
+            self.write_phys_external(gpa, &value.to_le_bytes(), handlers)
+        }
+
+        #[doc = concat!("Reads a little-endian `", stringify!($ty), "` at `gpa` from memory \
+            only, bypassing access handlers (see `read_phys`).")]
+        pub fn $read_raw(&self, gpa: GuestPhysAddr) -> Result<$ty, AccessError> {
             let mut bytes = [0u8; core::mem::size_of::<$ty>()];
             self.read_phys(gpa, &mut bytes)?;
             Ok(<$ty>::from_le_bytes(bytes))
         }
 
-        #[doc = concat!("Writes a little-endian `", stringify!($ty), "` at `gpa` (see `write_phys`).")]
-        pub fn $write(&mut self, gpa: GuestPhysAddr, value: $ty) -> Result<Invalidation, PgmError> {
+        #[doc = concat!("Writes a little-endian `", stringify!($ty), "` at `gpa` to memory \
+            only, bypassing access handlers (see `write_phys`).")]
+        pub fn $write_raw(
+            &mut self,
+            gpa: GuestPhysAddr,
+            value: $ty,
+        ) -> Result<Invalidation, AccessError> {
             self.write_phys(gpa, &value.to_le_bytes())
         }
     )*};
@@ -223,9 +261,9 @@ struct LockedPages {
 
 impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Creates an empty manager: allocates the shared zero frame and the EPT root table.
-    /// Fails with [`PgmError::OutOfFrames`], holding no frame.
-    pub fn new(mut frames: A, mut memory: M) -> Result<Self, PgmError> {
-        let zero_frame = frames.allocate_frame().ok_or(PgmError::OutOfFrames)?;
+    /// Fails with [`NoMemory::OutOfFrames`], holding no frame.
+    pub fn new(mut frames: A, mut memory: M) -> Result<Self, NoMemory> {
+        let zero_frame = frames.allocate_frame().ok_or(NoMemory::OutOfFrames)?;
         memory.zero_frame(zero_frame);
         let tables = match NestedTables::new(&mut frames, &mut memory) {
             Ok(tables) => tables,
@@ -277,7 +315,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         base: GuestPhysAddr,
         size: u64,
         name: &'static str,
-    ) -> Result<(), PgmError> {
+    ) -> Result<(), RamError> {
         let pages = page_count(base, size)?;
         self.ranges.check_free(base, size)?;
         // Large RAM becomes several ranges of at most RAM_CHUNK_PAGES, so no descriptor array
@@ -288,7 +326,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         while first < pages {
             let count = (pages - first).min(RAM_CHUNK_PAGES);
             let chunk_base = GuestPhysAddr::new_truncate(base.as_u64() + first * PAGE_SIZE);
-            let chunk = RamRange::zero_ram(chunk_base, count as usize, name).ok_or(PgmError::OutOfHeap)?;
+            let chunk = RamRange::zero_ram(chunk_base, count as usize, name).ok_or(NoMemory::OutOfHeap)?;
             chunks.push(chunk.with_registration(registration));
             first += count;
         }
@@ -307,10 +345,13 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     }
 
     /// Unregisters the RAM at `[base, base + size)`, which must be exactly the pages of one
-    /// `register_ram` call (all its chunks; otherwise [`PgmError::Overlap`]): their frames go back to the host and the guest
-    /// addresses are unmapped. Refused, changing nothing, while a page there has a handler, a map
-    /// lock or an MMIO region or alias on it.
-    pub fn unregister_ram(&mut self, base: GuestPhysAddr, size: u64) -> Result<Invalidation, PgmError> {
+    /// `register_ram` call (all its chunks; otherwise [`RangeError::Overlap`] naming the
+    /// registration it cuts into): their frames go back to the host and the guest addresses
+    /// are unmapped. Refused, changing nothing, while a page there has a handler
+    /// ([`PageError::HandlerPresent`]), a map lock ([`PageError::Locked`]) or an MMIO region
+    /// or alias on it ([`PageError::NotRam`]). RAM can thus leave before the VM ends (the
+    /// seed's RAM ranges stay until termination).
+    pub fn unregister_ram(&mut self, base: GuestPhysAddr, size: u64) -> Result<Invalidation, RamError> {
         let pages = page_count(base, size)?;
         let mut chunks = Vec::new();
         let mut at = base.as_u64();
@@ -318,15 +359,15 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
             let location = self
                 .ranges
                 .find(GuestPhysAddr::new_truncate(at))
-                .ok_or(PgmError::NotGuestMemory(GuestPhysAddr::new_truncate(at)))?;
+                .ok_or(PageError::NotGuestMemory(GuestPhysAddr::new_truncate(at)))?;
             let range = self
                 .ranges
                 .get(location.range)
-                .ok_or(PgmError::NotGuestMemory(base))?;
+                .ok_or(PageError::NotGuestMemory(base))?;
             if range.base().as_u64() != at || range.end() > base.as_u64() + size {
-                return Err(PgmError::Overlap {
+                return Err(RamError::Range(RangeError::Overlap {
                     existing: range.base(),
-                });
+                }));
             }
             chunks.push(location.range);
             at = range.end();
@@ -344,17 +385,23 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
             .filter(|r| r.registration() == registration)
             .count();
         if registration == 0 || requested != chunks.len() || registered != chunks.len() {
-            return Err(PgmError::Overlap { existing: base });
+            return Err(RangeError::Overlap { existing: base }.into());
         }
         for &range in &chunks {
             let Some(pages) = self.ranges.get(range).map(RamRange::descriptors) else {
                 continue;
             };
-            if let Some(index) = pages.into_iter().position(|p| {
-                p.page_type() != PageType::Ram || p.handler() != HandlerState::None || p.is_locked()
-            }) {
-                let gpa = self.ranges.gpa_of(PageLocation { range, page: index });
-                return Err(PgmError::HandlerPresent(gpa));
+            for (index, page) in pages.into_iter().enumerate() {
+                let gpa = || self.ranges.gpa_of(PageLocation { range, page: index });
+                if page.page_type() != PageType::Ram {
+                    return Err(PageError::NotRam(gpa()).into());
+                }
+                if page.handler() != HandlerState::None {
+                    return Err(PageError::HandlerPresent(gpa()).into());
+                }
+                if page.is_locked() {
+                    return Err(PageError::Locked(gpa()).into());
+                }
             }
         }
         for &range in &chunks {
@@ -492,13 +539,15 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
             }
         };
         let result = match result {
-            Ok(()) if gpa != faulting => self.map_a20_alias(faulting.page_base(), location),
+            Ok(()) if gpa != faulting => self
+                .map_a20_alias(faulting.page_base(), location)
+                .map_err(Failure::from),
             other => other,
         };
         // A split that found no page table left the block awaiting tables: map it now, or the
         // retried access would fault again (the VM pauses instead, and resumes once frames
         // are back).
-        let result = result.and_then(|()| self.remap_unmapped_block(faulting));
+        let result = result.and_then(|()| self.remap_unmapped_block(faulting).map_err(Failure::from));
         if self.pool.needs_refill() {
             // After the mapping is done: the next faults find frames waiting.
             self.pool.refill(&mut self.frames);
@@ -518,10 +567,12 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         }
     }
 
-    /// Copies guest memory at `gpa` into `buf`, across pages and ranges. ZERO and BALLOONED pages
-    /// read as zeros without allocating. Fails with [`PgmError::NotGuestMemory`] (naming the
+    /// Copies guest memory at `gpa` into `buf`, across pages and ranges, bypassing access
+    /// handlers (PGMPhysSimpleReadGCPhys; see [`read_phys_handled`](Self::read_phys_handled)
+    /// for the guest's view). ZERO and BALLOONED pages read as zeros without allocating (the
+    /// seed maps both to its zero page, PGMAllPhys.cpp 1261-1277). Fails with [`PageError::NotGuestMemory`] (naming the
     /// first address outside RAM) before copying anything.
-    pub fn read_phys(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), PgmError> {
+    pub fn read_phys(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), AccessError> {
         if gpa.page_offset() + buf.len() as u64 <= PAGE_SIZE {
             // Within one page (a guest paging entry, an instruction): one lookup, no pieces.
             return self.read_in_page(gpa, buf).map(|_| ());
@@ -539,11 +590,12 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         Ok(())
     }
 
-    /// Copies `data` into guest memory at `gpa`, across pages and ranges, giving ZERO pages a
-    /// frame first. All or nothing: on an error guest memory and the frame counts are as
+    /// Copies `data` into guest memory at `gpa`, across pages and ranges, bypassing access
+    /// handlers (PGMPhysSimpleWriteGCPhys), giving ZERO pages a frame first. Bytes for
+    /// ballooned pages and for ROM that ignores writes are dropped, as the guest's would be. All or nothing: on an error guest memory and the frame counts are as
     /// before. Returns the invalidation needed because pages the guest may have cached changed
     /// their mapping.
-    pub fn write_phys(&mut self, gpa: GuestPhysAddr, data: &[u8]) -> Result<Invalidation, PgmError> {
+    pub fn write_phys(&mut self, gpa: GuestPhysAddr, data: &[u8]) -> Result<Invalidation, AccessError> {
         let chunks = self.chunks(gpa, data.len())?;
         // Each piece with where its bytes start in `data`.
         let pieces = || {
@@ -562,7 +614,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
             if stateful(self, location) {
                 transition(page, PageEvent::Write)
                     .map(|_| ())
-                    .map_err(|_| PgmError::PageState {
+                    .map_err(|_| PageError::State {
                         gpa: self.ranges.gpa_of(location),
                         state: page.state(),
                     })?;
@@ -588,7 +640,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
                         // Reset frees the frame just given: cannot fail.
                         let _ = self.apply(location, PageEvent::Reset);
                     }
-                    return Err(error);
+                    return Err(error.into());
                 }
             }
         }
@@ -609,16 +661,20 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     }
 
     typed_phys_access! {
-        read_phys_u8, write_phys_u8, u8;
-        read_phys_u16, write_phys_u16, u16;
-        read_phys_u32, write_phys_u32, u32;
-        read_phys_u64, write_phys_u64, u64;
+        read_phys_u8, write_phys_u8, read_phys_u8_bypassing_handlers,
+            write_phys_u8_bypassing_handlers, u8;
+        read_phys_u16, write_phys_u16, read_phys_u16_bypassing_handlers,
+            write_phys_u16_bypassing_handlers, u16;
+        read_phys_u32, write_phys_u32, read_phys_u32_bypassing_handlers,
+            write_phys_u32_bypassing_handlers, u32;
+        read_phys_u64, write_phys_u64, read_phys_u64_bypassing_handlers,
+            write_phys_u64_bypassing_handlers, u64;
     }
 
     /// Gives every ZERO RAM page its frame now (pgmR3PhysRamPreAllocate), as 2 MiB chunks where
     /// large pages are on and a block qualifies. All or nothing: when frames run out, the pages
     /// this call filled are ZERO again. Returns the invalidation the remapping needs.
-    pub fn preallocate_ram(&mut self) -> Result<Invalidation, PgmError> {
+    pub fn preallocate_ram(&mut self) -> Result<Invalidation, RamError> {
         let mut filled = Vec::new();
         for range in 0..self.ranges.len() {
             let pages = self.ranges.get(range).map_or(0, |r| r.page_count());
@@ -636,7 +692,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
                     Ok(_) => filled.push(location),
                     Err(error) => {
                         self.unfill(&filled);
-                        return Err(error);
+                        return Err(error.into());
                     }
                 }
             }
@@ -758,7 +814,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// failure the mode stays off), RAM registered later is pre-allocated too, and reset zeroes
     /// pages in place instead of freeing them. Off, pages keep their frames until the next
     /// reset frees them. Returns the invalidation the allocation needs.
-    pub fn set_ram_preallocation(&mut self, enabled: bool) -> Result<Invalidation, PgmError> {
+    pub fn set_ram_preallocation(&mut self, enabled: bool) -> Result<Invalidation, RamError> {
         let invalidation = if enabled && !self.preallocated {
             self.preallocate_ram()?
         } else {
@@ -977,18 +1033,18 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// for space no range covers, or the RAM pages it is to replace (see
     /// [`replaceable_ram`](Self::replaceable_ram)). Part RAM, part unassigned is refused as
     /// an overlap.
-    pub(super) fn placement(
+    pub(super) fn placement<E: From<RangeError> + From<PageError>>(
         &self,
         base: GuestPhysAddr,
         size: u64,
         pages: u64,
-    ) -> Result<Option<Vec<PageLocation>>, PgmError> {
+    ) -> Result<Option<Vec<PageLocation>>, E> {
         match self.ranges.check_free(base, size) {
             Ok(()) => Ok(None),
             Err(overlap) => match self.replaceable_ram(base, pages) {
                 Ok(locations) => Ok(Some(locations)),
-                Err(PgmError::NotGuestMemory(_)) => Err(overlap),
-                Err(other) => Err(other),
+                Err(PageError::NotGuestMemory(_)) => Err(overlap.into()),
+                Err(other) => Err(other.into()),
             },
         }
     }
@@ -999,16 +1055,16 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         &self,
         base: GuestPhysAddr,
         pages: u64,
-    ) -> Result<Vec<PageLocation>, PgmError> {
+    ) -> Result<Vec<PageLocation>, PageError> {
         let locations = self.ram_pages(base, pages)?;
         for &location in &locations {
             let page = self.ranges.page(location);
             let gpa = self.ranges.gpa_of(location);
             if page.handler() != HandlerState::None {
-                return Err(PgmError::HandlerPresent(gpa));
+                return Err(PageError::HandlerPresent(gpa));
             }
             if page.is_locked() {
-                return Err(PgmError::PageLocked(gpa));
+                return Err(PageError::Locked(gpa));
             }
         }
         Ok(locations)
@@ -1050,9 +1106,9 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     }
 
     /// Refuses, naming the first one, when a map lock holds a page of `locations`.
-    pub(super) fn check_unlocked(&self, locations: &[PageLocation]) -> Result<(), PgmError> {
+    pub(super) fn check_unlocked(&self, locations: &[PageLocation]) -> Result<(), PageError> {
         match locations.iter().find(|&&at| self.ranges.page(at).is_locked()) {
-            Some(&locked) => Err(PgmError::PageLocked(self.ranges.gpa_of(locked))),
+            Some(&locked) => Err(PageError::Locked(self.ranges.gpa_of(locked))),
             None => Ok(()),
         }
     }
@@ -1066,7 +1122,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// go back to the host and any later guest access faults as [`FaultOutcome::Ballooned`].
     /// All or nothing: an address that is not page-aligned RAM, or a page already ballooned,
     /// fails the call before any page changes.
-    pub fn balloon_inflate(&mut self, pages: &[GuestPhysAddr]) -> Result<Invalidation, PgmError> {
+    pub fn balloon_inflate(&mut self, pages: &[GuestPhysAddr]) -> Result<Invalidation, RamError> {
         let locations = self.balloon_pages(pages, PageEvent::Inflate)?;
         for &location in &locations {
             self.apply(location, PageEvent::Inflate)?;
@@ -1082,7 +1138,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Takes pages back from the balloon: they become ZERO (mapped to the zero frame). All or
     /// nothing, as [`balloon_inflate`](Self::balloon_inflate); every page must be ballooned.
     /// New mappings only, so no invalidation is needed.
-    pub fn balloon_deflate(&mut self, pages: &[GuestPhysAddr]) -> Result<Invalidation, PgmError> {
+    pub fn balloon_deflate(&mut self, pages: &[GuestPhysAddr]) -> Result<Invalidation, RamError> {
         for location in self.balloon_pages(pages, PageEvent::Deflate)? {
             self.apply(location, PageEvent::Deflate)?;
         }
@@ -1205,7 +1261,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
 
     /// [`apply`](Self::apply), answering instead whether the page's frame changed: then the
     /// CPU's cached translations of the page are stale (a mere permission increase is not).
-    fn apply_remapping(&mut self, location: PageLocation, event: PageEvent) -> Result<bool, PgmError> {
+    fn apply_remapping(&mut self, location: PageLocation, event: PageEvent) -> Result<bool, Failure> {
         let before = self.ranges.page(location).frame();
         self.apply(location, event)?;
         Ok(self.ranges.page(location).frame() != before)
@@ -1214,7 +1270,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Runs `event` through the state machine for one page and carries out the frame work, the
     /// written-to bookkeeping and the EPT update. Returns whether the page changed; on an error
     /// nothing changed.
-    fn apply(&mut self, location: PageLocation, event: PageEvent) -> Result<bool, PgmError> {
+    fn apply(&mut self, location: PageLocation, event: PageEvent) -> Result<bool, Failure> {
         self.apply_with(location, event, None)
     }
 
@@ -1224,12 +1280,12 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         location: PageLocation,
         event: PageEvent,
         shared_frame: Option<HostPhysAddr>,
-    ) -> Result<bool, PgmError> {
+    ) -> Result<bool, Failure> {
         // The counts below must include what lock-free faults changed.
         self.fold_lock_free_writes();
         self.settle(location);
         let page = self.ranges.page(location);
-        let step = transition(page, event).map_err(|refused| PgmError::PageState {
+        let step = transition(page, event).map_err(|refused| PageError::State {
             gpa: self.ranges.gpa_of(location),
             state: refused.state,
         })?;
@@ -1249,7 +1305,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
                 self.memory.write(frame, &contents);
                 Some(frame)
             }
-            FrameEffect::AdoptShared(_) => Some(shared_frame.ok_or(PgmError::PageState {
+            FrameEffect::AdoptShared(_) => Some(shared_frame.ok_or(PageError::State {
                 gpa: self.ranges.gpa_of(location),
                 state: page.state(),
             })?),
@@ -1299,36 +1355,37 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         &self,
         pages: &[GuestPhysAddr],
         event: PageEvent,
-    ) -> Result<Vec<PageLocation>, PgmError> {
+    ) -> Result<Vec<PageLocation>, RamError> {
         let mut locations = Vec::with_capacity(pages.len());
         let mut seen = alloc::collections::BTreeSet::new();
         for &gpa in pages {
             if !gpa.is_page_aligned() {
-                return Err(PgmError::Misaligned);
+                return Err(RangeError::Misaligned(gpa.as_u64()).into());
             }
-            let location = self.ranges.find(gpa).ok_or(PgmError::NotGuestMemory(gpa))?;
+            let location = self.ranges.find(gpa).ok_or(PageError::NotGuestMemory(gpa))?;
             let page = self.ranges.page(location);
             if page.page_type() != PageType::Ram {
-                return Err(PgmError::NotRam(gpa));
+                return Err(PageError::NotRam(gpa).into());
             }
             if page.handler() != HandlerState::None {
-                return Err(PgmError::HandlerPresent(gpa));
+                return Err(PageError::HandlerPresent(gpa).into());
             }
             if page.is_locked() {
-                return Err(PgmError::PageLocked(gpa));
+                return Err(PageError::Locked(gpa).into());
             }
             transition(page, event)
                 .map(|_| ())
-                .map_err(|_| PgmError::PageState {
+                .map_err(|_| PageError::State {
                     gpa,
                     state: page.state(),
                 })?;
             if !seen.insert(location) {
                 // The same page twice would fail half-way through; refuse it up front.
-                return Err(PgmError::PageState {
+                return Err(PageError::State {
                     gpa,
                     state: page.state(),
-                });
+                }
+                .into());
             }
             locations.push(location);
         }
@@ -1343,10 +1400,10 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         &self,
         gpa: GuestPhysAddr,
         buf: &mut [u8],
-    ) -> Result<Option<HostPhysAddr>, PgmError> {
-        let (location, page) = self.ranges.find_page(gpa).ok_or(PgmError::NotGuestMemory(gpa))?;
+    ) -> Result<Option<HostPhysAddr>, AccessError> {
+        let (location, page) = self.ranges.find_page(gpa).ok_or(PageError::NotGuestMemory(gpa))?;
         if page.page_type() == PageType::Mmio {
-            return Err(PgmError::NotRam(gpa));
+            return Err(PageError::NotRam(gpa).into());
         }
         match self.read_source(location) {
             Some(frame) => self.memory.read(frame_offset(frame, gpa.page_offset()), buf),
@@ -1372,10 +1429,14 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         }
     }
 
-    /// True when guest writes to the page at `location` reach memory (RAM, or a ROM shadow whose
-    /// protection lets writes through).
+    /// True when guest writes to the page at `location` reach memory (RAM not in the balloon,
+    /// MMIO2, or a ROM shadow whose protection lets writes through).
     fn takes_writes(&self, location: PageLocation) -> bool {
-        match self.ranges.page(location).page_type() {
+        let page = self.ranges.page(location);
+        match page.page_type() {
+            // The seed ignores writes to ballooned pages (PGMPhysWrite, PGMAllPhys.cpp
+            // 2788-2801): the guest gave the page away, so what it writes there is lost.
+            PageType::Ram if page.state() == PageState::Ballooned => false,
             PageType::Ram | PageType::Mmio2 | PageType::Mmio2AliasMmio | PageType::SpecialAliasMmio => true,
             PageType::Rom | PageType::RomShadow => self
                 .rom_protection_at(self.ranges.gpa_of(location))
@@ -1428,7 +1489,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
 
     /// Splits `[gpa, gpa + len)` into per-page pieces `(page, offset in page, length)`, or names
     /// the first address that is not guest RAM.
-    fn chunks(&self, gpa: GuestPhysAddr, len: usize) -> Result<Pieces, PgmError> {
+    fn chunks(&self, gpa: GuestPhysAddr, len: usize) -> Result<Pieces, AccessError> {
         let pieces = self.pieces(gpa, len)?;
         let mmio = pieces
             .iter()
@@ -1437,7 +1498,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         match mmio {
             Some((location, offset, _)) => {
                 let at = self.ranges.gpa_of(location).as_u64() + offset;
-                Err(PgmError::NotRam(GuestPhysAddr::new_truncate(at)))
+                Err(PageError::NotRam(GuestPhysAddr::new_truncate(at)).into())
             }
             None => Ok(pieces),
         }
@@ -1445,12 +1506,14 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
 
     /// Splits `[gpa, gpa + len)` into per-page pieces of any registered page, or names the first
     /// address that is not registered.
-    fn pieces(&self, gpa: GuestPhysAddr, len: usize) -> Result<Pieces, PgmError> {
+    fn pieces(&self, gpa: GuestPhysAddr, len: usize) -> Result<Pieces, AccessError> {
         let mut pieces = Pieces::default();
         let mut done = 0usize;
         while done < len {
-            let at = gpa.checked_add(done as u64).ok_or(PgmError::BeyondAddressWidth)?;
-            let location = self.ranges.find(at).ok_or(PgmError::NotGuestMemory(at))?;
+            let at = gpa
+                .checked_add(done as u64)
+                .ok_or(RangeError::BeyondAddressWidth(gpa.as_u64()))?;
+            let location = self.ranges.find(at).ok_or(PageError::NotGuestMemory(at))?;
             let offset = at.page_offset();
             let piece = ((PAGE_SIZE - offset) as usize).min(len - done);
             pieces.push((location, offset, piece));
@@ -1513,14 +1576,18 @@ pub(super) const A20_BIT: u64 = 1 << 20;
 
 /// Checks a range for registration: page-aligned, non-empty, inside the guest-physical width.
 /// Returns its page count.
-fn page_count(base: GuestPhysAddr, size: u64) -> Result<u64, PgmError> {
+fn page_count(base: GuestPhysAddr, size: u64) -> Result<u64, RangeError> {
     if size == 0 {
-        return Err(PgmError::ZeroSize);
+        return Err(RangeError::ZeroSize(base));
     }
-    if !base.is_page_aligned() || !size.is_multiple_of(PAGE_SIZE) {
-        return Err(PgmError::Misaligned);
+    if !base.is_page_aligned() {
+        return Err(RangeError::Misaligned(base.as_u64()));
     }
-    base.checked_add(size - 1).ok_or(PgmError::BeyondAddressWidth)?;
+    if !size.is_multiple_of(PAGE_SIZE) {
+        return Err(RangeError::Misaligned(size));
+    }
+    base.checked_add(size - 1)
+        .ok_or(RangeError::BeyondAddressWidth(base.as_u64()))?;
     Ok(size / PAGE_SIZE)
 }
 

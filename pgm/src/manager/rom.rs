@@ -11,7 +11,7 @@ use alloc::vec::Vec;
 
 use super::{page_count, Pgm};
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
-use crate::error::PgmError;
+use crate::error::{NoMemory, RomError};
 use crate::frames::{HostFrameAllocator, HostMemory};
 pub use crate::handles::RomId;
 use crate::page::{PageDescriptor, PageEvent, PageType};
@@ -174,20 +174,23 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         size: u64,
         image: RomImage<'_>,
         shadowed: bool,
-    ) -> Result<(RomId, Invalidation), PgmError> {
+    ) -> Result<(RomId, Invalidation), RomError> {
         let pages = page_count(base, size)?;
         let bytes = match image {
             RomImage::Copy(bytes) | RomImage::Permanent(bytes) => bytes,
         };
         if bytes.len() as u64 > size {
-            return Err(PgmError::RomImageTooLarge);
+            return Err(RomError::ImageTooLarge {
+                image: bytes.len(),
+                range: size,
+            });
         }
-        let over_ram = self.placement(base, size, pages)?;
+        let over_ram = self.placement::<RomError>(base, size, pages)?;
         let mut virgin = Vec::with_capacity(pages as usize);
         let taken = self.frames.allocate_frames(pages as usize, &mut virgin);
         if taken < pages as usize {
             self.frames.free_frames(&virgin);
-            return Err(PgmError::OutOfFrames);
+            return Err(NoMemory::OutOfFrames.into());
         }
         let stored = match image {
             RomImage::Copy(bytes) => StoredImage::Copy(bytes.to_vec()),
@@ -228,7 +231,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
                     if let Some(rom) = self.roms.pop() {
                         self.frames.free_frames(&rom.virgin);
                     }
-                    return Err(error);
+                    return Err(error.into());
                 }
                 if shadowed {
                     // Shadow pages live under the page-state machine like RAM.
@@ -245,12 +248,12 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// frames and image frames go back to the host, a ROM over RAM leaves ZERO RAM pages behind
     /// and a ROM of its own leaves unassigned space. Refused, changing nothing, while a map lock
     /// holds one of its pages.
-    pub fn deregister_rom(&mut self, id: RomId) -> Result<Invalidation, PgmError> {
+    pub fn deregister_rom(&mut self, id: RomId) -> Result<Invalidation, RomError> {
         let index = self
             .roms
             .iter()
             .position(|rom| rom.id == id)
-            .ok_or(PgmError::UnknownRom(id))?;
+            .ok_or(RomError::Unknown(id))?;
         let rom = &self.roms[index];
         let (base, pages, shadowed, over_ram) = (rom.base, rom.pages(), rom.shadowed, rom.over_ram);
         let locations = self.located(base, pages);
@@ -293,7 +296,7 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         base: GuestPhysAddr,
         size: u64,
         protection: RomProtection,
-    ) -> Result<Invalidation, PgmError> {
+    ) -> Result<Invalidation, RomError> {
         if size == 0 {
             return Ok(Invalidation::None);
         }
@@ -327,14 +330,14 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
 
     /// Changes the protection of every page of the shadowed ROM `id` (see
     /// [`protect_rom_range`](Self::protect_rom_range)).
-    pub fn protect_rom(&mut self, id: RomId, protection: RomProtection) -> Result<Invalidation, PgmError> {
+    pub fn protect_rom(&mut self, id: RomId, protection: RomProtection) -> Result<Invalidation, RomError> {
         let rom = self
             .roms
             .iter()
             .find(|r| r.id == id)
-            .ok_or(PgmError::UnknownRom(id))?;
+            .ok_or(RomError::Unknown(id))?;
         if !rom.shadowed {
-            return Err(PgmError::RomNotShadowed(id));
+            return Err(RomError::NotShadowed(id));
         }
         let (base, size) = (rom.base, rom.pages() * PAGE_SIZE);
         self.protect_rom_range(base, size, protection)

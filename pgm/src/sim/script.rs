@@ -33,7 +33,7 @@ use crate::manager::{
 };
 use crate::page::{PageState, PageType};
 use crate::paging::Access;
-use crate::PgmError;
+use crate::{AccessError, PageError};
 
 /// The nested-paging format of [`SimPgm`]: Intel EPT, or AMD NPT with the feature `sim-npt`.
 /// The host suites (unit tests, the whole-API script, the auditor, the model tests, the fuzz
@@ -818,7 +818,7 @@ impl Scripted {
                 let start = gpa(interesting(at).as_u64() + PAGE_SIZE - 8);
                 if write {
                     // Pages may refuse (ballooned, no frame); unassigned space never does.
-                    if let Err(error @ PgmError::NotGuestMemory(_)) =
+                    if let Err(error @ AccessError::Page(PageError::NotGuestMemory(_))) =
                         pgm.write_phys_external(start, &[0x66; 24], &mut Devices)
                     {
                         return Err(format!("external write at {start}: {error:?}"));
@@ -1127,20 +1127,28 @@ fn preserves_contents(op: &Op) -> bool {
 }
 
 /// After a host write of `data` at `start` succeeded: every byte that went to a page that
-/// keeps what is written (RAM, MMIO2, an alias) reads back.
+/// keeps what is written (RAM not in the balloon, MMIO2, an alias) reads back, and every byte
+/// for a ballooned page was dropped (it reads as zero).
 fn written_back(pgm: &SimPgm, start: GuestPhysAddr, data: &[u8]) -> Result<(), String> {
     for (i, &byte) in data.iter().enumerate() {
         let at = GuestPhysAddr::new_truncate(start.as_u64() + i as u64);
-        let keeps = pgm.page(at).is_some_and(|page| {
-            matches!(
-                page.page_type(),
-                PageType::Ram | PageType::Mmio2 | PageType::Mmio2AliasMmio | PageType::SpecialAliasMmio
-            )
-        });
-        if keeps && pgm.read_phys_u8(at) != Ok(byte) {
+        let ballooned = pgm
+            .page(at)
+            .is_some_and(|page| page.state() == PageState::Ballooned);
+        if ballooned && pgm.read_phys_u8_bypassing_handlers(at) != Ok(0) {
+            return Err(format!("the host's write to ballooned {at} was not dropped"));
+        }
+        let keeps = !ballooned
+            && pgm.page(at).is_some_and(|page| {
+                matches!(
+                    page.page_type(),
+                    PageType::Ram | PageType::Mmio2 | PageType::Mmio2AliasMmio | PageType::SpecialAliasMmio
+                )
+            });
+        if keeps && pgm.read_phys_u8_bypassing_handlers(at) != Ok(byte) {
             return Err(format!(
                 "the host wrote {byte:#x} at {at}, it reads back {:?}",
-                pgm.read_phys_u8(at)
+                pgm.read_phys_u8_bypassing_handlers(at)
             ));
         }
     }
