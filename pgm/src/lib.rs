@@ -50,9 +50,6 @@ mod isolation_tests;
 mod loom_model_tests;
 #[cfg(test)]
 #[allow(unused_must_use)]
-mod manager_tests;
-#[cfg(test)]
-#[allow(unused_must_use)]
 mod model_tests;
 #[cfg(test)]
 #[allow(unused_must_use)]

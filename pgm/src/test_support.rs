@@ -4,9 +4,12 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use crate::addr::{GuestPhysAddr, HostPhysAddr};
+use crate::addr::{GuestPhysAddr, HostPhysAddr, PAGE_SIZE};
 use crate::frames::HostMemory;
-use crate::manager::{DeviceId, FaultOutcome, Mmio2Spec, Pgm, Resolution, RomId, RomImage};
+use crate::handlers::HandlerId;
+use crate::manager::{
+    AccessHandlers, DeviceId, FaultOutcome, HandlerAction, Mmio2Spec, Pgm, Resolution, RomId, RomImage,
+};
 use crate::paging::{Access, Invalidation};
 pub use crate::sim::{SimFormat, SimPgm};
 use crate::sim::{SimFrames, SimMemory};
@@ -165,3 +168,93 @@ pub fn bits(bitmap: &[u64]) -> Vec<usize> {
         .filter(|&i| bitmap[i / 64] & (1 << (i % 64)) != 0)
         .collect()
 }
+
+// Helpers the manager's test modules share.
+
+pub fn private(pgm: &SimPgm) -> u64 {
+    pgm.stats().private_frames()
+}
+
+pub fn harvest(pgm: &mut SimPgm) -> Vec<u64> {
+    let mut out = Vec::new();
+    let _ = pgm.harvest_written(&mut out);
+    out.iter().map(|gpa| gpa.as_u64()).collect()
+}
+
+/// A two-page image with a recognisable pattern.
+pub fn rom_image() -> Vec<u8> {
+    (0..2 * PAGE_SIZE as usize)
+        .map(|i| (i % 253) as u8 ^ 0x5A)
+        .collect()
+}
+
+pub const ROM_BASE: u64 = 0xE_0000;
+
+pub fn guest_sees(pgm: &SimPgm, at: u64, len: usize) -> Vec<u8> {
+    guest_read(pgm, gpa(at), len)
+}
+
+pub const BLOCK: u64 = 4 * MIB;
+
+pub const LARGE: u64 = 2 * MIB;
+
+pub fn large_pc() -> SimPgm {
+    let mut pgm = pc_like();
+    pgm.set_large_pages(true);
+    pgm
+}
+
+/// Lets a guest write fill the block at `BLOCK` as one large page, then writes a distinct tag
+/// into each of its pages through the host.
+pub fn tag_block(pgm: &mut SimPgm) {
+    assert_eq!(
+        guest_write(pgm, gpa(BLOCK), b"first"),
+        GuestAccess::Done { faults: 1 }
+    );
+    for page in 0..512u64 {
+        let _ = pgm
+            .write_phys(gpa(BLOCK + page * PAGE_SIZE), &page.to_le_bytes())
+            .unwrap();
+    }
+}
+
+pub fn assert_block_tags(pgm: &SimPgm) {
+    for page in 0..512u64 {
+        assert_eq!(
+            guest_read(pgm, gpa(BLOCK + page * PAGE_SIZE), 8),
+            page.to_le_bytes(),
+            "page {page}"
+        );
+    }
+}
+
+/// Records what it is handed; fills reads with 0xAB; answers `action`.
+pub struct Recorder {
+    pub action: HandlerAction,
+    pub calls: Vec<(HandlerId, u64, Access, Vec<u8>)>,
+}
+
+impl AccessHandlers for Recorder {
+    fn access(
+        &mut self,
+        handler: HandlerId,
+        at: GuestPhysAddr,
+        access: Access,
+        data: &mut [u8],
+    ) -> HandlerAction {
+        if access == Access::Read && self.action == HandlerAction::Handled {
+            data.fill(0xAB);
+        }
+        self.calls.push((handler, at.as_u64(), access, data.to_vec()));
+        self.action
+    }
+}
+
+pub fn recorder(action: HandlerAction) -> Recorder {
+    Recorder {
+        action,
+        calls: Vec::new(),
+    }
+}
+
+pub const VGA: u64 = 0xA_0000;

@@ -630,3 +630,8 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         self.sync_leaf(location);
     }
 }
+
+#[cfg(test)]
+#[allow(unused_must_use)] // no TLB to flush in the simulation (see lib.rs)
+#[path = "handlers_tests.rs"]
+mod handlers_tests;

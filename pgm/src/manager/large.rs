@@ -506,3 +506,8 @@ mod locked_block_regressions {
         assert_accounting(&pgm);
     }
 }
+
+#[cfg(test)]
+#[allow(unused_must_use)] // no TLB to flush in the simulation (see lib.rs)
+#[path = "large_tests.rs"]
+mod large_tests;

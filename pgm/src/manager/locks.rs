@@ -270,3 +270,8 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
 fn offset_in(frame: HostPhysAddr, gpa: GuestPhysAddr) -> HostPhysAddr {
     HostPhysAddr::new_truncate(frame.as_u64() + gpa.page_offset())
 }
+
+#[cfg(test)]
+#[allow(unused_must_use)] // no TLB to flush in the simulation (see lib.rs)
+#[path = "locks_tests.rs"]
+mod locks_tests;

@@ -543,3 +543,8 @@ fn device_pieces(size: u64, offset: u64, len: usize) -> Option<Vec<(u64, core::o
     }
     Some(pieces)
 }
+
+#[cfg(test)]
+#[allow(unused_must_use)] // no TLB to flush in the simulation (see lib.rs)
+#[path = "mmio2_tests.rs"]
+mod mmio2_tests;

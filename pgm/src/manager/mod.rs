@@ -1611,3 +1611,7 @@ fn stable_frame(page: PageDescriptor) -> Option<HostPhysAddr> {
 fn frame_offset(frame: HostPhysAddr, offset: u64) -> HostPhysAddr {
     HostPhysAddr::new_truncate(frame.as_u64() + offset)
 }
+
+#[cfg(test)]
+#[allow(unused_must_use)] // no TLB to flush in the simulation (see lib.rs)
+mod tests;

@@ -167,3 +167,8 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         left == right
     }
 }
+
+#[cfg(test)]
+#[allow(unused_must_use)] // no TLB to flush in the simulation (see lib.rs)
+#[path = "sharing_tests.rs"]
+mod sharing_tests;
