@@ -585,10 +585,43 @@ fn run_host_tests() -> Result<HostTestCounts, String> {
             .env("RUSTFLAGS", "--cfg loom")
             .env("CARGO_TARGET_DIR", target_dir().join("loom")),
     )?;
+    // pgm as a library: its crate-doc example ran above with the simulated host (the NPT run
+    // has feature `sim`); its example VMM loop runs here, and the crate must package.
+    let library = [
+        host_check(
+            "pgm example host_vmm",
+            Command::new(cargo()).args([
+                "run",
+                "--quiet",
+                "-p",
+                "pgm",
+                "--features",
+                "sim",
+                "--example",
+                "host_vmm",
+            ]),
+        ),
+        host_check(
+            "cargo package -p pgm",
+            Command::new(cargo()).args(["package", "--quiet", "-p", "pgm", "--allow-dirty"]),
+        ),
+    ];
+    let library_passed = library.iter().filter(|&&ok| ok).count();
     Ok(HostTestCounts {
-        passed: tests.passed + npt.passed + models.passed,
-        failed: tests.failed + npt.failed + models.failed,
+        passed: tests.passed + npt.passed + models.passed + library_passed,
+        failed: tests.failed + npt.failed + models.failed + library.len() - library_passed,
     })
+}
+
+/// Runs one host command that passes or fails as a whole, printing a `cargo test`-style line
+/// for it; true when it succeeded.
+fn host_check(name: &str, command: &mut Command) -> bool {
+    let ok = command
+        .current_dir(workspace_root())
+        .status()
+        .is_ok_and(|status| status.success());
+    println!("test {name} ... {}", if ok { "ok" } else { "FAILED" });
+    ok
 }
 
 /// Runs one `cargo test` command and counts its results.

@@ -340,7 +340,7 @@ impl Layout {
         let locations: Vec<_> = self
             .addresses
             .iter()
-            .map(|&a| pgm.ranges().find(gpa(a)).unwrap())
+            .map(|&a| pgm.ranges().locate(gpa(a)).unwrap())
             .collect();
         let (page, read, ratio) = self.paired(
             |addresses| {
@@ -352,12 +352,9 @@ impl Layout {
             },
             |_| {
                 let mut carry = 0;
-                for &location in &locations {
-                    let location = pgm::PageLocation {
-                        page: location.page + carry as usize,
-                        ..location
-                    };
-                    carry = pgm.ranges().page(location).raw() >> 58;
+                for &(range, page) in &locations {
+                    let range = pgm.ranges().get(range).unwrap();
+                    carry = range.page(page + carry as usize).unwrap().raw() >> 58;
                 }
                 black_box(carry);
             },
@@ -394,7 +391,7 @@ fn lookup_rows() -> Vec<Row> {
     let (find, find_region, ratio) = small.paired(
         |addresses| {
             for &a in addresses {
-                black_box(small.pgm.ranges().find(gpa(a)));
+                black_box(small.pgm.ranges().locate(gpa(a)));
             }
         },
         |addresses| {

@@ -133,6 +133,16 @@ impl FrameCounts {
     }
 }
 
+/// Shows the regions and the counts, not the bitmap.
+impl core::fmt::Debug for BitmapFrameAllocator {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("BitmapFrameAllocator")
+            .field("regions", &self.regions)
+            .field("counts", &self.counts())
+            .finish_non_exhaustive()
+    }
+}
+
 /// A next-fit bitmap allocator of 4 KiB frames over a list of usable physical regions.
 ///
 /// One bit per frame (set = allocated): 32 KiB of bitmap per GiB of RAM.

@@ -8,8 +8,10 @@ use crate::addr::{GuestPhysAddr, PAGE_SIZE};
 use crate::page::HandlerState;
 
 /// The handle of an access handler or of an MMIO region (whose pages an `All` handler covers).
+/// Only the manager makes them, so a handle names a registration it made (which may have
+/// gone since: calls then fail with `Unknown`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct HandlerId(pub u32);
+pub struct HandlerId(pub(crate) u32);
 
 /// What a handler intercepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,7 +70,7 @@ impl Registration {
 
 /// Registered handlers, sorted by base, never overlapping.
 #[derive(Default)]
-pub struct Handlers {
+pub(crate) struct Handlers {
     sorted: Vec<Registration>,
     next_id: u32,
 }
@@ -126,15 +128,5 @@ impl Handlers {
     /// Every registration, by base.
     pub fn iter(&self) -> impl Iterator<Item = &Registration> {
         self.sorted.iter()
-    }
-
-    /// Number of registered handlers (MMIO regions included).
-    pub fn len(&self) -> usize {
-        self.sorted.len()
-    }
-
-    /// True when no handler is registered.
-    pub fn is_empty(&self) -> bool {
-        self.sorted.is_empty()
     }
 }

@@ -281,7 +281,7 @@ impl fmt::Debug for PageDescriptor {
 
 /// Something that happens to a page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PageEvent {
+pub(crate) enum PageEvent {
     /// The guest (through a fault) or the host (through the physical access API) writes the page.
     Write,
     /// The page is returned to its power-on state (RAM reset).
@@ -301,7 +301,7 @@ pub enum PageEvent {
 
 /// What the caller must do with host frames to carry a transition out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FrameEffect {
+pub(crate) enum FrameEffect {
     /// Nothing: the page keeps what backs it.
     None,
     /// Allocate a zero-filled private frame and pass it to [`Transition::apply`].
@@ -321,7 +321,7 @@ pub enum FrameEffect {
 /// A decided transition: the next state and the frame work it needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[must_use]
-pub struct Transition {
+pub(crate) struct Transition {
     /// The state after the event.
     pub next: PageState,
     /// The frame work the caller does before applying.
@@ -351,7 +351,7 @@ impl Transition {
 
 /// Why the state machine refused an event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct InvalidTransition {
+pub(crate) struct InvalidTransition {
     /// The page's state.
     pub state: PageState,
     /// The refused event.
@@ -375,7 +375,7 @@ pub struct InvalidTransition {
 /// MMIO2 pages belong to their device: reset and the balloon do not apply to them. MMIO alias
 /// pages accept no event at all.
 #[inline]
-pub fn transition(page: PageDescriptor, event: PageEvent) -> Result<Transition, InvalidTransition> {
+pub(crate) fn transition(page: PageDescriptor, event: PageEvent) -> Result<Transition, InvalidTransition> {
     use PageEvent::*;
     use PageState::*;
     let state = page.state();
@@ -424,7 +424,7 @@ pub fn transition(page: PageDescriptor, event: PageEvent) -> Result<Transition, 
 /// ALLOCATED and written), and MMIO2 pages, protected one by one since their region's dirty
 /// tracking shares the leaves, are always what they say. Every decision of the state machine
 /// and every count is taken on this view.
-pub fn monitored_view(page: PageDescriptor, pending: bool) -> PageDescriptor {
+pub(crate) fn monitored_view(page: PageDescriptor, pending: bool) -> PageDescriptor {
     if !pending || page.page_type() == PageType::Mmio2 || page.write_locks() > 0 {
         return page;
     }

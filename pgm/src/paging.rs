@@ -192,7 +192,7 @@ pub struct Violation {
 }
 
 /// 4-level nested page tables in host frames, encoded by `F`.
-pub struct NestedTables<F: EntryFormat> {
+pub(crate) struct NestedTables<F: EntryFormat> {
     root: HostPhysAddr,
     table_frames: usize,
     format: PhantomData<F>,
@@ -200,7 +200,7 @@ pub struct NestedTables<F: EntryFormat> {
 
 /// What [`NestedTables::make_large`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LargeMapping {
+pub(crate) enum LargeMapping {
     /// No page directory covers the block: nothing changed.
     Unreachable,
     /// The block is mapped by the one leaf. `detached` is the page table that mapped it before:
@@ -443,7 +443,10 @@ impl<F: EntryFormat> NestedTables<F> {
         None
     }
 
-    /// True when the CPU set the dirty flag of the leaf mapping `gpa`.
+    /// True when the CPU set the dirty flag of the leaf mapping `gpa` (for the tests of the
+    /// CPU's write log, which NPT has not).
+    #[cfg(test)]
+    #[cfg_attr(feature = "sim-npt", allow(dead_code))]
     pub fn is_dirty(&self, memory: &impl HostMemory, gpa: GuestPhysAddr) -> bool {
         self.leaf_slot(memory, gpa)
             .is_some_and(|slot| F::is_dirty(memory.read_u64(slot)))

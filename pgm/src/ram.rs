@@ -27,6 +27,18 @@ pub struct RamRange {
     settle: SettleBits,
 }
 
+/// Shows where the range lies and its name, not its descriptors.
+impl core::fmt::Debug for RamRange {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("RamRange")
+            .field("base", &self.base)
+            .field("pages", &self.pages.len())
+            .field("name", &self.name)
+            .field("registration", &self.registration)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Which pages a block settle must look at (see [`RamRange`]'s `settle`).
 #[derive(Default)]
 struct SettleBits {
@@ -258,18 +270,25 @@ impl RamRange {
         self.pages.iter().map(load)
     }
 
+    /// The descriptor of page `index` of the range, if the range has that many pages.
+    pub fn page(&self, index: usize) -> Option<PageDescriptor> {
+        self.pages.get(index).map(load)
+    }
+
     fn contains(&self, gpa: GuestPhysAddr) -> bool {
         gpa >= self.base && gpa.as_u64() < self.end()
     }
 }
 
 /// Where a guest page's descriptor lives: range index and page index within the range.
+/// Internal: a location is valid only until the ranges change, so the manager's callers get
+/// addresses and checked indices instead ([`RamRanges::locate`], [`RamRange::page`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct PageLocation {
+pub(crate) struct PageLocation {
     /// Index of the range in address order.
-    pub range: usize,
+    pub(crate) range: usize,
     /// Index of the page within the range.
-    pub page: usize,
+    pub(crate) page: usize,
 }
 
 /// The set of registered RAM ranges, sorted by base, never overlapping.
@@ -277,6 +296,13 @@ pub struct PageLocation {
 pub struct RamRanges {
     ranges: Vec<RamRange>,
     directory: Directory,
+}
+
+/// Shows the ranges.
+impl core::fmt::Debug for RamRanges {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_list().entries(&self.ranges).finish()
+    }
 }
 
 /// Which range covers each granule (2 MiB or more, a power of two) of the span from the first
@@ -422,7 +448,7 @@ impl RamRanges {
     /// Finds the page holding `gpa`: one directory slot, or a binary search where ranges
     /// share a granule.
     #[inline]
-    pub fn find(&self, gpa: GuestPhysAddr) -> Option<PageLocation> {
+    pub(crate) fn find(&self, gpa: GuestPhysAddr) -> Option<PageLocation> {
         let range = match self.directory.slot(gpa)? {
             EMPTY => return None,
             SEARCH => self.search(gpa)?,
@@ -439,7 +465,7 @@ impl RamRanges {
     /// The page holding `gpa` and its descriptor, in one pass (no second bounds check or
     /// range lookup on the way to the descriptor).
     #[inline]
-    pub fn find_page(&self, gpa: GuestPhysAddr) -> Option<(PageLocation, PageDescriptor)> {
+    pub(crate) fn find_page(&self, gpa: GuestPhysAddr) -> Option<(PageLocation, PageDescriptor)> {
         let location = self.find(gpa)?;
         let word = self.ranges.get(location.range)?.pages.get(location.page)?;
         Some((location, load(word)))
@@ -450,8 +476,16 @@ impl RamRanges {
         self.ranges.partition_point(|r| r.base <= gpa).checked_sub(1)
     }
 
+    /// The range index and page index of the page holding `gpa` (one directory slot, or a
+    /// binary search where ranges share a granule), for [`get`](Self::get) and
+    /// [`RamRange::page`], which check them.
+    #[inline]
+    pub fn locate(&self, gpa: GuestPhysAddr) -> Option<(usize, usize)> {
+        self.find(gpa).map(|location| (location.range, location.page))
+    }
+
     /// The descriptor at `location`.
-    pub fn page(&self, location: PageLocation) -> PageDescriptor {
+    pub(crate) fn page(&self, location: PageLocation) -> PageDescriptor {
         load(self.descriptor(location))
     }
 
@@ -465,7 +499,7 @@ impl RamRanges {
     }
 
     /// Guest-physical address of the page at `location`.
-    pub fn gpa_of(&self, location: PageLocation) -> GuestPhysAddr {
+    pub(crate) fn gpa_of(&self, location: PageLocation) -> GuestPhysAddr {
         let base = self.ranges[location.range].base.as_u64();
         GuestPhysAddr::new_truncate(base + location.page as u64 * PAGE_SIZE)
     }

@@ -168,6 +168,7 @@ enum Holder {
     Owned,
 }
 
+/// # Auditing (the isolation invariant, checked from the tables up)
 impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Audits the VM's EPT against its ownership records. `host_holds(frame)` tells whether the
     /// host's allocator has `frame` allocated (the simulated or kernel bitmap); special-alias

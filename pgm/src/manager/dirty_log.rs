@@ -33,6 +33,7 @@ pub enum DirtyLogMode {
     Pml,
 }
 
+/// # How write monitoring learns of writes (write protection or the CPU's write log)
 impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Chooses how the next write monitoring learns of writes. Fails, changing nothing, with
     /// [`DirtyLogError::MonitoringActive`] while monitoring is on, and with

@@ -46,6 +46,7 @@ struct Run {
     aliased: u64,
 }
 
+/// # The physical map dump (the seed's `info phys`)
 impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// The guest-physical map, one line per run of pages of one kind in address order
     /// (unassigned space is left out), after a header line with the A20 gate and write

@@ -99,6 +99,7 @@ fn hand_write(
     handlers.access(handler, at, Access::Write, bytes)
 }
 
+/// # Host access as the guest sees it (PGMPhysRead, PGMPhysWrite, PGMR3PhysRead/WriteExternal)
 impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// The MMIO page and handler behind a guest access that faulted at `faulting`, when the
     /// fault is one to emulate on an MMIO page; `None` for every other fault (for
@@ -302,7 +303,10 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         }
         Ok(spans)
     }
+}
 
+/// # Access handlers and MMIO regions (PGMHandlerPhysical*, PGMR3PhysMMIORegister)
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Registers a handler of `kind` over the RAM pages of `[base, base + size)`. The range must
     /// be page-aligned, registered RAM, and clear of other handlers; on error nothing changes.
     /// Returns the handle and the invalidation the reduced permissions need.

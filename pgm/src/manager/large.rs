@@ -24,6 +24,7 @@ use crate::ram::PageLocation;
 
 const LARGE_PAGE_SIZE: u64 = FRAMES_PER_LARGE_PAGE * PAGE_SIZE;
 
+/// # Large pages (2 MiB mappings of RAM blocks)
 impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Lets write faults fill whole 2 MiB blocks from contiguous host memory, and RAM
     /// registered from now on map its untouched blocks on the zero chunk (on by default; off,

@@ -58,6 +58,7 @@ use crate::sync::Ordering;
 const BLOCK_SIZE: u64 = FRAMES_PER_LARGE_PAGE * PAGE_SIZE;
 const BLOCK_PAGES: usize = FRAMES_PER_LARGE_PAGE as usize;
 
+/// # Write monitoring's bookkeeping (settle and recount, for statistics and the auditor)
 impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// True when write monitoring's protection armed above the leaf of `gpa` has not come down
     /// to it yet. Three table reads while monitoring is on, none otherwise.

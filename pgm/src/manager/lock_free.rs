@@ -150,6 +150,7 @@ pub(super) fn takes_lock_free_faults(page: PageDescriptor) -> bool {
         )
 }
 
+/// # Lock-free faults (the read side of the VM lock)
 impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Gives each of `vcpus` vCPUs (numbered from 0) a written log, so that they can take
     /// write-monitor faults without the lock; with none (the default) every such fault takes

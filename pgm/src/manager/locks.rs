@@ -69,6 +69,7 @@ impl PageMapLock {
     }
 }
 
+/// # Page-map locks (PGMPhysGCPhys2CCPtr, PGMPhysReleasePageMappingLock)
 impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Locks the page holding `gpa` for writing and returns the host-physical address of `gpa`
     /// in its frame. The page gets a frame if it had none and counts as written. RAM and MMIO2

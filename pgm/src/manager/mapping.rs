@@ -274,6 +274,7 @@ impl LeafSource<'_> {
     }
 }
 
+/// # Where frames are mapped (the reverse map)
 impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     pub(super) fn leaf_source(&self) -> LeafSource<'_> {
         leaf_source!(self)

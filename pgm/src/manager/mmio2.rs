@@ -92,6 +92,7 @@ impl Mmio2Region {
     }
 }
 
+/// # MMIO2: device memory the guest maps (PGMR3PhysMmio2*)
 impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Creates an unmapped MMIO2 region for `spec.device`, its memory allocated and zeroed now.
     /// Refused, changing nothing, when the device already has region `spec.region_no`

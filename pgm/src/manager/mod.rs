@@ -164,8 +164,31 @@ macro_rules! typed_phys_access {
 #[must_use = "the frames retired before the flush are freed only when it ends"]
 pub struct TlbFlush(u64);
 
-/// The memory manager of one VM, generic over the host's frame allocator `A` and its access to
-/// host-physical memory `M`.
+/// The memory manager of one VM, generic over the host's frame allocator `A`, its access to
+/// host-physical memory `M` and the nested-paging format `F` ([`Ept`] or [`crate::Npt`]).
+///
+/// Its methods come in facets, each an `impl` block below with the seed's names in its title:
+///
+/// | facet | methods | the seed's |
+/// |---|---|---|
+/// | creation, frames, flushes | `new`, `set_frame_limit`, `begin_tlb_flush` / `end_tlb_flush` | PGMR3Init, the handy pages |
+/// | RAM | `register_ram`, `unregister_ram`, `preallocate_ram`, `set_ram_preallocation` | PGMR3PhysRegisterRam |
+/// | guest faults | `resolve_fault`, `resolve_fault_lock_free`, `mmio_target` | PGMR0Trap0eHandlerNestedPaging |
+/// | host access, handlers bypassed | `read_phys`, `write_phys`, `read_phys_u32_bypassing_handlers`, … | PGMPhysSimpleReadGCPhys |
+/// | host access, as the guest sees it | `read_phys_handled`, `read_phys_external`, `read_phys_u32`, `read_mmio`, … | PGMPhysRead, PGMR3PhysReadU32 |
+/// | access handlers and MMIO | `register_handler`, `register_mmio`, `alias_mmio_to_mmio2`, `reset_handler`, … | PGMHandlerPhysical*, PGMR3PhysMMIORegister |
+/// | ROM | `register_rom`, `protect_rom_range`, `deregister_rom` | PGMR3PhysRomRegister / Protect |
+/// | MMIO2 | `create_mmio2`, `map_mmio2`, `query_and_reset_mmio2_dirty`, … | PGMR3PhysMmio2* |
+/// | page-map locks | `lock_page_for_write`, `lock_pages`, `release_page_lock` | PGMPhysGCPhys2CCPtr |
+/// | write monitoring | `start_write_monitoring`, `harvest_written`, `set_dirty_log_mode`, `log_written` | PGMR3PhysWriteProtectRAM |
+/// | balloon | `balloon_inflate`, `balloon_deflate` | PGMR3PhysChangeMemBalloon |
+/// | reset | `reset_ram`, `set_zero_ram_on_reset` | pgmR3PhysRamReset |
+/// | large pages, sharing | `set_large_pages`, `share_identical_pages` | PGMR3PhysAllocateLargeHandyPage, page fusion |
+/// | A20 | `set_a20`, `a20_apply` | PGMR3PhysSetA20 |
+/// | inspection | `page`, `ranges`, `stats`, `translate`, `audit`, `physical_map` | PGMR3QueryMemoryStats, `info phys` |
+///
+/// Errors are per family ([`crate::error`]); every call that changes mappings returns the
+/// [`Invalidation`] the caller carries out.
 ///
 /// Side records: every field that describes the tables or the descriptors rather than being
 /// them says, in its doc, the rule that ties it to them, and the auditor (`audit`) checks that
@@ -252,6 +275,20 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Drop for Pgm<A, M, F>
     }
 }
 
+/// Shows the layout and the modes, with the page counts; not descriptors or tables.
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> core::fmt::Debug for Pgm<A, M, F> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Pgm")
+            .field("ranges", &self.ranges)
+            .field("nested_root", &self.tables.root())
+            .field("stats", &self.stats())
+            .field("monitoring", &self.monitoring)
+            .field("a20_enabled", &self.a20_enabled)
+            .field("large_pages", &self.large_pages)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Pages holding map locks, by kind (cReadLockedPages, cWriteLockedPages).
 #[derive(Clone, Copy, Default)]
 struct LockedPages {
@@ -259,6 +296,10 @@ struct LockedPages {
     write: u64,
 }
 
+/// # Creating the manager, its frame supply and TLB flushes
+///
+/// The host's side of the bargain: frames come from `A` within the VM's limit, and frames
+/// taken from the guest wait for a complete TLB flush before they are reused.
 impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Creates an empty manager: allocates the shared zero frame and the EPT root table.
     /// Fails with [`NoMemory::OutOfFrames`], holding no frame.
@@ -305,6 +346,53 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         })
     }
 
+    /// Caps the frames backing this VM's pages (`None`: no cap but the host's memory). A write
+    /// that would need a frame beyond the cap faults as [`FaultOutcome::OutOfMemory`].
+    pub fn set_frame_limit(&mut self, limit: Option<u64>) {
+        self.pool.set_limit(limit);
+    }
+
+    /// Starts a TLB flush of this VM's translations: call it before flushing (INVEPT) every
+    /// CPU that ran the VM, and pass the ticket to [`end_tlb_flush`](Self::end_tlb_flush) once
+    /// all have flushed every translation of the VM — the calling CPU included, so an
+    /// [`Invalidation::OtherCpus`] flush does not qualify. Frames taken from the guest before
+    /// this call (freed pages, removed ROMs and MMIO2 regions) are neither reused nor given
+    /// back until then, since a stale translation on any CPU could still reach them. Locking:
+    /// with the rest of the manager (the caller's VM lock); the lock need not be held while the
+    /// CPUs flush.
+    pub fn begin_tlb_flush(&mut self) -> TlbFlush {
+        TlbFlush(self.pool.begin_flush())
+    }
+
+    /// Every CPU that ran the VM has flushed since `flush` began: the frames retired before it
+    /// join the pending-free batch (reused by the next faults, or given back a batch at a
+    /// time). Locking: as [`begin_tlb_flush`](Self::begin_tlb_flush).
+    pub fn end_tlb_flush(&mut self, flush: TlbFlush) {
+        self.pool.flushed(flush.0, &mut self.frames);
+    }
+
+    /// Frames taken from the guest that wait for a TLB flush to end before they can be reused.
+    pub fn frames_awaiting_flush(&self) -> usize {
+        self.pool.awaiting_flush()
+    }
+
+    /// Gives the frames the VM holds in reserve (the handy pool and the batch waiting to be
+    /// freed) back to the host now, for a host under memory pressure (the seed's GMM can
+    /// reclaim a VM's free pages). Faults and splits refill the pool when they next need a
+    /// frame; frames awaiting a TLB flush stay until it ends. Needs no invalidation.
+    pub fn release_idle_frames(&mut self) {
+        self.pool.give_back_idle(&mut self.frames);
+    }
+
+    /// True when `frame` was taken from the guest and waits for a TLB flush to end.
+    #[cfg(test)]
+    pub(crate) fn is_awaiting_flush(&self, frame: HostPhysAddr) -> bool {
+        self.pool.is_awaiting_flush(frame)
+    }
+}
+
+/// # RAM (PGMR3PhysRegisterRam, pgmR3PhysRamPreAllocate, fRamPreAlloc)
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Registers `size` bytes of RAM at `base`, every page ZERO and mapped read/execute to the
     /// zero frame (or given its frame now while pre-allocation is on). `base` and `size` must be
     /// page-aligned, `size` non-zero, the range inside the 48-bit guest-physical width and clear
@@ -420,56 +508,82 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         Ok(Invalidation::SingleContext)
     }
 
-    /// Starts a TLB flush of this VM's translations: call it before flushing (INVEPT) every
-    /// CPU that ran the VM, and pass the ticket to [`end_tlb_flush`](Self::end_tlb_flush) once
-    /// all have flushed every translation of the VM — the calling CPU included, so an
-    /// [`Invalidation::OtherCpus`] flush does not qualify. Frames taken from the guest before
-    /// this call (freed pages, removed ROMs and MMIO2 regions) are neither reused nor given
-    /// back until then, since a stale translation on any CPU could still reach them. Locking:
-    /// with the rest of the manager (the caller's VM lock); the lock need not be held while the
-    /// CPUs flush.
-    pub fn begin_tlb_flush(&mut self) -> TlbFlush {
-        TlbFlush(self.pool.begin_flush())
+    /// Gives every ZERO RAM page its frame now (pgmR3PhysRamPreAllocate), as 2 MiB chunks where
+    /// large pages are on and a block qualifies. All or nothing: when frames run out, the pages
+    /// this call filled are ZERO again. Returns the invalidation the remapping needs.
+    pub fn preallocate_ram(&mut self) -> Result<Invalidation, RamError> {
+        let mut filled = Vec::new();
+        for range in 0..self.ranges.len() {
+            let pages = self.ranges.get(range).map_or(0, |r| r.page_count());
+            for page in 0..pages {
+                let location = PageLocation { range, page };
+                let descriptor = self.ranges.page(location);
+                if descriptor.page_type() != PageType::Ram || descriptor.state() != PageState::Zero {
+                    continue;
+                }
+                if self.try_large_fill(location).is_some() {
+                    filled.push(location);
+                    continue;
+                }
+                match self.apply(location, PageEvent::Write) {
+                    Ok(_) => filled.push(location),
+                    Err(error) => {
+                        self.unfill(&filled);
+                        return Err(error.into());
+                    }
+                }
+            }
+        }
+        self.pool.flush(&mut self.frames);
+        Ok(if filled.is_empty() {
+            Invalidation::None
+        } else {
+            Invalidation::SingleContext
+        })
     }
 
-    /// Every CPU that ran the VM has flushed since `flush` began: the frames retired before it
-    /// join the pending-free batch (reused by the next faults, or given back a batch at a
-    /// time). Locking: as [`begin_tlb_flush`](Self::begin_tlb_flush).
-    pub fn end_tlb_flush(&mut self, flush: TlbFlush) {
-        self.pool.flushed(flush.0, &mut self.frames);
+    /// Returns pages filled by a failed call to ZERO: single pages, or the whole block of a
+    /// large fill (recorded by the location of its first written page).
+    fn unfill(&mut self, filled: &[PageLocation]) {
+        for &location in filled.iter().rev() {
+            let pages = match self.ranges.page(location).large_page() {
+                LargePageState::Large => self.block_pages(location).unwrap_or_default(),
+                _ => alloc::vec![location],
+            };
+            for page in pages {
+                // Reset only frees: it cannot fail.
+                let _ = self.apply(page, PageEvent::Reset);
+            }
+        }
+        self.pool.flush(&mut self.frames);
     }
 
-    /// Frames taken from the guest that wait for a TLB flush to end before they can be reused.
-    pub fn frames_awaiting_flush(&self) -> usize {
-        self.pool.awaiting_flush()
+    /// Turns RAM pre-allocation on or off as a persistent mode (fRamPreAlloc). On, every RAM
+    /// page gets its frame now ([`preallocate_ram`](Self::preallocate_ram); all or nothing: on
+    /// failure the mode stays off), RAM registered later is pre-allocated too, and reset zeroes
+    /// pages in place instead of freeing them. Off, pages keep their frames until the next
+    /// reset frees them. Returns the invalidation the allocation needs.
+    pub fn set_ram_preallocation(&mut self, enabled: bool) -> Result<Invalidation, RamError> {
+        let invalidation = if enabled && !self.preallocated {
+            self.preallocate_ram()?
+        } else {
+            Invalidation::None
+        };
+        self.preallocated = enabled;
+        Ok(invalidation)
     }
 
-    /// Gives the frames the VM holds in reserve (the handy pool and the batch waiting to be
-    /// freed) back to the host now, for a host under memory pressure (the seed's GMM can
-    /// reclaim a VM's free pages). Faults and splits refill the pool when they next need a
-    /// frame; frames awaiting a TLB flush stay until it ends. Needs no invalidation.
-    pub fn release_idle_frames(&mut self) {
-        self.pool.give_back_idle(&mut self.frames);
+    /// True while RAM pre-allocation is on.
+    pub fn ram_preallocation(&self) -> bool {
+        self.preallocated
     }
+}
 
-    /// True when the 2 MiB block holding `gpa` is unmapped, awaiting the page table that could
-    /// not be had to split it: its next access maps it again from the descriptors.
-    pub fn awaits_tables(&self, gpa: GuestPhysAddr) -> bool {
-        self.tables.awaits_tables(&self.memory, gpa)
-    }
-
-    /// True when `frame` was taken from the guest and waits for a TLB flush to end.
-    #[cfg(test)]
-    pub(crate) fn is_awaiting_flush(&self, frame: HostPhysAddr) -> bool {
-        self.pool.is_awaiting_flush(frame)
-    }
-
-    /// Caps the frames backing this VM's pages (`None`: no cap but the host's memory). A write
-    /// that would need a frame beyond the cap faults as [`FaultOutcome::OutOfMemory`].
-    pub fn set_frame_limit(&mut self, limit: Option<u64>) {
-        self.pool.set_limit(limit);
-    }
-
+/// # Guest faults (the nested-paging violation handler)
+///
+/// See also [`resolve_fault_lock_free`](Self::resolve_fault_lock_free) and
+/// [`mmio_target`](Self::mmio_target).
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Resolves an EPT violation at `faulting` (through the A20 gate) for `access`. A write to a ZERO page gets a zero-filled
     /// private frame; a write to a WRITE_MONITORED page makes it writable and marks it written.
     /// The violation itself flushed the CPU's cached translations for `gpa` (SDM 29.4.3.1), so
@@ -567,6 +681,20 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         }
     }
 
+    /// True when the 2 MiB block holding `gpa` is unmapped, awaiting the page table that could
+    /// not be had to split it: its next access maps it again from the descriptors.
+    pub fn awaits_tables(&self, gpa: GuestPhysAddr) -> bool {
+        self.tables.awaits_tables(&self.memory, gpa)
+    }
+}
+
+/// # Host access bypassing handlers (PGMPhysSimpleReadGCPhys, PGMPhysSimpleWriteGCPhys)
+///
+/// The typed accessors come in both kinds: `read_phys_u32` goes through handlers as the
+/// seed's PGMR3PhysReadU32 does, `read_phys_u32_bypassing_handlers` does not. For the
+/// guest's view see [`read_phys_handled`](Self::read_phys_handled) and
+/// [`read_phys_external`](Self::read_phys_external).
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Copies guest memory at `gpa` into `buf`, across pages and ranges, bypassing access
     /// handlers (PGMPhysSimpleReadGCPhys; see [`read_phys_handled`](Self::read_phys_handled)
     /// for the guest's view). ZERO and BALLOONED pages read as zeros without allocating (the
@@ -670,57 +798,10 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         read_phys_u64, write_phys_u64, read_phys_u64_bypassing_handlers,
             write_phys_u64_bypassing_handlers, u64;
     }
+}
 
-    /// Gives every ZERO RAM page its frame now (pgmR3PhysRamPreAllocate), as 2 MiB chunks where
-    /// large pages are on and a block qualifies. All or nothing: when frames run out, the pages
-    /// this call filled are ZERO again. Returns the invalidation the remapping needs.
-    pub fn preallocate_ram(&mut self) -> Result<Invalidation, RamError> {
-        let mut filled = Vec::new();
-        for range in 0..self.ranges.len() {
-            let pages = self.ranges.get(range).map_or(0, |r| r.page_count());
-            for page in 0..pages {
-                let location = PageLocation { range, page };
-                let descriptor = self.ranges.page(location);
-                if descriptor.page_type() != PageType::Ram || descriptor.state() != PageState::Zero {
-                    continue;
-                }
-                if self.try_large_fill(location).is_some() {
-                    filled.push(location);
-                    continue;
-                }
-                match self.apply(location, PageEvent::Write) {
-                    Ok(_) => filled.push(location),
-                    Err(error) => {
-                        self.unfill(&filled);
-                        return Err(error.into());
-                    }
-                }
-            }
-        }
-        self.pool.flush(&mut self.frames);
-        Ok(if filled.is_empty() {
-            Invalidation::None
-        } else {
-            Invalidation::SingleContext
-        })
-    }
-
-    /// Returns pages filled by a failed call to ZERO: single pages, or the whole block of a
-    /// large fill (recorded by the location of its first written page).
-    fn unfill(&mut self, filled: &[PageLocation]) {
-        for &location in filled.iter().rev() {
-            let pages = match self.ranges.page(location).large_page() {
-                LargePageState::Large => self.block_pages(location).unwrap_or_default(),
-                _ => alloc::vec![location],
-            };
-            for page in pages {
-                // Reset only frees: it cannot fail.
-                let _ = self.apply(page, PageEvent::Reset);
-            }
-        }
-        self.pool.flush(&mut self.frames);
-    }
-
+/// # Reset (pgmR3PhysRamReset, /PGM/ZeroRamPagesOnReset)
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Resets guest memory for a VM reset (pgmR3PhysRamZeroAll, pgmR3PhysRomReset): the
     /// balloon is deflated, MMIO aliases are undone (the pages trap as plain MMIO again), every
     /// ROM page goes back to read-ROM/write-ignore with its image restored, and RAM and ROM
@@ -809,31 +890,17 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         self.zero_on_reset = zero;
     }
 
-    /// Turns RAM pre-allocation on or off as a persistent mode (fRamPreAlloc). On, every RAM
-    /// page gets its frame now ([`preallocate_ram`](Self::preallocate_ram); all or nothing: on
-    /// failure the mode stays off), RAM registered later is pre-allocated too, and reset zeroes
-    /// pages in place instead of freeing them. Off, pages keep their frames until the next
-    /// reset frees them. Returns the invalidation the allocation needs.
-    pub fn set_ram_preallocation(&mut self, enabled: bool) -> Result<Invalidation, RamError> {
-        let invalidation = if enabled && !self.preallocated {
-            self.preallocate_ram()?
-        } else {
-            Invalidation::None
-        };
-        self.preallocated = enabled;
-        Ok(invalidation)
-    }
-
     /// True while reset zeroes RAM.
     pub fn zero_ram_on_reset(&self) -> bool {
         self.zero_on_reset
     }
+}
 
-    /// True while RAM pre-allocation is on.
-    pub fn ram_preallocation(&self) -> bool {
-        self.preallocated
-    }
-
+/// # Write monitoring (dirty-page harvests for migration and snapshots)
+///
+/// See also [`set_dirty_log_mode`](Self::set_dirty_log_mode) and
+/// [`log_written`](Self::log_written).
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Starts write monitoring: every page with a private frame becomes WRITE_MONITORED
     /// (read-only), written-to flags are cleared, and from now on every content change marks
     /// its page written (see [`harvest_written`](Self::harvest_written)). Costs O(1) for RAM
@@ -962,6 +1029,11 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         protection.max(self.merge_large_blocks())
     }
 
+    /// True while write monitoring is on.
+    pub fn is_write_monitoring(&self) -> bool {
+        self.monitoring
+    }
+
     /// True when the next guest write to the page at `location` must trap: write monitoring has
     /// not seen it written since the last harvest, or its MMIO2 region's dirty tracking has not
     /// seen it written since the last query.
@@ -993,6 +1065,233 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         invalidation
     }
 
+    fn clear_written_flags(&mut self) {
+        self.fold_lock_free_writes();
+        for gpa in core::mem::take(&mut self.written) {
+            if let Some(location) = self.ranges.find(gpa) {
+                let page = self.ranges.page(location);
+                let unwritten = page.with_written_to(false);
+                self.ranges.set_page(location, unwritten);
+                // Under monitoring, an ALLOCATED page is WRITE_MONITORED again.
+                self.recount(page, unwritten);
+            }
+        }
+    }
+}
+
+/// # The balloon (PGMR3PhysChangeMemBalloon)
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
+    /// Gives the pages at `pages` (page-aligned guest RAM addresses) to the balloon: their frames
+    /// go back to the host and any later guest access faults as [`FaultOutcome::Ballooned`].
+    /// All or nothing: an address that is not page-aligned RAM, or a page already ballooned,
+    /// fails the call before any page changes.
+    pub fn balloon_inflate(&mut self, pages: &[GuestPhysAddr]) -> Result<Invalidation, RamError> {
+        let locations = self.balloon_pages(pages, PageEvent::Inflate)?;
+        for &location in &locations {
+            self.apply(location, PageEvent::Inflate)?;
+        }
+        self.pool.flush(&mut self.frames);
+        Ok(if locations.is_empty() {
+            Invalidation::None
+        } else {
+            Invalidation::SingleContext
+        })
+    }
+
+    /// Takes pages back from the balloon: they become ZERO (mapped to the zero frame). All or
+    /// nothing, as [`balloon_inflate`](Self::balloon_inflate); every page must be ballooned.
+    /// New mappings only, so no invalidation is needed.
+    pub fn balloon_deflate(&mut self, pages: &[GuestPhysAddr]) -> Result<Invalidation, RamError> {
+        for location in self.balloon_pages(pages, PageEvent::Deflate)? {
+            self.apply(location, PageEvent::Deflate)?;
+        }
+        Ok(Invalidation::None)
+    }
+
+    /// Locates the balloon pages and checks that `event` applies to every one of them.
+    fn balloon_pages(
+        &self,
+        pages: &[GuestPhysAddr],
+        event: PageEvent,
+    ) -> Result<Vec<PageLocation>, RamError> {
+        let mut locations = Vec::with_capacity(pages.len());
+        let mut seen = alloc::collections::BTreeSet::new();
+        for &gpa in pages {
+            if !gpa.is_page_aligned() {
+                return Err(RangeError::Misaligned(gpa.as_u64()).into());
+            }
+            let location = self.ranges.find(gpa).ok_or(PageError::NotGuestMemory(gpa))?;
+            let page = self.ranges.page(location);
+            if page.page_type() != PageType::Ram {
+                return Err(PageError::NotRam(gpa).into());
+            }
+            if page.handler() != HandlerState::None {
+                return Err(PageError::HandlerPresent(gpa).into());
+            }
+            if page.is_locked() {
+                return Err(PageError::Locked(gpa).into());
+            }
+            transition(page, event)
+                .map(|_| ())
+                .map_err(|_| PageError::State {
+                    gpa,
+                    state: page.state(),
+                })?;
+            if !seen.insert(location) {
+                // The same page twice would fail half-way through; refuse it up front.
+                return Err(PageError::State {
+                    gpa,
+                    state: page.state(),
+                }
+                .into());
+            }
+            locations.push(location);
+        }
+        Ok(locations)
+    }
+}
+
+/// # Inspection: descriptors, ranges, statistics and the nested tables
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
+    /// The descriptor of the page holding `gpa`, if it is registered, as the state machine
+    /// sees it: an unwritten page under write monitoring is WRITE_MONITORED even before its
+    /// descriptor is brought in line.
+    pub fn page(&self, gpa: GuestPhysAddr) -> Option<PageDescriptor> {
+        let (location, page) = self.ranges.find_page(gpa)?;
+        if self.monitoring {
+            return Some(self.logical_page(location));
+        }
+        Some(page)
+    }
+
+    /// The registered ranges.
+    pub fn ranges(&self) -> &RamRanges {
+        &self.ranges
+    }
+
+    /// Page and frame counts, including what lock-free faults changed.
+    pub fn stats(&self) -> MemoryStats {
+        let mut counts = self.counts;
+        // Exact under `&mut self`; while lock-free faults run, a snapshot.
+        counts.lock_free_written(self.lock_free_writes_unfolded().min(counts.write_monitored));
+        MemoryStats {
+            ram_pages: counts.zero
+                + counts.allocated
+                + counts.write_monitored
+                + counts.shared
+                + counts.ballooned,
+            zero_pages: counts.zero,
+            allocated_pages: counts.allocated,
+            write_monitored_pages: counts.write_monitored,
+            shared_pages: counts.shared,
+            shared_frames: self.shared.len() as u64,
+            ballooned_pages: counts.ballooned,
+            mmio_pages: counts.mmio,
+            rom_pages: counts.rom,
+            mmio2_frames: self.mmio2_frames(),
+            handy_frames: self.pool.handy() as u64,
+            pending_free_frames: self.pool.pending_free() as u64,
+            table_frames: self.tables.table_frames() as u64,
+            zero_chunk_frames: self.zero_chunk_frames(),
+            private_allocations: self.pool.taken(),
+            read_locked_pages: self.locked_pages.read,
+            write_locked_pages: self.locked_pages.write,
+        }
+    }
+
+    /// The shared zero frame every ZERO page maps to.
+    pub fn zero_frame(&self) -> HostPhysAddr {
+        self.zero_frame
+    }
+
+    /// The host-physical address of the nested tables' top-level table: what the backend
+    /// points the CPU at (VMX: the EPT pointer, see [`crate::ept::pointer`]; SVM: nCR3).
+    pub fn nested_root(&self) -> HostPhysAddr {
+        self.tables.root()
+    }
+
+    /// The 4 KiB nested-table entry mapping `gpa`, decoded.
+    pub fn nested_entry(&self, gpa: GuestPhysAddr) -> paging::Entry {
+        self.tables.entry(&self.memory, gpa)
+    }
+
+    /// Translates a guest access through the nested tables exactly as the CPU would.
+    pub fn translate(&self, gpa: GuestPhysAddr, access: Access) -> Result<HostPhysAddr, Violation> {
+        paging::translate::<F>(&self.memory, self.tables.root(), gpa, access)
+    }
+
+    /// The frame allocator (for its counters).
+    pub fn frames(&self) -> &A {
+        &self.frames
+    }
+
+    /// The frame allocator, mutable (tests inject failures through it).
+    #[cfg(any(test, feature = "sim"))]
+    pub(crate) fn frames_mut(&mut self) -> &mut A {
+        &mut self.frames
+    }
+
+    /// Host-physical memory access (crate-only: `HostMemory::compare_exchange_u64` writes
+    /// through a shared reference, and the tables live there).
+    pub(crate) fn memory(&self) -> &M {
+        &self.memory
+    }
+
+    /// Host-physical memory access, mutable: what the guest does to its own frames (simulated
+    /// guests in tests write through this). Writing the manager's tables here bypasses it.
+    #[cfg(any(test, feature = "sim"))]
+    pub(crate) fn memory_mut(&mut self) -> &mut M {
+        &mut self.memory
+    }
+}
+
+/// # The A20 gate (PGMR3PhysSetA20)
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
+    /// Opens (`true`) or closes the A20 gate. Closed, guest accesses to any address with bit 20
+    /// set reach the page 1 MiB below, as on a PC with the gate off. Host accesses
+    /// ([`read_phys`](Self::read_phys), [`write_phys`](Self::write_phys)) are never masked.
+    pub fn set_a20(&mut self, enabled: bool) -> Invalidation {
+        if self.a20_enabled == enabled {
+            return Invalidation::None;
+        }
+        self.a20_enabled = enabled;
+        if enabled {
+            for alias in core::mem::take(&mut self.a20_aliases) {
+                self.write_leaf(alias, None);
+            }
+        } else {
+            // Aliases are 4 KiB mappings kept in step page by page: no large blocks meanwhile.
+            self.split_all_large_blocks();
+        }
+        self.for_each_page(|pgm, location| {
+            if pgm.ranges.gpa_of(location).as_u64() & A20_BIT != 0 {
+                pgm.sync_leaf(location);
+            }
+        });
+        Invalidation::SingleContext
+    }
+
+    /// True while the A20 gate is open.
+    pub fn a20_enabled(&self) -> bool {
+        self.a20_enabled
+    }
+
+    /// What the A20 gate makes of a guest access to `gpa`.
+    pub fn a20_apply(&self, gpa: GuestPhysAddr) -> GuestPhysAddr {
+        mapping::a20_mask(gpa, self.a20_enabled)
+    }
+
+    pub(super) fn split_all_large_blocks(&mut self) {
+        self.for_each_page(|pgm, location| {
+            if pgm.ranges.page(location).large_page() == LargePageState::Large {
+                pgm.split_large_block(location);
+            }
+        });
+    }
+}
+
+/// Machinery shared by the facets above.
+impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Calls `visit` for every page of every range in address order; `visit` must not add or
     /// remove ranges.
     fn for_each_page(&mut self, mut visit: impl FnMut(&mut Self, PageLocation)) {
@@ -1113,38 +1412,6 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         }
     }
 
-    /// True while write monitoring is on.
-    pub fn is_write_monitoring(&self) -> bool {
-        self.monitoring
-    }
-
-    /// Gives the pages at `pages` (page-aligned guest RAM addresses) to the balloon: their frames
-    /// go back to the host and any later guest access faults as [`FaultOutcome::Ballooned`].
-    /// All or nothing: an address that is not page-aligned RAM, or a page already ballooned,
-    /// fails the call before any page changes.
-    pub fn balloon_inflate(&mut self, pages: &[GuestPhysAddr]) -> Result<Invalidation, RamError> {
-        let locations = self.balloon_pages(pages, PageEvent::Inflate)?;
-        for &location in &locations {
-            self.apply(location, PageEvent::Inflate)?;
-        }
-        self.pool.flush(&mut self.frames);
-        Ok(if locations.is_empty() {
-            Invalidation::None
-        } else {
-            Invalidation::SingleContext
-        })
-    }
-
-    /// Takes pages back from the balloon: they become ZERO (mapped to the zero frame). All or
-    /// nothing, as [`balloon_inflate`](Self::balloon_inflate); every page must be ballooned.
-    /// New mappings only, so no invalidation is needed.
-    pub fn balloon_deflate(&mut self, pages: &[GuestPhysAddr]) -> Result<Invalidation, RamError> {
-        for location in self.balloon_pages(pages, PageEvent::Deflate)? {
-            self.apply(location, PageEvent::Deflate)?;
-        }
-        Ok(Invalidation::None)
-    }
-
     /// Gives every frame the VM holds back to the host, once: what dropping the manager does
     /// (see the `Drop` impl). Nothing may use the manager afterwards but its drop.
     pub(crate) fn release_all(&mut self) {
@@ -1169,94 +1436,6 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         self.tables.destroy(&mut self.frames, &self.memory);
         self.frames.free_frame(self.zero_frame);
         self.release_zero_chunk();
-    }
-
-    /// The descriptor of the page holding `gpa`, if it is registered, as the state machine
-    /// sees it: an unwritten page under write monitoring is WRITE_MONITORED even before its
-    /// descriptor is brought in line (see [`monitored_view`](crate::page::monitored_view)).
-    pub fn page(&self, gpa: GuestPhysAddr) -> Option<PageDescriptor> {
-        let (location, page) = self.ranges.find_page(gpa)?;
-        if self.monitoring {
-            return Some(self.logical_page(location));
-        }
-        Some(page)
-    }
-
-    /// The registered ranges.
-    pub fn ranges(&self) -> &RamRanges {
-        &self.ranges
-    }
-
-    /// Page and frame counts, including what lock-free faults changed.
-    pub fn stats(&self) -> MemoryStats {
-        let mut counts = self.counts;
-        // Exact under `&mut self`; while lock-free faults run, a snapshot.
-        counts.lock_free_written(self.lock_free_writes_unfolded().min(counts.write_monitored));
-        MemoryStats {
-            ram_pages: counts.zero
-                + counts.allocated
-                + counts.write_monitored
-                + counts.shared
-                + counts.ballooned,
-            zero_pages: counts.zero,
-            allocated_pages: counts.allocated,
-            write_monitored_pages: counts.write_monitored,
-            shared_pages: counts.shared,
-            shared_frames: self.shared.len() as u64,
-            ballooned_pages: counts.ballooned,
-            mmio_pages: counts.mmio,
-            rom_pages: counts.rom,
-            mmio2_frames: self.mmio2_frames(),
-            handy_frames: self.pool.handy() as u64,
-            pending_free_frames: self.pool.pending_free() as u64,
-            table_frames: self.tables.table_frames() as u64,
-            zero_chunk_frames: self.zero_chunk_frames(),
-            private_allocations: self.pool.taken(),
-            read_locked_pages: self.locked_pages.read,
-            write_locked_pages: self.locked_pages.write,
-        }
-    }
-
-    /// The shared zero frame every ZERO page maps to.
-    pub fn zero_frame(&self) -> HostPhysAddr {
-        self.zero_frame
-    }
-
-    /// The host-physical address of the nested tables' top-level table: what the backend
-    /// points the CPU at (VMX: the EPT pointer, see [`crate::ept::pointer`]; SVM: nCR3).
-    pub fn nested_root(&self) -> HostPhysAddr {
-        self.tables.root()
-    }
-
-    /// The 4 KiB nested-table entry mapping `gpa`, decoded.
-    pub fn nested_entry(&self, gpa: GuestPhysAddr) -> paging::Entry {
-        self.tables.entry(&self.memory, gpa)
-    }
-
-    /// Translates a guest access through the nested tables exactly as the CPU would.
-    pub fn translate(&self, gpa: GuestPhysAddr, access: Access) -> Result<HostPhysAddr, Violation> {
-        paging::translate::<F>(&self.memory, self.tables.root(), gpa, access)
-    }
-
-    /// The frame allocator (for its counters).
-    pub fn frames(&self) -> &A {
-        &self.frames
-    }
-
-    /// The frame allocator, mutable (tests inject failures through it).
-    pub fn frames_mut(&mut self) -> &mut A {
-        &mut self.frames
-    }
-
-    /// Host-physical memory access.
-    pub fn memory(&self) -> &M {
-        &self.memory
-    }
-
-    /// Host-physical memory access, mutable: what the guest does to its own frames (simulated
-    /// guests in tests write through this). Writing the manager's tables here bypasses it.
-    pub fn memory_mut(&mut self) -> &mut M {
-        &mut self.memory
     }
 
     /// [`apply`](Self::apply), answering instead whether the page's frame changed: then the
@@ -1337,61 +1516,6 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
         Ok(true)
     }
 
-    fn clear_written_flags(&mut self) {
-        self.fold_lock_free_writes();
-        for gpa in core::mem::take(&mut self.written) {
-            if let Some(location) = self.ranges.find(gpa) {
-                let page = self.ranges.page(location);
-                let unwritten = page.with_written_to(false);
-                self.ranges.set_page(location, unwritten);
-                // Under monitoring, an ALLOCATED page is WRITE_MONITORED again.
-                self.recount(page, unwritten);
-            }
-        }
-    }
-
-    /// Locates the balloon pages and checks that `event` applies to every one of them.
-    fn balloon_pages(
-        &self,
-        pages: &[GuestPhysAddr],
-        event: PageEvent,
-    ) -> Result<Vec<PageLocation>, RamError> {
-        let mut locations = Vec::with_capacity(pages.len());
-        let mut seen = alloc::collections::BTreeSet::new();
-        for &gpa in pages {
-            if !gpa.is_page_aligned() {
-                return Err(RangeError::Misaligned(gpa.as_u64()).into());
-            }
-            let location = self.ranges.find(gpa).ok_or(PageError::NotGuestMemory(gpa))?;
-            let page = self.ranges.page(location);
-            if page.page_type() != PageType::Ram {
-                return Err(PageError::NotRam(gpa).into());
-            }
-            if page.handler() != HandlerState::None {
-                return Err(PageError::HandlerPresent(gpa).into());
-            }
-            if page.is_locked() {
-                return Err(PageError::Locked(gpa).into());
-            }
-            transition(page, event)
-                .map(|_| ())
-                .map_err(|_| PageError::State {
-                    gpa,
-                    state: page.state(),
-                })?;
-            if !seen.insert(location) {
-                // The same page twice would fail half-way through; refuse it up front.
-                return Err(PageError::State {
-                    gpa,
-                    state: page.state(),
-                }
-                .into());
-            }
-            locations.push(location);
-        }
-        Ok(locations)
-    }
-
     /// Copies guest memory at `gpa` into `buf`, which ends within the page of `gpa`, as
     /// [`read_phys`](Self::read_phys) does. Returns the frame read when only an exclusive change
     /// of the manager can replace it ([`stable_frame`]), so a caller may
@@ -1443,48 +1567,6 @@ impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
                 .is_some_and(RomProtection::writes_shadow),
             PageType::Mmio => false,
         }
-    }
-
-    /// Opens (`true`) or closes the A20 gate. Closed, guest accesses to any address with bit 20
-    /// set reach the page 1 MiB below, as on a PC with the gate off. Host accesses
-    /// ([`read_phys`](Self::read_phys), [`write_phys`](Self::write_phys)) are never masked.
-    pub fn set_a20(&mut self, enabled: bool) -> Invalidation {
-        if self.a20_enabled == enabled {
-            return Invalidation::None;
-        }
-        self.a20_enabled = enabled;
-        if enabled {
-            for alias in core::mem::take(&mut self.a20_aliases) {
-                self.write_leaf(alias, None);
-            }
-        } else {
-            // Aliases are 4 KiB mappings kept in step page by page: no large blocks meanwhile.
-            self.split_all_large_blocks();
-        }
-        self.for_each_page(|pgm, location| {
-            if pgm.ranges.gpa_of(location).as_u64() & A20_BIT != 0 {
-                pgm.sync_leaf(location);
-            }
-        });
-        Invalidation::SingleContext
-    }
-
-    pub(super) fn split_all_large_blocks(&mut self) {
-        self.for_each_page(|pgm, location| {
-            if pgm.ranges.page(location).large_page() == LargePageState::Large {
-                pgm.split_large_block(location);
-            }
-        });
-    }
-
-    /// True while the A20 gate is open.
-    pub fn a20_enabled(&self) -> bool {
-        self.a20_enabled
-    }
-
-    /// What the A20 gate makes of a guest access to `gpa`.
-    pub fn a20_apply(&self, gpa: GuestPhysAddr) -> GuestPhysAddr {
-        mapping::a20_mask(gpa, self.a20_enabled)
     }
 
     /// Splits `[gpa, gpa + len)` into per-page pieces `(page, offset in page, length)`, or names

@@ -159,6 +159,7 @@ pub(super) fn covering(roms: &[RomRange], gpa: GuestPhysAddr) -> Option<&RomRang
     roms.iter().find(|rom| rom.contains(gpa))
 }
 
+/// # ROM and its shadow (PGMR3PhysRomRegister, PGMR3PhysRomProtect)
 impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Registers a ROM of `size` bytes at `base` holding `image` (at most `size` bytes; the rest
     /// of the ROM reads as zeros, as in the seed). The ROM lies in space no range covers, or

@@ -26,6 +26,7 @@ pub struct SharingReport {
 /// privately (`None` once it is a shared frame).
 type Candidate = (HostPhysAddr, Option<PageLocation>);
 
+/// # Page sharing (identical pages share one frame until written)
 impl<A: HostFrameAllocator, M: HostMemory, F: EntryFormat> Pgm<A, M, F> {
     /// Shares the frames of RAM pages whose contents are identical: every ALLOCATED or
     /// WRITE_MONITORED page without a handler, a map lock or a 2 MiB mapping takes part. Returns

@@ -28,6 +28,16 @@ pub struct SimMemory {
 
 type Frame = [AtomicU64; WORDS];
 
+/// Shows how many frames were touched, not their contents.
+impl core::fmt::Debug for SimMemory {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let dense = self.dense.iter().filter(|frame| frame.is_some()).count();
+        f.debug_struct("SimMemory")
+            .field("frames", &(dense + self.sparse.len()))
+            .finish()
+    }
+}
+
 const WORDS: usize = PAGE_SIZE as usize / 8;
 
 /// Page numbers below this (256 MiB) are held by index.
@@ -142,6 +152,15 @@ pub struct FlatMemory {
     words: Vec<AtomicU64>,
 }
 
+/// Shows its size, not its contents.
+impl core::fmt::Debug for FlatMemory {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("FlatMemory")
+            .field("frames", &(self.words.len() / WORDS))
+            .finish()
+    }
+}
+
 /// Where [`FlatMemory`] and [`SimFrames`] start: host-physical 1 MiB.
 pub const FLAT_BASE: u64 = 0x10_0000;
 
@@ -222,6 +241,7 @@ unsafe impl HostMemory for FlatMemory {
 
 /// A bitmap allocator over simulated RAM, with failure injection: after `fail_after`
 /// further allocations, every allocation fails.
+#[derive(Debug)]
 pub struct SimFrames {
     /// The allocator doing the real work; its counters are the test's ground truth.
     pub inner: BitmapFrameAllocator,

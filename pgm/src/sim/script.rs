@@ -1068,6 +1068,7 @@ impl Op {
 
 /// Reproducible pseudo-random byte strings for the script (xorshift64): the fixed-seed tests
 /// and the soak draw their sequences from it.
+#[derive(Debug)]
 pub struct ByteSource(u64);
 
 impl ByteSource {
