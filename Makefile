@@ -31,8 +31,8 @@ check: setup
 	cd kernel && cargo clippy --all-targets --features svm -- -D warnings
 	cd kernel && cargo clippy --all-targets --features svm,kernel-tests -- -D warnings
 
-## The benchmarks (figures in README.md): pgm at scale against rust-vmm's vm-memory on a flat
-## direct-mapped host memory (one table, the README's), and write-monitor faults from 1 and 2
+## The benchmarks (figures in pgm/README.md): pgm at scale against rust-vmm's vm-memory on a flat
+## direct-mapped host memory (one table, pgm/README.md's), and write-monitor faults from 1 and 2
 ## threads (criterion).
 bench: setup
 	cargo bench -p pgm --features sim --bench scale
@@ -71,7 +71,7 @@ soak: setup
 ## Every x86_64 entry of kvm-unit-tests inside the hypervisor, each in a VM of its own, on SVM
 ## in QEMU's TCG (about half an hour) and then on VMX in Bochs (hours: the vmexit benchmarks
 ## alone run 2–4·10⁹ ticks each): a line per entry and `kvm-unit-tests: P passed, F failed,
-## S skipped` per backend (README, *kvm-unit-tests*). KUT_TESTS names a few entries instead of
+## S skipped` per backend (kernel/README.md, *kvm-unit-tests*). KUT_TESTS names a few entries instead of
 ## all; `make kut-svm` runs the SVM half only.
 KUT_TESTS ?=
 kut: kut-svm
@@ -83,10 +83,10 @@ kut-svm: setup
 ## Debian's cloud kernel (pinned in boot/setup.sh) with a busybox initramfs inside the
 ## hypervisor in Bochs, with 1 vCPU and then 2: each boots to /init, runs the memory workload
 ## and powers off, with a live migration's pre-copy in each dirty-logging mode on the way
-## (README, *Linux guest*); then the same on SVM in QEMU's TCG (about a minute each, both
+## (kernel/README.md, *Linux guest*); then the same on SVM in QEMU's TCG (about a minute each, both
 ## pre-copies write-protecting: SVM has no PML). `make test` runs two, for CI's time: the 2-vCPU
 ## boot in Bochs and the 1-vCPU boot on SVM (the 2-vCPU boot on SVM often fails through a flaw
-## of QEMU's TCG: README, *Linux guest*). The 2-vCPU boot in Bochs
+## of QEMU's TCG: kernel/README.md, *Linux guest*). The 2-vCPU boot in Bochs
 ## takes about 6 minutes.
 linux: setup
 	cargo xtask run --linux --timeout 900

@@ -196,7 +196,7 @@ pub const CI_SUBSET: &[&str] = &[
 /// the SVM backend's NMI window (the single step over the handler's IRET). `ioapic` is left out
 /// too: its four vCPUs' stream of exits meets, now and then, a flaw of QEMU 7.2's TCG with
 /// several vCPUs (a second #VMEXIT right after one, which saves the host's state as the
-/// guest's; the backend stops the VM: README, *Linux guest*).
+/// guest's; the backend stops the VM: kernel/README.md, *Linux guest*).
 pub fn ci_subset(qemu: bool) -> Vec<&'static str> {
     const SVM_LEAVES_OUT: [&str; 2] = ["emulator", "ioapic"];
     const SVM_ADDS: [&str; 2] = ["syscall", "eventinj"];

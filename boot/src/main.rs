@@ -433,7 +433,7 @@ fn kut_subset(args: &Args, qemu: bool) -> (usize, usize) {
 /// TCG; returns (passed, failed). The others are left to `make linux`: the 1-vCPU boot in Bochs
 /// for CI's time (about 5 minutes; 1 vCPU runs on SVM, and the 2-vCPU boot takes the same
 /// pre-copies), the 2-vCPU boot on SVM as it often fails there, through a flaw of QEMU's TCG
-/// (see the README's *Linux guest*).
+/// (see kernel/README.md, *Linux guest*).
 fn linux_boots(args: &Args, qemu: bool) -> (usize, usize) {
     if !linux::is_fetched() {
         println!("linux boot: the pinned kernel and busybox are not here (see setup's warning): not run");

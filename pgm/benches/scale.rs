@@ -1,6 +1,6 @@
 //! Performance at scale (issue 11), pgm against rust-vmm's vm-memory in the same run, on a flat
 //! direct-mapped host memory (`FlatMemory`: an index per access, as the kernel's physical
-//! window is). Prints one markdown table, the README's: each figure is the median of its
+//! window is). Prints one markdown table, pgm/README.md's: each figure is the median of its
 //! rounds (the first round of each is a warm-up and not counted), with the reference measured
 //! beside it and the ratio between them.
 //!

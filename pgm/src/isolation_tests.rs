@@ -231,7 +231,7 @@ mod whole_api {
 
     use crate::sim::script::{self, Op};
 
-    /// Cases per run: the default for CI; `PGM_AUDIT_CASES` for a long run (see the README).
+    /// Cases per run: the default for CI; `PGM_AUDIT_CASES` for a long run (see pgm/README.md).
     fn cases() -> u32 {
         std::env::var("PGM_AUDIT_CASES")
             .ok()

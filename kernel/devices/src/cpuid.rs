@@ -5,7 +5,7 @@
 //! the hypervisor bit is set with a signature at leaf 0x4000_0000; x2APIC and the TSC-deadline
 //! timer are offered; each vCPU gets its own APIC ID (leaves 1 and 0xB); and the TSC frequency
 //! is published (leaves 0x15, 0x16 and 0x4000_0010) so that a guest need not calibrate.
-//! The README's CPUID table lists every leaf.
+//! kernel/README.md's CPUID table lists every leaf.
 
 /// One CPUID answer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -839,7 +839,7 @@ pub fn reset_of_a_two_vcpu_vm_parks_both_and_they_run_on(host: &'static Host) ->
     Ok(())
 }
 
-/// The A20 gate is one per VM (see the README): a vCPU that closes it changes what every vCPU
+/// The A20 gate is one per VM (see kernel/README.md, *SMP*): a vCPU that closes it changes what every vCPU
 /// sees, and the change reaches a vCPU on another CPU whose translation of the address is
 /// cached, through the same shootdown as any other change.
 pub fn an_a20_change_by_one_vcpu_reaches_the_other_cpu(host: &'static Host) -> TestResult {

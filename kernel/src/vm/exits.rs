@@ -208,7 +208,7 @@ impl ExitCosts {
         self
     }
 
-    /// Prints the table (Markdown, as the README shows it) under `title`.
+    /// Prints the table (Markdown, as kernel/README.md shows it) under `title`.
     pub fn print(&self, title: &str) {
         println!("exit costs, {title} (TSC ticks from VM exit to the next VM entry):");
         println!("| exit kind | count | mean | max |");
