@@ -562,7 +562,15 @@ const LINUX_TEST_WALL_SECONDS: u64 = 900;
 /// Runs `cargo test` for the host crates, then the `loom` models, and sums the counts of every
 /// test binary.
 fn run_host_tests() -> Result<HostTestCounts, String> {
-    let tests = cargo_test(Command::new(cargo()).args(["test", "--workspace", "--exclude", "kernel"]))?;
+    // With pgm's simulated host, which its crate-doc example runs on.
+    let tests = cargo_test(Command::new(cargo()).args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "kernel",
+        "--features",
+        "pgm/sim",
+    ]))?;
     // pgm's suites a second time, on AMD NPT tables (`sim::SimFormat`).
     let npt = cargo_test(Command::new(cargo()).args(["test", "-p", "pgm", "--features", "sim-npt"]))?;
     // The models of the VM lock and of pgm's lock-free fault path: built with `--cfg loom`
@@ -585,8 +593,8 @@ fn run_host_tests() -> Result<HostTestCounts, String> {
             .env("RUSTFLAGS", "--cfg loom")
             .env("CARGO_TARGET_DIR", target_dir().join("loom")),
     )?;
-    // pgm as a library: its crate-doc example ran above with the simulated host (the NPT run
-    // has feature `sim`); its example VMM loop runs here, and the crate must package.
+    // pgm as a library: its crate-doc example ran above, on each format; its example VMM loop
+    // runs here, and the crate must package.
     let library = [
         host_check(
             "pgm example host_vmm",

@@ -954,3 +954,113 @@ pub fn translate<F: EntryFormat>(
         permitted: Permissions::empty(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::{SimFormat, SimFrames, SimMemory};
+    use crate::test_support::{gpa, MIB};
+
+    fn leaf(frame: u64, permissions: Permissions) -> Option<Leaf> {
+        Some(Leaf {
+            frame: HostPhysAddr::new_truncate(frame),
+            permissions,
+            memory_type: MemoryType::WriteBack,
+        })
+    }
+
+    /// The walker grants what every level grants: a mapped page translates for the accesses its
+    /// leaf allows and faults, naming what it allows, for the others; unmapped space faults
+    /// with nothing allowed.
+    #[test]
+    fn mapped_pages_translate_with_their_permissions_and_others_fault() {
+        let (mut frames, mut memory) = (SimFrames::new(64), SimMemory::default());
+        let mut tables = NestedTables::<SimFormat>::new(&mut frames, &mut memory).unwrap();
+        let frame_of = |at: GuestPhysAddr| 0x4000_0000 + at.as_u64();
+        tables
+            .map_range(
+                &mut frames,
+                &mut memory,
+                gpa(MIB),
+                4,
+                |at| leaf(frame_of(at), Permissions::READ),
+                |_| None,
+            )
+            .unwrap();
+        assert!(tables.set_leaf(
+            &mut memory,
+            gpa(MIB + 0x1000),
+            leaf(0x7000_0000, Permissions::all())
+        ));
+        let translate = |at, access| translate::<SimFormat>(&memory, tables.root(), gpa(at), access);
+        assert_eq!(
+            translate(MIB + 0x2010, Access::Read),
+            Ok(HostPhysAddr::new_truncate(0x4010_2010))
+        );
+        assert_eq!(
+            translate(MIB + 0x1008, Access::Write),
+            Ok(HostPhysAddr::new_truncate(0x7000_0008))
+        );
+        assert_eq!(
+            translate(MIB + 0x3000, Access::Write),
+            Err(Violation {
+                gpa: gpa(MIB + 0x3000),
+                access: Access::Write,
+                permitted: Permissions::READ,
+            })
+        );
+        assert_eq!(
+            translate(MIB + 0x4000, Access::Read).map_err(|v| v.permitted),
+            Err(Permissions::empty()),
+            "past the range"
+        );
+        assert!(
+            !tables.set_leaf(&mut memory, gpa(64 * MIB), leaf(0x7000_0000, Permissions::all())),
+            "no tables there"
+        );
+    }
+
+    /// A mapping that runs out of table frames changes no entry and gives back the tables it
+    /// made; destroying the tables gives back every frame.
+    #[test]
+    fn a_mapping_without_table_frames_changes_nothing_and_destroy_frees_every_frame() {
+        let (mut frames, mut memory) = (SimFrames::new(64), SimMemory::default());
+        let mut tables = NestedTables::<SimFormat>::new(&mut frames, &mut memory).unwrap();
+        let used = frames.inner.counts().used();
+        frames.fail_after = Some(2);
+        let result = tables.map_range(
+            &mut frames,
+            &mut memory,
+            gpa(0),
+            1,
+            |at| leaf(0x4000_0000 + at.as_u64(), Permissions::all()),
+            |_| None,
+        );
+        assert_eq!(
+            result,
+            Err(NoMemory::OutOfFrames),
+            "a 4-level walk needs 3 tables below the root"
+        );
+        assert_eq!(
+            frames.inner.counts().used(),
+            used,
+            "the tables made were given back"
+        );
+        assert_eq!(tables.table_frames(), 1);
+        assert!(translate::<SimFormat>(&memory, tables.root(), gpa(0), Access::Read).is_err());
+        frames.fail_after = None;
+        tables
+            .map_range(
+                &mut frames,
+                &mut memory,
+                gpa(0),
+                1,
+                |at| leaf(0x4000_0000 + at.as_u64(), Permissions::all()),
+                |_| None,
+            )
+            .unwrap();
+        assert_eq!(tables.table_frames(), 4);
+        tables.destroy(&mut frames, &memory);
+        assert_eq!(frames.inner.counts().used(), 0, "every table frame went back");
+    }
+}
