@@ -18,14 +18,15 @@ run: setup
 test: setup check
 	cargo xtask test
 
-## Formatting and clippy for the host crates, pgm on each nested format, and the kernel's four
-## variants (demo and tests, VMX and SVM; each is its own cargo invocation: building host and
-## bare-metal crates together would unify their features).
+## Formatting and clippy for the host crates, pgm on each nested format (and its docs, warnings
+## denied), and the kernel's four variants (demo and tests, VMX and SVM; each is its own cargo
+## invocation: building host and bare-metal crates together would unify their features).
 check: setup
 	cargo fmt --all --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy -p pgm --all-targets --features sim -- -D warnings
 	cargo clippy -p pgm --all-targets --features sim-npt -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc -p pgm --no-deps --features sim
 	cd kernel && cargo clippy --all-targets -- -D warnings
 	cd kernel && cargo clippy --all-targets --features kernel-tests -- -D warnings
 	cd kernel && cargo clippy --all-targets --features svm -- -D warnings
