@@ -71,6 +71,21 @@ fn flush(pgm: &mut Pgm<SimFrames, FlatMemory>, invalidation: Invalidation) {
     }
 }
 
+/// Carries out an access on guest memory through the host's accessors (which route ROM writes
+/// and drop writes to ballooned pages as the guest's would land).
+fn access_memory(
+    pgm: &mut Pgm<SimFrames, FlatMemory>,
+    at: GuestPhysAddr,
+    access: Access,
+    data: &mut [u8],
+) -> Result<(), PgmError> {
+    match access {
+        Access::Write => pgm.write_phys(at, data).map(|i| flush(pgm, i)),
+        _ => pgm.read_phys(at, data),
+    }
+    .map_err(PgmError::from)
+}
+
 /// Runs one guest access of `data` at `at` as a vCPU loop does: the CPU's translation, then
 /// on a violation the manager's verdict.
 fn run_access(
@@ -84,11 +99,7 @@ fn run_access(
     loop {
         if pgm.translate(at, access).is_ok() {
             // The CPU reaches the frame the entry names; the host's accessors reach the same.
-            return match access {
-                Access::Write => pgm.write_phys(at, data).map(|i| flush(pgm, i)),
-                _ => pgm.read_phys(at, data),
-            }
-            .map_err(PgmError::from);
+            return access_memory(pgm, at, access, data);
         }
         match pgm.resolve_fault(at, access) {
             FaultOutcome::Resolved { invalidation, .. } => {
@@ -107,11 +118,7 @@ fn run_access(
             // Emulated as the seed does: reads see zeros, writes are dropped.
             FaultOutcome::Ballooned | FaultOutcome::WriteIgnored | FaultOutcome::EmulateWrite => {
                 exits.emulated += 1;
-                return match access {
-                    Access::Write => pgm.write_phys(at, data).map(|i| flush(pgm, i)),
-                    _ => pgm.read_phys(at, data),
-                }
-                .map_err(PgmError::from);
+                return access_memory(pgm, at, access, data);
             }
             // The VM pauses; the host finds memory (here: lifts the limit) and resumes it at
             // the same access.

@@ -421,15 +421,12 @@ pub fn page_tables_in_mmio_or_a_ballooned_page_stop_the_vm(host: &'static Host) 
     let cr3 = pc::build_long_mode_tables(&mut pc.vm)?;
     let ballooned = pc.vm.pgm_mut().balloon_inflate(&[gpa(pc::PDPT)]);
     pc::apply(&mut pc.vm, ballooned)?;
-    pc.vm
-        .start_paged(
-            &programs::spin_long64(),
-            CODE,
-            pc::HIGH_HALF + CODE,
-            cr3,
-            GuestRegisters::default(),
-        )
-        .map_err(|e| format!("{e}"))?;
+    pc::start_high_half(
+        &mut pc.vm,
+        &programs::spin_long64(),
+        cr3,
+        GuestRegisters::default(),
+    )?;
     expect_stop_at(&mut pc.vm, &mut device, StopCause::BalloonedPage, pc::PDPT)?;
     audit(&pc.vm, "page tables in a ballooned page")
 }

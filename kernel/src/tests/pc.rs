@@ -24,6 +24,8 @@ use pgm::manager::{AccessHandlers, DeviceId, HandlerAction, Mmio2Handle, Mmio2Sp
 use pgm::{Access, GuestPhysAddr, Invalidation, PgmError, PAGE_SIZE};
 
 use super::{gpa, new_vm};
+use crate::arch::guests::GuestProgram;
+use crate::arch::registers::GuestRegisters;
 use crate::vm::Vcpu;
 use crate::Host;
 
@@ -280,6 +282,18 @@ pub const FIRST_PD: u64 = PML4 + 0x2000;
 const MAPPED_GIB: u64 = 5;
 const PRESENT_WRITABLE: u64 = 0b11;
 const LARGE: u64 = 1 << 7;
+
+/// Loads `program` at [`CODE`](super::CODE) and starts it from its [`HIGH_HALF`] mapping with
+/// the page tables at `cr3` ([`build_long_mode_tables`]).
+pub fn start_high_half(
+    vm: &mut Vcpu<'static>,
+    program: &GuestProgram,
+    cr3: u64,
+    regs: GuestRegisters,
+) -> Result<(), String> {
+    vm.start_paged(program, super::CODE, HIGH_HALF + super::CODE, cr3, regs)
+        .map_err(|e| format!("{e}"))
+}
 
 /// Writes the long-mode guest's page tables; returns the CR3 value.
 pub fn build_long_mode_tables(vm: &mut Vcpu<'static>) -> Result<u64, String> {

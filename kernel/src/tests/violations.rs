@@ -158,15 +158,7 @@ pub fn mmio_forms_in_long_mode_through_guest_paging(host: &'static Host) -> Test
     let mut pc = pc(host, Above4G::Yes)?;
     let cr3 = pc::build_long_mode_tables(&mut pc.vm)?;
     let mut device = TestDevice::new(pc.device, pc::DEVICE_BASE);
-    pc.vm
-        .start_paged(
-            &programs::mmio_forms_long64(),
-            CODE,
-            pc::HIGH_HALF + CODE,
-            cr3,
-            mmio_regs(),
-        )
-        .map_err(|e| format!("{e}"))?;
+    pc::start_high_half(&mut pc.vm, &programs::mmio_forms_long64(), cr3, mmio_regs())?;
     ensure_eq!(pc.vm.run_with(&mut device), VmStop::Done(0), "stop");
     check_mmio_forms_device(
         &device,
@@ -244,15 +236,7 @@ pub fn mmio_loop_reuses_its_lookups_until_the_code_or_the_device_moves(host: &'s
         ..GuestRegisters::default()
     };
     let mut device = TestDevice::new(pc.device, pc::DEVICE_BASE);
-    pc.vm
-        .start_paged(
-            &programs::mmio_code_remapped(),
-            CODE,
-            pc::HIGH_HALF + CODE,
-            cr3,
-            regs,
-        )
-        .map_err(|e| format!("{e}"))?;
+    pc::start_high_half(&mut pc.vm, &programs::mmio_code_remapped(), cr3, regs)?;
     ensure_eq!(pc.vm.run_with(&mut device), VmStop::Done(0), "stop");
     let stored: Vec<u32> = device
         .registers(0, 20)
@@ -387,15 +371,7 @@ pub fn an_emulated_write_the_guest_tables_refuse_is_its_page_fault(host: &'stati
         rdi: READ_ONLY,
         ..Default::default()
     };
-    pc.vm
-        .start_paged(
-            &programs::movs_to_read_only_long64(),
-            CODE,
-            pc::HIGH_HALF + CODE,
-            cr3,
-            regs,
-        )
-        .map_err(|e| format!("{e}"))?;
+    pc::start_high_half(&mut pc.vm, &programs::movs_to_read_only_long64(), cr3, regs)?;
     let diagnostic = stopped(pc.vm.run_with(&mut device))?;
     ensure_eq!(diagnostic.cause, StopCause::TripleFault, "cause");
     ensure_eq!(pc.vm.exits.injected, 1, "events injected (the #PF)");
@@ -456,15 +432,7 @@ pub fn an_exit_carrying_the_hosts_own_state_stops_the_vm(host: &'static Host) ->
         rax: address,
         ..Default::default()
     };
-    pc.vm
-        .start_paged(
-            &programs::jump_to_rax_long64(),
-            CODE,
-            pc::HIGH_HALF + CODE,
-            cr3,
-            regs,
-        )
-        .map_err(|e| format!("{e}"))?;
+    pc::start_high_half(&mut pc.vm, &programs::jump_to_rax_long64(), cr3, regs)?;
     let diagnostic = stopped(pc.vm.run())?;
     ensure_eq!(diagnostic.cause, StopCause::EntryFailed, "cause");
     ensure_eq!(diagnostic.rip, address, "RIP");
